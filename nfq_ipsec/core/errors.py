@@ -1,0 +1,52 @@
+"""Drop reasons and the single error type the core raises."""
+
+from __future__ import annotations
+
+import enum
+
+
+class DropReason(enum.Enum):
+    """Why a packet was not passed on. Every drop is counted under one of these."""
+
+    MALFORMED = "malformed"  # not a well-formed IPv4/ESP packet
+    NOT_IPV4 = "not_ipv4"
+    FRAGMENT = "fragment"  # ESP must be reassembled before processing (RFC 4303 3.4.1)
+    UNKNOWN_SPI = "unknown_spi"
+    REPLAY = "replay"  # duplicate or left of the anti-replay window
+    INTEGRITY = "integrity"  # ICV check failed
+    BAD_PADDING = "bad_padding"  # padding bytes not 1, 2, 3, ...
+    BAD_NEXT_HEADER = "bad_next_header"  # next header does not fit the SA's mode
+    DUMMY = "dummy"  # next header 59: a TFC dummy packet, discarded by design
+    POLICY_MISMATCH = "policy_mismatch"  # decrypted packet outside its SA's selectors
+    CLEARTEXT_PROTECTED = "cleartext_protected"  # cleartext where a PROTECT policy applies
+    POLICY_DISCARD = "policy_discard"  # matched a DISCARD policy
+    NO_POLICY = "no_policy"  # matched no policy: discard (RFC 4301)
+    NO_SA = "no_sa"  # PROTECT policy but this processor holds none of its SAs
+    SA_EXPIRED = "sa_expired"  # hard lifetime reached
+    SEQ_EXHAUSTED = "seq_exhausted"  # sequence number space used up; the SA never wraps
+    TOO_BIG = "too_big"  # the ESP packet would exceed the IPv4 maximum of 65535 bytes
+    INTERNAL = "internal"  # an unexpected exception, caught by the shell: fail closed
+    QUEUE_OVERFLOW = "queue_overflow"  # the kernel dropped it before a worker saw it
+    TRUNCATED = "truncated"  # the queue delivered fewer bytes than the packet has
+
+
+class EspError(Exception):
+    """Raised by the core for any packet it will not pass. Carries a DropReason.
+
+    The message never contains key material; it may name the SPI and sequence number.
+    """
+
+    def __init__(self, reason: DropReason, detail: str = "", spi: int | None = None) -> None:
+        self.reason = reason
+        self.detail = detail
+        self.spi = spi
+        text = reason.value if not detail else f"{reason.value}: {detail}"
+        super().__init__(text)
+
+
+class ConfigError(Exception):
+    """One or more configuration problems, each with its location (``sa[2].key: ...``)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))

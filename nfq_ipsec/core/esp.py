@@ -1,0 +1,184 @@
+"""ESP framing (RFC 4303) for IPv4, transport and tunnel mode.
+
+Outbound: build the ESP header and trailer around an inner packet and seal it with the SA's
+suite. Inbound: the checks run in the order that keeps the replay window honest: lengths,
+SPI lookup, replay check (no state change), ICV, replay update, trailer, inner packet.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import NamedTuple
+
+from . import packet as ip
+from .errors import DropReason, EspError
+from .sa import DfPolicy, Mode, SecurityAssociation
+
+ESP_HEADER = 8
+_ESP = struct.Struct("!II")
+_PAD = bytes(range(1, 256))  # RFC 4303 section 2.4: padding bytes 1, 2, 3, ...
+_ECN_MASK = 0x03
+_CE = 0x03
+_NOT_ECT = 0x00
+_ECT1 = 0x01
+
+
+def pad_length(payload_len: int, align: int) -> int:
+    """Padding so that payload + padding + 2 trailer bytes is a multiple of ``align``."""
+    return -(payload_len + 2) % align
+
+
+def overhead(sa: SecurityAssociation) -> int:
+    """The most bytes ESP adds to a packet on this SA (for MSS clamping and MTU)."""
+    extra = ESP_HEADER + sa.suite.iv_size + sa.suite.icv_size + 2 + sa.suite.align - 1
+    if sa.params.mode is Mode.TUNNEL:
+        extra += ip.IPV4_MIN_HEADER
+    return extra
+
+
+def encapsulate(sa: SecurityAssociation, data: bytes, hdr: ip.IPv4Header) -> bytes:
+    """Protect one IPv4 packet (``hdr`` is its parsed header) on outbound SA ``sa``."""
+    if sa.params.mode is Mode.TUNNEL:
+        if hdr.total_length != len(data):
+            data = data[: hdr.total_length]
+        inner = data
+        next_header = ip.PROTO_IPIP
+    else:
+        if hdr.is_fragment:
+            raise EspError(DropReason.FRAGMENT, "transport mode takes whole datagrams", sa.spi)
+        inner = data[hdr.ihl : hdr.total_length]
+        next_header = hdr.protocol
+    seq = sa.take_seq()
+    suite = sa.suite
+    padlen = pad_length(len(inner), suite.align)
+    plaintext = b"".join((inner, _PAD[:padlen], bytes((padlen, next_header))))
+    esp_header = sa.spi_bytes + (seq & 0xFFFFFFFF).to_bytes(4, "big")
+    seq_hi = (seq >> 32).to_bytes(4, "big") if sa.esn else b""
+    body = suite.seal(esp_header, seq_hi, seq, plaintext)
+    if sa.params.mode is Mode.TUNNEL:
+        total = ip.IPV4_MIN_HEADER + ESP_HEADER + len(body)
+        if total > ip.IPV4_MAX_PACKET:
+            raise EspError(DropReason.TOO_BIG, f"{total} bytes", sa.spi)
+        df = sa.params.df
+        outer = ip.build_header(
+            tos=hdr.tos,  # DSCP copied (RFC 4301 5.1.2.1), ECN copied (RFC 6040 normal mode)
+            total_length=total,
+            ident=seq & 0xFFFF,
+            df=df is DfPolicy.SET or (df is DfPolicy.COPY and bool(hdr.flags_frag & ip.FLAG_DF)),
+            ttl=sa.params.ttl,
+            protocol=ip.PROTO_ESP,
+            src=sa.params.tunnel_local or 0,
+            dst=sa.params.tunnel_remote or 0,
+        )
+    else:
+        total = hdr.ihl + ESP_HEADER + len(body)
+        if total > ip.IPV4_MAX_PACKET:
+            raise EspError(DropReason.TOO_BIG, f"{total} bytes", sa.spi)
+        outer = ip.rewrite_header(data[: hdr.ihl], ip.PROTO_ESP, total)
+    return b"".join((outer, esp_header, body))
+
+
+class Decapsulated(NamedTuple):
+    sa: SecurityAssociation
+    seq: int
+    packet: bytes  # the IPv4 packet to pass on
+    header: ip.IPv4Header  # its parsed header
+
+
+SaLookup = Callable[[int], "SecurityAssociation | None"]
+
+
+def parse_esp_header(data: bytes | memoryview, hdr: ip.IPv4Header) -> tuple[int, int]:
+    """SPI and 32-bit sequence number of an ESP packet. Raises EspError(MALFORMED)."""
+    if hdr.total_length < hdr.ihl + ESP_HEADER:
+        raise EspError(DropReason.MALFORMED, "shorter than an ESP header")
+    spi, seq_lo = _ESP.unpack_from(data, hdr.ihl)
+    return spi, seq_lo
+
+
+def decapsulate(
+    data: bytes | memoryview, hdr: ip.IPv4Header, lookup: SaLookup, now: float
+) -> Decapsulated:
+    """Verify and remove ESP from one IPv4 packet. Raises EspError with the drop reason."""
+    if hdr.is_fragment:
+        raise EspError(DropReason.FRAGMENT, "ESP fragment (reassemble before ESP)")
+    spi, seq_lo = parse_esp_header(data, hdr)
+    sa = lookup(spi)
+    if sa is None or sa.outbound:
+        raise EspError(DropReason.UNKNOWN_SPI, f"SPI 0x{spi:08x}", spi)
+    try:
+        sa.check_lifetime(now)
+        seq = sa.replay.infer(seq_lo)
+        if not sa.replay.check(seq):
+            raise EspError(DropReason.REPLAY, f"seq {seq}", spi)
+        view = memoryview(data)
+        esp_start = hdr.ihl
+        esp_header = view[esp_start : esp_start + ESP_HEADER]
+        body = view[esp_start + ESP_HEADER : hdr.total_length]
+        seq_hi = (seq >> 32).to_bytes(4, "big") if sa.esn else b""
+        plaintext = sa.suite.open(esp_header, seq_hi, body)
+        sa.replay.update(seq)
+        result = _unwrap(sa, data, hdr, plaintext, seq)
+    except EspError as err:
+        err.spi = spi
+        raise
+    sa.account(len(result[0]))
+    return Decapsulated(sa, seq, result[0], result[1])
+
+
+def _unwrap(
+    sa: SecurityAssociation, data: bytes | memoryview, hdr: ip.IPv4Header, plaintext: bytes,
+    seq: int,
+) -> tuple[bytes, ip.IPv4Header]:
+    if len(plaintext) < 2:
+        raise EspError(DropReason.MALFORMED, "no ESP trailer")
+    padlen = plaintext[-2]
+    next_header = plaintext[-1]
+    end = len(plaintext) - 2 - padlen
+    if end < 0:
+        raise EspError(DropReason.BAD_PADDING, "pad length beyond payload")
+    if plaintext[end : end + padlen] != _PAD[:padlen]:
+        raise EspError(DropReason.BAD_PADDING, f"seq {seq}")
+    if next_header == ip.PROTO_NONE:
+        raise EspError(DropReason.DUMMY, f"seq {seq}")
+    payload = plaintext[:end]
+    if sa.params.mode is Mode.TUNNEL:
+        if next_header != ip.PROTO_IPIP:
+            raise EspError(DropReason.BAD_NEXT_HEADER, f"tunnel SA carries next header {next_header}")
+        inner_hdr = ip.parse_ipv4(payload)
+        if inner_hdr.total_length < len(payload):  # TFC padding after the inner packet
+            payload = payload[: inner_hdr.total_length]
+        outer_ecn = hdr.tos & _ECN_MASK
+        inner_ecn = inner_hdr.tos & _ECN_MASK
+        new_ecn = decap_ecn(inner_ecn, outer_ecn)
+        if new_ecn != inner_ecn:
+            tos = (inner_hdr.tos & ~_ECN_MASK) | new_ecn
+            head = bytearray(payload[: inner_hdr.ihl])
+            head[1] = tos
+            head[10:12] = b"\0\0"
+            head[10:12] = ip.checksum(head).to_bytes(2, "big")
+            payload = bytes(head) + payload[inner_hdr.ihl :]
+            inner_hdr = inner_hdr._replace(tos=tos)
+        return payload, inner_hdr
+    if next_header == ip.PROTO_IPIP:
+        raise EspError(DropReason.BAD_NEXT_HEADER, "transport SA carries an IPv4 packet")
+    total = hdr.ihl + len(payload)
+    new_header = ip.rewrite_header(bytes(data[: hdr.ihl]), next_header, total)
+    out = new_header + payload
+    return out, hdr._replace(protocol=next_header, total_length=total)
+
+
+def decap_ecn(inner: int, outer: int) -> int:
+    """RFC 6040 section 4.2: the inner ECN field after decapsulation. CE on Not-ECT drops."""
+    if inner == _NOT_ECT:
+        if outer == _CE:
+            raise EspError(DropReason.MALFORMED, "CE on a Not-ECT inner packet (RFC 6040)")
+        return _NOT_ECT
+    if outer == _CE:
+        return _CE
+    if inner == _CE:
+        return _CE
+    if outer == _ECT1:
+        return _ECT1
+    return inner

@@ -1,0 +1,185 @@
+"""Security associations: their parameters (from configuration) and their runtime state."""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .errors import DropReason, EspError
+from .replay import DEFAULT_WINDOW, ReplayWindow
+from .suites import Suite, make_suite
+
+MIN_SPI = 256  # RFC 4303 section 2.1: 1..255 are reserved by IANA
+MAX_SEQ_32 = 0xFFFFFFFF
+MAX_SEQ_64 = 0xFFFFFFFFFFFFFFFF
+
+
+class Mode(enum.Enum):
+    TRANSPORT = "transport"
+    TUNNEL = "tunnel"
+
+
+class SADirection(enum.Enum):
+    OUT = "out"
+    IN = "in"
+
+
+class DfPolicy(enum.Enum):
+    """RFC 4301 section 8.1: what the tunnel-mode outer header's DF bit becomes."""
+
+    COPY = "copy"
+    SET = "set"
+    CLEAR = "clear"
+
+
+class Secret:
+    """Key bytes that never show themselves in a repr, str or log line."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes) -> None:
+        self._value = bytes(value)
+
+    def reveal(self) -> bytes:
+        return self._value
+
+    def __len__(self) -> int:
+        return len(self._value)
+
+    def __repr__(self) -> str:
+        return f"<Secret {len(self._value)} bytes>"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(("Secret", len(self._value)))
+
+
+@dataclass(frozen=True)
+class Lifetime:
+    """Soft and hard limits; None means no limit. Seconds count from installation."""
+
+    soft_packets: int | None = None
+    hard_packets: int | None = None
+    soft_bytes: int | None = None
+    hard_bytes: int | None = None
+    soft_seconds: float | None = None
+    hard_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class SAParams:
+    """Everything configured about one SA. Keys are Secrets; the repr shows none."""
+
+    name: str
+    spi: int
+    direction: SADirection
+    encryption: str
+    key: Secret
+    integrity: str | None = None
+    integrity_key: Secret = field(default_factory=lambda: Secret(b""))
+    mode: Mode = Mode.TRANSPORT
+    tunnel_local: int | None = None  # outer addresses (tunnel mode), as ints
+    tunnel_remote: int | None = None
+    replay_window: int = DEFAULT_WINDOW
+    esn: bool = False
+    lifetime: Lifetime = field(default_factory=Lifetime)
+    queue: int = 0  # the NFQUEUE (worker) that owns this SA
+    df: DfPolicy = DfPolicy.COPY
+    ttl: int = 64
+
+
+class SAEvent(enum.Enum):
+    SOFT_EXPIRED = "soft_expired"
+    HARD_EXPIRED = "hard_expired"
+    SEQ_EXHAUSTED = "seq_exhausted"
+
+
+class SecurityAssociation:
+    """An installed SA: suite built once, sequence counter or replay window, counters."""
+
+    def __init__(
+        self, params: SAParams, installed_at: float, next_seq: int = 1,
+        suite: Suite | None = None,
+    ) -> None:
+        self.params = params
+        self.spi = params.spi
+        self.spi_bytes = params.spi.to_bytes(4, "big")
+        self.esn = params.esn
+        self.max_seq = MAX_SEQ_64 if params.esn else MAX_SEQ_32
+        self.suite = suite or make_suite(
+            params.encryption, params.key.reveal(), params.integrity,
+            params.integrity_key.reveal(),
+        )
+        self.installed_at = installed_at
+        self.next_seq = next_seq  # outbound: the next number to send
+        self.replay = ReplayWindow(params.replay_window, params.esn)
+        self.packets = 0
+        self.bytes = 0
+        self.drops: Counter[DropReason] = Counter()
+        self.soft_expired = False
+        self.hard_expired = False
+        self.exhausted = False
+        self.events: list[SAEvent] = []
+
+    @property
+    def name(self) -> str:
+        return self.params.name
+
+    @property
+    def outbound(self) -> bool:
+        return self.params.direction is SADirection.OUT
+
+    def take_seq(self) -> int:
+        """The next outbound sequence number; the SA stops instead of cycling."""
+        seq = self.next_seq
+        if seq > self.max_seq:
+            if not self.exhausted:
+                self.exhausted = True
+                self.events.append(SAEvent.SEQ_EXHAUSTED)
+            raise EspError(DropReason.SEQ_EXHAUSTED, f"SA {self.name}", self.spi)
+        self.next_seq = seq + 1
+        return seq
+
+    def check_lifetime(self, now: float) -> None:
+        """Raise SA_EXPIRED past a hard limit; note a soft limit once as an event."""
+        lt = self.params.lifetime
+        age = now - self.installed_at
+        if not self.hard_expired and (
+            _past(self.packets, lt.hard_packets) or _past(self.bytes, lt.hard_bytes)
+            or _past(age, lt.hard_seconds)
+        ):
+            self.hard_expired = True
+            self.events.append(SAEvent.HARD_EXPIRED)
+        if self.hard_expired:
+            raise EspError(DropReason.SA_EXPIRED, f"SA {self.name}", self.spi)
+        if not self.soft_expired and (
+            _past(self.packets, lt.soft_packets) or _past(self.bytes, lt.soft_bytes)
+            or _past(age, lt.soft_seconds)
+        ):
+            self.soft_expired = True
+            self.events.append(SAEvent.SOFT_EXPIRED)
+
+    def account(self, nbytes: int) -> None:
+        self.packets += 1
+        self.bytes += nbytes
+
+    def lifetime_left(self, now: float) -> dict[str, float | int | None]:
+        lt = self.params.lifetime
+        return {
+            "packets": None if lt.hard_packets is None else max(0, lt.hard_packets - self.packets),
+            "bytes": None if lt.hard_bytes is None else max(0, lt.hard_bytes - self.bytes),
+            "seconds": None if lt.hard_seconds is None
+            else max(0.0, lt.hard_seconds - (now - self.installed_at)),
+        }
+
+    def __repr__(self) -> str:
+        return f"<SA {self.name} spi=0x{self.spi:08x} {self.params.direction.value}>"
+
+
+def _past(value: float, limit: float | None) -> bool:
+    return limit is not None and value >= limit
