@@ -13,7 +13,8 @@ from typing import NamedTuple
 
 from . import packet as ip
 from .errors import DropReason, EspError
-from .sa import DfPolicy, Mode, SecurityAssociation
+from .sa import DfPolicy, Mode, SAParams, SecurityAssociation
+from .suites import ENCRYPTION, HMACS
 
 ESP_HEADER = 8
 _ESP = struct.Struct("!II")
@@ -33,6 +34,21 @@ def overhead(sa: SecurityAssociation) -> int:
     """The most bytes ESP adds to a packet on this SA (for MSS clamping and MTU)."""
     extra = ESP_HEADER + sa.suite.iv_size + sa.suite.icv_size + 2 + sa.suite.align - 1
     if sa.params.mode is Mode.TUNNEL:
+        extra += ip.IPV4_MIN_HEADER
+    return extra
+
+
+def overhead_for(params: SAParams) -> int:
+    """``overhead`` from configuration alone, without building the SA's cipher objects."""
+    enc = ENCRYPTION[params.encryption]
+    if enc.aead:
+        iv, icv, align = 8, 16, 4
+    else:
+        iv = 16 if params.encryption != "null" else 0
+        icv = HMACS[params.integrity or ""].icv_size
+        align = 16 if iv else 4
+    extra = ESP_HEADER + iv + icv + 2 + align - 1
+    if params.mode is Mode.TUNNEL:
         extra += ip.IPV4_MIN_HEADER
     return extra
 

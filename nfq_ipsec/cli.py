@@ -1,0 +1,92 @@
+"""The ``nfq-ipsec`` command. Thin: parses arguments and calls the module that does the work.
+
+Exit codes (also in the README):
+  0  success
+  1  runtime failure (a command we ran failed, the daemon stopped on an error)
+  2  usage error or invalid configuration (nothing was changed)
+  3  the daemon is not running / not reachable (status)
+  4  an offline decode found packets that failed (decode)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+EXIT_NOT_RUNNING = 3
+EXIT_DECODE_DROPS = 4
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nfq-ipsec",
+        description="Userspace IPsec (ESP) data plane fed by iptables NFQUEUE.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check-config", help="validate a configuration and summarise it (no keys)")
+    p.add_argument("config", help="TOML configuration file")
+
+    p = sub.add_parser("decode", help="decrypt captured ESP offline with the configured SAs")
+    p.add_argument("--config", required=True, help="TOML configuration file")
+    p.add_argument("capture", help="pcap file (Ethernet, raw IPv4 or Linux cooked)")
+
+    p = sub.add_parser("genkey", help="print a fresh random key (hex) for an algorithm")
+    p.add_argument("algorithm", help="aes-gcm-128, aes-gcm-256, chacha20-poly1305, aes-cbc-128, "
+                   "aes-cbc-256, hmac-sha256-128, hmac-sha384-192, hmac-sha512-256")
+
+    p = sub.add_parser("run", help="run the daemon: workers, rules, control socket")
+    p.add_argument("--config", required=True, help="TOML configuration file")
+
+    p = sub.add_parser("status", help="show the running daemon's workers, SAs and counters")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--config", help="configuration of the daemon to ask")
+    g.add_argument("--socket", help="control socket of the daemon to ask")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("rules", help="show, install or remove the iptables rules for a config")
+    p.add_argument("action", choices=["show", "install", "remove"])
+    p.add_argument("--config", required=True, help="TOML configuration file")
+
+    p = sub.add_parser("lab", help="the network-namespace lab (needs root)")
+    p.add_argument("action", choices=["demo"], help="demo: the two-host lab demo, torn down after")
+    p.add_argument("--topology", choices=["host", "gateway"], default="host",
+                   help="host: two hosts, transport mode; gateway: four namespaces, tunnel mode")
+    p.add_argument("--encryption", default="aes-gcm-128",
+                   help="aes-gcm-128, aes-gcm-256, chacha20-poly1305, aes-cbc-128, aes-cbc-256")
+    p.add_argument("--queues", type=int, default=2, help="queues (workers) per host")
+    p.add_argument("--keep", action="store_true", help="leave the lab up (prints how to remove it)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in ("check-config", "decode", "genkey"):
+        from . import tools
+
+        return tools.main(args)
+    if args.command == "run":
+        from . import supervisor
+
+        return supervisor.cli_run(args)
+    if args.command == "status":
+        from . import control
+
+        return control.cli_status(args)
+    if args.command == "rules":
+        from . import iptables
+
+        return iptables.cli_rules(args)
+    if args.command == "lab":
+        from . import lab
+
+        return lab.cli_lab(args)
+    raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Offline commands: check-config, decode, genkey."""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+from collections import Counter
+
+from .config import load_config
+from .config.model import Config
+from .core.errors import ConfigError
+from .core.packet import ip_to_str as fmt_addr
+from .core.sa import SADirection
+from .core.spd import Action
+from .core.suites import ENCRYPTION, FORBIDDEN, HMACS
+from .decode import OfflineDecoder
+from .pcap import PcapError, read_packets
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_DECODE_DROPS = 0, 1, 2, 4
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.command == "genkey":
+        return genkey(args.algorithm)
+    cfg = load_or_report(args.config)
+    if cfg is None:
+        return EXIT_CONFIG
+    if args.command == "check-config":
+        print(summary(cfg))
+        return EXIT_OK
+    return decode_capture(cfg, args.capture)
+
+
+def load_or_report(path: str) -> Config | None:
+    """Load a config; on problems print all of them to stderr and return None."""
+    try:
+        cfg = load_config(path)
+    except ConfigError as err:
+        n = len(err.problems)
+        print(f"{path}: {n} problem{'s' if n != 1 else ''}:", file=sys.stderr)
+        for problem in err.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+    for warning in cfg.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return cfg
+
+
+def summary(cfg: Config) -> str:
+    """What a config does, for humans. Names lengths and algorithms, never key bytes."""
+    node, d = cfg.node, cfg.daemon
+    lines = [f"{cfg.path}: OK"]
+    lines.append(
+        f"node: interface {node.interface or 'all but lo'}, role {node.role}, "
+        f"default {node.default_action.value}, mtu {node.mtu}"
+    )
+    queues = ", ".join(f"{q.num} (cpu {q.cpu if q.cpu is not None else 'any'})" for q in d.queues)
+    lines.append(f"daemon: queues {queues}; mark 0x{d.mark:08x}; socket {d.control_socket}")
+    lines.append("policies (first match wins; no match: " f"{node.default_action.value}):")
+    sa_by_name = {sa.name: sa for sa in cfg.sas}
+    for i, pol in enumerate(cfg.policies):
+        lines.append(
+            f"  [{i}] {pol.name:<16} {pol.direction.value:<4} {pol.action.value:<8} "
+            f"{pol.selector.describe()}"
+        )
+        if pol.action is Action.PROTECT:
+            for name in pol.sa_names:
+                sa = sa_by_name[name]
+                lines.append(f"        {sa.direction.value:>3} via {name} (spi 0x{sa.spi:08x}, queue {sa.queue})")
+    lines.append("SAs:")
+    for sa in cfg.sas:
+        alg = sa.encryption + (f"+{sa.integrity}" if sa.integrity else "")
+        tunnel = ""
+        if sa.tunnel_local is not None and sa.tunnel_remote is not None:
+            tunnel = f" {fmt_addr(sa.tunnel_local)} <-> {fmt_addr(sa.tunnel_remote)}"
+        window = f" window {sa.replay_window}" if sa.direction is SADirection.IN else ""
+        lines.append(
+            f"  {sa.name:<16} {sa.direction.value:<3} spi 0x{sa.spi:08x} queue {sa.queue} "
+            f"{sa.mode.value}{tunnel} {alg}{window} esn {'on' if sa.esn else 'off'}"
+        )
+    return "\n".join(lines)
+
+
+def decode_capture(cfg: Config, capture: str) -> int:
+    decoder = OfflineDecoder(cfg)
+    tally: Counter[str] = Counter()
+    try:
+        for index, packet in enumerate(read_packets(capture), start=1):
+            result = decoder.decode(index, packet)
+            print(result.line())
+            key = result.verdict if result.reason is None else f"drop {result.reason.value}"
+            tally[key] += 1
+    except (PcapError, OSError) as err:
+        print(f"decode: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    print("summary: " + (", ".join(f"{k} {v}" for k, v in sorted(tally.items())) or "no packets"))
+    return EXIT_DECODE_DROPS if any(k.startswith("drop") for k in tally) else EXIT_OK
+
+
+def genkey(algorithm: str) -> int:
+    if algorithm in FORBIDDEN:
+        print(f"genkey: {algorithm} is refused: {FORBIDDEN[algorithm]}", file=sys.stderr)
+        return EXIT_CONFIG
+    if algorithm in ENCRYPTION and ENCRYPTION[algorithm].keymat_size:
+        size = ENCRYPTION[algorithm].keymat_size
+    elif algorithm in HMACS:
+        size = HMACS[algorithm].key_size
+    else:
+        known = [a for a in ENCRYPTION if ENCRYPTION[a].keymat_size] + list(HMACS)
+        print(f"genkey: unknown algorithm {algorithm!r} (known: {', '.join(known)})", file=sys.stderr)
+        return EXIT_CONFIG
+    print(secrets.token_hex(size))
+    return EXIT_OK
