@@ -79,7 +79,7 @@ class OfflineDecoder:
         for sa, was_out in self._by_spi.get(spi, []):
             result.sa_name = sa.name
             try:
-                dec = esp.decapsulate(data, hdr, lambda _s, sa=sa: sa, self._now)
+                dec = esp.decapsulate(data, hdr, _only(sa), self._now)
             except EspError as err:
                 result.reason = err.reason
                 continue
@@ -95,6 +95,13 @@ class OfflineDecoder:
             result.inner = summarize(dec.packet, dec.header)
             return result
         return result
+
+
+def _only(sa: SecurityAssociation) -> esp.SaLookup:
+    def lookup(_spi: int) -> SecurityAssociation:
+        return sa
+
+    return lookup
 
 
 def summarize(data: bytes, hdr: ip.IPv4Header) -> str:

@@ -67,7 +67,9 @@ def summary(cfg: Config) -> str:
         if pol.action is Action.PROTECT:
             for name in pol.sa_names:
                 sa = sa_by_name[name]
-                lines.append(f"        {sa.direction.value:>3} via {name} (spi 0x{sa.spi:08x}, queue {sa.queue})")
+                lines.append(
+                    f"        {sa.direction.value:>3} via {name} (spi 0x{sa.spi:08x}, queue {sa.queue})"
+                )
     lines.append("SAs:")
     for sa in cfg.sas:
         alg = sa.encryption + (f"+{sa.integrity}" if sa.integrity else "")

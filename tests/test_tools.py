@@ -120,7 +120,9 @@ def test_decode_not_a_capture(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert code == 1 and "not a pcap or pcapng file" in err
 
 
-@pytest.mark.skipif(shutil.which("tshark") is None and not os.environ.get("CI"), reason="tshark not installed")
+@pytest.mark.skipif(
+    shutil.which("tshark") is None and not os.environ.get("CI"), reason="tshark not installed"
+)
 def test_decode_agrees_with_tshark_on_spis(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An independent reader (tshark) sees the same ESP SPIs and sequence numbers in our pcap."""
     import subprocess

@@ -291,9 +291,9 @@ def _sa(
     tunnel_local = _address(raw, "tunnel_local", where, probs)
     tunnel_remote = _address(raw, "tunnel_remote", where, probs)
     if mode is Mode.TUNNEL:
-        for key, val in (("tunnel_local", tunnel_local), ("tunnel_remote", tunnel_remote)):
-            if val is None and key not in raw:
-                probs.add(f"{where}.{key}", "required in tunnel mode")
+        for fname, val in (("tunnel_local", tunnel_local), ("tunnel_remote", tunnel_remote)):
+            if val is None and fname not in raw:
+                probs.add(f"{where}.{fname}", "required in tunnel mode")
     elif "tunnel_local" in raw or "tunnel_remote" in raw:
         probs.add(f"{where}.mode", "tunnel_local/tunnel_remote given but mode is transport")
     encryption = _get(raw, "encryption", where, str, probs)
@@ -315,7 +315,8 @@ def _sa(
                 if got is not None:
                     key = got
                     if len(key) != alg.keymat_size:
-                        probs.add(f"{where}.key", _key_len_msg(encryption, alg.key_size, alg.salt_size, len(key)))
+                        msg = _key_len_msg(encryption, alg.key_size, alg.salt_size, len(key))
+                        probs.add(f"{where}.key", msg)
             elif "key" in raw or "key_file" in raw:
                 probs.add(f"{where}.key", "null encryption takes no key")
             if integrity is not None:
@@ -515,7 +516,8 @@ def _protocol(raw: dict[str, Any], where: str, probs: _Problems) -> int | None:
     value = raw.get("protocol", "any")
     if isinstance(value, str):
         if value not in PROTOCOLS:
-            probs.add(f"{where}.protocol", f"unknown protocol {value!r} (names: {', '.join(PROTOCOLS)} or 0..255)")
+            names = ", ".join(PROTOCOLS)
+            probs.add(f"{where}.protocol", f"unknown protocol {value!r} (names: {names} or 0..255)")
             return None
         return PROTOCOLS[value]
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 255:
@@ -578,10 +580,16 @@ def _check_policies(
                     probs.add(f"{where}.sa", f"unknown SA {n!r}")
                 continue
             if n in served_by and served_by[n] != pol.name:
-                probs.add(f"{where}.sa", f"SA {n!r} already serves policy {served_by[n]!r}; an SA serves one policy")
+                probs.add(
+                    f"{where}.sa",
+                    f"SA {n!r} already serves policy {served_by[n]!r}; an SA serves one policy",
+                )
             served_by[n] = pol.name
             if not pol.direction.covers(sa.direction is SADirection.OUT):
-                probs.add(f"{where}.sa", f"SA {n!r} is {sa.direction.value}bound but the policy is {pol.direction.value}")
+                probs.add(
+                    f"{where}.sa",
+                    f"SA {n!r} is {sa.direction.value}bound but the policy is {pol.direction.value}",
+                )
             if sa.direction is SADirection.OUT:
                 if sa.queue in out_queues:
                     probs.add(f"{where}.sa", f"two outbound SAs on queue {sa.queue}; use one per queue")
@@ -592,7 +600,7 @@ def _check_policies(
                 probs.add(f"{where}.sa", "protects outbound traffic but lists no outbound SA")
             if pol.direction.covers(False) and SADirection.IN not in dirs:
                 probs.add(f"{where}.sa", "protects inbound traffic but lists no inbound SA")
-    for i, sa in enumerate(sas):
+    for sa in sas:
         if sa.name not in raw_sa_names:
             probs.warnings.append(f"sa {sa.name!r}: no policy uses it; it will never carry traffic")
     _check_shadowing(policies, probs)

@@ -33,14 +33,15 @@ class Direction(enum.Enum):
 
 
 PortRange = tuple[int, int]
+ANY = IPv4Network("0.0.0.0/0")
 
 
 @dataclass(frozen=True)
 class Selector:
     """Traffic selector. ``None`` means "any" for every field."""
 
-    local: IPv4Network = IPv4Network("0.0.0.0/0")
-    remote: IPv4Network = IPv4Network("0.0.0.0/0")
+    local: IPv4Network = ANY
+    remote: IPv4Network = ANY
     protocol: int | None = None
     local_ports: PortRange | None = None
     remote_ports: PortRange | None = None
@@ -75,9 +76,7 @@ class Selector:
                 # For ICMP the "ports" of a PacketKey carry type and code.
                 if self.icmp_type is not None and key.sport != self.icmp_type:
                     return False
-                if self.icmp_code is not None and key.dport != self.icmp_code:
-                    return False
-                return True
+                return self.icmp_code is None or key.dport == self.icmp_code
         if self.local_ports is not None and not _in_range(local_port, self.local_ports):
             return False
         return self.remote_ports is None or _in_range(remote_port, self.remote_ports)

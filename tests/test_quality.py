@@ -1,0 +1,48 @@
+"""Lint and types are part of the suite: ruff and mypy (strict) must be clean."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tool(name: str) -> str:
+    found = Path(sys.executable).parent / name
+    if found.exists():
+        return str(found)
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: install the test extras (scripts/install-deps)")
+    return path
+
+
+def test_ruff_clean() -> None:
+    res = subprocess.run(
+        [_tool("ruff"), "check", "--output-format", "concise", "nfq_ipsec", "tests"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_mypy_clean() -> None:
+    res = subprocess.run(
+        [_tool("mypy"), "nfq_ipsec"], cwd=ROOT, capture_output=True, text=True,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_shell_scripts_shellcheck_clean() -> None:
+    scripts = [p for p in (ROOT / "scripts").iterdir() if p.is_file() and p.read_bytes()[:2] == b"#!"]
+    scripts.append(ROOT / ".ci" / "run")
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.fail("shellcheck is not installed: run scripts/install-deps")
+    shell = [str(p) for p in scripts if b"bash" in p.read_bytes().splitlines()[0]]
+    res = subprocess.run([shellcheck, *shell], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
