@@ -39,6 +39,8 @@ class ReplayWindow:
         w = self.size
         if top_lo >= w - 1:  # case A: window within one subspace
             hi = top_hi if seq_lo >= top_lo - w + 1 else top_hi + 1
+            if hi > _MASK32:  # there is no subspace after the last one: the number is old
+                hi = top_hi
         else:  # case B: window straddles two subspaces
             hi = top_hi - 1 if seq_lo >= (top_lo - w + 1) & _MASK32 else top_hi
             if hi < 0:

@@ -1,0 +1,77 @@
+"""The core is sans-IO (design.md section 2): it imports only the standard library and
+``cryptography``, never opens sockets, starts processes or threads, or reads the clock."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nfq_ipsec.core
+
+CORE = Path(nfq_ipsec.core.__file__).parent
+
+# Loaded by importing the core in a fresh interpreter: none of these may appear. (os and time
+# are already loaded by the interpreter's own start-up, so they are checked statically below.)
+FORBIDDEN_LOADED = ["socket", "subprocess", "netfilterqueue", "scapy", "threading", "select",
+                    "multiprocessing", "asyncio", "selectors", "pyroute2", "psutil"]
+# Imports no core module may write, at any depth of the module.
+FORBIDDEN_IMPORTS = {"os", "time", "socket", "subprocess", "threading", "select", "selectors",
+                     "multiprocessing", "asyncio", "signal", "netfilterqueue", "scapy", "pyroute2",
+                     "psutil", "datetime", "random", "secrets", "io", "pathlib", "shutil"}
+ALLOWED_THIRD_PARTY = {"cryptography"}
+
+
+def test_importing_the_core_loads_no_io_modules() -> None:
+    probe = (
+        "import json, sys\n"
+        "before = set(sys.modules)\n"
+        "import nfq_ipsec.core, nfq_ipsec.core.esp, nfq_ipsec.core.processor\n"
+        f"bad = [m for m in {FORBIDDEN_LOADED!r}\n"
+        "       if any(k == m or k.startswith(m + '.') for k in sys.modules)]\n"
+        "print(json.dumps({'bad': bad, 'new': sorted(set(sys.modules) - before)}))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["bad"] == [], f"importing nfq_ipsec.core loaded {report['bad']}"
+    assert "nfq_ipsec.core.esp" in report["new"]  # the probe really imported the core
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(), str(path))
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module))
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "__import__":
+            found.append((node.lineno, "__import__"))
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module":
+            found.append((node.lineno, "importlib.import_module"))
+    return found
+
+
+def test_core_modules_import_nothing_forbidden() -> None:
+    files = sorted(CORE.glob("*.py"))
+    assert len(files) >= 9, files  # the scan sees the core
+    problems = []
+    stdlib = sys.stdlib_module_names
+    for path in files:
+        for lineno, name in _imports(path):
+            top = name.split(".")[0]
+            if top in FORBIDDEN_IMPORTS or name in ("__import__", "importlib.import_module"):
+                problems.append(f"{path.name}:{lineno}: imports {name}")
+            elif top not in stdlib and top not in ALLOWED_THIRD_PARTY and top != "__future__":
+                problems.append(f"{path.name}:{lineno}: imports third-party {name}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_scan_would_catch_a_forbidden_import(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("import os\nfrom time import monotonic\nimport scapy.all\ndef f():\n    import socket\n")
+    names = {name for _, name in _imports(bad)}
+    assert {"os", "time", "scapy.all", "socket"} <= names
