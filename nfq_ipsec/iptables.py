@@ -1,0 +1,302 @@
+"""Install, remove and inspect the rules of ``rules.py`` with iptables-save and iptables-restore.
+
+Backends (``daemon.iptables``): "auto" runs ``iptables-restore``/``iptables-save`` (whatever the
+system's iptables is), "nft" the ``iptables-nft-*`` and "legacy" the ``iptables-legacy-*``
+commands. Changes go through ``iptables-restore --noflush --wait``, one transaction per table:
+
+- install reads the current ruleset, and in the same transaction that adds our chains and
+  jumps it flushes and deletes whatever an earlier run left (after a crash, a duplicate jump,
+  a chain an older configuration needed), so there is never a second jump and never a moment
+  without the boundary;
+- remove flushes and deletes our chains and the jumps into them and touches nothing else, so
+  iptables-save shows what it showed before install (a table that install had to create stays,
+  empty: iptables can't delete tables).
+
+Every function takes ``netns``: the name of a network namespace to run the commands in
+(through ``ip netns exec``); the daemon runs inside its namespace and leaves it None.
+Failures raise RulesError with the command, its exit status and its stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from . import rules
+from .config import load_config
+from .config.model import Config
+from .core.errors import ConfigError
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2  # as in cli.py
+TIMEOUT = 60.0  # seconds for one iptables command (restore waits for the xtables lock)
+WAIT = 30  # seconds iptables-restore waits for the xtables lock
+_SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+_PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ah": 51, "sctp": 132}
+
+
+class RulesError(Exception):
+    """Installing, removing or reading the rules failed. Carries the command and its stderr."""
+
+    def __init__(
+        self, message: str, argv: Sequence[str] = (), stderr: str = "",
+        returncode: int | None = None, detail: str = "",
+    ) -> None:
+        self.message = message
+        self.argv = tuple(argv)
+        self.stderr = stderr
+        self.returncode = returncode
+        text = message
+        if self.argv:
+            text += f"\n  command: {shlex.join(self.argv)}"
+        if returncode is not None:
+            text += f"\n  exit status: {returncode}"
+        if stderr.strip():
+            text += "\n  stderr: " + "\n          ".join(stderr.strip().splitlines())
+        if detail:
+            text += f"\n  {detail}"
+        super().__init__(text)
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # "auto", "nft" or "legacy"
+    restore: str  # command names, looked up in PATH and the sbin directories
+    save: str
+
+
+BACKENDS = {
+    "auto": Backend("auto", "iptables-restore", "iptables-save"),
+    "nft": Backend("nft", "iptables-nft-restore", "iptables-nft-save"),
+    "legacy": Backend("legacy", "iptables-legacy-restore", "iptables-legacy-save"),
+}
+
+
+def backend_for(cfg: Config) -> Backend:
+    return BACKENDS[cfg.daemon.iptables]
+
+
+def find_command(name: str) -> str | None:
+    """The path of ``name`` in PATH or the sbin directories (root's PATH may lack them)."""
+    path = os.pathsep.join([os.environ.get("PATH", os.defpath), *_SBIN])
+    return shutil.which(name, path=path)
+
+
+def _command(name: str, why: str) -> str:
+    found = find_command(name)
+    if found is None:
+        raise RulesError(
+            f"{name} not found ({why}); install the iptables package or choose another "
+            "daemon.iptables backend",
+            argv=(name,),
+        )
+    return found
+
+
+def _prefix(netns: str | None) -> list[str]:
+    if netns is None:
+        return []
+    return [_command("ip", "needed to run iptables in a network namespace"), "netns", "exec", netns]
+
+
+def _run(argv: Sequence[str], stdin: str | None, what: str) -> str:
+    try:
+        proc = subprocess.run(
+            list(argv), input=stdin, capture_output=True, text=True, timeout=TIMEOUT, check=False
+        )
+    except OSError as err:
+        raise RulesError(f"{what}: cannot run {argv[0]}: {err.strerror}", argv=argv) from None
+    except subprocess.TimeoutExpired:
+        raise RulesError(f"{what}: no answer after {TIMEOUT:.0f} s", argv=argv) from None
+    if proc.returncode != 0:
+        raise RulesError(
+            f"{what} failed", argv=argv, stderr=proc.stderr, returncode=proc.returncode,
+            detail=_failed_line(proc.stderr, stdin),
+        )
+    return proc.stdout
+
+
+def _failed_line(stderr: str, stdin: str | None) -> str:
+    """The input line iptables-restore complains about, if it names one."""
+    m = re.search(r"line:? (\d+)", stderr)
+    if m is None or stdin is None:
+        return ""
+    n = int(m.group(1))
+    lines = stdin.splitlines()
+    return f"line {n} of the input: {lines[n - 1]}" if 0 < n <= len(lines) else ""
+
+
+def read_tables(backend: Backend, netns: str | None = None) -> dict[str, rules.SavedTable]:
+    """The current ruleset, as iptables-save prints it, parsed."""
+    argv = [*_prefix(netns), _command(backend.save, f"daemon.iptables = {backend.name!r}")]
+    return rules.parse_save(_run(argv, None, "reading the ruleset"))
+
+
+def apply(backend: Backend, script: str, netns: str | None = None) -> None:
+    """Feed ``script`` to iptables-restore --noflush (each table is one transaction)."""
+    cmd = _command(backend.restore, f"daemon.iptables = {backend.name!r}")
+    argv = [*_prefix(netns), cmd, "--noflush", f"--wait={WAIT}"]
+    _run(argv, script, "iptables-restore")
+
+
+def install(cfg: Config, netns: str | None = None) -> None:
+    """Install the rules for ``cfg``, replacing any earlier copy in the same transaction."""
+    be = backend_for(cfg)
+    rs = rules.build(cfg)
+    try:
+        script = rules.plan_install(rs, read_tables(be, netns))
+    except rules.PlanError as err:
+        raise RulesError(f"cannot install: {err}") from None
+    apply(be, script, netns)
+
+
+def remove(cfg: Config, netns: str | None = None) -> None:
+    """Remove all our chains and jumps (any configuration with this chain prefix). Idempotent."""
+    _remove(cfg, netns)
+
+
+def _remove(cfg: Config, netns: str | None) -> bool:
+    be = backend_for(cfg)
+    try:
+        script = rules.plan_remove(cfg.daemon.chain_prefix, read_tables(be, netns))
+    except rules.PlanError as err:
+        raise RulesError(f"cannot remove: {err}") from None
+    if not script:
+        return False
+    apply(be, script, netns)
+    return True
+
+
+@dataclass(frozen=True)
+class RulesStatus:
+    present: bool  # some chain or jump of ours exists
+    complete: bool  # every chain exists and every jump is there exactly once
+    matches: bool  # exactly the rules of this configuration, jumps first, nothing stale
+    problems: tuple[str, ...]
+
+    def describe(self) -> str:
+        if self.matches:
+            return "installed (matches this configuration)"
+        if not self.present:
+            return "not installed"
+        what = "installed but differs from this configuration" if self.complete else "partly installed"
+        return what + "".join(f"\n  {p}" for p in self.problems)
+
+
+def status(cfg: Config, netns: str | None = None) -> RulesStatus:
+    return compare(rules.build(cfg), read_tables(backend_for(cfg), netns))
+
+
+def is_installed(cfg: Config, netns: str | None = None) -> bool:
+    """True when exactly the rules of ``cfg`` are installed (see RulesStatus.matches)."""
+    return status(cfg, netns).matches
+
+
+def canonical(tokens: Sequence[str]) -> tuple[str, ...]:
+    """Rule arguments with protocol names replaced by numbers (iptables-save prints a name for
+    any protocol /etc/protocols knows; we render numbers for the ones it may not)."""
+    out = list(tokens)
+    for i in range(len(out) - 1):
+        if out[i] in ("-p", "--protocol"):
+            out[i + 1] = str(_proto_number(out[i + 1]))
+    return tuple(out)
+
+
+def _proto_number(name: str) -> int | str:
+    if name.isdigit():
+        return int(name)
+    if name in _PROTO_NUMBERS:
+        return _PROTO_NUMBERS[name]
+    try:
+        return socket.getprotobyname(name)
+    except OSError:
+        return name
+
+
+def compare(rs: rules.Ruleset, tables: dict[str, rules.SavedTable]) -> RulesStatus:
+    """How the installed ``tables`` relate to ruleset ``rs``."""
+    found = rules.find_ours(rs.prefix, tables)
+    problems: list[str] = []
+    complete = True
+    expected_jumps: set[tuple[str, str, tuple[str, ...]]] = set()
+    for name, jump in rs.jumps:
+        t = tables.get(name)
+        want = canonical(jump.args)
+        expected_jumps.add((name, jump.chain, want))
+        in_chain = [r for r in t.rules if r.chain == jump.chain] if t else []
+        positions = [i for i, r in enumerate(in_chain) if canonical(r.tokens()) == want]
+        if len(positions) != 1:
+            complete = False
+            problems.append(f"{name} {jump.chain}: {len(positions)} copies of {jump.line('-A')}")
+        elif positions[0] != 0:
+            problems.append(f"{name} {jump.chain}: our jump is rule {positions[0] + 1}, not 1")
+    for name, chain in rs.chains:
+        t = tables.get(name)
+        if t is None or chain not in t.chains:
+            complete = False
+            problems.append(f"{name}: chain {chain} missing")
+            continue
+        new = rs.table(name)
+        assert new is not None
+        want_rules = [canonical(r.args) for r in new.rules_of(chain)]
+        have_rules = [canonical(r.tokens()) for r in t.rules if r.chain == chain]
+        if want_rules != have_rules:
+            problems.append(f"{name}: chain {chain} holds {len(have_rules)} rules that differ "
+                            f"from the {len(want_rules)} of this configuration")
+    wanted_chains = set(rs.chains)
+    for name, f in found.items():
+        problems += [f"{name}: stale chain {c}" for c in f.chains if (name, c) not in wanted_chains]
+        problems += [
+            f"{name}: unexpected jump -A {r.chain} {r.spec}" for r in f.jumps
+            if (name, r.chain, canonical(r.tokens())) not in expected_jumps
+        ]
+        problems += [f"{name}: foreign rule -A {r.chain} {r.spec} uses our chain" for r in f.foreign]
+    return RulesStatus(bool(found), complete, complete and not problems, tuple(problems))
+
+
+# -- the `nfq-ipsec rules` command ------------------------------------------------------------
+
+def cli_rules(args: argparse.Namespace) -> int:
+    """show: print the rules (stdout) and whether they are installed (stderr).
+    install / remove: change the ruleset. Exit 0, 1 (a command failed) or 2 (bad config)."""
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as err:
+        n = len(err.problems)
+        print(f"{args.config}: {n} problem{'s' if n != 1 else ''}:", file=sys.stderr)
+        for problem in err.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    for warning in cfg.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    be = backend_for(cfg)
+    try:
+        if args.action == "show":
+            sys.stdout.write(rules.render(cfg))
+            try:
+                state = status(cfg).describe()
+            except RulesError as err:
+                why = f"{err.message}: {err.stderr.strip()}" if err.stderr.strip() else err.message
+                state = f"unknown ({why})"
+            print(f"nfq-ipsec: rules {state} [{be.save}]", file=sys.stderr)
+            return EXIT_OK
+        if args.action == "install":
+            install(cfg)
+            rs = rules.build(cfg)
+            chains = ", ".join(f"{t}:{c}" for t, c in rs.chains)
+            print(f"nfq-ipsec: rules installed with {be.restore}: {chains}")
+            return EXIT_OK
+        removed = _remove(cfg, None)
+        print(f"nfq-ipsec: {'rules removed' if removed else 'no rules to remove'} "
+              f"({cfg.daemon.chain_prefix}-*, {be.restore})")
+        return EXIT_OK
+    except RulesError as err:
+        print(f"nfq-ipsec: {err}", file=sys.stderr)
+        return EXIT_FAILURE

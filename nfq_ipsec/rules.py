@@ -1,0 +1,603 @@
+"""The iptables rules for a configuration: built, rendered and planned here, applied elsewhere.
+
+Pure: no I/O, no subprocess. ``iptables.py`` runs iptables-save/iptables-restore around it.
+
+The rules are the IPsec boundary of RFC 4301 section 3.1. ``node.interface`` is the
+unprotected interface (None: every interface except lo). With M the worker's reinject mark and
+P the chain prefix:
+
+- raw PREROUTING -> P-IN (before conntrack): a reinjected (decrypted) packet returns; inbound
+  ESP goes to the queue of the worker that owns its SPI, unknown SPIs to the first queue (the
+  worker counts and drops them); cleartext is checked against the inbound SPD: BYPASS returns,
+  DISCARD and PROTECT drop (cleartext where ESP is required); then the default action.
+- mangle OUTPUT -> P-OUT (after conntrack, so conntrack sees the plaintext flow): the outbound
+  SPD; PROTECT jumps to P-Pn, the sub-chain of policy n, which clamps the TCP MSS and queues
+  to the owner of the policy's outbound SA (several SAs: HMARK spreads flows, never the
+  packets of one flow, one SA per queue as in RFC 9611) and ends in DROP (fail closed).
+- gateways only: mangle PREROUTING -> P-FWD for traffic arriving on any other interface (the
+  kernel routes the outer header after reinjection); nat POSTROUTING -> P-NAT, which keeps
+  SNAT/MASQUERADE off the workers' ESP packets (they still carry the conntrack entry of the
+  plaintext flow, and NAT would rewrite them as if they were that flow); filter FORWARD ->
+  P-LEAK, a leak guard so forwarded cleartext never leaves the unprotected interface.
+
+There is no ``--queue-bypass`` anywhere: a queue without a worker drops its packets.
+Each built-in chain gets exactly one rule from us, a jump inserted at position 1; every other
+rule lives in chains named ``P-...``. Rules are rendered the way iptables-save prints them, so
+what ``render`` shows can be compared with what is installed, line by line.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import textwrap
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+
+from .config.model import Config
+from .core.esp import overhead_for
+from .core.spd import Action, Policy, Selector
+
+TABLES = ("raw", "mangle", "nat", "filter")  # every table we may touch, in install order
+HMARK_BASE = 0x4E510000  # marks B+k steer a flow to the k-th SA of a policy ("NQ" in the top bits)
+HMARK_RND = 0x6E667169  # fixed hash seed: the same flow maps to the same SA after a restart
+IPV4_TCP_HEADERS = 40  # IPv4 + TCP header without options: MSS = MTU - 40 - ESP overhead
+MAX_CHAIN_NAME = 28  # XT_EXTENSION_MAXNAMELEN - 1
+COMMENT_WIDTH = 100
+_QUOTE_NEEDED = re.compile(r"[^A-Za-z0-9_./:,!+=@%-]")
+_PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 132: "sctp"}  # printed by name by iptables
+_PORT_PROTOCOLS = (6, 17, 132)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule: the chain it is in and its arguments after ``-A CHAIN``."""
+
+    chain: str
+    args: tuple[str, ...]
+    comment: str = ""
+
+    def spec(self) -> str:
+        return " ".join(quote(a) for a in self.args)
+
+    def line(self, op: str = "-A") -> str:
+        return f"{op} {self.chain} {self.spec()}"
+
+
+@dataclass(frozen=True)
+class Table:
+    """What we put in one table: our chains, the jumps into them, and their rules."""
+
+    name: str
+    chains: tuple[str, ...]
+    jumps: tuple[Rule, ...]  # each inserted at position 1 of a built-in chain
+    rules: tuple[Rule, ...]
+    chain_comments: tuple[tuple[str, str], ...] = ()
+
+    def rules_of(self, chain: str) -> tuple[Rule, ...]:
+        return tuple(r for r in self.rules if r.chain == chain)
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    prefix: str
+    tables: tuple[Table, ...]
+    header: tuple[str, ...] = ()
+
+    def table(self, name: str) -> Table | None:
+        for t in self.tables:
+            if t.name == name:
+                return t
+        return None
+
+    @property
+    def chains(self) -> tuple[tuple[str, str], ...]:
+        """(table, chain) for every chain we create."""
+        return tuple((t.name, c) for t in self.tables for c in t.chains)
+
+    @property
+    def jumps(self) -> tuple[tuple[str, Rule], ...]:
+        return tuple((t.name, j) for t in self.tables for j in t.jumps)
+
+
+# -- names ------------------------------------------------------------------------------------
+
+def chain_in(prefix: str) -> str:
+    return f"{prefix}-IN"
+
+
+def chain_out(prefix: str) -> str:
+    return f"{prefix}-OUT"
+
+
+def chain_fwd(prefix: str) -> str:
+    return f"{prefix}-FWD"
+
+
+def chain_leak(prefix: str) -> str:
+    return f"{prefix}-LEAK"
+
+
+def chain_nat(prefix: str) -> str:
+    return f"{prefix}-NAT"
+
+
+def chain_protect(prefix: str, index: int) -> str:
+    return f"{prefix}-P{index}"
+
+
+def is_our_chain(prefix: str, name: str) -> bool:
+    """Whether ``name`` is a chain this prefix creates (exact shapes only: another instance with
+    a longer prefix such as ``P-X`` never looks like ours)."""
+    return re.fullmatch(re.escape(prefix) + r"-(?:IN|OUT|FWD|LEAK|NAT|P\d+)", name) is not None
+
+
+def hmark_base(mark: int) -> int:
+    """The first steering mark: HMARK_BASE without the bit of the reinject mark."""
+    return HMARK_BASE & ~mark & 0xFFFFFFFF
+
+
+def mss_for(cfg: Config, policy: Policy) -> int:
+    """The TCP MSS that keeps an ESP packet of ``policy`` within the unprotected MTU."""
+    sas = cfg.outbound_sas(policy)
+    overhead = max((overhead_for(sa) for sa in sas), default=0)
+    return cfg.node.mtu - IPV4_TCP_HEADERS - overhead
+
+
+def quote(arg: str) -> str:
+    """Quote an argument the way iptables-save does (double quotes), if it needs it."""
+    if arg and not _QUOTE_NEEDED.search(arg):
+        return arg
+    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# -- building ---------------------------------------------------------------------------------
+
+def build(cfg: Config) -> Ruleset:
+    """The complete ruleset for ``cfg``."""
+    p = cfg.daemon.chain_prefix
+    node = cfg.node
+    for name in (chain_leak(p), chain_protect(p, max(len(cfg.policies) - 1, 0))):
+        if len(name) > MAX_CHAIN_NAME:
+            raise ValueError(f"chain name {name!r} is longer than {MAX_CHAIN_NAME} characters")
+    if node.role == "gateway" and not node.interface:
+        raise ValueError("a gateway needs node.interface (the unprotected interface)")
+    protect_chains = _protect_chains(cfg)
+    raw = _inbound_table(cfg)
+    mangle_chains = [chain_out(p)]
+    mangle_comments = [(chain_out(p), _OUT_COMMENT)]
+    mangle_jumps = [_jump("OUTPUT", "-o", node.interface, chain_out(p),
+                          "locally generated traffic to the unprotected side")]
+    mangle_rules = list(_outbound_rules(cfg, chain_out(p), lo_flag="-o",
+                                        with_lo=node.interface is None, default=True))
+    extra: list[Table] = []
+    if node.role == "gateway":
+        iface = node.interface or ""
+        mangle_chains.append(chain_fwd(p))
+        mangle_comments.append((chain_fwd(p), _FWD_COMMENT))
+        mangle_jumps.append(Rule("PREROUTING", ("!", "-i", iface, "-j", chain_fwd(p)),
+                                 f"traffic arriving from the protected side (not {iface})"))
+        mangle_rules += _outbound_rules(cfg, chain_fwd(p), lo_flag="-i", with_lo=True, default=False)
+        extra = [_nat_table(cfg), _leak_table(cfg)]
+    for chain, rules, comment in protect_chains:
+        mangle_chains.append(chain)
+        mangle_comments.append((chain, comment))
+        mangle_rules += rules
+    mangle = Table("mangle", tuple(mangle_chains), tuple(mangle_jumps), tuple(mangle_rules),
+                   tuple(mangle_comments))
+    return Ruleset(p, (raw, mangle, *extra), _header(cfg))
+
+
+def _jump(builtin: str, flag: str, iface: str | None, target: str, comment: str) -> Rule:
+    args = (flag, iface) if iface is not None else ()
+    return Rule(builtin, (*args, "-j", target), comment)
+
+
+def _mark_return(cfg: Config, chain: str) -> Rule:
+    m = cfg.daemon.mark
+    return Rule(chain, ("-m", "mark", "--mark", f"0x{m:x}/0x{m:x}", "-j", "RETURN"),
+                "reinjected by a worker (carries the mark): already processed")
+
+
+_IN_COMMENT = ("inbound boundary, before conntrack: ESP to the worker that owns the SPI, "
+               "cleartext checked against the inbound SPD")
+_OUT_COMMENT = ("outbound SPD for locally generated traffic (after conntrack, so conntrack "
+                "tracks the plaintext flow)")
+_FWD_COMMENT = ("outbound SPD for forwarded traffic, queued in PREROUTING so the kernel routes "
+                "the outer (ESP) header after reinjection; no match: not ours (to the gateway "
+                "itself or within the LAN)")
+_NAT_COMMENT = ("NAT exemption: forwarded traffic is queued after conntrack, so the ESP packet a "
+                "worker returns still carries the plaintext flow's conntrack entry; NAT on it "
+                "would rewrite ESP bytes as if they were TCP/UDP ports and checksums")
+_LEAK_COMMENT = ("leak guard: forwarded traffic leaving the unprotected interface must be ESP "
+                 "from a worker or explicitly bypassed")
+
+
+def _inbound_table(cfg: Config) -> Table:
+    p = cfg.daemon.chain_prefix
+    c = chain_in(p)
+    rules = [_mark_return(cfg, c)]
+    if cfg.node.interface is None:
+        rules.append(Rule(c, ("-i", "lo", "-j", "RETURN"), "loopback is never IPsec-protected"))
+    for sa in cfg.inbound_sas():
+        rules.append(Rule(
+            c, ("-p", "esp", "-m", "esp", "--espspi", str(sa.spi), "-j", "NFQUEUE",
+                "--queue-num", str(sa.queue)),
+            f"ESP of inbound SA {sa.name!r} (SPI 0x{sa.spi:08x}) to its owner, queue {sa.queue}",
+        ))
+    first = cfg.queue_numbers[0]
+    rules.append(Rule(c, ("-p", "esp", "-j", "NFQUEUE", "--queue-num", str(first)),
+                      f"ESP with an unknown SPI: queue {first} counts it (unknown_spi) and drops it"))
+    for i, pol in enumerate(cfg.policies):
+        if not pol.direction.covers(False):
+            continue
+        target, what = {
+            Action.BYPASS: ("RETURN", "bypass: cleartext allowed"),
+            Action.DISCARD: ("DROP", "discard"),
+            Action.PROTECT: ("DROP", "protect: cleartext where ESP is required"),
+        }[pol.action]
+        rules.append(Rule(c, (*selector_args(pol.selector, outbound=False), "-j", target),
+                          f"policy[{i}] {pol.name!r}, inbound: {what}"))
+    rules.append(_default(cfg, c, "inbound"))
+    jump = _jump("PREROUTING", "-i", cfg.node.interface, c,
+                 "traffic arriving on the unprotected side" if cfg.node.interface
+                 else "traffic arriving on any interface (lo returns)")
+    return Table("raw", (c,), (jump,), tuple(rules), ((c, _IN_COMMENT),))
+
+
+def _default(cfg: Config, chain: str, what: str) -> Rule:
+    act = cfg.node.default_action
+    target = "DROP" if act is Action.DISCARD else "RETURN"
+    return Rule(chain, ("-j", target), f"{what} traffic that matches no policy: default {act.value}")
+
+
+def _outbound_rules(
+    cfg: Config, chain: str, lo_flag: str, with_lo: bool, default: bool
+) -> list[Rule]:
+    p = cfg.daemon.chain_prefix
+    rules = [_mark_return(cfg, chain)]
+    if with_lo:
+        rules.append(Rule(chain, (lo_flag, "lo", "-j", "RETURN"), "loopback is never IPsec-protected"))
+    for i, pol in enumerate(cfg.policies):
+        if not pol.direction.covers(True):
+            continue
+        if pol.action is Action.PROTECT:
+            target, what = chain_protect(p, i), "protect: to its ESP sub-chain"
+        elif pol.action is Action.BYPASS:
+            target, what = "RETURN", "bypass: leaves in cleartext"
+        else:
+            target, what = "DROP", "discard"
+        rules.append(Rule(chain, (*selector_args(pol.selector, outbound=True), "-j", target),
+                          f"policy[{i}] {pol.name!r}, outbound: {what}"))
+    if default:
+        rules.append(_default(cfg, chain, "outbound"))
+    return rules
+
+
+def _protect_chains(cfg: Config) -> list[tuple[str, list[Rule], str]]:
+    p = cfg.daemon.chain_prefix
+    out: list[tuple[str, list[Rule], str]] = []
+    for i, pol in enumerate(cfg.policies):
+        if pol.action is not Action.PROTECT or not pol.direction.covers(True):
+            continue
+        c = chain_protect(p, i)
+        sas = cfg.outbound_sas(pol)
+        rules: list[Rule] = []
+        if cfg.daemon.mss_clamp and sas:
+            mss = mss_for(cfg, pol)
+            worst = max(overhead_for(sa) for sa in sas)
+            rules.append(Rule(
+                c, ("-p", "tcp", "-m", "tcp", "--tcp-flags", "SYN,RST", "SYN",
+                    "-j", "TCPMSS", "--set-mss", str(mss)),
+                f"clamp the MSS of SYNs: MTU {cfg.node.mtu} - 40 - {worst} bytes of ESP = {mss}",
+            ))
+        if len(sas) == 1:
+            sa = sas[0]
+            rules.append(Rule(c, ("-j", "NFQUEUE", "--queue-num", str(sa.queue)),
+                              f"to queue {sa.queue}, owner of outbound SA {sa.name!r}"))
+        elif sas:
+            base = hmark_base(cfg.daemon.mark)
+            rules.append(Rule(
+                c, ("-j", "HMARK", "--hmark-src-prefix", "32", "--hmark-dst-prefix", "32",
+                    "--hmark-sport-mask", "0xffff", "--hmark-dport-mask", "0xffff",
+                    "--hmark-proto-mask", "0xffff", "--hmark-rnd", f"0x{HMARK_RND:08x}",
+                    "--hmark-mod", str(len(sas)), "--hmark-offset", str(base)),
+                f"per-flow hash over --hmark-tuple src,dst,sport,dport,proto: mark = "
+                f"0x{base:x} + hash % {len(sas)} (iptables-save spells the tuple out like this)",
+            ))
+            for k, sa in enumerate(sas):
+                rules.append(Rule(
+                    c, ("-m", "mark", "--mark", f"0x{base + k:x}", "-j", "NFQUEUE",
+                        "--queue-num", str(sa.queue)),
+                    f"flows hashed to {k}: queue {sa.queue}, owner of outbound SA {sa.name!r}",
+                ))
+        rules.append(Rule(c, ("-j", "DROP"), "fail closed: never leaves in cleartext"))
+        comment = (f"policy[{i}] {pol.name!r}: {len(sas)} outbound SA{'s' if len(sas) != 1 else ''} "
+                   f"({', '.join(sa.name for sa in sas)})")
+        out.append((c, rules, comment))
+    return out
+
+
+def _nat_table(cfg: Config) -> Table:
+    """Keep NAT off our ESP packets. A forwarded packet is queued after conntrack, so the ESP
+    packet a worker sends back still carries the conntrack entry of the plaintext flow; a
+    MASQUERADE/SNAT rule on the unprotected interface would bind that entry and then rewrite
+    the ESP packet as if it were the plaintext TCP/UDP packet (its ports land on the SPI, its
+    checksum update on the sequence number). ACCEPT in the nat table means "no translation"."""
+    p = cfg.daemon.chain_prefix
+    c = chain_nat(p)
+    iface = cfg.node.interface or ""
+    m = cfg.daemon.mark
+    rule = Rule(c, ("-p", "esp", "-m", "mark", "--mark", f"0x{m:x}/0x{m:x}", "-j", "ACCEPT"),
+                "ESP from a worker: no NAT (the conntrack entry it carries is the plaintext flow's)")
+    jump = Rule("POSTROUTING", ("-o", iface, "-j", c),
+                f"before any SNAT/MASQUERADE on the unprotected interface {iface}")
+    return Table("nat", (c,), (jump,), (rule,), ((c, _NAT_COMMENT),))
+
+
+def _leak_table(cfg: Config) -> Table:
+    p = cfg.daemon.chain_prefix
+    c = chain_leak(p)
+    iface = cfg.node.interface or ""
+    rules = [_mark_return(cfg, c)]
+    for i, pol in enumerate(cfg.policies):
+        if not pol.direction.covers(True):
+            continue
+        if pol.action is Action.BYPASS:
+            target, what = "RETURN", "bypass: may leave in cleartext"
+        elif pol.action is Action.PROTECT:
+            target, what = "DROP", "protect: cleartext that escaped the queue"
+        else:
+            target, what = "DROP", "discard"
+        rules.append(Rule(c, (*selector_args(pol.selector, outbound=True), "-j", target),
+                          f"policy[{i}] {pol.name!r}, forwarded: {what}"))
+    rules.append(_default(cfg, c, "forwarded"))
+    jump = Rule("FORWARD", ("-o", iface, "-j", c),
+                f"forwarded traffic leaving through the unprotected interface {iface}")
+    return Table("filter", (c,), (jump,), tuple(rules), ((c, _LEAK_COMMENT),))
+
+
+def selector_args(sel: Selector, outbound: bool) -> tuple[str, ...]:
+    """iptables arguments matching ``sel`` (outbound: source = local; inbound: reversed), in the
+    order iptables-save prints them."""
+    src, dst = (sel.local, sel.remote) if outbound else (sel.remote, sel.local)
+    sports, dports = (
+        (sel.local_ports, sel.remote_ports) if outbound else (sel.remote_ports, sel.local_ports)
+    )
+    args: list[str] = []
+    args += _net("-s", src)
+    args += _net("-d", dst)
+    proto = sel.protocol
+    if proto is None:
+        return tuple(args)
+    if proto == 0:
+        # "-p 0" means "all protocols" to iptables; match the header byte instead.
+        return (*args, "-m", "u32", "--u32", "0x6&0xff=0x0")
+    args += ["-p", _PROTO_NAMES.get(proto, str(proto))]
+    if proto == 1:
+        args += _icmp_args(sel.icmp_type, sel.icmp_code)
+    elif proto in _PORT_PROTOCOLS:
+        ports = [*_port("--sport", sports), *_port("--dport", dports)]
+        if ports:
+            args += ["-m", _PROTO_NAMES[proto], *ports]
+    return tuple(args)
+
+
+def _net(flag: str, net: IPv4Network) -> list[str]:
+    return [flag, str(net)] if net.prefixlen else []
+
+
+def _port(flag: str, rng: tuple[int, int] | None) -> list[str]:
+    if rng is None or rng == (0, 0xFFFF):
+        return []
+    lo, hi = rng
+    return [flag, str(lo) if lo == hi else f"{lo}:{hi}"]
+
+
+def _icmp_args(icmp_type: int | None, icmp_code: int | None) -> list[str]:
+    if icmp_type is None and icmp_code is None:
+        return []
+    if icmp_type is not None and icmp_type != 0xFF:
+        value = str(icmp_type) if icmp_code is None else f"{icmp_type}/{icmp_code}"
+        return ["-m", "icmp", "--icmp-type", value]
+    # The icmp match can't say "any type, this code", and it reads type 255 as "any type":
+    # look at the ICMP header with u32 (IHL*4 bytes in; ! -f: only where the header is).
+    if icmp_type is None:
+        expr = f"0x0>>0x16&0x3c@0x0>>0x10&0xff=0x{icmp_code:x}"
+    elif icmp_code is None:
+        expr = f"0x0>>0x16&0x3c@0x0>>0x18=0x{icmp_type:x}"
+    else:
+        expr = f"0x0>>0x16&0x3c@0x0>>0x10=0x{icmp_type << 8 | icmp_code:x}"
+    return ["!", "-f", "-m", "u32", "--u32", expr]
+
+
+def _header(cfg: Config) -> tuple[str, ...]:
+    node, d = cfg.node, cfg.daemon
+    name = cfg.path.name if cfg.path is not None else "(configuration)"
+    return (
+        f"nfq-ipsec iptables rules for {name}",
+        f"node: interface {node.interface or 'all but lo'}, role {node.role}, default "
+        f"{node.default_action.value}, mtu {node.mtu}; queues "
+        f"{', '.join(map(str, cfg.queue_numbers))}; reinject mark 0x{d.mark:08x}",
+        f"Every chain is named {d.chain_prefix}-*; each built-in chain gets one jump, at "
+        "position 1. No --queue-bypass: a queue without a worker drops its packets (fail closed).",
+        "Install with `nfq-ipsec rules install --config FILE`: it applies this with "
+        "iptables-restore --noflush (one transaction per table) and removes any earlier copy in "
+        "the same transaction. Restoring this text by hand twice would add a second jump.",
+    )
+
+
+# -- rendering --------------------------------------------------------------------------------
+
+def render(cfg: Config, comments: bool = True) -> str:
+    """The ruleset in iptables-restore syntax (``--noflush``), one ``*table ... COMMIT`` each."""
+    return render_ruleset(build(cfg), comments)
+
+
+def render_ruleset(rs: Ruleset, comments: bool = True) -> str:
+    lines: list[str] = []
+
+    def note(text: str) -> None:
+        if comments and text:
+            lines.extend(textwrap.wrap(text, COMMENT_WIDTH, initial_indent="# ",
+                                       subsequent_indent="#   ", break_on_hyphens=False))
+
+    for h in rs.header:
+        note(h)
+    for t in rs.tables:
+        lines.append(f"*{t.name}")
+        notes = dict(t.chain_comments)
+        for c in t.chains:
+            note(f"{c}: {notes.get(c, '')}")
+            lines.append(f":{c} - [0:0]")
+        for j in t.jumps:
+            note(f"jump first: {j.comment}")
+            lines.append(f"-I {j.chain} 1 {j.spec()}")
+        for r in t.rules:
+            note(r.comment)
+            lines.append(r.line())
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+# -- what is installed (parsed iptables-save output) ------------------------------------------
+
+@dataclass(frozen=True)
+class SavedRule:
+    chain: str
+    spec: str  # the text after "-A CHAIN ", verbatim
+
+    def tokens(self) -> tuple[str, ...]:
+        return split_spec(self.spec)
+
+    def target(self) -> str | None:
+        toks = self.tokens()
+        for i, tok in enumerate(toks[:-1]):
+            if tok in ("-j", "--jump", "-g", "--goto"):
+                return toks[i + 1]
+        return None
+
+
+@dataclass
+class SavedTable:
+    name: str
+    chains: dict[str, str] = field(default_factory=dict)  # name -> policy ("-" for user chains)
+    rules: list[SavedRule] = field(default_factory=list)
+
+    def builtin(self, chain: str) -> bool:
+        return self.chains.get(chain, "-") != "-"
+
+
+def split_spec(spec: str) -> tuple[str, ...]:
+    try:
+        return tuple(shlex.split(spec))
+    except ValueError:
+        return tuple(spec.split())
+
+
+def parse_save(text: str) -> dict[str, SavedTable]:
+    """Parse iptables-save output into tables (comments and counters ignored)."""
+    tables: dict[str, SavedTable] = {}
+    current: SavedTable | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            current = tables.setdefault(line[1:], SavedTable(line[1:]))
+        elif current is None:
+            continue
+        elif line == "COMMIT":
+            current = None
+        elif line.startswith(":"):
+            parts = line[1:].split()
+            current.chains[parts[0]] = parts[1] if len(parts) > 1 else "-"
+        elif line.startswith("-A "):
+            _, chain, *rest = line.split(" ", 2)
+            current.rules.append(SavedRule(chain, rest[0] if rest else ""))
+    return tables
+
+
+@dataclass(frozen=True)
+class Found:
+    """Our chains and our jumps as found in one table."""
+
+    table: str
+    chains: tuple[str, ...]
+    jumps: tuple[SavedRule, ...]  # rules in built-in chains that target one of our chains
+    foreign: tuple[SavedRule, ...]  # rules in someone else's chains that target ours
+
+
+def find_ours(prefix: str, tables: dict[str, SavedTable]) -> dict[str, Found]:
+    out: dict[str, Found] = {}
+    for name, t in tables.items():
+        ours = tuple(c for c in t.chains if is_our_chain(prefix, c))
+        jumps: list[SavedRule] = []
+        foreign: list[SavedRule] = []
+        for r in t.rules:
+            target = r.target()
+            if target is None or not is_our_chain(prefix, target) or is_our_chain(prefix, r.chain):
+                continue
+            (jumps if t.builtin(r.chain) else foreign).append(r)
+        if ours or jumps or foreign:
+            out[name] = Found(name, ours, tuple(jumps), tuple(foreign))
+    return out
+
+
+class PlanError(ValueError):
+    """The installed state can't be changed safely (someone else's rule uses our chains)."""
+
+
+def _check_foreign(found: Iterable[Found]) -> None:
+    bad = [f"*{f.table}: -A {r.chain} {r.spec}" for f in found for r in f.foreign]
+    if bad:
+        raise PlanError(
+            "rules in chains that are not ours jump to our chains; remove them first: " + "; ".join(bad)
+        )
+
+
+def _cleanup(f: Found, keep: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+    """Lines that flush our chains, delete the jumps into them and delete unneeded chains."""
+    flush = [f":{c} - [0:0]" for c in f.chains if c not in keep]
+    delete_jumps = [f"-D {r.chain} {r.spec}" for r in f.jumps]
+    delete_chains = [f"-X {c}" for c in f.chains if c not in keep]
+    return flush, delete_jumps, delete_chains
+
+
+def plan_install(rs: Ruleset, tables: dict[str, SavedTable]) -> str:
+    """An iptables-restore --noflush script that replaces whatever we had installed (after a
+    crash, an older configuration, a duplicate jump) with ``rs``, in one transaction per table."""
+    found = find_ours(rs.prefix, tables)
+    _check_foreign(found.values())
+    out: list[str] = []
+    for name in TABLES:
+        new = rs.table(name)
+        old = found.get(name)
+        if new is None and old is None:
+            continue
+        keep = new.chains if new is not None else ()
+        flush, delete_jumps, delete_chains = _cleanup(old, keep) if old else ([], [], [])
+        out.append(f"*{name}")
+        if new is not None:
+            out += [f":{c} - [0:0]" for c in new.chains]  # creates it, or flushes it
+        out += flush + delete_jumps + delete_chains
+        if new is not None:
+            out += [f"-I {j.chain} 1 {j.spec()}" for j in new.jumps]
+            out += [r.line() for r in new.rules]
+        out.append("COMMIT")
+    return "\n".join(out) + "\n"
+
+
+def plan_remove(prefix: str, tables: dict[str, SavedTable]) -> str:
+    """An iptables-restore --noflush script that removes all we installed; "" if nothing is."""
+    found = find_ours(prefix, tables)
+    _check_foreign(found.values())
+    out: list[str] = []
+    for name in TABLES:
+        old = found.get(name)
+        if old is None:
+            continue
+        flush, delete_jumps, delete_chains = _cleanup(old, ())
+        out += [f"*{name}", *flush, *delete_jumps, *delete_chains, "COMMIT"]
+    return "\n".join(out) + "\n" if out else ""
