@@ -1,0 +1,468 @@
+"""The supervisor: ``nfq-ipsec run``. Starts one worker per queue, installs the rules once every
+worker is listening, serves the control socket and keeps the workers alive.
+
+Order of things (fail closed at every step):
+
+1. load and validate the configuration (every problem printed, exit 2, nothing touched);
+2. open the control socket (directory 0700 if created, socket 0600; exit 1 if another daemon
+   answers on it);
+3. start one worker per queue with the ``spawn`` context; each gets only its own queue's SAs;
+4. wait until every worker has bound its queue and said "ready" (timeout: stop, exit 1);
+5. only then install the iptables rules (failure: stop the workers, exit 1, nothing installed);
+6. serve: a worker that dies is restarted after a backoff (0.1 s doubling to 5 s); meanwhile
+   its queue has no listener and the kernel drops that queue's packets. A worker that dies
+   before becoming ready 3 times in a row stops the daemon (exit 1) and leaves the rules in
+   place if they were installed, so its traffic stays dropped rather than sent in clear;
+7. SIGTERM/SIGINT: remove the rules, then stop the workers, remove the socket, exit 0.
+
+If the supervisor itself fails unexpectedly it leaves the rules in place: with no workers the
+queues have no listener, so protected traffic is dropped, never sent in clear.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from . import __version__
+from .config import Config, QueueConfig, load_config
+from .control import ControlError, ControlServer
+from .core import ConfigError, SADirection
+from .nfqueue import kernel_queue_stats
+from .worker import WorkerSpec, worker_main
+
+READY_TIMEOUT = 30.0  # seconds for a worker to bind its queue and say ready
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 5.0
+STABLE_AFTER = 10.0  # a worker up this long before dying restarts with the shortest backoff
+MAX_EARLY_FAILURES = 3  # deaths before "ready", in a row, that stop the daemon
+STATS_TIMEOUT = 2.0  # seconds to wait for the workers' counters for a status answer
+STOP_GRACE = 5.0  # seconds a worker has to exit after "stop" before SIGTERM, then SIGKILL
+
+log = logging.getLogger("nfq_ipsec.supervisor")
+
+
+class Fatal(Exception):
+    """The daemon must stop with exit code 1; the message says why."""
+
+
+@dataclass
+class Slot:
+    """One queue and the worker process serving it (if any)."""
+
+    qc: QueueConfig
+    spec: WorkerSpec
+    proc: BaseProcess | None = None
+    conn: Connection | None = None
+    state: str = "stopped"  # starting, ready, down (waiting to restart), stopped
+    pid: int | None = None
+    started_at: float = 0.0  # monotonic, of the current process
+    ready_at: float | None = None
+    restarts: int = 0
+    early_failures: int = 0
+    backoff: float = BACKOFF_MIN
+    restart_at: float | None = None
+    last_error: str | None = None
+    stats: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def queue(self) -> int:
+        return self.qc.num
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, config_path: str) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.ctx = multiprocessing.get_context("spawn")
+        policies = tuple(cfg.spd.policies)
+        self.slots = [
+            Slot(qc, WorkerSpec(
+                queue=qc.num, cpu=qc.cpu, mark=cfg.daemon.mark, policies=policies,
+                sas=cfg.sas_for_queue(qc.num), log_level=cfg.daemon.log_level,
+            ))
+            for qc in cfg.daemon.queues
+        ]
+        self.control = ControlServer(cfg.daemon.control_socket)
+        self.state = "starting"
+        self.rules_installed = False
+        self.started = time.monotonic()
+        self.stop_signal: int | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+
+    # -- entry point ----------------------------------------------------------------------
+    def run(self) -> int:
+        from .cli import EXIT_FAILURE, EXIT_OK
+
+        self._install_signal_handlers()
+        try:
+            self.control.open()
+        except (ControlError, OSError) as err:
+            log.error("%s", err)
+            return EXIT_FAILURE
+        code = EXIT_OK
+        try:
+            log.info("starting %d worker(s) for queue(s) %s", len(self.slots),
+                     ", ".join(str(s.queue) for s in self.slots))
+            for slot in self.slots:
+                self._start(slot)
+            if self._wait_ready():
+                self._install_rules()
+                self.state = "running"
+                log.info("running: %d worker(s) ready, rules installed, control socket %s",
+                         len(self.slots), self.control.path)
+                self._loop()
+            if self.stop_signal is not None:
+                log.info("stopping on %s", signal.Signals(self.stop_signal).name)
+        except Fatal as err:
+            log.error("%s", err)
+            if self.rules_installed:
+                # Fail closed: with the rules in place and no workers, protected traffic is
+                # dropped. Removing them here would let it leave in clear.
+                log.error("rules left in place, so protected traffic is dropped, not sent in "
+                          "clear; `nfq-ipsec rules remove --config %s` removes them", self.cfg.path)
+                self.rules_installed = False
+            code = EXIT_FAILURE
+        except Exception:
+            # Unexpected: leave the rules (their queues now have no listener: fail closed).
+            log.critical("supervisor failed; rules left in place, so the queues drop their traffic",
+                         exc_info=True)
+            self.rules_installed = False
+            code = EXIT_FAILURE
+        self.state = "stopping"
+        if self.rules_installed and not self._remove_rules():
+            code = EXIT_FAILURE
+        self._stop_workers()
+        self.control.close()
+        log.info("stopped")
+        return code
+
+    def _install_signal_handlers(self) -> None:
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+
+        def on_stop(signum: int, _frame: object) -> None:
+            if self.stop_signal is None:
+                self.stop_signal = signum
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, lambda _s, _f: log.warning("SIGHUP ignored: no reload; restart "
+                                                                 "the daemon to change its configuration"))
+
+    # -- workers --------------------------------------------------------------------------
+    def _start(self, slot: Slot) -> None:
+        parent, child = self.ctx.Pipe(duplex=True)
+        proc = self.ctx.Process(target=worker_main, args=(slot.spec, child),
+                                name=f"nfq-ipsec-q{slot.queue}")
+        proc.start()
+        child.close()
+        slot.proc, slot.conn = proc, parent
+        slot.pid = proc.pid
+        slot.state = "starting"
+        slot.started_at = time.monotonic()
+        slot.ready_at = None
+        slot.restart_at = None
+        slot.stats = None
+        log.debug("worker for queue %d started, pid %s", slot.queue, proc.pid)
+
+    def _on_message(self, slot: Slot, msg: Any) -> None:
+        kind = msg[0] if isinstance(msg, tuple) and msg else None
+        if kind == "ready":
+            slot.state = "ready"
+            slot.ready_at = time.monotonic()
+            slot.early_failures = 0
+            slot.last_error = None
+            slot.pid = int(msg[1])
+            cpu = f"cpu {slot.qc.cpu}" if slot.qc.cpu is not None else "not pinned"
+            again = f" (restart {slot.restarts})" if slot.restarts else ""
+            log.info("worker for queue %d ready%s: pid %d, %s, %d SA(s)", slot.queue, again,
+                     slot.pid, cpu, len(slot.spec.sas))
+        elif kind == "error":
+            slot.last_error = str(msg[1])
+        elif kind == "stats":
+            slot.stats = msg[1]
+
+    def _read(self, slot: Slot) -> None:
+        conn = slot.conn
+        if conn is None:
+            return
+        try:
+            while conn.poll():
+                self._on_message(slot, conn.recv())
+        except (EOFError, OSError):
+            conn.close()
+            slot.conn = None  # the process is exiting; its sentinel tells us when
+
+    def _reap(self, slot: Slot) -> None:
+        """The slot's process has exited: log it, then schedule a restart or give up."""
+        proc = slot.proc
+        assert proc is not None
+        self._read(slot)  # an error message it sent before dying
+        # The sentinel fires when the child's files close, a moment before it can be reaped.
+        proc.join(2.0)
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join(2.0)
+        code = proc.exitcode
+        how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
+               else f"exit code {code}")
+        if slot.conn is not None:
+            slot.conn.close()
+        slot.proc = slot.conn = None
+        was_ready = slot.state == "ready"
+        uptime = time.monotonic() - slot.started_at
+        slot.state = "down"
+        slot.stats = None
+        if self.state == "stopping":
+            slot.state = "stopped"
+            return
+        if not was_ready:
+            slot.early_failures += 1
+            why = f": {slot.last_error}" if slot.last_error else ""
+            if slot.early_failures >= MAX_EARLY_FAILURES:
+                raise Fatal(f"worker for queue {slot.queue} died before becoming ready "
+                             f"{slot.early_failures} times in a row ({how}){why}; stopping")
+        if was_ready and uptime >= STABLE_AFTER:
+            slot.backoff = BACKOFF_MIN
+        delay = slot.backoff
+        slot.backoff = min(BACKOFF_MAX, slot.backoff * 2)
+        slot.restart_at = time.monotonic() + delay
+        phase = "" if was_ready else " before becoming ready"
+        log.warning("worker for queue %d (pid %s) died%s, %s; queue %d drops its traffic until "
+                    "it is back; restarting in %.1f s", slot.queue, slot.pid, phase, how,
+                    slot.queue, delay)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.state == "down" and slot.restart_at is not None and now >= slot.restart_at:
+                slot.restarts += 1
+                self._start(slot)
+            elif (slot.state == "starting" and slot.proc is not None
+                  and now - slot.started_at > READY_TIMEOUT):
+                log.warning("worker for queue %d (pid %s) not ready after %.0f s: killing it",
+                            slot.queue, slot.pid, READY_TIMEOUT)
+                slot.last_error = f"not ready after {READY_TIMEOUT:.0f} s"
+                slot.proc.kill()
+
+    def _next_timeout(self) -> float:
+        now = time.monotonic()
+        timeout = 1.0
+        for slot in self.slots:
+            if slot.state == "down" and slot.restart_at is not None:
+                timeout = min(timeout, max(0.0, slot.restart_at - now))
+        return timeout
+
+    def _wait_once(self) -> None:
+        """Wait for and handle one round of events: messages, deaths, clients, signals."""
+        objs: dict[Any, tuple[str, Slot | None]] = {
+            self._wake_r: ("wake", None), self.control.sock: ("control", None),
+        }
+        for slot in self.slots:
+            if slot.conn is not None:
+                objs[slot.conn] = ("conn", slot)
+            if slot.proc is not None:
+                objs[slot.proc.sentinel] = ("dead", slot)
+        ready = wait([o for o in objs if o is not None], timeout=self._next_timeout())
+        dead: list[Slot] = []
+        for obj in ready:
+            what, owner = objs[obj]
+            if what == "wake":
+                with contextlib.suppress(BlockingIOError):
+                    self._wake_r.recv(256)
+            elif what == "control":
+                self.control.serve_one(self.handle_request)
+            elif what == "conn" and owner is not None:
+                self._read(owner)
+            elif what == "dead" and owner is not None:
+                dead.append(owner)
+        for slot in dead:
+            self._reap(slot)
+        self._tick()
+
+    def _wait_ready(self) -> bool:
+        """Until every worker is ready (True), or a stop signal (False). Raises Fatal."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while self.stop_signal is None:
+            if all(s.state == "ready" for s in self.slots):
+                return True
+            if time.monotonic() > deadline:
+                late = [str(s.queue) for s in self.slots if s.state != "ready"]
+                raise Fatal(f"worker(s) for queue(s) {', '.join(late)} not ready after "
+                            f"{READY_TIMEOUT:.0f} s; stopping")
+            self._wait_once()
+        return False
+
+    def _loop(self) -> None:
+        while self.stop_signal is None:
+            self._wait_once()
+
+    def _stop_workers(self) -> None:
+        live = [s for s in self.slots if s.proc is not None]
+        for slot in live:
+            if slot.conn is not None:
+                with contextlib.suppress(OSError):
+                    slot.conn.send(("stop",))
+        deadline = time.monotonic() + STOP_GRACE
+        for slot in live:
+            assert slot.proc is not None
+            slot.proc.join(max(0.0, deadline - time.monotonic()))
+            if slot.proc.exitcode is None:
+                log.warning("worker for queue %d (pid %s) did not stop; sending SIGTERM",
+                            slot.queue, slot.pid)
+                slot.proc.terminate()
+                slot.proc.join(2.0)
+            if slot.proc.exitcode is None:
+                slot.proc.kill()
+                slot.proc.join(2.0)
+            if slot.conn is not None:
+                slot.conn.close()
+            slot.proc = slot.conn = None
+            slot.state = "stopped"
+
+    # -- rules ----------------------------------------------------------------------------
+    def _install_rules(self) -> None:
+        from . import iptables
+
+        try:
+            if iptables.is_installed(self.cfg):
+                # Our workers hold every queue, so no other daemon serves them: these rules
+                # were left by a run that did not stop cleanly. install() replaces them in
+                # the same transaction that installs ours.
+                log.warning("rules left by an earlier run found; replacing them")
+            iptables.install(self.cfg)
+        except iptables.RulesError as err:
+            with contextlib.suppress(Exception):
+                iptables.remove(self.cfg)
+            raise Fatal(f"cannot install the iptables rules: {err}") from None
+        self.rules_installed = True
+
+    def _remove_rules(self) -> bool:
+        from . import iptables
+
+        try:
+            iptables.remove(self.cfg)
+        except iptables.RulesError as err:
+            log.error("cannot remove the iptables rules: %s (they still send traffic to the "
+                      "queues, which now drop it; remove them with `nfq-ipsec rules remove`)", err)
+            return False
+        self.rules_installed = False
+        log.info("rules removed")
+        return True
+
+    # -- status ---------------------------------------------------------------------------
+    def handle_request(self, req: dict[str, Any]) -> dict[str, Any]:
+        if req.get("command") == "status":
+            return self.status()
+        return {"error": f"unknown command {req.get('command')!r} (known: status)"}
+
+    def _collect_stats(self) -> None:
+        asked = []
+        for slot in self.slots:
+            slot.stats = None
+            if slot.state == "ready" and slot.conn is not None:
+                try:
+                    slot.conn.send(("stats",))
+                    asked.append(slot)
+                except OSError:
+                    pass
+        deadline = time.monotonic() + STATS_TIMEOUT
+        for slot in asked:
+            while slot.stats is None and slot.conn is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    if not slot.conn.poll(left):
+                        break
+                    self._on_message(slot, slot.conn.recv())
+                except (EOFError, OSError):
+                    break
+
+    def status(self) -> dict[str, Any]:
+        self._collect_stats()
+        now = time.monotonic()
+        kernel = kernel_queue_stats()
+        workers: list[dict[str, Any]] = []
+        sas: list[dict[str, Any]] = []
+        for slot in self.slots:
+            st = slot.stats
+            k = kernel.get(slot.queue)
+            running = slot.state in ("starting", "ready")
+            workers.append({
+                "queue": slot.queue,
+                "cpu": slot.qc.cpu,
+                "pid": slot.pid if running else None,
+                "uptime": round(now - slot.started_at, 3) if running else None,
+                "restarts": slot.restarts,
+                "state": slot.state if st is not None or slot.state != "ready" else "unresponsive",
+                "packets_in": st["packets_in"] if st else None,
+                "packets_out": st["packets_out"] if st else None,
+                "drops": st["drops"] if st else None,
+                "kernel_queue_dropped": k.queue_dropped if k else None,
+                "user_dropped": k.user_dropped if k else None,
+                "last_error": slot.last_error,
+            })
+            by_name = {s["name"]: s for s in st["sas"]} if st else {}
+            for params in slot.spec.sas:
+                s = by_name.get(params.name)
+                drops: dict[str, int] = s["drops"] if s else {}
+                sas.append({
+                    "name": params.name,
+                    "spi": f"0x{params.spi:08x}",
+                    "direction": params.direction.value,
+                    "queue": slot.queue,
+                    "packets": s["packets"] if s else None,
+                    "bytes": s["bytes"] if s else None,
+                    "replay_drops": drops.get("replay", 0) if s else None,
+                    "integrity_drops": drops.get("integrity", 0) if s else None,
+                    "other_drops": (sum(v for k2, v in drops.items() if k2 not in ("replay", "integrity"))
+                                    if s else None),
+                    "seq": s["seq"] if s else None,
+                    "lifetime_left": s["lifetime_left"] if s else None,
+                })
+        sas.sort(key=lambda s: (s["queue"], s["direction"] != SADirection.OUT.value, s["name"]))
+        return {
+            "daemon": {
+                "pid": os.getpid(),
+                "uptime": round(now - self.started, 3),
+                "config": self.config_path,
+                "state": self.state,
+                "rules_installed": self.rules_installed,
+                "version": __version__,
+            },
+            "workers": workers,
+            "sas": sas,
+        }
+
+
+def cli_run(args: argparse.Namespace) -> int:
+    """``nfq-ipsec run --config X``. Exit codes: 0 clean stop, 1 failure, 2 invalid config."""
+    from . import logsetup
+    from .cli import EXIT_CONFIG
+
+    path = str(args.config)
+    try:
+        cfg = load_config(path)
+    except ConfigError as err:
+        print(f"nfq-ipsec: invalid configuration {path}:", file=sys.stderr)
+        for problem in err.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    logsetup.setup("supervisor", cfg.daemon.log_level)
+    for warning in cfg.warnings:
+        log.warning("configuration: %s", warning)
+    return Supervisor(cfg, os.path.abspath(path)).run()

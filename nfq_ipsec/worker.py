@@ -1,0 +1,301 @@
+"""A worker: one process per NFQUEUE queue, pinned to one CPU, holding only its own SAs.
+
+The supervisor starts it with the ``spawn`` multiprocessing context (a fresh interpreter, not a
+fork of the supervisor), so the only key material in a worker is what its :class:`WorkerSpec`
+carries: the SAs of its own queue. The worker pins itself, builds its :class:`Processor`, binds
+its queue, says ``("ready", pid, queue)`` on its pipe and then serves packets and the pipe.
+
+Pipe protocol (pickled tuples over a ``multiprocessing.Pipe``):
+
+- supervisor -> worker: ``("stats",)``, ``("stop",)``
+- worker -> supervisor: ``("ready", pid, queue)``, ``("error", text)`` (then it exits 1),
+  ``("stats", snapshot_dict)``
+
+Fail closed: an exception while handling a packet drops that packet and counts reason INTERNAL;
+a packet the kernel delivered incomplete is dropped as TRUNCATED; a worker that dies leaves its
+queue without a listener, and the kernel then drops that queue's packets.
+
+Test-only fault injection: if the environment variable ``NFQ_IPSEC_TEST_FAULT`` is set to
+``raise-every-packet``, handling every packet raises (to prove the fail-closed path end to
+end). It is read once at start and exists for the test suite only; never set it in production.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from .core import SPD, DropReason, Policy, Processor, SAParams, Verdict
+from .core.packet import PROTO_ESP
+from .nfqueue import (
+    DEFAULT_MAX_LEN,
+    HOOK_LOCAL_OUT,
+    HOOK_POST_ROUTING,
+    MAX_VERDICT_PAYLOAD,
+    NetlinkQueue,
+    QueueBinding,
+    QueuedPacket,
+    kernel_queue_stats,
+)
+
+FAULT_ENV = "NFQ_IPSEC_TEST_FAULT"  # test-only, see the module docstring
+BATCH = 64  # packets read per receive call
+BATCHES_PER_WAKEUP = 16  # then look at the pipe again, so stats and stop stay responsive
+EVENT_INTERVAL = 0.25  # seconds between checks for SA events (expiry) to report
+ERROR_LOG_INTERVAL = 10.0  # at most one log line per this many seconds about internal errors
+
+log = logging.getLogger("nfq_ipsec.worker")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker gets from the supervisor. ``sas`` are this queue's SAs only."""
+
+    queue: int
+    cpu: int | None
+    mark: int
+    policies: tuple[Policy, ...]
+    sas: tuple[SAParams, ...]
+    log_level: str = "info"
+    max_len: int = DEFAULT_MAX_LEN
+
+    def spd(self) -> SPD:
+        return SPD(list(self.policies))
+
+
+class PacketHandler:
+    """The per-packet part of a worker, free of processes and pipes (tests drive it directly
+    with a fake queue).
+
+    Direction: a packet queued at OUTPUT (hook 3) is outbound; one queued at PREROUTING (hook 0)
+    is inbound if it is ESP (IP protocol 50) and forwarded-outbound (gateway) otherwise.
+    """
+
+    def __init__(
+        self, processor: Processor, queue: QueueBinding, mark: int,
+        clock: Callable[[], float] = time.monotonic, fault: str | None = None,
+    ) -> None:
+        self.processor = processor
+        self.queue = queue
+        self.mark = mark
+        self.clock = clock
+        self.fault = fault
+        self.packets_in = 0
+        self.packets_out = 0
+        self.internal_errors = 0
+        self._errors_unlogged = 0
+        self._next_error_log = 0.0
+
+    def handle_batch(self, packets: list[QueuedPacket]) -> None:
+        """Give every packet a verdict and send the verdicts."""
+        now = self.clock()
+        proc = self.processor
+        queue = self.queue
+        verdict = queue.verdict
+        mark = self.mark
+        for pkt in packets:
+            self.packets_in += 1
+            try:
+                if self.fault == "raise-every-packet":
+                    raise RuntimeError("test fault injection (NFQ_IPSEC_TEST_FAULT)")
+                data = pkt.payload
+                n = len(data)
+                if n < pkt.length or (
+                    n >= 4 and data[0] >> 4 == 4 and n < ((data[2] << 8) | data[3])
+                ):
+                    proc.count_drop(DropReason.TRUNCATED)
+                    verdict(pkt.packet_id, False)
+                    continue
+                hook = pkt.hook
+                if hook in (HOOK_LOCAL_OUT, HOOK_POST_ROUTING):
+                    res = proc.outbound(data, now)
+                elif n > 9 and data[9] == PROTO_ESP:
+                    res = proc.inbound(data, now)
+                else:
+                    res = proc.outbound(data, now)
+                if res.verdict is Verdict.ACCEPT:
+                    out = res.packet
+                    if out is not None and len(out) > MAX_VERDICT_PAYLOAD:
+                        proc.count_drop(DropReason.TOO_BIG)
+                        verdict(pkt.packet_id, False)
+                        continue
+                    verdict(pkt.packet_id, True, pkt.mark | mark, out)
+                    self.packets_out += 1
+                else:
+                    verdict(pkt.packet_id, False)
+            except Exception:  # fail closed: whatever went wrong, this packet is dropped
+                self._internal_error(pkt)
+        queue.flush()
+
+    def _internal_error(self, pkt: QueuedPacket) -> None:
+        self.internal_errors += 1
+        self.processor.count_drop(DropReason.INTERNAL)
+        # If even the drop verdict fails, the kernel drops the packet when the queue goes away.
+        with contextlib.suppress(Exception):
+            self.queue.verdict(pkt.packet_id, False)
+        now = self.clock()
+        if now >= self._next_error_log:
+            more = f" ({self._errors_unlogged} more since the last report)" if self._errors_unlogged else ""
+            log.error("internal error handling a packet, dropped it%s", more, exc_info=True)
+            self._errors_unlogged = 0
+            self._next_error_log = now + ERROR_LOG_INTERVAL
+        else:
+            self._errors_unlogged += 1
+
+    def report_events(self) -> None:
+        """Log SA events (soft/hard expiry, sequence exhaustion) once each."""
+        for ev in self.processor.drain_events():
+            kind = ev.kind.value
+            level = logging.INFO if kind == "soft_expired" else logging.WARNING
+            log.log(level, "SA %s (spi 0x%08x): %s", ev.sa_name, ev.spi, kind.replace("_", " "))
+
+    def snapshot(self, queue_num: int, cpu: int | None, started: float) -> dict[str, Any]:
+        """Counters for the status command. Names, SPIs and numbers only, never keys."""
+        now = self.clock()
+        proc = self.processor
+        drops = {reason.value: count for reason, count in proc.drops.items() if count}
+        kstats = kernel_queue_stats().get(queue_num)
+        kernel: dict[str, int] | None = None
+        if kstats is not None:
+            kernel = {
+                "queue_total": kstats.queue_total,
+                "queue_dropped": kstats.queue_dropped,
+                "user_dropped": kstats.user_dropped,
+            }
+            lost = kstats.queue_dropped + kstats.user_dropped
+            if lost:
+                drops[DropReason.QUEUE_OVERFLOW.value] = drops.get(DropReason.QUEUE_OVERFLOW.value, 0) + lost
+        sas = []
+        for sa in proc.sad.all():
+            sas.append({
+                "name": sa.name,
+                "spi": sa.spi,
+                "direction": sa.params.direction.value,
+                "packets": sa.packets,
+                "bytes": sa.bytes,
+                "drops": {reason.value: count for reason, count in sa.drops.items() if count},
+                "seq": sa.next_seq - 1 if sa.outbound else sa.replay.top,
+                "lifetime_left": sa.lifetime_left(now),
+            })
+        return {
+            "queue": queue_num,
+            "cpu": cpu,
+            "pid": os.getpid(),
+            "started": started,
+            "packets_in": self.packets_in,
+            "packets_out": self.packets_out,
+            "drops": drops,
+            "overflow_reports": getattr(self.queue, "overflows", 0),
+            "kernel": kernel,
+            "sas": sas,
+        }
+
+
+def run(spec: WorkerSpec, conn: Connection, queue: QueueBinding | None = None) -> int:
+    """The worker's life: pin, build, bind, say ready, serve until stopped. Returns an exit code."""
+    from . import logsetup
+
+    logsetup.setup(f"q{spec.queue}", spec.log_level)
+    started = time.time()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: None)  # wakes the poll via the fd
+    # So that ps and top show which queue a process serves.
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w", encoding="ascii") as comm:
+        comm.write(f"nfq-ipsec-q{spec.queue}"[:15])
+    try:
+        if spec.cpu is not None:
+            os.sched_setaffinity(0, {spec.cpu})
+        processor = Processor(spec.spd(), spec.sas, time.monotonic())
+        if queue is None:
+            queue = NetlinkQueue(max_len=spec.max_len)
+        queue.bind(spec.queue)
+    except Exception as err:
+        text = f"queue {spec.queue}: {err}"
+        log.error("cannot start: %s", text)
+        with contextlib.suppress(OSError):
+            conn.send(("error", text))
+        return 1
+    fault = os.environ.get(FAULT_ENV) or None
+    if fault is not None:
+        log.warning("test fault injection active: %s=%s", FAULT_ENV, fault)
+    handler = PacketHandler(processor, queue, spec.mark, fault=fault)
+    conn.send(("ready", os.getpid(), spec.queue))
+    pinned = f"cpu {spec.cpu}" if spec.cpu is not None else "not pinned"
+    log.debug("ready: queue %d, %s, %d SA(s), pid %d", spec.queue, pinned, len(spec.sas), os.getpid())
+    try:
+        return _serve(spec, conn, queue, handler, wake_r, started)
+    finally:
+        queue.close()
+
+
+def _serve(
+    spec: WorkerSpec, conn: Connection, queue: QueueBinding, handler: PacketHandler,
+    wake: socket.socket, started: float,
+) -> int:
+    qfd = queue.fileno()
+    cfd = conn.fileno()
+    wfd = wake.fileno()
+    poller = select.poll()
+    poller.register(qfd, select.POLLIN)
+    poller.register(cfd, select.POLLIN)
+    poller.register(wfd, select.POLLIN)
+    receive = queue.receive
+    handle = handler.handle_batch
+    next_events = 0.0
+    while True:
+        for fd, _ev in poller.poll(EVENT_INTERVAL * 1000):
+            if fd == qfd:
+                for _ in range(BATCHES_PER_WAKEUP):
+                    packets = receive(BATCH)
+                    if not packets:
+                        break
+                    handle(packets)
+                    if len(packets) < BATCH:
+                        break
+            elif fd == cfd:
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    log.warning("supervisor gone (control pipe closed): stopping")
+                    return 0
+                if msg[0] == "stats":
+                    conn.send(("stats", handler.snapshot(spec.queue, spec.cpu, started)))
+                elif msg[0] == "stop":
+                    log.debug("stopping on request")
+                    return 0
+            elif fd == wfd:
+                try:
+                    signals = wake.recv(64)
+                except BlockingIOError:
+                    signals = b""
+                if signal.SIGTERM in signals:
+                    log.info("stopping on SIGTERM")
+                    return 0
+        now = time.monotonic()
+        if now >= next_events:
+            handler.report_events()
+            next_events = now + EVENT_INTERVAL
+
+
+def worker_main(spec: WorkerSpec, conn: Connection) -> None:
+    """The ``multiprocessing`` target (module-level, so ``spawn`` can import it)."""
+    code = 1
+    try:
+        code = run(spec, conn)
+    finally:
+        conn.close()
+    sys.exit(code)

@@ -1,0 +1,446 @@
+"""The worker's packet handling, the queue binding's message encoding and the control socket,
+all without root: a fake queue stands in for the kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nfq_ipsec import control, nfqueue
+from nfq_ipsec.config import load_config
+from nfq_ipsec.core import DropReason, Processor, Result, Verdict
+from nfq_ipsec.nfqueue import HOOK_LOCAL_OUT, HOOK_PRE_ROUTING, NetlinkQueue, QueuedPacket
+from nfq_ipsec.worker import PacketHandler
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "nfq_ipsec" / "examples"
+A, B = "192.168.56.10", "192.168.56.11"
+MARK = 0x10000000
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def ipv4(src: str, dst: str, proto: int, payload: bytes, ident: int = 1) -> bytes:
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), ident, 0x4000, 64, proto, 0,
+                      socket.inet_aton(src), socket.inet_aton(dst))
+    hdr = hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:]
+    return hdr + payload
+
+
+def udp(src: str, dst: str, sport: int, dport: int, data: bytes) -> bytes:
+    return ipv4(src, dst, 17, struct.pack("!HHHH", sport, dport, 8 + len(data), 0) + data)
+
+
+def tcp_syn(src: str, dst: str, sport: int, dport: int) -> bytes:
+    return ipv4(src, dst, 6, struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 0x50, 0x02, 65535, 0, 0))
+
+
+class FakeQueue:
+    """Records verdicts like the kernel would receive them."""
+
+    def __init__(self) -> None:
+        self.verdicts: list[tuple[int, bool, int | None, bytes | None]] = []
+        self.flushes = 0
+        self.overflows = 0
+
+    def bind(self, queue_num: int) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return -1
+
+    def receive(self, limit: int) -> list[QueuedPacket]:
+        return []
+
+    def verdict(
+        self, packet_id: int, accept: bool, mark: int | None = None, payload: bytes | None = None
+    ) -> None:
+        self.verdicts.append((packet_id, accept, mark, payload))
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def close(self) -> None:
+        pass
+
+
+def processor(host: str, queue: int = 100) -> Processor:
+    cfg = load_config(EXAMPLES / f"host-{host}.toml", online_cpus=[0, 1])
+    return Processor(cfg.spd, cfg.sas_for_queue(queue), 0.0)
+
+
+def handler(proc: Any, fault: str | None = None) -> tuple[PacketHandler, FakeQueue]:
+    q = FakeQueue()
+    return PacketHandler(proc, q, MARK, clock=lambda: 1.0, fault=fault), q
+
+
+def pkt(data: bytes, hook: int = HOOK_LOCAL_OUT, pid: int = 1, mark: int = 0,
+        length: int | None = None) -> QueuedPacket:
+    return QueuedPacket(pid, hook, data, len(data) if length is None else length, mark)
+
+
+# -- packet handling -------------------------------------------------------------------------
+def test_outbound_protected_is_rewritten_marked_and_accepted() -> None:
+    proc = processor("a")
+    h, q = handler(proc)
+    plain = udp(A, B, 4000, 5000, b"hello")
+    h.handle_batch([pkt(plain, mark=0x5)])
+    [(pid, accept, mark, payload)] = q.verdicts
+    assert (pid, accept, mark) == (1, True, MARK | 0x5)  # existing mark bits are kept
+    assert payload is not None and payload[9] == 50 and plain[20:] not in payload
+    assert q.flushes == 1
+    assert (h.packets_in, h.packets_out) == (1, 1)
+
+
+def test_bypass_is_accepted_unchanged_with_mark() -> None:
+    h, q = handler(processor("a"))
+    h.handle_batch([pkt(tcp_syn(A, B, 22, 40000))])  # the ssh-in-clear bypass policy
+    assert q.verdicts == [(1, True, MARK, None)]
+
+
+def test_no_policy_is_dropped_and_counted() -> None:
+    proc = processor("a")
+    h, q = handler(proc)
+    h.handle_batch([pkt(udp("10.0.0.1", "10.0.0.2", 1, 2, b"x"))])
+    assert q.verdicts == [(1, False, None, None)]
+    assert proc.drops[DropReason.NO_POLICY] == 1
+    assert (h.packets_in, h.packets_out) == (1, 0)
+
+
+def test_inbound_esp_at_prerouting_is_decrypted() -> None:
+    sender_h, sender_q = handler(processor("b"))
+    plain = udp(B, A, 5000, 4000, b"to host a")
+    sender_h.handle_batch([pkt(plain)])
+    esp = sender_q.verdicts[0][3]
+    assert esp is not None
+    proc = processor("a")
+    h, q = handler(proc)
+    h.handle_batch([pkt(esp, hook=HOOK_PRE_ROUTING, pid=7)])
+    assert q.verdicts == [(7, True, MARK, plain)]
+    # the same packet again is a replay: dropped and counted on the SA
+    h.handle_batch([pkt(esp, hook=HOOK_PRE_ROUTING, pid=8)])
+    assert q.verdicts[1] == (8, False, None, None)
+    assert proc.drops[DropReason.REPLAY] == 1
+
+
+class Spy:
+    """A processor double that records which direction it was asked for."""
+
+    def __init__(self, raise_on: int | None = None) -> None:
+        self.calls: list[str] = []
+        self.drops: dict[DropReason, int] = {}
+        self.raise_on = raise_on
+
+    def _call(self, name: str) -> Result:
+        self.calls.append(name)
+        if self.raise_on is not None and len(self.calls) == self.raise_on:
+            raise KeyError("boom")
+        return Result(Verdict.ACCEPT)
+
+    def outbound(self, data: bytes, now: float) -> Result:
+        return self._call("out")
+
+    def inbound(self, data: bytes, now: float) -> Result:
+        return self._call("in")
+
+    def count_drop(self, reason: DropReason) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+
+@pytest.mark.parametrize(("hook", "proto", "direction"), [
+    (HOOK_LOCAL_OUT, 17, "out"),  # local outbound
+    (HOOK_LOCAL_OUT, 50, "out"),  # ESP made locally is still outbound traffic at OUTPUT
+    (HOOK_PRE_ROUTING, 50, "in"),  # inbound ESP
+    (HOOK_PRE_ROUTING, 17, "out"),  # forwarded (gateway) outbound
+    (HOOK_PRE_ROUTING, 6, "out"),
+])
+def test_hook_and_protocol_decide_direction(hook: int, proto: int, direction: str) -> None:
+    spy = Spy()
+    h, q = handler(spy)
+    h.handle_batch([pkt(ipv4(A, B, proto, b"\0" * 16), hook=hook)])
+    assert spy.calls == [direction]
+    assert q.verdicts == [(1, True, MARK, None)]
+
+
+def test_exception_drops_with_internal_and_batch_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    spy = Spy(raise_on=2)
+    h, q = handler(spy)
+    data = udp(A, B, 1, 2, b"x")
+    h.handle_batch([pkt(data, pid=1), pkt(data, pid=2), pkt(data, pid=3)])
+    assert q.verdicts == [(1, True, MARK, None), (2, False, None, None), (3, True, MARK, None)]
+    assert spy.drops == {DropReason.INTERNAL: 1}
+    assert h.internal_errors == 1
+    assert "internal error" in caplog.text
+
+
+def test_fault_injection_drops_everything_as_internal() -> None:
+    proc = processor("a")
+    h, q = handler(proc, fault="raise-every-packet")
+    h.handle_batch([pkt(tcp_syn(A, B, 22, 40000), pid=i) for i in range(5)])
+    assert [v[1] for v in q.verdicts] == [False] * 5
+    assert proc.drops[DropReason.INTERNAL] == 5
+
+
+def test_internal_error_logging_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    h, _q = handler(processor("a"), fault="raise-every-packet")
+    h.handle_batch([pkt(b"\x45" * 40, pid=i) for i in range(50)])
+    assert caplog.text.count("internal error") == 1
+
+
+def test_payload_shorter_than_ip_total_length_is_truncated() -> None:
+    proc = processor("a")
+    h, q = handler(proc)
+    full = tcp_syn(A, B, 22, 40000)
+    h.handle_batch([pkt(full[:-4], pid=1), pkt(full, pid=2, length=len(full) + 100)])
+    assert q.verdicts == [(1, False, None, None), (2, False, None, None)]
+    assert proc.drops[DropReason.TRUNCATED] == 2
+
+
+def test_output_too_big_for_a_verdict_is_dropped() -> None:
+    class Big(Spy):
+        def _call(self, name: str) -> Result:
+            return Result(Verdict.ACCEPT, b"\0" * (nfqueue.MAX_VERDICT_PAYLOAD + 1))
+
+    spy = Big()
+    h, q = handler(spy)
+    h.handle_batch([pkt(udp(A, B, 1, 2, b"x"))])
+    assert q.verdicts == [(1, False, None, None)]
+    assert spy.drops == {DropReason.TOO_BIG: 1}
+
+
+def test_snapshot_has_counters_and_no_keys() -> None:
+    cfg = load_config(EXAMPLES / "host-a.toml", online_cpus=[0, 1])
+    proc = Processor(cfg.spd, cfg.sas_for_queue(100), 0.0)
+    h, _q = handler(proc)
+    h.handle_batch([pkt(udp(A, B, 1, 2, b"x" * 10), pid=i) for i in range(3)])
+    h.handle_batch([pkt(udp("10.0.0.1", "10.0.0.2", 1, 2, b"x"), pid=9)])
+    snap = h.snapshot(100, 0, 123.0)
+    assert (snap["queue"], snap["cpu"], snap["pid"], snap["started"]) == (100, 0, os.getpid(), 123.0)
+    assert (snap["packets_in"], snap["packets_out"]) == (4, 3)
+    assert snap["drops"] == {"no_policy": 1}
+    by_name = {s["name"]: s for s in snap["sas"]}
+    assert set(by_name) == {"a-to-b-0", "b-to-a-0"}  # this queue's SAs only
+    out = by_name["a-to-b-0"]
+    assert (out["spi"], out["direction"], out["packets"], out["seq"]) == (0x1000, "out", 3, 3)
+    assert by_name["b-to-a-0"]["seq"] == 0
+    text = json.dumps(snap)
+    for sa in cfg.sas:
+        assert sa.key.reveal().hex() not in text
+
+
+def test_sa_events_are_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    import dataclasses
+    import logging
+
+    from nfq_ipsec.core import Lifetime
+
+    cfg = load_config(EXAMPLES / "host-a.toml", online_cpus=[0, 1])
+    sas = [dataclasses.replace(sa, lifetime=Lifetime(soft_packets=2, hard_packets=4))
+           for sa in cfg.sas_for_queue(100)]
+    proc = Processor(cfg.spd, sas, 0.0)
+    h, q = handler(proc)
+    caplog.set_level(logging.INFO, logger="nfq_ipsec")
+    for i in range(6):
+        h.handle_batch([pkt(udp(A, B, 1, 2, b"x"), pid=i)])
+        h.report_events()
+    assert [v[1] for v in q.verdicts] == [True] * 4 + [False] * 2  # hard limit: dropped
+    assert proc.drops[DropReason.SA_EXPIRED] == 2
+    assert caplog.text.count("SA a-to-b-0 (spi 0x00001000): soft expired") == 1
+    assert caplog.text.count("SA a-to-b-0 (spi 0x00001000): hard expired") == 1
+
+
+# -- queue binding encoding (no socket) -------------------------------------------------------
+def _nlattr(atype: int, value: bytes) -> bytes:
+    raw = struct.pack("=HH", 4 + len(value), atype) + value
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def _packet_msg(
+    packet_id: int, hook: int, payload: bytes, mark: int = 0, cap_len: int | None = None
+) -> bytes:
+    body = struct.pack("!BBH", 2, 0, 100)
+    body += _nlattr(nfqueue.NFQA_PACKET_HDR, struct.pack("!IHB", packet_id, 0x0800, hook) + b"\0")
+    if mark:
+        body += _nlattr(nfqueue.NFQA_MARK, struct.pack("!I", mark))
+    body += _nlattr(nfqueue.NFQA_PAYLOAD, payload)
+    if cap_len is not None:
+        body += _nlattr(nfqueue.NFQA_CAP_LEN, struct.pack("!I", cap_len))
+    return struct.pack("=IHHII", 16 + len(body), nfqueue.NFQNL_MSG_PACKET, 0, 0, 0) + body
+
+
+def test_packet_message_parsing() -> None:
+    payload = bytes(range(256)) * 40 + b"abc"  # 10243 bytes, not a multiple of 4
+    msg = _packet_msg(0xDEADBEEF, 3, payload, mark=0x42, cap_len=20000)
+    view = memoryview(msg)
+    [(mtype, off, end)] = list(nfqueue._messages(view, len(msg)))
+    assert mtype == nfqueue.NFQNL_MSG_PACKET
+    p = nfqueue._parse_packet(view, off, end)
+    assert (p.packet_id, p.hook, p.mark, p.length) == (0xDEADBEEF, 3, 0x42, 20000)
+    assert p.payload == payload
+    p2 = nfqueue._parse_packet(*(lambda m: (memoryview(m), 16, len(m)))(_packet_msg(1, 0, b"xy")))
+    assert (p2.length, p2.payload, p2.mark) == (2, b"xy", 0)
+
+
+def _decode_verdicts(data: bytes) -> list[dict[str, Any]]:
+    out = []
+    view = memoryview(data)
+    for mtype, off, end in nfqueue._messages(view, len(data)):
+        assert mtype == nfqueue.NFQNL_MSG_VERDICT
+        _fam, _ver, res_id = struct.unpack_from("!BBH", data, off)
+        item: dict[str, Any] = {"queue": res_id}
+        pos = off + 4
+        while pos + 4 <= end:
+            alen, atype = struct.unpack_from("=HH", data, pos)
+            value = data[pos + 4:pos + alen]
+            if atype == nfqueue.NFQA_VERDICT_HDR:
+                item["verdict"], item["id"] = struct.unpack("!II", value)
+            elif atype == nfqueue.NFQA_MARK:
+                (item["mark"],) = struct.unpack("!I", value)
+            elif atype == nfqueue.NFQA_PAYLOAD:
+                item["payload"] = bytes(value)
+            pos += (alen + 3) & ~3
+        out.append(item)
+    return out
+
+
+def test_verdicts_are_encoded_and_sent_together() -> None:
+    q = NetlinkQueue()
+    q.queue_num = 300
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    q._sock = a
+    try:
+        q.verdict(1, True, MARK, b"12345")  # odd payload length: padding before the next message
+        q.verdict(2, False)
+        q.verdict(3, True, None, b"x" * 9000)
+        q.verdict(4, True, 0xFFFFFFFF)
+        q.flush()
+        data = b.recv(65536)
+        got = _decode_verdicts(data)
+    finally:
+        q._sock = None
+        a.close()
+        b.close()
+    assert got == [
+        {"queue": 300, "verdict": 1, "id": 1, "mark": MARK, "payload": b"12345"},
+        {"queue": 300, "verdict": 0, "id": 2},
+        {"queue": 300, "verdict": 1, "id": 3, "payload": b"x" * 9000},
+        {"queue": 300, "verdict": 1, "id": 4, "mark": 0xFFFFFFFF},
+    ]
+    with pytest.raises(ValueError, match="larger than a verdict"):
+        q.verdict(5, True, None, b"\0" * (nfqueue.MAX_VERDICT_PAYLOAD + 1))
+
+
+def test_kernel_queue_stats_parses_proc_format(tmp_path: Path) -> None:
+    f = tmp_path / "nfnetlink_queue"
+    f.write_text("  100  12345     3 2 65531    17     4      999  1\n"
+                 "  101  12346     0 2 65531     0     0        7  1\n")
+    stats = nfqueue.kernel_queue_stats(str(f))
+    assert stats[100] == nfqueue.KernelQueueStats(100, 12345, 3, 2, 65531, 17, 4, 999)
+    assert stats[101].queue_dropped == 0
+    assert nfqueue.kernel_queue_stats(str(tmp_path / "missing")) == {}
+
+
+# -- control socket ----------------------------------------------------------------------------
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[control.ControlServer]:
+    srv = control.ControlServer(str(tmp_path / "run" / "sub" / "ctl.sock"))
+    srv.open()
+    stop = threading.Event()
+
+    def serve() -> None:
+        import select
+
+        while not stop.is_set():
+            if select.select([srv.fileno()], [], [], 0.05)[0]:
+                srv.serve_one(lambda req: {"echo": req, "secret": None})
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield srv
+    stop.set()
+    t.join()
+    srv.close()
+
+
+def test_control_socket_roundtrip_and_modes(server: control.ControlServer, tmp_path: Path) -> None:
+    path = Path(server.path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.parent.parent.stat().st_mode) == 0o700
+    assert control.request(server.path, {"command": "status"}) == {
+        "echo": {"command": "status"}, "secret": None}
+    with pytest.raises(control.ControlError, match="another nfq-ipsec daemon is running"):
+        control.ControlServer(server.path).open()
+
+
+def test_control_socket_replaces_stale_socket_and_refuses_non_socket(tmp_path: Path) -> None:
+    stale = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(stale))
+    s.close()  # the path stays, nobody listens
+    srv = control.ControlServer(str(stale))
+    srv.open()
+    srv.close()
+    assert not stale.exists()
+    plain = tmp_path / "file"
+    plain.write_text("")
+    with pytest.raises(control.ControlError, match="not a socket"):
+        control.ControlServer(str(plain)).open()
+
+
+def test_status_not_running_exit_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from nfq_ipsec.cli import main
+
+    assert main(["status", "--socket", str(tmp_path / "nope.sock")]) == 3
+    assert "not running" in capsys.readouterr().err
+
+
+SAMPLE_STATUS: dict[str, Any] = {
+    "daemon": {"pid": 10, "uptime": 3725.0, "config": "/etc/x.toml", "state": "running",
+               "rules_installed": True},
+    "workers": [
+        {"queue": 100, "cpu": 0, "pid": 11, "uptime": 12.5, "restarts": 1, "state": "ready",
+         "packets_in": 10, "packets_out": 8, "drops": {"replay": 2}, "kernel_queue_dropped": 0,
+         "user_dropped": 0, "last_error": None},
+        {"queue": 101, "cpu": 1, "pid": None, "uptime": None, "restarts": 3, "state": "down",
+         "packets_in": None, "packets_out": None, "drops": None, "kernel_queue_dropped": None,
+         "user_dropped": None, "last_error": "queue 101: bind failed"},
+    ],
+    "sas": [
+        {"name": "a-to-b-0", "spi": "0x00001000", "direction": "out", "queue": 100, "packets": 8,
+         "bytes": 800, "replay_drops": 0, "integrity_drops": 0, "other_drops": 0, "seq": 8,
+         "lifetime_left": {"packets": None, "bytes": None, "seconds": 3500.0}},
+        {"name": "a-to-b-1", "spi": "0x00001001", "direction": "out", "queue": 101, "packets": None,
+         "bytes": None, "replay_drops": None, "integrity_drops": None, "other_drops": None,
+         "seq": None, "lifetime_left": None},
+    ],
+}
+
+
+def test_render_status_text() -> None:
+    text = control.render_status(SAMPLE_STATUS)
+    assert "nfq-ipsec running: pid 10, up 1h02m, rules installed" in text
+    lines = text.splitlines()
+    assert any(line.split()[:4] == ["100", "0", "11", "ready"] for line in lines)
+    assert any(line.split()[:4] == ["101", "1", "-", "down"] for line in lines)
+    assert "q100 drops: replay=2" in text
+    assert "q101 last error: queue 101: bind failed" in text
+    assert any(line.startswith("a-to-b-0") and "0x00001000" in line and "58m20s" in line for line in lines)
+    assert any(line.startswith("a-to-b-1") and line.rstrip().endswith("-") for line in lines)
