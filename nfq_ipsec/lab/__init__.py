@@ -1,0 +1,37 @@
+"""The lab: IPsec peers built from network namespaces, running the real daemon.
+
+Modules, each usable on its own (a two-VM lab reuses labconfig, daemon, traffic and checks):
+
+- ``netns``: hosts (namespaces, veth pairs, addresses, routes, sysctls) and the processes the
+  lab starts, all removed on every exit path;
+- ``topology``: host-to-host (transport mode) and gateway-to-gateway (tunnel mode), with the
+  kernel settings each node needs and why;
+- ``labconfig``: both peers' TOML configurations and fresh random key files (mode 0600);
+- ``daemon``: ``nfq-ipsec run`` / ``status --json`` / SIGTERM, and the iptables snapshot;
+- ``traffic``: ping, iperf3, a file transfer with SHA-256, UDP probes, the wire capture, the
+  cleartext check and tshark's ICV check;
+- ``checks``: the whole traffic-and-capture check of a running pair, in one call;
+- ``session``: all of the above as one context manager; ``demo``: the README demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def cli_lab(args: argparse.Namespace) -> int:
+    """``nfq-ipsec lab demo [--topology host|gateway] [--encryption ALG] [--queues N] [--keep]``."""
+    from .demo import EXIT_USAGE, run_demo
+    from .labconfig import parse_encryption
+
+    if args.action != "demo":  # pragma: no cover - argparse enforces the choices
+        raise AssertionError(args.action)
+    try:
+        parse_encryption(args.encryption)
+    except ValueError as err:
+        print(f"nfq-ipsec lab: {err}")
+        return EXIT_USAGE
+    if not 1 <= args.queues <= 16:
+        print("nfq-ipsec lab: --queues must be 1..16")
+        return EXIT_USAGE
+    return run_demo(args.topology, args.encryption, args.queues, args.keep)

@@ -1,0 +1,251 @@
+"""Configuration for the two IPsec peers of a lab: both TOML files and fresh random keys.
+
+Nothing here knows about namespaces: give it the two peers (:class:`PeerSpec`: name,
+unprotected interface, role, address on the wire, protected prefix) and it writes, into a
+private directory (mode 0700):
+
+    <dir>/<peer>/nfq-ipsec.toml     the peer's configuration
+    <dir>/<peer>/keys/<sa>.key      one key file per SA (hex, mode 0600), fresh from os.urandom
+    <dir>/<peer>/state/             the daemon's state_dir; control socket <dir>/<peer>/ctl.sock
+
+Both peers get the same SAs with directions swapped: one SA per queue and direction (RFC
+9611), SPIs 0x1000+i (peer a to peer b) and 0x2000+i (b to a), SA i owned by queue i. The SPD
+of each peer, first match wins, default discard (RFC 4301):
+
+    1. bypass   TCP to/from port ``bypass_port`` on peer b's side   (cleartext on purpose)
+    2. discard  UDP to/from port ``discard_port`` on peer b's side  (never passes)
+    3. protect  everything between the two protected prefixes       (transport or tunnel)
+
+Hosts protect their own address (/32, transport mode); gateways protect their LAN prefix
+(tunnel mode between their wire addresses). The returned :class:`LabConfig` keeps the SAs with
+their keys (:class:`LabSA`, keys hidden from repr) so a capture can be checked with tshark.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+from ..core.suites import ENCRYPTION, HMACS
+
+DEFAULT_INTEGRITY = "hmac-sha256-128"  # for aes-cbc-* (RFC 8221 pairs it with HMAC-SHA2)
+QUEUE_BASE = 100
+SPI_BASE = {("a", "b"): 0x1000, ("b", "a"): 0x2000}
+BYPASS_PORT = 2222
+DISCARD_PORT = 9999
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    """One IPsec peer as the configuration sees it."""
+
+    name: str  # "a" or "b"
+    interface: str  # its unprotected (IPsec-facing) interface
+    address: IPv4Address  # its address on the wire: the tunnel endpoint, or the host itself
+    protected: IPv4Network  # what it protects: its own /32 (host) or its LAN (gateway)
+    role: str = "host"  # "host" or "gateway"
+
+
+@dataclass(frozen=True)
+class LabSA:
+    """One SA as both peers and the capture check see it. Keys never show in repr."""
+
+    name: str
+    spi: int
+    sender: str  # peer name that sends with it ("a" or "b")
+    receiver: str
+    src: IPv4Address  # outer source on the wire
+    dst: IPv4Address
+    encryption: str
+    integrity: str | None
+    key: bytes = field(repr=False)
+    integrity_key: bytes = field(repr=False, default=b"")
+    queue: int = QUEUE_BASE
+    mode: str = "transport"
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    spec: PeerSpec
+    path: Path  # the TOML file
+    control_socket: Path
+    state_dir: Path
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    directory: Path
+    peers: dict[str, PeerConfig]
+    sas: tuple[LabSA, ...]
+    encryption: str
+    integrity: str | None
+    mode: str
+    queues: tuple[int, ...]
+    bypass_port: int = BYPASS_PORT
+    discard_port: int = DISCARD_PORT
+
+    def peer(self, name: str) -> PeerConfig:
+        return self.peers[name]
+
+
+def parse_encryption(text: str) -> tuple[str, str | None]:
+    """``aes-gcm-128`` -> (aes-gcm-128, None); ``aes-cbc-128`` -> (aes-cbc-128, hmac-sha256-128);
+    ``aes-cbc-256+hmac-sha512-256`` -> as written. Raises ValueError for what we can't run."""
+    enc, _, integrity = text.partition("+")
+    alg = ENCRYPTION.get(enc)
+    if alg is None or enc == "null":
+        names = ", ".join(n for n in ENCRYPTION if n != "null")
+        raise ValueError(f"unknown encryption {enc!r} for the lab (known: {names})")
+    if alg.aead:
+        if integrity:
+            raise ValueError(f"{enc} is an AEAD and takes no separate integrity algorithm")
+        return enc, None
+    integrity = integrity or DEFAULT_INTEGRITY
+    if integrity not in HMACS:
+        raise ValueError(f"unknown integrity {integrity!r} (known: {', '.join(HMACS)})")
+    return enc, integrity
+
+
+def make_sas(
+    a: PeerSpec, b: PeerSpec, encryption: str, integrity: str | None, queues: Sequence[int],
+    mode: str,
+) -> tuple[LabSA, ...]:
+    """Fresh SAs: per queue one a->b and one b->a, each with its own random key(s)."""
+    alg = ENCRYPTION[encryption]
+    sas = []
+    for sender, receiver in ((a, b), (b, a)):
+        base = SPI_BASE[(sender.name, receiver.name)]
+        for i, queue in enumerate(queues):
+            sas.append(LabSA(
+                name=f"{sender.name}-to-{receiver.name}-{i}", spi=base + i, sender=sender.name,
+                receiver=receiver.name, src=sender.address, dst=receiver.address,
+                encryption=encryption, integrity=integrity, key=secrets.token_bytes(alg.keymat_size),
+                integrity_key=secrets.token_bytes(HMACS[integrity].key_size) if integrity else b"",
+                queue=queue, mode=mode,
+            ))
+    return tuple(sas)
+
+
+def generate(
+    directory: Path, a: PeerSpec, b: PeerSpec, encryption: str = "aes-gcm-128", queues: int = 2,
+    mode: str | None = None, bypass_port: int = BYPASS_PORT, discard_port: int = DISCARD_PORT,
+) -> LabConfig:
+    """Write both peers' configs and key files under ``directory`` (created, mode 0700)."""
+    if {a.name, b.name} != {"a", "b"}:
+        raise ValueError("the two peers are named 'a' and 'b'")
+    if a.name != "a":
+        a, b = b, a
+    if queues < 1:
+        raise ValueError("a lab needs at least one queue")
+    enc, integrity = parse_encryption(encryption)
+    if mode is None:
+        mode = "tunnel" if "gateway" in (a.role, b.role) else "transport"
+    if mode not in ("transport", "tunnel"):
+        raise ValueError(f"mode must be transport or tunnel, not {mode!r}")
+    if mode == "transport" and (a.protected.prefixlen != 32 or b.protected.prefixlen != 32):
+        raise ValueError("transport mode protects the peers' own addresses (/32) only")
+    qnums = tuple(QUEUE_BASE + i for i in range(queues))
+    sas = make_sas(a, b, enc, integrity, qnums, mode)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    peers = {}
+    for me, other in ((a, b), (b, a)):
+        pdir = directory / me.name
+        (pdir / "keys").mkdir(mode=0o700, parents=True, exist_ok=True)
+        state = pdir / "state"
+        state.mkdir(mode=0o700, exist_ok=True)
+        sock = pdir / "ctl.sock"
+        for sa in sas:
+            _write_key(pdir / "keys" / f"{sa.name}.key", sa.key)
+            if sa.integrity:
+                _write_key(pdir / "keys" / f"{sa.name}.auth.key", sa.integrity_key)
+        text = render(me, other, sas, qnums, sock, state, mode, bypass_port, discard_port)
+        path = pdir / "nfq-ipsec.toml"
+        path.write_text(text)
+        os.chmod(path, 0o600)
+        peers[me.name] = PeerConfig(me, path, sock, state)
+    return LabConfig(directory, peers, sas, enc, integrity, mode, qnums, bypass_port, discard_port)
+
+
+def _write_key(path: Path, key: bytes) -> None:
+    """A key file created with mode 0600 from the start (never readable by others)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, key.hex().encode() + b"\n")
+    finally:
+        os.close(fd)
+
+
+def render(
+    me: PeerSpec, other: PeerSpec, sas: Sequence[LabSA], queues: Sequence[int], socket: Path,
+    state_dir: Path, mode: str, bypass_port: int = BYPASS_PORT, discard_port: int = DISCARD_PORT,
+) -> str:
+    """One peer's TOML. Keys are referenced by file (keys/<sa>.key), never inline."""
+    # Ports live on peer b's side: seen from a they are remote ports, from b local ones.
+    side = "remote_ports" if me.name == "a" else "local_ports"
+    mine = [sa for sa in sas if me.name in (sa.sender, sa.receiver)]
+    out_names = [sa.name for sa in mine if sa.sender == me.name]
+    in_names = [sa.name for sa in mine if sa.receiver == me.name]
+    lines = [
+        f"# nfq-ipsec lab: peer {me.name} ({me.role}), {mode} mode with peer {other.name}.",
+        "# Generated with fresh random keys for this run only; see nfq_ipsec/lab/labconfig.py.",
+        "",
+        "[node]",
+        f'interface = "{me.interface}"',
+        f'role = "{me.role}"',
+        'default = "discard"',
+        "",
+        "[daemon]",
+        f"queues = [{', '.join(str(q) for q in queues)}]",
+        f'control_socket = "{socket}"',
+        f'state_dir = "{state_dir}"',
+        "",
+        "[[policy]]",
+        'name = "bypass-tcp"',
+        'action = "bypass"',
+        f'local = "{me.protected}"',
+        f'remote = "{other.protected}"',
+        'protocol = "tcp"',
+        f"{side} = {bypass_port}",
+        "",
+        "[[policy]]",
+        'name = "discard-udp"',
+        'action = "discard"',
+        f'local = "{me.protected}"',
+        f'remote = "{other.protected}"',
+        'protocol = "udp"',
+        f"{side} = {discard_port}",
+        "",
+        "[[policy]]",
+        f'name = "{me.name}-{other.name}"',
+        'action = "protect"',
+        f'local = "{me.protected}"',
+        f'remote = "{other.protected}"',
+        f"sa = [{', '.join(_q(n) for n in out_names + in_names)}]",
+    ]
+    for sa in mine:
+        outbound = sa.sender == me.name
+        lines += [
+            "",
+            "[[sa]]",
+            f'name = "{sa.name}"',
+            f'direction = "{"out" if outbound else "in"}"',
+            f"spi = 0x{sa.spi:08x}",
+            f"queue = {sa.queue}",
+            f'mode = "{mode}"',
+        ]
+        if mode == "tunnel":
+            lines += [f'tunnel_local = "{me.address}"', f'tunnel_remote = "{other.address}"']
+        lines += [f'encryption = "{sa.encryption}"', f'key_file = "keys/{sa.name}.key"']
+        if sa.integrity:
+            lines += [f'integrity = "{sa.integrity}"', f'integrity_key_file = "keys/{sa.name}.auth.key"']
+    return "\n".join(lines) + "\n"
+
+
+def _q(name: str) -> str:
+    return f'"{name}"'

@@ -1,0 +1,598 @@
+"""Traffic, capture and the checks of a lab: what proves that a packet path works.
+
+Everything runs through :class:`~nfq_ipsec.lab.netns.Host` (``host.argv``) and a
+:class:`~nfq_ipsec.lab.netns.Lab` (which tracks and stops what it starts), so the same
+functions drive network namespaces here and two VMs in the Vagrant lab.
+
+Traffic: :func:`ping` (a small raw-socket ICMP echo in Python: no iputils needed),
+:func:`iperf3_tcp` / :func:`iperf3_udp`, :func:`send_file` (a file over one TCP connection,
+SHA-256 compared on arrival, by two small Python programs), :func:`udp_probe` (datagrams to a
+port; how many arrived).
+
+Checks: :class:`Capture` runs ``tcpdump -w`` on the wire; :func:`analyse_wire` reads the
+capture (no dependencies) and sorts every frame: ESP between the peers, bypassed flows, ARP,
+and anything else, which is cleartext that should not be there; :func:`tshark_verify` has
+tshark decrypt and authenticate every ESP packet with the lab's keys (``uat:esp_sa`` entries
+built by :func:`tshark_uat_entries`) and counts ``esp.icv_good`` / ``esp.icv_bad``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from .labconfig import LabSA
+from .netns import Host, Lab, LabError, Started, run
+
+PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_ESP = 1, 6, 17, 50
+PROTO_NAMES = {PROTO_ICMP: "icmp", PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ESP: "esp"}
+
+# -- small programs run on the hosts (python -c) --------------------------------------------
+
+PING_SRC = r"""
+import os, socket, struct, sys, time
+dst, count, wait = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+def csum(b):
+    b += b"\0" * (len(b) % 2)
+    t = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while t >> 16:
+        t = (t & 0xFFFF) + (t >> 16)
+    return ~t & 0xFFFF
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+ident, got = os.getpid() & 0xFFFF, 0
+for seq in range(1, count + 1):
+    body = b"nfq-ipsec lab ping %d " % seq + bytes(range(40))
+    hdr = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+    s.sendto(struct.pack("!BBHHH", 8, 0, csum(hdr + body), ident, seq) + body, (dst, 0))
+    t0 = time.monotonic()
+    while True:
+        left = wait - (time.monotonic() - t0)
+        if left <= 0:
+            print("timeout seq=%d" % seq, flush=True)
+            break
+        s.settimeout(left)
+        try:
+            data, addr = s.recvfrom(4096)
+        except socket.timeout:
+            continue
+        ihl = (data[0] & 15) * 4
+        t, _c, _k, i, q = struct.unpack_from("!BBHHH", data, ihl)
+        if t == 0 and i == ident and q == seq and addr[0] == dst and data[ihl + 8:] == body:
+            got += 1
+            print("reply seq=%d time=%.3f ms" % (q, (time.monotonic() - t0) * 1000), flush=True)
+            break
+    if seq < count:
+        time.sleep(0.1)
+print("result %d %d" % (count, got))
+"""
+
+TCP_RECV_SRC = r"""
+import hashlib, socket, sys
+addr, port, out, wait = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((addr, port)); s.listen(1); s.settimeout(wait)
+c, peer = s.accept(); c.settimeout(wait)
+h, n = hashlib.sha256(), 0
+f = open(out, "wb") if out != "-" else None
+while True:
+    d = c.recv(65536)
+    if not d:
+        break
+    h.update(d); n += len(d)
+    if f: f.write(d)
+if f: f.close()
+c.sendall(b"%d %s\n" % (n, h.hexdigest().encode())); c.close()
+print("received %d %s from %s" % (n, h.hexdigest(), peer[0]), flush=True)
+"""
+
+TCP_SEND_SRC = r"""
+import hashlib, socket, sys
+addr, port, path, wait = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+data = open(path, "rb").read()
+s = socket.create_connection((addr, port), timeout=wait)
+s.sendall(data); s.shutdown(socket.SHUT_WR)
+ack = b""
+while not ack.endswith(b"\n"):
+    d = s.recv(256)
+    if not d:
+        break
+    ack += d
+print("sent %d %s ack %s" % (len(data), hashlib.sha256(data).hexdigest(), ack.decode().strip()))
+"""
+
+UDP_RECV_SRC = r"""
+import socket, sys, time
+addr, port, wait = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((addr, port))
+n, end = 0, time.monotonic() + wait
+while True:
+    left = end - time.monotonic()
+    if left <= 0:
+        break
+    s.settimeout(left)
+    try:
+        s.recv(65536); n += 1
+    except socket.timeout:
+        break
+print("received %d" % n, flush=True)
+"""
+
+UDP_SEND_SRC = r"""
+import socket, sys, time
+addr, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+refused = 0
+for i in range(count):
+    try:
+        s.sendto(b"nfq-ipsec lab datagram %d" % i, (addr, port))
+    except OSError:  # EPERM: a local netfilter DROP (a DISCARD policy on this very host)
+        refused += 1
+    time.sleep(0.01)
+print("sent %d refused %d" % (count, refused))
+"""
+
+
+# -- results --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PingResult:
+    sent: int
+    received: int
+    output: str
+
+    @property
+    def ok(self) -> bool:
+        return self.sent > 0 and self.received == self.sent
+
+
+@dataclass(frozen=True)
+class IperfResult:
+    protocol: str
+    seconds: float
+    bytes_sent: int
+    bytes_received: int
+    bits_per_second: float  # as received
+    packets: int = 0  # UDP
+    lost_packets: int = 0  # UDP
+    retransmits: int = 0  # TCP
+
+    @property
+    def mbit(self) -> float:
+        return self.bits_per_second / 1e6
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    size: int
+    sha256_sent: str
+    sha256_received: str
+    bytes_received: int
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.size == self.bytes_received and self.sha256_sent == self.sha256_received
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+def wait_listening(host: Host, proto: str, port: int, timeout: float = 10.0) -> None:
+    """Wait until something listens on ``port`` (tcp) or has it bound (udp) on ``host``."""
+    flag = "-ltn" if proto == "tcp" else "-lun"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        res = host.run(["ss", "-H", flag, "sport", "=", f":{port}"], check=False)
+        if res.stdout.strip():
+            return
+        time.sleep(0.05)
+    raise LabError(f"nothing listens on {proto} port {port} on {host.name} after {timeout:g} s")
+
+
+def _finish(lab: Lab, proc: Started, timeout: float) -> str:
+    """Wait for a background program to end by itself; stop it if it doesn't. Its output."""
+    try:
+        proc.popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        lab.stop(proc)
+    return proc.output()
+
+
+def ping(host: Host, dst: str, count: int = 3, wait: float = 2.0) -> PingResult:
+    res = host.run([host.python, "-c", PING_SRC, dst, str(count), str(wait)], check=False,
+                   timeout=count * (wait + 0.2) + 10)
+    last = [line for line in res.stdout.splitlines() if line.startswith("result ")]
+    if res.returncode != 0 or not last:
+        raise LabError(f"ping from {host.name} to {dst} failed: {res.stderr.strip() or res.stdout}")
+    _, sent, got = last[-1].split()
+    return PingResult(int(sent), int(got), res.stdout)
+
+
+def iperf3_tcp(
+    lab: Lab, client: Host, server: Host, server_addr: str, seconds: float = 2,
+    parallel: int = 1, port: int = 5201,
+) -> IperfResult:
+    data = _iperf3(lab, client, server, server_addr, port, ["-t", str(seconds), "-P", str(parallel)])
+    end = data["end"]
+    return IperfResult(
+        "tcp", float(end["sum_received"]["seconds"]), int(end["sum_sent"]["bytes"]),
+        int(end["sum_received"]["bytes"]), float(end["sum_received"]["bits_per_second"]),
+        retransmits=int(end["sum_sent"].get("retransmits", 0)),
+    )
+
+
+def iperf3_udp(
+    lab: Lab, client: Host, server: Host, server_addr: str, seconds: float = 2,
+    bitrate: str = "20M", length: int = 1200, port: int = 5201,
+) -> IperfResult:
+    """UDP at a fixed rate. ``length`` stays well below the MTU minus the ESP overhead: the
+    daemon clamps TCP MSS, but a UDP datagram that grows past the MTU with DF set is lost."""
+    data = _iperf3(lab, client, server, server_addr, port,
+                   ["-u", "-t", str(seconds), "-b", bitrate, "-l", str(length)])
+    end = data["end"]
+    # What arrived: sum_received (the server's count). iperf3 derives "lost_packets" from gaps
+    # in the sequence numbers it received, so when nothing arrives it reports 0 lost.
+    sent = end.get("sum_sent") or end["sum"]
+    got = end.get("sum_received") or end["sum"]
+    packets, received = int(sent.get("packets", 0)), int(got.get("packets", 0))
+    return IperfResult(
+        "udp", float(got["seconds"]), int(sent["bytes"]), int(got["bytes"]),
+        float(got["bits_per_second"]), packets=packets,
+        lost_packets=max(packets - received, int(got.get("lost_packets", 0))),
+    )
+
+
+def _iperf3(
+    lab: Lab, client: Host, server: Host, server_addr: str, port: int, args: list[str],
+) -> dict[str, Any]:
+    srv = lab.start(f"iperf3-server-{port}", server, ["iperf3", "-s", "-1", "-B", server_addr,
+                                                      "-p", str(port)])
+    try:
+        wait_listening(server, "tcp", port)
+        seconds = float(args[args.index("-t") + 1])
+        res = client.run(["iperf3", "-c", server_addr, "-p", str(port), "-J", *args], check=False,
+                         timeout=seconds + 30)
+        try:
+            data: dict[str, Any] = json.loads(res.stdout)
+        except json.JSONDecodeError:
+            data = {"error": (res.stderr or res.stdout).strip()[:500]}
+        if res.returncode != 0 or "error" in data:
+            raise LabError(f"iperf3 {' '.join(args)} to {server_addr}: {data.get('error')}")
+        return data
+    finally:
+        _finish(lab, srv, 5)
+
+
+def send_file(
+    lab: Lab, sender: Host, receiver: Host, receiver_addr: str, path: Path, port: int = 5001,
+    received_path: Path | None = None, wait: float = 30.0,
+) -> TransferResult:
+    """Send ``path`` over one TCP connection; the receiver hashes (and stores) what arrives."""
+    data = path.read_bytes()
+    out = str(received_path) if received_path is not None else "-"
+    recv = lab.start(f"tcp-recv-{port}", receiver, [receiver.python, "-c", TCP_RECV_SRC,
+                                                    receiver_addr, str(port), out, str(wait)])
+    try:
+        wait_listening(receiver, "tcp", port)
+        t0 = time.monotonic()
+        res = sender.run([sender.python, "-c", TCP_SEND_SRC, receiver_addr, str(port), str(path),
+                          str(wait)], check=False, timeout=wait + 10)
+        seconds = time.monotonic() - t0
+    finally:
+        log = _finish(lab, recv, 10)
+    got = [line.split() for line in log.splitlines() if line.startswith("received ")]
+    if not got:
+        raise LabError(f"file transfer to {receiver_addr}:{port} failed: sender said "
+                       f"{(res.stderr or res.stdout).strip()[-300:]!r}; receiver said {log.strip()[-300:]!r}")
+    return TransferResult(len(data), hashlib.sha256(data).hexdigest(), got[-1][2], int(got[-1][1]), seconds)
+
+
+@dataclass(frozen=True)
+class UdpProbeResult:
+    sent: int
+    refused: int  # sendto() failed: dropped by a rule on the sending host itself
+    received: int
+
+
+def udp_probe(
+    lab: Lab, sender: Host, receiver: Host, receiver_addr: str, port: int, count: int = 20,
+    wait: float = 1.0,
+) -> UdpProbeResult:
+    """Send ``count`` datagrams to ``receiver_addr:port``; how many arrived."""
+    recv = lab.start(f"udp-recv-{port}", receiver, [receiver.python, "-c", UDP_RECV_SRC,
+                                                    receiver_addr, str(port), str(count * 0.01 + wait)])
+    try:
+        wait_listening(receiver, "udp", port)
+        res = sender.run([sender.python, "-c", UDP_SEND_SRC, receiver_addr, str(port), str(count)],
+                         timeout=count * 0.05 + 10)
+    finally:
+        log = _finish(lab, recv, count * 0.01 + wait + 5)
+    got = [line.split() for line in log.splitlines() if line.startswith("received ")]
+    sent = [line.split() for line in res.stdout.splitlines() if line.startswith("sent ")]
+    if not got or not sent:
+        raise LabError(f"UDP probe to {receiver_addr}:{port}: sender said {res.stdout.strip()!r}, "
+                       f"receiver said {log.strip()[-300:]!r}")
+    return UdpProbeResult(int(sent[-1][1]), int(sent[-1][3]), int(got[-1][1]))
+
+
+def random_file(path: Path, size: int = 1 << 20) -> Path:
+    path.write_bytes(os.urandom(size))
+    return path
+
+
+# -- capture --------------------------------------------------------------------------------
+
+class Capture:
+    """``tcpdump -w`` on one interface of one host, started and stopped by the lab."""
+
+    def __init__(self, lab: Lab, host: Host, interface: str, path: Path, buffer_kib: int = 65536) -> None:
+        self.lab, self.host, self.interface, self.path = lab, host, interface, path
+        self.buffer_kib = buffer_kib  # -B: a large kernel buffer, so no frame escapes the check
+        self.proc: Started | None = None
+        self.kernel_dropped: int | None = None
+        self.captured: int | None = None
+
+    def start(self, timeout: float = 10.0) -> Capture:
+        if shutil.which("tcpdump") is None:
+            raise LabError("tcpdump is not installed (Debian package 'tcpdump')")
+        # -U: write each packet at once; -s 0: whole packets (the ICV covers all of it);
+        # -Z root: don't drop to the tcpdump user, who can't write into our 0700 directory.
+        self.proc = self.lab.start(
+            f"tcpdump-{self.interface}", self.host,
+            ["tcpdump", "-i", self.interface, "-n", "-U", "-s", "0", "-Z", "root", "-B", str(self.buffer_kib),
+             "--immediate-mode", "-w", str(self.path)],
+            stop_signal=2,
+        )
+        deadline = time.monotonic() + timeout
+        while "listening on" not in self.proc.output():
+            if self.proc.popen.poll() is not None or time.monotonic() > deadline:
+                raise LabError(f"tcpdump on {self.host.name} {self.interface} did not start: "
+                               f"{self.proc.output().strip()}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> Path:
+        if self.proc is None:
+            raise LabError("capture was not started")
+        time.sleep(0.3)  # let the last frames of the last exchange land
+        self.lab.stop(self.proc)
+        text = self.proc.output()
+        for line in text.splitlines():
+            words = line.split()
+            if line.endswith("packets dropped by kernel") and words[0].isdigit():
+                self.kernel_dropped = int(words[0])
+            elif line.endswith("packets captured") and words[0].isdigit():
+                self.captured = int(words[0])
+        return self.path
+
+
+# -- reading a capture ----------------------------------------------------------------------
+
+ETH_IPV4, ETH_ARP, ETH_IPV6 = 0x0800, 0x0806, 0x86DD
+_LINK_ETHERNET, _LINK_RAW, _LINK_SLL, _LINK_IPV4, _LINK_SLL2 = 1, 101, 113, 228, 276
+
+
+def iter_frames(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(ethertype, network-layer bytes) of each frame of a classic pcap file."""
+    data = path.read_bytes()
+    if len(data) < 24:
+        raise LabError(f"{path}: not a capture (too short)")
+    magic = data[:4]
+    if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1"):
+        endian = "<"
+    elif magic in (b"\xa1\xb2\xc3\xd4", b"\xa1\xb2\x3c\x4d"):
+        endian = ">"
+    else:
+        raise LabError(f"{path}: not a classic pcap file (tcpdump -w writes those)")
+    linktype = struct.unpack_from(endian + "I", data, 20)[0] & 0x0FFFFFFF
+    rec = struct.Struct(endian + "IIII")
+    off = 24
+    while off + 16 <= len(data):
+        caplen = rec.unpack_from(data, off)[2]
+        off += 16
+        frame = data[off : off + caplen]
+        off += caplen
+        if linktype == _LINK_ETHERNET:
+            etype, start = struct.unpack_from("!H", frame, 12)[0], 14
+            while etype in (0x8100, 0x88A8) and len(frame) >= start + 4:
+                etype = struct.unpack_from("!H", frame, start + 2)[0]
+                start += 4
+            yield etype, frame[start:]
+        elif linktype == _LINK_SLL:
+            yield struct.unpack_from("!H", frame, 14)[0], frame[16:]
+        elif linktype == _LINK_SLL2:
+            yield struct.unpack_from("!H", frame, 0)[0], frame[20:]
+        elif linktype in (_LINK_RAW, _LINK_IPV4):
+            yield (ETH_IPV4 if frame[:1] and frame[0] >> 4 == 4 else ETH_IPV6), frame
+        else:
+            raise LabError(f"{path}: link type {linktype} not supported")
+
+
+@dataclass(frozen=True)
+class Flow:
+    """A flow the wire check lets through in clear: protocol and a port on either side."""
+
+    protocol: int
+    port: int
+
+    def matches(self, proto: int, sport: int | None, dport: int | None) -> bool:
+        return proto == self.protocol and self.port in (sport, dport)
+
+
+@dataclass
+class WireReport:
+    frames: int = 0
+    ipv4: int = 0
+    esp: int = 0  # ESP between the two peers
+    esp_by_spi: Counter[int] = field(default_factory=Counter)
+    bypassed: int = 0  # cleartext of flows that are meant to be in clear
+    arp: int = 0
+    cleartext: int = 0  # IPv4 that is neither ESP between the peers nor an allowed flow
+    other: int = 0  # frames that are neither IPv4 nor ARP (IPv6 ...)
+    examples: list[str] = field(default_factory=list)  # the first offending packets
+
+    @property
+    def ok(self) -> bool:
+        return self.esp > 0 and self.cleartext == 0 and self.other == 0
+
+    def summary(self) -> str:
+        parts = [f"{self.ipv4} IPv4 packets on the wire, {self.esp} ESP, {self.cleartext} cleartext"]
+        if self.bypassed:
+            parts.append(f"{self.bypassed} bypassed in clear on purpose")
+        if self.other:
+            parts.append(f"{self.other} non-IPv4 frames")
+        return ", ".join(parts)
+
+
+def analyse_wire(
+    path: Path, peers: tuple[str, str], allowed: Iterable[Flow] = (), keep_examples: int = 10,
+) -> WireReport:
+    """Sort every frame of a wire capture. ``peers``: the two IPsec peers' wire addresses."""
+    a, b = (int(IPv4Address(p)) for p in peers)
+    allowed = tuple(allowed)
+    rep = WireReport()
+    for etype, pkt in iter_frames(path):
+        rep.frames += 1
+        if etype == ETH_ARP:
+            rep.arp += 1
+            continue
+        if etype != ETH_IPV4 or len(pkt) < 20 or pkt[0] >> 4 != 4:
+            rep.other += 1
+            if len(rep.examples) < keep_examples:
+                rep.examples.append(f"frame {rep.frames}: ethertype 0x{etype:04x}")
+            continue
+        rep.ipv4 += 1
+        ihl = (pkt[0] & 15) * 4
+        proto = pkt[9]
+        src, dst = struct.unpack_from("!II", pkt, 12)
+        if proto == PROTO_ESP and {src, dst} == {a, b}:
+            rep.esp += 1
+            if len(pkt) >= ihl + 4:
+                rep.esp_by_spi[struct.unpack_from("!I", pkt, ihl)[0]] += 1
+            continue
+        sport = dport = None
+        frag_off = struct.unpack_from("!H", pkt, 6)[0] & 0x1FFF
+        if proto in (PROTO_TCP, PROTO_UDP) and frag_off == 0 and len(pkt) >= ihl + 4:
+            sport, dport = struct.unpack_from("!HH", pkt, ihl)
+        if any(f.matches(proto, sport, dport) for f in allowed):
+            rep.bypassed += 1
+            continue
+        rep.cleartext += 1
+        if len(rep.examples) < keep_examples:
+            ports = f" {sport} > {dport}" if sport is not None else ""
+            rep.examples.append(
+                f"frame {rep.frames}: {IPv4Address(src)} > {IPv4Address(dst)} "
+                f"{PROTO_NAMES.get(proto, str(proto))}{ports} ({len(pkt)} bytes)"
+            )
+    return rep
+
+
+# -- tshark ---------------------------------------------------------------------------------
+
+# Names of Wireshark's esp_sa table (packet-ipsec.c). AEAD keys are given with their salt.
+TSHARK_ENCRYPTION = {
+    "aes-gcm-128": "AES-GCM with 16 octet ICV [RFC4106]",
+    "aes-gcm-256": "AES-GCM with 16 octet ICV [RFC4106]",
+    "chacha20-poly1305": "ChaCha20 with Poly1305 [RFC7634]",
+    "aes-cbc-128": "AES-CBC [RFC3602]",
+    "aes-cbc-256": "AES-CBC [RFC3602]",
+    "null": "NULL",
+}
+TSHARK_INTEGRITY = {
+    None: "NULL",
+    "hmac-sha256-128": "HMAC-SHA-256-128 [RFC4868]",
+    "hmac-sha384-192": "HMAC-SHA-384-192 [RFC4868]",
+    "hmac-sha512-256": "HMAC-SHA-512-256 [RFC4868]",
+}
+
+
+def tshark_uat_entries(sas: Sequence[LabSA]) -> list[str]:
+    """One ``uat:esp_sa:...`` preference per SA (give each after ``-o``). Holds key material:
+    never print or log these."""
+    entries = []
+    for sa in sas:
+        key = f"0x{sa.key.hex()}" if sa.key else ""
+        ikey = f"0x{sa.integrity_key.hex()}" if sa.integrity_key else ""
+        fields = ["IPv4", str(sa.src), str(sa.dst), f"0x{sa.spi:08x}",
+                  TSHARK_ENCRYPTION[sa.encryption], key, TSHARK_INTEGRITY[sa.integrity], ikey]
+        entries.append("uat:esp_sa:" + ",".join(f'"{f}"' for f in fields))
+    return entries
+
+
+def tshark_argv(tshark: str, pcap: Path, sas: Sequence[LabSA]) -> list[str]:
+    argv = [tshark, "-n", "-r", str(pcap),
+            "-o", "esp.enable_encryption_decode:TRUE", "-o", "esp.enable_authentication_check:TRUE"]
+    for entry in tshark_uat_entries(sas):
+        argv += ["-o", entry]
+    argv += ["-T", "fields", "-E", "separator=|", "-E", "occurrence=f",
+             "-e", "esp.spi", "-e", "esp.icv_good", "-e", "esp.icv_bad"]
+    return argv
+
+
+@dataclass(frozen=True)
+class TsharkReport:
+    supported: bool  # False: this tshark can't decrypt the algorithm (see reason)
+    esp: int = 0
+    icv_good: int = 0
+    icv_bad: int = 0
+    unchecked: int = 0  # ESP packets tshark didn't check (no matching SA entry)
+    reason: str = ""
+    version: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.supported and self.esp > 0 and self.icv_good == self.esp and self.icv_bad == 0
+
+    def summary(self) -> str:
+        if not self.supported:
+            return f"tshark: NOT CHECKED: {self.reason}"
+        text = f"tshark: {self.icv_good} ICV good, {self.icv_bad} bad"
+        if self.unchecked:
+            text += f", {self.unchecked} not checked"
+        return text
+
+
+def tshark_version(tshark: str = "tshark") -> str:
+    res = run([tshark, "--version"], check=False)
+    return res.stdout.splitlines()[0] if res.stdout else "tshark (unknown version)"
+
+
+def tshark_verify(pcap: Path, sas: Sequence[LabSA], tshark: str | None = None) -> TsharkReport:
+    """Let tshark decrypt and authenticate every ESP packet of ``pcap`` with the lab's SAs."""
+    tshark = tshark or shutil.which("tshark")
+    if tshark is None:
+        raise LabError("tshark is not installed (Debian package 'tshark'): it is the ESP oracle")
+    version = tshark_version(tshark)
+    res = subprocess.run(tshark_argv(tshark, pcap, sas), capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "LC_ALL": "C"})
+    if res.returncode != 0:
+        err = res.stderr.strip()
+        if "invalid value" in err or "esp_sa" in err:
+            # No key material in here: tshark names the field it refused, not the entry.
+            refusal = err[err.index("invalid value"):] if "invalid value" in err else err
+            names = sorted({TSHARK_ENCRYPTION[sa.encryption] for sa in sas})
+            return TsharkReport(False, reason=f"{version} refuses {', '.join(names)} in its ESP "
+                                f"SA table ({refusal.splitlines()[0][:200]})", version=version)
+        raise LabError(f"tshark failed (exit {res.returncode}) on {pcap}: {err[-500:]}")
+    esp = good = bad = unchecked = 0
+    for line in res.stdout.splitlines():
+        spi, g, b = [*line.split("|"), "", "", ""][:3]
+        if not spi:
+            continue
+        esp += 1
+        good += g == "1"
+        bad += b == "1"
+        unchecked += g != "1" and b != "1"
+    return TsharkReport(True, esp, good, bad, unchecked, version=version)
