@@ -31,9 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import rules
-from .config import load_config
 from .config.model import Config
-from .core.errors import ConfigError
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2  # as in cli.py
 TIMEOUT = 60.0  # seconds for one iptables command (restore waits for the xtables lock)
@@ -266,16 +264,11 @@ def compare(rs: rules.Ruleset, tables: dict[str, rules.SavedTable]) -> RulesStat
 def cli_rules(args: argparse.Namespace) -> int:
     """show: print the rules (stdout) and whether they are installed (stderr).
     install / remove: change the ruleset. Exit 0, 1 (a command failed) or 2 (bad config)."""
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as err:
-        n = len(err.problems)
-        print(f"{args.config}: {n} problem{'s' if n != 1 else ''}:", file=sys.stderr)
-        for problem in err.problems:
-            print(f"  {problem}", file=sys.stderr)
+    from .tools import load_or_report
+
+    cfg = load_or_report(args.config)
+    if cfg is None:
         return EXIT_CONFIG
-    for warning in cfg.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
     be = backend_for(cfg)
     try:
         if args.action == "show":
