@@ -6,6 +6,8 @@ Exit codes (also in the README):
   2  usage error or invalid configuration (nothing was changed)
   3  the daemon is not running / not reachable (status)
   4  an offline decode found packets that failed (decode)
+  5  run: an SA's saved state is unusable (corrupt state file, state_dir not private); nothing
+     was started (see ``nfq-ipsec state``)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_NOT_RUNNING = 3
 EXIT_DECODE_DROPS = 4
+EXIT_STATE = 5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["show", "install", "remove"])
     p.add_argument("--config", required=True, help="TOML configuration file")
 
+    p = sub.add_parser(
+        "state", help="show or reset the SAs' saved state (sequence numbers, replay)",
+        description="show: each SA's state file and what it holds. reset --sa NAME --seq N: set it "
+        "(the daemon must be stopped). Outbound, N is the next sequence number to send: it must be "
+        "above every number the SA ever sent under its key, or IVs repeat; a new key needs no "
+        "reset. Inbound, numbers up to N count as already received.",
+    )
+    p.add_argument("action", choices=["show", "reset"])
+    p.add_argument("--config", required=True, help="TOML configuration file")
+    p.add_argument("--sa", help="reset: the SA's name")
+    p.add_argument("--seq", type=lambda t: int(t, 0), help="reset: outbound, the next sequence "
+                   "number to send; inbound, the highest number treated as already received")
+    p.add_argument("--json", action="store_true", help="show: machine-readable output")
+
     p = sub.add_parser("lab", help="the network-namespace lab (needs root)")
     p.add_argument("action", choices=["demo"], help="demo: the two-host lab demo, torn down after")
     p.add_argument("--topology", choices=["host", "gateway"], default="host",
@@ -60,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="aes-gcm-128, aes-gcm-256, chacha20-poly1305, aes-cbc-128, aes-cbc-256")
     p.add_argument("--queues", type=int, default=2, help="queues (workers) per host")
     p.add_argument("--keep", action="store_true", help="leave the lab up (prints how to remove it)")
+
+    # -- bench: the benchmark script (issue 6); its options live in nfq_ipsec/bench/__init__.py
+    from .bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(sub.add_parser("bench", help="benchmark: plain veth, NFQUEUE accept-only, "
+                                       "ESP rows, strongSwan; table, JSON, PNG (needs root)"))
     return parser
 
 
@@ -81,10 +104,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import iptables
 
         return iptables.cli_rules(args)
+    if args.command == "state":
+        from . import state
+
+        return state.cli_state(args)
     if args.command == "lab":
         from . import lab
 
         return lab.cli_lab(args)
+    if args.command == "bench":
+        from . import bench
+
+        return bench.cli_bench(args)
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices
 
 

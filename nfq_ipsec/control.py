@@ -3,14 +3,23 @@
 Requests: ``{"command": "status"}``. The answer to ``status``::
 
     {"daemon":  {"pid", "uptime", "config", "state", "rules_installed", "version"},
+     "kernel_drops": {reason: n},  (dropped by our own iptables DROP rules, never queued:
+                                    cleartext_protected, policy_discard, no_policy, leak_guard)
+     "warnings": ["text", ...],   (internal errors, kernel queue drops, workers down)
      "workers": [{"queue", "cpu", "pid", "uptime", "restarts", "state", "packets_in",
                   "packets_out", "drops": {reason: n}, "kernel_queue_dropped", "user_dropped",
-                  "last_error"}],
+                  "last_error", "last_outage"}],
      "sas":     [{"name", "spi" ("0x%08x"), "direction", "queue", "packets", "bytes",
-                  "replay_drops", "integrity_drops", "other_drops", "seq", "lifetime_left"}]}
+                  "replay_drops", "integrity_drops", "other_drops", "seq", "lifetime_left",
+                  "saved"}]}
 
-Counters of a worker that is down are ``null``. Nothing in a status answer is key material:
-it is built from names, SPIs and counters only. An error answer is ``{"error": "text"}``.
+``saved`` is what the SA's state file covers (``state.py``): outbound the last sequence number
+reserved on disk, inbound the number up to which a restarted worker treats packets as seen.
+
+Counters of a worker that is down are ``null``. ``last_outage``: seconds from the last death of
+the queue's worker to its replacement being ready (``null`` if it never died). Nothing in a
+status answer is key material: it is built from names, SPIs and counters only. An error
+answer is ``{"error": "text"}``.
 
 This module has the server half (used by the supervisor), the client half and the text
 rendering behind ``nfq-ipsec status``.
@@ -232,8 +241,9 @@ def render_status(status: dict[str, Any]) -> str:
     out = [
         f"nfq-ipsec {d.get('state', '?')}: pid {d.get('pid')}, up {fmt_duration(d.get('uptime'))}, "
         f"{rules}, config {d.get('config')}",
-        "",
     ]
+    out += [f"WARNING: {w}" for w in status.get("warnings", [])]
+    out.append("")
     wrows = [["QUEUE", "CPU", "PID", "STATE", "UPTIME", "RESTARTS", "PKTS IN", "PKTS OUT",
               "DROPS", "KERNEL DROPS (queue/user)"]]
     notes = []
@@ -252,14 +262,18 @@ def render_status(status: dict[str, Any]) -> str:
             notes.append(f"  q{w.get('queue')} last error: {w['last_error']}")
     out.extend(_table(wrows))
     out.extend(notes)
+    kdrops = status.get("kernel_drops")
+    if kdrops:
+        detail = " ".join(f"{k}={v}" for k, v in sorted(kdrops.items()))
+        out.append(f"  dropped by our iptables rules (never queued): {detail}")
     out.append("")
-    srows = [["SA", "SPI", "DIR", "QUEUE", "PACKETS", "BYTES", "SEQ", "REPLAY", "INTEGRITY",
+    srows = [["SA", "SPI", "DIR", "QUEUE", "PACKETS", "BYTES", "SEQ", "SAVED", "REPLAY", "INTEGRITY",
               "OTHER", "LIFETIME LEFT"]]
     for sa in status.get("sas", []):
         srows.append([
             str(sa.get("name")), str(sa.get("spi")), str(sa.get("direction")), str(sa.get("queue")),
             _dash(sa.get("packets")), _dash(sa.get("bytes")), _dash(sa.get("seq")),
-            _dash(sa.get("replay_drops")), _dash(sa.get("integrity_drops")),
+            _dash(sa.get("saved")), _dash(sa.get("replay_drops")), _dash(sa.get("integrity_drops")),
             _dash(sa.get("other_drops")), fmt_lifetime(sa.get("lifetime_left")),
         ])
     out.extend(_table(srows))

@@ -36,6 +36,7 @@ from .config.model import Config
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2  # as in cli.py
 TIMEOUT = 60.0  # seconds for one iptables command (restore waits for the xtables lock)
 WAIT = 30  # seconds iptables-restore waits for the xtables lock
+COUNTERS_TIMEOUT = 5.0  # seconds for reading rule counters (status must not stall the daemon)
 _SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 _PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ah": 51, "sctp": 132}
 
@@ -104,15 +105,15 @@ def _prefix(netns: str | None) -> list[str]:
     return [_command("ip", "needed to run iptables in a network namespace"), "netns", "exec", netns]
 
 
-def _run(argv: Sequence[str], stdin: str | None, what: str) -> str:
+def _run(argv: Sequence[str], stdin: str | None, what: str, timeout: float = TIMEOUT) -> str:
     try:
         proc = subprocess.run(
-            list(argv), input=stdin, capture_output=True, text=True, timeout=TIMEOUT, check=False
+            list(argv), input=stdin, capture_output=True, text=True, timeout=timeout, check=False
         )
     except OSError as err:
         raise RulesError(f"{what}: cannot run {argv[0]}: {err.strerror}", argv=argv) from None
     except subprocess.TimeoutExpired:
-        raise RulesError(f"{what}: no answer after {TIMEOUT:.0f} s", argv=argv) from None
+        raise RulesError(f"{what}: no answer after {timeout:.0f} s", argv=argv) from None
     if proc.returncode != 0:
         raise RulesError(
             f"{what} failed", argv=argv, stderr=proc.stderr, returncode=proc.returncode,
@@ -170,6 +171,93 @@ def _remove(cfg: Config, netns: str | None) -> bool:
         return False
     apply(be, script, netns)
     return True
+
+
+def commands(cfg: Config) -> tuple[str, str]:
+    """The save and restore commands of the configured backend, found, or RulesError naming
+    the missing one (checked before the daemon starts anything)."""
+    be = backend_for(cfg)
+    why = f"daemon.iptables = {be.name!r}"
+    return _command(be.save, why), _command(be.restore, why)
+
+
+def queues_of(rule: rules.SavedRule) -> set[int]:
+    """The NFQUEUE (or QUEUE) queue numbers a saved rule sends packets to; empty for others."""
+    toks = rule.tokens()
+    target = rule.target()
+    if target == "QUEUE":
+        return {0}
+    if target != "NFQUEUE":
+        return set()
+    for i, tok in enumerate(toks[:-1]):
+        if tok == "--queue-num" and toks[i + 1].isdigit():
+            return {int(toks[i + 1])}
+        if tok == "--queue-balance":
+            lo, _, hi = toks[i + 1].partition(":")
+            if lo.isdigit() and hi.isdigit() and int(hi) - int(lo) < 65536:
+                return set(range(int(lo), int(hi) + 1))
+    return {0}
+
+
+def foreign_queue_users(cfg: Config, tables: dict[str, rules.SavedTable]) -> list[str]:
+    """Rules that are not ours and send packets to one of our queues: two listeners can't share
+    a queue, and their packets would get our verdicts. One line per rule."""
+    ours = set(cfg.queue_numbers)
+    prefix = cfg.daemon.chain_prefix
+    found = []
+    for name, table in tables.items():
+        for r in table.rules:
+            if rules.is_our_chain(prefix, r.chain):
+                continue
+            clash = sorted(queues_of(r) & ours)
+            if clash:
+                qs = ", ".join(map(str, clash))
+                found.append(f"queue {qs} is already used by a rule that is not ours: "
+                             f"*{name} -A {r.chain} {r.spec}")
+    return found
+
+
+def preflight(cfg: Config, netns: str | None = None) -> list[str]:
+    """Before ``run`` starts anything: the iptables commands exist (RulesError if not) and no
+    foreign rule feeds our queues (returned as problems)."""
+    commands(cfg)
+    return foreign_queue_users(cfg, read_tables(backend_for(cfg), netns))
+
+
+_COUNTED = re.compile(r"^\[(\d+):(\d+)\] -A (\S+) ?(.*)$")
+
+
+def kernel_drops(cfg: Config, netns: str | None = None) -> dict[str, int]:
+    """Packets dropped by our own DROP rules (not by a worker), by drop reason: cleartext where
+    ESP is required, discard policies, traffic matching no policy, the leak guard. Read from the
+    rule counters (``iptables-save -c``); a chain whose rules differ from this configuration's
+    is skipped."""
+    be = backend_for(cfg)
+    argv = [*_prefix(netns), _command(be.save, f"daemon.iptables = {be.name!r}"), "-c"]
+    text = _run(argv, None, "reading the rule counters", timeout=COUNTERS_TIMEOUT)
+    counted: dict[tuple[str, str], list[tuple[int, tuple[str, ...]]]] = {}
+    table = ""
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+            continue
+        m = _COUNTED.match(line)
+        if m:
+            counted.setdefault((table, m.group(3)), []).append(
+                (int(m.group(1)), canonical(rules.split_spec(m.group(4)))))
+    out: dict[str, int] = {}
+    for t in rules.build(cfg).tables:
+        for chain in t.chains:
+            want = t.rules_of(chain)
+            have = counted.get((t.name, chain), [])
+            if len(want) != len(have) or any(
+                canonical(r.args) != toks for r, (_, toks) in zip(want, have, strict=True)
+            ):
+                continue
+            for r, (packets, _) in zip(want, have, strict=True):
+                if r.reason:
+                    out[r.reason] = out.get(r.reason, 0) + packets
+    return out
 
 
 @dataclass(frozen=True)
@@ -281,6 +369,13 @@ def cli_rules(args: argparse.Namespace) -> int:
             print(f"nfq-ipsec: rules {state} [{be.save}]", file=sys.stderr)
             return EXIT_OK
         if args.action == "install":
+            clashes = preflight(cfg)
+            if clashes:
+                for line in clashes:
+                    print(f"nfq-ipsec: {line}", file=sys.stderr)
+                print("nfq-ipsec: nothing installed; choose other daemon.queues or remove those "
+                      "rules", file=sys.stderr)
+                return EXIT_CONFIG
             install(cfg)
             rs = rules.build(cfg)
             chains = ", ".join(f"{t}:{c}" for t, c in rs.chains)

@@ -57,6 +57,8 @@ class Rule:
     chain: str
     args: tuple[str, ...]
     comment: str = ""
+    # For a DROP rule: the drop reason its packet counter is reported under (status).
+    reason: str = field(default="", compare=False)
 
     def spec(self) -> str:
         return " ".join(quote(a) for a in self.args)
@@ -232,13 +234,13 @@ def _inbound_table(cfg: Config) -> Table:
     for i, pol in enumerate(cfg.policies):
         if not pol.direction.covers(False):
             continue
-        target, what = {
-            Action.BYPASS: ("RETURN", "bypass: cleartext allowed"),
-            Action.DISCARD: ("DROP", "discard"),
-            Action.PROTECT: ("DROP", "protect: cleartext where ESP is required"),
+        target, what, reason = {
+            Action.BYPASS: ("RETURN", "bypass: cleartext allowed", ""),
+            Action.DISCARD: ("DROP", "discard", "policy_discard"),
+            Action.PROTECT: ("DROP", "protect: cleartext where ESP is required", "cleartext_protected"),
         }[pol.action]
         rules.append(Rule(c, (*selector_args(pol.selector, outbound=False), "-j", target),
-                          f"policy[{i}] {pol.name!r}, inbound: {what}"))
+                          f"policy[{i}] {pol.name!r}, inbound: {what}", reason))
     rules.append(_default(cfg, c, "inbound"))
     jump = _jump("PREROUTING", "-i", cfg.node.interface, c,
                  "traffic arriving on the unprotected side" if cfg.node.interface
@@ -249,7 +251,8 @@ def _inbound_table(cfg: Config) -> Table:
 def _default(cfg: Config, chain: str, what: str) -> Rule:
     act = cfg.node.default_action
     target = "DROP" if act is Action.DISCARD else "RETURN"
-    return Rule(chain, ("-j", target), f"{what} traffic that matches no policy: default {act.value}")
+    return Rule(chain, ("-j", target), f"{what} traffic that matches no policy: default {act.value}",
+                "no_policy" if target == "DROP" else "")
 
 
 def _outbound_rules(
@@ -269,7 +272,8 @@ def _outbound_rules(
         else:
             target, what = "DROP", "discard"
         rules.append(Rule(chain, (*selector_args(pol.selector, outbound=True), "-j", target),
-                          f"policy[{i}] {pol.name!r}, outbound: {what}"))
+                          f"policy[{i}] {pol.name!r}, outbound: {what}",
+                          "policy_discard" if target == "DROP" else ""))
     if default:
         rules.append(_default(cfg, chain, "outbound"))
     return rules
@@ -312,7 +316,7 @@ def _protect_chains(cfg: Config) -> list[tuple[str, list[Rule], str]]:
                         "--queue-num", str(sa.queue)),
                     f"flows hashed to {k}: queue {sa.queue}, owner of outbound SA {sa.name!r}",
                 ))
-        rules.append(Rule(c, ("-j", "DROP"), "fail closed: never leaves in cleartext"))
+        rules.append(Rule(c, ("-j", "DROP"), "fail closed: never leaves in cleartext", "no_sa"))
         comment = (f"policy[{i}] {pol.name!r}: {len(sas)} outbound SA{'s' if len(sas) != 1 else ''} "
                    f"({', '.join(sa.name for sa in sas)})")
         out.append((c, rules, comment))
@@ -345,13 +349,13 @@ def _leak_table(cfg: Config) -> Table:
         if not pol.direction.covers(True):
             continue
         if pol.action is Action.BYPASS:
-            target, what = "RETURN", "bypass: may leave in cleartext"
+            target, what, reason = "RETURN", "bypass: may leave in cleartext", ""
         elif pol.action is Action.PROTECT:
-            target, what = "DROP", "protect: cleartext that escaped the queue"
+            target, what, reason = "DROP", "protect: cleartext that escaped the queue", "leak_guard"
         else:
-            target, what = "DROP", "discard"
+            target, what, reason = "DROP", "discard", "policy_discard"
         rules.append(Rule(c, (*selector_args(pol.selector, outbound=True), "-j", target),
-                          f"policy[{i}] {pol.name!r}, forwarded: {what}"))
+                          f"policy[{i}] {pol.name!r}, forwarded: {what}", reason))
     rules.append(_default(cfg, c, "forwarded"))
     jump = Rule("FORWARD", ("-o", iface, "-j", c),
                 f"forwarded traffic leaving through the unprotected interface {iface}")

@@ -3,7 +3,9 @@ worker is listening, serves the control socket and keeps the workers alive.
 
 Order of things (fail closed at every step):
 
-1. load and validate the configuration (every problem printed, exit 2, nothing touched);
+1. load and validate the configuration (every problem printed, exit 2, nothing touched); find
+   the iptables commands (missing: exit 1) and refuse queues that rules of someone else already
+   feed (exit 2); check the SA state files (``state.py``: unusable or corrupt, exit 5);
 2. open the control socket (directory 0700 if created, socket 0600; exit 1 if another daemon
    answers on it);
 3. start one worker per queue with the ``spawn`` context; each gets only its own queue's SAs;
@@ -74,6 +76,8 @@ class Slot:
     backoff: float = BACKOFF_MIN
     restart_at: float | None = None
     last_error: str | None = None
+    died_at: float | None = None  # monotonic, when the last death was noticed
+    last_outage: float | None = None  # seconds from that death to the replacement being ready
     stats: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
@@ -91,6 +95,7 @@ class Supervisor:
             Slot(qc, WorkerSpec(
                 queue=qc.num, cpu=qc.cpu, mark=cfg.daemon.mark, policies=policies,
                 sas=cfg.sas_for_queue(qc.num), log_level=cfg.daemon.log_level,
+                state_dir=cfg.daemon.state_dir,
             ))
             for qc in cfg.daemon.queues
         ]
@@ -183,13 +188,18 @@ class Supervisor:
         if kind == "ready":
             slot.state = "ready"
             slot.ready_at = time.monotonic()
+            down = ""
+            if slot.died_at is not None:
+                slot.last_outage = slot.ready_at - slot.died_at
+                slot.died_at = None
+                down = f", queue was down {slot.last_outage:.2f} s"
             slot.early_failures = 0
             slot.last_error = None
             slot.pid = int(msg[1])
             cpu = f"cpu {slot.qc.cpu}" if slot.qc.cpu is not None else "not pinned"
             again = f" (restart {slot.restarts})" if slot.restarts else ""
-            log.info("worker for queue %d ready%s: pid %d, %s, %d SA(s)", slot.queue, again,
-                     slot.pid, cpu, len(slot.spec.sas))
+            log.info("worker for queue %d ready%s: pid %d, %s, %d SA(s)%s", slot.queue, again,
+                     slot.pid, cpu, len(slot.spec.sas), down)
         elif kind == "error":
             slot.last_error = str(msg[1])
         elif kind == "stats":
@@ -224,6 +234,8 @@ class Supervisor:
         slot.proc = slot.conn = None
         was_ready = slot.state == "ready"
         uptime = time.monotonic() - slot.started_at
+        if was_ready:
+            slot.died_at = time.monotonic()
         slot.state = "down"
         slot.stats = None
         if self.state == "stopping":
@@ -382,15 +394,27 @@ class Supervisor:
         deadline = time.monotonic() + STATS_TIMEOUT
         for slot in asked:
             while slot.stats is None and slot.conn is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
+                # past the deadline, still take an answer that is already there: one slow
+                # worker must not make the others look unresponsive
+                left = max(0.0, deadline - time.monotonic())
                 try:
                     if not slot.conn.poll(left):
                         break
                     self._on_message(slot, slot.conn.recv())
                 except (EOFError, OSError):
                     break
+
+    def _kernel_drops(self) -> dict[str, int] | None:
+        """What our own DROP rules dropped (cleartext where ESP is required, no policy...)."""
+        if not self.rules_installed:
+            return None
+        from . import iptables
+
+        try:
+            return iptables.kernel_drops(self.cfg)
+        except iptables.RulesError as err:
+            log.debug("cannot read the rule counters: %s", err)
+            return None
 
     def status(self) -> dict[str, Any]:
         self._collect_stats()
@@ -415,6 +439,7 @@ class Supervisor:
                 "kernel_queue_dropped": k.queue_dropped if k else None,
                 "user_dropped": k.user_dropped if k else None,
                 "last_error": slot.last_error,
+                "last_outage": round(slot.last_outage, 3) if slot.last_outage is not None else None,
             })
             by_name = {s["name"]: s for s in st["sas"]} if st else {}
             for params in slot.spec.sas:
@@ -433,9 +458,12 @@ class Supervisor:
                                     if s else None),
                     "seq": s["seq"] if s else None,
                     "lifetime_left": s["lifetime_left"] if s else None,
+                    "saved": s.get("saved") if s else None,
                 })
         sas.sort(key=lambda s: (s["queue"], s["direction"] != SADirection.OUT.value, s["name"]))
         return {
+            "kernel_drops": self._kernel_drops(),
+            "warnings": warnings(workers),
             "daemon": {
                 "pid": os.getpid(),
                 "uptime": round(now - self.started, 3),
@@ -447,6 +475,29 @@ class Supervisor:
             "workers": workers,
             "sas": sas,
         }
+
+
+def warnings(workers: list[dict[str, Any]]) -> list[str]:
+    """One line per thing an operator should look at, from the worker entries of a status."""
+    out = []
+    for w in workers:
+        q = w["queue"]
+        if w["state"] in ("down", "starting", "stopped"):
+            out.append(f"queue {q}: worker {w['state']}; its traffic is dropped until it is ready")
+        elif w["state"] == "unresponsive":
+            out.append(f"queue {q}: worker did not answer within {STATS_TIMEOUT:g} s (busy or stuck)")
+        drops = w.get("drops") or {}
+        if drops.get("internal"):
+            out.append(f"queue {q}: {drops['internal']} packet(s) dropped after an internal error "
+                       "(an unexpected exception; the log has the traceback)")
+        if drops.get("state_unavailable"):
+            out.append(f"queue {q}: {drops['state_unavailable']} packet(s) dropped because SA state "
+                       f"could not be saved (state_dir full or read-only?)")
+        kq, ku = w.get("kernel_queue_dropped") or 0, w.get("user_dropped") or 0
+        if kq or ku:
+            out.append(f"queue {q}: the kernel dropped {kq} packet(s) with the queue full and {ku} "
+                       "with the socket buffer full: the worker can't keep up")
+    return out
 
 
 def cli_run(args: argparse.Namespace) -> int:
@@ -465,4 +516,36 @@ def cli_run(args: argparse.Namespace) -> int:
     logsetup.setup("supervisor", cfg.daemon.log_level)
     for warning in cfg.warnings:
         log.warning("configuration: %s", warning)
+    code = preflight(cfg)
+    if code is not None:
+        return code
     return Supervisor(cfg, os.path.abspath(path)).run()
+
+
+def preflight(cfg: Config) -> int | None:
+    """Checks before anything starts; an exit code if one fails (nothing changed), else None."""
+    from . import iptables, state
+    from .cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_STATE
+
+    try:
+        clashes = iptables.preflight(cfg)
+    except iptables.RulesError as err:
+        log.error("%s", err)
+        log.error("nothing started, nothing installed")
+        return EXIT_FAILURE
+    if clashes:
+        for line in clashes:
+            log.error("%s", line)
+        log.error("nothing started, nothing installed: choose other daemon.queues or remove "
+                  "those rules")
+        return EXIT_CONFIG
+    problems = state.check(cfg.daemon.state_dir, cfg.sas)
+    if problems:
+        for line in problems:
+            log.error("SA state: %s", line)
+        log.error("nothing started, nothing installed. A corrupt state file means the SA's "
+                  "sequence numbers are unknown: give the SA a new key (a new key starts fresh), "
+                  "or set its state with `nfq-ipsec state reset --config %s --sa NAME --seq N` "
+                  "(see `nfq-ipsec state reset --help`)", cfg.path)
+        return EXIT_STATE
+    return None

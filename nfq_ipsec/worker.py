@@ -15,9 +15,17 @@ Fail closed: an exception while handling a packet drops that packet and counts r
 a packet the kernel delivered incomplete is dropped as TRUNCATED; a worker that dies leaves its
 queue without a listener, and the kernel then drops that queue's packets.
 
-Test-only fault injection: if the environment variable ``NFQ_IPSEC_TEST_FAULT`` is set to
-``raise-every-packet``, handling every packet raises (to prove the fail-closed path end to
-end). It is read once at start and exists for the test suite only; never set it in production.
+SA state: with ``WorkerSpec.state_dir`` set, the worker locks, restores and persists its SAs'
+state (outbound sequence reservations, inbound replay floors) through :mod:`nfq_ipsec.state`
+before it binds its queue; a corrupt state file stops it with an error (fail closed). On a clean
+stop it stores the exact values.
+
+Test-only fault injection: the environment variable ``NFQ_IPSEC_TEST_FAULT``, read once at
+start, exists for the test suite only; never set it in production:
+
+- ``raise-every-packet``: handling every packet raises (the fail-closed path end to end);
+- ``slow`` or ``slow:SECONDS``: sleep that long (default 0.001 s) per packet, so that a test
+  can overflow the queue with modest traffic.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from .nfqueue import (
     QueuedPacket,
     kernel_queue_stats,
 )
+from .state import StateStore
 
 FAULT_ENV = "NFQ_IPSEC_TEST_FAULT"  # test-only, see the module docstring
 BATCH = 64  # packets read per receive call
@@ -68,6 +77,7 @@ class WorkerSpec:
     sas: tuple[SAParams, ...]
     log_level: str = "info"
     max_len: int = DEFAULT_MAX_LEN
+    state_dir: str | None = None  # None: nothing persisted (tests of the packet path only)
 
     def spd(self) -> SPD:
         return SPD(list(self.policies))
@@ -90,6 +100,8 @@ class PacketHandler:
         self.mark = mark
         self.clock = clock
         self.fault = fault
+        self.slow = _slow_delay(fault)
+        self.store: StateStore | None = None
         self.packets_in = 0
         self.packets_out = 0
         self.internal_errors = 0
@@ -106,8 +118,11 @@ class PacketHandler:
         for pkt in packets:
             self.packets_in += 1
             try:
-                if self.fault == "raise-every-packet":
-                    raise RuntimeError("test fault injection (NFQ_IPSEC_TEST_FAULT)")
+                if self.fault is not None:
+                    if self.fault == "raise-every-packet":
+                        raise RuntimeError("test fault injection (NFQ_IPSEC_TEST_FAULT)")
+                    if self.slow:
+                        time.sleep(self.slow)
                 data = pkt.payload
                 n = len(data)
                 if n < pkt.length or (
@@ -177,6 +192,7 @@ class PacketHandler:
                 drops[DropReason.QUEUE_OVERFLOW.value] = drops.get(DropReason.QUEUE_OVERFLOW.value, 0) + lost
         sas = []
         for sa in proc.sad.all():
+            saved = self.store.snapshot(sa) if self.store is not None else None
             sas.append({
                 "name": sa.name,
                 "spi": sa.spi,
@@ -186,6 +202,8 @@ class PacketHandler:
                 "drops": {reason.value: count for reason, count in sa.drops.items() if count},
                 "seq": sa.next_seq - 1 if sa.outbound else sa.replay.top,
                 "lifetime_left": sa.lifetime_left(now),
+                "saved": saved["saved"] if saved is not None else None,
+                "state_writes": saved["state_writes"] if saved is not None else None,
             })
         return {
             "queue": queue_num,
@@ -216,14 +234,20 @@ def run(spec: WorkerSpec, conn: Connection, queue: QueueBinding | None = None) -
     # So that ps and top show which queue a process serves.
     with contextlib.suppress(OSError), open("/proc/self/comm", "w", encoding="ascii") as comm:
         comm.write(f"nfq-ipsec-q{spec.queue}"[:15])
+    store: StateStore | None = None
     try:
         if spec.cpu is not None:
             os.sched_setaffinity(0, {spec.cpu})
         processor = Processor(spec.spd(), spec.sas, time.monotonic())
+        if spec.state_dir is not None:
+            store = StateStore(spec.state_dir)
+            store.attach(processor.sad.all())  # before the queue: no packet without its state
         if queue is None:
             queue = NetlinkQueue(max_len=spec.max_len)
         queue.bind(spec.queue)
     except Exception as err:
+        if store is not None:
+            store.close(exact=False)
         text = f"queue {spec.queue}: {err}"
         log.error("cannot start: %s", text)
         with contextlib.suppress(OSError):
@@ -233,13 +257,30 @@ def run(spec: WorkerSpec, conn: Connection, queue: QueueBinding | None = None) -
     if fault is not None:
         log.warning("test fault injection active: %s=%s", FAULT_ENV, fault)
     handler = PacketHandler(processor, queue, spec.mark, fault=fault)
+    handler.store = store
     conn.send(("ready", os.getpid(), spec.queue))
     pinned = f"cpu {spec.cpu}" if spec.cpu is not None else "not pinned"
     log.debug("ready: queue %d, %s, %d SA(s), pid %d", spec.queue, pinned, len(spec.sas), os.getpid())
+    clean = False
     try:
-        return _serve(spec, conn, queue, handler, wake_r, started)
+        code = _serve(spec, conn, queue, handler, wake_r, started)
+        clean = True
+        return code
     finally:
+        if store is not None:
+            # Exact values only after a clean stop: no packet is handled after this point.
+            store.close(exact=clean)
         queue.close()
+
+
+def _slow_delay(fault: str | None) -> float:
+    if fault is None or not (fault == "slow" or fault.startswith("slow:")):
+        return 0.0
+    _, _, arg = fault.partition(":")
+    try:
+        return max(0.0, float(arg)) if arg else 0.001
+    except ValueError:
+        return 0.001
 
 
 def _serve(

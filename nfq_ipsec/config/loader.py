@@ -31,6 +31,7 @@ from .model import (
     QueueConfig,
 )
 
+MAX_KEY_FILE = 4096  # bytes; a key file holds one hex key (and maybe whitespace)
 PROTOCOLS = {"any": None, "icmp": 1, "tcp": 6, "udp": 17, "sctp": 132, "gre": 47}
 T = TypeVar("T")
 
@@ -89,7 +90,7 @@ def parse_config(
         pol = _policy(raw, f"policy[{i}]", probs)
         if pol is not None:
             policies.append(pol)
-    raw_sa_names = {raw.get("name") for raw in raw_sas}
+    raw_sa_names = {raw["name"] for raw in raw_sas if isinstance(raw.get("name"), str)}
     _check_policies(raw_policies, policies, sas, raw_sa_names, probs)
     if inline_keys and path is not None:
         try:
@@ -395,6 +396,13 @@ def _key(
         except OSError as err:
             probs.add(f"{where}.{file_key}", f"{path}: {err.strerror}")
             return None
+        except ValueError:  # a NUL byte in the name
+            probs.add(f"{where}.{file_key}", "not a usable file name")
+            return None
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_KEY_FILE:
+            what = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"over {MAX_KEY_FILE} bytes"
+            probs.add(f"{where}.{file_key}", f"{path}: {what}; a key file holds one hex key")
+            return None
         if st.st_mode & 0o077:
             probs.add(
                 f"{where}.{file_key}",
@@ -568,7 +576,8 @@ def _check_policies(
                 probs.add(f"policy[{i}].name", f"duplicate name {name!r} (also policy[{seen_names[name]}])")
             seen_names.setdefault(name, i)
         for n in raw.get("sa", []) if isinstance(raw.get("sa"), list) else []:
-            raw_sa_names.add(n)
+            if isinstance(n, str):  # anything else was reported by _policy
+                raw_sa_names.add(n)
     pos = {p["name"]: i for i, p in enumerate(raw_policies) if isinstance(p.get("name"), str)}
     for pol in policies:
         where = f"policy[{pos[pol.name]}]"

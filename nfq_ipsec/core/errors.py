@@ -28,6 +28,7 @@ class DropReason(enum.Enum):
     INTERNAL = "internal"  # an unexpected exception, caught by the shell: fail closed
     QUEUE_OVERFLOW = "queue_overflow"  # the kernel dropped it before a worker saw it
     TRUNCATED = "truncated"  # the queue delivered fewer bytes than the packet has
+    STATE_UNAVAILABLE = "state_unavailable"  # the SA's state could not be saved first: fail closed
 
 
 class EspError(Exception):

@@ -134,6 +134,8 @@ def decapsulate(
         body = view[esp_start + ESP_HEADER : hdr.total_length]
         seq_hi = (seq >> 32).to_bytes(4, "big") if sa.esn else b""
         plaintext = sa.suite.open(esp_header, seq_hi, body)
+        if seq > sa.replay_limit:  # persist the new floor before the window (and verdict) moves
+            sa.allow_top(seq)
         sa.replay.update(seq)
         result = _unwrap(sa, data, hdr, plaintext, seq)
     except EspError as err:

@@ -71,6 +71,16 @@ class ReplayWindow:
             self.top = seq
         self._blocks[(seq >> 5) & self._index_mask] |= 1 << (seq & 31)
 
+    def restore(self, top: int) -> None:
+        """Treat every number up to ``top`` as seen (after a restart, from persisted state):
+        only numbers above ``top`` pass ``check``, including reordered ones right after it."""
+        if top < 0:
+            raise ValueError("top must be >= 0")
+        self.top = top
+        full = (1 << _BITS) - 1
+        self._blocks = [full] * self._nblocks
+        self._blocks[(top >> 5) & self._index_mask] = (1 << ((top & 31) + 1)) - 1
+
     def seen(self, seq: int) -> bool:
         """Whether ``seq`` is recorded (for state persistence and tests)."""
         return not self.check(seq) and seq + self.size > self.top and seq != 0

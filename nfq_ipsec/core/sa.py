@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import DropReason, EspError
@@ -99,8 +100,23 @@ class SAEvent(enum.Enum):
     SEQ_EXHAUSTED = "seq_exhausted"
 
 
+Reserve = Callable[["SecurityAssociation", int], int]
+"""``reserve(sa, seq)``: make ``seq`` durably usable and return the new limit (>= ``seq``).
+
+The shell (``nfq_ipsec/state.py``) provides it; the core only calls it. Outbound, ``seq`` is
+the sequence number about to be sent; inbound, the authenticated number about to become the
+top of the replay window. It raises EspError (STATE_UNAVAILABLE) to refuse: the packet drops.
+"""
+
+
 class SecurityAssociation:
-    """An installed SA: suite built once, sequence counter or replay window, counters."""
+    """An installed SA: suite built once, sequence counter or replay window, counters.
+
+    Persistence hooks (write-ahead, see ``nfq_ipsec/state.py``): an outbound SA sends numbers
+    up to ``seq_limit`` and an inbound SA lets its window top move up to ``replay_limit``
+    without asking; past the limit it calls ``reserve`` first and uses the limit it returns.
+    Without a ``reserve`` both limits are the largest sequence number (nothing persisted).
+    """
 
     def __init__(
         self, params: SAParams, installed_at: float, next_seq: int = 1,
@@ -125,6 +141,9 @@ class SecurityAssociation:
         self.hard_expired = False
         self.exhausted = False
         self.events: list[SAEvent] = []
+        self.reserve: Reserve | None = None
+        self.seq_limit = self.max_seq  # outbound: highest number usable without reserving
+        self.replay_limit = self.max_seq  # inbound: highest top allowed without reserving
 
     @property
     def name(self) -> str:
@@ -135,15 +154,33 @@ class SecurityAssociation:
         return self.params.direction is SADirection.OUT
 
     def take_seq(self) -> int:
-        """The next outbound sequence number; the SA stops instead of cycling."""
+        """The next outbound sequence number; the SA stops instead of cycling. Past
+        ``seq_limit`` the number is reserved (persisted) before it is handed out."""
         seq = self.next_seq
-        if seq > self.max_seq:
-            if not self.exhausted:
-                self.exhausted = True
-                self.events.append(SAEvent.SEQ_EXHAUSTED)
-            raise EspError(DropReason.SEQ_EXHAUSTED, f"SA {self.name}", self.spi)
+        if seq > self.seq_limit:
+            if seq > self.max_seq:
+                if not self.exhausted:
+                    self.exhausted = True
+                    self.events.append(SAEvent.SEQ_EXHAUSTED)
+                raise EspError(DropReason.SEQ_EXHAUSTED, f"SA {self.name}", self.spi)
+            self.seq_limit = min(self._reserve(seq), self.max_seq)
         self.next_seq = seq + 1
         return seq
+
+    def allow_top(self, seq: int) -> None:
+        """Inbound: called before an authenticated ``seq`` above ``replay_limit`` enters the
+        replay window, so that the persisted floor covers it before the packet is passed on."""
+        if seq > self.replay_limit:
+            self.replay_limit = self._reserve(seq)
+
+    def _reserve(self, seq: int) -> int:
+        if self.reserve is None:
+            raise EspError(DropReason.STATE_UNAVAILABLE, f"SA {self.name}: no reservation", self.spi)
+        limit = self.reserve(self, seq)
+        if limit < seq:
+            raise EspError(DropReason.STATE_UNAVAILABLE, f"SA {self.name}: reservation short",
+                           self.spi)
+        return limit
 
     def check_lifetime(self, now: float) -> None:
         """Raise SA_EXPIRED past a hard limit; note a soft limit once as an event."""

@@ -11,7 +11,9 @@ Modules, each usable on its own (a two-VM lab reuses labconfig, daemon, traffic 
 - ``traffic``: ping, iperf3, a file transfer with SHA-256, UDP probes, the wire capture, the
   cleartext check and tshark's ICV check;
 - ``checks``: the whole traffic-and-capture check of a running pair, in one call;
-- ``session``: all of the above as one context manager; ``demo``: the README demo.
+- ``session``: all of the above as one context manager; ``demo``: the README demo;
+- ``vagrant``: hosts behind a remote shell (the VMs); ``vm``: the two-VM lab's per-VM setup
+  and the workstation's whole VM check (``vagrant/run-check``).
 """
 
 from __future__ import annotations

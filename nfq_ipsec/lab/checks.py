@@ -51,6 +51,8 @@ class Endpoints:
     wire_host: Host
     wire_if: str
     peers: tuple[str, str]  # the two IPsec peers' addresses on the wire
+    capture_filter: str | None = None  # tcpdump filter for a shared wire (see traffic.Capture)
+    tshark_host: Host | None = None  # where tshark runs on the capture; None: here
 
 
 @dataclass
@@ -82,7 +84,7 @@ def traffic_and_capture(
     capture and the files (it should be private: the capture is decryptable with the keys)."""
     r = run or CheckRun()
     c, s, addr = ends.client, ends.server, ends.server_addr
-    cap = Capture(lab, ends.wire_host, ends.wire_if, workdir / "wire.pcap")
+    cap = Capture(lab, ends.wire_host, ends.wire_if, workdir / "wire.pcap", bpf=ends.capture_filter)
     if r.step("capture_start", cap.start) is None:
         return r
     r.step("ping", lambda: ping(c, addr, count=3))
@@ -101,5 +103,78 @@ def traffic_and_capture(
     r.values["pcap"] = pcap
     r.values["capture_dropped"] = cap.kernel_dropped
     r.step("wire", lambda: analyse_wire(pcap, ends.peers, [Flow(PROTO_TCP, cfg.bypass_port)]))
-    r.step("tshark", lambda: tshark_verify(pcap, cfg.sas))
+    r.step("tshark", lambda: tshark_verify(pcap, cfg.sas, host=ends.tshark_host))
     return r
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One line of a check's report: what was checked, whether it passed, and why not."""
+
+    text: str
+    ok: bool
+    detail: str = ""
+    skipped: bool = False  # not checkable here (tshark without the algorithm): not a failure
+
+
+def verdicts(r: CheckRun, cfg: LabConfig, udp_count: int = 20, file_size: int = 1 << 20) -> list[Verdict]:
+    """Judge a :func:`traffic_and_capture` run: the same criteria as the namespace e2e tests
+    (``tests/test_e2e_lab.py``), as report lines. A step that failed is a failed line."""
+    out: list[Verdict] = []
+
+    def get(name: str) -> Any:
+        if name in r.errors:
+            out.append(Verdict(f"{name}: step failed", False, r.errors[name]))
+            return None
+        return r.values.get(name)
+
+    p = get("ping")
+    if p is not None:
+        out.append(Verdict(f"ping: {p.received}/{p.sent} replies", p.ok, p.output))
+    tcp = get("tcp")
+    if tcp is not None:
+        out.append(Verdict(f"TCP (iperf3): {tcp.mbit:.0f} Mbit/s, {tcp.bytes_received / 1e6:.1f} MB",
+                           tcp.bytes_received > 0 and tcp.bytes_received >= tcp.bytes_sent * 0.9, str(tcp)))
+    udp = get("udp")
+    if udp is not None:
+        out.append(Verdict(f"UDP (iperf3): {udp.packets} datagrams, {udp.lost_packets} lost",
+                           udp.packets > 0 and udp.lost_packets <= udp.packets * 0.05, str(udp)))
+    f = get("file")
+    if f is not None:
+        out.append(Verdict(f"file transfer: {f.size} bytes, sha256 {'matches' if f.ok else 'DIFFERS'}",
+                           f.ok and f.size == file_size, str(f)))
+    bp = get("bypass")
+    if bp is not None:
+        out.append(Verdict(f"bypass policy: TCP port {cfg.bypass_port} arrives", bp.ok, str(bp)))
+    ctl, disc = get("udp_control"), get("discard")
+    if ctl is not None:
+        out.append(Verdict(f"protected UDP: {ctl.received}/{udp_count} datagrams arrive",
+                           ctl.received == udp_count, str(ctl)))
+    if disc is not None:
+        out.append(Verdict(f"discard policy: {disc.received} of {disc.sent} UDP datagrams to port "
+                           f"{cfg.discard_port} arrive", disc.received == 0, str(disc)))
+    status = get("status")
+    if status is not None:
+        idle = [f"{peer} q{w.get('queue')}" for peer, st in status.items() for w in st.get("workers", [])
+                if not w.get("packets_out")]
+        out.append(Verdict("every worker of both peers carried traffic" if not idle
+                           else f"idle workers: {', '.join(idle)}", not idle))
+    dropped = r.values.get("capture_dropped")
+    if "pcap" in r.values:
+        out.append(Verdict(f"capture complete: tcpdump lost {dropped} frames", dropped == 0))
+    wire = get("wire")
+    if wire is not None:
+        spis = {sa.spi for sa in cfg.sas}
+        out.append(Verdict(f"wire: {wire.summary()}", wire.ok and wire.esp + wire.bypassed == wire.ipv4,
+                           "\n".join(wire.examples)))
+        out.append(Verdict(f"wire: ESP on all {len(spis)} SAs", set(wire.esp_by_spi) == spis,
+                           ", ".join(f"0x{k:x}: {v}" for k, v in sorted(wire.esp_by_spi.items()))))
+    ts = get("tshark")
+    if ts is not None:
+        if not ts.supported:
+            out.append(Verdict(ts.summary(), True, skipped=True))
+        else:
+            esp = wire.esp if wire is not None else -1
+            out.append(Verdict(ts.summary() + f" of {ts.esp} ESP packets", ts.ok and ts.esp == esp and
+                               ts.unchecked == 0, f"tshark saw {ts.esp} ESP packets, the capture has {esp}"))
+    return out

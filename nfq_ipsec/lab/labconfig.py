@@ -19,10 +19,19 @@ of each peer, first match wins, default discard (RFC 4301):
 Hosts protect their own address (/32, transport mode); gateways protect their LAN prefix
 (tunnel mode between their wire addresses). The returned :class:`LabConfig` keeps the SAs with
 their keys (:class:`LabSA`, keys hidden from repr) so a capture can be checked with tshark.
+
+Keys are fresh from the system's random source, or, given a ``seed`` (the two-VM lab, where
+two machines must agree on them without one sending keys to the other), derived from it with
+HKDF-Expand (RFC 5869, SHA-256; the seed is the pseudorandom key) per SA, algorithm and a
+context (the lab's topology), so the same seed yields the same keys on every machine and a new
+seed yields new ones. :func:`write_peer` writes one peer's configuration and keys wherever it
+is to live (``/etc/nfq-ipsec`` on a VM).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
 from collections.abc import Sequence
@@ -110,12 +119,35 @@ def parse_encryption(text: str) -> tuple[str, str | None]:
     return enc, integrity
 
 
+SEED_MIN = 16  # bytes
+
+
+def derive_key(seed: bytes, label: str, size: int) -> bytes:
+    """HKDF-Expand(PRK=seed, info=label, L=size) with SHA-256 (RFC 5869 section 2.3)."""
+    if len(seed) < SEED_MIN:
+        raise ValueError(f"a lab seed needs at least {SEED_MIN} random bytes, got {len(seed)}")
+    out, block, counter = b"", b"", 0
+    info = b"nfq-ipsec lab key v1|" + label.encode()
+    while len(out) < size:
+        counter += 1
+        block = hmac.new(seed, block + info + bytes([counter]), hashlib.sha256).digest()
+        out += block
+    return out[:size]
+
+
 def make_sas(
     a: PeerSpec, b: PeerSpec, encryption: str, integrity: str | None, queues: Sequence[int],
-    mode: str,
+    mode: str, seed: bytes | None = None, context: str = "",
 ) -> tuple[LabSA, ...]:
-    """Fresh SAs: per queue one a->b and one b->a, each with its own random key(s)."""
+    """Per queue one a->b and one b->a SA, each with its own key(s): random, or derived from
+    ``seed`` for this SA, algorithm, mode and ``context``."""
     alg = ENCRYPTION[encryption]
+
+    def key(name: str, what: str, algorithm: str, size: int) -> bytes:
+        if seed is None:
+            return secrets.token_bytes(size)
+        return derive_key(seed, f"{context}|{mode}|{name}|{what}|{algorithm}", size)
+
     sas = []
     for sender, receiver in ((a, b), (b, a)):
         base = SPI_BASE[(sender.name, receiver.name)]
@@ -123,18 +155,23 @@ def make_sas(
             sas.append(LabSA(
                 name=f"{sender.name}-to-{receiver.name}-{i}", spi=base + i, sender=sender.name,
                 receiver=receiver.name, src=sender.address, dst=receiver.address,
-                encryption=encryption, integrity=integrity, key=secrets.token_bytes(alg.keymat_size),
-                integrity_key=secrets.token_bytes(HMACS[integrity].key_size) if integrity else b"",
+                encryption=encryption, integrity=integrity,
+                key=key(f"{sender.name}-to-{receiver.name}-{i}", "encryption", encryption,
+                        alg.keymat_size),
+                integrity_key=(key(f"{sender.name}-to-{receiver.name}-{i}", "integrity", integrity,
+                                   HMACS[integrity].key_size) if integrity else b""),
                 queue=queue, mode=mode,
             ))
     return tuple(sas)
 
 
-def generate(
-    directory: Path, a: PeerSpec, b: PeerSpec, encryption: str = "aes-gcm-128", queues: int = 2,
+def plan(
+    a: PeerSpec, b: PeerSpec, encryption: str = "aes-gcm-128", queues: int = 2,
     mode: str | None = None, bypass_port: int = BYPASS_PORT, discard_port: int = DISCARD_PORT,
+    seed: bytes | None = None, context: str = "", directory: Path = Path("."),
 ) -> LabConfig:
-    """Write both peers' configs and key files under ``directory`` (created, mode 0700)."""
+    """The lab's SAs and settings for peers ``a`` and ``b``, nothing written yet (``peers`` is
+    empty: :func:`write_peer` fills it). Raises ValueError for what the lab can't run."""
     if {a.name, b.name} != {"a", "b"}:
         raise ValueError("the two peers are named 'a' and 'b'")
     if a.name != "a":
@@ -149,26 +186,53 @@ def generate(
     if mode == "transport" and (a.protected.prefixlen != 32 or b.protected.prefixlen != 32):
         raise ValueError("transport mode protects the peers' own addresses (/32) only")
     qnums = tuple(QUEUE_BASE + i for i in range(queues))
-    sas = make_sas(a, b, enc, integrity, qnums, mode)
+    sas = make_sas(a, b, enc, integrity, qnums, mode, seed, context)
+    return LabConfig(directory, {}, sas, enc, integrity, mode, qnums, bypass_port, discard_port)
+
+
+def generate(
+    directory: Path, a: PeerSpec, b: PeerSpec, encryption: str = "aes-gcm-128", queues: int = 2,
+    mode: str | None = None, bypass_port: int = BYPASS_PORT, discard_port: int = DISCARD_PORT,
+    seed: bytes | None = None, context: str = "",
+) -> LabConfig:
+    """Write both peers' configs and key files under ``directory`` (created, mode 0700).
+    Keys: random, or derived from ``seed`` and ``context`` (see :func:`derive_key`)."""
+    cfg = plan(a, b, encryption, queues, mode, bypass_port, discard_port, seed, context, directory)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
-    peers = {}
     for me, other in ((a, b), (b, a)):
         pdir = directory / me.name
-        (pdir / "keys").mkdir(mode=0o700, parents=True, exist_ok=True)
-        state = pdir / "state"
-        state.mkdir(mode=0o700, exist_ok=True)
-        sock = pdir / "ctl.sock"
-        for sa in sas:
-            _write_key(pdir / "keys" / f"{sa.name}.key", sa.key)
-            if sa.integrity:
-                _write_key(pdir / "keys" / f"{sa.name}.auth.key", sa.integrity_key)
-        text = render(me, other, sas, qnums, sock, state, mode, bypass_port, discard_port)
-        path = pdir / "nfq-ipsec.toml"
-        path.write_text(text)
-        os.chmod(path, 0o600)
-        peers[me.name] = PeerConfig(me, path, sock, state)
-    return LabConfig(directory, peers, sas, enc, integrity, mode, qnums, bypass_port, discard_port)
+        pdir.mkdir(mode=0o700, exist_ok=True)
+        cfg.peers[me.name] = write_peer(cfg, me, other, pdir / "nfq-ipsec.toml", pdir / "ctl.sock",
+                                        pdir / "state")
+    return cfg
+
+
+def write_peer(
+    cfg: LabConfig, me: PeerSpec, other: PeerSpec, path: Path, control_socket: Path,
+    state_dir: Path, key_dir: str = "keys",
+) -> PeerConfig:
+    """Write ``me``'s configuration to ``path`` (mode 0600) and its SAs' keys into
+    ``<path's directory>/<key_dir>/`` (0700, files 0600), creating ``state_dir`` (0700)."""
+    keys = path.parent / key_dir
+    keys.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(keys, 0o700)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for sa in cfg.sas:
+        if me.name not in (sa.sender, sa.receiver):
+            continue
+        _write_key(keys / f"{sa.name}.key", sa.key)
+        if sa.integrity:
+            _write_key(keys / f"{sa.name}.auth.key", sa.integrity_key)
+    text = render(me, other, cfg.sas, cfg.queues, control_socket, state_dir, cfg.mode,
+                  cfg.bypass_port, cfg.discard_port, key_dir)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    return PeerConfig(me, path, control_socket, state_dir)
 
 
 def _write_key(path: Path, key: bytes) -> None:
@@ -184,8 +248,9 @@ def _write_key(path: Path, key: bytes) -> None:
 def render(
     me: PeerSpec, other: PeerSpec, sas: Sequence[LabSA], queues: Sequence[int], socket: Path,
     state_dir: Path, mode: str, bypass_port: int = BYPASS_PORT, discard_port: int = DISCARD_PORT,
+    key_dir: str = "keys",
 ) -> str:
-    """One peer's TOML. Keys are referenced by file (keys/<sa>.key), never inline."""
+    """One peer's TOML. Keys are referenced by file (<key_dir>/<sa>.key), never inline."""
     # Ports live on peer b's side: seen from a they are remote ports, from b local ones.
     side = "remote_ports" if me.name == "a" else "local_ports"
     mine = [sa for sa in sas if me.name in (sa.sender, sa.receiver)]
@@ -193,7 +258,7 @@ def render(
     in_names = [sa.name for sa in mine if sa.receiver == me.name]
     lines = [
         f"# nfq-ipsec lab: peer {me.name} ({me.role}), {mode} mode with peer {other.name}.",
-        "# Generated with fresh random keys for this run only; see nfq_ipsec/lab/labconfig.py.",
+        "# Generated for one lab run (keys: random, or from its seed); see nfq_ipsec/lab/labconfig.py.",
         "",
         "[node]",
         f'interface = "{me.interface}"',
@@ -241,9 +306,10 @@ def render(
         ]
         if mode == "tunnel":
             lines += [f'tunnel_local = "{me.address}"', f'tunnel_remote = "{other.address}"']
-        lines += [f'encryption = "{sa.encryption}"', f'key_file = "keys/{sa.name}.key"']
+        lines += [f'encryption = "{sa.encryption}"', f'key_file = "{key_dir}/{sa.name}.key"']
         if sa.integrity:
-            lines += [f'integrity = "{sa.integrity}"', f'integrity_key_file = "keys/{sa.name}.auth.key"']
+            lines += [f'integrity = "{sa.integrity}"',
+                      f'integrity_key_file = "{key_dir}/{sa.name}.auth.key"']
     return "\n".join(lines) + "\n"
 
 

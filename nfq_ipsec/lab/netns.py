@@ -66,6 +66,8 @@ def run(
 class Host:
     """A place to run commands. This base class is the local machine itself."""
 
+    local = True  # commands run on this machine (its tools, its files)
+
     def __init__(self, name: str = "localhost", python: str = sys.executable) -> None:
         self.name = name
         self.python = python  # a Python 3 on that host (for the small traffic programs)
@@ -82,6 +84,33 @@ class Host:
 
     def read_sysctl(self, key: str) -> str:
         return self.run(["sysctl", "-n", key]).stdout.strip()
+
+    # Files and background processes. Here (and in a namespace) the lab's work directory is
+    # this machine's, and a process is signalled by its pid. A remote host (lab/vagrant.py)
+    # maps the work directory onto its own disk, copies files across and signals its
+    # processes there.
+    def path(self, local: Path) -> str:
+        """Where a file of the lab's work directory is on this host."""
+        return str(local)
+
+    def push(self, local: Path) -> None:
+        """Make the local file available on this host at ``path(local)``."""
+
+    def fetch(self, local: Path) -> None:
+        """Copy ``path(local)`` on this host to the local file."""
+
+    def background_argv(self, cmd: Sequence[str], tag: str) -> list[str]:
+        """The local argv that runs ``cmd`` on this host as a background process of the lab
+        (``tag``: unique among the lab's processes)."""
+        return self.argv(cmd)
+
+    def signal(self, proc: Started, signum: int) -> None:
+        """Send ``signum`` to a background process started on this host."""
+        os.kill(proc.pid, signum)
+
+    def pid_of(self, proc: Started) -> int | None:
+        """A background process's pid as this host sees it."""
+        return proc.pid
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
@@ -138,11 +167,13 @@ class Lab:
     processes: list[Started] = field(default_factory=list)
     closed: bool = False
     tag: str = ""
+    prefix: str = PREFIX  # namespace names: <prefix><pid>-<n><suffix>
 
     def __post_init__(self) -> None:
         global _counter
         _counter += 1
-        self.tag = f"{PREFIX}{os.getpid()}-{_counter}"
+        self.tag = f"{self.prefix}{os.getpid()}-{_counter}"
+        self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.workdir, 0o700)
         self._old_handlers: dict[int, Any] = {}
         atexit.register(self.close)
@@ -236,14 +267,15 @@ class Lab:
             n += 1
             logpath = self.workdir / f"{name}-{n}.log"
         out = logpath.open("w")
+        argv = host.background_argv(cmd, logpath.stem)
         try:
             popen = subprocess.Popen(
-                host.argv(cmd), stdout=out, stderr=subprocess.STDOUT,
+                argv, stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, text=True, start_new_session=True,
                 env={**os.environ, "LC_ALL": "C", "PYTHONUNBUFFERED": "1"},
             )
         except FileNotFoundError as err:
-            raise LabError(f"{shlex.join(host.argv(cmd))}: {err.strerror}") from None
+            raise LabError(f"{shlex.join(argv)}: {err.strerror}") from None
         finally:
             out.close()
         started = Started(name, host, popen, logpath, stop_signal)
@@ -254,11 +286,13 @@ class Lab:
         """Stop one process we started: its stop signal, then SIGKILL. Returns its exit code."""
         p = proc.popen
         if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, proc.stop_signal)
+            with contextlib.suppress(ProcessLookupError, LabError):
+                proc.host.signal(proc, proc.stop_signal)
             try:
                 p.wait(timeout)
             except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, LabError):
+                    proc.host.signal(proc, signal.SIGKILL)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signal.SIGKILL)
                 p.wait(5)

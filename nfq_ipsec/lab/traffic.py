@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .labconfig import LabSA
-from .netns import Host, Lab, LabError, Started, run
+from .netns import Host, Lab, LabError, Started
 
 PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_ESP = 1, 6, 17, 50
 PROTO_NAMES = {PROTO_ICMP: "icmp", PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ESP: "esp"}
@@ -281,14 +281,15 @@ def send_file(
 ) -> TransferResult:
     """Send ``path`` over one TCP connection; the receiver hashes (and stores) what arrives."""
     data = path.read_bytes()
-    out = str(received_path) if received_path is not None else "-"
+    sender.push(path)
+    out = receiver.path(received_path) if received_path is not None else "-"
     recv = lab.start(f"tcp-recv-{port}", receiver, [receiver.python, "-c", TCP_RECV_SRC,
                                                     receiver_addr, str(port), out, str(wait)])
     try:
         wait_listening(receiver, "tcp", port)
         t0 = time.monotonic()
-        res = sender.run([sender.python, "-c", TCP_SEND_SRC, receiver_addr, str(port), str(path),
-                          str(wait)], check=False, timeout=wait + 10)
+        res = sender.run([sender.python, "-c", TCP_SEND_SRC, receiver_addr, str(port),
+                          sender.path(path), str(wait)], check=False, timeout=wait + 10)
         seconds = time.monotonic() - t0
     finally:
         log = _finish(lab, recv, 10)
@@ -335,24 +336,34 @@ def random_file(path: Path, size: int = 1 << 20) -> Path:
 # -- capture --------------------------------------------------------------------------------
 
 class Capture:
-    """``tcpdump -w`` on one interface of one host, started and stopped by the lab."""
+    """``tcpdump -w`` on one interface of one host, started and stopped by the lab.
 
-    def __init__(self, lab: Lab, host: Host, interface: str, path: Path, buffer_kib: int = 65536) -> None:
+    ``bpf``: an optional capture filter. The namespace lab's wire carries nothing but the lab's
+    traffic and is captured whole; a shared network (the VMs' private network, where the
+    hypervisor host chats too) is filtered down to the packets between the protected parties.
+    """
+
+    def __init__(
+        self, lab: Lab, host: Host, interface: str, path: Path, buffer_kib: int = 65536,
+        bpf: str | None = None,
+    ) -> None:
         self.lab, self.host, self.interface, self.path = lab, host, interface, path
         self.buffer_kib = buffer_kib  # -B: a large kernel buffer, so no frame escapes the check
+        self.bpf = bpf
         self.proc: Started | None = None
         self.kernel_dropped: int | None = None
         self.captured: int | None = None
 
     def start(self, timeout: float = 10.0) -> Capture:
-        if shutil.which("tcpdump") is None:
+        if self.host.local and shutil.which("tcpdump") is None:
             raise LabError("tcpdump is not installed (Debian package 'tcpdump')")
         # -U: write each packet at once; -s 0: whole packets (the ICV covers all of it);
         # -Z root: don't drop to the tcpdump user, who can't write into our 0700 directory.
         self.proc = self.lab.start(
             f"tcpdump-{self.interface}", self.host,
             ["tcpdump", "-i", self.interface, "-n", "-U", "-s", "0", "-Z", "root", "-B", str(self.buffer_kib),
-             "--immediate-mode", "-w", str(self.path)],
+             "--immediate-mode", "-w", self.host.path(self.path),
+             *([self.bpf] if self.bpf else [])],
             stop_signal=2,
         )
         deadline = time.monotonic() + timeout
@@ -375,6 +386,7 @@ class Capture:
                 self.kernel_dropped = int(words[0])
             elif line.endswith("packets captured") and words[0].isdigit():
                 self.captured = int(words[0])
+        self.host.fetch(self.path)
         return self.path
 
 
@@ -564,19 +576,29 @@ class TsharkReport:
         return text
 
 
-def tshark_version(tshark: str = "tshark") -> str:
-    res = run([tshark, "--version"], check=False)
+def tshark_version(tshark: str = "tshark", host: Host | None = None) -> str:
+    res = (host or Host()).run([tshark, "--version"], check=False)
     return res.stdout.splitlines()[0] if res.stdout else "tshark (unknown version)"
 
 
-def tshark_verify(pcap: Path, sas: Sequence[LabSA], tshark: str | None = None) -> TsharkReport:
-    """Let tshark decrypt and authenticate every ESP packet of ``pcap`` with the lab's SAs."""
-    tshark = tshark or shutil.which("tshark")
-    if tshark is None:
-        raise LabError("tshark is not installed (Debian package 'tshark'): it is the ESP oracle")
-    version = tshark_version(tshark)
-    res = subprocess.run(tshark_argv(tshark, pcap, sas), capture_output=True, text=True,
-                         timeout=600, env={**os.environ, "LC_ALL": "C"})
+def tshark_verify(
+    pcap: Path, sas: Sequence[LabSA], tshark: str | None = None, host: Host | None = None,
+) -> TsharkReport:
+    """Let tshark decrypt and authenticate every ESP packet of ``pcap`` with the lab's SAs.
+
+    ``host``: run tshark there, on its copy of the capture (``host.path(pcap)``), for example on
+    the VM that captured it; by default here. Either way the keys are in tshark's argv."""
+    if host is None:
+        host = Host()
+        tshark = tshark or shutil.which("tshark")
+        if tshark is None:
+            raise LabError("tshark is not installed (Debian package 'tshark'): it is the ESP oracle")
+    else:
+        tshark = tshark or "tshark"
+    version = tshark_version(tshark, host)
+    res = host.run(tshark_argv(tshark, Path(host.path(pcap)), sas), check=False, timeout=600)
+    if res.returncode == 127:  # the shell of a remote host: command not found
+        raise LabError(f"tshark is not installed on {host.name} (Debian package 'tshark')")
     if res.returncode != 0:
         err = res.stderr.strip()
         if "invalid value" in err or "esp_sa" in err:

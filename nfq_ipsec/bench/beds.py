@@ -1,0 +1,233 @@
+"""The rows of the benchmark and the test bed each one runs on.
+
+Every test bed is built from the lab's pieces in a fresh :class:`~nfq_ipsec.lab.netns.Lab`
+(namespaces ``nfqb<pid>-<n><role>``, removed on every exit path) and is the same pair of
+namespaces joined by one veth pair, 192.168.56.10 -> 192.168.56.11 (the lab's host topology),
+except the tunnel row, which is the lab's gateway topology (client -> gateway -> gateway ->
+server, tunnel mode between the gateways):
+
+- ``plain``: no rules, nothing in user space;
+- ``accept``: on both hosts, every packet of the link is queued, in mangle OUTPUT and raw
+  PREROUTING, where the daemon queues (skipping packets with the reinject mark, as the daemon's
+  rules do; with several queues HMARK spreads flows over them like the daemon's per-flow hash),
+  and accepted unchanged by one accept-only worker per queue (:mod:`nfq_ipsec.bench.accept`:
+  the daemon's worker loop with a processor that accepts everything);
+- ``gcm``, ``chacha``, ``cbc``, ``tunnel-gcm``: the real daemon on both peers
+  (``nfq-ipsec run``), configured by the lab (one SA per queue and direction, fresh keys);
+- ``strongswan``: two charons with kernel-libipsec (:mod:`nfq_ipsec.bench.strongswan`).
+
+CPU pinning: ``spread`` (the default) pins queue i of peer a to online CPU i and queue i of peer
+b to CPU i+1 (mod the CPU count), so that with one queue each peer's worker has a CPU of its
+own, as two real hosts would; ``same`` is the daemon's default on both peers (queue i on CPU i),
+which on one machine puts both peers' first workers on CPU 0.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config.model import DEFAULT_MARK
+from ..lab import labconfig, topology
+from ..lab.daemon import Daemon
+from ..lab.netns import Host, Lab, LabError, Started
+from ..nfqueue import PROC_QUEUES
+from ..rules import HMARK_RND, hmark_base
+from . import strongswan
+from .measure import TrafficPath
+
+LAYOUTS = ("spread", "same")
+READY_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    key: str  # what --rows takes
+    label: str  # what the table says
+    kind: str  # plain, accept, esp, strongswan
+    topology: str = "host"
+    encryption: str | None = None
+    per_queue: bool = True  # measured once per --queues value (else once)
+    note: str = ""
+
+
+ROWS = (
+    RowSpec("plain", "plain veth (no rules)", "plain", per_queue=False,
+            note="two namespaces joined by a veth pair, no rules, nothing in user space"),
+    RowSpec("accept", "NFQUEUE accept-only", "accept",
+            note="every packet of the link through NFQUEUE and the worker loop, accepted "
+                 "unchanged: the redirect ceiling"),
+    RowSpec("gcm", "transport aes-gcm-128", "esp", encryption="aes-gcm-128"),
+    RowSpec("chacha", "transport chacha20-poly1305", "esp", encryption="chacha20-poly1305"),
+    RowSpec("cbc", "transport aes-cbc-128+sha256", "esp", encryption="aes-cbc-128"),
+    RowSpec("tunnel-gcm", "tunnel aes-gcm-128 (gateways)", "esp", topology="gateway",
+            encryption="aes-gcm-128",
+            note="client -> gateway -> gateway -> server: two more forwarding hops than the "
+                 "host rows"),
+    RowSpec("strongswan", "strongSwan libipsec gcm (UDP)", "strongswan", per_queue=False,
+            note=strongswan.DESCRIPTION),
+)
+ROW_KEYS = tuple(r.key for r in ROWS)
+
+
+def row_spec(key: str) -> RowSpec:
+    for r in ROWS:
+        if r.key == key:
+            return r
+    raise KeyError(key)
+
+
+@dataclass
+class Bed:
+    """A built test bed: where traffic goes and which processes are the data plane."""
+
+    path: TrafficPath
+    dataplane: list[Started] = field(default_factory=list)  # CPU: these and their descendants
+    queue_hosts: list[Host] = field(default_factory=list)  # namespaces with NFQUEUE queues
+    daemons: list[Daemon] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def dataplane_pids(self) -> list[int]:
+        return [p.pid for p in self.dataplane if p.popen.poll() is None]
+
+    def check_alive(self) -> None:
+        for p in self.dataplane:
+            if p.popen.poll() is not None:
+                raise LabError(f"{p.name} exited with {p.popen.returncode}: {p.output()[-600:]}")
+
+    def daemon_status(self) -> dict[str, Any]:
+        """Per peer and worker: packets and drops, from ``nfq-ipsec status --json``."""
+        out: dict[str, Any] = {}
+        for d in self.daemons:
+            try:
+                st = d.status()
+            except (LabError, ValueError) as err:
+                out[d.name] = {"error": str(err)[:300]}
+                continue
+            out[d.name] = [
+                {k: w.get(k) for k in ("queue", "cpu", "packets_in", "packets_out", "drops", "kernel")}
+                for w in st.get("workers", [])
+            ]
+        return out
+
+
+def cpus_for(peer_index: int, queues: int, layout: str) -> list[int]:
+    online = sorted(os.sched_getaffinity(0))
+    offset = peer_index if layout == "spread" else 0
+    return [online[(i + offset) % len(online)] for i in range(queues)]
+
+
+def build(lab: Lab, spec: RowSpec, queues: int, layout: str) -> Bed:
+    if spec.kind == "plain":
+        topo = topology.host_to_host(lab)
+        return Bed(TrafficPath(lab, topo.client, topo.server, topo.server_addr))
+    if spec.kind == "accept":
+        return _accept_bed(lab, queues, layout)
+    if spec.kind == "esp":
+        return _esp_bed(lab, spec, queues, layout)
+    if spec.kind == "strongswan":
+        topo = topology.host_to_host(lab)
+        for peer in topo.peers:
+            # libipsec routes the peer's address into its TUN device (table 220), so strict
+            # reverse-path filtering on the wire would drop the peer's ESP-in-UDP packets.
+            peer.host.sysctl("net.ipv4.conf.all.rp_filter", 2)
+        procs = strongswan.start_pair(lab, topo.client, topo.client_addr, topo.server, topo.server_addr)
+        return Bed(TrafficPath(lab, topo.client, topo.server, topo.server_addr), dataplane=procs,
+                   info={"strongswan": strongswan.version(), "ike": strongswan.IKE_PROPOSAL,
+                         "esp": strongswan.ESP_PROPOSAL})
+    raise ValueError(f"unknown row kind {spec.kind!r}")
+
+
+# -- the real daemon ------------------------------------------------------------------------
+
+def pin_config(path: Path, cpus: Sequence[int]) -> None:
+    """Add ``cpus = [...]`` to the [daemon] table of a lab-generated config."""
+    text = path.read_text()
+    new, n = re.subn(r"^(queues = \[[0-9, ]*\])$", rf"\1\ncpus = [{', '.join(map(str, cpus))}]", text,
+                     count=1, flags=re.M)
+    if n != 1:
+        raise LabError(f"{path}: no 'queues = [...]' line to pin CPUs after")
+    path.write_text(new)
+
+
+def _esp_bed(lab: Lab, spec: RowSpec, queues: int, layout: str) -> Bed:
+    assert spec.encryption is not None
+    topo = topology.build(lab, spec.topology)
+    cfg = labconfig.generate(lab.workdir / "config", topo.a.spec, topo.b.spec, spec.encryption, queues)
+    cpus = {}
+    for i, peer in enumerate(topo.peers):
+        cpus[peer.name] = cpus_for(i, queues, layout)
+        pin_config(cfg.peer(peer.name).path, cpus[peer.name])
+    daemons = [Daemon(cfg.peer(p.name), p.host) for p in topo.peers]
+    for d in daemons:
+        d.start(lab)
+    for d in daemons:
+        d.wait_ready()
+    procs = [d.proc for d in daemons if d.proc is not None]
+    return Bed(TrafficPath(lab, topo.client, topo.server, topo.server_addr), dataplane=procs,
+               queue_hosts=[p.host for p in topo.peers], daemons=daemons,
+               info={"mode": cfg.mode, "encryption": cfg.encryption, "integrity": cfg.integrity,
+                     "cpus": cpus})
+
+
+# -- accept-only ----------------------------------------------------------------------------
+
+def accept_rules(interface: str, queues: Sequence[int], mark: int = DEFAULT_MARK) -> str:
+    """iptables-restore input: every packet of ``interface`` to the queues, like the daemon's
+    hooks (mangle OUTPUT for what this host sends, raw PREROUTING for what it receives),
+    skipping packets that carry the reinject mark; several queues: HMARK per flow."""
+    lines = []
+    for table, chain, direction in (("raw", "PREROUTING", "-i"), ("mangle", "OUTPUT", "-o")):
+        lines += [f"*{table}", f":{chain} ACCEPT [0:0]",
+                  f"-A {chain} {direction} {interface} -m mark --mark 0x{mark:x}/0x{mark:x} -j RETURN"]
+        if len(queues) == 1:
+            lines.append(f"-A {chain} {direction} {interface} -j NFQUEUE --queue-num {queues[0]}")
+        else:
+            base = hmark_base(mark)
+            lines.append(
+                f"-A {chain} {direction} {interface} -j HMARK --hmark-src-prefix 32 --hmark-dst-prefix 32 "
+                f"--hmark-sport-mask 0xffff --hmark-dport-mask 0xffff --hmark-proto-mask 0xffff "
+                f"--hmark-rnd 0x{HMARK_RND:08x} --hmark-mod {len(queues)} --hmark-offset {base}")
+            for k, q in enumerate(queues):
+                lines.append(f"-A {chain} {direction} {interface} -m mark --mark 0x{base + k:x} "
+                             f"-j NFQUEUE --queue-num {q}")
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def bound_queues(host: Host) -> set[int]:
+    res = host.run(["cat", PROC_QUEUES], check=False)
+    return {int(line.split()[0]) for line in res.stdout.splitlines() if line.split()}
+
+
+def _accept_bed(lab: Lab, queues: int, layout: str) -> Bed:
+    topo = topology.host_to_host(lab)
+    qnums = [labconfig.QUEUE_BASE + k for k in range(queues)]
+    procs: list[Started] = []
+    cpus = {}
+    for i, peer in enumerate(topo.peers):
+        cpus[peer.name] = cpus_for(i, queues, layout)
+        for q, cpu in zip(qnums, cpus[peer.name], strict=True):
+            procs.append(lab.start(f"accept-{peer.name}-q{q}", peer.host, [
+                sys.executable, "-m", "nfq_ipsec.bench.accept", "--queue", str(q), "--cpu", str(cpu),
+                "--mark", f"0x{DEFAULT_MARK:x}"]))
+    deadline = time.monotonic() + READY_TIMEOUT
+    for peer in topo.peers:
+        while not set(qnums) <= bound_queues(peer.host):
+            for p in procs:
+                if p.popen.poll() is not None:
+                    raise LabError(f"{p.name} exited with {p.popen.returncode}: {p.output()[-600:]}")
+            if time.monotonic() > deadline:
+                raise LabError(f"accept-only workers on {peer.host.name} did not bind queues {qnums} "
+                               f"within {READY_TIMEOUT:g} s")
+            time.sleep(0.05)
+    for peer in topo.peers:  # rules only once every queue has its worker, as the daemon does
+        peer.host.run(["iptables-restore"], input=accept_rules(peer.spec.interface, qnums))
+    return Bed(TrafficPath(lab, topo.client, topo.server, topo.server_addr), dataplane=procs,
+               queue_hosts=[p.host for p in topo.peers], info={"queues": qnums, "cpus": cpus})

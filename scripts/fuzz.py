@@ -1,0 +1,289 @@
+#!/usr/bin/env python3
+"""The fuzz campaign behind ``scripts/fuzz``: long runs against the inputs an attacker or a
+careless operator controls. Properties (any other exception is a finding):
+
+- ``config``: bytes -> UTF-8 text -> TOML -> ``parse_config``: a Config (which then renders into
+  iptables rules) or ConfigError, nothing else. Seeds: the example configurations.
+- ``packets``: bytes -> ``Processor.inbound`` and ``Processor.outbound`` of a host holding
+  AES-GCM, ChaCha20-Poly1305 and AES-CBC+HMAC SAs in transport and tunnel mode: always a
+  Result (ACCEPT or DROP with a reason), never an exception. Seeds: genuine ESP from the peer.
+
+Engines: atheris (coverage-guided libFuzzer, ``pip install atheris``) when it imports, else
+hypothesis (random and structured generation). Each target runs in a process of its own for
+``--seconds``; findings are written to ``--out`` (default fuzz-results/) and the summary is
+printed and saved as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+TARGETS = ("config", "packets")
+
+
+# -- targets ---------------------------------------------------------------------------------------
+def config_target() -> Any:
+    import tomllib
+
+    from nfq_ipsec import rules
+    from nfq_ipsec.config.loader import parse_config
+    from nfq_ipsec.core import ConfigError
+
+    def one(data: bytes) -> None:
+        try:
+            doc = tomllib.loads(data.decode("utf-8", errors="replace"))
+        except tomllib.TOMLDecodeError:
+            return
+        try:
+            cfg = parse_config(doc, base_dir=Path("/nonexistent-nfq-fuzz"), online_cpus=[0, 1])
+        except ConfigError as err:
+            assert err.problems and all(":" in p for p in err.problems)
+            return
+        rules.render(cfg)
+
+    return one
+
+
+def config_seeds() -> list[bytes]:
+    seeds = [p.read_bytes() for p in sorted((REPO / "nfq_ipsec" / "examples").glob("*.toml"))]
+    # the examples name key files; an inline-key variant reaches the SA and policy checks
+    key = "0x" + "5a" * 20
+    seeds.append(re.sub(rb'key_file = "[^"]*"', f'key = "{key}"'.encode(), seeds[0]))
+    return seeds
+
+
+def _host() -> tuple[Any, Any]:
+    """Host A (the fuzz target) and its peer B, with mirrored SAs."""
+    from ipaddress import IPv4Address
+
+    from nfq_ipsec.core import (
+        SPD,
+        Action,
+        Direction,
+        Mode,
+        Policy,
+        Processor,
+        SADirection,
+        SAParams,
+        Secret,
+        Selector,
+    )
+
+    suites = [("aes-gcm-128", None, 20, 0, Mode.TRANSPORT, False),
+              ("chacha20-poly1305", None, 36, 0, Mode.TUNNEL, True),
+              ("aes-cbc-128", "hmac-sha256-128", 16, 32, Mode.TRANSPORT, True)]
+    a, b = int(IPv4Address("10.0.0.1")), int(IPv4Address("10.0.0.2"))
+
+    def host(me: int, peer: int, out_base: int, in_base: int) -> Any:
+        sas, pols = [], []
+        for i, (enc, mac, klen, ilen, mode, esn) in enumerate(suites):
+            for direction, base in ((SADirection.OUT, out_base), (SADirection.IN, in_base)):
+                sas.append(SAParams(
+                    f"{direction.value}{i}", base + i, direction, enc, Secret(bytes([i + 1]) * klen),
+                    mac, Secret(bytes([i + 7]) * ilen), mode=mode, esn=esn, tunnel_local=me,
+                    tunnel_remote=peer))
+            local = f"10.0.{i}.1/32" if me == a else f"10.0.{i}.2/32"
+            remote = f"10.0.{i}.2/32" if me == a else f"10.0.{i}.1/32"
+            from ipaddress import IPv4Network
+            pols.append(Policy(f"p{i}", Selector(IPv4Network(local), IPv4Network(remote)),
+                               Action.PROTECT, Direction.BOTH, (f"out{i}", f"in{i}")))
+        pols.append(Policy("rest", Selector(), Action.BYPASS, Direction.BOTH, ()))
+        return Processor(SPD(pols), sas, 0.0)
+
+    return host(a, b, 0x1000, 0x2000), host(b, a, 0x2000, 0x1000)
+
+
+def packets_target() -> Any:
+    from nfq_ipsec.core import Result
+
+    proc, _ = _host()
+
+    def one(data: bytes) -> None:
+        if not data:
+            return
+        res = proc.inbound(data[1:], 1.0) if data[0] & 1 else proc.outbound(data[1:], 1.0)
+        assert isinstance(res, Result)
+
+    return one
+
+
+def packets_seeds() -> list[bytes]:
+    import struct
+
+    _, peer = _host()
+    seeds = []
+    for i in range(3):
+        for size in (0, 40, 1400):
+            body = struct.pack("!HHHH", 1000, 2000, 8 + size, 0) + bytes(size)
+            hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 1, 0x4000, 64, 17, 0,
+                              bytes([10, 0, i, 2]), bytes([10, 0, i, 1]))
+            res = peer.outbound(hdr + body, 1.0)
+            if res.packet is not None:
+                seeds.append(b"\x01" + res.packet)  # ESP for A's inbound side
+            # the same datagram leaving A: protected by A's outbound SA i
+            mine = hdr[:12] + bytes([10, 0, i, 1]) + bytes([10, 0, i, 2])
+            seeds.append(b"\x00" + mine + body)
+    return seeds
+
+
+FACTORIES = {"config": (config_target, config_seeds), "packets": (packets_target, packets_seeds)}
+
+
+# -- engines ------------------------------------------------------------------------------------------
+def run_atheris(name: str, seconds: int, out: Path) -> None:
+    """In this process (libFuzzer exits when done): coverage-guided, seeded."""
+    import atheris  # type: ignore[import-untyped,import-not-found,unused-ignore]
+
+    with atheris.instrument_imports():
+        for module in ("tomllib", "nfq_ipsec.config.loader", "nfq_ipsec.core.esp",
+                       "nfq_ipsec.core.packet", "nfq_ipsec.core.processor", "nfq_ipsec.core.replay",
+                       "nfq_ipsec.core.spd", "nfq_ipsec.rules"):
+            importlib.import_module(module)
+    make, seeds = FACTORIES[name]
+    target = make()
+    corpus = Path(tempfile.mkdtemp(prefix=f"nfq-fuzz-{name}-"))
+    for i, seed in enumerate(seeds()):
+        (corpus / f"seed{i}").write_bytes(seed)
+    crashes = out / f"{name}-crashes"
+    crashes.mkdir(parents=True, exist_ok=True)
+    atheris.Setup([sys.argv[0], f"-max_total_time={seconds}", f"-artifact_prefix={crashes}/",
+                   "-max_len=70000", "-print_final_stats=1", str(corpus)], target)
+    atheris.Fuzz()
+
+
+def run_hypothesis(name: str, seconds: int, out: Path) -> dict[str, Any]:
+    """Random bytes and seed mutations, as many as fit in ``seconds``."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    make, seeds = FACTORIES[name]
+    target = make()
+    seed_list = seeds()
+    count = 0
+    failures: list[str] = []
+
+    @st.composite
+    def mutated(draw: st.DrawFn) -> bytes:
+        data = bytearray(draw(st.sampled_from(seed_list)))
+        for _ in range(draw(st.integers(1, 8))):
+            op = draw(st.integers(0, 2))
+            pos = draw(st.integers(0, max(0, len(data) - 1)))
+            if op == 0 and data:
+                data[pos] = draw(st.integers(0, 255))
+            elif op == 1:
+                data[pos:pos] = draw(st.binary(max_size=16))
+            else:
+                del data[pos:pos + draw(st.integers(1, 64))]
+        return bytes(data)
+
+    @settings(max_examples=10**9, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.one_of(st.binary(max_size=2048), mutated()))
+    def prop(data: bytes) -> None:
+        nonlocal count
+        count += 1
+        if time.monotonic() > deadline:
+            raise _Done
+        try:
+            target(data)
+        except Exception as err:
+            path = out / f"{name}-crash-{len(failures)}.bin"
+            path.write_bytes(data)
+            failures.append(f"{type(err).__name__}: {err} ({path})")
+            if len(failures) >= 10:
+                raise _Done from None
+
+    deadline = time.monotonic() + seconds
+    with contextlib.suppress(_Done):
+        prop()
+    return {"target": name, "engine": "hypothesis", "seconds": seconds, "executions": count,
+            "failures": failures}
+
+
+class _Done(BaseException):
+    """Ends a hypothesis run early (a BaseException, so hypothesis does not shrink it)."""
+
+
+# -- the driver -----------------------------------------------------------------------------------
+def have_atheris() -> bool:
+    try:
+        import atheris  # type: ignore[import-untyped,import-not-found,unused-ignore]  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def campaign(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    engine = args.engine
+    if engine == "auto":
+        engine = "atheris" if have_atheris() else "hypothesis"
+    results = []
+    for name in args.targets.split(","):
+        print(f"fuzz: {name} with {engine} for {args.seconds} s ...", flush=True)
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, __file__, "--run-target", name, "--engine", engine,
+                               "--seconds", str(args.seconds), "--out", str(out)],
+                              capture_output=True, text=True, cwd=REPO)
+        took = round(time.monotonic() - started, 1)
+        if engine == "atheris":
+            runs = re.findall(r"stat::number_of_executed_units: (\d+)", proc.stderr)
+            cov = re.findall(r"cov: (\d+) ft: (\d+)", proc.stderr)
+            crashed = "==ERROR" in proc.stderr or "Uncaught Python exception" in proc.stderr
+            res = {"target": name, "engine": "atheris", "seconds": took,
+                   "executions": int(runs[-1]) if runs else None,
+                   "coverage_edges": int(cov[-1][0]) if cov else None,
+                   "failures": [proc.stderr[-3000:]] if crashed or proc.returncode not in (0,) else []}
+        else:
+            try:
+                res = json.loads(proc.stdout.strip().splitlines()[-1])
+            except (IndexError, ValueError):
+                res = {"target": name, "engine": engine, "failures": [proc.stderr[-3000:]]}
+            res["seconds"] = took
+        results.append(res)
+        print(f"fuzz: {name}: {res.get('executions')} executions in {took} s, "
+              f"{len(res['failures'])} finding(s)", flush=True)
+        for f in res["failures"]:
+            print(f"  {f}", flush=True)
+    summary = {"machine": {"host": platform.node(), "python": platform.python_version(),
+                           "cpus": os.cpu_count(), "platform": platform.platform()},
+               "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": results}
+    (out / "fuzz-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"fuzz: summary in {out / 'fuzz-summary.json'}")
+    return 1 if any(r["failures"] for r in results) else 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=int, default=300, help="per target (default 300)")
+    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated: config,packets")
+    p.add_argument("--engine", choices=["auto", "atheris", "hypothesis"], default="auto")
+    p.add_argument("--out", default=str(REPO / "fuzz-results"), help="findings and summary")
+    p.add_argument("--run-target", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.run_target:
+        out = Path(args.out)
+        if args.engine == "atheris":
+            run_atheris(args.run_target, args.seconds, out)
+            return 0
+        print(json.dumps(run_hypothesis(args.run_target, args.seconds, out)))
+        return 0
+    return campaign(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
