@@ -207,15 +207,10 @@ def cli_status(args: argparse.Namespace) -> int:
     if getattr(args, "socket", None):
         path = args.socket
     else:
-        from .config import load_config
-        from .core import ConfigError
+        from .tools import load_or_report
 
-        try:
-            cfg = load_config(args.config)
-        except ConfigError as err:
-            print(f"nfq-ipsec: invalid configuration {args.config}:", file=sys.stderr)
-            for problem in err.problems:
-                print(f"  {problem}", file=sys.stderr)
+        cfg = load_or_report(args.config, show_warnings=False)
+        if cfg is None:
             return EXIT_CONFIG
         path = cfg.daemon.control_socket
     try:

@@ -487,15 +487,10 @@ def cli_state(args: argparse.Namespace) -> int:
     """``nfq-ipsec state show|reset``. Exit 0, 1 (cannot write, daemon running), 2 (bad
     config, unknown SA, bad number)."""
     from .cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
-    from .config import load_config
-    from .core import ConfigError
+    from .tools import load_or_report
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as err:
-        print(f"nfq-ipsec: invalid configuration {args.config}:", file=sys.stderr)
-        for problem in err.problems:
-            print(f"  {problem}", file=sys.stderr)
+    cfg = load_or_report(args.config)
+    if cfg is None:
         return EXIT_CONFIG
     state_dir = cfg.daemon.state_dir
     if args.action == "show":

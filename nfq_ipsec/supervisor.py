@@ -30,7 +30,6 @@ import multiprocessing
 import os
 import signal
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -38,9 +37,9 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from . import __version__
-from .config import Config, QueueConfig, load_config
+from .config import Config, QueueConfig
 from .control import ControlError, ControlServer
-from .core import ConfigError, SADirection
+from .core import SADirection
 from .nfqueue import kernel_queue_stats
 from .worker import WorkerSpec, worker_main
 
@@ -504,14 +503,11 @@ def cli_run(args: argparse.Namespace) -> int:
     """``nfq-ipsec run --config X``. Exit codes: 0 clean stop, 1 failure, 2 invalid config."""
     from . import logsetup
     from .cli import EXIT_CONFIG
+    from .tools import load_or_report
 
     path = str(args.config)
-    try:
-        cfg = load_config(path)
-    except ConfigError as err:
-        print(f"nfq-ipsec: invalid configuration {path}:", file=sys.stderr)
-        for problem in err.problems:
-            print(f"  {problem}", file=sys.stderr)
+    cfg = load_or_report(path, show_warnings=False)  # warnings go to the log below
+    if cfg is None:
         return EXIT_CONFIG
     logsetup.setup("supervisor", cfg.daemon.log_level)
     for warning in cfg.warnings:

@@ -32,18 +32,22 @@ def main(args: argparse.Namespace) -> int:
     return decode_capture(cfg, args.capture)
 
 
-def load_or_report(path: str) -> Config | None:
-    """Load a config; on problems print all of them to stderr and return None."""
+def load_or_report(path: str, show_warnings: bool = True) -> Config | None:
+    """Load a config; on problems print all of them to stderr and return None.
+
+    Every command that takes ``--config`` reports a bad one through here, the same way."""
     try:
         cfg = load_config(path)
     except ConfigError as err:
         n = len(err.problems)
-        print(f"{path}: {n} problem{'s' if n != 1 else ''}:", file=sys.stderr)
+        print(f"nfq-ipsec: invalid configuration {path}: {n} problem{'s' if n != 1 else ''}:",
+              file=sys.stderr)
         for problem in err.problems:
             print(f"  {problem}", file=sys.stderr)
         return None
-    for warning in cfg.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    if show_warnings:
+        for warning in cfg.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     return cfg
 
 
