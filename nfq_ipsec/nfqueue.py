@@ -95,6 +95,7 @@ SEND_IOV_MAX = 512  # buffers per sendmsg (IOV_MAX is 1024)
 PROC_QUEUES = "/proc/net/netfilter/nfnetlink_queue"
 
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid (host byte order)
+_NLMSG_LEN_TYPE = struct.Struct("=IH")
 _NFGENMSG = struct.Struct("!BBH")  # family, version, res_id (queue number, big endian)
 _NLATTR = struct.Struct("=HH")  # len, type
 _ERRNO = struct.Struct("=i")
@@ -106,7 +107,12 @@ _HDRS_LEN = _NLMSGHDR.size + _NFGENMSG.size
 # htons/htonl, so a verdict is a single pack call.
 _VERDICT_NOMARK = struct.Struct("=IHHII" "BBH" "HHII")
 _VERDICT_MARK = struct.Struct("=IHHII" "BBH" "HHII" "HHI")
-_PAYLOAD_ATTR = struct.Struct("=HH")
+_VERDICT_NOMARK_PAYLOAD = struct.Struct("=IHHII" "BBH" "HHII" "HH")
+_VERDICT_MARK_PAYLOAD = struct.Struct("=IHHII" "BBH" "HHII" "HHI" "HH")
+_htons = socket.htons
+_htonl = socket.htonl
+_ACCEPT_BE = socket.htonl(NF_ACCEPT)
+_DROP_BE = socket.htonl(NF_DROP)
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
 
 
@@ -149,15 +155,6 @@ class QueueBinding(Protocol):
 def _attr(atype: int, value: bytes) -> bytes:
     raw = _NLATTR.pack(_NLATTR.size + len(value), atype) + value
     return raw + _PAD[len(raw) & 3]
-
-
-def _be16(value: int) -> int:
-    """A 16-bit value in network order, for packing with a host-order ``H``."""
-    return socket.htons(value)
-
-
-def _be32(value: int) -> int:
-    return socket.htonl(value)
 
 
 class NetlinkQueue:
@@ -225,7 +222,8 @@ class NetlinkQueue:
                 n = self._sock.recv_into(self._buf)
                 for mtype, off, end in _messages(self._view, n):
                     if mtype == NFQNL_MSG_PACKET:
-                        self._backlog.append(_parse_packet(self._view, off, end))
+                        self.parse(self._view[off - _NLMSGHDR.size:end], end - off + _NLMSGHDR.size,
+                                   self._backlog)
                     elif mtype == NLMSG_ERROR:
                         (err,) = _ERRNO.unpack_from(self._view, off)
                         (_, _, _, eseq, _) = _NLMSGHDR.unpack_from(self._view, off + 4)
@@ -269,6 +267,7 @@ class NetlinkQueue:
         buf = self._buf
         view = self._view
         recv_into = sock.recv_into
+        parse = self.parse
         flags = socket.MSG_DONTWAIT | socket.MSG_TRUNC
         while len(out) < limit:
             try:
@@ -285,44 +284,83 @@ class NetlinkQueue:
             if n > RECV_BUFFER:
                 self.truncated_messages += 1
                 n = RECV_BUFFER
-            for mtype, off, end in _messages(view, n):
-                if mtype == NFQNL_MSG_PACKET:
-                    out.append(_parse_packet(view, off, end))
-                elif mtype == NLMSG_ERROR:
-                    (code,) = _ERRNO.unpack_from(view, off)
-                    if code:
-                        self.verdict_errors += 1
-                        self.last_verdict_error = -code
+            parse(view, n, out)
         return out
+
+    def parse(self, view: memoryview, n: int, out: list[QueuedPacket]) -> None:
+        """Append the packets in ``view[:n]`` (netlink messages as one ``recv`` returns them)
+        to ``out``; count error replies. One flat loop: this runs once per packet."""
+        unpack_head = _NLMSG_LEN_TYPE.unpack_from
+        unpack_attr = _NLATTR.unpack_from
+        off = 0
+        while off + 16 <= n:
+            length, mtype = unpack_head(view, off)
+            end = off + length
+            if length < 16 or end > n:
+                return
+            if mtype == NFQNL_MSG_PACKET:
+                pos = off + _HDRS_LEN
+                packet_id = hook = mark = 0
+                payload = b""
+                cap_len = -1
+                while pos + 4 <= end:
+                    alen, atype = unpack_attr(view, pos)
+                    if alen < 4:
+                        break
+                    atype &= 0x3FFF
+                    if atype == NFQA_PAYLOAD:
+                        payload = view[pos + 4:pos + alen].tobytes()
+                    elif atype == NFQA_PACKET_HDR:
+                        packet_id, _hw, hook = _PACKET_HDR.unpack_from(view, pos + 4)
+                    elif atype == NFQA_MARK:
+                        (mark,) = _BE32.unpack_from(view, pos + 4)
+                    elif atype == NFQA_CAP_LEN:
+                        (cap_len,) = _BE32.unpack_from(view, pos + 4)
+                    pos += (alen + 3) & ~3
+                out.append(QueuedPacket(packet_id, hook, payload,
+                                        cap_len if cap_len >= 0 else len(payload), mark))
+            elif mtype == NLMSG_ERROR:
+                (code,) = _ERRNO.unpack_from(view, off + 16)
+                if code:
+                    self.verdict_errors += 1
+                    self.last_verdict_error = -code
+            off = (end + 3) & ~3
 
     def verdict(
         self, packet_id: int, accept: bool, mark: int | None = None, payload: bytes | None = None
     ) -> None:
         """Queue a verdict; ``flush`` sends all queued verdicts in as few syscalls as it can."""
-        qnum = _be16(self.queue_num or 0)
-        code = _be32(NF_ACCEPT if accept else NF_DROP)
-        plen = 0 if payload is None else len(payload)
-        if plen > MAX_VERDICT_PAYLOAD:
-            raise ValueError(f"payload of {plen} bytes is larger than a verdict can carry")
-        head_len = _VERDICT_NOMARK.size if mark is None else _VERDICT_MARK.size
-        total = head_len + (0 if payload is None else 4 + plen)
-        if mark is None:
-            head = _VERDICT_NOMARK.pack(
-                total, NFQNL_MSG_VERDICT, NLM_F_REQUEST, 0, 0,
-                socket.AF_UNSPEC, NFNETLINK_V0, qnum,
-                12, NFQA_VERDICT_HDR, code, _be32(packet_id),
-            )
-        else:
-            head = _VERDICT_MARK.pack(
-                total, NFQNL_MSG_VERDICT, NLM_F_REQUEST, 0, 0,
-                socket.AF_UNSPEC, NFNETLINK_V0, qnum,
-                12, NFQA_VERDICT_HDR, code, _be32(packet_id),
-                8, NFQA_MARK, _be32(mark),
-            )
+        qnum = _htons(self.queue_num or 0)
+        code = _ACCEPT_BE if accept else _DROP_BE
         pending = self._pending
-        pending.append(head)
-        if payload is not None:
-            pending.append(_PAYLOAD_ATTR.pack(4 + plen, NFQA_PAYLOAD))
+        if payload is None:
+            if mark is None:
+                total = _VERDICT_NOMARK.size
+                pending.append(_VERDICT_NOMARK.pack(
+                    total, NFQNL_MSG_VERDICT, NLM_F_REQUEST, 0, 0, 0, 0, qnum,
+                    12, NFQA_VERDICT_HDR, code, _htonl(packet_id)))
+            else:
+                total = _VERDICT_MARK.size
+                pending.append(_VERDICT_MARK.pack(
+                    total, NFQNL_MSG_VERDICT, NLM_F_REQUEST, 0, 0, 0, 0, qnum,
+                    12, NFQA_VERDICT_HDR, code, _htonl(packet_id), 8, NFQA_MARK, _htonl(mark)))
+        else:
+            plen = len(payload)
+            if plen > MAX_VERDICT_PAYLOAD:
+                raise ValueError(f"payload of {plen} bytes is larger than a verdict can carry")
+            # One pack: the verdict message's header and attributes and the payload's attribute
+            # header; then the payload itself (not copied) and its padding.
+            if mark is None:
+                total = _VERDICT_NOMARK_PAYLOAD.size + plen
+                pending.append(_VERDICT_NOMARK_PAYLOAD.pack(
+                    total, NFQNL_MSG_VERDICT, NLM_F_REQUEST, 0, 0, 0, 0, qnum,
+                    12, NFQA_VERDICT_HDR, code, _htonl(packet_id), 4 + plen, NFQA_PAYLOAD))
+            else:
+                total = _VERDICT_MARK_PAYLOAD.size + plen
+                pending.append(_VERDICT_MARK_PAYLOAD.pack(
+                    total, NFQNL_MSG_VERDICT, NLM_F_REQUEST, 0, 0, 0, 0, qnum,
+                    12, NFQA_VERDICT_HDR, code, _htonl(packet_id), 8, NFQA_MARK, _htonl(mark),
+                    4 + plen, NFQA_PAYLOAD))
             pending.append(payload)
             pad = _PAD[plen & 3]
             if pad:
@@ -371,30 +409,6 @@ def _messages(view: memoryview, n: int) -> Iterator[tuple[int, int, int]]:
             return
         yield mtype, off + _NLMSGHDR.size, off + length
         off += (length + 3) & ~3
-
-
-def _parse_packet(view: memoryview, off: int, end: int) -> QueuedPacket:
-    """A NFQNL_MSG_PACKET body (after nlmsghdr): nfgenmsg, then attributes."""
-    pos = off + _NFGENMSG.size
-    packet_id = hook = mark = 0
-    payload = b""
-    cap_len = -1
-    unpack_attr = _NLATTR.unpack_from
-    while pos + 4 <= end:
-        alen, atype = unpack_attr(view, pos)
-        if alen < 4:
-            break
-        atype &= 0x3FFF
-        if atype == NFQA_PAYLOAD:
-            payload = bytes(view[pos + 4:pos + alen])
-        elif atype == NFQA_PACKET_HDR:
-            packet_id, _hw, hook = _PACKET_HDR.unpack_from(view, pos + 4)
-        elif atype == NFQA_MARK:
-            (mark,) = _BE32.unpack_from(view, pos + 4)
-        elif atype == NFQA_CAP_LEN:
-            (cap_len,) = _BE32.unpack_from(view, pos + 4)
-        pos += (alen + 3) & ~3
-    return QueuedPacket(packet_id, hook, payload, cap_len if cap_len >= 0 else len(payload), mark)
 
 
 @dataclass(frozen=True, slots=True)

@@ -110,47 +110,68 @@ class PacketHandler:
 
     def handle_batch(self, packets: list[QueuedPacket]) -> None:
         """Give every packet a verdict and send the verdicts."""
+        if self.fault is not None:
+            self._handle_with_fault(packets)
+            return
         now = self.clock()
-        proc = self.processor
-        queue = self.queue
-        verdict = queue.verdict
+        outbound = self.processor.outbound
+        inbound = self.processor.inbound
+        count_drop = self.processor.count_drop
+        verdict = self.queue.verdict
         mark = self.mark
+        accept = Verdict.ACCEPT
+        accepted = 0
+        self.packets_in += len(packets)
         for pkt in packets:
-            self.packets_in += 1
             try:
-                if self.fault is not None:
-                    if self.fault == "raise-every-packet":
-                        raise RuntimeError("test fault injection (NFQ_IPSEC_TEST_FAULT)")
-                    if self.slow:
-                        time.sleep(self.slow)
                 data = pkt.payload
                 n = len(data)
                 if n < pkt.length or (
                     n >= 4 and data[0] >> 4 == 4 and n < ((data[2] << 8) | data[3])
                 ):
-                    proc.count_drop(DropReason.TRUNCATED)
+                    count_drop(DropReason.TRUNCATED)
                     verdict(pkt.packet_id, False)
                     continue
                 hook = pkt.hook
-                if hook in (HOOK_LOCAL_OUT, HOOK_POST_ROUTING):
-                    res = proc.outbound(data, now)
-                elif n > 9 and data[9] == PROTO_ESP:
-                    res = proc.inbound(data, now)
-                else:
-                    res = proc.outbound(data, now)
-                if res.verdict is Verdict.ACCEPT:
+                if (hook != HOOK_LOCAL_OUT and hook != HOOK_POST_ROUTING and n > 9
+                        and data[9] == PROTO_ESP):
+                    res = inbound(data, now)
+                else:  # leaving (OUTPUT, POSTROUTING), or cleartext at PREROUTING
+                    res = outbound(data, now)
+                if res.verdict is accept:
                     out = res.packet
                     if out is not None and len(out) > MAX_VERDICT_PAYLOAD:
-                        proc.count_drop(DropReason.TOO_BIG)
+                        count_drop(DropReason.TOO_BIG)
                         verdict(pkt.packet_id, False)
                         continue
                     verdict(pkt.packet_id, True, pkt.mark | mark, out)
-                    self.packets_out += 1
+                    accepted += 1
                 else:
                     verdict(pkt.packet_id, False)
             except Exception:  # fail closed: whatever went wrong, this packet is dropped
                 self._internal_error(pkt)
-        queue.flush()
+        self.packets_out += accepted
+        self.queue.flush()
+
+    def _handle_with_fault(self, packets: list[QueuedPacket]) -> None:
+        """Test-only fault injection (see the module docstring), then the normal path."""
+        if self.fault == "raise-every-packet":
+            for pkt in packets:
+                self.packets_in += 1
+                try:
+                    raise RuntimeError("test fault injection (NFQ_IPSEC_TEST_FAULT)")
+                except Exception:
+                    self._internal_error(pkt)
+            self.queue.flush()
+            return
+        fault, self.fault = self.fault, None
+        try:
+            for pkt in packets:
+                if self.slow:
+                    time.sleep(self.slow)
+                self.handle_batch([pkt])
+        finally:
+            self.fault = fault
 
     def _internal_error(self, pkt: QueuedPacket) -> None:
         self.internal_errors += 1

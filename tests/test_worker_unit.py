@@ -288,14 +288,27 @@ def _packet_msg(
 def test_packet_message_parsing() -> None:
     payload = bytes(range(256)) * 40 + b"abc"  # 10243 bytes, not a multiple of 4
     msg = _packet_msg(0xDEADBEEF, 3, payload, mark=0x42, cap_len=20000)
-    view = memoryview(msg)
-    [(mtype, off, end)] = list(nfqueue._messages(view, len(msg)))
-    assert mtype == nfqueue.NFQNL_MSG_PACKET
-    p = nfqueue._parse_packet(view, off, end)
+    second = _packet_msg(1, 0, b"xy")
+    both = msg + second  # one receive can hold several messages
+    out: list[QueuedPacket] = []
+    nfqueue.NetlinkQueue().parse(memoryview(both), len(both), out)
+    assert len(out) == 2
+    p, p2 = out
     assert (p.packet_id, p.hook, p.mark, p.length) == (0xDEADBEEF, 3, 0x42, 20000)
-    assert p.payload == payload
-    p2 = nfqueue._parse_packet(*(lambda m: (memoryview(m), 16, len(m)))(_packet_msg(1, 0, b"xy")))
+    assert p.payload == payload and type(p.payload) is bytes
     assert (p2.length, p2.payload, p2.mark) == (2, b"xy", 0)
+    # A message cut short (as MSG_TRUNC reports) yields nothing rather than a partial packet.
+    cut: list[QueuedPacket] = []
+    nfqueue.NetlinkQueue().parse(memoryview(msg), len(msg) - 1, cut)
+    assert cut == []
+
+
+def test_parse_counts_error_replies() -> None:
+    err = struct.pack("=IHHII", 36, nfqueue.NLMSG_ERROR, 0, 0, 0) + struct.pack("=i", -2) + bytes(16)
+    q = nfqueue.NetlinkQueue()
+    out: list[QueuedPacket] = []
+    q.parse(memoryview(err), len(err), out)
+    assert out == [] and q.verdict_errors == 1 and q.last_verdict_error == 2
 
 
 def _decode_verdicts(data: bytes) -> list[dict[str, Any]]:

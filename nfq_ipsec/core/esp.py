@@ -18,6 +18,8 @@ from .suites import ENCRYPTION, HMACS
 
 ESP_HEADER = 8
 _ESP = struct.Struct("!II")
+_SEQ_HI = struct.Struct("!I")
+_PADS = tuple(bytes(range(1, n + 1)) for n in range(256))  # the padding for each pad length
 _PAD = bytes(range(1, 256))  # RFC 4303 section 2.4: padding bytes 1, 2, 3, ...
 _ECN_MASK = 0x03
 _CE = 0x03
@@ -53,26 +55,36 @@ def overhead_for(params: SAParams) -> int:
     return extra
 
 
+def trailer(padlen: int, next_header: int) -> bytes:
+    """Padding 1, 2, 3, ... (RFC 4303 section 2.4), pad length and next header."""
+    key = (padlen << 8) | next_header
+    tail = _TRAILERS.get(key)
+    if tail is None:
+        tail = _TRAILERS[key] = _PAD[:padlen] + bytes((padlen, next_header))
+    return tail
+
+
+_TRAILERS: dict[int, bytes] = {}  # at most 256 pad lengths x 256 next headers
+_FRAGMENT_BITS = ip.FLAG_MF | ip.FRAG_OFFSET_MASK
+
+
 def encapsulate(sa: SecurityAssociation, data: bytes, hdr: ip.IPv4Header) -> bytes:
     """Protect one IPv4 packet (``hdr`` is its parsed header) on outbound SA ``sa``."""
-    if sa.params.mode is Mode.TUNNEL:
-        if hdr.total_length != len(data):
-            data = data[: hdr.total_length]
-        inner = data
+    total_in = hdr.total_length
+    if sa.tunnel:
+        inner = data if total_in == len(data) else data[:total_in]
         next_header = ip.PROTO_IPIP
     else:
-        if hdr.is_fragment:
+        if hdr.flags_frag & _FRAGMENT_BITS:
             raise EspError(DropReason.FRAGMENT, "transport mode takes whole datagrams", sa.spi)
-        inner = data[hdr.ihl : hdr.total_length]
+        inner = data[hdr.ihl : total_in]
         next_header = hdr.protocol
     seq = sa.take_seq()
     suite = sa.suite
-    padlen = pad_length(len(inner), suite.align)
-    plaintext = b"".join((inner, _PAD[:padlen], bytes((padlen, next_header))))
-    esp_header = sa.spi_bytes + (seq & 0xFFFFFFFF).to_bytes(4, "big")
-    seq_hi = (seq >> 32).to_bytes(4, "big") if sa.esn else b""
-    body = suite.seal(esp_header, seq_hi, seq, plaintext)
-    if sa.params.mode is Mode.TUNNEL:
+    plaintext = inner + trailer(-(len(inner) + 2) % suite.align, next_header)
+    esp_header = _ESP.pack(sa.spi, seq & 0xFFFFFFFF)
+    body = suite.seal(esp_header, _SEQ_HI.pack(seq >> 32) if sa.esn else b"", seq, plaintext)
+    if sa.tunnel:
         total = ip.IPV4_MIN_HEADER + ESP_HEADER + len(body)
         if total > ip.IPV4_MAX_PACKET:
             raise EspError(DropReason.TOO_BIG, f"{total} bytes", sa.spi)
@@ -91,7 +103,7 @@ def encapsulate(sa: SecurityAssociation, data: bytes, hdr: ip.IPv4Header) -> byt
         total = hdr.ihl + ESP_HEADER + len(body)
         if total > ip.IPV4_MAX_PACKET:
             raise EspError(DropReason.TOO_BIG, f"{total} bytes", sa.spi)
-        outer = ip.rewrite_header(data[: hdr.ihl], ip.PROTO_ESP, total)
+        outer = ip.replace_header(data, hdr, ip.PROTO_ESP, total)
     return b"".join((outer, esp_header, body))
 
 
@@ -117,53 +129,56 @@ def decapsulate(
     data: bytes | memoryview, hdr: ip.IPv4Header, lookup: SaLookup, now: float
 ) -> Decapsulated:
     """Verify and remove ESP from one IPv4 packet. Raises EspError with the drop reason."""
-    if hdr.is_fragment:
+    if hdr.flags_frag & _FRAGMENT_BITS:
         raise EspError(DropReason.FRAGMENT, "ESP fragment (reassemble before ESP)")
-    spi, seq_lo = parse_esp_header(data, hdr)
+    ihl = hdr.ihl
+    total = hdr.total_length
+    if total < ihl + ESP_HEADER:
+        raise EspError(DropReason.MALFORMED, "shorter than an ESP header")
+    spi, seq_lo = _ESP.unpack_from(data, ihl)
     sa = lookup(spi)
     if sa is None or sa.outbound:
         raise EspError(DropReason.UNKNOWN_SPI, f"SPI 0x{spi:08x}", spi)
     try:
         sa.check_lifetime(now)
-        seq = sa.replay.infer(seq_lo)
-        if not sa.replay.check(seq):
+        replay = sa.replay
+        seq = replay.infer(seq_lo) if sa.esn else seq_lo
+        if not replay.check(seq):
             raise EspError(DropReason.REPLAY, f"seq {seq}", spi)
-        view = memoryview(data)
-        esp_start = hdr.ihl
-        esp_header = view[esp_start : esp_start + ESP_HEADER]
-        body = view[esp_start + ESP_HEADER : hdr.total_length]
-        seq_hi = (seq >> 32).to_bytes(4, "big") if sa.esn else b""
-        plaintext = sa.suite.open(esp_header, seq_hi, body)
+        esp_header = data[ihl : ihl + ESP_HEADER]
+        body = memoryview(data)[ihl + ESP_HEADER : total]  # not copied: the cipher reads it
+        plaintext = sa.suite.open(esp_header, _SEQ_HI.pack(seq >> 32) if sa.esn else b"", body)
         if seq > sa.replay_limit:  # persist the new floor before the window (and verdict) moves
             sa.allow_top(seq)
-        sa.replay.update(seq)
-        result = _unwrap(sa, data, hdr, plaintext, seq)
+        replay.update(seq)
+        packet, inner = _unwrap(sa, data, hdr, plaintext, seq)
     except EspError as err:
         err.spi = spi
         raise
-    sa.account(len(result[0]))
-    return Decapsulated(sa, seq, result[0], result[1])
+    sa.account(len(packet))
+    return Decapsulated(sa, seq, packet, inner)
 
 
 def _unwrap(
     sa: SecurityAssociation, data: bytes | memoryview, hdr: ip.IPv4Header, plaintext: bytes,
     seq: int,
 ) -> tuple[bytes, ip.IPv4Header]:
-    if len(plaintext) < 2:
+    n = len(plaintext)
+    if n < 2:
         raise EspError(DropReason.MALFORMED, "no ESP trailer")
     padlen = plaintext[-2]
     next_header = plaintext[-1]
-    end = len(plaintext) - 2 - padlen
+    end = n - 2 - padlen
     if end < 0:
         raise EspError(DropReason.BAD_PADDING, "pad length beyond payload")
-    if plaintext[end : end + padlen] != _PAD[:padlen]:
+    if padlen and not plaintext.startswith(_PADS[padlen], end):
         raise EspError(DropReason.BAD_PADDING, f"seq {seq}")
     if next_header == ip.PROTO_NONE:
         raise EspError(DropReason.DUMMY, f"seq {seq}")
-    payload = plaintext[:end]
-    if sa.params.mode is Mode.TUNNEL:
+    if sa.tunnel:
         if next_header != ip.PROTO_IPIP:
             raise EspError(DropReason.BAD_NEXT_HEADER, f"tunnel SA carries next header {next_header}")
+        payload = plaintext[:end]
         inner_hdr = ip.parse_ipv4(payload)
         if inner_hdr.total_length < len(payload):  # TFC padding after the inner packet
             payload = payload[: inner_hdr.total_length]
@@ -181,10 +196,11 @@ def _unwrap(
         return payload, inner_hdr
     if next_header == ip.PROTO_IPIP:
         raise EspError(DropReason.BAD_NEXT_HEADER, "transport SA carries an IPv4 packet")
-    total = hdr.ihl + len(payload)
-    new_header = ip.rewrite_header(bytes(data[: hdr.ihl]), next_header, total)
-    out = new_header + payload
-    return out, hdr._replace(protocol=next_header, total_length=total)
+    ihl = hdr.ihl
+    total = ihl + end
+    out = b"".join((ip.replace_header(data, hdr, next_header, total), memoryview(plaintext)[:end]))
+    return out, ip.IPv4Header(ihl, hdr.tos, total, hdr.ident, hdr.flags_frag, hdr.ttl, next_header,
+                              hdr.src, hdr.dst)
 
 
 def decap_ecn(inner: int, outer: int) -> int:

@@ -81,14 +81,46 @@ def packet_key(data: bytes | bytearray | memoryview, hdr: IPv4Header) -> PacketK
     return PacketKey(hdr.src, hdr.dst, hdr.protocol, sport, dport)
 
 
+_WORDS: dict[int, struct.Struct] = {}
+
+
 def checksum(data: bytes | bytearray | memoryview) -> int:
     """RFC 1071 Internet checksum (header-sized inputs; no per-byte loop)."""
-    if len(data) % 2:
+    n = len(data)
+    if n % 2:
         data = bytes(data) + b"\0"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+        n += 1
+    words = _WORDS.get(n)
+    if words is None:
+        words = _WORDS[n] = struct.Struct(f"!{n // 2}H")
+    total: int = sum(words.unpack(data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
+
+
+def _header_checksum(
+    tos: int, total_length: int, ident: int, flags_frag: int, ttl: int, protocol: int, src: int,
+    dst: int,
+) -> int:
+    """RFC 1071 checksum of a 20-byte header (no options) from its fields, without packing it."""
+    s = (0x4500 | tos) + total_length + ident + flags_frag + ((ttl << 8) | protocol) \
+        + (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF)
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def replace_header(
+    data: bytes | bytearray | memoryview, hdr: IPv4Header, protocol: int, total_length: int
+) -> bytes:
+    """``rewrite_header(data[:hdr.ihl], protocol, total_length)``; a header without options is
+    packed from ``hdr``'s fields in one step (the per-packet case)."""
+    if hdr.ihl != IPV4_MIN_HEADER:
+        return rewrite_header(data[: hdr.ihl], protocol, total_length)
+    tos, ident, ff, ttl, src, dst = hdr.tos, hdr.ident, hdr.flags_frag, hdr.ttl, hdr.src, hdr.dst
+    return _HDR.pack(0x45, tos, total_length, ident, ff, ttl, protocol,
+                     _header_checksum(tos, total_length, ident, ff, ttl, protocol, src, dst), src, dst)
 
 
 def rewrite_header(
@@ -108,11 +140,9 @@ def build_header(
     src: int, dst: int,
 ) -> bytes:
     """A fresh 20-byte IPv4 header (tunnel-mode outer header)."""
-    hdr = bytearray(
-        _HDR.pack(0x45, tos, total_length, ident, FLAG_DF if df else 0, ttl, protocol, 0, src, dst)
-    )
-    _H.pack_into(hdr, 10, checksum(hdr))
-    return bytes(hdr)
+    ff = FLAG_DF if df else 0
+    return _HDR.pack(0x45, tos, total_length, ident, ff, ttl, protocol,
+                     _header_checksum(tos, total_length, ident, ff, ttl, protocol, src, dst), src, dst)
 
 
 def ip_to_str(addr: int) -> str:

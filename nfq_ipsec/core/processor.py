@@ -18,6 +18,8 @@ from .sa import SAEvent, SAParams, SecurityAssociation
 from .sad import SAD
 from .spd import SPD, Action, Policy
 
+FLOW_CACHE_SIZE = 4096  # flows whose SPD answer a processor remembers, per direction
+
 
 class Verdict(enum.Enum):
     ACCEPT = "accept"
@@ -52,6 +54,8 @@ class Processor:
         self.packets_in = 0
         self.packets_out = 0
         self.drops: Counter[DropReason] = Counter()
+        self._out_cache: dict[ip.PacketKey, Policy | None] = {}
+        self._in_cache: dict[ip.PacketKey, Policy | None] = {}
 
     # -- outbound -------------------------------------------------------------------------
     def outbound(self, data: bytes, now: float) -> Result:
@@ -60,12 +64,13 @@ class Processor:
         sa: SecurityAssociation | None = None
         try:
             hdr = ip.parse_ipv4(data)
-            policy = self.spd.lookup(ip.packet_key(data, hdr), outbound=True)
+            policy = self._policy(ip.packet_key(data, hdr), self._out_cache, True)
             if policy is None:
                 raise EspError(DropReason.NO_POLICY)
-            if policy.action is Action.BYPASS:
-                return self._accept(None)
-            if policy.action is Action.DISCARD:
+            action = policy.action
+            if action is not Action.PROTECT:
+                if action is Action.BYPASS:
+                    return self._accept(None)
                 raise EspError(DropReason.POLICY_DISCARD, policy.name)
             sa = self.sad.outbound_sa(policy)
             if sa is None:
@@ -76,6 +81,21 @@ class Processor:
             return self._accept(out, sa, sa.next_seq - 1)
         except EspError as err:
             return self._drop(err, sa)
+
+    def _policy(self, key: ip.PacketKey, cache: dict[ip.PacketKey, Policy | None],
+                outbound: bool) -> Policy | None:
+        """The SPD's answer for ``key``, remembered per flow. The SPD never changes while a
+        processor lives, so a remembered answer is exact; the cache is bounded (emptied when
+        full), so a flood of new flows costs one SPD lookup each and no memory."""
+        try:
+            return cache[key]
+        except KeyError:
+            pass
+        policy = self.spd.lookup(key, outbound)
+        if len(cache) >= FLOW_CACHE_SIZE:
+            cache.clear()
+        cache[key] = policy
+        return policy
 
     # -- inbound --------------------------------------------------------------------------
     def inbound(self, data: bytes, now: float) -> Result:
@@ -94,7 +114,7 @@ class Processor:
             sa = dec.sa
             policy = self.sad.policy_of(sa)
             key = ip.packet_key(dec.packet, dec.header)
-            if policy is None or not policy.selector.matches(key, outbound=False):
+            if policy is None or not policy.selector.matches(key, False):
                 raise EspError(
                     DropReason.POLICY_MISMATCH,
                     f"inner {ip.ip_to_str(key.src)} -> {ip.ip_to_str(key.dst)} proto {key.protocol}",
@@ -105,7 +125,7 @@ class Processor:
             return self._drop(err, sa if sa is not None and not sa.outbound else None)
 
     def _inbound_cleartext(self, data: bytes, hdr: ip.IPv4Header) -> Result:
-        policy: Policy | None = self.spd.lookup(ip.packet_key(data, hdr), outbound=False)
+        policy = self._policy(ip.packet_key(data, hdr), self._in_cache, False)
         if policy is None:
             raise EspError(DropReason.NO_POLICY)
         if policy.action is Action.BYPASS:

@@ -144,14 +144,18 @@ class SecurityAssociation:
         self.reserve: Reserve | None = None
         self.seq_limit = self.max_seq  # outbound: highest number usable without reserving
         self.replay_limit = self.max_seq  # inbound: highest top allowed without reserving
+        # Plain attributes for the per-packet path (params is frozen, so they never change).
+        self.outbound = params.direction is SADirection.OUT
+        self.tunnel = params.mode is Mode.TUNNEL
+        # The lifetime check compares against the nearest limit not yet passed (soft, then
+        # hard); only when one is reached does it look at the rest (see check_lifetime).
+        self._watch_packets = 0.0
+        self._watch_bytes = 0.0
+        self._watch_age = 0.0
 
     @property
     def name(self) -> str:
         return self.params.name
-
-    @property
-    def outbound(self) -> bool:
-        return self.params.direction is SADirection.OUT
 
     def take_seq(self) -> int:
         """The next outbound sequence number; the SA stops instead of cycling. Past
@@ -184,6 +188,19 @@ class SecurityAssociation:
 
     def check_lifetime(self, now: float) -> None:
         """Raise SA_EXPIRED past a hard limit; note a soft limit once as an event."""
+        if (self.packets < self._watch_packets and self.bytes < self._watch_bytes
+                and now - self.installed_at < self._watch_age):
+            return
+        self._check_limits(now)
+        lt = self.params.lifetime
+        watch = [(lt.hard_packets, lt.hard_bytes, lt.hard_seconds)]
+        if not self.soft_expired:
+            watch.append((lt.soft_packets, lt.soft_bytes, lt.soft_seconds))
+        self._watch_packets = min((w[0] for w in watch if w[0] is not None), default=_INF)
+        self._watch_bytes = min((w[1] for w in watch if w[1] is not None), default=_INF)
+        self._watch_age = min((w[2] for w in watch if w[2] is not None), default=_INF)
+
+    def _check_limits(self, now: float) -> None:
         lt = self.params.lifetime
         age = now - self.installed_at
         if not self.hard_expired and (
@@ -216,6 +233,9 @@ class SecurityAssociation:
 
     def __repr__(self) -> str:
         return f"<SA {self.name} spi=0x{self.spi:08x} {self.params.direction.value}>"
+
+
+_INF = float("inf")
 
 
 def _past(value: float, limit: float | None) -> bool:

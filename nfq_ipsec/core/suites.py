@@ -13,6 +13,7 @@ IVs are derived from the 64-bit sequence number, which never repeats under a key
 from __future__ import annotations
 
 import hmac
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from .errors import DropReason, EspError
 
 Buffer = bytes | bytearray | memoryview
+_IV = struct.Struct("!Q")
 
 
 class Suite(Protocol):
@@ -61,18 +63,21 @@ class AeadSuite:
         self.name = name
         self._aead = aead
         self._salt = salt
+        self._encrypt = aead.encrypt  # bound once: called per packet
+        self._decrypt = aead.decrypt
 
     def seal(self, esp_header: bytes, seq_hi: bytes, seq: int, plaintext: bytes) -> bytes:
-        iv = seq.to_bytes(8, "big")
-        return iv + self._aead.encrypt(self._salt + iv, plaintext, _aad(esp_header, seq_hi))
+        iv = _IV.pack(seq)
+        aad = _aad(esp_header, seq_hi) if seq_hi else esp_header
+        return iv + self._encrypt(self._salt + iv, plaintext, aad)
 
     def open(self, esp_header: Buffer, seq_hi: bytes, body: Buffer) -> bytes:
-        if len(body) < self.iv_size + self.icv_size:
+        if len(body) < 24:  # IV and ICV
             raise EspError(DropReason.MALFORMED, "ESP body shorter than IV and ICV")
+        aad = _aad(esp_header, seq_hi) if seq_hi else esp_header
         try:
-            return self._aead.decrypt(
-                self._salt + bytes(body[:8]), bytes(body[8:]), _aad(esp_header, seq_hi)
-            )
+            # The cipher reads buffers: the ciphertext is not copied out of the packet.
+            return self._decrypt(self._salt + body[:8], body[8:], aad)
         except InvalidTag:
             raise EspError(DropReason.INTEGRITY, "ICV mismatch") from None
 
@@ -103,8 +108,8 @@ class _HmacMixin:
     def _icv(self, *parts: Buffer) -> bytes:
         return hmac.digest(self._ikey, b"".join(parts), self._digest)[: self.icv_size]
 
-    def _verify(self, signed: Buffer, seq_hi: bytes, icv: Buffer) -> None:
-        if not hmac.compare_digest(self._icv(signed, seq_hi), bytes(icv)):
+    def _verify(self, icv: Buffer, *signed: Buffer) -> None:
+        if not hmac.compare_digest(self._icv(*signed), icv):
             raise EspError(DropReason.INTEGRITY, "ICV mismatch")
 
 
@@ -133,11 +138,11 @@ class CbcHmacSuite(_HmacMixin):
         if n < 2 * 16:
             raise EspError(DropReason.MALFORMED, "ESP body shorter than IV, one block and ICV")
         body = memoryview(body)
-        self._verify(bytes(esp_header) + bytes(body[:n]), seq_hi, body[n:])
+        self._verify(body[n:], esp_header, body[:n], seq_hi)
         if (n - 16) % 16:
             raise EspError(DropReason.MALFORMED, "ciphertext not a whole number of blocks")
         dec = Cipher(algorithms.AES(self._key), modes.CBC(bytes(body[:16]))).decryptor()
-        return dec.update(bytes(body[16:n])) + dec.finalize()
+        return dec.update(body[16:n]) + dec.finalize()
 
     def __repr__(self) -> str:
         return f"<CbcHmacSuite {self.name}>"
@@ -163,7 +168,7 @@ class NullHmacSuite(_HmacMixin):
         if n < 4:
             raise EspError(DropReason.MALFORMED, "ESP body shorter than trailer and ICV")
         body = memoryview(body)
-        self._verify(bytes(esp_header) + bytes(body[:n]), seq_hi, body[n:])
+        self._verify(body[n:], esp_header, body[:n], seq_hi)
         return bytes(body[:n])
 
     def __repr__(self) -> str:
