@@ -240,8 +240,14 @@ class PacketHandler:
         }
 
 
-def run(spec: WorkerSpec, conn: Connection, queue: QueueBinding | None = None) -> int:
-    """The worker's life: pin, build, bind, say ready, serve until stopped. Returns an exit code."""
+def run(
+    spec: WorkerSpec, conn: Connection, queue: QueueBinding | None = None,
+    processor: Processor | None = None,
+) -> int:
+    """The worker's life: pin, build, bind, say ready, serve until stopped. Returns an exit code.
+
+    ``queue`` and ``processor`` replace the ones built from ``spec`` (tests; the benchmark's
+    accept-only worker)."""
     from . import logsetup
 
     logsetup.setup(f"q{spec.queue}", spec.log_level)
@@ -259,7 +265,8 @@ def run(spec: WorkerSpec, conn: Connection, queue: QueueBinding | None = None) -
     try:
         if spec.cpu is not None:
             os.sched_setaffinity(0, {spec.cpu})
-        processor = Processor(spec.spd(), spec.sas, time.monotonic())
+        if processor is None:
+            processor = Processor(spec.spd(), spec.sas, time.monotonic())
         if spec.state_dir is not None:
             store = StateStore(spec.state_dir)
             store.attach(processor.sad.all())  # before the queue: no packet without its state

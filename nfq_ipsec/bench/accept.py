@@ -10,11 +10,7 @@ binding with its settings, the poll loop, batches of 64 packets, verdicts sent s
 unchanged (a verdict with the reinject mark and no payload) instead of doing SPD, SA and ESP.
 So the row measures what the queue trip and our Python loop cost, nothing else.
 
-The swap is a ``mock.patch`` of the name ``Processor`` inside ``nfq_ipsec.worker`` for the life
-of this process, because ``worker.run`` builds its processor itself. A clean hook would be an
-optional argument, ``worker.run(spec, conn, queue=None, processor=None)`` (use the given
-processor instead of building one from ``spec``), after which this module shrinks to
-``worker.run(spec, conn, processor=AcceptAll(...))``.
+The swap is ``worker.run``'s ``processor`` argument: everything else is the daemon's worker.
 """
 
 from __future__ import annotations
@@ -23,7 +19,6 @@ import argparse
 import multiprocessing
 import sys
 from collections.abc import Sequence
-from unittest import mock
 
 from .. import worker
 from ..core import Processor, Result, Verdict
@@ -57,8 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # /proc/net/netfilter/nfnetlink_queue) and stops us with SIGTERM.
     ours, theirs = multiprocessing.Pipe()
     try:
-        with mock.patch.object(worker, "Processor", AcceptAll):
-            return worker.run(spec, theirs)
+        return worker.run(spec, theirs, processor=AcceptAll(spec.spd(), (), 0.0))
     finally:
         ours.close()
         theirs.close()
