@@ -5,37 +5,40 @@ matched with source=local, destination=remote; inbound packets the other way rou
 
 Lookup cost does not grow with the number of policies in the shapes SPDs have (many protect
 policies for distinct local/remote prefixes, a few broad bypass/discard rules), while the
-result stays exactly the first match in list order. Each direction view (OUT, IN) is built
-once, since an SPD never changes, in one of two forms:
+answer stays exactly the first match in list order. Each direction view (OUT, IN) is built
+once, in ``__init__`` (an SPD never changes), in one of two forms:
 
 * Tuple-space index (views of more than ``LINEAR_SCAN_MAX`` policies). Policies are grouped by
-  the pair (local netmask, remote netmask); a group is a dict from (local network, remote
-  network) to that bucket's policies in list order. A lookup masks the key's addresses with
-  each group's masks and scans only the one bucket that can match. Groups are visited in the
-  order of their earliest policy and the search stops at the first group whose earliest policy
-  comes after the best match found so far, so that the first match still wins across groups.
-  The cost is one dict probe per group visited plus the bucket; SPDs have a handful of
-  prefix-length pairs however many policies they hold. Policies sharing the same pair of
-  prefixes (e.g. many port rules for one host pair) stay a linear scan inside their bucket.
-  A view with many distinct prefix-length pairs (more than half as many as policies) gets no
-  index, since probing nearly one group per policy costs more than scanning them.
-* Linear scan (small views: the common one to three policies). With a handful of policies a
-  scan is cheaper than hashing a key per group; ``LINEAR_SCAN_MAX`` is where the two cross
-  on CPython (``python -m nfq_ipsec.bench.spdscale`` measures both).
+  their pair of netmasks (local, remote); in a group, a dict maps the pair of networks, packed
+  as ``local << 32 | remote``, to that bucket's policies in list order. A lookup packs the
+  key's addresses the same way once, masks them with each group's two masks in one ``&`` and
+  scans only the bucket found. Groups are visited in the order of their earliest policy, and
+  the search stops at the first group whose earliest policy comes after the best match so far
+  (and a bucket scan at the first entry after it), so the first match in the list still wins.
+  The cost is a dict probe per group visited plus a short bucket: SPDs have a handful of
+  prefix-length pairs however many policies they hold. Policies with the same two prefixes
+  (say many port rules for one pair of hosts) remain a scan within their bucket, and a view
+  with more than half as many prefix-length pairs as policies is not indexed at all, since a
+  probe per group would cost more than the scan.
+* Linear scan (smaller views, including the common one to three policies): a few policies are
+  cheaper to scan than even two dict probes. ``LINEAR_SCAN_MAX`` is where the two cost the same
+  on CPython (``python -m nfq_ipsec.bench.spdscale --crossover`` measures it).
 
-Either way a selector is compiled into plain ints (masks, networks, protocol or -1 for any,
-and two ranges in the key's sport/dport order for that view: ports, or ICMP type and code) and
-checked inline, without calling :meth:`Selector.matches` per policy: a Python call per policy
-was most of the cost of a lookup. Absent key ports (non-first fragments, truncated headers)
-become -1, which a selector range never contains and the "any" range does. The compiled check
-is exactly :meth:`Selector.matches` for keys whose ports are ``None`` or 0..65535, which is
-what :func:`~nfq_ipsec.core.packet.packet_key` produces; tests/test_spd_index.py compares the
-two on random policy lists.
+Either way a selector is compiled into plain ints (masks and networks; protocol, -1 for any;
+two ranges over the key's sport and dport for that view: ports, or ICMP type and code) checked
+inline, without a :meth:`Selector.matches` call per policy, which was most of the cost of the
+old scan; a selector of addresses only, the usual protect policy, has no ranges to check. An
+absent key port (non-first fragment, truncated header) becomes -1, which a selector's range
+never holds and "any" does. The compiled check is exactly :meth:`Selector.matches` for keys as
+:func:`~nfq_ipsec.core.packet.packet_key` makes them (32-bit addresses, ports None or
+0..65535); tests/test_spd_index.py compares the lookup with a first-match scan over
+:meth:`Selector.matches` on random policy lists.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 
@@ -144,9 +147,9 @@ class Policy:
     sa_names: tuple[str, ...] = ()
 
 
-# A lookup scans linearly when a direction view has at most this many policies, and uses the
-# tuple-space index above it: where the two cross on CPython 3.11 (nfq_ipsec.bench.spdscale
-# --crossover measures it).
+# A direction view of at most this many policies is scanned, a larger one indexed. Measured on
+# CPython 3.11 (nfq_ipsec.bench.spdscale --crossover): with six policies, a hit on the last or
+# a miss costs the scan about what the index costs (two groups), a hit on the first half as much.
 LINEAR_SCAN_MAX = 6
 
 _NO_PORT = -1  # a key's absent port; no selector range holds it, the "any" range does
@@ -161,8 +164,9 @@ _Rest = tuple[int, int, int, int, int]
 _LinearEntry = tuple[int, int, int, int, _Rest | None, Policy]
 # Index bucket: position in the SPD, rest, policy.
 _BucketEntry = tuple[int, _Rest | None, Policy]
-# Index group: earliest position in it, local mask, remote mask, buckets by masked addresses.
-_Group = tuple[int, int, int, dict[int, tuple[_BucketEntry, ...]]]
+# Index group: earliest position in it, the group's netmasks as one 64-bit mask over
+# local << 32 | remote, and the ``get`` of its dict from masked addresses to bucket.
+_Group = tuple[int, int, Callable[[int], tuple[_BucketEntry, ...] | None]]
 
 
 def _exact(value: int | None) -> tuple[int, int]:
@@ -222,7 +226,7 @@ def _build_view(
     for (lmask, rmask), table in tables.items():
         buckets = {nets: tuple(entries) for nets, entries in table.items()}
         first = min(entries[0][0] for entries in buckets.values())
-        groups.append((first, lmask, rmask, buckets))
+        groups.append((first, lmask << 32 | rmask, buckets.get))
     groups.sort(key=lambda g: g[0])
     return (), tuple(groups)
 
@@ -240,8 +244,8 @@ class SPD:
 
     def lookup(self, key: PacketKey, outbound: bool) -> Policy | None:
         """The first policy whose selector matches, or None (which means discard)."""
-        # The per-packet path: locals and tuple indexing only, no call per policy. A view is
-        # either linear or indexed; the other loop runs over an empty tuple.
+        # The per-packet path: locals and tuple indexing, no call per policy. A view is either
+        # scanned (``linear``) or indexed (``groups``); the other of the two is empty.
         if outbound:
             local = key[0]
             remote = key[1]
@@ -264,12 +268,15 @@ class SPD:
                 if (slo <= (_NO_PORT if sport is None else sport) <= shi
                         and dlo <= (_NO_PORT if dport is None else dport) <= dhi):
                     return policy
+        if not groups:
+            return None
         best: Policy | None = None
         best_pos = _NO_MATCH
-        for first, lmask, rmask, buckets in groups:
+        addrs = local << 32 | remote
+        for first, mask, get in groups:
             if first > best_pos:
                 break  # groups come in order of their first policy: no later one can win
-            bucket = buckets.get((local & lmask) << 32 | remote & rmask)
+            bucket = get(addrs & mask)
             if bucket is None:
                 continue
             for pos, rest, policy in bucket:
