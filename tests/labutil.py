@@ -555,3 +555,16 @@ def fragments(packet: bytes, size: int = 8000) -> list[bytes]:
         more = 0x2000 if off + size < len(body) else 0
         out.append(ipv4(src, dst, proto, body[off:off + size], ident, more | (off // 8)))
     return out
+
+
+def bench_environment_or_skip() -> None:
+    """Skip a benchmark smoke test where the benchmark can't run, but fail as root on CI, so
+    that CI never passes without running it."""
+    from nfq_ipsec.bench import runner
+
+    problems = runner.check_environment()
+    if not problems:
+        return
+    if os.geteuid() == 0 and os.environ.get("CI", "").lower() == "true":
+        pytest.fail("the benchmark can't run here: " + "; ".join(problems))
+    pytest.skip("the benchmark can't run here: " + "; ".join(problems))

@@ -19,6 +19,7 @@ import subprocess
 from typing import Any
 
 import pytest
+from labutil import bench_environment_or_skip
 
 from nfq_ipsec.bench import bindings, runner
 from nfq_ipsec.nfqueue import NFQA_PACKET_HDR, NFQA_PAYLOAD, NFQNL_MSG_PACKET
@@ -28,18 +29,9 @@ SMOKE_BINDINGS = ["ours", "nfq-run"]
 
 # -- the smoke run ---------------------------------------------------------------------------
 
-def _environment_or_skip() -> None:
-    problems = runner.check_environment()
-    if not problems:
-        return
-    if os.geteuid() == 0 and os.environ.get("CI", "").lower() == "true":
-        pytest.fail("the benchmark can't run here: " + "; ".join(problems))
-    pytest.skip("the benchmark can't run here: " + "; ".join(problems))
-
-
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    _environment_or_skip()
+    bench_environment_or_skip()
     path = tmp_path_factory.mktemp("bindings") / "smoke.json"
     out = io.StringIO()
     code = bindings.main(["--bindings", ",".join(SMOKE_BINDINGS), "--repetitions", "1",

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from labutil import bench_environment_or_skip
 
 from nfq_ipsec import bench
 from nfq_ipsec.bench import beds, report, runner
@@ -38,18 +39,9 @@ SMOKE_ROWS = ["plain", "accept", "gcm"]
 
 # -- the smoke run ---------------------------------------------------------------------------
 
-def _environment_or_skip() -> None:
-    problems = runner.check_environment()
-    if not problems:
-        return
-    if os.geteuid() == 0 and os.environ.get("CI", "").lower() == "true":
-        pytest.fail("the benchmark can't run here: " + "; ".join(problems))
-    pytest.skip("the benchmark can't run here: " + "; ".join(problems))
-
-
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    _environment_or_skip()
+    bench_environment_or_skip()
     out = tmp_path_factory.mktemp("bench")
     argv = [sys.executable, "-m", "nfq_ipsec.cli", "bench", "--repetitions", "1", "--seconds", "1",
             "--pings", "5", "--queues", "1", "--rows", ",".join(SMOKE_ROWS), "--out", str(out),

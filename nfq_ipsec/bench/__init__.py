@@ -68,7 +68,7 @@ def _row_list(text: str) -> list[str]:
     return [k for k in ROW_KEYS if k in keys]  # always in table order
 
 
-def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
     def parse(text: str) -> int | float:
         try:
             value = kind(text)
@@ -92,11 +92,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated rows to run (default: all: {','.join(ROW_KEYS)})")
     p.add_argument("--queues", type=_int_list, default=None, metavar="LIST",
                    help="queue counts per peer for the queued rows (default 1,2)")
-    p.add_argument("--repetitions", type=_positive(int), default=None, metavar="N",
+    p.add_argument("--repetitions", type=positive(int), default=None, metavar="N",
                    help="repetitions per row (default 3)")
-    p.add_argument("--seconds", type=_positive(float), default=None, metavar="S",
+    p.add_argument("--seconds", type=positive(float), default=None, metavar="S",
                    help="length of each iperf3 run (default 2)")
-    p.add_argument("--pings", type=_positive(int), default=None, metavar="N",
+    p.add_argument("--pings", type=positive(int), default=None, metavar="N",
                    help="pings per repetition, 0.1 s apart (default 20)")
     p.add_argument("--cpu-layout", choices=("spread", "same"), default="spread",
                    help="spread: peer b's queue i on the CPU after peer a's (default); same: both "

@@ -183,7 +183,7 @@ from ..config.model import DEFAULT_MARK
 from ..lab import labconfig, topology, traffic
 from ..lab.netns import Lab, LabError, Started, run
 from ..nfqueue import DEFAULT_MAX_LEN, DEFAULT_RCVBUF, NetlinkQueue, QueuedPacket
-from . import beds, measure, runner
+from . import beds, measure, positive, runner
 from .measure import TrafficPath, spread
 
 SCHEMA = "nfq-ipsec-bench-bindings/1"
@@ -897,18 +897,6 @@ def _binding_list(text: str) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
-def _positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError("must be above 0")
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m nfq_ipsec.bench.bindings",
@@ -918,8 +906,8 @@ def build_parser() -> argparse.ArgumentParser:
                "1 a binding failed, 2 usage, 75 lock not obtained, 130 Ctrl-C.")
     p.add_argument("--bindings", type=_binding_list, default=list(BINDING_KEYS),
                    help="comma-separated, in this order (default: all)")
-    p.add_argument("--repetitions", type=_positive(int), default=3)
-    p.add_argument("--seconds", type=_positive(float), default=3.0, help="per iperf3 run")
+    p.add_argument("--repetitions", type=positive(int), default=3)
+    p.add_argument("--seconds", type=positive(float), default=3.0, help="per iperf3 run")
     p.add_argument("--busy-max", type=float, default=BUSY_MAX,
                    help="before each repetition, wait while more than this share of the CPUs is busy "
                         f"outside this run (default {BUSY_MAX:g}) ...")

@@ -161,12 +161,7 @@ class Profile:
         out = esp.encapsulate(sa, data, hdr)
         queue = NetlinkQueue()  # never bound: verdicts are encoded, flush drops them
 
-        parser = NetlinkQueue().parse
-
-        def receive() -> object:
-            out: list[QueuedPacket] = []
-            parser(memoryview(msg), len(msg), out)
-            return out
+        receive = _receive_stage(msg)
 
         def parse() -> object:
             h = ip.parse_ipv4(data)
@@ -229,12 +224,7 @@ class Profile:
         assert sa_policy is not None
         inner_key = ip.packet_key(dec.packet, dec.header)
 
-        parser = NetlinkQueue().parse
-
-        def receive() -> object:
-            out: list[QueuedPacket] = []
-            parser(memoryview(msg), len(msg), out)
-            return out
+        receive = _receive_stage(msg)
 
         def parse() -> object:
             h = ip.parse_ipv4(packet)
@@ -319,6 +309,18 @@ class Profile:
             return None
 
         return call
+
+
+def _receive_stage(msg: bytes) -> Callable[[], object]:
+    """The receive step: one netlink message parsed as the worker's queue does it."""
+    parser = NetlinkQueue().parse
+
+    def receive() -> object:
+        out: list[QueuedPacket] = []
+        parser(memoryview(msg), len(msg), out)
+        return out
+
+    return receive
 
 
 def _reset_replay(proc: Processor) -> None:

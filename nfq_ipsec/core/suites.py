@@ -122,14 +122,14 @@ class CbcHmacSuite(_HmacMixin):
     def __init__(self, name: str, key: bytes, mac: _Hmac, ikey: bytes) -> None:
         self.name = name
         self.icv_size = mac.icv_size
-        self._key = key
+        self._aes = algorithms.AES(key)  # built once; a CBC context per packet reuses it
         self._ikey = ikey
         self._digest = mac.digest
         self._iv_maker = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
 
     def seal(self, esp_header: bytes, seq_hi: bytes, seq: int, plaintext: bytes) -> bytes:
         iv = self._iv_maker.update(seq.to_bytes(16, "big"))
-        enc = Cipher(algorithms.AES(self._key), modes.CBC(iv)).encryptor()
+        enc = Cipher(self._aes, modes.CBC(iv)).encryptor()
         ct = enc.update(plaintext) + enc.finalize()
         return iv + ct + self._icv(esp_header, iv, ct, seq_hi)
 
@@ -141,7 +141,7 @@ class CbcHmacSuite(_HmacMixin):
         self._verify(body[n:], esp_header, body[:n], seq_hi)
         if (n - 16) % 16:
             raise EspError(DropReason.MALFORMED, "ciphertext not a whole number of blocks")
-        dec = Cipher(algorithms.AES(self._key), modes.CBC(bytes(body[:16]))).decryptor()
+        dec = Cipher(self._aes, modes.CBC(bytes(body[:16]))).decryptor()
         return dec.update(body[16:n]) + dec.finalize()
 
     def __repr__(self) -> str:
