@@ -59,13 +59,18 @@ def _int_list(text: str) -> list[int]:
     return sorted(set(values))
 
 
-def _row_list(text: str) -> list[str]:
-    keys = [k.strip() for k in text.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in ROW_KEYS]
-    if unknown or not keys:
-        raise argparse.ArgumentTypeError(f"unknown row(s) {', '.join(unknown) or text!r}; "
-                                         f"known: {', '.join(ROW_KEYS)}")
-    return [k for k in ROW_KEYS if k in keys]  # always in table order
+def key_list(known: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated choice among ``known``, returned in ``known``'s
+    order (the table's), each once."""
+    def parse(text: str) -> list[str]:
+        keys = [k.strip() for k in text.split(",") if k.strip()]
+        unknown = [k for k in keys if k not in known]
+        if unknown or not keys:
+            raise argparse.ArgumentTypeError(f"unknown {what}(s) {', '.join(unknown) or text!r}; "
+                                             f"known: {', '.join(known)}")
+        return [k for k in known if k in keys]
+
+    return parse
 
 
 def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
@@ -88,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--quick", action="store_true",
                    help="1 repetition, 1-second iperf3 runs, 10 pings (unless given explicitly)")
-    p.add_argument("--rows", type=_row_list, default=None, metavar="LIST",
+    p.add_argument("--rows", type=key_list(ROW_KEYS, "row"), default=None, metavar="LIST",
                    help=f"comma-separated rows to run (default: all: {','.join(ROW_KEYS)})")
     p.add_argument("--queues", type=_int_list, default=None, metavar="LIST",
                    help="queue counts per peer for the queued rows (default 1,2)")

@@ -183,7 +183,7 @@ from ..config.model import DEFAULT_MARK
 from ..lab import labconfig, topology, traffic
 from ..lab.netns import Lab, LabError, Started, run
 from ..nfqueue import DEFAULT_MAX_LEN, DEFAULT_RCVBUF, NetlinkQueue, QueuedPacket
-from . import beds, measure, positive, runner
+from . import beds, key_list, measure, positive, runner
 from .measure import TrafficPath, spread
 
 SCHEMA = "nfq-ipsec-bench-bindings/1"
@@ -888,15 +888,6 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _binding_list(text: str) -> list[str]:
-    keys = [k.strip() for k in text.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in BINDING_KEYS]
-    if unknown or not keys:
-        raise argparse.ArgumentTypeError(f"unknown binding(s) {', '.join(unknown) or text!r}; "
-                                         f"known: {', '.join(BINDING_KEYS)}")
-    return list(dict.fromkeys(keys))
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m nfq_ipsec.bench.bindings",
@@ -904,8 +895,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"bindings: {', '.join(BINDING_KEYS)}. Needs root. Holds the benchmark lock; waits "
                "for it (--lock-wait) if another benchmark holds it. Exit status: 0 all measured, "
                "1 a binding failed, 2 usage, 75 lock not obtained, 130 Ctrl-C.")
-    p.add_argument("--bindings", type=_binding_list, default=list(BINDING_KEYS),
-                   help="comma-separated, in this order (default: all)")
+    p.add_argument("--bindings", type=key_list(BINDING_KEYS, "binding"), default=list(BINDING_KEYS),
+                   help="comma-separated; run in table order (default: all)")
     p.add_argument("--repetitions", type=positive(int), default=3)
     p.add_argument("--seconds", type=positive(float), default=3.0, help="per iperf3 run")
     p.add_argument("--busy-max", type=float, default=BUSY_MAX,

@@ -119,10 +119,6 @@ def _time(fn: Callable[[], object], n: int) -> float:
     return (clock() - t0) / n
 
 
-def _time_batches(fn: Callable[[], object], calls: int, per_call: int) -> float:
-    return _time(fn, calls) / per_call
-
-
 class Profile:
     """Stage timers for one direction: name -> callable of one packet (or one batch)."""
 
@@ -216,12 +212,9 @@ class Profile:
         body = memoryview(packet)[phdr.ihl + esp.ESP_HEADER:]
         esp_header = memoryview(packet)[phdr.ihl:phdr.ihl + esp.ESP_HEADER]
         seq = 1
-        plain = sa.suite.open(esp_header, b"", body)
         dec = esp.decapsulate(packet, phdr, proc.sad.by_spi, 1.0)  # takes seq 1
         msg = netlink_message(1, HOOK_PRE_ROUTING, packet)
         queue = NetlinkQueue()
-        sa_policy = proc.sad.policy_of(sa)
-        assert sa_policy is not None
         inner_key = ip.packet_key(dec.packet, dec.header)
 
         receive = _receive_stage(msg)
@@ -262,7 +255,6 @@ class Profile:
                 _reset_replay(proc)
             return esp.decapsulate(p, ip.parse_ipv4(p), proc.sad.by_spi, 1.0)
 
-        _ = plain
         return {
             "receive": (receive, 1),
             "parse": (parse, 1),
@@ -341,7 +333,7 @@ def measure(
         for name, (fn, per_call) in stages.items():
             calls = max(1, iterations // per_call)
             _time(fn, max(1, calls // 20))  # warm up
-            samples[name].append(_time_batches(fn, calls, per_call))
+            samples[name].append(_time(fn, calls) / per_call)
     return {
         name: {"median": statistics.median(v), "min": min(v), "max": max(v)}
         for name, v in samples.items()

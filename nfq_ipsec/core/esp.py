@@ -19,8 +19,7 @@ from .suites import ENCRYPTION, HMACS
 ESP_HEADER = 8
 _ESP = struct.Struct("!II")
 _SEQ_HI = struct.Struct("!I")
-_PADS = tuple(bytes(range(1, n + 1)) for n in range(256))  # the padding for each pad length
-_PAD = bytes(range(1, 256))  # RFC 4303 section 2.4: padding bytes 1, 2, 3, ...
+_PADS = tuple(bytes(range(1, n + 1)) for n in range(256))  # RFC 4303 2.4: 1, 2, 3, ... per pad length
 _ECN_MASK = 0x03
 _CE = 0x03
 _NOT_ECT = 0x00
@@ -60,7 +59,7 @@ def trailer(padlen: int, next_header: int) -> bytes:
     key = (padlen << 8) | next_header
     tail = _TRAILERS.get(key)
     if tail is None:
-        tail = _TRAILERS[key] = _PAD[:padlen] + bytes((padlen, next_header))
+        tail = _TRAILERS[key] = _PADS[padlen] + bytes((padlen, next_header))
     return tail
 
 
@@ -81,7 +80,7 @@ def encapsulate(sa: SecurityAssociation, data: bytes, hdr: ip.IPv4Header) -> byt
         next_header = hdr.protocol
     seq = sa.take_seq()
     suite = sa.suite
-    plaintext = inner + trailer(-(len(inner) + 2) % suite.align, next_header)
+    plaintext = inner + trailer(pad_length(len(inner), suite.align), next_header)
     esp_header = _ESP.pack(sa.spi, seq & 0xFFFFFFFF)
     body = suite.seal(esp_header, _SEQ_HI.pack(seq >> 32) if sa.esn else b"", seq, plaintext)
     if sa.tunnel:
@@ -131,11 +130,7 @@ def decapsulate(
     """Verify and remove ESP from one IPv4 packet. Raises EspError with the drop reason."""
     if hdr.flags_frag & _FRAGMENT_BITS:
         raise EspError(DropReason.FRAGMENT, "ESP fragment (reassemble before ESP)")
-    ihl = hdr.ihl
-    total = hdr.total_length
-    if total < ihl + ESP_HEADER:
-        raise EspError(DropReason.MALFORMED, "shorter than an ESP header")
-    spi, seq_lo = _ESP.unpack_from(data, ihl)
+    spi, seq_lo = parse_esp_header(data, hdr)
     sa = lookup(spi)
     if sa is None or sa.outbound:
         raise EspError(DropReason.UNKNOWN_SPI, f"SPI 0x{spi:08x}", spi)
@@ -145,8 +140,9 @@ def decapsulate(
         seq = replay.infer(seq_lo) if sa.esn else seq_lo
         if not replay.check(seq):
             raise EspError(DropReason.REPLAY, f"seq {seq}", spi)
+        ihl = hdr.ihl
         esp_header = data[ihl : ihl + ESP_HEADER]
-        body = memoryview(data)[ihl + ESP_HEADER : total]  # not copied: the cipher reads it
+        body = memoryview(data)[ihl + ESP_HEADER : hdr.total_length]  # the cipher reads it in place
         plaintext = sa.suite.open(esp_header, _SEQ_HI.pack(seq >> 32) if sa.esn else b"", body)
         if seq > sa.replay_limit:  # persist the new floor before the window (and verdict) moves
             sa.allow_top(seq)

@@ -72,7 +72,7 @@ class AeadSuite:
         return iv + self._encrypt(self._salt + iv, plaintext, aad)
 
     def open(self, esp_header: Buffer, seq_hi: bytes, body: Buffer) -> bytes:
-        if len(body) < 24:  # IV and ICV
+        if len(body) < self.iv_size + self.icv_size:
             raise EspError(DropReason.MALFORMED, "ESP body shorter than IV and ICV")
         aad = _aad(esp_header, seq_hi) if seq_hi else esp_header
         try:
