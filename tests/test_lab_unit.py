@@ -353,3 +353,16 @@ def test_lab_cli_rejects_bad_encryption(capsys: pytest.CaptureFixture[str]) -> N
     assert main(["lab", "demo", "--encryption", "3des"]) == 2
     assert "3des" in capsys.readouterr().out
 
+
+
+def test_tcp_complete_allows_only_what_sockets_can_still_hold() -> None:
+    from nfq_ipsec.lab.traffic import TCP_SNDBUF_MAX, IperfResult
+
+    def tcp(sent: int, received: int) -> IperfResult:
+        return IperfResult("tcp", 2.0, sent, received, 1.0)
+
+    assert tcp(100_000_000, 91_000_000).tcp_complete  # within 10 %
+    assert tcp(27_434_693, 24_320_721).tcp_complete  # 3.1 MB unread: a send buffer's worth
+    assert not tcp(27_434_693, 27_434_693 - TCP_SNDBUF_MAX - 1).tcp_complete
+    assert not tcp(100_000_000, 80_000_000).tcp_complete
+    assert not tcp(1000, 0).tcp_complete

@@ -134,7 +134,7 @@ def verdicts(r: CheckRun, cfg: LabConfig, udp_count: int = 20, file_size: int = 
     tcp = get("tcp")
     if tcp is not None:
         out.append(Verdict(f"TCP (iperf3): {tcp.mbit:.0f} Mbit/s, {tcp.bytes_received / 1e6:.1f} MB",
-                           tcp.bytes_received > 0 and tcp.bytes_received >= tcp.bytes_sent * 0.9, str(tcp)))
+                           tcp.tcp_complete, str(tcp)))
     udp = get("udp")
     if udp is not None:
         out.append(Verdict(f"UDP (iperf3): {udp.packets} datagrams, {udp.lost_packets} lost",

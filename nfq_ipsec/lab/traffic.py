@@ -130,14 +130,18 @@ while True:
 print("received %d" % n, flush=True)
 """
 
+# Datagrams go out round-robin from 8 sockets (8 source ports: 8 flows), so that the queues a
+# daemon spreads flows over by hash all see some of them.
+TCP_SNDBUF_MAX = 4 << 20  # net.ipv4.tcp_wmem's default maximum
+
 UDP_SEND_SRC = r"""
 import socket, sys, time
 addr, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(8)]
 refused = 0
 for i in range(count):
     try:
-        s.sendto(b"nfq-ipsec lab datagram %d" % i, (addr, port))
+        socks[i % len(socks)].sendto(b"nfq-ipsec lab datagram %d" % i, (addr, port))
     except OSError:  # EPERM: a local netfilter DROP (a DISCARD policy on this very host)
         refused += 1
     time.sleep(0.01)
@@ -172,6 +176,14 @@ class IperfResult:
     @property
     def mbit(self) -> float:
         return self.bits_per_second / 1e6
+
+    @property
+    def tcp_complete(self) -> bool:
+        """TCP: what was sent arrived, but for what the sockets still held when the timed run
+        ended (iperf3 counts bytes written, not bytes acknowledged): at most 10 % or a send
+        buffer's worth (Linux's default tcp_wmem maximum), whichever is more."""
+        unread = self.bytes_sent - self.bytes_received
+        return self.bytes_received > 0 and unread <= max(self.bytes_sent * 0.1, TCP_SNDBUF_MAX)
 
 
 @dataclass(frozen=True)
