@@ -73,6 +73,7 @@ def test_smoke_prints_the_table(smoke: dict[str, Any]) -> None:
         assert lines, f"no table line for {label!r} in:\n{out}"
         assert "FAILED" not in lines[-1]
     assert f"raw figures and machine info: {smoke['out'] / 'smoke.json'}" in out
+    assert f"python: {smoke['json']['machine']['python_build']}" in out
     assert (smoke["out"] / "smoke.txt").read_text().strip() in out
 
 
@@ -87,6 +88,8 @@ def test_smoke_json_schema(smoke: dict[str, Any]) -> None:
     assert isinstance(machine["cpu_model"], str) and machine["cpu_model"]
     assert isinstance(machine["cores"], int) and machine["cores"] >= 1
     assert machine["kernel"].startswith("Linux ")
+    assert machine["python_build"].startswith("CPython 3.")
+    assert ("statically linked" in machine["python_build"]) != ("libpython" in machine["python_build"])
     for tool in ("nfq_ipsec", "cryptography", "openssl", "iperf3", "iptables"):
         assert machine["versions"][tool], tool
     assert len(data["load"]["start"]) == 3 and len(data["load"]["end"]) == 3

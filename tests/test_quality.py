@@ -1,7 +1,9 @@
-"""Lint and types are part of the suite: ruff and mypy (strict) must be clean."""
+"""Lint and types are part of the suite (ruff and mypy strict must be clean), and the install
+choices the suite runs under."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -46,3 +48,18 @@ def test_shell_scripts_shellcheck_clean() -> None:
     shell = [str(p) for p in scripts if b"bash" in p.read_bytes().splitlines()[0]]
     res = subprocess.run([shellcheck, *shell], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_tests_run_on_the_interpreter_install_deps_picks() -> None:
+    """scripts/install-deps builds the virtualenv from the distribution's /usr/bin/python3 when
+    it is 3.11 or newer (a faster build than a plain shared-library one: README, Performance)."""
+    if os.environ.get("NFQ_IPSEC_PYTHON"):
+        pytest.skip("NFQ_IPSEC_PYTHON chose the interpreter")
+    if sys.prefix == sys.base_prefix:
+        pytest.fail("the tests are not running in the virtualenv scripts/install-deps makes")
+    system = Path("/usr/bin/python3")
+    res = subprocess.run([str(system), "-c", "import sys, venv; print(sys.version_info >= (3, 11))"],
+                         capture_output=True, text=True) if system.exists() else None
+    if res is None or res.stdout.strip() != "True":
+        pytest.skip("no /usr/bin/python3 of 3.11 or newer with venv: install-deps takes python3 from PATH")
+    assert os.path.realpath(sys._base_executable) == os.path.realpath(system)

@@ -26,6 +26,7 @@ import re
 import shutil
 import statistics
 import subprocess
+import sysconfig
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -323,6 +324,19 @@ def dpkg_version(package: str) -> str | None:
     return words[-1]
 
 
+def python_build() -> str:
+    """Which build of the interpreter runs the data path: the figures depend on it (a
+    shared-library build without PGO is markedly slower than a distribution's static one)."""
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+            shared = "libpython" in maps.read()
+    except OSError:
+        shared = bool(sysconfig.get_config_var("Py_ENABLE_SHARED"))
+    linked = "libpython shared library" if shared else "statically linked"
+    return f"{platform.python_implementation()} {platform.python_version()}, {linked}, " \
+        f"{platform.python_compiler()}"
+
+
 def machine_info() -> dict[str, Any]:
     from cryptography.hazmat.backends.openssl.backend import backend
 
@@ -335,6 +349,7 @@ def machine_info() -> dict[str, Any]:
         "kernel": f"{uname.sysname} {uname.release} {uname.version}",
         "machine": uname.machine,
         "python": platform.python_version(),
+        "python_build": python_build(),
         "versions": {
             "nfq_ipsec": package_version("nfq-ipsec"),
             "cryptography": package_version("cryptography"),

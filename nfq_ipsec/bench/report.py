@@ -143,6 +143,7 @@ def table(result: dict[str, Any]) -> str:
         f"{s['pings']} pings per repetition; median (min-max)",
         f"machine: {m['cpu_model']}, {m['cores']} CPUs, {m['kernel'].split()[1]}; "
         f"CPU layout {s['cpu_layout']}",
+        f"python: {m.get('python_build') or m.get('python', 'unknown')}",
         "",
         _line(c for c, _ in COLUMNS),
         _line("-" * w for _, w in COLUMNS),
