@@ -43,7 +43,7 @@ SMOKE_ROWS = ["plain", "accept", "gcm"]
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     bench_environment_or_skip()
     out = tmp_path_factory.mktemp("bench")
-    argv = [sys.executable, "-m", "nfq_ipsec.cli", "bench", "--repetitions", "1", "--seconds", "1",
+    argv = [sys.executable, "-m", "nfq_ipsec.cli", "bench", "--repetitions", "2", "--seconds", "1",
             "--pings", "5", "--queues", "1", "--rows", ",".join(SMOKE_ROWS), "--out", str(out),
             "--name", "smoke"]
     t0 = time.monotonic()
@@ -83,7 +83,8 @@ def test_smoke_json_schema(smoke: dict[str, Any]) -> None:
     data = smoke["json"]
     assert data["schema"] == report.SCHEMA
     assert data["interrupted"] is False
-    assert data["settings"]["repetitions"] == 1 and data["settings"]["rows"] == SMOKE_ROWS
+    assert data["settings"]["repetitions"] == 2 and data["settings"]["rows"] == SMOKE_ROWS
+    assert data["settings"]["order"] == "interleaved"
     machine = data["machine"]
     assert isinstance(machine["cpu_model"], str) and machine["cpu_model"]
     assert isinstance(machine["cores"], int) and machine["cores"] >= 1
@@ -97,7 +98,9 @@ def test_smoke_json_schema(smoke: dict[str, Any]) -> None:
     for row in data["rows"]:
         assert row["status"] == "ok", row.get("error")
         assert _number(row["load_before"]) and _number(row["load_after"]) and _number(row["busy_before"])
-        (rep,) = row["repetitions"]
+        assert row["builds"] == 2  # interleaved: the test bed was built once per round
+        assert len(row["repetitions"]) == 2
+        rep = row["repetitions"][1]
         for test in ("tcp1", "tcp8"):
             assert rep[test]["mbit"] > 0 and rep[test]["bytes"] > 0 and _number(rep[test]["cpu_s"])
         assert rep["tcp8"]["flows"] == 8
@@ -108,7 +111,7 @@ def test_smoke_json_schema(smoke: dict[str, Any]) -> None:
         for metric in ("tcp1_mbit", "tcp8_mbit", "udp64_pps", "rtt_p50_ms", "rtt_p99_ms",
                        "system_cpu_s_per_gb"):
             s = summary[metric]
-            assert s["min"] <= s["median"] <= s["max"] and s["n"] == 1, metric
+            assert s["min"] <= s["median"] <= s["max"] and s["n"] == 2, metric
         assert set(row["ratios"]) >= {"plain", "accept"}
     plain, accept, gcm = data["rows"]
     assert plain["summary"]["cpu_s_per_gb"] is None  # no data-plane process
@@ -118,7 +121,7 @@ def test_smoke_json_schema(smoke: dict[str, Any]) -> None:
         assert row["summary"]["cpu_s_per_gb"]["median"] > 0
         assert row["dataplane"]
         # the traffic really went through NFQUEUE: the kernel queued packets on both hosts
-        assert row["repetitions"][0]["udp64"]["queues"]["queued"] > 0
+        assert all(rep["udp64"]["queues"]["queued"] > 0 for rep in row["repetitions"])
     assert gcm["dataplane_status"]["a"][0]["packets_out"] > 0
     assert 0 < gcm["ratios"]["plain"]["tcp1_mbit"] < 1
 
@@ -147,6 +150,20 @@ def test_smoke_leaves_nothing_behind(smoke: dict[str, Any]) -> None:
 
 
 # -- pure parts ------------------------------------------------------------------------------
+
+def test_schedule_interleaves_rounds() -> None:
+    assert runner.schedule(3, 2, "interleaved") == [(0, 1), (1, 1), (2, 1), (0, 1), (1, 1), (2, 1)]
+    assert runner.schedule(3, 2, "rows") == [(0, 2), (1, 2), (2, 2)]
+    assert runner.schedule(2, 1, "interleaved") == runner.schedule(2, 1, "rows")
+
+
+@pytest.mark.root
+@pytest.mark.lab
+def test_stdout_order_is_interleaved(smoke: dict[str, Any]) -> None:
+    starts = [line.split("]", 1)[1].split(",")[0].strip() for line in smoke["stdout"].splitlines()
+              if line.startswith("[")]
+    labels = [beds.row_spec(key).label for key in SMOKE_ROWS]
+    assert starts == labels + labels
 
 def test_percentile_and_spread() -> None:
     assert percentile([3.0], 99) == 3.0

@@ -2,7 +2,10 @@
 
 A script, not a timed test: it builds the namespace lab for each row, measures it several
 times and compares the rows with each other inside the same run (the machine is shared and
-noisy, so absolute numbers from different runs don't compare; ratios from one run do).
+noisy, so absolute numbers from different runs don't compare; ratios from one run do). By
+default the repetitions are interleaved: round after round, every row's test bed is built, run
+once and torn down, so a machine that slows down or speeds up over the minutes of a run (these
+shared VMs do, by up to a factor of 1.5) does so for every row alike.
 
 Rows (``--rows``; see :mod:`nfq_ipsec.bench.beds`): plain veth without rules; NFQUEUE
 accept-only through our binding and worker loop (the redirect ceiling); the daemon in transport
@@ -41,7 +44,8 @@ row needs Debian's packages, which nfq-ipsec does not install:
 
   {STRONGSWAN_APT}
 
-Default run: every row, 1 and 2 queues, 3 repetitions of 2-second iperf3 runs: about 8 minutes.
+Default run: every row, 1 and 2 queues, 3 interleaved rounds of 2-second iperf3 runs: about
+10 minutes.
 --quick: 1 repetition of 1-second runs, 10 pings: about 2 minutes. Needs root. Never run two
 benchmarks at once (a second one exits with status 75), and expect noise when other work runs
 on the machine: the table warns when it was busy. Exit status: 0 every row measured, 1 a row
@@ -103,6 +107,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="length of each iperf3 run (default 2)")
     p.add_argument("--pings", type=positive(int), default=None, metavar="N",
                    help="pings per repetition, 0.1 s apart (default 20)")
+    p.add_argument("--order", choices=("interleaved", "rows"), default="interleaved",
+                   help="interleaved: one repetition of every row per round, the test beds built "
+                   "anew each round, so the machine's drift weighs on all rows alike (default); "
+                   "rows: each row's repetitions one after another on one build")
     p.add_argument("--cpu-layout", choices=("spread", "same"), default="spread",
                    help="spread: peer b's queue i on the CPU after peer a's (default); same: both "
                    "peers queue i on CPU i (the daemon's default)")
@@ -125,6 +133,7 @@ def cli_bench(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
         seconds=float(args.seconds or (1.0 if quick else 2.0)),
         pings=args.pings or (10 if quick else 20),
         cpu_layout=args.cpu_layout,
+        order=args.order,
         out=args.out,
         name=args.name,
         busy_warn=args.busy_warn,

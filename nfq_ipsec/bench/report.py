@@ -139,7 +139,8 @@ def table(result: dict[str, Any]) -> str:
     s = result["settings"]
     m = result["machine"]
     out = [
-        f"nfq-ipsec bench: {s['repetitions']} repetition(s), {s['seconds']:g} s per iperf3 run, "
+        f"nfq-ipsec bench: {s['repetitions']} repetition(s) ({s.get('order', 'rows')}), "
+        f"{s['seconds']:g} s per iperf3 run, "
         f"{s['pings']} pings per repetition; median (min-max)",
         f"machine: {m['cpu_model']}, {m['cores']} CPUs, {m['kernel'].split()[1]}; "
         f"CPU layout {s['cpu_layout']}",

@@ -49,6 +49,7 @@ class Settings:
     busy_warn: float = 0.25  # fraction of all CPUs busy outside the benchmark
     load_warn: float | None = None  # 1-minute load average; None: the number of CPUs
     quick: bool = False
+    order: str = "interleaved"  # or "rows" (see schedule)
     argv: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
@@ -56,6 +57,7 @@ class Settings:
             "rows": self.rows, "queues": self.queues, "repetitions": self.repetitions,
             "seconds": self.seconds, "pings": self.pings, "cpu_layout": self.cpu_layout,
             "busy_warn": self.busy_warn, "load_warn": self.load_warn, "quick": self.quick,
+            "order": self.order,
         }
 
 
@@ -131,38 +133,59 @@ def _now() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def measure_row(
-    spec: beds.RowSpec, queues: int | None, settings: Settings, say: Any,
-) -> dict[str, Any]:
-    """Build the row's test bed, run the repetitions, tear it down. The row's record."""
-    row: dict[str, Any] = {
+def new_row(spec: beds.RowSpec, queues: int | None) -> dict[str, Any]:
+    return {
         "key": spec.key, "label": spec.label, "kind": spec.kind, "topology": spec.topology,
         "encryption": spec.encryption, "queues": queues, "note": spec.note, "status": "ok",
-        "error": None, "dataplane": [], "info": {}, "repetitions": [],
+        "error": None, "dataplane": [], "info": {}, "repetitions": [], "seconds": 0.0,
+        "builds": 0,
     }
+
+
+def schedule(beds_count: int, repetitions: int, order: str) -> list[tuple[int, int]]:
+    """(test bed index, repetitions to run on one build of it), in running order. ``rows``:
+    each bed once with all its repetitions. ``interleaved``: round after round, one repetition
+    of every bed per round, so a machine whose speed drifts over minutes (shared VMs do)
+    weighs on every row alike and the ratios between rows stay fair."""
+    if order == "rows":
+        return [(i, repetitions) for i in range(beds_count)]
+    return [(i, 1) for _ in range(repetitions) for i in range(beds_count)]
+
+
+def measure_row(
+    spec: beds.RowSpec, queues: int | None, settings: Settings, say: Any,
+    repetitions: int | None = None, row: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build the row's test bed, run ``repetitions`` (default: all) on it, tear it down. The
+    row's record: ``row`` carried on from an earlier build, or a new one."""
+    row = row if row is not None else new_row(spec, queues)
+    if row["status"] != "ok":  # failed or skipped on an earlier build: not tried again
+        return row
     if spec.kind == "strongswan":
         why = strongswan.missing()
         if why is not None:
             row.update(status="skipped", error=f"strongSwan: {why}")
             return row
     time.sleep(SETTLE)
-    row["busy_before"] = measure.busy_fraction(IDLE_CHECK)
-    row["load_before"] = measure.loadavg()[0]
+    busy, load = measure.busy_fraction(IDLE_CHECK), measure.loadavg()[0]
+    if row["builds"] == 0 or busy > row["busy_before"]:  # the busiest moment before a build
+        row["busy_before"], row["load_before"] = busy, load
+    row["builds"] += 1
     t0 = time.monotonic()
     try:
         with Lab(prefix=PREFIX) as lab:
             bed = beds.build(lab, spec, queues or 1, settings.cpu_layout)
             measure.check_path(bed.path)
-            row["setup_seconds"] = round(time.monotonic() - t0, 2)
+            row.setdefault("setup_seconds", round(time.monotonic() - t0, 2))
             row["dataplane"] = [p.name for p in bed.dataplane]
             row["info"] = bed.info
             meter = measure.CpuMeter(bed.dataplane_pids)
-            for i in range(settings.repetitions):
+            for _ in range(repetitions or settings.repetitions):
                 rep = measure.repetition(bed.path, meter, bed.queue_hosts, settings.seconds,
                                          settings.pings)
                 bed.check_alive()
                 row["repetitions"].append(rep)
-                say(f"    rep {i + 1}/{settings.repetitions}: "
+                say(f"    rep {len(row['repetitions'])}/{settings.repetitions}: "
                     f"TCP x1 {rep['tcp1']['mbit']:.0f} Mbit/s, x8 {rep['tcp8']['mbit']:.0f} Mbit/s, "
                     f"UDP 64 B {rep['udp64']['pps'] / 1e3:.1f} kpps of {rep['udp64']['sent_pps'] / 1e3:.1f} "
                     f"sent, ping p50 {report.num(rep['ping']['p50_ms'])} ms "
@@ -172,7 +195,7 @@ def measure_row(
     except Exception as err:  # one broken row must not cost the figures of the others
         row.update(status="failed", error=str(err) or type(err).__name__)
         row["traceback"] = traceback.format_exc(limit=6)
-    row["seconds"] = round(time.monotonic() - t0, 1)
+    row["seconds"] = round(row["seconds"] + time.monotonic() - t0, 1)
     row["load_after"] = measure.loadavg()[0]
     if row["status"] == "ok" and not row["repetitions"]:
         row.update(status="failed", error="no repetition was measured")
@@ -221,16 +244,24 @@ def _run_locked(settings: Settings, say: Any) -> int:
                         f"{start_busy:.0%} of the CPUs busy outside the benchmark; figures are noisy")
         say(f"WARNING: {warnings[-1]}")
     todo = plan(settings)
-    say(f"nfq-ipsec bench: {len(todo)} test beds, {settings.repetitions} repetition(s) each, "
-        f"{settings.seconds:g} s per iperf3 run; results in {settings.out}/")
+    say(f"nfq-ipsec bench: {len(todo)} test beds, {settings.repetitions} repetition(s) each "
+        f"({settings.order}), {settings.seconds:g} s per iperf3 run; results in {settings.out}/")
     code = EXIT_OK
     t0 = time.monotonic()
+    rows: dict[int, dict[str, Any]] = {}
+    warned: set[int] = set()
+    steps = schedule(len(todo), settings.repetitions, settings.order)
     try:
-        for n, (spec, queues) in enumerate(todo, 1):
+        for step, (i, reps) in enumerate(steps):
+            spec, queues = todo[i]
             q = "" if queues is None else f", {queues} queue(s)"
-            say(f"[{n}/{len(todo)}] {spec.label}{q}")
-            row = measure_row(spec, queues, settings, say)
-            result["rows"].append(row)
+            rounds = settings.repetitions // reps
+            rnd = f", round {step // len(todo) + 1}/{rounds}" if rounds > 1 else ""
+            previous = rows.get(i)
+            if previous is not None and previous["status"] != "ok":
+                continue
+            say(f"[{i + 1}/{len(todo)}] {spec.label}{q}{rnd}")
+            row = rows[i] = measure_row(spec, queues, settings, say, reps, previous)
             if row["status"] == "failed":
                 code = EXIT_FAILED
                 say(f"    FAILED: {row['error']}")
@@ -238,7 +269,8 @@ def _run_locked(settings: Settings, say: Any) -> int:
                 say(f"    {row['error']}")
             else:
                 busy, load = row["busy_before"], row["load_before"]
-                if busy > settings.busy_warn:
+                if busy > settings.busy_warn and i not in warned:
+                    warned.add(i)
                     warnings.append(f"{spec.label}{q}: {busy:.0%} of the CPUs were busy outside the "
                                     f"benchmark just before it (load {load:.2f})")
                     say(f"    WARNING: {warnings[-1]}")
@@ -247,8 +279,9 @@ def _run_locked(settings: Settings, say: Any) -> int:
     except KeyboardInterrupt:
         result["interrupted"] = True
         code = EXIT_INTERRUPTED
-        warnings.append("interrupted: the figures cover only the rows before Ctrl-C")
+        warnings.append("interrupted: the figures cover only the repetitions before Ctrl-C")
         say("\ninterrupted; writing what was measured")
+    result["rows"] = [rows[i] for i in sorted(rows)]
     result["finished"] = _now()
     result["duration_s"] = round(time.monotonic() - t0, 1)
     result["load"]["end"] = measure.loadavg()
