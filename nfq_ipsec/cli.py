@@ -16,6 +16,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from . import __version__, corebuild
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
@@ -29,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nfq-ipsec",
         description="Userspace IPsec (ESP) data plane fed by iptables NFQUEUE.",
     )
+    parser.add_argument("--version", action="version",
+                        version=f"nfq-ipsec {__version__}; ESP core: {corebuild.running()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("check-config", help="validate a configuration and summarise it (no keys)")

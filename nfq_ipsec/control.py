@@ -237,6 +237,8 @@ def render_status(status: dict[str, Any]) -> str:
         f"nfq-ipsec {d.get('state', '?')}: pid {d.get('pid')}, up {fmt_duration(d.get('uptime'))}, "
         f"{rules}, config {d.get('config')}",
     ]
+    if d.get("core"):
+        out.append(f"core: {d['core']}")
     out += [f"WARNING: {w}" for w in status.get("warnings", [])]
     out.append("")
     wrows = [["QUEUE", "CPU", "PID", "STATE", "UPTIME", "RESTARTS", "PKTS IN", "PKTS OUT",

@@ -36,7 +36,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from . import __version__
+from . import __version__, corebuild
 from .config import Config, QueueConfig
 from .control import ControlError, ControlServer
 from .core import SADirection
@@ -470,6 +470,7 @@ class Supervisor:
                 "state": self.state,
                 "rules_installed": self.rules_installed,
                 "version": __version__,
+                "core": corebuild.running().detail,
             },
             "workers": workers,
             "sas": sas,

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from . import corebuild
 from .core import SPD, DropReason, Policy, Processor, SAParams, Verdict
 from .core.packet import PROTO_ESP
 from .nfqueue import (
@@ -235,6 +236,7 @@ class PacketHandler:
             "packets_out": self.packets_out,
             "drops": drops,
             "overflow_reports": getattr(self.queue, "overflows", 0),
+            "core": corebuild.running().detail,
             "kernel": kernel,
             "sas": sas,
         }

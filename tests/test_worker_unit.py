@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from nfq_ipsec import control, nfqueue
+from nfq_ipsec import control, corebuild, nfqueue
 from nfq_ipsec.config import load_config
 from nfq_ipsec.core import DropReason, Processor, Result, Verdict
 from nfq_ipsec.nfqueue import HOOK_LOCAL_OUT, HOOK_PRE_ROUTING, NetlinkQueue, QueuedPacket
@@ -234,6 +234,7 @@ def test_snapshot_has_counters_and_no_keys() -> None:
     snap = h.snapshot(100, 0, 123.0)
     assert (snap["queue"], snap["cpu"], snap["pid"], snap["started"]) == (100, 0, os.getpid(), 123.0)
     assert (snap["packets_in"], snap["packets_out"]) == (4, 3)
+    assert snap["core"] == corebuild.running().detail  # which build of the core this worker runs
     assert snap["drops"] == {"no_policy": 1}
     by_name = {s["name"]: s for s in snap["sas"]}
     assert set(by_name) == {"a-to-b-0", "b-to-a-0"}  # this queue's SAs only
@@ -427,7 +428,7 @@ def test_status_not_running_exit_3(tmp_path: Path, capsys: pytest.CaptureFixture
 
 SAMPLE_STATUS: dict[str, Any] = {
     "daemon": {"pid": 10, "uptime": 3725.0, "config": "/etc/x.toml", "state": "running",
-               "rules_installed": True},
+               "rules_installed": True, "core": "compiled (mypyc 2.4.1)"},
     "workers": [
         {"queue": 100, "cpu": 0, "pid": 11, "uptime": 12.5, "restarts": 1, "state": "ready",
          "packets_in": 10, "packets_out": 8, "drops": {"replay": 2}, "kernel_queue_dropped": 0,
@@ -450,6 +451,7 @@ SAMPLE_STATUS: dict[str, Any] = {
 def test_render_status_text() -> None:
     text = control.render_status(SAMPLE_STATUS)
     assert "nfq-ipsec running: pid 10, up 1h02m, rules installed" in text
+    assert "core: compiled (mypyc 2.4.1)" in text.splitlines()[1]
     lines = text.splitlines()
     assert any(line.split()[:4] == ["100", "0", "11", "ready"] for line in lines)
     assert any(line.split()[:4] == ["101", "1", "-", "down"] for line in lines)

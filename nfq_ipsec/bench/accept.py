@@ -19,6 +19,7 @@ import argparse
 import multiprocessing
 import sys
 from collections.abc import Sequence
+from typing import Any, cast
 
 from .. import worker
 from ..core import Processor, Result, Verdict
@@ -27,14 +28,27 @@ from ..nfqueue import DEFAULT_MAX_LEN
 _ACCEPT = Result(Verdict.ACCEPT)  # packet None: accept unchanged (the verdict carries no payload)
 
 
-class AcceptAll(Processor):
-    """A processor that accepts every packet as it is, in both directions."""
+class AcceptAll:
+    """A processor that accepts every packet as it is, in both directions. Everything else
+    (counters, events, the status snapshot's SAs) comes from an empty :class:`Processor`; it
+    wraps one rather than subclassing it, since a compiled class can't be subclassed in Python."""
+
+    def __init__(self, empty: Processor) -> None:
+        self._empty = empty
 
     def outbound(self, data: bytes, now: float) -> Result:
         return _ACCEPT
 
     def inbound(self, data: bytes, now: float) -> Result:
         return _ACCEPT
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._empty, name)
+
+
+def accept_all(spec: worker.WorkerSpec) -> Processor:
+    """The accept-all processor for a worker of ``spec`` (typed as what the worker takes)."""
+    return cast(Processor, AcceptAll(Processor(spec.spd(), (), 0.0)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # /proc/net/netfilter/nfnetlink_queue) and stops us with SIGTERM.
     ours, theirs = multiprocessing.Pipe()
     try:
-        return worker.run(spec, theirs, processor=AcceptAll(spec.spd(), (), 0.0))
+        return worker.run(spec, theirs, processor=accept_all(spec))
     finally:
         ours.close()
         theirs.close()

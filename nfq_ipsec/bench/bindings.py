@@ -433,7 +433,7 @@ def _ours_worker_loop(key: str, queue: int, cpu: int | None, mark: int, max_len:
     import multiprocessing
 
     from .. import worker
-    from .accept import AcceptAll
+    from .accept import accept_all
     from .accept import main as accept_main
 
     if key == "ours":
@@ -443,7 +443,7 @@ def _ours_worker_loop(key: str, queue: int, cpu: int | None, mark: int, max_len:
     ours, theirs = multiprocessing.Pipe()
     try:
         return worker.run(spec, theirs, queue=MmsgNetlinkQueue(max_len=max_len),
-                          processor=AcceptAll(spec.spd(), (), 0.0))
+                          processor=accept_all(spec))
     finally:
         ours.close()
         theirs.close()

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .. import corebuild
 from ..lab import traffic
 from ..lab.netns import Host, Lab, LabError, run
 from ..nfqueue import PROC_QUEUES, KernelQueueStats
@@ -350,6 +351,7 @@ def machine_info() -> dict[str, Any]:
         "machine": uname.machine,
         "python": platform.python_version(),
         "python_build": python_build(),
+        "core_build": corebuild.running().detail,
         "versions": {
             "nfq_ipsec": package_version("nfq-ipsec"),
             "cryptography": package_version("cryptography"),

@@ -27,7 +27,6 @@ index, whatever the SPD would choose: where the scan stops being cheaper is
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import platform
@@ -35,11 +34,10 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 from ..core import spd as spd_module
 from ..core.packet import PacketKey
@@ -132,13 +130,6 @@ def case_keys(policies: list[Policy], case: str, rng: random.Random) -> list[Pac
     return keys
 
 
-@contextlib.contextmanager
-def forced(indexed: bool) -> Iterator[None]:
-    """SPDs built inside use the index (or the scan) whatever their size (spd._indexed)."""
-    with mock.patch.object(spd_module, "_indexed", lambda policies, mask_pairs: indexed):
-        yield
-
-
 # -- timing ----------------------------------------------------------------------------------
 
 def time_lookups(
@@ -214,10 +205,8 @@ def measure_crossover(repeat: int, min_ns: int) -> list[dict[str, Any]]:
     for size in CROSSOVER_SIZES:
         policies = small_policies(size)
         view = [p for p in policies if p.direction.covers(True)]
-        with forced(False):
-            scan = SPD(policies)
-        with forced(True):
-            index = SPD(policies)
+        scan = SPD(policies, index=False)
+        index = SPD(policies, index=True)
         chosen = "index" if SPD(policies)._out_groups else "scan"
         for case in ("first", "last", "miss"):
             keys = case_keys(policies, case, random.Random(0))

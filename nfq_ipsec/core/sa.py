@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import DropReason, EspError
+from .pickling import reduce_dataclass
 from .replay import DEFAULT_WINDOW, ReplayWindow
 from .suites import Suite, make_suite
 
@@ -51,7 +52,11 @@ class Secret:
     def __repr__(self) -> str:
         return f"<Secret {len(self._value)} bytes>"
 
-    __str__ = __repr__
+    def __str__(self) -> str:
+        return self.__repr__()
+
+    def __reduce__(self) -> tuple[type[Secret], tuple[bytes]]:
+        return (Secret, (self._value,))  # pickled for a worker process, as its key
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Secret) and other._value == self._value
@@ -70,6 +75,9 @@ class Lifetime:
     hard_bytes: int | None = None
     soft_seconds: float | None = None
     hard_seconds: float | None = None
+
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        return reduce_dataclass(self)
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,9 @@ class SAParams:
     queue: int = 0  # the NFQUEUE (worker) that owns this SA
     df: DfPolicy = DfPolicy.COPY
     ttl: int = 64
+
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        return reduce_dataclass(self)
 
 
 class SAEvent(enum.Enum):

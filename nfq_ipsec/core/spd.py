@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 
 from .packet import PacketKey
+from .pickling import reduce_dataclass
 
 PROTO_ICMP = 1
 
@@ -127,6 +128,9 @@ class Selector:
             parts.append(f"icmp-code {self.icmp_code}")
         return " ".join(parts)
 
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        return reduce_dataclass(self)
+
 
 def _in_range(port: int | None, rng: PortRange) -> bool:
     return port is not None and rng[0] <= port <= rng[1]
@@ -145,6 +149,9 @@ class Policy:
     action: Action
     direction: Direction = Direction.BOTH
     sa_names: tuple[str, ...] = ()
+
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        return reduce_dataclass(self)
 
 
 # A direction view of at most this many policies is scanned, a larger one indexed. Measured on
@@ -207,10 +214,12 @@ def _indexed(policies: int, mask_pairs: int) -> bool:
 
 
 def _build_view(
-    view: list[tuple[int, Policy]], outbound: bool,
+    view: list[tuple[int, Policy]], outbound: bool, index: bool | None,
 ) -> tuple[tuple[_LinearEntry, ...], tuple[_Group, ...]]:
     """The linear entries or the index groups of one direction view (the other one is empty)."""
-    if not _indexed(len(view), len({(p.selector._lmask, p.selector._rmask) for _, p in view})):
+    if index is None:
+        index = _indexed(len(view), len({(p.selector._lmask, p.selector._rmask) for _, p in view}))
+    if not index:
         linear = tuple(
             (p.selector._lmask, p.selector._lnet, p.selector._rmask, p.selector._rnet,
              _compile_rest(p.selector, outbound), p)
@@ -234,13 +243,15 @@ def _build_view(
 class SPD:
     """Ordered policy list with separate outbound and inbound views; first match wins."""
 
-    def __init__(self, policies: list[Policy]) -> None:
+    def __init__(self, policies: list[Policy], index: bool | None = None) -> None:
+        """``index``: None chooses scan or index per view by its size (``_indexed``); True or
+        False forces one (tests and the lookup benchmark compare them)."""
         self.policies = tuple(policies)
         numbered = list(enumerate(self.policies))
         self._out_linear, self._out_groups = _build_view(
-            [(i, p) for i, p in numbered if p.direction.covers(True)], True)
+            [(i, p) for i, p in numbered if p.direction.covers(True)], True, index)
         self._in_linear, self._in_groups = _build_view(
-            [(i, p) for i, p in numbered if p.direction.covers(False)], False)
+            [(i, p) for i, p in numbered if p.direction.covers(False)], False, index)
 
     def lookup(self, key: PacketKey, outbound: bool) -> Policy | None:
         """The first policy whose selector matches, or None (which means discard)."""
