@@ -439,6 +439,7 @@ class Supervisor:
                 "user_dropped": k.user_dropped if k else None,
                 "last_error": slot.last_error,
                 "last_outage": round(slot.last_outage, 3) if slot.last_outage is not None else None,
+                "core": st.get("core") if st else None,
             })
             by_name = {s["name"]: s for s in st["sas"]} if st else {}
             for params in slot.spec.sas:

@@ -123,6 +123,7 @@ def test_smoke_json_schema(smoke: dict[str, Any]) -> None:
         # the traffic really went through NFQUEUE: the kernel queued packets on both hosts
         assert all(rep["udp64"]["queues"]["queued"] > 0 for rep in row["repetitions"])
     assert gcm["dataplane_status"]["a"][0]["packets_out"] > 0
+    assert gcm["dataplane_status"]["a"][0]["core"] == machine["core_build"]  # the workers' build
     assert 0 < gcm["ratios"]["plain"]["tcp1_mbit"] < 1
 
 
@@ -150,6 +151,13 @@ def test_smoke_leaves_nothing_behind(smoke: dict[str, Any]) -> None:
 
 
 # -- pure parts ------------------------------------------------------------------------------
+
+def test_row_labels_fit_the_table() -> None:
+    assert all(len(r.label) <= report.COLUMNS[0][1] and "," not in r.label for r in beds.ROWS)
+    source = beds.row_spec("gcm-source")
+    assert source.source_core and not beds.row_spec("gcm").source_core
+    assert (source.kind, source.encryption) == ("esp", beds.row_spec("gcm").encryption)
+
 
 def test_schedule_interleaves_rounds() -> None:
     assert runner.schedule(3, 2, "interleaved") == [(0, 1), (1, 1), (2, 1), (0, 1), (1, 1), (2, 1)]

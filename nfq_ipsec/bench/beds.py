@@ -14,6 +14,8 @@ server, tunnel mode between the gateways):
   the daemon's worker loop with a processor that accepts everything);
 - ``gcm``, ``chacha``, ``cbc``, ``tunnel-gcm``: the real daemon on both peers
   (``nfq-ipsec run``), configured by the lab (one SA per queue and direction, fresh keys);
+- ``gcm-source``: the ``gcm`` row (one queue) with the daemon's ESP core run from its Python
+  source (``NFQ_IPSEC_PURE=1``) instead of the compiled build;
 - ``strongswan``: two charons with kernel-libipsec (:mod:`nfq_ipsec.bench.strongswan`).
 
 CPU pinning: ``spread`` (the default) pins queue i of peer a to online CPU i and queue i of peer
@@ -33,9 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import corebuild
 from ..config.model import DEFAULT_MARK
 from ..lab import labconfig, topology
-from ..lab.daemon import Daemon
+from ..lab.daemon import Daemon, command
 from ..lab.netns import Host, Lab, LabError, Started
 from ..nfqueue import PROC_QUEUES
 from ..rules import HMARK_RND, hmark_base
@@ -55,6 +58,7 @@ class RowSpec:
     encryption: str | None = None
     per_queue: bool = True  # measured once per --queues value (else once)
     note: str = ""
+    source_core: bool = False  # the daemon runs its ESP core from source (NFQ_IPSEC_PURE=1)
 
 
 ROWS = (
@@ -64,6 +68,10 @@ ROWS = (
             note="every packet of the link through NFQUEUE and the worker loop, accepted "
                  "unchanged: the redirect ceiling"),
     RowSpec("gcm", "transport aes-gcm-128", "esp", encryption="aes-gcm-128"),
+    RowSpec("gcm-source", "transport gcm (uncompiled core)", "esp", encryption="aes-gcm-128",
+            per_queue=False, source_core=True,
+            note="the gcm row with the ESP core run from its Python source instead of the "
+                 "mypyc-compiled build: what compiling gains, in the same run"),
     RowSpec("chacha", "transport chacha20-poly1305", "esp", encryption="chacha20-poly1305"),
     RowSpec("cbc", "transport aes-cbc-128+sha256", "esp", encryption="aes-cbc-128"),
     RowSpec("tunnel-gcm", "tunnel aes-gcm-128 (gateways)", "esp", topology="gateway",
@@ -102,7 +110,7 @@ class Bed:
                 raise LabError(f"{p.name} exited with {p.popen.returncode}: {p.output()[-600:]}")
 
     def daemon_status(self) -> dict[str, Any]:
-        """Per peer and worker: packets and drops, from ``nfq-ipsec status --json``."""
+        """Per peer and worker: packets, drops and the core build, from ``nfq-ipsec status --json``."""
         out: dict[str, Any] = {}
         for d in self.daemons:
             try:
@@ -111,7 +119,8 @@ class Bed:
                 out[d.name] = {"error": str(err)[:300]}
                 continue
             out[d.name] = [
-                {k: w.get(k) for k in ("queue", "cpu", "packets_in", "packets_out", "drops", "kernel")}
+                {k: w.get(k)
+                 for k in ("queue", "cpu", "packets_in", "packets_out", "drops", "kernel", "core")}
                 for w in st.get("workers", [])
             ]
         return out
@@ -164,7 +173,10 @@ def _esp_bed(lab: Lab, spec: RowSpec, queues: int, layout: str) -> Bed:
     for i, peer in enumerate(topo.peers):
         cpus[peer.name] = cpus_for(i, queues, layout)
         pin_config(cfg.peer(peer.name).path, cpus[peer.name])
-    daemons = [Daemon(cfg.peer(p.name), p.host) for p in topo.peers]
+    cmd = command()
+    if spec.source_core:
+        cmd = ["env", f"{corebuild.PURE_ENV}=1", *cmd]
+    daemons = [Daemon(cfg.peer(p.name), p.host, cmd) for p in topo.peers]
     for d in daemons:
         d.start(lab)
     for d in daemons:
