@@ -43,6 +43,14 @@ def _compiled_files(core: Path) -> list[Path]:
             if (core / f"{name}{suffix}").exists()]
 
 
+def _source_hash(path: Path) -> str | None:
+    """sha256 of a source, or None where an install shipped none (nothing to be stale against)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
 def inspect(core: Path = _CORE, environ: dict[str, str] | None = None) -> CoreBuild:
     """Decide, without importing anything, whether the compiled core may run."""
     env = os.environ if environ is None else environ
@@ -58,8 +66,7 @@ def inspect(core: Path = _CORE, environ: dict[str, str] | None = None) -> CoreBu
     missing = [name for name in MODULES if name not in have or name not in sources]
     if missing:
         return CoreBuild(False, f"Python source (compiled build incomplete: {', '.join(missing)})")
-    changed = [name for name in MODULES
-               if hashlib.sha256((core / f"{name}.py").read_bytes()).hexdigest() != sources[name]]
+    changed = [name for name in MODULES if _source_hash(core / f"{name}.py") not in (sources[name], None)]
     if changed:
         return CoreBuild(False, "Python source (compiled build is stale: "
                          f"{', '.join(n + '.py' for n in changed)} changed since; reinstall)")

@@ -51,6 +51,8 @@ def test_inspect_compiled_stale_incomplete_pure(tmp_path: Path) -> None:
     assert not stale.compiled and "stale" in stale.detail and "esp.py" in stale.detail
     assert "sa.py" not in stale.detail
     (core / "esp.py").write_text("# esp\n")
+    (core / "sa.py").unlink()  # an install without sources: nothing to be stale against
+    assert corebuild.inspect(core, {}).compiled
     (core / f"replay{SUFFIX}").unlink()
     incomplete = corebuild.inspect(core, {})
     assert not incomplete.compiled and "replay" in incomplete.detail
