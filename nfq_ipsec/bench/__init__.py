@@ -46,7 +46,7 @@ row needs Debian's packages, which nfq-ipsec does not install:
   {STRONGSWAN_APT}
 
 Default run: every row, 1 and 2 queues, 3 interleaved rounds of 2-second iperf3 runs: about
-10 minutes.
+8 minutes.
 --quick: 1 repetition of 1-second runs, 10 pings: about 2 minutes. Needs root. Never run two
 benchmarks at once (a second one exits with status 75), and expect noise when other work runs
 on the machine: the table warns when it was busy. Exit status: 0 every row measured, 1 a row
