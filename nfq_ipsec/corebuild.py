@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-MODULES = ("errors", "packet", "replay", "suites", "sa", "sad", "spd", "esp", "processor")  # = setup.py
+# The compiled modules (setup.py reads this list from here). The core's __init__ and pickling
+# stay Python: nothing per packet runs in them.
+MODULES = ("errors", "packet", "replay", "suites", "sa", "sad", "spd", "esp", "processor")
 MANIFEST = "_compiled.json"
 PURE_ENV = "NFQ_IPSEC_PURE"
 _CORE = Path(__file__).resolve().parent / "core"
