@@ -2,7 +2,8 @@
 
 The benchmark is a script, not a timed test: nothing here checks a speed. The smoke run (marks
 ``root`` and ``lab``) runs it with the smallest settings (one repetition of 1-second iperf3 runs,
-five pings, one queue, the rows plain, accept-only and AES-GCM-128 transport) and checks that
+five pings, one queue, the rows plain, accept-only, the AES-GCM floor and AES-GCM-128
+transport) and checks that
 it produced well-formed output: the table on stdout, the JSON file with its schema, raw figures
 and machine info, and a valid PNG. The other tests need no root: statistics, ratios, the table,
 the accept-only rules and CPU pinning of the lab's configurations.
@@ -34,7 +35,7 @@ from nfq_ipsec.lab.topology import HOST_A, HOST_B
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-SMOKE_ROWS = ["plain", "accept", "gcm"]
+SMOKE_ROWS = ["plain", "accept", "accept-gcm", "gcm"]
 
 
 # -- the smoke run ---------------------------------------------------------------------------
@@ -94,7 +95,8 @@ def test_smoke_json_schema(smoke: dict[str, Any]) -> None:
     for tool in ("nfq_ipsec", "cryptography", "openssl", "iperf3", "iptables"):
         assert machine["versions"][tool], tool
     assert len(data["load"]["start"]) == 3 and len(data["load"]["end"]) == 3
-    assert [(r["key"], r["queues"]) for r in data["rows"]] == [("plain", None), ("accept", 1), ("gcm", 1)]
+    assert [(r["key"], r["queues"]) for r in data["rows"]] == [
+        ("plain", None), ("accept", 1), ("accept-gcm", None), ("gcm", 1)]
     for row in data["rows"]:
         assert row["status"] == "ok", row.get("error")
         assert _number(row["load_before"]) and _number(row["load_after"]) and _number(row["busy_before"])
@@ -113,11 +115,13 @@ def test_smoke_json_schema(smoke: dict[str, Any]) -> None:
             s = summary[metric]
             assert s["min"] <= s["median"] <= s["max"] and s["n"] == 2, metric
         assert set(row["ratios"]) >= {"plain", "accept"}
-    plain, accept, gcm = data["rows"]
+    plain, accept, floor, gcm = data["rows"]
     assert plain["summary"]["cpu_s_per_gb"] is None  # no data-plane process
     assert plain["ratios"]["plain"] == {m: 1.0 for m in report.RATIO_METRICS}
     assert accept["ratios"]["accept"] == {m: 1.0 for m in report.RATIO_METRICS}
-    for row in (accept, gcm):
+    assert accept["info"]["work"] == "none" and floor["info"]["work"] == "gcm"
+    assert floor["ratios"]["accept_queues"] == 1
+    for row in (accept, floor, gcm):
         assert row["summary"]["cpu_s_per_gb"]["median"] > 0
         assert row["dataplane"]
         # the traffic really went through NFQUEUE: the kernel queued packets on both hosts

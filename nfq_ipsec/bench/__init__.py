@@ -34,11 +34,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 STRONGSWAN_APT = "apt-get install strongswan-charon libcharon-extra-plugins strongswan-swanctl"
-ROW_KEYS = ("plain", "accept", "gcm", "gcm-source", "chacha", "cbc", "tunnel-gcm", "strongswan")  # = beds
+ROW_KEYS = ("plain", "accept", "accept-payload", "accept-gcm", "gcm", "gcm-source", "chacha",
+            "cbc", "tunnel-gcm", "strongswan")  # = beds
 
 EPILOG = f"""\
-rows: plain (veth, no rules), accept (NFQUEUE accept-only: the redirect ceiling), gcm, chacha,
-cbc (the daemon, transport mode), gcm-source (gcm, 1 queue, with the ESP core run from source
+rows: plain (veth, no rules), accept (NFQUEUE accept-only: the redirect ceiling),
+accept-payload (accept-only, each verdict carrying the packet back), accept-gcm (the same, each
+packet first sealed with AES-GCM-128: the floor under any ESP worker), gcm, chacha, cbc (the
+daemon, transport mode), gcm-source (gcm, 1 queue, with the ESP core run from source
 instead of compiled), tunnel-gcm (the daemon, gateway topology, tunnel mode),
 strongswan (two strongSwan 5.9 charons with kernel-libipsec; ESP in UDP 4500). The strongSwan
 row needs Debian's packages, which nfq-ipsec does not install:

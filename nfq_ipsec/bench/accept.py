@@ -1,14 +1,26 @@
-"""The accept-only worker: the benchmark's redirect ceiling.
+"""The accept-only worker: the benchmark's redirect ceiling, and the floors under ESP.
 
 One process per queue, started by the benchmark in a lab namespace::
 
-    python -m nfq_ipsec.bench.accept --queue 100 --cpu 0 --mark 0x10000000
+    python -m nfq_ipsec.bench.accept --queue 100 --cpu 0 --mark 0x10000000 [--work WORK]
 
 It is the daemon's own worker (:func:`nfq_ipsec.worker.run`: CPU pinning, the NetlinkQueue
 binding with its settings, the poll loop, batches of 64 packets, verdicts sent several per
 ``sendmsg``, SIGTERM handling) with one thing swapped: the processor accepts every packet
-unchanged (a verdict with the reinject mark and no payload) instead of doing SPD, SA and ESP.
-So the row measures what the queue trip and our Python loop cost, nothing else.
+(a verdict with the reinject mark) instead of doing SPD, SA and ESP. ``--work`` says how much
+of an ESP worker's unavoidable work it does on the way:
+
+- ``none`` (the ``accept`` row): the verdict carries no payload. What the queue trip and our
+  Python loop cost, nothing else: the ceiling.
+- ``payload`` (``accept-payload``): the verdict carries the packet's own bytes back, as every
+  ESP verdict carries a new packet: the kernel copies the payload into the packet and the
+  receiver verifies the TCP checksum in software (a rewritten packet loses its checksum
+  offload state).
+- ``gcm`` (``accept-gcm``): ``payload``, and before it the packet is sealed with AES-GCM-128
+  through the ESP core's own suite (the same ``cryptography`` call, key, nonce and AAD shapes
+  as an ESP worker's; the ciphertext is thrown away so that the traffic stays readable). No
+  parsing, no SPD, no framing: the least any ESP worker on this binding and this cipher
+  library has to do per packet, so its ratio to ``accept`` bounds what ESP can reach.
 
 The swap is ``worker.run``'s ``processor`` argument: everything else is the daemon's worker.
 """
@@ -17,15 +29,19 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, cast
 
 from .. import worker
 from ..core import Processor, Result, Verdict
+from ..core.suites import Suite, make_suite
 from ..nfqueue import DEFAULT_MAX_LEN
 
+WORKS = ("none", "payload", "gcm")
 _ACCEPT = Result(Verdict.ACCEPT)  # packet None: accept unchanged (the verdict carries no payload)
+_ESP_HEADER = bytes(8)  # SPI and sequence number: what the AAD of an ESP packet is
 
 
 class AcceptAll:
@@ -46,9 +62,44 @@ class AcceptAll:
         return getattr(self._empty, name)
 
 
-def accept_all(spec: worker.WorkerSpec) -> Processor:
+class AcceptWithPayload(AcceptAll):
+    """Accept every packet with a verdict that carries the packet's own bytes."""
+
+    def outbound(self, data: bytes, now: float) -> Result:
+        return Result(Verdict.ACCEPT, data)
+
+    def inbound(self, data: bytes, now: float) -> Result:
+        return Result(Verdict.ACCEPT, data)
+
+
+class AcceptAfterSeal(AcceptAll):
+    """Seal every packet with AES-GCM-128 (result discarded), then accept it with its own
+    bytes as the verdict's payload."""
+
+    def __init__(self, empty: Processor, suite: Suite) -> None:
+        super().__init__(empty)
+        self._seal = suite.seal
+        self._seq = 0
+
+    def outbound(self, data: bytes, now: float) -> Result:
+        self._seq += 1
+        self._seal(_ESP_HEADER, b"", self._seq, data)
+        return Result(Verdict.ACCEPT, data)
+
+    inbound = outbound
+
+
+def accept_all(spec: worker.WorkerSpec, work: str = "none") -> Processor:
     """The accept-all processor for a worker of ``spec`` (typed as what the worker takes)."""
-    return cast(Processor, AcceptAll(Processor(spec.spd(), (), 0.0)))
+    empty = Processor(spec.spd(), (), 0.0)
+    if work == "none":
+        return cast(Processor, AcceptAll(empty))
+    if work == "payload":
+        return cast(Processor, AcceptWithPayload(empty))
+    if work == "gcm":
+        suite = make_suite("aes-gcm-128", os.urandom(20), None, b"")
+        return cast(Processor, AcceptAfterSeal(empty, suite))
+    raise ValueError(f"unknown work {work!r} (known: {', '.join(WORKS)})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cpu", type=int, default=None, help="pin to this CPU (default: not pinned)")
     parser.add_argument("--mark", type=lambda t: int(t, 0), required=True, help="reinject mark")
     parser.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN)
+    parser.add_argument("--work", choices=WORKS, default="none",
+                        help="none: accept unchanged (default); payload: the verdict carries the "
+                        "packet back; gcm: payload, after sealing the packet with AES-GCM-128")
     args = parser.parse_args(argv)
     spec = worker.WorkerSpec(queue=args.queue, cpu=args.cpu, mark=args.mark, policies=(), sas=(),
                              max_len=args.max_len)
@@ -66,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # /proc/net/netfilter/nfnetlink_queue) and stops us with SIGTERM.
     ours, theirs = multiprocessing.Pipe()
     try:
-        return worker.run(spec, theirs, processor=accept_all(spec))
+        return worker.run(spec, theirs, processor=accept_all(spec, args.work))
     finally:
         ours.close()
         theirs.close()

@@ -12,6 +12,11 @@ server, tunnel mode between the gateways):
   rules do; with several queues HMARK spreads flows over them like the daemon's per-flow hash),
   and accepted unchanged by one accept-only worker per queue (:mod:`nfq_ipsec.bench.accept`:
   the daemon's worker loop with a processor that accepts everything);
+- ``accept-payload`` and ``accept-gcm``: the ``accept`` bed (one queue) whose workers also do
+  the part of an ESP worker's work that no ESP implementation on this binding can avoid: the
+  verdict carries the packet back as a payload, and (``accept-gcm``) the packet is first sealed
+  with AES-GCM-128 (``--work`` of :mod:`nfq_ipsec.bench.accept`). Their ratio to ``accept``
+  is the floor under the ESP rows' ratio;
 - ``gcm``, ``chacha``, ``cbc``, ``tunnel-gcm``: the real daemon on both peers
   (``nfq-ipsec run``), configured by the lab (one SA per queue and direction, fresh keys);
 - ``gcm-source``: the ``gcm`` row (one queue) with the daemon's ESP core run from its Python
@@ -59,6 +64,7 @@ class RowSpec:
     per_queue: bool = True  # measured once per --queues value (else once)
     note: str = ""
     source_core: bool = False  # the daemon runs its ESP core from source (NFQ_IPSEC_PURE=1)
+    work: str = "none"  # accept rows: what the worker does besides accepting (bench.accept)
 
 
 ROWS = (
@@ -67,6 +73,13 @@ ROWS = (
     RowSpec("accept", "NFQUEUE accept-only", "accept",
             note="every packet of the link through NFQUEUE and the worker loop, accepted "
                  "unchanged: the redirect ceiling"),
+    RowSpec("accept-payload", "accept-only + payload verdict", "accept", per_queue=False, work="payload",
+            note="accept-only, each verdict carrying the packet back (as an ESP verdict carries "
+                 "its new packet): what the kernel's payload copy and the lost checksum offload "
+                 "cost"),
+    RowSpec("accept-gcm", "accept-only + AES-GCM (floor)", "accept", per_queue=False, work="gcm",
+            note="accept-payload, each packet first sealed with AES-GCM-128 by the core's "
+                 "suite: the floor under any ESP worker on this binding and cipher library"),
     RowSpec("gcm", "transport aes-gcm-128", "esp", encryption="aes-gcm-128"),
     RowSpec("gcm-source", "transport gcm (uncompiled core)", "esp", encryption="aes-gcm-128",
             per_queue=False, source_core=True,
@@ -137,7 +150,7 @@ def build(lab: Lab, spec: RowSpec, queues: int, layout: str) -> Bed:
         topo = topology.host_to_host(lab)
         return Bed(TrafficPath(lab, topo.client, topo.server, topo.server_addr))
     if spec.kind == "accept":
-        return _accept_bed(lab, queues, layout)
+        return _accept_bed(lab, queues, layout, spec.work)
     if spec.kind == "esp":
         return _esp_bed(lab, spec, queues, layout)
     if spec.kind == "strongswan":
@@ -218,7 +231,7 @@ def bound_queues(host: Host) -> set[int]:
     return {int(line.split()[0]) for line in res.stdout.splitlines() if line.split()}
 
 
-def _accept_bed(lab: Lab, queues: int, layout: str) -> Bed:
+def _accept_bed(lab: Lab, queues: int, layout: str, work: str = "none") -> Bed:
     topo = topology.host_to_host(lab)
     qnums = [labconfig.QUEUE_BASE + k for k in range(queues)]
     procs: list[Started] = []
@@ -228,7 +241,7 @@ def _accept_bed(lab: Lab, queues: int, layout: str) -> Bed:
         for q, cpu in zip(qnums, cpus[peer.name], strict=True):
             procs.append(lab.start(f"accept-{peer.name}-q{q}", peer.host, [
                 sys.executable, "-m", "nfq_ipsec.bench.accept", "--queue", str(q), "--cpu", str(cpu),
-                "--mark", f"0x{DEFAULT_MARK:x}"]))
+                "--mark", f"0x{DEFAULT_MARK:x}", "--work", work]))
     deadline = time.monotonic() + READY_TIMEOUT
     for peer in topo.peers:
         while not set(qnums) <= bound_queues(peer.host):
@@ -242,4 +255,5 @@ def _accept_bed(lab: Lab, queues: int, layout: str) -> Bed:
     for peer in topo.peers:  # rules only once every queue has its worker, as the daemon does
         peer.host.run(["iptables-restore"], input=accept_rules(peer.spec.interface, qnums))
     return Bed(TrafficPath(lab, topo.client, topo.server, topo.server_addr), dataplane=procs,
-               queue_hosts=[p.host for p in topo.peers], info={"queues": qnums, "cpus": cpus})
+               queue_hosts=[p.host for p in topo.peers],
+               info={"queues": qnums, "cpus": cpus, "work": work})
