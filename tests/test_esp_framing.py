@@ -338,15 +338,38 @@ def test_parse_ipv4_rejects(mutate: object, reason: DropReason) -> None:
 
 def test_packet_key_fields() -> None:
     tcp = ipv4(struct.pack("!HH", 40000, 443) + bytes(16), 6)
-    assert ip.packet_key(tcp, ip.parse_ipv4(tcp))[2:] == (6, 40000, 443)
+    key = ip.packet_key(tcp, ip.parse_ipv4(tcp))
+    assert key.fields()[2:] == (6, 40000, 443)
+    assert (key.protocol, key.sport, key.dport) == (6, 40000, 443)
     icmp = ipv4(bytes((8, 0, 0, 0)), 1)
-    assert ip.packet_key(icmp, ip.parse_ipv4(icmp))[2:] == (1, 8, 0)
+    assert ip.packet_key(icmp, ip.parse_ipv4(icmp)).fields()[2:] == (1, 8, 0)
     later_fragment = ipv4(struct.pack("!HH", 1, 2) + bytes(4), 17, flags=0x0002)
-    assert ip.packet_key(later_fragment, ip.parse_ipv4(later_fragment))[3:] == (None, None)
+    assert ip.packet_key(later_fragment, ip.parse_ipv4(later_fragment)).fields()[3:] == (None, None)
     short = ipv4(b"\x01", 17)
-    assert ip.packet_key(short, ip.parse_ipv4(short))[3:] == (None, None)
+    assert ip.packet_key(short, ip.parse_ipv4(short)).fields()[3:] == (None, None)
     other = ipv4(bytes(8), 47)  # GRE: no ports
-    assert ip.packet_key(other, ip.parse_ipv4(other))[3:] == (None, None)
+    assert ip.packet_key(other, ip.parse_ipv4(other)).fields()[3:] == (None, None)
+
+
+def test_packet_key_and_header_are_values() -> None:
+    """The flow caches key on PacketKey: equal fields, equal keys and hashes; any field
+    differing, a different key. Headers compare by their fields too."""
+    base = (0x0A000001, 0x0A000002, 6, 40000, 443)
+    key = ip.PacketKey(*base)
+    assert key == ip.PacketKey(*base) and hash(key) == hash(ip.PacketKey(*base))
+    assert tuple(key) == base and key.fields() == base
+    for i in range(5):
+        other = list(base)
+        other[i] = None if i >= 3 else base[i] + 1
+        assert key != ip.PacketKey(*other)  # type: ignore[arg-type]
+    assert {key: 1}.get(ip.PacketKey(*base)) == 1 and {key: 1}.get(ip.PacketKey(*base[:3], 1, 2)) is None
+    assert key != base  # a key is not a tuple
+    assert "sport=40000" in repr(key)
+    tcp = ipv4(struct.pack("!HH", 40000, 443) + bytes(16), 6)
+    hdr = ip.parse_ipv4(tcp)
+    assert hdr == ip.parse_ipv4(tcp) and hdr != ip.parse_ipv4(ipv4(bytes(8), 17))
+    assert hdr.fields()[0] == 20 and hdr.protocol == 6
+    assert "protocol=6" in repr(hdr)
 
 
 @settings(max_examples=200, deadline=None)

@@ -88,9 +88,9 @@ def test_flow_cache_answers_like_the_spd(flows: list[tuple[int, int]]) -> None:
             assert res.reason is DropReason.POLICY_DISCARD
 
 
-def test_flow_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(processor_mod, "FLOW_CACHE_SIZE", 16)
-    proc = Processor(_spd(), [], 0.0)
+def test_flow_cache_is_bounded() -> None:
+    assert Processor(_spd(), [], 0.0).flow_cache_size == processor_mod.FLOW_CACHE_SIZE
+    proc = Processor(_spd(), [], 0.0, flow_cache_size=16)
     for port in range(1000, 1100):
         assert proc.outbound(_udp(0x0A000063, 0x0A090001, port, 80), 0.0).verdict is Verdict.DROP
         assert len(proc._out_cache) <= 16

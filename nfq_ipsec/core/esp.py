@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Final
 
 from . import packet as ip
 from .errors import DropReason, EspError
 from .sa import DfPolicy, Mode, SAParams, SecurityAssociation
 from .suites import ENCRYPTION, HMACS
 
-ESP_HEADER = 8
-_ESP = struct.Struct("!II")
-_SEQ_HI = struct.Struct("!I")
-_PADS = tuple(bytes(range(1, n + 1)) for n in range(256))  # RFC 4303 2.4: 1, 2, 3, ... per pad length
-_ECN_MASK = 0x03
-_CE = 0x03
-_NOT_ECT = 0x00
-_ECT1 = 0x01
+ESP_HEADER: Final = 8
+_ESP: Final = struct.Struct("!II")
+_SEQ_HI: Final = struct.Struct("!I")
+_PADS: Final = tuple(bytes(range(1, n + 1)) for n in range(256))  # RFC 4303 2.4: 1, 2, 3, ... per pad length
+_ECN_MASK: Final = 0x03
+_CE: Final = 0x03
+_NOT_ECT: Final = 0x00
+_ECT1: Final = 0x01
 
 
 def pad_length(payload_len: int, align: int) -> int:
@@ -63,8 +63,8 @@ def trailer(padlen: int, next_header: int) -> bytes:
     return tail
 
 
-_TRAILERS: dict[int, bytes] = {}  # at most 256 pad lengths x 256 next headers
-_FRAGMENT_BITS = ip.FLAG_MF | ip.FRAG_OFFSET_MASK
+_TRAILERS: Final[dict[int, bytes]] = {}  # at most 256 pad lengths x 256 next headers
+_FRAGMENT_BITS: Final = ip.FLAG_MF | ip.FRAG_OFFSET_MASK
 
 
 def encapsulate(sa: SecurityAssociation, data: bytes, hdr: ip.IPv4Header) -> bytes:
@@ -106,11 +106,17 @@ def encapsulate(sa: SecurityAssociation, data: bytes, hdr: ip.IPv4Header) -> byt
     return b"".join((outer, esp_header, body))
 
 
-class Decapsulated(NamedTuple):
-    sa: SecurityAssociation
-    seq: int
-    packet: bytes  # the IPv4 packet to pass on
-    header: ip.IPv4Header  # its parsed header
+class Decapsulated:
+    """What ``decapsulate`` gives back (a plain class: one is made per packet)."""
+
+    __slots__ = ("header", "packet", "sa", "seq")
+
+    def __init__(self, sa: SecurityAssociation, seq: int, packet: bytes,
+                 header: ip.IPv4Header) -> None:
+        self.sa = sa
+        self.seq = seq
+        self.packet = packet  # the IPv4 packet to pass on
+        self.header = header  # its parsed header
 
 
 SaLookup = Callable[[int], "SecurityAssociation | None"]
@@ -188,7 +194,9 @@ def _unwrap(
             head[10:12] = b"\0\0"
             head[10:12] = ip.checksum(head).to_bytes(2, "big")
             payload = bytes(head) + payload[inner_hdr.ihl :]
-            inner_hdr = inner_hdr._replace(tos=tos)
+            h = inner_hdr
+            inner_hdr = ip.IPv4Header(h.ihl, tos, h.total_length, h.ident, h.flags_frag, h.ttl,
+                                      h.protocol, h.src, h.dst)
         return payload, inner_hdr
     if next_header == ip.PROTO_IPIP:
         raise EspError(DropReason.BAD_NEXT_HEADER, "transport SA carries an IPv4 packet")

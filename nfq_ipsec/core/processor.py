@@ -10,6 +10,7 @@ import enum
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Final
 
 from . import esp
 from . import packet as ip
@@ -18,7 +19,7 @@ from .sa import SAEvent, SAParams, SecurityAssociation
 from .sad import SAD
 from .spd import SPD, Action, Policy
 
-FLOW_CACHE_SIZE = 4096  # flows whose SPD answer a processor remembers, per direction
+FLOW_CACHE_SIZE: Final = 4096  # flows whose SPD answer a processor remembers, per direction
 
 
 class Verdict(enum.Enum):
@@ -26,16 +27,30 @@ class Verdict(enum.Enum):
     DROP = "drop"
 
 
-@dataclass(slots=True)
 class Result:
-    """What to do with a packet. ``packet`` is the new payload, or None if unchanged."""
+    """What to do with a packet. ``packet`` is the new payload, or None if unchanged.
 
-    verdict: Verdict
-    packet: bytes | None = None
-    reason: DropReason | None = None
-    sa: SecurityAssociation | None = None
-    seq: int | None = None
-    detail: str = ""
+    A plain class, not a dataclass: one is made per packet, and the compiled core builds a
+    plain class about five times faster."""
+
+    __slots__ = ("detail", "packet", "reason", "sa", "seq", "verdict")
+
+    def __init__(
+        self, verdict: Verdict, packet: bytes | None = None, reason: DropReason | None = None,
+        sa: SecurityAssociation | None = None, seq: int | None = None, detail: str = "",
+    ) -> None:
+        self.verdict = verdict
+        self.packet = packet
+        self.reason = reason
+        self.sa = sa
+        self.seq = seq
+        self.detail = detail
+
+    def __repr__(self) -> str:
+        size = "unchanged" if self.packet is None else f"{len(self.packet)} bytes"
+        sa = "" if self.sa is None else f", sa={self.sa.name}"
+        reason = "" if self.reason is None else f", reason={self.reason.value}"
+        return f"<Result {self.verdict.value}, {size}{reason}{sa}>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +63,12 @@ class Event:
 
 
 class Processor:
-    def __init__(self, spd: SPD, sas: Iterable[SAParams | SecurityAssociation], now: float) -> None:
+    def __init__(
+        self, spd: SPD, sas: Iterable[SAParams | SecurityAssociation], now: float,
+        flow_cache_size: int = FLOW_CACHE_SIZE,
+    ) -> None:
         self.spd = spd
+        self.flow_cache_size = flow_cache_size
         self.sad = SAD(spd, sas, now)
         self.packets_in = 0
         self.packets_out = 0
@@ -92,7 +111,7 @@ class Processor:
         except KeyError:
             pass
         policy = self.spd.lookup(key, outbound)
-        if len(cache) >= FLOW_CACHE_SIZE:
+        if len(cache) >= self.flow_cache_size:
             cache.clear()
         cache[key] = policy
         return policy

@@ -8,11 +8,13 @@ verified, ``update`` only after.
 
 from __future__ import annotations
 
-MIN_WINDOW = 32
-MAX_WINDOW = 65536
-DEFAULT_WINDOW = 128
-_BITS = 32
-_MASK32 = 0xFFFFFFFF
+from typing import Final
+
+MIN_WINDOW: Final = 32
+MAX_WINDOW: Final = 65536
+DEFAULT_WINDOW: Final = 128
+_BITS: Final = 32
+_MASK32: Final = 0xFFFFFFFF
 
 
 class ReplayWindow:

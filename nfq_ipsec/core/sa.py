@@ -6,15 +6,16 @@ import enum
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final
 
 from .errors import DropReason, EspError
 from .pickling import reduce_dataclass
 from .replay import DEFAULT_WINDOW, ReplayWindow
 from .suites import Suite, make_suite
 
-MIN_SPI = 256  # RFC 4303 section 2.1: 1..255 are reserved by IANA
-MAX_SEQ_32 = 0xFFFFFFFF
-MAX_SEQ_64 = 0xFFFFFFFFFFFFFFFF
+MIN_SPI: Final = 256  # RFC 4303 section 2.1: 1..255 are reserved by IANA
+MAX_SEQ_32: Final = 0xFFFFFFFF
+MAX_SEQ_64: Final = 0xFFFFFFFFFFFFFFFF
 
 
 class Mode(enum.Enum):
@@ -246,7 +247,7 @@ class SecurityAssociation:
         return f"<SA {self.name} spi=0x{self.spi:08x} {self.params.direction.value}>"
 
 
-_INF = float("inf")
+_INF: Final = float("inf")
 
 
 def _past(value: float, limit: float | None) -> bool:

@@ -41,11 +41,12 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
+from typing import Final
 
 from .packet import PacketKey
 from .pickling import reduce_dataclass
 
-PROTO_ICMP = 1
+PROTO_ICMP: Final = 1
 
 
 class Action(enum.Enum):
@@ -157,12 +158,12 @@ class Policy:
 # A direction view of at most this many policies is scanned, a larger one indexed. Measured on
 # CPython 3.11 (nfq_ipsec.bench.spdscale --crossover): with six policies, a hit on the last or
 # a miss costs the scan about what the index costs (two groups), a hit on the first half as much.
-LINEAR_SCAN_MAX = 6
+LINEAR_SCAN_MAX: Final = 6
 
-_NO_PORT = -1  # a key's absent port; no selector range holds it, the "any" range does
-_ANY_RANGE = (_NO_PORT, 0xFFFF)  # 0xFFFF: the largest port, ICMP type or code a PacketKey carries
-_ANY_PROTO = -1
-_NO_MATCH = 1 << 62  # a position after every policy
+_NO_PORT: Final = -1  # a key's absent port; no selector range holds it, the "any" range does
+_ANY_RANGE: Final = (_NO_PORT, 0xFFFF)  # 0xFFFF: the largest port, ICMP type or code a PacketKey carries
+_ANY_PROTO: Final = -1
+_NO_MATCH: Final = 1 << 62  # a position after every policy
 
 # (protocol or -1, sport low, sport high, dport low, dport high), in the key's port order; None
 # when the selector is addresses only (the common protect policy), so the lookup can skip it.
@@ -255,16 +256,16 @@ class SPD:
 
     def lookup(self, key: PacketKey, outbound: bool) -> Policy | None:
         """The first policy whose selector matches, or None (which means discard)."""
-        # The per-packet path: locals and tuple indexing, no call per policy. A view is either
+        # The per-packet path: locals, no call per policy. A view is either
         # scanned (``linear``) or indexed (``groups``); the other of the two is empty.
         if outbound:
-            local = key[0]
-            remote = key[1]
+            local = key.src
+            remote = key.dst
             linear = self._out_linear
             groups = self._out_groups
         else:
-            local = key[1]
-            remote = key[0]
+            local = key.dst
+            remote = key.src
             linear = self._in_linear
             groups = self._in_groups
         for lmask, lnet, rmask, rnet, rest, policy in linear:
@@ -272,10 +273,10 @@ class SPD:
                 if rest is None:
                     return policy
                 proto, slo, shi, dlo, dhi = rest
-                if proto >= 0 and proto != key[2]:
+                if proto >= 0 and proto != key.protocol:
                     continue
-                sport = key[3]
-                dport = key[4]
+                sport = key.sport
+                dport = key.dport
                 if (slo <= (_NO_PORT if sport is None else sport) <= shi
                         and dlo <= (_NO_PORT if dport is None else dport) <= dhi):
                     return policy
@@ -295,10 +296,10 @@ class SPD:
                     break
                 if rest is not None:
                     proto, slo, shi, dlo, dhi = rest
-                    if proto >= 0 and proto != key[2]:
+                    if proto >= 0 and proto != key.protocol:
                         continue
-                    sport = key[3]
-                    dport = key[4]
+                    sport = key.sport
+                    dport = key.dport
                     if not (slo <= (_NO_PORT if sport is None else sport) <= shi
                             and dlo <= (_NO_PORT if dport is None else dport) <= dhi):
                         continue

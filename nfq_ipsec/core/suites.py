@@ -16,7 +16,7 @@ import hmac
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from .errors import DropReason, EspError
 
 Buffer = bytes | bytearray | memoryview
-_IV = struct.Struct("!Q")
+_IV: Final = struct.Struct("!Q")
 
 
 class Suite(Protocol):
