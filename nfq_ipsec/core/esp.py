@@ -122,16 +122,18 @@ class Decapsulated:
 SaLookup = Callable[[int], "SecurityAssociation | None"]
 
 
-def parse_esp_header(data: bytes | memoryview, hdr: ip.IPv4Header) -> tuple[int, int]:
+def parse_esp_header(data: bytes, hdr: ip.IPv4Header) -> tuple[int, int]:
     """SPI and 32-bit sequence number of an ESP packet. Raises EspError(MALFORMED)."""
-    if hdr.total_length < hdr.ihl + ESP_HEADER:
+    o = hdr.ihl
+    if hdr.total_length < o + ESP_HEADER:
         raise EspError(DropReason.MALFORMED, "shorter than an ESP header")
-    spi, seq_lo = _ESP.unpack_from(data, hdr.ihl)
+    spi = (data[o] << 24) | (data[o + 1] << 16) | (data[o + 2] << 8) | data[o + 3]
+    seq_lo = (data[o + 4] << 24) | (data[o + 5] << 16) | (data[o + 6] << 8) | data[o + 7]
     return spi, seq_lo
 
 
 def decapsulate(
-    data: bytes | memoryview, hdr: ip.IPv4Header, lookup: SaLookup, now: float
+    data: bytes, hdr: ip.IPv4Header, lookup: SaLookup, now: float
 ) -> Decapsulated:
     """Verify and remove ESP from one IPv4 packet. Raises EspError with the drop reason."""
     if hdr.flags_frag & _FRAGMENT_BITS:
@@ -148,7 +150,7 @@ def decapsulate(
             raise EspError(DropReason.REPLAY, f"seq {seq}", spi)
         ihl = hdr.ihl
         esp_header = data[ihl : ihl + ESP_HEADER]
-        body = memoryview(data)[ihl + ESP_HEADER : hdr.total_length]  # the cipher reads it in place
+        body = data[ihl + ESP_HEADER : hdr.total_length]
         plaintext = sa.suite.open(esp_header, _SEQ_HI.pack(seq >> 32) if sa.esn else b"", body)
         if seq > sa.replay_limit:  # persist the new floor before the window (and verdict) moves
             sa.allow_top(seq)
@@ -162,7 +164,7 @@ def decapsulate(
 
 
 def _unwrap(
-    sa: SecurityAssociation, data: bytes | memoryview, hdr: ip.IPv4Header, plaintext: bytes,
+    sa: SecurityAssociation, data: bytes, hdr: ip.IPv4Header, plaintext: bytes,
     seq: int,
 ) -> tuple[bytes, ip.IPv4Header]:
     n = len(plaintext)
@@ -173,7 +175,7 @@ def _unwrap(
     end = n - 2 - padlen
     if end < 0:
         raise EspError(DropReason.BAD_PADDING, "pad length beyond payload")
-    if padlen and not plaintext.startswith(_PADS[padlen], end):
+    if padlen and plaintext[end : end + padlen] != _PADS[padlen]:
         raise EspError(DropReason.BAD_PADDING, f"seq {seq}")
     if next_header == ip.PROTO_NONE:
         raise EspError(DropReason.DUMMY, f"seq {seq}")
@@ -202,7 +204,7 @@ def _unwrap(
         raise EspError(DropReason.BAD_NEXT_HEADER, "transport SA carries an IPv4 packet")
     ihl = hdr.ihl
     total = ihl + end
-    out = b"".join((ip.replace_header(data, hdr, next_header, total), memoryview(plaintext)[:end]))
+    out = ip.replace_header(data, hdr, next_header, total) + plaintext[:end]
     return out, ip.IPv4Header(ihl, hdr.tos, total, hdr.ident, hdr.flags_frag, hdr.ttl, next_header,
                               hdr.src, hdr.dst)
 

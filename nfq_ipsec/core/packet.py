@@ -186,7 +186,7 @@ def _header_checksum(
 
 
 def replace_header(
-    data: bytes | bytearray | memoryview, hdr: IPv4Header, protocol: int, total_length: int
+    data: bytes, hdr: IPv4Header, protocol: int, total_length: int
 ) -> bytes:
     """``rewrite_header(data[:hdr.ihl], protocol, total_length)``. A header without options (the
     per-packet case; ``hdr`` is its parse) gets the checksum computed from ``hdr``'s fields and
