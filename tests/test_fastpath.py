@@ -21,6 +21,8 @@ from nfq_ipsec.core import processor as processor_mod
 from nfq_ipsec.core.errors import DropReason, EspError
 from nfq_ipsec.core.sa import Lifetime, SADirection, SAEvent, SAParams, Secret, SecurityAssociation
 from nfq_ipsec.core.spd import SPD, Action, Direction, Policy, Selector
+from nfq_ipsec.nfqueue import QueuedPacket
+from nfq_ipsec.worker import PacketHandler
 
 u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)
@@ -156,9 +158,32 @@ def test_profile_command_output(
     assert data["encryption"] == encryption and data["mode"] == mode
 
 
+@pytest.mark.parametrize("direction", ["outbound", "inbound"])
+def test_profile_drive_runs_the_whole_handler_untimed(
+    direction: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--drive`` (for an instruction counter) runs exactly the batches asked for, and each
+    packet really goes through the handler: every one of them is accepted, none dropped."""
+    handled: list[int] = []
+    real = PacketHandler.handle_batch
+
+    def counting(self: PacketHandler, packets: list[QueuedPacket]) -> None:
+        real(self, packets)
+        handled.append(self.processor.packets_out)
+        assert not self.processor.drops, self.processor.drops
+
+    monkeypatch.setattr(PacketHandler, "handle_batch", counting)
+    assert profile.main(["--drive", direction, "--batches", "3"]) == 0
+    assert capsys.readouterr().out.strip() == f"{3 * profile.BATCH} packets"
+    assert handled == [profile.BATCH, 2 * profile.BATCH, 3 * profile.BATCH]
+    assert profile.drive("aes-gcm-128", "transport", 1400, direction, 0) == 0
+
+
 def test_profile_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         profile.main(["--size", "10"])
     assert exc.value.code == 2
     assert profile.main(["--encryption", "rot13", "--iterations", "10", "--rounds", "1"]) == 2
     assert "rot13" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        profile.main(["--drive", "outbound", "--batches", "-1"])
