@@ -8,10 +8,12 @@ once and torn down, so a machine that slows down or speeds up over the minutes o
 shared VMs do, by up to a factor of 1.5) does so for every row alike.
 
 Rows (``--rows``; see :mod:`nfq_ipsec.bench.beds`): plain veth without rules; NFQUEUE
-accept-only through our binding and worker loop (the redirect ceiling); the daemon in transport
-mode with AES-GCM-128, ChaCha20-Poly1305 and AES-CBC-128 + HMAC-SHA-256; tunnel mode with
-AES-GCM-128 through the gateway topology; and, when Debian's strongSwan packages are installed,
-two strongSwan 5.9 charons with kernel-libipsec as the reference for another userspace ESP.
+accept-only through our binding and worker loop (the redirect ceiling); the floor under ESP
+(accept-only with a verdict that carries the packet, and with an AES-GCM seal of every packet
+first); the daemon in transport mode with AES-GCM-128, ChaCha20-Poly1305 and AES-CBC-128 +
+HMAC-SHA-256; tunnel mode with AES-GCM-128 through the gateway topology; and, when Debian's
+strongSwan packages are installed, two strongSwan 5.9 charons with kernel-libipsec as the
+reference for another userspace ESP.
 The queued rows run once per ``--queues`` value (default 1 and 2).
 
 Columns (:mod:`nfq_ipsec.bench.measure`): one TCP flow and eight TCP flows (iperf3, Mbit/s),
@@ -49,7 +51,7 @@ row needs Debian's packages, which nfq-ipsec does not install:
   {STRONGSWAN_APT}
 
 Default run: every row, 1 and 2 queues, 3 interleaved rounds of 2-second iperf3 runs: about
-8 minutes.
+9 minutes.
 --quick: 1 repetition of 1-second runs, 10 pings: about 2 minutes. Needs root. Never run two
 benchmarks at once (a second one exits with status 75), and expect noise when other work runs
 on the machine: the table warns when it was busy. Exit status: 0 every row measured, 1 a row
