@@ -12,7 +12,10 @@ Order of things (fail closed at every step):
 4. wait until every worker has bound its queue and said "ready" (timeout: stop, exit 1);
 5. only then install the iptables rules (failure: stop the workers, exit 1, nothing installed);
 6. serve: a worker that dies is restarted after a backoff (0.1 s doubling to 5 s); meanwhile
-   its queue has no listener and the kernel drops that queue's packets. A worker that dies
+   its queue has no listener and the kernel drops that queue's packets. A worker that is alive
+   but stuck (it has not answered a ping for ``daemon.watchdog`` seconds, default 10) is killed
+   and restarted the same way, so a hung worker costs its queue an outage, not its traffic
+   for good. A worker that dies
    before becoming ready 3 times in a row stops the daemon (exit 1) and leaves the rules in
    place if they were installed, so its traffic stays dropped rather than sent in clear;
 7. SIGTERM/SIGINT: remove the rules, then stop the workers, remove the socket, exit 0.
@@ -50,6 +53,7 @@ STABLE_AFTER = 10.0  # a worker up this long before dying restarts with the shor
 MAX_EARLY_FAILURES = 3  # deaths before "ready", in a row, that stop the daemon
 STATS_TIMEOUT = 2.0  # seconds to wait for the workers' counters for a status answer
 STOP_GRACE = 5.0  # seconds a worker has to exit after "stop" before SIGTERM, then SIGKILL
+PINGS_PER_WATCHDOG = 4  # pings to a ready worker per watchdog period
 
 log = logging.getLogger("nfq_ipsec.supervisor")
 
@@ -77,6 +81,9 @@ class Slot:
     last_error: str | None = None
     died_at: float | None = None  # monotonic, when the last death was noticed
     last_outage: float | None = None  # seconds from that death to the replacement being ready
+    last_heard: float = 0.0  # monotonic, of the last message from the current process
+    pinged_at: float = 0.0  # monotonic, of the last watchdog ping sent to it
+    hung: bool = False  # the watchdog killed the current process
     stats: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
@@ -180,9 +187,12 @@ class Supervisor:
         slot.ready_at = None
         slot.restart_at = None
         slot.stats = None
+        slot.last_heard = slot.pinged_at = slot.started_at
+        slot.hung = False
         log.debug("worker for queue %d started, pid %s", slot.queue, proc.pid)
 
     def _on_message(self, slot: Slot, msg: Any) -> None:
+        slot.last_heard = time.monotonic()  # any message, "pong" included, feeds the watchdog
         kind = msg[0] if isinstance(msg, tuple) and msg else None
         if kind == "ready":
             slot.state = "ready"
@@ -268,10 +278,35 @@ class Supervisor:
                             slot.queue, slot.pid, READY_TIMEOUT)
                 slot.last_error = f"not ready after {READY_TIMEOUT:.0f} s"
                 slot.proc.kill()
+            elif slot.state == "ready" and slot.proc is not None:
+                self._watch(slot, now)
+
+    def _watch(self, slot: Slot, now: float) -> None:
+        """The watchdog: ping a ready worker a few times per period; kill one that stayed silent
+        for a whole period (its reaping restarts it). A busy worker still answers: it reads its
+        pipe after every 16 batches of packets."""
+        watchdog = self.cfg.daemon.watchdog
+        if watchdog <= 0 or slot.proc is None:
+            return
+        silent = now - slot.last_heard
+        if silent >= watchdog:
+            if not slot.hung:
+                slot.hung = True
+                slot.last_error = f"did not answer for {silent:.1f} s: killed by the watchdog"
+                log.warning("worker for queue %d (pid %s) has not answered for %.1f s "
+                            "(daemon.watchdog = %g s): killing it", slot.queue, slot.pid, silent,
+                            watchdog)
+                slot.proc.kill()
+        elif now - slot.pinged_at >= watchdog / PINGS_PER_WATCHDOG and slot.conn is not None:
+            slot.pinged_at = now
+            with contextlib.suppress(OSError):
+                slot.conn.send(("ping",))
 
     def _next_timeout(self) -> float:
         now = time.monotonic()
         timeout = 1.0
+        if self.cfg.daemon.watchdog > 0:
+            timeout = min(timeout, self.cfg.daemon.watchdog / PINGS_PER_WATCHDOG)
         for slot in self.slots:
             if slot.state == "down" and slot.restart_at is not None:
                 timeout = min(timeout, max(0.0, slot.restart_at - now))

@@ -60,7 +60,9 @@ def summary(cfg: Config) -> str:
         f"default {node.default_action.value}, mtu {node.mtu}"
     )
     queues = ", ".join(f"{q.num} (cpu {q.cpu if q.cpu is not None else 'any'})" for q in d.queues)
-    lines.append(f"daemon: queues {queues}; mark 0x{d.mark:08x}; socket {d.control_socket}")
+    watchdog = f"{d.watchdog:g} s" if d.watchdog > 0 else "off"
+    lines.append(f"daemon: queues {queues}; mark 0x{d.mark:08x}; socket {d.control_socket}; "
+                 f"watchdog {watchdog}")
     lines.append("policies (first match wins; no match: " f"{node.default_action.value}):")
     sa_by_name = {sa.name: sa for sa in cfg.sas}
     for i, pol in enumerate(cfg.policies):

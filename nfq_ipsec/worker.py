@@ -7,9 +7,9 @@ its queue, says ``("ready", pid, queue)`` on its pipe and then serves packets an
 
 Pipe protocol (pickled tuples over a ``multiprocessing.Pipe``):
 
-- supervisor -> worker: ``("stats",)``, ``("stop",)``
+- supervisor -> worker: ``("stats",)``, ``("ping",)`` (the watchdog), ``("stop",)``
 - worker -> supervisor: ``("ready", pid, queue)``, ``("error", text)`` (then it exits 1),
-  ``("stats", snapshot_dict)``
+  ``("stats", snapshot_dict)``, ``("pong",)``
 
 Fail closed: an exception while handling a packet drops that packet and counts reason INTERNAL;
 a packet the kernel delivered incomplete is dropped as TRUNCATED; a worker that dies leaves its
@@ -25,7 +25,10 @@ start, exists for the test suite only; never set it in production:
 
 - ``raise-every-packet``: handling every packet raises (the fail-closed path end to end);
 - ``slow`` or ``slow:SECONDS``: sleep that long (default 0.001 s) per packet, so that a test
-  can overflow the queue with modest traffic.
+  can overflow the queue with modest traffic;
+- ``hang-once:PATH``: the first worker to get a packet creates PATH and then hangs for good
+  (alive, answering nothing, as a worker stuck in a loop would); workers that find PATH already
+  there work normally. For the supervisor's watchdog.
 """
 
 from __future__ import annotations
@@ -165,6 +168,14 @@ class PacketHandler:
                     self._internal_error(pkt)
             self.queue.flush()
             return
+        if self.fault is not None and self.fault.startswith("hang-once:"):
+            if _claim(self.fault.partition(":")[2]):
+                log.warning("test fault injection: hanging for good")
+                while True:
+                    time.sleep(3600)
+            self.fault = None  # another worker hung already: this one works normally
+            self.handle_batch(packets)
+            return
         fault, self.fault = self.fault, None
         try:
             for pkt in packets:
@@ -303,6 +314,15 @@ def run(
         queue.close()
 
 
+def _claim(path: str) -> bool:
+    """Create ``path``; False if it exists already (test fault injection, hang-once)."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return False
+    return True
+
+
 def _slow_delay(fault: str | None) -> float:
     if fault is None or not (fault == "slow" or fault.startswith("slow:")):
         return 0.0
@@ -343,7 +363,9 @@ def _serve(
                 except (EOFError, OSError):
                     log.warning("supervisor gone (control pipe closed): stopping")
                     return 0
-                if msg[0] == "stats":
+                if msg[0] == "ping":
+                    conn.send(("pong",))
+                elif msg[0] == "stats":
                     conn.send(("stats", handler.snapshot(spec.queue, spec.cpu, started)))
                 elif msg[0] == "stop":
                     log.debug("stopping on request")

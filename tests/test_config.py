@@ -189,3 +189,24 @@ def test_default_queues_follow_online_cpus() -> None:
     cfg = parse_config(data, online_cpus=[0, 1, 2])
     assert [(q.num, q.cpu) for q in cfg.daemon.queues] == [(100, 0), (101, 1), (102, 2)]
     assert {sa.queue for sa in cfg.sas} == {100}
+
+
+def test_watchdog_default_value_and_off() -> None:
+    assert parse_config(base(), online_cpus=CPUS).daemon.watchdog == 10.0
+    for given, want in ((2, 2.0), (2.5, 2.5), (0, 0.0), (3600, 3600.0)):
+        data = base()
+        data["daemon"]["watchdog"] = given
+        assert parse_config(data, online_cpus=CPUS).daemon.watchdog == want
+
+
+@pytest.mark.parametrize("value,message", [
+    (-1, "must be 0 (off) or 1..3600 seconds, got -1"),
+    (0.5, "must be 0 (off) or 1..3600 seconds, got 0.5"),
+    (5000, "must be 0 (off) or 1..3600 seconds, got 5000"),
+    (True, "must be a number of seconds, not a boolean"),
+    ("10", "must be int or float, got str"),
+])
+def test_watchdog_rejects(value: object, message: str) -> None:
+    data = base()
+    data["daemon"]["watchdog"] = value
+    assert f"daemon.watchdog: {message}" in problems(data)

@@ -8,6 +8,8 @@
   replayed afterwards is dropped as ``replay`` and counted;
 - a SIGKILLed worker under load: paced flows on the other queue lose nothing, the dead queue's
   flows lose only the outage (never cleartext on the wire), the worker is back (figure printed);
+- a hung worker (alive, answering nothing): the watchdog kills it, a new one takes over, the
+  other queue's worker is untouched;
 - a SIGKILLed supervisor: the rules stay and traffic fails closed, the workers exit by
   themselves, a new daemon takes over the leftover rules without duplicating them, and
   ``nfq-ipsec rules remove`` restores iptables-save exactly.
@@ -284,6 +286,39 @@ def test_killed_worker_under_load(pair: Pair, tmp_path: Path, daemons: list[Daem
     }
     print(f"\nkilled worker figures: {json.dumps(figures)}")
     assert a.stop() == 0 and b.stop() == 0
+
+
+def test_hung_worker_is_killed_and_restarted_by_the_watchdog(pair: Pair, tmp_path: Path,
+                                                             daemons: list[Daemon]) -> None:
+    """A's worker for queue 0 hangs on its first packet (alive, answering nothing: test fault
+    injection ``hang-once``). Its packets are not sent while it hangs, the watchdog
+    (``daemon.watchdog = 2``) kills it, the supervisor starts a new one, queue 1's worker is
+    left alone, and queue 0 carries traffic again."""
+    keys = make_keys()
+    marker = tmp_path / "hung-once"
+    a = daemon(pair, tmp_path, True, keys, daemons, NFQ_IPSEC_TEST_FAULT=f"hang-once:{marker}")
+    text = a.config.read_text()
+    assert 'log_level = "info"\n' in text
+    a.config.write_text(text.replace('log_level = "info"\n', 'log_level = "info"\nwatchdog = 2\n'))
+    b = daemon(pair, tmp_path, False, keys, daemons)
+    a.start()
+    b.start()
+    st = a.wait_running()
+    b.wait_running()
+    hung, other = a.worker_pid(st, 0), a.worker_pid(st, 1)
+    started = time.monotonic()
+    assert send(pair, [(PORTS[0], f"{MARKER}-hung-{n}") for n in range(5)]) == []
+    assert marker.exists()  # queue 0's worker took the first packet and hung on it
+    st = a.wait_for(lambda s: s["workers"][0]["state"] == "ready" and s["workers"][0]["restarts"] == 1,
+                    timeout=40, what="the watchdog's restart")
+    replaced = time.monotonic() - started
+    wait_gone([hung])
+    assert st["workers"][0]["pid"] != hung
+    assert st["workers"][1]["pid"] == other and st["workers"][1]["restarts"] == 0
+    messages = [(PORTS[0], f"{MARKER}-after-{n}") for n in range(10)]
+    assert send(pair, messages) == [m for _, m in messages]
+    assert "(daemon.watchdog = 2 s): killing it" in a.log.read_text()
+    print(f"\nhung worker replaced {replaced:.1f} s after its first packet (watchdog 2 s)")
 
 
 def test_killed_supervisor_fails_closed_and_is_taken_over(pair: Pair, tmp_path: Path,

@@ -53,6 +53,7 @@ def test_check_config_summarises_without_keys(capsys: pytest.CaptureFixture[str]
     code, out, _err = run(capsys, "check-config", str(A))
     assert code == 0
     assert "a-to-b-0" in out and "0x00001000" in out and "queue 101" in out
+    assert "; watchdog 10 s\n" in out  # the default: the example sets none
     text = A.read_text()
     for line in text.splitlines():
         if line.startswith("key = "):

@@ -25,6 +25,8 @@ from .model import (
     DEFAULT_QUEUE_BASE,
     DEFAULT_SOCKET,
     DEFAULT_STATE_DIR,
+    DEFAULT_WATCHDOG,
+    WATCHDOG_RANGE,
     Config,
     DaemonConfig,
     NodeConfig,
@@ -199,7 +201,7 @@ def _daemon(raw: dict[str, Any], cpus: list[int], probs: _Problems) -> DaemonCon
     _unknown(
         raw, "daemon",
         {"queues", "cpus", "mark", "control_socket", "state_dir", "mss_clamp", "chain_prefix",
-         "log_level", "iptables"},
+         "log_level", "iptables", "watchdog"},
         probs,
     )
     queues_raw = _get(raw, "queues", "daemon", list, probs)
@@ -243,8 +245,10 @@ def _daemon(raw: dict[str, Any], cpus: list[int], probs: _Problems) -> DaemonCon
     iptables = _choice(
         raw, "iptables", "daemon", {k: k for k in ("auto", "nft", "legacy")}, probs, "auto"
     )
+    watchdog = _watchdog(raw, probs)
     return DaemonConfig(
         iptables=iptables,
+        watchdog=watchdog,
         queues=tuple(queues),
         mark=mark,
         control_socket=_get(raw, "control_socket", "daemon", str, probs, DEFAULT_SOCKET),
@@ -253,6 +257,19 @@ def _daemon(raw: dict[str, Any], cpus: list[int], probs: _Problems) -> DaemonCon
         chain_prefix=prefix,
         log_level=log_level,
     )
+
+
+def _watchdog(raw: dict[str, Any], probs: _Problems) -> float:
+    value = _get(raw, "watchdog", "daemon", (int, float), probs)
+    if value is None or isinstance(value, bool):
+        if isinstance(value, bool):
+            probs.add("daemon.watchdog", "must be a number of seconds, not a boolean")
+        return DEFAULT_WATCHDOG
+    lo, hi = WATCHDOG_RANGE
+    if value != 0 and not lo <= value <= hi:
+        probs.add("daemon.watchdog", f"must be 0 (off) or {lo:g}..{hi:g} seconds, got {value}")
+        return DEFAULT_WATCHDOG
+    return float(value)
 
 
 def _fmt_cpus(cpus: list[int]) -> str:

@@ -24,6 +24,10 @@ class NodeConfig:
     mtu: int = 1500  # of the unprotected interface, for TCP MSS clamping
 
 
+DEFAULT_WATCHDOG = 10.0
+WATCHDOG_RANGE = (1.0, 3600.0)  # or 0, which turns the watchdog off
+
+
 @dataclass(frozen=True)
 class QueueConfig:
     num: int  # NFQUEUE number
@@ -40,6 +44,7 @@ class DaemonConfig:
     chain_prefix: str = "NFQIPSEC"
     log_level: str = "info"
     iptables: str = "auto"  # "auto" (the system's iptables), "nft" or "legacy"
+    watchdog: float = DEFAULT_WATCHDOG  # seconds a ready worker may not answer; 0: no watchdog
 
 
 @dataclass(frozen=True)
