@@ -39,7 +39,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from . import __version__, corebuild
+from . import __version__, corebuild, counts
 from .config import Config, QueueConfig
 from .control import ControlError, ControlServer
 from .core import SADirection
@@ -54,6 +54,7 @@ MAX_EARLY_FAILURES = 3  # deaths before "ready", in a row, that stop the daemon
 STATS_TIMEOUT = 2.0  # seconds to wait for the workers' counters for a status answer
 STOP_GRACE = 5.0  # seconds a worker has to exit after "stop" before SIGTERM, then SIGKILL
 PINGS_PER_WATCHDOG = 4  # pings to a ready worker per watchdog period
+COUNTS_INTERVAL = 2.5  # seconds between pings (for the counts) when the watchdog is off
 
 log = logging.getLogger("nfq_ipsec.supervisor")
 
@@ -84,6 +85,8 @@ class Slot:
     last_heard: float = 0.0  # monotonic, of the last message from the current process
     pinged_at: float = 0.0  # monotonic, of the last watchdog ping sent to it
     hung: bool = False  # the watchdog killed the current process
+    last_counts: dict[str, Any] | None = field(default=None, repr=False)  # this process's last
+    carried: dict[str, Any] = field(default_factory=counts.empty, repr=False)  # earlier ones
     stats: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
@@ -187,6 +190,7 @@ class Supervisor:
         slot.ready_at = None
         slot.restart_at = None
         slot.stats = None
+        slot.last_counts = None
         slot.last_heard = slot.pinged_at = slot.started_at
         slot.hung = False
         log.debug("worker for queue %d started, pid %s", slot.queue, proc.pid)
@@ -213,6 +217,9 @@ class Supervisor:
             slot.last_error = str(msg[1])
         elif kind == "stats":
             slot.stats = msg[1]
+            slot.last_counts = counts.of_snapshot(msg[1])
+        elif kind == "pong" and len(msg) > 1:
+            slot.last_counts = msg[1]
 
     def _read(self, slot: Slot) -> None:
         conn = slot.conn
@@ -241,6 +248,9 @@ class Supervisor:
         if slot.conn is not None:
             slot.conn.close()
         slot.proc = slot.conn = None
+        if slot.last_counts is not None:  # its last report goes on into its successor's counts
+            slot.carried = counts.add(slot.carried, slot.last_counts)
+            slot.last_counts = None
         was_ready = slot.state == "ready"
         uptime = time.monotonic() - slot.started_at
         if was_ready:
@@ -284,12 +294,13 @@ class Supervisor:
     def _watch(self, slot: Slot, now: float) -> None:
         """The watchdog: ping a ready worker a few times per period; kill one that stayed silent
         for a whole period (its reaping restarts it). A busy worker still answers: it reads its
-        pipe after every 16 batches of packets."""
+        pipe after every 16 batches of packets. Each answer carries the worker's counts; with
+        the watchdog off the pings still go out, for those."""
         watchdog = self.cfg.daemon.watchdog
-        if watchdog <= 0 or slot.proc is None:
+        if slot.proc is None:
             return
         silent = now - slot.last_heard
-        if silent >= watchdog:
+        if 0 < watchdog <= silent:
             if not slot.hung:
                 slot.hung = True
                 slot.last_error = f"did not answer for {silent:.1f} s: killed by the watchdog"
@@ -297,16 +308,18 @@ class Supervisor:
                             "(daemon.watchdog = %g s): killing it", slot.queue, slot.pid, silent,
                             watchdog)
                 slot.proc.kill()
-        elif now - slot.pinged_at >= watchdog / PINGS_PER_WATCHDOG and slot.conn is not None:
+        elif now - slot.pinged_at >= self._ping_interval() and slot.conn is not None:
             slot.pinged_at = now
             with contextlib.suppress(OSError):
                 slot.conn.send(("ping",))
 
+    def _ping_interval(self) -> float:
+        watchdog = self.cfg.daemon.watchdog
+        return watchdog / PINGS_PER_WATCHDOG if watchdog > 0 else COUNTS_INTERVAL
+
     def _next_timeout(self) -> float:
         now = time.monotonic()
-        timeout = 1.0
-        if self.cfg.daemon.watchdog > 0:
-            timeout = min(timeout, self.cfg.daemon.watchdog / PINGS_PER_WATCHDOG)
+        timeout = min(1.0, self._ping_interval())
         for slot in self.slots:
             if slot.state == "down" and slot.restart_at is not None:
                 timeout = min(timeout, max(0.0, slot.restart_at - now))
@@ -458,6 +471,8 @@ class Supervisor:
         sas: list[dict[str, Any]] = []
         for slot in self.slots:
             st = slot.stats
+            # packets and drops since the daemon started: this worker's plus its predecessors'
+            total = counts.add(slot.carried, counts.of_snapshot(st)) if st else None
             k = kernel.get(slot.queue)
             running = slot.state in ("starting", "ready")
             workers.append({
@@ -467,9 +482,9 @@ class Supervisor:
                 "uptime": round(now - slot.started_at, 3) if running else None,
                 "restarts": slot.restarts,
                 "state": slot.state if st is not None or slot.state != "ready" else "unresponsive",
-                "packets_in": st["packets_in"] if st else None,
-                "packets_out": st["packets_out"] if st else None,
-                "drops": st["drops"] if st else None,
+                "packets_in": total["packets_in"] if total else None,
+                "packets_out": total["packets_out"] if total else None,
+                "drops": total["drops"] if total else None,
                 "kernel_queue_dropped": k.queue_dropped if k else None,
                 "user_dropped": k.user_dropped if k else None,
                 "last_error": slot.last_error,
@@ -477,8 +492,11 @@ class Supervisor:
                 "core": st.get("core") if st else None,
             })
             by_name = {s["name"]: s for s in st["sas"]} if st else {}
+            sa_totals = total["sas"] if total else {}
             for params in slot.spec.sas:
                 s = by_name.get(params.name)
+                if s is not None and params.name in sa_totals:
+                    s = dict(s, **sa_totals[params.name])  # counts across restarts
                 drops: dict[str, int] = s["drops"] if s else {}
                 sas.append({
                     "name": params.name,

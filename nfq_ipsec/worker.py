@@ -9,7 +9,8 @@ Pipe protocol (pickled tuples over a ``multiprocessing.Pipe``):
 
 - supervisor -> worker: ``("stats",)``, ``("ping",)`` (the watchdog), ``("stop",)``
 - worker -> supervisor: ``("ready", pid, queue)``, ``("error", text)`` (then it exits 1),
-  ``("stats", snapshot_dict)``, ``("pong",)``
+  ``("stats", snapshot_dict)``, ``("pong", counts)`` (:mod:`nfq_ipsec.counts`: what the
+  supervisor carries over to the next worker if this one dies)
 
 Fail closed: an exception while handling a packet drops that packet and counts reason INTERNAL;
 a packet the kernel delivered incomplete is dropped as TRUNCATED; a worker that dies leaves its
@@ -46,7 +47,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from . import corebuild
+from . import corebuild, counts
 from .core import SPD, DropReason, Policy, Processor, SAParams, Verdict
 from .core.packet import PROTO_ESP
 from .nfqueue import (
@@ -364,7 +365,8 @@ def _serve(
                     log.warning("supervisor gone (control pipe closed): stopping")
                     return 0
                 if msg[0] == "ping":
-                    conn.send(("pong",))
+                    conn.send(("pong", counts.of_snapshot(handler.snapshot(spec.queue, spec.cpu,
+                                                                            started))))
                 elif msg[0] == "stats":
                     conn.send(("stats", handler.snapshot(spec.queue, spec.cpu, started)))
                 elif msg[0] == "stop":

@@ -8,6 +8,7 @@
   replayed afterwards is dropped as ``replay`` and counted;
 - a SIGKILLed worker under load: paced flows on the other queue lose nothing, the dead queue's
   flows lose only the outage (never cleartext on the wire), the worker is back (figure printed);
+- status counts go on across a worker's restart (from its answers to the watchdog's pings);
 - a hung worker (alive, answering nothing): the watchdog kills it, a new one takes over, the
   other queue's worker is untouched;
 - a SIGKILLed supervisor: the rules stay and traffic fails closed, the workers exit by
@@ -319,6 +320,42 @@ def test_hung_worker_is_killed_and_restarted_by_the_watchdog(pair: Pair, tmp_pat
     assert send(pair, messages) == [m for _, m in messages]
     assert "(daemon.watchdog = 2 s): killing it" in a.log.read_text()
     print(f"\nhung worker replaced {replaced:.1f} s after its first packet (watchdog 2 s)")
+
+
+def test_counts_go_on_across_a_worker_restart(pair: Pair, tmp_path: Path,
+                                              daemons: list[Daemon]) -> None:
+    """Status counts from the daemon's start: a SIGKILLed worker's packets and SA counts stay in
+    the totals after its successor takes over. Nothing asks for status between the traffic and
+    the kill, so the counts can only come from the worker's answers to the watchdog's pings."""
+    keys = make_keys()
+    a = daemon(pair, tmp_path, True, keys, daemons)
+    text = a.config.read_text()
+    a.config.write_text(text.replace('log_level = "info"\n', 'log_level = "info"\nwatchdog = 1\n'))
+    b = daemon(pair, tmp_path, False, keys, daemons)
+    a.start()
+    b.start()
+    st = a.wait_running()
+    b.wait_running()
+    victim = a.worker_pid(st, 0)
+    first = [(PORTS[0], f"{MARKER}-first-{n}") for n in range(20)]
+    assert send(pair, first) == [m for _, m in first]
+    time.sleep(1.0)  # pings go out every 0.25 s: at least one answer after the last packet
+    os.kill(victim, signal.SIGKILL)
+    st = a.wait_for(lambda s: s["workers"][0]["state"] == "ready" and s["workers"][0]["restarts"] == 1,
+                    what="worker back")
+    ab0 = a.sa(st, "ab0")
+    assert (ab0["packets"], st["workers"][0]["packets_out"]) == (20, 20), st
+    first_bytes = ab0["bytes"]
+    assert first_bytes > 0
+    second = [(PORTS[0], f"{MARKER}-second-{n}") for n in range(10)]
+    assert send(pair, second) == [m for _, m in second]
+    st = a.status()
+    assert st is not None
+    ab0 = a.sa(st, "ab0")
+    assert (ab0["packets"], st["workers"][0]["packets_in"], st["workers"][0]["packets_out"]) == (30, 30, 30)
+    # sequence numbers go on from the state file's reservation, past anything sent before
+    assert ab0["bytes"] > first_bytes and ab0["seq"] > 20
+    assert st["workers"][1]["packets_in"] == 0
 
 
 def test_killed_supervisor_fails_closed_and_is_taken_over(pair: Pair, tmp_path: Path,

@@ -1,0 +1,39 @@
+"""Counter totals across worker restarts (``nfq_ipsec.counts``): pure merging rules. The
+daemon-level behaviour is tested in test_resilience_root.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nfq_ipsec import counts
+
+SaRow = tuple[str, int, int, dict[str, int]]
+
+
+def snap(pin: int, pout: int, drops: dict[str, int], sas: list[SaRow]) -> dict[str, Any]:
+    return {"packets_in": pin, "packets_out": pout, "drops": drops, "queue": 100, "pid": 1,
+            "sas": [{"name": n, "packets": p, "bytes": b, "drops": d, "spi": 1, "seq": 5}
+                    for n, p, b, d in sas]}
+
+
+def test_of_snapshot_keeps_only_counts() -> None:
+    c = counts.of_snapshot(snap(5, 4, {"replay": 1}, [("ab0", 4, 400, {})]))
+    assert c == {"packets_in": 5, "packets_out": 4, "drops": {"replay": 1},
+                 "sas": {"ab0": {"packets": 4, "bytes": 400, "drops": {}}}}
+
+
+def test_add_sums_fields_reasons_and_sas_by_name() -> None:
+    a = counts.of_snapshot(snap(5, 4, {"replay": 1}, [("ab0", 4, 400, {"integrity": 2})]))
+    b = counts.of_snapshot(snap(3, 3, {"replay": 2, "internal": 1},
+                                [("ab0", 3, 300, {"integrity": 1, "replay": 1}), ("ba0", 1, 10, {})]))
+    total = counts.add(a, b)
+    assert total == {
+        "packets_in": 8, "packets_out": 7, "drops": {"replay": 3, "internal": 1},
+        "sas": {"ab0": {"packets": 7, "bytes": 700, "drops": {"integrity": 3, "replay": 1}},
+                "ba0": {"packets": 1, "bytes": 10, "drops": {}}},
+    }
+    assert counts.add(counts.empty(), a) == a and counts.add(a, counts.empty()) == a
+    # the inputs are left as they were (the supervisor keeps adding to its carried total)
+    assert a["drops"] == {"replay": 1} and a["sas"]["ab0"]["drops"] == {"integrity": 2}
+    total["sas"]["ba0"]["drops"]["x"] = 1
+    assert b["sas"]["ba0"]["drops"] == {}
