@@ -289,23 +289,31 @@ def test_killed_worker_under_load(pair: Pair, tmp_path: Path, daemons: list[Daem
     assert a.stop() == 0 and b.stop() == 0
 
 
+def _running_with_watchdog(pair: Pair, tmp_path: Path, daemons: list[Daemon], seconds: int,
+                           **a_env: str) -> tuple[Daemon, dict[str, Any]]:
+    """Both daemons running, A's with ``daemon.watchdog = seconds`` (and ``a_env``); A and
+    its status."""
+    keys = make_keys()
+    a = daemon(pair, tmp_path, True, keys, daemons, **a_env)
+    text = a.config.read_text()
+    assert 'log_level = "info"\n' in text
+    a.config.write_text(text.replace('log_level = "info"\n', f'log_level = "info"\nwatchdog = {seconds}\n'))
+    b = daemon(pair, tmp_path, False, keys, daemons)
+    a.start()
+    b.start()
+    st = a.wait_running()
+    b.wait_running()
+    return a, st
+
+
 def test_hung_worker_is_killed_and_restarted_by_the_watchdog(pair: Pair, tmp_path: Path,
                                                              daemons: list[Daemon]) -> None:
     """A's worker for queue 0 hangs on its first packet (alive, answering nothing: test fault
     injection ``hang-once``). Its packets are not sent while it hangs, the watchdog
     (``daemon.watchdog = 2``) kills it, the supervisor starts a new one, queue 1's worker is
     left alone, and queue 0 carries traffic again."""
-    keys = make_keys()
     marker = tmp_path / "hung-once"
-    a = daemon(pair, tmp_path, True, keys, daemons, NFQ_IPSEC_TEST_FAULT=f"hang-once:{marker}")
-    text = a.config.read_text()
-    assert 'log_level = "info"\n' in text
-    a.config.write_text(text.replace('log_level = "info"\n', 'log_level = "info"\nwatchdog = 2\n'))
-    b = daemon(pair, tmp_path, False, keys, daemons)
-    a.start()
-    b.start()
-    st = a.wait_running()
-    b.wait_running()
+    a, st = _running_with_watchdog(pair, tmp_path, daemons, 2, NFQ_IPSEC_TEST_FAULT=f"hang-once:{marker}")
     hung, other = a.worker_pid(st, 0), a.worker_pid(st, 1)
     started = time.monotonic()
     assert send(pair, [(PORTS[0], f"{MARKER}-hung-{n}") for n in range(5)]) == []
@@ -327,15 +335,7 @@ def test_counts_go_on_across_a_worker_restart(pair: Pair, tmp_path: Path,
     """Status counts from the daemon's start: a SIGKILLed worker's packets and SA counts stay in
     the totals after its successor takes over. Nothing asks for status between the traffic and
     the kill, so the counts can only come from the worker's answers to the watchdog's pings."""
-    keys = make_keys()
-    a = daemon(pair, tmp_path, True, keys, daemons)
-    text = a.config.read_text()
-    a.config.write_text(text.replace('log_level = "info"\n', 'log_level = "info"\nwatchdog = 1\n'))
-    b = daemon(pair, tmp_path, False, keys, daemons)
-    a.start()
-    b.start()
-    st = a.wait_running()
-    b.wait_running()
+    a, st = _running_with_watchdog(pair, tmp_path, daemons, 1)
     victim = a.worker_pid(st, 0)
     first = [(PORTS[0], f"{MARKER}-first-{n}") for n in range(20)]
     assert send(pair, first) == [m for _, m in first]
