@@ -345,6 +345,10 @@ def test_mcgrew_suite_open(v: Vector) -> None:
     seq_hi = (seq >> 32).to_bytes(4, "big") if esn else b""
     packet = v.hex("packet")
     assert gcm_suite(v).open(packet[:8], seq_hi, packet[8:]) == v.hex("plaintext")
+    # the suite takes any buffer (the worker passes bytes, the fast path; other callers may not)
+    view = memoryview(packet)
+    assert gcm_suite(v).open(view[:8], seq_hi, view[8:]) == v.hex("plaintext")
+    assert gcm_suite(v).open(packet[:8], seq_hi, bytearray(packet[8:])) == v.hex("plaintext")
 
 
 @pytest.mark.parametrize("v", [v for _, v in GCM_CASES], ids=gcm_ids)

@@ -209,8 +209,9 @@ class Profile:
         sa = proc.sad.by_spi(spi)
         assert sa is not None
         sa.replay_limit = 1 << 62  # no state store: no floor reservations
-        body = memoryview(packet)[phdr.ihl + esp.ESP_HEADER:]
-        esp_header = memoryview(packet)[phdr.ihl:phdr.ihl + esp.ESP_HEADER]
+        # as esp.decapsulate hands them to the suite: bytes slices of the packet
+        body = packet[phdr.ihl + esp.ESP_HEADER:phdr.total_length]
+        esp_header = packet[phdr.ihl:phdr.ihl + esp.ESP_HEADER]
         seq = 1
         dec = esp.decapsulate(packet, phdr, proc.sad.by_spi, 1.0)  # takes seq 1
         msg = netlink_message(1, HOOK_PRE_ROUTING, packet)

@@ -1,6 +1,6 @@
 """IPv4 header handling: the one place that knows the address family.
 
-Parsing uses precompiled structs and returns plain ints; nothing here allocates address objects.
+Parsing reads header fields by byte index into plain ints; nothing here allocates address objects.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class PacketKey:
                 and self.sport == other.sport and self.dport == other.dport)
 
     def __hash__(self) -> int:
-        return hash((self.src, self.dst, self.protocol, self.sport, self.dport))
+        return hash(self.fields())
 
     def __iter__(self) -> Iterator[int | None]:
         return iter(self.fields())
