@@ -55,9 +55,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--socket", help="control socket of the daemon to ask")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("rules", help="show, install or remove the iptables rules for a config")
+    p = sub.add_parser(
+        "rules", help="show, install or remove the iptables rules for a config",
+        description="show: print the rules and say whether they are installed. install: put them "
+        "in place (replacing any earlier copy in one transaction). remove: take every rule of "
+        "ours out, so traffic is no longer checked against the policies at all. --closed: the "
+        "rules a stopped daemon leaves (every rule that would queue to a worker drops instead); "
+        "the boot guard installs these.",
+    )
     p.add_argument("action", choices=["show", "install", "remove"])
     p.add_argument("--config", required=True, help="TOML configuration file")
+    p.add_argument("--closed", action="store_true",
+                   help="show/install: the closed rules (protected traffic dropped, no queues)")
+    p.add_argument("--ipv6", action="store_true", help="show: the ip6tables rules")
+
+    p = sub.add_parser(
+        "stop", help="stop the running daemon (its rules stay, closed)",
+        description="Ask the daemon to stop (SIGTERM) and wait until it has. It leaves its rules "
+        "in place, closed: protected traffic is dropped until it runs again, never sent in clear. "
+        "--remove-rules then removes them, after which traffic is no longer checked at all.",
+    )
+    p.add_argument("--config", required=True, help="TOML configuration file")
+    p.add_argument("--remove-rules", action="store_true",
+                   help="after the daemon has stopped, remove its iptables rules as well")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds to wait for the daemon to exit (default 30)")
 
     p = sub.add_parser(
         "state", help="show or reset the SAs' saved state (sequence numbers, replay)",
@@ -108,6 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import iptables
 
         return iptables.cli_rules(args)
+    if args.command == "stop":
+        from . import supervisor
+
+        return supervisor.cli_stop(args)
     if args.command == "state":
         from . import state
 

@@ -2,7 +2,7 @@
 
 Requests: ``{"command": "status"}``. The answer to ``status``::
 
-    {"daemon":  {"pid", "uptime", "config", "state", "rules_installed", "version"},
+    {"daemon":  {"pid", "uptime", "config", "state", "rules_installed", "ipv6", "version"},
      "kernel_drops": {reason: n},  (dropped by our own iptables DROP rules, never queued:
                                     cleartext_protected, policy_discard, no_policy, leak_guard)
      "warnings": ["text", ...],   (internal errors, kernel queue drops, workers down)
@@ -239,6 +239,8 @@ def render_status(status: dict[str, Any]) -> str:
     ]
     if d.get("core"):
         out.append(f"core: {d['core']}")
+    if d.get("ipv6"):
+        out.append(f"IPv6: {d['ipv6']}")
     out += [f"WARNING: {w}" for w in status.get("warnings", [])]
     out.append("")
     wrows = [["QUEUE", "CPU", "PID", "STATE", "UPTIME", "RESTARTS", "PKTS IN", "PKTS OUT",

@@ -38,7 +38,8 @@ TIMEOUT = 60.0  # seconds for one iptables command (restore waits for the xtable
 WAIT = 30  # seconds iptables-restore waits for the xtables lock
 COUNTERS_TIMEOUT = 5.0  # seconds for reading rule counters (status must not stall the daemon)
 _SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
-_PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ah": 51, "sctp": 132}
+_PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ah": 51, "ipv6-icmp": 58,
+                  "icmpv6": 58, "sctp": 132}
 
 
 class RulesError(Exception):
@@ -70,6 +71,10 @@ class Backend:
     restore: str  # command names, looked up in PATH and the sbin directories
     save: str
 
+    def v6(self) -> Backend:
+        """The same backend's ip6tables commands."""
+        return Backend(self.name, "ip6" + self.restore[2:], "ip6" + self.save[2:])
+
 
 BACKENDS = {
     "auto": Backend("auto", "iptables-restore", "iptables-save"),
@@ -78,8 +83,25 @@ BACKENDS = {
 }
 
 
-def backend_for(cfg: Config) -> Backend:
-    return BACKENDS[cfg.daemon.iptables]
+def backend_for(cfg: Config, family: int = 4) -> Backend:
+    be = BACKENDS[cfg.daemon.iptables]
+    return be.v6() if family == 6 else be
+
+
+def ipv6_enabled() -> bool:
+    """Whether this kernel has IPv6 at all (without it there is no IPv6 to leak)."""
+    return os.path.isdir("/proc/sys/net/ipv6")
+
+
+def rulesets(cfg: Config, closed: bool = False) -> list[rules.Ruleset]:
+    """What ``install`` puts in place: the IPv4 ruleset (``closed``: every queue rule drops),
+    and the IPv6 one when this configuration has one and the kernel has IPv6."""
+    v4 = rules.build(cfg)
+    out = [rules.close(v4) if closed else v4]
+    v6 = rules.build6(cfg)
+    if v6 is not None and ipv6_enabled():
+        out.append(v6)
+    return out
 
 
 def find_command(name: str) -> str | None:
@@ -145,32 +167,41 @@ def apply(backend: Backend, script: str, netns: str | None = None) -> None:
     _run(argv, script, "iptables-restore")
 
 
-def install(cfg: Config, netns: str | None = None) -> None:
-    """Install the rules for ``cfg``, replacing any earlier copy in the same transaction."""
-    be = backend_for(cfg)
-    rs = rules.build(cfg)
-    try:
-        script = rules.plan_install(rs, read_tables(be, netns))
-    except rules.PlanError as err:
-        raise RulesError(f"cannot install: {err}") from None
-    apply(be, script, netns)
+def install(cfg: Config, netns: str | None = None, closed: bool = False) -> None:
+    """Install the rules for ``cfg`` (``closed``: the stopped daemon's, every queue rule a
+    DROP), replacing any earlier copy in the same transaction, table by table: there is never
+    a moment without the boundary. IPv4 first, then IPv6 (ip6tables)."""
+    scripts = []
+    for rs in rulesets(cfg, closed):
+        be = backend_for(cfg, rs.family)
+        try:
+            scripts.append((be, rules.plan_install(rs, read_tables(be, netns))))
+        except rules.PlanError as err:
+            raise RulesError(f"cannot install: {err}") from None
+    for be, script in scripts:
+        apply(be, script, netns)
 
 
 def remove(cfg: Config, netns: str | None = None) -> None:
-    """Remove all our chains and jumps (any configuration with this chain prefix). Idempotent."""
+    """Remove all our chains and jumps (any configuration with this chain prefix), IPv4 and
+    IPv6. Idempotent."""
     _remove(cfg, netns)
 
 
 def _remove(cfg: Config, netns: str | None) -> bool:
-    be = backend_for(cfg)
-    try:
-        script = rules.plan_remove(cfg.daemon.chain_prefix, read_tables(be, netns))
-    except rules.PlanError as err:
-        raise RulesError(f"cannot remove: {err}") from None
-    if not script:
-        return False
-    apply(be, script, netns)
-    return True
+    removed = False
+    for family in (4, 6):
+        be = backend_for(cfg, family)
+        if family == 6 and (not ipv6_enabled() or find_command(be.save) is None):
+            continue  # nothing of ours can be there
+        try:
+            script = rules.plan_remove(cfg.daemon.chain_prefix, read_tables(be, netns))
+        except rules.PlanError as err:
+            raise RulesError(f"cannot remove: {err}") from None
+        if script:
+            apply(be, script, netns)
+            removed = True
+    return removed
 
 
 def commands(cfg: Config) -> tuple[str, str]:
@@ -178,7 +209,12 @@ def commands(cfg: Config) -> tuple[str, str]:
     the missing one (checked before the daemon starts anything)."""
     be = backend_for(cfg)
     why = f"daemon.iptables = {be.name!r}"
-    return _command(be.save, why), _command(be.restore, why)
+    found = _command(be.save, why), _command(be.restore, why)
+    if len(rulesets(cfg)) > 1:
+        be6 = be.v6()
+        why6 = f"{why}; IPv6 is dropped on the unprotected side (node.default = discard)"
+        _command(be6.save, why6), _command(be6.restore, why6)
+    return found
 
 
 def queues_of(rule: rules.SavedRule) -> set[int]:
@@ -232,31 +268,36 @@ def kernel_drops(cfg: Config, netns: str | None = None) -> dict[str, int]:
     ESP is required, discard policies, traffic matching no policy, the leak guard. Read from the
     rule counters (``iptables-save -c``); a chain whose rules differ from this configuration's
     is skipped."""
-    be = backend_for(cfg)
-    argv = [*_prefix(netns), _command(be.save, f"daemon.iptables = {be.name!r}"), "-c"]
-    text = _run(argv, None, "reading the rule counters", timeout=COUNTERS_TIMEOUT)
-    counted: dict[tuple[str, str], list[tuple[int, tuple[str, ...]]]] = {}
-    table = ""
-    for line in text.splitlines():
-        if line.startswith("*"):
-            table = line[1:].strip()
-            continue
-        m = _COUNTED.match(line)
-        if m:
-            counted.setdefault((table, m.group(3)), []).append(
-                (int(m.group(1)), canonical(rules.split_spec(m.group(4)))))
     out: dict[str, int] = {}
-    for t in rules.build(cfg).tables:
-        for chain in t.chains:
-            want = t.rules_of(chain)
-            have = counted.get((t.name, chain), [])
-            if len(want) != len(have) or any(
-                canonical(r.args) != toks for r, (_, toks) in zip(want, have, strict=True)
-            ):
+    for rs in rulesets(cfg):
+        be = backend_for(cfg, rs.family)
+        argv = [*_prefix(netns), _command(be.save, f"daemon.iptables = {be.name!r}"), "-c"]
+        text = _run(argv, None, "reading the rule counters", timeout=COUNTERS_TIMEOUT)
+        counted: dict[tuple[str, str], list[tuple[int, tuple[str, ...]]]] = {}
+        table = ""
+        for line in text.splitlines():
+            if line.startswith("*"):
+                table = line[1:].strip()
                 continue
-            for r, (packets, _) in zip(want, have, strict=True):
-                if r.reason:
-                    out[r.reason] = out.get(r.reason, 0) + packets
+            m = _COUNTED.match(line)
+            if m:
+                counted.setdefault((table, m.group(3)), []).append(
+                    (int(m.group(1)), canonical(rules.split_spec(m.group(4)))))
+        variants = [rs, rules.close(rs)] if rs.family == 4 else [rs]
+        for t_live in rs.tables:
+            for chain in t_live.chains:
+                have = counted.get((t_live.name, chain), [])
+                for variant in variants:
+                    t = variant.table(t_live.name)
+                    assert t is not None
+                    want = t.rules_of(chain)
+                    if len(want) == len(have) and all(
+                        canonical(r.args) == toks for r, (_, toks) in zip(want, have, strict=True)
+                    ):
+                        for r, (packets, _) in zip(want, have, strict=True):
+                            if r.reason:
+                                out[r.reason] = out.get(r.reason, 0) + packets
+                        break
     return out
 
 
@@ -266,10 +307,14 @@ class RulesStatus:
     complete: bool  # every chain exists and every jump is there exactly once
     matches: bool  # exactly the rules of this configuration, jumps first, nothing stale
     problems: tuple[str, ...]
+    closed: bool = False  # exactly this configuration's closed rules (the daemon is stopped)
 
     def describe(self) -> str:
         if self.matches:
             return "installed (matches this configuration)"
+        if self.closed:
+            return ("closed: the daemon is stopped and protected traffic is dropped, not sent "
+                    "in clear (`nfq-ipsec rules remove` takes the rules out)")
         if not self.present:
             return "not installed"
         what = "installed but differs from this configuration" if self.complete else "partly installed"
@@ -277,7 +322,24 @@ class RulesStatus:
 
 
 def status(cfg: Config, netns: str | None = None) -> RulesStatus:
-    return compare(rules.build(cfg), read_tables(backend_for(cfg), netns))
+    """How the installed IPv4 rules relate to ``cfg``'s, running or closed. The IPv6 rules,
+    which do not change with the daemon's state, are compared too: a difference there is a
+    problem of the IPv4 answer."""
+    live = rules.build(cfg)
+    tables = read_tables(backend_for(cfg), netns)
+    st = compare(live, tables)
+    if not st.matches:
+        closed = compare(rules.close(live), tables)
+        if closed.matches:
+            st = RulesStatus(True, True, False, (), closed=True)
+    v6 = rulesets(cfg)[1:]
+    if v6:
+        st6 = compare(v6[0], read_tables(backend_for(cfg, 6), netns))
+        if not st6.matches:
+            problems = (*st.problems, *(f"ip6tables {p}" for p in st6.problems
+                                        or ("IPv6 rules missing",)))
+            return RulesStatus(st.present, st.complete and st6.complete, False, problems)
+    return st
 
 
 def is_installed(cfg: Config, netns: str | None = None) -> bool:
@@ -359,8 +421,23 @@ def cli_rules(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     be = backend_for(cfg)
     try:
+        closed = bool(getattr(args, "closed", False))
+        if args.action == "show" and getattr(args, "ipv6", False):
+            v6 = rules.build6(cfg)
+            if v6 is None:
+                print("nfq-ipsec: no ip6tables rules: node.default = bypass lets IPv6 pass",
+                      file=sys.stderr)
+                return EXIT_OK
+            sys.stdout.write(rules.render_ruleset(v6))
+            return EXIT_OK
         if args.action == "show":
-            sys.stdout.write(rules.render(cfg))
+            v4 = rules.build(cfg)
+            sys.stdout.write(rules.render_ruleset(rules.close(v4) if closed else v4))
+            v6 = rules.build6(cfg)
+            print("nfq-ipsec: IPv6: " + (
+                "passes (node.default = bypass; no policy applies to IPv6)" if v6 is None else
+                f"dropped on the unprotected side by {sum(len(t.rules) for t in v6.tables)} "
+                "ip6tables rules (`rules show --ipv6`)"), file=sys.stderr)
             try:
                 state = status(cfg).describe()
             except RulesError as err:
@@ -369,6 +446,10 @@ def cli_rules(args: argparse.Namespace) -> int:
             print(f"nfq-ipsec: rules {state} [{be.save}]", file=sys.stderr)
             return EXIT_OK
         if args.action == "install":
+            if closed and _daemon_answers(cfg):
+                print(f"nfq-ipsec: a daemon answers on {cfg.daemon.control_socket}: its live rules "
+                      "are left in place")
+                return EXIT_OK
             clashes = preflight(cfg)
             if clashes:
                 for line in clashes:
@@ -376,10 +457,12 @@ def cli_rules(args: argparse.Namespace) -> int:
                 print("nfq-ipsec: nothing installed; choose other daemon.queues or remove those "
                       "rules", file=sys.stderr)
                 return EXIT_CONFIG
-            install(cfg)
-            rs = rules.build(cfg)
-            chains = ", ".join(f"{t}:{c}" for t, c in rs.chains)
-            print(f"nfq-ipsec: rules installed with {be.restore}: {chains}")
+            install(cfg, closed=closed)
+            for rs in rulesets(cfg):
+                chains = ", ".join(f"{t}:{c}" for t, c in rs.chains)
+                what = "closed rules" if closed and rs.family == 4 else "rules"
+                print(f"nfq-ipsec: {what} installed with {backend_for(cfg, rs.family).restore}: "
+                      f"{chains}")
             return EXIT_OK
         removed = _remove(cfg, None)
         print(f"nfq-ipsec: {'rules removed' if removed else 'no rules to remove'} "
@@ -388,3 +471,14 @@ def cli_rules(args: argparse.Namespace) -> int:
     except RulesError as err:
         print(f"nfq-ipsec: {err}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _daemon_answers(cfg: Config) -> bool:
+    """Whether a daemon answers on this configuration's control socket (it owns the rules)."""
+    from . import control
+
+    try:
+        control.request(cfg.daemon.control_socket, {"command": "status"}, timeout=5.0)
+    except control.NotRunning:
+        return False
+    return True

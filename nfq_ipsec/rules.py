@@ -37,6 +37,7 @@ from ipaddress import IPv4Network
 
 from .config.model import Config
 from .core.esp import overhead_for
+from .core.sa import SADirection
 from .core.spd import Action, Policy, Selector
 
 TABLES = ("raw", "mangle", "nat", "filter")  # every table we may touch, in install order
@@ -86,6 +87,7 @@ class Ruleset:
     prefix: str
     tables: tuple[Table, ...]
     header: tuple[str, ...] = ()
+    family: int = 4  # 4: iptables, 6: ip6tables
 
     def table(self, name: str) -> Table | None:
         for t in self.tables:
@@ -197,9 +199,27 @@ def _jump(builtin: str, flag: str, iface: str | None, target: str, comment: str)
 
 
 def _mark_return(cfg: Config, chain: str) -> Rule:
+    """Inbound: a packet a worker decrypted and reinjected. Only a worker's verdict can put a
+    marked packet into PREROUTING of the unprotected side (a local process's packets never
+    pass there, but through lo, which returns anyway)."""
     m = cfg.daemon.mark
     return Rule(chain, ("-m", "mark", "--mark", f"0x{m:x}/0x{m:x}", "-j", "RETURN"),
-                "reinjected by a worker (carries the mark): already processed")
+                "decrypted and reinjected by a worker (carries the mark): already processed")
+
+
+def _esp_returns(cfg: Config, chain: str) -> list[Rule]:
+    """Outbound: ESP a worker produced, one rule per outbound SA. The mark alone is no proof:
+    any process with CAP_NET_RAW can set it (SO_MARK), so a marked packet skips the SPD only if
+    it is ESP of one of our outbound SAs; a marked UDP datagram goes through the SPD like any
+    other."""
+    m = cfg.daemon.mark
+    return [
+        Rule(chain, ("-p", "esp", "-m", "esp", "--espspi", str(sa.spi), "-m", "mark", "--mark",
+                     f"0x{m:x}/0x{m:x}", "-j", "RETURN"),
+             f"ESP of outbound SA {sa.name!r} reinjected by a worker (mark and SPI): already "
+             "processed")
+        for sa in cfg.sas if sa.direction is SADirection.OUT
+    ]
 
 
 _IN_COMMENT = ("inbound boundary, before conntrack: ESP to the worker that owns the SPI, "
@@ -228,9 +248,11 @@ def _inbound_table(cfg: Config) -> Table:
                 "--queue-num", str(sa.queue)),
             f"ESP of inbound SA {sa.name!r} (SPI 0x{sa.spi:08x}) to its owner, queue {sa.queue}",
         ))
-    first = cfg.queue_numbers[0]
-    rules.append(Rule(c, ("-p", "esp", "-j", "NFQUEUE", "--queue-num", str(first)),
-                      f"ESP with an unknown SPI: queue {first} counts it (unknown_spi) and drops it"))
+    rules.append(Rule(c, ("-p", "esp", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "DROP"),
+                      "ESP to this host with an unknown SPI: dropped here, so a flood of random "
+                      "SPIs costs no worker anything (ESP in transit follows the policies below)",
+                      "unknown_spi"))
+    rules += _icmp_error_rules(cfg, c, "in")
     for i, pol in enumerate(cfg.policies):
         if not pol.direction.covers(False):
             continue
@@ -259,9 +281,10 @@ def _outbound_rules(
     cfg: Config, chain: str, lo_flag: str, with_lo: bool, default: bool
 ) -> list[Rule]:
     p = cfg.daemon.chain_prefix
-    rules = [_mark_return(cfg, chain)]
+    rules = _esp_returns(cfg, chain)
     if with_lo:
         rules.append(Rule(chain, (lo_flag, "lo", "-j", "RETURN"), "loopback is never IPsec-protected"))
+    rules += _icmp_error_rules(cfg, chain, "out")
     for i, pol in enumerate(cfg.policies):
         if not pol.direction.covers(True):
             continue
@@ -344,7 +367,8 @@ def _leak_table(cfg: Config) -> Table:
     p = cfg.daemon.chain_prefix
     c = chain_leak(p)
     iface = cfg.node.interface or ""
-    rules = [_mark_return(cfg, c)]
+    rules = _esp_returns(cfg, c)
+    rules += _icmp_error_rules(cfg, c, "leak")
     for i, pol in enumerate(cfg.policies):
         if not pol.direction.covers(True):
             continue
@@ -386,6 +410,94 @@ def selector_args(sel: Selector, outbound: bool) -> tuple[str, ...]:
         if ports:
             args += ["-m", _PROTO_NAMES[proto], *ports]
     return tuple(args)
+
+
+# -- ICMP errors: matched by the packet they quote (RFC 4301 section 6.2) --------------------
+
+ICMP_ERROR_TYPES = (3, 4, 5, 11, 12)  # as core.packet.ICMP_ERROR_TYPES
+_AT_ICMP = "0x0>>0x16&0x3c@"  # u32: to the ICMP header (the outer IHL)
+_AT_QUOTED_L4 = _AT_ICMP + "0x8>>0x16&0x3c@"  # then past the quoted IP header (minus 8)
+
+
+def quoted_args(sel: Selector, quoted_outbound: bool) -> tuple[str, ...]:
+    """iptables arguments matching an ICMP error whose quoted packet matches ``sel``
+    (``quoted_outbound``: the quoted packet is one this side sent). A u32 match written the way
+    iptables-save prints it; the quote is read at the offsets of RFC 792 (the outer header,
+    8 bytes of ICMP, the quoted IPv4 header, its first 8 bytes)."""
+    src, dst = (sel.local, sel.remote) if quoted_outbound else (sel.remote, sel.local)
+    sports, dports = (
+        (sel.local_ports, sel.remote_ports) if quoted_outbound else (sel.remote_ports, sel.local_ports)
+    )
+    types = ",".join(f"0x{t:x}" for t in ICMP_ERROR_TYPES)
+    tests = [f"{_AT_ICMP}0x0>>0x18={types}"]
+    for offset, net in ((0x14, src), (0x18, dst)):
+        if net.prefixlen:
+            tests.append(f"{_AT_ICMP}0x{offset:x}&0x{int(net.netmask):x}=0x{int(net.network_address):x}")
+    proto = sel.protocol
+    if proto is not None:
+        tests.append(f"{_AT_ICMP}0x10>>0x10&0xff=0x{proto:x}")
+        if proto == 1:
+            if sel.icmp_type is not None:
+                tests.append(f"{_AT_QUOTED_L4}0x8>>0x18=0x{sel.icmp_type:x}")
+            if sel.icmp_code is not None:
+                tests.append(f"{_AT_QUOTED_L4}0x8>>0x10&0xff=0x{sel.icmp_code:x}")
+        elif proto in _PORT_PROTOCOLS:
+            for shift, rng in ((">>0x10", sports), ("&0xffff", dports)):
+                if rng is not None and rng != (0, 0xFFFF):
+                    lo, hi = rng
+                    value = f"0x{lo:x}" if lo == hi else f"0x{lo:x}:0x{hi:x}"
+                    tests.append(f"{_AT_QUOTED_L4}0x8{shift}={value}")
+    return ("-p", "icmp", "!", "-f", "-m", "u32", "--u32", "&&".join(tests))
+
+
+def quoted_esp_args(spi: int) -> tuple[str, ...]:
+    """An ICMP error that quotes ESP of the given SPI (one of ours: RFC 4301 section 8)."""
+    types = ",".join(f"0x{t:x}" for t in ICMP_ERROR_TYPES)
+    return ("-p", "icmp", "!", "-f", "-m", "u32", "--u32",
+            f"{_AT_ICMP}0x0>>0x18={types}&&{_AT_ICMP}0x10>>0x10&0xff=0x32&&"
+            f"{_AT_QUOTED_L4}0x8=0x{spi:x}")
+
+
+def _icmp_error_rules(cfg: Config, chain: str, where: str) -> list[Rule]:
+    """ICMP errors about the flows of each policy, before the SPD proper, so a kernel's error
+    about a protected packet goes the way of that packet's flow (its SA) instead of leaving in
+    clear by its own header. ``where``: "out" and "fwd" (errors leaving: about packets that came
+    in), "leak" (forwarded errors on the unprotected interface), "in" (errors arriving in clear:
+    about packets this side sent)."""
+    p = cfg.daemon.chain_prefix
+    incoming = where == "in"
+    rules: list[Rule] = []
+    if incoming:
+        for sa in cfg.sas:
+            if sa.direction is SADirection.OUT:
+                rules.append(Rule(chain, (*quoted_esp_args(sa.spi), "-j", "RETURN"),
+                                  f"ICMP error about ESP of outbound SA {sa.name!r} (path MTU, "
+                                  "unreachable): accepted (RFC 4301 section 8)"))
+    for i, pol in enumerate(cfg.policies):
+        # the quoted packet travelled the other way: inbound for errors leaving, and back
+        if not pol.direction.covers(incoming):
+            continue
+        args = quoted_args(pol.selector, quoted_outbound=incoming)
+        what = f"ICMP error about a flow of policy[{i}] {pol.name!r}"
+        if pol.action is Action.BYPASS:
+            rules.append(Rule(chain, (*args, "-j", "RETURN"), f"{what}: bypass, as the flow"))
+        elif pol.action is Action.DISCARD:
+            rules.append(Rule(chain, (*args, "-j", "DROP"), f"{what}: discard, as the flow",
+                              "policy_discard"))
+        elif incoming:
+            rules.append(Rule(chain, (*args, "-j", "DROP"), f"{what}: protect, so not in clear",
+                              "cleartext_protected"))
+        elif where == "leak":
+            rules.append(Rule(chain, (*args, "-j", "DROP"), f"{what}: protect: escaped the queue",
+                              "leak_guard"))
+        elif pol.direction.covers(True) and cfg.outbound_sas(pol):
+            rules.append(Rule(chain, (*args, "-j", chain_protect(p, i)),
+                              f"{what}: protect, through the flow's SA (HMARK hashes the "
+                              "quoted header, so the same SA as the flow)"))
+        else:
+            rules.append(Rule(chain, (*args, "-j", "DROP"), f"{what}: protect, no outbound SA",
+                              "no_sa"))
+    return rules
 
 
 def _net(flag: str, net: IPv4Network) -> list[str]:
@@ -430,6 +542,103 @@ def _header(cfg: Config) -> tuple[str, ...]:
         "iptables-restore --noflush (one transaction per table) and removes any earlier copy in "
         "the same transaction. Restoring this text by hand twice would add a second jump.",
     )
+
+
+# -- closed: the daemon is stopped ------------------------------------------------------------
+
+STOPPED_REASON = "daemon_stopped"
+
+
+def close(rs: Ruleset) -> Ruleset:
+    """``rs`` with every NFQUEUE rule dropping instead: what a stopped daemon leaves behind, so
+    protected traffic is dropped (and counted) while no worker runs, never sent in clear. The
+    next ``run`` replaces it with the live ruleset in one transaction; only ``rules remove``
+    takes the boundary away."""
+    def closed(r: Rule) -> Rule:
+        if "NFQUEUE" not in r.args:
+            return r
+        cut = r.args.index("-j")
+        return Rule(r.chain, (*r.args[:cut], "-j", "DROP"),
+                    f"daemon stopped, dropped (running: {r.comment})", STOPPED_REASON)
+
+    tables = tuple(
+        Table(t.name, t.chains, t.jumps, tuple(closed(r) for r in t.rules), t.chain_comments)
+        for t in rs.tables
+    )
+    header = (*rs.header, "CLOSED: the daemon is stopped; every rule that queues to a worker "
+              "drops instead, so protected traffic is dropped, not sent in clear.")
+    return Ruleset(rs.prefix, tables, header, rs.family)
+
+
+# -- IPv6: dropped on the unprotected side ----------------------------------------------------
+
+_ND_TYPES = ((133, "router solicitation"), (134, "router advertisement"),
+             (135, "neighbour solicitation"), (136, "neighbour advertisement"))
+IPV6_REASON = "ipv6"
+
+
+def build6(cfg: Config) -> Ruleset | None:
+    """The ip6tables rules: policies and SAs are IPv4 only, so with ``node.default = discard``
+    every IPv6 packet on the unprotected side is dropped and counted (neighbour discovery too,
+    unless ``node.ipv6_neighbour_discovery``). With ``bypass`` IPv6 passes and there are no
+    rules: None. Same chain names and layout as IPv4: raw PREROUTING -> P-IN, mangle OUTPUT
+    -> P-OUT, and on gateways filter FORWARD -> P-LEAK."""
+    node = cfg.node
+    if rules_v6_absent(cfg):
+        return None
+    p = cfg.daemon.chain_prefix
+
+    def chain(name: str, flag: str, with_lo: bool, what: str) -> list[Rule]:
+        rules: list[Rule] = []
+        if with_lo:
+            rules.append(Rule(name, (flag, "lo", "-j", "RETURN"), "loopback is never IPsec-protected"))
+        if node.ipv6_neighbour_discovery:
+            for icmp_type, nd in _ND_TYPES:
+                rules.append(Rule(name, ("-p", "ipv6-icmp", "-m", "icmp6", "--icmpv6-type",
+                                         str(icmp_type), "-m", "hl", "--hl-eq", "255", "-j", "RETURN"),
+                                  f"neighbour discovery ({nd}, hop limit 255): "
+                                  "node.ipv6_neighbour_discovery"))
+        rules.append(Rule(name, ("-j", "DROP"), f"IPv6 {what}: no IPv6 policies, default discard",
+                          IPV6_REASON))
+        return rules
+
+    iface = node.interface
+    cin, cout = chain_in(p), chain_out(p)
+    tables = [
+        Table("raw", (cin,), (_jump("PREROUTING", "-i", iface, cin, "IPv6 arriving on the "
+                                    "unprotected side"),),
+              tuple(chain(cin, "-i", iface is None, "arriving")),
+              ((cin, "IPv6 arriving on the unprotected side"),)),
+        Table("mangle", (cout,), (_jump("OUTPUT", "-o", iface, cout, "locally generated IPv6 to "
+                                        "the unprotected side"),),
+              tuple(chain(cout, "-o", iface is None, "leaving")),
+              ((cout, "locally generated IPv6 to the unprotected side"),)),
+    ]
+    if node.role == "gateway":
+        cl = chain_leak(p)
+        tables.append(Table("filter", (cl,), (Rule("FORWARD", ("-o", iface or "", "-j", cl),
+                                                   f"forwarded IPv6 leaving through {iface}"),),
+                            tuple(chain(cl, "-o", False, "forwarded")),
+                            ((cl, "forwarded IPv6 to the unprotected side"),)))
+    header = (f"nfq-ipsec ip6tables rules for {cfg.path.name if cfg.path else '(configuration)'}",
+              "Policies and SAs are IPv4 only: with node.default = discard, IPv6 on the unprotected "
+              "side is dropped (counted as 'ipv6').")
+    return Ruleset(p, tuple(tables), header, 6)
+
+
+def ipv6_summary(cfg: Config) -> str:
+    """One line on what happens to IPv6 (check-config, status)."""
+    if rules_v6_absent(cfg):
+        return ("passes in clear: node.default = bypass and no policy applies to IPv6 "
+                "(policies and SAs are IPv4 only)")
+    nd = ("neighbour discovery allowed" if cfg.node.ipv6_neighbour_discovery
+          else "neighbour discovery too")
+    return (f"dropped on {cfg.node.interface or 'every interface but lo'} and counted as 'ipv6' "
+            f"({nd}; policies and SAs are IPv4 only)")
+
+
+def rules_v6_absent(cfg: Config) -> bool:
+    return cfg.node.default_action is not Action.DISCARD
 
 
 # -- rendering --------------------------------------------------------------------------------

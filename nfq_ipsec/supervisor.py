@@ -18,7 +18,12 @@ Order of things (fail closed at every step):
    for good. A worker that dies before becoming ready 3 times in a row stops the daemon
    (exit 1) and leaves the rules in place if they were installed, so its traffic stays
    dropped rather than sent in clear;
-7. SIGTERM/SIGINT: remove the rules, then stop the workers, remove the socket, exit 0.
+7. SIGTERM/SIGINT: close the rules (every rule that queues to a worker becomes a DROP, in one
+   transaction per table), then stop the workers, remove the socket, exit 0. The rules stay:
+   protected traffic is dropped while the daemon is down, never sent in clear, and the next
+   ``run`` replaces the closed rules with live ones in one transaction (a restart drops
+   protected traffic only for the gap between the two processes). Only ``nfq-ipsec rules
+   remove`` (or ``nfq-ipsec stop --remove-rules``) takes them out.
 
 If the supervisor itself fails unexpectedly it leaves the rules in place: with no workers the
 queues have no listener, so protected traffic is dropped, never sent in clear.
@@ -33,13 +38,14 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from . import __version__, corebuild, counts
+from . import __version__, corebuild, counts, rules
 from .config import Config, QueueConfig
 from .control import ControlError, ControlServer
 from .core import SADirection
@@ -155,7 +161,7 @@ class Supervisor:
             self.rules_installed = False
             code = EXIT_FAILURE
         self.state = "stopping"
-        if self.rules_installed and not self._remove_rules():
+        if self.rules_installed and not self._close_rules():
             code = EXIT_FAILURE
         self._stop_workers()
         self.control.close()
@@ -397,29 +403,39 @@ class Supervisor:
         from . import iptables
 
         try:
-            if iptables.is_installed(self.cfg):
+            found = iptables.status(self.cfg)
+            if found.closed:
+                log.info("closed rules of a stopped run found; replacing them with live ones")
+            elif found.matches:
                 # Our workers hold every queue, so no other daemon serves them: these rules
-                # were left by a run that did not stop cleanly. install() replaces them in
-                # the same transaction that installs ours.
+                # were left by a run that did not stop cleanly.
                 log.warning("rules left by an earlier run found; replacing them")
-            iptables.install(self.cfg)
+            iptables.install(self.cfg)  # replaces whatever was there, table by table, atomically
         except iptables.RulesError as err:
-            with contextlib.suppress(Exception):
-                iptables.remove(self.cfg)
-            raise Fatal(f"cannot install the iptables rules: {err}") from None
+            # Never remove rules here: whatever is installed still drops protected traffic.
+            # Try to leave at least the closed rules in place.
+            try:
+                iptables.install(self.cfg, closed=True)
+                left = "the closed rules are in place (protected traffic is dropped)"
+            except iptables.RulesError:
+                left = "whatever rules were there are left in place"
+            raise Fatal(f"cannot install the iptables rules: {err}; {left}") from None
         self.rules_installed = True
 
-    def _remove_rules(self) -> bool:
+    def _close_rules(self) -> bool:
+        """Swap the live rules for the closed ones (the NFQUEUE targets become DROP in the same
+        transaction), so nothing protected leaves in clear while the daemon is down."""
         from . import iptables
 
         try:
-            iptables.remove(self.cfg)
+            iptables.install(self.cfg, closed=True)
         except iptables.RulesError as err:
-            log.error("cannot remove the iptables rules: %s (they still send traffic to the "
-                      "queues, which now drop it; remove them with `nfq-ipsec rules remove`)", err)
+            log.error("cannot close the iptables rules: %s (the live rules stay; with no "
+                      "workers their queues drop the traffic)", err)
             return False
         self.rules_installed = False
-        log.info("rules removed")
+        log.info("rules closed: protected traffic is dropped until the daemon runs again "
+                 "(`nfq-ipsec rules remove` takes them out)")
         return True
 
     # -- status ---------------------------------------------------------------------------
@@ -523,6 +539,7 @@ class Supervisor:
                 "config": self.config_path,
                 "state": self.state,
                 "rules_installed": self.rules_installed,
+                "ipv6": rules.ipv6_summary(self.cfg),
                 "version": __version__,
                 "core": corebuild.running().detail,
             },
@@ -571,6 +588,57 @@ def cli_run(args: argparse.Namespace) -> int:
     if code is not None:
         return code
     return Supervisor(cfg, os.path.abspath(path)).run()
+
+
+def cli_stop(args: argparse.Namespace) -> int:
+    """``nfq-ipsec stop --config X [--remove-rules]``: SIGTERM to the daemon that answers on the
+    configured control socket, wait for it to exit; then, if asked, remove the rules.
+    Exit codes: 0 stopped (and removed), 1 it did not stop in time or a command failed,
+    2 invalid config, 3 no daemon answered (with --remove-rules the rules are still removed)."""
+    from . import control, iptables
+    from .cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_NOT_RUNNING, EXIT_OK
+    from .tools import load_or_report
+
+    cfg = load_or_report(args.config)
+    if cfg is None:
+        return EXIT_CONFIG
+    code = EXIT_OK
+    try:
+        st = control.request(cfg.daemon.control_socket, {"command": "status"})
+        pid = int(st["daemon"]["pid"])
+    except (control.NotRunning, KeyError, TypeError, ValueError) as err:
+        print(f"nfq-ipsec: no daemon answers on {cfg.daemon.control_socket} ({err})",
+              file=sys.stderr)
+        code = EXIT_NOT_RUNNING
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + args.timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            print(f"nfq-ipsec: the daemon (pid {pid}) did not stop within {args.timeout:g} s",
+                  file=sys.stderr)
+            return EXIT_FAILURE
+        print(f"nfq-ipsec: daemon (pid {pid}) stopped; its rules are closed (protected traffic "
+              "is dropped)" if not args.remove_rules else f"nfq-ipsec: daemon (pid {pid}) stopped")
+    if args.remove_rules:
+        try:
+            iptables.remove(cfg)
+        except iptables.RulesError as err:
+            print(f"nfq-ipsec: {err}", file=sys.stderr)
+            return EXIT_FAILURE
+        print("nfq-ipsec: rules removed: traffic is no longer checked against the policies")
+    return code
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 def preflight(cfg: Config) -> int | None:

@@ -7,6 +7,7 @@ import secrets
 import sys
 from collections import Counter
 
+from . import rules
 from .config import load_config
 from .config.model import Config
 from .core.errors import ConfigError
@@ -63,6 +64,7 @@ def summary(cfg: Config) -> str:
     watchdog = f"{d.watchdog:g} s" if d.watchdog > 0 else "off"
     lines.append(f"daemon: queues {queues}; mark 0x{d.mark:08x}; socket {d.control_socket}; "
                  f"watchdog {watchdog}")
+    lines.append(f"IPv6: {rules.ipv6_summary(cfg)}")
     lines.append("policies (first match wins; no match: " f"{node.default_action.value}):")
     sa_by_name = {sa.name: sa for sa in cfg.sas}
     for i, pol in enumerate(cfg.policies):

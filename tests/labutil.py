@@ -376,7 +376,10 @@ PACED = textwrap.dedent("""
     print("READY", flush=True)
     while time.monotonic() - start < seconds:
         for port, f, s in socks:
-            s.sendto(f"{marker}:{port}:{f}:{n}".encode(), (dst, port))
+            try:  # offered, whatever happens to it: a DROP rule in OUTPUT answers EPERM
+                s.sendto(f"{marker}:{port}:{f}:{n}".encode(), (dst, port))
+            except PermissionError:
+                pass
             sent[f"{port}:{f}"] = n + 1
         n += 1
         time.sleep(max(0.0, start + n * gap - time.monotonic()))
@@ -490,6 +493,16 @@ class Sniffer:
         from nfq_ipsec.pcap import read_packets
 
         return [p for p in read_packets(self.path) if p is not None]
+
+    def frames(self) -> list[bytes]:
+        """Every captured Ethernet frame, whatever it carries (IPv4, IPv6, ARP...)."""
+        data = self.path.read_bytes()
+        out, off = [], 24  # the SNIFFER's own pcap: little-endian, no options
+        while off + 16 <= len(data):
+            caplen = struct.unpack_from("<I", data, off + 8)[0]
+            out.append(data[off + 16:off + 16 + caplen])
+            off += 16 + caplen
+        return out
 
 
 def esp_ids(packets: list[bytes]) -> list[tuple[int, int]]:

@@ -14,8 +14,10 @@ port. Then both daemons get SIGTERM. The tests below each check one result of th
 - tshark decrypts the capture with the configured keys: every ESP packet ``esp.icv_good``,
   none ``esp.icv_bad`` (skipped, loudly, where this tshark lacks ChaCha20-Poly1305);
 - ``nfq-ipsec status --json``: every worker of both peers has packets_out > 0;
-- the daemons exit 0 on SIGTERM and ``iptables-save`` is exactly as before (a canary rule of
-  someone else's in filter and mangle included).
+- the daemons exit 0 on SIGTERM and leave their rules closed (no queue rule left, so protected
+  traffic is dropped), and after ``nfq-ipsec rules remove`` ``iptables-save`` and
+  ``ip6tables-save`` are exactly as before (a canary rule of someone else's in filter and mangle
+  included).
 
 Needs root; runs in CI (marks ``lab`` and ``root``).
 """
@@ -146,6 +148,7 @@ def run(request: pytest.FixtureRequest) -> Run:
                                                    s.config.bypass_port))
             r.step("stop", s.stop_daemons)
         r.values["iptables_before"] = dict(s.iptables_before)
+        r.values["iptables_stopped"] = dict(s.iptables_stopped)
         r.values["iptables_after"] = dict(s.iptables_after)
         r.values["logs"] = {n: d.log() for n, d in s.daemons.items()}
         r.values["endpoints"] = (s.topology.client_addr, s.topology.server_addr)
@@ -245,14 +248,18 @@ def test_every_worker_carries_traffic(run: Run) -> None:
             assert w["packets_out"] and w["packets_out"] > 0, f"peer {peer} queue {w['queue']}: {w}"
 
 
-def test_sigterm_restores_iptables_exactly(run: Run) -> None:
+def test_sigterm_closes_rules_and_remove_restores_iptables(run: Run) -> None:
     codes = run.get("stop")
     logs = run.values.get("logs", {})
     for peer, code in codes.items():
         assert code == 0, f"daemon {peer} exited with {code}:\n{logs.get(peer, '')[-3000:]}"
     before, after = run.values["iptables_before"], run.values["iptables_after"]
+    stopped = run.values["iptables_stopped"]
     for peer in before:
         assert "nfq-ipsec-lab-canary" in before[peer]
+        # closed: our chains are there, no rule queues, the protect chains end in DROP
+        assert "NFQIPSEC-OUT" in stopped[peer] and "-j NFQUEUE" not in stopped[peer], stopped[peer]
+        assert "nfq-ipsec-lab-canary" in stopped[peer]
         assert after[peer] == before[peer], f"peer {peer}:\nbefore:\n{before[peer]}\nafter:\n{after[peer]}"
 
 
@@ -263,7 +270,8 @@ ESP_SEND_SRC = r"""
 import socket, struct, sys
 dst, spi, mark, count = sys.argv[1], int(sys.argv[2], 0), int(sys.argv[3], 0), int(sys.argv[4])
 s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 50)
-s.setsockopt(socket.SOL_SOCKET, 36, mark)  # SO_MARK: our own daemon's rules let it pass
+if mark:
+    s.setsockopt(socket.SOL_SOCKET, 36, mark)  # SO_MARK
 for seq in range(1, count + 1):
     s.sendto(struct.pack("!II", spi, seq) + bytes(48), (dst, 0))
 print("sent", count)
@@ -283,19 +291,21 @@ def _proto_unreachables(pcap: Path, src: str) -> int:
 
 
 def test_inbound_esp_with_unknown_spi_is_dropped_without_icmp() -> None:
-    """ESP that no SA owns is taken in raw PREROUTING and dropped by a worker (unknown_spi),
-    so a kernel without ESP support never answers it with a cleartext ICMP protocol
-    unreachable. Control, after the daemon stopped: does this kernel answer? (It does when it
-    was built without CONFIG_INET_ESP, like our CI machines.)"""
+    """ESP to this host that no SA owns is dropped in raw PREROUTING by our rules (counted
+    unknown_spi under kernel_drops, no worker involved), so a kernel without ESP support never
+    answers it with a cleartext ICMP protocol unreachable. Control, with the rules removed:
+    does this kernel answer? (It does when it was built without CONFIG_INET_ESP, like our CI
+    machines.)"""
     _environment_or_skip()
-    from nfq_ipsec.config import load_config
-
     with LabSession("host", "aes-gcm-128", queues=1) as s:
         topo = s.topology
         a, b = topo.a, topo.b
-        mark = load_config(s.config.peer("a").path).daemon.mark
-        send = [a.host.python, "-c", ESP_SEND_SRC, str(b.spec.address), "0xdead", hex(mark), "5"]
+        send = [a.host.python, "-c", ESP_SEND_SRC, str(b.spec.address), "0xdead", "0", "5"]
         s.start_daemons()
+        # A sends raw ESP with a made-up SPI: A must not be in the way (its rules would
+        # protect the raw packet like any other), so A's daemon stops and its rules go
+        s.daemons["a"].stop(s.lab)
+        s.daemons["a"].remove_rules()
         cap = s.capture("unknown-spi")
         a.host.run(send)
         time.sleep(0.5)
@@ -303,8 +313,8 @@ def test_inbound_esp_with_unknown_spi_is_dropped_without_icmp() -> None:
         pcap = cap.stop()
         s.stop_daemons()
         assert _proto_unreachables(pcap, str(b.spec.address)) == 0
-        drops = status["workers"][0]["drops"] or {}
-        assert drops.get("unknown_spi", 0) >= 5, status["workers"]
+        assert (status["kernel_drops"] or {}).get("unknown_spi", 0) >= 5, status["kernel_drops"]
+        assert not (status["workers"][0]["drops"] or {}).get("unknown_spi"), status["workers"]
         control = s.capture("no-daemon")
         a.host.run(send)
         time.sleep(0.5)

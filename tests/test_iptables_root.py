@@ -474,7 +474,7 @@ def test_packets_take_the_designed_paths(peer_pair: tuple[str, str], backend: st
     assert peer["-A PREROUTING -i b0 -p udp -m udp --dport 5000"] == 0  # nothing protected leaked
     assert peer["-A PREROUTING -i b0 -p udp -m udp --dport 6"] == 0
 
-    # inbound: ESP by SPI to its owner's queue, unknown SPIs to the first queue, cleartext of a
+    # inbound: ESP by SPI to its owner's queue, unknown SPIs dropped in the kernel, cleartext of a
     # protected flow dropped, bypass returned
     # (the ICMP port-unreachable errors B sent for the bypassed packets were dropped already:
     # ICMP between the two is part of the protected traffic)
@@ -486,7 +486,8 @@ def test_packets_take_the_designed_paths(peer_pair: tuple[str, str], backend: st
     delta = {k: after[k] - before[k] for k in after}
     assert delta["-A NFQIPSEC-IN -p esp -m esp --espspi 8193 -j NFQUEUE --queue-num 101"] == 2
     assert delta["-A NFQIPSEC-IN -p esp -m esp --espspi 8192 -j NFQUEUE --queue-num 100"] == 1
-    assert delta["-A NFQIPSEC-IN -p esp -j NFQUEUE --queue-num 100"] == 1
+    assert delta["-A NFQIPSEC-IN -p esp -m addrtype --dst-type LOCAL -j DROP"] == 1
+    assert iptables.kernel_drops(cfg, netns=a)["unknown_spi"] == 1
     assert delta["-A NFQIPSEC-IN -s 10.0.0.2/32 -d 10.0.0.1/32 -j DROP"] == 5
     assert delta["-A NFQIPSEC-IN -s 10.0.0.2/32 -d 10.0.0.1/32 -p udp -m udp --sport 9 -j RETURN"] == 2
 

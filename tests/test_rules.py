@@ -14,6 +14,7 @@ from nfq_ipsec import iptables, rules
 from nfq_ipsec.cli import main as cli_main
 from nfq_ipsec.config import load_config, parse_config
 from nfq_ipsec.config.model import Config
+from nfq_ipsec.core.errors import ConfigError
 from nfq_ipsec.core.esp import overhead_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,10 +107,15 @@ def rule_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line and not line.startswith("#")]
 
 
-def chain(text: str, name: str) -> list[str]:
-    """The -A lines of one chain, without the "-A NAME " part."""
+ICMP_ERROR_MARK = "=0x3,0x4,0x5,0xb,0xc"  # in the u32 match of every ICMP-error rule
+
+
+def chain(text: str, name: str, icmp_errors: bool = False) -> list[str]:
+    """The -A lines of one chain, without the "-A NAME " part; the rules for ICMP errors only
+    with ``icmp_errors`` (tests of the SPD proper leave them out; they have their own tests)."""
     prefix = f"-A {name} "
-    return [line[len(prefix):] for line in rule_lines(text) if line.startswith(prefix)]
+    return [line[len(prefix):] for line in rule_lines(text) if line.startswith(prefix)
+            and (icmp_errors or ICMP_ERROR_MARK not in line)]
 
 
 def table_of(text: str, name: str) -> list[str]:
@@ -131,7 +137,7 @@ def test_host_example_layout() -> None:
         "-m mark --mark 0x10000000/0x10000000 -j RETURN",
         "-p esp -m esp --espspi 8192 -j NFQUEUE --queue-num 100",
         "-p esp -m esp --espspi 8193 -j NFQUEUE --queue-num 101",
-        "-p esp -j NFQUEUE --queue-num 100",
+        "-p esp -m addrtype --dst-type LOCAL -j DROP",  # unknown SPI: dropped in the kernel
         "-s 192.168.56.11/32 -d 192.168.56.10/32 -p tcp -m tcp --dport 22 -j RETURN",
         "-s 192.168.56.11/32 -d 192.168.56.10/32 -j DROP",
         "-j DROP",
@@ -140,7 +146,9 @@ def test_host_example_layout() -> None:
     assert mangle[:3] == [":NFQIPSEC-OUT - [0:0]", ":NFQIPSEC-P1 - [0:0]",
                           "-I OUTPUT 1 -o eth1 -j NFQIPSEC-OUT"]
     assert chain(text, "NFQIPSEC-OUT") == [
-        "-m mark --mark 0x10000000/0x10000000 -j RETURN",
+        # only ESP of our own outbound SAs, with the mark, skips the SPD
+        "-p esp -m esp --espspi 4096 -m mark --mark 0x10000000/0x10000000 -j RETURN",
+        "-p esp -m esp --espspi 4097 -m mark --mark 0x10000000/0x10000000 -j RETURN",
         "-s 192.168.56.10/32 -d 192.168.56.11/32 -p tcp -m tcp --sport 22 -j RETURN",
         "-s 192.168.56.10/32 -d 192.168.56.11/32 -j NFQIPSEC-P1",
         "-j DROP",
@@ -212,12 +220,15 @@ def test_unknown_spi_rule_after_known_spis_and_before_spd() -> None:
         "-p esp -m esp --espspi 8192 -j NFQUEUE --queue-num 100",
         "-p esp -m esp --espspi 8193 -j NFQUEUE --queue-num 101",
         "-p esp -m esp --espspi 8196 -j NFQUEUE --queue-num 102",
-        "-p esp -j NFQUEUE --queue-num 100",  # unknown SPI: the first queue counts and drops it
+        "-p esp -m addrtype --dst-type LOCAL -j DROP",  # unknown SPI: dropped in the kernel, no queue
     ]
+    unknown = [r for r in rules.build(cfg_of(everything_data())).tables[0].rules
+               if r.args[-1] == "DROP" and "esp" in r.args]
+    assert [r.reason for r in unknown] == ["unknown_spi"]
     assert p_in[0] == "-m mark --mark 0x40000000/0x40000000 -j RETURN"
 
 
-def test_inbound_without_inbound_sas_still_queues_esp() -> None:
+def test_inbound_without_inbound_sas_drops_esp_to_us() -> None:
     data = host_data()
     data["policy"][0]["direction"] = "out"
     data["policy"][0]["sa"] = ["out0"]
@@ -225,7 +236,7 @@ def test_inbound_without_inbound_sas_still_queues_esp() -> None:
     text = rules.render(cfg_of(data), comments=False)
     assert chain(text, "NFQIPSEC-IN") == [
         "-m mark --mark 0x10000000/0x10000000 -j RETURN",
-        "-p esp -j NFQUEUE --queue-num 7",
+        "-p esp -m addrtype --dst-type LOCAL -j DROP",
         "-j DROP",
     ]
 
@@ -239,8 +250,9 @@ def test_gateway_example() -> None:
     mangle = table_of(text, "mangle")
     assert "-I OUTPUT 1 -o wan0 -j NFQIPSEC-OUT" in mangle
     assert "-I PREROUTING 1 ! -i wan0 -j NFQIPSEC-FWD" in mangle
+    esp_return = "-p esp -m esp --espspi 12288 -m mark --mark 0x10000000/0x10000000 -j RETURN"
     assert chain(text, "NFQIPSEC-FWD") == [
-        "-m mark --mark 0x10000000/0x10000000 -j RETURN",
+        esp_return,
         "-i lo -j RETURN",
         "-s 10.1.0.0/24 -d 10.2.0.0/24 -j NFQIPSEC-P0",  # no default: the rest is not ours
     ]
@@ -259,7 +271,7 @@ def test_gateway_example() -> None:
     assert table_of(text, "filter")[:2] == [":NFQIPSEC-LEAK - [0:0]",
                                             "-I FORWARD 1 -o wan0 -j NFQIPSEC-LEAK"]
     assert chain(text, "NFQIPSEC-LEAK") == [
-        "-m mark --mark 0x10000000/0x10000000 -j RETURN",
+        esp_return,
         "-s 10.1.0.0/24 -d 10.2.0.0/24 -j DROP",
         "-j DROP",
     ]
@@ -269,8 +281,14 @@ def test_gateway_example() -> None:
 def test_gateway_everything() -> None:
     cfg = cfg_of(everything_data())
     text = rules.render(cfg, comments=False)
+    # ESP of each outbound SA, with the mark, skips the SPD; nothing else does
+    returns = [f"-p esp -m esp --espspi {sa.spi} -m mark --mark 0x40000000/0x40000000 -j RETURN"
+               for sa in cfg.sas if sa.direction.value == "out"]
+    n = len(returns)
+    assert n == 4
+    assert chain(text, "NQT-LEAK")[:n] == chain(text, "NQT-OUT")[:n] == returns
     assert chain(text, "NQT-FWD") == [
-        "-m mark --mark 0x40000000/0x40000000 -j RETURN",
+        *returns,
         "-i lo -j RETURN",
         "-p icmp -m icmp --icmp-type 8/0 -j RETURN",
         "-p icmp -m icmp --icmp-type 3 -j RETURN",
@@ -284,8 +302,8 @@ def test_gateway_everything() -> None:
         "-s 10.1.0.0/24 -d 10.3.0.0/16 -p tcp -m tcp --dport 443 -j NQT-P10",
         "-s 10.1.0.0/24 -d 10.2.0.0/24 -j NQT-P11",
     ]
-    assert chain(text, "NQT-OUT")[1:] == [*chain(text, "NQT-FWD")[2:], "-j DROP"]
-    assert chain(text, "NQT-OUT")[1] == "-p icmp -m icmp --icmp-type 8/0 -j RETURN"  # interface given
+    assert chain(text, "NQT-OUT")[n:] == [*chain(text, "NQT-FWD")[n + 1:], "-j DROP"]
+    assert chain(text, "NQT-OUT")[n] == "-p icmp -m icmp --icmp-type 8/0 -j RETURN"  # interface given
     # inbound: direction "in"/"both" only, reversed orientation; PROTECT and DISCARD drop
     assert chain(text, "NQT-IN")[5:] == [
         "-p icmp -m icmp --icmp-type 8/0 -j RETURN",
@@ -302,9 +320,9 @@ def test_gateway_everything() -> None:
         "-j DROP",
     ]
     # leak guard: the whole outbound SPD in order, so a later bypass can't open a protected flow
-    assert chain(text, "NQT-LEAK")[1:] == [
+    assert chain(text, "NQT-LEAK")[n:] == [
         r.replace("-j NQT-P10", "-j DROP").replace("-j NQT-P11", "-j DROP")
-        for r in chain(text, "NQT-FWD")[2:]
+        for r in chain(text, "NQT-FWD")[n + 1:]
     ] + ["-j DROP"]
     # one sub-chain per outbound PROTECT policy, named by policy index; none for "in-only"
     assert [c for _t, c in rules.build(cfg).chains] == [
@@ -497,7 +515,7 @@ def test_plan_install_takes_over_leftovers() -> None:
         "-I PREROUTING 1 -i eth1 -j NFQIPSEC-IN",  # ... and one comes back, first
     ]
     assert raw[5:] == [f"-A NFQIPSEC-IN {r}" for r in chain(rules.render(example("host-a.toml")),
-                                                            "NFQIPSEC-IN")] + ["COMMIT"]
+                                                            "NFQIPSEC-IN", icmp_errors=True)] + ["COMMIT"]
     mangle = lines[lines.index("*mangle"):]
     # stale chains (P9 from an older config, FWD from when this was a gateway) are flushed,
     # their jumps deleted, then the chains deleted, all before the new rules go in
@@ -553,9 +571,10 @@ def test_parse_save_quotes_and_targets() -> None:
     assert rules.quote("a b") == '"a b"' and rules.quote("0x1/0x2") == "0x1/0x2"
 
 
-def as_save(cfg: Config) -> str:
-    """What iptables-save would print after installing ``cfg`` on an empty ruleset."""
-    rs = rules.build(cfg)
+def as_save(cfg: Config, closed: bool = False) -> str:
+    """What iptables-save would print after installing ``cfg`` (``closed``: its closed rules)
+    on an empty ruleset."""
+    rs = rules.close(rules.build(cfg)) if closed else rules.build(cfg)
     out = []
     for t in rs.tables:
         out.append(f"*{t.name}")
@@ -612,13 +631,14 @@ def fake_iptables(tmp_path: Path, save_output: str, restore_rc: int) -> Path:
     bindir = tmp_path / "bin"
     bindir.mkdir()
     (tmp_path / "save.txt").write_text(save_output)
-    for name in ("iptables-save", "iptables-nft-save", "iptables-legacy-save"):
-        (bindir / name).write_text(f"#!/bin/sh\ncat {tmp_path / 'save.txt'}\n")
-    for name in ("iptables-restore", "iptables-nft-restore", "iptables-legacy-restore"):
-        (bindir / name).write_text(
-            f"#!/bin/sh\ncat > {tmp_path / 'restored.txt'}\n"
-            f"echo 'iptables-restore: line 3 failed' >&2\nexit {restore_rc}\n"
-        )
+    for fam in ("", "6"):
+        for name in ("iptables-save", "iptables-nft-save", "iptables-legacy-save"):
+            (bindir / f"ip{fam}{name[2:]}").write_text(f"#!/bin/sh\ncat {tmp_path / 'save.txt'}\n")
+        for name in ("iptables-restore", "iptables-nft-restore", "iptables-legacy-restore"):
+            (bindir / f"ip{fam}{name[2:]}").write_text(
+                f"#!/bin/sh\ncat > {tmp_path / f'restored{fam}.txt'}\n"
+                f"echo 'iptables-restore: line 3 failed' >&2\nexit {restore_rc}\n"
+            )
     for f in bindir.iterdir():
         f.chmod(0o755)
     return bindir
@@ -650,7 +670,14 @@ def test_backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert iptables.backend_for(cfg).restore == prefix + "restore"
         iptables.install(cfg)
         assert (tmp_path / "restored.txt").read_text() == rules.plan_install(rules.build(cfg), {})
+        v6 = rules.build6(cfg)
+        assert v6 is not None  # default discard: IPv6 is dropped on the unprotected side
+        assert (tmp_path / "restored6.txt").read_text() == rules.plan_install(v6, {})
         assert not iptables.is_installed(cfg)
+        iptables.install(cfg, closed=True)
+        closed = (tmp_path / "restored.txt").read_text()
+        assert closed == rules.plan_install(rules.close(rules.build(cfg)), {})
+        assert "NFQUEUE" not in closed and "-j DROP" in closed
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -734,3 +761,124 @@ def test_gateway_without_interface_is_refused() -> None:
     broken = dataclasses.replace(cfg, node=dataclasses.replace(cfg.node, interface=None))
     with pytest.raises(ValueError, match="interface"):
         rules.build(broken)
+
+
+# -- closed rules (the daemon is stopped) and IPv6 --------------------------------------------
+
+@pytest.mark.parametrize("name", ["host-a.toml", "gateway-a.toml"])
+def test_closed_rules_drop_where_the_live_ones_queue(name: str) -> None:
+    live = rules.build(example(name))
+    closed = rules.close(live)
+    assert closed.chains == live.chains and closed.jumps == live.jumps
+    changed = 0
+    for t_live, t_closed in zip(live.tables, closed.tables, strict=True):
+        for a, b in zip(t_live.rules, t_closed.rules, strict=True):
+            if "NFQUEUE" in a.args:
+                changed += 1
+                assert b.args[-2:] == ("-j", "DROP") and b.reason == rules.STOPPED_REASON
+                assert a.args[:a.args.index("-j")] == b.args[:b.args.index("-j")]  # same match
+            else:
+                assert a == b
+    assert changed >= 1
+    assert "NFQUEUE" not in rules.render_ruleset(closed)
+
+
+def test_status_tells_closed_from_live() -> None:
+    cfg = example("host-a.toml")
+    live = rules.build(cfg)
+    closed_text = as_save(cfg, closed=True)
+    st = iptables.compare(live, rules.parse_save(closed_text))
+    assert st.complete and not st.matches  # same chains and jumps, other rules
+    assert iptables.compare(rules.close(live), rules.parse_save(closed_text)).matches
+    assert not iptables.compare(rules.close(live), rules.parse_save(as_save(cfg))).matches
+
+
+def test_ipv6_rules_follow_the_default() -> None:
+    assert rules.build6(cfg_of(host_data(default="bypass"))) is None
+    v6 = rules.build6(cfg_of(host_data()))
+    assert v6 is not None and v6.family == 6
+    text = rules.render_ruleset(v6, comments=False)
+    assert chain(text, "NFQIPSEC-IN") == ["-j DROP"]
+    assert chain(text, "NFQIPSEC-OUT") == ["-j DROP"]
+    assert "-I PREROUTING 1 -i eth1 -j NFQIPSEC-IN" in text
+    assert "-I OUTPUT 1 -o eth1 -j NFQIPSEC-OUT" in text
+    assert [r.reason for t in v6.tables for r in t.rules] == ["ipv6", "ipv6"]
+    nd = rules.build6(cfg_of(host_data(ipv6_neighbour_discovery=True)))
+    assert nd is not None
+    out = chain(rules.render_ruleset(nd, comments=False), "NFQIPSEC-OUT")
+    assert out == [f"-p ipv6-icmp -m icmp6 --icmpv6-type {t} -m hl --hl-eq 255 -j RETURN"
+                   for t in (133, 134, 135, 136)] + ["-j DROP"]
+
+
+def test_ipv6_rules_without_interface_and_on_gateways() -> None:
+    data = host_data()
+    del data["node"]["interface"]
+    v6 = rules.build6(cfg_of(data))
+    assert v6 is not None
+    text = rules.render_ruleset(v6, comments=False)
+    assert chain(text, "NFQIPSEC-IN") == ["-i lo -j RETURN", "-j DROP"]
+    assert "-I PREROUTING 1 -j NFQIPSEC-IN" in text
+    gw = rules.build6(example("gateway-a.toml"))
+    assert gw is not None
+    gw_text = rules.render_ruleset(gw, comments=False)
+    assert "-I FORWARD 1 -o wan0 -j NFQIPSEC-LEAK" in gw_text
+    assert chain(gw_text, "NFQIPSEC-LEAK") == ["-j DROP"]
+
+
+def test_ipv6_neighbour_discovery_must_be_a_boolean() -> None:
+    data = host_data(ipv6_neighbour_discovery="yes")
+    with pytest.raises(ConfigError) as info:
+        cfg_of(data)
+    assert "node.ipv6_neighbour_discovery: must be bool" in str(info.value)
+
+
+# -- ICMP errors: by the packet they quote ----------------------------------------------------
+
+def test_icmp_errors_follow_the_quoted_flow() -> None:
+    """A UDP-only protect policy with default bypass: the kernel's port-unreachable about a
+    protected datagram matches no policy by its own header, and would leave in clear. The
+    rules match it by the quoted header and send it to the flow's protect chain (outbound) or
+    drop it in clear (inbound); a bypass policy's errors pass as its flow does."""
+    data = host_data(default="bypass")
+    data["policy"][0].update(protocol="udp", remote_ports="5000")
+    data["policy"].insert(0, {"name": "dns", "action": "bypass", "protocol": "udp",
+                              "remote_ports": "53"})
+    text = rules.render(cfg_of(data), comments=False)
+    types = "0x0>>0x16&0x3c@0x0>>0x18=0x3,0x4,0x5,0xb,0xc"
+    udp = "0x0>>0x16&0x3c@0x10>>0x10&0xff=0x11"
+    dport = "0x0>>0x16&0x3c@0x8>>0x16&0x3c@0x8&0xffff="
+    sport = "0x0>>0x16&0x3c@0x8>>0x16&0x3c@0x8>>0x10="
+    a, b = "0xa000001", "0xa000002"  # 10.0.0.1 (local), 10.0.0.2
+    out = chain(text, "NFQIPSEC-OUT", icmp_errors=True)
+    errors_out = [r for r in out if ICMP_ERROR_MARK in r]
+    # leaving: the quoted packet came in (remote -> local), its source port is the remote port
+    assert errors_out == [
+        f'-p icmp ! -f -m u32 --u32 "{types}&&{udp}&&{sport}0x35" -j RETURN',
+        f'-p icmp ! -f -m u32 --u32 "{types}&&0x0>>0x16&0x3c@0x14&0xffffffff={b}'
+        f'&&0x0>>0x16&0x3c@0x18&0xffffffff={a}&&{udp}&&{sport}0x1388" -j NFQIPSEC-P1',
+    ]
+    # before the SPD proper, after the worker's own ESP
+    assert out.index(errors_out[0]) == 1 and out[0].startswith("-p esp -m esp --espspi 4096")
+    errors_in = [r for r in chain(text, "NFQIPSEC-IN", icmp_errors=True) if ICMP_ERROR_MARK in r]
+    assert errors_in == [
+        # about our own ESP (path MTU): accepted
+        f'-p icmp ! -f -m u32 --u32 "{types}&&0x0>>0x16&0x3c@0x10>>0x10&0xff=0x32'
+        '&&0x0>>0x16&0x3c@0x8>>0x16&0x3c@0x8=0x1000" -j RETURN',
+        f'-p icmp ! -f -m u32 --u32 "{types}&&{udp}&&{dport}0x35" -j RETURN',
+        # arriving in clear: the quoted packet went out (local -> remote); not accepted in clear
+        f'-p icmp ! -f -m u32 --u32 "{types}&&0x0>>0x16&0x3c@0x14&0xffffffff={a}'
+        f'&&0x0>>0x16&0x3c@0x18&0xffffffff={b}&&{udp}&&{dport}0x1388" -j DROP',
+    ]
+    reasons = {r.args[-1]: r.reason for t in rules.build(cfg_of(data)).tables for r in t.rules
+               if ICMP_ERROR_MARK in " ".join(r.args) and r.args[-1] == "DROP"}
+    assert reasons == {"DROP": "cleartext_protected"}
+
+
+def test_icmp_errors_on_a_gateway_and_in_the_leak_guard() -> None:
+    text = rules.render(example("gateway-a.toml"), comments=False)
+    fwd = [r for r in chain(text, "NFQIPSEC-FWD", icmp_errors=True) if ICMP_ERROR_MARK in r]
+    leak = [r for r in chain(text, "NFQIPSEC-LEAK", icmp_errors=True) if ICMP_ERROR_MARK in r]
+    assert len(fwd) == len(leak) == 1
+    assert fwd[0].endswith("-j NFQIPSEC-P0") and leak[0].endswith("-j DROP")
+    # quoted: 10.2.0.0/24 (remote LAN) -> 10.1.0.0/24 (ours)
+    assert "@0x14&0xffffff00=0xa020000" in fwd[0] and "@0x18&0xffffff00=0xa010000" in fwd[0]

@@ -136,6 +136,32 @@ def test_fail_closed_settings(unit: UnitFile, rendered: tuple[Path, Path]) -> No
     assert unit.get("Unit", "Before") == "network-pre.target"
 
 
+def test_boot_guard_unit(rendered: tuple[Path, Path]) -> None:
+    """The guard installs the closed rules early in boot, before any network and before the
+    daemon; the daemon's unit pulls it in. Its effect on packets: tests/test_leak_matrix_root.py
+    (``boot guard alone`` runs this ExecStart in a namespace)."""
+    analyze = _tool("systemd-analyze", "systemd")
+    path, etc = rendered
+    guard_path = path.parent / "nfq-ipsec-guard@.service"
+    assert stat.S_IMODE(guard_path.stat().st_mode) == 0o644
+    guard = UnitFile.parse(guard_path.read_text())
+    assert guard.get("Unit", "DefaultDependencies") == "no"
+    assert set((guard.get("Unit", "Before") or "").split()) == {"network-pre.target",
+                                                                 "nfq-ipsec@%i.service"}
+    assert guard.get("Service", "Type") == "oneshot"
+    assert guard.get("Service", "RemainAfterExit") == "yes"
+    assert guard.commands("ExecStart", "site") == [
+        [f"{VENV}/bin/nfq-ipsec", "rules", "install", "--closed", "--config", f"{etc}/site.toml"]]
+    for key in ("ExecStop", "ExecStopPost"):
+        assert guard.values("Service", key) == [], f"{key} would take the guard away"
+    daemon = UnitFile.parse(path.read_text())
+    assert "nfq-ipsec-guard@%i.service" in (daemon.get("Unit", "Wants") or "").split()
+    assert "nfq-ipsec-guard@%i.service" in (daemon.get("Unit", "After") or "").split()
+    res = subprocess.run([analyze, "verify", "--man=no", str(path.parent / "nfq-ipsec-guard@site.service")],
+                         capture_output=True, text=True, env={**os.environ, "SYSTEMD_LOG_COLOR": "0"})
+    assert res.returncode == 0 and not res.stderr.strip() and not res.stdout.strip(), res.stdout + res.stderr
+
+
 def test_directories_and_capabilities(unit: UnitFile) -> None:
     s = "Service"
     assert unit.get(s, "RuntimeDirectory") == "nfq-ipsec"

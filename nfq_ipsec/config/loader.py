@@ -178,7 +178,7 @@ def _int_range(
 # -- sections ---------------------------------------------------------------------------------
 
 def _node(raw: dict[str, Any], probs: _Problems) -> NodeConfig:
-    _unknown(raw, "node", {"interface", "role", "default", "mtu"}, probs)
+    _unknown(raw, "node", {"interface", "role", "default", "mtu", "ipv6_neighbour_discovery"}, probs)
     interface = _get(raw, "interface", "node", str, probs)
     if interface is not None and not _valid_ifname(interface):
         probs.add("node.interface", f"not a valid interface name: {interface!r}")
@@ -190,7 +190,8 @@ def _node(raw: dict[str, Any], probs: _Problems) -> NodeConfig:
         Action.DISCARD,
     )
     mtu = _int_range(raw, "mtu", "node", 576, 65535, probs, 1500) or 1500
-    return NodeConfig(interface, role, default, mtu)
+    nd = _get(raw, "ipv6_neighbour_discovery", "node", bool, probs)
+    return NodeConfig(interface, role, default, mtu, bool(nd))
 
 
 def _valid_ifname(name: str) -> bool:

@@ -155,6 +155,44 @@ def packet_key(data: bytes, hdr: IPv4Header) -> PacketKey:
     return PacketKey(hdr.src, hdr.dst, hdr.protocol, sport, dport)
 
 
+# ICMP error messages (RFC 792): destination unreachable, source quench, redirect, time
+# exceeded, parameter problem. Each quotes the IP header and at least 8 bytes of the packet it
+# is about.
+ICMP_ERROR_TYPES: Final = frozenset((3, 4, 5, 11, 12))
+ICMP_HEADER: Final = 8
+
+
+def quoted_key(data: bytes, hdr: IPv4Header) -> PacketKey | None:
+    """For an ICMP error message: the selector fields of the packet it quotes, which RFC 4301
+    section 6.2 matches against the SPD instead of the error's own header. None for any other
+    packet, and for an error whose quote is too short to hold an IPv4 header."""
+    off = hdr.ihl
+    end = hdr.total_length
+    if (hdr.protocol != PROTO_ICMP or hdr.flags_frag & FRAG_OFFSET_MASK or end < off + 1
+            or data[off] not in ICMP_ERROR_TYPES):
+        return None
+    q = off + ICMP_HEADER
+    if end < q + IPV4_MIN_HEADER or data[q] >> 4 != 4:
+        return None
+    qihl = (data[q] & 0x0F) * 4
+    if qihl < IPV4_MIN_HEADER or end < q + qihl:
+        return None
+    proto = data[q + 9]
+    src = (data[q + 12] << 24) | (data[q + 13] << 16) | (data[q + 14] << 8) | data[q + 15]
+    dst = (data[q + 16] << 24) | (data[q + 17] << 16) | (data[q + 18] << 8) | data[q + 19]
+    sport: int | None = None
+    dport: int | None = None
+    l4 = q + qihl
+    if not ((data[q + 6] << 8) | data[q + 7]) & FRAG_OFFSET_MASK:
+        if proto in (PROTO_TCP, PROTO_UDP, PROTO_SCTP) and end >= l4 + 4:
+            sport = (data[l4] << 8) | data[l4 + 1]
+            dport = (data[l4 + 2] << 8) | data[l4 + 3]
+        elif proto == PROTO_ICMP and end >= l4 + 2:
+            sport = data[l4]
+            dport = data[l4 + 1]
+    return PacketKey(src, dst, proto, sport, dport)
+
+
 _WORDS: Final[dict[int, struct.Struct]] = {}
 
 

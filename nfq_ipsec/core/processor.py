@@ -75,6 +75,7 @@ class Processor:
         self.drops: Counter[DropReason] = Counter()
         self._out_cache: dict[ip.PacketKey, Policy | None] = {}
         self._in_cache: dict[ip.PacketKey, Policy | None] = {}
+        self._icmp_cache: dict[ip.PacketKey, Policy | None] = {}  # outbound errors, by quote
 
     # -- outbound -------------------------------------------------------------------------
     def outbound(self, data: bytes, now: float) -> Result:
@@ -83,7 +84,12 @@ class Processor:
         sa: SecurityAssociation | None = None
         try:
             hdr = ip.parse_ipv4(data)
-            policy = self._policy(ip.packet_key(data, hdr), self._out_cache, True)
+            if hdr.protocol == ip.PROTO_ICMP and (quoted := ip.quoted_key(data, hdr)) is not None:
+                # RFC 4301 6.2: an ICMP error about a packet that came in goes where that
+                # packet's flow goes (its SA), whatever the error's own header says.
+                policy = self._policy(quoted, self._icmp_cache, False)
+            else:
+                policy = self._policy(ip.packet_key(data, hdr), self._out_cache, True)
             if policy is None:
                 raise EspError(DropReason.NO_POLICY)
             action = policy.action
@@ -133,7 +139,17 @@ class Processor:
             sa = dec.sa
             policy = self.sad.policy_of(sa)
             key = ip.packet_key(dec.packet, dec.header)
-            if policy is None or not policy.selector.matches(key, False):
+            quoted = (ip.quoted_key(dec.packet, dec.header)
+                      if dec.header.protocol == ip.PROTO_ICMP else None)
+            if quoted is not None:
+                # an ICMP error under this SA must be about a packet of the SA's own flows,
+                # one this side sent (RFC 4301 6.2)
+                if policy is None or not policy.selector.matches(quoted, True):
+                    raise EspError(
+                        DropReason.POLICY_MISMATCH,
+                        f"ICMP error about {ip.ip_to_str(quoted.src)} -> {ip.ip_to_str(quoted.dst)} "
+                        f"proto {quoted.protocol}", sa.spi)
+            elif policy is None or not policy.selector.matches(key, False):
                 raise EspError(
                     DropReason.POLICY_MISMATCH,
                     f"inner {ip.ip_to_str(key.src)} -> {ip.ip_to_str(key.dst)} proto {key.protocol}",
@@ -144,7 +160,11 @@ class Processor:
             return self._drop(err, sa if sa is not None and not sa.outbound else None)
 
     def _inbound_cleartext(self, data: bytes, hdr: ip.IPv4Header) -> Result:
-        policy = self._policy(ip.packet_key(data, hdr), self._in_cache, False)
+        quoted = ip.quoted_key(data, hdr) if hdr.protocol == ip.PROTO_ICMP else None
+        if quoted is not None:  # an error about a packet this side sent: that flow's policy
+            policy = self.spd.lookup(quoted, True)
+        else:
+            policy = self._policy(ip.packet_key(data, hdr), self._in_cache, False)
         if policy is None:
             raise EspError(DropReason.NO_POLICY)
         if policy.action is Action.BYPASS:

@@ -4,8 +4,8 @@ The command is ``<python> -m nfq_ipsec.cli`` of this interpreter (the checkout o
 package that runs the lab), or whatever ``NFQ_IPSEC_LAB_COMMAND`` says (split like a shell
 would), for example an installed ``/opt/nfq-ipsec/bin/nfq-ipsec``.
 
-:func:`iptables_snapshot` is how the lab proves that a stopped daemon leaves the host's
-firewall exactly as it found it: every table of every iptables flavour present (legacy and
+:func:`iptables_snapshot` is how the lab proves that ``rules remove`` after a stop leaves the
+host's firewall exactly as the daemon found it: every table of every iptables flavour present (legacy and
 nf_tables), comments and packet counters removed, tables that hold nothing (built-in chains,
 policy ACCEPT, no rules) left out, since a table that merely exists filters nothing.
 """
@@ -87,11 +87,18 @@ class Daemon:
         return self.host.run([*self.cmd, "status", "--config", str(self.peer.path)], timeout=15).stdout
 
     def stop(self, lab: Lab, timeout: float = 20.0) -> int | None:
-        """SIGTERM (a clean stop: the daemon removes its rules), SIGKILL after ``timeout``."""
+        """SIGTERM (a clean stop: the daemon closes its rules), SIGKILL after ``timeout``."""
         if self.proc is None:
             return None
         self.exit_code = lab.stop(self.proc, timeout)
         return self.exit_code
+
+    def remove_rules(self) -> str:
+        """``nfq-ipsec rules remove``: the deliberate act that takes a stopped daemon's closed
+        rules out. Returns what it printed."""
+        res = self.host.run([*self.cmd, "rules", "remove", "--config", str(self.peer.path)],
+                            timeout=60)
+        return res.stdout
 
     def log(self) -> str:
         return self.proc.output() if self.proc else ""
@@ -111,12 +118,13 @@ def _tail(text: str, lines: int = 30) -> str:
 
 _COUNTERS = re.compile(r"\s*\[\d+:\d+\]")
 _BUILTIN = {"INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING"}
-SAVE_TOOLS = ("iptables-legacy-save", "iptables-nft-save")
+SAVE_TOOLS = ("iptables-legacy-save", "iptables-nft-save", "ip6tables-legacy-save",
+              "ip6tables-nft-save")
 
 
 def iptables_snapshot(host: Host) -> str:
-    """The normalised ruleset of every iptables flavour on ``host``."""
-    tools = [t for t in SAVE_TOOLS if shutil.which(t)] or ["iptables-save"]
+    """The normalised ruleset of every iptables flavour on ``host``, IPv4 and IPv6."""
+    tools = [t for t in SAVE_TOOLS if shutil.which(t)] or ["iptables-save", "ip6tables-save"]
     parts = []
     for tool in tools:
         res = host.run([tool], check=False)

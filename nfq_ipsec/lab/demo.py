@@ -141,13 +141,17 @@ def run_demo(
                 for c in s.lab.removal_commands():
                     say(f"  {c}")
             else:
-                say("\nStopping both daemons with SIGTERM")
+                say("\nStopping both daemons with SIGTERM, then `nfq-ipsec rules remove`")
                 codes = s.stop_daemons()
                 for name, code in codes.items():
                     checks.check(f"daemon {name} exited with {code}", code == 0,
                                  s.daemons[name].log()[-2000:])
+                    stopped = s.iptables_stopped[name]
+                    checks.check(f"iptables of {name} after the stop: rules closed (no queue, "
+                                 "protected traffic dropped)",
+                                 "-j NFQUEUE" not in stopped and "NFQIPSEC-OUT" in stopped, stopped)
                     same = s.iptables_before[name] == s.iptables_after[name]
-                    checks.check(f"iptables of {name} exactly as before the daemon", same,
+                    checks.check(f"iptables of {name} after `rules remove`: exactly as before", same,
                                  _diff(s.iptables_before[name], s.iptables_after[name]))
                 say("Removing the lab (processes, namespaces, keys)")
     except KeyboardInterrupt:

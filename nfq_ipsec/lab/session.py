@@ -52,7 +52,8 @@ class LabSession:
         self.cfg: LabConfig | None = None
         self.daemons: dict[str, Daemon] = {}
         self.iptables_before: dict[str, str] = {}
-        self.iptables_after: dict[str, str] = {}
+        self.iptables_stopped: dict[str, str] = {}  # after the stop: the closed rules
+        self.iptables_after: dict[str, str] = {}  # after `rules remove`
 
     # -- set up and tear down -------------------------------------------------------------
     def __enter__(self) -> LabSession:
@@ -100,10 +101,15 @@ class LabSession:
         for d in self.daemons.values():
             d.wait_ready()
 
-    def stop_daemons(self) -> dict[str, int | None]:
+    def stop_daemons(self, remove_rules: bool = True) -> dict[str, int | None]:
+        """SIGTERM to every daemon; snapshots of iptables after the stop (the closed rules)
+        and, with ``remove_rules``, after ``nfq-ipsec rules remove``."""
         codes = {name: d.stop(self.lab) for name, d in self.daemons.items()}
         for d in self.daemons.values():
-            self.iptables_after[d.name] = iptables_snapshot(d.host)
+            self.iptables_stopped[d.name] = iptables_snapshot(d.host)
+            if remove_rules:
+                d.remove_rules()
+                self.iptables_after[d.name] = iptables_snapshot(d.host)
         return codes
 
     # -- capture --------------------------------------------------------------------------

@@ -477,6 +477,15 @@ def stop_check(pair: Pair) -> list[Verdict]:
         host = pair.daemons[name].host
         code = svc.stop()
         out.append(Verdict(f"{name}: clean stop, exit status {code}", code == 0, svc.log()[-3000:]))
+        stopped = iptables_snapshot(host)
+        closed = CHAIN_PREFIX in stopped and "-j NFQUEUE" not in stopped
+        out.append(Verdict(f"{name}: rules closed after the stop (protected traffic dropped)",
+                           closed, stopped))
+        try:
+            pair.daemons[name].remove_rules()
+        except LabError as err:
+            out.append(Verdict(f"{name}: nfq-ipsec rules remove", False, str(err)))
+            continue
         after = iptables_snapshot(host)
         before = pair.iptables_before.get(name)
         gone = CHAIN_PREFIX not in after and (before is None or after == before)
