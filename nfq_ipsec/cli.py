@@ -2,9 +2,10 @@
 
 Exit codes (also in the README):
   0  success
-  1  runtime failure (a command we ran failed, the daemon stopped on an error)
+  1  runtime failure (a command we ran failed, the daemon stopped on an error, a reload the
+     daemon refused, a stop that did not finish in time)
   2  usage error or invalid configuration (nothing was changed)
-  3  the daemon is not running / not reachable (status)
+  3  the daemon is not running / not reachable (status, stop, reload)
   4  an offline decode found packets that failed (decode)
   5  run: an SA's saved state is unusable (corrupt state file, state_dir not private); nothing
      was started (see ``nfq-ipsec state``)
@@ -68,6 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--closed", action="store_true",
                    help="show/install: the closed rules (protected traffic dropped, no queues)")
     p.add_argument("--ipv6", action="store_true", help="show: the ip6tables rules")
+
+    p = sub.add_parser(
+        "reload", help="apply a changed configuration to the running daemon, without a restart",
+        description="Ask the daemon to re-read its configuration file (as SIGHUP and systemctl "
+        "reload do) and wait for the result. New and changed SAs, keys and policies are applied "
+        "without stopping established flows: the workers build their new state first, then the "
+        "rules move over in one transaction. A configuration that fails validation, or changes "
+        "what only a restart can (control_socket, state_dir, chain_prefix, mark, iptables, "
+        "log_level, a queue's CPU, an SA's settings under the same key), changes nothing.",
+    )
+    p.add_argument("--config", required=True, help="the configuration the daemon runs")
+    p.add_argument("--timeout", type=float, default=90.0,
+                   help="seconds to wait for the result (default 90)")
 
     p = sub.add_parser(
         "stop", help="stop the running daemon (its rules stay, closed)",
@@ -134,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import supervisor
 
         return supervisor.cli_stop(args)
+    if args.command == "reload":
+        from . import supervisor
+
+        return supervisor.cli_reload(args)
     if args.command == "state":
         from . import state
 

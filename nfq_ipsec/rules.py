@@ -248,6 +248,9 @@ def _inbound_table(cfg: Config) -> Table:
                 "--queue-num", str(sa.queue)),
             f"ESP of inbound SA {sa.name!r} (SPI 0x{sa.spi:08x}) to its owner, queue {sa.queue}",
         ))
+    rules.append(Rule(c, ("-p", "esp", "-f", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "DROP"),
+                      "a non-first fragment of ESP to this host (no SPI to steer it by): dropped "
+                      "(the first fragment goes to its SA's worker, which counts it)", "fragment"))
     rules.append(Rule(c, ("-p", "esp", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "DROP"),
                       "ESP to this host with an unknown SPI: dropped here, so a flood of random "
                       "SPIs costs no worker anything (ESP in transit follows the policies below)",

@@ -353,18 +353,22 @@ class StateStore:
         self.clock = clock
         self.lock_wait = lock_wait
         self.dir_fd: int | None = None
-        self.entries: dict[str, _Entry] = {}
+        # by SA object: during a reload an SA's old and new keys (same name) are both held
+        self.entries: dict[int, _Entry] = {}
 
     def attach(self, sas: Iterable[SecurityAssociation]) -> None:
         """Lock, read and restore each SA's state, and install the hooks. Raises StateError
-        (and holds nothing) if any SA can't start."""
+        if any SA can't start; then it holds none of these SAs (an SA attached earlier, as
+        before a reload, stays attached)."""
+        added: list[SecurityAssociation] = []
         try:
             d = prepare_dir(self.state_dir)
-            try:
-                self.dir_fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            except OSError as err:
-                raise StateError(f"cannot open state directory {d}: {err.strerror}") from None
-            seen: dict[str, str] = {}
+            if self.dir_fd is None:
+                try:
+                    self.dir_fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                except OSError as err:
+                    raise StateError(f"cannot open state directory {d}: {err.strerror}") from None
+            seen: dict[str, str] = {e.path.name: e.sa.name for e in self.entries.values()}
             for sa in sas:
                 path = state_path(d, sa.params)
                 if path.name in seen:
@@ -378,13 +382,24 @@ class StateStore:
                     lock.release()
                     raise
                 entry = _Entry(self, sa, path, lock)
-                self.entries[sa.name] = entry
+                self.entries[id(sa)] = entry
+                added.append(sa)
                 self._restore(sa, saved)
                 entry.stored = saved.value if saved else None
                 sa.reserve = entry.reserve
         except BaseException:
-            self.close(exact=False)
+            self.detach(added, exact=False)
+            if not self.entries:
+                self.close(exact=False)
             raise
+
+    def detach(self, sas: Iterable[SecurityAssociation], exact: bool = True) -> None:
+        """Let these SAs go (a reload retired them, or took back its new ones): with ``exact``,
+        store their exact values first (no packet of theirs will follow), then release."""
+        for sa in list(sas):
+            e = self.entries.pop(id(sa), None)
+            if e is not None:
+                self._let_go(e, exact)
 
     @staticmethod
     def _restore(sa: SecurityAssociation, saved: Saved | None) -> None:
@@ -404,7 +419,7 @@ class StateStore:
     def snapshot(self, sa: SecurityAssociation) -> dict[str, int | None] | None:
         """For status: ``saved`` is the highest number the state on disk covers (outbound: the
         last one reserved, i.e. next_seq - 1; inbound: seen_up_to), None without a file."""
-        e = self.entries.get(sa.name)
+        e = self.entries.get(id(sa))
         if e is None:
             return None
         saved = e.stored
@@ -412,20 +427,24 @@ class StateStore:
             saved -= 1
         return {"saved": saved, "state_writes": e.writes, "state_failures": e.failures}
 
+    @staticmethod
+    def _let_go(e: _Entry, exact: bool) -> None:
+        if exact:
+            sa = e.sa
+            value = sa.next_seq if sa.outbound else sa.replay.top
+            if value != e.stored:
+                try:
+                    e._store(value)
+                except OSError as err:
+                    log.warning("SA %s: could not store its exact state on stop (%s); the "
+                                "reservation on disk stays valid", sa.name, err.strerror or err)
+        e.lock.release()
+
     def close(self, exact: bool = True) -> None:
         """Store the exact next number / window top (only when no packet will follow: a
         clean stop), then release the locks."""
         for e in self.entries.values():
-            if exact:
-                sa = e.sa
-                value = sa.next_seq if sa.outbound else sa.replay.top
-                if value != e.stored:
-                    try:
-                        e._store(value)
-                    except OSError as err:
-                        log.warning("SA %s: could not store its exact state on stop (%s); the "
-                                    "reservation on disk stays valid", sa.name, err.strerror or err)
-            e.lock.release()
+            self._let_go(e, exact)
         self.entries.clear()
         if self.dir_fd is not None:
             os.close(self.dir_fd)

@@ -105,20 +105,13 @@ class Supervisor:
         self.cfg = cfg
         self.config_path = config_path
         self.ctx = multiprocessing.get_context("spawn")
-        policies = tuple(cfg.spd.policies)
-        self.slots = [
-            Slot(qc, WorkerSpec(
-                queue=qc.num, cpu=qc.cpu, mark=cfg.daemon.mark, policies=policies,
-                sas=cfg.sas_for_queue(qc.num), log_level=cfg.daemon.log_level,
-                state_dir=cfg.daemon.state_dir,
-            ))
-            for qc in cfg.daemon.queues
-        ]
+        self.slots = [Slot(qc, worker_spec(cfg, qc)) for qc in cfg.daemon.queues]
         self.control = ControlServer(cfg.daemon.control_socket)
         self.state = "starting"
         self.rules_installed = False
         self.started = time.monotonic()
         self.stop_signal: int | None = None
+        self.reload_requested = False  # SIGHUP
         self._wake_r, self._wake_w = socket.socketpair()
 
     # -- entry point ----------------------------------------------------------------------
@@ -177,10 +170,12 @@ class Supervisor:
             if self.stop_signal is None:
                 self.stop_signal = signum
 
+        def on_hup(_signum: int, _frame: object) -> None:
+            self.reload_requested = True
+
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
-        signal.signal(signal.SIGHUP, lambda _s, _f: log.warning("SIGHUP ignored: no reload; restart "
-                                                                 "the daemon to change its configuration"))
+        signal.signal(signal.SIGHUP, on_hup)
 
     # -- workers --------------------------------------------------------------------------
     def _start(self, slot: Slot) -> None:
@@ -374,6 +369,10 @@ class Supervisor:
     def _loop(self) -> None:
         while self.stop_signal is None:
             self._wait_once()
+            if self.reload_requested and self.stop_signal is None:
+                self.reload_requested = False
+                log.info("SIGHUP: reloading %s", self.config_path)
+                self.reload()
 
     def _stop_workers(self) -> None:
         live = [s for s in self.slots if s.proc is not None]
@@ -440,9 +439,158 @@ class Supervisor:
 
     # -- status ---------------------------------------------------------------------------
     def handle_request(self, req: dict[str, Any]) -> dict[str, Any]:
-        if req.get("command") == "status":
+        command = req.get("command")
+        if command == "status":
             return self.status()
-        return {"error": f"unknown command {req.get('command')!r} (known: status)"}
+        if command == "reload":
+            asked = req.get("config")
+            if asked is not None and os.path.realpath(str(asked)) != os.path.realpath(self.config_path):
+                return {"error": f"this daemon runs {self.config_path}, not {asked}", "changed": False}
+            if self.state != "running":
+                return {"error": f"the daemon is {self.state}; reload once it runs", "changed": False}
+            return self.reload()
+        return {"error": f"unknown command {command!r} (known: status, reload)"}
+
+    # -- reload ---------------------------------------------------------------------------
+    def reload(self) -> dict[str, Any]:
+        """Re-read the configuration file and apply it without a restart: the workers that stay
+        build their new processors first (SAs whose parameters did not change go on with their
+        sequence numbers and replay windows), workers for new queues start and bind, then the
+        rules move over in one transaction per table, then the retired SAs and queues go. Any
+        problem before the rules move changes nothing: the old configuration keeps running.
+        Returns ``{"reloaded": summary, "changed": True}`` or ``{"error": ..., "problems":
+        [...], "changed": False}``."""
+        from . import iptables, state
+        from .config import load_config
+        from .core.errors import ConfigError
+
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as err:
+            return self._refuse("invalid configuration", err.problems)
+        problems = reload_problems(self.cfg, new)
+        fresh = [sa for sa in new.sas if sa not in self.cfg.sas]
+        problems += [f"SA state: {p}" for p in state.check(new.daemon.state_dir, fresh)]
+        try:
+            problems += iptables.foreign_queue_users(new, iptables.read_tables(iptables.backend_for(new)))
+        except iptables.RulesError as err:
+            problems.append(str(err))
+        problems += [f"worker for queue {s.queue} is {s.state}: reload once it is ready"
+                     for s in self.slots if s.state != "ready"]
+        if problems:
+            return self._refuse("configuration not applied", problems)
+        new_nums = [qc.num for qc in new.daemon.queues]
+        kept = [s for s in self.slots if s.queue in new_nums]
+        removed = [s for s in self.slots if s.queue not in new_nums]
+        old_nums = {s.queue for s in self.slots}
+        added = [Slot(qc, worker_spec(new, qc)) for qc in new.daemon.queues if qc.num not in old_nums]
+        specs = {qc.num: worker_spec(new, qc) for qc in new.daemon.queues}
+        # 1. the workers that stay build their new processors (nothing moves yet)
+        answers = self._ask(kept, lambda s: ("reload", specs[s.queue]), "reloaded")
+        failed = [f"queue {q}: {why}" for q, (ok, why) in answers.items() if not ok]
+        # 2. workers for new queues bind them
+        if not failed and added:
+            failed += self._start_added(added)
+        if failed:
+            self._undo_reload([s for s in kept if answers[s.queue][0]], added)
+            return self._refuse("configuration not applied", failed)
+        # 3. the rules move over
+        try:
+            iptables.install(new)
+        except iptables.RulesError as err:
+            self._undo_reload(kept, added)
+            try:
+                iptables.install(self.cfg)
+                left = "the old rules are back in place"
+            except iptables.RulesError:
+                left = "the old rules could not be restored: check `nfq-ipsec rules show`"
+            return self._refuse("configuration not applied", [f"installing the rules: {err}", left])
+        # 4. the retired SAs and queues go
+        self._ask(kept, lambda s: ("commit",), "committed")
+        by_num = {qc.num: qc for qc in new.daemon.queues}
+        for slot in kept:
+            slot.qc, slot.spec = by_num[slot.queue], specs[slot.queue]
+        self._stop_slots(removed)
+        self.slots = sorted(kept + added, key=lambda s: new_nums.index(s.queue))
+        summary = "; ".join(f"queue {q}: {why}" for q, (_, why) in answers.items())
+        if added:
+            summary += f"; new queue(s) {', '.join(str(s.queue) for s in added)}"
+        if removed:
+            summary += f"; queue(s) {', '.join(str(s.queue) for s in removed)} stopped"
+        self.cfg = new
+        log.info("configuration reloaded: %s", summary or "nothing changed")
+        return {"reloaded": summary, "changed": True}
+
+    def _refuse(self, what: str, problems: list[str]) -> dict[str, Any]:
+        log.error("reload refused, the running configuration stays: %s", "; ".join(problems))
+        return {"error": f"{what}; the running configuration stays", "problems": problems,
+                "changed": False}
+
+    def _ask(self, slots: list[Slot], message: Any, want: str,
+             timeout: float = READY_TIMEOUT) -> dict[int, tuple[bool, str]]:
+        """Send each worker ``message(slot)`` and wait for its answer ``(want, text)`` or
+        ``("reload_failed", why)``; other messages are handled as usual meanwhile. By queue:
+        (done, text)."""
+        out: dict[int, tuple[bool, str]] = {}
+        for slot in slots:
+            if slot.conn is None:
+                out[slot.queue] = (False, "no pipe to the worker")
+                continue
+            try:
+                slot.conn.send(message(slot))
+            except OSError as err:
+                out[slot.queue] = (False, f"cannot reach the worker: {err}")
+        deadline = time.monotonic() + timeout
+        for slot in slots:
+            while slot.queue not in out:
+                left = deadline - time.monotonic()
+                try:
+                    if slot.conn is None or left <= 0 or not slot.conn.poll(left):
+                        out[slot.queue] = (False, "no answer")
+                        break
+                    msg = slot.conn.recv()
+                except (EOFError, OSError):
+                    out[slot.queue] = (False, "the worker died")
+                    break
+                kind = msg[0] if isinstance(msg, tuple) and msg else None
+                if kind == want:
+                    slot.last_heard = time.monotonic()
+                    out[slot.queue] = (True, str(msg[1]) if len(msg) > 1 else "")
+                elif kind == "reload_failed":
+                    out[slot.queue] = (False, str(msg[1]))
+                else:
+                    self._on_message(slot, msg)
+        return out
+
+    def _start_added(self, added: list[Slot]) -> list[str]:
+        """Start the workers of new queues and wait until they listen; the problems."""
+        for slot in added:
+            self._start(slot)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while any(s.state != "ready" for s in added) and time.monotonic() < deadline:
+            for slot in added:
+                if slot.conn is not None and slot.state != "ready":
+                    try:
+                        if slot.conn.poll(0.05):
+                            self._on_message(slot, slot.conn.recv())
+                    except (EOFError, OSError):
+                        slot.state = "down"
+            if any(s.proc is not None and s.proc.exitcode is not None for s in added):
+                break
+        return [f"new queue {s.queue}: worker not ready ({s.last_error or s.state})"
+                for s in added if s.state != "ready"]
+
+    def _undo_reload(self, reloaded: list[Slot], added: list[Slot]) -> None:
+        self._ask(reloaded, lambda s: ("rollback",), "rolled_back")
+        self._stop_slots(added)
+
+    def _stop_slots(self, slots: list[Slot]) -> None:
+        """Stop these workers (queues leaving with a reload, or new ones it took back)."""
+        keep, self.slots = self.slots, slots
+        try:
+            self._stop_workers()
+        finally:
+            self.slots = keep
 
     def _collect_stats(self) -> None:
         asked = []
@@ -548,6 +696,37 @@ class Supervisor:
         }
 
 
+def worker_spec(cfg: Config, qc: QueueConfig) -> WorkerSpec:
+    """What the worker of queue ``qc`` gets: the whole SPD, and its own SAs only."""
+    return WorkerSpec(
+        queue=qc.num, cpu=qc.cpu, mark=cfg.daemon.mark, policies=tuple(cfg.spd.policies),
+        sas=cfg.sas_for_queue(qc.num), log_level=cfg.daemon.log_level,
+        state_dir=cfg.daemon.state_dir,
+    )
+
+
+_RESTART_ONLY = ("control_socket", "state_dir", "chain_prefix", "mark", "iptables", "log_level")
+
+
+def reload_problems(old: Config, new: Config) -> list[str]:
+    """What a reload can't change in a running daemon (each needs a restart)."""
+    out = [f"daemon.{name}: a change needs a restart" for name in _RESTART_ONLY
+           if getattr(old.daemon, name) != getattr(new.daemon, name)]
+    old_cpu = {q.num: q.cpu for q in old.daemon.queues}
+    out += [f"daemon.cpus: queue {q.num} moves from CPU {old_cpu[q.num]} to {q.cpu}: a change "
+            "needs a restart" for q in new.daemon.queues if q.num in old_cpu and old_cpu[q.num] != q.cpu]
+    before = {(sa.key, sa.integrity_key): sa for sa in old.sas}
+    for sa in new.sas:
+        was = before.get((sa.key, sa.integrity_key))
+        if was is None or was == sa:
+            continue
+        what = (f"moves from queue {was.queue} to {sa.queue}" if was.queue != sa.queue
+                else "changes its settings")
+        out.append(f"SA {sa.name!r} {what} under the same key: its sequence numbers and state "
+                   "belong to the running SA; restart, or give it a new key (and SPI)")
+    return out
+
+
 def warnings(workers: list[dict[str, Any]]) -> list[str]:
     """One line per thing an operator should look at, from the worker entries of a status."""
     out = []
@@ -630,6 +809,35 @@ def cli_stop(args: argparse.Namespace) -> int:
             return EXIT_FAILURE
         print("nfq-ipsec: rules removed: traffic is no longer checked against the policies")
     return code
+
+
+def cli_reload(args: argparse.Namespace) -> int:
+    """``nfq-ipsec reload --config X``: the daemon answering on X's control socket re-reads X.
+    Exit codes: 0 applied, 1 not applied (the daemon's reasons are printed; it keeps running
+    the old configuration), 2 X itself is invalid (checked here first: nothing sent),
+    3 no daemon answered."""
+    from . import control
+    from .cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_NOT_RUNNING, EXIT_OK
+    from .tools import load_or_report
+
+    cfg = load_or_report(args.config)
+    if cfg is None:
+        print("nfq-ipsec: nothing sent; the daemon keeps its configuration", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        answer = control.request(cfg.daemon.control_socket,
+                                 {"command": "reload", "config": os.path.abspath(args.config)},
+                                 timeout=args.timeout)
+    except control.NotRunning as err:
+        print(f"nfq-ipsec: {err}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    if answer.get("changed"):
+        print(f"nfq-ipsec: reloaded: {answer.get('reloaded') or 'nothing changed'}")
+        return EXIT_OK
+    print(f"nfq-ipsec: reload refused: {answer.get('error')}", file=sys.stderr)
+    for problem in answer.get("problems") or []:
+        print(f"  {problem}", file=sys.stderr)
+    return EXIT_FAILURE
 
 
 def _alive(pid: int) -> bool:

@@ -48,7 +48,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from . import corebuild, counts
-from .core import SPD, DropReason, Policy, Processor, SAParams, Verdict
+from .core import SPD, DropReason, Policy, Processor, SAParams, SecurityAssociation, Verdict
 from .core.packet import PROTO_ESP
 from .nfqueue import (
     DEFAULT_MAX_LEN,
@@ -67,6 +67,9 @@ BATCH = 64  # packets read per receive call
 BATCHES_PER_WAKEUP = 16  # then look at the pipe again, so stats and stop stay responsive
 EVENT_INTERVAL = 0.25  # seconds between checks for SA events (expiry) to report
 ERROR_LOG_INTERVAL = 10.0  # at most one log line per this many seconds about internal errors
+# Drops that, during a reload, mean "the old rules sent this for the old configuration": the
+# old processor handles them until the new rules are in place.
+_HANDED_BACK = frozenset((DropReason.UNKNOWN_SPI, DropReason.NO_SA))
 
 log = logging.getLogger("nfq_ipsec.worker")
 
@@ -107,6 +110,8 @@ class PacketHandler:
         self.fault = fault
         self.slow = _slow_delay(fault)
         self.store: StateStore | None = None
+        self.previous: Processor | None = None  # during a reload, until its rules have moved
+        self._added: list[SecurityAssociation] = []  # SAs the pending reload attached
         self.packets_in = 0
         self.packets_out = 0
         self.internal_errors = 0
@@ -151,12 +156,77 @@ class PacketHandler:
                         continue
                     verdict(pkt.packet_id, True, pkt.mark | mark, out)
                     accepted += 1
+                elif self.previous is not None and res.reason in _HANDED_BACK:
+                    self._previous_verdict(pkt, data, hook, now)
+                    accepted += 1
                 else:
                     verdict(pkt.packet_id, False)
             except Exception:  # fail closed: whatever went wrong, this packet is dropped
                 self._internal_error(pkt)
         self.packets_out += accepted
         self.queue.flush()
+
+    def _previous_verdict(self, pkt: QueuedPacket, data: bytes, hook: int, now: float) -> None:
+        """During a reload, until the rules have moved: a packet the old rules sent here for an
+        SA the new configuration retired (or holds on another queue) is handled as before."""
+        prev = self.previous
+        assert prev is not None
+        esp = hook != HOOK_LOCAL_OUT and hook != HOOK_POST_ROUTING and data[9] == PROTO_ESP
+        res = prev.inbound(data, now) if esp else prev.outbound(data, now)
+        if res.verdict is Verdict.ACCEPT and (res.packet is None or len(res.packet) <= MAX_VERDICT_PAYLOAD):
+            self.queue.verdict(pkt.packet_id, True, pkt.mark | self.mark, res.packet)
+        else:
+            self.queue.verdict(pkt.packet_id, False)
+
+    # -- reload: build the new processor first, commit once the rules have moved ------------
+    def reload(self, spec: WorkerSpec, now: float) -> str:
+        """Build the processor of a new configuration and use it from the next batch on. An SA
+        whose parameters did not change is the same object in both, so its sequence numbers
+        and replay window go on; a new or changed one is attached to the state store first.
+        The old processor stays for packets the old rules still send (``previous``). Raises
+        on any problem, with nothing changed."""
+        if self.previous is not None:
+            raise RuntimeError("a reload is already pending")
+        old = self.processor
+        kept = {sa.name: sa for sa in old.sad.all()}
+        items: list[SAParams | SecurityAssociation] = []
+        fresh: list[SAParams] = []
+        for params in spec.sas:
+            same = kept.get(params.name)
+            if same is not None and same.params == params:
+                items.append(same)
+            else:
+                items.append(params)
+                fresh.append(params)
+        new = Processor(spec.spd(), items, now, old.flow_cache_size)
+        added = [sa for sa in new.sad.all() if sa.params in fresh]
+        if self.store is not None:
+            self.store.attach(added)
+        new.drops = old.drops  # one set of counters across the reload
+        self.previous, self.processor = old, new
+        self._added = added
+        retired = len(kept) - (len(items) - len(added))
+        return (f"{len(items) - len(added)} SA(s) kept, {len(added)} new or changed, "
+                f"{retired} retired")
+
+    def commit_reload(self) -> None:
+        """The rules have moved: let the retired SAs go (their exact state stored)."""
+        prev, self.previous = self.previous, None
+        if prev is None or self.store is None:
+            return
+        current = {id(sa) for sa in self.processor.sad.all()}
+        self.store.detach([sa for sa in prev.sad.all() if id(sa) not in current])
+        self._added = []
+
+    def rollback_reload(self) -> None:
+        """The reload failed elsewhere: back to the old processor, the new SAs let go."""
+        prev, self.previous = self.previous, None
+        if prev is None:
+            return
+        if self.store is not None:
+            self.store.detach(self._added, exact=False)
+        self.processor = prev
+        self._added = []
 
     def _handle_with_fault(self, packets: list[QueuedPacket]) -> None:
         """Test-only fault injection (see the module docstring), then the normal path."""
@@ -372,6 +442,8 @@ def _serve(
                 elif msg[0] == "stop":
                     log.debug("stopping on request")
                     return 0
+                elif msg[0] in ("reload", "commit", "rollback"):
+                    conn.send(_reload_step(handler, msg))
             elif fd == wfd:
                 try:
                     signals = wake.recv(64)
@@ -384,6 +456,25 @@ def _serve(
         if now >= next_events:
             handler.report_events()
             next_events = now + EVENT_INTERVAL
+
+
+def _reload_step(handler: PacketHandler, msg: tuple[Any, ...]) -> tuple[str, str]:
+    """One step of a reload, asked by the supervisor: ``("reload", spec)``, ``("commit",)``
+    or ``("rollback",)``. The answer: ``("reloaded", summary)``, ``("committed", "")``,
+    ``("rolled_back", "")``, or ``("reload_failed", why)`` (nothing changed)."""
+    try:
+        if msg[0] == "reload":
+            summary = handler.reload(msg[1], time.monotonic())
+            log.info("reloaded: %s", summary)
+            return ("reloaded", summary)
+        if msg[0] == "commit":
+            handler.commit_reload()
+            return ("committed", "")
+        handler.rollback_reload()
+        return ("rolled_back", "")
+    except Exception as err:  # the old configuration keeps running
+        log.error("reload refused: %s", err)
+        return ("reload_failed", str(err))
 
 
 def worker_main(spec: WorkerSpec, conn: Connection) -> None:

@@ -67,6 +67,7 @@ class Lab:
     b: Daemon
     tmp: Path
     rows: list[dict[str, Any]]
+    keys: dict[str, str]
 
     def kernel_drops(self, d: Daemon) -> dict[str, int]:
         from nfq_ipsec import iptables
@@ -97,7 +98,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                 d.start()
             for d in (a, b):
                 d.wait_running()
-            lab = Lab(pair, a, b, tmp, [])
+            lab = Lab(pair, a, b, tmp, [], keys)
             yield lab
             table = "\n".join(f"{r['scenario']:<34} cleartext {r['cleartext_packets']:>3} packets "
                               f"{r['cleartext_bytes']:>6} bytes, lost {r['lost']:>4} of {r['sent']}"
@@ -455,3 +456,113 @@ def test_icmp_error_from_the_receiver(lab: Lab) -> None:
         stopped_cleanly(b)
         b.config.write_text(original)
         restart(b)
+
+
+
+# -- reload ---------------------------------------------------------------------------------------
+
+def rekeyed(text: str, a_side: bool, step: int, keys: dict[str, str]) -> str:
+    """One host's config at ``step`` of a hitless manual rekey, from its original ``text``
+    (tests/labutil.write_config): every SA gets a successor with a new key and SPI.
+    1: each side adds the successors of its inbound SAs; 2: each side sends with the successor
+    of its outbound SAs (the peer knows them since step 1); 3: the old inbound SAs go."""
+    out_d, in_d = ("ab", "ba") if a_side else ("ba", "ab")
+    for i in range(len(PORTS)):
+        old_list = f'sa = ["{out_d}{i}", "{in_d}{i}"]'
+        assert old_list in text
+        lists = {1: [f"{out_d}{i}", f"{in_d}{i}", f"{in_d}{i}n"],
+                 2: [f"{out_d}{i}n", f"{in_d}{i}", f"{in_d}{i}n"],
+                 3: [f"{out_d}{i}n", f"{in_d}{i}n"]}[step]
+        text = text.replace(old_list, "sa = [" + ", ".join(f'"{n}"' for n in lists) + "]")
+    blocks = text.split("\n[[sa]]\n")
+    head, sas = blocks[0], blocks[1:]
+    keep = []
+    for block in sas:
+        name = block.split('name = "')[1].split('"')[0]
+        outbound = name.startswith(out_d)
+        if step >= 2 and outbound:
+            continue  # the old outbound SAs go with step 2
+        if step == 3 and not outbound:
+            continue
+        keep.append(block)
+    for block in sas:
+        name = block.split('name = "')[1].split('"')[0]
+        outbound = name.startswith(out_d)
+        if outbound and step == 1:
+            continue  # not yet
+        spi = int(block.split("spi = ")[1].split("\n")[0])
+        keep.append(block.replace(f'name = "{name}"', f'name = "{name}n"')
+                    .replace(f"spi = {spi}", f"spi = {spi + 0x100}")
+                    .replace(f'key = "0x{keys[name]}"', f'key = "0x{keys[name + "n"]}"'))
+    return "\n[[sa]]\n".join([head, *keep])
+
+
+def reload(d: Daemon, text: str) -> subprocess.CompletedProcess[str]:
+    d.config.write_text(text)
+    return d.pair.run(d.ns, *nfq_ipsec(), "reload", "--config", str(d.config), check=False)
+
+
+def test_reload_with_changed_keys(lab: Lab) -> None:
+    """A hitless manual rekey by three reloads on each side, while the canaries flow: every SA
+    replaced by one with a new key and SPI, the workers never restarted, nothing lost."""
+    originals = {d.ns: d.config.read_text() for d in (lab.a, lab.b)}
+    keys = {**{k: v for k, v in lab.keys.items()}, **{f"{k}n": os.urandom(20).hex() for k in lab.keys}}
+    st0 = lab.a.status()
+    assert st0 is not None
+    pids0 = [w["pid"] for w in st0["workers"]]
+    results: list[str] = []
+
+    def rekey() -> dict[str, Any]:
+        for step in (1, 2, 3):
+            for d, a_side in ((lab.a, True), (lab.b, False)):
+                res = reload(d, rekeyed(originals[d.ns], a_side, step, keys))
+                assert res.returncode == 0, (step, d.ns, res.stdout, res.stderr, d.log.read_text()[-3000:])
+                results.append(res.stdout.strip())
+        return {"reloads": 6}
+
+    try:
+        out = run_scenario(lab, "reload with changed keys", rekey, seconds=5.0)
+        no_cleartext(out)
+        st = lab.a.status()
+        assert st is not None
+        assert [w["pid"] for w in st["workers"]] == pids0  # no worker restarted
+        names = {s["name"] for s in st["sas"]}
+        assert names == {"ab0n", "ab1n", "ba0n", "ba1n"}, names
+        assert all(s["packets"] > 0 for s in st["sas"] if s["direction"] == "out"), st["sas"]
+        assert out.lost == 0, (out.lost, results)
+    finally:
+        for d in (lab.a, lab.b):  # back to the first keys, by restart
+            d.config.write_text(originals[d.ns])
+            stopped_cleanly(d)
+            restart(d)
+
+
+def test_reload_refused_keeps_the_running_configuration(lab: Lab) -> None:
+    """An invalid file (refused by the command before it asks), a change only a restart can
+    make (refused by the daemon), and SIGHUP with an invalid file: the old configuration keeps
+    running and the traffic with it."""
+    a = lab.a
+    original = a.config.read_text()
+    st0 = a.status()
+    assert st0 is not None
+    try:
+        res = reload(a, original.replace('action = "protect"', 'action = "protekt"', 1))
+        assert res.returncode == 2 and "policy[0].action" in res.stderr, res.stderr
+        res = reload(a, original.replace('log_level = "info"', 'log_level = "debug"'))
+        assert res.returncode == 1 and "daemon.log_level: a change needs a restart" in res.stderr, res.stderr
+        a.config.write_text(original.replace('action = "protect"', 'action = "protekt"', 1))
+        assert a.proc is not None
+        a.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "reload refused" not in a.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "reload refused" in a.log.read_text()
+        a.config.write_text(original)
+        out = run_scenario(lab, "refused reloads", lambda: None)
+        no_cleartext(out)
+        assert out.lost == 0
+        st = a.status()
+        assert st is not None and [w["pid"] for w in st["workers"]] == [w["pid"] for w in st0["workers"]]
+        lab.rows.pop()  # not a row of the matrix
+    finally:
+        a.config.write_text(original)

@@ -137,6 +137,7 @@ def test_host_example_layout() -> None:
         "-m mark --mark 0x10000000/0x10000000 -j RETURN",
         "-p esp -m esp --espspi 8192 -j NFQUEUE --queue-num 100",
         "-p esp -m esp --espspi 8193 -j NFQUEUE --queue-num 101",
+        "-p esp -f -m addrtype --dst-type LOCAL -j DROP",  # non-first fragments: no SPI
         "-p esp -m addrtype --dst-type LOCAL -j DROP",  # unknown SPI: dropped in the kernel
         "-s 192.168.56.11/32 -d 192.168.56.10/32 -p tcp -m tcp --dport 22 -j RETURN",
         "-s 192.168.56.11/32 -d 192.168.56.10/32 -j DROP",
@@ -215,16 +216,17 @@ def test_unknown_spi_rule_after_known_spis_and_before_spd() -> None:
     text = rules.render(cfg_of(everything_data()), comments=False)
     p_in = chain(text, "NQT-IN")
     esp = [i for i, r in enumerate(p_in) if r.startswith("-p esp")]
-    assert esp == [1, 2, 3, 4]
+    assert esp == [1, 2, 3, 4, 5]
     assert [p_in[i] for i in esp] == [
         "-p esp -m esp --espspi 8192 -j NFQUEUE --queue-num 100",
         "-p esp -m esp --espspi 8193 -j NFQUEUE --queue-num 101",
         "-p esp -m esp --espspi 8196 -j NFQUEUE --queue-num 102",
+        "-p esp -f -m addrtype --dst-type LOCAL -j DROP",  # non-first fragments: no SPI
         "-p esp -m addrtype --dst-type LOCAL -j DROP",  # unknown SPI: dropped in the kernel, no queue
     ]
     unknown = [r for r in rules.build(cfg_of(everything_data())).tables[0].rules
                if r.args[-1] == "DROP" and "esp" in r.args]
-    assert [r.reason for r in unknown] == ["unknown_spi"]
+    assert [r.reason for r in unknown] == ["fragment", "unknown_spi"]
     assert p_in[0] == "-m mark --mark 0x40000000/0x40000000 -j RETURN"
 
 
@@ -236,6 +238,7 @@ def test_inbound_without_inbound_sas_drops_esp_to_us() -> None:
     text = rules.render(cfg_of(data), comments=False)
     assert chain(text, "NFQIPSEC-IN") == [
         "-m mark --mark 0x10000000/0x10000000 -j RETURN",
+        "-p esp -f -m addrtype --dst-type LOCAL -j DROP",
         "-p esp -m addrtype --dst-type LOCAL -j DROP",
         "-j DROP",
     ]
@@ -305,7 +308,7 @@ def test_gateway_everything() -> None:
     assert chain(text, "NQT-OUT")[n:] == [*chain(text, "NQT-FWD")[n + 1:], "-j DROP"]
     assert chain(text, "NQT-OUT")[n] == "-p icmp -m icmp --icmp-type 8/0 -j RETURN"  # interface given
     # inbound: direction "in"/"both" only, reversed orientation; PROTECT and DISCARD drop
-    assert chain(text, "NQT-IN")[5:] == [
+    assert chain(text, "NQT-IN")[6:] == [
         "-p icmp -m icmp --icmp-type 8/0 -j RETURN",
         "-p icmp -m icmp --icmp-type 3 -j RETURN",
         '-p icmp ! -f -m u32 --u32 "0x0>>0x16&0x3c@0x0>>0x10&0xff=0x4" -j DROP',
@@ -438,7 +441,7 @@ def test_each_selector_type(policy: dict[str, Any], outbound: str, inbound: str)
     data["policy"].append({"name": "b", "action": "bypass", **policy})  # after the protect policy
     text = rules.render(cfg_of(data), comments=False)
     assert chain(text, "NFQIPSEC-OUT")[2] == " ".join(filter(None, [outbound, "-j RETURN"]))
-    assert chain(text, "NFQIPSEC-IN")[4] == " ".join(filter(None, [inbound, "-j RETURN"]))
+    assert chain(text, "NFQIPSEC-IN")[5] == " ".join(filter(None, [inbound, "-j RETURN"]))
 
 
 def test_direction_filters_the_views() -> None:

@@ -117,10 +117,14 @@ def test_fail_closed_settings(unit: UnitFile, rendered: tuple[Path, Path]) -> No
     assert unit.get(s, "Type") == "exec"
     assert unit.commands("ExecStart", "site") == [
         [f"{VENV}/bin/nfq-ipsec", "run", "--config", f"{etc}/site.toml"]]
-    # Rules come out only through the daemon's own clean stop (SIGTERM); nothing removes them
-    # between a crash and the automatic restart.
-    for key in ("ExecStop", "ExecStopPost", "ExecReload"):
+    # No path of the unit removes the rules: a stop closes them (the daemon itself, on
+    # SIGTERM), and nothing runs between a crash and the automatic restart.
+    for key in ("ExecStop", "ExecStopPost"):
         assert unit.values(s, key) == [], f"{key} would run between a crash and the restart"
+    # systemctl reload: the daemon applies its changed configuration; the command's exit status
+    # tells systemd whether it did
+    assert unit.commands("ExecReload", "site") == [
+        [f"{VENV}/bin/nfq-ipsec", "reload", "--config", f"{etc}/site.toml"]]
     assert unit.get(s, "Restart") == "on-failure"
     assert float(unit.get(s, "RestartSec") or 0) > 0
     assert unit.get(s, "KillMode") == "mixed"

@@ -4,6 +4,7 @@ all without root: a fake queue stands in for the kernel.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -18,9 +19,9 @@ import pytest
 
 from nfq_ipsec import control, corebuild, nfqueue
 from nfq_ipsec.config import load_config
-from nfq_ipsec.core import DropReason, Processor, Result, Verdict
+from nfq_ipsec.core import DropReason, Processor, Result, Secret, Verdict
 from nfq_ipsec.nfqueue import HOOK_LOCAL_OUT, HOOK_PRE_ROUTING, NetlinkQueue, QueuedPacket
-from nfq_ipsec.worker import PacketHandler
+from nfq_ipsec.worker import PacketHandler, WorkerSpec
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "nfq_ipsec" / "examples"
 A, B = "192.168.56.10", "192.168.56.11"
@@ -459,3 +460,79 @@ def test_render_status_text() -> None:
     assert "q101 last error: queue 101: bind failed" in text
     assert any(line.startswith("a-to-b-0") and "0x00001000" in line and "58m20s" in line for line in lines)
     assert any(line.startswith("a-to-b-1") and line.rstrip().endswith("-") for line in lines)
+
+
+# -- reload: the new processor first, the old one for what the old rules still send ------------
+def _spec(cfg: Any, queue: int = 100) -> WorkerSpec:
+    return WorkerSpec(queue=queue, cpu=None, mark=MARK, policies=tuple(cfg.spd.policies),
+                      sas=cfg.sas_for_queue(queue))
+
+
+def _rekeyed(cfg: Any, name: str, new_spi: int) -> Any:
+    """``cfg`` with SA ``name`` replaced by one with a new key and SPI."""
+    sas = tuple(dataclasses.replace(sa, spi=new_spi, key=Secret(bytes(reversed(sa.key.reveal()))))
+                if sa.name == name else sa for sa in cfg.sas)
+    return dataclasses.replace(cfg, sas=sas)
+
+
+def test_reload_keeps_unchanged_sas_and_hands_back_until_commit() -> None:
+    cfg = load_config(EXAMPLES / "host-a.toml", online_cpus=[0, 1])
+    h, q = handler(Processor(cfg.spd, cfg.sas_for_queue(100), 0.0))
+    old = h.processor
+    # a packet before the reload, so the outbound SA has a sequence number to carry on from
+    h.handle_batch([pkt(udp(A, B, 4000, 5000, b"one"), pid=1)])
+    out_sa = next(sa for sa in old.sad.all() if sa.outbound)
+    assert out_sa.next_seq == 2
+    inbound_name = next(sa.name for sa in old.sad.all() if not sa.outbound)
+    inbound_spi = next(sa.spi for sa in old.sad.all() if not sa.outbound)
+    # ESP for the inbound SA that the reload retires, made by host b before the reload
+    sender_h, sender_q = handler(processor("b"))
+    sender_h.handle_batch([pkt(udp(B, A, 5000, 4000, b"in flight"), pid=9)])
+    in_flight = sender_q.verdicts[0][3]
+    assert in_flight is not None and int.from_bytes(in_flight[20:24], "big") == inbound_spi
+
+    summary = h.reload(_spec(_rekeyed(cfg, inbound_name, 0x7000)), 2.0)
+    assert summary == "1 SA(s) kept, 1 new or changed, 1 retired"
+    assert h.processor is not old and h.previous is old
+    assert next(sa for sa in h.processor.sad.all() if sa.outbound) is out_sa  # same object
+    h.handle_batch([pkt(udp(A, B, 4000, 5000, b"two"), pid=2)])
+    assert out_sa.next_seq == 3  # sequence numbers go on, never start again under the key
+    # the old rules still send the retired SPI here: the old processor takes it
+    h.handle_batch([pkt(in_flight, hook=HOOK_PRE_ROUTING, pid=3)])
+    assert q.verdicts[-1][:2] == (3, True)
+    h.commit_reload()
+    assert h.previous is None
+    h.handle_batch([pkt(in_flight, hook=HOOK_PRE_ROUTING, pid=4)])
+    assert q.verdicts[-1] == (4, False, None, None)  # retired for good
+    h.reload(_spec(cfg), 3.0)
+    with pytest.raises(RuntimeError):  # one reload at a time
+        h.reload(_spec(cfg), 3.0)
+
+
+def test_reload_rollback_and_refusal_change_nothing() -> None:
+    cfg = load_config(EXAMPLES / "host-a.toml", online_cpus=[0, 1])
+    h, _ = handler(Processor(cfg.spd, cfg.sas_for_queue(100), 0.0))
+    old = h.processor
+    h.reload(_spec(_rekeyed(cfg, "b-to-a-0", 0x7000)), 1.0)
+    h.rollback_reload()
+    assert h.processor is old and h.previous is None
+    bad = dataclasses.replace(cfg, sas=(*cfg.sas, cfg.sas[0]))  # a duplicate SA name
+    with pytest.raises(ValueError):
+        h.reload(_spec(bad), 1.0)
+    assert h.processor is old and h.previous is None
+
+
+def test_reload_problems_name_what_needs_a_restart() -> None:
+    from nfq_ipsec.supervisor import reload_problems
+
+    cfg = load_config(EXAMPLES / "host-a.toml", online_cpus=[0, 1])
+    assert reload_problems(cfg, cfg) == []
+    assert reload_problems(cfg, _rekeyed(cfg, "b-to-a-0", 0x7000)) == []  # a new key: fine
+    other = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, chain_prefix="X",
+                                                                    log_level="debug"))
+    assert reload_problems(cfg, other) == ["daemon.chain_prefix: a change needs a restart",
+                                           "daemon.log_level: a change needs a restart"]
+    moved = dataclasses.replace(cfg, sas=tuple(dataclasses.replace(sa, queue=101)
+                                               if sa.name == "b-to-a-0" else sa for sa in cfg.sas))
+    [problem] = reload_problems(cfg, moved)
+    assert "'b-to-a-0' moves from queue 100 to 101 under the same key" in problem
