@@ -80,8 +80,9 @@ class Slot:
     backoff: float = BACKOFF_MIN
     restart_at: float | None = None
     last_error: str | None = None
-    died_at: float | None = None  # monotonic, when the last death was noticed
+    died_at: float | None = None  # monotonic, when the last ready process died (see _reap)
     last_outage: float | None = None  # seconds from that death to the replacement being ready
+    pipe_closed_at: float | None = None  # monotonic, when the current process's pipe hit EOF
     last_heard: float = 0.0  # monotonic, of the last message from the current process
     pinged_at: float = 0.0  # monotonic, of the last watchdog ping sent to it
     hung: bool = False  # the watchdog killed the current process
@@ -193,6 +194,7 @@ class Supervisor:
         slot.last_counts = None
         slot.last_heard = slot.pinged_at = slot.started_at
         slot.hung = False
+        slot.pipe_closed_at = None
         log.debug("worker for queue %d started, pid %s", slot.queue, proc.pid)
 
     def _on_message(self, slot: Slot, msg: Any) -> None:
@@ -229,14 +231,27 @@ class Supervisor:
             while conn.poll():
                 self._on_message(slot, conn.recv())
         except (EOFError, OSError):
-            conn.close()
-            slot.conn = None  # the process is exiting; its sentinel tells us when
+            self._pipe_closed(slot)
 
-    def _reap(self, slot: Slot) -> None:
-        """The slot's process has exited: log it, then schedule a restart or give up."""
+    def _pipe_closed(self, slot: Slot) -> None:
+        """The worker's end of the pipe closed: it is exiting (its sentinel tells us when)."""
+        if slot.pipe_closed_at is None:
+            slot.pipe_closed_at = time.monotonic()
+        if slot.conn is not None:
+            slot.conn.close()
+            slot.conn = None
+
+    def _reap(self, slot: Slot, noticed: float | None = None) -> None:
+        """The slot's process has exited: log it, then schedule a restart or give up.
+
+        ``noticed``: when its sentinel was seen readable. The death is timed from that or from
+        its pipe's end of file, whichever came first: both happen as the process exits, and
+        the loop notices them at once (nothing in it waits on a client)."""
         proc = slot.proc
         assert proc is not None
         self._read(slot)  # an error message it sent before dying
+        seen = [t for t in (noticed, slot.pipe_closed_at) if t is not None]
+        died = min(seen) if seen else time.monotonic()
         # The sentinel fires when the child's files close, a moment before it can be reaped.
         proc.join(2.0)
         if proc.exitcode is None:
@@ -254,7 +269,7 @@ class Supervisor:
         was_ready = slot.state == "ready"
         uptime = time.monotonic() - slot.started_at
         if was_ready:
-            slot.died_at = time.monotonic()
+            slot.died_at = died
         slot.state = "down"
         slot.stats = None
         if self.state == "stopping":
@@ -323,34 +338,40 @@ class Supervisor:
         for slot in self.slots:
             if slot.state == "down" and slot.restart_at is not None:
                 timeout = min(timeout, max(0.0, slot.restart_at - now))
+        clients = self.control.next_timeout(now)
+        if clients is not None:
+            timeout = min(timeout, clients)
         return timeout
 
     def _wait_once(self) -> None:
-        """Wait for and handle one round of events: messages, deaths, clients, signals."""
-        objs: dict[Any, tuple[str, Slot | None]] = {
-            self._wake_r: ("wake", None), self.control.sock: ("control", None),
-        }
+        """Wait for and handle one round of events: messages, deaths, clients, signals.
+
+        Nothing here blocks on a control client: ``ControlServer.serve`` only does what its
+        clients are ready for, so deaths are seen and restarts start on time."""
+        objs: dict[Any, tuple[str, Slot | None]] = {self._wake_r: ("wake", None)}
+        for waitable in self.control.waitables():
+            objs[waitable] = ("control", None)
         for slot in self.slots:
             if slot.conn is not None:
                 objs[slot.conn] = ("conn", slot)
             if slot.proc is not None:
                 objs[slot.proc.sentinel] = ("dead", slot)
-        ready = wait([o for o in objs if o is not None], timeout=self._next_timeout())
+        ready = wait(list(objs), timeout=self._next_timeout())
+        noticed = time.monotonic()
         dead: list[Slot] = []
         for obj in ready:
             what, owner = objs[obj]
             if what == "wake":
                 with contextlib.suppress(BlockingIOError):
                     self._wake_r.recv(256)
-            elif what == "control":
-                self.control.serve_one(self.handle_request)
             elif what == "conn" and owner is not None:
                 self._read(owner)
             elif what == "dead" and owner is not None:
                 dead.append(owner)
         for slot in dead:
-            self._reap(slot)
+            self._reap(slot, noticed)
         self._tick()
+        self.control.serve(self.handle_request)  # every round: clients' deadlines are due too
 
     def _wait_ready(self) -> bool:
         """Until every worker is ready (True), or a stop signal (False). Raises Fatal."""
@@ -424,9 +445,12 @@ class Supervisor:
 
     # -- status ---------------------------------------------------------------------------
     def handle_request(self, req: dict[str, Any]) -> dict[str, Any]:
-        if req.get("command") == "status":
+        command = req.get("command")
+        if command == "status":
             return self.status()
-        return {"error": f"unknown command {req.get('command')!r} (known: status)"}
+        # never echo what a client sent beyond a short string
+        what = repr(command[:40]) if isinstance(command, str) else f"of type {type(command).__name__}"
+        return {"error": f"unknown command {what} (known: status)"}
 
     def _collect_stats(self) -> None:
         asked = []
@@ -449,6 +473,7 @@ class Supervisor:
                         break
                     self._on_message(slot, slot.conn.recv())
                 except (EOFError, OSError):
+                    self._pipe_closed(slot)  # it died meanwhile: that is when
                     break
 
     def _kernel_drops(self) -> dict[str, int] | None:
@@ -525,6 +550,8 @@ class Supervisor:
                 "rules_installed": self.rules_installed,
                 "version": __version__,
                 "core": corebuild.running().detail,
+                "control_errors": self.control.errors,
+                "control_clients": self.control.clients,
             },
             "workers": workers,
             "sas": sas,
