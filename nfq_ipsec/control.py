@@ -65,7 +65,19 @@ STATUS_TIMEOUT = 10.0  # seconds ``nfq-ipsec status`` waits for the answer
 
 log = logging.getLogger("nfq_ipsec.control")
 
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class Deferred:
+    """An answer a handler gives later instead of blocking (``status`` waits for the workers'
+    counters): the handler returns it, sets ``response`` within ``timeout`` seconds, and the
+    server sends it on its next round."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.response: dict[str, Any] | None = None
+
+
+Handler = Callable[[dict[str, Any]], "dict[str, Any] | Deferred"]
 
 
 class ControlError(Exception):
@@ -84,6 +96,7 @@ class _Client:
     sock: socket.socket
     deadline: float  # monotonic: drop the client if it is not done by then
     request: bytearray = field(default_factory=bytearray)
+    pending: Deferred | None = None  # the handler answers later
     answer: memoryview | None = None  # what is left to send, once the request was answered
 
 
@@ -170,10 +183,15 @@ class ControlServer:
                     self._read(client, handler)
             elif events & selectors.EVENT_WRITE:
                 self._send(client)
+        for client in [c for c in self._clients.values() if c.pending is not None]:
+            assert client.pending is not None
+            if client.pending.response is not None:
+                self._answer(client, self._counted(client.pending.response))
         now = time.monotonic()
         for client in [c for c in self._clients.values() if now >= c.deadline]:
-            what = "send its request" if client.answer is None else "read its answer"
-            self._drop(client, f"did not {what} within {self.client_timeout:g} s")
+            what = ("send its request" if client.answer is None and client.pending is None
+                    else "get its answer" if client.answer is None else "read its answer")
+            self._drop(client, f"did not {what} in time")
 
     def close(self) -> None:
         for client in list(self._clients.values()):
@@ -222,7 +240,7 @@ class ControlServer:
                 return
             if not chunk:  # end of file: what came before it is the request, if anything
                 if client.request:
-                    self._answer(client, self._respond(bytes(client.request), handler))
+                    self._reply(client, self._respond(bytes(client.request), handler))
                 else:
                     self._drop(client)  # connected and left: a liveness probe, no error
                 return
@@ -230,13 +248,13 @@ class ControlServer:
             client.request += chunk
             end = client.request.find(b"\n", start)
             if 0 <= end <= MAX_REQUEST:
-                self._answer(client, self._respond(bytes(client.request[:end]), handler))
+                self._reply(client, self._respond(bytes(client.request[:end]), handler))
                 return
             if len(client.request) > MAX_REQUEST:
                 self._answer(client, self._refuse(f"request longer than {MAX_REQUEST} bytes"))
                 return
 
-    def _respond(self, line: bytes, handler: Handler) -> dict[str, Any]:
+    def _respond(self, line: bytes, handler: Handler) -> dict[str, Any] | Deferred:
         try:
             request = json.loads(line.decode("utf-8"))
         except RecursionError:  # json recurses per nesting level: [[[[... exhausts the stack
@@ -247,31 +265,56 @@ class ControlServer:
             return self._refuse("request is not a JSON object")
         try:
             response = handler(request)
+        except Exception:
+            return self._failed()
+        return response if isinstance(response, Deferred) else self._counted(response)
+
+    def _counted(self, response: dict[str, Any]) -> dict[str, Any]:
+        """The handler's answer, checked and counted."""
+        try:
             _encode(response)  # fails here, not half-way through sending
         except Exception:
-            self.errors += 1
-            now = time.monotonic()
-            if now - self._failure_logged >= FAILURE_LOG_INTERVAL:  # an error in our own code
-                self._failure_logged = now
-                log.exception("control request failed (logged at most once per %g s)",
-                              FAILURE_LOG_INTERVAL)
-            return {"error": "internal error answering the request (the daemon's log has it)"}
+            return self._failed()
         if "error" in response:
             self.errors += 1
         return response
+
+    def _failed(self) -> dict[str, Any]:
+        """The handler raised, or answered what can't be sent: a bug in our own code."""
+        self.errors += 1
+        now = time.monotonic()
+        if now - self._failure_logged >= FAILURE_LOG_INTERVAL:
+            self._failure_logged = now
+            log.exception("control request failed (logged at most once per %g s)",
+                          FAILURE_LOG_INTERVAL)
+        return {"error": "internal error answering the request (the daemon's log has it)"}
 
     def _refuse(self, why: str) -> dict[str, Any]:
         self.errors += 1
         log.debug("control socket: bad request: %s", why)
         return {"error": f"bad request: {why}"}
 
+    def _reply(self, client: _Client, response: dict[str, Any] | Deferred) -> None:
+        assert self._sel is not None
+        client.request.clear()
+        if isinstance(response, Deferred):
+            # nothing to read from it meanwhile; a second of slack past the handler's own limit
+            client.pending = response
+            client.deadline = time.monotonic() + response.timeout + 1.0
+            self._sel.unregister(client.sock)
+        else:
+            self._answer(client, response)
+
     def _answer(self, client: _Client, response: dict[str, Any]) -> None:
         """Send the answer as far as the socket takes it now; the rest when it is writable."""
         assert self._sel is not None
-        client.request.clear()
+        client.pending = None
         client.answer = memoryview(_encode(response))
-        client.deadline = time.monotonic() + self.client_timeout  # the handler may have been slow
-        self._sel.modify(client.sock, selectors.EVENT_WRITE, client)
+        client.deadline = time.monotonic() + self.client_timeout
+        try:
+            self._sel.modify(client.sock, selectors.EVENT_WRITE, client)
+        except KeyError:  # it waited for a deferred answer, unwatched
+            self._sel.register(client.sock, selectors.EVENT_WRITE, client)
         self._send(client)
 
     def _send(self, client: _Client) -> None:

@@ -41,7 +41,7 @@ from typing import Any
 
 from . import __version__, corebuild, counts
 from .config import Config, QueueConfig
-from .control import ControlError, ControlServer
+from .control import ControlError, ControlServer, Deferred
 from .core import SADirection
 from .nfqueue import kernel_queue_stats
 from .worker import WorkerSpec, worker_main
@@ -115,6 +115,9 @@ class Supervisor:
         self.started = time.monotonic()
         self.stop_signal: int | None = None
         self._wake_r, self._wake_w = socket.socketpair()
+        self._status_waiters: list[Deferred] = []  # status answers waiting for the counters
+        self._stats_asked: list[Slot] = []
+        self._stats_deadline = 0.0
 
     # -- entry point ----------------------------------------------------------------------
     def run(self) -> int:
@@ -211,6 +214,8 @@ class Supervisor:
             slot.early_failures = 0
             slot.last_error = None
             slot.pid = int(msg[1])
+            if self._status_waiters:  # a status answer is being collected: count it in
+                self._ask_stats(slot)
             cpu = f"cpu {slot.qc.cpu}" if slot.qc.cpu is not None else "not pinned"
             again = f" (restart {slot.restarts})" if slot.restarts else ""
             log.info("worker for queue %d ready%s: pid %d, %s, %d SA(s)%s", slot.queue, again,
@@ -341,6 +346,8 @@ class Supervisor:
         clients = self.control.next_timeout(now)
         if clients is not None:
             timeout = min(timeout, clients)
+        if self._status_waiters:
+            timeout = min(timeout, max(0.0, self._stats_deadline - now))
         return timeout
 
     def _wait_once(self) -> None:
@@ -371,6 +378,7 @@ class Supervisor:
         for slot in dead:
             self._reap(slot, noticed)
         self._tick()
+        self._answer_status()
         self.control.serve(self.handle_request)  # every round: clients' deadlines are due too
 
     def _wait_ready(self) -> bool:
@@ -444,37 +452,46 @@ class Supervisor:
         return True
 
     # -- status ---------------------------------------------------------------------------
-    def handle_request(self, req: dict[str, Any]) -> dict[str, Any]:
+    def handle_request(self, req: dict[str, Any]) -> dict[str, Any] | Deferred:
+        """A control request. ``status`` is answered once the workers have sent their counters
+        (or in ``STATS_TIMEOUT``), by ``_answer_status`` in a later round of the loop."""
         command = req.get("command")
         if command == "status":
-            return self.status()
+            if not self._status_waiters:
+                self._stats_asked = []
+                self._stats_deadline = time.monotonic() + STATS_TIMEOUT
+                for slot in self.slots:
+                    slot.stats = None
+                    self._ask_stats(slot)
+            waiter = Deferred(STATS_TIMEOUT)
+            self._status_waiters.append(waiter)
+            return waiter
         # never echo what a client sent beyond a short string
         what = repr(command[:40]) if isinstance(command, str) else f"of type {type(command).__name__}"
         return {"error": f"unknown command {what} (known: status)"}
 
-    def _collect_stats(self) -> None:
-        asked = []
-        for slot in self.slots:
-            slot.stats = None
-            if slot.state == "ready" and slot.conn is not None:
-                try:
-                    slot.conn.send(("stats",))
-                    asked.append(slot)
-                except OSError:
-                    pass
-        deadline = time.monotonic() + STATS_TIMEOUT
-        for slot in asked:
-            while slot.stats is None and slot.conn is not None:
-                # past the deadline, still take an answer that is already there: one slow
-                # worker must not make the others look unresponsive
-                left = max(0.0, deadline - time.monotonic())
-                try:
-                    if not slot.conn.poll(left):
-                        break
-                    self._on_message(slot, slot.conn.recv())
-                except (EOFError, OSError):
-                    self._pipe_closed(slot)  # it died meanwhile: that is when
-                    break
+    def _ask_stats(self, slot: Slot) -> None:
+        if slot.state == "ready" and slot.conn is not None:
+            try:
+                slot.conn.send(("stats",))
+                self._stats_asked.append(slot)
+            except OSError:
+                pass
+
+    def _answer_status(self) -> None:
+        """Give the waiting status requests their answer once every worker asked has sent its
+        counters (or died), or at the deadline: one slow worker must not make the others look
+        unresponsive, nor hold the answer longer than ``STATS_TIMEOUT``."""
+        if not self._status_waiters:
+            return
+        waiting = [s for s in self._stats_asked if s.stats is None and s.conn is not None]
+        if waiting and time.monotonic() < self._stats_deadline:
+            return
+        answer = self.status()
+        for waiter in self._status_waiters:
+            waiter.response = answer
+        self._status_waiters = []
+        self._stats_asked = []
 
     def _kernel_drops(self) -> dict[str, int] | None:
         """What our own DROP rules dropped (cleartext where ESP is required, no policy...)."""
@@ -489,7 +506,7 @@ class Supervisor:
             return None
 
     def status(self) -> dict[str, Any]:
-        self._collect_stats()
+        """The status answer from the counters the workers last sent (``slot.stats``)."""
         now = time.monotonic()
         kernel = kernel_queue_stats()
         workers: list[dict[str, Any]] = []

@@ -313,3 +313,45 @@ def test_supervisor_never_echoes_a_strange_command() -> None:
     reply = sup.handle_request({"command": "y" * 10_000})
     assert reply == {"error": f"unknown command {'y' * 40!r} (known: status)"}
     assert sup.handle_request({}) == {"error": "unknown command of type NoneType (known: status)"}
+
+
+def test_deferred_answer_is_sent_when_ready_without_holding_anyone(tmp_path: Path) -> None:
+    """A handler may answer later (the supervisor's status waits for its workers that way)."""
+    later: list[control.Deferred] = []
+
+    def deferring(req: dict[str, Any]) -> dict[str, Any] | control.Deferred:
+        if req.get("command") == "later":
+            d = control.Deferred(timeout=1.0)
+            later.append(d)
+            return d
+        return {"echo": req}
+
+    srv = control.ControlServer(str(tmp_path / "c.sock"))
+    srv.open()
+    c = connect(srv.path)
+    c.sendall(b'{"command": "later"}\n')
+    forgotten = connect(srv.path)
+    forgotten.sendall(b'{"command": "later"}\n')
+    deadline = time.monotonic() + 5
+    while len(later) < 2 and time.monotonic() < deadline:
+        wait(srv.waitables(), timeout=0.05)
+        srv.serve(deferring)
+    assert len(later) == 2 and srv.clients == 2
+    other = connect(srv.path)
+    other.sendall(b'{"command": "now"}\n')
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 0.2:
+        srv.serve(deferring)  # the waiting ones hold nobody
+        time.sleep(0.01)
+    assert srv.clients == 2
+    assert answer(other) == {"echo": {"command": "now"}}
+    later[0].response = {"late": True}
+    srv.serve(deferring)
+    assert answer(c) == {"late": True}
+    # the other one is never answered: dropped a second after the handler's own limit
+    while srv.clients and time.monotonic() - t0 < 5:
+        wait(srv.waitables(), timeout=srv.next_timeout())
+        srv.serve(deferring)
+    assert answer(forgotten) is None
+    assert 1.5 < time.monotonic() - t0 < 3.0 and srv.errors == 1
+    srv.close()
