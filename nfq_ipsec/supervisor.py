@@ -15,9 +15,10 @@ Order of things (fail closed at every step):
    its queue has no listener and the kernel drops that queue's packets. A worker that is alive
    but stuck (it has not answered a ping for ``daemon.watchdog`` seconds, default 10) is killed
    and restarted the same way, so a hung worker costs its queue an outage, not its traffic
-   for good. A worker that dies before becoming ready 3 times in a row stops the daemon
-   (exit 1) and leaves the rules in place if they were installed, so its traffic stays
-   dropped rather than sent in clear;
+   for good. Control clients are served in the same loop without ever being waited on
+   (``control.py``), so nothing a client does delays a restart or the watchdog. A worker that
+   dies before becoming ready 3 times in a row stops the daemon (exit 1) and leaves the rules
+   in place if they were installed, so its traffic stays dropped rather than sent in clear;
 7. SIGTERM/SIGINT: remove the rules, then stop the workers, remove the socket, exit 0.
 
 If the supervisor itself fails unexpectedly it leaves the rules in place: with no workers the
