@@ -464,6 +464,8 @@ class Supervisor:
                 for slot in self.slots:
                     slot.stats = None
                     self._ask_stats(slot)
+                if not self._stats_asked:  # no worker to wait for
+                    return self.status()
             waiter = Deferred(STATS_TIMEOUT)
             self._status_waiters.append(waiter)
             return waiter

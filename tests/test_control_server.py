@@ -313,6 +313,10 @@ def test_supervisor_never_echoes_a_strange_command() -> None:
     reply = sup.handle_request({"command": "y" * 10_000})
     assert reply == {"error": f"unknown command {'y' * 40!r} (known: status)"}
     assert sup.handle_request({}) == {"error": "unknown command of type NoneType (known: status)"}
+    # no worker to wait for: the status is answered at once
+    st = sup.handle_request({"command": "status"})
+    assert isinstance(st, dict) and st["daemon"]["control_errors"] == 0
+    assert [w["state"] for w in st["workers"]] == ["stopped"] * len(sup.slots)
 
 
 def test_deferred_answer_is_sent_when_ready_without_holding_anyone(tmp_path: Path) -> None:
