@@ -1,10 +1,15 @@
 """The control socket: a unix stream socket, mode 0600, one JSON request line, one JSON answer line.
 
-Requests: ``{"command": "status"}``. The answer to ``status``::
+Requests: ``{"command": "status"}`` or ``{"command": "reload", "config": PATH}`` (the answer:
+``{"reloaded": summary, "changed": true}`` or ``{"error", "problems", "changed": false}``), a
+UTF-8 JSON object on one line of at most ``MAX_REQUEST`` bytes (end of file also ends it). The
+answer to ``status``::
 
-    {"daemon":  {"pid", "uptime", "config", "state", "rules_installed", "ipv6", "version"},
+    {"daemon":  {"pid", "uptime", "config", "state", "rules_installed", "ipv6", "version",
+                 "core", "control_errors", "control_clients"},
      "kernel_drops": {reason: n},  (dropped by our own iptables DROP rules, never queued:
-                                    cleartext_protected, policy_discard, no_policy, leak_guard)
+                                    cleartext_protected, policy_discard, no_policy, leak_guard,
+                                    no_sa, unknown_spi, fragment, ipv6, daemon_stopped)
      "warnings": ["text", ...],   (internal errors, kernel queue drops, workers down)
      "workers": [{"queue", "cpu", "pid", "uptime", "restarts", "state", "packets_in",
                   "packets_out", "drops": {reason: n}, "kernel_queue_dropped", "user_dropped",
@@ -17,9 +22,20 @@ Requests: ``{"command": "status"}``. The answer to ``status``::
 reserved on disk, inbound the number up to which a restarted worker treats packets as seen.
 
 Counters of a worker that is down are ``null``. ``last_outage``: seconds from the last death of
-the queue's worker to its replacement being ready (``null`` if it never died). Nothing in a
+the queue's worker (the moment its process exited, seen by the supervisor's loop as its pipe
+closing or its process sentinel) to its replacement being ready (``null`` if it never died). Nothing in a
 status answer is key material: it is built from names, SPIs and counters only. An error
 answer is ``{"error": "text"}``.
+
+No client can stall the daemon. The server never blocks on a client: the supervisor's loop
+waits on the listening socket and on one epoll descriptor for all clients, and ``serve`` does
+only what is ready. A client has ``CLIENT_TIMEOUT`` seconds to send its request and then as
+long again to take its answer, or it is dropped; at most ``MAX_CLIENTS`` are served at once
+(the next ones get ``{"error": "busy: ..."}`` and are closed). Whatever a request holds (invalid
+UTF-8, no JSON object, nesting deep enough to exhaust ``json``'s recursion, more than
+``MAX_REQUEST`` bytes) it gets an error answer. These failures and every error answer count in
+``control_errors``; ``control_clients`` is the number of clients connected. They are logged at
+DEBUG only, so a hostile client can't fill the log.
 
 This module has the server half (used by the supervisor), the client half and the text
 rendering behind ``nfq-ipsec status``.
@@ -30,19 +46,41 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
+import selectors
 import socket
 import stat
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MAX_REQUEST = 64 * 1024
-CLIENT_TIMEOUT = 2.0  # seconds a client has to send its request
+MAX_REQUEST = 64 * 1024  # bytes of one request line
+CLIENT_TIMEOUT = 2.0  # seconds a client has to send its request, and then to take its answer
+MAX_CLIENTS = 16  # clients served at once; more are answered "busy" and closed
+ACCEPTS_PER_ROUND = 64
+RECV_SIZE = 4096
+FAILURE_LOG_INTERVAL = 60.0  # seconds between two logged handler failures
 STATUS_TIMEOUT = 10.0  # seconds ``nfq-ipsec status`` waits for the answer
 
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+log = logging.getLogger("nfq_ipsec.control")
+
+
+
+class Deferred:
+    """An answer a handler gives later instead of blocking (``status`` waits for the workers'
+    counters): the handler returns it, sets ``response`` within ``timeout`` seconds, and the
+    server sends it on its next round."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.response: dict[str, Any] | None = None
+
+
+Handler = Callable[[dict[str, Any]], "dict[str, Any] | Deferred"]
 
 
 class ControlError(Exception):
@@ -54,12 +92,35 @@ class NotRunning(Exception):
 
 
 # -- server ---------------------------------------------------------------------------------
-class ControlServer:
-    """The listening socket. The supervisor waits on it and calls ``serve_one`` when readable."""
+@dataclass(eq=False)
+class _Client:
+    """One accepted connection: its request so far, then its answer until it is sent."""
 
-    def __init__(self, path: str) -> None:
+    sock: socket.socket
+    deadline: float  # monotonic: drop the client if it is not done by then
+    request: bytearray = field(default_factory=bytearray)
+    pending: Deferred | None = None  # the handler answers later
+    answer: memoryview | None = None  # what is left to send, once the request was answered
+
+
+class ControlServer:
+    """The listening socket and the clients being served, none of them ever waited on.
+
+    The supervisor waits on ``waitables()`` (with ``multiprocessing.connection.wait``, along
+    with its workers) and calls ``serve`` after every wait: it accepts, reads, answers and
+    drops what is ready or due, and returns without blocking. So a client that is slow, silent,
+    malformed or never reads its answer costs the daemon nothing but its own connection."""
+
+    def __init__(self, path: str, max_clients: int = MAX_CLIENTS,
+                 client_timeout: float = CLIENT_TIMEOUT) -> None:
         self.path = path
         self.sock: socket.socket | None = None
+        self.max_clients = max_clients
+        self.client_timeout = client_timeout
+        self.errors = 0  # bad requests, error answers, clients refused or dropped
+        self._clients: dict[socket.socket, _Client] = {}
+        self._sel: selectors.EpollSelector | None = None
+        self._failure_logged = -FAILURE_LOG_INTERVAL
 
     def open(self) -> None:
         """Make the directory (0700 if we create it), refuse if a daemon already answers,
@@ -86,42 +147,218 @@ class ControlServer:
         sock.listen(16)
         sock.setblocking(False)
         self.sock = sock
+        self._sel = selectors.EpollSelector()
 
     def fileno(self) -> int:
         if self.sock is None:
             raise RuntimeError("control socket not open")
         return self.sock.fileno()
 
-    def serve_one(self, handler: Handler) -> None:
-        """Accept one waiting client, answer its request, close it."""
-        if self.sock is None:
+    def waitables(self) -> list[socket.socket | selectors.EpollSelector]:
+        """What to wait on for readability: the listening socket, and one epoll descriptor that
+        is readable when any client can be read from or written to."""
+        if self.sock is None or self._sel is None:
+            return []
+        return [self.sock, self._sel]
+
+    @property
+    def clients(self) -> int:
+        return len(self._clients)
+
+    def next_timeout(self, now: float | None = None) -> float | None:
+        """Seconds until the earliest client deadline (``None``: no client)."""
+        if not self._clients:
+            return None
+        now = time.monotonic() if now is None else now
+        return max(0.0, min(c.deadline for c in self._clients.values()) - now)
+
+    def serve(self, handler: Handler) -> None:
+        """Accept waiting clients, read and answer those that have sent something, go on
+        sending answers, drop clients past their deadline. Never blocks, never raises for a
+        client's sake (a failing handler is answered with an error)."""
+        if self.sock is None or self._sel is None:
             return
-        try:
-            conn, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        with conn:
-            conn.settimeout(CLIENT_TIMEOUT)
-            try:
-                line = _read_line(conn)
-                try:
-                    request = json.loads(line)
-                    if not isinstance(request, dict):
-                        raise ValueError("request is not a JSON object")
-                except ValueError as err:
-                    response: dict[str, Any] = {"error": f"bad request: {err}"}
-                else:
-                    response = handler(request)
-                conn.sendall(json.dumps(response, sort_keys=True).encode() + b"\n")
-            except OSError:
-                pass  # the client went away or was too slow; nothing to clean up
+        self._accept()
+        for key, events in self._sel.select(0):
+            client: _Client = key.data
+            if client.answer is None:
+                if events & selectors.EVENT_READ:
+                    self._read(client, handler)
+            elif events & selectors.EVENT_WRITE:
+                self._send(client)
+        for client in [c for c in self._clients.values() if c.pending is not None]:
+            assert client.pending is not None
+            if client.pending.response is not None:
+                self._answer(client, self._counted(client.pending.response))
+        now = time.monotonic()
+        for client in [c for c in self._clients.values() if now >= c.deadline]:
+            what = ("send its request" if client.answer is None and client.pending is None
+                    else "get its answer" if client.answer is None else "read its answer")
+            self._drop(client, f"did not {what} in time")
 
     def close(self) -> None:
+        for client in list(self._clients.values()):
+            self._drop(client)
+        if self._sel is not None:
+            self._sel.close()
+            self._sel = None
         if self.sock is not None:
             self.sock.close()
             self.sock = None
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+
+    # -- one client at a time ---------------------------------------------------------------
+    def _accept(self) -> None:
+        assert self.sock is not None and self._sel is not None
+        for _ in range(ACCEPTS_PER_ROUND):  # the rest on the next round: no starving the loop
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:  # out of file descriptors, for example: try next round
+                log.debug("control socket: accept failed: %s", err)
+                return
+            conn.setblocking(False)
+            if len(self._clients) >= self.max_clients:
+                self.errors += 1
+                log.debug("control socket: %d clients already, refusing one", len(self._clients))
+                with contextlib.suppress(OSError):
+                    conn.send(_encode({"error": f"busy: {self.max_clients} control clients "
+                                                "already connected; try again"}))
+                _close(conn)
+                continue
+            client = _Client(conn, time.monotonic() + self.client_timeout)
+            self._clients[conn] = client
+            self._sel.register(conn, selectors.EVENT_READ, client)
+
+    def _read(self, client: _Client, handler: Handler) -> None:
+        while True:
+            try:
+                chunk = client.sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                self._drop(client, f"lost while reading its request: {err.strerror}")
+                return
+            if not chunk:  # end of file: what came before it is the request, if anything
+                if client.request:
+                    self._reply(client, self._respond(bytes(client.request), handler))
+                else:
+                    self._drop(client)  # connected and left: a liveness probe, no error
+                return
+            start = len(client.request)
+            client.request += chunk
+            end = client.request.find(b"\n", start)
+            if 0 <= end <= MAX_REQUEST:
+                self._reply(client, self._respond(bytes(client.request[:end]), handler))
+                return
+            if len(client.request) > MAX_REQUEST:
+                self._answer(client, self._refuse(f"request longer than {MAX_REQUEST} bytes"))
+                return
+
+    def _respond(self, line: bytes, handler: Handler) -> dict[str, Any] | Deferred:
+        try:
+            request = json.loads(line.decode("utf-8"))
+        except RecursionError:  # json recurses per nesting level: [[[[... exhausts the stack
+            return self._refuse("nested too deeply")
+        except ValueError as err:  # invalid UTF-8 (UnicodeDecodeError) or invalid JSON
+            return self._refuse(str(err))
+        if not isinstance(request, dict):
+            return self._refuse("request is not a JSON object")
+        try:
+            response = handler(request)
+        except Exception:
+            return self._failed()
+        return response if isinstance(response, Deferred) else self._counted(response)
+
+    def _counted(self, response: dict[str, Any]) -> dict[str, Any]:
+        """The handler's answer, checked and counted."""
+        try:
+            _encode(response)  # fails here, not half-way through sending
+        except Exception:
+            return self._failed()
+        if "error" in response:
+            self.errors += 1
+        return response
+
+    def _failed(self) -> dict[str, Any]:
+        """The handler raised, or answered what can't be sent: a bug in our own code."""
+        self.errors += 1
+        now = time.monotonic()
+        if now - self._failure_logged >= FAILURE_LOG_INTERVAL:
+            self._failure_logged = now
+            log.exception("control request failed (logged at most once per %g s)",
+                          FAILURE_LOG_INTERVAL)
+        return {"error": "internal error answering the request (the daemon's log has it)"}
+
+    def _refuse(self, why: str) -> dict[str, Any]:
+        self.errors += 1
+        log.debug("control socket: bad request: %s", why)
+        return {"error": f"bad request: {why}"}
+
+    def _reply(self, client: _Client, response: dict[str, Any] | Deferred) -> None:
+        assert self._sel is not None
+        client.request.clear()
+        if isinstance(response, Deferred):
+            # nothing to read from it meanwhile; a second of slack past the handler's own limit
+            client.pending = response
+            client.deadline = time.monotonic() + response.timeout + 1.0
+            self._sel.unregister(client.sock)
+        else:
+            self._answer(client, response)
+
+    def _answer(self, client: _Client, response: dict[str, Any]) -> None:
+        """Send the answer as far as the socket takes it now; the rest when it is writable."""
+        assert self._sel is not None
+        client.pending = None
+        client.answer = memoryview(_encode(response))
+        client.deadline = time.monotonic() + self.client_timeout
+        try:
+            self._sel.modify(client.sock, selectors.EVENT_WRITE, client)
+        except KeyError:  # it waited for a deferred answer, unwatched
+            self._sel.register(client.sock, selectors.EVENT_WRITE, client)
+        self._send(client)
+
+    def _send(self, client: _Client) -> None:
+        assert client.answer is not None
+        try:
+            while client.answer:
+                sent = client.sock.send(client.answer)
+                client.answer = client.answer[sent:]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as err:
+            self._drop(client, f"lost while sending its answer: {err.strerror}")
+            return
+        self._drop(client)  # all sent
+
+    def _drop(self, client: _Client, why: str | None = None) -> None:
+        """Close a client; ``why`` when it failed (counted, logged at DEBUG only: a hostile
+        client must not be able to fill the log)."""
+        if why is not None:
+            self.errors += 1
+            log.debug("control socket: client dropped: %s", why)
+        self._clients.pop(client.sock, None)
+        if self._sel is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(client.sock)
+        _close(client.sock)
+
+
+def _encode(response: dict[str, Any]) -> bytes:
+    return json.dumps(response, sort_keys=True).encode() + b"\n"
+
+
+def _close(sock: socket.socket) -> None:
+    """Close a non-blocking client socket after discarding what it sent that we did not read
+    (a little of it at most): closing a unix socket with unread data resets the connection, and
+    the client would lose its answer."""
+    with contextlib.suppress(OSError):
+        for _ in range(4):
+            if not sock.recv(MAX_REQUEST):
+                break
+    sock.close()
 
 
 def _make_dir(directory: Path) -> None:
@@ -145,20 +382,6 @@ def _answers(path: str) -> bool:
     finally:
         s.close()
     return True
-
-
-def _read_line(conn: socket.socket) -> bytes:
-    chunks = []
-    total = 0
-    while True:
-        chunk = conn.recv(4096)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-        if b"\n" in chunk or total > MAX_REQUEST:
-            break
-    return b"".join(chunks).split(b"\n", 1)[0]
 
 
 # -- client ---------------------------------------------------------------------------------

@@ -15,10 +15,13 @@ Order of things (fail closed at every step):
    its queue has no listener and the kernel drops that queue's packets. A worker that is alive
    but stuck (it has not answered a ping for ``daemon.watchdog`` seconds, default 10) is killed
    and restarted the same way, so a hung worker costs its queue an outage, not its traffic
-   for good. A worker that dies before becoming ready 3 times in a row stops the daemon
-   (exit 1) and leaves the rules in place if they were installed, so its traffic stays
-   dropped rather than sent in clear;
-7. SIGTERM/SIGINT: close the rules (every rule that queues to a worker becomes a DROP, in one
+   for good. Control clients are served in the same loop without ever being waited on
+   (``control.py``), so nothing a client does delays a restart or the watchdog. A worker that
+   dies before becoming ready 3 times in a row stops the daemon (exit 1) and leaves the rules
+   in place if they were installed, so its traffic stays dropped rather than sent in clear;
+7. SIGHUP or a ``reload`` request: the configuration is re-read and applied without a restart
+   (``reload``);
+8. SIGTERM/SIGINT: close the rules (every rule that queues to a worker becomes a DROP, in one
    transaction per table), then stop the workers, remove the socket, exit 0. The rules stay:
    protected traffic is dropped while the daemon is down, never sent in clear, and the next
    ``run`` replaces the closed rules with live ones in one transaction (a restart drops
@@ -47,7 +50,7 @@ from typing import Any
 
 from . import __version__, corebuild, counts, rules
 from .config import Config, QueueConfig
-from .control import ControlError, ControlServer
+from .control import ControlError, ControlServer, Deferred
 from .core import SADirection
 from .nfqueue import kernel_queue_stats
 from .worker import WorkerSpec, worker_main
@@ -86,8 +89,9 @@ class Slot:
     backoff: float = BACKOFF_MIN
     restart_at: float | None = None
     last_error: str | None = None
-    died_at: float | None = None  # monotonic, when the last death was noticed
+    died_at: float | None = None  # monotonic, when the last ready process died (see _reap)
     last_outage: float | None = None  # seconds from that death to the replacement being ready
+    pipe_closed_at: float | None = None  # monotonic, when the current process's pipe hit EOF
     last_heard: float = 0.0  # monotonic, of the last message from the current process
     pinged_at: float = 0.0  # monotonic, of the last watchdog ping sent to it
     hung: bool = False  # the watchdog killed the current process
@@ -113,6 +117,9 @@ class Supervisor:
         self.stop_signal: int | None = None
         self.reload_requested = False  # SIGHUP
         self._wake_r, self._wake_w = socket.socketpair()
+        self._status_waiters: list[Deferred] = []  # status answers waiting for the counters
+        self._stats_asked: list[Slot] = []
+        self._stats_deadline = 0.0
 
     # -- entry point ----------------------------------------------------------------------
     def run(self) -> int:
@@ -194,6 +201,7 @@ class Supervisor:
         slot.last_counts = None
         slot.last_heard = slot.pinged_at = slot.started_at
         slot.hung = False
+        slot.pipe_closed_at = None
         log.debug("worker for queue %d started, pid %s", slot.queue, proc.pid)
 
     def _on_message(self, slot: Slot, msg: Any) -> None:
@@ -210,6 +218,8 @@ class Supervisor:
             slot.early_failures = 0
             slot.last_error = None
             slot.pid = int(msg[1])
+            if self._status_waiters:  # a status answer is being collected: count it in
+                self._ask_stats(slot)
             cpu = f"cpu {slot.qc.cpu}" if slot.qc.cpu is not None else "not pinned"
             again = f" (restart {slot.restarts})" if slot.restarts else ""
             log.info("worker for queue %d ready%s: pid %d, %s, %d SA(s)%s", slot.queue, again,
@@ -230,14 +240,27 @@ class Supervisor:
             while conn.poll():
                 self._on_message(slot, conn.recv())
         except (EOFError, OSError):
-            conn.close()
-            slot.conn = None  # the process is exiting; its sentinel tells us when
+            self._pipe_closed(slot)
 
-    def _reap(self, slot: Slot) -> None:
-        """The slot's process has exited: log it, then schedule a restart or give up."""
+    def _pipe_closed(self, slot: Slot) -> None:
+        """The worker's end of the pipe closed: it is exiting (its sentinel tells us when)."""
+        if slot.pipe_closed_at is None:
+            slot.pipe_closed_at = time.monotonic()
+        if slot.conn is not None:
+            slot.conn.close()
+            slot.conn = None
+
+    def _reap(self, slot: Slot, noticed: float | None = None) -> None:
+        """The slot's process has exited: log it, then schedule a restart or give up.
+
+        ``noticed``: when its sentinel was seen readable. The death is timed from that or from
+        its pipe's end of file, whichever came first: both happen as the process exits, and
+        the loop notices them at once (nothing in it waits on a client)."""
         proc = slot.proc
         assert proc is not None
         self._read(slot)  # an error message it sent before dying
+        seen = [t for t in (noticed, slot.pipe_closed_at) if t is not None]
+        died = min(seen) if seen else time.monotonic()
         # The sentinel fires when the child's files close, a moment before it can be reaped.
         proc.join(2.0)
         if proc.exitcode is None:
@@ -255,7 +278,7 @@ class Supervisor:
         was_ready = slot.state == "ready"
         uptime = time.monotonic() - slot.started_at
         if was_ready:
-            slot.died_at = time.monotonic()
+            slot.died_at = died
         slot.state = "down"
         slot.stats = None
         if self.state == "stopping":
@@ -324,34 +347,43 @@ class Supervisor:
         for slot in self.slots:
             if slot.state == "down" and slot.restart_at is not None:
                 timeout = min(timeout, max(0.0, slot.restart_at - now))
+        clients = self.control.next_timeout(now)
+        if clients is not None:
+            timeout = min(timeout, clients)
+        if self._status_waiters:
+            timeout = min(timeout, max(0.0, self._stats_deadline - now))
         return timeout
 
     def _wait_once(self) -> None:
-        """Wait for and handle one round of events: messages, deaths, clients, signals."""
-        objs: dict[Any, tuple[str, Slot | None]] = {
-            self._wake_r: ("wake", None), self.control.sock: ("control", None),
-        }
+        """Wait for and handle one round of events: messages, deaths, clients, signals.
+
+        Nothing here blocks on a control client: ``ControlServer.serve`` only does what its
+        clients are ready for, so deaths are seen and restarts start on time."""
+        objs: dict[Any, tuple[str, Slot | None]] = {self._wake_r: ("wake", None)}
+        for waitable in self.control.waitables():
+            objs[waitable] = ("control", None)
         for slot in self.slots:
             if slot.conn is not None:
                 objs[slot.conn] = ("conn", slot)
             if slot.proc is not None:
                 objs[slot.proc.sentinel] = ("dead", slot)
-        ready = wait([o for o in objs if o is not None], timeout=self._next_timeout())
+        ready = wait(list(objs), timeout=self._next_timeout())
+        noticed = time.monotonic()
         dead: list[Slot] = []
         for obj in ready:
             what, owner = objs[obj]
             if what == "wake":
                 with contextlib.suppress(BlockingIOError):
                     self._wake_r.recv(256)
-            elif what == "control":
-                self.control.serve_one(self.handle_request)
             elif what == "conn" and owner is not None:
                 self._read(owner)
             elif what == "dead" and owner is not None:
                 dead.append(owner)
         for slot in dead:
-            self._reap(slot)
+            self._reap(slot, noticed)
         self._tick()
+        self._answer_status()
+        self.control.serve(self.handle_request)  # every round: clients' deadlines are due too
 
     def _wait_ready(self) -> bool:
         """Until every worker is ready (True), or a stop signal (False). Raises Fatal."""
@@ -438,18 +470,33 @@ class Supervisor:
         return True
 
     # -- status ---------------------------------------------------------------------------
-    def handle_request(self, req: dict[str, Any]) -> dict[str, Any]:
+    def handle_request(self, req: dict[str, Any]) -> dict[str, Any] | Deferred:
+        """A control request. ``status`` is answered once the workers have sent their counters
+        (or in ``STATS_TIMEOUT``), by ``_answer_status`` in a later round of the loop."""
         command = req.get("command")
         if command == "status":
-            return self.status()
+            if not self._status_waiters:
+                self._stats_asked = []
+                self._stats_deadline = time.monotonic() + STATS_TIMEOUT
+                for slot in self.slots:
+                    slot.stats = None
+                    self._ask_stats(slot)
+                if not self._stats_asked:  # no worker to wait for
+                    return self.status()
+            waiter = Deferred(STATS_TIMEOUT)
+            self._status_waiters.append(waiter)
+            return waiter
         if command == "reload":
             asked = req.get("config")
             if asked is not None and os.path.realpath(str(asked)) != os.path.realpath(self.config_path):
-                return {"error": f"this daemon runs {self.config_path}, not {asked}", "changed": False}
+                return {"error": f"this daemon runs {self.config_path}, not the given file",
+                        "changed": False}
             if self.state != "running":
                 return {"error": f"the daemon is {self.state}; reload once it runs", "changed": False}
             return self.reload()
-        return {"error": f"unknown command {command!r} (known: status, reload)"}
+        # never echo what a client sent beyond a short string
+        what = repr(command[:40]) if isinstance(command, str) else f"of type {type(command).__name__}"
+        return {"error": f"unknown command {what} (known: status, reload)"}
 
     # -- reload ---------------------------------------------------------------------------
     def reload(self) -> dict[str, Any]:
@@ -592,28 +639,28 @@ class Supervisor:
         finally:
             self.slots = keep
 
-    def _collect_stats(self) -> None:
-        asked = []
-        for slot in self.slots:
-            slot.stats = None
-            if slot.state == "ready" and slot.conn is not None:
-                try:
-                    slot.conn.send(("stats",))
-                    asked.append(slot)
-                except OSError:
-                    pass
-        deadline = time.monotonic() + STATS_TIMEOUT
-        for slot in asked:
-            while slot.stats is None and slot.conn is not None:
-                # past the deadline, still take an answer that is already there: one slow
-                # worker must not make the others look unresponsive
-                left = max(0.0, deadline - time.monotonic())
-                try:
-                    if not slot.conn.poll(left):
-                        break
-                    self._on_message(slot, slot.conn.recv())
-                except (EOFError, OSError):
-                    break
+    def _ask_stats(self, slot: Slot) -> None:
+        if slot.state == "ready" and slot.conn is not None:
+            try:
+                slot.conn.send(("stats",))
+                self._stats_asked.append(slot)
+            except OSError:
+                pass
+
+    def _answer_status(self) -> None:
+        """Give the waiting status requests their answer once every worker asked has sent its
+        counters (or died), or at the deadline: one slow worker must not make the others look
+        unresponsive, nor hold the answer longer than ``STATS_TIMEOUT``."""
+        if not self._status_waiters:
+            return
+        waiting = [s for s in self._stats_asked if s.stats is None and s.conn is not None]
+        if waiting and time.monotonic() < self._stats_deadline:
+            return
+        answer = self.status()
+        for waiter in self._status_waiters:
+            waiter.response = answer
+        self._status_waiters = []
+        self._stats_asked = []
 
     def _kernel_drops(self) -> dict[str, int] | None:
         """What our own DROP rules dropped (cleartext where ESP is required, no policy...)."""
@@ -628,7 +675,7 @@ class Supervisor:
             return None
 
     def status(self) -> dict[str, Any]:
-        self._collect_stats()
+        """The status answer from the counters the workers last sent (``slot.stats``)."""
         now = time.monotonic()
         kernel = kernel_queue_stats()
         workers: list[dict[str, Any]] = []
@@ -690,6 +737,8 @@ class Supervisor:
                 "ipv6": rules.ipv6_summary(self.cfg),
                 "version": __version__,
                 "core": corebuild.running().detail,
+                "control_errors": self.control.errors,
+                "control_clients": self.control.clients,
             },
             "workers": workers,
             "sas": sas,

@@ -1,4 +1,4 @@
-"""Hostile input through the real daemon (root; namespaces ``nfqx<pid>...``), issue 5.
+"""Hostile input through the real daemon (root; namespaces ``nfqx<pid>...``).
 
 Host B runs ``nfq-ipsec run`` (two queues); host A runs nothing: the test crafts packets with
 the SA keys (through the core's suites, so the ESP is genuine where it needs to be) and puts
@@ -8,13 +8,19 @@ dropped under its own reason, counted in ``nfq-ipsec status --json``; the worker
 
 Also here: the exception storm (``NFQ_IPSEC_TEST_FAULT=raise-every-packet``: drops counted,
 log rate-limited, no spinning, a status warning) and queue overflow (a deliberately slowed
-worker: kernel drops counted and shown, recovery without a restart when the load falls).
+worker: kernel drops counted and shown, recovery without a restart when the load falls), and
+hostile clients of the control socket (deep nesting, a byte a second, silence) while a worker
+is killed: the supervisor stays up, answers status and replaces the worker in the usual time.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import struct
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -48,8 +54,10 @@ from labutil import (
     udp,
 )
 
+from nfq_ipsec import control
 from nfq_ipsec.core.esp import pad_length
 from nfq_ipsec.core.suites import Suite, make_suite
+from nfq_ipsec.nfqueue import kernel_queue_stats
 
 pytestmark = [pytest.mark.root, needs_root]
 SPOOFED = "10.81.0.99"
@@ -265,3 +273,120 @@ def test_queue_overflow_is_counted_and_recovers(pair: Pair, tmp_path: Path, daem
     assert a.stop() == 0 and b.stop() == 0
 
 
+
+
+class HostileClients:
+    """Control socket clients that misbehave over and over, each in a thread, until ``stop``:
+    deep nesting (60,000 levels: json's RecursionError; 100,000: longer than a request may
+    be), one byte a second, and connect-and-say-nothing."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.done = threading.Event()
+        self.answers: list[bytes] = []  # to the deep ones
+        self.connections = 0
+        self.threads = [threading.Thread(target=t, daemon=True)
+                        for t in (self._deep, self._deep, self._trickle, self._trickle,
+                                  self._silent, self._silent)]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def stop(self) -> None:
+        self.done.set()
+        for t in self.threads:
+            t.join(15)
+
+    def _connect(self) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(15)
+        s.connect(self.path)
+        self.connections += 1
+        return s
+
+    def _deep(self) -> None:
+        depth = 60_000
+        while not self.done.is_set():
+            try:
+                with self._connect() as s:
+                    s.sendall(b"[" * depth + b"\n")
+                    data = b""
+                    while chunk := s.recv(65536):
+                        data += chunk
+                    self.answers.append(data)
+            except OSError:
+                time.sleep(0.1)  # the daemon is gone: the test will say so
+            depth = 160_000 - depth  # 60,000 and 100,000 in turn
+
+    def _trickle(self) -> None:
+        while not self.done.is_set():
+            try:
+                with self._connect() as s:
+                    for byte in b'{"command": "status"}\n':
+                        s.send(bytes([byte]))
+                        if self.done.wait(1.0):
+                            break
+            except OSError:
+                pass  # dropped at its deadline: start over
+
+    def _silent(self) -> None:
+        while not self.done.is_set():
+            try:
+                with self._connect() as s:
+                    s.recv(1)  # until the daemon drops us
+            except OSError:
+                time.sleep(0.1)
+
+
+def test_hostile_control_clients_while_a_worker_is_killed(pair: Pair, tmp_path: Path,
+                                                          daemons: list[Daemon]) -> None:
+    b = daemon(pair, tmp_path, False, make_keys(), daemons)
+    b.start()
+    st = b.wait_running()
+    supervisor = st["daemon"]["pid"]
+    victim, survivor = (w["pid"] for w in st["workers"])
+    queues = f"/proc/{supervisor}/net/netfilter/nfnetlink_queue"  # the daemon's namespace
+    bound_before = kernel_queue_stats(queues)[QUEUES[0]].portid
+    hostile = HostileClients(str(b.config.parent / "run" / "ctl.sock"))
+    hostile.start()
+    rebound = None
+    try:
+        time.sleep(2.5)  # every kind connected, the trickling ones half-way through a request
+        killed = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        # the replacement binds the queue: seen in the kernel's table, not through the daemon
+        while time.monotonic() - killed < 10:
+            q = kernel_queue_stats(queues).get(QUEUES[0])
+            if q is not None and q.portid != bound_before:
+                rebound = time.monotonic() - killed
+                break
+            time.sleep(0.005)
+        # status answers while they go on
+        st = b.wait_for(lambda s: s["workers"][0]["restarts"] == 1 and s["workers"][0]["state"] == "ready",
+                        timeout=20, what="the killed worker replaced")
+        time.sleep(1.0)
+        again = b.status()
+    finally:
+        hostile.stop()
+    assert rebound is not None, "the killed worker's queue was not bound again within 10 s"
+    # the usual restart: 0.1 s backoff and a worker's start, never a client's deadline
+    assert rebound < 1.5, rebound
+    outage = st["workers"][0]["last_outage"]
+    assert isinstance(outage, float) and control.CLIENT_TIMEOUT > outage >= 0.1, outage
+    assert abs(outage - rebound) < 0.25, (outage, rebound)  # measured from the death itself
+    assert st["workers"][1]["pid"] == survivor and st["workers"][1]["restarts"] == 0
+    assert again is not None and again["daemon"]["pid"] == supervisor
+    assert again["daemon"]["state"] == "running"
+    assert again["daemon"]["control_errors"] >= 4
+    assert again["daemon"]["control_clients"] <= len(hostile.threads) + 1
+    assert hostile.answers and all(json.loads(a)["error"].startswith("bad request") for a in hostile.answers)
+    assert {json.loads(a)["error"] for a in hostile.answers} == {
+        "bad request: nested too deeply",
+        f"bad request: request longer than {control.MAX_REQUEST} bytes"}
+    log = b.log.read_text()
+    assert "supervisor failed" not in log and "bad request" not in log and "Traceback" not in log
+    print(f"\nhostile control clients: {hostile.connections} connections; worker killed -> queue "
+          f"bound again {rebound:.3f} s, last_outage {outage:.3f} s; control_errors "
+          f"{again['daemon']['control_errors']}")
+    assert b.stop() == 0

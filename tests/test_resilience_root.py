@@ -276,7 +276,7 @@ def test_killed_worker_under_load(pair: Pair, tmp_path: Path, daemons: list[Daem
     assert not [p for p in packets if p[9] == 17]  # no UDP in clear, from either side
     assert len(esp_ids(packets)) == len(got)
     figures = {
-        "worker restart (death noticed -> replacement ready), s": outage,
+        "worker restart (death -> replacement ready), s": outage,
         "kill -> status shows it ready, s": round(noticed, 2),
         "longest silence of a flow on the killed queue, s": round(silence, 3),
         "packets lost per flow on the killed queue":

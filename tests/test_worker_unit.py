@@ -380,11 +380,11 @@ def server(tmp_path: Path) -> Iterator[control.ControlServer]:
     stop = threading.Event()
 
     def serve() -> None:
-        import select
+        from multiprocessing.connection import wait
 
         while not stop.is_set():
-            if select.select([srv.fileno()], [], [], 0.05)[0]:
-                srv.serve_one(lambda req: {"echo": req, "secret": None})
+            wait(srv.waitables(), timeout=0.05)
+            srv.serve(lambda req: {"echo": req, "secret": None})
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
