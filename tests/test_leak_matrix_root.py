@@ -290,9 +290,15 @@ def test_failed_start(lab: Lab) -> None:
 def test_boot_guard_alone(lab: Lab) -> None:
     """No rules at all (as at boot), then the guard unit's ExecStart: the protected flows are
     dropped before any daemon ran. Then the daemon takes over."""
-    stopped_cleanly(lab.a)
-    lab.pair.run(lab.a.ns, *nfq_ipsec(), "rules", "remove", "--config", str(lab.a.config))
+    # `nfq-ipsec stop --remove-rules`: SIGTERM, wait, then the deliberate removal
+    res = lab.pair.run(lab.a.ns, *nfq_ipsec(), "stop", "--remove-rules", "--config",
+                       str(lab.a.config), check=False)
+    assert res.returncode == 0, res.stderr
+    assert "stopped" in res.stdout and "rules removed" in res.stdout, res.stdout
+    assert lab.a.proc is not None and lab.a.proc.wait(5) == 0
     assert not any("NFQIPSEC" in line for line in lab.pair.iptables_save(lab.a.ns))
+    res = lab.pair.run(lab.a.ns, *nfq_ipsec(), "stop", "--config", str(lab.a.config), check=False)
+    assert res.returncode == 3 and "no daemon answers" in res.stderr, res.stderr
     unit = (ROOT / "scripts" / "nfq-ipsec-guard@.service.in").read_text()
     exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
     argv = exec_start.removeprefix("ExecStart=").split()
@@ -305,6 +311,10 @@ def test_boot_guard_alone(lab: Lab) -> None:
     assert out.received == 0
     assert lab.kernel_drops(lab.a).get("daemon_stopped", 0) >= out.sent
     restart(lab.a)
+    # the guard started again by hand while the daemon runs: the live rules stay
+    res = lab.pair.run(lab.a.ns, *argv)
+    assert "live rules are left in place" in res.stdout, res.stdout
+    assert any("NFQUEUE" in line for line in lab.pair.iptables_save(lab.a.ns))
 
 
 IPV6_SENDER = textwrap.dedent("""
