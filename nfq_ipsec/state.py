@@ -21,13 +21,41 @@ The key id is a hash of the SA's algorithms and keys (SHA-256 with a domain labe
 shown); it names the key without revealing it. Files are named by key, not by SA name or SPI,
 because what must never repeat is a (key, sequence number) pair: renaming an SA or changing its
 SPI keeps its counter; a new key is a new SA and starts at 1. Each file also records the SA's
-name and SPI (for people) and a checksum; a file that does not parse, fails its checksum or
-belongs to another key is *corrupt*.
+name and SPI (for people), the SA's use of its lifetime (packets, bytes, and when the key was
+first installed here, wall clock) and a MAC.
+
+Who may change a file
+---------------------
+Rolling ``next_seq`` back repeats nonces, so a file must come from us. ``state_dir``, the
+files and the lock files must be owned by the daemon's user (the effective uid); the directory
+must be 0700, the files not writable by group or others. Each is opened with ``O_NOFOLLOW``
+and checked on the opened descriptor (``hardening.open_checked``), never by a separate stat of
+the path. The file's content carries HMAC-SHA-256 under a key derived from the SA's keys
+(HKDF-SHA-256 with a fixed label, :func:`mac_key`): a file not written under that key (forged,
+or from another key) fails its MAC. A file that does not parse, fails its MAC or belongs to
+another key is *corrupt*. A version 1 file (an unkeyed checksum, from before the MAC) is
+refused too, with what to do. What the MAC can't tell is an old copy of a genuine file put
+back by the daemon's own user (a restored backup): ownership stops other users from doing it;
+root doing it is the "lost or restored" case below.
+
+Lifetime use
+------------
+Hard and soft lifetimes count packets, bytes and seconds from the key's first installation,
+across restarts: every write stores the SA's packets and bytes so far (the worker's own counts
+plus what the file said when it started) and the installation time, and ``attach`` restores
+them (``SecurityAssociation.restore_usage``; the age goes on from the stored wall-clock time,
+downtime included). A clean stop stores exact counts. After a crash the counts resume from the
+last write, so they miss what was handled after it: outbound, fewer than ``OUT_BLOCK``
+packets (each took a number of the last reservation); inbound, at most the last margin plus
+the replay window (``IN_MARGIN_MAX + 4096`` packets at most), and those packets' bytes. A
+fresh key with an age limit is written (dated) at once, so its age counts from its first start
+even if no packet comes before a restart.
 
 The write-ahead rule and why it is safe
 ---------------------------------------
-A write is: write a temporary file, fsync it, rename it over the old one, fsync the directory.
-A reader after any crash sees either the old or the new file, complete.
+A write is: create a temporary file (``O_EXCL | O_NOFOLLOW``, a stale one from a crash
+removed first), fsync it, rename it over the old one, fsync the directory. A reader after any
+crash sees either the old or the new file, complete.
 
 Outbound. Invariant: every sequence number ever sent on the key is below the stored
 ``next_seq``. The worker sends numbers up to ``seq_limit`` without asking, and
@@ -62,9 +90,10 @@ most a few packets, a fast one does not fsync per packet.
 Missing and corrupt files. No file means the key was never used here: a fresh SA (sequence 1,
 empty window). If the file was *lost* (state_dir deleted, restored from an old backup), this
 can't be told apart, and the SA would repeat sequence numbers: give the SA a new key (a new key
-starts a new file) or reset its state above anything it sent. A corrupt file stops the SA:
-the worker refuses to start and ``nfq-ipsec run`` refuses (exit 5) until the user runs
-``nfq-ipsec state reset --config FILE --sa NAME --seq N`` or gives the SA a new key.
+starts a new file) or reset its state above anything it sent. A corrupt, old-format or foreign
+(owner, mode, link) file stops the SA: the worker refuses to start and ``nfq-ipsec run``
+refuses (exit 5) until the user runs ``nfq-ipsec state reset --config FILE --sa NAME --seq N``
+or gives the SA a new key (an owner or mode problem: until the user fixes it).
 
 This module is the shell half; the core only sees ``SecurityAssociation.reserve`` and its
 limits (``core/sa.py``), and stays free of I/O.
@@ -77,6 +106,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -88,10 +118,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from . import hardening
 from .core.errors import DropReason, EspError
 from .core.sa import MAX_SEQ_32, MAX_SEQ_64, SADirection, SAParams, SecurityAssociation
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: an unkeyed checksum (refused: anyone could have written it)
 OUT_BLOCK = 1 << 16  # outbound numbers reserved per write
 IN_MARGIN_MIN = 1
 IN_MARGIN_START = 64
@@ -99,6 +133,8 @@ IN_MARGIN_MAX = 1 << 16
 IN_TARGET_INTERVAL = 1.0  # seconds: aim for about one inbound write per SA per this interval
 LOCK_WAIT = 5.0  # seconds to wait for a lock (an old worker may still be exiting)
 ERROR_LOG_INTERVAL = 10.0
+MAX_STATE_FILE = 65536
+_MAC_INFO = b"nfq-ipsec sa-state mac v2"
 
 log = logging.getLogger("nfq_ipsec.state")
 
@@ -108,14 +144,26 @@ class StateError(Exception):
 
 
 # -- identity and paths ------------------------------------------------------------------------
-def key_id(params: SAParams) -> str:
-    """A stable name for the SA's key material that does not reveal it (32 hex digits)."""
-    h = hashlib.sha256(b"nfq-ipsec sa-state key id v1\0")
+def _key_material(params: SAParams) -> bytes:
+    """The SA's algorithms and keys, each length-prefixed (unambiguous)."""
+    out = bytearray()
     for part in (params.encryption.encode(), params.key.reveal(),
                  (params.integrity or "").encode(), params.integrity_key.reveal()):
-        h.update(len(part).to_bytes(4, "big"))
-        h.update(part)
-    return h.hexdigest()[:32]
+        out += len(part).to_bytes(4, "big") + part
+    return bytes(out)
+
+
+def key_id(params: SAParams) -> str:
+    """A stable name for the SA's key material that does not reveal it (32 hex digits)."""
+    return hashlib.sha256(b"nfq-ipsec sa-state key id v1\0" + _key_material(params)).hexdigest()[:32]
+
+
+def mac_key(params: SAParams) -> bytes:
+    """The key that authenticates the SA's state file: HKDF-SHA-256 (RFC 5869) of the SA's key
+    material with a fixed label. One-way: neither the file nor this key reveals the SA's keys,
+    and only a holder of the SA's keys can write a file it accepts."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=_MAC_INFO).derive(_key_material(params))
 
 
 def state_path(state_dir: str | os.PathLike[str], params: SAParams) -> Path:
@@ -132,6 +180,16 @@ def _field(params: SAParams) -> str:
 
 # -- one file ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Usage:
+    """An SA's use of its lifetime: packets and bytes so far, and when (wall clock, seconds
+    since the epoch) its key was first installed here."""
+
+    packets: int
+    bytes: int
+    installed: float
+
+
+@dataclass(frozen=True)
 class Saved:
     """What a state file says. ``value``: outbound next_seq, inbound seen_up_to."""
 
@@ -139,24 +197,40 @@ class Saved:
     sa: str
     spi: int
     written: str
+    usage: Usage
 
 
-def _checksum(body: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+def _canonical(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
-def render(params: SAParams, value: int, now: float | None = None) -> str:
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now if now is not None else time.time()))
+def _mac(key: bytes, body: dict[str, Any]) -> str:
+    return hmac.new(key, _canonical(body), hashlib.sha256).hexdigest()
+
+
+def render(params: SAParams, value: int, usage: Usage | None = None, now: float | None = None,
+           key: bytes | None = None) -> str:
+    """A state file's text. ``key``: :func:`mac_key` of ``params`` (derived if not given)."""
+    wall = now if now is not None else time.time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
+    use = usage if usage is not None else Usage(0, 0, wall)
     body: dict[str, Any] = {
         "version": STATE_VERSION, "direction": params.direction.value, "key_id": key_id(params),
         "sa": params.name, "spi": f"0x{params.spi:08x}", _field(params): value, "written": stamp,
+        "lifetime": {"packets": use.packets, "bytes": use.bytes, "installed": use.installed},
     }
-    body["check"] = _checksum({k: v for k, v in body.items()})
+    body["mac"] = _mac(key if key is not None else mac_key(params), body)
     return json.dumps(body, sort_keys=True) + "\n"
 
 
-def parse(params: SAParams, text: bytes, where: str = "state file") -> Saved:
-    """Validate a state file's content for ``params``. Raises StateError("... corrupt ...")."""
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def parse(params: SAParams, text: bytes, where: str = "state file",
+          key: bytes | None = None) -> Saved:
+    """Validate a state file's content for ``params``: its MAC under the SA's key first.
+    Raises StateError("... corrupt ..." or "... old format ...")."""
     def bad(why: str) -> StateError:
         return StateError(f"{where} is corrupt: {why}")
 
@@ -166,73 +240,99 @@ def parse(params: SAParams, text: bytes, where: str = "state file") -> Saved:
         raise bad("not JSON") from None
     if not isinstance(body, dict):
         raise bad("not a JSON object")
-    check = body.pop("check", None)
-    if not isinstance(check, str) or check != _checksum(body):
-        raise bad("checksum mismatch")
+    mac = body.pop("mac", None)
+    if mac is None and (body.get("version") == 1 or "check" in body):
+        old = body.get(_field(params))
+        said = f" (it says {_field(params)} {old})" if _count(old) else ""
+        raise StateError(
+            f"{where} is in the old format (version 1){said}, which is not authenticated by the "
+            f"SA's key, so it can't be trusted. Give SA {params.name} a new key on both peers, "
+            f"or, with the daemon stopped, run `nfq-ipsec state reset --config FILE --sa "
+            f"{params.name} --seq N` (see `nfq-ipsec state reset --help` for N)")
     if body.get("version") != STATE_VERSION:
         raise bad(f"unknown version {body.get('version')!r}")
     if body.get("direction") != params.direction.value:
         raise bad(f"direction {body.get('direction')!r}, expected {params.direction.value!r}")
     if body.get("key_id") != key_id(params):
         raise bad("it belongs to another key")
+    want = _mac(key if key is not None else mac_key(params), body)
+    if not isinstance(mac, str) or not hmac.compare_digest(mac, want):
+        raise bad("its MAC does not match: it was not written under this SA's key, or was "
+                  "altered")
     value = body.get(_field(params))
     low = 1 if params.direction is SADirection.OUT else 0
     high = _max_seq(params) + 1 if params.direction is SADirection.OUT else _max_seq(params)
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise bad(f"{_field(params)} {value!r} out of range {low}..{high}")
+    life = body.get("lifetime")
+    if not (isinstance(life, dict) and _count(life.get("packets")) and _count(life.get("bytes"))
+            and isinstance(life.get("installed"), (int, float))
+            and not isinstance(life.get("installed"), bool)):
+        raise bad("no valid lifetime record")
     spi_text = body.get("spi")
     try:
         spi = int(spi_text, 16) if isinstance(spi_text, str) else -1
     except ValueError:
         spi = -1
-    return Saved(value, str(body.get("sa")), spi, str(body.get("written")))
+    usage = Usage(life["packets"], life["bytes"], float(life["installed"]))
+    return Saved(value, str(body.get("sa")), spi, str(body.get("written")), usage)
 
 
-def read(path: Path, params: SAParams) -> Saved | None:
-    """The state stored for ``params`` at ``path``; None if there is no file (a fresh key)."""
+def read(path: Path, params: SAParams, dir_fd: int | None = None,
+         key: bytes | None = None) -> Saved | None:
+    """The state stored for ``params`` at ``path`` (with ``dir_fd``: its name in that
+    directory); None if there is no file (a fresh key). The file must be a regular file owned
+    by the daemon's user and not writable by group or others (checked on the opened file)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd, _ = hardening.open_checked(path, dir_fd=dir_fd, fix=f"run chmod 600 {path}")
     except FileNotFoundError:
         return None
+    except hardening.UnsafeFileError as err:
+        raise StateError(f"state file {err}") from None
     except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise StateError(f"state file {path} is a symbolic link") from None
         raise StateError(f"cannot read state file {path}: {err.strerror}") from None
     try:
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise StateError(f"state file {path} is not a regular file")
-            text = f.read(65536)
+            text = f.read(MAX_STATE_FILE)
     except OSError as err:
         raise StateError(f"cannot read state file {path}: {err.strerror}") from None
-    return parse(params, text, f"state file {path}")
+    return parse(params, text, f"state file {path}", key)
 
 
 def write(path: Path, text: str, dir_fd: int | None = None) -> None:
-    """Replace ``path`` atomically and durably: temp file, fsync, rename, fsync directory."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        data = text.encode()
-        while data:
-            data = data[os.write(fd, data):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    """Replace ``path`` atomically and durably: temp file, fsync, rename, fsync directory.
+
+    The temp file is created with O_EXCL and O_NOFOLLOW, so nothing already there (a link, a
+    file someone else prepared) is ever written through. One left by a crash is removed first:
+    unlink removes the entry itself, never what a link points to."""
+    name, tmp = path.name, path.name + ".tmp"
     own = dir_fd is None
     dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if own else dir_fd
     assert dfd is not None
     try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            fd = os.open(tmp, flags, 0o600, dir_fd=dfd)
+        except FileExistsError:
+            os.unlink(tmp, dir_fd=dfd)
+            fd = os.open(tmp, flags, 0o600, dir_fd=dfd)
+        try:
+            data = text.encode()
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         os.fsync(dfd)
     finally:
         if own:
             os.close(dfd)
 
 
-def prepare_dir(state_dir: str | os.PathLike[str]) -> Path:
-    """Create ``state_dir`` (and missing parents) with mode 0700; refuse one that others can
-    use. Raises StateError."""
+def open_dir(state_dir: str | os.PathLike[str]) -> int:
+    """Create ``state_dir`` (and missing parents) with mode 0700 and open it. Refuses one that
+    others own or can use, or a symbolic link. Returns the descriptor. Raises StateError."""
     d = Path(state_dir)
     if not d.is_absolute():
         raise StateError(f"daemon.state_dir {d} must be an absolute path")
@@ -245,27 +345,41 @@ def prepare_dir(state_dir: str | os.PathLike[str]) -> Path:
         for m in reversed(missing):
             m.mkdir(mode=0o700)
             os.chmod(m, 0o700)
-        st = d.stat()
+        fd, _ = hardening.open_checked(d, directory=True, forbid=0o077,
+                                       fix=f"make it private: chmod 700 {d}")
+    except hardening.UnsafeFileError as err:
+        raise StateError(f"state directory {err}") from None
     except OSError as err:
         raise StateError(f"cannot create state directory {d}: {err.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise StateError(f"daemon.state_dir {d} exists and is not a directory")
-    if st.st_mode & 0o077:
-        raise StateError(f"state directory {d} is accessible by others (mode "
-                         f"{stat.S_IMODE(st.st_mode):04o}); make it private: chmod 700 {d}")
-    return d
+    return fd
+
+
+def prepare_dir(state_dir: str | os.PathLike[str]) -> Path:
+    """:func:`open_dir`, for callers that want the checked path. Raises StateError."""
+    os.close(open_dir(state_dir))
+    return Path(state_dir)
 
 
 class _Lock:
     """An flock on ``<file>.lock``, held for the owner's lifetime (the kernel drops it when the
     process dies, however it dies)."""
 
-    def __init__(self, path: Path, wait: float) -> None:
+    def __init__(self, path: Path, wait: float, dir_fd: int | None = None) -> None:
         self.path = path
+        name = path.name if dir_fd is not None else path
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                         0o600, dir_fd=dir_fd)
         except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise StateError(f"lock file {path} is a symbolic link") from None
             raise StateError(f"cannot open lock file {path}: {err.strerror}") from None
+        st = os.fstat(fd)
+        bad = (f"{path} is not a regular file" if not stat.S_ISREG(st.st_mode)
+               else hardening.problem(st, path, 0o022, f"run chmod 600 {path}"))
+        if bad is not None:
+            os.close(fd)
+            raise StateError(f"lock file {bad}")
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -294,23 +408,35 @@ class _Lock:
 
 # -- the worker's side ------------------------------------------------------------------------
 class _Entry:
-    """One SA's persistence: its file, its lock and (inbound) its adaptive margin."""
+    """One SA's persistence: its file, its lock, its MAC key, when its key was first installed
+    and (inbound) its adaptive margin."""
 
-    def __init__(self, store: StateStore, sa: SecurityAssociation, path: Path, lock: _Lock) -> None:
+    def __init__(self, store: StateStore, sa: SecurityAssociation, path: Path, lock: _Lock,
+                 key: bytes, installed: float) -> None:
         self.store = store
         self.sa = sa
         self.path = path
         self.lock = lock
+        self.key = key
+        self.installed = installed
         self.stored: int | None = None
+        self.stored_use: tuple[int, int] | None = None  # packets, bytes in the file
         self.margin = IN_MARGIN_START
         self.last_write: float | None = None
         self.writes = 0
         self.failures = 0
         self._next_error_log = 0.0
 
+    def __repr__(self) -> str:
+        return f"<state entry {self.sa.name} {self.path}>"
+
     def _store(self, value: int) -> None:
-        write(self.path, render(self.sa.params, value), self.store.dir_fd)
+        sa = self.sa
+        use = (sa.packets + sa.packets_before, sa.bytes + sa.bytes_before)
+        usage = Usage(use[0], use[1], self.installed)
+        write(self.path, render(sa.params, value, usage, key=self.key), self.store.dir_fd)
         self.stored = value
+        self.stored_use = use
         self.writes += 1
 
     def reserve(self, sa: SecurityAssociation, seq: int) -> int:
@@ -343,14 +469,22 @@ class _Entry:
                            sa.spi) from None
 
 
+def _has_age_limit(params: SAParams) -> bool:
+    lt = params.lifetime
+    return lt.soft_seconds is not None or lt.hard_seconds is not None
+
+
 class StateStore:
     """A worker's persisted SA state. ``attach`` restores and hooks every SA; ``close`` (on a
-    clean stop) stores the exact values and lets the locks go."""
+    clean stop) stores the exact values and lets the locks go. ``wallclock`` dates a key's
+    first installation (its age survives restarts and downtime)."""
 
     def __init__(self, state_dir: str | os.PathLike[str],
-                 clock: Callable[[], float] = time.monotonic, lock_wait: float = LOCK_WAIT) -> None:
+                 clock: Callable[[], float] = time.monotonic, lock_wait: float = LOCK_WAIT,
+                 wallclock: Callable[[], float] = time.time) -> None:
         self.state_dir = Path(state_dir)
         self.clock = clock
+        self.wallclock = wallclock
         self.lock_wait = lock_wait
         self.dir_fd: int | None = None
         # by SA object: during a reload an SA's old and new keys (same name) are both held
@@ -362,12 +496,9 @@ class StateStore:
         before a reload, stays attached)."""
         added: list[SecurityAssociation] = []
         try:
-            d = prepare_dir(self.state_dir)
+            d = self.state_dir
             if self.dir_fd is None:
-                try:
-                    self.dir_fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                except OSError as err:
-                    raise StateError(f"cannot open state directory {d}: {err.strerror}") from None
+                self.dir_fd = open_dir(d)
             seen: dict[str, str] = {e.path.name: e.sa.name for e in self.entries.values()}
             for sa in sas:
                 path = state_path(d, sa.params)
@@ -375,17 +506,29 @@ class StateStore:
                     raise StateError(f"SAs {seen[path.name]} and {sa.name} share a key: sequence "
                                      "numbers would repeat under it; give each SA its own key")
                 seen[path.name] = sa.name
-                lock = _Lock(path.with_suffix(".lock"), self.lock_wait)
+                lock = _Lock(path.with_suffix(".lock"), self.lock_wait, self.dir_fd)
+                key = mac_key(sa.params)
                 try:
-                    saved = read(path, sa.params)
+                    saved = read(path, sa.params, self.dir_fd, key)
                 except BaseException:
                     lock.release()
                     raise
-                entry = _Entry(self, sa, path, lock)
+                now = self.wallclock()
+                entry = _Entry(self, sa, path, lock, key, saved.usage.installed if saved else now)
                 self.entries[id(sa)] = entry
                 added.append(sa)
-                self._restore(sa, saved)
-                entry.stored = saved.value if saved else None
+                self._restore(sa, saved, now)
+                if saved is not None:
+                    entry.stored = saved.value
+                    entry.stored_use = (saved.usage.packets, saved.usage.bytes)
+                elif _has_age_limit(sa.params):
+                    # Date the key now, so that its age counts across restarts even if no
+                    # packet comes before the next one (nothing reserved: 1 / 0).
+                    try:
+                        entry._store(1 if sa.outbound else 0)
+                    except OSError as err:
+                        raise StateError(f"cannot write state file {path}: "
+                                         f"{err.strerror or err}") from None
                 sa.reserve = entry.reserve
         except BaseException:
             self.detach(added, exact=False)
@@ -402,7 +545,7 @@ class StateStore:
                 self._let_go(e, exact)
 
     @staticmethod
-    def _restore(sa: SecurityAssociation, saved: Saved | None) -> None:
+    def _restore(sa: SecurityAssociation, saved: Saved | None, now: float) -> None:
         if sa.outbound:
             sa.next_seq = saved.value if saved else 1
             sa.seq_limit = sa.next_seq - 1  # nothing is sent before a reservation
@@ -414,6 +557,12 @@ class StateStore:
             sa.replay_limit = floor
             how = (f"numbers up to {floor} treated as already received" if saved
                    else "new key: empty replay window")
+        if saved is not None:
+            use = saved.usage
+            age = max(0.0, now - use.installed)
+            sa.restore_usage(use.packets, use.bytes, age)
+            how += (f"; lifetime used so far: {use.packets} packets, {use.bytes} bytes, "
+                    f"{age:.0f} s")
         log.info("SA %s (spi 0x%08x, %s): %s", sa.name, sa.spi, sa.params.direction.value, how)
 
     def snapshot(self, sa: SecurityAssociation) -> dict[str, int | None] | None:
@@ -429,10 +578,13 @@ class StateStore:
 
     @staticmethod
     def _let_go(e: _Entry, exact: bool) -> None:
-        if exact:
-            sa = e.sa
+        """Store the exact next number / window top and lifetime use (only when no packet of
+        the SA will follow), then release its lock."""
+        sa = e.sa
+        if exact and e.lock.fd >= 0:
             value = sa.next_seq if sa.outbound else sa.replay.top
-            if value != e.stored:
+            use = (sa.packets + sa.packets_before, sa.bytes + sa.bytes_before)
+            if value != e.stored or (e.stored is not None and use != e.stored_use):
                 try:
                     e._store(value)
                 except OSError as err:
@@ -441,8 +593,8 @@ class StateStore:
         e.lock.release()
 
     def close(self, exact: bool = True) -> None:
-        """Store the exact next number / window top (only when no packet will follow: a
-        clean stop), then release the locks."""
+        """Store the exact next number / window top and lifetime use (only when no packet will
+        follow: a clean stop), then release the locks."""
         for e in self.entries.values():
             self._let_go(e, exact)
         self.entries.clear()
@@ -454,26 +606,39 @@ class StateStore:
 # -- checks before start, and the `nfq-ipsec state` command ------------------------------------
 def check(state_dir: str, sas: Iterable[SAParams]) -> list[str]:
     """Everything that would stop an SA's worker, found before anything starts: the state
-    directory, shared keys, unreadable or corrupt files."""
+    directory, shared keys, unreadable, foreign, unauthenticated or corrupt files."""
     try:
-        d = prepare_dir(state_dir)
+        dfd = open_dir(state_dir)
     except StateError as err:
         return [str(err)]
+    d = Path(state_dir)
     problems = []
     seen: dict[Path, str] = {}
-    for params in sas:
-        path = state_path(d, params)
-        if path in seen:
-            problems.append(f"sa {params.name}: shares its key with sa {seen[path]} (same "
-                            "direction): sequence numbers would repeat under it; give each SA its "
-                            "own key")
-            continue
-        seen[path] = params.name
-        try:
-            read(path, params)
-        except StateError as err:
-            problems.append(f"sa {params.name} (spi 0x{params.spi:08x}, {params.direction.value}): "
-                            f"{err}")
+    try:
+        for params in sas:
+            path = state_path(d, params)
+            if path in seen:
+                problems.append(f"sa {params.name}: shares its key with sa {seen[path]} (same "
+                                "direction): sequence numbers would repeat under it; give each SA "
+                                "its own key")
+                continue
+            seen[path] = params.name
+            where = f"sa {params.name} (spi 0x{params.spi:08x}, {params.direction.value}): "
+            try:
+                read(path, params, dfd)
+            except StateError as err:
+                problems.append(where + str(err))
+            lock = path.with_suffix(".lock")
+            try:
+                os.close(hardening.open_checked(lock, dir_fd=dfd, fix=f"run chmod 600 {lock}")[0])
+            except FileNotFoundError:
+                pass
+            except hardening.UnsafeFileError as err:
+                problems.append(f"{where}lock file {err}")
+            except OSError as err:
+                problems.append(f"{where}cannot open lock file {lock}: {err.strerror}")
+    finally:
+        os.close(dfd)
     return problems
 
 
@@ -489,7 +654,11 @@ def describe(state_dir: str, params: SAParams) -> dict[str, Any]:
     if saved is None:
         out.update(state="fresh")
     else:
-        out.update(state="saved", **{_field(params): saved.value}, written=saved.written)
+        u = saved.usage
+        out.update(state="saved", **{_field(params): saved.value}, written=saved.written,
+                   lifetime_used={"packets": u.packets, "bytes": u.bytes,
+                                  "installed": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                             time.gmtime(u.installed))})
     return out
 
 
@@ -521,7 +690,9 @@ def cli_state(args: argparse.Namespace) -> int:
             for r in rows:
                 if r["state"] == "saved":
                     what = f"next_seq {r['next_seq']}" if "next_seq" in r else f"seen_up_to {r['seen_up_to']}"
-                    what += f" (written {r['written']})"
+                    used = r["lifetime_used"]
+                    what += (f" (written {r['written']}); lifetime used {used['packets']} packets, "
+                             f"{used['bytes']} bytes since {used['installed']}")
                 elif r["state"] == "fresh":
                     what = "no state file: a fresh key (" + (
                         "starts at 1)" if r["direction"] == "out" else "empty replay window)")
@@ -553,7 +724,15 @@ def cli_state(args: argparse.Namespace) -> int:
         print(f"nfq-ipsec: {err}", file=sys.stderr)
         return EXIT_FAILURE
     try:
-        write(path, render(params, args.seq))
+        try:
+            old = read(path, params)
+        except StateError:
+            old = None
+        usage = old.usage if old is not None else None  # unknown: the lifetime starts again
+        if old is None and path.exists():
+            print(f"nfq-ipsec: SA {params.name}: the old state file can't be trusted, so its "
+                  "lifetime use (packets, bytes, age) starts again from zero", file=sys.stderr)
+        write(path, render(params, args.seq, usage))
     except OSError as err:
         print(f"nfq-ipsec: cannot write {path}: {err.strerror}", file=sys.stderr)
         return EXIT_FAILURE

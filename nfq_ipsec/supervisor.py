@@ -3,7 +3,8 @@ worker is listening, serves the control socket and keeps the workers alive.
 
 Order of things (fail closed at every step):
 
-1. load and validate the configuration (every problem printed, exit 2, nothing touched); find
+1. turn core dumps off (this process is about to hold keys; exit 1 if it can't); load and
+   validate the configuration (every problem printed, exit 2, nothing touched); find
    the iptables commands (missing: exit 1) and refuse queues that rules of someone else already
    feed (exit 2); check the SA state files (``state.py``: unusable or corrupt, exit 5);
 2. open the control socket (directory 0700 if created, socket 0600; exit 1 if another daemon
@@ -48,7 +49,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from . import __version__, corebuild, counts, rules
+from . import __version__, corebuild, counts, hardening, rules
 from .config import Config, QueueConfig
 from .control import ControlError, ControlServer, Deferred
 from .core import SADirection
@@ -802,10 +803,15 @@ def warnings(workers: list[dict[str, Any]]) -> list[str]:
 def cli_run(args: argparse.Namespace) -> int:
     """``nfq-ipsec run --config X``. Exit codes: 0 clean stop, 1 failure, 2 invalid config."""
     from . import logsetup
-    from .cli import EXIT_CONFIG
+    from .cli import EXIT_CONFIG, EXIT_FAILURE
     from .tools import load_or_report
 
     path = str(args.config)
+    try:
+        hardening.disable_core_dumps()  # before the keys are loaded; workers do it too
+    except OSError as err:
+        print(f"nfq-ipsec: cannot turn core dumps off, not starting: {err}", file=sys.stderr)
+        return EXIT_FAILURE
     cfg = load_or_report(path, show_warnings=False)  # warnings go to the log below
     if cfg is None:
         return EXIT_CONFIG

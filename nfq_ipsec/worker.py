@@ -18,8 +18,9 @@ queue without a listener, and the kernel then drops that queue's packets.
 
 SA state: with ``WorkerSpec.state_dir`` set, the worker locks, restores and persists its SAs'
 state (outbound sequence reservations, inbound replay floors) through :mod:`nfq_ipsec.state`
-before it binds its queue; a corrupt state file stops it with an error (fail closed). On a clean
-stop it stores the exact values.
+before it binds its queue; a corrupt state file, one its SA's key did not authenticate or one
+not owned by the daemon's user stops it with an error (fail closed). On a clean stop it stores
+the exact values. It turns core dumps off before anything else (it holds keys).
 
 Test-only fault injection: the environment variable ``NFQ_IPSEC_TEST_FAULT``, read once at
 start, exists for the test suite only; never set it in production:
@@ -47,7 +48,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from . import corebuild, counts
+from . import corebuild, counts, hardening
 from .core import SPD, DropReason, Policy, Processor, SAParams, SecurityAssociation, Verdict
 from .core.packet import PROTO_ESP
 from .nfqueue import (
@@ -481,7 +482,13 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     """The ``multiprocessing`` target (module-level, so ``spawn`` can import it)."""
     code = 1
     try:
-        code = run(spec, conn)
+        try:
+            hardening.disable_core_dumps()  # first: this process holds its SAs' keys
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                conn.send(("error", f"queue {spec.queue}: cannot turn core dumps off: {err}"))
+        else:
+            code = run(spec, conn)
     finally:
         conn.close()
     sys.exit(code)

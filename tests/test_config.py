@@ -15,6 +15,7 @@ from nfq_ipsec.core.spd import Action
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "nfq_ipsec" / "examples"
 KEY20 = "00112233445566778899aabbccddeeff01020304"
+KEY20B = "0f1e2d3c4b5a69788796a5b4c3d2e1f0a1a2a3a4"
 CPUS = [0, 1]
 
 
@@ -30,7 +31,7 @@ def base() -> dict[str, Any]:
             {"name": "out0", "direction": "out", "spi": 0x1000, "encryption": "aes-gcm-128",
              "key": KEY20, "queue": 100},
             {"name": "in0", "direction": "in", "spi": 0x2000, "encryption": "aes-gcm-128",
-             "key": KEY20, "queue": 100},
+             "key": KEY20B, "queue": 100},
         ],
     }
 
@@ -210,3 +211,136 @@ def test_watchdog_rejects(value: object, message: str) -> None:
     data = base()
     data["daemon"]["watchdog"] = value
     assert f"daemon.watchdog: {message}" in problems(data)
+
+
+# -- one key, one SA ---------------------------------------------------------------------------
+KEY32 = "11" * 32
+KEY32B = "22" * 32
+
+
+def cbc(sa: dict[str, Any], key: str, ikey: str) -> None:
+    sa.update(encryption="aes-cbc-256", key=key, integrity="hmac-sha256-128", integrity_key=ikey)
+
+
+@pytest.mark.parametrize(("edit", "where", "other"), [
+    # an inbound and an outbound SA (the peers would both use the same nonces)
+    (lambda d: d["sa"][1].update(key=KEY20), "sa[1].key", "sa[0].key"),
+    # two SAs of the same direction
+    (lambda d: d["sa"].append(dict(d["sa"][0], name="out1", spi=0x1001, queue=101))
+     or d["policy"][0]["sa"].append("out1"), "sa[2].key", "sa[0].key"),
+    # integrity keys shared
+    (lambda d: cbc(d["sa"][0], KEY32, "33" * 32) or cbc(d["sa"][1], KEY32B, "33" * 32),
+     "sa[1].integrity_key", "sa[0].integrity_key"),
+    # one SA's encryption key as another's integrity key
+    (lambda d: cbc(d["sa"][0], KEY32, "33" * 32) or cbc(d["sa"][1], "44" * 32, KEY32),
+     "sa[1].integrity_key", "sa[0].key"),
+    # one SA's own two keys
+    (lambda d: cbc(d["sa"][0], KEY32, KEY32), "sa[0].integrity_key", "sa[0].key"),
+])
+def test_a_key_shared_by_two_sas_is_refused(edit: Any, where: str, other: str) -> None:
+    data = base()
+    edit(data)
+    found = problems(data)
+    assert f"{where}: the same key as {other}; every SA needs keys of its own" in found[0], found
+    for p in found:
+        for secret in (KEY20, KEY32, KEY32B, "33" * 32):
+            assert secret not in p and secret[:8] not in p
+
+
+def test_shared_key_reported_with_every_other_problem_and_key_files(tmp_path: Path) -> None:
+    (tmp_path / "k1.key").write_text(KEY20 + "\n")
+    (tmp_path / "k1.key").chmod(0o600)
+    data = base()
+    data["sa"][0].pop("key")
+    data["sa"][0]["key_file"] = "k1.key"  # the same bytes as ...
+    data["sa"][1]["key"] = "0x" + KEY20.upper()  # ... this inline key, spelled otherwise
+    data["sa"][1]["replay_window"] = 16
+    data["sa"].append(dict(data["sa"][1], name="in1", spi=0x2001, replay_window=128))
+    data["policy"][0]["sa"].append("in1")
+    data["node"]["mtu"] = 10
+    found = problems(data, base_dir=tmp_path)
+    assert "sa[1].key: the same key as sa[0].key_file;" in " ".join(found), found
+    assert any(p.startswith("sa[2].key: the same key as sa[0].key_file;") for p in found)
+    assert any(p.startswith("sa[1].replay_window:") for p in found)
+    assert any(p.startswith("node.mtu:") for p in found)
+
+
+def test_distinct_keys_and_null_encryption_pass() -> None:
+    data = base()
+    cbc(data["sa"][0], KEY32, "33" * 32)
+    data["sa"][1].update(encryption="null", integrity="hmac-sha256-128", integrity_key="44" * 32)
+    data["sa"][1].pop("key")
+    parse_config(data, online_cpus=CPUS)
+
+
+# -- files only the daemon's user controls ---------------------------------------------------------
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
+OTHER_UID = 65534
+
+
+def key_file_config(tmp_path: Path) -> tuple[dict[str, Any], Path]:
+    key = tmp_path / "k.key"
+    key.write_text(KEY20 + "\n")
+    key.chmod(0o600)
+    data = base()
+    data["sa"][0].pop("key")
+    data["sa"][0]["key_file"] = "k.key"
+    return data, key
+
+
+@needs_root
+@pytest.mark.parametrize(("damage", "text"), [
+    ("owner", f"is owned by uid {OTHER_UID}, not by uid 0 that runs nfq-ipsec"),
+    ("group-write", "is writable by group or others (mode 0620)"),
+    ("symlink", "is a symbolic link"),
+    ("fifo", "is not a regular file"),
+])
+def test_key_file_others_control_is_refused(tmp_path: Path, damage: str, text: str) -> None:
+    data, key = key_file_config(tmp_path)
+    if damage == "owner":
+        os.chown(key, OTHER_UID, OTHER_UID)
+    elif damage == "group-write":
+        key.chmod(0o620)
+    elif damage == "symlink":
+        key.rename(tmp_path / "real.key")
+        key.symlink_to(tmp_path / "real.key")
+    else:
+        key.unlink()
+        os.mkfifo(key, 0o600)  # would block a plain open for reading
+    found = problems(data, base_dir=tmp_path)
+    assert len(found) == 1 and found[0].startswith(f"sa[0].key_file: {key} {text}"), found
+
+
+@needs_root
+@pytest.mark.parametrize(("damage", "text"), [
+    ("owner", f"is owned by uid {OTHER_UID}, not by uid 0 that runs nfq-ipsec"),
+    ("group-write", "is writable by group or others (mode 0664)"),
+    ("other-write", "is writable by group or others (mode 0602)"),
+    ("symlink", "is a symbolic link"),
+])
+def test_config_file_others_control_is_refused(tmp_path: Path, damage: str, text: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text((EXAMPLES / "host-a.toml").read_text())
+    path.chmod(0o600)
+    load_config(path, online_cpus=CPUS)  # as written: accepted
+    if damage == "owner":
+        os.chown(path, OTHER_UID, OTHER_UID)
+    elif damage == "group-write":
+        path.chmod(0o664)
+    elif damage == "other-write":
+        path.chmod(0o602)
+    else:
+        path.rename(tmp_path / "real.toml")
+        path.symlink_to(tmp_path / "real.toml")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, online_cpus=CPUS)
+    (problem,) = info.value.problems
+    assert problem.startswith(f"{path}: refused: {path} {text}"), problem
+
+
+def test_config_readable_by_others_is_still_accepted(tmp_path: Path) -> None:
+    """Readable is a warning for inline keys (as before); only writable is refused."""
+    path = tmp_path / "c.toml"
+    path.write_text((EXAMPLES / "host-a.toml").read_text())
+    path.chmod(0o644)
+    assert any("inline keys" in w for w in load_config(path, online_cpus=CPUS).warnings)

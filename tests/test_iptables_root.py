@@ -442,7 +442,7 @@ def test_packets_take_the_designed_paths(peer_pair: tuple[str, str], backend: st
         ],
         "sa": [
             {"name": n, "direction": d, "spi": spi, "queue": q, "encryption": "aes-gcm-128",
-             "key": "00112233445566778899aabbccddeeff01020304"}
+             "key": f"{spi:08x}" * 5}  # one key per SA
             for n, d, spi, q in (("o0", "out", 0x1000, 100), ("o1", "out", 0x1001, 101),
                                  ("i0", "in", 0x2000, 100), ("i1", "in", 0x2001, 101))
         ],
@@ -540,7 +540,7 @@ def test_gateway_packets_take_the_designed_paths(
         "sa": [
             {"name": n, "direction": d, "spi": spi, "mode": "tunnel", "tunnel_local": "192.0.2.1",
              "tunnel_remote": "192.0.2.2", "encryption": "aes-gcm-128",
-             "key": "00112233445566778899aabbccddeeff01020304"}
+             "key": f"{spi:08x}" * 5}  # one key per SA
             for n, d, spi in (("out", "out", 0x1000), ("in", "in", 0x2000))
         ],
     }
@@ -620,7 +620,7 @@ def test_nat_exemption_keeps_worker_esp_intact(
         "sa": [
             {"name": n, "direction": d, "spi": spi, "mode": "tunnel", "tunnel_local": "192.0.2.1",
              "tunnel_remote": "192.0.2.2", "encryption": "aes-gcm-128",
-             "key": "00112233445566778899aabbccddeeff01020304"}
+             "key": f"{spi:08x}" * 5}  # one key per SA
             for n, d, spi in (("out", "out", 0x1000), ("in", "in", 0x2000))
         ],
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -44,22 +45,25 @@ def host_data(**node: Any) -> dict[str, Any]:
             {"name": "out0", "direction": "out", "spi": 0x1000, "encryption": "aes-gcm-128",
              "key": GCM128, "queue": 7},
             {"name": "in0", "direction": "in", "spi": 0x2000, "encryption": "aes-gcm-128",
-             "key": GCM128, "queue": 7},
+             "key": GCM128[::-1], "queue": 7},  # each SA its own key
         ],
     }
 
 
 def everything_data() -> dict[str, Any]:
     """A gateway that uses every selector type, several queues and a custom prefix and mark."""
-    def sa(name: str, direction: str, spi: int, queue: int, **extra: Any) -> dict[str, Any]:
+    def sa(name: str, direction: str, spi: int, queue: int, cbc: bool = False) -> dict[str, Any]:
         d = {"name": name, "direction": direction, "spi": spi, "queue": queue, "mode": "tunnel",
              "tunnel_local": "192.0.2.1", "tunnel_remote": "192.0.2.2",
              "encryption": "aes-gcm-256", "key": GCM256}
-        d.update(extra)
+        if cbc:
+            d.update(encryption="aes-cbc-256", key=CBC256, integrity="hmac-sha512-256",
+                     integrity_key=SHA512)
+        # each SA its own keys (a shared key is refused): these, made distinct per SA
+        d["key"] = hashlib.sha256(f"{name} key".encode()).hexdigest() + d["key"][64:]
+        if cbc:
+            d["integrity_key"] = hashlib.sha512(f"{name} integrity".encode()).hexdigest()
         return d
-
-    cbc = {"encryption": "aes-cbc-256", "key": CBC256, "integrity": "hmac-sha512-256",
-           "integrity_key": SHA512}
     return {
         "node": {"interface": "wan0", "role": "gateway", "default": "discard", "mtu": 1400},
         "daemon": {"queues": [100, 101, 102], "cpus": [0, 1, 0], "mark": 0x40000000,
@@ -88,9 +92,9 @@ def everything_data() -> dict[str, Any]:
              "remote": "10.4.0.0/24", "sa": ["i4"]},
         ],
         "sa": [
-            sa("web-out", "out", 0x500, 102, **cbc),
+            sa("web-out", "out", 0x500, 102, cbc=True),
             sa("o0", "out", 0x1000, 100),
-            sa("o1", "out", 0x1001, 101, **cbc),
+            sa("o1", "out", 0x1001, 101, cbc=True),
             sa("o2", "out", 0x1002, 102),
             sa("i0", "in", 0x2000, 100),
             sa("i1", "in", 0x2001, 101),

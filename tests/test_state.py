@@ -200,7 +200,7 @@ def test_interrupted_write_leaves_the_old_state(sdir: Path, stores: list[state.S
         s.take_seq()  # reserved up to 4, stored next_seq 5
     real_replace = os.replace
 
-    def crash_before_rename(src: str, dst: str) -> None:
+    def crash_before_rename(src: str, dst: str, **_kw: object) -> None:
         raise OSError(5, "simulated crash before the rename")
 
     monkeypatch.setattr(os, "replace", crash_before_rename)
@@ -342,7 +342,8 @@ def test_replay_window_restore_marks_everything_up_to_top() -> None:
 
 
 # -- unusable state -------------------------------------------------------------------------------
-@pytest.mark.parametrize("damage", ["garbage", "checksum", "other-key", "range", "empty", "symlink"])
+@pytest.mark.parametrize("damage", ["garbage", "mac", "other-key", "range", "empty", "symlink",
+                                    "forged", "no-lifetime"])
 def test_corrupt_state_stops_the_sa(sdir: Path, stores: list[state.StateStore], damage: str) -> None:
     p = params()
     sdir.mkdir(mode=0o700)
@@ -350,15 +351,23 @@ def test_corrupt_state_stops_the_sa(sdir: Path, stores: list[state.StateStore], 
     good = state.render(p, 500)
     if damage == "garbage":
         path.write_bytes(b"\x00\xffnot json")
-    elif damage == "checksum":
+    elif damage == "mac":
         path.write_text(good.replace('"next_seq": 500', '"next_seq": 5'))
     elif damage == "other-key":
         path.write_text(state.render(params(key=KEY2), 500))
-    elif damage == "range":
+    elif damage in ("range", "forged", "no-lifetime"):
+        # a well-formed file whose MAC is right for its content, under the right key or not
         body = json.loads(good)
-        body["next_seq"] = -3
-        body.pop("check")
-        body["check"] = state._checksum(body)
+        body.pop("mac")
+        key = state.mac_key(p)
+        if damage == "range":
+            body["next_seq"] = -3
+        elif damage == "forged":  # rolled back by someone without the key
+            body["next_seq"] = 1
+            key = bytes(32)
+        else:
+            body.pop("lifetime")
+        body["mac"] = state._mac(key, body)
         path.write_text(json.dumps(body))
     elif damage == "empty":
         path.write_text("")
@@ -537,3 +546,210 @@ def test_inbound_write_failure_drops_before_the_window_moves(sdir: Path, stores:
     monkeypatch.undo()
     assert b.inbound(esp, 0.0).verdict is Verdict.ACCEPT
     assert b.inbound(esp, 0.0).reason is DropReason.REPLAY
+
+
+# -- authenticated files, owned files --------------------------------------------------------
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
+OTHER_UID = 65534  # nobody
+
+
+def test_old_unkeyed_format_is_refused_with_what_to_do(sdir: Path,
+                                                       stores: list[state.StateStore]) -> None:
+    """Version 1 files carried an unkeyed checksum: anyone able to write one could roll a
+    sequence number back. They are refused, and the message says how to go on."""
+    import hashlib
+
+    p = params()
+    sdir.mkdir(mode=0o700)
+    path = state.state_path(sdir, p)
+    body = {"version": 1, "direction": "out", "key_id": state.key_id(p), "sa": "out0",
+            "spi": "0x00001000", "next_seq": 1, "written": "2026-01-01T00:00:00Z"}
+    body["check"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+    path.write_text(json.dumps(body, sort_keys=True))
+    with pytest.raises(state.StateError) as info:
+        attach(sdir, [sa(p)], stores)
+    msg = str(info.value)
+    assert "old format" in msg and "nfq-ipsec state reset" in msg and "new key" in msg
+    (problem,) = state.check(str(sdir), [p])
+    assert "old format" in problem
+
+
+def test_state_file_reveals_neither_key_nor_mac_key(sdir: Path,
+                                                    stores: list[state.StateStore]) -> None:
+    p = params()
+    s = sa(p)
+    attach(sdir, [s], stores)
+    s.take_seq()
+    text = state.state_path(sdir, p).read_text()
+    assert KEY.hex() not in text and KEY.hex()[:10] not in text
+    assert state.mac_key(p).hex()[:10] not in text
+    assert state.mac_key(p) != state.mac_key(params(key=KEY2))
+    assert KEY.hex() not in repr(stores[-1].entries["out0"])
+
+
+@needs_root
+@pytest.mark.parametrize("what", ["file-owner", "file-mode", "dir-owner", "dir-symlink",
+                                  "lock-owner"])
+def test_state_others_control_stops_the_sa(sdir: Path, stores: list[state.StateStore],
+                                           what: str) -> None:
+    p = params()
+    s = sa(p)
+    store = attach(sdir, [s], stores)
+    s.take_seq()
+    store.close()
+    path = state.state_path(sdir, p)
+    expect = {"file-owner": f"owned by uid {OTHER_UID}, not by uid 0",
+              "file-mode": "writable by group or others (mode 0620)",
+              "dir-owner": f"owned by uid {OTHER_UID}, not by uid 0",
+              "dir-symlink": "symbolic link",
+              "lock-owner": f"owned by uid {OTHER_UID}, not by uid 0"}[what]
+    target = sdir
+    if what == "file-owner":
+        os.chown(path, OTHER_UID, OTHER_UID)
+        target = path
+    elif what == "file-mode":
+        path.chmod(0o620)
+        target = path
+    elif what == "dir-owner":
+        os.chown(sdir, OTHER_UID, OTHER_UID)
+    elif what == "lock-owner":
+        target = path.with_suffix(".lock")
+        os.chown(target, OTHER_UID, OTHER_UID)
+    else:
+        real = sdir.parent / "real-state"
+        sdir.rename(real)
+        sdir.symlink_to(real)
+    with pytest.raises(state.StateError) as info:
+        attach(sdir, [sa(p)], stores)
+    assert expect in str(info.value) and str(target) in str(info.value)
+    problems = state.check(str(sdir), [p])
+    assert len(problems) == 1 and expect in problems[0], problems
+
+
+@needs_root
+def test_rollback_by_another_user_is_refused(sdir: Path, stores: list[state.StateStore]) -> None:
+    """Another user who can write into state_dir copies an old state file back (a valid MAC:
+    it was written under the key). The file is theirs now, so the SA refuses to start."""
+    p = params()
+    s = sa(p)
+    store = attach(sdir, [s], stores)
+    s.take_seq()
+    path = state.state_path(sdir, p)
+    old = path.read_bytes()
+    for _ in range(5):
+        s.take_seq()
+    store.close()
+    os.chown(sdir, OTHER_UID, OTHER_UID)
+    path.unlink()
+    path.write_bytes(old)
+    os.chown(path, OTHER_UID, OTHER_UID)
+    os.chown(sdir, 0, 0)  # even with the directory handed back, the file stays theirs
+    with pytest.raises(state.StateError, match=f"owned by uid {OTHER_UID}"):
+        attach(sdir, [sa(p)], stores)
+
+
+@needs_root
+def test_stale_temp_file_is_replaced_not_written_through(sdir: Path,
+                                                         stores: list[state.StateStore]) -> None:
+    p = params()
+    sdir.mkdir(mode=0o700)
+    path = state.state_path(sdir, p)
+    victim = sdir.parent / "victim"
+    victim.write_text("untouched")
+    tmp = sdir / (path.name + ".tmp")
+    tmp.symlink_to(victim)  # a link where the temp file goes
+    s = sa(p)
+    attach(sdir, [s], stores)
+    assert s.take_seq() == 1
+    assert victim.read_text() == "untouched"
+    assert not tmp.exists() and not tmp.is_symlink()
+    tmp.write_text("a stale temp of another user")
+    os.chown(tmp, OTHER_UID, OTHER_UID)
+    state.write(path, state.render(p, 77))
+    st = path.stat()
+    assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o600
+    assert state.read(path, p) is not None and not tmp.exists()
+
+
+# -- lifetime use across restarts ---------------------------------------------------------------
+def life_params(direction: SADirection = SADirection.OUT, **limits: int) -> SAParams:
+    from nfq_ipsec.core import Lifetime
+
+    return SAParams("out0" if direction is SADirection.OUT else "in0", 0x1000, direction,
+                    "aes-gcm-128", Secret(KEY), lifetime=Lifetime(**limits))
+
+
+def send_n(s: SecurityAssociation, n: int, size: int = 100, now: float = 1.0) -> None:
+    for _ in range(n):
+        s.check_lifetime(now)
+        s.take_seq()
+        s.account(size)
+
+
+def test_lifetime_use_survives_a_clean_restart(sdir: Path, stores: list[state.StateStore]) -> None:
+    p = life_params(hard_packets=100, hard_bytes=10**9)
+    s = sa(p)
+    store = attach(sdir, [s], stores)
+    send_n(s, 60)
+    store.close()
+    s2 = sa(p)
+    attach(sdir, [s2], stores)
+    assert s2.lifetime_left(1.0)["packets"] == 40
+    assert s2.lifetime_left(1.0)["bytes"] == 10**9 - 6000
+    assert s2.packets == 0  # this process's own counts (status) start from zero
+    send_n(s2, 40)
+    with pytest.raises(EspError) as info:
+        s2.check_lifetime(1.0)
+    assert info.value.reason is DropReason.SA_EXPIRED  # at 100 in all, as without the restart
+
+
+def test_lifetime_use_after_a_crash_is_what_the_last_write_saw(
+        sdir: Path, stores: list[state.StateStore], monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a crash the use counts resume from the last reservation write: the under-count is
+    at most what was sent under the last reservation (fewer than OUT_BLOCK packets)."""
+    monkeypatch.setattr(state, "OUT_BLOCK", 10)
+    p = life_params(hard_packets=1000)
+    s = sa(p)
+    store = attach(sdir, [s], stores)
+    send_n(s, 25)  # writes at numbers 1, 11, 21: the last one saw 20 packets
+    crash(store)
+    s2 = sa(p)
+    attach(sdir, [s2], stores)
+    used = 1000 - int(s2.lifetime_left(1.0)["packets"] or 0)
+    assert used == 20 and 25 - used < state.OUT_BLOCK
+
+
+def test_inbound_lifetime_use_survives_a_restart(sdir: Path, stores: list[state.StateStore]) -> None:
+    p = life_params(SADirection.IN, hard_bytes=1000)
+    s = sa(p)
+    store = attach(sdir, [s], stores)
+    for seq in range(1, 6):
+        assert accept(s, seq)
+        s.account(100)
+    store.close()
+    s2 = sa(p)
+    attach(sdir, [s2], stores)
+    assert s2.lifetime_left(1.0)["bytes"] == 500
+
+
+def test_age_counts_across_restarts_and_downtime(sdir: Path, stores: list[state.StateStore]) -> None:
+    """hard_seconds = 100: 30 s in a first process, 20 s down, then it expires 50 s into the
+    second. A fresh key with an age limit is dated at once, before any packet."""
+    wall = [1000.0]
+    p = life_params(hard_seconds=100)
+    s = SecurityAssociation(p, 0.0)
+    store = state.StateStore(sdir, clock=Clock(), lock_wait=0.0, wallclock=lambda: wall[0])
+    store.attach([s])
+    stores.append(store)
+    assert state.read(state.state_path(sdir, p), p) is not None  # dated before any packet
+    wall[0] += 30
+    store.close()
+    wall[0] += 20
+    s2 = SecurityAssociation(p, 500.0)  # this process's own clock
+    store2 = state.StateStore(sdir, clock=Clock(), lock_wait=0.0, wallclock=lambda: wall[0])
+    store2.attach([s2])
+    stores.append(store2)
+    assert s2.lifetime_left(500.0)["seconds"] == pytest.approx(50.0)
+    s2.check_lifetime(549.0)
+    with pytest.raises(EspError):
+        s2.check_lifetime(550.0)

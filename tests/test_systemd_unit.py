@@ -181,6 +181,11 @@ def test_directories_and_capabilities(unit: UnitFile) -> None:
     assert unit.get(s, "SystemCallFilter") == "@system-service"  # includes sched_setaffinity
 
 
+def test_no_core_dumps(unit: UnitFile) -> None:
+    """The processes hold keys: a core dump would write them to disk."""
+    assert unit.get("Service", "LimitCORE") == "0"
+
+
 def test_install_service_refuses_paths_systemd_would_misread(tmp_path: Path) -> None:
     res = subprocess.run([str(INSTALL), "--no-deps", "--venv", "/opt/my venv", "--unit-dir", str(tmp_path),
                           "--bin-dir", str(tmp_path)],

@@ -1,12 +1,16 @@
 """Read and validate a TOML configuration, reporting every problem at once with its location.
 
 File format: see README "Configuration". Keys are hex strings, inline (``key``) or in a file
-of their own (``key_file``, relative to the config file, mode 0600 or stricter). Error
-messages name lengths and locations, never key bytes.
+of their own (``key_file``, relative to the config file, mode 0600 or stricter). The config
+file and the key files must belong to the user that runs nfq-ipsec and must not be writable by
+group or others; both are opened without following a symbolic link and checked as opened
+(``hardening.open_checked``). Each key may serve one SA only. Error messages name lengths and
+locations, never key bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import tomllib
@@ -15,6 +19,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .. import hardening
 from ..core.errors import ConfigError
 from ..core.replay import MAX_WINDOW, MIN_WINDOW
 from ..core.sa import MIN_SPI, DfPolicy, Lifetime, Mode, SADirection, SAParams, Secret
@@ -34,6 +39,7 @@ from .model import (
 )
 
 MAX_KEY_FILE = 4096  # bytes; a key file holds one hex key (and maybe whitespace)
+MAX_CONFIG_FILE = 16 << 20
 PROTOCOLS = {"any": None, "icmp": 1, "tcp": 6, "udp": 17, "sctp": 132, "gre": 47}
 T = TypeVar("T")
 
@@ -51,7 +57,9 @@ def load_config(path: str | os.PathLike[str], online_cpus: Iterable[int] | None 
     """Load and validate ``path``. Raises ConfigError listing every problem found."""
     p = Path(path)
     try:
-        text = p.read_bytes()
+        text = hardening.read_checked(p, MAX_CONFIG_FILE)
+    except hardening.UnsafeFileError as err:
+        raise ConfigError([f"{p}: refused: {err}"]) from None
     except OSError as err:
         raise ConfigError([f"{p}: cannot read: {err.strerror}"]) from None
     try:
@@ -81,12 +89,14 @@ def parse_config(
     raw_policies = _array(data, "policy", probs)
     inline_keys = False
     sas: list[SAParams] = []
+    keys: list[tuple[str, bytes]] = []
     for i, raw in enumerate(raw_sas):
-        sa, inline = _sa(raw, f"sa[{i}]", base_dir, daemon, probs)
+        sa, inline = _sa(raw, f"sa[{i}]", base_dir, daemon, probs, keys)
         inline_keys = inline_keys or inline
         if sa is not None:
             sas.append(sa)
     _check_sa_uniqueness(raw_sas, probs)
+    _check_shared_keys(keys, probs)
     policies: list[Policy] = []
     for i, raw in enumerate(raw_policies):
         pol = _policy(raw, f"policy[{i}]", probs)
@@ -289,7 +299,7 @@ _LIFETIME_FIELDS = {
 
 def _sa(
     raw: dict[str, Any], where: str, base_dir: Path | None, daemon: DaemonConfig,
-    probs: _Problems,
+    probs: _Problems, keys: list[tuple[str, bytes]],
 ) -> tuple[SAParams | None, bool]:
     before = len(probs.items)
     _unknown(raw, where, _SA_FIELDS, probs)
@@ -336,6 +346,8 @@ def _sa(
                     if len(key) != alg.keymat_size:
                         msg = _key_len_msg(encryption, alg.key_size, alg.salt_size, len(key))
                         probs.add(f"{where}.key", msg)
+                    else:
+                        keys.append((_key_field(raw, where, "key"), key))
             elif "key" in raw or "key_file" in raw:
                 probs.add(f"{where}.key", "null encryption takes no key")
             if integrity is not None:
@@ -346,6 +358,8 @@ def _sa(
                     if len(ikey) != mac.key_size:
                         probs.add(f"{where}.integrity_key",
                                   f"{integrity} needs {mac.key_size} bytes, got {len(ikey)}")
+                    else:
+                        keys.append((_key_field(raw, where, "integrity_key"), ikey))
             elif "integrity_key" in raw or "integrity_key_file" in raw:
                 probs.add(f"{where}.integrity_key", f"{encryption} takes no integrity key")
     window = _int_range(raw, "replay_window", where, MIN_WINDOW, 4096, probs, 128) or 128
@@ -410,27 +424,20 @@ def _key(
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
         try:
-            st = path.stat()
+            data = hardening.read_checked(path, MAX_KEY_FILE, forbid=0o077,
+                                          fix="run chmod 600 on it")
+        except hardening.UnsafeFileError as err:
+            probs.add(f"{where}.{file_key}", str(err))
+            return None
         except OSError as err:
             probs.add(f"{where}.{file_key}", f"{path}: {err.strerror}")
             return None
         except ValueError:  # a NUL byte in the name
             probs.add(f"{where}.{file_key}", "not a usable file name")
             return None
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_KEY_FILE:
-            what = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"over {MAX_KEY_FILE} bytes"
-            probs.add(f"{where}.{file_key}", f"{path}: {what}; a key file holds one hex key")
-            return None
-        if st.st_mode & 0o077:
-            probs.add(
-                f"{where}.{file_key}",
-                f"{path} is readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
-                "run chmod 600 on it",
-            )
-            return None
         try:
-            text = path.read_text("ascii")
-        except (OSError, UnicodeDecodeError):
+            text = data.decode("ascii")
+        except UnicodeDecodeError:
             probs.add(f"{where}.{file_key}", f"{path}: cannot read as hex text")
             return None
         return _hex(text, f"{where}.{file_key}", probs)
@@ -469,6 +476,26 @@ def _lifetime(raw: dict[str, Any], where: str, probs: _Problems) -> Lifetime:
         if soft is not None and hard is not None and soft >= hard:
             probs.add(f"{lw}.soft_{what}", f"must be below hard_{what} ({hard})")
     return Lifetime(**values)
+
+
+def _key_field(raw: dict[str, Any], where: str, key: str) -> str:
+    """Where a key was given: ``sa[i].key`` or ``sa[i].key_file`` (and integrity_key...)."""
+    return f"{where}.{key}_file" if f"{key}_file" in raw and key not in raw else f"{where}.{key}"
+
+
+def _check_shared_keys(keys: list[tuple[str, bytes]], probs: _Problems) -> None:
+    """Refuse a key given twice (two SAs, either direction, or one SA's two keys): under a
+    shared key both users draw nonces/IVs from the same sequence numbers. Keys are compared
+    by a hash, never shown."""
+    first: dict[bytes, str] = {}
+    for where, key in keys:
+        digest = hashlib.sha256(b"nfq-ipsec config key compare\0" + key).digest()
+        if digest in first:
+            probs.add(where, f"the same key as {first[digest]}; every SA needs keys of its own "
+                             "(two SAs under one key repeat each other's nonces); make another "
+                             "with `nfq-ipsec genkey`")
+        else:
+            first[digest] = where
 
 
 def _check_sa_uniqueness(raw_sas: list[dict[str, Any]], probs: _Problems) -> None:

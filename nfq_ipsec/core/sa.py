@@ -146,8 +146,12 @@ class SecurityAssociation:
         self.installed_at = installed_at
         self.next_seq = next_seq  # outbound: the next number to send
         self.replay = ReplayWindow(params.replay_window, params.esn)
-        self.packets = 0
+        self.packets = 0  # counted by this process (status)
         self.bytes = 0
+        # Lifetime use before this process started (restored by the shell from the SA's state
+        # file): the limits count it too, so a restart does not start them again from zero.
+        self.packets_before = 0
+        self.bytes_before = 0
         self.drops: Counter[DropReason] = Counter()
         self.soft_expired = False
         self.hard_expired = False
@@ -208,15 +212,19 @@ class SecurityAssociation:
         watch = [(lt.hard_packets, lt.hard_bytes, lt.hard_seconds)]
         if not self.soft_expired:
             watch.append((lt.soft_packets, lt.soft_bytes, lt.soft_seconds))
-        self._watch_packets = min((w[0] for w in watch if w[0] is not None), default=_INF)
-        self._watch_bytes = min((w[1] for w in watch if w[1] is not None), default=_INF)
+        self._watch_packets = min((w[0] for w in watch if w[0] is not None),
+                                  default=_INF) - self.packets_before
+        self._watch_bytes = min((w[1] for w in watch if w[1] is not None),
+                                default=_INF) - self.bytes_before
         self._watch_age = min((w[2] for w in watch if w[2] is not None), default=_INF)
 
     def _check_limits(self, now: float) -> None:
         lt = self.params.lifetime
         age = now - self.installed_at
+        packets = self.packets + self.packets_before
+        nbytes = self.bytes + self.bytes_before
         if not self.hard_expired and (
-            _past(self.packets, lt.hard_packets) or _past(self.bytes, lt.hard_bytes)
+            _past(packets, lt.hard_packets) or _past(nbytes, lt.hard_bytes)
             or _past(age, lt.hard_seconds)
         ):
             self.hard_expired = True
@@ -224,7 +232,7 @@ class SecurityAssociation:
         if self.hard_expired:
             raise EspError(DropReason.SA_EXPIRED, f"SA {self.name}", self.spi)
         if not self.soft_expired and (
-            _past(self.packets, lt.soft_packets) or _past(self.bytes, lt.soft_bytes)
+            _past(packets, lt.soft_packets) or _past(nbytes, lt.soft_bytes)
             or _past(age, lt.soft_seconds)
         ):
             self.soft_expired = True
@@ -234,11 +242,28 @@ class SecurityAssociation:
         self.packets += 1
         self.bytes += nbytes
 
+    def restore_usage(self, packets: int, nbytes: int, age: float) -> None:
+        """Continue the lifetime from an earlier process: ``packets`` and ``nbytes`` used
+        before, installed ``age`` seconds before this SA was. Call before any packet."""
+        self.packets_before = packets
+        self.bytes_before = nbytes
+        self.installed_at -= age
+        self._watch_packets = 0.0  # the next check_lifetime looks at the limits again
+        self._watch_bytes = 0.0
+        self._watch_age = 0.0
+
+    def lifetime_used(self, now: float) -> tuple[int, int, float]:
+        """Packets, bytes and seconds of the lifetime used, earlier processes included."""
+        return (self.packets + self.packets_before, self.bytes + self.bytes_before,
+                now - self.installed_at)
+
     def lifetime_left(self, now: float) -> dict[str, float | int | None]:
         lt = self.params.lifetime
+        packets = self.packets + self.packets_before
+        nbytes = self.bytes + self.bytes_before
         return {
-            "packets": None if lt.hard_packets is None else max(0, lt.hard_packets - self.packets),
-            "bytes": None if lt.hard_bytes is None else max(0, lt.hard_bytes - self.bytes),
+            "packets": None if lt.hard_packets is None else max(0, lt.hard_packets - packets),
+            "bytes": None if lt.hard_bytes is None else max(0, lt.hard_bytes - nbytes),
             "seconds": None if lt.hard_seconds is None
             else max(0.0, lt.hard_seconds - (now - self.installed_at)),
         }
