@@ -584,7 +584,7 @@ def test_state_file_reveals_neither_key_nor_mac_key(sdir: Path,
     assert KEY.hex() not in text and KEY.hex()[:10] not in text
     assert state.mac_key(p).hex()[:10] not in text
     assert state.mac_key(p) != state.mac_key(params(key=KEY2))
-    assert KEY.hex() not in repr(stores[-1].entries["out0"])
+    assert KEY.hex() not in repr(stores[-1].entries[id(s)])
 
 
 @needs_root
@@ -753,3 +753,24 @@ def test_age_counts_across_restarts_and_downtime(sdir: Path, stores: list[state.
     s2.check_lifetime(549.0)
     with pytest.raises(EspError):
         s2.check_lifetime(550.0)
+
+
+def test_reload_attaches_more_and_lets_some_go(sdir: Path, stores: list[state.StateStore]) -> None:
+    """A reload attaches its new SAs to a store that holds others already, and later lets the
+    retired ones go with their exact state; a failing attach leaves the earlier SAs held."""
+    old = sa(params())
+    store = attach(sdir, [old], stores)
+    for _ in range(5):
+        old.take_seq()
+    new = sa(params(name="out0", key=KEY2, spi=0x1001))  # same name, new key: both held
+    store.attach([new])
+    assert len(store.entries) == 2
+    with pytest.raises(state.StateError):  # a third SA under the old key: refused ...
+        store.attach([sa(params(name="other", spi=0x1002))])
+    assert set(store.entries) == {id(old), id(new)}  # ... and nothing held before is lost
+    store.detach([old])
+    assert set(store.entries) == {id(new)}
+    # the retired SA's exact state is on disk and its lock is free: a new store takes it
+    again = sa(params())
+    attach(sdir, [again], stores)
+    assert again.next_seq == old.next_seq == 6
