@@ -7,10 +7,13 @@ unprotected interface (None: every interface except lo). With M the worker's rei
 P the chain prefix:
 
 - raw PREROUTING -> P-IN (before conntrack): a reinjected (decrypted) packet returns; inbound
-  ESP goes to the queue of the worker that owns its SPI, unknown SPIs to the first queue (the
-  worker counts and drops them); cleartext is checked against the inbound SPD: BYPASS returns,
-  DISCARD and PROTECT drop (cleartext where ESP is required); then the default action.
-- mangle OUTPUT -> P-OUT (after conntrack, so conntrack sees the plaintext flow): the outbound
+  ESP goes to the queue of the worker that owns its SPI, ESP to this host with an unknown SPI
+  is dropped right here (unknown_spi); ICMP errors in clear are matched by the packet they
+  quote; cleartext is checked against the inbound SPD: BYPASS returns, DISCARD and PROTECT
+  drop (cleartext where ESP is required); then the default action.
+- mangle OUTPUT -> P-OUT (after conntrack, so conntrack sees the plaintext flow): ESP of our
+  own outbound SAs with the mark returns (the mark alone proves nothing: CAP_NET_RAW sets it);
+  ICMP errors go the way of the flow they quote (RFC 4301 section 6.2); then the outbound
   SPD; PROTECT jumps to P-Pn, the sub-chain of policy n, which clamps the TCP MSS and queues
   to the owner of the policy's outbound SA (several SAs: HMARK spreads flows, never the
   packets of one flow, one SA per queue as in RFC 9611) and ends in DROP (fail closed).
@@ -20,7 +23,9 @@ P the chain prefix:
   plaintext flow, and NAT would rewrite them as if they were that flow); filter FORWARD ->
   P-LEAK, a leak guard so forwarded cleartext never leaves the unprotected interface.
 
-There is no ``--queue-bypass`` anywhere: a queue without a worker drops its packets.
+There is no ``--queue-bypass`` anywhere: a queue without a worker drops its packets. A
+stopped daemon leaves :func:`close`'s rules (every queue rule a DROP); with node.default =
+discard, :func:`build6` drops IPv6 on the unprotected side.
 Each built-in chain gets exactly one rule from us, a jump inserted at position 1; every other
 rule lives in chains named ``P-...``. Rules are rendered the way iptables-save prints them, so
 what ``render`` shows can be compared with what is installed, line by line.

@@ -7,7 +7,10 @@ its queue, says ``("ready", pid, queue)`` on its pipe and then serves packets an
 
 Pipe protocol (pickled tuples over a ``multiprocessing.Pipe``):
 
-- supervisor -> worker: ``("stats",)``, ``("ping",)`` (the watchdog), ``("stop",)``
+- supervisor -> worker: ``("stats",)``, ``("ping",)`` (the watchdog), ``("stop",)``, and for a
+  reload ``("reload", WorkerSpec)``, ``("commit",)``, ``("rollback",)`` (answered by
+  ``("reloaded", summary)``, ``("committed", "")``, ``("rolled_back", "")`` or
+  ``("reload_failed", why)``)
 - worker -> supervisor: ``("ready", pid, queue)``, ``("error", text)`` (then it exits 1),
   ``("stats", snapshot_dict)``, ``("pong", counts)`` (:mod:`nfq_ipsec.counts`: what the
   supervisor carries over to the next worker if this one dies)

@@ -40,8 +40,8 @@ case $step in
             --encryption "$encryption" --queues "$queues" --seed-file "$etc/$instance.seed" \
             --instance "$instance"
         systemctl enable "nfq-ipsec@$instance.service"
-        # A clean stop of the old daemon (its rules come out), then the new one; returns once
-        # the new rules are in (the unit's ExecStartPost).
+        # A clean stop of the old daemon (its rules stay, closed), then the new one, which
+        # replaces them; returns once the new rules are in (the unit's ExecStartPost).
         systemctl restart "nfq-ipsec@$instance.service"
         "$venv/bin/nfq-ipsec" status --config "$etc/$instance.toml"
         ;;
