@@ -134,7 +134,9 @@ def test_hostile_packets_are_dropped_by_reason(pair: Pair, tmp_path: Path, daemo
     stub = ipv4(ADDR_A, ADDR_B, 50, good[ihl:ihl + 4])
     truncated = [ipv4(ADDR_A, ADDR_B, 50, good[ihl:ihl + n]) for n in (8, 8 + 20)]  # < IV + ICV
     cut_icv = ipv4(ADDR_A, ADDR_B, 50, good[ihl:-6])  # ICV cut: can't authenticate
-    big = c.esp(next(seq), c.udp("oversized" + "z" * 65400))  # 65 KB: the wire needs fragments
+    # 65 KB: the wire needs fragments; reassembly (which our inbound chain turns on) makes it
+    # whole again before the raw table, and it is a valid packet: it arrives
+    big = c.esp(next(seq), c.udp("oversized" + "z" * 65400))
     oversized = fragments(ipv4(ADDR_A, ADDR_B, 50, big[ihl:]), 8000)
     unknown = c.esp(next(seq), c.udp("unknown-spi"), spi=0xDEAD)
     bad_pad = c.esp(next(seq), c.udp("bad-padding" + "p"), pad=b"\x00\x00\x00\x00\x00")
@@ -152,7 +154,7 @@ def test_hostile_packets_are_dropped_by_reason(pair: Pair, tmp_path: Path, daemo
         ("shorter than an ESP header", [stub], {}),
         ("truncated", truncated, {"malformed": len(truncated)}),
         ("icv cut", [cut_icv], {"integrity": 1}),
-        ("oversized", oversized, {"fragment": len(oversized)}),
+        ("oversized", oversized, {}),
         ("unknown spi", [unknown], {"unknown_spi": 1}),
         ("bad padding", [bad_pad], {"bad_padding": 1}),
         ("wrong next header", [wrong_nh], {"bad_next_header": 1}),
@@ -188,7 +190,7 @@ def test_hostile_packets_are_dropped_by_reason(pair: Pair, tmp_path: Path, daemo
         got = [text for _, text in result(receiver, stdin="")]
     finally:
         end(receiver)
-    assert got == ["valid-first", "valid-last"]
+    assert got == ["valid-first", "oversized" + "z" * 65400, "valid-last"]
     st = b.status()
     assert st is not None
     assert all(w["restarts"] == 0 for w in st["workers"])

@@ -576,3 +576,53 @@ def test_reload_refused_keeps_the_running_configuration(lab: Lab) -> None:
         lab.rows.pop()  # not a row of the matrix
     finally:
         a.config.write_text(original)
+
+
+BIG_SENDER = textwrap.dedent("""
+    import socket, sys
+    dst, port, canary, sizes = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for size in map(int, sizes):
+        head = f"{canary}:big:{size}:".encode()
+        s.sendto(head + b"z" * (size - len(head)), (dst, port))
+    print("SENT", flush=True)
+""")
+
+
+def test_big_datagrams_arrive_whole_through_fragmented_esp(lab: Lab) -> None:
+    """3,000-, 8,000- and 30,000-byte UDP datagrams over a 1500-byte link: A's kernel fragments
+    the ESP packets the worker made, B's kernel reassembles them before the raw table (the
+    first rule of our inbound chain turns that on), B's worker opens them whole."""
+    pair = lab.pair
+    for ns, iface in ((pair.a, pair.va), (pair.b, pair.vb)):
+        pair.run(ns, "ip", "link", "set", iface, "mtu", "1500")
+    sizes = [3000, 8000, 30000]
+    try:
+        sniffer = Sniffer(pair, pair.b, pair.vb, lab.tmp / "big.pcap")
+        receiver = pair.python(pair.b, RECEIVER, ADDR_B, str(PORTS[0]), "0", stdin=True)
+        try:
+            ready(receiver)
+            sender = pair.python(pair.a, BIG_SENDER, ADDR_B, str(PORTS[0]), CANARY,
+                                 *map(str, sizes))
+            out, err = sender.communicate(timeout=60)
+            assert sender.returncode == 0 and "SENT" in out, err
+            time.sleep(1.0)
+            got = [text for _, text in result(receiver, stdin="")]
+        finally:
+            end(receiver)
+            sniffer.stop()
+        frames = sniffer.frames()
+    finally:
+        for ns, iface in ((pair.a, pair.va), (pair.b, pair.vb)):
+            pair.run(ns, "ip", "link", "set", iface, "mtu", "9000")
+    if sorted(len(t) for t in got) != sizes:
+        sta, stb = lab.a.status(), lab.b.status()
+        raise AssertionError(f"got {[len(t) for t in got]}; A: {sta and sta['workers']} "
+                             f"{sta and sta['kernel_drops']}; B: {stb and stb['workers']} "
+                             f"{stb and stb['kernel_drops']}; {len(frames)} frames")
+    assert all(t.endswith("z" * 100) for t in got)
+    assert not any(CANARY.encode() in f for f in frames)
+    # the ESP went over the wire in fragments (more fragments set, or an offset)
+    frags = [f for f in frames if len(f) > 34 and f[12:14] == b"\x08\x00" and f[23] == 50
+             and (struct.unpack_from("!H", f, 20)[0] & 0x3FFF)]
+    assert len(frags) >= 2 + 6 + 21, len(frags)

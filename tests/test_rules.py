@@ -112,14 +112,16 @@ def rule_lines(text: str) -> list[str]:
 
 
 ICMP_ERROR_MARK = "=0x3,0x4,0x5,0xb,0xc"  # in the u32 match of every ICMP-error rule
+DEFRAG_RULE = "-p esp -m esp --espspi 0 -j CT"  # turns reassembly on, matches nothing
 
 
 def chain(text: str, name: str, icmp_errors: bool = False) -> list[str]:
-    """The -A lines of one chain, without the "-A NAME " part; the rules for ICMP errors only
-    with ``icmp_errors`` (tests of the SPD proper leave them out; they have their own tests)."""
+    """The -A lines of one chain, without the "-A NAME " part; the rules for ICMP errors and
+    the reassembly switch only with ``icmp_errors`` (tests of the SPD proper leave them out;
+    they have their own tests)."""
     prefix = f"-A {name} "
     return [line[len(prefix):] for line in rule_lines(text) if line.startswith(prefix)
-            and (icmp_errors or ICMP_ERROR_MARK not in line)]
+            and (icmp_errors or (ICMP_ERROR_MARK not in line and DEFRAG_RULE not in line))]
 
 
 def table_of(text: str, name: str) -> list[str]:
@@ -531,7 +533,8 @@ def test_plan_install_takes_over_leftovers() -> None:
         assert mangle.index(f"-X {stale}") > mangle.index("-D PREROUTING ! -i eth1 -j NFQIPSEC-FWD")
     assert mangle.index("-X NFQIPSEC-P9") < mangle.index("-I OUTPUT 1 -o eth1 -j NFQIPSEC-OUT")
     assert "-D OUTPUT -o eth1 -j NFQIPSEC-OUT" in mangle
-    assert not any("OTHER-IN" in line or "keep me" in line or "CT --notrack" in line for line in lines)
+    assert not any("OTHER-IN" in line or "keep me" in line or "-i eth0 -j CT --notrack" in line
+                   for line in lines)
     assert "*filter" not in lines  # nothing of ours there and nothing needed
 
 
@@ -889,3 +892,14 @@ def test_icmp_errors_on_a_gateway_and_in_the_leak_guard() -> None:
     assert fwd[0].endswith("-j NFQIPSEC-P0") and leak[0].endswith("-j DROP")
     # quoted: 10.2.0.0/24 (remote LAN) -> 10.1.0.0/24 (ours)
     assert "@0x14&0xffffff00=0xa020000" in fwd[0] and "@0x18&0xffffff00=0xa010000" in fwd[0]
+
+
+def test_reassembly_is_turned_on_first_and_matches_nothing() -> None:
+    """The first rule of P-IN needs conntrack, so the kernel registers conntrack and with it
+    IPv4 defragmentation in the namespace (tested on packets in test_leak_matrix_root.py); it
+    matches only SPI 0, which no ESP packet carries (RFC 4303 2.1)."""
+    for name in ("host-a.toml", "gateway-a.toml"):
+        text = rules.render(example(name), comments=False)
+        assert chain(text, "NFQIPSEC-IN", icmp_errors=True)[0] == DEFRAG_RULE
+    assert all(DEFRAG_RULE not in r for r in chain(rules.render(example("host-a.toml")), "NFQIPSEC-OUT",
+                                                     icmp_errors=True))
