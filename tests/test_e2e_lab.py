@@ -3,7 +3,7 @@
 For each topology (host-to-host transport mode, gateway-to-gateway tunnel mode) and each of
 aes-gcm-128, chacha20-poly1305 and aes-cbc-128 + hmac-sha256-128, one lab is built with fresh
 keys and two queues per peer, both daemons started, and while tcpdump records the wire between
-the peers we send: ping, a TCP bulk transfer (iperf3 -t 2 -P 4, so the per-flow hash spreads
+the peers we send: ping, a TCP bulk transfer (iperf3 -t 2 -P 8, so the per-flow hash spreads
 flows over both workers), UDP (iperf3), a 1 MiB random file (SHA-256 compared on arrival), TCP
 to the BYPASS port, UDP to the DISCARD port and, as its positive control, UDP to a protected
 port. Then both daemons get SIGTERM. The tests below each check one result of that run:
@@ -142,7 +142,9 @@ def run(request: pytest.FixtureRequest) -> Run:
         r.step("start", s.start_daemons)
         if "start" not in r.errors:
             traffic_and_capture(s.lab, s.endpoints, s.config, s.workdir, s.daemons, seconds=2,
-                                parallel=4, file_size=FILE_SIZE, udp_count=UDP_COUNT, run=r)
+                                # 8 flows: each hashes to one of the 2 SAs at random (its source
+                                # port), so with 4 all took one SA in about 1 run in 30
+                                parallel=8, file_size=FILE_SIZE, udp_count=UDP_COUNT, run=r)
             if "pcap" in r.values:
                 r.step("scapy", lambda: scapy_wire(r.values["pcap"], s.peer_addresses,
                                                    s.config.bypass_port))
