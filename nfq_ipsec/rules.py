@@ -245,13 +245,13 @@ def _inbound_table(cfg: Config) -> Table:
     p = cfg.daemon.chain_prefix
     c = chain_in(p)
     rules = [
-        # Any rule that needs conntrack makes the kernel register it, and with it IPv4
-        # defragmentation, in this network namespace: fragmented ESP then reaches this chain
+        # The socket match makes the kernel register IPv4 defragmentation (and only that,
+        # not conntrack) in this network namespace: fragmented ESP then reaches this chain
         # reassembled, so a big ESP packet finds its SA's worker whole. No ESP packet carries
         # SPI 0 (RFC 4303 2.1), so the rule itself touches nothing.
-        Rule(c, ("-p", "esp", "-m", "esp", "--espspi", "0", "-j", "CT"),
-             "turns on IPv4 reassembly before this chain (it makes the kernel register conntrack "
-             "here); matches nothing: no ESP packet has SPI 0"),
+        Rule(c, ("-p", "esp", "-m", "esp", "--espspi", "0", "-m", "socket", "-j", "RETURN"),
+             "turns on IPv4 reassembly before this chain (the socket match makes the kernel "
+             "register defragmentation here); matches nothing: no ESP packet has SPI 0"),
         _mark_return(cfg, c),
     ]
     if cfg.node.interface is None:

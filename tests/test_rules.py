@@ -112,7 +112,7 @@ def rule_lines(text: str) -> list[str]:
 
 
 ICMP_ERROR_MARK = "=0x3,0x4,0x5,0xb,0xc"  # in the u32 match of every ICMP-error rule
-DEFRAG_RULE = "-p esp -m esp --espspi 0 -j CT"  # turns reassembly on, matches nothing
+DEFRAG_RULE = "-p esp -m esp --espspi 0 -m socket -j RETURN"  # turns reassembly on, matches nothing
 
 
 def chain(text: str, name: str, icmp_errors: bool = False) -> list[str]:
