@@ -895,9 +895,10 @@ def test_icmp_errors_on_a_gateway_and_in_the_leak_guard() -> None:
 
 
 def test_reassembly_is_turned_on_first_and_matches_nothing() -> None:
-    """The first rule of P-IN needs conntrack, so the kernel registers conntrack and with it
-    IPv4 defragmentation in the namespace (tested on packets in test_leak_matrix_root.py); it
-    matches only SPI 0, which no ESP packet carries (RFC 4303 2.1)."""
+    """The first rule of P-IN uses the socket match, so the kernel registers IPv4
+    defragmentation in the namespace (tested on packets, and that no flow gets tracked, in
+    test_leak_matrix_root.py); it matches only SPI 0, which no ESP packet carries (RFC 4303
+    2.1)."""
     for name in ("host-a.toml", "gateway-a.toml"):
         text = rules.render(example(name), comments=False)
         assert chain(text, "NFQIPSEC-IN", icmp_errors=True)[0] == DEFRAG_RULE
