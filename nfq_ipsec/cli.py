@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queues", type=int, default=2, help="queues (workers) per host")
     p.add_argument("--keep", action="store_true", help="leave the lab up (prints how to remove it)")
 
-    # -- bench: the benchmark script (issue 6); its options live in nfq_ipsec/bench/__init__.py
+    # -- bench: the benchmark script; its options live in nfq_ipsec/bench/__init__.py
     from .bench import add_arguments as add_bench_arguments
 
     add_bench_arguments(sub.add_parser("bench", help="benchmark: plain veth, NFQUEUE accept-only, "

@@ -1,4 +1,4 @@
-"""The benchmark (``nfq-ipsec bench``, issue 6): a smoke run and its pure parts.
+"""The benchmark (``nfq-ipsec bench``): a smoke run and its pure parts.
 
 The benchmark is a script, not a timed test: nothing here checks a speed. The smoke run (marks
 ``root`` and ``lab``) runs it with the smallest settings (one repetition of 1-second iperf3 runs,

@@ -1,4 +1,4 @@
-"""The core is sans-IO (design.md section 2): it imports only the standard library and
+"""The core is sans-IO: it imports only the standard library and
 ``cryptography``, never opens sockets, starts processes or threads, or reads the clock."""
 
 from __future__ import annotations

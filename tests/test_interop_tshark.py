@@ -1,7 +1,7 @@
 """tshark (Wireshark's dissector) as an independent decoder of our outbound ESP.
 
 For every algorithm this tshark can decrypt, we write our ESP packets to a pcap, give tshark
-the keys through its esp_sa table (design.md section 5) and require every packet to carry
+the keys through its esp_sa table and require every packet to carry
 ``esp.icv_good`` and the inner ICMP echo to be decoded with the payload we sent.
 
 Names accepted by the esp_sa table are those of Wireshark's packet-esp.c value strings. The

@@ -1,4 +1,4 @@
-"""Resilience of the real daemon (root; namespaces ``nfqx<pid>...``), issue 5:
+"""Resilience of the real daemon (root; namespaces ``nfqx<pid>...``):
 
 - SA continuity: through a SIGKILLed sender worker, a SIGKILLed receiver worker, a clean
   restart of both daemons and a crash of both (supervisor and workers SIGKILLed), the wire never

@@ -11,7 +11,7 @@ byte-for-byte encapsulation tests swap in the vector's IV with test-only wrapper
 everything else (SPI, sequence number, AAD, padding, trailer, key/salt split, headers) is the
 production code path.
 
-Every vector packet also goes through the parser checks of design.md section 5: the whole
+Every vector packet also goes through the parser checks every codec gets: the whole
 packet, every truncated prefix (only a DROP result, never an exception) and trailing bytes.
 """
 
