@@ -214,8 +214,8 @@ def test_uat_entries_cover_every_generated_sa(tmp_path: Path) -> None:
     assert sum('"192.168.56.10","192.168.56.11"' in e for e in entries) == 2
     assert sum('"192.168.56.11","192.168.56.10"' in e for e in entries) == 2
     argv = tshark_argv("tshark", tmp_path / "x.pcap", lc.sas)
-    assert argv.count("-o") == 4 + 4  # decrypt, authenticate, no TCP analysis or reassembly
-    assert "tcp.desegment_tcp_streams:FALSE" in argv
+    assert argv.count("-o") == 2 + 4  # decrypt, authenticate; one esp_sa entry per SA
+    assert argv.count("--disable-protocol") == 2  # the decrypted packets: not past IP
     assert "esp.icv_good" in argv and "esp.icv_bad" in argv
 
 
