@@ -42,6 +42,7 @@ from ipaddress import IPv4Network
 
 from .config.model import Config
 from .core.esp import overhead_for
+from .core.packet import ICMP_ERROR_TYPES
 from .core.sa import SADirection
 from .core.spd import Action, Policy, Selector
 
@@ -431,9 +432,9 @@ def selector_args(sel: Selector, outbound: bool) -> tuple[str, ...]:
 
 # -- ICMP errors: matched by the packet they quote (RFC 4301 section 6.2) --------------------
 
-ICMP_ERROR_TYPES = (3, 4, 5, 11, 12)  # as core.packet.ICMP_ERROR_TYPES
 _AT_ICMP = "0x0>>0x16&0x3c@"  # u32: to the ICMP header (the outer IHL)
 _AT_QUOTED_L4 = _AT_ICMP + "0x8>>0x16&0x3c@"  # then past the quoted IP header (minus 8)
+_IS_ICMP_ERROR = f"{_AT_ICMP}0x0>>0x18=" + ",".join(f"0x{t:x}" for t in sorted(ICMP_ERROR_TYPES))
 
 
 def quoted_args(sel: Selector, quoted_outbound: bool) -> tuple[str, ...]:
@@ -445,8 +446,7 @@ def quoted_args(sel: Selector, quoted_outbound: bool) -> tuple[str, ...]:
     sports, dports = (
         (sel.local_ports, sel.remote_ports) if quoted_outbound else (sel.remote_ports, sel.local_ports)
     )
-    types = ",".join(f"0x{t:x}" for t in ICMP_ERROR_TYPES)
-    tests = [f"{_AT_ICMP}0x0>>0x18={types}"]
+    tests = [_IS_ICMP_ERROR]
     for offset, net in ((0x14, src), (0x18, dst)):
         if net.prefixlen:
             tests.append(f"{_AT_ICMP}0x{offset:x}&0x{int(net.netmask):x}=0x{int(net.network_address):x}")
@@ -469,10 +469,8 @@ def quoted_args(sel: Selector, quoted_outbound: bool) -> tuple[str, ...]:
 
 def quoted_esp_args(spi: int) -> tuple[str, ...]:
     """An ICMP error that quotes ESP of the given SPI (one of ours: RFC 4301 section 8)."""
-    types = ",".join(f"0x{t:x}" for t in ICMP_ERROR_TYPES)
     return ("-p", "icmp", "!", "-f", "-m", "u32", "--u32",
-            f"{_AT_ICMP}0x0>>0x18={types}&&{_AT_ICMP}0x10>>0x10&0xff=0x32&&"
-            f"{_AT_QUOTED_L4}0x8=0x{spi:x}")
+            f"{_IS_ICMP_ERROR}&&{_AT_ICMP}0x10>>0x10&0xff=0x32&&{_AT_QUOTED_L4}0x8=0x{spi:x}")
 
 
 def _icmp_error_rules(cfg: Config, chain: str, where: str) -> list[Rule]:

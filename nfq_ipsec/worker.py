@@ -161,8 +161,7 @@ class PacketHandler:
                     verdict(pkt.packet_id, True, pkt.mark | mark, out)
                     accepted += 1
                 elif self.previous is not None and res.reason in _HANDED_BACK:
-                    self._previous_verdict(pkt, data, hook, now)
-                    accepted += 1
+                    accepted += self._previous_verdict(pkt, data, hook, now)
                 else:
                     verdict(pkt.packet_id, False)
             except Exception:  # fail closed: whatever went wrong, this packet is dropped
@@ -170,17 +169,23 @@ class PacketHandler:
         self.packets_out += accepted
         self.queue.flush()
 
-    def _previous_verdict(self, pkt: QueuedPacket, data: bytes, hook: int, now: float) -> None:
+    def _previous_verdict(self, pkt: QueuedPacket, data: bytes, hook: int, now: float) -> int:
         """During a reload, until the rules have moved: a packet the old rules sent here for an
-        SA the new configuration retired (or holds on another queue) is handled as before."""
+        SA the new configuration retired (or holds on another queue) is handled as before.
+        Returns 1 if it was accepted, 0 if dropped (counted, as on the main path)."""
         prev = self.previous
         assert prev is not None
         esp = hook != HOOK_LOCAL_OUT and hook != HOOK_POST_ROUTING and data[9] == PROTO_ESP
         res = prev.inbound(data, now) if esp else prev.outbound(data, now)
-        if res.verdict is Verdict.ACCEPT and (res.packet is None or len(res.packet) <= MAX_VERDICT_PAYLOAD):
-            self.queue.verdict(pkt.packet_id, True, pkt.mark | self.mark, res.packet)
-        else:
+        if res.verdict is not Verdict.ACCEPT:
+            self.queue.verdict(pkt.packet_id, False)  # counted by the processor
+            return 0
+        if res.packet is not None and len(res.packet) > MAX_VERDICT_PAYLOAD:
+            prev.count_drop(DropReason.TOO_BIG)
             self.queue.verdict(pkt.packet_id, False)
+            return 0
+        self.queue.verdict(pkt.packet_id, True, pkt.mark | self.mark, res.packet)
+        return 1
 
     # -- reload: build the new processor first, commit once the rules have moved ------------
     def reload(self, spec: WorkerSpec, now: float) -> str:

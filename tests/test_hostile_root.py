@@ -69,14 +69,6 @@ def pair() -> Iterator[Pair]:
         yield p
 
 
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.cleanup()
-
-
 class Crafter:
     """ESP on SA ab<i> (A -> B, transport mode, AES-GCM-128) built from its key."""
 

@@ -69,10 +69,17 @@ def test_quoted_key_reads_the_quoted_packet() -> None:
 @pytest.mark.parametrize("truncate", range(1, len(unreachable()) - 20))
 def test_quoted_key_on_every_truncation(truncate: int) -> None:
     """Every prefix of an error, with its length fields claiming only that much: None or a key,
-    never an exception."""
+    never an exception; a key only once the quote holds a whole IPv4 header, ports only once
+    it holds them."""
     data = bytearray(unreachable()[:-truncate])
     data[2:4] = len(data).to_bytes(2, "big")
-    ip.quoted_key(bytes(data), ip.parse_ipv4(bytes(data)))
+    key = ip.quoted_key(bytes(data), ip.parse_ipv4(bytes(data)))
+    quoted = len(data) - 20 - 8  # bytes of the quoted packet left
+    if quoted < 20:
+        assert key is None
+    else:
+        assert key is not None and (ip.ip_to_str(key.src), key.protocol) == (A, 17)
+        assert (key.dport == PORT) == (quoted >= 24)
 
 
 def test_error_about_a_protected_flow_goes_through_its_sa() -> None:

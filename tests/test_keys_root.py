@@ -50,14 +50,6 @@ def pair() -> Iterator[Pair]:
         yield p
 
 
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.cleanup()
-
-
 def replace_as_other_user(directory: Path, name: str, data: bytes) -> None:
     """As uid 65534: put ``data`` at ``directory/name`` (a temp file renamed over it), through
     a descriptor of the directory (the test's parent directories are root's own)."""

@@ -67,14 +67,6 @@ def pair() -> Iterator[Pair]:
         yield p
 
 
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.cleanup()
-
-
 def _phase(pair: Pair, a: Daemon, b: Daemon, tag: str, per_port: int = 25) -> list[int]:
     """Send ``per_port`` datagrams to each port (one flow each) and check what arrives against
     the SA state on both sides: on SA ab<i>, exactly the numbers at or below the receiver's
