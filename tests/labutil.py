@@ -299,6 +299,18 @@ def daemon(pair: Pair, tmp: Path, a_side: bool, keys: dict[str, str], started: l
     return d
 
 
+def running_pair(pair: Pair, tmp: Path, keys: dict[str, str], started: list[Daemon],
+                 **extra_env: str) -> tuple[Daemon, Daemon]:
+    """Both hosts' daemons, started and running (A's environment gets ``extra_env``)."""
+    a = daemon(pair, tmp, True, keys, started, **extra_env)
+    b = daemon(pair, tmp, False, keys, started)
+    for d in (a, b):
+        d.start()
+    for d in (a, b):
+        d.wait_running()
+    return a, b
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, from /proc (clock ticks)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

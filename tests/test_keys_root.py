@@ -33,6 +33,7 @@ from labutil import (
     make_pair,
     needs_root,
     nfq_ipsec,
+    running_pair,
     send,
 )
 
@@ -77,12 +78,7 @@ def run_to_exit(d: Daemon) -> tuple[int, str]:
 def test_state_rolled_back_by_another_user_is_refused(pair: Pair, tmp_path: Path,
                                                       daemons: list[Daemon]) -> None:
     keys = make_keys()
-    a = daemon(pair, tmp_path, True, keys, daemons)
-    b = daemon(pair, tmp_path, False, keys, daemons)
-    a.start()
-    b.start()
-    a.wait_running()
-    b.wait_running()
+    a, _ = running_pair(pair, tmp_path, keys, daemons)
     first = [(PORTS[0], f"first-{n}") for n in range(5)]
     assert send(pair, first) == [m for _, m in first]
     assert a.stop() == 0

@@ -53,6 +53,7 @@ from labutil import (
     nfq_ipsec,
     ready,
     result,
+    running_pair,
     send,
     wait_gone,
 )
@@ -99,12 +100,7 @@ def _sa_field(d: Daemon, name: str, key: str) -> Any:
 def test_sa_state_survives_worker_and_daemon_crashes(pair: Pair, tmp_path: Path,
                                                      daemons: list[Daemon]) -> None:
     keys = make_keys()
-    a = daemon(pair, tmp_path, True, keys, daemons)
-    b = daemon(pair, tmp_path, False, keys, daemons)
-    a.start()
-    b.start()
-    a.wait_running()
-    b.wait_running()
+    a, b = running_pair(pair, tmp_path, keys, daemons)
     sniffer = Sniffer(pair, pair.b, pair.vb, tmp_path / "wire.pcap")
     figures: dict[str, Any] = {}
     try:
