@@ -359,11 +359,15 @@ def test_lab_cli_rejects_bad_encryption(capsys: pytest.CaptureFixture[str]) -> N
 def test_tcp_complete_allows_only_what_sockets_can_still_hold() -> None:
     from nfq_ipsec.lab.traffic import TCP_SNDBUF_MAX, IperfResult
 
-    def tcp(sent: int, received: int) -> IperfResult:
-        return IperfResult("tcp", 2.0, sent, received, 1.0)
+    def tcp(sent: int, received: int, streams: int = 1) -> IperfResult:
+        return IperfResult("tcp", 2.0, sent, received, 1.0, streams=streams)
 
     assert tcp(100_000_000, 91_000_000).tcp_complete  # within 10 %
     assert tcp(27_434_693, 24_320_721).tcp_complete  # 3.1 MB unread: a send buffer's worth
     assert not tcp(27_434_693, 27_434_693 - TCP_SNDBUF_MAX - 1).tcp_complete
     assert not tcp(100_000_000, 80_000_000).tcp_complete
     assert not tcp(1000, 0).tcp_complete
+    # Eight connections can each still hold a send buffer (6.66 MB unread out of 54.6 MB).
+    assert not tcp(54_568_542, 47_907_561).tcp_complete
+    assert tcp(54_568_542, 47_907_561, streams=8).tcp_complete
+    assert not tcp(54_568_542, 54_568_542 - 8 * TCP_SNDBUF_MAX - 1, streams=8).tcp_complete

@@ -172,6 +172,7 @@ class IperfResult:
     packets: int = 0  # UDP
     lost_packets: int = 0  # UDP
     retransmits: int = 0  # TCP
+    streams: int = 1  # TCP: parallel connections, each with its own send buffer
 
     @property
     def mbit(self) -> float:
@@ -181,9 +182,10 @@ class IperfResult:
     def tcp_complete(self) -> bool:
         """TCP: what was sent arrived, but for what the sockets still held when the timed run
         ended (iperf3 counts bytes written, not bytes acknowledged): at most 10 % or a send
-        buffer's worth (Linux's default tcp_wmem maximum), whichever is more."""
+        buffer's worth per connection (Linux's default tcp_wmem maximum), whichever is more."""
         unread = self.bytes_sent - self.bytes_received
-        return self.bytes_received > 0 and unread <= max(self.bytes_sent * 0.1, TCP_SNDBUF_MAX)
+        held = max(self.streams, 1) * TCP_SNDBUF_MAX
+        return self.bytes_received > 0 and unread <= max(self.bytes_sent * 0.1, held)
 
 
 @dataclass(frozen=True)
@@ -241,7 +243,7 @@ def iperf3_tcp(
     return IperfResult(
         "tcp", float(end["sum_received"]["seconds"]), int(end["sum_sent"]["bytes"]),
         int(end["sum_received"]["bytes"]), float(end["sum_received"]["bits_per_second"]),
-        retransmits=int(end["sum_sent"].get("retransmits", 0)),
+        retransmits=int(end["sum_sent"].get("retransmits", 0)), streams=parallel,
     )
 
 
