@@ -16,10 +16,12 @@ answer to ``status``::
                   "last_error", "last_outage"}],
      "sas":     [{"name", "spi" ("0x%08x"), "direction", "queue", "packets", "bytes",
                   "replay_drops", "integrity_drops", "other_drops", "seq", "lifetime_left",
-                  "saved"}]}
+                  "saved", "path_mtu"}]}
 
 ``saved`` is what the SA's state file covers (``state.py``): outbound the last sequence number
 reserved on disk, inbound the number up to which a restarted worker treats packets as seen.
+``path_mtu``: an outbound SA's path MTU as a router's "fragmentation needed" reported it
+(``null``: none reported, or aged out after 10 minutes; the SA then uses ``node.mtu``).
 
 Counters of a worker that is down are ``null``. ``last_outage``: seconds from the last death of
 the queue's worker (the moment its process exited, seen by the supervisor's loop as its pipe
@@ -499,6 +501,10 @@ def render_status(status: dict[str, Any]) -> str:
             _dash(sa.get("other_drops")), fmt_lifetime(sa.get("lifetime_left")),
         ])
     out.extend(_table(srows))
+    learned = [f"{sa.get('name')} {sa['path_mtu']}" for sa in status.get("sas", [])
+               if sa.get("path_mtu")]
+    if learned:
+        out.append(f"  path MTU reported by the path (RFC 4301 8.2): {', '.join(learned)}")
     return "\n".join(out) + "\n"
 
 

@@ -71,6 +71,7 @@ NFQA_CFG_F_GSO = 0x4  # off: the kernel segments GSO packets before queueing the
 NFQA_PACKET_HDR = 1
 NFQA_VERDICT_HDR = 2
 NFQA_MARK = 3
+NFQA_IFINDEX_INDEV = 5
 NFQA_PAYLOAD = 10
 NFQA_CAP_LEN = 13
 
@@ -130,6 +131,7 @@ class QueuedPacket:
     payload: bytes
     length: int
     mark: int = 0
+    indev: int = 0  # the interface it arrived on (ifindex; 0: none, a locally generated packet)
 
 
 class QueueBinding(Protocol):
@@ -162,9 +164,12 @@ class NetlinkQueue:
 
     def __init__(
         self, max_len: int = DEFAULT_MAX_LEN, rcvbuf: int = DEFAULT_RCVBUF,
-        sndbuf: int = DEFAULT_SNDBUF,
+        sndbuf: int = DEFAULT_SNDBUF, want_indev: bool = False,
     ) -> None:
         self.max_len = max_len
+        # Read each packet's input interface (a gateway tells inbound from forwarded by it).
+        # Off elsewhere: reading it costs about 3 % of a packet's instructions.
+        self.want_indev = want_indev
         self.rcvbuf = rcvbuf
         self.sndbuf = sndbuf
         self.queue_num: int | None = None
@@ -292,6 +297,7 @@ class NetlinkQueue:
         to ``out``; count error replies. One flat loop: this runs once per packet."""
         unpack_head = _NLMSG_LEN_TYPE.unpack_from
         unpack_attr = _NLATTR.unpack_from
+        want_indev = self.want_indev
         off = 0
         while off + 16 <= n:
             length, mtype = unpack_head(view, off)
@@ -300,7 +306,7 @@ class NetlinkQueue:
                 return
             if mtype == NFQNL_MSG_PACKET:
                 pos = off + _HDRS_LEN
-                packet_id = hook = mark = 0
+                packet_id = hook = mark = indev = 0
                 payload = b""
                 cap_len = -1
                 while pos + 4 <= end:
@@ -316,9 +322,11 @@ class NetlinkQueue:
                         (mark,) = _BE32.unpack_from(view, pos + 4)
                     elif atype == NFQA_CAP_LEN:
                         (cap_len,) = _BE32.unpack_from(view, pos + 4)
+                    elif want_indev and atype == NFQA_IFINDEX_INDEV:
+                        (indev,) = _BE32.unpack_from(view, pos + 4)
                     pos += (alen + 3) & ~3
                 out.append(QueuedPacket(packet_id, hook, payload,
-                                        cap_len if cap_len >= 0 else len(payload), mark))
+                                        cap_len if cap_len >= 0 else len(payload), mark, indev))
             elif mtype == NLMSG_ERROR:
                 (code,) = _ERRNO.unpack_from(view, off + 16)
                 if code:

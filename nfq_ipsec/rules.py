@@ -467,10 +467,12 @@ def quoted_args(sel: Selector, quoted_outbound: bool) -> tuple[str, ...]:
     return ("-p", "icmp", "!", "-f", "-m", "u32", "--u32", "&&".join(tests))
 
 
-def quoted_esp_args(spi: int) -> tuple[str, ...]:
-    """An ICMP error that quotes ESP of the given SPI (one of ours: RFC 4301 section 8)."""
+def quoted_esp_args(spi: int, frag_needed: bool = False) -> tuple[str, ...]:
+    """An ICMP error that quotes ESP of the given SPI (one of ours: RFC 4301 section 8);
+    ``frag_needed``: only "fragmentation needed" (type 3 code 4, a path MTU report)."""
+    kind = f"{_AT_ICMP}0x0>>0x10=0x304" if frag_needed else _IS_ICMP_ERROR
     return ("-p", "icmp", "!", "-f", "-m", "u32", "--u32",
-            f"{_IS_ICMP_ERROR}&&{_AT_ICMP}0x10>>0x10&0xff=0x32&&{_AT_QUOTED_L4}0x8=0x{spi:x}")
+            f"{kind}&&{_AT_ICMP}0x10>>0x10&0xff=0x32&&{_AT_QUOTED_L4}0x8=0x{spi:x}")
 
 
 def _icmp_error_rules(cfg: Config, chain: str, where: str) -> list[Rule]:
@@ -485,9 +487,14 @@ def _icmp_error_rules(cfg: Config, chain: str, where: str) -> list[Rule]:
     if incoming:
         for sa in cfg.sas:
             if sa.direction is SADirection.OUT:
+                rules.append(Rule(
+                    chain, (*quoted_esp_args(sa.spi, frag_needed=True), "-j", "NFQUEUE",
+                            "--queue-num", str(sa.queue)),
+                    f"path MTU report about ESP of outbound SA {sa.name!r}: to its owner, queue "
+                    f"{sa.queue}, which sets the SA's path MTU (RFC 4301 section 8.2)"))
                 rules.append(Rule(chain, (*quoted_esp_args(sa.spi), "-j", "RETURN"),
-                                  f"ICMP error about ESP of outbound SA {sa.name!r} (path MTU, "
-                                  "unreachable): accepted (RFC 4301 section 8)"))
+                                  f"other ICMP error about ESP of outbound SA {sa.name!r} "
+                                  "(unreachable, time exceeded): accepted"))
     for i, pol in enumerate(cfg.policies):
         # the quoted packet travelled the other way: inbound for errors leaving, and back
         if not pol.direction.covers(incoming):

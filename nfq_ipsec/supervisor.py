@@ -724,6 +724,7 @@ class Supervisor:
                     "seq": s["seq"] if s else None,
                     "lifetime_left": s["lifetime_left"] if s else None,
                     "saved": s.get("saved") if s else None,
+                    "path_mtu": s.get("path_mtu") if s else None,
                 })
         sas.sort(key=lambda s: (s["queue"], s["direction"] != SADirection.OUT.value, s["name"]))
         return {
@@ -751,7 +752,8 @@ def worker_spec(cfg: Config, qc: QueueConfig) -> WorkerSpec:
     return WorkerSpec(
         queue=qc.num, cpu=qc.cpu, mark=cfg.daemon.mark, policies=tuple(cfg.spd.policies),
         sas=cfg.sas_for_queue(qc.num), log_level=cfg.daemon.log_level,
-        state_dir=cfg.daemon.state_dir,
+        state_dir=cfg.daemon.state_dir, mtu=cfg.node.mtu,
+        gateway_interface=cfg.node.interface if cfg.node.role == "gateway" else None,
     )
 
 
@@ -762,6 +764,9 @@ def reload_problems(old: Config, new: Config) -> list[str]:
     """What a reload can't change in a running daemon (each needs a restart)."""
     out = [f"daemon.{name}: a change needs a restart" for name in _RESTART_ONLY
            if getattr(old.daemon, name) != getattr(new.daemon, name)]
+    out += [f"node.{name}: a change needs a restart (the workers tell inbound from forwarded "
+            "traffic by it)" for name in ("role", "interface")
+            if getattr(old.node, name) != getattr(new.node, name)]
     old_cpu = {q.num: q.cpu for q in old.daemon.queues}
     out += [f"daemon.cpus: queue {q.num} moves from CPU {old_cpu[q.num]} to {q.cpu}: a change "
             "needs a restart" for q in new.daemon.queues if q.num in old_cpu and old_cpu[q.num] != q.cpu]

@@ -53,11 +53,9 @@ from typing import Any
 
 from . import corebuild, counts, hardening
 from .core import SPD, DropReason, Policy, Processor, SAParams, SecurityAssociation, Verdict
-from .core.packet import PROTO_ESP
 from .nfqueue import (
     DEFAULT_MAX_LEN,
-    HOOK_LOCAL_OUT,
-    HOOK_POST_ROUTING,
+    HOOK_PRE_ROUTING,
     MAX_VERDICT_PAYLOAD,
     NetlinkQueue,
     QueueBinding,
@@ -90,6 +88,10 @@ class WorkerSpec:
     log_level: str = "info"
     max_len: int = DEFAULT_MAX_LEN
     state_dir: str | None = None  # None: nothing persisted (tests of the packet path only)
+    mtu: int = 1500  # node.mtu: the first path MTU of every outbound SA
+    # A gateway's unprotected interface: what arrives in PREROUTING on it is inbound, what
+    # arrives on any other interface is forwarded outbound. None (a host): all of it inbound.
+    gateway_interface: str | None = None
 
     def spd(self) -> SPD:
         return SPD(list(self.policies))
@@ -99,13 +101,21 @@ class PacketHandler:
     """The per-packet part of a worker, free of processes and pipes (tests drive it directly
     with a fake queue).
 
-    Direction: a packet queued at OUTPUT (hook 3) is outbound; one queued at PREROUTING (hook 0)
-    is inbound if it is ESP (IP protocol 50) and forwarded-outbound (gateway) otherwise.
+    Direction: a packet queued at OUTPUT is outbound. One queued at PREROUTING is inbound if it
+    arrived on the unprotected side: on a host every interface, on a gateway its unprotected
+    interface (``gateway_interface``); any other (a gateway's LAN) is forwarded outbound, ESP
+    from a LAN host included (it goes through the outbound SPD like any other packet).
+
+    ``reply``: sends what the core asks to send back (ICMP "fragmentation needed"); None opens
+    a raw socket the first time.
     """
 
     def __init__(
         self, processor: Processor, queue: QueueBinding, mark: int,
         clock: Callable[[], float] = time.monotonic, fault: str | None = None,
+        gateway_interface: str | None = None,
+        reply: Callable[[bytes], None] | None = None,
+        ifname: Callable[[int], str] = socket.if_indextoname,
     ) -> None:
         self.processor = processor
         self.queue = queue
@@ -113,6 +123,12 @@ class PacketHandler:
         self.clock = clock
         self.fault = fault
         self.slow = _slow_delay(fault)
+        self.gateway_interface = gateway_interface
+        self._unprotected: dict[int, bool] = {}  # ifindex -> is the gateway's unprotected side
+        self._ifname = ifname
+        self._reply = reply
+        self.replies_sent = 0
+        self.reply_errors = 0
         self.store: StateStore | None = None
         self.previous: Processor | None = None  # during a reload, until its rules have moved
         self._added: list[SecurityAssociation] = []  # SAs the pending reload attached
@@ -147,11 +163,12 @@ class PacketHandler:
                     verdict(pkt.packet_id, False)
                     continue
                 hook = pkt.hook
-                if (hook != HOOK_LOCAL_OUT and hook != HOOK_POST_ROUTING and n > 9
-                        and data[9] == PROTO_ESP):
-                    res = inbound(data, now)
-                else:  # leaving (OUTPUT, POSTROUTING), or cleartext at PREROUTING
+                if hook != HOOK_PRE_ROUTING:
                     res = outbound(data, now)
+                elif self.gateway_interface is None or self._arrived_unprotected(pkt.indev):
+                    res = inbound(data, now)
+                else:
+                    res = outbound(data, now, True)
                 if res.verdict is accept:
                     out = res.packet
                     if out is not None and len(out) > MAX_VERDICT_PAYLOAD:
@@ -164,10 +181,36 @@ class PacketHandler:
                     accepted += self._previous_verdict(pkt, data, hook, now)
                 else:
                     verdict(pkt.packet_id, False)
+                    if res.reply is not None:
+                        self.send_reply(res.reply)
             except Exception:  # fail closed: whatever went wrong, this packet is dropped
                 self._internal_error(pkt)
         self.packets_out += accepted
         self.queue.flush()
+
+    def _arrived_unprotected(self, indev: int) -> bool:
+        """Whether ifindex ``indev`` is the gateway's unprotected interface, looked up by name
+        once per ifindex (an interface made again under the same name gets a new one)."""
+        known = self._unprotected.get(indev)
+        if known is None:
+            try:
+                known = self._ifname(indev) == self.gateway_interface
+            except OSError:  # gone already, or no interface: treat it as arriving from outside
+                known = True
+            if len(self._unprotected) >= 1024:
+                self._unprotected.clear()
+            self._unprotected[indev] = known
+        return known
+
+    def send_reply(self, packet: bytes) -> None:
+        """Send an ICMP error the core built (its source address 0: the kernel fills it in)."""
+        try:
+            if self._reply is None:
+                self._reply = _raw_sender()
+            self._reply(packet)
+            self.replies_sent += 1
+        except OSError:
+            self.reply_errors += 1
 
     def _previous_verdict(self, pkt: QueuedPacket, data: bytes, hook: int, now: float) -> int:
         """During a reload, until the rules have moved: a packet the old rules sent here for an
@@ -175,8 +218,12 @@ class PacketHandler:
         Returns 1 if it was accepted, 0 if dropped (counted, as on the main path)."""
         prev = self.previous
         assert prev is not None
-        esp = hook != HOOK_LOCAL_OUT and hook != HOOK_POST_ROUTING and data[9] == PROTO_ESP
-        res = prev.inbound(data, now) if esp else prev.outbound(data, now)
+        if hook != HOOK_PRE_ROUTING:
+            res = prev.outbound(data, now)
+        elif self.gateway_interface is None or self._arrived_unprotected(pkt.indev):
+            res = prev.inbound(data, now)
+        else:
+            res = prev.outbound(data, now, True)
         if res.verdict is not Verdict.ACCEPT:
             self.queue.verdict(pkt.packet_id, False)  # counted by the processor
             return 0
@@ -207,7 +254,7 @@ class PacketHandler:
             else:
                 items.append(params)
                 fresh.append(params)
-        new = Processor(spec.spd(), items, now, old.flow_cache_size)
+        new = Processor(spec.spd(), items, now, old.flow_cache_size, spec.mtu)
         added = [sa for sa in new.sad.all() if sa.params in fresh]
         if self.store is not None:
             self.store.attach(added)
@@ -315,6 +362,7 @@ class PacketHandler:
                 "drops": {reason.value: count for reason, count in sa.drops.items() if count},
                 "seq": sa.next_seq - 1 if sa.outbound else sa.replay.top,
                 "lifetime_left": sa.lifetime_left(now),
+                "path_mtu": (sa.pmtu or None) if sa.outbound else None,
                 "saved": saved["saved"] if saved is not None else None,
                 "state_writes": saved["state_writes"] if saved is not None else None,
             })
@@ -359,12 +407,13 @@ def run(
         if spec.cpu is not None:
             os.sched_setaffinity(0, {spec.cpu})
         if processor is None:
-            processor = Processor(spec.spd(), spec.sas, time.monotonic())
+            processor = Processor(spec.spd(), spec.sas, time.monotonic(), mtu=spec.mtu)
         if spec.state_dir is not None:
             store = StateStore(spec.state_dir)
             store.attach(processor.sad.all())  # before the queue: no packet without its state
         if queue is None:
-            queue = NetlinkQueue(max_len=spec.max_len)
+            queue = NetlinkQueue(max_len=spec.max_len,
+                                 want_indev=spec.gateway_interface is not None)
         queue.bind(spec.queue)
     except Exception as err:
         if store is not None:
@@ -377,7 +426,8 @@ def run(
     fault = os.environ.get(FAULT_ENV) or None
     if fault is not None:
         log.warning("test fault injection active: %s=%s", FAULT_ENV, fault)
-    handler = PacketHandler(processor, queue, spec.mark, fault=fault)
+    handler = PacketHandler(processor, queue, spec.mark, fault=fault,
+                            gateway_interface=spec.gateway_interface)
     handler.store = store
     conn.send(("ready", os.getpid(), spec.queue))
     pinned = f"cpu {spec.cpu}" if spec.cpu is not None else "not pinned"
@@ -392,6 +442,18 @@ def run(
             # Exact values only after a clean stop: no packet is handled after this point.
             store.close(exact=clean)
         queue.close()
+
+
+def _raw_sender() -> Callable[[bytes], None]:
+    """A raw IPv4 socket that sends whole packets (header included) to their destination."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    sock.setblocking(False)
+
+    def send(packet: bytes) -> None:
+        dst = socket.inet_ntoa(packet[16:20])
+        sock.sendto(packet, (dst, 0))
+
+    return send
 
 
 def _claim(path: str) -> bool:

@@ -112,6 +112,7 @@ def rule_lines(text: str) -> list[str]:
 
 
 ICMP_ERROR_MARK = "=0x3,0x4,0x5,0xb,0xc"  # in the u32 match of every ICMP-error rule
+FRAG_NEEDED_MARK = "@0x0>>0x10=0x304&&"  # ... and of a path MTU report (type 3 code 4)
 DEFRAG_RULE = "-p esp -m esp --espspi 0 -m socket -j RETURN"  # turns reassembly on, matches nothing
 
 
@@ -121,7 +122,8 @@ def chain(text: str, name: str, icmp_errors: bool = False) -> list[str]:
     they have their own tests)."""
     prefix = f"-A {name} "
     return [line[len(prefix):] for line in rule_lines(text) if line.startswith(prefix)
-            and (icmp_errors or (ICMP_ERROR_MARK not in line and DEFRAG_RULE not in line))]
+            and (icmp_errors or (ICMP_ERROR_MARK not in line and FRAG_NEEDED_MARK not in line
+                                 and DEFRAG_RULE not in line))]
 
 
 def table_of(text: str, name: str) -> list[str]:

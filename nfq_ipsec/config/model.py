@@ -21,7 +21,7 @@ class NodeConfig:
     interface: str | None = None  # the unprotected (IPsec-facing) interface; None: all but lo
     role: str = "host"  # "host" or "gateway" (gateway also protects forwarded traffic)
     default_action: Action = Action.DISCARD  # for traffic that matches no policy
-    mtu: int = 1500  # of the unprotected interface, for TCP MSS clamping
+    mtu: int = 1500  # of the unprotected interface: TCP MSS clamping, each SA's first path MTU
     # IPv6 neighbour discovery on the unprotected interface while IPv6 is otherwise dropped
     # (node.default = discard; policies and SAs are IPv4 only).
     ipv6_neighbour_discovery: bool = False

@@ -25,6 +25,7 @@ class DropReason(enum.Enum):
     SA_EXPIRED = "sa_expired"  # hard lifetime reached
     SEQ_EXHAUSTED = "seq_exhausted"  # sequence number space used up; the SA never wraps
     TOO_BIG = "too_big"  # the ESP packet would exceed the IPv4 maximum of 65535 bytes
+    PATH_MTU = "path_mtu"  # DF set, too big for the path after ESP: "fragmentation needed" sent back
     INTERNAL = "internal"  # an unexpected exception, caught by the shell: fail closed
     QUEUE_OVERFLOW = "queue_overflow"  # the kernel dropped it before a worker saw it
     TRUNCATED = "truncated"  # the queue delivered fewer bytes than the packet has

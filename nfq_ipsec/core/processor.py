@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from . import esp
+from . import esp, pmtu
 from . import packet as ip
 from .errors import DropReason, EspError
 from .sa import SAEvent, SAParams, SecurityAssociation
@@ -20,6 +20,7 @@ from .sad import SAD
 from .spd import SPD, Action, Policy
 
 FLOW_CACHE_SIZE: Final = 4096  # flows whose SPD answer a processor remembers, per direction
+ICMP_REPLIES_PER_SECOND: Final = 100  # "fragmentation needed" messages a processor sends back
 
 
 class Verdict(enum.Enum):
@@ -28,16 +29,18 @@ class Verdict(enum.Enum):
 
 
 class Result:
-    """What to do with a packet. ``packet`` is the new payload, or None if unchanged.
+    """What to do with a packet. ``packet`` is the new payload, or None if unchanged;
+    ``reply`` is a packet for the shell to send back to the sender (an ICMP error), or None.
 
     A plain class, not a dataclass: one is made per packet, and the compiled core builds a
     plain class about five times faster."""
 
-    __slots__ = ("detail", "packet", "reason", "sa", "seq", "verdict")
+    __slots__ = ("detail", "packet", "reason", "reply", "sa", "seq", "verdict")
 
     def __init__(
         self, verdict: Verdict, packet: bytes | None = None, reason: DropReason | None = None,
         sa: SecurityAssociation | None = None, seq: int | None = None, detail: str = "",
+        reply: bytes | None = None,
     ) -> None:
         self.verdict = verdict
         self.packet = packet
@@ -45,6 +48,7 @@ class Result:
         self.sa = sa
         self.seq = seq
         self.detail = detail
+        self.reply = reply
 
     def __repr__(self) -> str:
         size = "unchanged" if self.packet is None else f"{len(self.packet)} bytes"
@@ -63,12 +67,23 @@ class Event:
 
 
 class Processor:
+    """``mtu``: the unprotected interface's MTU, the path MTU of every outbound SA until an
+    ICMP error says less. Forwarded packets (``outbound(..., forwarded=True)``) are held to it;
+    a local sender's own kernel already fragments to its route MTU and decides about DF itself,
+    so local packets are held only to an MTU learned from the path."""
+
     def __init__(
         self, spd: SPD, sas: Iterable[SAParams | SecurityAssociation], now: float,
-        flow_cache_size: int = FLOW_CACHE_SIZE,
+        flow_cache_size: int = FLOW_CACHE_SIZE, mtu: int = 1500,
     ) -> None:
         self.spd = spd
         self.flow_cache_size = flow_cache_size
+        self.mtu = mtu
+        self.pmtu_updates = 0  # "fragmentation needed" messages about our ESP taken in
+        self.icmp_replies = 0  # "fragmentation needed" messages sent back to inner senders
+        self.df_cleared = 0  # ESP packets sent with DF cleared, too big for the reported path
+        self._reply_window = 0.0
+        self._replies_left = ICMP_REPLIES_PER_SECOND
         self.sad = SAD(spd, sas, now)
         self.packets_in = 0
         self.packets_out = 0
@@ -78,8 +93,9 @@ class Processor:
         self._icmp_cache: dict[ip.PacketKey, Policy | None] = {}  # outbound errors, by quote
 
     # -- outbound -------------------------------------------------------------------------
-    def outbound(self, data: bytes, now: float) -> Result:
-        """Apply the outbound SPD to a packet leaving this host (or forwarded by it)."""
+    def outbound(self, data: bytes, now: float, forwarded: bool = False) -> Result:
+        """Apply the outbound SPD to a packet leaving this host (``forwarded``: routed through
+        it, from the protected side)."""
         self.packets_in += 1
         sa: SecurityAssociation | None = None
         try:
@@ -101,11 +117,55 @@ class Processor:
             if sa is None:
                 raise EspError(DropReason.NO_SA, policy.name)
             sa.check_lifetime(now)
+            limit = sa.pmtu if sa.pmtu else (self.mtu if forwarded else 0)
+            if (limit and hdr.total_length + sa.max_overhead > limit
+                    and hdr.flags_frag & ip.FLAG_DF):
+                too_big = self._too_big(sa, data, hdr, limit, now, forwarded)
+                if too_big is not None:
+                    return too_big
             out = esp.encapsulate(sa, data, hdr)
             sa.account(hdr.total_length)
             return self._accept(out, sa, sa.next_seq - 1)
         except EspError as err:
             return self._drop(err, sa)
+
+    def _too_big(self, sa: SecurityAssociation, data: bytes, hdr: ip.IPv4Header, limit: int,
+                 now: float, forwarded: bool) -> Result | None:
+        """RFC 4301 8.2.2: a DF packet too big for the SA's path after ESP. None: it fits after
+        all (the exact size, or a learned MTU that has aged out).
+
+        Forwarded, or local to a destination other than the SA's peer: dropped, and the
+        sender told the MTU that fits. Local to the peer itself (transport mode): telling the
+        local kernel would lower the MTU of the very route the ESP packet leaves by, and the
+        ESP packet, always bigger than what it carries, would then never fit; so it leaves
+        with DF cleared instead, for the path to fragment (RFC 4301 8.1), and nothing is lost.
+        """
+        if sa.pmtu and now - sa.pmtu_at > pmtu.PMTU_AGE:
+            sa.pmtu = 0  # aged: try the interface's MTU again (RFC 1191 6.3)
+            limit = self.mtu if forwarded else 0
+            if not limit:
+                return None
+        size = pmtu.esp_size(sa, hdr.total_length, hdr.ihl)
+        if size <= limit or not pmtu.outer_df(sa, True):
+            return None
+        if not forwarded and (not sa.tunnel or hdr.dst == sa.params.tunnel_remote):
+            out = pmtu.clear_df(esp.encapsulate(sa, data, hdr))
+            sa.account(hdr.total_length)
+            self.df_cleared += 1
+            return self._accept(out, sa, sa.next_seq - 1)
+        mtu = pmtu.inner_mtu(sa, limit, hdr.ihl)
+        reply: bytes | None = None
+        if now - self._reply_window >= 1.0:
+            self._reply_window = now
+            self._replies_left = ICMP_REPLIES_PER_SECOND
+        if self._replies_left > 0:
+            self._replies_left -= 1
+            self.icmp_replies += 1
+            reply = pmtu.frag_needed_reply(data, hdr, mtu)
+        result = self._drop(EspError(DropReason.PATH_MTU, f"{size} > {limit} bytes, sender told "
+                                     f"{mtu}", sa.spi), sa)
+        result.reply = reply
+        return result
 
     def _policy(self, key: ip.PacketKey, cache: dict[ip.PacketKey, Policy | None],
                 outbound: bool) -> Policy | None:
@@ -130,7 +190,7 @@ class Processor:
         try:
             hdr = ip.parse_ipv4(data)
             if hdr.protocol != ip.PROTO_ESP:
-                return self._inbound_cleartext(data, hdr)
+                return self._inbound_cleartext(data, hdr, now)
             try:
                 dec = esp.decapsulate(data, hdr, self.sad.by_spi, now)
             except EspError as err:
@@ -159,8 +219,10 @@ class Processor:
         except EspError as err:
             return self._drop(err, sa if sa is not None and not sa.outbound else None)
 
-    def _inbound_cleartext(self, data: bytes, hdr: ip.IPv4Header) -> Result:
+    def _inbound_cleartext(self, data: bytes, hdr: ip.IPv4Header, now: float) -> Result:
         quoted = ip.quoted_key(data, hdr) if hdr.protocol == ip.PROTO_ICMP else None
+        if quoted is not None and quoted.protocol == ip.PROTO_ESP:
+            return self._about_our_esp(data, hdr, now)
         if quoted is not None:  # an error about a packet this side sent: that flow's policy
             policy = self.spd.lookup(quoted, True)
         else:
@@ -172,6 +234,33 @@ class Processor:
         if policy.action is Action.DISCARD:
             raise EspError(DropReason.POLICY_DISCARD, policy.name)
         raise EspError(DropReason.CLEARTEXT_PROTECTED, policy.name)
+
+    def _about_our_esp(self, data: bytes, hdr: ip.IPv4Header, now: float) -> Result:
+        """An ICMP error in clear about an ESP packet (RFC 4301 8): "fragmentation needed" about
+        one of this processor's outbound SAs sets that SA's path MTU, and passes on (the
+        kernel may want it too). Any other error about ESP passes as well; one about ESP that
+        is not ours (another SPI, or our SPI to another peer) is dropped."""
+        report = pmtu.frag_needed(data, hdr)
+        if report is None:
+            return self._accept(None)
+        sa = self.sad.outbound_by_spi(report.spi)
+        if sa is None:
+            raise EspError(DropReason.UNKNOWN_SPI, "ICMP error about ESP of an SPI not ours",
+                           report.spi)
+        peer = sa.params.tunnel_remote if sa.tunnel else None
+        policy = self.sad.policy_of(sa)
+        if (peer is not None and report.dst != peer) or (
+                peer is None and policy is not None
+                and (report.dst & int(policy.selector.remote.netmask))
+                != int(policy.selector.remote.network_address)):
+            raise EspError(DropReason.POLICY_MISMATCH,
+                           f"ICMP error about SPI 0x{sa.spi:08x} to {ip.ip_to_str(report.dst)}, "
+                           "not its peer", sa.spi)
+        if not sa.pmtu or report.mtu < sa.pmtu or now - sa.pmtu_at > pmtu.PMTU_AGE:
+            sa.pmtu = min(report.mtu, self.mtu)
+        sa.pmtu_at = now
+        self.pmtu_updates += 1
+        return self._accept(None)
 
     # -- results and counters -------------------------------------------------------------
     def _accept(

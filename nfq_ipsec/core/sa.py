@@ -163,6 +163,14 @@ class SecurityAssociation:
         # Plain attributes for the per-packet path (params is frozen, so they never change).
         self.outbound = params.direction is SADirection.OUT
         self.tunnel = params.mode is Mode.TUNNEL
+        # Outbound path MTU (RFC 4301 8.2, see pmtu.py): 0 until an ICMP "fragmentation needed"
+        # about this SA's ESP says otherwise; learned at ``pmtu_at``. ``max_overhead``: the most
+        # bytes ESP adds, so the per-packet size check is one addition.
+        self.pmtu = 0
+        self.pmtu_at = 0.0
+        suite = self.suite
+        self.max_overhead = (8 + suite.iv_size + suite.icv_size + 2 + suite.align - 1
+                             + (20 if self.tunnel else 0))
         # The lifetime check compares against the nearest limit not yet passed (soft, then
         # hard); only when one is reached does it look at the rest (see check_lifetime).
         self._watch_packets = 0.0

@@ -14,12 +14,15 @@ class SAD:
     ) -> None:
         self._by_name: dict[str, SecurityAssociation] = {}
         self._by_spi: dict[int, SecurityAssociation] = {}
+        self._out_by_spi: dict[int, SecurityAssociation] = {}  # for ICMP errors about our ESP
         for item in sas:
             sa = item if isinstance(item, SecurityAssociation) else SecurityAssociation(item, now)
             if sa.name in self._by_name:
                 raise ValueError(f"duplicate SA name {sa.name!r}")
             self._by_name[sa.name] = sa
-            if not sa.outbound:
+            if sa.outbound:
+                self._out_by_spi.setdefault(sa.spi, sa)
+            else:
                 if sa.spi in self._by_spi:
                     raise ValueError(f"duplicate inbound SPI 0x{sa.spi:08x}")
                 self._by_spi[sa.spi] = sa
@@ -39,6 +42,9 @@ class SAD:
 
     def by_spi(self, spi: int) -> SecurityAssociation | None:
         return self._by_spi.get(spi)
+
+    def outbound_by_spi(self, spi: int) -> SecurityAssociation | None:
+        return self._out_by_spi.get(spi)
 
     def by_name(self, name: str) -> SecurityAssociation | None:
         return self._by_name.get(name)
