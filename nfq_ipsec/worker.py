@@ -24,16 +24,6 @@ state (outbound sequence reservations, inbound replay floors) through :mod:`nfq_
 before it binds its queue; a corrupt state file, one its SA's key did not authenticate or one
 not owned by the daemon's user stops it with an error (fail closed). On a clean stop it stores
 the exact values. It turns core dumps off before anything else (it holds keys).
-
-Test-only fault injection: the environment variable ``NFQ_IPSEC_TEST_FAULT``, read once at
-start, exists for the test suite only; never set it in production:
-
-- ``raise-every-packet``: handling every packet raises (the fail-closed path end to end);
-- ``slow`` or ``slow:SECONDS``: sleep that long (default 0.001 s) per packet, so that a test
-  can overflow the queue with modest traffic;
-- ``hang-once:PATH``: the first worker to get a packet creates PATH and then hangs for good
-  (alive, answering nothing, as a worker stuck in a loop would); workers that find PATH already
-  there work normally. For the supervisor's watchdog.
 """
 
 from __future__ import annotations
@@ -53,6 +43,7 @@ from typing import Any
 
 from . import corebuild, counts, hardening
 from .core import SPD, DropReason, Policy, Processor, SAParams, SecurityAssociation, Verdict
+from .core.processor import ARRIVING, FORWARDED, LEAVING
 from .nfqueue import (
     DEFAULT_MAX_LEN,
     HOOK_PRE_ROUTING,
@@ -64,7 +55,6 @@ from .nfqueue import (
 )
 from .state import StateStore
 
-FAULT_ENV = "NFQ_IPSEC_TEST_FAULT"  # test-only, see the module docstring
 BATCH = 64  # packets read per receive call
 BATCHES_PER_WAKEUP = 16  # then look at the pipe again, so stats and stop stay responsive
 EVENT_INTERVAL = 0.25  # seconds between checks for SA events (expiry) to report
@@ -112,7 +102,7 @@ class PacketHandler:
 
     def __init__(
         self, processor: Processor, queue: QueueBinding, mark: int,
-        clock: Callable[[], float] = time.monotonic, fault: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
         gateway_interface: str | None = None,
         reply: Callable[[bytes], None] | None = None,
         ifname: Callable[[int], str] = socket.if_indextoname,
@@ -121,8 +111,6 @@ class PacketHandler:
         self.queue = queue
         self.mark = mark
         self.clock = clock
-        self.fault = fault
-        self.slow = _slow_delay(fault)
         self.gateway_interface = gateway_interface
         self._unprotected: dict[int, bool] = {}  # ifindex -> is the gateway's unprotected side
         self._ifname = ifname
@@ -140,13 +128,8 @@ class PacketHandler:
 
     def handle_batch(self, packets: list[QueuedPacket]) -> None:
         """Give every packet a verdict and send the verdicts."""
-        if self.fault is not None:
-            self._handle_with_fault(packets)
-            return
         now = self.clock()
-        outbound = self.processor.outbound
-        inbound = self.processor.inbound
-        count_drop = self.processor.count_drop
+        process = self.processor.process
         verdict = self.queue.verdict
         mark = self.mark
         accept = Verdict.ACCEPT
@@ -154,31 +137,13 @@ class PacketHandler:
         self.packets_in += len(packets)
         for pkt in packets:
             try:
-                data = pkt.payload
-                n = len(data)
-                if n < pkt.length or (
-                    n >= 4 and data[0] >> 4 == 4 and n < ((data[2] << 8) | data[3])
-                ):
-                    count_drop(DropReason.TRUNCATED)
-                    verdict(pkt.packet_id, False)
-                    continue
-                hook = pkt.hook
-                if hook != HOOK_PRE_ROUTING:
-                    res = outbound(data, now)
-                elif self.gateway_interface is None or self._arrived_unprotected(pkt.indev):
-                    res = inbound(data, now)
-                else:
-                    res = outbound(data, now, True)
+                where = self.where(pkt)
+                res = process(pkt.payload, pkt.length, where, now)
                 if res.verdict is accept:
-                    out = res.packet
-                    if out is not None and len(out) > MAX_VERDICT_PAYLOAD:
-                        count_drop(DropReason.TOO_BIG)
-                        verdict(pkt.packet_id, False)
-                        continue
-                    verdict(pkt.packet_id, True, pkt.mark | mark, out)
+                    verdict(pkt.packet_id, True, pkt.mark | mark, res.packet)
                     accepted += 1
                 elif self.previous is not None and res.reason in _HANDED_BACK:
-                    accepted += self._previous_verdict(pkt, data, hook, now)
+                    accepted += self._previous_verdict(pkt, where, now)
                 else:
                     verdict(pkt.packet_id, False)
                     if res.reply is not None:
@@ -187,6 +152,15 @@ class PacketHandler:
                 self._internal_error(pkt)
         self.packets_out += accepted
         self.queue.flush()
+
+    def where(self, pkt: QueuedPacket) -> int:
+        """Where the packet is, for the core: queued at OUTPUT, it is leaving; at PREROUTING it
+        is arriving, unless it came in on a gateway's protected side (forwarded)."""
+        if pkt.hook != HOOK_PRE_ROUTING:
+            return LEAVING
+        if self.gateway_interface is None or self._arrived_unprotected(pkt.indev):
+            return ARRIVING
+        return FORWARDED
 
     def _arrived_unprotected(self, indev: int) -> bool:
         """Whether ifindex ``indev`` is the gateway's unprotected interface, looked up by name
@@ -212,24 +186,15 @@ class PacketHandler:
         except OSError:
             self.reply_errors += 1
 
-    def _previous_verdict(self, pkt: QueuedPacket, data: bytes, hook: int, now: float) -> int:
+    def _previous_verdict(self, pkt: QueuedPacket, where: int, now: float) -> int:
         """During a reload, until the rules have moved: a packet the old rules sent here for an
         SA the new configuration retired (or holds on another queue) is handled as before.
         Returns 1 if it was accepted, 0 if dropped (counted, as on the main path)."""
         prev = self.previous
         assert prev is not None
-        if hook != HOOK_PRE_ROUTING:
-            res = prev.outbound(data, now)
-        elif self.gateway_interface is None or self._arrived_unprotected(pkt.indev):
-            res = prev.inbound(data, now)
-        else:
-            res = prev.outbound(data, now, True)
+        res = prev.process(pkt.payload, pkt.length, where, now)
         if res.verdict is not Verdict.ACCEPT:
             self.queue.verdict(pkt.packet_id, False)  # counted by the processor
-            return 0
-        if res.packet is not None and len(res.packet) > MAX_VERDICT_PAYLOAD:
-            prev.count_drop(DropReason.TOO_BIG)
-            self.queue.verdict(pkt.packet_id, False)
             return 0
         self.queue.verdict(pkt.packet_id, True, pkt.mark | self.mark, res.packet)
         return 1
@@ -254,7 +219,7 @@ class PacketHandler:
             else:
                 items.append(params)
                 fresh.append(params)
-        new = Processor(spec.spd(), items, now, old.flow_cache_size, spec.mtu)
+        new = Processor(spec.spd(), items, now, old.flow_cache_size, spec.mtu, old.max_packet)
         added = [sa for sa in new.sad.all() if sa.params in fresh]
         if self.store is not None:
             self.store.attach(added)
@@ -283,34 +248,6 @@ class PacketHandler:
             self.store.detach(self._added, exact=False)
         self.processor = prev
         self._added = []
-
-    def _handle_with_fault(self, packets: list[QueuedPacket]) -> None:
-        """Test-only fault injection (see the module docstring), then the normal path."""
-        if self.fault == "raise-every-packet":
-            for pkt in packets:
-                self.packets_in += 1
-                try:
-                    raise RuntimeError("test fault injection (NFQ_IPSEC_TEST_FAULT)")
-                except Exception:
-                    self._internal_error(pkt)
-            self.queue.flush()
-            return
-        if self.fault is not None and self.fault.startswith("hang-once:"):
-            if _claim(self.fault.partition(":")[2]):
-                log.warning("test fault injection: hanging for good")
-                while True:
-                    time.sleep(3600)
-            self.fault = None  # another worker hung already: this one works normally
-            self.handle_batch(packets)
-            return
-        fault, self.fault = self.fault, None
-        try:
-            for pkt in packets:
-                if self.slow:
-                    time.sleep(self.slow)
-                self.handle_batch([pkt])
-        finally:
-            self.fault = fault
 
     def _internal_error(self, pkt: QueuedPacket) -> None:
         self.internal_errors += 1
@@ -407,7 +344,8 @@ def run(
         if spec.cpu is not None:
             os.sched_setaffinity(0, {spec.cpu})
         if processor is None:
-            processor = Processor(spec.spd(), spec.sas, time.monotonic(), mtu=spec.mtu)
+            processor = Processor(spec.spd(), spec.sas, time.monotonic(), mtu=spec.mtu,
+                                  max_packet=MAX_VERDICT_PAYLOAD)
         if spec.state_dir is not None:
             store = StateStore(spec.state_dir)
             store.attach(processor.sad.all())  # before the queue: no packet without its state
@@ -423,10 +361,7 @@ def run(
         with contextlib.suppress(OSError):
             conn.send(("error", text))
         return 1
-    fault = os.environ.get(FAULT_ENV) or None
-    if fault is not None:
-        log.warning("test fault injection active: %s=%s", FAULT_ENV, fault)
-    handler = PacketHandler(processor, queue, spec.mark, fault=fault,
+    handler = PacketHandler(processor, queue, spec.mark,
                             gateway_interface=spec.gateway_interface)
     handler.store = store
     conn.send(("ready", os.getpid(), spec.queue))
@@ -454,25 +389,6 @@ def _raw_sender() -> Callable[[bytes], None]:
         sock.sendto(packet, (dst, 0))
 
     return send
-
-
-def _claim(path: str) -> bool:
-    """Create ``path``; False if it exists already (test fault injection, hang-once)."""
-    try:
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-    except FileExistsError:
-        return False
-    return True
-
-
-def _slow_delay(fault: str | None) -> float:
-    if fault is None or not (fault == "slow" or fault.startswith("slow:")):
-        return 0.0
-    _, _, arg = fault.partition(":")
-    try:
-        return max(0.0, float(arg)) if arg else 0.001
-    except ValueError:
-        return 0.001
 
 
 def _serve(

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faults.nfq_ipsec_faults import env_with_fault
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDR_A, ADDR_B = "10.81.0.1", "10.81.0.2"
@@ -54,8 +55,9 @@ def nfq_ipsec() -> list[str]:
 def env(**extra: str) -> dict[str, str]:
     e = dict(os.environ, PYTHONPATH=str(ROOT))
     e.pop("NFQ_IPSEC_TEST_FAULT", None)
+    fault = extra.pop("NFQ_IPSEC_TEST_FAULT", None)
     e.update(extra)
-    return e
+    return env_with_fault(e, fault) if fault else e
 
 
 # -- configuration --------------------------------------------------------------------------------

@@ -63,3 +63,11 @@ def test_tests_run_on_the_interpreter_install_deps_picks() -> None:
     if res is None or res.stdout.strip() != "True":
         pytest.skip("no /usr/bin/python3 of 3.11 or newer with venv: install-deps takes python3 from PATH")
     assert os.path.realpath(sys._base_executable) == os.path.realpath(system)
+
+
+def test_the_product_has_no_fault_injection_code() -> None:
+    """Faults are injected by the tests from outside (tests/faults), never by branches in the
+    code that runs in production."""
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "nfq_ipsec").rglob("*.py")
+                 if "NFQ_IPSEC_TEST_FAULT" in p.read_text() or "fault injection" in p.read_text()]
+    assert offenders == []

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faults.nfq_ipsec_faults import env_with_fault
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDR_A, ADDR_B = "10.79.0.1", "10.79.0.2"
@@ -50,8 +51,9 @@ def nfq_ipsec() -> list[str]:
 def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("NFQ_IPSEC_TEST_FAULT", None)
+    fault = extra.pop("NFQ_IPSEC_TEST_FAULT", None)
     env.update(extra)
-    return env
+    return env_with_fault(env, fault) if fault else env
 
 
 # -- configuration -----------------------------------------------------------------------------

@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faults.nfq_ipsec_faults import wrap
 
 from nfq_ipsec import control, corebuild, nfqueue
 from nfq_ipsec.config import load_config
-from nfq_ipsec.core import DropReason, Processor, Result, Secret, Verdict
+from nfq_ipsec.core import DropReason, Processor, Result, Secret, Verdict, pmtu
+from nfq_ipsec.core.processor import ARRIVING, FORWARDED, LEAVING
 from nfq_ipsec.nfqueue import HOOK_LOCAL_OUT, HOOK_PRE_ROUTING, NetlinkQueue, QueuedPacket
 from nfq_ipsec.worker import PacketHandler, WorkerSpec
 
@@ -99,10 +101,12 @@ def ifname(index: int) -> str:
 
 def handler(proc: Any, fault: str | None = None, gateway_interface: str | None = None,
             reply: Any = None) -> tuple[PacketHandler, FakeQueue]:
+    """A handler on a fake queue; ``fault``: wrapped as the test suite's fault injection
+    wraps a real daemon's workers (tests/faults)."""
     q = FakeQueue()
-    return PacketHandler(proc, q, MARK, clock=lambda: 1.0, fault=fault,
-                         gateway_interface=gateway_interface, reply=reply,
-                         ifname=ifname), q
+    h = PacketHandler(proc, q, MARK, clock=lambda: 1.0, gateway_interface=gateway_interface,
+                      reply=reply, ifname=ifname)
+    return (wrap(h, fault) if fault else h), q
 
 
 def pkt(data: bytes, hook: int = HOOK_LOCAL_OUT, pid: int = 1, mark: int = 0,
@@ -167,6 +171,9 @@ class Spy:
         if self.raise_on is not None and len(self.calls) == self.raise_on:
             raise KeyError("boom")
         return Result(Verdict.ACCEPT)
+
+    def process(self, data: bytes, length: int, where: int, now: float) -> Result:
+        return self._call({ARRIVING: "in", LEAVING: "out", FORWARDED: "fwd"}[where])
 
     def outbound(self, data: bytes, now: float, forwarded: bool = False) -> Result:
         return self._call("fwd" if forwarded else "out")
@@ -235,15 +242,20 @@ def test_payload_shorter_than_ip_total_length_is_truncated() -> None:
 
 
 def test_output_too_big_for_a_verdict_is_dropped() -> None:
-    class Big(Spy):
-        def _call(self, name: str) -> Result:
-            return Result(Verdict.ACCEPT, b"\0" * (nfqueue.MAX_VERDICT_PAYLOAD + 1))
-
-    spy = Big()
-    h, q = handler(spy)
-    h.handle_batch([pkt(udp(A, B, 1, 2, b"x"))])
-    assert q.verdicts == [(1, False, None, None)]
-    assert spy.drops == {DropReason.TOO_BIG: 1}
+    """The core is told the most a verdict can carry (an nlattr holds 65,531 bytes): an ESP
+    packet between that and the IPv4 maximum is dropped as too big, one byte less passes."""
+    cfg = load_config(EXAMPLES / "host-a.toml", online_cpus=[0, 1])
+    proc = Processor(cfg.spd, cfg.sas_for_queue(100), 0.0, max_packet=nfqueue.MAX_VERDICT_PAYLOAD)
+    sa = next(sa for sa in proc.sad.all() if sa.outbound)
+    sizes = {pmtu.esp_size(sa, n, 20): n for n in range(65400, 65500)}
+    fits = sizes[max(k for k in sizes if k <= nfqueue.MAX_VERDICT_PAYLOAD)]
+    over = sizes[min(k for k in sizes if nfqueue.MAX_VERDICT_PAYLOAD < k <= 65535)]
+    h, q = handler(proc)
+    h.handle_batch([pkt(udp(A, B, 4000, 5000, b"x" * (fits - 28)), pid=1),
+                    pkt(udp(A, B, 4000, 5000, b"x" * (over - 28)), pid=2)])
+    assert [(v[0], v[1]) for v in q.verdicts] == [(1, True), (2, False)]
+    assert len(q.verdicts[0][3] or b"") <= nfqueue.MAX_VERDICT_PAYLOAD
+    assert proc.drops == {DropReason.TOO_BIG: 1}
 
 
 def test_snapshot_has_counters_and_no_keys() -> None:

@@ -36,6 +36,7 @@ from typing import Any, cast
 
 from .. import worker
 from ..core import Processor, Result, Verdict
+from ..core.processor import ARRIVING
 from ..core.suites import Suite, make_suite
 from ..nfqueue import DEFAULT_MAX_LEN
 
@@ -51,6 +52,10 @@ class AcceptAll:
 
     def __init__(self, empty: Processor) -> None:
         self._empty = empty
+
+    def process(self, data: bytes, length: int, where: int, now: float) -> Result:
+        """The worker's one call per packet (``Processor.process``), straight to a direction."""
+        return self.inbound(data, now) if where == ARRIVING else self.outbound(data, now)
 
     def outbound(self, data: bytes, now: float) -> Result:
         return _ACCEPT

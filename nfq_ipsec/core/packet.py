@@ -117,6 +117,21 @@ class IPv4Header:
                 f"protocol={self.protocol}, src={ip_to_str(self.src)}, dst={ip_to_str(self.dst)})")
 
 
+IPV6_HEADER: Final = 40
+
+
+def declared_length(data: bytes) -> int:
+    """The length a packet's own header claims (IPv4 total length, IPv6 payload length plus
+    its fixed header), whatever the family; 0 when the header is too short to say or the
+    version is neither. For telling a packet delivered whole from one cut short."""
+    n = len(data)
+    if n >= 4 and data[0] >> 4 == 4:
+        return (data[2] << 8) | data[3]
+    if n >= 6 and data[0] >> 4 == 6:
+        return IPV6_HEADER + ((data[4] << 8) | data[5])
+    return 0
+
+
 def parse_ipv4(data: bytes) -> IPv4Header:
     """Parse and sanity-check an IPv4 header. Raises EspError(MALFORMED/NOT_IPV4).
 

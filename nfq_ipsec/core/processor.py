@@ -20,6 +20,11 @@ from .sad import SAD
 from .spd import SPD, Action, Policy
 
 FLOW_CACHE_SIZE: Final = 4096  # flows whose SPD answer a processor remembers, per direction
+# Where a packet is, as the shell saw it (``Processor.process``): arriving on the unprotected
+# side, leaving this host, or forwarded by it from the protected side.
+ARRIVING: Final = 0
+LEAVING: Final = 1
+FORWARDED: Final = 2
 ICMP_REPLIES_PER_SECOND: Final = 100  # "fragmentation needed" messages a processor sends back
 
 
@@ -75,10 +80,12 @@ class Processor:
     def __init__(
         self, spd: SPD, sas: Iterable[SAParams | SecurityAssociation], now: float,
         flow_cache_size: int = FLOW_CACHE_SIZE, mtu: int = 1500,
+        max_packet: int = ip.IPV4_MAX_PACKET,
     ) -> None:
         self.spd = spd
         self.flow_cache_size = flow_cache_size
         self.mtu = mtu
+        self.max_packet = max_packet  # the most the shell can hand back (its queue's limit)
         self.pmtu_updates = 0  # "fragmentation needed" messages about our ESP taken in
         self.icmp_replies = 0  # "fragmentation needed" messages sent back to inner senders
         self.df_cleared = 0  # ESP packets sent with DF cleared, too big for the reported path
@@ -91,6 +98,26 @@ class Processor:
         self._out_cache: dict[ip.PacketKey, Policy | None] = {}
         self._in_cache: dict[ip.PacketKey, Policy | None] = {}
         self._icmp_cache: dict[ip.PacketKey, Policy | None] = {}  # outbound errors, by quote
+
+    # -- the entry point ------------------------------------------------------------------
+    def process(self, data: bytes, length: int, where: int, now: float) -> Result:
+        """One packet as the shell got it: ``length`` is its real length (the copy may be
+        shorter), ``where`` one of ARRIVING, LEAVING, FORWARDED. A packet delivered
+        incomplete is dropped (TRUNCATED): passing it on would pass on a different packet;
+        so is a new packet bigger than ``max_packet`` (TOO_BIG)."""
+        n = len(data)
+        if n < length or n < ip.declared_length(data):
+            self.packets_in += 1
+            return self._drop(EspError(DropReason.TRUNCATED, f"{n} of {max(length, n)} bytes"),
+                              None)
+        res = (self.inbound(data, now) if where == ARRIVING
+               else self.outbound(data, now, where == FORWARDED))
+        out = res.packet
+        if out is not None and len(out) > self.max_packet:
+            self.packets_out -= 1
+            return self._drop(EspError(DropReason.TOO_BIG, f"{len(out)} bytes to hand back"),
+                              res.sa)
+        return res
 
     # -- outbound -------------------------------------------------------------------------
     def outbound(self, data: bytes, now: float, forwarded: bool = False) -> Result:

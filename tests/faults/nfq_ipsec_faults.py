@@ -1,0 +1,107 @@
+"""Faults for the test suite, injected into the real daemon's workers from outside the product.
+
+A test that wants a misbehaving worker starts the daemon with ``NFQ_IPSEC_TEST_FAULT`` set and
+this directory on ``PYTHONPATH`` (``env_with_fault``): every interpreter of the daemon, the
+spawned workers included, then runs ``sitecustomize.py`` from here, which wraps each
+``PacketHandler``'s ``handle_batch``. The product has no fault code.
+
+- ``raise-every-packet``: handling every packet raises (the fail-closed path end to end);
+- ``slow`` or ``slow:SECONDS``: sleep that long (default 0.001 s) per packet, so that a test
+  can overflow the queue with modest traffic;
+- ``hang-once:PATH``: the first worker to get a packet creates PATH and then hangs for good
+  (alive, answering nothing, as a worker stuck in a loop would); workers that find PATH already
+  there work normally. For the supervisor's watchdog.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+FAULT_ENV = "NFQ_IPSEC_TEST_FAULT"
+HERE = Path(__file__).resolve().parent
+
+log = logging.getLogger("nfq_ipsec.worker")
+
+
+def env_with_fault(env: dict[str, str], fault: str) -> dict[str, str]:
+    """``env`` for a daemon whose workers get ``fault``."""
+    out = dict(env)
+    out[FAULT_ENV] = fault
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), env.get("PYTHONPATH", "")) if p)
+    return out
+
+
+def wrap(handler: Any, fault: str) -> Any:
+    """Make ``handler`` (a PacketHandler) misbehave as ``fault`` says; returns it."""
+    original: Callable[[list[Any]], None] = handler.handle_batch
+    state = {"fault": fault, "logged": False}
+
+    def handle_batch(packets: list[Any]) -> None:
+        if not state["logged"]:
+            log.warning("test fault injection active: %s=%s", FAULT_ENV, fault)
+            state["logged"] = True
+        current = state["fault"]
+        if current == "raise-every-packet":
+            for pkt in packets:
+                handler.packets_in += 1
+                try:
+                    raise RuntimeError(f"test fault injection ({FAULT_ENV})")
+                except Exception:
+                    handler._internal_error(pkt)
+            handler.queue.flush()
+            return
+        if current.startswith("hang-once:"):
+            if _claim(current.partition(":")[2]):
+                log.warning("test fault injection: hanging for good")
+                while True:
+                    time.sleep(3600)
+            state["fault"] = "none"  # another worker hung already: this one works normally
+            original(packets)
+            return
+        delay = _slow_delay(current)
+        if not delay:
+            original(packets)
+            return
+        for pkt in packets:
+            time.sleep(delay)
+            original([pkt])
+
+    handler.handle_batch = handle_batch
+    return handler
+
+
+def install(fault: str) -> None:
+    """Wrap every PacketHandler this interpreter makes (sitecustomize calls this)."""
+    from nfq_ipsec import worker
+
+    init = worker.PacketHandler.__init__
+
+    def patched(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        wrap(self, fault)
+
+    worker.PacketHandler.__init__ = patched  # type: ignore[method-assign]
+
+
+def _claim(path: str) -> bool:
+    """Create ``path``; False if it exists already."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _slow_delay(fault: str) -> float:
+    if not (fault == "slow" or fault.startswith("slow:")):
+        return 0.0
+    _, _, arg = fault.partition(":")
+    try:
+        return max(0.0, float(arg)) if arg else 0.001
+    except ValueError:
+        return 0.001
