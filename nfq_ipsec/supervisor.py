@@ -49,7 +49,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from . import __version__, corebuild, counts, hardening, rules
+from . import __version__, corebuild, counts, hardening, procs, rules
 from .config import Config, QueueConfig
 from .control import ControlError, ControlServer, Deferred
 from .core import SADirection
@@ -848,9 +848,9 @@ def cli_stop(args: argparse.Namespace) -> int:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + args.timeout
-        while _alive(pid) and time.monotonic() < deadline:
+        while procs.alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _alive(pid):
+        if procs.alive(pid):
             print(f"nfq-ipsec: the daemon (pid {pid}) did not stop within {args.timeout:g} s",
                   file=sys.stderr)
             return EXIT_FAILURE
@@ -893,15 +893,6 @@ def cli_reload(args: argparse.Namespace) -> int:
     for problem in answer.get("problems") or []:
         print(f"  {problem}", file=sys.stderr)
     return EXIT_FAILURE
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` still runs (a zombie counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 def preflight(cfg: Config) -> int | None:
