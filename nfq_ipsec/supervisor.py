@@ -449,9 +449,11 @@ class Supervisor:
             try:
                 iptables.install(self.cfg, closed=True)
                 left = "the closed rules are in place (protected traffic is dropped)"
-            except iptables.RulesError:
-                left = "whatever rules were there are left in place"
-            raise Fatal(f"cannot install the iptables rules: {err}; {left}") from None
+            except iptables.RulesError as err2:
+                left = (f"installing the closed rules instead failed too ({err2.message}): "
+                        f"{iptables.outcome(err2, 'closed')}")
+            raise Fatal(f"cannot install the iptables rules: {err}; "
+                        f"{iptables.outcome(err, 'installed')}; {left}") from None
         self.rules_installed = True
 
     def _close_rules(self) -> bool:
@@ -462,8 +464,17 @@ class Supervisor:
         try:
             iptables.install(self.cfg, closed=True)
         except iptables.RulesError as err:
-            log.error("cannot close the iptables rules: %s (the live rules stay; with no "
-                      "workers their queues drop the traffic)", err)
+            if 4 in err.applied:
+                # The IPv6 rules are the same whether the daemon runs or not: those it
+                # installed at start are still there, unless someone changed them since.
+                log.error("the IPv4 rules are closed (protected traffic is dropped), but "
+                          "rewriting the IPv6 rules failed: %s; the IPv6 rules are left as "
+                          "they were (they do not change when the daemon stops: `nfq-ipsec "
+                          "rules show --ipv6`)", err)
+            else:
+                log.error("cannot close the iptables rules: %s; %s. Where the live IPv4 rules "
+                          "remain, their queues have no worker and drop the traffic", err,
+                          iptables.outcome(err, "closed"))
             return False
         self.rules_installed = False
         log.info("rules closed: protected traffic is dropped until the daemon runs again "
@@ -860,7 +871,8 @@ def cli_stop(args: argparse.Namespace) -> int:
         try:
             iptables.remove(cfg)
         except iptables.RulesError as err:
-            print(f"nfq-ipsec: {err}", file=sys.stderr)
+            print(f"nfq-ipsec: {err}\nnfq-ipsec: {iptables.outcome(err, 'removed')}",
+                  file=sys.stderr)
             return EXIT_FAILURE
         print("nfq-ipsec: rules removed: traffic is no longer checked against the policies")
     return code
