@@ -10,6 +10,10 @@ answer to ``status``::
      "kernel_drops": {reason: n},  (dropped by our own iptables DROP rules, never queued:
                                     cleartext_protected, policy_discard, no_policy, leak_guard,
                                     no_sa, unknown_spi, fragment, ipv6, daemon_stopped)
+     "kernel_drops_age": seconds,  (since the read of those rule counters started; null with
+                                    no counters. The supervisor reads them in a thread; if the
+                                    read for this answer is late or fails, the last good one is
+                                    shown, up to a minute old, with a warning)
      "warnings": ["text", ...],   (internal errors, kernel queue drops, workers down)
      "workers": [{"queue", "cpu", "pid", "uptime", "restarts", "state", "packets_in",
                   "packets_out", "drops": {reason: n}, "kernel_queue_dropped", "user_dropped",
@@ -530,7 +534,9 @@ def render_status(status: dict[str, Any]) -> str:
     kdrops = status.get("kernel_drops")
     if kdrops:
         detail = " ".join(f"{k}={v}" for k, v in sorted(kdrops.items()))
-        out.append(f"  dropped by our iptables rules (never queued): {detail}")
+        age = status.get("kernel_drops_age")
+        when = f", read {fmt_duration(age)} ago" if isinstance(age, int | float) and age >= 1 else ""
+        out.append(f"  dropped by our iptables rules (never queued{when}): {detail}")
     out.append("")
     srows = [["SA", "SPI", "DIR", "QUEUE", "PACKETS", "BYTES", "SEQ", "SAVED", "REPLAY", "INTEGRITY",
               "OTHER", "LIFETIME LEFT"]]
