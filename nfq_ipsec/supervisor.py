@@ -537,8 +537,7 @@ class Supervisor:
             except iptables.RulesError as err2:
                 left = (f"installing the closed rules instead failed too ({err2.message}): "
                         f"{iptables.outcome(err2, 'closed')}")
-            raise Fatal(f"cannot install the iptables rules: {err}; "
-                        f"{iptables.outcome(err, 'installed')}; {left}") from None
+            raise Fatal(f"cannot install the iptables rules: {err}; {left}") from None
         self.rules_installed = True
 
     def _close_rules(self) -> bool:

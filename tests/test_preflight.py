@@ -210,3 +210,20 @@ def test_remove_says_what_happened_to_the_ipv4_and_ipv6_rules(
     assert main(["stop", "--config", str(path), "--remove-rules"]) == 1  # no daemon, then remove
     err = capsys.readouterr().err
     assert "no daemon answers" in err and "the IPv4 rules are removed; the IPv6 rules are not" in err
+
+
+def test_a_failed_start_says_what_it_left(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The live rules fail at the ip6tables step, and so do the closed ones put in their place:
+    the IPv4 rules were last made closed, which is what the message must say."""
+    cfg = load_config(config(tmp_path), online_cpus=[0])
+    applied = _failing_family(monkeypatch, 6, "apply")
+    sup = supervisor.Supervisor(cfg, str(cfg.path))
+    with pytest.raises(supervisor.Fatal) as info:
+        sup._install_rules()
+    assert applied == ["iptables-restore", "iptables-restore"]  # live, then closed
+    msg = str(info.value)
+    assert msg.startswith("cannot install the iptables rules: iptables-restore failed")
+    assert msg.endswith("installing the closed rules instead failed too (iptables-restore failed): "
+                        "the IPv4 rules are closed; the IPv6 rules are not: the ip6tables step "
+                        "failed, and they are left as they were")
+    assert not sup.rules_installed
