@@ -9,6 +9,12 @@ Exit codes (also in the README):
   4  an offline decode found packets that failed (decode)
   5  run: an SA's saved state is unusable (corrupt state file, state_dir not private); nothing
      was started (see ``nfq-ipsec state``)
+
+Every command that reads key material turns core dumps off first (``HOLDS_KEYS``): a
+configuration names its keys (inline or in key files, read by the loader whatever the command
+does with them), ``genkey`` makes one, and ``state`` derives the state files' MAC keys from the
+SAs' keys. A core dump would write them to disk. If the kernel refuses, the command exits 1
+before it reads any.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import __version__, corebuild
+from . import __version__, corebuild, hardening
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -25,6 +31,10 @@ EXIT_CONFIG = 2
 EXIT_NOT_RUNNING = 3
 EXIT_DECODE_DROPS = 4
 EXIT_STATE = 5
+
+# the commands that read key material (see above); lab and bench make throwaway keys of their own
+HOLDS_KEYS = frozenset({"check-config", "decode", "genkey", "run", "status", "rules", "stop",
+                        "reload", "state"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in HOLDS_KEYS:
+        try:
+            hardening.disable_core_dumps()
+        except OSError as err:
+            print(f"nfq-ipsec: cannot turn core dumps off, so no key is read: {err}",
+                  file=sys.stderr)
+            return EXIT_FAILURE
     if args.command in ("check-config", "decode", "genkey"):
         from . import tools
 

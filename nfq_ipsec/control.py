@@ -10,6 +10,10 @@ answer to ``status``::
      "kernel_drops": {reason: n},  (dropped by our own iptables DROP rules, never queued:
                                     cleartext_protected, policy_discard, no_policy, leak_guard,
                                     no_sa, unknown_spi, fragment, ipv6, daemon_stopped)
+     "kernel_drops_age": seconds,  (since the read of those rule counters started; null with
+                                    no counters. The supervisor reads them in a thread; if the
+                                    read for this answer is late or fails, the last good one is
+                                    shown, up to a minute old, with a warning)
      "warnings": ["text", ...],   (internal errors, kernel queue drops, workers down)
      "workers": [{"queue", "cpu", "pid", "uptime", "restarts", "state", "packets_in",
                   "packets_out", "drops": {reason: n}, "kernel_queue_dropped", "user_dropped",
@@ -39,6 +43,14 @@ UTF-8, no JSON object, nesting deep enough to exhaust ``json``'s recursion, more
 ``control_errors``; ``control_clients`` is the number of clients connected. They are logged at
 DEBUG only, so a hostile client can't fill the log.
 
+If ``accept`` fails for a reason that does not go away by itself (the process is out of file
+descriptors, ``EMFILE``, or the system is, ``ENFILE``), the waiting connection stays in the
+listening socket's queue and the socket stays readable: polling it again at once would spin the
+loop at full CPU. So the server stops polling the listening socket for ``ACCEPT_BACKOFF_MIN``
+seconds, doubling up to ``ACCEPT_BACKOFF_MAX`` while accept keeps failing, then tries again;
+the clients already connected are served meanwhile. Each failure counts in ``control_errors``
+and is logged as a warning at most once per ``FAILURE_LOG_INTERVAL``.
+
 This module has the server half (used by the supervisor), the client half and the text
 rendering behind ``nfq-ipsec status``.
 """
@@ -65,7 +77,9 @@ CLIENT_TIMEOUT = 2.0  # seconds a client has to send its request, and then to ta
 MAX_CLIENTS = 16  # clients served at once; more are answered "busy" and closed
 ACCEPTS_PER_ROUND = 64
 RECV_SIZE = 4096
-FAILURE_LOG_INTERVAL = 60.0  # seconds between two logged handler failures
+FAILURE_LOG_INTERVAL = 60.0  # seconds between two logged handler (or accept) failures
+ACCEPT_BACKOFF_MIN = 0.1  # seconds the listening socket is left alone after accept failed
+ACCEPT_BACKOFF_MAX = 2.0
 STATUS_TIMEOUT = 10.0  # seconds ``nfq-ipsec status`` waits for the answer
 
 log = logging.getLogger("nfq_ipsec.control")
@@ -123,6 +137,9 @@ class ControlServer:
         self._clients: dict[socket.socket, _Client] = {}
         self._sel: selectors.EpollSelector | None = None
         self._failure_logged = -FAILURE_LOG_INTERVAL
+        self._accept_failure_logged = -FAILURE_LOG_INTERVAL
+        self._accept_backoff = ACCEPT_BACKOFF_MIN
+        self._accept_paused_until: float | None = None  # monotonic: accept failed, wait till then
 
     def open(self) -> None:
         """Make the directory (0700 if we create it), refuse if a daemon already answers,
@@ -157,10 +174,13 @@ class ControlServer:
         return self.sock.fileno()
 
     def waitables(self) -> list[socket.socket | selectors.EpollSelector]:
-        """What to wait on for readability: the listening socket, and one epoll descriptor that
-        is readable when any client can be read from or written to."""
+        """What to wait on for readability: the listening socket (unless accepting is paused
+        after a failure), and one epoll descriptor that is readable when any client can be read
+        from or written to."""
         if self.sock is None or self._sel is None:
             return []
+        if self._accept_paused_until is not None:
+            return [self._sel]
         return [self.sock, self._sel]
 
     @property
@@ -168,11 +188,15 @@ class ControlServer:
         return len(self._clients)
 
     def next_timeout(self, now: float | None = None) -> float | None:
-        """Seconds until the earliest client deadline (``None``: no client)."""
-        if not self._clients:
+        """Seconds until the earliest client deadline or the end of a pause in accepting
+        (``None``: neither)."""
+        due = [c.deadline for c in self._clients.values()]
+        if self._accept_paused_until is not None:
+            due.append(self._accept_paused_until)
+        if not due:
             return None
         now = time.monotonic() if now is None else now
-        return max(0.0, min(c.deadline for c in self._clients.values()) - now)
+        return max(0.0, min(due) - now)
 
     def serve(self, handler: Handler) -> None:
         """Accept waiting clients, read and answer those that have sent something, go on
@@ -180,7 +204,10 @@ class ControlServer:
         client's sake (a failing handler is answered with an error)."""
         if self.sock is None or self._sel is None:
             return
-        self._accept()
+        paused = self._accept_paused_until
+        if paused is None or time.monotonic() >= paused:
+            self._accept_paused_until = None
+            self._accept()
         for key, events in self._sel.select(0):
             client: _Client = key.data
             if client.answer is None:
@@ -218,9 +245,12 @@ class ControlServer:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as err:  # out of file descriptors, for example: try next round
-                log.debug("control socket: accept failed: %s", err)
+            except ConnectionAbortedError:  # the client left before we took it
+                continue
+            except OSError as err:  # out of file descriptors, for example
+                self._accept_failed(err)
                 return
+            self._accept_backoff = ACCEPT_BACKOFF_MIN
             conn.setblocking(False)
             if len(self._clients) >= self.max_clients:
                 self.errors += 1
@@ -233,6 +263,23 @@ class ControlServer:
             client = _Client(conn, time.monotonic() + self.client_timeout)
             self._clients[conn] = client
             self._sel.register(conn, selectors.EVENT_READ, client)
+
+    def _accept_failed(self, err: OSError) -> None:
+        """Leave the listening socket alone for a while: it stays readable while the
+        connection waits, and taking it fails again until descriptors are free."""
+        self.errors += 1
+        now = time.monotonic()
+        pause = self._accept_backoff
+        self._accept_paused_until = now + pause
+        self._accept_backoff = min(ACCEPT_BACKOFF_MAX, pause * 2)
+        if now - self._accept_failure_logged >= FAILURE_LOG_INTERVAL:
+            self._accept_failure_logged = now
+            log.warning("control socket: cannot accept a connection: %s; trying again in %.1f s "
+                        "(logged at most once per %g s)", err.strerror or err, pause,
+                        FAILURE_LOG_INTERVAL)
+        else:
+            log.debug("control socket: cannot accept a connection: %s; trying again in %.1f s",
+                      err.strerror or err, pause)
 
     def _read(self, client: _Client, handler: Handler) -> None:
         while True:
@@ -489,7 +536,9 @@ def render_status(status: dict[str, Any]) -> str:
     kdrops = status.get("kernel_drops")
     if kdrops:
         detail = " ".join(f"{k}={v}" for k, v in sorted(kdrops.items()))
-        out.append(f"  dropped by our iptables rules (never queued): {detail}")
+        age = status.get("kernel_drops_age")
+        when = f", read {fmt_duration(age)} ago" if isinstance(age, int | float) and age >= 1 else ""
+        out.append(f"  dropped by our iptables rules (never queued{when}): {detail}")
     out.append("")
     srows = [["SA", "SPI", "DIR", "QUEUE", "PACKETS", "BYTES", "SEQ", "SAVED", "REPLAY", "INTEGRITY",
               "OTHER", "LIFETIME LEFT"]]

@@ -7,6 +7,16 @@ writable by group or others. :func:`open_checked` opens a file without following
 link in its last component (``O_NOFOLLOW``) and checks the *opened* file's own ``fstat``, so a
 link, or a file swapped in between a check and the open, is never used.
 
+A file is only as safe as the directories on its path: whoever can write one of them can
+rename the file away and put another in its place (or replace a directory or link further
+down). So :func:`check_parents` walks the path from ``/`` the way the kernel resolves it,
+following symbolic links in the directories on the way, and refuses a directory that another
+user owns (root and the effective uid may) or that group or others may write without the
+sticky bit, and, in a directory others may write (``/tmp``: sticky, so they can't touch an
+entry that is not theirs), a link or directory that another user owns. Since only root and the
+daemon's user can change these directories, the path still leads to the same file when it is
+opened.
+
 Core dumps. A core dump of a process that holds keys writes the keys to disk (or hands them to
 a crash handler). :func:`disable_core_dumps` sets ``RLIMIT_CORE`` to 0 (inherited by children)
 and clears the process's dumpable flag (``PR_SET_DUMPABLE``, which also keeps other processes
@@ -23,14 +33,21 @@ import errno
 import os
 import resource
 import stat
+from collections.abc import Iterator
 from typing import Any
 
 PR_SET_DUMPABLE = 4  # <linux/prctl.h>
 PR_GET_DUMPABLE = 3
+MAX_LINKS = 40  # symbolic links followed on one path, as the kernel allows
 
 
 class UnsafeFileError(Exception):
     """A file or directory that someone other than the daemon's user could have controlled."""
+
+
+class UnsafePathError(UnsafeFileError):
+    """A directory or link on the way to a file that someone else could change; the message
+    names that directory or link and the fix."""
 
 
 def problem(st: os.stat_result, path: object, forbid: int, fix: str | None = None) -> str | None:
@@ -47,13 +64,89 @@ def problem(st: os.stat_result, path: object, forbid: int, fix: str | None = Non
     return None
 
 
+def _trusted_owner(uid: int) -> bool:
+    return uid in (0, os.geteuid())
+
+
+def _owners() -> str:
+    euid = os.geteuid()
+    return "root that runs nfq-ipsec" if euid == 0 else f"root or uid {euid} that runs nfq-ipsec"
+
+
+def _on_the_way(path: str) -> Iterator[tuple[str, os.stat_result, bool]]:
+    """Each directory and symbolic link the kernel passes through to reach the last component
+    of ``path`` (which is not included), from ``/``: its resolved path, its ``lstat``, and
+    whether the directory holding it may be written by group or others. Stops at a component
+    that does not exist (or is not a directory): there is nothing more to check."""
+    start = path if path.startswith("/") else os.path.join(os.getcwd(), path)
+    todo = [c for c in os.path.dirname(start.rstrip("/") or "/").split("/") if c]
+    todo.reverse()  # a stack: the next component last
+    current = "/"
+    st = os.lstat(current)
+    yield current, st, False
+    open_dirs = {current: bool(stat.S_IMODE(st.st_mode) & 0o022)}
+    links = 0
+    while todo:
+        name = todo.pop()
+        if name == ".":
+            continue
+        if name == "..":
+            current = os.path.dirname(current)
+            continue
+        nxt = os.path.join(current, name)
+        try:
+            st = os.lstat(nxt)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        yield nxt, st, open_dirs[current]
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > MAX_LINKS:
+                raise UnsafePathError(f"{path}: too many symbolic links on the way")
+            target = os.readlink(nxt)
+            if target.startswith("/"):
+                current = "/"
+            todo.extend(reversed([c for c in target.split("/") if c]))
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            return
+        current = nxt
+        open_dirs[current] = bool(stat.S_IMODE(st.st_mode) & 0o022)
+
+
+def check_parents(path: str | os.PathLike[str]) -> None:
+    """Refuse ``path`` if someone other than root and the effective uid could replace it
+    through a directory or link on its way from ``/`` (see the module's docstring). Raises
+    UnsafePathError naming the directory or link and the fix. A missing part of the path ends
+    the check (the caller's open or mkdir meets it)."""
+    name = os.fspath(path)
+    for where, st, in_open_dir in _on_the_way(name):
+        link = stat.S_ISLNK(st.st_mode)
+        if not _trusted_owner(st.st_uid) and (not link or in_open_dir):
+            fix = ("can replace the link; name the file by a path without it" if link
+                   else f"can put another file in its place; run chown root {where}")
+            raise UnsafePathError(
+                f"{where} (a {'symbolic link' if link else 'directory'} on the path to {name}) is "
+                f"owned by uid {st.st_uid}, not by {_owners()}: that user {fix}")
+        mode = stat.S_IMODE(st.st_mode)
+        if not link and mode & 0o022 and not mode & stat.S_ISVTX:
+            raise UnsafePathError(
+                f"{where} (a directory on the path to {name}) is writable by group or others "
+                f"(mode {mode:04o}) and not sticky: they can put another file in its place; run "
+                f"chmod go-w {where}")
+
+
 def open_checked(path: str | os.PathLike[str], *, forbid: int = 0o022, directory: bool = False,
                  dir_fd: int | None = None, fix: str | None = None) -> tuple[int, os.stat_result]:
     """Open ``path`` read-only without following a final symbolic link and check the opened
     file: a regular file (a directory with ``directory``), owned by the effective uid, no mode
-    bits of ``forbid``. With ``dir_fd``, ``path``'s last component is opened relative to it.
-    Returns the descriptor and its stat. Raises UnsafeFileError (the message names the path and
-    what is wrong) or OSError (for example FileNotFoundError)."""
+    bits of ``forbid``; and, without ``dir_fd``, every directory and link on its path
+    (:func:`check_parents`). With ``dir_fd`` (a directory checked when it was opened),
+    ``path``'s last component is opened relative to it. Returns the descriptor and its stat.
+    Raises UnsafeFileError (the message names the path and what is wrong) or OSError (for
+    example FileNotFoundError)."""
+    if dir_fd is None:
+        check_parents(path)
     name = os.path.basename(os.fspath(path)) if dir_fd is not None else os.fspath(path)
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK  # no hang on a FIFO
     if directory:

@@ -43,7 +43,10 @@ _PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ah": 51
 
 
 class RulesError(Exception):
-    """Installing, removing or reading the rules failed. Carries the command and its stderr."""
+    """Installing, removing or reading the rules failed. Carries the command and its stderr,
+    and, from ``install`` and ``remove``, which address family's step failed (``family``: 4 for
+    iptables, 6 for ip6tables), whether it failed while changing the rules rather than reading
+    them (``changing``) and which families' changes were already made (``applied``)."""
 
     def __init__(
         self, message: str, argv: Sequence[str] = (), stderr: str = "",
@@ -53,6 +56,9 @@ class RulesError(Exception):
         self.argv = tuple(argv)
         self.stderr = stderr
         self.returncode = returncode
+        self.family: int | None = None
+        self.applied: tuple[int, ...] = ()
+        self.changing = False
         text = message
         if self.argv:
             text += f"\n  command: {shlex.join(self.argv)}"
@@ -170,16 +176,45 @@ def apply(backend: Backend, script: str, netns: str | None = None) -> None:
 def install(cfg: Config, netns: str | None = None, closed: bool = False) -> None:
     """Install the rules for ``cfg`` (``closed``: the stopped daemon's, every queue rule a
     DROP), replacing any earlier copy in the same transaction, table by table: there is never
-    a moment without the boundary. IPv4 first, then IPv6 (ip6tables)."""
+    a moment without the boundary. Both rulesets are read and planned first, then the IPv4 one
+    is applied, then the IPv6 one (ip6tables): a RulesError says which step failed and whether
+    the IPv4 change was already made (``family``, ``applied``; see :func:`outcome`)."""
     scripts = []
     for rs in rulesets(cfg, closed):
         be = backend_for(cfg, rs.family)
         try:
-            scripts.append((be, rules.plan_install(rs, read_tables(be, netns))))
+            scripts.append((rs.family, be, rules.plan_install(rs, read_tables(be, netns))))
         except rules.PlanError as err:
-            raise RulesError(f"cannot install: {err}") from None
-    for be, script in scripts:
-        apply(be, script, netns)
+            raise _failed(RulesError(f"cannot install: {err}"), rs.family, [], False) from None
+        except RulesError as err:
+            raise _failed(err, rs.family, [], False) from None
+    applied: list[int] = []
+    for family, be, script in scripts:
+        try:
+            apply(be, script, netns)
+        except RulesError as err:
+            raise _failed(err, family, applied, True) from None
+        applied.append(family)
+
+
+def _failed(err: RulesError, family: int, applied: list[int], changing: bool) -> RulesError:
+    err.family, err.applied, err.changing = family, tuple(applied), changing
+    return err
+
+
+def outcome(err: RulesError, done: str) -> str:
+    """What a failed ``install`` or ``remove`` left in place, for each address family, in words;
+    ``done`` is what the step would have made of the rules ("closed", "installed", "removed").
+
+    Both apply the IPv4 rules before the IPv6 ones, and iptables-restore commits table by
+    table, so a failed IPv4 step may have changed a table it committed before the error."""
+    if 4 in err.applied:
+        return (f"the IPv4 rules are {done}; the IPv6 rules are not: the ip6tables step failed, "
+                "and they are left as they were")
+    if not err.changing:
+        return "nothing was changed: the IPv4 and IPv6 rules are left as they were"
+    return (f"the IPv4 rules are not {done} (but for any table iptables-restore committed before "
+            "the error), and the IPv6 rules are left as they were")
 
 
 def remove(cfg: Config, netns: str | None = None) -> None:
@@ -190,6 +225,7 @@ def remove(cfg: Config, netns: str | None = None) -> None:
 
 def _remove(cfg: Config, netns: str | None) -> bool:
     removed = False
+    applied: list[int] = []
     for family in (4, 6):
         be = backend_for(cfg, family)
         if family == 6 and (not ipv6_enabled() or find_command(be.save) is None):
@@ -197,10 +233,16 @@ def _remove(cfg: Config, netns: str | None) -> bool:
         try:
             script = rules.plan_remove(cfg.daemon.chain_prefix, read_tables(be, netns))
         except rules.PlanError as err:
-            raise RulesError(f"cannot remove: {err}") from None
+            raise _failed(RulesError(f"cannot remove: {err}"), family, applied, False) from None
+        except RulesError as err:
+            raise _failed(err, family, applied, False) from None
         if script:
-            apply(be, script, netns)
+            try:
+                apply(be, script, netns)
+            except RulesError as err:
+                raise _failed(err, family, applied, True) from None
             removed = True
+        applied.append(family)
     return removed
 
 
@@ -420,8 +462,8 @@ def cli_rules(args: argparse.Namespace) -> int:
     if cfg is None:
         return EXIT_CONFIG
     be = backend_for(cfg)
+    closed = bool(getattr(args, "closed", False))
     try:
-        closed = bool(getattr(args, "closed", False))
         if args.action == "show" and getattr(args, "ipv6", False):
             v6 = rules.build6(cfg)
             if v6 is None:
@@ -470,6 +512,9 @@ def cli_rules(args: argparse.Namespace) -> int:
         return EXIT_OK
     except RulesError as err:
         print(f"nfq-ipsec: {err}", file=sys.stderr)
+        if err.family is not None:
+            done = "removed" if args.action == "remove" else "closed" if closed else "installed"
+            print(f"nfq-ipsec: {outcome(err, done)}", file=sys.stderr)
         return EXIT_FAILURE
 
 

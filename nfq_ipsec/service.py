@@ -69,9 +69,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args(argv)
 
+    from . import hardening
     from .config import load_config
     from .core import ConfigError
 
+    try:
+        hardening.disable_core_dumps()  # the configuration names keys: no core dump with them
+    except OSError as err:
+        print(f"nfq-ipsec: cannot turn core dumps off, so no key is read: {err}", file=sys.stderr)
+        return EXIT_FAILED
     try:
         cfg = load_config(args.config)
     except ConfigError as err:

@@ -30,13 +30,15 @@ Rolling ``next_seq`` back repeats nonces, so a file must come from us. ``state_d
 files and the lock files must be owned by the daemon's user (the effective uid); the directory
 must be 0700, the files not writable by group or others. Each is opened with ``O_NOFOLLOW``
 and checked on the opened descriptor (``hardening.open_checked``), never by a separate stat of
-the path. The file's content carries HMAC-SHA-256 under a key derived from the SA's keys
-(HKDF-SHA-256 with a fixed label, :func:`mac_key`): a file not written under that key (forged,
-or from another key) fails its MAC. A file that does not parse, fails its MAC or belongs to
-another key is *corrupt*. A version 1 file (an unkeyed checksum, from before the MAC) is
-refused too, with what to do. What the MAC can't tell is an old copy of a genuine file put
-back by the daemon's own user (a restored backup): ownership stops other users from doing it;
-root doing it is the "lost or restored" case below.
+the path; the directories on ``state_dir``'s path must be ones only root or that user can
+change (``hardening.check_parents``, before a missing ``state_dir`` is made). The file's
+content carries HMAC-SHA-256 under a key derived from the SA's keys (HKDF-SHA-256 with a fixed
+label, :func:`mac_key`): a file not written under that key (forged, or from another key) fails
+its MAC. A file that does not parse, fails its MAC or belongs to another key is *corrupt*. A
+version 1 file (an unkeyed checksum, from before the MAC) is refused too, with what to do.
+What the MAC can't tell is an old copy of a genuine file put back by the daemon's own user (a
+restored backup): ownership stops other users from doing it; root doing it is the "lost or
+restored" case below.
 
 Lifetime use
 ------------
@@ -287,6 +289,8 @@ def read(path: Path, params: SAParams, dir_fd: int | None = None,
         fd, _ = hardening.open_checked(path, dir_fd=dir_fd, fix=f"run chmod 600 {path}")
     except FileNotFoundError:
         return None
+    except hardening.UnsafePathError as err:
+        raise StateError(f"state file {path} refused: {err}") from None
     except hardening.UnsafeFileError as err:
         raise StateError(f"state file {err}") from None
     except OSError as err:
@@ -342,11 +346,14 @@ def open_dir(state_dir: str | os.PathLike[str]) -> int:
         missing.append(p)
         p = p.parent
     try:
+        hardening.check_parents(d)  # before anything is made under a directory others control
         for m in reversed(missing):
             m.mkdir(mode=0o700)
             os.chmod(m, 0o700)
         fd, _ = hardening.open_checked(d, directory=True, forbid=0o077,
                                        fix=f"make it private: chmod 700 {d}")
+    except hardening.UnsafePathError as err:
+        raise StateError(f"state directory {d} refused: {err}") from None
     except hardening.UnsafeFileError as err:
         raise StateError(f"state directory {err}") from None
     except OSError as err:

@@ -17,7 +17,9 @@ Order of things (fail closed at every step):
    but stuck (it has not answered a ping for ``daemon.watchdog`` seconds, default 10) is killed
    and restarted the same way, so a hung worker costs its queue an outage, not its traffic
    for good. Control clients are served in the same loop without ever being waited on
-   (``control.py``), so nothing a client does delays a restart or the watchdog. A worker that
+   (``control.py``), so nothing a client does delays a restart or the watchdog; nor does a
+   status answer, whose rule counters (``iptables-save -c``, a subprocess) are read by a
+   thread (``RuleCounters``). A worker that
    dies before becoming ready 3 times in a row stops the daemon (exit 1) and leaves the rules
    in place if they were installed, so its traffic stays dropped rather than sent in clear;
 7. SIGHUP or a ``reload`` request: the configuration is re-read and applied without a restart
@@ -40,16 +42,19 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import queue
 import signal
 import socket
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from . import __version__, corebuild, counts, hardening, rules
+from . import __version__, corebuild, counts, hardening, procs, rules
 from .config import Config, QueueConfig
 from .control import ControlError, ControlServer, Deferred
 from .core import SADirection
@@ -65,12 +70,84 @@ STATS_TIMEOUT = 2.0  # seconds to wait for the workers' counters for a status an
 STOP_GRACE = 5.0  # seconds a worker has to exit after "stop" before SIGTERM, then SIGKILL
 PINGS_PER_WATCHDOG = 4  # pings to a ready worker per watchdog period
 COUNTS_INTERVAL = 2.5  # seconds between pings (for the counts) when the watchdog is off
+COUNTERS_MAX_AGE = 60.0  # seconds: rule counters read longer ago than this are not shown
 
 log = logging.getLogger("nfq_ipsec.supervisor")
 
 
 class Fatal(Exception):
     """The daemon must stop with exit code 1; the message says why."""
+
+
+class RuleCounters:
+    """The rule counters behind a status answer's ``kernel_drops``, read by a thread of their
+    own: ``iptables-save -c`` is a subprocess that may take seconds (up to
+    ``iptables.COUNTERS_TIMEOUT`` per address family), and the supervisor's loop must not wait
+    for it. ``refresh`` asks for a read that starts now (with one under way, the next starts
+    when it ends) and returns its number; the loop calls ``collect`` every round (``wake``
+    rouses it when a read ends) and ``done`` tells whether that read has ended. ``value`` is
+    from the last read that succeeded, ``read_at`` when it started (monotonic)."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self._ended: queue.SimpleQueue[tuple[int, float, dict[str, int] | None, str | None]] = (
+            queue.SimpleQueue())
+        self._running = False
+        self._again: Config | None = None
+        self.started = 0  # reads started so far; each has this number
+        self.finished = 0  # the number of the last read that ended
+        self.value: dict[str, int] | None = None
+        self.read_at: float | None = None
+        self.error: str | None = None  # why the last read failed (None: it did not)
+
+    def refresh(self, cfg: Config) -> int:
+        if self._running:
+            self._again = cfg
+            return self.started + 1
+        self._start(cfg)
+        return self.started
+
+    def done(self, number: int) -> bool:
+        return self.finished >= number
+
+    def collect(self) -> None:
+        while True:
+            try:
+                number, at, value, error = self._ended.get_nowait()
+            except queue.Empty:
+                break
+            self.finished = number
+            self._running = False
+            self.error = error
+            if value is not None:
+                self.value, self.read_at = value, at
+        if not self._running and self._again is not None:
+            cfg, self._again = self._again, None
+            self._start(cfg)
+
+    def _start(self, cfg: Config) -> None:
+        self.started += 1
+        self._running = True
+        try:
+            threading.Thread(target=self._read, args=(self.started, cfg), daemon=True,
+                             name="rule-counters").start()
+        except RuntimeError as err:  # no thread to be had: this read ends at once
+            self._ended.put((self.started, time.monotonic(), None, f"cannot start a thread: {err}"))
+
+    def _read(self, number: int, cfg: Config) -> None:
+        from . import iptables
+
+        at = time.monotonic()
+        value: dict[str, int] | None = None
+        error: str | None = None
+        try:
+            value = iptables.kernel_drops(cfg)
+        except iptables.RulesError as err:
+            error = err.message
+        except Exception as err:  # never lose the end of a read: the status answer waits on it
+            error = f"{type(err).__name__}: {err}"
+        self._ended.put((number, at, value, error))
+        self._wake()
 
 
 @dataclass
@@ -118,9 +195,13 @@ class Supervisor:
         self.stop_signal: int | None = None
         self.reload_requested = False  # SIGHUP
         self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self._status_waiters: list[Deferred] = []  # status answers waiting for the counters
         self._stats_asked: list[Slot] = []
         self._stats_deadline = 0.0
+        self.counters = RuleCounters(self._wake)
+        self._counters_wanted = 0  # the rule counter read the waiting status answers want
 
     # -- entry point ----------------------------------------------------------------------
     def run(self) -> int:
@@ -169,9 +250,12 @@ class Supervisor:
         log.info("stopped")
         return code
 
+    def _wake(self) -> None:
+        """Rouse the loop from another thread (it waits on ``_wake_r``)."""
+        with contextlib.suppress(OSError):  # full: the loop wakes anyway
+            self._wake_w.send(b"\0")
+
     def _install_signal_handlers(self) -> None:
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
 
         def on_stop(signum: int, _frame: object) -> None:
@@ -383,6 +467,7 @@ class Supervisor:
         for slot in dead:
             self._reap(slot, noticed)
         self._tick()
+        self.counters.collect()
         self._answer_status()
         self.control.serve(self.handle_request)  # every round: clients' deadlines are due too
 
@@ -449,8 +534,9 @@ class Supervisor:
             try:
                 iptables.install(self.cfg, closed=True)
                 left = "the closed rules are in place (protected traffic is dropped)"
-            except iptables.RulesError:
-                left = "whatever rules were there are left in place"
+            except iptables.RulesError as err2:
+                left = (f"installing the closed rules instead failed too ({err2.message}): "
+                        f"{iptables.outcome(err2, 'closed')}")
             raise Fatal(f"cannot install the iptables rules: {err}; {left}") from None
         self.rules_installed = True
 
@@ -462,8 +548,17 @@ class Supervisor:
         try:
             iptables.install(self.cfg, closed=True)
         except iptables.RulesError as err:
-            log.error("cannot close the iptables rules: %s (the live rules stay; with no "
-                      "workers their queues drop the traffic)", err)
+            if 4 in err.applied:
+                # The IPv6 rules are the same whether the daemon runs or not: those it
+                # installed at start are still there, unless someone changed them since.
+                log.error("the IPv4 rules are closed (protected traffic is dropped), but "
+                          "rewriting the IPv6 rules failed: %s; the IPv6 rules are left as "
+                          "they were (they do not change when the daemon stops: `nfq-ipsec "
+                          "rules show --ipv6`)", err)
+            else:
+                log.error("cannot close the iptables rules: %s; %s. Where the live IPv4 rules "
+                          "remain, their queues have no worker and drop the traffic", err,
+                          iptables.outcome(err, "closed"))
             return False
         self.rules_installed = False
         log.info("rules closed: protected traffic is dropped until the daemon runs again "
@@ -473,7 +568,8 @@ class Supervisor:
     # -- status ---------------------------------------------------------------------------
     def handle_request(self, req: dict[str, Any]) -> dict[str, Any] | Deferred:
         """A control request. ``status`` is answered once the workers have sent their counters
-        (or in ``STATS_TIMEOUT``), by ``_answer_status`` in a later round of the loop."""
+        and the rule counters have been read (or in ``STATS_TIMEOUT``), by ``_answer_status`` in
+        a later round of the loop."""
         command = req.get("command")
         if command == "status":
             if not self._status_waiters:
@@ -482,8 +578,10 @@ class Supervisor:
                 for slot in self.slots:
                     slot.stats = None
                     self._ask_stats(slot)
-                if not self._stats_asked:  # no worker to wait for
-                    return self.status()
+                # the rule counters are read by a thread: the answer waits for it, not the loop
+                self._counters_wanted = self.counters.refresh(self.cfg) if self.rules_installed else 0
+                if not self._stats_asked and self.counters.done(self._counters_wanted):
+                    return self.status()  # nothing to wait for
             waiter = Deferred(STATS_TIMEOUT)
             self._status_waiters.append(waiter)
             return waiter
@@ -655,7 +753,8 @@ class Supervisor:
         if not self._status_waiters:
             return
         waiting = [s for s in self._stats_asked if s.stats is None and s.conn is not None]
-        if waiting and time.monotonic() < self._stats_deadline:
+        if ((waiting or not self.counters.done(self._counters_wanted))
+                and time.monotonic() < self._stats_deadline):
             return
         answer = self.status()
         for waiter in self._status_waiters:
@@ -663,17 +762,24 @@ class Supervisor:
         self._status_waiters = []
         self._stats_asked = []
 
-    def _kernel_drops(self) -> dict[str, int] | None:
-        """What our own DROP rules dropped (cleartext where ESP is required, no policy...)."""
+    def _kernel_drops(self, now: float) -> tuple[dict[str, int] | None, float | None, list[str]]:
+        """What our own DROP rules dropped (cleartext where ESP is required, no policy...), as
+        last read by ``RuleCounters``; how many seconds ago that read started; and a warning
+        if the read this answer asked for did not end in time or failed."""
         if not self.rules_installed:
-            return None
-        from . import iptables
-
-        try:
-            return iptables.kernel_drops(self.cfg)
-        except iptables.RulesError as err:
-            log.debug("cannot read the rule counters: %s", err)
-            return None
+            return None, None, []
+        c = self.counters
+        age = now - c.read_at if c.read_at is not None else None
+        fresh = c.done(self._counters_wanted)
+        value = c.value if age is not None and age <= COUNTERS_MAX_AGE else None
+        shown = (f"kernel_drops are from a read {age:.1f} s ago" if value is not None
+                 else "kernel_drops are not shown")
+        if not fresh:
+            return value, age, [f"the rule counters were not read within {STATS_TIMEOUT:g} s; "
+                                f"{shown}"]
+        if c.error is not None:
+            return value, age, [f"cannot read the rule counters ({c.error}); {shown}"]
+        return value, age, []
 
     def status(self) -> dict[str, Any]:
         """The status answer from the counters the workers last sent (``slot.stats``)."""
@@ -727,9 +833,11 @@ class Supervisor:
                     "path_mtu": s.get("path_mtu") if s else None,
                 })
         sas.sort(key=lambda s: (s["queue"], s["direction"] != SADirection.OUT.value, s["name"]))
+        kdrops, kage, kwarn = self._kernel_drops(now)
         return {
-            "kernel_drops": self._kernel_drops(),
-            "warnings": warnings(workers),
+            "kernel_drops": kdrops,
+            "kernel_drops_age": round(kage, 3) if kdrops is not None and kage is not None else None,
+            "warnings": warnings(workers) + kwarn,
             "daemon": {
                 "pid": os.getpid(),
                 "uptime": round(now - self.started, 3),
@@ -853,9 +961,9 @@ def cli_stop(args: argparse.Namespace) -> int:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + args.timeout
-        while _alive(pid) and time.monotonic() < deadline:
+        while procs.alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _alive(pid):
+        if procs.alive(pid):
             print(f"nfq-ipsec: the daemon (pid {pid}) did not stop within {args.timeout:g} s",
                   file=sys.stderr)
             return EXIT_FAILURE
@@ -865,7 +973,8 @@ def cli_stop(args: argparse.Namespace) -> int:
         try:
             iptables.remove(cfg)
         except iptables.RulesError as err:
-            print(f"nfq-ipsec: {err}", file=sys.stderr)
+            print(f"nfq-ipsec: {err}\nnfq-ipsec: {iptables.outcome(err, 'removed')}",
+                  file=sys.stderr)
             return EXIT_FAILURE
         print("nfq-ipsec: rules removed: traffic is no longer checked against the policies")
     return code
@@ -898,15 +1007,6 @@ def cli_reload(args: argparse.Namespace) -> int:
     for problem in answer.get("problems") or []:
         print(f"  {problem}", file=sys.stderr)
     return EXIT_FAILURE
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` still runs (a zombie counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 def preflight(cfg: Config) -> int | None:

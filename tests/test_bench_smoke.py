@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from labutil import bench_environment_or_skip
 
-from nfq_ipsec import bench
+from nfq_ipsec import bench, procs
 from nfq_ipsec.bench import beds, report, runner
 from nfq_ipsec.bench.measure import percentile, spread
 from nfq_ipsec.cli import build_parser
@@ -151,7 +151,7 @@ def test_smoke_leaves_nothing_behind(smoke: dict[str, Any]) -> None:
     res = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
     mine = [line for line in res.stdout.splitlines() if line.startswith(runner.PREFIX)]
     # other benchmark runs may exist; none of them is the smoke run's (whose pid is gone)
-    assert all(runner._alive(int(line[len(runner.PREFIX):].split("-")[0])) for line in mine), mine
+    assert all(procs.alive(int(line[len(runner.PREFIX):].split("-")[0])) for line in mine), mine
 
 
 # -- pure parts ------------------------------------------------------------------------------

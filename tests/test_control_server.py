@@ -359,3 +359,66 @@ def test_deferred_answer_is_sent_when_ready_without_holding_anyone(tmp_path: Pat
     assert answer(forgotten) is None
     assert 1.5 < time.monotonic() - t0 < 3.0 and srv.errors == 1
     srv.close()
+
+
+FD_PROBE = r"""
+import errno, json, os, resource, socket, sys, time
+from nfq_ipsec import control
+from nfq_ipsec.config import load_config
+from nfq_ipsec.supervisor import Supervisor
+
+config, path = sys.argv[1], sys.argv[2]
+sup = Supervisor(load_config(config), config)
+sup.control = control.ControlServer(path)
+sup.control.open()
+client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # made while descriptors are free
+open_now = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 8, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+fillers = []
+while True:
+    try:
+        fillers.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as err:
+        assert err.errno == errno.EMFILE, err
+        break
+client.connect(path)  # waits in the listening socket's queue: accept() now fails with EMFILE
+client.sendall(b'{"command": "status"}\n')
+cpu, start, rounds = time.process_time(), time.monotonic(), 0
+while time.monotonic() - start < 3.0:
+    sup._wait_once()
+    rounds += 1
+full = {"cpu": time.process_time() - cpu, "rounds": rounds, "errors": sup.control.errors}
+for fd in fillers:
+    os.close(fd)
+client.setblocking(False)
+answer, start = b"", time.monotonic()
+while not answer.endswith(b"\n") and time.monotonic() - start < 10:
+    sup._wait_once()
+    try:
+        answer += client.recv(1 << 20)
+    except BlockingIOError:
+        pass
+full["recovered_after"] = time.monotonic() - start
+full["answer"] = json.loads(answer) if answer.endswith(b"\n") else None
+sup.control.close()
+print(json.dumps(full))
+"""
+
+
+def test_out_of_descriptors_the_loop_backs_off_and_recovers(tmp_path: Path) -> None:
+    """accept() failing with EMFILE leaves the connection queued and the listening socket
+    readable: the supervisor's loop must not poll it again at once (that spins at full CPU).
+    Run in a process of its own with RLIMIT_NOFILE lowered and the table filled."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", FD_PROBE, str(EXAMPLES / "host-a.toml"),
+                          str(tmp_path / "c.sock")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    # 3 s of a full table: a spinning loop makes ~1e5 rounds and burns ~3 s of CPU
+    assert got["cpu"] < 0.5 and got["rounds"] < 60, got
+    assert 2 <= got["errors"] <= 10, got  # each failed accept counted (0.1, 0.2, 0.4, 0.8, 1.6 s)
+    assert "cannot accept a connection: Too many open files" in res.stderr
+    assert got["answer"] is not None and got["answer"]["daemon"]["pid"] > 0, got
+    assert got["recovered_after"] < control.ACCEPT_BACKOFF_MAX + 2.0, got  # the next try takes it

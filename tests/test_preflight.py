@@ -144,3 +144,86 @@ def test_kernel_drops_sums_our_drop_rules_by_reason(tmp_path: Path, monkeypatch:
     changed = text.replace("-j NFQIPSEC-P0", "-j NFQIPSEC-P9", 1)
     monkeypatch.setattr(iptables, "_run", lambda argv, stdin, what, timeout=0: changed)
     assert iptables.kernel_drops(cfg).get("no_policy", 0) < expect["no_policy"]
+
+
+def _failing_family(monkeypatch: pytest.MonkeyPatch, family: int, where: str) -> list[str]:
+    """iptables faked: IPv4 holds SAVE (with a chain of ours), IPv6 nothing; ``where`` ("read"
+    or "apply") fails for ``family``. Returns the restore commands applied."""
+    applied: list[str] = []
+
+    def read_tables(be: iptables.Backend, netns: str | None = None) -> dict[str, rules.SavedTable]:
+        if where == "read" and be.save.startswith("ip6" if family == 6 else "ipt"):
+            raise iptables.RulesError("reading the ruleset failed", argv=[be.save], returncode=4)
+        return rules.parse_save(SAVE) if be.save.startswith("ipt") else {}
+
+    def apply(be: iptables.Backend, script: str, netns: str | None = None) -> None:
+        if where == "apply" and be.restore.startswith("ip6" if family == 6 else "ipt"):
+            raise iptables.RulesError("iptables-restore failed", argv=[be.restore], returncode=2)
+        applied.append(be.restore)
+
+    monkeypatch.setattr(iptables, "ipv6_enabled", lambda: True)
+    monkeypatch.setattr(iptables, "find_command", lambda name: f"/usr/sbin/{name}")
+    monkeypatch.setattr(iptables, "read_tables", read_tables)
+    monkeypatch.setattr(iptables, "apply", apply)
+    return applied
+
+
+def test_stop_says_what_happened_to_the_ipv4_and_ipv6_rules(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Closing applies IPv4 first: when ip6tables then fails, the IPv4 rules are closed (not
+    "the live rules stay") and the IPv6 rules are as they were."""
+    cfg = load_config(config(tmp_path), online_cpus=[0])
+    applied = _failing_family(monkeypatch, 6, "apply")
+    sup = supervisor.Supervisor(cfg, str(cfg.path))
+    sup.rules_installed = True
+    assert not sup._close_rules()
+    assert applied == ["iptables-restore"]
+    assert "the IPv4 rules are closed (protected traffic is dropped)" in caplog.text
+    assert "the IPv6 rules are left as they were" in caplog.text
+    assert "live" not in caplog.text
+    caplog.clear()
+
+    applied = _failing_family(monkeypatch, 6, "read")  # ip6tables-save fails: nothing applied
+    assert not sup._close_rules()
+    assert applied == []
+    assert "nothing was changed: the IPv4 and IPv6 rules are left as they were" in caplog.text
+    caplog.clear()
+
+    applied = _failing_family(monkeypatch, 4, "apply")
+    assert not sup._close_rules()
+    assert applied == []
+    assert "the IPv4 rules are not closed" in caplog.text
+    assert "the IPv6 rules are left as they were" in caplog.text
+
+
+def test_remove_says_what_happened_to_the_ipv4_and_ipv6_rules(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from nfq_ipsec.cli import main
+
+    path = config(tmp_path)
+    applied = _failing_family(monkeypatch, 6, "read")
+    assert main(["rules", "remove", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert applied == ["iptables-restore"]
+    assert ("the IPv4 rules are removed; the IPv6 rules are not: the ip6tables step failed, and "
+            "they are left as they were") in err
+    assert main(["stop", "--config", str(path), "--remove-rules"]) == 1  # no daemon, then remove
+    err = capsys.readouterr().err
+    assert "no daemon answers" in err and "the IPv4 rules are removed; the IPv6 rules are not" in err
+
+
+def test_a_failed_start_says_what_it_left(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The live rules fail at the ip6tables step, and so do the closed ones put in their place:
+    the IPv4 rules were last made closed, which is what the message must say."""
+    cfg = load_config(config(tmp_path), online_cpus=[0])
+    applied = _failing_family(monkeypatch, 6, "apply")
+    sup = supervisor.Supervisor(cfg, str(cfg.path))
+    with pytest.raises(supervisor.Fatal) as info:
+        sup._install_rules()
+    assert applied == ["iptables-restore", "iptables-restore"]  # live, then closed
+    msg = str(info.value)
+    assert msg.startswith("cannot install the iptables rules: iptables-restore failed")
+    assert msg.endswith("installing the closed rules instead failed too (iptables-restore failed): "
+                        "the IPv4 rules are closed; the IPv6 rules are not: the ip6tables step "
+                        "failed, and they are left as they were")
+    assert not sup.rules_installed

@@ -509,6 +509,16 @@ def test_render_status_text() -> None:
     assert any(line.startswith("a-to-b-1") and line.rstrip().endswith("-") for line in lines)
 
 
+def test_render_status_dates_old_rule_counters() -> None:
+    fresh = dict(SAMPLE_STATUS, kernel_drops={"no_policy": 4}, kernel_drops_age=0.03)
+    assert "  dropped by our iptables rules (never queued): no_policy=4" in control.render_status(fresh)
+    old = dict(fresh, kernel_drops_age=12.4, warnings=["the rule counters were not read within 2 s; "
+                                                       "kernel_drops are from a read 12.4 s ago"])
+    text = control.render_status(old)
+    assert "  dropped by our iptables rules (never queued, read 12s ago): no_policy=4" in text
+    assert "WARNING: the rule counters were not read within 2 s" in text
+
+
 # -- reload: the new processor first, the old one for what the old rules still send ------------
 def _spec(cfg: Any, queue: int = 100) -> WorkerSpec:
     return WorkerSpec(queue=queue, cpu=None, mark=MARK, policies=tuple(cfg.spd.policies),

@@ -179,6 +179,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
+from .. import procs
 from ..config.model import DEFAULT_MARK
 from ..lab import labconfig, topology, traffic
 from ..lab.netns import Lab, LabError, Started, run
@@ -717,7 +718,7 @@ def remove_stale(say: Callable[[str], None]) -> None:
     for line in res.stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         m = _STALE_RE.match(name)
-        if not m or runner._alive(int(m.group(1))):
+        if not m or procs.alive(int(m.group(1))):
             continue
         if run(["ip", "netns", "pids", name], check=False).stdout.strip():
             continue

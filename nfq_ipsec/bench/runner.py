@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
+from .. import procs
 from ..lab.netns import Lab, run
 from . import beds, measure, report, strongswan
 
@@ -100,22 +101,12 @@ def remove_stale(out: IO[str]) -> None:
     for line in res.stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         m = _STALE_RE.match(name)
-        if not m or _alive(int(m.group(1))):
+        if not m or procs.alive(int(m.group(1))):
             continue
         if run(["ip", "netns", "pids", name], check=False).stdout.strip():
             continue  # something still runs in it: not ours to kill
         run(["ip", "netns", "del", name], check=False)
         print(f"removed namespace {name} left behind by an earlier benchmark", file=out)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def plan(settings: Settings) -> list[tuple[beds.RowSpec, int | None]]:

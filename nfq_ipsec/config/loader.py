@@ -3,9 +3,9 @@
 File format: see README "Configuration". Keys are hex strings, inline (``key``) or in a file
 of their own (``key_file``, relative to the config file, mode 0600 or stricter). The config
 file and the key files must belong to the user that runs nfq-ipsec and must not be writable by
-group or others; both are opened without following a symbolic link and checked as opened
-(``hardening.open_checked``). Each key may serve one SA only. Error messages name lengths and
-locations, never key bytes.
+group or others; both are opened without following a symbolic link and checked as opened,
+and so is every directory on their paths (``hardening.open_checked``). Each key may serve
+one SA only. Error messages name lengths and locations, never key bytes.
 """
 
 from __future__ import annotations

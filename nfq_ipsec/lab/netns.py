@@ -34,6 +34,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
+from .. import procs
+
 PREFIX = "nfql"
 _NAME_RE = re.compile(rf"^{PREFIX}(\d+)-\d+[a-z0-9]*$")
 _counter = 0
@@ -321,7 +323,7 @@ def remove_stale(log: IO[str] | None = None) -> list[str]:
     for line in res.stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         m = _NAME_RE.match(name)
-        if not m or _alive(int(m.group(1))):
+        if not m or procs.alive(int(m.group(1))):
             continue
         ns = Netns(name)
         if ns.pids():  # something still runs in it: not ours to kill
@@ -338,16 +340,6 @@ def lab_namespaces() -> list[str]:
     res = run(["ip", "netns", "list"], check=False)
     return [n for n in (line.split()[0] for line in res.stdout.splitlines() if line.split())
             if _NAME_RE.match(n)]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
