@@ -59,7 +59,7 @@ from .config import Config, QueueConfig
 from .control import ControlError, ControlServer, Deferred
 from .core import SADirection
 from .nfqueue import kernel_queue_stats
-from .worker import WorkerSpec, worker_main
+from .worker import PACKETS_BETWEEN_LOOKS, WorkerSpec, worker_main
 
 READY_TIMEOUT = 30.0  # seconds for a worker to bind its queue and say ready
 BACKOFF_MIN = 0.1
@@ -69,6 +69,12 @@ MAX_EARLY_FAILURES = 3  # deaths before "ready", in a row, that stop the daemon
 STATS_TIMEOUT = 2.0  # seconds to wait for the workers' counters for a status answer
 STOP_GRACE = 5.0  # seconds a worker has to exit after "stop" before SIGTERM, then SIGKILL
 PINGS_PER_WATCHDOG = 4  # pings to a ready worker per watchdog period
+# Seconds a busy but healthy worker may take to answer a ping: the packets it handles between
+# two looks at its pipe, at a generous 0.5 ms each (a 64 KiB AES-CBC packet in the source
+# build; a typical packet takes 10 to 50 us). The shortest watchdog must stay above it
+# (config.model.WATCHDOG_RANGE), or the watchdog would kill busy workers.
+SLOWEST_PACKET = 0.0005
+BUSY_ANSWER_BOUND = PACKETS_BETWEEN_LOOKS * SLOWEST_PACKET
 COUNTS_INTERVAL = 2.5  # seconds between pings (for the counts) when the watchdog is off
 COUNTERS_MAX_AGE = 60.0  # seconds: rule counters read longer ago than this are not shown
 
@@ -403,8 +409,9 @@ class Supervisor:
     def _watch(self, slot: Slot, now: float) -> None:
         """The watchdog: ping a ready worker a few times per period; kill one that stayed silent
         for a whole period (its reaping restarts it). A busy worker still answers: it reads its
-        pipe after every 16 batches of packets. Each answer carries the worker's counts; with
-        the watchdog off the pings still go out, for those."""
+        pipe after at most PACKETS_BETWEEN_LOOKS packets, within BUSY_ANSWER_BOUND seconds.
+        Each answer carries the worker's counts; with the watchdog off the pings still go out,
+        for those."""
         watchdog = self.cfg.daemon.watchdog
         if slot.proc is None:
             return

@@ -57,6 +57,9 @@ from .state import StateStore
 
 BATCH = 64  # packets read per receive call
 BATCHES_PER_WAKEUP = 16  # then look at the pipe again, so stats and stop stay responsive
+# The most packets a busy worker handles between two looks at its pipe: how long it takes to
+# answer a ping (the supervisor's watchdog counts on it, see supervisor.BUSY_ANSWER_BOUND).
+PACKETS_BETWEEN_LOOKS = BATCH * BATCHES_PER_WAKEUP
 EVENT_INTERVAL = 0.25  # seconds between checks for SA events (expiry) to report
 ERROR_LOG_INTERVAL = 10.0  # at most one log line per this many seconds about internal errors
 # Drops that, during a reload, mean "the old rules sent this for the old configuration": the

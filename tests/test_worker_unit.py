@@ -618,3 +618,15 @@ def test_a_forwarded_df_packet_too_big_is_answered_with_frag_needed() -> None:
     assert len(sent) == 1 and sent[0][9] == 1 and sent[0][20:22] == b"\x03\x04"  # ICMP 3/4
     assert sent[0][16:20] == big[12:16]  # back to the LAN sender
     assert h.replies_sent == 1
+
+
+def test_the_shortest_watchdog_outlasts_a_busy_workers_answer() -> None:
+    """A busy worker looks at its pipe after PACKETS_BETWEEN_LOOKS packets; the watchdog's
+    shortest period must leave it time to, or it would kill healthy busy workers."""
+    from nfq_ipsec import supervisor
+    from nfq_ipsec.config.model import WATCHDOG_RANGE
+    from nfq_ipsec.worker import BATCH, BATCHES_PER_WAKEUP, PACKETS_BETWEEN_LOOKS
+
+    assert PACKETS_BETWEEN_LOOKS == BATCH * BATCHES_PER_WAKEUP
+    assert supervisor.BUSY_ANSWER_BOUND == PACKETS_BETWEEN_LOOKS * supervisor.SLOWEST_PACKET
+    assert WATCHDOG_RANGE[0] > supervisor.BUSY_ANSWER_BOUND
