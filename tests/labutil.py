@@ -508,13 +508,9 @@ class Sniffer:
 
     def frames(self) -> list[bytes]:
         """Every captured Ethernet frame, whatever it carries (IPv4, IPv6, ARP...)."""
-        data = self.path.read_bytes()
-        out, off = [], 24  # the SNIFFER's own pcap: little-endian, no options
-        while off + 16 <= len(data):
-            caplen = struct.unpack_from("<I", data, off + 8)[0]
-            out.append(data[off + 16:off + 16 + caplen])
-            off += 16 + caplen
-        return out
+        from nfq_ipsec.pcap import read_records
+
+        return [frame for _, frame in read_records(self.path)]
 
 
 def esp_ids(packets: list[bytes]) -> list[tuple[int, int]]:

@@ -282,10 +282,10 @@ print("sent", count)
 
 def _proto_unreachables(pcap: Path, src: str) -> int:
     """ICMP destination unreachable / protocol unreachable (3/2) sent by ``src``."""
-    from nfq_ipsec.lab.traffic import ETH_IPV4, iter_frames
+    from nfq_ipsec.pcap import ETH_IPV4, read_frames
 
     n = 0
-    for etype, pkt in iter_frames(pcap):
+    for etype, pkt in read_frames(pcap):
         if (etype == ETH_IPV4 and pkt[9] == 1 and str(IPv4Address(pkt[12:16])) == src
                 and pkt[(pkt[0] & 15) * 4: (pkt[0] & 15) * 4 + 2] == b"\x03\x02"):
             n += 1

@@ -22,11 +22,11 @@ from nfq_ipsec.lab.traffic import (
     PROTO_UDP,
     Flow,
     analyse_wire,
-    iter_frames,
     tshark_argv,
     tshark_uat_entries,
     tshark_verify,
 )
+from nfq_ipsec.pcap import read_frames
 
 HOST_A = PeerSpec("a", "eth1", IPv4Address("192.168.56.10"), IPv4Network("192.168.56.10/32"), "host")
 HOST_B = PeerSpec("b", "eth1", IPv4Address("192.168.56.11"), IPv4Network("192.168.56.11/32"), "host")
@@ -252,7 +252,7 @@ def test_analyse_wire_sorts_frames(tmp_path: Path) -> None:
     ]
     pcap = tmp_path / "wire.pcap"
     _write_pcap(pcap, frames)
-    assert [t for t, _ in iter_frames(pcap)] == [0x0800, 0x0800, 0x0806, 0x0800, 0x0800, 0x0800, 0x86DD]
+    assert [t for t, _ in read_frames(pcap)] == [0x0800, 0x0800, 0x0806, 0x0800, 0x0800, 0x0800, 0x86DD]
     rep = analyse_wire(pcap, (a, b), [Flow(PROTO_TCP, 2222)])
     assert (rep.frames, rep.ipv4, rep.esp, rep.arp, rep.bypassed, rep.cleartext, rep.other) == (
         7, 5, 2, 1, 1, 2, 1)
