@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queues", type=int, default=2, help="queues (workers) per host")
     p.add_argument("--keep", action="store_true", help="leave the lab up (prints how to remove it)")
 
-    # -- bench: the benchmark script; its options live in nfq_ipsec/bench/__init__.py
-    from .bench import add_arguments as add_bench_arguments
+    # -- bench: the benchmark script; its options live in nfq_ipsec_lab/bench/__init__.py
+    from nfq_ipsec_lab.bench import add_arguments as add_bench_arguments
 
     add_bench_arguments(sub.add_parser("bench", help="benchmark: plain veth, NFQUEUE accept-only, "
                                        "ESP rows, strongSwan; table, JSON, PNG (needs root)"))
@@ -157,11 +157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return state.cli_state(args)
     if args.command == "lab":
-        from . import lab
+        from nfq_ipsec_lab import lab
 
         return lab.cli_lab(args)
     if args.command == "bench":
-        from . import bench
+        from nfq_ipsec_lab import bench
 
         return bench.cli_bench(args)
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices

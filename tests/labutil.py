@@ -581,7 +581,7 @@ def fragments(packet: bytes, size: int = 8000) -> list[bytes]:
 def bench_environment_or_skip() -> None:
     """Skip a benchmark smoke test where the benchmark can't run, but fail as root on CI, so
     that CI never passes without running it."""
-    from nfq_ipsec.bench import runner
+    from nfq_ipsec_lab.bench import runner
 
     problems = runner.check_environment()
     if not problems:

@@ -25,13 +25,13 @@ from typing import Any
 import pytest
 from labutil import bench_environment_or_skip
 
-from nfq_ipsec import bench
-from nfq_ipsec.bench import beds, report, runner
-from nfq_ipsec.bench.measure import percentile, spread
 from nfq_ipsec.cli import build_parser
 from nfq_ipsec.config.loader import load_config
-from nfq_ipsec.lab import labconfig
-from nfq_ipsec.lab.topology import HOST_A, HOST_B
+from nfq_ipsec_lab import bench
+from nfq_ipsec_lab.bench import beds, report, runner
+from nfq_ipsec_lab.bench.measure import percentile, spread
+from nfq_ipsec_lab.lab import labconfig
+from nfq_ipsec_lab.lab.topology import HOST_A, HOST_B
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

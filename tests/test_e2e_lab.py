@@ -34,9 +34,9 @@ from typing import Any
 
 import pytest
 
-from nfq_ipsec.lab.checks import CheckRun, traffic_and_capture
-from nfq_ipsec.lab.session import LabSession, check_environment
-from nfq_ipsec.lab.traffic import (
+from nfq_ipsec_lab.lab.checks import CheckRun, traffic_and_capture
+from nfq_ipsec_lab.lab.session import LabSession, check_environment
+from nfq_ipsec_lab.lab.traffic import (
     IperfResult,
     PingResult,
     TransferResult,

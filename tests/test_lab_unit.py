@@ -14,10 +14,11 @@ import pytest
 
 from nfq_ipsec.config import load_config
 from nfq_ipsec.core import Action, Mode, Processor, Verdict
-from nfq_ipsec.lab import labconfig, netns
-from nfq_ipsec.lab.daemon import normalise_iptables_save
-from nfq_ipsec.lab.labconfig import LabSA, PeerSpec, generate, parse_encryption
-from nfq_ipsec.lab.traffic import (
+from nfq_ipsec.pcap import read_frames
+from nfq_ipsec_lab.lab import labconfig, netns
+from nfq_ipsec_lab.lab.daemon import normalise_iptables_save
+from nfq_ipsec_lab.lab.labconfig import LabSA, PeerSpec, generate, parse_encryption
+from nfq_ipsec_lab.lab.traffic import (
     PROTO_TCP,
     PROTO_UDP,
     Flow,
@@ -26,7 +27,6 @@ from nfq_ipsec.lab.traffic import (
     tshark_uat_entries,
     tshark_verify,
 )
-from nfq_ipsec.pcap import read_frames
 
 HOST_A = PeerSpec("a", "eth1", IPv4Address("192.168.56.10"), IPv4Network("192.168.56.10/32"), "host")
 HOST_B = PeerSpec("b", "eth1", IPv4Address("192.168.56.11"), IPv4Network("192.168.56.11/32"), "host")
@@ -357,7 +357,7 @@ def test_lab_cli_rejects_bad_encryption(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_tcp_complete_allows_only_what_sockets_can_still_hold() -> None:
-    from nfq_ipsec.lab.traffic import TCP_SNDBUF_MAX, IperfResult
+    from nfq_ipsec_lab.lab.traffic import TCP_SNDBUF_MAX, IperfResult
 
     def tcp(sent: int, received: int, streams: int = 1) -> IperfResult:
         return IperfResult("tcp", 2.0, sent, received, 1.0, streams=streams)

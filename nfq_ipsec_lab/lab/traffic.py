@@ -1,7 +1,7 @@
 """Traffic, capture and the checks of a lab: what proves that a packet path works.
 
-Everything runs through :class:`~nfq_ipsec.lab.netns.Host` (``host.argv``) and a
-:class:`~nfq_ipsec.lab.netns.Lab` (which tracks and stops what it starts), so the same
+Everything runs through :class:`~nfq_ipsec_lab.lab.netns.Host` (``host.argv``) and a
+:class:`~nfq_ipsec_lab.lab.netns.Lab` (which tracks and stops what it starts), so the same
 functions drive network namespaces here and two VMs in the Vagrant lab.
 
 Traffic: :func:`ping` (a small raw-socket ICMP echo in Python: no iputils needed),
@@ -33,7 +33,8 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from ..pcap import ETH_ARP, ETH_IPV4, PcapError, read_frames
+from nfq_ipsec.pcap import ETH_ARP, ETH_IPV4, PcapError, read_frames
+
 from .labconfig import LabSA
 from .netns import Host, Lab, LabError, Started
 
