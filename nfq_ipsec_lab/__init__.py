@@ -7,5 +7,8 @@
   per-packet profiler (``scripts/profile``), the SPD scaling script and the strongSwan
   comparison.
 
-It builds on the runtime package :mod:`nfq_ipsec`; the runtime does not need it.
+It builds on the runtime package :mod:`nfq_ipsec` and ships beside it as the optional extra
+``lab`` (``pip install 'nfq-ipsec[lab]'``). The runtime never imports it (a test checks that):
+``nfq-ipsec lab`` and ``nfq-ipsec bench`` find :mod:`nfq_ipsec_lab.cli` through the entry-point
+group ``nfq_ipsec.commands`` and, without the extra, say what to install.
 """

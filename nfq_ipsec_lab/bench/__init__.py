@@ -25,7 +25,8 @@ Output (:mod:`nfq_ipsec_lab.bench.report`): the table on the terminal (and as .t
 with every raw figure, the settings and the machine (CPU model, cores, kernel, versions), and a
 PNG chart, all in ``--out`` (default ``bench-results/``, which git ignores).
 
-This module holds only the command line, so that building ``nfq-ipsec``'s parser stays cheap.
+This module holds only the command line (``nfq-ipsec bench`` runs it through
+:mod:`nfq_ipsec_lab.cli`), so that building the parser stays cheap.
 """
 
 from __future__ import annotations
