@@ -30,7 +30,7 @@ from nfq_ipsec_lab import bench
 from nfq_ipsec_lab.bench import beds, report, runner
 from nfq_ipsec_lab.bench.measure import percentile, spread
 from nfq_ipsec_lab.cli import bench_parser
-from nfq_ipsec_lab.lab import labconfig
+from nfq_ipsec_lab.lab import labconfig, netns
 from nfq_ipsec_lab.lab.topology import HOST_A, HOST_B
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,7 +151,7 @@ def test_smoke_leaves_nothing_behind(smoke: dict[str, Any]) -> None:
     res = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
     mine = [line for line in res.stdout.splitlines() if line.startswith(runner.PREFIX)]
     # other benchmark runs may exist; none of them is the smoke run's (whose pid is gone)
-    assert all(runner._alive(int(line[len(runner.PREFIX):].split("-")[0])) for line in mine), mine
+    assert all(netns.alive(int(line[len(runner.PREFIX):].split("-")[0])) for line in mine), mine
 
 
 # -- pure parts ------------------------------------------------------------------------------

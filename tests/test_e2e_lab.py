@@ -152,7 +152,7 @@ def run(request: pytest.FixtureRequest) -> Run:
         r.values["iptables_before"] = dict(s.iptables_before)
         r.values["iptables_stopped"] = dict(s.iptables_stopped)
         r.values["iptables_after"] = dict(s.iptables_after)
-        r.values["logs"] = {n: d.log() for n, d in s.daemons.items()}
+        r.values["logs"] = {n: d.output() for n, d in s.daemons.items()}
         r.values["endpoints"] = (s.topology.client_addr, s.topology.server_addr)
     r.timings["total"] = time.monotonic() - t0
     print(f"\nlab {topology}/{encryption}: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.timings.items()))
@@ -306,7 +306,7 @@ def test_inbound_esp_with_unknown_spi_is_dropped_without_icmp() -> None:
         s.start_daemons()
         # A sends raw ESP with a made-up SPI: A must not be in the way (its rules would
         # protect the raw packet like any other), so A's daemon stops and its rules go
-        s.daemons["a"].stop(s.lab)
+        s.daemons["a"].stop()
         s.daemons["a"].remove_rules()
         cap = s.capture("unknown-spi")
         a.host.run(send)

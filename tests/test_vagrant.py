@@ -314,7 +314,7 @@ def vm_pair(tmp_path: Path, topology: str, encryption: str, queues: int) -> Iter
             cfg = vm.lab_plan(vm.read_seed(seed), topology, encryption, queues)
             specs = dict(zip("ab", vm.peer_specs(topology), strict=True))
             cmd = [str(VENV / "bin" / "nfq-ipsec")]
-            daemons = {n: Daemon(layouts[n].peer_config(specs[n]), hosts[n], cmd) for n in hosts}
+            daemons = {n: Daemon.of_peer(layouts[n].peer_config(specs[n]), hosts[n], cmd) for n in hosts}
             ends = vm.endpoints(topology, hosts["a"], hosts["b"], vm.wire_interface(hosts["a"], HOST_A),
                                 (layouts["a"].lan_netns, layouts["b"].lan_netns))
             yield vm.Pair(lab, cfg, ends, daemons, dict(services), before)

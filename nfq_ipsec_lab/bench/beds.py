@@ -190,7 +190,7 @@ def _esp_bed(lab: Lab, spec: RowSpec, queues: int, layout: str) -> Bed:
     cmd = command()
     if spec.source_core:
         cmd = ["env", f"{corebuild.PURE_ENV}=1", *cmd]
-    daemons = [Daemon(cfg.peer(p.name), p.host, cmd) for p in topo.peers]
+    daemons = [Daemon.of_peer(cfg.peer(p.name), p.host, cmd) for p in topo.peers]
     for d in daemons:
         d.start(lab)
     for d in daemons:

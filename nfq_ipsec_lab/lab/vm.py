@@ -577,7 +577,7 @@ def _check_vms(topology: str, encryption: str, queues: int, lab_dir: Path, ssh_c
             cfg = lab_plan(seed, topology, encryption, queues)
             specs = dict(zip("ab", peer_specs(topology), strict=True))
             cmd = [f"{VENV}/bin/nfq-ipsec"]
-            daemons = {n: Daemon(layout.peer_config(specs[n]), hosts[n], cmd) for n in hosts}
+            daemons = {n: Daemon.of_peer(layout.peer_config(specs[n]), hosts[n], cmd) for n in hosts}
             services: dict[str, Service] = {n: SystemdUnit(hosts[n]) for n in hosts}
             pair = Pair(lab, cfg, endpoints(topology, hosts["a"], hosts["b"], wire_if), daemons, services)
             verdicts_ = check_pair(pair, workdir, say, seconds=seconds)
