@@ -9,6 +9,13 @@ Exit codes (also in the README):
   4  an offline decode found packets that failed (decode)
   5  run: an SA's saved state is unusable (corrupt state file, state_dir not private); nothing
      was started (see ``nfq-ipsec state``)
+ 75  bench: another benchmark is running; nothing was measured
+
+``lab`` and ``bench`` come with the optional extra ``lab``: the package ``nfq_ipsec_lab``
+beside this one registers them in the entry-point group :data:`EXTRA_GROUP`. This package
+never imports it (a test checks that): it looks the command up by name and hands it the rest
+of the command line. Without the extra, both say what to install and exit 1, like any other
+missing tool.
 
 Every command that reads key material turns core dumps off first (``HOLDS_KEYS``): a
 configuration names its keys (inline or in key files, read by the loader whatever the command
@@ -20,8 +27,9 @@ before it reads any.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import __version__, corebuild, hardening
 
@@ -35,6 +43,17 @@ EXIT_STATE = 5
 # the commands that read key material (see above); lab and bench make throwaway keys of their own
 HOLDS_KEYS = frozenset({"check-config", "decode", "genkey", "run", "status", "rules", "stop",
                         "reload", "state"})
+# The commands of the optional extra "lab" (nfq_ipsec_lab): name -> help.
+EXTRA_COMMANDS = {
+    "lab": "the network-namespace lab: lab demo (needs root; the lab extra)",
+    "bench": "benchmark: plain veth, NFQUEUE accept-only, ESP rows, strongSwan; table, JSON, PNG "
+             "(needs root; the lab extra)",
+}
+EXTRA = "lab"
+EXTRA_GROUP = "nfq_ipsec.commands"
+DISTRIBUTION = "nfq-ipsec"
+INSTALL_EXTRA = ("pip install 'nfq-ipsec[lab]' (in a checkout: scripts/install-deps, or "
+                 "pip install -e '.[lab]')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,25 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "number to send; inbound, the highest number treated as already received")
     p.add_argument("--json", action="store_true", help="show: machine-readable output")
 
-    p = sub.add_parser("lab", help="the network-namespace lab (needs root)")
-    p.add_argument("action", choices=["demo"], help="demo: the two-host lab demo, torn down after")
-    p.add_argument("--topology", choices=["host", "gateway"], default="host",
-                   help="host: two hosts, transport mode; gateway: four namespaces, tunnel mode")
-    p.add_argument("--encryption", default="aes-gcm-128",
-                   help="aes-gcm-128, aes-gcm-256, chacha20-poly1305, aes-cbc-128, aes-cbc-256")
-    p.add_argument("--queues", type=int, default=2, help="queues (workers) per host")
-    p.add_argument("--keep", action="store_true", help="leave the lab up (prints how to remove it)")
-
-    # -- bench: the benchmark script; its options live in nfq_ipsec/bench/__init__.py
-    from .bench import add_arguments as add_bench_arguments
-
-    add_bench_arguments(sub.add_parser("bench", help="benchmark: plain veth, NFQUEUE accept-only, "
-                                       "ESP rows, strongSwan; table, JSON, PNG (needs root)"))
+    # lab, bench: listed here, parsed and run by the lab extra (main hands them over first)
+    for name, text in EXTRA_COMMANDS.items():
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("arguments", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given and given[0] in EXTRA_COMMANDS:
+        return extra_command(given[0], given[1:])
+    args = build_parser().parse_args(given)
     if args.command in HOLDS_KEYS:
         try:
             hardening.disable_core_dumps()
@@ -173,15 +185,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import state
 
         return state.cli_state(args)
-    if args.command == "lab":
-        from . import lab
-
-        return lab.cli_lab(args)
-    if args.command == "bench":
-        from . import bench
-
-        return bench.cli_bench(args)
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices
+
+
+def extra_command(name: str, argv: Sequence[str]) -> int:
+    """``nfq-ipsec lab ...`` / ``nfq-ipsec bench ...``: the lab extra's command, given the rest
+    of the command line; without the extra, what to install (exit 1)."""
+    from importlib import metadata
+
+    missing = missing_extra_requirements()
+    command: Callable[[list[str]], int] | None = None
+    if missing:
+        why = f"missing {', '.join(missing)}"
+    else:
+        found = [ep for ep in metadata.entry_points(group=EXTRA_GROUP) if ep.name == name]
+        why = f"no {name!r} command in the entry points {EXTRA_GROUP}"
+        if found:
+            try:
+                command = found[0].load()
+            except ImportError as err:
+                why = str(err)
+    if command is None:
+        print(f"nfq-ipsec {name}: needs the optional extra {EXTRA!r}, which is not installed "
+              f"({why}); install it: {INSTALL_EXTRA}", file=sys.stderr)
+        return EXIT_FAILURE
+    return int(command(list(argv)))
+
+
+def missing_extra_requirements(extra: str = EXTRA) -> list[str]:
+    """The distributions the extra requires that are not installed (names, as declared)."""
+    from importlib import metadata
+
+    try:
+        requires = metadata.requires(DISTRIBUTION) or []
+    except metadata.PackageNotFoundError:
+        return []  # not installed as a distribution: the entry point lookup says so
+    missing = []
+    for req in requires:
+        name, _, marker = req.partition(";")
+        if not re.search(rf"""extra\s*==\s*["']{re.escape(extra)}["']""", marker):
+            continue
+        dist = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", name.strip())
+        if dist is None:
+            continue
+        try:
+            metadata.distribution(dist.group(0))
+        except metadata.PackageNotFoundError:
+            missing.append(dist.group(0))
+    return missing
 
 
 if __name__ == "__main__":

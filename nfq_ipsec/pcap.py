@@ -1,8 +1,15 @@
-"""Read packets from pcap and pcapng files (what tcpdump and tshark write), no dependencies.
+"""Read pcap and pcapng files (what tcpdump and tshark write), no dependencies.
 
-Yields the IPv4 packet of each frame, whatever the link type (Ethernet with or without VLAN
-tags, raw IP, Linux cooked v1/v2); frames that carry no IPv4 yield None so numbering matches
-what other tools show.
+One reader, three views, each built on the one below:
+
+- :func:`read_records`: each frame as captured, with its link type;
+- :func:`read_frames`: the network layer of each frame, as (ethertype, bytes): IPv4, IPv6,
+  ARP, whatever the link carries (the namespace lab's wire check sorts these);
+- :func:`read_packets`: the IPv4 packet of each frame, or None for a frame that carries no
+  IPv4, so numbering matches what other tools show (``nfq-ipsec decode``).
+
+Link types: Ethernet with or without VLAN tags, raw IP, Linux cooked v1/v2. A frame of any
+other link type comes out whole with ethertype :data:`ETH_UNKNOWN`.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ LINKTYPE_RAW = 101
 LINKTYPE_IPV4 = 228
 LINKTYPE_LINUX_SLL = 113
 LINKTYPE_LINUX_SLL2 = 276
-_ETH_IPV4 = 0x0800
+ETH_IPV4, ETH_ARP, ETH_IPV6 = 0x0800, 0x0806, 0x86DD
+ETH_UNKNOWN = 0  # a link type (or a frame too short) this reader can't take apart
 _ETH_VLAN = (0x8100, 0x88A8)
 
 
@@ -25,6 +33,19 @@ class PcapError(Exception):
 
 
 def read_packets(path: str | Path) -> Iterator[bytes | None]:
+    """The IPv4 packet of each frame; None for a frame without one."""
+    for etype, payload in read_frames(path):
+        yield payload if etype == ETH_IPV4 else None
+
+
+def read_frames(path: str | Path) -> Iterator[tuple[int, bytes]]:
+    """(ethertype, network-layer bytes) of each frame."""
+    for linktype, frame in read_records(path):
+        yield network_layer(frame, linktype)
+
+
+def read_records(path: str | Path) -> Iterator[tuple[int, bytes]]:
+    """(link type, frame as captured) of each record, pcap or pcapng."""
     data = Path(path).read_bytes()
     if len(data) < 4:
         raise PcapError(f"{path}: too short to be a capture")
@@ -37,7 +58,7 @@ def read_packets(path: str | Path) -> Iterator[bytes | None]:
         raise PcapError(f"{path}: not a pcap or pcapng file")
 
 
-def _pcap(data: bytes, path: str | Path) -> Iterator[bytes | None]:
+def _pcap(data: bytes, path: str | Path) -> Iterator[tuple[int, bytes]]:
     endian = "<" if data[:4] in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
     if len(data) < 24:
         raise PcapError(f"{path}: truncated pcap header")
@@ -49,11 +70,11 @@ def _pcap(data: bytes, path: str | Path) -> Iterator[bytes | None]:
         off += 16
         if off + caplen > len(data):
             raise PcapError(f"{path}: truncated record at byte {off - 16}")
-        yield ipv4_of_frame(data[off : off + caplen], linktype)
+        yield linktype, data[off : off + caplen]
         off += caplen
 
 
-def _pcapng(data: bytes, path: str | Path) -> Iterator[bytes | None]:
+def _pcapng(data: bytes, path: str | Path) -> Iterator[tuple[int, bytes]]:
     endian = "<"
     linktypes: list[int] = []
     off = 0
@@ -71,28 +92,31 @@ def _pcapng(data: bytes, path: str | Path) -> Iterator[bytes | None]:
         elif btype == 6:  # enhanced packet
             iface, _th, _tl, caplen, _ol = struct.unpack_from(endian + "IIIII", body, 0)
             lt = linktypes[iface] if iface < len(linktypes) else LINKTYPE_ETHERNET
-            yield ipv4_of_frame(body[20 : 20 + caplen], lt)
+            yield lt, body[20 : 20 + caplen]
         elif btype == 3:  # simple packet
             lt = linktypes[0] if linktypes else LINKTYPE_ETHERNET
-            yield ipv4_of_frame(body[4:], lt)
+            yield lt, body[4:]
         off += blen
 
 
-def ipv4_of_frame(frame: bytes, linktype: int) -> bytes | None:
-    """The IPv4 packet inside one captured frame, or None."""
+def network_layer(frame: bytes, linktype: int) -> tuple[int, bytes]:
+    """(ethertype, network-layer bytes) of one captured frame."""
     if linktype in (LINKTYPE_RAW, LINKTYPE_IPV4):
-        return frame if frame[:1] and frame[0] >> 4 == 4 else None
+        version = frame[0] >> 4 if frame else 0
+        if version == 4:
+            return ETH_IPV4, frame
+        return (ETH_IPV6 if version == 6 and linktype == LINKTYPE_RAW else ETH_UNKNOWN), frame
     if linktype == LINKTYPE_ETHERNET:
-        off, etype = 12, None
+        off, etype = 12, ETH_UNKNOWN
         while off + 2 <= len(frame):
             etype = struct.unpack_from("!H", frame, off)[0]
             if etype in _ETH_VLAN:
                 off += 4
                 continue
             break
-        return frame[off + 2 :] if etype == _ETH_IPV4 else None
+        return etype, frame[off + 2 :]
     if linktype == LINKTYPE_LINUX_SLL and len(frame) >= 16:
-        return frame[16:] if struct.unpack_from("!H", frame, 14)[0] == _ETH_IPV4 else None
+        return struct.unpack_from("!H", frame, 14)[0], frame[16:]
     if linktype == LINKTYPE_LINUX_SLL2 and len(frame) >= 20:
-        return frame[20:] if struct.unpack_from("!H", frame, 0)[0] == _ETH_IPV4 else None
-    return None
+        return struct.unpack_from("!H", frame, 0)[0], frame[20:]
+    return ETH_UNKNOWN, frame

@@ -1,11 +1,13 @@
 """Helpers for the root tests that run the real daemon in a pair of namespaces of their own.
 
-Two namespaces ``nfqx<pid><tag>a``/``...b`` joined by a veth pair; each may run an
-``nfq-ipsec run`` daemon with two queues. The configuration steers traffic by destination port:
-UDP to ``PORTS[i]`` is protected by SAs owned by queue ``QUEUES[i]`` (one SA per queue and
-direction, RFC 9611), so a test knows which worker carries which flow. Everything a test starts
-is ended by pid; the namespaces are deleted on every exit path (``make_pair`` is a context
-manager).
+The namespaces, the processes and the daemon are the lab's (``nfq_ipsec_lab.lab``: ``netns.Lab``
+and ``netns.Netns``, ``daemon.Daemon``), the same code the demo and the benchmark run, with its
+cleanup on every exit path. What is here is the tests' own: two namespaces
+``nfqx<pid>-<n><tag>a``/``...b`` joined by a veth pair (MTU 9000, IPv6 on, static neighbours, a
+foreign rule in each table we touch), each of which may run an ``nfq-ipsec run`` daemon with two
+queues. The configuration steers traffic by destination port: UDP to ``PORTS[i]`` is protected
+by SAs owned by queue ``QUEUES[i]`` (one SA per queue and direction, RFC 9611), so a test knows
+which worker carries which flow.
 
 Small programs run inside the namespaces (``python -c``): a UDP receiver and senders, an
 AF_PACKET sniffer that writes a pcap, and an AF_PACKET injector that puts crafted frames on
@@ -17,22 +19,27 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
-import signal
 import socket
 import struct
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from faults.nfq_ipsec_faults import env_with_fault
+
+from nfq_ipsec.procs import alive
+from nfq_ipsec_lab.lab.daemon import Daemon, normalise_iptables_save
+from nfq_ipsec_lab.lab.daemon import command as nfq_ipsec
+from nfq_ipsec_lab.lab.netns import Lab, Netns, wait_gone
+
+__all__ = ["Daemon", "alive", "nfq_ipsec", "wait_gone"]  # the lab's, as the tests name them
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDR_A, ADDR_B = "10.81.0.1", "10.81.0.2"
@@ -40,6 +47,7 @@ QUEUES = (220, 221)
 PORTS = (7100, 7200)  # UDP to PORTS[i] goes through QUEUES[i]
 SPI_AB, SPI_BA = 0x3000, 0x4000  # + queue index
 MARK = 0x10000000
+PREFIX = "nfqx"  # namespace names: nfqx<pid>-<n><tag>a / b
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("iptables-save") is None,
@@ -47,12 +55,9 @@ needs_root = pytest.mark.skipif(
 )
 
 
-def nfq_ipsec() -> list[str]:
-    script = Path(sys.executable).parent / "nfq-ipsec"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "nfq_ipsec.cli"]
-
-
 def env(**extra: str) -> dict[str, str]:
+    """The environment of what the tests start: this checkout first, no fault injection but
+    what a test asks for."""
     e = dict(os.environ, PYTHONPATH=str(ROOT))
     e.pop("NFQ_IPSEC_TEST_FAULT", None)
     fault = extra.pop("NFQ_IPSEC_TEST_FAULT", None)
@@ -116,6 +121,10 @@ def write_config(directory: Path, a_side: bool, iface: str, keys: dict[str, str]
 # -- namespaces -----------------------------------------------------------------------------------
 @dataclass
 class Pair:
+    """Two namespaces of one lab, named ``a`` and ``b`` (their names), and their interfaces."""
+
+    lab: Lab
+    hosts: dict[str, Netns]
     a: str
     b: str
     va: str
@@ -123,180 +132,55 @@ class Pair:
     mac_a: str = ""
     mac_b: str = ""
 
+    def host(self, ns: str) -> Netns:
+        return self.hosts[ns]
+
     def run(self, ns: str, *argv: str, check: bool = True, timeout: float = 60,
             environ: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True,
-                             timeout=timeout, env=environ or env())
-        if check and res.returncode != 0:
-            raise AssertionError(f"{argv} in {ns} failed ({res.returncode}): {res.stderr}")
-        return res
+        return self.host(ns).run(list(argv), check=check, timeout=timeout, env=environ or env())
 
     def python(self, ns: str, code: str, *args: str, stdin: bool = False) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-c", code, *args],
+            self.host(ns).argv([sys.executable, "-c", code, *args]),
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
         )
 
     def iptables_save(self, ns: str) -> list[str]:
-        out = self.run(ns, "iptables-save").stdout
-        return [re.sub(r"\[\d+:\d+\]", "", line) for line in out.splitlines()
-                if line and not line.startswith("#")]
-
-
-def _mac(ns: str, iface: str) -> str:
-    out = subprocess.run(["ip", "-n", ns, "-j", "link", "show", iface], capture_output=True,
-                         text=True, check=True).stdout
-    return str(json.loads(out)[0]["address"])
+        """This namespace's iptables, as it is (every table), without comments and counters."""
+        return normalise_iptables_save(self.run(ns, "iptables-save").stdout,
+                                       keep_empty_tables=True).splitlines()
 
 
 @contextlib.contextmanager
 def make_pair(tag: str) -> Iterator[Pair]:
     """Two namespaces and a veth pair (MTU 9000), removed on every exit path. Both get a
     foreign ACCEPT rule in the tables we touch: it must survive everything we do."""
-    base = f"nfqx{os.getpid()}{tag}"
-    p = Pair(f"{base}a", f"{base}b", f"{base}va"[:15], f"{base}vb"[:15])
-    try:
-        for cmd in (
-            ["ip", "netns", "add", p.a], ["ip", "netns", "add", p.b],
-            ["ip", "link", "add", p.va, "netns", p.a, "type", "veth", "peer", "name", p.vb,
-             "netns", p.b],
-            ["ip", "-n", p.a, "link", "set", p.va, "mtu", "9000", "up"],
-            ["ip", "-n", p.b, "link", "set", p.vb, "mtu", "9000", "up"],
-            ["ip", "-n", p.a, "addr", "add", f"{ADDR_A}/24", "dev", p.va],
-            ["ip", "-n", p.b, "addr", "add", f"{ADDR_B}/24", "dev", p.vb],
-            ["ip", "-n", p.a, "link", "set", "lo", "up"],
-            ["ip", "-n", p.b, "link", "set", "lo", "up"],
-        ):
-            subprocess.run(cmd, check=True, capture_output=True)
-        p.mac_a, p.mac_b = _mac(p.a, p.va), _mac(p.b, p.vb)
+    with Lab(prefix=PREFIX) as lab:
+        a, b = lab.netns(f"{tag}a", ipv6=True), lab.netns(f"{tag}b", ipv6=True)
+        va, vb = f"v{tag}a", f"v{tag}b"
+        lab.veth(a, va, b, vb)
+        for ns, ifname, addr in ((a, va, ADDR_A), (b, vb, ADDR_B)):
+            ns.ip("link", "set", ifname, "mtu", "9000")
+            ns.addr(ifname, f"{addr}/24")
+        p = Pair(lab, {a.name: a, b.name: b}, a.name, b.name, va, vb, a.mac(va), b.mac(vb))
         # static neighbours: no ARP resolution in the way of the first packets after a restart
-        subprocess.run(["ip", "-n", p.a, "neigh", "replace", ADDR_B, "lladdr", p.mac_b, "dev", p.va,
-                        "nud", "permanent"], check=True, capture_output=True)
-        subprocess.run(["ip", "-n", p.b, "neigh", "replace", ADDR_A, "lladdr", p.mac_a, "dev", p.vb,
-                        "nud", "permanent"], check=True, capture_output=True)
-        for ns in (p.a, p.b):
+        a.ip("neigh", "replace", ADDR_B, "lladdr", p.mac_b, "dev", va, "nud", "permanent")
+        b.ip("neigh", "replace", ADDR_A, "lladdr", p.mac_a, "dev", vb, "nud", "permanent")
+        for ns in (a, b):
             for table, chain in (("raw", "PREROUTING"), ("mangle", "OUTPUT"), ("filter", "INPUT")):
-                p.run(ns, "iptables", "-t", table, "-A", chain, "-p", "udp", "--dport", "9",
-                      "-j", "ACCEPT")
+                ns.run(["iptables", "-t", table, "-A", chain, "-p", "udp", "--dport", "9",
+                        "-j", "ACCEPT"])
         yield p
-    finally:
-        for ns in (p.a, p.b):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 # -- the daemon -----------------------------------------------------------------------------------
-@dataclass
-class Daemon:
-    pair: Pair
-    ns: str
-    config: Path
-    log: Path
-    environ: dict[str, str] = field(default_factory=env)
-    proc: subprocess.Popen[bytes] | None = None
-    pids: set[int] = field(default_factory=set)  # every worker pid seen, for the cleanup
-
-    def start(self) -> None:
-        with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.ns, *nfq_ipsec(), "run", "--config", str(self.config)],
-                stdout=logf, stderr=subprocess.STDOUT, env=self.environ,
-            )
-
-    def status(self) -> dict[str, Any] | None:
-        res = self.pair.run(self.ns, *nfq_ipsec(), "status", "--config", str(self.config), "--json",
-                            check=False, environ=self.environ)
-        if res.returncode == 3:
-            return None
-        assert res.returncode == 0, res.stderr
-        st: dict[str, Any] = json.loads(res.stdout)
-        self.pids.update(w["pid"] for w in st["workers"] if w["pid"])
-        return st
-
-    def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 60.0,
-                 what: str = "") -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        st = None
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited {self.proc.returncode}: {self.log.read_text()}")
-            st = self.status()
-            if st is not None and pred(st):
-                return st
-            time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {what}: {st}\n{self.log.read_text()}")
-
-    def wait_running(self) -> dict[str, Any]:
-        return self.wait_for(lambda st: st["daemon"]["state"] == "running"
-                             and all(w["state"] == "ready" for w in st["workers"]), what="running")
-
-    def worker_pid(self, st: dict[str, Any], index: int) -> int:
-        pid = st["workers"][index]["pid"]
-        assert isinstance(pid, int)
-        return pid
-
-    def sa(self, st: dict[str, Any], name: str) -> dict[str, Any]:
-        return next(s for s in st["sas"] if s["name"] == name)
-
-    def stop(self, timeout: float = 30.0) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def crash(self, workers: bool = True) -> None:
-        """SIGKILL the workers (if asked) and the supervisor, as a machine crash would."""
-        st = self.status()
-        assert self.proc is not None and st is not None
-        pids = [w["pid"] for w in st["workers"] if w["pid"]] if workers else []
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-        self.proc.kill()
-        self.proc.wait(30)
-        wait_gone(pids)
-
-    def cleanup(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for pid in self.pids:
-            if _is_our_worker(pid):
-                os.kill(pid, signal.SIGKILL)
-
-
-def _is_our_worker(pid: int) -> bool:
-    try:
-        comm = Path(f"/proc/{pid}/comm").read_text().strip()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return comm.startswith("nfq-ipsec-q") or b"multiprocessing" in cmdline
-
-
-def alive(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    return "\nState:\tZ" not in status
-
-
-def wait_gone(pids: list[int], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while any(alive(p) for p in pids):
-        assert time.monotonic() < deadline, f"still alive: {[p for p in pids if alive(p)]}"
-        time.sleep(0.05)
-
-
 def daemon(pair: Pair, tmp: Path, a_side: bool, keys: dict[str, str], started: list[Daemon],
            **extra_env: str) -> Daemon:
     name = "a" if a_side else "b"
     cfg = write_config(tmp / name, a_side, pair.va if a_side else pair.vb, keys)
-    d = Daemon(pair, pair.a if a_side else pair.b, cfg, tmp / name / "daemon.log", env(**extra_env))
+    d = Daemon(name, pair.host(pair.a if a_side else pair.b), cfg, env=env(**extra_env),
+               log=tmp / name / "daemon.log", lab=pair.lab)
     started.append(d)
     return d
 
@@ -314,9 +198,12 @@ def running_pair(pair: Pair, tmp: Path, keys: dict[str, str], started: list[Daem
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc (clock ticks)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """utime + stime of a process, from /proc."""
+    from nfq_ipsec_lab.bench.measure import process_cpu_seconds
+
+    times = process_cpu_seconds(pid)
+    assert times is not None, f"no process {pid}"
+    return sum(times)
 
 
 # -- programs run inside the namespaces ----------------------------------------------------------
@@ -510,13 +397,9 @@ class Sniffer:
 
     def frames(self) -> list[bytes]:
         """Every captured Ethernet frame, whatever it carries (IPv4, IPv6, ARP...)."""
-        data = self.path.read_bytes()
-        out, off = [], 24  # the SNIFFER's own pcap: little-endian, no options
-        while off + 16 <= len(data):
-            caplen = struct.unpack_from("<I", data, off + 8)[0]
-            out.append(data[off + 16:off + 16 + caplen])
-            off += 16 + caplen
-        return out
+        from nfq_ipsec.pcap import read_records
+
+        return [frame for _, frame in read_records(self.path)]
 
 
 def esp_ids(packets: list[bytes]) -> list[tuple[int, int]]:
@@ -587,7 +470,7 @@ def fragments(packet: bytes, size: int = 8000) -> list[bytes]:
 def bench_environment_or_skip() -> None:
     """Skip a benchmark smoke test where the benchmark can't run, but fail as root on CI, so
     that CI never passes without running it."""
-    from nfq_ipsec.bench import runner
+    from nfq_ipsec_lab.bench import runner
 
     problems = runner.check_environment()
     if not problems:

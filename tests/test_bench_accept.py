@@ -1,4 +1,4 @@
-"""The benchmark's accept-only workers (``nfq_ipsec.bench.accept``): the ceiling and the floors.
+"""The benchmark's accept-only workers (``nfq_ipsec_lab.bench.accept``): the ceiling and the floors.
 
 What each ``--work`` does per packet decides what the ``accept``, ``accept-payload`` and
 ``accept-gcm`` rows mean, so it is checked here without root: the verdict each one gives, and
@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 
 from nfq_ipsec import worker
-from nfq_ipsec.bench import accept
 from nfq_ipsec.core import Processor, Verdict
 from nfq_ipsec.core.suites import AeadSuite, make_suite
+from nfq_ipsec_lab.bench import accept
 
 SPEC = worker.WorkerSpec(queue=100, cpu=None, mark=0x10000000, policies=(), sas=())
 PACKET = bytes(range(256)) * 5

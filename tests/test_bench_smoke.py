@@ -25,13 +25,14 @@ from typing import Any
 import pytest
 from labutil import bench_environment_or_skip
 
-from nfq_ipsec import bench, procs
-from nfq_ipsec.bench import beds, report, runner
-from nfq_ipsec.bench.measure import percentile, spread
-from nfq_ipsec.cli import build_parser
+from nfq_ipsec import procs
 from nfq_ipsec.config.loader import load_config
-from nfq_ipsec.lab import labconfig
-from nfq_ipsec.lab.topology import HOST_A, HOST_B
+from nfq_ipsec_lab import bench
+from nfq_ipsec_lab.bench import beds, report, runner
+from nfq_ipsec_lab.bench.measure import percentile, spread
+from nfq_ipsec_lab.cli import bench_parser
+from nfq_ipsec_lab.lab import labconfig
+from nfq_ipsec_lab.lab.topology import HOST_A, HOST_B
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -254,8 +255,8 @@ def test_pinned_lab_config_loads(tmp_path: Path) -> None:
 
 def test_command_line() -> None:
     assert bench.ROW_KEYS == beds.ROW_KEYS
-    args = build_parser().parse_args(["bench", "--quick", "--rows", "gcm,plain", "--queues", "2,1"])
+    args = bench_parser().parse_args(["--quick", "--rows", "gcm,plain", "--queues", "2,1"])
     assert args.rows == ["plain", "gcm"] and args.queues == [1, 2] and args.quick
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["bench", "--rows", "des"])
+        bench_parser().parse_args(["--rows", "des"])
     assert shutil.which("bash") is None or (ROOT / "scripts" / "bench").stat().st_mode & 0o111

@@ -34,9 +34,9 @@ from typing import Any
 
 import pytest
 
-from nfq_ipsec.lab.checks import CheckRun, traffic_and_capture
-from nfq_ipsec.lab.session import LabSession, check_environment
-from nfq_ipsec.lab.traffic import (
+from nfq_ipsec_lab.lab.checks import CheckRun, traffic_and_capture
+from nfq_ipsec_lab.lab.session import LabSession, check_environment
+from nfq_ipsec_lab.lab.traffic import (
     IperfResult,
     PingResult,
     TransferResult,
@@ -152,7 +152,7 @@ def run(request: pytest.FixtureRequest) -> Run:
         r.values["iptables_before"] = dict(s.iptables_before)
         r.values["iptables_stopped"] = dict(s.iptables_stopped)
         r.values["iptables_after"] = dict(s.iptables_after)
-        r.values["logs"] = {n: d.log() for n, d in s.daemons.items()}
+        r.values["logs"] = {n: d.output() for n, d in s.daemons.items()}
         r.values["endpoints"] = (s.topology.client_addr, s.topology.server_addr)
     r.timings["total"] = time.monotonic() - t0
     print(f"\nlab {topology}/{encryption}: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.timings.items()))
@@ -282,10 +282,10 @@ print("sent", count)
 
 def _proto_unreachables(pcap: Path, src: str) -> int:
     """ICMP destination unreachable / protocol unreachable (3/2) sent by ``src``."""
-    from nfq_ipsec.lab.traffic import ETH_IPV4, iter_frames
+    from nfq_ipsec.pcap import ETH_IPV4, read_frames
 
     n = 0
-    for etype, pkt in iter_frames(pcap):
+    for etype, pkt in read_frames(pcap):
         if (etype == ETH_IPV4 and pkt[9] == 1 and str(IPv4Address(pkt[12:16])) == src
                 and pkt[(pkt[0] & 15) * 4: (pkt[0] & 15) * 4 + 2] == b"\x03\x02"):
             n += 1
@@ -306,7 +306,7 @@ def test_inbound_esp_with_unknown_spi_is_dropped_without_icmp() -> None:
         s.start_daemons()
         # A sends raw ESP with a made-up SPI: A must not be in the way (its rules would
         # protect the raw packet like any other), so A's daemon stops and its rules go
-        s.daemons["a"].stop(s.lab)
+        s.daemons["a"].stop()
         s.daemons["a"].remove_rules()
         cap = s.capture("unknown-spi")
         a.host.run(send)

@@ -14,7 +14,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nfq_ipsec.bench import profile
 from nfq_ipsec.core import Processor, Verdict
 from nfq_ipsec.core import packet as ip
 from nfq_ipsec.core import processor as processor_mod
@@ -23,6 +22,7 @@ from nfq_ipsec.core.sa import Lifetime, SADirection, SAEvent, SAParams, Secret, 
 from nfq_ipsec.core.spd import SPD, Action, Direction, Policy, Selector
 from nfq_ipsec.nfqueue import QueuedPacket
 from nfq_ipsec.worker import PacketHandler
+from nfq_ipsec_lab.bench import profile
 
 u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)

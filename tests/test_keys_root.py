@@ -32,7 +32,6 @@ from labutil import (
     make_keys,
     make_pair,
     needs_root,
-    nfq_ipsec,
     running_pair,
     send,
 )
@@ -159,10 +158,7 @@ def test_lifetime_counts_across_a_restart_and_no_core_dumps(pair: Pair, tmp_path
     assert line in text
     a.config.write_text(text.replace(line, line + "[sa.lifetime]\nhard_packets = 30\n"))
     b = daemon(pair, tmp_path, False, keys, daemons)
-    with open(a.log, "ab") as logf:  # A without CAP_SYS_PTRACE, so its dumpable flag shows
-        a.proc = subprocess.Popen(["ip", "netns", "exec", a.ns, *NO_PTRACE, *nfq_ipsec(), "run",
-                                   "--config", str(a.config)],
-                                  stdout=logf, stderr=subprocess.STDOUT, env=a.environ)
+    a.start(prefix=NO_PTRACE)  # A without CAP_SYS_PTRACE, so its dumpable flag shows
     b.start()
     st = a.wait_running()
     b.wait_running()

@@ -14,15 +14,15 @@ import pytest
 
 from nfq_ipsec.config import load_config
 from nfq_ipsec.core import Action, Mode, Processor, Verdict
-from nfq_ipsec.lab import labconfig, netns
-from nfq_ipsec.lab.daemon import normalise_iptables_save
-from nfq_ipsec.lab.labconfig import LabSA, PeerSpec, generate, parse_encryption
-from nfq_ipsec.lab.traffic import (
+from nfq_ipsec.pcap import read_frames
+from nfq_ipsec_lab.lab import labconfig, netns
+from nfq_ipsec_lab.lab.daemon import normalise_iptables_save
+from nfq_ipsec_lab.lab.labconfig import LabSA, PeerSpec, generate, parse_encryption
+from nfq_ipsec_lab.lab.traffic import (
     PROTO_TCP,
     PROTO_UDP,
     Flow,
     analyse_wire,
-    iter_frames,
     tshark_argv,
     tshark_uat_entries,
     tshark_verify,
@@ -252,7 +252,7 @@ def test_analyse_wire_sorts_frames(tmp_path: Path) -> None:
     ]
     pcap = tmp_path / "wire.pcap"
     _write_pcap(pcap, frames)
-    assert [t for t, _ in iter_frames(pcap)] == [0x0800, 0x0800, 0x0806, 0x0800, 0x0800, 0x0800, 0x86DD]
+    assert [t for t, _ in read_frames(pcap)] == [0x0800, 0x0800, 0x0806, 0x0800, 0x0800, 0x0800, 0x86DD]
     rep = analyse_wire(pcap, (a, b), [Flow(PROTO_TCP, 2222)])
     assert (rep.frames, rep.ipv4, rep.esp, rep.arp, rep.bypassed, rep.cleartext, rep.other) == (
         7, 5, 2, 1, 1, 2, 1)
@@ -357,7 +357,7 @@ def test_lab_cli_rejects_bad_encryption(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_tcp_complete_allows_only_what_sockets_can_still_hold() -> None:
-    from nfq_ipsec.lab.traffic import TCP_SNDBUF_MAX, IperfResult
+    from nfq_ipsec_lab.lab.traffic import TCP_SNDBUF_MAX, IperfResult
 
     def tcp(sent: int, received: int, streams: int = 1) -> IperfResult:
         return IperfResult("tcp", 2.0, sent, received, 1.0, streams=streams)

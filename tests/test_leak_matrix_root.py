@@ -74,7 +74,7 @@ class Lab:
         from nfq_ipsec.config import load_config
 
         cfg = load_config(d.config)
-        return iptables.kernel_drops(cfg, netns=d.ns)
+        return iptables.kernel_drops(cfg, netns=d.host.name)
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +206,7 @@ def test_clean_stop(lab: Lab) -> None:
     no_cleartext(out)
     dropped = lab.kernel_drops(lab.a).get("daemon_stopped", 0) - before
     assert dropped > 100 and out.lost > 100, (dropped, out.lost)  # the closed rules took them
-    text = subprocess.run(["ip", "netns", "exec", lab.a.ns, *nfq_ipsec(), "rules", "show",
+    text = subprocess.run(["ip", "netns", "exec", lab.a.host.name, *nfq_ipsec(), "rules", "show",
                            "--config", str(lab.a.config)], capture_output=True, text=True).stderr
     assert "rules closed" in text, text
     restart(lab.a)
@@ -275,7 +275,7 @@ def test_failed_start(lab: Lab) -> None:
         stopped_cleanly(lab.a)
         codes = []
         for cfg in (bad, nokey):
-            res = lab.pair.run(lab.a.ns, *nfq_ipsec(), "run", "--config", str(cfg), check=False)
+            res = lab.pair.run(lab.a.host.name, *nfq_ipsec(), "run", "--config", str(cfg), check=False)
             codes.append(res.returncode)
         assert codes == [2, 2], codes
         return {}
@@ -291,20 +291,20 @@ def test_boot_guard_alone(lab: Lab) -> None:
     """No rules at all (as at boot), then the guard unit's ExecStart: the protected flows are
     dropped before any daemon ran. Then the daemon takes over."""
     # `nfq-ipsec stop --remove-rules`: SIGTERM, wait, then the deliberate removal
-    res = lab.pair.run(lab.a.ns, *nfq_ipsec(), "stop", "--remove-rules", "--config",
+    res = lab.pair.run(lab.a.host.name, *nfq_ipsec(), "stop", "--remove-rules", "--config",
                        str(lab.a.config), check=False)
     assert res.returncode == 0, res.stderr
     assert "stopped" in res.stdout and "rules removed" in res.stdout, res.stdout
     assert lab.a.proc is not None and lab.a.proc.wait(5) == 0
-    assert not any("NFQIPSEC" in line for line in lab.pair.iptables_save(lab.a.ns))
-    res = lab.pair.run(lab.a.ns, *nfq_ipsec(), "stop", "--config", str(lab.a.config), check=False)
+    assert not any("NFQIPSEC" in line for line in lab.pair.iptables_save(lab.a.host.name))
+    res = lab.pair.run(lab.a.host.name, *nfq_ipsec(), "stop", "--config", str(lab.a.config), check=False)
     assert res.returncode == 3 and "no daemon answers" in res.stderr, res.stderr
     unit = (ROOT / "scripts" / "nfq-ipsec-guard@.service.in").read_text()
     exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
     argv = exec_start.removeprefix("ExecStart=").split()
     assert argv[0] == "@NFQ_IPSEC@" and argv[-1] == "@CONFDIR@/%i.toml", argv
     argv = [*nfq_ipsec(), *argv[1:-1], str(lab.a.config)]
-    lab.pair.run(lab.a.ns, *argv)
+    lab.pair.run(lab.a.host.name, *argv)
 
     out = run_scenario(lab, "boot guard alone", lambda: None)
     no_cleartext(out)
@@ -312,9 +312,9 @@ def test_boot_guard_alone(lab: Lab) -> None:
     assert lab.kernel_drops(lab.a).get("daemon_stopped", 0) >= out.sent
     restart(lab.a)
     # the guard started again by hand while the daemon runs: the live rules stay
-    res = lab.pair.run(lab.a.ns, *argv)
+    res = lab.pair.run(lab.a.host.name, *argv)
     assert "live rules are left in place" in res.stdout, res.stdout
-    assert any("NFQUEUE" in line for line in lab.pair.iptables_save(lab.a.ns))
+    assert any("NFQUEUE" in line for line in lab.pair.iptables_save(lab.a.host.name))
 
 
 IPV6_SENDER = textwrap.dedent("""
@@ -509,13 +509,13 @@ def rekeyed(text: str, a_side: bool, step: int, keys: dict[str, str]) -> str:
 
 def reload(d: Daemon, text: str) -> subprocess.CompletedProcess[str]:
     d.config.write_text(text)
-    return d.pair.run(d.ns, *nfq_ipsec(), "reload", "--config", str(d.config), check=False)
+    return d.host.run([*nfq_ipsec(), "reload", "--config", str(d.config)], check=False, env=d.env)
 
 
 def test_reload_with_changed_keys(lab: Lab) -> None:
     """A hitless manual rekey by three reloads on each side, while the canaries flow: every SA
     replaced by one with a new key and SPI, the workers never restarted, nothing lost."""
-    originals = {d.ns: d.config.read_text() for d in (lab.a, lab.b)}
+    originals = {d.host.name: d.config.read_text() for d in (lab.a, lab.b)}
     keys = {**{k: v for k, v in lab.keys.items()}, **{f"{k}n": os.urandom(20).hex() for k in lab.keys}}
     st0 = lab.a.status()
     assert st0 is not None
@@ -525,8 +525,9 @@ def test_reload_with_changed_keys(lab: Lab) -> None:
     def rekey() -> dict[str, Any]:
         for step in (1, 2, 3):
             for d, a_side in ((lab.a, True), (lab.b, False)):
-                res = reload(d, rekeyed(originals[d.ns], a_side, step, keys))
-                assert res.returncode == 0, (step, d.ns, res.stdout, res.stderr, d.log.read_text()[-3000:])
+                res = reload(d, rekeyed(originals[d.host.name], a_side, step, keys))
+                assert res.returncode == 0, (step, d.host.name, res.stdout, res.stderr,
+                                             d.log.read_text()[-3000:])
                 results.append(res.stdout.strip())
         return {"reloads": 6}
 
@@ -542,7 +543,7 @@ def test_reload_with_changed_keys(lab: Lab) -> None:
         assert out.lost == 0, (out.lost, results)
     finally:
         for d in (lab.a, lab.b):  # back to the first keys, by restart
-            d.config.write_text(originals[d.ns])
+            d.config.write_text(originals[d.host.name])
             stopped_cleanly(d)
             restart(d)
 

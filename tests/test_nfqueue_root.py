@@ -14,13 +14,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
+from labutil import ADDR_B, Pair, make_pair
 
 pytestmark = [
     pytest.mark.root,
@@ -29,52 +27,14 @@ pytestmark = [
                        reason="needs iproute2 and iptables"),
 ]
 
-ROOT = Path(__file__).resolve().parent.parent
-ADDR_A, ADDR_B = "10.77.0.1", "10.77.0.2"
 PORT = 5555
-
-
-@dataclass
-class Pair:
-    a: str
-    b: str
-
-    def run(self, ns: str, *argv: str, check: bool = True, timeout: float = 30) -> str:
-        res = subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True,
-                             timeout=timeout)
-        if check and res.returncode != 0:
-            raise AssertionError(f"{argv} in {ns} failed ({res.returncode}): {res.stderr}")
-        return res.stdout
-
-    def python(self, ns: str, code: str, *args: str) -> subprocess.Popen[str]:
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        return subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-c", code, *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        )
 
 
 @pytest.fixture
 def pair() -> Iterator[Pair]:
-    tag = f"nfqq{os.getpid()}"
-    p = Pair(f"{tag}a", f"{tag}b")
-    va, vb = f"{tag}va", f"{tag}vb"
-    try:
-        for cmd in (
-            ["ip", "netns", "add", p.a], ["ip", "netns", "add", p.b],
-            ["ip", "link", "add", va, "netns", p.a, "type", "veth", "peer", "name", vb, "netns", p.b],
-            ["ip", "-n", p.a, "link", "set", va, "mtu", "9000", "up"],
-            ["ip", "-n", p.b, "link", "set", vb, "mtu", "9000", "up"],
-            ["ip", "-n", p.a, "addr", "add", f"{ADDR_A}/24", "dev", va],
-            ["ip", "-n", p.b, "addr", "add", f"{ADDR_B}/24", "dev", vb],
-            ["ip", "-n", p.a, "link", "set", "lo", "up"],
-            ["ip", "-n", p.b, "link", "set", "lo", "up"],
-        ):
-            subprocess.run(cmd, check=True, capture_output=True)
+    """Two namespaces joined by a veth pair (MTU 9000): the tests' pair (tests/labutil.py)."""
+    with make_pair("q") as p:
         yield p
-    finally:
-        for ns in (p.a, p.b):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 # The queue side: binds a queue, answers every packet, reports what it saw as JSON.

@@ -30,8 +30,8 @@ from scapy.layers.ipsec import ESP
 from scapy.layers.l2 import Ether
 from scapy.utils import rdpcap
 
-from nfq_ipsec.lab.netns import Host
-from nfq_ipsec.lab.session import LabSession, check_environment
+from nfq_ipsec_lab.lab.netns import Host
+from nfq_ipsec_lab.lab.session import LabSession, check_environment
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
 

@@ -26,7 +26,7 @@ def _tool(name: str) -> str:
 
 def test_ruff_clean() -> None:
     res = subprocess.run(
-        [_tool("ruff"), "check", "--output-format", "concise", "nfq_ipsec", "tests"],
+        [_tool("ruff"), "check", "--output-format", "concise", "nfq_ipsec", "nfq_ipsec_lab", "tests"],
         cwd=ROOT, capture_output=True, text=True,
     )
     assert res.returncode == 0, res.stdout + res.stderr
@@ -34,7 +34,7 @@ def test_ruff_clean() -> None:
 
 def test_mypy_clean() -> None:
     res = subprocess.run(
-        [_tool("mypy"), "nfq_ipsec"], cwd=ROOT, capture_output=True, text=True,
+        [_tool("mypy"), "nfq_ipsec", "nfq_ipsec_lab"], cwd=ROOT, capture_output=True, text=True,
     )
     assert res.returncode == 0, res.stdout + res.stderr
 

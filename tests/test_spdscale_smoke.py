@@ -1,4 +1,4 @@
-"""The SPD scaling script (``python -m nfq_ipsec.bench.spdscale``) runs and reports every figure.
+"""The SPD scaling script (``python -m nfq_ipsec_lab.bench.spdscale``) runs and reports every figure.
 
 A smoke run with tiny sizes and repeat counts: the table and the JSON are well formed, every
 size, case and lookup is there with positive numbers. Nothing here checks a speed.
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from nfq_ipsec.bench import spdscale
 from nfq_ipsec.core import SPD
 from nfq_ipsec.core.spd import LINEAR_SCAN_MAX
+from nfq_ipsec_lab.bench import spdscale
 
 
 def test_smoke_run_reports_every_size_and_case(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

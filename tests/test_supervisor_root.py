@@ -16,44 +16,21 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from faults.nfq_ipsec_faults import env_with_fault
+from labutil import ADDR_A, ADDR_B, Daemon, Pair, make_pair, needs_root, nfq_ipsec
+from labutil import env as _env
 
-ROOT = Path(__file__).resolve().parent.parent
-ADDR_A, ADDR_B = "10.79.0.1", "10.79.0.2"
 PORT = 6000
 QUEUES = (210, 211)
-
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("iptables-save") is None,
-    reason="needs root, iproute2 and iptables (network namespaces)",
-)
-
-
-def nfq_ipsec() -> list[str]:
-    """The console script next to this interpreter, or the module."""
-    script = Path(sys.executable).parent / "nfq-ipsec"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "nfq_ipsec.cli"]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop("NFQ_IPSEC_TEST_FAULT", None)
-    fault = extra.pop("NFQ_IPSEC_TEST_FAULT", None)
-    env.update(extra)
-    return env_with_fault(env, fault) if fault else env
 
 
 # -- configuration -----------------------------------------------------------------------------
@@ -101,136 +78,11 @@ def make_keys() -> dict[str, str]:
     return {f"{d}{i}": os.urandom(20).hex() for d in ("ab", "ba") for i in range(len(QUEUES))}
 
 
-# -- namespaces and the daemon ------------------------------------------------------------------
-@dataclass
-class Pair:
-    a: str
-    b: str
-    va: str
-    vb: str
-
-    def run(self, ns: str, *argv: str, check: bool = True, timeout: float = 30,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True,
-                             timeout=timeout, env=env)
-        if check and res.returncode != 0:
-            raise AssertionError(f"{argv} in {ns} failed ({res.returncode}): {res.stderr}")
-        return res
-
-    def python(self, ns: str, code: str, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-c", code, *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-        )
-
-    def iptables_save(self, ns: str) -> list[str]:
-        out = self.run(ns, "iptables-save").stdout
-        return [re.sub(r"\[\d+:\d+\]", "", line) for line in out.splitlines()
-                if line and not line.startswith("#")]
-
-
+# -- namespaces and the daemon (the lab's, through tests/labutil.py) ---------------------------
 @pytest.fixture
 def pair() -> Iterator[Pair]:
-    tag = f"nfqw{os.getpid()}"
-    p = Pair(f"{tag}a", f"{tag}b", f"{tag}va", f"{tag}vb")
-    try:
-        for cmd in (
-            ["ip", "netns", "add", p.a], ["ip", "netns", "add", p.b],
-            ["ip", "link", "add", p.va, "netns", p.a, "type", "veth", "peer", "name", p.vb,
-             "netns", p.b],
-            ["ip", "-n", p.a, "link", "set", p.va, "mtu", "9000", "up"],
-            ["ip", "-n", p.b, "link", "set", p.vb, "mtu", "9000", "up"],
-            ["ip", "-n", p.a, "addr", "add", f"{ADDR_A}/24", "dev", p.va],
-            ["ip", "-n", p.b, "addr", "add", f"{ADDR_B}/24", "dev", p.vb],
-            ["ip", "-n", p.a, "link", "set", "lo", "up"],
-            ["ip", "-n", p.b, "link", "set", "lo", "up"],
-        ):
-            subprocess.run(cmd, check=True, capture_output=True)
-        # Rules of "someone else" in every table we touch: they must survive untouched.
-        for ns in (p.a, p.b):
-            for table, chain in (("raw", "PREROUTING"), ("mangle", "OUTPUT"), ("filter", "INPUT")):
-                p.run(ns, "iptables", "-t", table, "-A", chain, "-p", "udp", "--dport", "9",
-                      "-j", "ACCEPT")
+    with make_pair("w") as p:
         yield p
-    finally:
-        for ns in (p.a, p.b):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
-@dataclass
-class Daemon:
-    pair: Pair
-    ns: str
-    config: Path
-    log: Path
-    env: dict[str, str] = field(default_factory=_env)
-    proc: subprocess.Popen[bytes] | None = None
-    worker_pids: set[int] = field(default_factory=set)
-
-    def start(self) -> None:
-        with open(self.log, "wb") as logf:
-            self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.ns, *nfq_ipsec(), "run", "--config", str(self.config)],
-                stdout=logf, stderr=subprocess.STDOUT, env=self.env,
-            )
-
-    def status(self) -> dict[str, Any] | None:
-        res = self.pair.run(self.ns, *nfq_ipsec(), "status", "--config", str(self.config), "--json",
-                            check=False, env=self.env)
-        if res.returncode == 3:
-            return None
-        assert res.returncode == 0, res.stderr
-        st: dict[str, Any] = json.loads(res.stdout)
-        self.worker_pids.update(w["pid"] for w in st["workers"] if w["pid"])
-        return st
-
-    def wait_for(self, pred: Any, timeout: float = 30.0, what: str = "") -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        st = None
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited {self.proc.returncode}: {self.log.read_text()}")
-            st = self.status()
-            if st is not None and pred(st):
-                return st
-            time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {what}: {st}\n{self.log.read_text()}")
-
-    def wait_running(self) -> dict[str, Any]:
-        return self.wait_for(
-            lambda st: st["daemon"]["state"] == "running"
-            and all(w["state"] == "ready" for w in st["workers"]), what="running")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def cleanup(self) -> None:
-        """Finalizer: end only what this test started, by pid."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for pid in self.worker_pids:
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"multiprocessing" in cmdline or b"nfq" in cmdline:
-                os.kill(pid, signal.SIGKILL)
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.cleanup()
 
 
 def _daemon(pair: Pair, ns: str, tmp_path: Path, name: str, keys: dict[str, str], a_side: bool,
@@ -239,7 +91,7 @@ def _daemon(pair: Pair, ns: str, tmp_path: Path, name: str, keys: dict[str, str]
     d = tmp_path / name
     d.mkdir()
     cfg = write_config(d / "nfq.toml", me, peer, iface, d / "run" / "ctl.sock", keys, a_side)
-    daemon = Daemon(pair, ns, cfg, d / "daemon.log", _env(**env))
+    daemon = Daemon(name, pair.host(ns), cfg, env=_env(**env), log=d / "daemon.log", lab=pair.lab)
     daemons.append(daemon)
     return daemon
 
@@ -309,10 +161,10 @@ def test_run_status_restart_and_clean_stop(pair: Pair, tmp_path: Path, daemons: 
     for key in keys.values():
         assert key not in log
     # Afterwards the daemon is gone: status says so with exit 3.
-    res = pair.run(pair.a, *nfq_ipsec(), "status", "--config", str(d.config), check=False, env=_env())
+    res = pair.run(pair.a, *nfq_ipsec(), "status", "--config", str(d.config), check=False, environ=_env())
     assert res.returncode == 3 and "not running" in res.stderr
     # Taking the rules out is a deliberate act, after which iptables is exactly as before.
-    pair.run(pair.a, *nfq_ipsec(), "rules", "remove", "--config", str(d.config), env=_env())
+    pair.run(pair.a, *nfq_ipsec(), "rules", "remove", "--config", str(d.config), environ=_env())
     assert pair.iptables_save(pair.a) == before
 
 

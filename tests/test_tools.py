@@ -93,6 +93,41 @@ def test_decode_capture(fmt: str, tmp_path: Path, capsys: pytest.CaptureFixture[
     assert lines[-1] == "summary: drop replay 2, not-esp 1, ok 3"
 
 
+@pytest.mark.parametrize("fmt", ["pcap-ether", "pcap-vlan", "pcap-sll", "pcap-raw", "pcapng"])
+def test_pcap_views_agree(fmt: str, tmp_path: Path) -> None:
+    """One reader for decode and the lab's wire check: records, frames (ethertype and network
+    layer) and IPv4 packets describe the same capture, frame for frame."""
+    from scapy.layers.inet6 import IPv6
+    from scapy.layers.l2 import ARP, Dot1Q
+
+    from nfq_ipsec.pcap import ETH_ARP, ETH_IPV4, ETH_IPV6, read_frames, read_packets, read_records
+
+    ip4 = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=2) / Raw(b"v4"))
+    ip6 = bytes(IPv6(src="fd00::1", dst="fd00::2") / UDP(sport=1, dport=2) / Raw(b"v6"))
+    path = tmp_path / "cap"
+    if fmt == "pcap-raw":
+        wrpcap(str(path), [IP(ip4), IPv6(ip6)], linktype=101)  # LINKTYPE_RAW: either version
+        want = [(ETH_IPV4, ip4), (ETH_IPV6, ip6)]
+    elif fmt == "pcap-sll":
+        wrpcap(str(path), [CookedLinux(proto=0x0800) / IP(ip4), CookedLinux(proto=0x86DD) / IPv6(ip6)])
+        want = [(ETH_IPV4, ip4), (ETH_IPV6, ip6)]
+    else:
+        frames = [Ether() / IP(ip4), Ether() / ARP(), Ether() / IPv6(ip6)]
+        if fmt == "pcap-vlan":
+            frames = [Ether() / Dot1Q(vlan=5) / f.payload for f in frames]
+        if fmt == "pcapng":
+            with PcapNgWriter(str(path)) as w:
+                for f in frames:
+                    w.write(f)
+        else:
+            wrpcap(str(path), frames)
+        want = [(ETH_IPV4, ip4), (ETH_ARP, bytes(ARP())), (ETH_IPV6, ip6)]
+    got = list(read_frames(path))
+    assert [(etype, data[:len(w)]) for (etype, data), (_, w) in zip(got, want, strict=True)] == want
+    assert len(list(read_records(path))) == len(want)
+    assert list(read_packets(path)) == [d if e == ETH_IPV4 else None for e, d in got]
+
+
 def test_decode_reports_integrity_and_unknown_spi(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pkts = capture_packets()
     tampered = bytearray(pkts[2])

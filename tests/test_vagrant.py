@@ -9,11 +9,11 @@
 - shellcheck on the provisioning scripts (vagrant/provision.sh, vagrant/run-check;
   scripts/install-service is covered with scripts/ by test_quality).
 - The VM flow's own pieces, no VMs: the remote-shell host's command lines, file and process
-  handling (nfq_ipsec/lab/vagrant.py), and the key agreement from one seed.
+  handling (nfq_ipsec_lab/lab/vagrant.py), and the key agreement from one seed.
 - The VM flow for real, in namespaces (root): two namespaces stand in for the VMs, reached
   through the same ``RemoteHost`` class with ``nsenter --net=... sh -c`` as transport (a shell
   on the other machine that gets one command line, as sshd gives it). Each "VM" is
-  provisioned with ``python -m nfq_ipsec.lab.vm setup`` exactly as vagrant/provision.sh calls
+  provisioned with ``python -m nfq_ipsec_lab.lab.vm setup`` exactly as vagrant/provision.sh calls
   it (config and keys from the seed, network, sysctls, for the gateway topology a LAN
   namespace behind each VM); the unit rendered by scripts/install-service is run as systemd
   would run it (its ExecStartPre/ExecStart/ExecStartPost argv, SIGTERM to the main process
@@ -41,14 +41,14 @@ from pathlib import Path
 
 import pytest
 
-from nfq_ipsec.lab import vm
-from nfq_ipsec.lab.checks import Verdict
-from nfq_ipsec.lab.daemon import Daemon, iptables_snapshot
-from nfq_ipsec.lab.labconfig import LabSA
-from nfq_ipsec.lab.netns import Lab, Netns, run
-from nfq_ipsec.lab.topology import HOST_A, HOST_B
-from nfq_ipsec.lab.vagrant import RemoteHost, ssh_transport
 from nfq_ipsec.service import UnitFile
+from nfq_ipsec_lab.lab import vm
+from nfq_ipsec_lab.lab.checks import Verdict
+from nfq_ipsec_lab.lab.daemon import Daemon, iptables_snapshot
+from nfq_ipsec_lab.lab.labconfig import LabSA
+from nfq_ipsec_lab.lab.netns import Lab, Netns, run
+from nfq_ipsec_lab.lab.topology import HOST_A, HOST_B
+from nfq_ipsec_lab.lab.vagrant import RemoteHost, ssh_transport
 
 ROOT = Path(__file__).resolve().parent.parent
 VAGRANT_DIR = ROOT / "vagrant"
@@ -146,7 +146,7 @@ def test_vagrantfile_and_provisioning_agree() -> None:
     assert f'"a" => "{HOST_A}"' in vf and f'"b" => "{HOST_B}"' in vf
     assert 'destination: "/tmp/nfq-ipsec-lab.seed"' in vf and "/tmp/nfq-ipsec-lab.seed" in prov
     assert f"instance={vm.INSTANCE}" in prov and f"{vm.VENV}" in prov
-    assert "-m nfq_ipsec.lab.vm setup" in prov
+    assert "-m nfq_ipsec_lab.lab.vm setup" in prov
     assert "scripts/install-service" in prov
     for tool in ("vagrant", "vagrant-libvirt", "systemd"):
         assert tool in (ROOT / "scripts" / "install-deps").read_text()
@@ -249,7 +249,7 @@ def test_one_seed_same_keys(tmp_path: Path) -> None:
 # -- the VM flow in namespaces -------------------------------------------------------------------
 
 def _lab_or_skip() -> None:
-    from nfq_ipsec.lab.session import check_environment
+    from nfq_ipsec_lab.lab.session import check_environment
 
     problems = check_environment()
     for tool in ("tshark", "nsenter", "pgrep"):
@@ -289,7 +289,7 @@ def vm_pair(tmp_path: Path, topology: str, encryption: str, queues: int) -> Iter
             for name, h in hosts.items():
                 lay = layouts[name]
                 # What vagrant/provision.sh runs on the VM (paths moved off /etc, /var, /run).
-                res = h.run([str(VENV / "bin" / "python"), "-m", "nfq_ipsec.lab.vm", "setup",
+                res = h.run([str(VENV / "bin" / "python"), "-m", "nfq_ipsec_lab.lab.vm", "setup",
                              "--peer", name, "--topology", topology, "--encryption", encryption,
                              "--queues", str(queues), "--seed-file", str(seed),
                              "--etc-dir", str(lay.etc_dir), "--state-dir", str(lay.state_dir),
@@ -314,7 +314,7 @@ def vm_pair(tmp_path: Path, topology: str, encryption: str, queues: int) -> Iter
             cfg = vm.lab_plan(vm.read_seed(seed), topology, encryption, queues)
             specs = dict(zip("ab", vm.peer_specs(topology), strict=True))
             cmd = [str(VENV / "bin" / "nfq-ipsec")]
-            daemons = {n: Daemon(layouts[n].peer_config(specs[n]), hosts[n], cmd) for n in hosts}
+            daemons = {n: Daemon.of_peer(layouts[n].peer_config(specs[n]), hosts[n], cmd) for n in hosts}
             ends = vm.endpoints(topology, hosts["a"], hosts["b"], vm.wire_interface(hosts["a"], HOST_A),
                                 (layouts["a"].lan_netns, layouts["b"].lan_netns))
             yield vm.Pair(lab, cfg, ends, daemons, dict(services), before)

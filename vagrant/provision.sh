@@ -7,7 +7,7 @@
 #
 # Nothing here is specific to Vagrant but the paths: the repository (NFQ_IPSEC_REPO, /vagrant)
 # and where the seed was uploaded (NFQ_IPSEC_SEED_UPLOAD, /tmp/nfq-ipsec-lab.seed). The steps
-# are the project's own: scripts/install-service, `python -m nfq_ipsec.lab.vm setup` (the same
+# are the project's own: scripts/install-service, `python -m nfq_ipsec_lab.lab.vm setup` (the same
 # code the namespace test runs, tests/test_vagrant.py) and systemctl.
 set -euo pipefail
 
@@ -36,7 +36,7 @@ case $step in
             install -m 0600 -o root -g root "$seed_upload" "$etc/$instance.seed"
             rm -f "$seed_upload"
         fi
-        "$venv/bin/python" -m nfq_ipsec.lab.vm setup --peer "$peer" --topology "$topology" \
+        "$venv/bin/python" -m nfq_ipsec_lab.lab.vm setup --peer "$peer" --topology "$topology" \
             --encryption "$encryption" --queues "$queues" --seed-file "$etc/$instance.seed" \
             --instance "$instance"
         systemctl enable "nfq-ipsec@$instance.service"

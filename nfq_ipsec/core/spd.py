@@ -22,7 +22,7 @@ once, in ``__init__`` (an SPD never changes), in one of two forms:
   probe per group would cost more than the scan.
 * Linear scan (smaller views, including the common one to three policies): a few policies are
   cheaper to scan than even two dict probes. ``LINEAR_SCAN_MAX`` is where the two cost the same
-  on CPython (``python -m nfq_ipsec.bench.spdscale --crossover`` measures it).
+  on CPython (``python -m nfq_ipsec_lab.bench.spdscale --crossover`` measures it).
 
 Either way a selector is compiled into plain ints (masks and networks; protocol, -1 for any;
 two ranges over the key's sport and dport for that view: ports, or ICMP type and code) checked
@@ -156,7 +156,7 @@ class Policy:
 
 
 # A direction view of at most this many policies is scanned, a larger one indexed. Measured on
-# CPython 3.11 (nfq_ipsec.bench.spdscale --crossover): with six policies, a hit on the last or
+# CPython 3.11 (nfq_ipsec_lab.bench.spdscale --crossover): with six policies, a hit on the last or
 # a miss costs the scan about what the index costs (two groups), a hit on the first half as much.
 LINEAR_SCAN_MAX: Final = 6
 

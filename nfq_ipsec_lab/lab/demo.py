@@ -145,7 +145,7 @@ def run_demo(
                 codes = s.stop_daemons()
                 for name, code in codes.items():
                     checks.check(f"daemon {name} exited with {code}", code == 0,
-                                 s.daemons[name].log()[-2000:])
+                                 s.daemons[name].output()[-2000:])
                     stopped = s.iptables_stopped[name]
                     checks.check(f"iptables of {name} after the stop: rules closed (no queue, "
                                  "protected traffic dropped)",

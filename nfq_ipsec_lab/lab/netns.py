@@ -13,6 +13,9 @@ is gone) and removed by the next run (:func:`remove_stale`).
 A :class:`Host` is "somewhere commands run": the base class runs them here, :class:`Netns`
 prefixes ``ip netns exec NAME``. The traffic and capture helpers only use ``Host.argv``, so a
 two-VM lab can reuse them with a host class that prefixes ``ssh`` (or ``vagrant ssh -c``).
+
+The root tests build their namespace pairs with the same :class:`Lab` (``tests/labutil.py``),
+with another name prefix and IPv6 left on.
 """
 
 from __future__ import annotations
@@ -28,16 +31,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from .. import procs
+from nfq_ipsec import procs
 
 PREFIX = "nfql"
-_NAME_RE = re.compile(rf"^{PREFIX}(\d+)-\d+[a-z0-9]*$")
+
+
+def _name_re(prefix: str) -> re.Pattern[str]:
+    return re.compile(rf"^{re.escape(prefix)}(\d+)-\d+[a-z0-9]*$")
+
+
+_NAME_RE = _name_re(PREFIX)
 _counter = 0
 
 
@@ -47,12 +56,14 @@ class LabError(Exception):
 
 def run(
     argv: Sequence[str], *, check: bool = True, timeout: float = 60.0, input: str | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a command to completion, capturing text output. Raises LabError on failure."""
+    """Run a command to completion, capturing text output. Raises LabError on failure.
+    ``env``: its environment (default: ours), always with ``LC_ALL=C``."""
     try:
         res = subprocess.run(
             list(argv), capture_output=True, text=True, timeout=timeout, input=input,
-            env={**os.environ, "LC_ALL": "C"},
+            env={**(os.environ if env is None else env), "LC_ALL": "C"},
         )
     except FileNotFoundError as err:
         raise LabError(f"{shlex.join(argv)}: {err.strerror}: {err.filename}") from None
@@ -136,6 +147,10 @@ class Netns(Host):
     def route(self, dest: str, via: str) -> None:
         self.ip("route", "add", dest, "via", via)
 
+    def mac(self, ifname: str) -> str:
+        res = run(["ip", "-n", self.name, "-br", "link", "show", ifname])
+        return res.stdout.split()[2]
+
     def pids(self) -> list[int]:
         res = run(["ip", "netns", "pids", self.name], check=False)
         return [int(p) for p in res.stdout.split()]
@@ -157,6 +172,23 @@ class Started:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
+
+    # What a Popen offers, for the process on its host.
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.popen.wait(timeout)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode
+
+    def send_signal(self, signum: int) -> None:
+        self.host.signal(self, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 @dataclass
@@ -235,18 +267,19 @@ class Lab:
         return cmds
 
     # -- namespaces and links -------------------------------------------------------------
-    def netns(self, suffix: str) -> Netns:
-        """Create a namespace ``<tag><suffix>`` with loopback up and IPv6 off.
+    def netns(self, suffix: str, ipv6: bool = False) -> Netns:
+        """Create a namespace ``<tag><suffix>`` with loopback up and, unless ``ipv6``, IPv6 off.
 
         IPv6 is switched off because the daemon protects IPv4 only: link-local IPv6 chatter
         (router solicitations, MLD) would otherwise cross the wire in clear and blur the
-        "only ESP on the wire" check.
+        "only ESP on the wire" check. (The leak tests keep it on: they check what the daemon's
+        rules do with IPv6.)
         """
         ns = Netns(f"{self.tag}{suffix}")
         run(["ip", "netns", "add", ns.name])
         self.namespaces.append(ns)
         ns.up("lo")
-        for key in ("net.ipv6.conf.all.disable_ipv6", "net.ipv6.conf.default.disable_ipv6"):
+        for key in () if ipv6 else ("net.ipv6.conf.all.disable_ipv6", "net.ipv6.conf.default.disable_ipv6"):
             with contextlib.suppress(LabError):  # a kernel without IPv6 has nothing to switch off
                 ns.sysctl(key, 1)
         return ns
@@ -261,20 +294,25 @@ class Lab:
     # -- processes ------------------------------------------------------------------------
     def start(
         self, name: str, host: Host, cmd: Sequence[str], *, stop_signal: int = signal.SIGTERM,
+        env: Mapping[str, str] | None = None, log: Path | None = None,
     ) -> Started:
-        """Start ``cmd`` on ``host`` in the background; its output goes to a log in workdir."""
-        logpath = self.workdir / f"{name}.log"
-        n = 1
-        while logpath.exists():
-            n += 1
-            logpath = self.workdir / f"{name}-{n}.log"
-        out = logpath.open("w")
+        """Start ``cmd`` on ``host`` in the background. Its output goes to ``log`` (appended:
+        a restart continues the same file) or else to a new log in workdir. ``env``: its
+        environment (default: ours), always with ``LC_ALL=C`` and ``PYTHONUNBUFFERED=1``."""
+        logpath = log
+        if logpath is None:
+            logpath = self.workdir / f"{name}.log"
+            n = 1
+            while logpath.exists():
+                n += 1
+                logpath = self.workdir / f"{name}-{n}.log"
+        out = logpath.open("a")
         argv = host.background_argv(cmd, logpath.stem)
         try:
             popen = subprocess.Popen(
                 argv, stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, text=True, start_new_session=True,
-                env={**os.environ, "LC_ALL": "C", "PYTHONUNBUFFERED": "1"},
+                env={**(os.environ if env is None else env), "LC_ALL": "C", "PYTHONUNBUFFERED": "1"},
             )
         except FileNotFoundError as err:
             raise LabError(f"{shlex.join(argv)}: {err.strerror}") from None
@@ -316,13 +354,15 @@ class Lab:
             time.sleep(0.05)
 
 
-def remove_stale(log: IO[str] | None = None) -> list[str]:
-    """Delete lab namespaces left by runs whose process is gone (killed with SIGKILL)."""
+def remove_stale(log: IO[str] | None = None, prefix: str = PREFIX, what: str = "lab run") -> list[str]:
+    """Delete namespaces of labs named ``<prefix><pid>-...`` whose run is gone (killed with
+    SIGKILL). ``what``: the kind of run, for the message."""
+    pattern = _name_re(prefix)
     res = run(["ip", "netns", "list"], check=False)
     removed = []
     for line in res.stdout.splitlines():
         name = line.split()[0] if line.split() else ""
-        m = _NAME_RE.match(name)
+        m = pattern.match(name)
         if not m or procs.alive(int(m.group(1))):
             continue
         ns = Netns(name)
@@ -331,7 +371,7 @@ def remove_stale(log: IO[str] | None = None) -> list[str]:
         run(["ip", "netns", "del", name], check=False)
         removed.append(name)
         if log is not None:
-            print(f"removed namespace {name} left behind by an earlier lab run", file=log)
+            print(f"removed namespace {name} left behind by an earlier {what}", file=log)
     return removed
 
 
@@ -340,6 +380,16 @@ def lab_namespaces() -> list[str]:
     res = run(["ip", "netns", "list"], check=False)
     return [n for n in (line.split()[0] for line in res.stdout.splitlines() if line.split())
             if _NAME_RE.match(n)]
+
+
+def wait_gone(pids: Iterable[int], timeout: float = 30.0) -> None:
+    """Until none of ``pids`` is alive; LabError after ``timeout``."""
+    pids = list(pids)
+    deadline = time.monotonic() + timeout
+    while any(procs.alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            raise LabError(f"still alive after {timeout:g} s: {[p for p in pids if procs.alive(p)]}")
+        time.sleep(0.05)
 
 
 def _exit_on_signal(signum: int, frame: FrameType | None) -> None:

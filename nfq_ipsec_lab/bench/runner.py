@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import re
 import shutil
 import sys
 import time
@@ -25,8 +24,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from .. import procs
-from ..lab.netns import Lab, run
+from ..lab import netns
+from ..lab.netns import Lab
 from . import beds, measure, report, strongswan
 
 PREFIX = "nfqb"  # namespace names nfqb<pid>-<n><role>
@@ -34,7 +33,6 @@ LOCK_PATH = "/run/nfq-ipsec-bench.lock"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
 SETTLE = 0.5  # seconds after the previous row's lab is gone (the kernel frees namespaces lazily)
 IDLE_CHECK = 1.0  # then seconds of watching the machine while the benchmark does nothing
-_STALE_RE = re.compile(rf"^{PREFIX}(\d+)-\d+[a-z0-9]*$")
 
 
 @dataclass
@@ -97,16 +95,7 @@ def lock_holder(path: str = LOCK_PATH) -> str:
 
 def remove_stale(out: IO[str]) -> None:
     """Benchmark namespaces left by a run that was killed with SIGKILL (its pid is gone)."""
-    res = run(["ip", "netns", "list"], check=False)
-    for line in res.stdout.splitlines():
-        name = line.split()[0] if line.split() else ""
-        m = _STALE_RE.match(name)
-        if not m or procs.alive(int(m.group(1))):
-            continue
-        if run(["ip", "netns", "pids", name], check=False).stdout.strip():
-            continue  # something still runs in it: not ours to kill
-        run(["ip", "netns", "del", name], check=False)
-        print(f"removed namespace {name} left behind by an earlier benchmark", file=out)
+    netns.remove_stale(out, PREFIX, "benchmark")
 
 
 def plan(settings: Settings) -> list[tuple[beds.RowSpec, int | None]]:

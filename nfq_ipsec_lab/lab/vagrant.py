@@ -1,7 +1,7 @@
 """Hosts reached through a remote shell: the two VMs of the Vagrant lab.
 
 The lab's traffic, capture and daemon helpers (``traffic``, ``daemon``, ``checks``) only ever
-call a :class:`~nfq_ipsec.lab.netns.Host`: ``argv``/``run`` for commands, ``path``/``push``/
+call a :class:`~nfq_ipsec_lab.lab.netns.Host`: ``argv``/``run`` for commands, ``path``/``push``/
 ``fetch`` for files of the lab's work directory, ``background_argv``/``signal`` for processes
 the lab starts and stops. :class:`RemoteHost` implements those over a *transport*, an argv
 that takes one shell command line as its last argument and runs it on the other machine:

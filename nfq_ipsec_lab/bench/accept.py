@@ -2,7 +2,7 @@
 
 One process per queue, started by the benchmark in a lab namespace::
 
-    python -m nfq_ipsec.bench.accept --queue 100 --cpu 0 --mark 0x10000000 [--work WORK]
+    python -m nfq_ipsec_lab.bench.accept --queue 100 --cpu 0 --mark 0x10000000 [--work WORK]
 
 It is the daemon's own worker (:func:`nfq_ipsec.worker.run`: CPU pinning, the NetlinkQueue
 binding with its settings, the poll loop, batches of 64 packets, verdicts sent several per
@@ -34,11 +34,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any, cast
 
-from .. import worker
-from ..core import Processor, Result, Verdict
-from ..core.processor import ARRIVING
-from ..core.suites import Suite, make_suite
-from ..nfqueue import DEFAULT_MAX_LEN
+from nfq_ipsec import worker
+from nfq_ipsec.core import Processor, Result, Verdict
+from nfq_ipsec.core.processor import ARRIVING
+from nfq_ipsec.core.suites import Suite, make_suite
+from nfq_ipsec.nfqueue import DEFAULT_MAX_LEN
 
 WORKS = ("none", "payload", "gcm")
 _ACCEPT = Result(Verdict.ACCEPT)  # packet None: accept unchanged (the verdict carries no payload)
@@ -108,7 +108,7 @@ def accept_all(spec: worker.WorkerSpec, work: str = "none") -> Processor:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nfq_ipsec.bench.accept",
+    parser = argparse.ArgumentParser(prog="python -m nfq_ipsec_lab.bench.accept",
                                      description="accept-only NFQUEUE worker (benchmark ceiling)")
     parser.add_argument("--queue", type=int, required=True)
     parser.add_argument("--cpu", type=int, default=None, help="pin to this CPU (default: not pinned)")

@@ -1,7 +1,7 @@
 """Traffic, capture and the checks of a lab: what proves that a packet path works.
 
-Everything runs through :class:`~nfq_ipsec.lab.netns.Host` (``host.argv``) and a
-:class:`~nfq_ipsec.lab.netns.Lab` (which tracks and stops what it starts), so the same
+Everything runs through :class:`~nfq_ipsec_lab.lab.netns.Host` (``host.argv``) and a
+:class:`~nfq_ipsec_lab.lab.netns.Lab` (which tracks and stops what it starts), so the same
 functions drive network namespaces here and two VMs in the Vagrant lab.
 
 Traffic: :func:`ping` (a small raw-socket ICMP echo in Python: no iputils needed),
@@ -10,8 +10,9 @@ SHA-256 compared on arrival, by two small Python programs), :func:`udp_probe` (d
 port; how many arrived).
 
 Checks: :class:`Capture` runs ``tcpdump -w`` on the wire; :func:`analyse_wire` reads the
-capture (no dependencies) and sorts every frame: ESP between the peers, bypassed flows, ARP,
-and anything else, which is cleartext that should not be there; :func:`tshark_verify` has
+capture (with :mod:`nfq_ipsec.pcap`, the reader of ``nfq-ipsec decode``) and sorts every frame:
+ESP between the peers, bypassed flows, ARP, and anything else, which is cleartext that should
+not be there; :func:`tshark_verify` has
 tshark decrypt and authenticate every ESP packet with the lab's keys (``uat:esp_sa`` entries
 built by :func:`tshark_uat_entries`) and counts ``esp.icv_good`` / ``esp.icv_bad``.
 """
@@ -31,6 +32,8 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
+
+from nfq_ipsec.pcap import ETH_ARP, ETH_IPV4, PcapError, read_frames
 
 from .labconfig import LabSA
 from .netns import Host, Lab, LabError, Started
@@ -124,20 +127,26 @@ while True:
         break
     s.settimeout(left)
     try:
-        s.recv(65536); n += 1
+        data, peer = s.recvfrom(65536); n += 1
     except socket.timeout:
         break
+    try:
+        s.sendto(data, peer)  # echoed: the flows' way back is spread over the SAs too
+    except OSError:
+        pass
 print("received %d" % n, flush=True)
 """
 
-# Datagrams go out round-robin from 8 sockets (8 source ports: 8 flows), so that the queues a
-# daemon spreads flows over by hash all see some of them.
+# Datagrams go out round-robin from 16 sockets (16 source ports: 16 flows), and the receiver
+# echoes each one, so that the SAs a daemon spreads flows over by hash (HMARK, symmetric) all
+# see some of them, both ways: all 16 on one of two SAs has a chance of 2 in 65,536. (TCP's
+# few flows alone left one SA of a direction idle in about one run in eight.)
 TCP_SNDBUF_MAX = 4 << 20  # net.ipv4.tcp_wmem's default maximum
 
 UDP_SEND_SRC = r"""
 import socket, sys, time
 addr, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(8)]
+socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(16)]
 refused = 0
 for i in range(count):
     try:
@@ -406,44 +415,12 @@ class Capture:
 
 # -- reading a capture ----------------------------------------------------------------------
 
-ETH_IPV4, ETH_ARP, ETH_IPV6 = 0x0800, 0x0806, 0x86DD
-_LINK_ETHERNET, _LINK_RAW, _LINK_SLL, _LINK_IPV4, _LINK_SLL2 = 1, 101, 113, 228, 276
-
-
-def iter_frames(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(ethertype, network-layer bytes) of each frame of a classic pcap file."""
-    data = path.read_bytes()
-    if len(data) < 24:
-        raise LabError(f"{path}: not a capture (too short)")
-    magic = data[:4]
-    if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1"):
-        endian = "<"
-    elif magic in (b"\xa1\xb2\xc3\xd4", b"\xa1\xb2\x3c\x4d"):
-        endian = ">"
-    else:
-        raise LabError(f"{path}: not a classic pcap file (tcpdump -w writes those)")
-    linktype = struct.unpack_from(endian + "I", data, 20)[0] & 0x0FFFFFFF
-    rec = struct.Struct(endian + "IIII")
-    off = 24
-    while off + 16 <= len(data):
-        caplen = rec.unpack_from(data, off)[2]
-        off += 16
-        frame = data[off : off + caplen]
-        off += caplen
-        if linktype == _LINK_ETHERNET:
-            etype, start = struct.unpack_from("!H", frame, 12)[0], 14
-            while etype in (0x8100, 0x88A8) and len(frame) >= start + 4:
-                etype = struct.unpack_from("!H", frame, start + 2)[0]
-                start += 4
-            yield etype, frame[start:]
-        elif linktype == _LINK_SLL:
-            yield struct.unpack_from("!H", frame, 14)[0], frame[16:]
-        elif linktype == _LINK_SLL2:
-            yield struct.unpack_from("!H", frame, 0)[0], frame[20:]
-        elif linktype in (_LINK_RAW, _LINK_IPV4):
-            yield (ETH_IPV4 if frame[:1] and frame[0] >> 4 == 4 else ETH_IPV6), frame
-        else:
-            raise LabError(f"{path}: link type {linktype} not supported")
+def _wire_frames(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(ethertype, network-layer bytes) of each frame (the data path's own pcap reader)."""
+    try:
+        yield from read_frames(path)
+    except PcapError as err:
+        raise LabError(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -489,7 +466,7 @@ def analyse_wire(
     a, b = (int(IPv4Address(p)) for p in peers)
     allowed = tuple(allowed)
     rep = WireReport()
-    for etype, pkt in iter_frames(path):
+    for etype, pkt in _wire_frames(path):
         rep.frames += 1
         if etype == ETH_ARP:
             rep.arp += 1

@@ -45,11 +45,10 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from ..config import load_config
-from ..core import Processor, esp
-from ..core import packet as ip
-from ..lab import labconfig
-from ..nfqueue import (
+from nfq_ipsec.config import load_config
+from nfq_ipsec.core import Processor, esp
+from nfq_ipsec.core import packet as ip
+from nfq_ipsec.nfqueue import (
     HOOK_LOCAL_OUT,
     HOOK_PRE_ROUTING,
     NFQA_PACKET_HDR,
@@ -58,7 +57,9 @@ from ..nfqueue import (
     NetlinkQueue,
     QueuedPacket,
 )
-from ..worker import PacketHandler
+from nfq_ipsec.worker import PacketHandler
+
+from ..lab import labconfig
 
 STAGES_OUT = ("receive", "parse", "spd", "sa", "crypto", "framing", "verdict")
 STAGES_IN = ("receive", "parse", "sa", "crypto", "framing", "policy", "verdict")
@@ -318,7 +319,7 @@ def _receive_stage(msg: bytes) -> Callable[[], object]:
 
 def _reset_replay(proc: Processor) -> None:
     """Start inbound SAs over, so a recorded stream can be replayed (profiling only)."""
-    from ..core.replay import ReplayWindow
+    from nfq_ipsec.core.replay import ReplayWindow
 
     for sa in proc.sad.all():
         if not sa.outbound:

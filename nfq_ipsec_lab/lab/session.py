@@ -64,7 +64,7 @@ class LabSession:
             self.cfg = generate(self.lab.workdir / "config", self.topo.a.spec, self.topo.b.spec,
                                 self.encryption, self.queues)
             for peer in self.topo.peers:
-                self.daemons[peer.name] = Daemon(self.cfg.peer(peer.name), peer.host, self.cmd)
+                self.daemons[peer.name] = Daemon.of_peer(self.cfg.peer(peer.name), peer.host, self.cmd)
         except BaseException:
             self.close()
             raise
@@ -104,7 +104,7 @@ class LabSession:
     def stop_daemons(self, remove_rules: bool = True) -> dict[str, int | None]:
         """SIGTERM to every daemon; snapshots of iptables after the stop (the closed rules)
         and, with ``remove_rules``, after ``nfq-ipsec rules remove``."""
-        codes = {name: d.stop(self.lab) for name, d in self.daemons.items()}
+        codes = {name: d.stop() for name, d in self.daemons.items()}
         for d in self.daemons.values():
             self.iptables_stopped[d.name] = iptables_snapshot(d.host)
             if remove_rules:

@@ -1,4 +1,4 @@
-"""SPD lookup cost against the number of policies: ``python -m nfq_ipsec.bench.spdscale``.
+"""SPD lookup cost against the number of policies: ``python -m nfq_ipsec_lab.bench.spdscale``.
 
 No root, no network: SPDs of a realistic shape are built in this process and looked up many
 times (``time.perf_counter_ns``, the garbage collector off while timing, after a warm-up of ten
@@ -39,9 +39,9 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from ..core import spd as spd_module
-from ..core.packet import PacketKey
-from ..core.spd import SPD, Action, Direction, Policy, Selector
+from nfq_ipsec.core import spd as spd_module
+from nfq_ipsec.core.packet import PacketKey
+from nfq_ipsec.core.spd import SPD, Action, Direction, Policy, Selector
 
 SCHEMA = "nfq-ipsec-spdscale/1"
 CASES = ("first", "last", "miss", "mix")
@@ -285,7 +285,7 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nfq_ipsec.bench.spdscale",
+    p = argparse.ArgumentParser(prog="python -m nfq_ipsec_lab.bench.spdscale",
                                 description=__doc__.split("\n\n")[0] if __doc__ else None,
                                 epilog="A script, not a test: figures from one run compare with each other.")
     p.add_argument("--sizes", type=_size_list, default=[10, 1000, 10000], metavar="LIST",

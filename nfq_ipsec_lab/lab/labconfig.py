@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from ..core.suites import ENCRYPTION, HMACS
+from nfq_ipsec.core.suites import ENCRYPTION, HMACS
 
 DEFAULT_INTEGRITY = "hmac-sha256-128"  # for aes-cbc-* (RFC 8221 pairs it with HMAC-SHA2)
 QUEUE_BASE = 100
@@ -258,7 +258,7 @@ def render(
     in_names = [sa.name for sa in mine if sa.receiver == me.name]
     lines = [
         f"# nfq-ipsec lab: peer {me.name} ({me.role}), {mode} mode with peer {other.name}.",
-        "# Generated for one lab run (keys: random, or from its seed); see nfq_ipsec/lab/labconfig.py.",
+        "# Generated for one lab run (keys: random, or from its seed); see nfq_ipsec_lab/lab/labconfig.py.",
         "",
         "[node]",
         f'interface = "{me.interface}"',

@@ -1,7 +1,7 @@
 """The two-VM lab (``vagrant/``): what a VM runs to become a lab peer, and the whole VM check.
 
-    python -m nfq_ipsec.lab.vm setup --peer a --topology host --seed-file /etc/nfq-ipsec/lab.seed
-    python -m nfq_ipsec.lab.vm check [--topology host|gateway|both] [--keep] [--provider P]
+    python -m nfq_ipsec_lab.lab.vm setup --peer a --topology host --seed-file /etc/nfq-ipsec/lab.seed
+    python -m nfq_ipsec_lab.lab.vm check [--topology host|gateway|both] [--keep] [--provider P]
 
 One source of truth with the namespace lab. The pieces are the namespace lab's own:
 ``labconfig`` writes the configuration and keys, ``topology`` says which kernel settings a host
@@ -48,7 +48,8 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import IO, Protocol
 
-from ..service import UnitFile
+from nfq_ipsec.service import UnitFile
+
 from .checks import PROTECTED_UDP_PORT, CheckRun, Endpoints, Verdict, traffic_and_capture, verdicts
 from .daemon import Daemon, iptables_snapshot
 from .labconfig import LabConfig, PeerConfig, PeerSpec, parse_encryption, plan, write_peer
@@ -576,7 +577,7 @@ def _check_vms(topology: str, encryption: str, queues: int, lab_dir: Path, ssh_c
             cfg = lab_plan(seed, topology, encryption, queues)
             specs = dict(zip("ab", peer_specs(topology), strict=True))
             cmd = [f"{VENV}/bin/nfq-ipsec"]
-            daemons = {n: Daemon(layout.peer_config(specs[n]), hosts[n], cmd) for n in hosts}
+            daemons = {n: Daemon.of_peer(layout.peer_config(specs[n]), hosts[n], cmd) for n in hosts}
             services: dict[str, Service] = {n: SystemdUnit(hosts[n]) for n in hosts}
             pair = Pair(lab, cfg, endpoints(topology, hosts["a"], hosts["b"], wire_if), daemons, services)
             verdicts_ = check_pair(pair, workdir, say, seconds=seconds)
@@ -595,7 +596,7 @@ def _check_vms(topology: str, encryption: str, queues: int, lab_dir: Path, ssh_c
 # -- command line -----------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nfq_ipsec.lab.vm", description=__doc__.split("\n")[0]
+    parser = argparse.ArgumentParser(prog="python -m nfq_ipsec_lab.lab.vm", description=__doc__.split("\n")[0]
                                      if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("setup", help="make this machine a lab peer (run on the VM, as root)")

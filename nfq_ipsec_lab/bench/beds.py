@@ -1,6 +1,6 @@
 """The rows of the benchmark and the test bed each one runs on.
 
-Every test bed is built from the lab's pieces in a fresh :class:`~nfq_ipsec.lab.netns.Lab`
+Every test bed is built from the lab's pieces in a fresh :class:`~nfq_ipsec_lab.lab.netns.Lab`
 (namespaces ``nfqb<pid>-<n><role>``, removed on every exit path) and is the same pair of
 namespaces joined by one veth pair, 192.168.56.10 -> 192.168.56.11 (the lab's host topology),
 except the tunnel row, which is the lab's gateway topology (client -> gateway -> gateway ->
@@ -10,18 +10,18 @@ server, tunnel mode between the gateways):
 - ``accept``: on both hosts, every packet of the link is queued, in mangle OUTPUT and raw
   PREROUTING, where the daemon queues (skipping packets with the reinject mark, as the daemon's
   rules do; with several queues HMARK spreads flows over them like the daemon's per-flow hash),
-  and accepted unchanged by one accept-only worker per queue (:mod:`nfq_ipsec.bench.accept`:
+  and accepted unchanged by one accept-only worker per queue (:mod:`nfq_ipsec_lab.bench.accept`:
   the daemon's worker loop with a processor that accepts everything);
 - ``accept-payload`` and ``accept-gcm``: the ``accept`` bed (one queue) whose workers also do
   the part of an ESP worker's work that no ESP implementation on this binding can avoid: the
   verdict carries the packet back as a payload, and (``accept-gcm``) the packet is first sealed
-  with AES-GCM-128 (``--work`` of :mod:`nfq_ipsec.bench.accept`). Their ratio to ``accept``
+  with AES-GCM-128 (``--work`` of :mod:`nfq_ipsec_lab.bench.accept`). Their ratio to ``accept``
   is the floor under the ESP rows' ratio;
 - ``gcm``, ``chacha``, ``cbc``, ``tunnel-gcm``: the real daemon on both peers
   (``nfq-ipsec run``), configured by the lab (one SA per queue and direction, fresh keys);
 - ``gcm-source``: the ``gcm`` row (one queue) with the daemon's ESP core run from its Python
   source (``NFQ_IPSEC_PURE=1``) instead of the compiled build;
-- ``strongswan``: two charons with kernel-libipsec (:mod:`nfq_ipsec.bench.strongswan`).
+- ``strongswan``: two charons with kernel-libipsec (:mod:`nfq_ipsec_lab.bench.strongswan`).
 
 CPU pinning: ``spread`` (the default) pins queue i of peer a to online CPU i and queue i of peer
 b to CPU i+1 (mod the CPU count), so that with one queue each peer's worker has a CPU of its
@@ -40,13 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import corebuild
-from ..config.model import DEFAULT_MARK
+from nfq_ipsec import corebuild
+from nfq_ipsec.config.model import DEFAULT_MARK
+from nfq_ipsec.nfqueue import PROC_QUEUES
+from nfq_ipsec.rules import HMARK_RND, hmark_base
+
 from ..lab import labconfig, topology
 from ..lab.daemon import Daemon, command
 from ..lab.netns import Host, Lab, LabError, Started
-from ..nfqueue import PROC_QUEUES
-from ..rules import HMARK_RND, hmark_base
 from . import strongswan
 from .measure import TrafficPath
 
@@ -189,7 +190,7 @@ def _esp_bed(lab: Lab, spec: RowSpec, queues: int, layout: str) -> Bed:
     cmd = command()
     if spec.source_core:
         cmd = ["env", f"{corebuild.PURE_ENV}=1", *cmd]
-    daemons = [Daemon(cfg.peer(p.name), p.host, cmd) for p in topo.peers]
+    daemons = [Daemon.of_peer(cfg.peer(p.name), p.host, cmd) for p in topo.peers]
     for d in daemons:
         d.start(lab)
     for d in daemons:
@@ -240,7 +241,7 @@ def _accept_bed(lab: Lab, queues: int, layout: str, work: str = "none") -> Bed:
         cpus[peer.name] = cpus_for(i, queues, layout)
         for q, cpu in zip(qnums, cpus[peer.name], strict=True):
             procs.append(lab.start(f"accept-{peer.name}-q{q}", peer.host, [
-                sys.executable, "-m", "nfq_ipsec.bench.accept", "--queue", str(q), "--cpu", str(cpu),
+                sys.executable, "-m", "nfq_ipsec_lab.bench.accept", "--queue", str(q), "--cpu", str(cpu),
                 "--mark", f"0x{DEFAULT_MARK:x}", "--work", work]))
     deadline = time.monotonic() + READY_TIMEOUT
     for peer in topo.peers:

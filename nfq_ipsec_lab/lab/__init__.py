@@ -21,6 +21,19 @@ from __future__ import annotations
 import argparse
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``nfq-ipsec lab``'s options (the command line lives in :mod:`nfq_ipsec_lab.cli`)."""
+    p.description = ("The network-namespace lab: IPsec peers in namespaces, running the real "
+                     "daemon. Needs root.")
+    p.add_argument("action", choices=["demo"], help="demo: the two-host lab demo, torn down after")
+    p.add_argument("--topology", choices=["host", "gateway"], default="host",
+                   help="host: two hosts, transport mode; gateway: four namespaces, tunnel mode")
+    p.add_argument("--encryption", default="aes-gcm-128",
+                   help="aes-gcm-128, aes-gcm-256, chacha20-poly1305, aes-cbc-128, aes-cbc-256")
+    p.add_argument("--queues", type=int, default=2, help="queues (workers) per host")
+    p.add_argument("--keep", action="store_true", help="leave the lab up (prints how to remove it)")
+
+
 def cli_lab(args: argparse.Namespace) -> int:
     """``nfq-ipsec lab demo [--topology host|gateway] [--encryption ALG] [--queues N] [--keep]``."""
     from .demo import EXIT_USAGE, run_demo

@@ -206,7 +206,7 @@ def write_png(result: dict[str, Any], path: Path) -> str | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed (pip install matplotlib, or the test extras)"
+        return "matplotlib is not installed (it comes with the lab extra: pip install 'nfq-ipsec[lab]')"
     rows = [r for r in result["rows"] if r["status"] == "ok"]
     if not rows:
         return "no row was measured"

@@ -1,6 +1,6 @@
 """What the benchmark measures and how: traffic through a test bed, CPU time, load, machine info.
 
-One repetition on a test bed (:class:`~nfq_ipsec.bench.beds.Bed`) runs, in this order, with a
+One repetition on a test bed (:class:`~nfq_ipsec_lab.bench.beds.Bed`) runs, in this order, with a
 short pause between them so that queues drain:
 
 1. ping: the lab's raw-socket ICMP echo (``traffic.ping``), N pings 0.1 s apart, on an idle
@@ -32,10 +32,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .. import corebuild
+from nfq_ipsec import corebuild
+from nfq_ipsec.nfqueue import PROC_QUEUES, KernelQueueStats
+
 from ..lab import traffic
 from ..lab.netns import Host, Lab, LabError, run
-from ..nfqueue import PROC_QUEUES, KernelQueueStats
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAUSE = 0.3  # seconds between traffic runs: let queues and sockets drain

@@ -7,7 +7,7 @@ default the repetitions are interleaved: round after round, every row's test bed
 once and torn down, so a machine that slows down or speeds up over the minutes of a run (these
 shared VMs do, by up to a factor of 1.5) does so for every row alike.
 
-Rows (``--rows``; see :mod:`nfq_ipsec.bench.beds`): plain veth without rules; NFQUEUE
+Rows (``--rows``; see :mod:`nfq_ipsec_lab.bench.beds`): plain veth without rules; NFQUEUE
 accept-only through our binding and worker loop (the redirect ceiling); the floor under ESP
 (accept-only with a verdict that carries the packet, and with an AES-GCM seal of every packet
 first); the daemon in transport mode with AES-GCM-128, ChaCha20-Poly1305 and AES-CBC-128 +
@@ -16,16 +16,17 @@ strongSwan packages are installed, two strongSwan 5.9 charons with kernel-libips
 reference for another userspace ESP.
 The queued rows run once per ``--queues`` value (default 1 and 2).
 
-Columns (:mod:`nfq_ipsec.bench.measure`): one TCP flow and eight TCP flows (iperf3, Mbit/s),
+Columns (:mod:`nfq_ipsec_lab.bench.measure`): one TCP flow and eight TCP flows (iperf3, Mbit/s),
 64-byte UDP datagrams delivered per second (iperf3 ``-u -l 64 -b 0``), ping RTT p50/p99, CPU
 seconds per GB moved (data-plane processes, and the whole machine), each as the median with
 min-max over the repetitions, and the ratios to plain and to accept-only.
 
-Output (:mod:`nfq_ipsec.bench.report`): the table on the terminal (and as .txt), a JSON file
+Output (:mod:`nfq_ipsec_lab.bench.report`): the table on the terminal (and as .txt), a JSON file
 with every raw figure, the settings and the machine (CPU model, cores, kernel, versions), and a
 PNG chart, all in ``--out`` (default ``bench-results/``, which git ignores).
 
-This module holds only the command line, so that building ``nfq-ipsec``'s parser stays cheap.
+This module holds only the command line (``nfq-ipsec bench`` runs it through
+:mod:`nfq_ipsec_lab.cli`), so that building the parser stays cheap.
 """
 
 from __future__ import annotations
@@ -150,7 +151,8 @@ def cli_bench(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nfq_ipsec.bench")
+    parser = argparse.ArgumentParser(prog="python -m nfq_ipsec_lab.bench")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    return cli_bench(args, ["python", "-m", "nfq_ipsec.bench", *(argv if argv is not None else sys.argv[1:])])
+    given = list(argv if argv is not None else sys.argv[1:])
+    return cli_bench(args, ["python", "-m", "nfq_ipsec_lab.bench", *given])

@@ -1,7 +1,0 @@
-"""``python -m nfq_ipsec.bench``: the same as ``nfq-ipsec bench``."""
-
-import sys
-
-from . import main
-
-sys.exit(main())
