@@ -57,7 +57,6 @@ rendering behind ``nfq-ipsec status``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -65,7 +64,6 @@ import os
 import selectors
 import socket
 import stat
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -469,35 +467,6 @@ def request(path: str, req: dict[str, Any], timeout: float = STATUS_TIMEOUT) -> 
     if not isinstance(answer, dict):
         raise NotRunning(f"the daemon at {path} sent a malformed answer")
     return answer
-
-
-def cli_status(args: argparse.Namespace) -> int:
-    """``nfq-ipsec status``: exit 0 with the status, 2 on a bad config, 3 if not running."""
-    from .cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_NOT_RUNNING, EXIT_OK
-
-    path: str
-    if getattr(args, "socket", None):
-        path = args.socket
-    else:
-        from .tools import load_or_report
-
-        cfg = load_or_report(args.config, show_warnings=False)
-        if cfg is None:
-            return EXIT_CONFIG
-        path = cfg.daemon.control_socket
-    try:
-        answer = request(path, {"command": "status"})
-    except NotRunning as err:
-        print(f"nfq-ipsec: {err}", file=sys.stderr)
-        return EXIT_NOT_RUNNING
-    if "error" in answer:
-        print(f"nfq-ipsec: the daemon answered: {answer['error']}", file=sys.stderr)
-        return EXIT_FAILURE
-    if args.json:
-        print(json.dumps(answer, indent=2, sort_keys=True))
-    else:
-        print(render_status(answer), end="")
-    return EXIT_OK
 
 
 # -- rendering ------------------------------------------------------------------------------

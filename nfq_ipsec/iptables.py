@@ -19,21 +19,18 @@ Failures raise RulesError with the command, its exit status and its stderr.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shlex
 import shutil
 import socket
 import subprocess
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import rules
 from .config.model import Config
 
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2  # as in cli.py
 TIMEOUT = 60.0  # seconds for one iptables command (restore waits for the xtables lock)
 WAIT = 30  # seconds iptables-restore waits for the xtables lock
 COUNTERS_TIMEOUT = 5.0  # seconds for reading rule counters (status must not stall the daemon)
@@ -217,10 +214,10 @@ def outcome(err: RulesError, done: str) -> str:
             "the error), and the IPv6 rules are left as they were")
 
 
-def remove(cfg: Config, netns: str | None = None) -> None:
+def remove(cfg: Config, netns: str | None = None) -> bool:
     """Remove all our chains and jumps (any configuration with this chain prefix), IPv4 and
-    IPv6. Idempotent."""
-    _remove(cfg, netns)
+    IPv6. Idempotent. Whether there was anything to remove."""
+    return _remove(cfg, netns)
 
 
 def _remove(cfg: Config, netns: str | None) -> bool:
@@ -452,78 +449,3 @@ def compare(rs: rules.Ruleset, tables: dict[str, rules.SavedTable]) -> RulesStat
 
 
 # -- the `nfq-ipsec rules` command ------------------------------------------------------------
-
-def cli_rules(args: argparse.Namespace) -> int:
-    """show: print the rules (stdout) and whether they are installed (stderr).
-    install / remove: change the ruleset. Exit 0, 1 (a command failed) or 2 (bad config)."""
-    from .tools import load_or_report
-
-    cfg = load_or_report(args.config)
-    if cfg is None:
-        return EXIT_CONFIG
-    be = backend_for(cfg)
-    closed = bool(getattr(args, "closed", False))
-    try:
-        if args.action == "show" and getattr(args, "ipv6", False):
-            v6 = rules.build6(cfg)
-            if v6 is None:
-                print("nfq-ipsec: no ip6tables rules: node.default = bypass lets IPv6 pass",
-                      file=sys.stderr)
-                return EXIT_OK
-            sys.stdout.write(rules.render_ruleset(v6))
-            return EXIT_OK
-        if args.action == "show":
-            v4 = rules.build(cfg)
-            sys.stdout.write(rules.render_ruleset(rules.close(v4) if closed else v4))
-            v6 = rules.build6(cfg)
-            print("nfq-ipsec: IPv6: " + (
-                "passes (node.default = bypass; no policy applies to IPv6)" if v6 is None else
-                f"dropped on the unprotected side by {sum(len(t.rules) for t in v6.tables)} "
-                "ip6tables rules (`rules show --ipv6`)"), file=sys.stderr)
-            try:
-                state = status(cfg).describe()
-            except RulesError as err:
-                why = f"{err.message}: {err.stderr.strip()}" if err.stderr.strip() else err.message
-                state = f"unknown ({why})"
-            print(f"nfq-ipsec: rules {state} [{be.save}]", file=sys.stderr)
-            return EXIT_OK
-        if args.action == "install":
-            if closed and _daemon_answers(cfg):
-                print(f"nfq-ipsec: a daemon answers on {cfg.daemon.control_socket}: its live rules "
-                      "are left in place")
-                return EXIT_OK
-            clashes = preflight(cfg)
-            if clashes:
-                for line in clashes:
-                    print(f"nfq-ipsec: {line}", file=sys.stderr)
-                print("nfq-ipsec: nothing installed; choose other daemon.queues or remove those "
-                      "rules", file=sys.stderr)
-                return EXIT_CONFIG
-            install(cfg, closed=closed)
-            for rs in rulesets(cfg):
-                chains = ", ".join(f"{t}:{c}" for t, c in rs.chains)
-                what = "closed rules" if closed and rs.family == 4 else "rules"
-                print(f"nfq-ipsec: {what} installed with {backend_for(cfg, rs.family).restore}: "
-                      f"{chains}")
-            return EXIT_OK
-        removed = _remove(cfg, None)
-        print(f"nfq-ipsec: {'rules removed' if removed else 'no rules to remove'} "
-              f"({cfg.daemon.chain_prefix}-*, {be.restore})")
-        return EXIT_OK
-    except RulesError as err:
-        print(f"nfq-ipsec: {err}", file=sys.stderr)
-        if err.family is not None:
-            done = "removed" if args.action == "remove" else "closed" if closed else "installed"
-            print(f"nfq-ipsec: {outcome(err, done)}", file=sys.stderr)
-        return EXIT_FAILURE
-
-
-def _daemon_answers(cfg: Config) -> bool:
-    """Whether a daemon answers on this configuration's control socket (it owns the rules)."""
-    from . import control
-
-    try:
-        control.request(cfg.daemon.control_socket, {"command": "status"}, timeout=5.0)
-    except control.NotRunning:
-        return False
-    return True

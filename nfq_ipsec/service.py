@@ -22,8 +22,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import exitcodes
+
 POLL = 0.2
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
 def ready(status: Mapping[str, Any]) -> bool:
@@ -77,20 +78,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         hardening.disable_core_dumps()  # the configuration names keys: no core dump with them
     except OSError as err:
         print(f"nfq-ipsec: cannot turn core dumps off, so no key is read: {err}", file=sys.stderr)
-        return EXIT_FAILED
+        return exitcodes.FAILURE
     try:
         cfg = load_config(args.config)
     except ConfigError as err:
         print(f"nfq-ipsec: invalid configuration {args.config}:", file=sys.stderr)
         for problem in err.problems:
             print(f"  {problem}", file=sys.stderr)
-        return EXIT_CONFIG
+        return exitcodes.CONFIG
     ok, last = wait_ready(cfg.daemon.control_socket, args.timeout, args.pid)
     if ok:
         print(f"nfq-ipsec: ready: workers listening, rules installed ({args.config})")
-        return EXIT_OK
+        return exitcodes.OK
     print(f"nfq-ipsec: not ready after {args.timeout:g} s: {last}", file=sys.stderr)
-    return EXIT_FAILED
+    return exitcodes.FAILURE
 
 
 # -- unit files ----------------------------------------------------------------------------------

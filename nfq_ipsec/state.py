@@ -103,7 +103,6 @@ limits (``core/sa.py``), and stays free of I/O.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import fcntl
@@ -113,7 +112,6 @@ import json
 import logging
 import os
 import stat
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -678,74 +676,35 @@ instead (a new key starts fresh at 1 by itself). Inbound: numbers up to --seq N 
 already received (0: an empty window). The daemon must be stopped."""
 
 
-def cli_state(args: argparse.Namespace) -> int:
-    """``nfq-ipsec state show|reset``. Exit 0, 1 (cannot write, daemon running), 2 (bad
-    config, unknown SA, bad number)."""
-    from .cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
-    from .tools import load_or_report
+def seq_range(params: SAParams) -> tuple[int, int]:
+    """The numbers ``reset`` takes for this SA: outbound the next sequence number to send
+    (1 .. the largest + 1), inbound the highest number treated as received (0 .. the largest)."""
+    if params.direction is SADirection.OUT:
+        return 1, _max_seq(params) + 1
+    return 0, _max_seq(params)
 
-    cfg = load_or_report(args.config)
-    if cfg is None:
-        return EXIT_CONFIG
-    state_dir = cfg.daemon.state_dir
-    if args.action == "show":
-        rows = [describe(state_dir, p) for p in cfg.sas]
-        if getattr(args, "json", False):
-            print(json.dumps({"state_dir": state_dir, "sas": rows}, indent=2, sort_keys=True))
-        else:
-            print(f"state_dir {state_dir}")
-            for r in rows:
-                if r["state"] == "saved":
-                    what = f"next_seq {r['next_seq']}" if "next_seq" in r else f"seen_up_to {r['seen_up_to']}"
-                    used = r["lifetime_used"]
-                    what += (f" (written {r['written']}); lifetime used {used['packets']} packets, "
-                             f"{used['bytes']} bytes since {used['installed']}")
-                elif r["state"] == "fresh":
-                    what = "no state file: a fresh key (" + (
-                        "starts at 1)" if r["direction"] == "out" else "empty replay window)")
-                else:
-                    what = f"UNUSABLE: {r['error']}"
-                print(f"  {r['sa']:<16} {r['spi']} {r['direction']:<3} {what}")
-        return EXIT_OK if all(r["state"] != "unusable" for r in rows) else EXIT_FAILURE
-    # reset
-    if args.sa is None or args.seq is None:
-        print("nfq-ipsec: state reset needs --sa NAME and --seq N\n" + RESET_HELP, file=sys.stderr)
-        return EXIT_CONFIG
-    try:
-        params = cfg.sa(args.sa)
-    except KeyError:
-        print(f"nfq-ipsec: no SA named {args.sa!r} in {args.config} (known: "
-              f"{', '.join(p.name for p in cfg.sas)})", file=sys.stderr)
-        return EXIT_CONFIG
-    low = 1 if params.direction is SADirection.OUT else 0
-    high = _max_seq(params) + 1 if params.direction is SADirection.OUT else _max_seq(params)
-    if not low <= args.seq <= high:
-        print(f"nfq-ipsec: --seq must be {low}..{high} for {params.direction.value}bound SA "
-              f"{params.name}", file=sys.stderr)
-        return EXIT_CONFIG
-    try:
-        d = prepare_dir(state_dir)
-        path = state_path(d, params)
-        lock = _Lock(path.with_suffix(".lock"), wait=0.0)
-    except StateError as err:
-        print(f"nfq-ipsec: {err}", file=sys.stderr)
-        return EXIT_FAILURE
+
+@dataclass(frozen=True)
+class ResetResult:
+    path: Path
+    usage_lost: bool  # the old file could not be trusted: the lifetime use starts from zero
+
+
+def reset(state_dir: str, params: SAParams, seq: int) -> ResetResult:
+    """Store ``seq`` as SA ``params``' state (the daemon must be stopped: the SA's lock is
+    taken, without waiting). Keeps the lifetime use of a readable old file. Raises StateError
+    (the directory, the lock) or OSError (the write)."""
+    d = prepare_dir(state_dir)
+    path = state_path(d, params)
+    lock = _Lock(path.with_suffix(".lock"), wait=0.0)
     try:
         try:
             old = read(path, params)
         except StateError:
             old = None
         usage = old.usage if old is not None else None  # unknown: the lifetime starts again
-        if old is None and path.exists():
-            print(f"nfq-ipsec: SA {params.name}: the old state file can't be trusted, so its "
-                  "lifetime use (packets, bytes, age) starts again from zero", file=sys.stderr)
-        write(path, render(params, args.seq, usage))
-    except OSError as err:
-        print(f"nfq-ipsec: cannot write {path}: {err.strerror}", file=sys.stderr)
-        return EXIT_FAILURE
+        lost = old is None and path.exists()
+        write(path, render(params, seq, usage))
     finally:
         lock.release()
-    what = "next sequence number" if params.direction is SADirection.OUT else "seen up to"
-    print(f"nfq-ipsec: SA {params.name} (spi 0x{params.spi:08x}): state reset, {what} {args.seq} "
-          f"({path})")
-    return EXIT_OK
+    return ResetResult(path, lost)

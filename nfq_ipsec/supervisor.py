@@ -37,7 +37,6 @@ queues have no listener, so protected traffic is dropped, never sent in clear.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import multiprocessing
@@ -45,7 +44,6 @@ import os
 import queue
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -54,7 +52,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from . import __version__, corebuild, counts, hardening, procs, rules
+from . import __version__, corebuild, counts, exitcodes, rules
 from .config import Config, QueueConfig
 from .control import ControlError, ControlServer, Deferred
 from .core import SADirection
@@ -211,15 +209,14 @@ class Supervisor:
 
     # -- entry point ----------------------------------------------------------------------
     def run(self) -> int:
-        from .cli import EXIT_FAILURE, EXIT_OK
 
         self._install_signal_handlers()
         try:
             self.control.open()
         except (ControlError, OSError) as err:
             log.error("%s", err)
-            return EXIT_FAILURE
-        code = EXIT_OK
+            return exitcodes.FAILURE
+        code = exitcodes.OK
         try:
             log.info("starting %d worker(s) for queue(s) %s", len(self.slots),
                      ", ".join(str(s.queue) for s in self.slots))
@@ -241,16 +238,16 @@ class Supervisor:
                 log.error("rules left in place, so protected traffic is dropped, not sent in "
                           "clear; `nfq-ipsec rules remove --config %s` removes them", self.cfg.path)
                 self.rules_installed = False
-            code = EXIT_FAILURE
+            code = exitcodes.FAILURE
         except Exception:
             # Unexpected: leave the rules (their queues now have no listener: fail closed).
             log.critical("supervisor failed; rules left in place, so the queues drop their traffic",
                          exc_info=True)
             self.rules_installed = False
-            code = EXIT_FAILURE
+            code = exitcodes.FAILURE
         self.state = "stopping"
         if self.rules_installed and not self._close_rules():
-            code = EXIT_FAILURE
+            code = exitcodes.FAILURE
         self._stop_workers()
         self.control.close()
         log.info("stopped")
@@ -920,119 +917,22 @@ def warnings(workers: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def cli_run(args: argparse.Namespace) -> int:
-    """``nfq-ipsec run --config X``. Exit codes: 0 clean stop, 1 failure, 2 invalid config."""
-    from . import logsetup
-    from .cli import EXIT_CONFIG, EXIT_FAILURE
-    from .tools import load_or_report
-
-    path = str(args.config)
-    try:
-        hardening.disable_core_dumps()  # before the keys are loaded; workers do it too
-    except OSError as err:
-        print(f"nfq-ipsec: cannot turn core dumps off, not starting: {err}", file=sys.stderr)
-        return EXIT_FAILURE
-    cfg = load_or_report(path, show_warnings=False)  # warnings go to the log below
-    if cfg is None:
-        return EXIT_CONFIG
-    logsetup.setup("supervisor", cfg.daemon.log_level)
-    for warning in cfg.warnings:
-        log.warning("configuration: %s", warning)
-    code = preflight(cfg)
-    if code is not None:
-        return code
-    return Supervisor(cfg, os.path.abspath(path)).run()
-
-
-def cli_stop(args: argparse.Namespace) -> int:
-    """``nfq-ipsec stop --config X [--remove-rules]``: SIGTERM to the daemon that answers on the
-    configured control socket, wait for it to exit; then, if asked, remove the rules.
-    Exit codes: 0 stopped (and removed), 1 it did not stop in time or a command failed,
-    2 invalid config, 3 no daemon answered (with --remove-rules the rules are still removed)."""
-    from . import control, iptables
-    from .cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_NOT_RUNNING, EXIT_OK
-    from .tools import load_or_report
-
-    cfg = load_or_report(args.config)
-    if cfg is None:
-        return EXIT_CONFIG
-    code = EXIT_OK
-    try:
-        st = control.request(cfg.daemon.control_socket, {"command": "status"})
-        pid = int(st["daemon"]["pid"])
-    except (control.NotRunning, KeyError, TypeError, ValueError) as err:
-        print(f"nfq-ipsec: no daemon answers on {cfg.daemon.control_socket} ({err})",
-              file=sys.stderr)
-        code = EXIT_NOT_RUNNING
-    else:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + args.timeout
-        while procs.alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if procs.alive(pid):
-            print(f"nfq-ipsec: the daemon (pid {pid}) did not stop within {args.timeout:g} s",
-                  file=sys.stderr)
-            return EXIT_FAILURE
-        print(f"nfq-ipsec: daemon (pid {pid}) stopped; its rules are closed (protected traffic "
-              "is dropped)" if not args.remove_rules else f"nfq-ipsec: daemon (pid {pid}) stopped")
-    if args.remove_rules:
-        try:
-            iptables.remove(cfg)
-        except iptables.RulesError as err:
-            print(f"nfq-ipsec: {err}\nnfq-ipsec: {iptables.outcome(err, 'removed')}",
-                  file=sys.stderr)
-            return EXIT_FAILURE
-        print("nfq-ipsec: rules removed: traffic is no longer checked against the policies")
-    return code
-
-
-def cli_reload(args: argparse.Namespace) -> int:
-    """``nfq-ipsec reload --config X``: the daemon answering on X's control socket re-reads X.
-    Exit codes: 0 applied, 1 not applied (the daemon's reasons are printed; it keeps running
-    the old configuration), 2 X itself is invalid (checked here first: nothing sent),
-    3 no daemon answered."""
-    from . import control
-    from .cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_NOT_RUNNING, EXIT_OK
-    from .tools import load_or_report
-
-    cfg = load_or_report(args.config)
-    if cfg is None:
-        print("nfq-ipsec: nothing sent; the daemon keeps its configuration", file=sys.stderr)
-        return EXIT_CONFIG
-    try:
-        answer = control.request(cfg.daemon.control_socket,
-                                 {"command": "reload", "config": os.path.abspath(args.config)},
-                                 timeout=args.timeout)
-    except control.NotRunning as err:
-        print(f"nfq-ipsec: {err}", file=sys.stderr)
-        return EXIT_NOT_RUNNING
-    if answer.get("changed"):
-        print(f"nfq-ipsec: reloaded: {answer.get('reloaded') or 'nothing changed'}")
-        return EXIT_OK
-    print(f"nfq-ipsec: reload refused: {answer.get('error')}", file=sys.stderr)
-    for problem in answer.get("problems") or []:
-        print(f"  {problem}", file=sys.stderr)
-    return EXIT_FAILURE
-
-
 def preflight(cfg: Config) -> int | None:
     """Checks before anything starts; an exit code if one fails (nothing changed), else None."""
     from . import iptables, state
-    from .cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_STATE
 
     try:
         clashes = iptables.preflight(cfg)
     except iptables.RulesError as err:
         log.error("%s", err)
         log.error("nothing started, nothing installed")
-        return EXIT_FAILURE
+        return exitcodes.FAILURE
     if clashes:
         for line in clashes:
             log.error("%s", line)
         log.error("nothing started, nothing installed: choose other daemon.queues or remove "
                   "those rules")
-        return EXIT_CONFIG
+        return exitcodes.CONFIG
     problems = state.check(cfg.daemon.state_dir, cfg.sas)
     if problems:
         for line in problems:
@@ -1041,5 +941,5 @@ def preflight(cfg: Config) -> int | None:
                   "sequence numbers are unknown: give the SA a new key (a new key starts fresh), "
                   "or set its state with `nfq-ipsec state reset --config %s --sa NAME --seq N` "
                   "(see `nfq-ipsec state reset --help`)", cfg.path)
-        return EXIT_STATE
+        return exitcodes.STATE
     return None

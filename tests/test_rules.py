@@ -13,6 +13,7 @@ import pytest
 
 from nfq_ipsec import iptables, rules
 from nfq_ipsec.cli import main as cli_main
+from nfq_ipsec.commands import rules as rules_command
 from nfq_ipsec.config import load_config, parse_config
 from nfq_ipsec.config.model import Config
 from nfq_ipsec.core.errors import ConfigError
@@ -730,7 +731,7 @@ def test_cli_show(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 
 def test_cli_rules_namespace_args() -> None:
     args = argparse.Namespace(action="show", config="/nonexistent/x.toml")
-    assert iptables.cli_rules(args) == 2
+    assert rules_command.run(args) == 2
 
 
 def _toml(data: dict[str, Any]) -> str:

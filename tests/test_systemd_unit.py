@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from nfq_ipsec import cli
+from nfq_ipsec import cli, exitcodes
 from nfq_ipsec.service import UnitFile, ready, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,9 +131,9 @@ def test_fail_closed_settings(unit: UnitFile, rendered: tuple[Path, Path]) -> No
     assert unit.get(s, "KillSignal") == "SIGTERM"
     assert int(unit.get(s, "TimeoutStopSec") or 0) >= 15  # the supervisor's own stop takes up to ~10 s
     prevent = " ".join(unit.values(s, "RestartPreventExitStatus")).split()
-    assert str(cli.EXIT_CONFIG) in prevent
+    assert str(exitcodes.CONFIG) in prevent
     if hasattr(cli, "EXIT_STATE"):
-        assert str(cli.EXIT_STATE) in prevent
+        assert str(exitcodes.STATE) in prevent
     (post,) = unit.commands("ExecStartPost", "site", {"MAINPID": "1234"})
     assert post == [f"{VENV}/bin/python", "-m", "nfq_ipsec.service", "wait-ready", "--config",
                     f"{etc}/site.toml", "--pid", "1234", "--timeout", "60"]

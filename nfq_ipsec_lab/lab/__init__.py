@@ -21,11 +21,15 @@ from __future__ import annotations
 import argparse
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """``nfq-ipsec lab``'s options (the command line lives in :mod:`nfq_ipsec_lab.cli`)."""
-    p.description = ("The network-namespace lab: IPsec peers in namespaces, running the real "
-                     "daemon. Needs root.")
-    p.add_argument("action", choices=["demo"], help="demo: the two-host lab demo, torn down after")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``nfq-ipsec lab``'s subcommands (the command line lives in :mod:`nfq_ipsec_lab.cli`)."""
+    parser.description = ("The network-namespace lab: IPsec peers in namespaces, running the "
+                          "real daemon. Needs root.")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser(
+        "demo", help="the two-host lab demo, torn down after",
+        description="Hosts up, daemons up, traffic through ESP, a capture that shows only ESP, "
+        "counters, everything torn down. Needs root.")
     p.add_argument("--topology", choices=["host", "gateway"], default="host",
                    help="host: two hosts, transport mode; gateway: four namespaces, tunnel mode")
     p.add_argument("--encryption", default="aes-gcm-128",

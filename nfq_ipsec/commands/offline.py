@@ -1,4 +1,4 @@
-"""Offline commands: check-config, decode, genkey."""
+"""The offline commands: check-config, decode, genkey."""
 
 from __future__ import annotations
 
@@ -7,18 +7,15 @@ import secrets
 import sys
 from collections import Counter
 
-from . import rules
-from .config import load_config
-from .config.model import Config
-from .core.errors import ConfigError
-from .core.packet import ip_to_str as fmt_addr
-from .core.sa import SADirection
-from .core.spd import Action
-from .core.suites import ENCRYPTION, FORBIDDEN, HMACS
-from .decode import OfflineDecoder
-from .pcap import PcapError, read_packets
-
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_DECODE_DROPS = 0, 1, 2, 4
+from .. import exitcodes, rules
+from ..config.model import Config
+from ..core.packet import ip_to_str as fmt_addr
+from ..core.sa import SADirection
+from ..core.spd import Action
+from ..core.suites import ENCRYPTION, FORBIDDEN, HMACS
+from ..decode import OfflineDecoder
+from ..pcap import PcapError, read_packets
+from .common import load_or_report
 
 
 def main(args: argparse.Namespace) -> int:
@@ -26,30 +23,11 @@ def main(args: argparse.Namespace) -> int:
         return genkey(args.algorithm)
     cfg = load_or_report(args.config)
     if cfg is None:
-        return EXIT_CONFIG
+        return exitcodes.CONFIG
     if args.command == "check-config":
         print(summary(cfg))
-        return EXIT_OK
+        return exitcodes.OK
     return decode_capture(cfg, args.capture)
-
-
-def load_or_report(path: str, show_warnings: bool = True) -> Config | None:
-    """Load a config; on problems print all of them to stderr and return None.
-
-    Every command that takes ``--config`` reports a bad one through here, the same way."""
-    try:
-        cfg = load_config(path)
-    except ConfigError as err:
-        n = len(err.problems)
-        print(f"nfq-ipsec: invalid configuration {path}: {n} problem{'s' if n != 1 else ''}:",
-              file=sys.stderr)
-        for problem in err.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return None
-    if show_warnings:
-        for warning in cfg.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
-    return cfg
 
 
 def summary(cfg: Config) -> str:
@@ -103,15 +81,15 @@ def decode_capture(cfg: Config, capture: str) -> int:
             tally[key] += 1
     except (PcapError, OSError) as err:
         print(f"decode: {err}", file=sys.stderr)
-        return EXIT_FAILURE
+        return exitcodes.FAILURE
     print("summary: " + (", ".join(f"{k} {v}" for k, v in sorted(tally.items())) or "no packets"))
-    return EXIT_DECODE_DROPS if any(k.startswith("drop") for k in tally) else EXIT_OK
+    return exitcodes.DECODE_DROPS if any(k.startswith("drop") for k in tally) else exitcodes.OK
 
 
 def genkey(algorithm: str) -> int:
     if algorithm in FORBIDDEN:
         print(f"genkey: {algorithm} is refused: {FORBIDDEN[algorithm]}", file=sys.stderr)
-        return EXIT_CONFIG
+        return exitcodes.CONFIG
     if algorithm in ENCRYPTION and ENCRYPTION[algorithm].keymat_size:
         size = ENCRYPTION[algorithm].keymat_size
     elif algorithm in HMACS:
@@ -119,6 +97,6 @@ def genkey(algorithm: str) -> int:
     else:
         known = [a for a in ENCRYPTION if ENCRYPTION[a].keymat_size] + list(HMACS)
         print(f"genkey: unknown algorithm {algorithm!r} (known: {', '.join(known)})", file=sys.stderr)
-        return EXIT_CONFIG
+        return exitcodes.CONFIG
     print(secrets.token_hex(size))
-    return EXIT_OK
+    return exitcodes.OK
