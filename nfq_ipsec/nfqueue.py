@@ -66,7 +66,7 @@ NFQA_CFG_QUEUE_MAXLEN = 3
 NFQA_CFG_MASK = 4
 NFQA_CFG_FLAGS = 5
 NFQA_CFG_F_FAIL_OPEN = 0x1
-NFQA_CFG_F_GSO = 0x4  # off: the kernel segments GSO packets before queueing them (design 3)
+NFQA_CFG_F_GSO = 0x4  # off: the kernel segments GSO packets before queueing them (each < 64 KiB)
 
 NFQA_PACKET_HDR = 1
 NFQA_VERDICT_HDR = 2

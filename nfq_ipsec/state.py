@@ -1,101 +1,10 @@
-"""Persistent SA state: outbound sequence-number reservations and inbound replay floors.
+"""Persistent SA state: outbound sequence-number reservations and inbound replay floors, so
+that no restart or crash ever repeats a (key, sequence number) pair or re-accepts a packet.
 
-Why
----
-An outbound SA must never send two packets with the same sequence number under one key: the
-sequence number is the IV (AES-GCM and ChaCha20-Poly1305 nonces, RFC 4106/7634; AES-CBC IVs are
-AES_K(counter)), and a repeated GCM nonce gives away the authentication key. A worker that is
-killed (SIGKILL, OOM, power loss) loses its counter, so the counter lives on disk too. An
-inbound SA must keep refusing a packet it accepted before a crash (replay), so its window's
-floor lives on disk too.
-
-What is stored, where
----------------------
-One small file per SA key and direction in ``daemon.state_dir`` (directory 0700, files 0600)::
-
-    <state_dir>/out-<key id>.json   {"next_seq": N, ...}    no number >= N was ever sent
-    <state_dir>/in-<key id>.json    {"seen_up_to": P, ...}  no number > P was ever accepted
-    <state_dir>/<same>.lock         held (flock) by the worker that owns the SA
-
-The key id is a hash of the SA's algorithms and keys (SHA-256 with a domain label, 128 bits
-shown); it names the key without revealing it. Files are named by key, not by SA name or SPI,
-because what must never repeat is a (key, sequence number) pair: renaming an SA or changing its
-SPI keeps its counter; a new key is a new SA and starts at 1. Each file also records the SA's
-name and SPI (for people), the SA's use of its lifetime (packets, bytes, and when the key was
-first installed here, wall clock) and a MAC.
-
-Who may change a file
----------------------
-Rolling ``next_seq`` back repeats nonces, so a file must come from us. ``state_dir``, the
-files and the lock files must be owned by the daemon's user (the effective uid); the directory
-must be 0700, the files not writable by group or others. Each is opened with ``O_NOFOLLOW``
-and checked on the opened descriptor (``hardening.open_checked``), never by a separate stat of
-the path; the directories on ``state_dir``'s path must be ones only root or that user can
-change (``hardening.check_parents``, before a missing ``state_dir`` is made). The file's
-content carries HMAC-SHA-256 under a key derived from the SA's keys (HKDF-SHA-256 with a fixed
-label, :func:`mac_key`): a file not written under that key (forged, or from another key) fails
-its MAC. A file that does not parse, fails its MAC or belongs to another key is *corrupt*. A
-version 1 file (an unkeyed checksum, from before the MAC) is refused too, with what to do.
-What the MAC can't tell is an old copy of a genuine file put back by the daemon's own user (a
-restored backup): ownership stops other users from doing it; root doing it is the "lost or
-restored" case below.
-
-Lifetime use
-------------
-Hard and soft lifetimes count packets, bytes and seconds from the key's first installation,
-across restarts: every write stores the SA's packets and bytes so far (the worker's own counts
-plus what the file said when it started) and the installation time, and ``attach`` restores
-them (``SecurityAssociation.restore_usage``; the age goes on from the stored wall-clock time,
-downtime included). A clean stop stores exact counts. After a crash the counts resume from the
-last write, so they miss what was handled after it: outbound, fewer than ``OUT_BLOCK``
-packets (each took a number of the last reservation); inbound, at most the last margin plus
-the replay window (``IN_MARGIN_MAX + 4096`` packets at most), and those packets' bytes. A
-fresh key with an age limit is written (dated) at once, so its age counts from its first start
-even if no packet comes before a restart.
-
-The write-ahead rule and why it is safe
----------------------------------------
-A write is: create a temporary file (``O_EXCL | O_NOFOLLOW``, a stale one from a crash
-removed first), fsync it, rename it over the old one, fsync the directory. A reader after any
-crash sees either the old or the new file, complete.
-
-Outbound. Invariant: every sequence number ever sent on the key is below the stored
-``next_seq``. The worker sends numbers up to ``seq_limit`` without asking, and
-``seq_limit < stored next_seq`` always holds:
-
-- start: ``next_seq`` = stored value (1 if there is no file: a key never used); ``seq_limit`` =
-  ``next_seq - 1``, so nothing may be sent before a reservation;
-- reservation, when ``seq`` (the next number) passes ``seq_limit``: store ``next_seq = seq +
-  OUT_BLOCK`` (durably, as above) and only then set ``seq_limit = seq + OUT_BLOCK - 1`` and
-  send ``seq``. If the write fails, the packet is dropped (``state_unavailable``) and nothing
-  is sent;
-- a crash at any moment leaves a file whose ``next_seq`` is above every number sent, because
-  every number sent was covered by a write that had completed before it was handed out; the
-  next start resumes from it and skips at most ``OUT_BLOCK - 1`` unused numbers;
-- a clean stop (``stop``/SIGTERM, after the last packet) stores the exact next number, so a
-  planned restart skips nothing. Lowering the stored value is safe then: the process sends
-  nothing after it.
-
-Inbound. Invariant: every sequence number ever accepted is at most the stored ``seen_up_to``.
-An authenticated packet whose number would move the window's top past ``replay_limit`` first
-stores ``seen_up_to = seq + margin`` (durably), and only then updates the window and gets its
-ACCEPT verdict (``core/esp.py``: ICV, then this, then the window update). A crash therefore
-leaves ``seen_up_to`` >= every accepted number, and the next start treats everything up to it
-as seen (``ReplayWindow.restore``): a packet accepted before the crash is refused after it.
-The check runs after the ICV, so a sender without the key can't make us write. The cost is
-that after a crash up to ``margin`` numbers above the real top are refused too; usually the
-sender has moved past them while the worker was down. ``margin`` adapts so that an SA writes
-about once per ``IN_TARGET_INTERVAL`` (doubling when writes come faster, halving when they come
-slower than twice that), between ``IN_MARGIN_MIN`` and ``IN_MARGIN_MAX``: a slow SA loses at
-most a few packets, a fast one does not fsync per packet.
-
-Missing and corrupt files. No file means the key was never used here: a fresh SA (sequence 1,
-empty window). If the file was *lost* (state_dir deleted, restored from an old backup), this
-can't be told apart, and the SA would repeat sequence numbers: give the SA a new key (a new key
-starts a new file) or reset its state above anything it sent. A corrupt, old-format or foreign
-(owner, mode, link) file stops the SA: the worker refuses to start and ``nfq-ipsec run``
-refuses (exit 5) until the user runs ``nfq-ipsec state reset --config FILE --sa NAME --seq N``
-or gives the SA a new key (an owner or mode problem: until the user fixes it).
+One authenticated file per SA key and direction in ``daemon.state_dir`` (``out-<key id>.json``:
+``next_seq``; ``in-<key id>.json``: ``seen_up_to``; a ``.lock`` held by the owning worker),
+written ahead of use: a number is sent (or a window top accepted) only once a file covering it
+is durably on disk. docs/sa-state.md has the invariants, the file checks and why they hold.
 
 This module is the shell half; the core only sees ``SecurityAssociation.reserve`` and its
 limits (``core/sa.py``), and stays free of I/O.

@@ -247,3 +247,26 @@ def test_esp_from_a_lan_host_is_protected_not_dropped(gateway_lab: LabSession) -
     assert outer_spis and outer_spis <= ours, outer_spis
     wire = b"".join(bytes(pkt) for pkt in rdpcap(str(path)))
     assert b"lan-esp-canary" not in wire and bytes.fromhex("0badc0de") not in wire
+
+
+def test_transit_esp_not_for_us_follows_the_policy(gateway_lab: LabSession) -> None:
+    """ESP in transit (to a LAN host, not to the gateway) with an SPI that is not ours is not an
+    unknown SPI: the inbound SPD decides. From a wire address no policy covers, the default
+    (discard) drops it, counted as no_policy, and the LAN host never sees it."""
+    lab = gateway_lab
+    topo = lab.topology
+    a, b = topo.a, topo.b
+    mac_a = a.host.run(["cat", f"/sys/class/net/{a.spec.interface}/address"]).stdout.strip()
+    mac_b = b.host.run(["cat", f"/sys/class/net/{b.spec.interface}/address"]).stdout.strip()
+    before = lab.daemons["a"].status()["kernel_drops"]
+    transit = IP(src=str(b.spec.address), dst=topo.client_addr) / ESP(spi=0x0BADF00D, seq=1) / (
+        b"transit" * 8)
+    recv = _receiver(lab, topo.client, "esp", topo.client_addr, 3)
+    _wait_ready(recv)
+    _python(b.host, INJECT_SRC, b.spec.interface,
+            *[bytes(Ether(src=mac_b, dst=mac_a) / transit).hex()] * 5)
+    got = _received(recv)
+    after = lab.daemons["a"].status()["kernel_drops"]
+    assert got == []
+    assert after["no_policy"] - before["no_policy"] >= 5, (before, after)
+    assert after["unknown_spi"] == before["unknown_spi"], (before, after)
