@@ -50,7 +50,7 @@ class Served:
         try:
             while not self.stop.is_set():
                 due = self.srv.next_timeout()
-                wait(self.srv.waitables(), timeout=0.05 if due is None else min(0.05, due))
+                wait(self.srv.waitables(), timeout=0.05 if due is None else min(0.05, due))  # type: ignore[arg-type]
                 t = time.monotonic()
                 self.srv.serve(handler)
                 self.longest = max(self.longest, time.monotonic() - t)
@@ -338,7 +338,7 @@ def test_deferred_answer_is_sent_when_ready_without_holding_anyone(tmp_path: Pat
     forgotten.sendall(b'{"command": "later"}\n')
     deadline = time.monotonic() + 5
     while len(later) < 2 and time.monotonic() < deadline:
-        wait(srv.waitables(), timeout=0.05)
+        wait(srv.waitables(), timeout=0.05)  # type: ignore[arg-type]
         srv.serve(deferring)
     assert len(later) == 2 and srv.clients == 2
     other = connect(srv.path)
@@ -354,7 +354,7 @@ def test_deferred_answer_is_sent_when_ready_without_holding_anyone(tmp_path: Pat
     assert answer(c) == {"late": True}
     # the other one is never answered: dropped a second after the handler's own limit
     while srv.clients and time.monotonic() - t0 < 5:
-        wait(srv.waitables(), timeout=srv.next_timeout())
+        wait(srv.waitables(), timeout=srv.next_timeout())  # type: ignore[arg-type]
         srv.serve(deferring)
     assert answer(forgotten) is None
     assert 1.5 < time.monotonic() - t0 < 3.0 and srv.errors == 1

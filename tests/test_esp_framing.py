@@ -51,7 +51,7 @@ def inet_checksum(data: bytes) -> int:
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total > 0xFFFF:
         total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    return int(~total & 0xFFFF)
 
 
 def ipv4(
@@ -182,7 +182,7 @@ def test_cbc_hmac_layout(mac: str, digest: object, icv: int, esn: bool) -> None:
         iv, ct, tag = body[8:24], body[24:-icv], body[-icv:]
         seq_hi = (seq >> 32).to_bytes(4, "big") if esn else b""
         # RFC 4303 2.8 / 3.3.2.1: ICV over ESP header, IV, ciphertext, then the ESN high half.
-        assert tag == hmac.new(ikey, body[:-icv] + seq_hi, digest).digest()[:icv]  # type: ignore[arg-type]
+        assert tag == hmac.new(ikey, body[:-icv] + seq_hi, digest).digest()[:icv]  # type: ignore[call-overload]
         dec = Cipher(algorithms.AES(CBC_KEY), modes.CBC(iv)).decryptor()
         check_trailer(dec.update(ct) + dec.finalize(), payload, 17, 16)
         assert iv != seq.to_bytes(16, "big")  # RFC 3602: not the predictable counter itself
@@ -359,7 +359,7 @@ def test_packet_key_and_header_are_values() -> None:
     assert key == ip.PacketKey(*base) and hash(key) == hash(ip.PacketKey(*base))
     assert tuple(key) == base and key.fields() == base
     for i in range(5):
-        other = list(base)
+        other: list[int | None] = list(base)
         other[i] = None if i >= 3 else base[i] + 1
         assert key != ip.PacketKey(*other)  # type: ignore[arg-type]
     assert {key: 1}.get(ip.PacketKey(*base)) == 1 and {key: 1}.get(ip.PacketKey(*base[:3], 1, 2)) is None

@@ -125,7 +125,7 @@ def test_lifetime_watch_matches_the_full_check(
     now = 0.0
     for packets, nbytes, dt in steps:
         now += dt
-        outcomes = []
+        outcomes: list[DropReason | None] = []
         for sa, check in ((fast, SecurityAssociation.check_lifetime), (slow, _reference_check)):
             sa.packets += packets
             sa.bytes += nbytes

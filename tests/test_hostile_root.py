@@ -217,7 +217,7 @@ def test_exception_storm_is_counted_quiet_and_idle(pair: Pair, tmp_path: Path, d
     time.sleep(3.0)
     idle = [cpu_seconds(p) - c for p, c in zip(pids, cpu0, strict=True)]
     assert all(x < 0.3 for x in idle), idle
-    log = a.log.read_text()
+    log = a.log_text()
     for q in QUEUES:  # one traceback per worker per 10 s, not one per packet
         assert sum(f"nfq-ipsec[q{q}] ERROR: internal error handling a packet" in line
                    for line in log.splitlines()) <= 2
@@ -378,7 +378,7 @@ def test_hostile_control_clients_while_a_worker_is_killed(pair: Pair, tmp_path: 
     assert {json.loads(a)["error"] for a in hostile.answers} == {
         "bad request: nested too deeply",
         f"bad request: request longer than {control.MAX_REQUEST} bytes"}
-    log = b.log.read_text()
+    log = b.log_text()
     assert "supervisor failed" not in log and "bad request" not in log and "Traceback" not in log
     print(f"\nhostile control clients: {hostile.connections} connections; worker killed -> queue "
           f"bound again {rebound:.3f} s, last_outage {outage:.3f} s; control_errors "

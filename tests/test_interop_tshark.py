@@ -83,7 +83,7 @@ def icmp_echo(ident: int, seq: int, payload: bytes) -> bytes:
         total = sum(struct.unpack(f"!{len(data) // 2}H", data))
         while total > 0xFFFF:
             total = (total & 0xFFFF) + (total >> 16)
-        return ~total & 0xFFFF
+        return int(~total & 0xFFFF)
 
     icmp = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + payload
     icmp = icmp[:2] + csum(icmp).to_bytes(2, "big") + icmp[4:]

@@ -67,11 +67,11 @@ def replace_as_other_user(directory: Path, name: str, data: bytes) -> None:
 
 
 def run_to_exit(d: Daemon) -> tuple[int, str]:
-    start = d.log.stat().st_size if d.log.exists() else 0
+    start = len(d.log_text())
     d.start()
     assert d.proc is not None
     code = d.proc.wait(60)
-    return code, d.log.read_text()[start:]
+    return code, d.log_text()[start:]
 
 
 def test_state_rolled_back_by_another_user_is_refused(pair: Pair, tmp_path: Path,
@@ -123,7 +123,7 @@ def test_state_rolled_back_by_another_user_is_refused(pair: Pair, tmp_path: Path
     os.kill(a.worker_pid(st, 0), 9)
     assert a.proc is not None
     assert a.proc.wait(60) == 1
-    log = a.log.read_text()
+    log = a.log_text()
     assert f"queue {QUEUES[0]}: state file {path} is owned by uid {OTHER}" in log
 
     # A file in the old unkeyed format (root's own) is refused with what to do.
@@ -137,7 +137,7 @@ def test_state_rolled_back_by_another_user_is_refused(pair: Pair, tmp_path: Path
     assert code == 5, log
     assert "old format (version 1)" in log and "nfq-ipsec state reset" in log
     for key in keys.values():
-        assert key not in a.log.read_text()
+        assert key not in a.log_text()
 
 
 def _stack_readable(pid: int) -> bool:
@@ -188,5 +188,5 @@ def test_lifetime_counts_across_a_restart_and_no_core_dumps(pair: Pair, tmp_path
     st = a.status()
     assert st is not None
     assert a.sa(st, "ab0")["other_drops"] == 5 and a.sa(st, "ab0")["lifetime_left"]["packets"] == 0
-    assert "hard expired" in a.log.read_text()
+    assert "hard expired" in a.log_text()
     assert a.stop() == 0 and b.stop() == 0

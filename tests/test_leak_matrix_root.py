@@ -118,7 +118,7 @@ def restart(d: Daemon) -> None:
 
 
 def stopped_cleanly(d: Daemon) -> None:
-    assert d.stop() == 0, d.log.read_text()[-2000:]
+    assert d.stop() == 0, d.log_text()[-2000:]
 
 
 @dataclass
@@ -527,7 +527,7 @@ def test_reload_with_changed_keys(lab: Lab) -> None:
             for d, a_side in ((lab.a, True), (lab.b, False)):
                 res = reload(d, rekeyed(originals[d.host.name], a_side, step, keys))
                 assert res.returncode == 0, (step, d.host.name, res.stdout, res.stderr,
-                                             d.log.read_text()[-3000:])
+                                             d.log_text()[-3000:])
                 results.append(res.stdout.strip())
         return {"reloads": 6}
 
@@ -565,9 +565,9 @@ def test_reload_refused_keeps_the_running_configuration(lab: Lab) -> None:
         assert a.proc is not None
         a.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
-        while "reload refused" not in a.log.read_text() and time.monotonic() < deadline:
+        while "reload refused" not in a.log_text() and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert "reload refused" in a.log.read_text()
+        assert "reload refused" in a.log_text()
         a.config.write_text(original)
         out = run_scenario(lab, "refused reloads", lambda: None)
         no_cleartext(out)

@@ -204,10 +204,10 @@ def test_a_router_report_sets_the_path_mtu_and_nothing_is_lost(host_lab: LabSess
     out = json.loads(_python(a.host, SEND_DF_SRC, str(b.spec.address), str(PORT),
                              "1300", "1100", "1300", "1100").splitlines()[-1])
     got = _received(recv)
-    frames = rdpcap(str(cap.stop()))
+    captured = rdpcap(str(cap.stop()))
     assert out == {"errors": [], "mtu": 1500}, out  # nothing refused, the route left alone
     assert sorted(len(d) for d in got) == [1072, 1072, 1272, 1272]  # every datagram, whole
-    esp = [pkt[IP] for pkt in frames if ESP in pkt and pkt[IP].src == str(a.spec.address)]
+    esp = [pkt[IP] for pkt in captured if ESP in pkt and pkt[IP].src == str(a.spec.address)]
     big = [p for p in esp if p.len > PATH_MTU]
     small = [p for p in esp if p.len <= PATH_MTU]
     assert len(big) == 2 and all(p.flags == 0 for p in big), [(p.len, p.flags) for p in esp]

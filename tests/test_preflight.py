@@ -127,7 +127,8 @@ def test_kernel_drops_sums_our_drop_rules_by_reason(tmp_path: Path, monkeypatch:
     """Status reports what our own DROP rules dropped (those packets never reach a worker)."""
     cfg = load_config(config(tmp_path), online_cpus=[0])
     rs = rules.build(cfg)
-    lines, expect = [], {}
+    lines: list[str] = []
+    expect: dict[str, int] = {}
     for t in rs.tables:
         lines.append(f"*{t.name}")
         for n, r in enumerate(t.rules, start=3):

@@ -34,7 +34,7 @@ def test_ruff_clean() -> None:
 
 def test_mypy_clean() -> None:
     res = subprocess.run(
-        [_tool("mypy"), "nfq_ipsec", "nfq_ipsec_lab"], cwd=ROOT, capture_output=True, text=True,
+        [_tool("mypy"), "nfq_ipsec", "nfq_ipsec_lab", "tests"], cwd=ROOT, capture_output=True, text=True,
     )
     assert res.returncode == 0, res.stdout + res.stderr
 
@@ -62,7 +62,7 @@ def test_tests_run_on_the_interpreter_install_deps_picks() -> None:
                          capture_output=True, text=True) if system.exists() else None
     if res is None or res.stdout.strip() != "True":
         pytest.skip("no /usr/bin/python3 of 3.11 or newer with venv: install-deps takes python3 from PATH")
-    assert os.path.realpath(sys._base_executable) == os.path.realpath(system)
+    assert os.path.realpath(sys._base_executable) == os.path.realpath(system)  # type: ignore[attr-defined]
 
 
 def test_the_product_has_no_fault_injection_code() -> None:

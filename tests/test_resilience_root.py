@@ -195,7 +195,7 @@ def test_sa_state_survives_worker_and_daemon_crashes(pair: Pair, tmp_path: Path,
     assert all(w["restarts"] == 0 for w in st["workers"])  # the replays harmed no worker
     print(f"\nSA continuity figures: {json.dumps(figures)}")
     for d in (a, b):
-        log = d.log.read_text()
+        log = d.log_text()
         for key in keys.values():
             assert key not in log
 
@@ -314,7 +314,7 @@ def test_hung_worker_is_killed_and_restarted_by_the_watchdog(pair: Pair, tmp_pat
     assert st["workers"][1]["pid"] == other and st["workers"][1]["restarts"] == 0
     messages = [(PORTS[0], f"{MARKER}-after-{n}") for n in range(10)]
     assert send(pair, messages) == [m for _, m in messages]
-    assert "(daemon.watchdog = 2 s): killing it" in a.log.read_text()
+    assert "(daemon.watchdog = 2 s): killing it" in a.log_text()
     print(f"\nhung worker replaced {replaced:.1f} s after its first packet (watchdog 2 s)")
 
 
@@ -373,7 +373,7 @@ def test_killed_supervisor_fails_closed_and_is_taken_over(pair: Pair, tmp_path: 
     a.start()
     st = a.wait_running()
     assert pair.iptables_save(pair.a) == installed
-    assert "rules left by an earlier run found; replacing them" in a.log.read_text()
+    assert "rules left by an earlier run found; replacing them" in a.log_text()
     workers = [w["pid"] for w in st["workers"]]
     a.proc.kill()
     a.proc.wait(30)
@@ -393,7 +393,7 @@ def test_queue_used_by_a_foreign_rule_refuses_to_start(pair: Pair, tmp_path: Pat
     a.start()
     assert a.proc is not None
     assert a.proc.wait(60) == 2
-    log = a.log.read_text()
+    log = a.log_text()
     assert f"queue {QUEUES[1]} is already used by a rule that is not ours: *mangle -A POSTROUTING" in log
     assert "nothing started, nothing installed" in log
     assert pair.iptables_save(pair.a) == before
@@ -416,7 +416,7 @@ def test_corrupt_state_refuses_to_start_until_reset(pair: Pair, tmp_path: Path,
     a.start()
     assert a.proc is not None
     assert a.proc.wait(60) == 5
-    log = a.log.read_text()
+    log = a.log_text()
     assert f"sa ab1 (spi 0x{SPI_AB + 1:08x}, out): state file {path} is corrupt" in log
     assert "nfq-ipsec state reset" in log
     assert pair.iptables_save(pair.a) == before

@@ -61,7 +61,7 @@ def everything_data() -> dict[str, Any]:
             d.update(encryption="aes-cbc-256", key=CBC256, integrity="hmac-sha512-256",
                      integrity_key=SHA512)
         # each SA its own keys (a shared key is refused): these, made distinct per SA
-        d["key"] = hashlib.sha256(f"{name} key".encode()).hexdigest() + d["key"][64:]
+        d["key"] = hashlib.sha256(f"{name} key".encode()).hexdigest() + d["key"][64:]  # type: ignore[index]
         if cbc:
             d["integrity_key"] = hashlib.sha512(f"{name} integrity".encode()).hexdigest()
         return d

@@ -108,7 +108,7 @@ policy_lists = st.one_of(st.lists(_entries, max_size=7), st.lists(_entries, min_
 def _inside(draw: st.DrawFn, net: IPv4Network) -> int:
     """An address in ``net``: often one of ADDRS (inside many prefixes at once), if one is."""
     pool = [addr for addr in map(IPv4Address, ADDRS) if addr in net]
-    if pool and draw(st.booleans()):
+    if pool and draw(st.booleans()):  # type: ignore[arg-type]
         return int(draw(st.sampled_from(pool)))
     return int(net.network_address) + draw(st.integers(0, net.num_addresses - 1))
 
@@ -126,7 +126,7 @@ def _port(draw: st.DrawFn, rng: tuple[int, int] | None, exact: int | None) -> in
 def keys_for(draw: st.DrawFn, policies: list[Policy]) -> tuple[PacketKey, bool]:
     """A key and a direction, mostly built to fall inside some policy's selector."""
     outbound = draw(st.booleans())
-    if policies and draw(st.integers(0, 5)):
+    if policies and draw(st.integers(0, 5)):  # type: ignore[arg-type]
         sel = draw(st.sampled_from(policies)).selector
         local, rem = _inside(draw, sel.local), _inside(draw, sel.remote)
         proto = sel.protocol if sel.protocol is not None and draw(st.integers(0, 5)) else None
@@ -316,7 +316,7 @@ class Counted(int):
 
 
 def counted_key(k: PacketKey) -> PacketKey:
-    return PacketKey(*(None if v is None else Counted(v) for v in k))
+    return PacketKey(*(None if v is None else Counted(v) for v in k))  # type: ignore[arg-type]
 
 
 def ops_for(spd: SPD, k: PacketKey, outbound: bool) -> tuple[Policy | None, int]:
@@ -342,7 +342,7 @@ def test_a_large_spd_is_a_few_probes_into_small_buckets(protect: dict[str, Any])
     for linear, groups in ((spd._out_linear, spd._out_groups), (spd._in_linear, spd._in_groups)):
         assert linear == () and 1 <= len(groups) <= 3
         for _first, _masks, get in groups:
-            buckets = get.__self__  # the group's dict: nets -> entries
+            buckets = get.__self__  # type: ignore[attr-defined]  # the group's dict: nets -> entries
             assert isinstance(buckets, dict) and max(len(entries) for entries in buckets.values()) <= 2
 
 

@@ -155,7 +155,7 @@ def test_run_status_restart_and_clean_stop(pair: Pair, tmp_path: Path, daemons: 
     time.sleep(0.5)
     for pid in d.worker_pids:
         assert not Path(f"/proc/{pid}").exists() or b"zombie" in Path(f"/proc/{pid}/status").read_bytes()
-    log = d.log.read_text()
+    log = d.log_text()
     assert "died, killed by SIGKILL" in log and "restarting in 0.1 s" in log, log
     assert "rules closed" in log
     for key in keys.values():
@@ -264,8 +264,8 @@ def test_two_daemons_carry_traffic_as_esp(pair: Pair, tmp_path: Path, daemons: l
     assert sniffed["leaked"] == 0
     assert sniffed["protos"].get("50", 0) >= len(messages)  # ESP on the wire
     assert sniffed["protos"].get("17", 0) == 0  # and no UDP
-    sa_a = {s["name"]: s for s in a.status()["sas"]}  # type: ignore[index]
-    sa_b = {s["name"]: s for s in b.status()["sas"]}  # type: ignore[index]
+    sa_a = {s["name"]: s for s in a.status()["sas"]}
+    sa_b = {s["name"]: s for s in b.status()["sas"]}
     assert sa_a["ab0"]["packets"] + sa_a["ab1"]["packets"] == len(messages)
     assert sa_b["ab0"]["packets"] + sa_b["ab1"]["packets"] == len(messages)
     for n in ("ab0", "ab1"):
@@ -290,7 +290,7 @@ def test_fault_injection_fails_closed(pair: Pair, tmp_path: Path, daemons: list[
     assert sum((w["drops"] or {}).get("internal", 0) for w in st["workers"]) == len(messages)
     assert sum(w["packets_out"] for w in st["workers"]) == 0
     assert a.stop() == 0
-    assert a.log.read_text().count("internal error handling a packet") <= 2  # rate-limited
+    assert a.log_text().count("internal error handling a packet") <= 2  # rate-limited
 
 
 HOLD_QUEUE = textwrap.dedent("""
@@ -320,7 +320,7 @@ def test_worker_that_cannot_start_stops_the_daemon(pair: Pair, tmp_path: Path,
     finally:
         holder.kill()
         holder.wait()
-    log = d.log.read_text()
+    log = d.log_text()
     assert f"worker for queue {QUEUES[0]} died before becoming ready 3 times in a row" in log
     assert "another process holds this queue" in log
     assert pair.iptables_save(pair.a) == before  # never installed

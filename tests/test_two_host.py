@@ -51,7 +51,7 @@ def inet_checksum(data: bytes) -> int:
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total > 0xFFFF:
         total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    return int(~total & 0xFFFF)
 
 
 def ipv4(src: str, dst: str, payload: bytes, proto: int = 17, *, tos: int = 0, flags: int = 0,
@@ -345,7 +345,7 @@ def test_rfc6040_decapsulation(inner_ecn: int, outer_ecn: int) -> None:
     marked = bytearray(sent)
     marked[1] = dscp | outer_ecn  # what the path did to the outer header
     res = b.inbound(fix_checksum(bytes(marked)), now=0.0)
-    want = RFC6040_DECAP[inner_ecn][outer_ecn]
+    want = RFC6040_DECAP[inner_ecn][outer_ecn]  # type: ignore[index]
     if want is None:
         assert res.verdict is Verdict.DROP and res.reason is not None
         return

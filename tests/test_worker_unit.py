@@ -430,7 +430,7 @@ def server(tmp_path: Path) -> Iterator[control.ControlServer]:
         from multiprocessing.connection import wait
 
         while not stop.is_set():
-            wait(srv.waitables(), timeout=0.05)
+            wait(srv.waitables(), timeout=0.05)  # type: ignore[arg-type]
             srv.serve(lambda req: {"echo": req, "secret": None})
 
     t = threading.Thread(target=serve, daemon=True)

@@ -187,6 +187,12 @@ class Daemon:
         """What it printed (its log), across restarts when it has a log of its own."""
         return self.proc.output() if self.proc else ""
 
+    def log_text(self) -> str:
+        """Its own log file, every start appended ("" before the first, or with no log)."""
+        if self.log is None or not self.log.exists():
+            return ""
+        return self.log.read_text()
+
 
 def _ready(status: dict[str, Any]) -> bool:
     workers = status.get("workers") or []

@@ -32,19 +32,21 @@ def env_with_fault(env: dict[str, str], fault: str) -> dict[str, str]:
     """``env`` for a daemon whose workers get ``fault``."""
     out = dict(env)
     out[FAULT_ENV] = fault
-    out["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), env.get("PYTHONPATH", "")) if p)
+    # HERE for sitecustomize.py, its parent (tests/) for this module as faults.nfq_ipsec_faults
+    out["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")) if p)
     return out
 
 
 def wrap(handler: Any, fault: str) -> Any:
     """Make ``handler`` (a PacketHandler) misbehave as ``fault`` says; returns it."""
     original: Callable[[list[Any]], None] = handler.handle_batch
-    state = {"fault": fault, "logged": False}
+    state: dict[str, str] = {"fault": fault, "logged": ""}
 
     def handle_batch(packets: list[Any]) -> None:
         if not state["logged"]:
             log.warning("test fault injection active: %s=%s", FAULT_ENV, fault)
-            state["logged"] = True
+            state["logged"] = "yes"
         current = state["fault"]
         if current == "raise-every-packet":
             for pkt in packets:

@@ -4,6 +4,6 @@ tests that inject faults): wraps the workers' packet handling as NFQ_IPSEC_TEST_
 import os
 
 if os.environ.get("NFQ_IPSEC_TEST_FAULT"):
-    import nfq_ipsec_faults
+    from faults import nfq_ipsec_faults
 
     nfq_ipsec_faults.install(os.environ["NFQ_IPSEC_TEST_FAULT"])
