@@ -64,11 +64,11 @@ _ANY = '`"any"`'
 NODE = Section("node", "[node]", "Where the IPsec boundary is (RFC 4301 section 3.1) and what this "
                "node is.", (
     Field("interface", STRING, "the unprotected (IPsec-facing) interface; a gateway must name it",
-          default_text="every interface but `lo`", allowed="an interface name",
+          default_text="every interface but `lo`", allowed="an interface name (1..15 characters)",
           check=parsers.interface_problem),
     Field("role", STRING, "`host`: this host's own traffic; `gateway`: also forwarded traffic",
           default=DEFAULT_ROLE, choices={"host": "host", "gateway": "gateway"}),
-    Field("default", STRING, "what happens to traffic that matches no policy",
+    Field("default", STRING, "what happens to traffic that matches no policy (RFC 4301: discard)",
           default=DEFAULT_NODE_ACTION, choices={"discard": Action.DISCARD, "bypass": Action.BYPASS}),
     Field("mtu", INTEGER, "of the unprotected interface: TCP MSS clamping, each SA's first path MTU",
           default=DEFAULT_MTU, bounds=(576, 65535)),
@@ -81,13 +81,15 @@ NODE = Section("node", "[node]", "Where the IPsec boundary is (RFC 4301 section 
 DAEMON = Section("daemon", "[daemon]", "The daemon: its workers (one per NFQUEUE), the mark on "
                  "what they send, its files and its iptables chains.", (
     Field("queues", "array of integers", "NFQUEUE numbers, one worker each",
-          default_text=f"one per CPU of `cpus` or, without it, per online CPU, from "
+          default_text=f"one per entry of `cpus` (else per online CPU), numbered from "
                        f"{DEFAULT_QUEUE_BASE}",
           allowed="0..65535, each once", parser=parsers.queues),
     Field("cpus", "array of integers", "the CPU each queue's worker is pinned to, in queue order",
-          default_text="queue i on online CPU i", allowed="online CPUs, at most one per queue",
+          default_text="queue i on the i-th online CPU (round robin)",
+          allowed="online CPUs, at most one per queue (the rest are not pinned)",
           parser=parsers.queues),
-    Field("mark", INTEGER, "set on every packet a worker reinjects; our rules skip it",
+    Field("mark", INTEGER, "one bit (a power of two), set on every packet a worker reinjects; our "
+          "rules skip it",
           default=DEFAULT_MARK, bounds=(1, 0xFFFFFFFF), hex=True, check=parsers.mark_problem),
     Field("control_socket", STRING, "the socket `status`, `reload` and `stop` talk to",
           default=DEFAULT_SOCKET),
@@ -135,22 +137,22 @@ POLICY = Section("policy", "[[policy]]", "The SPD (RFC 4301 section 4.4.1), in o
           default=_SELECTOR["icmp_type"], default_text="any", bounds=(0, 255)),
     Field("icmp_code", INTEGER, 'the ICMP code; needs `protocol = "icmp"`',
           default=_SELECTOR["icmp_code"], default_text="any", bounds=(0, 255)),
-    Field("sa", "array of strings", "`protect`: its SAs, an outbound one per queue and the "
+    Field("sa", "array of strings", "`protect`: its SAs, at most one outbound per queue, and the "
           "inbound ones; an SA serves one policy", default=_POLICY["sa_names"],
           allowed="names of `[[sa]]`", parser=parsers.sa_names),
 ))
 
 _KEY = "hex; AEADs: the key, then the 4-byte salt"
 _KEY_FILE = "relative to this file; mode 0600 or stricter"
-SA = Section("sa", "[[sa]]", "Security associations. Several between the same two peers, one "
-             "per queue and direction, let every worker carry traffic (RFC 9611).", (
+SA = Section("sa", "[[sa]]", "Security associations, each with its SPI, direction, algorithms "
+             "and keys, and the worker (queue) that owns it.", (
     Field("name", STRING, "names the SA in policies, messages and status", required=True),
     Field("direction", STRING, "`out`: we send with it; `in`: we receive with it", required=True,
           choices=_enum_choices(SADirection)),
     Field("spi", INTEGER, "the Security Parameters Index, unique per direction", required=True,
           bounds=(MIN_SPI, 0xFFFFFFFF),
           allowed=f"{MIN_SPI}..0xffffffff (RFC 4303: 1..{MIN_SPI - 1} are reserved)"),
-    Field("queue", INTEGER, "the worker that owns the SA", default_text="the first of `queues`",
+    Field("queue", INTEGER, "the worker that owns the SA", default_text="the first queue",
           allowed="one of `daemon.queues`", parser=parsers.sa_queue),
     Field("mode", STRING, "`tunnel` needs `tunnel_local` and `tunnel_remote`",
           default=_SA["mode"], choices=_enum_choices(Mode)),
