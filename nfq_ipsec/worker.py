@@ -42,6 +42,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from . import corebuild, counts, hardening
+from .config.fields import DEFAULT_LOG_LEVEL
 from .core import SPD, DropReason, Policy, Processor, SAParams, SecurityAssociation, Verdict
 from .core.processor import ARRIVING, FORWARDED, LEAVING
 from .nfqueue import (
@@ -78,7 +79,7 @@ class WorkerSpec:
     mark: int
     policies: tuple[Policy, ...]
     sas: tuple[SAParams, ...]
-    log_level: str = "info"
+    log_level: str = DEFAULT_LOG_LEVEL
     max_len: int = DEFAULT_MAX_LEN
     state_dir: str | None = None  # None: nothing persisted (tests of the packet path only)
     mtu: int = 1500  # node.mtu: the first path MTU of every outbound SA

@@ -1,4 +1,6 @@
-"""The validated configuration. Built only by ``loader``; every field is already checked."""
+"""The validated configuration. Built only by the loader; every field is already checked.
+
+The defaults are those of the field tables (``fields.py``), written there once."""
 
 from __future__ import annotations
 
@@ -7,11 +9,28 @@ from pathlib import Path
 
 from ..core.sa import SADirection, SAParams
 from ..core.spd import SPD, Action, Policy
+from .fields import (
+    DEFAULT_CHAIN_PREFIX,
+    DEFAULT_IPTABLES,
+    DEFAULT_IPV6_ND,
+    DEFAULT_LOG_LEVEL,
+    DEFAULT_MARK,
+    DEFAULT_MSS_CLAMP,
+    DEFAULT_MTU,
+    DEFAULT_NODE_ACTION,
+    DEFAULT_QUEUE_BASE,
+    DEFAULT_ROLE,
+    DEFAULT_SOCKET,
+    DEFAULT_STATE_DIR,
+    DEFAULT_WATCHDOG,
+    WATCHDOG_RANGE,
+)
 
-DEFAULT_QUEUE_BASE = 100
-DEFAULT_MARK = 0x10000000  # set on every packet a worker reinjects; our rules skip it
-DEFAULT_SOCKET = "/run/nfq-ipsec/nfq-ipsec.sock"
-DEFAULT_STATE_DIR = "/var/lib/nfq-ipsec"
+# The constants this module always had stay importable from it (the lab and tests use them).
+__all__ = [
+    "DEFAULT_MARK", "DEFAULT_QUEUE_BASE", "DEFAULT_SOCKET", "DEFAULT_STATE_DIR",
+    "DEFAULT_WATCHDOG", "WATCHDOG_RANGE", "Config", "DaemonConfig", "NodeConfig", "QueueConfig",
+]
 
 
 @dataclass(frozen=True)
@@ -19,16 +38,12 @@ class NodeConfig:
     """Where the IPsec boundary is (RFC 4301 section 3.1) and what this node is."""
 
     interface: str | None = None  # the unprotected (IPsec-facing) interface; None: all but lo
-    role: str = "host"  # "host" or "gateway" (gateway also protects forwarded traffic)
-    default_action: Action = Action.DISCARD  # for traffic that matches no policy
-    mtu: int = 1500  # of the unprotected interface: TCP MSS clamping, each SA's first path MTU
+    role: str = DEFAULT_ROLE  # "host" or "gateway" (gateway also protects forwarded traffic)
+    default_action: Action = DEFAULT_NODE_ACTION  # for traffic that matches no policy
+    mtu: int = DEFAULT_MTU  # of the unprotected interface: TCP MSS clamping, each SA's first path MTU
     # IPv6 neighbour discovery on the unprotected interface while IPv6 is otherwise dropped
     # (node.default = discard; policies and SAs are IPv4 only).
-    ipv6_neighbour_discovery: bool = False
-
-
-DEFAULT_WATCHDOG = 10.0
-WATCHDOG_RANGE = (1.0, 3600.0)  # or 0, which turns the watchdog off
+    ipv6_neighbour_discovery: bool = DEFAULT_IPV6_ND
 
 
 @dataclass(frozen=True)
@@ -43,10 +58,10 @@ class DaemonConfig:
     mark: int = DEFAULT_MARK
     control_socket: str = DEFAULT_SOCKET
     state_dir: str = DEFAULT_STATE_DIR
-    mss_clamp: bool = True
-    chain_prefix: str = "NFQIPSEC"
-    log_level: str = "info"
-    iptables: str = "auto"  # "auto" (the system's iptables), "nft" or "legacy"
+    mss_clamp: bool = DEFAULT_MSS_CLAMP
+    chain_prefix: str = DEFAULT_CHAIN_PREFIX
+    log_level: str = DEFAULT_LOG_LEVEL
+    iptables: str = DEFAULT_IPTABLES  # "auto" (the system's iptables), "nft" or "legacy"
     watchdog: float = DEFAULT_WATCHDOG  # seconds a ready worker may not answer; 0: no watchdog
 
 

@@ -1,0 +1,206 @@
+"""The configuration file's fields: one table per section, each field with its TOML type,
+default, allowed values and a one-line description.
+
+The tables are the one place a field is declared (what a field and a section can say:
+``schema.py``). They drive the loader (``node.py``, ``sas.py``, ``policies.py``): a simple
+field (a string, integer or boolean with choices, bounds or a check) is read by
+:meth:`~nfq_ipsec.config.schema.Field.read` from its entry alone, and the known keys of every
+section come from its table. A field that needs more names its parser (``parsers.py``), which
+its section calls. The README's configuration reference is rendered from the tables
+(``reference.py``).
+
+Defaults are written once. Those of ``[node]`` and ``[daemon]`` are the constants below, which
+the dataclasses in ``model.py`` use too; those of ``[[sa]]`` and ``[[policy]]`` are the core's
+own (``SAParams``, ``Lifetime``, ``Selector``, ``Policy``), read from its dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .. import logsetup
+from ..core.replay import MIN_WINDOW
+from ..core.sa import MIN_SPI, DfPolicy, Lifetime, Mode, SADirection, SAParams
+from ..core.spd import Action, Direction, Policy, Selector
+from ..core.suites import ENCRYPTION, HMACS
+from . import parsers
+from .schema import BOOLEAN, INTEGER, NUMBER, STRING, Field, Section
+
+# -- defaults of [node] and [daemon] (model.py's dataclasses use the same) -------------------------
+DEFAULT_ROLE = "host"
+DEFAULT_NODE_ACTION = Action.DISCARD  # node.default: RFC 4301 discards what no policy matches
+DEFAULT_MTU = 1500
+DEFAULT_IPV6_ND = False
+DEFAULT_QUEUE_BASE = 100  # the first queue number when daemon.queues is not given
+DEFAULT_MARK = 0x10000000  # set on every packet a worker reinjects; our rules skip it
+DEFAULT_SOCKET = "/run/nfq-ipsec/nfq-ipsec.sock"
+DEFAULT_STATE_DIR = "/var/lib/nfq-ipsec"
+DEFAULT_MSS_CLAMP = True
+DEFAULT_CHAIN_PREFIX = "NFQIPSEC"
+DEFAULT_LOG_LEVEL = "info"
+DEFAULT_IPTABLES = "auto"
+DEFAULT_WATCHDOG = 10.0
+WATCHDOG_RANGE = (1.0, 3600.0)  # or 0, which turns the watchdog off
+
+
+def _core_defaults(cls: type) -> dict[str, Any]:
+    """The defaults of a core dataclass's fields (the core can't import the configuration)."""
+    return {
+        f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+    }
+
+
+def _enum_choices(enum: Any) -> dict[str, Any]:
+    return {member.value: member for member in enum}
+
+
+_SA = _core_defaults(SAParams)
+_SELECTOR = _core_defaults(Selector)
+_POLICY = _core_defaults(Policy)
+_LIFETIME = _core_defaults(Lifetime)
+_ANY = '`"any"`'
+
+NODE = Section("node", "[node]", "Where the IPsec boundary is (RFC 4301 section 3.1) and what this "
+               "node is.", (
+    Field("interface", STRING, "the unprotected (IPsec-facing) interface; a gateway must name it",
+          default_text="every interface but `lo`", allowed="an interface name (1..15 characters)",
+          check=parsers.interface_problem),
+    Field("role", STRING, "`host`: this host's own traffic; `gateway`: also forwarded traffic",
+          default=DEFAULT_ROLE, choices={"host": "host", "gateway": "gateway"}),
+    Field("default", STRING, "what happens to traffic that matches no policy (RFC 4301: discard)",
+          default=DEFAULT_NODE_ACTION, choices={"discard": Action.DISCARD, "bypass": Action.BYPASS}),
+    Field("mtu", INTEGER, "of the unprotected interface: TCP MSS clamping, each SA's first path MTU",
+          default=DEFAULT_MTU, bounds=(576, 65535)),
+    Field("ipv6_neighbour_discovery", BOOLEAN,
+          "with `default = \"discard\"`: let IPv6 neighbour discovery (types 133-136, hop limit "
+          "255) through on the unprotected interface; all other IPv6 drops",
+          default=DEFAULT_IPV6_ND),
+))
+
+DAEMON = Section("daemon", "[daemon]", "The daemon: its workers (one per NFQUEUE), the mark on "
+                 "what they send, its files and its iptables chains.", (
+    Field("queues", "array of integers", "NFQUEUE numbers, one worker each",
+          default_text=f"one per entry of `cpus` (else per online CPU), numbered from "
+                       f"{DEFAULT_QUEUE_BASE}",
+          allowed="0..65535, each once", parser=parsers.queues),
+    Field("cpus", "array of integers", "the CPU each queue's worker is pinned to, in queue order",
+          default_text="queue i on the i-th online CPU (round robin)",
+          allowed="online CPUs, at most one per queue (the rest are not pinned)",
+          parser=parsers.queues),
+    Field("mark", INTEGER, "one bit (a power of two), set on every packet a worker reinjects; our "
+          "rules skip it",
+          default=DEFAULT_MARK, bounds=(1, 0xFFFFFFFF), hex=True, check=parsers.mark_problem),
+    Field("control_socket", STRING, "the socket `status`, `reload` and `stop` talk to",
+          default=DEFAULT_SOCKET),
+    Field("state_dir", STRING, "each SA's saved sequence numbers and lifetime use (see *SA state "
+          "across restarts*)", default=DEFAULT_STATE_DIR),
+    Field("mss_clamp", BOOLEAN, "clamp the TCP MSS of protected flows for the ESP overhead",
+          default=DEFAULT_MSS_CLAMP),
+    Field("iptables", STRING, "which iptables: the system's (`auto`), `nft` or `legacy`",
+          default=DEFAULT_IPTABLES, choices={k: k for k in ("auto", "nft", "legacy")}),
+    Field("chain_prefix", STRING, "the start of the names of our iptables chains",
+          default=DEFAULT_CHAIN_PREFIX, allowed="1..16 letters, digits, `-` or `_`",
+          check=parsers.chain_prefix_problem),
+    Field("log_level", STRING, "what the daemon and its workers log",
+          default=DEFAULT_LOG_LEVEL, choices={k: k for k in logsetup.LEVELS}),
+    Field("watchdog", NUMBER, "seconds a worker may not answer before it is killed and restarted",
+          default=DEFAULT_WATCHDOG, bounds=WATCHDOG_RANGE,
+          allowed=f"0 (off) or {WATCHDOG_RANGE[0]:g}..{WATCHDOG_RANGE[1]:g} seconds",
+          parser=parsers.watchdog),
+))
+
+POLICY = Section("policy", "[[policy]]", "The SPD (RFC 4301 section 4.4.1), in order: the first "
+                 "policy that matches a packet decides. Selectors are from this host's point of "
+                 "view: outbound, `local` is the source; inbound, the destination.", (
+    Field("name", STRING, "names the policy in messages and status", required=True),
+    Field("action", STRING, "`protect` through its SAs, `bypass` in clear, or `discard`",
+          required=True, choices=_enum_choices(Action)),
+    Field("direction", STRING, "the traffic the policy applies to",
+          default=_POLICY["direction"], choices=_enum_choices(Direction)),
+    Field("local", STRING, "this host's side", default=_SELECTOR["local"],
+          allowed='an IPv4 prefix, or `"any"`', parser=parsers.network),
+    Field("remote", STRING, "the other side", default=_SELECTOR["remote"],
+          allowed='an IPv4 prefix, or `"any"`', parser=parsers.network),
+    Field("protocol", "string or integer", "the IP protocol", default=_SELECTOR["protocol"],
+          default_text=_ANY, allowed=", ".join(f"`{p}`" for p in parsers.PROTOCOLS)
+          + " or 0..255 (not 50, ESP itself)", parser=parsers.protocol),
+    Field("local_ports", "integer or string", "this host's ports",
+          default=_SELECTOR["local_ports"], default_text="any",
+          allowed='a port or `"lo-hi"`, 0..65535; protocol `tcp`, `udp` or `sctp`',
+          parser=parsers.ports),
+    Field("remote_ports", "integer or string", "the other side's ports",
+          default=_SELECTOR["remote_ports"], default_text="any",
+          allowed='a port or `"lo-hi"`, 0..65535; protocol `tcp`, `udp` or `sctp`',
+          parser=parsers.ports),
+    Field("icmp_type", INTEGER, 'the ICMP type; needs `protocol = "icmp"`',
+          default=_SELECTOR["icmp_type"], default_text="any", bounds=(0, 255)),
+    Field("icmp_code", INTEGER, 'the ICMP code; needs `protocol = "icmp"`',
+          default=_SELECTOR["icmp_code"], default_text="any", bounds=(0, 255)),
+    Field("sa", "array of strings", "`protect`: its SAs, at most one outbound per queue, and the "
+          "inbound ones; an SA serves one policy", default=_POLICY["sa_names"],
+          allowed="names of `[[sa]]`", parser=parsers.sa_names),
+))
+
+_KEY = "hex; AEADs: the key, then the 4-byte salt"
+_KEY_FILE = "relative to this file; mode 0600 or stricter"
+SA = Section("sa", "[[sa]]", "Security associations, each with its SPI, direction, algorithms "
+             "and keys, and the worker (queue) that owns it.", (
+    Field("name", STRING, "names the SA in policies, messages and status", required=True),
+    Field("direction", STRING, "`out`: we send with it; `in`: we receive with it", required=True,
+          choices=_enum_choices(SADirection)),
+    Field("spi", INTEGER, "the Security Parameters Index, unique per direction", required=True,
+          bounds=(MIN_SPI, 0xFFFFFFFF),
+          allowed=f"{MIN_SPI}..0xffffffff (RFC 4303: 1..{MIN_SPI - 1} are reserved)"),
+    Field("queue", INTEGER, "the worker that owns the SA", default_text="the first queue",
+          allowed="one of `daemon.queues`", parser=parsers.sa_queue),
+    Field("mode", STRING, "`tunnel` needs `tunnel_local` and `tunnel_remote`",
+          default=_SA["mode"], choices=_enum_choices(Mode)),
+    Field("encryption", STRING, "the algorithm (RFC 8221); `aes-cbc-*` and `null` need "
+          "`integrity`", required=True, allowed=", ".join(f"`{a}`" for a in ENCRYPTION)),
+    Field("key", STRING, f"the encryption key, {_KEY}; or `key_file`",
+          default_text="required unless `null`", allowed="its algorithm's size",
+          parser=parsers.key),
+    Field("key_file", STRING, f"a file holding `key`; {_KEY_FILE}", parser=parsers.key),
+    Field("integrity", STRING, "the HMAC (RFC 4868) for `aes-cbc-*` and `null`; AEADs take none",
+          default=_SA["integrity"], allowed=", ".join(f"`{a}`" for a in HMACS)),
+    Field("integrity_key", STRING, "the HMAC key, hex; or `integrity_key_file`",
+          default_text="required with `integrity`", allowed="its HMAC's size", parser=parsers.key),
+    Field("integrity_key_file", STRING, f"a file holding `integrity_key`; {_KEY_FILE}",
+          parser=parsers.key),
+    Field("tunnel_local", STRING, "tunnel mode: this end's outer address",
+          allowed="an IPv4 address", parser=parsers.address),
+    Field("tunnel_remote", STRING, "tunnel mode: the peer's outer address",
+          allowed="an IPv4 address", parser=parsers.address),
+    Field("replay_window", INTEGER, "inbound: the anti-replay window, in packets",
+          default=_SA["replay_window"], bounds=(MIN_WINDOW, 4096)),
+    Field("esn", BOOLEAN, "64-bit extended sequence numbers (RFC 4303)", default=_SA["esn"]),
+    Field("df", STRING, "tunnel mode: the outer header's DF bit (RFC 4301 section 8.1)",
+          default=_SA["df"], choices=_enum_choices(DfPolicy)),
+    Field("ttl", INTEGER, "tunnel mode: the outer header's TTL", default=_SA["ttl"],
+          bounds=(1, 255)),
+    Field("lifetime", "table", "the SA's limits: `[sa.lifetime]`", default_text="no limits",
+          parser=parsers.lifetime),
+))
+
+
+def _limit(what: str, toml: str, unit: str) -> tuple[Field, Field]:
+    soft, hard = f"soft_{what}", f"hard_{what}"
+    return (
+        Field(soft, toml, f"after this many {unit}: an event in the log", default=_LIFETIME[soft],
+              default_text="no limit", allowed=f"> 0, below `{hard}`"),
+        Field(hard, toml, f"after this many {unit}: the SA stops", default=_LIFETIME[hard],
+              default_text="no limit", allowed="> 0"),
+    )
+
+
+LIFETIME = Section("lifetime", "[sa.lifetime]", "An SA's limits, under its `[[sa]]`: a soft "
+                   "limit is an event in the log, a hard one stops the SA. They count from the "
+                   "key's first installation, across restarts.", (
+    *_limit("packets", INTEGER, "packets"),
+    *_limit("bytes", INTEGER, "bytes"),
+    *_limit("seconds", NUMBER, "seconds"),
+))
+
+TOP_LEVEL = (NODE, DAEMON, POLICY, SA)  # the sections a file may have
+SECTIONS = (*TOP_LEVEL, LIFETIME)  # every table, in the reference's order

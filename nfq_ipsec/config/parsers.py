@@ -1,0 +1,267 @@
+"""The fields that need more than a type, bounds or choices: the parsers the field tables
+(``fields.py``) name, and the checks they run on a value the table already accepted.
+
+Keys are hex strings, inline (``key``) or in a file of their own (``key_file``, relative to the
+config file, mode 0600 or stricter, owned by the user that runs nfq-ipsec, opened without
+following a symbolic link, every directory on its path checked: ``hardening.open_checked``).
+Error messages name lengths and locations, never key bytes.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+from .. import hardening
+from ..core.sa import Lifetime
+from ..core.spd import ANY
+from .reading import Problems, get
+from .schema import Field, Section
+
+MAX_KEY_FILE = 4096  # bytes; a key file holds one hex key (and maybe whitespace)
+PROTOCOLS = {"any": None, "icmp": 1, "tcp": 6, "udp": 17, "sctp": 132, "gre": 47}
+
+
+# -- checks of an accepted value: a problem, or None ---------------------------------------------
+
+def interface_problem(name: str) -> str | None:
+    if 0 < len(name) < 16 and all(c.isalnum() or c in "-_.@" for c in name):
+        return None
+    return f"not a valid interface name: {name!r}"
+
+
+def mark_problem(mark: int) -> str | None:
+    return f"must be a single bit (a power of two), got 0x{mark:x}" if mark & (mark - 1) else None
+
+
+def chain_prefix_problem(prefix: str) -> str | None:
+    if 0 < len(prefix) <= 16 and prefix.replace("_", "").replace("-", "").isalnum():
+        return None
+    return "1..16 letters, digits, '-' or '_'"
+
+
+# -- [daemon] ---------------------------------------------------------------------------------------
+
+def queues(
+    raw: dict[str, Any], cpus: list[int], base: int, probs: Problems
+) -> list[tuple[int, int | None]]:
+    """``queues`` and ``cpus`` together: (queue number, CPU or None) pairs. Without ``queues``,
+    one queue per CPU listed (or online), numbered from ``base``; without ``cpus``, queue i
+    runs on online CPU i."""
+    queues_raw = get(raw, "queues", "daemon", list, probs)
+    cpus_raw = get(raw, "cpus", "daemon", list, probs)
+    if queues_raw is None:
+        n = len(cpus_raw) if cpus_raw is not None else len(cpus)
+        queues_raw = [base + i for i in range(n)]
+    if cpus_raw is None:
+        cpus_raw = [cpus[i % len(cpus)] for i in range(len(queues_raw))] if cpus else []
+    pairs: list[tuple[int, int | None]] = []
+    if not queues_raw:
+        probs.add("daemon.queues", "needs at least one queue")
+    for i, q in enumerate(queues_raw):
+        if not isinstance(q, int) or isinstance(q, bool) or not 0 <= q <= 65535:
+            probs.add(f"daemon.queues[{i}]", f"must be a queue number 0..65535, got {q!r}")
+            continue
+        if q in [num for num, _ in pairs]:
+            probs.add(f"daemon.queues[{i}]", f"queue {q} listed twice")
+        cpu: int | None = None
+        if i < len(cpus_raw):
+            c = cpus_raw[i]
+            if not isinstance(c, int) or isinstance(c, bool):
+                probs.add(f"daemon.cpus[{i}]", f"must be a CPU number, got {c!r}")
+            elif c not in cpus:
+                probs.add(f"daemon.cpus[{i}]", f"CPU {c} is not online here (online: {_fmt_cpus(cpus)})")
+            else:
+                cpu = c
+        pairs.append((q, cpu))
+    if len(cpus_raw) > len(queues_raw):
+        probs.add("daemon.cpus", f"{len(cpus_raw)} CPUs for {len(queues_raw)} queues")
+    return pairs
+
+
+def _fmt_cpus(cpus: list[int]) -> str:
+    return ", ".join(map(str, cpus)) or "none"
+
+
+def watchdog(field: Field, raw: dict[str, Any], where: str, probs: Problems) -> float:
+    """Seconds within the field's bounds, or 0 (off)."""
+    value = get(raw, field.name, where, (int, float), probs)
+    if value is None or isinstance(value, bool):
+        if isinstance(value, bool):
+            probs.add(f"{where}.{field.name}", "must be a number of seconds, not a boolean")
+        return float(field.default)
+    assert field.bounds is not None
+    lo, hi = field.bounds
+    if value != 0 and not lo <= value <= hi:
+        probs.add(f"{where}.{field.name}", f"must be {field.allowed_text}, got {value}")
+        return float(field.default)
+    return float(value)
+
+
+# -- [[sa]] -----------------------------------------------------------------------------------------
+
+def sa_queue(raw: dict[str, Any], where: str, queue_nums: list[int], probs: Problems) -> int:
+    """The queue that owns the SA: one of ``daemon.queues``, by default the first."""
+    queue = get(raw, "queue", where, int, probs)
+    if queue is None:
+        return queue_nums[0] if queue_nums else 0
+    if queue not in queue_nums:
+        probs.add(f"{where}.queue", f"queue {queue} is not in daemon.queues ({queue_nums})")
+    return int(queue)
+
+
+def address(raw: dict[str, Any], key: str, where: str, probs: Problems) -> int | None:
+    value = get(raw, key, where, str, probs)
+    if value is None:
+        return None
+    try:
+        return int(IPv4Address(value))
+    except ValueError:
+        probs.add(f"{where}.{key}", f"not an IPv4 address: {value!r}")
+        return None
+
+
+def key(
+    raw: dict[str, Any], key: str, where: str, base_dir: Path | None, probs: Problems
+) -> bytes | None:
+    """``key`` (hex inline) or ``key_file`` (a file of hex); the same for ``integrity_key``."""
+    file_key = f"{key}_file"
+    if key in raw and file_key in raw:
+        probs.add(f"{where}.{key}", f"give {key} or {file_key}, not both")
+        return None
+    if key in raw:
+        text = get(raw, key, where, str, probs)
+        return None if text is None else hex_bytes(text, f"{where}.{key}", probs)
+    if file_key in raw:
+        name = get(raw, file_key, where, str, probs)
+        if name is None:
+            return None
+        path = Path(name)
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        try:
+            data = hardening.read_checked(path, MAX_KEY_FILE, forbid=0o077,
+                                          fix="run chmod 600 on it")
+        except hardening.UnsafeFileError as err:
+            probs.add(f"{where}.{file_key}", str(err))
+            return None
+        except OSError as err:
+            probs.add(f"{where}.{file_key}", f"{path}: {err.strerror}")
+            return None
+        except ValueError:  # a NUL byte in the name
+            probs.add(f"{where}.{file_key}", "not a usable file name")
+            return None
+        try:
+            text = data.decode("ascii")
+        except UnicodeDecodeError:
+            probs.add(f"{where}.{file_key}", f"{path}: cannot read as hex text")
+            return None
+        return hex_bytes(text, f"{where}.{file_key}", probs)
+    probs.add(f"{where}.{key}", f"required ({key} = \"hex\" or {file_key} = \"path\")")
+    return None
+
+
+def hex_bytes(text: str, where: str, probs: Problems) -> bytes | None:
+    clean = "".join(text.split())
+    if clean[:2].lower() == "0x":
+        clean = clean[2:]
+    try:
+        return bytes.fromhex(clean)
+    except ValueError:
+        probs.add(where, "not a hex string")  # never echo the value: it may be a key
+        return None
+
+
+def key_len_msg(encryption: str, key_size: int, salt: int, got: int) -> str:
+    if salt:
+        return f"{encryption} needs {key_size + salt} bytes ({key_size} key + {salt} salt), got {got}"
+    return f"{encryption} needs {key_size} bytes, got {got}"
+
+
+def key_field(raw: dict[str, Any], where: str, key: str) -> str:
+    """Where a key was given: ``sa[i].key`` or ``sa[i].key_file`` (and integrity_key...)."""
+    return f"{where}.{key}_file" if f"{key}_file" in raw and key not in raw else f"{where}.{key}"
+
+
+def lifetime(raw: dict[str, Any], where: str, section: Section, probs: Problems) -> Lifetime:
+    """The ``[sa.lifetime]`` table: positive limits (the fields of ``section``), each soft
+    limit below its hard one."""
+    table = raw.get("lifetime", {})
+    lw = f"{where}.lifetime"
+    if not isinstance(table, dict):
+        probs.add(lw, "must be a table")
+        return Lifetime()
+    section.check_unknown(table, lw, probs)
+    values: dict[str, Any] = {}
+    for field in sorted(section.fields, key=lambda f: f.name):
+        v = get(table, field.name, lw, field.kind, probs)
+        if v is not None and (isinstance(v, bool) or v <= 0):
+            probs.add(f"{lw}.{field.name}", "must be positive")
+            v = None
+        values[field.name] = v
+    for what in ("packets", "bytes", "seconds"):
+        soft, hard = values[f"soft_{what}"], values[f"hard_{what}"]
+        if soft is not None and hard is not None and soft >= hard:
+            probs.add(f"{lw}.soft_{what}", f"must be below hard_{what} ({hard})")
+    return Lifetime(**values)
+
+
+# -- [[policy]] -------------------------------------------------------------------------------------
+
+def network(raw: dict[str, Any], key: str, where: str, probs: Problems) -> IPv4Network:
+    value = get(raw, key, where, str, probs, str(ANY))
+    try:
+        return IPv4Network(value if value != "any" else str(ANY), strict=True)
+    except ValueError as err:
+        probs.add(f"{where}.{key}", f"not an IPv4 prefix: {err}")
+        return ANY
+
+
+def protocol(raw: dict[str, Any], where: str, probs: Problems) -> int | None:
+    value = raw.get("protocol", "any")
+    if isinstance(value, str):
+        if value not in PROTOCOLS:
+            names = ", ".join(PROTOCOLS)
+            probs.add(f"{where}.protocol", f"unknown protocol {value!r} (names: {names} or 0..255)")
+            return None
+        return PROTOCOLS[value]
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 255:
+        if value == 50:
+            probs.add(f"{where}.protocol", "ESP itself can't be a selector of an ESP policy")
+        return value
+    probs.add(f"{where}.protocol", f"must be a name or 0..255, got {value!r}")
+    return None
+
+
+def ports(
+    raw: dict[str, Any], key: str, where: str, proto: int | None, probs: Problems
+) -> tuple[int, int] | None:
+    if key not in raw:
+        return None
+    value = raw[key]
+    rng: tuple[int, int] | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        rng = (value, value)
+    elif isinstance(value, str) and "-" in value:
+        lo, _, hi = value.partition("-")
+        if lo.strip().isdigit() and hi.strip().isdigit():
+            rng = (int(lo), int(hi))
+    elif isinstance(value, str) and value.strip().isdigit():
+        rng = (int(value), int(value))
+    if rng is None or not 0 <= rng[0] <= rng[1] <= 65535:
+        probs.add(f"{where}.{key}", f"must be a port or \"lo-hi\" within 0..65535, got {value!r}")
+        return None
+    if proto not in (6, 17, 132):
+        probs.add(f"{where}.{key}", "ports need protocol tcp, udp or sctp")
+        return None
+    return rng
+
+
+def sa_names(raw: dict[str, Any], where: str, probs: Problems) -> list[str]:
+    """A policy's ``sa``: a list of SA names (which exist is a cross-check)."""
+    names = get(raw, "sa", where, list, probs, [])
+    if names and not all(isinstance(n, str) for n in names):
+        probs.add(f"{where}.sa", "must be a list of SA names")
+        return []
+    return list(names)
