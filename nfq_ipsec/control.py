@@ -65,10 +65,12 @@ import selectors
 import socket
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .status import StatusReport
 
 MAX_REQUEST = 64 * 1024  # bytes of one request line
 CLIENT_TIMEOUT = 2.0  # seconds a client has to send its request, and then to take its answer
@@ -84,6 +86,10 @@ log = logging.getLogger("nfq_ipsec.control")
 
 
 
+# An answer: one JSON object (a StatusReport, a reload's answer, {"error": text}...).
+Answer = Mapping[str, object]
+
+
 class Deferred:
     """An answer a handler gives later instead of blocking (``status`` waits for the workers'
     counters): the handler returns it, sets ``response`` within ``timeout`` seconds, and the
@@ -91,10 +97,10 @@ class Deferred:
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self.response: dict[str, Any] | None = None
+        self.response: Answer | None = None
 
 
-Handler = Callable[[dict[str, Any]], "dict[str, Any] | Deferred"]
+Handler = Callable[[dict[str, Any]], "Answer | Deferred"]
 
 
 class ControlError(Exception):
@@ -304,7 +310,7 @@ class ControlServer:
                 self._answer(client, self._refuse(f"request longer than {MAX_REQUEST} bytes"))
                 return
 
-    def _respond(self, line: bytes, handler: Handler) -> dict[str, Any] | Deferred:
+    def _respond(self, line: bytes, handler: Handler) -> Answer | Deferred:
         try:
             request = json.loads(line.decode("utf-8"))
         except RecursionError:  # json recurses per nesting level: [[[[... exhausts the stack
@@ -319,7 +325,7 @@ class ControlServer:
             return self._failed()
         return response if isinstance(response, Deferred) else self._counted(response)
 
-    def _counted(self, response: dict[str, Any]) -> dict[str, Any]:
+    def _counted(self, response: Answer) -> Answer:
         """The handler's answer, checked and counted."""
         try:
             _encode(response)  # fails here, not half-way through sending
@@ -344,7 +350,7 @@ class ControlServer:
         log.debug("control socket: bad request: %s", why)
         return {"error": f"bad request: {why}"}
 
-    def _reply(self, client: _Client, response: dict[str, Any] | Deferred) -> None:
+    def _reply(self, client: _Client, response: Answer | Deferred) -> None:
         assert self._sel is not None
         client.request.clear()
         if isinstance(response, Deferred):
@@ -355,7 +361,7 @@ class ControlServer:
         else:
             self._answer(client, response)
 
-    def _answer(self, client: _Client, response: dict[str, Any]) -> None:
+    def _answer(self, client: _Client, response: Answer) -> None:
         """Send the answer as far as the socket takes it now; the rest when it is writable."""
         assert self._sel is not None
         client.pending = None
@@ -393,7 +399,7 @@ class ControlServer:
         _close(client.sock)
 
 
-def _encode(response: dict[str, Any]) -> bytes:
+def _encode(response: Answer) -> bytes:
     return json.dumps(response, sort_keys=True).encode() + b"\n"
 
 
@@ -470,8 +476,9 @@ def request(path: str, req: dict[str, Any], timeout: float = STATUS_TIMEOUT) -> 
 
 
 # -- rendering ------------------------------------------------------------------------------
-def render_status(status: dict[str, Any]) -> str:
-    """A status answer as readable tables."""
+def render_status(status: StatusReport) -> str:
+    """A status answer as readable tables (one from another version of the daemon may lack
+    fields: they show as ``-``)."""
     d = status.get("daemon", {})
     rules = "rules installed" if d.get("rules_installed") else "rules NOT installed"
     out = [

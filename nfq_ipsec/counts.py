@@ -6,24 +6,19 @@ keeps the last counts each worker reported (with every watchdog ping, and with e
 answer) and adds them to its successor's. What a worker counted after its last report and
 before it died is lost, and only that.
 
-Counts are plain JSON-able dicts (they cross the worker's pipe)::
-
-    {"packets_in": int, "packets_out": int, "drops": {reason: int},
-     "sas": {name: {"packets": int, "bytes": int, "drops": {reason: int}}}}
+Counts are plain JSON-able dicts (they cross the worker's pipe): :class:`nfq_ipsec.status.Counts`.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-Counts = dict[str, Any]
+from .status import Counts, DropCounts, SaCounts, WorkerSnapshot
 
 
 def empty() -> Counts:
     return {"packets_in": 0, "packets_out": 0, "drops": {}, "sas": {}}
 
 
-def of_snapshot(snap: dict[str, Any]) -> Counts:
+def of_snapshot(snap: WorkerSnapshot) -> Counts:
     """The counts in a worker's status snapshot (``PacketHandler.snapshot``)."""
     return {
         "packets_in": snap["packets_in"],
@@ -34,20 +29,24 @@ def of_snapshot(snap: dict[str, Any]) -> Counts:
     }
 
 
-def _add_drops(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+def _add_drops(a: DropCounts, b: DropCounts) -> DropCounts:
     out = dict(a)
     for reason, n in b.items():
         out[reason] = out.get(reason, 0) + n
     return out
 
 
+def _copy(v: SaCounts) -> SaCounts:
+    return {"packets": v["packets"], "bytes": v["bytes"], "drops": dict(v["drops"])}
+
+
 def add(a: Counts, b: Counts) -> Counts:
     """``a`` and ``b`` summed, field by field (SAs by name, drops by reason)."""
-    sas: dict[str, Any] = {name: dict(v, drops=dict(v["drops"])) for name, v in a["sas"].items()}
+    sas = {name: _copy(v) for name, v in a["sas"].items()}
     for name, v in b["sas"].items():
         have = sas.get(name)
         if have is None:
-            sas[name] = dict(v, drops=dict(v["drops"]))
+            sas[name] = _copy(v)
         else:
             sas[name] = {"packets": have["packets"] + v["packets"], "bytes": have["bytes"] + v["bytes"],
                          "drops": _add_drops(have["drops"], v["drops"])}

@@ -20,15 +20,17 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import cast
 
 from . import exitcodes
+from .status import StatusReport
 
 POLL = 0.2
 
 
-def ready(status: Mapping[str, Any]) -> bool:
-    """Every worker has a pid and counters, and the rules are installed."""
+def ready(status: StatusReport) -> bool:
+    """Every worker has a pid and counters, and the rules are installed (an answer that is
+    not a status, an error for one, has none of that: not ready)."""
     workers = status.get("workers") or []
     daemon = status.get("daemon") or {}
     return bool(daemon.get("rules_installed") and workers
@@ -53,7 +55,7 @@ def wait_ready(socket_path: str, timeout: float, pid: int | None = None) -> tupl
             if pid is not None and daemon.get("pid") not in (None, pid):
                 return False, (f"the daemon answering on {socket_path} is pid {daemon.get('pid')}, "
                                f"not {pid}")
-            if ready(status):
+            if ready(cast(StatusReport, status)):
                 return True, "ready"
             last = f"state {daemon.get('state')}, rules_installed {daemon.get('rules_installed')}"
         if time.monotonic() >= deadline:

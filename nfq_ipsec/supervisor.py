@@ -57,6 +57,7 @@ from .config import Config, QueueConfig
 from .control import ControlError, ControlServer, Deferred
 from .core import SADirection
 from .nfqueue import kernel_queue_stats
+from .status import Counts, DaemonReport, SaCounts, SaReport, StatusReport, WorkerReport, WorkerSnapshot
 from .worker import PACKETS_BETWEEN_LOOKS, WorkerSpec, worker_main
 
 READY_TIMEOUT = 30.0  # seconds for a worker to bind its queue and say ready
@@ -177,9 +178,9 @@ class Slot:
     last_heard: float = 0.0  # monotonic, of the last message from the current process
     pinged_at: float = 0.0  # monotonic, of the last watchdog ping sent to it
     hung: bool = False  # the watchdog killed the current process
-    last_counts: dict[str, Any] | None = field(default=None, repr=False)  # this process's last
-    carried: dict[str, Any] = field(default_factory=counts.empty, repr=False)  # earlier ones
-    stats: dict[str, Any] | None = field(default=None, repr=False)
+    last_counts: Counts | None = field(default=None, repr=False)  # this process's last
+    carried: Counts = field(default_factory=counts.empty, repr=False)  # earlier ones
+    stats: WorkerSnapshot | None = field(default=None, repr=False)
 
     @property
     def queue(self) -> int:
@@ -570,7 +571,7 @@ class Supervisor:
         return True
 
     # -- status ---------------------------------------------------------------------------
-    def handle_request(self, req: dict[str, Any]) -> dict[str, Any] | Deferred:
+    def handle_request(self, req: dict[str, Any]) -> StatusReport | dict[str, Any] | Deferred:
         """A control request. ``status`` is answered once the workers have sent their counters
         and the rule counters have been read (or in ``STATS_TIMEOUT``), by ``_answer_status`` in
         a later round of the loop."""
@@ -785,12 +786,12 @@ class Supervisor:
             return value, age, [f"cannot read the rule counters ({c.error}); {shown}"]
         return value, age, []
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> StatusReport:
         """The status answer from the counters the workers last sent (``slot.stats``)."""
         now = time.monotonic()
         kernel = kernel_queue_stats()
-        workers: list[dict[str, Any]] = []
-        sas: list[dict[str, Any]] = []
+        workers: list[WorkerReport] = []
+        sas: list[SaReport] = []
         for slot in self.slots:
             st = slot.stats
             # packets and drops since the daemon started: this worker's plus its predecessors'
@@ -817,16 +818,16 @@ class Supervisor:
             sa_totals = total["sas"] if total else {}
             for params in slot.spec.sas:
                 s = by_name.get(params.name)
-                if s is not None and params.name in sa_totals:
-                    s = dict(s, **sa_totals[params.name])  # counts across restarts
-                drops: dict[str, int] = s["drops"] if s else {}
+                # packets, bytes and drops across restarts (the worker's own if it has no total)
+                c: SaCounts | None = None if s is None else sa_totals.get(params.name, s)
+                drops = c["drops"] if c else {}
                 sas.append({
                     "name": params.name,
                     "spi": f"0x{params.spi:08x}",
                     "direction": params.direction.value,
                     "queue": slot.queue,
-                    "packets": s["packets"] if s else None,
-                    "bytes": s["bytes"] if s else None,
+                    "packets": c["packets"] if c else None,
+                    "bytes": c["bytes"] if c else None,
                     "replay_drops": drops.get("replay", 0) if s else None,
                     "integrity_drops": drops.get("integrity", 0) if s else None,
                     "other_drops": (sum(v for k2, v in drops.items() if k2 not in ("replay", "integrity"))
@@ -838,22 +839,23 @@ class Supervisor:
                 })
         sas.sort(key=lambda s: (s["queue"], s["direction"] != SADirection.OUT.value, s["name"]))
         kdrops, kage, kwarn = self._kernel_drops(now)
+        daemon: DaemonReport = {
+            "pid": os.getpid(),
+            "uptime": round(now - self.started, 3),
+            "config": self.config_path,
+            "state": self.state,
+            "rules_installed": self.rules_installed,
+            "ipv6": rules.ipv6_summary(self.cfg),
+            "version": __version__,
+            "core": corebuild.running().detail,
+            "control_errors": self.control.errors,
+            "control_clients": self.control.clients,
+        }
         return {
             "kernel_drops": kdrops,
             "kernel_drops_age": round(kage, 3) if kdrops is not None and kage is not None else None,
             "warnings": warnings(workers) + kwarn,
-            "daemon": {
-                "pid": os.getpid(),
-                "uptime": round(now - self.started, 3),
-                "config": self.config_path,
-                "state": self.state,
-                "rules_installed": self.rules_installed,
-                "ipv6": rules.ipv6_summary(self.cfg),
-                "version": __version__,
-                "core": corebuild.running().detail,
-                "control_errors": self.control.errors,
-                "control_clients": self.control.clients,
-            },
+            "daemon": daemon,
             "workers": workers,
             "sas": sas,
         }
@@ -894,7 +896,7 @@ def reload_problems(old: Config, new: Config) -> list[str]:
     return out
 
 
-def warnings(workers: list[dict[str, Any]]) -> list[str]:
+def warnings(workers: list[WorkerReport]) -> list[str]:
     """One line per thing an operator should look at, from the worker entries of a status."""
     out = []
     for w in workers:

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, cast
 
 from . import corebuild, counts, hardening
 from .config.fields import DEFAULT_LOG_LEVEL
@@ -55,6 +55,7 @@ from .nfqueue import (
     kernel_queue_stats,
 )
 from .state import StateStore
+from .status import KernelQueueCounts, LifetimeLeft, SaSnapshot, WorkerSnapshot
 
 BATCH = 64  # packets read per receive call
 BATCHES_PER_WAKEUP = 16  # then look at the pipe again, so stats and stop stay responsive
@@ -275,13 +276,13 @@ class PacketHandler:
             level = logging.INFO if kind == "soft_expired" else logging.WARNING
             log.log(level, "SA %s (spi 0x%08x): %s", ev.sa_name, ev.spi, kind.replace("_", " "))
 
-    def snapshot(self, queue_num: int, cpu: int | None, started: float) -> dict[str, Any]:
+    def snapshot(self, queue_num: int, cpu: int | None, started: float) -> WorkerSnapshot:
         """Counters for the status command. Names, SPIs and numbers only, never keys."""
         now = self.clock()
         proc = self.processor
         drops = {reason.value: count for reason, count in proc.drops.items() if count}
         kstats = kernel_queue_stats().get(queue_num)
-        kernel: dict[str, int] | None = None
+        kernel: KernelQueueCounts | None = None
         if kstats is not None:
             kernel = {
                 "queue_total": kstats.queue_total,
@@ -291,7 +292,7 @@ class PacketHandler:
             lost = kstats.queue_dropped + kstats.user_dropped
             if lost:
                 drops[DropReason.QUEUE_OVERFLOW.value] = drops.get(DropReason.QUEUE_OVERFLOW.value, 0) + lost
-        sas = []
+        sas: list[SaSnapshot] = []
         for sa in proc.sad.all():
             saved = self.store.snapshot(sa) if self.store is not None else None
             sas.append({
@@ -302,7 +303,8 @@ class PacketHandler:
                 "bytes": sa.bytes,
                 "drops": {reason.value: count for reason, count in sa.drops.items() if count},
                 "seq": sa.next_seq - 1 if sa.outbound else sa.replay.top,
-                "lifetime_left": sa.lifetime_left(now),
+                # the core's plain dict: packets and bytes ints, seconds a float, or None each
+                "lifetime_left": cast(LifetimeLeft, sa.lifetime_left(now)),
                 "path_mtu": (sa.pmtu or None) if sa.outbound else None,
                 "saved": saved["saved"] if saved is not None else None,
                 "state_writes": saved["state_writes"] if saved is not None else None,

@@ -3,16 +3,18 @@ daemon-level behaviour is tested in test_resilience_root.py."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from nfq_ipsec import counts
+from nfq_ipsec.status import WorkerSnapshot
 
 SaRow = tuple[str, int, int, dict[str, int]]
 
 
-def snap(pin: int, pout: int, drops: dict[str, int], sas: list[SaRow]) -> dict[str, Any]:
-    return {"packets_in": pin, "packets_out": pout, "drops": drops, "queue": 100, "pid": 1,
-            "sas": [{"name": n, "packets": p, "bytes": b, "drops": d, "spi": 1, "seq": 5}
+def snap(pin: int, pout: int, drops: dict[str, int], sas: list[SaRow]) -> WorkerSnapshot:
+    return {"packets_in": pin, "packets_out": pout, "drops": drops, "queue": 100, "cpu": None,
+            "pid": 1, "started": 0.0, "overflow_reports": 0, "core": "source", "kernel": None,
+            "sas": [{"name": n, "packets": p, "bytes": b, "drops": d, "spi": 1, "seq": 5,
+                     "direction": "out", "path_mtu": None, "saved": None, "state_writes": None,
+                     "lifetime_left": {"packets": None, "bytes": None, "seconds": None}}
                     for n, p, b, d in sas]}
 
 

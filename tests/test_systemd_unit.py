@@ -22,12 +22,13 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from nfq_ipsec import cli, exitcodes
 from nfq_ipsec.service import UnitFile, ready, wait_ready
+from nfq_ipsec.status import StatusReport
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL = ROOT / "scripts" / "install-service"
@@ -263,4 +264,4 @@ def test_wait_ready_times_out_and_checks_the_pid(control: tuple[str, list[dict[s
 def test_wait_ready_without_a_daemon(tmp_path: Path) -> None:
     ok, last = wait_ready(str(tmp_path / "none.sock"), timeout=0.3)
     assert not ok and "not running" in last
-    assert not ready({"daemon": {"rules_installed": True}, "workers": []})
+    assert not ready(cast(StatusReport, {"daemon": {"rules_installed": True}, "workers": []}))

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import cast
 
 from .. import control, exitcodes
+from ..status import StatusReport
 from .common import load_or_report
 
 
@@ -40,5 +42,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(answer, indent=2, sort_keys=True))
     else:
-        print(control.render_status(answer), end="")
+        print(control.render_status(cast(StatusReport, answer)), end="")
     return exitcodes.OK

@@ -1,0 +1,146 @@
+"""The types of the status answer and of what the workers report for it.
+
+The answer to a ``status`` request on the control socket (``nfq-ipsec status --json`` prints it
+as it comes) is a :class:`StatusReport`. It is built by the supervisor
+(``Supervisor.status``) from its own state and the workers' :class:`WorkerSnapshot` (one per
+``("stats",)`` request, the answer ``("stats", snapshot)``); each worker also answers every
+watchdog ping with its :class:`Counts` (``("pong", counts)``), which the supervisor carries
+over to the queue's next worker if this one dies (:mod:`nfq_ipsec.counts`).
+
+They are TypedDicts: plain dicts at run time (they cross the workers' pipes and go out as JSON
+as they are), with their keys and value types checked by mypy. What each field of the answer
+means is in the docstring of :mod:`nfq_ipsec.control`.
+
+Nothing here is key material: names, SPIs and counters only.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+DropCounts = dict[str, int]  # drops by reason (``DropReason`` values); reasons never seen absent
+
+
+# -- what a worker counts, carried across its restarts -----------------------------------------
+class SaCounts(TypedDict):
+    packets: int
+    bytes: int
+    drops: DropCounts
+
+
+class Counts(TypedDict):
+    """A worker's packets and drops since it started, in all and per SA (by name)."""
+
+    packets_in: int
+    packets_out: int
+    drops: DropCounts
+    sas: dict[str, SaCounts]
+
+
+# -- what a worker reports for a status answer ---------------------------------------------------
+class LifetimeLeft(TypedDict):
+    """What is left of an SA's hard lifetime (``None``: no such limit)."""
+
+    packets: int | None
+    bytes: int | None
+    seconds: float | None
+
+
+class KernelQueueCounts(TypedDict):
+    """The kernel's counters for a queue (``/proc/net/netfilter/nfnetlink_queue``)."""
+
+    queue_total: int
+    queue_dropped: int
+    user_dropped: int
+
+
+class SaSnapshot(TypedDict):
+    name: str
+    spi: int
+    direction: str
+    packets: int
+    bytes: int
+    drops: DropCounts
+    seq: int  # outbound: the last sequence number sent; inbound: the highest authenticated
+    lifetime_left: LifetimeLeft
+    path_mtu: int | None
+    saved: int | None  # what the SA's state file covers (None: no state file)
+    state_writes: int | None
+
+
+class WorkerSnapshot(TypedDict):
+    """A worker's answer to ``("stats",)`` (``PacketHandler.snapshot``). Its ``drops`` include
+    what the kernel dropped before the worker saw it (``queue_overflow``)."""
+
+    queue: int
+    cpu: int | None
+    pid: int
+    started: float  # time.time() when the worker started
+    packets_in: int
+    packets_out: int
+    drops: DropCounts
+    overflow_reports: int
+    core: str
+    kernel: KernelQueueCounts | None
+    sas: list[SaSnapshot]
+
+
+# -- the status answer ---------------------------------------------------------------------------
+class DaemonReport(TypedDict):
+    pid: int
+    uptime: float
+    config: str
+    state: str
+    rules_installed: bool
+    ipv6: str
+    version: str
+    core: str
+    control_errors: int
+    control_clients: int
+
+
+class WorkerReport(TypedDict):
+    """One queue and its worker. Counters are ``None`` while the worker is down or did not
+    answer in time; packets and drops count from the daemon's start, across restarts."""
+
+    queue: int
+    cpu: int | None
+    pid: int | None
+    uptime: float | None
+    restarts: int
+    state: str
+    packets_in: int | None
+    packets_out: int | None
+    drops: DropCounts | None
+    kernel_queue_dropped: int | None
+    user_dropped: int | None
+    last_error: str | None
+    last_outage: float | None
+    core: str | None
+
+
+class SaReport(TypedDict):
+    name: str
+    spi: str  # "0x%08x"
+    direction: str
+    queue: int
+    packets: int | None
+    bytes: int | None
+    replay_drops: int | None
+    integrity_drops: int | None
+    other_drops: int | None
+    seq: int | None
+    lifetime_left: LifetimeLeft | None
+    saved: int | None
+    path_mtu: int | None
+
+
+class StatusReport(TypedDict):
+    """The answer to ``{"command": "status"}``."""
+
+    daemon: DaemonReport
+    kernel_drops: DropCounts | None
+    kernel_drops_age: float | None
+    warnings: list[str]
+    workers: list[WorkerReport]
+    sas: list[SaReport]
