@@ -169,7 +169,7 @@ def test_profile_drive_runs_the_whole_handler_untimed(
 
     def counting(self: PacketHandler, packets: list[QueuedPacket]) -> None:
         real(self, packets)
-        handled.append(self.processor.packets_out)
+        handled.append(self.packets_out)
         assert not self.processor.drops, self.processor.drops
 
     monkeypatch.setattr(PacketHandler, "handle_batch", counting)

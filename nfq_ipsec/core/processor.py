@@ -92,8 +92,6 @@ class Processor:
         self._reply_window = 0.0
         self._replies_left = ICMP_REPLIES_PER_SECOND
         self.sad = SAD(spd, sas, now)
-        self.packets_in = 0
-        self.packets_out = 0
         self.drops: Counter[DropReason] = Counter()
         self._out_cache: dict[ip.PacketKey, Policy | None] = {}
         self._in_cache: dict[ip.PacketKey, Policy | None] = {}
@@ -107,14 +105,12 @@ class Processor:
         so is a new packet bigger than ``max_packet`` (TOO_BIG)."""
         n = len(data)
         if n < length or n < ip.declared_length(data):
-            self.packets_in += 1
             return self._drop(EspError(DropReason.TRUNCATED, f"{n} of {max(length, n)} bytes"),
                               None)
         res = (self.inbound(data, now) if where == ARRIVING
                else self.outbound(data, now, where == FORWARDED))
         out = res.packet
         if out is not None and len(out) > self.max_packet:
-            self.packets_out -= 1
             return self._drop(EspError(DropReason.TOO_BIG, f"{len(out)} bytes to hand back"),
                               res.sa)
         return res
@@ -123,7 +119,6 @@ class Processor:
     def outbound(self, data: bytes, now: float, forwarded: bool = False) -> Result:
         """Apply the outbound SPD to a packet leaving this host (``forwarded``: routed through
         it, from the protected side)."""
-        self.packets_in += 1
         sa: SecurityAssociation | None = None
         try:
             hdr = ip.parse_ipv4(data)
@@ -212,7 +207,6 @@ class Processor:
     # -- inbound --------------------------------------------------------------------------
     def inbound(self, data: bytes, now: float) -> Result:
         """Process a packet arriving at this host: ESP is decapsulated, cleartext checked."""
-        self.packets_in += 1
         sa: SecurityAssociation | None = None
         try:
             hdr = ip.parse_ipv4(data)
@@ -293,7 +287,6 @@ class Processor:
     def _accept(
         self, out: bytes | None, sa: SecurityAssociation | None = None, seq: int | None = None
     ) -> Result:
-        self.packets_out += 1
         return Result(Verdict.ACCEPT, out, None, sa, seq)
 
     def _drop(self, err: EspError, sa: SecurityAssociation | None) -> Result:
