@@ -6,12 +6,21 @@ keeps the last counts each worker reported (with every watchdog ping, and with e
 answer) and adds them to its successor's. What a worker counted after its last report and
 before it died is lost, and only that.
 
+The packets the kernel dropped before the worker saw them (its queue full, or the worker's
+socket buffer: ``queue_overflow``) are counted by the kernel per bound queue, from zero again
+for each worker. A status snapshot has them in its drops; a worker's answer to a ping carries
+only its own counters, and the supervisor adds the kernel's to them when the answer comes
+(:func:`with_kernel_losses`), so the ones a dead worker had are carried over as well.
+
 Counts are plain JSON-able dicts (they cross the worker's pipe): :class:`nfq_ipsec.status.Counts`.
 """
 
 from __future__ import annotations
 
+from .core.errors import DropReason
 from .status import Counts, DropCounts, SaCounts, WorkerSnapshot
+
+QUEUE_OVERFLOW = DropReason.QUEUE_OVERFLOW.value
 
 
 def empty() -> Counts:
@@ -27,6 +36,16 @@ def of_snapshot(snap: WorkerSnapshot) -> Counts:
         "sas": {sa["name"]: {"packets": sa["packets"], "bytes": sa["bytes"], "drops": dict(sa["drops"])}
                 for sa in snap["sas"]},
     }
+
+
+def with_kernel_losses(c: Counts, lost: int) -> Counts:
+    """``c`` with ``lost`` packets more dropped as ``queue_overflow`` (``c`` left as it was)."""
+    if not lost:
+        return c
+    drops = dict(c["drops"])
+    drops[QUEUE_OVERFLOW] = drops.get(QUEUE_OVERFLOW, 0) + lost
+    return {"packets_in": c["packets_in"], "packets_out": c["packets_out"], "drops": drops,
+            "sas": c["sas"]}
 
 
 def _add_drops(a: DropCounts, b: DropCounts) -> DropCounts:

@@ -180,6 +180,7 @@ class Slot:
     hung: bool = False  # the watchdog killed the current process
     last_counts: Counts | None = field(default=None, repr=False)  # this process's last
     carried: Counts = field(default_factory=counts.empty, repr=False)  # earlier ones
+    kernel_lost: int = 0  # the kernel's drops on the queue before this process saw them (last read)
     stats: WorkerSnapshot | None = field(default=None, repr=False)
 
     @property
@@ -288,6 +289,7 @@ class Supervisor:
         slot.restart_at = None
         slot.stats = None
         slot.last_counts = None
+        slot.kernel_lost = 0
         slot.last_heard = slot.pinged_at = slot.started_at
         slot.hung = False
         slot.pipe_closed_at = None
@@ -319,7 +321,19 @@ class Supervisor:
             slot.stats = msg[1]
             slot.last_counts = counts.of_snapshot(msg[1])
         elif kind == "pong" and len(msg) > 1:
-            slot.last_counts = msg[1]
+            # the worker's own counters, and what the kernel dropped before it saw them
+            slot.last_counts = counts.with_kernel_losses(msg[1], self._kernel_lost(slot))
+
+    @staticmethod
+    def _kernel_lost(slot: Slot) -> int:
+        """The packets the kernel dropped on the slot's queue before its current worker saw
+        them (queue full, socket buffer full). The kernel counts them per bound queue, from
+        zero for each worker, and forgets them when the worker is gone: then the last value
+        read stands."""
+        k = kernel_queue_stats().get(slot.queue)
+        if k is not None:
+            slot.kernel_lost = k.queue_dropped + k.user_dropped
+        return slot.kernel_lost
 
     def _read(self, slot: Slot) -> None:
         conn = slot.conn

@@ -12,8 +12,10 @@ Pipe protocol (pickled tuples over a ``multiprocessing.Pipe``):
   ``("reloaded", summary)``, ``("committed", "")``, ``("rolled_back", "")`` or
   ``("reload_failed", why)``)
 - worker -> supervisor: ``("ready", pid, queue)``, ``("error", text)`` (then it exits 1),
-  ``("stats", snapshot_dict)``, ``("pong", counts)`` (:mod:`nfq_ipsec.counts`: what the
-  supervisor carries over to the next worker if this one dies)
+  ``("stats", snapshot)`` (:class:`nfq_ipsec.status.WorkerSnapshot`, for a status answer),
+  ``("pong", counts)`` (:class:`nfq_ipsec.status.Counts`, :mod:`nfq_ipsec.counts`: what the
+  supervisor carries over to the next worker if this one dies; the worker's own counters only,
+  read without a system call, so a ping costs the packets next in line next to nothing)
 
 Fail closed: an exception while handling a packet drops that packet and counts reason INTERNAL;
 a packet the kernel delivered incomplete is dropped as TRUNCATED; a worker that dies leaves its
@@ -36,12 +38,13 @@ import signal
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, cast
 
-from . import corebuild, counts, hardening
+from . import corebuild, hardening
 from .config.fields import DEFAULT_LOG_LEVEL
 from .core import SPD, DropReason, Policy, Processor, SAParams, SecurityAssociation, Verdict
 from .core.processor import ARRIVING, FORWARDED, LEAVING
@@ -55,7 +58,7 @@ from .nfqueue import (
     kernel_queue_stats,
 )
 from .state import StateStore
-from .status import KernelQueueCounts, LifetimeLeft, SaSnapshot, WorkerSnapshot
+from .status import Counts, DropCounts, KernelQueueCounts, LifetimeLeft, SaSnapshot, WorkerSnapshot
 
 BATCH = 64  # packets read per receive call
 BATCHES_PER_WAKEUP = 16  # then look at the pipe again, so stats and stop stay responsive
@@ -276,11 +279,26 @@ class PacketHandler:
             level = logging.INFO if kind == "soft_expired" else logging.WARNING
             log.log(level, "SA %s (spi 0x%08x): %s", ev.sa_name, ev.spi, kind.replace("_", " "))
 
+    def counts(self) -> Counts:
+        """Packets and drops since this worker started, in all and per SA: the answer to a
+        watchdog ping, which the supervisor carries over to the queue's next worker if this
+        one dies. Only the handler's and the SAs' own counters: no /proc read, no state store.
+        What the kernel dropped before the worker saw it (``queue_overflow`` in the snapshot)
+        is not in them; the supervisor reads that itself (``counts.with_kernel_losses``)."""
+        proc = self.processor
+        return {
+            "packets_in": self.packets_in,
+            "packets_out": self.packets_out,
+            "drops": _by_reason(proc.drops),
+            "sas": {sa.name: {"packets": sa.packets, "bytes": sa.bytes, "drops": _by_reason(sa.drops)}
+                    for sa in proc.sad.all()},
+        }
+
     def snapshot(self, queue_num: int, cpu: int | None, started: float) -> WorkerSnapshot:
         """Counters for the status command. Names, SPIs and numbers only, never keys."""
         now = self.clock()
         proc = self.processor
-        drops = {reason.value: count for reason, count in proc.drops.items() if count}
+        drops = _by_reason(proc.drops)
         kstats = kernel_queue_stats().get(queue_num)
         kernel: KernelQueueCounts | None = None
         if kstats is not None:
@@ -301,7 +319,7 @@ class PacketHandler:
                 "direction": sa.params.direction.value,
                 "packets": sa.packets,
                 "bytes": sa.bytes,
-                "drops": {reason.value: count for reason, count in sa.drops.items() if count},
+                "drops": _by_reason(sa.drops),
                 "seq": sa.next_seq - 1 if sa.outbound else sa.replay.top,
                 # the core's plain dict: packets and bytes ints, seconds a float, or None each
                 "lifetime_left": cast(LifetimeLeft, sa.lifetime_left(now)),
@@ -322,6 +340,11 @@ class PacketHandler:
             "kernel": kernel,
             "sas": sas,
         }
+
+
+def _by_reason(drops: Counter[DropReason]) -> DropCounts:
+    """Drops by reason as the status shows them: the reasons' names, those never seen left out."""
+    return {reason.value: count for reason, count in drops.items() if count}
 
 
 def run(
@@ -428,8 +451,7 @@ def _serve(
                     log.warning("supervisor gone (control pipe closed): stopping")
                     return 0
                 if msg[0] == "ping":
-                    conn.send(("pong", counts.of_snapshot(handler.snapshot(spec.queue, spec.cpu,
-                                                                            started))))
+                    conn.send(("pong", handler.counts()))
                 elif msg[0] == "stats":
                     conn.send(("stats", handler.snapshot(spec.queue, spec.cpu, started)))
                 elif msg[0] == "stop":

@@ -18,7 +18,7 @@ from typing import Any, cast
 import pytest
 from faults.nfq_ipsec_faults import wrap
 
-from nfq_ipsec import control, corebuild, nfqueue
+from nfq_ipsec import control, corebuild, counts, nfqueue, worker
 from nfq_ipsec.config import load_config
 from nfq_ipsec.core import DropReason, Processor, Result, Secret, Verdict, pmtu
 from nfq_ipsec.core.processor import ARRIVING, FORWARDED, LEAVING
@@ -278,6 +278,92 @@ def test_snapshot_has_counters_and_no_keys() -> None:
     text = json.dumps(snap)
     for sa in cfg.sas:
         assert sa.key.reveal().hex() not in text
+
+
+def _counted_handler() -> PacketHandler:
+    """A handler on queue 100 of host A that has sent 3 packets and dropped one (no policy)."""
+    cfg = load_config(EXAMPLES / "host-a.toml", online_cpus=[0, 1])
+    h, _q = handler(Processor(cfg.spd, cfg.sas_for_queue(100), 0.0))
+    h.handle_batch([pkt(udp(A, B, 1, 2, b"x" * 10), pid=i) for i in range(3)])
+    h.handle_batch([pkt(udp("10.0.0.1", "10.0.0.2", 1, 2, b"x"), pid=9)])
+    return h
+
+
+def _stats(qdropped: int, udropped: int) -> dict[int, nfqueue.KernelQueueStats]:
+    return {100: nfqueue.KernelQueueStats(100, 1, 0, 2, 0xFFFF, qdropped, udropped, 7)}
+
+
+def test_counts_are_the_snapshots_counts_without_proc_or_state(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ping's answer (``counts``) holds what the snapshot's counts hold, read from the
+    handler's and the SAs' counters only: no /proc, no state store. The kernel's drops before
+    the worker (in the snapshot as queue_overflow) are the supervisor's to add."""
+    h = _counted_handler()
+    monkeypatch.setattr(worker, "kernel_queue_stats", lambda: _stats(2, 1))
+    snap = h.snapshot(100, 0, 123.0)
+    assert snap["drops"] == {"no_policy": 1, "queue_overflow": 3}
+
+    def untouchable(*args: object) -> Any:
+        raise AssertionError("read for a ping's answer")
+
+    monkeypatch.setattr(worker, "kernel_queue_stats", untouchable)
+    h.store = untouchable  # type: ignore[assignment]  # any use of it raises
+    c = h.counts()
+    assert c == {"packets_in": 4, "packets_out": 3, "drops": {"no_policy": 1},
+                 "sas": {"a-to-b-0": {"packets": 3, "bytes": 3 * 38, "drops": {}},
+                         "b-to-a-0": {"packets": 0, "bytes": 0, "drops": {}}}}
+    assert counts.with_kernel_losses(c, 3) == counts.of_snapshot(snap)
+    h.store = None
+    monkeypatch.setattr(worker, "kernel_queue_stats", dict)  # no line for the queue
+    assert counts.of_snapshot(h.snapshot(100, 0, 123.0)) == c
+
+
+class PollableQueue(FakeQueue):
+    """A fake queue the worker's loop can poll: one end of a socket pair that stays silent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ends = socket.socketpair()
+
+    def fileno(self) -> int:
+        return self.ends[0].fileno()
+
+    def close(self) -> None:
+        for end in self.ends:
+            end.close()
+
+
+def test_a_ping_is_answered_with_counts_without_a_snapshot(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's loop answers ``("ping",)`` with ``counts()`` and ``("stats",)`` with the
+    snapshot: a watchdog ping never reads /proc or walks the state store."""
+    from multiprocessing import Pipe
+
+    h = _counted_handler()
+    snapshots: list[int] = []
+    real = PacketHandler.snapshot
+
+    def counted_snapshot(self: PacketHandler, *args: Any) -> Any:
+        snapshots.append(1)
+        return real(self, *args)
+
+    monkeypatch.setattr(PacketHandler, "snapshot", counted_snapshot)
+    monkeypatch.setattr(worker, "kernel_queue_stats", dict)
+    sup_end, worker_end = Pipe(duplex=True)
+    q = PollableQueue()
+    wake_r, wake_w = socket.socketpair()
+    try:
+        for msg in (("ping",), ("ping",), ("stats",), ("stop",)):
+            sup_end.send(msg)
+        assert worker._serve(_spec(load_config(EXAMPLES / "host-a.toml", online_cpus=[0, 1])),
+                             worker_end, q, h, wake_r, 123.0) == 0
+        answers = [sup_end.recv() for _ in range(3)]
+    finally:
+        q.close()
+        for end in (wake_r, wake_w):
+            end.close()
+    assert answers[0] == answers[1] == ("pong", h.counts())
+    assert answers[2][0] == "stats" and answers[2][1]["sas"] and len(snapshots) == 1
 
 
 def test_sa_events_are_logged_once(caplog: pytest.LogCaptureFixture) -> None:
