@@ -3,35 +3,10 @@
 Requests: ``{"command": "status"}`` or ``{"command": "reload", "config": PATH}`` (the answer:
 ``{"reloaded": summary, "changed": true}`` or ``{"error", "problems", "changed": false}``), a
 UTF-8 JSON object on one line of at most ``MAX_REQUEST`` bytes (end of file also ends it). The
-answer to ``status``::
-
-    {"daemon":  {"pid", "uptime", "config", "state", "rules_installed", "ipv6", "version",
-                 "core", "control_errors", "control_clients"},
-     "kernel_drops": {reason: n},  (dropped by our own iptables DROP rules, never queued:
-                                    cleartext_protected, policy_discard, no_policy, leak_guard,
-                                    no_sa, unknown_spi, fragment, ipv6, daemon_stopped)
-     "kernel_drops_age": seconds,  (since the read of those rule counters started; null with
-                                    no counters. The supervisor reads them in a thread; if the
-                                    read for this answer is late or fails, the last good one is
-                                    shown, up to a minute old, with a warning)
-     "warnings": ["text", ...],   (internal errors, kernel queue drops, workers down)
-     "workers": [{"queue", "cpu", "pid", "uptime", "restarts", "state", "packets_in",
-                  "packets_out", "drops": {reason: n}, "kernel_queue_dropped", "user_dropped",
-                  "last_error", "last_outage"}],
-     "sas":     [{"name", "spi" ("0x%08x"), "direction", "queue", "packets", "bytes",
-                  "replay_drops", "integrity_drops", "other_drops", "seq", "lifetime_left",
-                  "saved", "path_mtu"}]}
-
-``saved`` is what the SA's state file covers (``state.py``): outbound the last sequence number
-reserved on disk, inbound the number up to which a restarted worker treats packets as seen.
-``path_mtu``: an outbound SA's path MTU as a router's "fragmentation needed" reported it
-(``null``: none reported, or aged out after 10 minutes; the SA then uses ``node.mtu``).
-
-Counters of a worker that is down are ``null``. ``last_outage``: seconds from the last death of
-the queue's worker (the moment its process exited, seen by the supervisor's loop as its pipe
-closing or its process sentinel) to its replacement being ready (``null`` if it never died). Nothing in a
-status answer is key material: it is built from names, SPIs and counters only. An error
-answer is ``{"error": "text"}``.
+answer to ``status`` is a :class:`nfq_ipsec.status.StatusReport`: per worker and per SA
+counters, the daemon's state, the drops of our own iptables rules and warnings, built from
+names, SPIs and counters only, never key material. ``docs/status.md`` is its JSON schema, every
+field with its type and meaning. An error answer is ``{"error": "text"}``.
 
 No client can stall the daemon. The server never blocks on a client: the supervisor's loop
 waits on the listening socket and on one epoll descriptor for all clients, and ``serve`` does

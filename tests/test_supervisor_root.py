@@ -9,7 +9,9 @@ operator would (status, kill -9, SIGTERM), plus the config-error path (no root).
 - a worker that can't bind its queue stops the daemon after 3 tries (exit 1, clear error,
   nothing installed);
 - the test-only fault injection proves fail closed end to end: every packet dropped as
-  "internal", nothing reaches the peer.
+  "internal", nothing reaches the peer;
+- ``status --json`` of a daemon that carried traffic has the schema of docs/status.md
+  (``test_status_schema.GOLDEN``) at every level.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 import pytest
 from labutil import ADDR_A, ADDR_B, Daemon, Pair, make_pair, needs_root, nfq_ipsec
 from labutil import env as _env
+from test_status_schema import GOLDEN, check_answer
 
 PORT = 6000
 QUEUES = (210, 211)
@@ -291,6 +294,28 @@ def test_fault_injection_fails_closed(pair: Pair, tmp_path: Path, daemons: list[
     assert sum(w["packets_out"] for w in st["workers"]) == 0
     assert a.stop() == 0
     assert a.log_text().count("internal error handling a packet") <= 2  # rate-limited
+
+
+@pytest.mark.root
+@needs_root
+def test_status_json_has_the_golden_schema(pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:
+    keys = make_keys()
+    a = _daemon(pair, pair.a, tmp_path, "a", keys, True, daemons)
+    b = _daemon(pair, pair.b, tmp_path, "b", keys, False, daemons)
+    a.start()
+    b.start()
+    a.wait_running()
+    b.wait_running()
+    messages = [f"schema-{i}" for i in range(10)]
+    got, _ = _send(pair, messages)
+    assert sorted(got) == sorted(messages)
+    for d in (a, b):
+        st = d.status()  # nfq-ipsec status --json
+        assert check_answer(st) == set(GOLDEN), st
+        assert st["kernel_drops"] is not None and st["kernel_drops_age"] is not None
+        assert all(s["saved"] is not None for s in st["sas"] if s["packets"])  # state files
+    assert a.stop() == 0
+    assert b.stop() == 0
 
 
 HOLD_QUEUE = textwrap.dedent("""
