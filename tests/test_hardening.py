@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import configs
 import pytest
 
 from nfq_ipsec import hardening
@@ -193,28 +194,8 @@ def test_the_daemons_own_user_may_own_the_directories(tmp_path: Path) -> None:
 
 def _config(cfg: Path, key: Path, state_dir: Path) -> Path:
     private_file(key).write_text("11" * 20 + "\n")
-    private_file(cfg).write_text(f"""
-[node]
-interface = "eth1"
-[daemon]
-queues = [100]
-cpus = [0]
-control_socket = "{cfg.parent / 'run' / 'ctl.sock'}"
-state_dir = "{state_dir}"
-[[policy]]
-name = "p"
-action = "protect"
-local = "10.0.0.1/32"
-remote = "10.0.0.2/32"
-direction = "out"
-sa = ["o"]
-[[sa]]
-name = "o"
-direction = "out"
-spi = 0x1000
-encryption = "aes-gcm-128"
-key_file = "{key}"
-""")
+    private_file(cfg).write_text(configs.one_sa(cfg.parent / "run", state_dir,
+                                                f'key_file = "{key}"'))
     return cfg
 
 

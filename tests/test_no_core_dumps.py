@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import configs
 import pytest
 
 PROBE = r"""
@@ -64,29 +65,8 @@ def setup(tmp_path: Path, broken: bool = False) -> Path:
     key.write_text("11" * 20 + "\n")
     key.chmod(0o600)
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f"""
-[node]
-interface = "eth1"
-{'mtu = 5' if broken else ''}
-[daemon]
-queues = [100]
-cpus = [0]
-control_socket = "{tmp_path / 'run' / 'ctl.sock'}"
-state_dir = "{tmp_path / 'state'}"
-[[policy]]
-name = "p"
-action = "protect"
-local = "10.0.0.1/32"
-remote = "10.0.0.2/32"
-direction = "out"
-sa = ["o"]
-[[sa]]
-name = "o"
-direction = "out"
-spi = 0x1000
-encryption = "aes-gcm-128"
-key_file = "o.key"
-""")
+    cfg.write_text(configs.one_sa(tmp_path / "run", tmp_path / "state", 'key_file = "o.key"',
+                                  node_extra="mtu = 5" if broken else ""))
     cfg.chmod(0o600)
     return cfg
 

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import configs
 import pytest
 
 from nfq_ipsec import iptables, rules, supervisor
@@ -47,28 +48,8 @@ def _restore_logging() -> Iterator[None]:
 def config(tmp_path: Path, queues: str = "[100, 101]") -> Path:
     key = "00" * 20
     p = tmp_path / "c.toml"
-    p.write_text(f"""
-[node]
-interface = "eth1"
-[daemon]
-queues = {queues}
-cpus = [0, 0]
-control_socket = "{tmp_path / 'run' / 'ctl.sock'}"
-state_dir = "{tmp_path / 'state'}"
-[[policy]]
-name = "p"
-action = "protect"
-local = "10.0.0.1/32"
-remote = "10.0.0.2/32"
-direction = "out"
-sa = ["o"]
-[[sa]]
-name = "o"
-direction = "out"
-spi = 0x1000
-encryption = "aes-gcm-128"
-key = "{key}"
-""")
+    p.write_text(configs.one_sa(tmp_path / "run", tmp_path / "state", f'key = "{key}"',
+                                queues=queues, cpus="[0, 0]"))
     p.chmod(0o600)
     return p
 
