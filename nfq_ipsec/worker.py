@@ -141,11 +141,19 @@ class PacketHandler:
         verdict = self.queue.verdict
         mark = self.mark
         accept = Verdict.ACCEPT
+        host = self.gateway_interface is None
         accepted = 0
         self.packets_in += len(packets)
         for pkt in packets:
             try:
-                where = self.where(pkt)
+                # Where the packet is, for the core: queued at OUTPUT it is leaving; at
+                # PREROUTING arriving, unless a gateway got it on its protected side.
+                if pkt.hook != HOOK_PRE_ROUTING:
+                    where = LEAVING
+                elif host or self._arrived_unprotected(pkt.indev):
+                    where = ARRIVING
+                else:
+                    where = FORWARDED
                 res = process(pkt.payload, pkt.length, where, now)
                 if res.verdict is accept:
                     verdict(pkt.packet_id, True, pkt.mark | mark, res.packet)
@@ -160,15 +168,6 @@ class PacketHandler:
                 self._internal_error(pkt)
         self.packets_out += accepted
         self.queue.flush()
-
-    def where(self, pkt: QueuedPacket) -> int:
-        """Where the packet is, for the core: queued at OUTPUT, it is leaving; at PREROUTING it
-        is arriving, unless it came in on a gateway's protected side (forwarded)."""
-        if pkt.hook != HOOK_PRE_ROUTING:
-            return LEAVING
-        if self.gateway_interface is None or self._arrived_unprotected(pkt.indev):
-            return ARRIVING
-        return FORWARDED
 
     def _arrived_unprotected(self, indev: int) -> bool:
         """Whether ifindex ``indev`` is the gateway's unprotected interface, looked up by name

@@ -35,21 +35,9 @@ from nfq_ipsec.core import (
     Verdict,
 )
 from nfq_ipsec.core.suites import ENCRYPTION, HMACS
+from nfq_ipsec_lab.lab.traffic import TSHARK_ENCRYPTION as TSHARK_ENC
+from nfq_ipsec_lab.lab.traffic import TSHARK_INTEGRITY as TSHARK_AUTH
 
-TSHARK_ENC = {
-    "aes-gcm-128": "AES-GCM with 16 octet ICV [RFC4106]",
-    "aes-gcm-256": "AES-GCM with 16 octet ICV [RFC4106]",
-    "chacha20-poly1305": "ChaCha20 with Poly1305 [RFC7634]",
-    "aes-cbc-128": "AES-CBC [RFC3602]",
-    "aes-cbc-256": "AES-CBC [RFC3602]",
-    "null": "NULL",
-}
-TSHARK_AUTH = {
-    None: "NULL",
-    "hmac-sha256-128": "HMAC-SHA-256-128 [RFC4868]",
-    "hmac-sha384-192": "HMAC-SHA-384-192 [RFC4868]",
-    "hmac-sha512-256": "HMAC-SHA-512-256 [RFC4868]",
-}
 SUITES: list[tuple[str, str | None]] = [
     ("aes-gcm-128", None), ("aes-gcm-256", None),
     *((cbc, mac) for cbc in ("aes-cbc-128", "aes-cbc-256") for mac in HMACS),

@@ -249,9 +249,8 @@ def _send(pair: Pair, messages: list[str], sniff_iface: str | None = None,
     return got, sniffed
 
 
-@pytest.mark.root
-@needs_root
-def test_two_daemons_carry_traffic_as_esp(pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:
+def _running_pair(pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> tuple[Daemon, Daemon]:
+    """Both daemons (shared fresh keys), started and running."""
     keys = make_keys()
     a = _daemon(pair, pair.a, tmp_path, "a", keys, True, daemons)
     b = _daemon(pair, pair.b, tmp_path, "b", keys, False, daemons)
@@ -259,6 +258,13 @@ def test_two_daemons_carry_traffic_as_esp(pair: Pair, tmp_path: Path, daemons: l
     b.start()
     a.wait_running()
     b.wait_running()
+    return a, b
+
+
+@pytest.mark.root
+@needs_root
+def test_two_daemons_carry_traffic_as_esp(pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:
+    a, b = _running_pair(pair, tmp_path, daemons)
     marker = "CLEARTEXT-MARKER"
     messages = [f"{marker}-{i}-" + "x" * size for i, size in enumerate([10, 1400, 8000] * 10)]
     got, sniffed = _send(pair, messages, sniff_iface=pair.vb, marker=marker)
@@ -299,13 +305,7 @@ def test_fault_injection_fails_closed(pair: Pair, tmp_path: Path, daemons: list[
 @pytest.mark.root
 @needs_root
 def test_status_json_has_the_golden_schema(pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:
-    keys = make_keys()
-    a = _daemon(pair, pair.a, tmp_path, "a", keys, True, daemons)
-    b = _daemon(pair, pair.b, tmp_path, "b", keys, False, daemons)
-    a.start()
-    b.start()
-    a.wait_running()
-    b.wait_running()
+    a, b = _running_pair(pair, tmp_path, daemons)
     messages = [f"schema-{i}" for i in range(10)]
     got, _ = _send(pair, messages)
     assert sorted(got) == sorted(messages)
