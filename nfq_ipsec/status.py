@@ -10,7 +10,7 @@ over to the queue's next worker if this one dies (:mod:`nfq_ipsec.counts`).
 They are TypedDicts: plain dicts at run time (they cross the workers' pipes and go out as JSON
 as they are), with their keys and value types checked by mypy. The JSON schema of the answer,
 every field with its type and what it means, is ``docs/status.md``; a test
-(``tests/test_status_schema.py``) holds that page, these types and real answers to the same
+(``tests/unit/test_status.py``) holds that page, these types and real answers to the same
 keys and types.
 
 Nothing here is key material: names, SPIs and counters only.

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
+import gate
 from faults.nfq_ipsec_faults import env_with_fault
 
 from nfq_ipsec.procs import alive
@@ -48,11 +47,6 @@ PORTS = (7100, 7200)  # UDP to PORTS[i] goes through QUEUES[i]
 SPI_AB, SPI_BA = 0x3000, 0x4000  # + queue index
 MARK = 0x10000000
 PREFIX = "nfqx"  # namespace names: nfqx<pid>-<n><tag>a / b
-
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("iptables-save") is None,
-    reason="needs root, iproute2 and iptables (network namespaces)",
-)
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -468,13 +462,7 @@ def fragments(packet: bytes, size: int = 8000) -> list[bytes]:
 
 
 def bench_environment_or_skip() -> None:
-    """Skip a benchmark smoke test where the benchmark can't run, but fail as root on CI, so
-    that CI never passes without running it."""
+    """The benchmark's own needs (the lab's are checked by the folder's gate, tests/gate.py)."""
     from nfq_ipsec_lab.bench import runner
 
-    problems = runner.check_environment()
-    if not problems:
-        return
-    if os.geteuid() == 0 and os.environ.get("CI", "").lower() == "true":
-        pytest.fail("the benchmark can't run here: " + "; ".join(problems))
-    pytest.skip("the benchmark can't run here: " + "; ".join(problems))
+    gate.require(runner.check_environment(), "the benchmark")

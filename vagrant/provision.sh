@@ -8,7 +8,7 @@
 # Nothing here is specific to Vagrant but the paths: the repository (NFQ_IPSEC_REPO, /vagrant)
 # and where the seed was uploaded (NFQ_IPSEC_SEED_UPLOAD, /tmp/nfq-ipsec-lab.seed). The steps
 # are the project's own: scripts/install-service, `python -m nfq_ipsec_lab.lab.vm setup` (the same
-# code the namespace test runs, tests/test_vagrant.py) and systemctl.
+# code the namespace test runs, tests/lab/test_vagrant.py) and systemctl.
 set -euo pipefail
 
 repo=${NFQ_IPSEC_REPO:-/vagrant}

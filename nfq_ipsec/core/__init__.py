@@ -1,7 +1,7 @@
 """The I/O-free ESP core: packets as bytes in, bytes and a verdict out.
 
 Imports only the standard library and ``cryptography``; never opens a socket, starts a
-process, reads the clock or imports the queue binding. ``tests/test_core_purity.py`` checks.
+process, reads the clock or imports the queue binding. ``tests/unit/test_core_purity.py`` checks.
 """
 
 from .errors import ConfigError, DropReason, EspError

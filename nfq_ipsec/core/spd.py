@@ -31,7 +31,7 @@ old scan; a selector of addresses only, the usual protect policy, has no ranges 
 absent key port (non-first fragment, truncated header) becomes -1, which a selector's range
 never holds and "any" does. The compiled check is exactly :meth:`Selector.matches` for keys as
 :func:`~nfq_ipsec.core.packet.packet_key` makes them (32-bit addresses, ports None or
-0..65535); tests/test_spd_index.py compares the lookup with a first-match scan over
+0..65535); tests/unit/test_spd_index.py compares the lookup with a first-match scan over
 :meth:`Selector.matches` on random policy lists.
 """
 

@@ -28,7 +28,7 @@ load the Vagrantfile each time (about a second; a check runs a few hundred comma
 them short polls) and allocate a terminal by default, which turns the binary capture into text
 and folds stderr into stdout.
 
-The namespace test (``tests/test_vagrant.py``) uses the same class with the transport
+The namespace test (``tests/lab/test_vagrant.py``) uses the same class with the transport
 ``nsenter --net=/run/netns/NS sh -c``: one command line for a shell on the "other machine",
 exactly what sshd does with it, so everything but ssh itself runs as it does on the VMs.
 """

@@ -9,7 +9,7 @@ or a gateway needs, the daemon is ``nfq-ipsec run`` started by the unit ``nfq-ip
 and ``checks.traffic_and_capture`` plus ``checks.verdicts`` are the traffic-and-capture check.
 What is specific to VMs is only where things live (:class:`Layout`: ``/etc/nfq-ipsec``,
 ``/var/lib/nfq-ipsec``, ``/run/nfq-ipsec``) and how commands get there (``vagrant.RemoteHost``).
-``tests/test_vagrant.py`` runs :func:`setup_node` (through this module's CLI, as
+``tests/lab/test_vagrant.py`` runs :func:`setup_node` (through this module's CLI, as
 ``vagrant/provision.sh`` does), the unit's own ExecStart/ExecStartPost argv and
 :func:`check_pair` on two network namespaces standing in for the VMs.
 

@@ -1,0 +1,342 @@
+"""The daemon as a whole: ``nfq-ipsec run`` in namespaces of our own (root), driven like an
+operator would (status, kill -9, SIGTERM), plus the config-error path (no root).
+
+- a bad configuration: exit 2, every problem printed, nothing created;
+- run / status / kill -9 a worker / SIGTERM: both workers come up with pids, the killed one
+  comes back with restarts=1, SIGTERM exits 0 and iptables-save is exactly as before;
+- two daemons (one per namespace) carry UDP from A to B as ESP: the wire shows ESP only, the
+  peer receives every datagram intact, the SA counters on both sides agree;
+- a worker that can't bind its queue stops the daemon after 3 tries (exit 1, clear error,
+  nothing installed);
+- the test-only fault injection proves fail closed end to end: every packet dropped as
+  "internal", nothing reaches the peer;
+- ``status --json`` of a daemon that carried traffic has the schema of docs/status.md
+  (``statusschema.GOLDEN``, tests/statusschema.py) at every level.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from labutil import ADDR_A, ADDR_B, Daemon, Pair, make_pair, nfq_ipsec
+from labutil import env as _env
+from statusschema import GOLDEN, check_answer
+
+PORT = 6000
+QUEUES = (210, 211)
+
+
+# -- configuration -----------------------------------------------------------------------------
+def write_config(path: Path, me: str, peer: str, iface: str, sock: Path, keys: dict[str, str],
+                 a_side: bool) -> Path:
+    """A host-to-host transport config with one SA per queue and direction (RFC 9611)."""
+    out_name, in_name = ("ab", "ba") if a_side else ("ba", "ab")
+    spi = {"ab": 0x1000, "ba": 0x2000}
+    names = [f"{d}{i}" for d in (out_name, in_name) for i in range(len(QUEUES))]
+    text = textwrap.dedent(f"""
+        [node]
+        interface = "{iface}"
+        role = "host"
+
+        [daemon]
+        queues = [{", ".join(map(str, QUEUES))}]
+        control_socket = "{sock}"
+        state_dir = "{path.parent / 'state'}"
+        log_level = "info"
+
+        [[policy]]
+        name = "pair"
+        action = "protect"
+        local = "{me}/32"
+        remote = "{peer}/32"
+        sa = [{", ".join(f'"{n}"' for n in names)}]
+    """)
+    for d, direction in ((out_name, "out"), (in_name, "in")):
+        for i, q in enumerate(QUEUES):
+            text += textwrap.dedent(f"""
+                [[sa]]
+                name = "{d}{i}"
+                direction = "{direction}"
+                spi = {spi[d] + i}
+                queue = {q}
+                encryption = "aes-gcm-128"
+                key = "0x{keys[f'{d}{i}']}"
+            """)
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+def make_keys() -> dict[str, str]:
+    return {f"{d}{i}": os.urandom(20).hex() for d in ("ab", "ba") for i in range(len(QUEUES))}
+
+
+# -- namespaces and the daemon (the lab's, through tests/labutil.py) ---------------------------
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    with make_pair("w") as p:
+        yield p
+
+
+def _daemon(pair: Pair, ns: str, tmp_path: Path, name: str, keys: dict[str, str], a_side: bool,
+            daemons: list[Daemon], **env: str) -> Daemon:
+    me, peer, iface = (ADDR_A, ADDR_B, pair.va) if a_side else (ADDR_B, ADDR_A, pair.vb)
+    d = tmp_path / name
+    d.mkdir()
+    cfg = write_config(d / "nfq.toml", me, peer, iface, d / "run" / "ctl.sock", keys, a_side)
+    daemon = Daemon(name, pair.host(ns), cfg, env=_env(**env), log=d / "daemon.log", lab=pair.lab)
+    daemons.append(daemon)
+    return daemon
+
+
+# -- tests ----------------------------------------------------------------------------------------
+def test_invalid_config_exit_2_and_nothing_created(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from nfq_ipsec.cli import main
+
+    keys = make_keys()
+    cfg = write_config(tmp_path / "bad.toml", ADDR_A, ADDR_B, "eth0", tmp_path / "run" / "x.sock",
+                       keys, True)
+    text = cfg.read_text().replace('encryption = "aes-gcm-128"', 'encryption = "rot13"', 1)
+    cfg.write_text(text.replace("queue = 211", "queue = 999"))
+    assert main(["run", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "invalid configuration" in err
+    assert "sa[0].encryption" in err and "sa[1].queue" in err  # every problem, with its place
+    assert not (tmp_path / "run").exists()
+    for key in keys.values():
+        assert key not in err
+
+
+def test_run_status_restart_and_clean_stop(pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:
+    before = pair.iptables_save(pair.a)
+    keys = make_keys()
+    d = _daemon(pair, pair.a, tmp_path, "a", keys, True, daemons)
+    d.start()
+    st = d.wait_running()
+    assert [w["queue"] for w in st["workers"]] == list(QUEUES)
+    pids = [w["pid"] for w in st["workers"]]
+    assert all(isinstance(p, int) and p > 0 for p in pids) and len(set(pids)) == 2
+    assert st["daemon"]["rules_installed"] is True
+    assert st["daemon"]["pid"] == d.proc.pid if d.proc else False
+    assert {s["name"] for s in st["sas"]} == {"ab0", "ab1", "ba0", "ba1"}
+    assert {s["spi"] for s in st["sas"]} == {"0x00001000", "0x00001001", "0x00002000", "0x00002001"}
+    during = "\n".join(pair.iptables_save(pair.a))
+    assert "NFQIPSEC" in during and "--queue-bypass" not in during
+    sock = d.config.parent / "run" / "ctl.sock"
+    assert oct(sock.stat().st_mode & 0o777) == "0o600"
+    assert oct(sock.parent.stat().st_mode & 0o777) == "0o700"
+
+    # Each worker holds only its own queue's SAs (the compartment model).
+    for w in st["workers"]:
+        mine = {s["name"] for s in st["sas"] if s["queue"] == w["queue"]}
+        assert mine == {f"ab{QUEUES.index(w['queue'])}", f"ba{QUEUES.index(w['queue'])}"}
+
+    os.kill(pids[0], signal.SIGKILL)
+    st = d.wait_for(lambda s: s["workers"][0]["restarts"] == 1 and s["workers"][0]["state"] == "ready",
+                    what="restart of the killed worker")
+    assert st["workers"][0]["pid"] not in (None, pids[0])
+    assert st["workers"][1]["pid"] == pids[1] and st["workers"][1]["restarts"] == 0
+
+    assert d.stop() == 0
+    closed = pair.iptables_save(pair.a)
+    assert closed != before and any("NFQIPSEC" in line for line in closed)
+    assert not any("NFQUEUE" in line for line in closed)  # every queue rule now drops
+    assert not sock.exists()
+    time.sleep(0.5)
+    for pid in d.worker_pids:
+        assert not Path(f"/proc/{pid}").exists() or b"zombie" in Path(f"/proc/{pid}/status").read_bytes()
+    log = d.log_text()
+    assert "died, killed by SIGKILL" in log and "restarting in 0.1 s" in log, log
+    assert "rules closed" in log
+    for key in keys.values():
+        assert key not in log
+    # Afterwards the daemon is gone: status says so with exit 3.
+    res = pair.run(pair.a, *nfq_ipsec(), "status", "--config", str(d.config), check=False, environ=_env())
+    assert res.returncode == 3 and "not running" in res.stderr
+    # Taking the rules out is a deliberate act, after which iptables is exactly as before.
+    pair.run(pair.a, *nfq_ipsec(), "rules", "remove", "--config", str(d.config), environ=_env())
+    assert pair.iptables_save(pair.a) == before
+
+
+SNIFFER = textwrap.dedent("""
+    import json, socket, sys, time
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+    s.bind((sys.argv[1], 0))
+    s.settimeout(0.2)
+    marker = sys.argv[2].encode()
+    protos, leaked = {}, 0
+    print("READY", flush=True)
+    end = time.time() + float(sys.argv[3])
+    while time.time() < end:
+        try:
+            frame = s.recv(65535)
+        except socket.timeout:
+            continue
+        ip = frame[14:]
+        protos[ip[9]] = protos.get(ip[9], 0) + 1
+        leaked += marker in frame
+    print(json.dumps({"protos": protos, "leaked": leaked}), flush=True)
+""")
+
+RECEIVER = textwrap.dedent("""
+    import json, socket, sys
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((sys.argv[1], int(sys.argv[2])))
+    s.settimeout(float(sys.argv[3]))
+    print("READY", flush=True)
+    got = []
+    try:
+        while True:
+            got.append(s.recv(65535).decode())
+    except socket.timeout:
+        pass
+    print(json.dumps(got), flush=True)
+""")
+
+SENDER = textwrap.dedent("""
+    import json, socket, sys, time
+    for msg in json.loads(sys.argv[3]):
+        t = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # new source port: new flow
+        t.sendto(msg.encode(), (sys.argv[1], int(sys.argv[2])))
+        t.close()
+        time.sleep(0.01)
+""")
+
+
+def _ready(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.strip() == "READY", proc.communicate()[1]
+
+
+def _result(proc: subprocess.Popen[str]) -> Any:
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _send(pair: Pair, messages: list[str], sniff_iface: str | None = None,
+          marker: str = "") -> tuple[list[str], dict[str, Any] | None]:
+    receiver = pair.python(pair.b, RECEIVER, ADDR_B, str(PORT), "2.0")
+    sniffer = pair.python(pair.b, SNIFFER, sniff_iface, marker, "3.0") if sniff_iface else None
+    try:
+        _ready(receiver)
+        if sniffer:
+            _ready(sniffer)
+        sender = pair.python(pair.a, SENDER, ADDR_B, str(PORT), json.dumps(messages))
+        _, err = sender.communicate(timeout=60)
+        assert sender.returncode == 0, err
+        got = _result(receiver)
+        sniffed = _result(sniffer) if sniffer else None
+    finally:
+        for p in (receiver, sniffer):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    return got, sniffed
+
+
+def _running_pair(pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> tuple[Daemon, Daemon]:
+    """Both daemons (shared fresh keys), started and running."""
+    keys = make_keys()
+    a = _daemon(pair, pair.a, tmp_path, "a", keys, True, daemons)
+    b = _daemon(pair, pair.b, tmp_path, "b", keys, False, daemons)
+    a.start()
+    b.start()
+    a.wait_running()
+    b.wait_running()
+    return a, b
+
+
+def test_two_daemons_carry_traffic_as_esp(pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:
+    a, b = _running_pair(pair, tmp_path, daemons)
+    marker = "CLEARTEXT-MARKER"
+    messages = [f"{marker}-{i}-" + "x" * size for i, size in enumerate([10, 1400, 8000] * 10)]
+    got, sniffed = _send(pair, messages, sniff_iface=pair.vb, marker=marker)
+    assert sorted(got) == sorted(messages)
+    assert sniffed is not None
+    assert sniffed["leaked"] == 0
+    assert sniffed["protos"].get("50", 0) >= len(messages)  # ESP on the wire
+    assert sniffed["protos"].get("17", 0) == 0  # and no UDP
+    sa_a = {s["name"]: s for s in a.status()["sas"]}
+    sa_b = {s["name"]: s for s in b.status()["sas"]}
+    assert sa_a["ab0"]["packets"] + sa_a["ab1"]["packets"] == len(messages)
+    assert sa_b["ab0"]["packets"] + sa_b["ab1"]["packets"] == len(messages)
+    for n in ("ab0", "ab1"):
+        assert sa_a[n]["seq"] == sa_b[n]["seq"] == sa_a[n]["packets"]  # out next_seq-1, in top
+        assert sa_b[n]["replay_drops"] == sa_b[n]["integrity_drops"] == 0
+    assert a.stop() == 0
+    assert b.stop() == 0
+
+
+def test_fault_injection_fails_closed(pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:
+    a = _daemon(pair, pair.a, tmp_path, "a", make_keys(), True, daemons,
+                NFQ_IPSEC_TEST_FAULT="raise-every-packet")
+    a.start()
+    a.wait_running()
+    messages = [f"m{i}" for i in range(20)]
+    got, _ = _send(pair, messages)
+    assert got == []
+    st = a.status()
+    assert st is not None
+    assert sum((w["drops"] or {}).get("internal", 0) for w in st["workers"]) == len(messages)
+    assert sum(w["packets_out"] for w in st["workers"]) == 0
+    assert a.stop() == 0
+    assert a.log_text().count("internal error handling a packet") <= 2  # rate-limited
+
+
+def test_status_json_has_the_golden_schema(pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:
+    a, b = _running_pair(pair, tmp_path, daemons)
+    messages = [f"schema-{i}" for i in range(10)]
+    got, _ = _send(pair, messages)
+    assert sorted(got) == sorted(messages)
+    for d in (a, b):
+        st = d.status()  # nfq-ipsec status --json
+        assert check_answer(st) == set(GOLDEN), st
+        assert st["kernel_drops"] is not None and st["kernel_drops_age"] is not None
+        assert all(s["saved"] is not None for s in st["sas"] if s["packets"])  # state files
+    assert a.stop() == 0
+    assert b.stop() == 0
+
+
+HOLD_QUEUE = textwrap.dedent("""
+    import sys, time
+    from nfq_ipsec.nfqueue import NetlinkQueue
+    q = NetlinkQueue(); q.bind(int(sys.argv[1]))
+    print("READY", flush=True)
+    sys.stdin.read()
+""")
+
+
+def test_worker_that_cannot_start_stops_the_daemon(pair: Pair, tmp_path: Path,
+                                                   daemons: list[Daemon]) -> None:
+    before = pair.iptables_save(pair.a)
+    holder = subprocess.Popen(
+        ["ip", "netns", "exec", pair.a, sys.executable, "-c", HOLD_QUEUE, str(QUEUES[0])],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env(),
+    )
+    try:
+        _ready(holder)
+        d = _daemon(pair, pair.a, tmp_path, "a", make_keys(), True, daemons)
+        d.start()
+        assert d.proc is not None
+        assert d.proc.wait(60) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    log = d.log_text()
+    assert f"worker for queue {QUEUES[0]} died before becoming ready 3 times in a row" in log
+    assert "another process holds this queue" in log
+    assert pair.iptables_save(pair.a) == before  # never installed
+    assert not (d.config.parent / "run" / "ctl.sock").exists()

@@ -1,0 +1,183 @@
+"""The offline commands: check-config, decode (pcap and pcapng), genkey; exit codes."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import gate
+import pytest
+from repo import EXAMPLES
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.l2 import CookedLinux, Ether
+from scapy.packet import Raw
+from scapy.utils import PcapNgWriter, wrpcap
+
+from nfq_ipsec.cli import main
+from nfq_ipsec.config import load_config
+from nfq_ipsec.core import Processor
+
+A = EXAMPLES / "host-a.toml"
+B = EXAMPLES / "host-b.toml"
+CPUS = [0, 1]
+
+
+def capture_packets() -> list[bytes]:
+    """ESP of both directions made by two processors (the example pair), plus extras."""
+    a = load_config(A, online_cpus=CPUS)
+    b = load_config(B, online_cpus=CPUS)
+    pa = Processor(a.spd, a.sas_for_queue(101), 0.0)
+    pb = Processor(b.spd, b.sas_for_queue(101), 0.0)
+    ping = bytes(IP(src="192.168.56.10", dst="192.168.56.11") / ICMP(id=7, seq=1) / Raw(b"x" * 20))
+    pong = bytes(IP(src="192.168.56.11", dst="192.168.56.10") / ICMP(type=0, id=7, seq=1) / Raw(b"x" * 20))
+    udp = bytes(IP(src="192.168.56.10", dst="192.168.56.11") / UDP(sport=5000, dport=53) / Raw(b"q" * 30))
+    out1 = pa.outbound(ping, 0.0).packet
+    out2 = pb.outbound(pong, 0.0).packet
+    out3 = pa.outbound(udp, 0.0).packet
+    assert out1 and out2 and out3
+    tampered = bytearray(out3)
+    tampered[-1] ^= 0x80
+    clear = bytes(IP(src="192.168.56.10", dst="192.168.56.11") / TCP(sport=22, dport=4000))
+    # ok, ok, ok, replay of #1, tampered copy of #3 (seq 2 already seen -> replay), cleartext
+    return [out1, out2, out3, out1, bytes(tampered), clear]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_check_config_summarises_without_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _err = run(capsys, "check-config", str(A))
+    assert code == 0
+    assert "a-to-b-0" in out and "0x00001000" in out and "queue 101" in out
+    assert "; watchdog 10 s\n" in out  # the default: the example sets none
+    text = A.read_text()
+    for line in text.splitlines():
+        if line.startswith("key = "):
+            hexkey = line.split('"')[1].removeprefix("0x")
+            assert hexkey[:8] not in out
+
+
+def test_check_config_bad_file_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(A.read_text().replace("spi = 0x00001000", "spi = 7").replace('"aes-gcm-128"', '"des"', 1))
+    code, out, err = run(capsys, "check-config", str(bad))
+    assert code == 2 and out == ""
+    assert "sa[0].spi:" in err and "sa[0].encryption:" in err and "2 problems" in err
+
+
+@pytest.mark.parametrize("fmt", ["pcap-ether", "pcap-sll", "pcapng"])
+def test_decode_capture(fmt: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pkts = capture_packets()
+    path = tmp_path / "cap"
+    if fmt == "pcap-ether":
+        wrpcap(str(path), [Ether() / IP(p) for p in pkts])
+    elif fmt == "pcap-sll":
+        wrpcap(str(path), [CookedLinux(proto=0x0800) / IP(p) for p in pkts])
+    else:
+        with PcapNgWriter(str(path)) as w:
+            for p in pkts:
+                w.write(Ether() / IP(p))
+    code, out, _err = run(capsys, "decode", "--config", str(A), str(path))
+    lines = out.splitlines()
+    assert code == 4  # some packets were dropped
+    assert "ok    sa=a-to-b-1  ICMP 192.168.56.10 > 192.168.56.11 echo-request id=7 seq=1" in lines[0]
+    assert "sa=b-to-a-1  ICMP 192.168.56.11 > 192.168.56.10 echo-reply" in lines[1]
+    assert "UDP 192.168.56.10:5000 > 192.168.56.11:53 len=30" in lines[2]
+    assert "DROP  replay" in lines[3]
+    assert "DROP  replay" in lines[4]
+    assert "not-esp" in lines[5] and "TCP 192.168.56.10:22 > 192.168.56.11:4000" in lines[5]
+    assert lines[-1] == "summary: drop replay 2, not-esp 1, ok 3"
+
+
+@pytest.mark.parametrize("fmt", ["pcap-ether", "pcap-vlan", "pcap-sll", "pcap-raw", "pcapng"])
+def test_pcap_views_agree(fmt: str, tmp_path: Path) -> None:
+    """One reader for decode and the lab's wire check: records, frames (ethertype and network
+    layer) and IPv4 packets describe the same capture, frame for frame."""
+    from scapy.layers.inet6 import IPv6
+    from scapy.layers.l2 import ARP, Dot1Q
+
+    from nfq_ipsec.pcap import ETH_ARP, ETH_IPV4, ETH_IPV6, read_frames, read_packets, read_records
+
+    ip4 = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=2) / Raw(b"v4"))
+    ip6 = bytes(IPv6(src="fd00::1", dst="fd00::2") / UDP(sport=1, dport=2) / Raw(b"v6"))
+    path = tmp_path / "cap"
+    if fmt == "pcap-raw":
+        wrpcap(str(path), [IP(ip4), IPv6(ip6)], linktype=101)  # LINKTYPE_RAW: either version
+        want = [(ETH_IPV4, ip4), (ETH_IPV6, ip6)]
+    elif fmt == "pcap-sll":
+        wrpcap(str(path), [CookedLinux(proto=0x0800) / IP(ip4), CookedLinux(proto=0x86DD) / IPv6(ip6)])
+        want = [(ETH_IPV4, ip4), (ETH_IPV6, ip6)]
+    else:
+        frames = [Ether() / IP(ip4), Ether() / ARP(), Ether() / IPv6(ip6)]
+        if fmt == "pcap-vlan":
+            frames = [Ether() / Dot1Q(vlan=5) / f.payload for f in frames]
+        if fmt == "pcapng":
+            with PcapNgWriter(str(path)) as w:
+                for f in frames:
+                    w.write(f)
+        else:
+            wrpcap(str(path), frames)
+        want = [(ETH_IPV4, ip4), (ETH_ARP, bytes(ARP())), (ETH_IPV6, ip6)]
+    got = list(read_frames(path))
+    assert [(etype, data[:len(w)]) for (etype, data), (_, w) in zip(got, want, strict=True)] == want
+    assert len(list(read_records(path))) == len(want)
+    assert list(read_packets(path)) == [d if e == ETH_IPV4 else None for e, d in got]
+
+
+def test_decode_reports_integrity_and_unknown_spi(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pkts = capture_packets()
+    tampered = bytearray(pkts[2])
+    tampered[-1] ^= 1
+    unknown = bytearray(pkts[0])
+    unknown[20:24] = b"\x00\x00\x99\x99"
+    path = tmp_path / "c.pcap"
+    wrpcap(str(path), [IP(bytes(tampered)), IP(bytes(unknown))])  # raw IP link type
+    code, out, _ = run(capsys, "decode", "--config", str(A), str(path))
+    assert code == 4
+    assert "DROP  integrity sa=a-to-b-1" in out.splitlines()[0]
+    assert "DROP  unknown_spi" in out.splitlines()[1]
+
+
+def test_decode_all_good_exit_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "ok.pcap"
+    wrpcap(str(path), [Ether() / IP(p) for p in capture_packets()[:3]])
+    code, out, _ = run(capsys, "decode", "--config", str(A), str(path))
+    assert code == 0 and out.splitlines()[-1] == "summary: ok 3"
+
+
+def test_decode_not_a_capture(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "x.pcap"
+    path.write_bytes(b"hello world")
+    code, _out, err = run(capsys, "decode", "--config", str(A), str(path))
+    assert code == 1 and "not a pcap or pcapng file" in err
+
+
+def test_decode_agrees_with_tshark_on_spis(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An independent reader (tshark) sees the same ESP SPIs and sequence numbers in our pcap."""
+    gate.tool("tshark", "tshark")
+    import subprocess
+
+    path = tmp_path / "t.pcap"
+    wrpcap(str(path), [Ether() / IP(p) for p in capture_packets()[:3]])
+    res = subprocess.run(
+        ["tshark", "-r", str(path), "-T", "fields", "-e", "esp.spi", "-e", "esp.sequence"],
+        capture_output=True, text=True, check=True,
+    )
+    theirs = [tuple(int(v, 0) for v in ln.split("\t")) for ln in res.stdout.strip().splitlines()]
+    _code, out, _ = run(capsys, "decode", "--config", str(A), str(path))
+    ours = re.findall(r"spi=(0x[0-9a-f]+) seq=(\d+)", out)
+    assert [(int(s, 16), int(q)) for s, q in ours] == theirs == [(0x1001, 1), (0x2001, 1), (0x1001, 2)]
+
+
+def test_genkey(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "genkey", "aes-gcm-128")
+    assert code == 0 and len(bytes.fromhex(out.strip())) == 20
+    code, out2, _ = run(capsys, "genkey", "aes-gcm-128")
+    assert out2 != out
+    code, out, _ = run(capsys, "genkey", "hmac-sha512-256")
+    assert code == 0 and len(bytes.fromhex(out.strip())) == 64
+    code, _, err = run(capsys, "genkey", "des")
+    assert code == 2 and "MUST NOT" in err

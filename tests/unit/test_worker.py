@@ -1,0 +1,721 @@
+"""The worker's packet handling, the queue binding's message encoding and the control socket,
+all without root: a fake queue stands in for the kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import stat
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from faults.nfq_ipsec_faults import wrap
+from repo import EXAMPLES
+
+from nfq_ipsec import control, corebuild, counts, nfqueue, worker
+from nfq_ipsec.config import load_config
+from nfq_ipsec.core import DropReason, Processor, Result, Secret, Verdict, pmtu
+from nfq_ipsec.core.processor import ARRIVING, FORWARDED, LEAVING
+from nfq_ipsec.nfqueue import HOOK_LOCAL_OUT, HOOK_PRE_ROUTING, NetlinkQueue, QueuedPacket
+from nfq_ipsec.status import StatusReport
+from nfq_ipsec.worker import PacketHandler, WorkerSpec
+
+A, B = "192.168.56.10", "192.168.56.11"
+MARK = 0x10000000
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def ipv4(src: str, dst: str, proto: int, payload: bytes, ident: int = 1) -> bytes:
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), ident, 0x4000, 64, proto, 0,
+                      socket.inet_aton(src), socket.inet_aton(dst))
+    hdr = hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:]
+    return hdr + payload
+
+
+def udp(src: str, dst: str, sport: int, dport: int, data: bytes) -> bytes:
+    return ipv4(src, dst, 17, struct.pack("!HHHH", sport, dport, 8 + len(data), 0) + data)
+
+
+def tcp_syn(src: str, dst: str, sport: int, dport: int) -> bytes:
+    return ipv4(src, dst, 6, struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 0x50, 0x02, 65535, 0, 0))
+
+
+class FakeQueue:
+    """Records verdicts like the kernel would receive them."""
+
+    def __init__(self) -> None:
+        self.verdicts: list[tuple[int, bool, int | None, bytes | None]] = []
+        self.flushes = 0
+        self.overflows = 0
+
+    def bind(self, queue_num: int) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return -1
+
+    def receive(self, limit: int) -> list[QueuedPacket]:
+        return []
+
+    def verdict(
+        self, packet_id: int, accept: bool, mark: int | None = None, payload: bytes | None = None
+    ) -> None:
+        self.verdicts.append((packet_id, accept, mark, payload))
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def close(self) -> None:
+        pass
+
+
+def processor(host: str, queue: int = 100) -> Processor:
+    cfg = load_config(EXAMPLES / f"host-{host}.toml", online_cpus=[0, 1])
+    return Processor(cfg.spd, cfg.sas_for_queue(queue), 0.0)
+
+
+IFACES = {1: "lo", 2: "wan0", 3: "lan0"}  # ifindex -> name, for the worker's direction
+
+
+def ifname(index: int) -> str:
+    """socket.if_indextoname over IFACES (OSError for an index that is gone)."""
+    if index not in IFACES:
+        raise OSError(6, "No such device or address")
+    return IFACES[index]
+
+
+def handler(proc: Any, fault: str | None = None, gateway_interface: str | None = None,
+            reply: Any = None) -> tuple[PacketHandler, FakeQueue]:
+    """A handler on a fake queue; ``fault``: wrapped as the test suite's fault injection
+    wraps a real daemon's workers (tests/faults)."""
+    q = FakeQueue()
+    h = PacketHandler(proc, q, MARK, clock=lambda: 1.0, gateway_interface=gateway_interface,
+                      reply=reply, ifname=ifname)
+    return (wrap(h, fault) if fault else h), q
+
+
+def pkt(data: bytes, hook: int = HOOK_LOCAL_OUT, pid: int = 1, mark: int = 0,
+        length: int | None = None, indev: int = 0) -> QueuedPacket:
+    return QueuedPacket(pid, hook, data, len(data) if length is None else length, mark, indev)
+
+
+# -- packet handling -------------------------------------------------------------------------
+def test_outbound_protected_is_rewritten_marked_and_accepted() -> None:
+    proc = processor("a")
+    h, q = handler(proc)
+    plain = udp(A, B, 4000, 5000, b"hello")
+    h.handle_batch([pkt(plain, mark=0x5)])
+    [(pid, accept, mark, payload)] = q.verdicts
+    assert (pid, accept, mark) == (1, True, MARK | 0x5)  # existing mark bits are kept
+    assert payload is not None and payload[9] == 50 and plain[20:] not in payload
+    assert q.flushes == 1
+    assert (h.packets_in, h.packets_out) == (1, 1)
+
+
+def test_bypass_is_accepted_unchanged_with_mark() -> None:
+    h, q = handler(processor("a"))
+    h.handle_batch([pkt(tcp_syn(A, B, 22, 40000))])  # the ssh-in-clear bypass policy
+    assert q.verdicts == [(1, True, MARK, None)]
+
+
+def test_no_policy_is_dropped_and_counted() -> None:
+    proc = processor("a")
+    h, q = handler(proc)
+    h.handle_batch([pkt(udp("10.0.0.1", "10.0.0.2", 1, 2, b"x"))])
+    assert q.verdicts == [(1, False, None, None)]
+    assert proc.drops[DropReason.NO_POLICY] == 1
+    assert (h.packets_in, h.packets_out) == (1, 0)
+
+
+def test_inbound_esp_at_prerouting_is_decrypted() -> None:
+    sender_h, sender_q = handler(processor("b"))
+    plain = udp(B, A, 5000, 4000, b"to host a")
+    sender_h.handle_batch([pkt(plain)])
+    esp = sender_q.verdicts[0][3]
+    assert esp is not None
+    proc = processor("a")
+    h, q = handler(proc)
+    h.handle_batch([pkt(esp, hook=HOOK_PRE_ROUTING, pid=7)])
+    assert q.verdicts == [(7, True, MARK, plain)]
+    # the same packet again is a replay: dropped and counted on the SA
+    h.handle_batch([pkt(esp, hook=HOOK_PRE_ROUTING, pid=8)])
+    assert q.verdicts[1] == (8, False, None, None)
+    assert proc.drops[DropReason.REPLAY] == 1
+
+
+class Spy:
+    """A processor double that records which direction it was asked for."""
+
+    def __init__(self, raise_on: int | None = None) -> None:
+        self.calls: list[str] = []
+        self.drops: dict[DropReason, int] = {}
+        self.raise_on = raise_on
+
+    def _call(self, name: str) -> Result:
+        self.calls.append(name)
+        if self.raise_on is not None and len(self.calls) == self.raise_on:
+            raise KeyError("boom")
+        return Result(Verdict.ACCEPT)
+
+    def process(self, data: bytes, length: int, where: int, now: float) -> Result:
+        return self._call({ARRIVING: "in", LEAVING: "out", FORWARDED: "fwd"}[where])
+
+    def outbound(self, data: bytes, now: float, forwarded: bool = False) -> Result:
+        return self._call("fwd" if forwarded else "out")
+
+    def inbound(self, data: bytes, now: float) -> Result:
+        return self._call("in")
+
+    def count_drop(self, reason: DropReason) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+
+@pytest.mark.parametrize(("hook", "proto", "indev", "gateway", "direction"), [
+    (HOOK_LOCAL_OUT, 17, 0, None, "out"),  # local outbound
+    (HOOK_LOCAL_OUT, 50, 0, None, "out"),  # ESP made locally is still outbound traffic at OUTPUT
+    (HOOK_PRE_ROUTING, 50, 2, None, "in"),  # a host: everything in PREROUTING arrives
+    (HOOK_PRE_ROUTING, 1, 2, None, "in"),  # (a path MTU report about our ESP, for example)
+    (HOOK_PRE_ROUTING, 50, 2, "wan0", "in"),  # a gateway: ESP on the unprotected side
+    (HOOK_PRE_ROUTING, 1, 2, "wan0", "in"),
+    (HOOK_PRE_ROUTING, 17, 3, "wan0", "fwd"),  # from the LAN: forwarded outbound
+    (HOOK_PRE_ROUTING, 6, 3, "wan0", "fwd"),
+    (HOOK_PRE_ROUTING, 50, 3, "wan0", "fwd"),  # ESP from a LAN host: outbound too
+    (HOOK_PRE_ROUTING, 50, 99, "wan0", "in"),  # an interface gone meanwhile: as from outside
+])
+def test_hook_and_interface_decide_direction(
+    hook: int, proto: int, indev: int, gateway: str | None, direction: str,
+) -> None:
+    spy = Spy()
+    h, q = handler(spy, gateway_interface=gateway)
+    h.handle_batch([pkt(ipv4(A, B, proto, b"\0" * 16), hook=hook, indev=indev)])
+    assert spy.calls == [direction]
+    assert q.verdicts == [(1, True, MARK, None)]
+
+
+def test_exception_drops_with_internal_and_batch_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    spy = Spy(raise_on=2)
+    h, q = handler(spy)
+    data = udp(A, B, 1, 2, b"x")
+    h.handle_batch([pkt(data, pid=1), pkt(data, pid=2), pkt(data, pid=3)])
+    assert q.verdicts == [(1, True, MARK, None), (2, False, None, None), (3, True, MARK, None)]
+    assert spy.drops == {DropReason.INTERNAL: 1}
+    assert h.internal_errors == 1
+    assert "internal error" in caplog.text
+
+
+def test_fault_injection_drops_everything_as_internal() -> None:
+    proc = processor("a")
+    h, q = handler(proc, fault="raise-every-packet")
+    h.handle_batch([pkt(tcp_syn(A, B, 22, 40000), pid=i) for i in range(5)])
+    assert [v[1] for v in q.verdicts] == [False] * 5
+    assert proc.drops[DropReason.INTERNAL] == 5
+
+
+def test_internal_error_logging_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    h, _q = handler(processor("a"), fault="raise-every-packet")
+    h.handle_batch([pkt(b"\x45" * 40, pid=i) for i in range(50)])
+    assert caplog.text.count("internal error") == 1
+
+
+def test_payload_shorter_than_ip_total_length_is_truncated() -> None:
+    proc = processor("a")
+    h, q = handler(proc)
+    full = tcp_syn(A, B, 22, 40000)
+    h.handle_batch([pkt(full[:-4], pid=1), pkt(full, pid=2, length=len(full) + 100)])
+    assert q.verdicts == [(1, False, None, None), (2, False, None, None)]
+    assert proc.drops[DropReason.TRUNCATED] == 2
+
+
+def test_output_too_big_for_a_verdict_is_dropped() -> None:
+    """The core is told the most a verdict can carry (an nlattr holds 65,531 bytes): an ESP
+    packet between that and the IPv4 maximum is dropped as too big, one byte less passes."""
+    cfg = load_config(EXAMPLES / "host-a.toml", online_cpus=[0, 1])
+    proc = Processor(cfg.spd, cfg.sas_for_queue(100), 0.0, max_packet=nfqueue.MAX_VERDICT_PAYLOAD)
+    sa = next(sa for sa in proc.sad.all() if sa.outbound)
+    sizes = {pmtu.esp_size(sa, n, 20): n for n in range(65400, 65500)}
+    fits = sizes[max(k for k in sizes if k <= nfqueue.MAX_VERDICT_PAYLOAD)]
+    over = sizes[min(k for k in sizes if nfqueue.MAX_VERDICT_PAYLOAD < k <= 65535)]
+    h, q = handler(proc)
+    h.handle_batch([pkt(udp(A, B, 4000, 5000, b"x" * (fits - 28)), pid=1),
+                    pkt(udp(A, B, 4000, 5000, b"x" * (over - 28)), pid=2)])
+    assert [(v[0], v[1]) for v in q.verdicts] == [(1, True), (2, False)]
+    assert len(q.verdicts[0][3] or b"") <= nfqueue.MAX_VERDICT_PAYLOAD
+    assert proc.drops == {DropReason.TOO_BIG: 1}
+
+
+def test_snapshot_has_counters_and_no_keys() -> None:
+    cfg = load_config(EXAMPLES / "host-a.toml", online_cpus=[0, 1])
+    proc = Processor(cfg.spd, cfg.sas_for_queue(100), 0.0)
+    h, _q = handler(proc)
+    h.handle_batch([pkt(udp(A, B, 1, 2, b"x" * 10), pid=i) for i in range(3)])
+    h.handle_batch([pkt(udp("10.0.0.1", "10.0.0.2", 1, 2, b"x"), pid=9)])
+    snap = h.snapshot(100, 0, 123.0)
+    assert (snap["queue"], snap["cpu"], snap["pid"], snap["started"]) == (100, 0, os.getpid(), 123.0)
+    assert (snap["packets_in"], snap["packets_out"]) == (4, 3)
+    assert snap["core"] == corebuild.running().detail  # which build of the core this worker runs
+    assert snap["drops"] == {"no_policy": 1}
+    by_name = {s["name"]: s for s in snap["sas"]}
+    assert set(by_name) == {"a-to-b-0", "b-to-a-0"}  # this queue's SAs only
+    out = by_name["a-to-b-0"]
+    assert (out["spi"], out["direction"], out["packets"], out["seq"]) == (0x1000, "out", 3, 3)
+    assert by_name["b-to-a-0"]["seq"] == 0
+    text = json.dumps(snap)
+    for sa in cfg.sas:
+        assert sa.key.reveal().hex() not in text
+
+
+def _counted_handler() -> PacketHandler:
+    """A handler on queue 100 of host A that has sent 3 packets and dropped one (no policy)."""
+    cfg = load_config(EXAMPLES / "host-a.toml", online_cpus=[0, 1])
+    h, _q = handler(Processor(cfg.spd, cfg.sas_for_queue(100), 0.0))
+    h.handle_batch([pkt(udp(A, B, 1, 2, b"x" * 10), pid=i) for i in range(3)])
+    h.handle_batch([pkt(udp("10.0.0.1", "10.0.0.2", 1, 2, b"x"), pid=9)])
+    return h
+
+
+def _stats(qdropped: int, udropped: int) -> dict[int, nfqueue.KernelQueueStats]:
+    return {100: nfqueue.KernelQueueStats(100, 1, 0, 2, 0xFFFF, qdropped, udropped, 7)}
+
+
+def test_counts_are_the_snapshots_counts_without_proc_or_state(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ping's answer (``counts``) holds what the snapshot's counts hold, read from the
+    handler's and the SAs' counters only: no /proc, no state store. The kernel's drops before
+    the worker (in the snapshot as queue_overflow) are the supervisor's to add."""
+    h = _counted_handler()
+    monkeypatch.setattr(worker, "kernel_queue_stats", lambda: _stats(2, 1))
+    snap = h.snapshot(100, 0, 123.0)
+    assert snap["drops"] == {"no_policy": 1, "queue_overflow": 3}
+
+    def untouchable(*args: object) -> Any:
+        raise AssertionError("read for a ping's answer")
+
+    monkeypatch.setattr(worker, "kernel_queue_stats", untouchable)
+    h.store = untouchable  # type: ignore[assignment]  # any use of it raises
+    c = h.counts()
+    assert c == {"packets_in": 4, "packets_out": 3, "drops": {"no_policy": 1},
+                 "sas": {"a-to-b-0": {"packets": 3, "bytes": 3 * 38, "drops": {}},
+                         "b-to-a-0": {"packets": 0, "bytes": 0, "drops": {}}}}
+    assert counts.with_kernel_losses(c, 3) == counts.of_snapshot(snap)
+    h.store = None
+    monkeypatch.setattr(worker, "kernel_queue_stats", dict)  # no line for the queue
+    assert counts.of_snapshot(h.snapshot(100, 0, 123.0)) == c
+
+
+class PollableQueue(FakeQueue):
+    """A fake queue the worker's loop can poll: one end of a socket pair that stays silent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ends = socket.socketpair()
+
+    def fileno(self) -> int:
+        return self.ends[0].fileno()
+
+    def close(self) -> None:
+        for end in self.ends:
+            end.close()
+
+
+def test_a_ping_is_answered_with_counts_without_a_snapshot(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's loop answers ``("ping",)`` with ``counts()`` and ``("stats",)`` with the
+    snapshot: a watchdog ping never reads /proc or walks the state store."""
+    from multiprocessing import Pipe
+
+    h = _counted_handler()
+    snapshots: list[int] = []
+    real = PacketHandler.snapshot
+
+    def counted_snapshot(self: PacketHandler, *args: Any) -> Any:
+        snapshots.append(1)
+        return real(self, *args)
+
+    monkeypatch.setattr(PacketHandler, "snapshot", counted_snapshot)
+    monkeypatch.setattr(worker, "kernel_queue_stats", dict)
+    sup_end, worker_end = Pipe(duplex=True)
+    q = PollableQueue()
+    wake_r, wake_w = socket.socketpair()
+    try:
+        for msg in (("ping",), ("ping",), ("stats",), ("stop",)):
+            sup_end.send(msg)
+        assert worker._serve(_spec(load_config(EXAMPLES / "host-a.toml", online_cpus=[0, 1])),
+                             worker_end, q, h, wake_r, 123.0) == 0
+        answers = [sup_end.recv() for _ in range(3)]
+    finally:
+        q.close()
+        for end in (wake_r, wake_w):
+            end.close()
+    assert answers[0] == answers[1] == ("pong", h.counts())
+    assert answers[2][0] == "stats" and answers[2][1]["sas"] and len(snapshots) == 1
+
+
+def test_sa_events_are_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    import dataclasses
+    import logging
+
+    from nfq_ipsec.core import Lifetime
+
+    cfg = load_config(EXAMPLES / "host-a.toml", online_cpus=[0, 1])
+    sas = [dataclasses.replace(sa, lifetime=Lifetime(soft_packets=2, hard_packets=4))
+           for sa in cfg.sas_for_queue(100)]
+    proc = Processor(cfg.spd, sas, 0.0)
+    h, q = handler(proc)
+    caplog.set_level(logging.INFO, logger="nfq_ipsec")
+    for i in range(6):
+        h.handle_batch([pkt(udp(A, B, 1, 2, b"x"), pid=i)])
+        h.report_events()
+    assert [v[1] for v in q.verdicts] == [True] * 4 + [False] * 2  # hard limit: dropped
+    assert proc.drops[DropReason.SA_EXPIRED] == 2
+    assert caplog.text.count("SA a-to-b-0 (spi 0x00001000): soft expired") == 1
+    assert caplog.text.count("SA a-to-b-0 (spi 0x00001000): hard expired") == 1
+
+
+# -- queue binding encoding (no socket) -------------------------------------------------------
+def _nlattr(atype: int, value: bytes) -> bytes:
+    raw = struct.pack("=HH", 4 + len(value), atype) + value
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def _packet_msg(
+    packet_id: int, hook: int, payload: bytes, mark: int = 0, cap_len: int | None = None,
+    indev: int = 0,
+) -> bytes:
+    body = struct.pack("!BBH", 2, 0, 100)
+    body += _nlattr(nfqueue.NFQA_PACKET_HDR, struct.pack("!IHB", packet_id, 0x0800, hook) + b"\0")
+    if indev:
+        body += _nlattr(nfqueue.NFQA_IFINDEX_INDEV, struct.pack("!I", indev))
+        body += _nlattr(6, struct.pack("!I", indev + 1))  # NFQA_IFINDEX_OUTDEV: not the input
+    if mark:
+        body += _nlattr(nfqueue.NFQA_MARK, struct.pack("!I", mark))
+    body += _nlattr(nfqueue.NFQA_PAYLOAD, payload)
+    if cap_len is not None:
+        body += _nlattr(nfqueue.NFQA_CAP_LEN, struct.pack("!I", cap_len))
+    return struct.pack("=IHHII", 16 + len(body), nfqueue.NFQNL_MSG_PACKET, 0, 0, 0) + body
+
+
+def test_packet_message_parsing() -> None:
+    payload = bytes(range(256)) * 40 + b"abc"  # 10243 bytes, not a multiple of 4
+    msg = _packet_msg(0xDEADBEEF, 3, payload, mark=0x42, cap_len=20000)
+    second = _packet_msg(1, 0, b"xy")
+    both = msg + second  # one receive can hold several messages
+    out: list[QueuedPacket] = []
+    nfqueue.NetlinkQueue().parse(memoryview(both), len(both), out)
+    assert len(out) == 2
+    p, p2 = out
+    assert (p.packet_id, p.hook, p.mark, p.length) == (0xDEADBEEF, 3, 0x42, 20000)
+    assert p.payload == payload and type(p.payload) is bytes
+    assert (p2.length, p2.payload, p2.mark) == (2, b"xy", 0)
+    # A message cut short (as MSG_TRUNC reports) yields nothing rather than a partial packet.
+    cut: list[QueuedPacket] = []
+    nfqueue.NetlinkQueue().parse(memoryview(msg), len(msg) - 1, cut)
+    assert cut == []
+
+
+@pytest.mark.parametrize("want_indev", [True, False])
+def test_input_interface_is_read_when_asked(want_indev: bool) -> None:
+    """A gateway's worker reads the input interface (it tells inbound from forwarded by it);
+    other workers skip it (it costs about 3 % of a packet's instructions)."""
+    msg = _packet_msg(9, 0, b"xy", indev=0x01020304)  # an ifindex above 65535 too
+    out: list[QueuedPacket] = []
+    nfqueue.NetlinkQueue(want_indev=want_indev).parse(memoryview(msg), len(msg), out)
+    assert [(p.packet_id, p.indev, p.payload) for p in out] == [
+        (9, 0x01020304 if want_indev else 0, b"xy")]
+
+
+def test_parse_counts_error_replies() -> None:
+    err = struct.pack("=IHHII", 36, nfqueue.NLMSG_ERROR, 0, 0, 0) + struct.pack("=i", -2) + bytes(16)
+    q = nfqueue.NetlinkQueue()
+    out: list[QueuedPacket] = []
+    q.parse(memoryview(err), len(err), out)
+    assert out == [] and q.verdict_errors == 1 and q.last_verdict_error == 2
+
+
+def _decode_verdicts(data: bytes) -> list[dict[str, Any]]:
+    out = []
+    view = memoryview(data)
+    for mtype, off, end in nfqueue._messages(view, len(data)):
+        assert mtype == nfqueue.NFQNL_MSG_VERDICT
+        _fam, _ver, res_id = struct.unpack_from("!BBH", data, off)
+        item: dict[str, Any] = {"queue": res_id}
+        pos = off + 4
+        while pos + 4 <= end:
+            alen, atype = struct.unpack_from("=HH", data, pos)
+            value = data[pos + 4:pos + alen]
+            if atype == nfqueue.NFQA_VERDICT_HDR:
+                item["verdict"], item["id"] = struct.unpack("!II", value)
+            elif atype == nfqueue.NFQA_MARK:
+                (item["mark"],) = struct.unpack("!I", value)
+            elif atype == nfqueue.NFQA_PAYLOAD:
+                item["payload"] = bytes(value)
+            pos += (alen + 3) & ~3
+        out.append(item)
+    return out
+
+
+def test_verdicts_are_encoded_and_sent_together() -> None:
+    q = NetlinkQueue()
+    q.queue_num = 300
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    q._sock = a
+    try:
+        q.verdict(1, True, MARK, b"12345")  # odd payload length: padding before the next message
+        q.verdict(2, False)
+        q.verdict(3, True, None, b"x" * 9000)
+        q.verdict(4, True, 0xFFFFFFFF)
+        q.flush()
+        data = b.recv(65536)
+        got = _decode_verdicts(data)
+    finally:
+        q._sock = None
+        a.close()
+        b.close()
+    assert got == [
+        {"queue": 300, "verdict": 1, "id": 1, "mark": MARK, "payload": b"12345"},
+        {"queue": 300, "verdict": 0, "id": 2},
+        {"queue": 300, "verdict": 1, "id": 3, "payload": b"x" * 9000},
+        {"queue": 300, "verdict": 1, "id": 4, "mark": 0xFFFFFFFF},
+    ]
+    with pytest.raises(ValueError, match="larger than a verdict"):
+        q.verdict(5, True, None, b"\0" * (nfqueue.MAX_VERDICT_PAYLOAD + 1))
+
+
+def test_kernel_queue_stats_parses_proc_format(tmp_path: Path) -> None:
+    f = tmp_path / "nfnetlink_queue"
+    f.write_text("  100  12345     3 2 65531    17     4      999  1\n"
+                 "  101  12346     0 2 65531     0     0        7  1\n")
+    stats = nfqueue.kernel_queue_stats(str(f))
+    assert stats[100] == nfqueue.KernelQueueStats(100, 12345, 3, 2, 65531, 17, 4, 999)
+    assert stats[101].queue_dropped == 0
+    assert nfqueue.kernel_queue_stats(str(tmp_path / "missing")) == {}
+
+
+# -- control socket ----------------------------------------------------------------------------
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[control.ControlServer]:
+    srv = control.ControlServer(str(tmp_path / "run" / "sub" / "ctl.sock"))
+    srv.open()
+    stop = threading.Event()
+
+    def serve() -> None:
+        from multiprocessing.connection import wait
+
+        while not stop.is_set():
+            wait(srv.waitables(), timeout=0.05)  # type: ignore[arg-type]
+            srv.serve(lambda req: {"echo": req, "secret": None})
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield srv
+    stop.set()
+    t.join()
+    srv.close()
+
+
+def test_control_socket_roundtrip_and_modes(server: control.ControlServer, tmp_path: Path) -> None:
+    path = Path(server.path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.parent.parent.stat().st_mode) == 0o700
+    assert control.request(server.path, {"command": "status"}) == {
+        "echo": {"command": "status"}, "secret": None}
+    with pytest.raises(control.ControlError, match="another nfq-ipsec daemon is running"):
+        control.ControlServer(server.path).open()
+
+
+def test_control_socket_replaces_stale_socket_and_refuses_non_socket(tmp_path: Path) -> None:
+    stale = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(stale))
+    s.close()  # the path stays, nobody listens
+    srv = control.ControlServer(str(stale))
+    srv.open()
+    srv.close()
+    assert not stale.exists()
+    plain = tmp_path / "file"
+    plain.write_text("")
+    with pytest.raises(control.ControlError, match="not a socket"):
+        control.ControlServer(str(plain)).open()
+
+
+def test_status_not_running_exit_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from nfq_ipsec.cli import main
+
+    assert main(["status", "--socket", str(tmp_path / "nope.sock")]) == 3
+    assert "not running" in capsys.readouterr().err
+
+
+# Some fields left out, as an answer from another version of the daemon may: they show as "-".
+SAMPLE_STATUS = cast(StatusReport, {
+    "daemon": {"pid": 10, "uptime": 3725.0, "config": "/etc/x.toml", "state": "running",
+               "rules_installed": True, "core": "compiled (mypyc 2.4.1)"},
+    "workers": [
+        {"queue": 100, "cpu": 0, "pid": 11, "uptime": 12.5, "restarts": 1, "state": "ready",
+         "packets_in": 10, "packets_out": 8, "drops": {"replay": 2}, "kernel_queue_dropped": 0,
+         "user_dropped": 0, "last_error": None},
+        {"queue": 101, "cpu": 1, "pid": None, "uptime": None, "restarts": 3, "state": "down",
+         "packets_in": None, "packets_out": None, "drops": None, "kernel_queue_dropped": None,
+         "user_dropped": None, "last_error": "queue 101: bind failed"},
+    ],
+    "sas": [
+        {"name": "a-to-b-0", "spi": "0x00001000", "direction": "out", "queue": 100, "packets": 8,
+         "bytes": 800, "replay_drops": 0, "integrity_drops": 0, "other_drops": 0, "seq": 8,
+         "lifetime_left": {"packets": None, "bytes": None, "seconds": 3500.0}},
+        {"name": "a-to-b-1", "spi": "0x00001001", "direction": "out", "queue": 101, "packets": None,
+         "bytes": None, "replay_drops": None, "integrity_drops": None, "other_drops": None,
+         "seq": None, "lifetime_left": None},
+    ],
+})
+
+
+def test_render_status_text() -> None:
+    text = control.render_status(SAMPLE_STATUS)
+    assert "nfq-ipsec running: pid 10, up 1h02m, rules installed" in text
+    assert "core: compiled (mypyc 2.4.1)" in text.splitlines()[1]
+    lines = text.splitlines()
+    assert any(line.split()[:4] == ["100", "0", "11", "ready"] for line in lines)
+    assert any(line.split()[:4] == ["101", "1", "-", "down"] for line in lines)
+    assert "q100 drops: replay=2" in text
+    assert "q101 last error: queue 101: bind failed" in text
+    assert any(line.startswith("a-to-b-0") and "0x00001000" in line and "58m20s" in line for line in lines)
+    assert any(line.startswith("a-to-b-1") and line.rstrip().endswith("-") for line in lines)
+
+
+def test_render_status_dates_old_rule_counters() -> None:
+    fresh: StatusReport = {**SAMPLE_STATUS, "kernel_drops": {"no_policy": 4}, "kernel_drops_age": 0.03}
+    assert "  dropped by our iptables rules (never queued): no_policy=4" in control.render_status(fresh)
+    old: StatusReport = {**fresh, "kernel_drops_age": 12.4,
+                         "warnings": ["the rule counters were not read within 2 s; "
+                                      "kernel_drops are from a read 12.4 s ago"]}
+    text = control.render_status(old)
+    assert "  dropped by our iptables rules (never queued, read 12s ago): no_policy=4" in text
+    assert "WARNING: the rule counters were not read within 2 s" in text
+
+
+# -- reload: the new processor first, the old one for what the old rules still send ------------
+def _spec(cfg: Any, queue: int = 100) -> WorkerSpec:
+    return WorkerSpec(queue=queue, cpu=None, mark=MARK, policies=tuple(cfg.spd.policies),
+                      sas=cfg.sas_for_queue(queue))
+
+
+def _rekeyed(cfg: Any, name: str, new_spi: int) -> Any:
+    """``cfg`` with SA ``name`` replaced by one with a new key and SPI."""
+    sas = tuple(dataclasses.replace(sa, spi=new_spi, key=Secret(bytes(reversed(sa.key.reveal()))))
+                if sa.name == name else sa for sa in cfg.sas)
+    return dataclasses.replace(cfg, sas=sas)
+
+
+def test_reload_keeps_unchanged_sas_and_hands_back_until_commit() -> None:
+    cfg = load_config(EXAMPLES / "host-a.toml", online_cpus=[0, 1])
+    h, q = handler(Processor(cfg.spd, cfg.sas_for_queue(100), 0.0))
+    old = h.processor
+    # a packet before the reload, so the outbound SA has a sequence number to carry on from
+    h.handle_batch([pkt(udp(A, B, 4000, 5000, b"one"), pid=1)])
+    out_sa = next(sa for sa in old.sad.all() if sa.outbound)
+    assert out_sa.next_seq == 2
+    inbound_name = next(sa.name for sa in old.sad.all() if not sa.outbound)
+    inbound_spi = next(sa.spi for sa in old.sad.all() if not sa.outbound)
+    # ESP for the inbound SA that the reload retires, made by host b before the reload
+    sender_h, sender_q = handler(processor("b"))
+    sender_h.handle_batch([pkt(udp(B, A, 5000, 4000, b"in flight"), pid=9)])
+    in_flight = sender_q.verdicts[0][3]
+    assert in_flight is not None and int.from_bytes(in_flight[20:24], "big") == inbound_spi
+
+    summary = h.reload(_spec(_rekeyed(cfg, inbound_name, 0x7000)), 2.0)
+    assert summary == "1 SA(s) kept, 1 new or changed, 1 retired"
+    assert h.processor is not old and h.previous is old
+    assert next(sa for sa in h.processor.sad.all() if sa.outbound) is out_sa  # same object
+    h.handle_batch([pkt(udp(A, B, 4000, 5000, b"two"), pid=2)])
+    assert out_sa.next_seq == 3  # sequence numbers go on, never start again under the key
+    # the old rules still send the retired SPI here: the old processor takes it
+    out_before = h.packets_out
+    h.handle_batch([pkt(in_flight, hook=HOOK_PRE_ROUTING, pid=3)])
+    assert q.verdicts[-1][:2] == (3, True) and h.packets_out == out_before + 1
+    # an SPI neither configuration knows: handed back, dropped there too, not counted as out
+    unknown = in_flight[:20] + (0x7777).to_bytes(4, "big") + in_flight[24:]
+    h.handle_batch([pkt(unknown, hook=HOOK_PRE_ROUTING, pid=5)])
+    assert q.verdicts[-1] == (5, False, None, None) and h.packets_out == out_before + 1
+    h.commit_reload()
+    assert h.previous is None
+    h.handle_batch([pkt(in_flight, hook=HOOK_PRE_ROUTING, pid=4)])
+    assert q.verdicts[-1] == (4, False, None, None)  # retired for good
+    h.reload(_spec(cfg), 3.0)
+    with pytest.raises(RuntimeError):  # one reload at a time
+        h.reload(_spec(cfg), 3.0)
+
+
+def test_reload_rollback_and_refusal_change_nothing() -> None:
+    cfg = load_config(EXAMPLES / "host-a.toml", online_cpus=[0, 1])
+    h, _ = handler(Processor(cfg.spd, cfg.sas_for_queue(100), 0.0))
+    old = h.processor
+    h.reload(_spec(_rekeyed(cfg, "b-to-a-0", 0x7000)), 1.0)
+    h.rollback_reload()
+    assert h.processor is old and h.previous is None
+    bad = dataclasses.replace(cfg, sas=(*cfg.sas, cfg.sas[0]))  # a duplicate SA name
+    with pytest.raises(ValueError):
+        h.reload(_spec(bad), 1.0)
+    assert h.processor is old and h.previous is None
+
+
+def test_reload_problems_name_what_needs_a_restart() -> None:
+    from nfq_ipsec.supervisor import reload_problems
+
+    cfg = load_config(EXAMPLES / "host-a.toml", online_cpus=[0, 1])
+    assert reload_problems(cfg, cfg) == []
+    assert reload_problems(cfg, _rekeyed(cfg, "b-to-a-0", 0x7000)) == []  # a new key: fine
+    other = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, chain_prefix="X",
+                                                                    log_level="debug"))
+    assert reload_problems(cfg, other) == ["daemon.chain_prefix: a change needs a restart",
+                                           "daemon.log_level: a change needs a restart"]
+    moved = dataclasses.replace(cfg, sas=tuple(dataclasses.replace(sa, queue=101)
+                                               if sa.name == "b-to-a-0" else sa for sa in cfg.sas))
+    [problem] = reload_problems(cfg, moved)
+    assert "'b-to-a-0' moves from queue 100 to 101 under the same key" in problem
+
+
+def test_a_forwarded_df_packet_too_big_is_answered_with_frag_needed() -> None:
+    """A gateway: a DF datagram from the LAN that won't fit the unprotected interface's MTU
+    after ESP is dropped, and the ICMP error the core built goes to the reply sender."""
+    cfg = load_config(EXAMPLES / "gateway-a.toml", online_cpus=[0, 1])
+    queue = cfg.sas_for_queue(cfg.daemon.queues[0].num)
+    proc = Processor(cfg.spd, queue, 0.0, mtu=cfg.node.mtu)
+    sent: list[bytes] = []
+    h, q = handler(proc, gateway_interface="wan0", reply=sent.append)
+    pol = next(p for p in cfg.spd.policies if p.sa_names)
+    src = str(pol.selector.local.network_address + 10)
+    dst = str(pol.selector.remote.network_address + 20)
+    big = udp(src, dst, 4000, 5000, b"x" * (cfg.node.mtu - 28))  # DF set, as ipv4() makes it
+    h.handle_batch([pkt(big, hook=HOOK_PRE_ROUTING, indev=3)])
+    assert q.verdicts == [(1, False, None, None)]
+    assert proc.drops[DropReason.PATH_MTU] == 1
+    assert len(sent) == 1 and sent[0][9] == 1 and sent[0][20:22] == b"\x03\x04"  # ICMP 3/4
+    assert sent[0][16:20] == big[12:16]  # back to the LAN sender
+    assert h.replies_sent == 1
+
+
+def test_the_shortest_watchdog_outlasts_a_busy_workers_answer() -> None:
+    """A busy worker looks at its pipe after PACKETS_BETWEEN_LOOKS packets; the watchdog's
+    shortest period must leave it time to, or it would kill healthy busy workers."""
+    from nfq_ipsec import supervisor
+    from nfq_ipsec.config.model import WATCHDOG_RANGE
+    from nfq_ipsec.worker import BATCH, BATCHES_PER_WAKEUP, PACKETS_BETWEEN_LOOKS
+
+    assert PACKETS_BETWEEN_LOOKS == BATCH * BATCHES_PER_WAKEUP
+    assert supervisor.BUSY_ANSWER_BOUND == PACKETS_BETWEEN_LOOKS * supervisor.SLOWEST_PACKET
+    assert WATCHDOG_RANGE[0] > supervisor.BUSY_ANSWER_BOUND
