@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -426,39 +425,6 @@ def send(pair: Pair, messages: list[tuple[int, str]], gap: float = 0.005, settle
     finally:
         end(receiver)
     return [text for _, text in got]
-
-
-# -- crafting packets ------------------------------------------------------------------------------
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
-def ipv4(src: str, dst: str, proto: int, payload: bytes, ident: int = 1, frag: int = 0x4000,
-         total: int | None = None) -> bytes:
-    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total if total is not None else 20 + len(payload),
-                      ident, frag, 64, proto, 0, socket.inet_aton(src), socket.inet_aton(dst))
-    return hdr[:10] + struct.pack("!H", checksum(hdr)) + hdr[12:] + payload
-
-
-def udp(src: str, dst: str, sport: int, dport: int, data: bytes) -> bytes:
-    return ipv4(src, dst, 17, struct.pack("!HHHH", sport, dport, 8 + len(data), 0) + data)
-
-
-def fragments(packet: bytes, size: int = 8000) -> list[bytes]:
-    """Split an IPv4 packet (20-byte header) into fragments of ``size`` payload bytes."""
-    src, dst = socket.inet_ntoa(packet[12:16]), socket.inet_ntoa(packet[16:20])
-    proto, ident = packet[9], struct.unpack_from("!H", packet, 4)[0]
-    body = packet[20:]
-    out = []
-    for off in range(0, len(body), size):
-        more = 0x2000 if off + size < len(body) else 0
-        out.append(ipv4(src, dst, proto, body[off:off + size], ident, more | (off // 8)))
-    return out
 
 
 def bench_environment_or_skip() -> None:

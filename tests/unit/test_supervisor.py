@@ -152,3 +152,15 @@ def test_a_failed_read_keeps_the_last_counters_with_their_age(
     assert answers[1]["kernel_drops_age"] > 0
     assert any(w.startswith("cannot read the rule counters (no answer); kernel_drops are from a "
                             "read ") for w in answers[1]["warnings"]), answers[1]["warnings"]
+
+
+def test_the_shortest_watchdog_outlasts_a_busy_workers_answer() -> None:
+    """A busy worker looks at its pipe after PACKETS_BETWEEN_LOOKS packets; the watchdog's
+    shortest period must leave it time to, or it would kill healthy busy workers."""
+    from nfq_ipsec import supervisor
+    from nfq_ipsec.config.model import WATCHDOG_RANGE
+    from nfq_ipsec.worker import BATCH, BATCHES_PER_WAKEUP, PACKETS_BETWEEN_LOOKS
+
+    assert PACKETS_BETWEEN_LOOKS == BATCH * BATCHES_PER_WAKEUP
+    assert supervisor.BUSY_ANSWER_BOUND == PACKETS_BETWEEN_LOOKS * supervisor.SLOWEST_PACKET
+    assert WATCHDOG_RANGE[0] > supervisor.BUSY_ANSWER_BOUND
