@@ -64,8 +64,10 @@ def make_keys() -> dict[str, str]:
 
 
 def write_config(directory: Path, a_side: bool, iface: str, keys: dict[str, str],
-                 iptables: str = "auto") -> Path:
-    """One host's config: per queue i a policy for UDP to PORTS[i] with SAs ab{i}/ba{i}."""
+                 iptables: str = "auto", per_port: bool = True) -> Path:
+    """One host's config: per queue i a policy for UDP to PORTS[i] with SAs ab{i}/ba{i}; or,
+    not ``per_port``, one policy for everything between the two hosts with all the SAs (the
+    rules spread flows over the queues, one SA per queue and direction as in RFC 9611)."""
     directory.mkdir(parents=True, exist_ok=True)
     me, peer = (ADDR_A, ADDR_B) if a_side else (ADDR_B, ADDR_A)
     out_d, in_d = ("ab", "ba") if a_side else ("ba", "ab")
@@ -82,7 +84,17 @@ def write_config(directory: Path, a_side: bool, iface: str, keys: dict[str, str]
         iptables = "{iptables}"
         log_level = "info"
     """)
-    for i, port in enumerate(PORTS):
+    if not per_port:
+        names = [f"{d}{i}" for d in (out_d, in_d) for i in range(len(QUEUES))]
+        text += textwrap.dedent(f"""
+            [[policy]]
+            name = "pair"
+            action = "protect"
+            local = "{me}/32"
+            remote = "{peer}/32"
+            sa = [{", ".join(f'"{n}"' for n in names)}]
+        """)
+    for i, port in enumerate(PORTS if per_port else ()):
         text += textwrap.dedent(f"""
             [[policy]]
             name = "port{port}"
