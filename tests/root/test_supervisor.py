@@ -272,6 +272,17 @@ def test_status_json_has_the_golden_schema(pair: Pair, tmp_path: Path, daemons: 
     assert b.stop() == 0
 
 
+def test_stop_command_reads_back_closed_rules(pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:
+    """``nfq-ipsec stop`` (no --remove-rules): SIGTERM, wait, then the rules as the kernel has
+    them: closed, which it says; exit 0."""
+    a, _b = _running_pair(pair, tmp_path, daemons)
+    res = pair.run(pair.a, *nfq_ipsec(), "stop", "--config", str(a.config), check=False)
+    assert res.returncode == 0, res.stderr
+    assert "its rules are closed (protected traffic is dropped)" in res.stdout, res.stdout
+    assert a.proc is not None and a.proc.wait(5) == 0
+    assert any("NFQIPSEC" in line and "DROP" in line for line in pair.iptables_save(pair.a))
+
+
 HOLD_QUEUE = textwrap.dedent("""
     import sys, time
     from nfq_ipsec.nfqueue import NetlinkQueue
