@@ -7,11 +7,16 @@ is played by rewriting the outer address and port of its packets.
 
 from __future__ import annotations
 
+import importlib.util
 import random
+import struct
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from repo import ROOT
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.ipsec import ESP
 from scapy.layers.ipsec import SecurityAssociation as ScapySA
@@ -390,3 +395,54 @@ def test_config_defaults_and_values() -> None:
 ])
 def test_config_refuses(fields: dict[str, object], message: str) -> None:
     assert message in problems(config(**fields))
+
+
+# -- hostile input: never an exception, always a reason ------------------------------------------
+
+@st.composite
+def udp_garbage(draw: st.DrawFn) -> bytes:
+    """UDP to port 4500: a known or unknown SPI, the marker, keepalive bytes or nothing, cut
+    anywhere, with a UDP length that may lie."""
+    head = draw(st.sampled_from([struct.pack("!I", SPI_IN), struct.pack("!I", 0x1001), b"\0" * 4,
+                                 b"\xff", b"", struct.pack("!I", 0xFFFFFFFF)]))
+    payload = (head + draw(st.binary(max_size=80)))[: draw(st.integers(0, 90))]
+    length = draw(st.one_of(st.none(), st.integers(0, 0xFFFF)))
+    flags = draw(st.sampled_from([0, 0x2000, 0x0001]))
+    pkt = IP(src=GW_REMOTE, dst=GW_LOCAL, flags=flags >> 13, frag=flags & 0x1FFF) / UDP(
+        sport=draw(st.sampled_from([4500, 1024])), dport=4500, len=length, chksum=0) / Raw(payload)
+    return bytes(pkt)
+
+
+ALLOWED = {DropReason.NAT_KEEPALIVE, DropReason.UDP_RUNT, DropReason.UDP_MALFORMED,
+           DropReason.UNKNOWN_SPI, DropReason.INTEGRITY, DropReason.FRAGMENT, DropReason.REPLAY,
+           DropReason.MALFORMED,
+           DropReason.NO_POLICY}  # a non-first fragment has no port: cleartext, no policy here
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(udp_garbage())
+def test_hostile_udp_is_dropped_with_a_reason(wire: bytes) -> None:
+    proc, _, in_sa = processor(Mode.TUNNEL, follow=True)
+    res = proc.inbound(wire, now=1.0)
+    if res.verdict is Verdict.ACCEPT:  # only the marker passes, untouched
+        assert res.packet is None and proc.udp_markers == 1
+        assert bytes(IP(wire)[UDP].payload)[:4] == b"\0\0\0\0"
+    else:
+        assert res.reason in ALLOWED, res
+    assert in_sa.udp is not None and in_sa.udp.peer_changes == 0  # nothing forged moved it
+
+
+def test_the_fuzz_target_takes_its_seeds() -> None:
+    spec = importlib.util.spec_from_file_location("fuzz_script", ROOT / "scripts" / "fuzz.py")
+    assert spec is not None and spec.loader is not None
+    fuzz = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fuzz)
+    assert "udp" in fuzz.TARGETS
+    one = fuzz.udp_target()
+    seeds = fuzz.udp_seeds()
+    proc, _ = fuzz._udp_host()
+    verdicts = [proc.inbound(fuzz._datagram(seed[1:]), 1.0) for seed in seeds]
+    assert [r.sa.name if r.sa else r.reason for r in verdicts] == [
+        DropReason.NAT_KEEPALIVE, None, DropReason.UDP_RUNT, DropReason.UDP_RUNT, "in0", "in1"]
+    for seed in seeds:
+        one(seed)
