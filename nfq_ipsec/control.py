@@ -482,6 +482,8 @@ def render_status(status: StatusReport) -> str:
             notes.append(f"  q{w.get('queue')} drops: {detail}")
         if w.get("last_error"):
             notes.append(f"  q{w.get('queue')} last error: {w['last_error']}")
+        if w.get("ike_markers"):
+            notes.append(f"  q{w.get('queue')} IKE (non-ESP marker) passed: {w['ike_markers']}")
     out.extend(_table(wrows))
     out.extend(notes)
     kdrops = status.get("kernel_drops")
@@ -505,6 +507,11 @@ def render_status(status: StatusReport) -> str:
                if sa.get("path_mtu")]
     if learned:
         out.append(f"  path MTU reported by the path (RFC 4301 8.2): {', '.join(learned)}")
+    for sa in status.get("sas", []):
+        if sa.get("encapsulation") == "udp":
+            out.append(f"  {sa.get('name')}: ESP in UDP, peer {_dash(sa.get('udp_peer'))}, "
+                       f"keepalives sent {_dash(sa.get('keepalives_sent'))}, peer changes "
+                       f"{_dash(sa.get('peer_changes'))}")
     return "\n".join(out) + "\n"
 
 

@@ -12,10 +12,10 @@ import struct
 from dataclasses import dataclass
 
 from .config.model import Config
-from .core import esp
+from .core import esp, udpencap
 from .core import packet as ip
 from .core.errors import DropReason, EspError
-from .core.sa import SADirection, SecurityAssociation
+from .core.sa import Encapsulation, SADirection, SecurityAssociation
 from .core.spd import Policy
 
 _PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 47: "GRE", 50: "ESP", 132: "SCTP"}
@@ -59,6 +59,10 @@ class OfflineDecoder:
             sa = SecurityAssociation(twin, now)
             was_out = params.direction is SADirection.OUT
             self._by_spi.setdefault(params.spi, []).append((sa, was_out))
+        # ESP in UDP (RFC 3948): UDP from or to a port of one of those SAs
+        self._udp_ports = frozenset(
+            port for params in cfg.sas if params.encapsulation is Encapsulation.UDP
+            for port in (params.udp_source_port, params.udp_destination_port))
 
     def decode(self, index: int, data: bytes | None) -> Decoded:
         if data is None:
@@ -68,7 +72,21 @@ class OfflineDecoder:
         except EspError as err:
             return Decoded(index, "-", False, verdict="not-ipv4", inner=err.reason.value)
         outer = f"{ip.ip_to_str(hdr.src)} > {ip.ip_to_str(hdr.dst)}"
-        if hdr.protocol != ip.PROTO_ESP:
+        in_udp = hdr.protocol == ip.PROTO_UDP and self._esp_in_udp(data, hdr)
+        if in_udp:
+            try:
+                if udpencap.classify(data, hdr) == udpencap.MARKER_PACKET:
+                    return Decoded(index, outer, False, verdict="ike",
+                                   inner="non-ESP marker: " + summarize(data, hdr))
+            except EspError as err:
+                if err.reason is DropReason.NAT_KEEPALIVE:
+                    return Decoded(index, outer, False, verdict="keepalive",
+                                   inner="NAT-keepalive (RFC 3948)")
+                return Decoded(index, outer, False, verdict="drop", reason=err.reason,
+                               inner=f"{err}: {summarize(data, hdr)}")
+            data, hdr = udpencap.strip(data, hdr)
+            outer += " udp"
+        elif hdr.protocol != ip.PROTO_ESP:
             return Decoded(index, outer, False, verdict="not-esp", inner=summarize(data, hdr))
         try:
             spi, seq_lo = esp.parse_esp_header(data, hdr)
@@ -78,6 +96,9 @@ class OfflineDecoder:
                          reason=DropReason.UNKNOWN_SPI)
         for sa, was_out in self._by_spi.get(spi, []):
             result.sa_name = sa.name
+            if (sa.udp is not None) != in_udp:
+                result.reason = DropReason.ENCAP_MISMATCH
+                continue
             try:
                 dec = esp.decapsulate(data, hdr, _only(sa), self._now)
             except EspError as err:
@@ -95,6 +116,13 @@ class OfflineDecoder:
             result.inner = summarize(dec.packet, dec.header)
             return result
         return result
+
+
+    def _esp_in_udp(self, data: bytes, hdr: ip.IPv4Header) -> bool:
+        """UDP from or to the port of an SA of ESP in UDP."""
+        port = udpencap.local_port(data, hdr)
+        return port >= 0 and (port in self._udp_ports
+                              or udpencap.source_port(data, hdr) in self._udp_ports)
 
 
 def _only(sa: SecurityAssociation) -> esp.SaLookup:

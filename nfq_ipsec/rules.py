@@ -17,6 +17,11 @@ P the chain prefix:
   SPD; PROTECT jumps to P-Pn, the sub-chain of policy n, which clamps the TCP MSS and queues
   to the owner of the policy's outbound SA (several SAs: HMARK spreads flows, never the
   packets of one flow, one SA per queue as in RFC 9611) and ends in DROP (fail closed).
+- ESP in UDP (RFC 3948, SAs with ``encapsulation = "udp"``): inbound, UDP to an SA's port
+  and to this host goes to the owner of the SPI at the start of its payload (u32); keepalives,
+  unknown SPIs and the SPIs of plain SAs are dropped here, the rest (the non-ESP marker of IKE,
+  runts) goes to the port's first worker. Plain ESP with the SPI of a UDP SA is dropped.
+  Outbound, ESP in UDP and NAT-keepalives from a worker return by mark, port and SPI or shape.
 - gateways only: mangle PREROUTING -> P-FWD for traffic arriving on any other interface (the
   kernel routes the outer header after reinjection); nat POSTROUTING -> P-NAT, which keeps
   SNAT/MASQUERADE off the workers' ESP packets (they still carry the conntrack entry of the
@@ -43,7 +48,7 @@ from ipaddress import IPv4Network
 from .config.model import Config
 from .core.esp import overhead_for
 from .core.packet import ICMP_ERROR_TYPES
-from .core.sa import SADirection
+from .core.sa import Encapsulation, SADirection, SAParams
 from .core.spd import Action, Policy, Selector
 
 TABLES = ("raw", "mangle", "nat", "filter")  # every table we may touch, in install order
@@ -219,13 +224,84 @@ def _esp_returns(cfg: Config, chain: str) -> list[Rule]:
     it is ESP of one of our outbound SAs; a marked UDP datagram goes through the SPD like any
     other."""
     m = cfg.daemon.mark
-    return [
-        Rule(chain, ("-p", "esp", "-m", "esp", "--espspi", str(sa.spi), "-m", "mark", "--mark",
-                     f"0x{m:x}/0x{m:x}", "-j", "RETURN"),
-             f"ESP of outbound SA {sa.name!r} reinjected by a worker (mark and SPI): already "
-             "processed")
-        for sa in cfg.sas if sa.direction is SADirection.OUT
-    ]
+    mark = ("-m", "mark", "--mark", f"0x{m:x}/0x{m:x}")
+    rules: list[Rule] = []
+    for sa in cfg.sas:
+        if sa.direction is not SADirection.OUT:
+            continue
+        if sa.encapsulation is Encapsulation.UDP:
+            rules.append(Rule(chain, (*_udp_from(sa.udp_source_port), *_udp_spi(sa.spi), *mark,
+                                      "-j", "RETURN"),
+                              f"ESP in UDP of outbound SA {sa.name!r} reinjected by a worker "
+                              "(mark, port and SPI): already processed"))
+        else:
+            rules.append(Rule(chain, ("-p", "esp", "-m", "esp", "--espspi", str(sa.spi), *mark,
+                                      "-j", "RETURN"),
+                              f"ESP of outbound SA {sa.name!r} reinjected by a worker (mark and "
+                              "SPI): already processed"))
+    for port in sorted({sa.udp_source_port for sa in _udp_sas(cfg, SADirection.OUT)
+                        if sa.keepalive}):
+        rules.append(Rule(chain, (*_udp_from(port), "-m", "u32", "--u32", _U32_KEEPALIVE, *mark,
+                                  "-j", "RETURN"),
+                          f"a NAT-keepalive from port {port} sent by a worker (mark, one byte "
+                          "0xff): RFC 3948 section 2.3"))
+    return rules
+
+
+# -- ESP in UDP (RFC 3948): u32 reads the UDP header and payload at IHL*4 (iptables-save's form)
+_U32_AT_UDP = "0x0>>0x16&0x3c@"
+# length 9 and the one byte 0xff (read as the low byte of the word at 5: a word must fit)
+_U32_KEEPALIVE = f"{_U32_AT_UDP}0x4>>0x10=0x9&&{_U32_AT_UDP}0x5&0xff=0xff"
+# an SPI (not the marker's 0) and room for an ESP header: UDP length >= 8 + 8
+_U32_ANY_SPI = f"{_U32_AT_UDP}0x8=0x1:0xffffffff&&{_U32_AT_UDP}0x4>>0x10=0x10:0xffff"
+
+
+def _udp_sas(cfg: Config, direction: SADirection) -> list[SAParams]:
+    return [sa for sa in cfg.sas
+            if sa.direction is direction and sa.encapsulation is Encapsulation.UDP]
+
+
+def _udp_spi(spi: int) -> tuple[str, ...]:
+    return ("-m", "u32", "--u32", f"{_U32_AT_UDP}0x8=0x{spi:x}")
+
+
+def _udp_from(port: int) -> tuple[str, ...]:
+    return ("-p", "udp", "-m", "udp", "--sport", str(port))
+
+
+def _udp_inbound_rules(cfg: Config, chain: str) -> list[Rule]:
+    """UDP to the port of an inbound SA of ESP in UDP, addressed to this host: its ESP to the
+    worker that owns the SPI (u32 reads the SPI at the start of the UDP payload); plain ESP's
+    SPIs in UDP and keepalives dropped here; ESP with an unknown SPI dropped here, as for plain
+    ESP; the rest (the non-ESP marker of IKE, runts) to the port's first worker, which passes
+    the marker to the host and counts the rest by reason."""
+    rules: list[Rule] = []
+    udp_in = _udp_sas(cfg, SADirection.IN)
+    plain_in = [sa for sa in cfg.inbound_sas() if sa.encapsulation is not Encapsulation.UDP]
+    for port in sorted({sa.udp_destination_port for sa in udp_in}):
+        to = ("-p", "udp", "-m", "udp", "--dport", str(port), "-m", "addrtype", "--dst-type",
+              "LOCAL")
+        owners = [sa for sa in udp_in if sa.udp_destination_port == port]
+        for sa in owners:
+            rules.append(Rule(chain, (*to, *_udp_spi(sa.spi), "-j", "NFQUEUE", "--queue-num",
+                                      str(sa.queue)),
+                              f"ESP in UDP to port {port} of inbound SA {sa.name!r} (SPI "
+                              f"0x{sa.spi:08x}) to its owner, queue {sa.queue}"))
+        for sa in plain_in:
+            rules.append(Rule(chain, (*to, *_udp_spi(sa.spi), "-j", "DROP"),
+                              f"ESP in UDP with the SPI of inbound SA {sa.name!r}, which takes "
+                              "plain ESP only", "encap_mismatch"))
+        rules.append(Rule(chain, (*to, "-m", "u32", "--u32", _U32_KEEPALIVE, "-j", "DROP"),
+                          f"a NAT-keepalive to port {port} (one byte 0xff): its job is done on "
+                          "the way (RFC 3948 section 2.3)", "nat_keepalive"))
+        rules.append(Rule(chain, (*to, "-m", "u32", "--u32", _U32_ANY_SPI, "-j", "DROP"),
+                          f"ESP in UDP to port {port} with an unknown SPI: dropped here, as for "
+                          "plain ESP", "unknown_spi"))
+        first = owners[0]
+        rules.append(Rule(chain, (*to, "-j", "NFQUEUE", "--queue-num", str(first.queue)),
+                          f"the rest to port {port} (the non-ESP marker of IKE, which passes; "
+                          f"runts and malformed datagrams, dropped): queue {first.queue}"))
+    return rules
 
 
 _IN_COMMENT = ("inbound boundary, before conntrack: ESP to the worker that owns the SPI, "
@@ -258,11 +334,17 @@ def _inbound_table(cfg: Config) -> Table:
     if cfg.node.interface is None:
         rules.append(Rule(c, ("-i", "lo", "-j", "RETURN"), "loopback is never IPsec-protected"))
     for sa in cfg.inbound_sas():
+        if sa.encapsulation is Encapsulation.UDP:
+            rules.append(Rule(c, ("-p", "esp", "-m", "esp", "--espspi", str(sa.spi), "-j", "DROP"),
+                              f"plain ESP with the SPI of inbound SA {sa.name!r}, which takes "
+                              "ESP in UDP only", "encap_mismatch"))
+            continue
         rules.append(Rule(
             c, ("-p", "esp", "-m", "esp", "--espspi", str(sa.spi), "-j", "NFQUEUE",
                 "--queue-num", str(sa.queue)),
             f"ESP of inbound SA {sa.name!r} (SPI 0x{sa.spi:08x}) to its owner, queue {sa.queue}",
         ))
+    rules += _udp_inbound_rules(cfg, c)
     rules.append(Rule(c, ("-p", "esp", "-f", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "DROP"),
                       "a non-first fragment of ESP to this host (no SPI to steer it by): dropped "
                       "(the first fragment goes to its SA's worker, which counts it)", "fragment"))
@@ -374,11 +456,16 @@ def _nat_table(cfg: Config) -> Table:
     c = chain_nat(p)
     iface = cfg.node.interface or ""
     m = cfg.daemon.mark
-    rule = Rule(c, ("-p", "esp", "-m", "mark", "--mark", f"0x{m:x}/0x{m:x}", "-j", "ACCEPT"),
-                "ESP from a worker: no NAT (the conntrack entry it carries is the plaintext flow's)")
+    rules = [Rule(c, ("-p", "esp", "-m", "mark", "--mark", f"0x{m:x}/0x{m:x}", "-j", "ACCEPT"),
+                  "ESP from a worker: no NAT (the conntrack entry it carries is the plaintext "
+                  "flow's)")]
+    for port in sorted({sa.udp_source_port for sa in _udp_sas(cfg, SADirection.OUT)}):
+        rules.append(Rule(c, (*_udp_from(port), "-m", "mark", "--mark", f"0x{m:x}/0x{m:x}",
+                              "-j", "ACCEPT"),
+                          f"ESP in UDP from port {port} from a worker: no NAT, as for ESP"))
     jump = Rule("POSTROUTING", ("-o", iface, "-j", c),
                 f"before any SNAT/MASQUERADE on the unprotected interface {iface}")
-    return Table("nat", (c,), (jump,), (rule,), ((c, _NAT_COMMENT),))
+    return Table("nat", (c,), (jump,), tuple(rules), ((c, _NAT_COMMENT),))
 
 
 def _leak_table(cfg: Config) -> Table:

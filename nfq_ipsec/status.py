@@ -56,6 +56,15 @@ class KernelQueueCounts(TypedDict):
     user_dropped: int
 
 
+class UdpSnapshot(TypedDict):
+    """An SA of ESP in UDP (RFC 3948), as its worker sees it now."""
+
+    local_port: int
+    peer: str  # "address:port" (address "*": any, a transport-mode inbound SA)
+    keepalives_sent: int
+    peer_changes: int
+
+
 class SaSnapshot(TypedDict):
     name: str
     spi: int
@@ -68,6 +77,7 @@ class SaSnapshot(TypedDict):
     path_mtu: int | None
     saved: int | None  # what the SA's state file covers (None: no state file)
     state_writes: int | None
+    udp: UdpSnapshot | None  # ESP in UDP; None for plain ESP
 
 
 class WorkerSnapshot(TypedDict):
@@ -82,6 +92,7 @@ class WorkerSnapshot(TypedDict):
     packets_out: int
     drops: DropCounts
     overflow_reports: int
+    ike_markers: int
     core: str
     kernel: KernelQueueCounts | None
     sas: list[SaSnapshot]
@@ -119,6 +130,7 @@ class WorkerReport(TypedDict):
     last_error: str | None
     last_outage: float | None
     core: str | None
+    ike_markers: int | None
 
 
 class SaReport(TypedDict):
@@ -135,6 +147,10 @@ class SaReport(TypedDict):
     lifetime_left: LifetimeLeft | None
     saved: int | None
     path_mtu: int | None
+    encapsulation: str
+    udp_peer: str | None
+    keepalives_sent: int | None
+    peer_changes: int | None
 
 
 class StatusReport(TypedDict):

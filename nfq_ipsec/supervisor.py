@@ -827,6 +827,7 @@ class Supervisor:
                 "last_error": slot.last_error,
                 "last_outage": round(slot.last_outage, 3) if slot.last_outage is not None else None,
                 "core": st.get("core") if st else None,
+                "ike_markers": st.get("ike_markers") if st else None,
             })
             by_name = {s["name"]: s for s in st["sas"]} if st else {}
             sa_totals = total["sas"] if total else {}
@@ -835,6 +836,7 @@ class Supervisor:
                 # packets, bytes and drops across restarts (the worker's own if it has no total)
                 c: SaCounts | None = None if s is None else sa_totals.get(params.name, s)
                 drops = c["drops"] if c else {}
+                udp = s.get("udp") if s else None
                 sas.append({
                     "name": params.name,
                     "spi": f"0x{params.spi:08x}",
@@ -850,6 +852,10 @@ class Supervisor:
                     "lifetime_left": s["lifetime_left"] if s else None,
                     "saved": s.get("saved") if s else None,
                     "path_mtu": s.get("path_mtu") if s else None,
+                    "encapsulation": params.encapsulation.value,
+                    "udp_peer": udp["peer"] if udp else None,
+                    "keepalives_sent": udp["keepalives_sent"] if udp else None,
+                    "peer_changes": udp["peer_changes"] if udp else None,
                 })
         sas.sort(key=lambda s: (s["queue"], s["direction"] != SADirection.OUT.value, s["name"]))
         kdrops, kage, kwarn = self._kernel_drops(now)

@@ -47,6 +47,7 @@ from typing import Any, cast
 from . import corebuild, hardening
 from .config.fields import DEFAULT_LOG_LEVEL
 from .core import SPD, DropReason, Policy, Processor, SAParams, SecurityAssociation, Verdict
+from .core.packet import ip_to_str
 from .core.processor import ARRIVING, FORWARDED, LEAVING
 from .nfqueue import (
     DEFAULT_MAX_LEN,
@@ -58,7 +59,15 @@ from .nfqueue import (
     kernel_queue_stats,
 )
 from .state import StateStore
-from .status import Counts, DropCounts, KernelQueueCounts, LifetimeLeft, SaSnapshot, WorkerSnapshot
+from .status import (
+    Counts,
+    DropCounts,
+    KernelQueueCounts,
+    LifetimeLeft,
+    SaSnapshot,
+    UdpSnapshot,
+    WorkerSnapshot,
+)
 
 BATCH = 64  # packets read per receive call
 BATCHES_PER_WAKEUP = 16  # then look at the pipe again, so stats and stop stay responsive
@@ -105,7 +114,8 @@ class PacketHandler:
     from a LAN host included (it goes through the outbound SPD like any other packet).
 
     ``reply``: sends what the core asks to send back (ICMP "fragmentation needed"); None opens
-    a raw socket the first time.
+    a raw socket the first time. ``keepalive``: sends the core's NAT-keepalives (RFC 3948),
+    with the mark so that our rules let them out; None opens a marked raw socket the first time.
     """
 
     def __init__(
@@ -114,6 +124,7 @@ class PacketHandler:
         gateway_interface: str | None = None,
         reply: Callable[[bytes], None] | None = None,
         ifname: Callable[[int], str] = socket.if_indextoname,
+        keepalive: Callable[[bytes], None] | None = None,
     ) -> None:
         self.processor = processor
         self.queue = queue
@@ -125,6 +136,8 @@ class PacketHandler:
         self._reply = reply
         self.replies_sent = 0
         self.reply_errors = 0
+        self._keepalive = keepalive
+        self.keepalive_errors = 0
         self.store: StateStore | None = None
         self.previous: Processor | None = None  # during a reload, until its rules have moved
         self._added: list[SecurityAssociation] = []  # SAs the pending reload attached
@@ -192,6 +205,16 @@ class PacketHandler:
             self.replies_sent += 1
         except OSError:
             self.reply_errors += 1
+
+    def send_keepalives(self, now: float) -> None:
+        """The NAT-keepalives of this worker's idle outbound SAs of ESP in UDP."""
+        for packet in self.processor.keepalives(now):
+            try:
+                if self._keepalive is None:
+                    self._keepalive = _raw_sender(self.mark)
+                self._keepalive(packet)
+            except OSError:
+                self.keepalive_errors += 1
 
     def _previous_verdict(self, pkt: QueuedPacket, where: int, now: float) -> int:
         """During a reload, until the rules have moved: a packet the old rules sent here for an
@@ -323,6 +346,7 @@ class PacketHandler:
                 # the core's plain dict: packets and bytes ints, seconds a float, or None each
                 "lifetime_left": cast(LifetimeLeft, sa.lifetime_left(now)),
                 "path_mtu": (sa.pmtu or None) if sa.outbound else None,
+                "udp": _udp_snapshot(sa),
                 "saved": saved["saved"] if saved is not None else None,
                 "state_writes": saved["state_writes"] if saved is not None else None,
             })
@@ -335,10 +359,21 @@ class PacketHandler:
             "packets_out": self.packets_out,
             "drops": drops,
             "overflow_reports": getattr(self.queue, "overflows", 0),
+            "ike_markers": proc.udp_markers,
             "core": corebuild.running().detail,
             "kernel": kernel,
             "sas": sas,
         }
+
+
+def _udp_snapshot(sa: SecurityAssociation) -> UdpSnapshot | None:
+    """An SA of ESP in UDP: where its peer is now and what it did; None for plain ESP."""
+    udp = sa.udp
+    if udp is None:
+        return None
+    peer = f"{ip_to_str(udp.peer_addr)}:{udp.peer_port}" if udp.peer_addr else f"*:{udp.peer_port}"
+    return {"local_port": udp.local_port, "peer": peer, "keepalives_sent": udp.keepalives_sent,
+            "peer_changes": udp.peer_changes}
 
 
 def _by_reason(drops: Counter[DropReason]) -> DropCounts:
@@ -407,10 +442,13 @@ def run(
         queue.close()
 
 
-def _raw_sender() -> Callable[[bytes], None]:
-    """A raw IPv4 socket that sends whole packets (header included) to their destination."""
+def _raw_sender(mark: int = 0) -> Callable[[bytes], None]:
+    """A raw IPv4 socket that sends whole packets (header included) to their destination,
+    with ``mark`` on each (SO_MARK) if not 0."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     sock.setblocking(False)
+    if mark:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
 
     def send(packet: bytes) -> None:
         dst = socket.inet_ntoa(packet[16:20])
@@ -469,6 +507,7 @@ def _serve(
         now = time.monotonic()
         if now >= next_events:
             handler.report_events()
+            handler.send_keepalives(now)
             next_events = now + EVENT_INTERVAL
 
 

@@ -7,6 +7,10 @@ careless operator controls. Properties (any other exception is a finding):
 - ``packets``: bytes -> ``Processor.inbound`` and ``Processor.outbound`` of a host holding
   AES-GCM, ChaCha20-Poly1305 and AES-CBC+HMAC SAs in transport and tunnel mode: always a
   Result (ACCEPT or DROP with a reason), never an exception. Seeds: genuine ESP from the peer.
+- ``udp``: bytes -> the UDP payload of a datagram to port 4500 -> ``Processor.inbound`` of a
+  host holding SAs of ESP in UDP (RFC 3948; tunnel and transport mode, one following a new
+  peer): a Result, never an exception; only the non-ESP marker and genuine ESP are accepted.
+  Seeds: genuine ESP in UDP from the peer, the marker, a keepalive, runts.
 
 Engines: atheris (coverage-guided libFuzzer, ``pip install atheris``) when it imports, else
 hypothesis (random and structured generation). Each target runs in a process of its own for
@@ -31,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-TARGETS = ("config", "packets")
+TARGETS = ("config", "packets", "udp")
 
 
 # -- targets ---------------------------------------------------------------------------------------
@@ -139,7 +143,94 @@ def packets_seeds() -> list[bytes]:
     return seeds
 
 
-FACTORIES = {"config": (config_target, config_seeds), "packets": (packets_target, packets_seeds)}
+def _udp_host() -> tuple[Any, Any]:
+    """Host A and its peer B with SAs of ESP in UDP: A's in0 (tunnel) follows a new peer,
+    in1 (transport) does not."""
+    from ipaddress import IPv4Address, IPv4Network
+
+    from nfq_ipsec.core import (
+        SPD,
+        Action,
+        Direction,
+        Mode,
+        Policy,
+        Processor,
+        SADirection,
+        SAParams,
+        Secret,
+        Selector,
+    )
+    from nfq_ipsec.core.sa import Encapsulation, PeerChange
+
+    a, b = int(IPv4Address("10.0.0.1")), int(IPv4Address("10.0.0.2"))
+
+    def host(me: int, peer: int, out_base: int, in_base: int) -> Any:
+        sas, pols = [], []
+        for i, mode in enumerate((Mode.TUNNEL, Mode.TRANSPORT)):
+            tunnel = {"tunnel_local": me, "tunnel_remote": peer} if mode is Mode.TUNNEL else {}
+            for direction, base in ((SADirection.OUT, out_base), (SADirection.IN, in_base)):
+                sas.append(SAParams(
+                    f"{direction.value}{i}", base + i, direction, "aes-gcm-128",
+                    Secret(bytes([base >> 8, i + 1]) * 10), mode=mode,
+                    encapsulation=Encapsulation.UDP,
+                    peer_change=PeerChange.FOLLOW if i == 0 else PeerChange.DROP,
+                    **tunnel))  # type: ignore[arg-type]
+            if mode is Mode.TUNNEL:
+                local = f"10.9.0.{1 if me == a else 2}/32"
+                remote = f"10.9.0.{2 if me == a else 1}/32"
+            else:
+                local, remote = (f"{IPv4Address(me)}/32", f"{IPv4Address(peer)}/32")
+            pols.append(Policy(f"p{i}", Selector(IPv4Network(local), IPv4Network(remote)),
+                               Action.PROTECT, Direction.BOTH, (f"out{i}", f"in{i}")))
+        return Processor(SPD(pols), sas, 0.0)
+
+    return host(a, b, 0x1000, 0x2000), host(b, a, 0x2000, 0x1000)
+
+
+def _datagram(payload: bytes, sport: int = 4500) -> bytes:
+    """IPv4 10.0.0.2 -> 10.0.0.1, UDP to 4500 (checksum 0) around ``payload``."""
+    import struct
+
+    udp = struct.pack("!HHHH", sport, 4500, 8 + len(payload), 0) + payload
+    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0x4000, 64, 17, 0,
+                       bytes([10, 0, 0, 2]), bytes([10, 0, 0, 1])) + udp
+
+
+def udp_target() -> Any:
+    from nfq_ipsec.core import Result, Verdict
+
+    proc, _ = _udp_host()
+
+    def one(data: bytes) -> None:
+        res = proc.inbound(_datagram(data[1:], 4500 + (data[0] & 3) if data else 4500), 1.0)
+        assert isinstance(res, Result)
+        if res.verdict is Verdict.ACCEPT:
+            assert res.packet is not None or data[1:5] == b"\0\0\0\0"
+        else:
+            assert res.reason is not None and res.packet is None
+
+    return one
+
+
+def udp_seeds() -> list[bytes]:
+    import struct
+
+    _, peer = _udp_host()
+    seeds = [b"\x00\xff", b"\x00\0\0\0\0ike", b"\x00", b"\x00\0\0\x20\x00\0\0\0"]
+    for dst_last, proto in ((1, 1), (1, 17)):
+        body = bytes(8) + bytes(40)
+        src = bytes([10, 9, 0, 2]) if proto == 1 else bytes([10, 0, 0, 2])
+        dst = bytes([10, 9, 0, dst_last]) if proto == 1 else bytes([10, 0, 0, 1])
+        hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 1, 0x4000, 64, proto, 0,
+                          src, dst)
+        res = peer.outbound(hdr + body, 1.0)
+        if res.packet is not None:
+            seeds.append(b"\x00" + res.packet[28:])  # the UDP payload: ESP
+    return seeds
+
+
+FACTORIES = {"config": (config_target, config_seeds), "packets": (packets_target, packets_seeds),
+             "udp": (udp_target, udp_seeds)}
 
 
 # -- engines ------------------------------------------------------------------------------------------
@@ -270,7 +361,7 @@ def campaign(args: argparse.Namespace) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=int, default=300, help="per target (default 300)")
-    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated: config,packets")
+    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated: config,packets,udp")
     p.add_argument("--engine", choices=["auto", "atheris", "hypothesis"], default="auto")
     p.add_argument("--out", default=str(REPO / "fuzz-results"), help="findings and summary")
     p.add_argument("--run-target", help=argparse.SUPPRESS)

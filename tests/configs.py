@@ -126,6 +126,34 @@ def everything_data() -> dict[str, Any]:
     }
 
 
+def udp_data() -> dict[str, Any]:
+    """A gateway with SAs of ESP in UDP (RFC 3948) beside a plain one: inbound two on port
+    4500 (queues 100 and 101) and one on 4501, one plain; outbound one from 4500 with
+    keepalives and one from 4501 without."""
+    def sa(name: str, direction: str, spi: int, queue: int, **extra: Any) -> dict[str, Any]:
+        return {"name": name, "direction": direction, "spi": spi, "queue": queue,
+                "mode": "tunnel", "tunnel_local": "192.0.2.1", "tunnel_remote": "198.51.100.2",
+                "encryption": "aes-gcm-128",
+                "key": hashlib.sha256(name.encode()).hexdigest()[:40], **extra}
+    udp = {"encapsulation": "udp"}
+    return {
+        "node": {"interface": "wan0", "role": "gateway"},
+        "daemon": {"queues": [100, 101], "cpus": [0, 1]},
+        "policy": [
+            {"name": "lans", "action": "protect", "local": "10.1.0.0/24", "remote": "10.2.0.0/24",
+             "sa": ["o0", "o1", "i0", "i1", "i2", "plain"]},
+        ],
+        "sa": [
+            sa("o0", "out", 0x1000, 100, **udp, keepalive=10),
+            sa("o1", "out", 0x1001, 101, **udp, udp_source_port=4501, keepalive=0),
+            sa("i0", "in", 0x2000, 100, **udp, peer_change="follow"),
+            sa("i1", "in", 0x2001, 101, **udp),
+            sa("i2", "in", 0x2002, 101, **udp, udp_destination_port=4501),
+            sa("plain", "in", 0x3000, 100),
+        ],
+    }
+
+
 def cfg_of(data: dict[str, Any]) -> Config:
     return parse_config(data, online_cpus=CPUS)
 

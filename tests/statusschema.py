@@ -49,6 +49,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         "last_error": "string or null",
         "last_outage": "number or null",
         "core": "string or null",
+        "ike_markers": "integer or null",
     },
     "sas[]": {
         "name": "string",
@@ -64,6 +65,10 @@ GOLDEN: dict[str, dict[str, str]] = {
         "lifetime_left": "object or null",
         "saved": "integer or null",
         "path_mtu": "integer or null",
+        "encapsulation": "string",
+        "udp_peer": "string or null",
+        "keepalives_sent": "integer or null",
+        "peer_changes": "integer or null",
     },
     "sas[].lifetime_left": {
         "packets": "integer or null",

@@ -10,7 +10,7 @@ from collections import Counter
 from .. import exitcodes, rules
 from ..config.model import Config
 from ..core.packet import ip_to_str as fmt_addr
-from ..core.sa import SADirection
+from ..core.sa import Encapsulation, SADirection
 from ..core.spd import Action
 from ..core.suites import ENCRYPTION, FORBIDDEN, HMACS
 from ..decode import OfflineDecoder
@@ -63,9 +63,15 @@ def summary(cfg: Config) -> str:
         if sa.tunnel_local is not None and sa.tunnel_remote is not None:
             tunnel = f" {fmt_addr(sa.tunnel_local)} <-> {fmt_addr(sa.tunnel_remote)}"
         window = f" window {sa.replay_window}" if sa.direction is SADirection.IN else ""
+        udp = ""
+        if sa.encapsulation is Encapsulation.UDP:
+            keepalive = (f", keepalive {sa.keepalive:g} s" if sa.direction is SADirection.OUT
+                         else "")
+            udp = (f" in UDP {sa.udp_source_port} -> {sa.udp_destination_port} (new peer: "
+                   f"{sa.peer_change.value}{keepalive})")
         lines.append(
             f"  {sa.name:<16} {sa.direction.value:<3} spi 0x{sa.spi:08x} queue {sa.queue} "
-            f"{sa.mode.value}{tunnel} {alg}{window} esn {'on' if sa.esn else 'off'}"
+            f"{sa.mode.value}{tunnel} {alg}{window} esn {'on' if sa.esn else 'off'}{udp}"
         )
     return "\n".join(lines)
 

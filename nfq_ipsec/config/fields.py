@@ -21,7 +21,16 @@ from typing import Any
 
 from .. import logsetup
 from ..core.replay import MIN_WINDOW
-from ..core.sa import MIN_SPI, DfPolicy, Lifetime, Mode, SADirection, SAParams
+from ..core.sa import (
+    MIN_SPI,
+    DfPolicy,
+    Encapsulation,
+    Lifetime,
+    Mode,
+    PeerChange,
+    SADirection,
+    SAParams,
+)
 from ..core.spd import Action, Direction, Policy, Selector
 from ..core.suites import ENCRYPTION, HMACS
 from . import parsers
@@ -42,6 +51,7 @@ DEFAULT_LOG_LEVEL = "info"
 DEFAULT_IPTABLES = "auto"
 DEFAULT_WATCHDOG = 10.0
 WATCHDOG_RANGE = (1.0, 3600.0)  # or 0, which turns the watchdog off
+KEEPALIVE_RANGE = (1.0, 3600.0)  # or 0: no NAT-keepalives
 
 
 def _core_defaults(cls: type) -> dict[str, Any]:
@@ -107,7 +117,7 @@ DAEMON = Section("daemon", "[daemon]", "The daemon: its workers (one per NFQUEUE
     Field("watchdog", NUMBER, "seconds a worker may not answer before it is killed and restarted",
           default=DEFAULT_WATCHDOG, bounds=WATCHDOG_RANGE,
           allowed=f"0 (off) or {WATCHDOG_RANGE[0]:g}..{WATCHDOG_RANGE[1]:g} seconds",
-          parser=parsers.watchdog),
+          parser=parsers.seconds_or_off),
 ))
 
 POLICY = Section("policy", "[[policy]]", "The SPD (RFC 4301 section 4.4.1), in order: the first "
@@ -181,6 +191,24 @@ SA = Section("sa", "[[sa]]", "Security associations, each with its SPI, directio
           bounds=(1, 255)),
     Field("lifetime", "table", "the SA's limits: `[sa.lifetime]`", default_text="no limits",
           parser=parsers.lifetime),
+    Field("encapsulation", STRING, "`udp`: ESP inside UDP (RFC 3948, NAT traversal); the "
+          "fields below are for it", default=_SA["encapsulation"],
+          choices=_enum_choices(Encapsulation)),
+    Field("udp_source_port", INTEGER, "ESP in UDP: the source port of the SA's packets "
+          "(outbound: ours; inbound: the peer's, before any NAT rebinding)",
+          default=_SA["udp_source_port"], bounds=(1, 65535)),
+    Field("udp_destination_port", INTEGER, "ESP in UDP: the destination port of the SA's packets "
+          "(outbound: the peer's; inbound: ours)", default=_SA["udp_destination_port"],
+          bounds=(1, 65535)),
+    Field("peer_change", STRING, "ESP in UDP, NAT rebinding: inbound, an authenticated packet "
+          "(ICV and replay checked) from a new address or port is followed or dropped "
+          "(`peer_changed`); outbound, `follow` sends to what the inbound SAs of its policy "
+          "and queue followed", default=_SA["peer_change"], choices=_enum_choices(PeerChange)),
+    Field("keepalive", NUMBER, "outbound ESP in UDP: seconds without a packet before a "
+          "NAT-keepalive (RFC 3948 section 2.3)", default=_SA["keepalive"],
+          bounds=KEEPALIVE_RANGE,
+          allowed=f"0 (none) or {KEEPALIVE_RANGE[0]:g}..{KEEPALIVE_RANGE[1]:g} seconds",
+          parser=parsers.seconds_or_off),
 ))
 
 

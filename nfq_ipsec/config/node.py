@@ -29,7 +29,7 @@ def read_daemon(raw: dict[str, Any], cpus: list[int], probs: Problems) -> Daemon
     prefix = DAEMON["chain_prefix"].read(raw, "daemon", probs)
     log_level = DAEMON["log_level"].read(raw, "daemon", probs)
     iptables = DAEMON["iptables"].read(raw, "daemon", probs)
-    watchdog = parsers.watchdog(DAEMON["watchdog"], raw, "daemon", probs)
+    watchdog = parsers.seconds_or_off(DAEMON["watchdog"], raw, "daemon", probs)
     return DaemonConfig(
         iptables=iptables,
         watchdog=watchdog,

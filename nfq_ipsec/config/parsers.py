@@ -84,7 +84,7 @@ def _fmt_cpus(cpus: list[int]) -> str:
     return ", ".join(map(str, cpus)) or "none"
 
 
-def watchdog(field: Field, raw: dict[str, Any], where: str, probs: Problems) -> float:
+def seconds_or_off(field: Field, raw: dict[str, Any], where: str, probs: Problems) -> float:
     """Seconds within the field's bounds, or 0 (off)."""
     value = get(raw, field.name, where, (int, float), probs)
     if value is None or isinstance(value, bool):

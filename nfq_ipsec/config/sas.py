@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..core.sa import Mode, SAParams, Secret
+from ..core.sa import Encapsulation, Mode, SADirection, SAParams, Secret
 from ..core.suites import ENCRYPTION, HMACS, suite_problems
 from . import parsers
 from .fields import LIFETIME, SA
 from .model import DaemonConfig
 from .reading import Problems
+
+_UDP_FIELDS = ("udp_source_port", "udp_destination_port", "peer_change", "keepalive")
 
 
 def read_sa(
@@ -84,6 +86,18 @@ def read_sa(
     df = SA["df"].read(raw, where, probs)
     ttl = SA["ttl"].read(raw, where, probs)
     lifetime = parsers.lifetime(raw, where, LIFETIME, probs)
+    encapsulation = SA["encapsulation"].read(raw, where, probs)
+    sport = SA["udp_source_port"].read(raw, where, probs)
+    dport = SA["udp_destination_port"].read(raw, where, probs)
+    peer_change = SA["peer_change"].read(raw, where, probs)
+    keepalive = parsers.seconds_or_off(SA["keepalive"], raw, where, probs)
+    if encapsulation is not Encapsulation.UDP:
+        for fname in _UDP_FIELDS:
+            if fname in raw:
+                probs.add(f"{where}.{fname}", 'for ESP in UDP only: needs encapsulation = "udp"')
+    elif "keepalive" in raw and direction is SADirection.IN:
+        probs.add(f"{where}.keepalive", "outbound SAs only: the side that sends keeps the NAT "
+                  "mapping")
     if len(probs.items) != before:
         return None, inline
     assert name is not None and spi is not None and encryption is not None
@@ -93,6 +107,8 @@ def read_sa(
             integrity=integrity, integrity_key=Secret(ikey), mode=mode,
             tunnel_local=tunnel_local, tunnel_remote=tunnel_remote, replay_window=window,
             esn=esn, lifetime=lifetime, queue=queue, df=df, ttl=ttl,
+            encapsulation=encapsulation, udp_source_port=sport, udp_destination_port=dport,
+            peer_change=peer_change, keepalive=keepalive,
         ),
         inline,
     )

@@ -30,6 +30,12 @@ class DropReason(enum.Enum):
     QUEUE_OVERFLOW = "queue_overflow"  # the kernel dropped it before a worker saw it
     TRUNCATED = "truncated"  # the queue delivered fewer bytes than the packet has
     STATE_UNAVAILABLE = "state_unavailable"  # the SA's state could not be saved first: fail closed
+    # ESP in UDP (RFC 3948, udpencap.py)
+    NAT_KEEPALIVE = "nat_keepalive"  # a NAT-keepalive (one 0xFF byte): it has done its job
+    UDP_RUNT = "udp_runt"  # UDP to an ESP-in-UDP port, too short for ESP and no marker
+    UDP_MALFORMED = "udp_malformed"  # UDP header inconsistent with the IP header
+    ENCAP_MISMATCH = "encap_mismatch"  # plain ESP for a UDP SA, or ESP in UDP for a plain one
+    PEER_CHANGED = "peer_changed"  # authenticated, from a new address or port; the SA won't follow
 
 
 class EspError(Exception):

@@ -13,8 +13,9 @@ from typing import Final
 
 from . import packet as ip
 from .errors import DropReason, EspError
-from .sa import DfPolicy, Mode, SAParams, SecurityAssociation
+from .sa import DfPolicy, Encapsulation, Mode, SAParams, SecurityAssociation
 from .suites import ENCRYPTION, HMACS
+from .udpencap import UDP_HEADER
 
 ESP_HEADER: Final = 8
 _ESP: Final = struct.Struct("!II")
@@ -33,10 +34,7 @@ def pad_length(payload_len: int, align: int) -> int:
 
 def overhead(sa: SecurityAssociation) -> int:
     """The most bytes ESP adds to a packet on this SA (for MSS clamping and MTU)."""
-    extra = ESP_HEADER + sa.suite.iv_size + sa.suite.icv_size + 2 + sa.suite.align - 1
-    if sa.params.mode is Mode.TUNNEL:
-        extra += ip.IPV4_MIN_HEADER
-    return extra
+    return sa.max_overhead
 
 
 def overhead_for(params: SAParams) -> int:
@@ -51,6 +49,8 @@ def overhead_for(params: SAParams) -> int:
     extra = ESP_HEADER + iv + icv + 2 + align - 1
     if params.mode is Mode.TUNNEL:
         extra += ip.IPV4_MIN_HEADER
+    if params.encapsulation is Encapsulation.UDP:
+        extra += UDP_HEADER
     return extra
 
 

@@ -20,6 +20,7 @@ from typing import Final
 from . import packet as ip
 from .esp import ESP_HEADER, pad_length
 from .sa import SecurityAssociation
+from .udpencap import UDP_HEADER
 
 MIN_PMTU: Final = 576  # every IPv4 host takes 576-byte datagrams (RFC 791)
 PMTU_AGE: Final = 600.0  # seconds a learned path MTU holds (RFC 1191 6.3)
@@ -88,6 +89,8 @@ def esp_size(sa: SecurityAssociation, inner_total: int, ihl: int) -> int:
     else:
         payload = inner_total - ihl
         outer = ihl
+    if sa.udp is not None:
+        outer += UDP_HEADER
     return (outer + ESP_HEADER + suite.iv_size + payload + pad_length(payload, suite.align) + 2
             + suite.icv_size)
 
@@ -97,7 +100,8 @@ def inner_mtu(sa: SecurityAssociation, pmtu: int, ihl: int) -> int:
     "fragmentation needed" tells its sender."""
     suite = sa.suite
     size = pmtu - (ESP_HEADER + suite.iv_size + 2 + suite.icv_size
-                   + (ip.IPV4_MIN_HEADER if sa.tunnel else 0))  # the overhead without padding
+                   + (ip.IPV4_MIN_HEADER if sa.tunnel else 0)
+                   + (UDP_HEADER if sa.udp is not None else 0))  # the overhead without padding
     while size > ihl and esp_size(sa, size, ihl) > pmtu:
         size -= 1
     return max(size, ihl)

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from . import esp, pmtu
+from . import esp, pmtu, udpencap
 from . import packet as ip
 from .errors import DropReason, EspError
 from .sa import SAEvent, SAParams, SecurityAssociation
@@ -96,6 +96,8 @@ class Processor:
         self._out_cache: dict[ip.PacketKey, Policy | None] = {}
         self._in_cache: dict[ip.PacketKey, Policy | None] = {}
         self._icmp_cache: dict[ip.PacketKey, Policy | None] = {}  # outbound errors, by quote
+        self.udp_ports = self.sad.udp_ports()  # ESP in UDP comes to these (RFC 3948)
+        self.udp_markers = 0  # non-ESP marker (IKE) datagrams passed to the host
 
     # -- the entry point ------------------------------------------------------------------
     def process(self, data: bytes, length: int, where: int, now: float) -> Result:
@@ -145,11 +147,20 @@ class Processor:
                 too_big = self._too_big(sa, data, hdr, limit, now, forwarded)
                 if too_big is not None:
                     return too_big
-            out = esp.encapsulate(sa, data, hdr)
+            out = self._seal(sa, data, hdr, now)
             sa.account(hdr.total_length)
             return self._accept(out, sa, sa.next_seq - 1)
         except EspError as err:
             return self._drop(err, sa)
+
+    @staticmethod
+    def _seal(sa: SecurityAssociation, data: bytes, hdr: ip.IPv4Header, now: float) -> bytes:
+        """ESP, and around it UDP for an SA of ESP in UDP (RFC 3948)."""
+        out = esp.encapsulate(sa, data, hdr)
+        udp = sa.udp
+        if udp is not None:
+            out = udpencap.wrap(udp, out, sa.tunnel, now)
+        return out
 
     def _too_big(self, sa: SecurityAssociation, data: bytes, hdr: ip.IPv4Header, limit: int,
                  now: float, forwarded: bool) -> Result | None:
@@ -171,7 +182,7 @@ class Processor:
         if size <= limit or not pmtu.outer_df(sa, True):
             return None
         if not forwarded and (not sa.tunnel or hdr.dst == sa.params.tunnel_remote):
-            out = pmtu.clear_df(esp.encapsulate(sa, data, hdr))
+            out = pmtu.clear_df(self._seal(sa, data, hdr, now))
             sa.account(hdr.total_length)
             self.df_cleared += 1
             return self._accept(out, sa, sa.next_seq - 1)
@@ -213,34 +224,43 @@ class Processor:
             if hdr.protocol != ip.PROTO_ESP:
                 return self._inbound_cleartext(data, hdr, now)
             try:
-                dec = esp.decapsulate(data, hdr, self.sad.by_spi, now)
+                dec = esp.decapsulate(data, hdr, self.sad.esp_by_spi, now)
             except EspError as err:
                 sa = self.sad.by_spi(err.spi) if err.spi is not None else None
+                if sa is not None and err.reason is DropReason.UNKNOWN_SPI:
+                    raise EspError(DropReason.ENCAP_MISMATCH, "plain ESP for an SA of ESP in "
+                                   "UDP", err.spi) from None
                 raise
             sa = dec.sa
-            policy = self.sad.policy_of(sa)
-            key = ip.packet_key(dec.packet, dec.header)
-            quoted = (ip.quoted_key(dec.packet, dec.header)
-                      if dec.header.protocol == ip.PROTO_ICMP else None)
-            if quoted is not None:
-                # an ICMP error under this SA must be about a packet of the SA's own flows,
-                # one this side sent (RFC 4301 6.2)
-                if policy is None or not policy.selector.matches(quoted, True):
-                    raise EspError(
-                        DropReason.POLICY_MISMATCH,
-                        f"ICMP error about {ip.ip_to_str(quoted.src)} -> {ip.ip_to_str(quoted.dst)} "
-                        f"proto {quoted.protocol}", sa.spi)
-            elif policy is None or not policy.selector.matches(key, False):
-                raise EspError(
-                    DropReason.POLICY_MISMATCH,
-                    f"inner {ip.ip_to_str(key.src)} -> {ip.ip_to_str(key.dst)} proto {key.protocol}",
-                    sa.spi,
-                )
+            self._check_inner(sa, dec.packet, dec.header)
             return self._accept(dec.packet, sa, dec.seq)
         except EspError as err:
             return self._drop(err, sa if sa is not None and not sa.outbound else None)
 
+    def _check_inner(self, sa: SecurityAssociation, packet: bytes, header: ip.IPv4Header) -> None:
+        """The decrypted packet must be one of its SA's flows. Raises POLICY_MISMATCH."""
+        policy = self.sad.policy_of(sa)
+        key = ip.packet_key(packet, header)
+        quoted = ip.quoted_key(packet, header) if header.protocol == ip.PROTO_ICMP else None
+        if quoted is not None:
+            # an ICMP error under this SA must be about a packet of the SA's own flows,
+            # one this side sent (RFC 4301 6.2)
+            if policy is None or not policy.selector.matches(quoted, True):
+                raise EspError(
+                    DropReason.POLICY_MISMATCH,
+                    f"ICMP error about {ip.ip_to_str(quoted.src)} -> {ip.ip_to_str(quoted.dst)} "
+                    f"proto {quoted.protocol}", sa.spi)
+        elif policy is None or not policy.selector.matches(key, False):
+            raise EspError(
+                DropReason.POLICY_MISMATCH,
+                f"inner {ip.ip_to_str(key.src)} -> {ip.ip_to_str(key.dst)} proto {key.protocol}",
+                sa.spi,
+            )
+
     def _inbound_cleartext(self, data: bytes, hdr: ip.IPv4Header, now: float) -> Result:
+        if (hdr.protocol == ip.PROTO_UDP and self.udp_ports
+                and udpencap.local_port(data, hdr) in self.udp_ports):
+            return self._inbound_udp(data, hdr, now)
         quoted = ip.quoted_key(data, hdr) if hdr.protocol == ip.PROTO_ICMP else None
         if quoted is not None and quoted.protocol == ip.PROTO_ESP:
             return self._about_our_esp(data, hdr, now)
@@ -255,6 +275,76 @@ class Processor:
         if policy.action is Action.DISCARD:
             raise EspError(DropReason.POLICY_DISCARD, policy.name)
         raise EspError(DropReason.CLEARTEXT_PROTECTED, policy.name)
+
+    def _inbound_udp(self, data: bytes, hdr: ip.IPv4Header, now: float) -> Result:
+        """UDP to the port of one of our SAs of ESP in UDP (RFC 3948): the non-ESP marker
+        passes to the host (IKE), ESP is opened, the rest drops with its reason."""
+        sa: SecurityAssociation | None = None
+        try:
+            if udpencap.classify(data, hdr) == udpencap.MARKER_PACKET:
+                self.udp_markers += 1
+                return self._accept(None)
+            esp_data, esp_hdr = udpencap.strip(data, hdr)
+            try:
+                dec = esp.decapsulate(esp_data, esp_hdr, self.sad.udp_by_spi, now)
+            except EspError as err:
+                sa = self.sad.by_spi(err.spi) if err.spi is not None else None
+                if sa is not None and err.reason is DropReason.UNKNOWN_SPI:
+                    raise EspError(DropReason.ENCAP_MISMATCH, "ESP in UDP for an SA of plain "
+                                   "ESP", err.spi) from None
+                raise
+            sa = dec.sa
+            udp = sa.udp
+            assert udp is not None  # udp_by_spi holds only SAs of ESP in UDP
+            src, sport = hdr.src, udpencap.source_port(data, hdr)
+            moved = sport != udp.peer_port or (udp.peer_addr != 0 and src != udp.peer_addr)
+            if moved and not udp.follow:
+                raise EspError(DropReason.PEER_CHANGED,
+                               f"from {ip.ip_to_str(src)}:{sport}, the SA's peer is "
+                               f"{ip.ip_to_str(udp.peer_addr)}:{udp.peer_port}", sa.spi)
+            packet = dec.packet
+            if not sa.tunnel:
+                packet = udpencap.fix_checksum(packet, dec.header)
+            self._check_inner(sa, packet, dec.header)
+            if moved and dec.seq == sa.replay.top:  # the newest packet, authenticated
+                self._follow(sa, udp, src, sport)
+            return self._accept(packet, sa, dec.seq)
+        except EspError as err:
+            return self._drop(err, sa)
+
+    def _follow(self, sa: SecurityAssociation, udp: udpencap.UdpEndpoint, src: int,
+                sport: int) -> None:
+        """NAT rebinding: the peer of an inbound SA is now at ``src``:``sport``, and so is the
+        peer of this processor's outbound SA of the same policy if that one follows too
+        (tunnel mode: address and port; transport mode: the port, the address being the
+        packets' own)."""
+        udp.peer_port = sport
+        if sa.tunnel:
+            udp.peer_addr = src
+        udp.peer_changes += 1
+        sa.events.append(SAEvent.PEER_CHANGED)
+        policy = self.sad.policy_of(sa)
+        out = self.sad.outbound_sa(policy) if policy is not None else None
+        if out is not None and out.udp is not None and out.udp.follow:
+            out.udp.peer_port = sport
+            if out.tunnel:
+                out.udp.peer_addr = src
+
+    def keepalives(self, now: float) -> list[bytes]:
+        """NAT-keepalives (RFC 3948 2.3) due now: one for each outbound SA of ESP in UDP that
+        has sent nothing for its keepalive interval."""
+        due: list[bytes] = []
+        for sa in self.sad.all():
+            udp = sa.udp
+            if (udp is None or not sa.outbound or udp.keepalive <= 0
+                    or now - udp.last_sent < udp.keepalive):
+                continue
+            packet = udpencap.keepalive(udp)
+            if packet is not None:
+                udp.last_sent = now
+                udp.keepalives_sent += 1
+                due.append(packet)
+        return due
 
     def _about_our_esp(self, data: bytes, hdr: ip.IPv4Header, now: float) -> Result:
         """An ICMP error in clear about an ESP packet (RFC 4301 8): "fragmentation needed" about

@@ -12,6 +12,7 @@ from .errors import DropReason, EspError
 from .pickling import reduce_dataclass
 from .replay import DEFAULT_WINDOW, ReplayWindow
 from .suites import Suite, make_suite
+from .udpencap import UdpEndpoint
 
 MIN_SPI: Final = 256  # RFC 4303 section 2.1: 1..255 are reserved by IANA
 MAX_SEQ_32: Final = 0xFFFFFFFF
@@ -21,6 +22,24 @@ MAX_SEQ_64: Final = 0xFFFFFFFFFFFFFFFF
 class Mode(enum.Enum):
     TRANSPORT = "transport"
     TUNNEL = "tunnel"
+
+
+class Encapsulation(enum.Enum):
+    """How ESP travels: as IP protocol 50, or inside UDP (RFC 3948, NAT traversal)."""
+
+    NONE = "none"
+    UDP = "udp"
+
+
+class PeerChange(enum.Enum):
+    """ESP in UDP: what an authenticated packet from a new source address or port does."""
+
+    FOLLOW = "follow"  # the SA sends to the new source from then on (NAT rebinding)
+    DROP = "drop"  # dropped and counted (PEER_CHANGED)
+
+
+NAT_T_PORT: Final = 4500  # RFC 3948: the port of ESP in UDP
+DEFAULT_KEEPALIVE: Final = 20.0  # RFC 3948 2.3: seconds of idle before a NAT-keepalive
 
 
 class SADirection(enum.Enum):
@@ -101,6 +120,11 @@ class SAParams:
     queue: int = 0  # the NFQUEUE (worker) that owns this SA
     df: DfPolicy = DfPolicy.COPY
     ttl: int = 64
+    encapsulation: Encapsulation = Encapsulation.NONE
+    udp_source_port: int = NAT_T_PORT  # ESP in UDP: the ports of this SA's packets
+    udp_destination_port: int = NAT_T_PORT
+    peer_change: PeerChange = PeerChange.DROP
+    keepalive: float = DEFAULT_KEEPALIVE  # outbound ESP in UDP: idle seconds; 0: none
 
     def __reduce__(self) -> tuple[type, tuple[object, ...]]:
         return reduce_dataclass(self)
@@ -110,6 +134,7 @@ class SAEvent(enum.Enum):
     SOFT_EXPIRED = "soft_expired"
     HARD_EXPIRED = "hard_expired"
     SEQ_EXHAUSTED = "seq_exhausted"
+    PEER_CHANGED = "peer_changed"  # ESP in UDP: the SA now talks to the peer's new address/port
 
 
 Reserve = Callable[["SecurityAssociation", int], int]
@@ -169,8 +194,17 @@ class SecurityAssociation:
         self.pmtu = 0
         self.pmtu_at = 0.0
         suite = self.suite
+        # ESP in UDP (RFC 3948): the UDP ports and the peer's address (udpencap.py); None
+        # for plain ESP, so the per-packet path checks one attribute.
+        self.udp: UdpEndpoint | None = None
+        if params.encapsulation is Encapsulation.UDP:
+            ports = (params.udp_source_port, params.udp_destination_port)
+            local, peer = ports if self.outbound else ports[::-1]
+            self.udp = UdpEndpoint(local, peer, params.tunnel_remote or 0,
+                                   params.tunnel_local or 0,
+                                   params.peer_change is PeerChange.FOLLOW, params.keepalive)
         self.max_overhead = (8 + suite.iv_size + suite.icv_size + 2 + suite.align - 1
-                             + (20 if self.tunnel else 0))
+                             + (20 if self.tunnel else 0) + (8 if self.udp is not None else 0))
         # The lifetime check compares against the nearest limit not yet passed (soft, then
         # hard); only when one is reached does it look at the rest (see check_lifetime).
         self._watch_packets = 0.0

@@ -15,6 +15,10 @@ class SAD:
         self._by_name: dict[str, SecurityAssociation] = {}
         self._by_spi: dict[int, SecurityAssociation] = {}
         self._out_by_spi: dict[int, SecurityAssociation] = {}  # for ICMP errors about our ESP
+        # Inbound by how their ESP travels: plain ESP finds only plain SAs, ESP in UDP only UDP
+        # SAs (RFC 3948); ``by_spi`` finds either.
+        self._esp_by_spi: dict[int, SecurityAssociation] = {}
+        self._udp_by_spi: dict[int, SecurityAssociation] = {}
         for item in sas:
             sa = item if isinstance(item, SecurityAssociation) else SecurityAssociation(item, now)
             if sa.name in self._by_name:
@@ -26,6 +30,7 @@ class SAD:
                 if sa.spi in self._by_spi:
                     raise ValueError(f"duplicate inbound SPI 0x{sa.spi:08x}")
                 self._by_spi[sa.spi] = sa
+                (self._esp_by_spi if sa.udp is None else self._udp_by_spi)[sa.spi] = sa
         # Precompute: which of a PROTECT policy's SAs this SAD holds, and each SA's policy.
         self._out_by_policy: dict[str, SecurityAssociation] = {}
         self._policy_of: dict[str, Policy] = {}
@@ -42,6 +47,17 @@ class SAD:
 
     def by_spi(self, spi: int) -> SecurityAssociation | None:
         return self._by_spi.get(spi)
+
+    def esp_by_spi(self, spi: int) -> SecurityAssociation | None:
+        return self._esp_by_spi.get(spi)
+
+    def udp_by_spi(self, spi: int) -> SecurityAssociation | None:
+        return self._udp_by_spi.get(spi)
+
+    def udp_ports(self) -> frozenset[int]:
+        """The local ports of the inbound SAs whose ESP comes in UDP."""
+        return frozenset(sa.udp.local_port for sa in self._udp_by_spi.values()
+                         if sa.udp is not None)
 
     def outbound_by_spi(self, spi: int) -> SecurityAssociation | None:
         return self._out_by_spi.get(spi)

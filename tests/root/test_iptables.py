@@ -18,7 +18,7 @@ from typing import Any
 
 import gate
 import pytest
-from configs import cfg_of, everything_data, host_data, toml_text
+from configs import cfg_of, everything_data, host_data, toml_text, udp_data
 from repo import EXAMPLES, ROOT
 
 from nfq_ipsec import iptables, rules
@@ -631,3 +631,127 @@ def test_nat_exemption_keeps_worker_esp_intact(
         worker.wait()
         receiver.kill()
     assert out.split("\n")[:2] == ["00001000 1", "00001000 1"]
+
+
+# -- ESP in UDP (RFC 3948) ----------------------------------------------------------------------
+
+@pytest.fixture
+def udp_pair() -> Iterator[tuple[str, str]]:
+    """Two namespaces of this run joined by a veth pair: a0 10.0.0.1/24 <-> b0 10.0.0.2/24."""
+    a, b = f"nfu{os.getpid()}{next(_names)}a", f"nfu{os.getpid()}{next(_names)}b"
+    made: list[str] = []
+    try:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
+            made.append(ns)
+        for cmd in (
+            ["ip", "link", "add", "a0", "netns", a, "type", "veth", "peer", "b0", "netns", b],
+            ["ip", "-n", a, "addr", "add", "10.0.0.1/24", "dev", "a0"],
+            ["ip", "-n", b, "addr", "add", "10.0.0.2/24", "dev", "b0"],
+            ["ip", "-n", a, "link", "set", "a0", "up"], ["ip", "-n", b, "link", "set", "b0", "up"],
+            ["ip", "-n", a, "link", "set", "lo", "up"], ["ip", "-n", b, "link", "set", "lo", "up"],
+        ):
+            subprocess.run(cmd, check=True, capture_output=True)
+        yield a, b
+    finally:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+
+
+def udp_host(backend: str) -> Config:
+    """Host 10.0.0.1 (a0) with udp_data()'s SAs, in transport mode to 10.0.0.2."""
+    data = udp_data()
+    data["node"] = {"interface": "a0"}
+    data["daemon"]["iptables"] = backend
+    data["policy"][0].update(local="10.0.0.1/32", remote="10.0.0.2/32")
+    for sa in data["sa"]:
+        for key in ("mode", "tunnel_local", "tunnel_remote"):
+            sa.pop(key)
+    return cfg_of(data)
+
+
+def test_esp_in_udp_rules_are_installed_verbatim(udp_pair: tuple[str, str], backend: str) -> None:
+    a, _ = udp_pair
+    for cfg in (with_backend(udp_data(), backend), udp_host(backend)):
+        iptables.install(cfg, netns=a)
+        saved = rules.parse_save(save(a, backend))
+        for table in rules.build(cfg).tables:
+            for c in table.chains:
+                have = [f"-A {c} {r.spec}" for r in saved[table.name].rules if r.chain == c]
+                assert have == [r.line() for r in table.rules_of(c)]
+        iptables.remove(cfg, netns=a)
+
+
+UDP_SEND = """
+import socket, struct, sys
+dst, mark = sys.argv[1], int(sys.argv[2])
+for item in sys.argv[3:]:
+    kind, _, hexdata = item.partition(":")
+    payload = bytes.fromhex(hexdata)
+    if kind == "esp":
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 50)
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("", int(kind)))
+    if mark:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+    try:
+        s.sendto(payload, (dst, 0 if kind == "esp" else 4500))
+    except OSError:
+        pass  # dropped in OUTPUT
+    s.close()
+"""
+
+
+def udp_send(ns: str, dst: str, mark: int, *items: str) -> None:
+    subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", UDP_SEND, dst, str(mark),
+                    *items], check=True)
+
+
+def udp_rule(port: int, u32: str, target: str) -> str:
+    return (f"-p udp -m udp --dport {port} -m addrtype --dst-type LOCAL -m u32 --u32 "
+            f'"0x0>>0x16&0x3c@{u32}" -j {target}')
+
+
+def test_esp_in_udp_packets_take_the_designed_paths(udp_pair: tuple[str, str],
+                                                    backend: str) -> None:
+    """Inbound: ESP in UDP by SPI to its owner's queue; the marker and runts to the port's
+    worker; keepalives, unknown SPIs and the other encapsulation's SPIs dropped in the kernel
+    with their reasons. Outbound: marked ESP in UDP of our SPI and marked keepalives leave, a
+    marked datagram from the port with another SPI does not (the mark is no proof)."""
+    a, b = udp_pair
+    cfg = udp_host(backend)
+    iptables.install(cfg, netns=a)
+    seq = "00000001" + "00" * 24
+    before = counters(a, backend)
+    udp_send(b, "10.0.0.1", 0,
+             f"4500:00002000{seq}", f"4500:00002001{seq}", f"4500:00002001{seq}",
+             f"4500:00003000{seq}",  # the plain SA's SPI in UDP
+             "4500:ff", "4500:ff", "4500:ff",  # keepalives
+             f"4500:00009999{seq}",  # unknown SPI
+             "4500:00000000" + "ab" * 40,  # the non-ESP marker (IKE)
+             "4500:000020",  # a runt
+             f"esp:00002000{seq}")  # plain ESP with the SPI of an SA of ESP in UDP
+    delta = {k: v - before.get(k, 0) for k, v in counters(a, backend).items()}
+
+    def to(u32: str, target: str) -> str:
+        return "-A NFQIPSEC-IN " + udp_rule(4500, u32, target)
+
+    assert delta[to("0x8=0x2000", "NFQUEUE --queue-num 100")] == 1
+    assert delta[to("0x8=0x2001", "NFQUEUE --queue-num 101")] == 2
+    rest = "-A NFQIPSEC-IN -p udp -m udp --dport 4500 -m addrtype --dst-type LOCAL -j NFQUEUE --queue-num 100"
+    assert delta[rest] == 2
+    drops = iptables.kernel_drops(cfg, netns=a)
+    assert drops["encap_mismatch"] == 2 and drops["nat_keepalive"] == 3
+    assert drops["unknown_spi"] == 1
+
+    # outbound, from a: what a worker sends (marked) to the peer, counted at the peer
+    ipt(b, backend, "-t", "raw", "-A", "PREROUTING", "-i", "b0", "-p", "udp", "--dport", "4500")
+    mark = cfg.daemon.mark
+    udp_send(a, "10.0.0.2", mark, f"4500:00001000{seq}", "4500:ff", f"4500:00001001{seq}",
+             f"4501:00001001{seq}")
+    udp_send(a, "10.0.0.2", 0, f"4500:00001000{seq}", "4500:ff")  # not marked: the SPD's
+    peer = counters(b, backend)
+    # o0's ESP from 4500, a keepalive from 4500 and o1's ESP from 4501 left; o1's SPI from
+    # 4500 and everything unmarked was queued to a worker (none runs: dropped)
+    assert peer["-A PREROUTING -i b0 -p udp -m udp --dport 4500"] == 3

@@ -180,6 +180,9 @@ ACCEPTED: dict[str, list[dict[str, Any]]] = {
         {"encryption": "null", "key": DELETE, "integrity": "hmac-sha256-128",
          "integrity_key_file": "ik.key"},
         {"replay_window": 4096}, {"esn": True},
+        {"encapsulation": "udp", "udp_source_port": 4501, "udp_destination_port": 1024,
+         "peer_change": "follow", "keepalive": 5.0},
+        {"encapsulation": "udp", "keepalive": 0.0},
     ],
     "lifetime": [
         {"soft_packets": 1, "hard_packets": 2}, {"soft_bytes": 1000, "hard_bytes": 2000},

@@ -181,3 +181,58 @@ def test_genkey(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0 and len(bytes.fromhex(out.strip())) == 64
     code, _, err = run(capsys, "genkey", "des")
     assert code == 2 and "MUST NOT" in err
+
+
+def udp_configs(tmp_path: Path) -> tuple[Path, Path]:
+    """The example pair with every SA's ESP in UDP (RFC 3948)."""
+    out = []
+    for src in (A, B):
+        path = tmp_path / src.name
+        path.write_text(src.read_text().replace("[[sa]]\n", '[[sa]]\nencapsulation = "udp"\n'))
+        path.chmod(0o600)
+        out.append(path)
+    return out[0], out[1]
+
+
+def test_decode_esp_in_udp(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """decode opens ESP in UDP, tells the marker and keepalives apart, and names the drops;
+    tshark, reading the same capture, sees the same SPIs inside UDP 4500."""
+    a_path, b_path = udp_configs(tmp_path)
+    a = load_config(a_path, online_cpus=CPUS)
+    b = load_config(b_path, online_cpus=CPUS)
+    pa = Processor(a.spd, a.sas_for_queue(101), 0.0)
+    pb = Processor(b.spd, b.sas_for_queue(101), 0.0)
+    ping = bytes(IP(src="192.168.56.10", dst="192.168.56.11") / ICMP(id=7, seq=1))
+    pong = bytes(IP(src="192.168.56.11", dst="192.168.56.10") / ICMP(type=0, id=7, seq=1))
+    out1, out2 = pa.outbound(ping, 0.0).packet, pb.outbound(pong, 0.0).packet
+    assert out1 and out2 and IP(out1)[UDP].dport == 4500
+    (keepalive,) = pa.keepalives(100.0)
+    marker = bytes(IP(src="192.168.56.11", dst="192.168.56.10") / UDP(sport=4500, dport=4500)
+                   / Raw(b"\0\0\0\0ike"))
+    runt = bytes(IP(src="192.168.56.11", dst="192.168.56.10") / UDP(sport=4500, dport=4500)
+                 / Raw(b"\0\0\x20"))
+    path = tmp_path / "u.pcap"
+    wrpcap(str(path), [Ether() / IP(p) for p in (out1, out2, keepalive, marker, runt)])
+    code, out, _ = run(capsys, "decode", "--config", str(a_path), str(path))
+    lines = out.splitlines()
+    assert code == 4  # the runt
+    assert "udp" in lines[0] and "ok    sa=a-to-b-1" in lines[0] and "ICMP" in lines[0]
+    assert "ok    sa=b-to-a-1" in lines[1]
+    assert "keepalive" in lines[2] and "ike" in lines[3] and "non-ESP marker" in lines[3]
+    assert "udp_runt" in lines[4]
+    # the same ESP, plain, for these SAs: refused
+    plain = load_config(A, online_cpus=CPUS)
+    plain_out = Processor(plain.spd, plain.sas_for_queue(101), 0.0).outbound(ping, 0.0).packet
+    assert plain_out is not None
+    wrpcap(str(path), [Ether() / IP(plain_out)])
+    code, out, _ = run(capsys, "decode", "--config", str(a_path), str(path))
+    assert code == 4 and "DROP  encap_mismatch" in out
+    gate.tool("tshark", "tshark")
+    import subprocess
+
+    wrpcap(str(path), [Ether() / IP(p) for p in (out1, out2)])
+    res = subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-e", "udp.dstport",
+                          "-e", "esp.spi", "-e", "esp.sequence"],
+                         capture_output=True, text=True, check=True)
+    theirs = [tuple(int(v, 0) for v in ln.split("\t")) for ln in res.stdout.strip().splitlines()]
+    assert theirs == [(4500, 0x1001, 1), (4500, 0x2001, 1)]

@@ -10,7 +10,7 @@ from typing import Any
 
 import gate
 import pytest
-from configs import CPUS, cfg_of, everything_data, host_data, toml_text
+from configs import CPUS, cfg_of, everything_data, host_data, toml_text, udp_data
 from repo import EXAMPLES, ROOT
 
 from nfq_ipsec import iptables, rules
@@ -809,3 +809,80 @@ def test_reassembly_is_turned_on_first_and_matches_nothing() -> None:
         assert chain(text, "NFQIPSEC-IN", icmp_errors=True)[0] == DEFRAG_RULE
     assert all(DEFRAG_RULE not in r for r in chain(rules.render(example("host-a.toml")), "NFQIPSEC-OUT",
                                                      icmp_errors=True))
+
+
+# -- ESP in UDP (RFC 3948) ----------------------------------------------------------------------
+
+def udp_rule(port: int, u32: str, target: str) -> str:
+    return (f"-p udp -m udp --dport {port} -m addrtype --dst-type LOCAL -m u32 --u32 "
+            f'"0x0>>0x16&0x3c@{u32}" -j {target}')
+
+
+KEEPALIVE_U32 = "0x4>>0x10=0x9&&0x0>>0x16&0x3c@0x5&0xff=0xff"
+ANY_SPI_U32 = "0x8=0x1:0xffffffff&&0x0>>0x16&0x3c@0x4>>0x10=0x10:0xffff"
+
+
+def test_esp_in_udp_is_steered_by_spi_and_the_rest_sorted_in_the_kernel() -> None:
+    cfg = cfg_of(udp_data())
+    text = rules.render(cfg, comments=False)
+    p_in = chain(text, "NFQIPSEC-IN")
+    mark = "-m mark --mark 0x10000000/0x10000000 -j RETURN"
+    assert p_in[:p_in.index("-p esp -f -m addrtype --dst-type LOCAL -j DROP")] == [
+        mark,
+        # plain ESP with the SPI of an SA of ESP in UDP: refused in the kernel
+        "-p esp -m esp --espspi 8192 -j DROP",
+        "-p esp -m esp --espspi 8193 -j DROP",
+        "-p esp -m esp --espspi 8194 -j DROP",
+        "-p esp -m esp --espspi 12288 -j NFQUEUE --queue-num 100",
+        udp_rule(4500, "0x8=0x2000", "NFQUEUE --queue-num 100"),
+        udp_rule(4500, "0x8=0x2001", "NFQUEUE --queue-num 101"),
+        udp_rule(4500, "0x8=0x3000", "DROP"),  # the plain SA's SPI in UDP
+        udp_rule(4500, KEEPALIVE_U32, "DROP"),
+        udp_rule(4500, ANY_SPI_U32, "DROP"),
+        "-p udp -m udp --dport 4500 -m addrtype --dst-type LOCAL -j NFQUEUE --queue-num 100",
+        udp_rule(4501, "0x8=0x2002", "NFQUEUE --queue-num 101"),
+        udp_rule(4501, "0x8=0x3000", "DROP"),
+        udp_rule(4501, KEEPALIVE_U32, "DROP"),
+        udp_rule(4501, ANY_SPI_U32, "DROP"),
+        "-p udp -m udp --dport 4501 -m addrtype --dst-type LOCAL -j NFQUEUE --queue-num 101",
+    ]
+    reasons = {r.spec(): r.reason for r in rules.build(cfg).tables[0].rules if r.reason}
+    assert reasons["-p esp -m esp --espspi 8192 -j DROP"] == "encap_mismatch"
+    assert reasons[udp_rule(4500, "0x8=0x3000", "DROP")] == "encap_mismatch"
+    assert reasons[udp_rule(4500, KEEPALIVE_U32, "DROP")] == "nat_keepalive"
+    assert reasons[udp_rule(4501, ANY_SPI_U32, "DROP")] == "unknown_spi"
+
+
+def test_esp_in_udp_from_a_worker_leaves_and_is_not_natted() -> None:
+    text = rules.render(cfg_of(udp_data()), comments=False)
+    mark = "-m mark --mark 0x10000000/0x10000000"
+    returns = [
+        f'-p udp -m udp --sport 4500 -m u32 --u32 "0x0>>0x16&0x3c@0x8=0x1000" {mark} -j RETURN',
+        f'-p udp -m udp --sport 4501 -m u32 --u32 "0x0>>0x16&0x3c@0x8=0x1001" {mark} -j RETURN',
+        # keepalives only from the port of the SA that sends them (o1 has keepalive = 0)
+        f'-p udp -m udp --sport 4500 -m u32 --u32 "0x0>>0x16&0x3c@{KEEPALIVE_U32}" {mark} -j RETURN',
+    ]
+    for name in ("NFQIPSEC-OUT", "NFQIPSEC-FWD", "NFQIPSEC-LEAK"):
+        assert chain(text, name)[:3] == returns, name
+    assert not any("-p esp" in r for r in chain(text, "NFQIPSEC-OUT"))
+    assert chain(text, "NFQIPSEC-NAT") == [
+        f"-p esp {mark} -j ACCEPT",
+        f"-p udp -m udp --sport 4500 {mark} -j ACCEPT",
+        f"-p udp -m udp --sport 4501 {mark} -j ACCEPT",
+    ]
+
+
+def test_esp_in_udp_mss_counts_the_udp_header() -> None:
+    data = host_data()
+    plain = cfg_of(data)
+    data["sa"][0]["encapsulation"] = "udp"
+    udp = cfg_of(data)
+    pol = plain.policies[0]
+    assert rules.mss_for(plain, pol) - rules.mss_for(udp, udp.policies[0]) == 8
+
+
+def test_closed_esp_in_udp_rules_drop() -> None:
+    closed = rules.render_ruleset(rules.close(rules.build(cfg_of(udp_data()))), comments=False)
+    assert "NFQUEUE" not in closed
+    assert ("-A NFQIPSEC-IN -p udp -m udp --dport 4500 -m addrtype --dst-type LOCAL -j DROP"
+            in closed)

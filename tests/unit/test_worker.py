@@ -11,6 +11,7 @@ import struct
 from typing import Any
 
 import pytest
+from configs import cfg_of, udp_data
 from faults.nfq_ipsec_faults import wrap
 from packets import ipv4, udp
 from repo import EXAMPLES
@@ -461,3 +462,38 @@ def test_a_forwarded_df_packet_too_big_is_answered_with_frag_needed() -> None:
     assert len(sent) == 1 and sent[0][9] == 1 and sent[0][20:22] == b"\x03\x04"  # ICMP 3/4
     assert sent[0][16:20] == big[12:16]  # back to the LAN sender
     assert h.replies_sent == 1
+def udp_processor() -> Processor:
+    cfg = cfg_of(udp_data())
+    return Processor(cfg.spd, cfg.sas_for_queue(100), 0.0)
+
+
+def test_keepalives_go_out_marked_while_idle_and_show_in_status() -> None:
+    """The worker that owns an outbound SA of ESP in UDP sends its NAT-keepalives through its
+    keepalive sender (a raw socket with the daemon's mark in the daemon); status shows them
+    with the SA's peer, and the markers passed."""
+    proc = udp_processor()
+    sent: list[bytes] = []
+    h = PacketHandler(proc, FakeQueue(), MARK, clock=lambda: 1000.0, keepalive=sent.append)
+    h.send_keepalives(1000.0)
+    h.send_keepalives(1005.0)  # o0's interval is 10 s
+    h.send_keepalives(1010.0)
+    assert len(sent) == 2
+    assert sent[0][-1:] == b"\xff" and sent[0][9] == 17 and len(sent[0]) == 29
+    snap = h.snapshot(100, None, 0.0)
+    o0 = next(sa for sa in snap["sas"] if sa["name"] == "o0")
+    assert o0["udp"] == {"local_port": 4500, "peer": "198.51.100.2:4500", "keepalives_sent": 2,
+                         "peer_changes": 0}
+    assert next(sa for sa in snap["sas"] if sa["name"] == "plain")["udp"] is None
+    assert snap["ike_markers"] == 0
+    marker = udp("198.51.100.2", "192.0.2.1", 4500, 4500, b"\0" * 4 + b"ike")
+    h.handle_batch([pkt(marker, hook=HOOK_PRE_ROUTING)])
+    assert h.snapshot(100, None, 0.0)["ike_markers"] == 1
+
+
+def test_a_failing_keepalive_sender_is_counted_not_fatal() -> None:
+    def refuse(_packet: bytes) -> None:
+        raise OSError(1, "Operation not permitted")
+
+    h = PacketHandler(udp_processor(), FakeQueue(), MARK, clock=lambda: 1.0, keepalive=refuse)
+    h.send_keepalives(1000.0)
+    assert h.keepalive_errors == 1
