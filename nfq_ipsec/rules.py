@@ -38,13 +38,12 @@ import shlex
 import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
 
 from .config.model import Config
 from .core.esp import overhead_for
 from .core.packet import ICMP_ERROR_TYPES
 from .core.sa import SADirection
-from .core.spd import Action, Policy, Selector
+from .core.spd import Action, Network, Policy, Selector
 
 TABLES = ("raw", "mangle", "nat", "filter")  # every table we may touch, in install order
 HMARK_BASE = 0x4E510000  # marks B+k steer a flow to the k-th SA of a policy ("NQ" in the top bits)
@@ -522,7 +521,7 @@ def _icmp_error_rules(cfg: Config, chain: str, where: str) -> list[Rule]:
     return rules
 
 
-def _net(flag: str, net: IPv4Network) -> list[str]:
+def _net(flag: str, net: Network) -> list[str]:
     return [flag, str(net)] if net.prefixlen else []
 
 

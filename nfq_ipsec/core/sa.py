@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from .errors import DropReason, EspError
+from .ipv6 import is_v6
 from .pickling import reduce_dataclass
 from .replay import DEFAULT_WINDOW, ReplayWindow
 from .suites import Suite, make_suite
@@ -93,7 +94,7 @@ class SAParams:
     integrity: str | None = None
     integrity_key: Secret = field(default_factory=lambda: Secret(b""))
     mode: Mode = Mode.TRANSPORT
-    tunnel_local: int | None = None  # outer addresses (tunnel mode), as ints
+    tunnel_local: int | None = None  # outer addresses (tunnel mode), as ints (IPv6: ipv6.V6 set)
     tunnel_remote: int | None = None
     replay_window: int = DEFAULT_WINDOW
     esn: bool = False
@@ -169,8 +170,9 @@ class SecurityAssociation:
         self.pmtu = 0
         self.pmtu_at = 0.0
         suite = self.suite
+        self.outer_v6 = self.tunnel and is_v6(params.tunnel_remote)  # IPv6 tunnel endpoints
         self.max_overhead = (8 + suite.iv_size + suite.icv_size + 2 + suite.align - 1
-                             + (20 if self.tunnel else 0))
+                             + ((40 if self.outer_v6 else 20) if self.tunnel else 0))
         # The lifetime check compares against the nearest limit not yet passed (soft, then
         # hard); only when one is reached does it look at the rest (see check_lifetime).
         self._watch_packets = 0.0
