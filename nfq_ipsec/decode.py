@@ -33,7 +33,7 @@ class Decoded:
     spi: int | None = None
     seq: int | None = None
     sa_name: str | None = None
-    verdict: str = ""  # "ok", "drop", "not-esp", "not-ipv4"
+    verdict: str = ""  # "ok", "drop", "not-esp", "not-ip"
     reason: DropReason | None = None
     inner: str = ""
 
@@ -65,7 +65,7 @@ class OfflineDecoder:
 
     def decode(self, index: int, data: bytes | None) -> Decoded:
         if data is None:
-            return Decoded(index, "-", False, verdict="not-ipv4")
+            return Decoded(index, "-", False, verdict="not-ip")
         hdr: ip.IPv4Header | None = None
         hdr6: ipv6.IPv6Header | None = None
         try:
@@ -74,7 +74,7 @@ class OfflineDecoder:
             else:
                 hdr = ip.parse_ipv4(data)
         except EspError as err:
-            return Decoded(index, "-", False, verdict="not-ipv4", inner=err.reason.value)
+            return Decoded(index, "-", False, verdict="not-ip", inner=err.reason.value)
         src, dst, proto, at, end = (
             (hdr.src, hdr.dst, hdr.protocol, hdr.ihl, hdr.total_length) if hdr is not None
             else _where(hdr6))
