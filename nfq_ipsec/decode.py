@@ -12,14 +12,17 @@ import struct
 from dataclasses import dataclass
 
 from .config.model import Config
-from .core import esp, udpencap
+from .core import esp, esp6, ipv6, udpencap
 from .core import packet as ip
 from .core.errors import DropReason, EspError
 from .core.sa import Encapsulation, SADirection, SecurityAssociation
 from .core.spd import Policy
 
-_PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 47: "GRE", 50: "ESP", 132: "SCTP"}
+_PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 47: "GRE", 50: "ESP", 58: "ICMPv6", 132: "SCTP"}
 _TCP_FLAGS = "FSRPAUEC"
+_ICMP_KINDS = {0: "echo-reply", 8: "echo-request", 3: "unreachable", 11: "time-exceeded"}
+_ICMPV6_KINDS = {129: "echo-reply", 128: "echo-request", 1: "unreachable", 2: "packet-too-big",
+                 3: "time-exceeded"}
 
 
 @dataclass
@@ -30,7 +33,7 @@ class Decoded:
     spi: int | None = None
     seq: int | None = None
     sa_name: str | None = None
-    verdict: str = ""  # "ok", "drop", "not-esp", "not-ipv4"
+    verdict: str = ""  # "ok", "drop", "not-esp", "not-ip"
     reason: DropReason | None = None
     inner: str = ""
 
@@ -66,14 +69,22 @@ class OfflineDecoder:
 
     def decode(self, index: int, data: bytes | None) -> Decoded:
         if data is None:
-            return Decoded(index, "-", False, verdict="not-ipv4")
+            return Decoded(index, "-", False, verdict="not-ip")
+        hdr: ip.IPv4Header | None = None
+        hdr6: ipv6.IPv6Header | None = None
         try:
-            hdr = ip.parse_ipv4(data)
+            if data and data[0] >> 4 == 6:
+                hdr6 = ipv6.parse_ipv6(data)
+            else:
+                hdr = ip.parse_ipv4(data)
         except EspError as err:
-            return Decoded(index, "-", False, verdict="not-ipv4", inner=err.reason.value)
-        outer = f"{ip.ip_to_str(hdr.src)} > {ip.ip_to_str(hdr.dst)}"
-        in_udp = hdr.protocol == ip.PROTO_UDP and self._esp_in_udp(data, hdr)
-        if in_udp:
+            return Decoded(index, "-", False, verdict="not-ip", inner=err.reason.value)
+        src, dst, proto, at, end = (
+            (hdr.src, hdr.dst, hdr.protocol, hdr.ihl, hdr.total_length) if hdr is not None
+            else _where(hdr6))
+        outer = f"{ipv6.addr_str(src)} > {ipv6.addr_str(dst)}"
+        in_udp = hdr is not None and proto == ip.PROTO_UDP and self._esp_in_udp(data, hdr)
+        if hdr is not None and in_udp:
             try:
                 if udpencap.classify(data, hdr) == udpencap.MARKER_PACKET:
                     return Decoded(index, outer, False, verdict="ike",
@@ -85,13 +96,14 @@ class OfflineDecoder:
                 return Decoded(index, outer, False, verdict="drop", reason=err.reason,
                                inner=f"{err}: {summarize(data, hdr)}")
             data, hdr = udpencap.strip(data, hdr)
+            at, end = hdr.ihl, hdr.total_length
             outer += " udp"
-        elif hdr.protocol != ip.PROTO_ESP:
-            return Decoded(index, outer, False, verdict="not-esp", inner=summarize(data, hdr))
-        try:
-            spi, seq_lo = esp.parse_esp_header(data, hdr)
-        except EspError as err:
-            return Decoded(index, outer, True, verdict="drop", reason=err.reason)
+        elif proto != ip.PROTO_ESP:
+            return Decoded(index, outer, False, verdict="not-esp",
+                           inner=summarize(data, hdr, hdr6))
+        if end < at + esp.ESP_HEADER:
+            return Decoded(index, outer, True, verdict="drop", reason=DropReason.MALFORMED)
+        spi, seq_lo = struct.unpack_from("!II", data, at)
         result = Decoded(index, outer, True, spi=spi, seq=seq_lo, verdict="drop",
                          reason=DropReason.UNKNOWN_SPI)
         for sa, was_out in self._by_spi.get(spi, []):
@@ -100,20 +112,25 @@ class OfflineDecoder:
                 result.reason = DropReason.ENCAP_MISMATCH
                 continue
             try:
-                dec = esp.decapsulate(data, hdr, _only(sa), self._now)
+                dec = (esp.decapsulate(data, hdr, _only(sa), self._now) if hdr is not None
+                       else esp6.decapsulate6(data, _known(hdr6), _only(sa), self._now))
             except EspError as err:
                 result.reason = err.reason
                 continue
             result.seq = dec.seq
-            key = ip.packet_key(dec.packet, dec.header)
             policy = self._policy_of.get(sa.name)
-            if policy is None or not policy.selector.matches(key, outbound=was_out):
+            if dec.header is not None:
+                key = ip.packet_key(dec.packet, dec.header)
+                fits = policy is not None and policy.selector.matches(key, outbound=was_out)
+            else:
+                key = ipv6.packet_key6(dec.packet, _known(dec.header6))
+                fits = policy is not None and policy.selector.matches6(key, outbound=was_out)
+            result.inner = summarize(dec.packet, dec.header, dec.header6)
+            if not fits:
                 result.reason = DropReason.POLICY_MISMATCH
-                result.inner = summarize(dec.packet, dec.header)
                 return result
             result.verdict = "ok"
             result.reason = None
-            result.inner = summarize(dec.packet, dec.header)
             return result
         return result
 
@@ -125,6 +142,18 @@ class OfflineDecoder:
                               or udpencap.source_port(data, hdr) in self._udp_ports)
 
 
+def _known(hdr6: ipv6.IPv6Header | None) -> ipv6.IPv6Header:
+    """An IPv6 header that the branch taken guarantees."""
+    assert hdr6 is not None
+    return hdr6
+
+
+def _where(hdr6: ipv6.IPv6Header | None) -> tuple[int, int, int, int, int]:
+    """Source, destination, last next header, where it starts and where the packet ends."""
+    h = _known(hdr6)
+    return h.src, h.dst, h.protocol, h.offset, h.total_length
+
+
 def _only(sa: SecurityAssociation) -> esp.SaLookup:
     def lookup(_spi: int) -> SecurityAssociation:
         return sa
@@ -132,28 +161,36 @@ def _only(sa: SecurityAssociation) -> esp.SaLookup:
     return lookup
 
 
-def summarize(data: bytes, hdr: ip.IPv4Header) -> str:
-    """One line about an IPv4 packet: protocol, addresses, ports or ICMP type, length."""
-    src, dst = ip.ip_to_str(hdr.src), ip.ip_to_str(hdr.dst)
-    name = _PROTO_NAMES.get(hdr.protocol, f"proto {hdr.protocol}")
-    off = hdr.ihl
-    body = data[off : hdr.total_length]
-    if hdr.is_fragment:
-        return f"{name} {src} > {dst} fragment len={hdr.total_length}"
-    if hdr.protocol == 6 and len(body) >= 14:
+def summarize(data: bytes, hdr: ip.IPv4Header | None,
+              hdr6: ipv6.IPv6Header | None = None) -> str:
+    """One line about an IPv4 or IPv6 packet: protocol, addresses, ports or ICMP type, length."""
+    if hdr is not None:
+        src, dst, proto, off, total = hdr.src, hdr.dst, hdr.protocol, hdr.ihl, hdr.total_length
+        fragment = hdr.is_fragment
+    else:
+        src, dst, proto, off, total = _where(hdr6)
+        fragment = _known(hdr6).is_fragment
+    return _describe(ipv6.addr_str(src), ipv6.addr_str(dst), proto, data[off:total], fragment,
+                     total)
+
+
+def _describe(src: str, dst: str, protocol: int, body: bytes, fragment: bool, total: int) -> str:
+    name = _PROTO_NAMES.get(protocol, f"proto {protocol}")
+    if fragment:
+        return f"{name} {src} > {dst} fragment len={total}"
+    if protocol == 6 and len(body) >= 14:
         sport, dport, seqn = struct.unpack_from("!HHI", body)
         flags = "".join(c for i, c in enumerate(_TCP_FLAGS) if body[13] >> i & 1)
         doff = (body[12] >> 4) * 4
         return f"TCP {src}:{sport} > {dst}:{dport} [{flags}] seq={seqn} len={max(0, len(body) - doff)}"
-    if hdr.protocol == 17 and len(body) >= 8:
+    if protocol == 17 and len(body) >= 8:
         sport, dport, ulen = struct.unpack_from("!HHH", body)
         return f"UDP {src}:{sport} > {dst}:{dport} len={ulen - 8}"
-    if hdr.protocol == 1 and len(body) >= 8:
+    if protocol in (1, ipv6.NH_ICMPV6) and len(body) >= 8:
         itype, code = body[0], body[1]
         ident, seqn = struct.unpack_from("!HH", body, 4)
-        kind = {0: "echo-reply", 8: "echo-request", 3: "unreachable", 11: "time-exceeded"}.get(
-            itype, f"type={itype}"
-        )
-        extra = f" id={ident} seq={seqn}" if itype in (0, 8) else f" code={code}"
-        return f"ICMP {src} > {dst} {kind}{extra}"
-    return f"{name} {src} > {dst} len={hdr.total_length}"
+        kind = (_ICMP_KINDS if protocol == 1 else _ICMPV6_KINDS).get(itype, f"type={itype}")
+        echo = kind in ("echo-reply", "echo-request")
+        extra = f" id={ident} seq={seqn}" if echo else f" code={code}"
+        return f"{name} {src} > {dst} {kind}{extra}"
+    return f"{name} {src} > {dst} len={total}"

@@ -98,12 +98,12 @@ def ipv6_enabled() -> bool:
 
 def rulesets(cfg: Config, closed: bool = False) -> list[rules.Ruleset]:
     """What ``install`` puts in place: the IPv4 ruleset (``closed``: every queue rule drops),
-    and the IPv6 one when this configuration has one and the kernel has IPv6."""
+    and the IPv6 one (closed alike) when this configuration has one and the kernel has IPv6."""
     v4 = rules.build(cfg)
     out = [rules.close(v4) if closed else v4]
     v6 = rules.build6(cfg)
     if v6 is not None and ipv6_enabled():
-        out.append(v6)
+        out.append(rules.close(v6) if closed else v6)
     return out
 
 
@@ -361,9 +361,9 @@ class RulesStatus:
 
 
 def status(cfg: Config, netns: str | None = None) -> RulesStatus:
-    """How the installed IPv4 rules relate to ``cfg``'s, running or closed. The IPv6 rules,
-    which do not change with the daemon's state, are compared too: a difference there is a
-    problem of the IPv4 answer."""
+    """How the installed IPv4 rules relate to ``cfg``'s, running or closed. The IPv6 rules are
+    compared too (running or closed as well): a difference there is a problem of the IPv4
+    answer."""
     live = rules.build(cfg)
     tables = read_tables(backend_for(cfg), netns)
     st = compare(live, tables)
@@ -373,7 +373,13 @@ def status(cfg: Config, netns: str | None = None) -> RulesStatus:
             st = RulesStatus(True, True, False, (), closed=True)
     v6 = rulesets(cfg)[1:]
     if v6:
-        st6 = compare(v6[0], read_tables(backend_for(cfg, 6), netns))
+        tables6 = read_tables(backend_for(cfg, 6), netns)
+        closed6 = compare(rules.close(v6[0]), tables6)
+        if (st.matches and closed6.matches and rules.close(live).tables == live.tables
+                and not compare(v6[0], tables6).matches):
+            # nothing IPv4 queues: only the IPv6 rules tell a stopped daemon from a running one
+            return RulesStatus(True, True, False, (), closed=True)
+        st6 = closed6 if st.closed else compare(v6[0], tables6)
         if not st6.matches:
             problems = (*st.problems, *(f"ip6tables {p}" for p in st6.problems
                                         or ("IPv6 rules missing",)))

@@ -5,8 +5,8 @@ One reader, three views, each built on the one below:
 - :func:`read_records`: each frame as captured, with its link type;
 - :func:`read_frames`: the network layer of each frame, as (ethertype, bytes): IPv4, IPv6,
   ARP, whatever the link carries (the namespace lab's wire check sorts these);
-- :func:`read_packets`: the IPv4 packet of each frame, or None for a frame that carries no
-  IPv4, so numbering matches what other tools show (``nfq-ipsec decode``).
+- :func:`read_packets`: the IP packet (IPv4 or IPv6) of each frame, or None for a frame that
+  carries neither, so numbering matches what other tools show (``nfq-ipsec decode``).
 
 Link types: Ethernet with or without VLAN tags, raw IP, Linux cooked v1/v2. A frame of any
 other link type comes out whole with ethertype :data:`ETH_UNKNOWN`.
@@ -33,9 +33,9 @@ class PcapError(Exception):
 
 
 def read_packets(path: str | Path) -> Iterator[bytes | None]:
-    """The IPv4 packet of each frame; None for a frame without one."""
+    """The IPv4 or IPv6 packet of each frame; None for a frame without one."""
     for etype, payload in read_frames(path):
-        yield payload if etype == ETH_IPV4 else None
+        yield payload if etype in (ETH_IPV4, ETH_IPV6) else None
 
 
 def read_frames(path: str | Path) -> Iterator[tuple[int, bytes]]:

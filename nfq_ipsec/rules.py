@@ -29,8 +29,9 @@ P the chain prefix:
   P-LEAK, a leak guard so forwarded cleartext never leaves the unprotected interface.
 
 There is no ``--queue-bypass`` anywhere: a queue without a worker drops its packets. A
-stopped daemon leaves :func:`close`'s rules (every queue rule a DROP); with node.default =
-discard, :func:`build6` drops IPv6 on the unprotected side.
+stopped daemon leaves :func:`close`'s rules (every queue rule a DROP). :func:`build6` makes the
+same chains for ip6tables from the IPv6 policies and the SAs whose ESP travels in IPv6, with
+neighbour discovery and MLD returned first (``node.ipv6_neighbour_discovery``).
 Each built-in chain gets exactly one rule from us, a jump inserted at position 1; every other
 rule lives in chains named ``P-...``. Rules are rendered the way iptables-save prints them, so
 what ``render`` shows can be compared with what is installed, line by line.
@@ -43,22 +44,23 @@ import shlex
 import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
 
 from .config.model import Config
 from .core.esp import overhead_for
+from .core.ipv6 import ICMPV6_ERROR_TYPES, MLD_TYPES, ND_TYPES, is_v6
 from .core.packet import ICMP_ERROR_TYPES
-from .core.sa import Encapsulation, SADirection, SAParams
-from .core.spd import Action, Policy, Selector
+from .core.sa import Encapsulation, Mode, SADirection, SAParams
+from .core.spd import Action, Network, Policy, Selector
 
 TABLES = ("raw", "mangle", "nat", "filter")  # every table we may touch, in install order
 HMARK_BASE = 0x4E510000  # marks B+k steer a flow to the k-th SA of a policy ("NQ" in the top bits)
 HMARK_RND = 0x6E667169  # fixed hash seed: the same flow maps to the same SA after a restart
 IPV4_TCP_HEADERS = 40  # IPv4 + TCP header without options: MSS = MTU - 40 - ESP overhead
+IPV6_TCP_HEADERS = 60  # IPv6 + TCP header without options
 MAX_CHAIN_NAME = 28  # XT_EXTENSION_MAXNAMELEN - 1
 COMMENT_WIDTH = 100
 _QUOTE_NEEDED = re.compile(r"[^A-Za-z0-9_./:,!+=@%-]")
-_PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 132: "sctp"}  # printed by name by iptables
+_PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp"}  # printed by name
 _PORT_PROTOCOLS = (6, 17, 132)
 
 
@@ -157,7 +159,25 @@ def mss_for(cfg: Config, policy: Policy) -> int:
     """The TCP MSS that keeps an ESP packet of ``policy`` within the unprotected MTU."""
     sas = cfg.outbound_sas(policy)
     overhead = max((overhead_for(sa) for sa in sas), default=0)
-    return cfg.node.mtu - IPV4_TCP_HEADERS - overhead
+    headers = IPV6_TCP_HEADERS if policy.selector.v6 else IPV4_TCP_HEADERS
+    return cfg.node.mtu - headers - overhead
+
+
+def _policies(cfg: Config, v6: bool) -> list[tuple[int, Policy]]:
+    """The policies of one family with their places in the whole list (the chain names)."""
+    return [(i, pol) for i, pol in enumerate(cfg.policies) if pol.selector.v6 == v6]
+
+
+def esp_family_v6(cfg: Config, sa: SAParams) -> bool:
+    """Whether an SA's ESP travels in IPv6: a tunnel's endpoints say; in transport mode, the
+    family of the policy it serves."""
+    if sa.mode is Mode.TUNNEL:
+        return is_v6(sa.tunnel_remote)
+    return any(sa.name in pol.sa_names and pol.selector.v6 for pol in cfg.policies)
+
+
+def _sas(cfg: Config, v6: bool) -> list[SAParams]:
+    return [sa for sa in cfg.sas if esp_family_v6(cfg, sa) == v6]
 
 
 def quote(arg: str) -> str:
@@ -169,8 +189,9 @@ def quote(arg: str) -> str:
 
 # -- building ---------------------------------------------------------------------------------
 
-def build(cfg: Config) -> Ruleset:
-    """The complete ruleset for ``cfg``."""
+def build(cfg: Config, v6: bool = False) -> Ruleset:
+    """The complete ruleset for ``cfg``: the iptables one, or (``v6``) the ip6tables one, each
+    with the policies of its family and the SAs whose ESP travels in it."""
     p = cfg.daemon.chain_prefix
     node = cfg.node
     for name in (chain_leak(p), chain_protect(p, max(len(cfg.policies) - 1, 0))):
@@ -178,14 +199,14 @@ def build(cfg: Config) -> Ruleset:
             raise ValueError(f"chain name {name!r} is longer than {MAX_CHAIN_NAME} characters")
     if node.role == "gateway" and not node.interface:
         raise ValueError("a gateway needs node.interface (the unprotected interface)")
-    protect_chains = _protect_chains(cfg)
-    raw = _inbound_table(cfg)
+    protect_chains = _protect_chains(cfg, v6)
+    raw = _inbound_table(cfg, v6)
     mangle_chains = [chain_out(p)]
     mangle_comments = [(chain_out(p), _OUT_COMMENT)]
     mangle_jumps = [_jump("OUTPUT", "-o", node.interface, chain_out(p),
                           "locally generated traffic to the unprotected side")]
     mangle_rules = list(_outbound_rules(cfg, chain_out(p), lo_flag="-o",
-                                        with_lo=node.interface is None, default=True))
+                                        with_lo=node.interface is None, default=True, v6=v6))
     extra: list[Table] = []
     if node.role == "gateway":
         iface = node.interface or ""
@@ -193,15 +214,16 @@ def build(cfg: Config) -> Ruleset:
         mangle_comments.append((chain_fwd(p), _FWD_COMMENT))
         mangle_jumps.append(Rule("PREROUTING", ("!", "-i", iface, "-j", chain_fwd(p)),
                                  f"traffic arriving from the protected side (not {iface})"))
-        mangle_rules += _outbound_rules(cfg, chain_fwd(p), lo_flag="-i", with_lo=True, default=False)
-        extra = [_nat_table(cfg), _leak_table(cfg)]
+        mangle_rules += _outbound_rules(cfg, chain_fwd(p), lo_flag="-i", with_lo=True,
+                                        default=False, v6=v6)
+        extra = [_nat_table(cfg), _leak_table(cfg, v6)]
     for chain, rules, comment in protect_chains:
         mangle_chains.append(chain)
         mangle_comments.append((chain, comment))
         mangle_rules += rules
     mangle = Table("mangle", tuple(mangle_chains), tuple(mangle_jumps), tuple(mangle_rules),
                    tuple(mangle_comments))
-    return Ruleset(p, (raw, mangle, *extra), _header(cfg))
+    return Ruleset(p, (raw, mangle, *extra), _header(cfg, v6), 6 if v6 else 4)
 
 
 def _jump(builtin: str, flag: str, iface: str | None, target: str, comment: str) -> Rule:
@@ -218,7 +240,7 @@ def _mark_return(cfg: Config, chain: str) -> Rule:
                 "decrypted and reinjected by a worker (carries the mark): already processed")
 
 
-def _esp_returns(cfg: Config, chain: str) -> list[Rule]:
+def _esp_returns(cfg: Config, chain: str, v6: bool) -> list[Rule]:
     """Outbound: ESP a worker produced, one rule per outbound SA. The mark alone is no proof:
     any process with CAP_NET_RAW can set it (SO_MARK), so a marked packet skips the SPD only if
     it is ESP of one of our outbound SAs; a marked UDP datagram goes through the SPD like any
@@ -226,7 +248,7 @@ def _esp_returns(cfg: Config, chain: str) -> list[Rule]:
     m = cfg.daemon.mark
     mark = ("-m", "mark", "--mark", f"0x{m:x}/0x{m:x}")
     rules: list[Rule] = []
-    for sa in cfg.sas:
+    for sa in _sas(cfg, v6):
         if sa.direction is not SADirection.OUT:
             continue
         if sa.encapsulation is Encapsulation.UDP:
@@ -240,7 +262,7 @@ def _esp_returns(cfg: Config, chain: str) -> list[Rule]:
                               f"ESP of outbound SA {sa.name!r} reinjected by a worker (mark and "
                               "SPI): already processed"))
     for port in sorted({sa.udp_source_port for sa in _udp_sas(cfg, SADirection.OUT)
-                        if sa.keepalive}):
+                        if sa.keepalive and not v6}):
         rules.append(Rule(chain, (*_udp_from(port), "-m", "u32", "--u32", _U32_KEEPALIVE, *mark,
                                   "-j", "RETURN"),
                           f"a NAT-keepalive from port {port} sent by a worker (mark, one byte "
@@ -318,22 +340,27 @@ _LEAK_COMMENT = ("leak guard: forwarded traffic leaving the unprotected interfac
                  "from a worker or explicitly bypassed")
 
 
-def _inbound_table(cfg: Config) -> Table:
+def _inbound_table(cfg: Config, v6: bool) -> Table:
     p = cfg.daemon.chain_prefix
     c = chain_in(p)
+    family = "IPv6" if v6 else "IPv4"
     rules = [
-        # The socket match makes the kernel register IPv4 defragmentation (and only that,
-        # not conntrack) in this network namespace: fragmented ESP then reaches this chain
-        # reassembled, so a big ESP packet finds its SA's worker whole. No ESP packet carries
-        # SPI 0 (RFC 4303 2.1), so the rule itself touches nothing.
+        # The socket match makes the kernel register IPv4 (IPv6) defragmentation (and only
+        # that, not conntrack) in this network namespace: fragmented ESP then reaches this
+        # chain reassembled, so a big ESP packet finds its SA's worker whole. No ESP packet
+        # carries SPI 0 (RFC 4303 2.1), so the rule itself touches nothing.
         Rule(c, ("-p", "esp", "-m", "esp", "--espspi", "0", "-m", "socket", "-j", "RETURN"),
-             "turns on IPv4 reassembly before this chain (the socket match makes the kernel "
+             f"turns on {family} reassembly before this chain (the socket match makes the kernel "
              "register defragmentation here); matches nothing: no ESP packet has SPI 0"),
         _mark_return(cfg, c),
     ]
     if cfg.node.interface is None:
         rules.append(Rule(c, ("-i", "lo", "-j", "RETURN"), "loopback is never IPsec-protected"))
-    for sa in cfg.inbound_sas():
+    if v6:
+        rules += _link_rules(cfg, c)
+    for sa in _sas(cfg, v6):
+        if sa.direction is not SADirection.IN:
+            continue
         if sa.encapsulation is Encapsulation.UDP:
             rules.append(Rule(c, ("-p", "esp", "-m", "esp", "--espspi", str(sa.spi), "-j", "DROP"),
                               f"plain ESP with the SPI of inbound SA {sa.name!r}, which takes "
@@ -344,16 +371,19 @@ def _inbound_table(cfg: Config) -> Table:
                 "--queue-num", str(sa.queue)),
             f"ESP of inbound SA {sa.name!r} (SPI 0x{sa.spi:08x}) to its owner, queue {sa.queue}",
         ))
-    rules += _udp_inbound_rules(cfg, c)
-    rules.append(Rule(c, ("-p", "esp", "-f", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "DROP"),
-                      "a non-first fragment of ESP to this host (no SPI to steer it by): dropped "
-                      "(the first fragment goes to its SA's worker, which counts it)", "fragment"))
+    if not v6:  # ESP in UDP is IPv4 only; IPv6 has no -f: its fragments are reassembled before
+        rules += _udp_inbound_rules(cfg, c)
+        rules.append(Rule(c, ("-p", "esp", "-f", "-m", "addrtype", "--dst-type", "LOCAL", "-j",
+                              "DROP"),
+                          "a non-first fragment of ESP to this host (no SPI to steer it by): "
+                          "dropped (the first fragment goes to its SA's worker, which counts it)",
+                          "fragment"))
     rules.append(Rule(c, ("-p", "esp", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "DROP"),
                       "ESP to this host with an unknown SPI: dropped here, so a flood of random "
                       "SPIs costs no worker anything (ESP in transit follows the policies below)",
                       "unknown_spi"))
-    rules += _icmp_error_rules(cfg, c, "in")
-    for i, pol in enumerate(cfg.policies):
+    rules += _icmp_error_rules(cfg, c, "in", v6)
+    for i, pol in _policies(cfg, v6):
         if not pol.direction.covers(False):
             continue
         target, what, reason = {
@@ -361,7 +391,7 @@ def _inbound_table(cfg: Config) -> Table:
             Action.DISCARD: ("DROP", "discard", "policy_discard"),
             Action.PROTECT: ("DROP", "protect: cleartext where ESP is required", "cleartext_protected"),
         }[pol.action]
-        rules.append(Rule(c, (*selector_args(pol.selector, outbound=False), "-j", target),
+        rules.append(Rule(c, (*selector_args(pol.selector, outbound=False, v6=v6), "-j", target),
                           f"policy[{i}] {pol.name!r}, inbound: {what}", reason))
     rules.append(_default(cfg, c, "inbound"))
     jump = _jump("PREROUTING", "-i", cfg.node.interface, c,
@@ -378,14 +408,16 @@ def _default(cfg: Config, chain: str, what: str) -> Rule:
 
 
 def _outbound_rules(
-    cfg: Config, chain: str, lo_flag: str, with_lo: bool, default: bool
+    cfg: Config, chain: str, lo_flag: str, with_lo: bool, default: bool, v6: bool = False,
 ) -> list[Rule]:
     p = cfg.daemon.chain_prefix
-    rules = _esp_returns(cfg, chain)
+    rules = _esp_returns(cfg, chain, v6)
     if with_lo:
         rules.append(Rule(chain, (lo_flag, "lo", "-j", "RETURN"), "loopback is never IPsec-protected"))
-    rules += _icmp_error_rules(cfg, chain, "out")
-    for i, pol in enumerate(cfg.policies):
+    if v6 and default:
+        rules += _link_rules(cfg, chain)
+    rules += _icmp_error_rules(cfg, chain, "out", v6)
+    for i, pol in _policies(cfg, v6):
         if not pol.direction.covers(True):
             continue
         if pol.action is Action.PROTECT:
@@ -394,7 +426,7 @@ def _outbound_rules(
             target, what = "RETURN", "bypass: leaves in cleartext"
         else:
             target, what = "DROP", "discard"
-        rules.append(Rule(chain, (*selector_args(pol.selector, outbound=True), "-j", target),
+        rules.append(Rule(chain, (*selector_args(pol.selector, outbound=True, v6=v6), "-j", target),
                           f"policy[{i}] {pol.name!r}, outbound: {what}",
                           "policy_discard" if target == "DROP" else ""))
     if default:
@@ -402,10 +434,12 @@ def _outbound_rules(
     return rules
 
 
-def _protect_chains(cfg: Config) -> list[tuple[str, list[Rule], str]]:
+def _protect_chains(cfg: Config, v6: bool) -> list[tuple[str, list[Rule], str]]:
     p = cfg.daemon.chain_prefix
     out: list[tuple[str, list[Rule], str]] = []
-    for i, pol in enumerate(cfg.policies):
+    headers = IPV6_TCP_HEADERS if v6 else IPV4_TCP_HEADERS
+    prefix = "128" if v6 else "32"
+    for i, pol in _policies(cfg, v6):
         if pol.action is not Action.PROTECT or not pol.direction.covers(True):
             continue
         c = chain_protect(p, i)
@@ -417,7 +451,8 @@ def _protect_chains(cfg: Config) -> list[tuple[str, list[Rule], str]]:
             rules.append(Rule(
                 c, ("-p", "tcp", "-m", "tcp", "--tcp-flags", "SYN,RST", "SYN",
                     "-j", "TCPMSS", "--set-mss", str(mss)),
-                f"clamp the MSS of SYNs: MTU {cfg.node.mtu} - 40 - {worst} bytes of ESP = {mss}",
+                f"clamp the MSS of SYNs: MTU {cfg.node.mtu} - {headers} - {worst} bytes of ESP = "
+                f"{mss}",
             ))
         if len(sas) == 1:
             sa = sas[0]
@@ -426,7 +461,7 @@ def _protect_chains(cfg: Config) -> list[tuple[str, list[Rule], str]]:
         elif sas:
             base = hmark_base(cfg.daemon.mark)
             rules.append(Rule(
-                c, ("-j", "HMARK", "--hmark-src-prefix", "32", "--hmark-dst-prefix", "32",
+                c, ("-j", "HMARK", "--hmark-src-prefix", prefix, "--hmark-dst-prefix", prefix,
                     "--hmark-sport-mask", "0xffff", "--hmark-dport-mask", "0xffff",
                     "--hmark-proto-mask", "0xffff", "--hmark-rnd", f"0x{HMARK_RND:08x}",
                     "--hmark-mod", str(len(sas)), "--hmark-offset", str(base)),
@@ -468,13 +503,13 @@ def _nat_table(cfg: Config) -> Table:
     return Table("nat", (c,), (jump,), tuple(rules), ((c, _NAT_COMMENT),))
 
 
-def _leak_table(cfg: Config) -> Table:
+def _leak_table(cfg: Config, v6: bool) -> Table:
     p = cfg.daemon.chain_prefix
     c = chain_leak(p)
     iface = cfg.node.interface or ""
-    rules = _esp_returns(cfg, c)
-    rules += _icmp_error_rules(cfg, c, "leak")
-    for i, pol in enumerate(cfg.policies):
+    rules = _esp_returns(cfg, c, v6)
+    rules += _icmp_error_rules(cfg, c, "leak", v6)
+    for i, pol in _policies(cfg, v6):
         if not pol.direction.covers(True):
             continue
         if pol.action is Action.BYPASS:
@@ -483,7 +518,7 @@ def _leak_table(cfg: Config) -> Table:
             target, what, reason = "DROP", "protect: cleartext that escaped the queue", "leak_guard"
         else:
             target, what, reason = "DROP", "discard", "policy_discard"
-        rules.append(Rule(c, (*selector_args(pol.selector, outbound=True), "-j", target),
+        rules.append(Rule(c, (*selector_args(pol.selector, outbound=True, v6=v6), "-j", target),
                           f"policy[{i}] {pol.name!r}, forwarded: {what}", reason))
     rules.append(_default(cfg, c, "forwarded"))
     jump = Rule("FORWARD", ("-o", iface, "-j", c),
@@ -491,7 +526,7 @@ def _leak_table(cfg: Config) -> Table:
     return Table("filter", (c,), (jump,), tuple(rules), ((c, _LEAK_COMMENT),))
 
 
-def selector_args(sel: Selector, outbound: bool) -> tuple[str, ...]:
+def selector_args(sel: Selector, outbound: bool, v6: bool = False) -> tuple[str, ...]:
     """iptables arguments matching ``sel`` (outbound: source = local; inbound: reversed), in the
     order iptables-save prints them."""
     src, dst = (sel.local, sel.remote) if outbound else (sel.remote, sel.local)
@@ -505,11 +540,14 @@ def selector_args(sel: Selector, outbound: bool) -> tuple[str, ...]:
     if proto is None:
         return tuple(args)
     if proto == 0:
-        # "-p 0" means "all protocols" to iptables; match the header byte instead.
-        return (*args, "-m", "u32", "--u32", "0x6&0xff=0x0")
+        # "-p 0" means "all protocols" to iptables; match the header byte instead (IPv6:
+        # the next header of the fixed header, hop-by-hop options).
+        return (*args, "-m", "u32", "--u32", "0x4>>0x8&0xff=0x0" if v6 else "0x6&0xff=0x0")
     args += ["-p", _PROTO_NAMES.get(proto, str(proto))]
     if proto == 1:
         args += _icmp_args(sel.icmp_type, sel.icmp_code)
+    elif proto == 58:
+        args += _icmp6_args(sel.icmp_type, sel.icmp_code)
     elif proto in _PORT_PROTOCOLS:
         ports = [*_port("--sport", sports), *_port("--dport", dports)]
         if ports:
@@ -562,7 +600,7 @@ def quoted_esp_args(spi: int, frag_needed: bool = False) -> tuple[str, ...]:
             f"{kind}&&{_AT_ICMP}0x10>>0x10&0xff=0x32&&{_AT_QUOTED_L4}0x8=0x{spi:x}")
 
 
-def _icmp_error_rules(cfg: Config, chain: str, where: str) -> list[Rule]:
+def _icmp_error_rules(cfg: Config, chain: str, where: str, v6: bool = False) -> list[Rule]:
     """ICMP errors about the flows of each policy, before the SPD proper, so a kernel's error
     about a protected packet goes the way of that packet's flow (its SA) instead of leaving in
     clear by its own header. ``where``: "out" and "fwd" (errors leaving: about packets that came
@@ -571,8 +609,14 @@ def _icmp_error_rules(cfg: Config, chain: str, where: str) -> list[Rule]:
     p = cfg.daemon.chain_prefix
     incoming = where == "in"
     rules: list[Rule] = []
-    if incoming:
-        for sa in cfg.sas:
+    if incoming and v6:
+        for sa in _sas(cfg, True):
+            if sa.direction is SADirection.OUT:
+                rules.append(Rule(chain, (*quoted_esp6_args(sa.spi), "-j", "RETURN"),
+                                  f"ICMPv6 error about ESP of outbound SA {sa.name!r}: accepted "
+                                  "(the kernel acts on it)"))
+    elif incoming:
+        for sa in _sas(cfg, False):
             if sa.direction is SADirection.OUT:
                 rules.append(Rule(
                     chain, (*quoted_esp_args(sa.spi, frag_needed=True), "-j", "NFQUEUE",
@@ -582,11 +626,11 @@ def _icmp_error_rules(cfg: Config, chain: str, where: str) -> list[Rule]:
                 rules.append(Rule(chain, (*quoted_esp_args(sa.spi), "-j", "RETURN"),
                                   f"other ICMP error about ESP of outbound SA {sa.name!r} "
                                   "(unreachable, time exceeded): accepted"))
-    for i, pol in enumerate(cfg.policies):
+    for i, pol in _policies(cfg, v6):
         # the quoted packet travelled the other way: inbound for errors leaving, and back
         if not pol.direction.covers(incoming):
             continue
-        args = quoted_args(pol.selector, quoted_outbound=incoming)
+        args = (quoted6_args if v6 else quoted_args)(pol.selector, incoming)
         what = f"ICMP error about a flow of policy[{i}] {pol.name!r}"
         if pol.action is Action.BYPASS:
             rules.append(Rule(chain, (*args, "-j", "RETURN"), f"{what}: bypass, as the flow"))
@@ -609,7 +653,7 @@ def _icmp_error_rules(cfg: Config, chain: str, where: str) -> list[Rule]:
     return rules
 
 
-def _net(flag: str, net: IPv4Network) -> list[str]:
+def _net(flag: str, net: Network) -> list[str]:
     return [flag, str(net)] if net.prefixlen else []
 
 
@@ -637,11 +681,11 @@ def _icmp_args(icmp_type: int | None, icmp_code: int | None) -> list[str]:
     return ["!", "-f", "-m", "u32", "--u32", expr]
 
 
-def _header(cfg: Config) -> tuple[str, ...]:
+def _header(cfg: Config, v6: bool = False) -> tuple[str, ...]:
     node, d = cfg.node, cfg.daemon
     name = cfg.path.name if cfg.path is not None else "(configuration)"
     return (
-        f"nfq-ipsec iptables rules for {name}",
+        f"nfq-ipsec {'ip6tables' if v6 else 'iptables'} rules for {name}",
         f"node: interface {node.interface or 'all but lo'}, role {node.role}, default "
         f"{node.default_action.value}, mtu {node.mtu}; queues "
         f"{', '.join(map(str, cfg.queue_numbers))}; reinject mark 0x{d.mark:08x}",
@@ -679,75 +723,131 @@ def close(rs: Ruleset) -> Ruleset:
     return Ruleset(rs.prefix, tables, header, rs.family)
 
 
-# -- IPv6: dropped on the unprotected side ----------------------------------------------------
-
-_ND_TYPES = ((133, "router solicitation"), (134, "router advertisement"),
-             (135, "neighbour solicitation"), (136, "neighbour advertisement"))
-IPV6_REASON = "ipv6"
-
+# -- IPv6 ----------------------------------------------------------------------------------
 
 def build6(cfg: Config) -> Ruleset | None:
-    """The ip6tables rules: policies and SAs are IPv4 only, so with ``node.default = discard``
-    every IPv6 packet on the unprotected side is dropped and counted (neighbour discovery too,
-    unless ``node.ipv6_neighbour_discovery``). With ``bypass`` IPv6 passes and there are no
-    rules: None. Same chain names and layout as IPv4: raw PREROUTING -> P-IN, mangle OUTPUT
-    -> P-OUT, and on gateways filter FORWARD -> P-LEAK."""
-    node = cfg.node
+    """The ip6tables rules: :func:`build` with the IPv6 policies and the SAs whose ESP travels
+    in IPv6, the same chains and layout. With ``node.default = bypass`` and nothing IPv6 in the
+    configuration there are no rules (IPv6 passes): None."""
     if rules_v6_absent(cfg):
         return None
-    p = cfg.daemon.chain_prefix
+    return build(cfg, v6=True)
 
-    def chain(name: str, flag: str, with_lo: bool, what: str) -> list[Rule]:
-        rules: list[Rule] = []
-        if with_lo:
-            rules.append(Rule(name, (flag, "lo", "-j", "RETURN"), "loopback is never IPsec-protected"))
-        if node.ipv6_neighbour_discovery:
-            for icmp_type, nd in _ND_TYPES:
-                rules.append(Rule(name, ("-p", "ipv6-icmp", "-m", "icmp6", "--icmpv6-type",
-                                         str(icmp_type), "-m", "hl", "--hl-eq", "255", "-j", "RETURN"),
-                                  f"neighbour discovery ({nd}, hop limit 255): "
-                                  "node.ipv6_neighbour_discovery"))
-        rules.append(Rule(name, ("-j", "DROP"), f"IPv6 {what}: no IPv6 policies, default discard",
-                          IPV6_REASON))
-        return rules
 
-    iface = node.interface
-    cin, cout = chain_in(p), chain_out(p)
-    tables = [
-        Table("raw", (cin,), (_jump("PREROUTING", "-i", iface, cin, "IPv6 arriving on the "
-                                    "unprotected side"),),
-              tuple(chain(cin, "-i", iface is None, "arriving")),
-              ((cin, "IPv6 arriving on the unprotected side"),)),
-        Table("mangle", (cout,), (_jump("OUTPUT", "-o", iface, cout, "locally generated IPv6 to "
-                                        "the unprotected side"),),
-              tuple(chain(cout, "-o", iface is None, "leaving")),
-              ((cout, "locally generated IPv6 to the unprotected side"),)),
-    ]
-    if node.role == "gateway":
-        cl = chain_leak(p)
-        tables.append(Table("filter", (cl,), (Rule("FORWARD", ("-o", iface or "", "-j", cl),
-                                                   f"forwarded IPv6 leaving through {iface}"),),
-                            tuple(chain(cl, "-o", False, "forwarded")),
-                            ((cl, "forwarded IPv6 to the unprotected side"),)))
-    header = (f"nfq-ipsec ip6tables rules for {cfg.path.name if cfg.path else '(configuration)'}",
-              "Policies and SAs are IPv4 only: with node.default = discard, IPv6 on the unprotected "
-              "side is dropped (counted as 'ipv6').")
-    return Ruleset(p, tuple(tables), header, 6)
+def rules_v6_absent(cfg: Config) -> bool:
+    return (cfg.node.default_action is not Action.DISCARD and not _policies(cfg, True)
+            and not _sas(cfg, True))
 
 
 def ipv6_summary(cfg: Config) -> str:
     """One line on what happens to IPv6 (check-config, status)."""
     if rules_v6_absent(cfg):
-        return ("passes in clear: node.default = bypass and no policy applies to IPv6 "
-                "(policies and SAs are IPv4 only)")
-    nd = ("neighbour discovery allowed" if cfg.node.ipv6_neighbour_discovery
-          else "neighbour discovery too")
-    return (f"dropped on {cfg.node.interface or 'every interface but lo'} and counted as 'ipv6' "
-            f"({nd}; policies and SAs are IPv4 only)")
+        return "passes in clear: node.default = bypass and no policy or SA is IPv6"
+    link = ("neighbour discovery and MLD pass in clear (node.ipv6_neighbour_discovery = false "
+            "turns that off)" if cfg.node.ipv6_neighbour_discovery else
+            "neighbour discovery and MLD follow the policies (node.ipv6_neighbour_discovery = "
+            "false)")
+    n, m = len(_policies(cfg, True)), len(_sas(cfg, True))
+    return (f"{n} polic{'y' if n == 1 else 'ies'}, {m} SA{'' if m == 1 else 's'} with ESP in "
+            f"IPv6, the rest by node.default = {cfg.node.default_action.value}; {link}")
 
 
-def rules_v6_absent(cfg: Config) -> bool:
-    return cfg.node.default_action is not Action.DISCARD
+_ND_NAMES = {133: "router solicitation", 134: "router advertisement",
+             135: "neighbour solicitation", 136: "neighbour advertisement", 137: "redirect"}
+_MLD_NAMES = {130: "MLD query", 131: "MLD report", 132: "MLD done", 143: "MLDv2 report"}
+
+
+def _link_rules(cfg: Config, chain: str) -> list[Rule]:
+    """Neighbour discovery (hop limit 255, RFC 4861) and MLD (hop limit 1, RFC 3810) in clear,
+    before any policy: without them the IPv6 link dies. The processor passes them too."""
+    if not cfg.node.ipv6_neighbour_discovery:
+        return []
+    rules = []
+    for types, hl in ((sorted(ND_TYPES), "255"), (sorted(MLD_TYPES), "1")):
+        for t in types:
+            name = _ND_NAMES.get(t) or _MLD_NAMES.get(t, str(t))
+            rules.append(Rule(chain, ("-p", "ipv6-icmp", "-m", "icmp6", "--icmpv6-type", str(t),
+                                      "-m", "hl", "--hl-eq", hl, "-j", "RETURN"),
+                              f"{name} (hop limit {hl}): node.ipv6_neighbour_discovery"))
+    return rules
+
+
+_IS_ICMPV6 = "0x4>>0x8&0xff=0x3a"  # u32: the fixed header's next header is ICMPv6
+_IS_ICMPV6_ERROR = (f"{_IS_ICMPV6}&&0x28>>0x18=0x{min(ICMPV6_ERROR_TYPES):x}:"
+                    f"0x{max(ICMPV6_ERROR_TYPES):x}")
+_Q6_SRC, _Q6_DST, _Q6_NH, _Q6_L4 = 0x38, 0x48, 0x34, 0x58  # in an error: 40 + 8 + the quote's
+
+
+def _words6(offset: int, net: Network) -> list[str]:
+    """u32 tests that a 128-bit address at ``offset`` is in ``net``, one per 32-bit word."""
+    tests = []
+    mask, value = int(net.netmask), int(net.network_address)
+    for k in range(4):
+        shift = 96 - 32 * k
+        word_mask = (mask >> shift) & 0xFFFFFFFF
+        if word_mask:
+            tests.append(f"0x{offset + 4 * k:x}&0x{word_mask:x}="
+                         f"0x{(value >> shift) & 0xFFFFFFFF:x}")
+    return tests
+
+
+def quoted6_args(sel: Selector, quoted_outbound: bool) -> tuple[str, ...]:
+    """:func:`quoted_args` for ICMPv6 (RFC 4443): an error whose quoted packet matches ``sel``,
+    read at fixed offsets (the error and the quote without extension headers)."""
+    src, dst = (sel.local, sel.remote) if quoted_outbound else (sel.remote, sel.local)
+    sports, dports = (
+        (sel.local_ports, sel.remote_ports) if quoted_outbound else (sel.remote_ports, sel.local_ports)
+    )
+    tests = [*_IS_ICMPV6_ERROR.split("&&"), *_words6(_Q6_SRC, src), *_words6(_Q6_DST, dst)]
+    proto = sel.protocol
+    if proto is not None:
+        tests.append(f"0x{_Q6_NH:x}>>0x8&0xff=0x{proto:x}")
+        if proto == 58:
+            if sel.icmp_type is not None:
+                tests.append(f"0x{_Q6_L4:x}>>0x18=0x{sel.icmp_type:x}")
+            if sel.icmp_code is not None:
+                tests.append(f"0x{_Q6_L4:x}>>0x10&0xff=0x{sel.icmp_code:x}")
+        elif proto in _PORT_PROTOCOLS:
+            for shift, rng in ((">>0x10", sports), ("&0xffff", dports)):
+                if rng is not None and rng != (0, 0xFFFF):
+                    lo, hi = rng
+                    value = f"0x{lo:x}" if lo == hi else f"0x{lo:x}:0x{hi:x}"
+                    tests.append(f"0x{_Q6_L4:x}{shift}={value}")
+    return ("-p", "ipv6-icmp", *_u32(tests))
+
+
+def _u32(tests: list[str]) -> tuple[str, ...]:
+    """u32 matches of ``tests``, all of which must hold: one match takes at most
+    ``U32_TESTS``, so a longer list (two IPv6 prefixes: up to eight words) takes several."""
+    out: list[str] = []
+    for k in range(0, len(tests), U32_TESTS):
+        out += ["-m", "u32", "--u32", "&&".join(tests[k : k + U32_TESTS])]
+    return tuple(out)
+
+
+U32_TESTS = 10  # the tests one u32 match holds (XT_U32_MAXSIZE)
+
+
+def quoted_esp6_args(spi: int) -> tuple[str, ...]:
+    """An ICMPv6 error that quotes ESP of the given SPI (one of ours)."""
+    return ("-p", "ipv6-icmp", "-m", "u32", "--u32",
+            f"{_IS_ICMPV6_ERROR}&&0x{_Q6_NH:x}>>0x8&0xff=0x32&&0x{_Q6_L4:x}=0x{spi:x}")
+
+
+def _icmp6_args(icmp_type: int | None, icmp_code: int | None) -> list[str]:
+    if icmp_type is None and icmp_code is None:
+        return []
+    if icmp_type is not None and icmp_type != 0xFF:
+        value = str(icmp_type) if icmp_code is None else f"{icmp_type}/{icmp_code}"
+        return ["-m", "icmp6", "--icmpv6-type", value]
+    # as _icmp_args: u32 where the icmp6 match can't say it (no extension headers)
+    if icmp_type is None:
+        expr = f"{_IS_ICMPV6}&&0x28>>0x10&0xff=0x{icmp_code:x}"
+    elif icmp_code is None:
+        expr = f"{_IS_ICMPV6}&&0x28>>0x18=0x{icmp_type:x}"
+    else:
+        expr = f"{_IS_ICMPV6}&&0x28>>0x10=0x{icmp_type << 8 | icmp_code:x}"
+    return ["-m", "u32", "--u32", expr]
 
 
 # -- rendering --------------------------------------------------------------------------------

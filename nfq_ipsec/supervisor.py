@@ -887,6 +887,7 @@ def worker_spec(cfg: Config, qc: QueueConfig) -> WorkerSpec:
         queue=qc.num, cpu=qc.cpu, mark=cfg.daemon.mark, policies=tuple(cfg.spd.policies),
         sas=cfg.sas_for_queue(qc.num), log_level=cfg.daemon.log_level,
         state_dir=cfg.daemon.state_dir, mtu=cfg.node.mtu,
+        ipv6_link=cfg.node.ipv6_neighbour_discovery,
         gateway_interface=cfg.node.interface if cfg.node.role == "gateway" else None,
     )
 

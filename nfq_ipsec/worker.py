@@ -47,6 +47,7 @@ from typing import Any, cast
 from . import corebuild, hardening
 from .config.fields import DEFAULT_LOG_LEVEL
 from .core import SPD, DropReason, Policy, Processor, SAParams, SecurityAssociation, Verdict
+from .core.ipv6 import IPV6_HEADER
 from .core.packet import ip_to_str
 from .core.processor import ARRIVING, FORWARDED, LEAVING
 from .nfqueue import (
@@ -96,6 +97,7 @@ class WorkerSpec:
     max_len: int = DEFAULT_MAX_LEN
     state_dir: str | None = None  # None: nothing persisted (tests of the packet path only)
     mtu: int = 1500  # node.mtu: the first path MTU of every outbound SA
+    ipv6_link: bool = True  # node.ipv6_neighbour_discovery: ND and MLD pass in clear
     # A gateway's unprotected interface: what arrives in PREROUTING on it is inbound, what
     # arrives on any other interface is forwarded outbound. None (a host): all of it inbound.
     gateway_interface: str | None = None
@@ -249,7 +251,8 @@ class PacketHandler:
             else:
                 items.append(params)
                 fresh.append(params)
-        new = Processor(spec.spd(), items, now, old.flow_cache_size, spec.mtu, old.max_packet)
+        new = Processor(spec.spd(), items, now, old.flow_cache_size, spec.mtu, old.max_packet,
+                        spec.ipv6_link)
         added = [sa for sa in new.sad.all() if sa.params in fresh]
         if self.store is not None:
             self.store.attach(added)
@@ -408,7 +411,7 @@ def run(
             os.sched_setaffinity(0, {spec.cpu})
         if processor is None:
             processor = Processor(spec.spd(), spec.sas, time.monotonic(), mtu=spec.mtu,
-                                  max_packet=MAX_VERDICT_PAYLOAD)
+                                  max_packet=MAX_VERDICT_PAYLOAD, ipv6_link=spec.ipv6_link)
         if spec.state_dir is not None:
             store = StateStore(spec.state_dir)
             store.attach(processor.sad.all())  # before the queue: no packet without its state
@@ -443,16 +446,30 @@ def run(
 
 
 def _raw_sender(mark: int = 0) -> Callable[[bytes], None]:
-    """A raw IPv4 socket that sends whole packets (header included) to their destination,
-    with ``mark`` on each (SO_MARK) if not 0."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-    sock.setblocking(False)
-    if mark:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+    """Sends what the core builds to its destination: IPv4 whole (header included) through a
+    raw IPv4 socket; IPv6 (ICMPv6 errors) as its ICMPv6 message through an ICMPv6 socket, whose
+    kernel picks the source address and computes the checksum over it. ``mark`` (SO_MARK) goes
+    on every packet if not 0."""
+    socks: dict[int, socket.socket] = {}
+
+    def sock_for(version: int) -> socket.socket:
+        sock = socks.get(version)
+        if sock is None:
+            sock = (socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+                    if version == 6
+                    else socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW))
+            sock.setblocking(False)
+            if mark:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+            socks[version] = sock
+        return sock
 
     def send(packet: bytes) -> None:
-        dst = socket.inet_ntoa(packet[16:20])
-        sock.sendto(packet, (dst, 0))
+        if packet[0] >> 4 == 6:
+            sock_for(6).sendto(packet[IPV6_HEADER:], (socket.inet_ntop(socket.AF_INET6,
+                                                                     packet[24:40]), 0))
+        else:
+            sock_for(4).sendto(packet, (socket.inet_ntoa(packet[16:20]), 0))
 
     return send
 

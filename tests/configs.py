@@ -73,6 +73,13 @@ def host_data(**node: Any) -> dict[str, Any]:
     }
 
 
+def host6_data(**node: Any) -> dict[str, Any]:
+    """``host_data`` over IPv6: host 2001:db8::1 <-> 2001:db8::2, transport mode."""
+    data = host_data(**node)
+    data["policy"][0].update(local="2001:db8::1/128", remote="2001:db8::2/128")
+    return data
+
+
 def everything_data() -> dict[str, Any]:
     """A gateway that uses every selector type, several queues and a custom prefix and mark."""
     def sa(name: str, direction: str, spi: int, queue: int, cbc: bool = False) -> dict[str, Any]:
@@ -152,6 +159,30 @@ def udp_data() -> dict[str, Any]:
             sa("plain", "in", 0x3000, 100),
         ],
     }
+
+
+def everything6_data() -> dict[str, Any]:
+    """``everything_data`` over IPv6: its prefixes moved into 2001:db8::/32, ICMP as ICMPv6
+    and IPv6 tunnel endpoints; every policy names an IPv6 prefix or ICMPv6."""
+    data = everything_data()
+    data["daemon"]["chain_prefix"] = "NQ6"
+
+    def six(net: str) -> str:
+        addr, _, plen = net.partition("/")
+        a, b, c, d = (int(x) for x in addr.split("."))
+        return f"2001:db8:{a:x}:{b:x}::{c:x}:{d:x}/{96 + int(plen)}"
+
+    for pol in data["policy"]:
+        for side in ("local", "remote"):
+            if side in pol:
+                pol[side] = six(pol[side])
+        if pol.get("protocol") == "icmp":
+            pol["protocol"] = "ipv6-icmp"
+        if "local" not in pol and "remote" not in pol and pol.get("protocol") != "ipv6-icmp":
+            pol["remote"] = "::/0"
+    for sa in data["sa"]:
+        sa["tunnel_local"], sa["tunnel_remote"] = "2001:db8:ff::1", "2001:db8:ff::2"
+    return data
 
 
 def cfg_of(data: dict[str, Any]) -> Config:

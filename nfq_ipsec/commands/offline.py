@@ -9,7 +9,7 @@ from collections import Counter
 
 from .. import exitcodes, rules
 from ..config.model import Config
-from ..core.packet import ip_to_str as fmt_addr
+from ..core.ipv6 import addr_str as fmt_addr
 from ..core.sa import Encapsulation, SADirection
 from ..core.spd import Action
 from ..core.suites import ENCRYPTION, FORBIDDEN, HMACS

@@ -7,7 +7,7 @@ import hashlib
 from typing import Any
 
 from ..core.sa import SADirection, SAParams
-from ..core.spd import Action, Direction, Policy
+from ..core.spd import Action, Direction, Network, Policy
 from .reading import Problems
 
 
@@ -116,7 +116,9 @@ def _covers(a: Policy, b: Policy) -> bool:
     if not (a.direction is Direction.BOTH or a.direction is b.direction):
         return False
     sa, sb = a.selector, b.selector
-    if not (sb.local.subnet_of(sa.local) and sb.remote.subnet_of(sa.remote)):
+    if sa.v6 != sb.v6:
+        return False  # one family never covers the other
+    if not (_within(sb.local, sa.local) and _within(sb.remote, sa.remote)):
         return False
     if sa.protocol is not None and sa.protocol != sb.protocol:
         return False
@@ -127,3 +129,9 @@ def _covers(a: Policy, b: Policy) -> bool:
         if fa is not None and fa != fb:
             return False
     return True
+
+
+def _within(inner: Network, outer: Network) -> bool:
+    """``inner.subnet_of(outer)`` for two networks of one family (checked by the caller)."""
+    return (inner.version == outer.version and inner.prefixlen >= outer.prefixlen
+            and int(inner.network_address) & int(outer.netmask) == int(outer.network_address))

@@ -40,7 +40,7 @@ from .schema import BOOLEAN, INTEGER, NUMBER, STRING, Field, Section
 DEFAULT_ROLE = "host"
 DEFAULT_NODE_ACTION = Action.DISCARD  # node.default: RFC 4301 discards what no policy matches
 DEFAULT_MTU = 1500
-DEFAULT_IPV6_ND = False
+DEFAULT_IPV6_ND = True  # without neighbour discovery and MLD an IPv6 link dies
 DEFAULT_QUEUE_BASE = 100  # the first queue number when daemon.queues is not given
 DEFAULT_MARK = 0x10000000  # set on every packet a worker reinjects; our rules skip it
 DEFAULT_SOCKET = "/run/nfq-ipsec/nfq-ipsec.sock"
@@ -83,8 +83,9 @@ NODE = Section("node", "[node]", "Where the IPsec boundary is (RFC 4301 section 
     Field("mtu", INTEGER, "of the unprotected interface: TCP MSS clamping, each SA's first path MTU",
           default=DEFAULT_MTU, bounds=(576, 65535)),
     Field("ipv6_neighbour_discovery", BOOLEAN,
-          "with `default = \"discard\"`: let IPv6 neighbour discovery (types 133-136, hop limit "
-          "255) through on the unprotected interface; all other IPv6 drops",
+          "let IPv6 neighbour discovery (ICMPv6 types 133-137) and MLD (130-132, 143) through in "
+          "clear whatever the policies say; `false` leaves them to the policies and "
+          "`node.default`",
           default=DEFAULT_IPV6_ND),
 ))
 
@@ -128,11 +129,14 @@ POLICY = Section("policy", "[[policy]]", "The SPD (RFC 4301 section 4.4.1), in o
           required=True, choices=_enum_choices(Action)),
     Field("direction", STRING, "the traffic the policy applies to",
           default=_POLICY["direction"], choices=_enum_choices(Direction)),
-    Field("local", STRING, "this host's side", default=_SELECTOR["local"],
-          allowed='an IPv4 prefix, or `"any"`', parser=parsers.network),
-    Field("remote", STRING, "the other side", default=_SELECTOR["remote"],
-          allowed='an IPv4 prefix, or `"any"`', parser=parsers.network),
-    Field("protocol", "string or integer", "the IP protocol", default=_SELECTOR["protocol"],
+    Field("local", STRING, "this host's side", default=_SELECTOR["local"], default_text=_ANY,
+          allowed='an IPv4 or IPv6 prefix (one family per policy), or `"any"`',
+          parser=parsers.network),
+    Field("remote", STRING, "the other side", default=_SELECTOR["remote"], default_text=_ANY,
+          allowed='an IPv4 or IPv6 prefix (one family per policy), or `"any"`',
+          parser=parsers.network),
+    Field("protocol", "string or integer", "the IP protocol (IPv6: the last next header)",
+          default=_SELECTOR["protocol"],
           default_text=_ANY, allowed=", ".join(f"`{p}`" for p in parsers.PROTOCOLS)
           + " or 0..255 (not 50, ESP itself)", parser=parsers.protocol),
     Field("local_ports", "integer or string", "this host's ports",
@@ -143,9 +147,9 @@ POLICY = Section("policy", "[[policy]]", "The SPD (RFC 4301 section 4.4.1), in o
           default=_SELECTOR["remote_ports"], default_text="any",
           allowed='a port or `"lo-hi"`, 0..65535; protocol `tcp`, `udp` or `sctp`',
           parser=parsers.ports),
-    Field("icmp_type", INTEGER, 'the ICMP type; needs `protocol = "icmp"`',
+    Field("icmp_type", INTEGER, 'the ICMP type; needs `protocol = "icmp"` or `"ipv6-icmp"`',
           default=_SELECTOR["icmp_type"], default_text="any", bounds=(0, 255)),
-    Field("icmp_code", INTEGER, 'the ICMP code; needs `protocol = "icmp"`',
+    Field("icmp_code", INTEGER, 'the ICMP code; needs `protocol = "icmp"` or `"ipv6-icmp"`',
           default=_SELECTOR["icmp_code"], default_text="any", bounds=(0, 255)),
     Field("sa", "array of strings", "`protect`: its SAs, at most one outbound per queue, and the "
           "inbound ones; an SA serves one policy", default=_POLICY["sa_names"],
@@ -179,15 +183,16 @@ SA = Section("sa", "[[sa]]", "Security associations, each with its SPI, directio
     Field("integrity_key_file", STRING, f"a file holding `integrity_key`; {_KEY_FILE}",
           parser=parsers.key),
     Field("tunnel_local", STRING, "tunnel mode: this end's outer address",
-          allowed="an IPv4 address", parser=parsers.address),
-    Field("tunnel_remote", STRING, "tunnel mode: the peer's outer address",
-          allowed="an IPv4 address", parser=parsers.address),
+          allowed="an IPv4 or IPv6 address", parser=parsers.address),
+    Field("tunnel_remote", STRING, "tunnel mode: the peer's outer address (the same family; "
+          "the inner packets may be of either)",
+          allowed="an IPv4 or IPv6 address", parser=parsers.address),
     Field("replay_window", INTEGER, "inbound: the anti-replay window, in packets",
           default=_SA["replay_window"], bounds=(MIN_WINDOW, 4096)),
     Field("esn", BOOLEAN, "64-bit extended sequence numbers (RFC 4303)", default=_SA["esn"]),
     Field("df", STRING, "tunnel mode: the outer header's DF bit (RFC 4301 section 8.1)",
           default=_SA["df"], choices=_enum_choices(DfPolicy)),
-    Field("ttl", INTEGER, "tunnel mode: the outer header's TTL", default=_SA["ttl"],
+    Field("ttl", INTEGER, "tunnel mode: the outer header's TTL (IPv6: hop limit)", default=_SA["ttl"],
           bounds=(1, 255)),
     Field("lifetime", "table", "the SA's limits: `[sa.lifetime]`", default_text="no limits",
           parser=parsers.lifetime),

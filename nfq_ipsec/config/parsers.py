@@ -9,18 +9,20 @@ Error messages name lengths and locations, never key bytes.
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
 from .. import hardening
+from ..core.ipv6 import V6
 from ..core.sa import Lifetime
-from ..core.spd import ANY
+from ..core.spd import Network
 from .reading import Problems, get
 from .schema import Field, Section
 
 MAX_KEY_FILE = 4096  # bytes; a key file holds one hex key (and maybe whitespace)
-PROTOCOLS = {"any": None, "icmp": 1, "tcp": 6, "udp": 17, "sctp": 132, "gre": 47}
+PROTOCOLS = {"any": None, "icmp": 1, "ipv6-icmp": 58, "tcp": 6, "udp": 17, "sctp": 132, "gre": 47}
+ICMP_BY_FAMILY = {4: 1, 6: 58}  # the ICMP of each address family: "icmp" and "ipv6-icmp"
 
 
 # -- checks of an accepted value: a problem, or None ---------------------------------------------
@@ -112,14 +114,16 @@ def sa_queue(raw: dict[str, Any], where: str, queue_nums: list[int], probs: Prob
 
 
 def address(raw: dict[str, Any], key: str, where: str, probs: Problems) -> int | None:
+    """An IPv4 or IPv6 address as the core's int (IPv6 with the marker bit ``V6``)."""
     value = get(raw, key, where, str, probs)
     if value is None:
         return None
     try:
-        return int(IPv4Address(value))
+        addr = ip_address(value)
     except ValueError:
-        probs.add(f"{where}.{key}", f"not an IPv4 address: {value!r}")
+        probs.add(f"{where}.{key}", f"not an IPv4 or IPv6 address: {value!r}")
         return None
+    return int(addr) | (V6 if addr.version == 6 else 0)
 
 
 def key(
@@ -209,13 +213,16 @@ def lifetime(raw: dict[str, Any], where: str, section: Section, probs: Problems)
 
 # -- [[policy]] -------------------------------------------------------------------------------------
 
-def network(raw: dict[str, Any], key: str, where: str, probs: Problems) -> IPv4Network:
-    value = get(raw, key, where, str, probs, str(ANY))
+def network(raw: dict[str, Any], key: str, where: str, probs: Problems) -> Network | None:
+    """An IPv4 or IPv6 prefix; None for "any" (or absent), which takes the policy's family."""
+    value = get(raw, key, where, str, probs, "any")
+    if value == "any":
+        return None
     try:
-        return IPv4Network(value if value != "any" else str(ANY), strict=True)
+        return ip_network(value, strict=True)
     except ValueError as err:
-        probs.add(f"{where}.{key}", f"not an IPv4 prefix: {err}")
-        return ANY
+        probs.add(f"{where}.{key}", f"not an IPv4 or IPv6 prefix: {err}")
+        return None
 
 
 def protocol(raw: dict[str, Any], where: str, probs: Problems) -> int | None:

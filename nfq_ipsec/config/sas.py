@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..core.ipv6 import is_v6
 from ..core.sa import Encapsulation, Mode, SADirection, SAParams, Secret
 from ..core.suites import ENCRYPTION, HMACS, suite_problems
 from . import parsers
@@ -43,6 +44,10 @@ def read_sa(
                 probs.add(f"{where}.{fname}", "required in tunnel mode")
     elif "tunnel_local" in raw or "tunnel_remote" in raw:
         probs.add(f"{where}.mode", "tunnel_local/tunnel_remote given but mode is transport")
+    if (tunnel_local is not None and tunnel_remote is not None
+            and is_v6(tunnel_local) != is_v6(tunnel_remote)):
+        probs.add(f"{where}.tunnel_remote", "tunnel_local and tunnel_remote must be of one family "
+                  "(the inner packets may be of either)")
     encryption = SA["encryption"].read(raw, where, probs)
     integrity = SA["integrity"].read(raw, where, probs)
     key = b""

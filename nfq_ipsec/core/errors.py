@@ -8,8 +8,10 @@ import enum
 class DropReason(enum.Enum):
     """Why a packet was not passed on. Every drop is counted under one of these."""
 
-    MALFORMED = "malformed"  # not a well-formed IPv4/ESP packet
-    NOT_IPV4 = "not_ipv4"
+    MALFORMED = "malformed"  # not a well-formed IPv4/IPv6/ESP packet
+    NOT_IPV4 = "not_ipv4"  # an IP version other than 4 (or 6, where IPv6 is handled)
+    BAD_EXT_HEADER = "bad_ext_header"  # an IPv6 extension header cut short or out of place
+    EXT_CHAIN_TOO_LONG = "ext_chain_too_long"  # more IPv6 extension headers than we walk
     FRAGMENT = "fragment"  # ESP must be reassembled before processing (RFC 4303 3.4.1)
     UNKNOWN_SPI = "unknown_spi"
     REPLAY = "replay"  # duplicate or left of the anti-replay window
@@ -24,8 +26,8 @@ class DropReason(enum.Enum):
     NO_SA = "no_sa"  # PROTECT policy but this processor holds none of its SAs
     SA_EXPIRED = "sa_expired"  # hard lifetime reached
     SEQ_EXHAUSTED = "seq_exhausted"  # sequence number space used up; the SA never wraps
-    TOO_BIG = "too_big"  # the ESP packet would exceed the IPv4 maximum of 65535 bytes
-    PATH_MTU = "path_mtu"  # DF set, too big for the path after ESP: "fragmentation needed" sent back
+    TOO_BIG = "too_big"  # the ESP packet would exceed the IP maximum of 65535 bytes (payload, IPv6)
+    PATH_MTU = "path_mtu"  # too big for the path after ESP: "fragmentation needed"/"packet too big" sent back
     INTERNAL = "internal"  # an unexpected exception, caught by the shell: fail closed
     QUEUE_OVERFLOW = "queue_overflow"  # the kernel dropped it before a worker saw it
     TRUNCATED = "truncated"  # the queue delivered fewer bytes than the packet has

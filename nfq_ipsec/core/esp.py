@@ -1,4 +1,9 @@
-"""ESP framing (RFC 4303) for IPv4, transport and tunnel mode.
+"""ESP framing (RFC 4303) for IPv4, transport and tunnel mode; the parts IPv6 shares.
+
+An IPv4 packet is framed here; an IPv6 one in ``esp6``, with the same sealing, opening and
+trailer. A tunnel's outer family (its endpoints') is independent of the inner packet's: an
+IPv4 packet in an IPv6 tunnel gets an IPv6 outer header, and ``unwrap_tunnel`` takes out an
+inner packet of either family (next header 4 or 41).
 
 Outbound: build the ESP header and trailer around an inner packet and seal it with the SA's
 suite. Inbound: the checks run in the order that keeps the replay window honest: lengths,
@@ -11,6 +16,7 @@ import struct
 from collections.abc import Callable
 from typing import Final
 
+from . import ipv6
 from . import packet as ip
 from .errors import DropReason, EspError
 from .sa import DfPolicy, Encapsulation, Mode, SAParams, SecurityAssociation
@@ -37,6 +43,11 @@ def overhead(sa: SecurityAssociation) -> int:
     return sa.max_overhead
 
 
+def outer_header_size(params: SAParams) -> int:
+    """The tunnel-mode outer header: IPv6 (40 bytes) between IPv6 endpoints, else IPv4."""
+    return ipv6.IPV6_HEADER if ipv6.is_v6(params.tunnel_remote) else ip.IPV4_MIN_HEADER
+
+
 def overhead_for(params: SAParams) -> int:
     """``overhead`` from configuration alone, without building the SA's cipher objects."""
     enc = ENCRYPTION[params.encryption]
@@ -48,7 +59,7 @@ def overhead_for(params: SAParams) -> int:
         align = 16 if iv else 4
     extra = ESP_HEADER + iv + icv + 2 + align - 1
     if params.mode is Mode.TUNNEL:
-        extra += ip.IPV4_MIN_HEADER
+        extra += outer_header_size(params)
     if params.encapsulation is Encapsulation.UDP:
         extra += UDP_HEADER
     return extra
@@ -84,6 +95,9 @@ def encapsulate(sa: SecurityAssociation, data: bytes, hdr: ip.IPv4Header) -> byt
     esp_header = _ESP.pack(sa.spi, seq & 0xFFFFFFFF)
     body = suite.seal(esp_header, _SEQ_HI.pack(seq >> 32) if sa.esn else b"", seq, plaintext)
     if sa.tunnel:
+        if sa.outer_v6:  # 4-in-6
+            return b"".join((outer_header6(sa, hdr.tos, 0, ESP_HEADER + len(body)), esp_header,
+                             body))
         total = ip.IPV4_MIN_HEADER + ESP_HEADER + len(body)
         if total > ip.IPV4_MAX_PACKET:
             raise EspError(DropReason.TOO_BIG, f"{total} bytes", sa.spi)
@@ -106,17 +120,39 @@ def encapsulate(sa: SecurityAssociation, data: bytes, hdr: ip.IPv4Header) -> byt
     return b"".join((outer, esp_header, body))
 
 
-class Decapsulated:
-    """What ``decapsulate`` gives back (a plain class: one is made per packet)."""
+def seal(sa: SecurityAssociation, inner: bytes, next_header: int) -> tuple[bytes, bytes]:
+    """The ESP header and the sealed rest of one packet on outbound SA ``sa``."""
+    seq = sa.take_seq()
+    suite = sa.suite
+    plaintext = inner + trailer(pad_length(len(inner), suite.align), next_header)
+    esp_header = _ESP.pack(sa.spi, seq & 0xFFFFFFFF)
+    return esp_header, suite.seal(esp_header, _SEQ_HI.pack(seq >> 32) if sa.esn else b"", seq,
+                                  plaintext)
 
-    __slots__ = ("header", "packet", "sa", "seq")
+
+def outer_header6(sa: SecurityAssociation, tclass: int, flow: int, payload_length: int) -> bytes:
+    """The IPv6 outer header of a tunnel SA with IPv6 endpoints. The traffic class is copied
+    (DSCP, RFC 4301 5.1.2.1; ECN, RFC 6040 normal mode), the flow label copied (0 for an IPv4
+    inner packet), the hop limit is the SA's ``ttl``."""
+    if payload_length > ipv6.IPV6_MAX_PAYLOAD:
+        raise EspError(DropReason.TOO_BIG, f"{payload_length} bytes of payload", sa.spi)
+    return ipv6.build_header6(tclass, flow, payload_length, ip.PROTO_ESP, sa.params.ttl,
+                              sa.params.tunnel_local or 0, sa.params.tunnel_remote or 0)
+
+
+class Decapsulated:
+    """What ``decapsulate`` gives back (a plain class: one is made per packet). Exactly one of
+    ``header`` (an IPv4 packet) and ``header6`` (an IPv6 one) is set."""
+
+    __slots__ = ("header", "header6", "packet", "sa", "seq")
 
     def __init__(self, sa: SecurityAssociation, seq: int, packet: bytes,
-                 header: ip.IPv4Header) -> None:
+                 header: ip.IPv4Header | None, header6: ipv6.IPv6Header | None = None) -> None:
         self.sa = sa
         self.seq = seq
-        self.packet = packet  # the IPv4 packet to pass on
-        self.header = header  # its parsed header
+        self.packet = packet  # the packet to pass on
+        self.header = header  # its parsed header, IPv4
+        self.header6 = header6  # or IPv6
 
 
 SaLookup = Callable[[int], "SecurityAssociation | None"]
@@ -139,6 +175,26 @@ def decapsulate(
     if hdr.flags_frag & _FRAGMENT_BITS:
         raise EspError(DropReason.FRAGMENT, "ESP fragment (reassemble before ESP)")
     spi, seq_lo = parse_esp_header(data, hdr)
+    sa, seq, plaintext = open_esp(data, hdr.ihl, hdr.total_length, spi, seq_lo, lookup, now)
+    try:
+        end, next_header = strip_trailer(plaintext, seq)
+        if sa.tunnel:
+            packet, inner, inner6 = unwrap_tunnel(plaintext, end, next_header, hdr.tos & _ECN_MASK)
+        else:
+            packet, inner = _unwrap_transport(data, hdr, plaintext, end, next_header)
+            inner6 = None
+    except EspError as err:
+        err.spi = spi
+        raise
+    sa.account(len(packet))
+    return Decapsulated(sa, seq, packet, inner, inner6)
+
+
+def open_esp(
+    data: bytes, at: int, end: int, spi: int, seq_lo: int, lookup: SaLookup, now: float,
+) -> tuple[SecurityAssociation, int, bytes]:
+    """The SA, sequence number and plaintext of the ESP packet at ``data[at:end]``: SPI
+    lookup, lifetime, replay check (no state change), ICV, replay update, in that order."""
     sa = lookup(spi)
     if sa is None or sa.outbound:
         raise EspError(DropReason.UNKNOWN_SPI, f"SPI 0x{spi:08x}", spi)
@@ -148,25 +204,20 @@ def decapsulate(
         seq = replay.infer(seq_lo) if sa.esn else seq_lo
         if not replay.check(seq):
             raise EspError(DropReason.REPLAY, f"seq {seq}", spi)
-        ihl = hdr.ihl
-        esp_header = data[ihl : ihl + ESP_HEADER]
-        body = data[ihl + ESP_HEADER : hdr.total_length]
+        esp_header = data[at : at + ESP_HEADER]
+        body = data[at + ESP_HEADER : end]
         plaintext = sa.suite.open(esp_header, _SEQ_HI.pack(seq >> 32) if sa.esn else b"", body)
         if seq > sa.replay_limit:  # persist the new floor before the window (and verdict) moves
             sa.allow_top(seq)
         replay.update(seq)
-        packet, inner = _unwrap(sa, data, hdr, plaintext, seq)
     except EspError as err:
         err.spi = spi
         raise
-    sa.account(len(packet))
-    return Decapsulated(sa, seq, packet, inner)
+    return sa, seq, plaintext
 
 
-def _unwrap(
-    sa: SecurityAssociation, data: bytes, hdr: ip.IPv4Header, plaintext: bytes,
-    seq: int,
-) -> tuple[bytes, ip.IPv4Header]:
+def strip_trailer(plaintext: bytes, seq: int) -> tuple[int, int]:
+    """Check the ESP trailer: the payload's end in ``plaintext`` and its next header."""
     n = len(plaintext)
     if n < 2:
         raise EspError(DropReason.MALFORMED, "no ESP trailer")
@@ -179,29 +230,56 @@ def _unwrap(
         raise EspError(DropReason.BAD_PADDING, f"seq {seq}")
     if next_header == ip.PROTO_NONE:
         raise EspError(DropReason.DUMMY, f"seq {seq}")
-    if sa.tunnel:
-        if next_header != ip.PROTO_IPIP:
-            raise EspError(DropReason.BAD_NEXT_HEADER, f"tunnel SA carries next header {next_header}")
-        payload = plaintext[:end]
-        inner_hdr = ip.parse_ipv4(payload)
-        if inner_hdr.total_length < len(payload):  # TFC padding after the inner packet
-            payload = payload[: inner_hdr.total_length]
-        outer_ecn = hdr.tos & _ECN_MASK
-        inner_ecn = inner_hdr.tos & _ECN_MASK
-        new_ecn = decap_ecn(inner_ecn, outer_ecn)
-        if new_ecn != inner_ecn:
-            tos = (inner_hdr.tos & ~_ECN_MASK) | new_ecn
-            head = bytearray(payload[: inner_hdr.ihl])
-            head[1] = tos
-            head[10:12] = b"\0\0"
-            head[10:12] = ip.checksum(head).to_bytes(2, "big")
-            payload = bytes(head) + payload[inner_hdr.ihl :]
-            h = inner_hdr
-            inner_hdr = ip.IPv4Header(h.ihl, tos, h.total_length, h.ident, h.flags_frag, h.ttl,
-                                      h.protocol, h.src, h.dst)
-        return payload, inner_hdr
-    if next_header == ip.PROTO_IPIP:
-        raise EspError(DropReason.BAD_NEXT_HEADER, "transport SA carries an IPv4 packet")
+    return end, next_header
+
+
+def unwrap_tunnel(
+    plaintext: bytes, end: int, next_header: int, outer_ecn: int,
+) -> tuple[bytes, ip.IPv4Header | None, ipv6.IPv6Header | None]:
+    """The inner packet of a tunnel SA, IPv4 (next header 4) or IPv6 (41), and its parsed
+    header; its ECN field merged with the outer one's (RFC 6040)."""
+    if next_header == ipv6.NH_IPV6:
+        return _unwrap_inner6(plaintext[:end], outer_ecn)
+    if next_header != ip.PROTO_IPIP:
+        raise EspError(DropReason.BAD_NEXT_HEADER, f"tunnel SA carries next header {next_header}")
+    payload = plaintext[:end]
+    inner_hdr = ip.parse_ipv4(payload)
+    if inner_hdr.total_length < len(payload):  # TFC padding after the inner packet
+        payload = payload[: inner_hdr.total_length]
+    inner_ecn = inner_hdr.tos & _ECN_MASK
+    new_ecn = decap_ecn(inner_ecn, outer_ecn)
+    if new_ecn != inner_ecn:
+        tos = (inner_hdr.tos & ~_ECN_MASK) | new_ecn
+        head = bytearray(payload[: inner_hdr.ihl])
+        head[1] = tos
+        head[10:12] = b"\0\0"
+        head[10:12] = ip.checksum(head).to_bytes(2, "big")
+        payload = bytes(head) + payload[inner_hdr.ihl :]
+        h = inner_hdr
+        inner_hdr = ip.IPv4Header(h.ihl, tos, h.total_length, h.ident, h.flags_frag, h.ttl,
+                                  h.protocol, h.src, h.dst)
+    return payload, inner_hdr, None
+
+
+def _unwrap_inner6(
+    payload: bytes, outer_ecn: int,
+) -> tuple[bytes, ip.IPv4Header | None, ipv6.IPv6Header | None]:
+    inner = ipv6.parse_ipv6(payload)
+    if inner.total_length < len(payload):  # TFC padding after the inner packet
+        payload = payload[: inner.total_length]
+    inner_ecn = inner.tclass & _ECN_MASK
+    new_ecn = decap_ecn(inner_ecn, outer_ecn)
+    if new_ecn != inner_ecn:
+        inner.tclass = (inner.tclass & ~_ECN_MASK) | new_ecn
+        payload = ipv6.with_tclass(payload, inner.tclass)
+    return payload, None, inner
+
+
+def _unwrap_transport(
+    data: bytes, hdr: ip.IPv4Header, plaintext: bytes, end: int, next_header: int,
+) -> tuple[bytes, ip.IPv4Header]:
+    if next_header == ip.PROTO_IPIP or next_header == ipv6.NH_IPV6:
+        raise EspError(DropReason.BAD_NEXT_HEADER, "transport SA carries an IP packet")
     ihl = hdr.ihl
     total = ihl + end
     out = ip.replace_header(data, hdr, next_header, total) + plaintext[:end]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from . import ipv6
 from . import packet as ip
 from .esp import ESP_HEADER, pad_length
 from .sa import SecurityAssociation
@@ -85,7 +86,7 @@ def esp_size(sa: SecurityAssociation, inner_total: int, ihl: int) -> int:
     suite = sa.suite
     if sa.tunnel:
         payload = inner_total
-        outer = ip.IPV4_MIN_HEADER
+        outer = _outer(sa)
     else:
         payload = inner_total - ihl
         outer = ihl
@@ -95,12 +96,19 @@ def esp_size(sa: SecurityAssociation, inner_total: int, ihl: int) -> int:
             + suite.icv_size)
 
 
+def _outer(sa: SecurityAssociation) -> int:
+    """The bytes of a tunnel SA's outer header; 0 in transport mode."""
+    if not sa.tunnel:
+        return 0
+    return ipv6.IPV6_HEADER if sa.outer_v6 else ip.IPV4_MIN_HEADER
+
+
 def inner_mtu(sa: SecurityAssociation, pmtu: int, ihl: int) -> int:
     """The largest inner packet that still fits ``pmtu`` after ESP on ``sa``: the MTU a
     "fragmentation needed" tells its sender."""
     suite = sa.suite
     size = pmtu - (ESP_HEADER + suite.iv_size + 2 + suite.icv_size
-                   + (ip.IPV4_MIN_HEADER if sa.tunnel else 0)
+                   + _outer(sa)
                    + (UDP_HEADER if sa.udp is not None else 0))  # the overhead without padding
     while size > ihl and esp_size(sa, size, ihl) > pmtu:
         size -= 1
@@ -146,3 +154,19 @@ def frag_needed_reply(data: bytes, hdr: ip.IPv4Header, mtu: int) -> bytes:
     outer = ip.build_header(tos=0xC0, total_length=total, ident=0, df=False, ttl=REPLY_TTL,
                             protocol=ip.PROTO_ICMP, src=0, dst=hdr.src)
     return outer + bytes(icmp)
+
+
+ICMPV6_REPLY_LIMIT: Final = ipv6.MIN_MTU  # an ICMPv6 error fits the minimum MTU (RFC 4443 2.4)
+
+
+def packet_too_big_reply(data: bytes, hdr: ipv6.IPv6Header, mtu: int) -> bytes:
+    """ICMPv6 "packet too big" (RFC 4443 section 3.2) for the sender of ``data``, quoting as
+    much of it as fits in 1280 bytes, with the MTU that fits (at least 1280). The source
+    address and the checksum are left 0: the ICMPv6 socket that sends it fills them in (the
+    checksum covers the source, which the kernel picks on the route back)."""
+    icmp_len = min(hdr.total_length + 8, ICMPV6_REPLY_LIMIT - ipv6.IPV6_HEADER)
+    icmp = bytearray(icmp_len)
+    icmp[0] = ipv6.ICMPV6_PACKET_TOO_BIG
+    icmp[4:8] = max(mtu, ipv6.MIN_MTU).to_bytes(4, "big")
+    icmp[8:] = data[: icmp_len - 8]
+    return ipv6.build_header6(0, 0, icmp_len, ipv6.NH_ICMPV6, 255, 0, hdr.src) + bytes(icmp)

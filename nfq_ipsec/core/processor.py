@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from . import esp, pmtu, udpencap
+from . import esp, esp6, ipv6, pmtu, udpencap
 from . import packet as ip
 from .errors import DropReason, EspError
 from .sa import SAEvent, SAParams, SecurityAssociation
@@ -75,14 +75,18 @@ class Processor:
     """``mtu``: the unprotected interface's MTU, the path MTU of every outbound SA until an
     ICMP error says less. Forwarded packets (``outbound(..., forwarded=True)``) are held to it;
     a local sender's own kernel already fragments to its route MTU and decides about DF itself,
-    so local packets are held only to an MTU learned from the path."""
+    so local packets are held only to an MTU learned from the path.
+
+    ``ipv6_link``: IPv6 neighbour discovery and MLD (``ipv6.LINK_TYPES``) pass in clear
+    whatever the SPD says; without them an IPv6 link dies."""
 
     def __init__(
         self, spd: SPD, sas: Iterable[SAParams | SecurityAssociation], now: float,
         flow_cache_size: int = FLOW_CACHE_SIZE, mtu: int = 1500,
-        max_packet: int = ip.IPV4_MAX_PACKET,
+        max_packet: int = ip.IPV4_MAX_PACKET, ipv6_link: bool = True,
     ) -> None:
         self.spd = spd
+        self.ipv6_link = ipv6_link
         self.flow_cache_size = flow_cache_size
         self.mtu = mtu
         self.max_packet = max_packet  # the most the shell can hand back (its queue's limit)
@@ -109,8 +113,12 @@ class Processor:
         if n < length or n < ip.declared_length(data):
             return self._drop(EspError(DropReason.TRUNCATED, f"{n} of {max(length, n)} bytes"),
                               None)
-        res = (self.inbound(data, now) if where == ARRIVING
-               else self.outbound(data, now, where == FORWARDED))
+        if n and data[0] >> 4 == 6:
+            res = (self.inbound6(data, now) if where == ARRIVING
+                   else self.outbound6(data, now, where == FORWARDED))
+        else:
+            res = (self.inbound(data, now) if where == ARRIVING
+                   else self.outbound(data, now, where == FORWARDED))
         out = res.packet
         if out is not None and len(out) > self.max_packet:
             return self._drop(EspError(DropReason.TOO_BIG, f"{len(out)} bytes to hand back"),
@@ -232,19 +240,25 @@ class Processor:
                                    "UDP", err.spi) from None
                 raise
             sa = dec.sa
-            self._check_inner(sa, dec.packet, dec.header)
+            self._check_inner(dec)
             return self._accept(dec.packet, sa, dec.seq)
         except EspError as err:
             return self._drop(err, sa if sa is not None and not sa.outbound else None)
 
-    def _check_inner(self, sa: SecurityAssociation, packet: bytes, header: ip.IPv4Header) -> None:
-        """The decrypted packet must be one of its SA's flows. Raises POLICY_MISMATCH."""
+    def _check_inner(self, dec: esp.Decapsulated) -> None:
+        """The decrypted packet must be one of its SA's policy's flows (RFC 4301 5.2), of
+        that policy's family; an ICMP error under the SA must be about a packet of those
+        flows, one this side sent (RFC 4301 6.2)."""
+        sa = dec.sa
         policy = self.sad.policy_of(sa)
-        key = ip.packet_key(packet, header)
-        quoted = ip.quoted_key(packet, header) if header.protocol == ip.PROTO_ICMP else None
+        inner = dec.header
+        if inner is None:
+            self._check_inner6(dec)
+            return
+        key = ip.packet_key(dec.packet, inner)
+        quoted = (ip.quoted_key(dec.packet, inner)
+                  if inner.protocol == ip.PROTO_ICMP else None)
         if quoted is not None:
-            # an ICMP error under this SA must be about a packet of the SA's own flows,
-            # one this side sent (RFC 4301 6.2)
             if policy is None or not policy.selector.matches(quoted, True):
                 raise EspError(
                     DropReason.POLICY_MISMATCH,
@@ -256,6 +270,23 @@ class Processor:
                 f"inner {ip.ip_to_str(key.src)} -> {ip.ip_to_str(key.dst)} proto {key.protocol}",
                 sa.spi,
             )
+
+    def _check_inner6(self, dec: esp.Decapsulated) -> None:
+        """``_check_inner`` for an IPv6 packet (``matches6``: an IPv4 policy never matches)."""
+        sa = dec.sa
+        policy = self.sad.policy_of(sa)
+        inner = dec.header6
+        if inner is None:
+            raise EspError(DropReason.INTERNAL, "no inner header", sa.spi)
+        quoted = (ipv6.quoted_key6(dec.packet, inner)
+                  if inner.protocol == ipv6.NH_ICMPV6 else None)
+        key = quoted if quoted is not None else ipv6.packet_key6(dec.packet, inner)
+        if policy is None or not policy.selector.matches6(key, quoted is not None):
+            what = "ICMPv6 error about" if quoted is not None else "inner"
+            raise EspError(
+                DropReason.POLICY_MISMATCH,
+                f"{what} {ipv6.addr_str(key.src)} -> {ipv6.addr_str(key.dst)} "
+                f"proto {key.protocol}", sa.spi)
 
     def _inbound_cleartext(self, data: bytes, hdr: ip.IPv4Header, now: float) -> Result:
         if (hdr.protocol == ip.PROTO_UDP and self.udp_ports
@@ -302,13 +333,12 @@ class Processor:
                 raise EspError(DropReason.PEER_CHANGED,
                                f"from {ip.ip_to_str(src)}:{sport}, the SA's peer is "
                                f"{ip.ip_to_str(udp.peer_addr)}:{udp.peer_port}", sa.spi)
-            packet = dec.packet
-            if not sa.tunnel:
-                packet = udpencap.fix_checksum(packet, dec.header)
-            self._check_inner(sa, packet, dec.header)
+            if not sa.tunnel and dec.header is not None:
+                dec.packet = udpencap.fix_checksum(dec.packet, dec.header)
+            self._check_inner(dec)
             if moved and dec.seq == sa.replay.top:  # the newest packet, authenticated
                 self._follow(sa, udp, src, sport)
-            return self._accept(packet, sa, dec.seq)
+            return self._accept(dec.packet, sa, dec.seq)
         except EspError as err:
             return self._drop(err, sa)
 
@@ -372,6 +402,104 @@ class Processor:
         sa.pmtu_at = now
         self.pmtu_updates += 1
         return self._accept(None)
+
+    # -- IPv6 -----------------------------------------------------------------------------
+    def outbound6(self, data: bytes, now: float, forwarded: bool = False) -> Result:
+        """``outbound`` for an IPv6 packet."""
+        sa: SecurityAssociation | None = None
+        try:
+            hdr = ipv6.parse_ipv6(data)
+            if self.ipv6_link and ipv6.is_link_message(data, hdr):
+                return self._accept(None)
+            if (hdr.protocol == ipv6.NH_ICMPV6
+                    and (quoted := ipv6.quoted_key6(data, hdr)) is not None):
+                policy = self._policy(quoted, self._icmp_cache, False)  # RFC 4301 6.2
+            else:
+                policy = self._policy(ipv6.packet_key6(data, hdr), self._out_cache, True)
+            if policy is None:
+                raise EspError(DropReason.NO_POLICY)
+            action = policy.action
+            if action is not Action.PROTECT:
+                if action is Action.BYPASS:
+                    return self._accept(None)
+                raise EspError(DropReason.POLICY_DISCARD, policy.name)
+            sa = self.sad.outbound_sa(policy)
+            if sa is None:
+                raise EspError(DropReason.NO_SA, policy.name)
+            sa.check_lifetime(now)
+            if forwarded:
+                too_big = self._too_big6(sa, data, hdr, now)
+                if too_big is not None:
+                    return too_big
+            out = esp6.encapsulate6(sa, data, hdr)
+            sa.account(hdr.total_length)
+            return self._accept(out, sa, sa.next_seq - 1)
+        except EspError as err:
+            return self._drop(err, sa)
+
+    def _too_big6(self, sa: SecurityAssociation, data: bytes, hdr: ipv6.IPv6Header,
+                  now: float) -> Result | None:
+        """RFC 4301 8.2.2 for a forwarded IPv6 packet: too big for the SA's path after ESP, it
+        is dropped and its sender gets an ICMPv6 "packet too big" with the MTU that fits. IPv6
+        has no DF bit: no router fragments it, so every packet counts. None: it fits. A local
+        sender's packets are never held: its kernel fragments the ESP packet at the source."""
+        if sa.pmtu and now - sa.pmtu_at > pmtu.PMTU_AGE:
+            sa.pmtu = 0
+        limit = sa.pmtu or self.mtu
+        if hdr.total_length + sa.max_overhead <= limit:
+            return None
+        size = pmtu.esp_size(sa, hdr.total_length, hdr.split)
+        if size <= limit:
+            return None
+        mtu = max(pmtu.inner_mtu(sa, limit, hdr.split), ipv6.MIN_MTU)
+        reply: bytes | None = None
+        if now - self._reply_window >= 1.0:
+            self._reply_window = now
+            self._replies_left = ICMP_REPLIES_PER_SECOND
+        if self._replies_left > 0:
+            self._replies_left -= 1
+            self.icmp_replies += 1
+            reply = pmtu.packet_too_big_reply(data, hdr, mtu)
+        result = self._drop(EspError(DropReason.PATH_MTU, f"{size} > {limit} bytes, sender told "
+                                     f"{mtu}", sa.spi), sa)
+        result.reply = reply
+        return result
+
+    def inbound6(self, data: bytes, now: float) -> Result:
+        """``inbound`` for an IPv6 packet: ESP after the extension headers in front of it."""
+        sa: SecurityAssociation | None = None
+        try:
+            hdr = ipv6.parse_ipv6(data)
+            if hdr.protocol != ip.PROTO_ESP:
+                return self._inbound_cleartext6(data, hdr)
+            try:
+                dec = esp6.decapsulate6(data, hdr, self.sad.by_spi, now)
+            except EspError as err:
+                sa = self.sad.by_spi(err.spi) if err.spi is not None else None
+                raise
+            sa = dec.sa
+            self._check_inner(dec)
+            return self._accept(dec.packet, sa, dec.seq)
+        except EspError as err:
+            return self._drop(err, sa if sa is not None and not sa.outbound else None)
+
+    def _inbound_cleartext6(self, data: bytes, hdr: ipv6.IPv6Header) -> Result:
+        if self.ipv6_link and ipv6.is_link_message(data, hdr):
+            return self._accept(None)
+        quoted = ipv6.quoted_key6(data, hdr) if hdr.protocol == ipv6.NH_ICMPV6 else None
+        if quoted is not None and quoted.protocol == ip.PROTO_ESP:
+            return self._accept(None)  # an error about ESP: the kernel's to act on
+        if quoted is not None:
+            policy = self.spd.lookup(quoted, True)
+        else:
+            policy = self._policy(ipv6.packet_key6(data, hdr), self._in_cache, False)
+        if policy is None:
+            raise EspError(DropReason.NO_POLICY)
+        if policy.action is Action.BYPASS:
+            return self._accept(None)
+        if policy.action is Action.DISCARD:
+            raise EspError(DropReason.POLICY_DISCARD, policy.name)
+        raise EspError(DropReason.CLEARTEXT_PROTECTED, policy.name)
 
     # -- results and counters -------------------------------------------------------------
     def _accept(

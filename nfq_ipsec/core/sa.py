@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from .errors import DropReason, EspError
+from .ipv6 import is_v6
 from .pickling import reduce_dataclass
 from .replay import DEFAULT_WINDOW, ReplayWindow
 from .suites import Suite, make_suite
@@ -112,7 +113,7 @@ class SAParams:
     integrity: str | None = None
     integrity_key: Secret = field(default_factory=lambda: Secret(b""))
     mode: Mode = Mode.TRANSPORT
-    tunnel_local: int | None = None  # outer addresses (tunnel mode), as ints
+    tunnel_local: int | None = None  # outer addresses (tunnel mode), as ints (IPv6: ipv6.V6 set)
     tunnel_remote: int | None = None
     replay_window: int = DEFAULT_WINDOW
     esn: bool = False
@@ -194,6 +195,7 @@ class SecurityAssociation:
         self.pmtu = 0
         self.pmtu_at = 0.0
         suite = self.suite
+        self.outer_v6 = self.tunnel and is_v6(params.tunnel_remote)  # IPv6 tunnel endpoints
         # ESP in UDP (RFC 3948): the UDP ports and the peer's address (udpencap.py); None
         # for plain ESP, so the per-packet path checks one attribute.
         self.udp: UdpEndpoint | None = None
@@ -204,7 +206,8 @@ class SecurityAssociation:
                                    params.tunnel_local or 0,
                                    params.peer_change is PeerChange.FOLLOW, params.keepalive)
         self.max_overhead = (8 + suite.iv_size + suite.icv_size + 2 + suite.align - 1
-                             + (20 if self.tunnel else 0) + (8 if self.udp is not None else 0))
+                             + ((40 if self.outer_v6 else 20) if self.tunnel else 0)
+                             + (8 if self.udp is not None else 0))
         # The lifetime check compares against the nearest limit not yet passed (soft, then
         # hard); only when one is reached does it look at the rest (see check_lifetime).
         self._watch_packets = 0.0

@@ -10,10 +10,11 @@ once, in ``__init__`` (an SPD never changes), in one of two forms:
 
 * Tuple-space index (views of more than ``LINEAR_SCAN_MAX`` policies). Policies are grouped by
   their pair of netmasks (local, remote); in a group, a dict maps the pair of networks, packed
-  as ``local << 32 | remote``, to that bucket's policies in list order. A lookup packs the
-  key's addresses the same way once, masks them with each group's two masks in one ``&`` and
-  scans only the bucket found. Groups are visited in the order of their earliest policy, and
-  the search stops at the first group whose earliest policy comes after the best match so far
+  as ``local << 32 | remote`` (IPv6: ``local << 129 | remote``), to that bucket's policies in
+  list order. A lookup packs the key's addresses the same way once, masks them with each
+  group's two masks in one ``&`` and scans only the bucket found. Groups are visited in the
+  order of their earliest policy, and the search stops at the first group whose earliest
+  policy comes after the best match so far
   (and a bucket scan at the first entry after it), so the first match in the list still wins.
   The cost is a dict probe per group visited plus a short bucket: SPDs have a handful of
   prefix-length pairs however many policies they hold. Policies with the same two prefixes
@@ -31,8 +32,15 @@ old scan; a selector of addresses only, the usual protect policy, has no ranges 
 absent key port (non-first fragment, truncated header) becomes -1, which a selector's range
 never holds and "any" does. The compiled check is exactly :meth:`Selector.matches` for keys as
 :func:`~nfq_ipsec.core.packet.packet_key` makes them (32-bit addresses, ports None or
-0..65535); tests/unit/test_spd_index.py compares the lookup with a first-match scan over
+0..65535) and :func:`~nfq_ipsec.core.ipv6.packet_key6` (addresses with the marker bit
+``ipv6.V6``); tests/unit/test_spd_index.py compares the lookup with a first-match scan over
 :meth:`Selector.matches` on random policy lists.
+
+A policy has one address family, that of its selector's networks. Each family has its own
+views: an IPv4 key is looked up among IPv4 policies only, an IPv6 key (its addresses carry
+``ipv6.V6``) among IPv6 ones. :meth:`Selector.matches` keeps the families apart too: an IPv6
+selector's networks and masks hold the marker bit, which no IPv4 address has; an IPv6 key is
+checked with :meth:`Selector.matches6`, which refuses IPv4 selectors first.
 """
 
 from __future__ import annotations
@@ -40,9 +48,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from typing import Final
 
+from .ipv6 import NH_ICMPV6, V6
 from .packet import PacketKey
 from .pickling import reduce_dataclass
 
@@ -68,14 +77,17 @@ class Direction(enum.Enum):
 
 PortRange = tuple[int, int]
 ANY = IPv4Network("0.0.0.0/0")
+ANY6 = IPv6Network("::/0")
+Network = IPv4Network | IPv6Network
 
 
 @dataclass(frozen=True)
 class Selector:
-    """Traffic selector. ``None`` means "any" for every field."""
+    """Traffic selector. ``None`` means "any" for every field. ``local`` and ``remote`` are of
+    one family; for IPv6, ``protocol`` is the last next header and ICMP means ICMPv6 (58)."""
 
-    local: IPv4Network = ANY
-    remote: IPv4Network = ANY
+    local: Network = ANY
+    remote: Network = ANY
     protocol: int | None = None
     local_ports: PortRange | None = None
     remote_ports: PortRange | None = None
@@ -89,10 +101,21 @@ class Selector:
     _rmask: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_lnet", int(self.local.network_address))
-        object.__setattr__(self, "_lmask", int(self.local.netmask))
-        object.__setattr__(self, "_rnet", int(self.remote.network_address))
-        object.__setattr__(self, "_rmask", int(self.remote.netmask))
+        if self.local.version != self.remote.version:
+            raise ValueError(f"one address family per selector: {self.local}, {self.remote}")
+        mark = V6 if self.local.version == 6 else 0
+        object.__setattr__(self, "_lnet", int(self.local.network_address) | mark)
+        object.__setattr__(self, "_lmask", int(self.local.netmask) | mark)
+        object.__setattr__(self, "_rnet", int(self.remote.network_address) | mark)
+        object.__setattr__(self, "_rmask", int(self.remote.netmask) | mark)
+
+    @property
+    def v6(self) -> bool:
+        return self.local.version == 6
+
+    def matches6(self, key: PacketKey, outbound: bool) -> bool:
+        """:meth:`matches` for an IPv6 key (an IPv4 selector's masks can't tell it apart)."""
+        return self.local.version == 6 and self.matches(key, outbound)
 
     def matches(self, key: PacketKey, outbound: bool) -> bool:
         if outbound:
@@ -106,7 +129,7 @@ class Selector:
         if self.protocol is not None:
             if key.protocol != self.protocol:
                 return False
-            if self.protocol == PROTO_ICMP:
+            if self.protocol == PROTO_ICMP or self.protocol == NH_ICMPV6:
                 # For ICMP the "ports" of a PacketKey carry type and code.
                 if self.icmp_type is not None and key.sport != self.icmp_type:
                     return False
@@ -164,6 +187,8 @@ _NO_PORT: Final = -1  # a key's absent port; no selector range holds it, the "an
 _ANY_RANGE: Final = (_NO_PORT, 0xFFFF)  # 0xFFFF: the largest port, ICMP type or code a PacketKey carries
 _ANY_PROTO: Final = -1
 _NO_MATCH: Final = 1 << 62  # a position after every policy
+_V4_TOP: Final = 0xFFFFFFFF  # above it, an address is IPv6 (it has the marker bit)
+_SHIFT6: Final = 129  # an IPv6 address's width with its marker bit
 
 # (protocol or -1, sport low, sport high, dport low, dport high), in the key's port order; None
 # when the selector is addresses only (the common protect policy), so the lookup can skip it.
@@ -173,7 +198,7 @@ _LinearEntry = tuple[int, int, int, int, _Rest | None, Policy]
 # Index bucket: position in the SPD, rest, policy.
 _BucketEntry = tuple[int, _Rest | None, Policy]
 # Index group: earliest position in it, the group's netmasks as one 64-bit mask over
-# local << 32 | remote, and the ``get`` of its dict from masked addresses to bucket.
+# local << 32 | remote (IPv6: << 129), and the ``get`` of its dict from masked addresses to bucket.
 _Group = tuple[int, int, Callable[[int], tuple[_BucketEntry, ...] | None]]
 
 
@@ -198,7 +223,7 @@ def _compile_rest(sel: Selector, outbound: bool) -> _Rest | None:
     if sel.protocol is not None and sel.protocol < 0:
         return _ANY_PROTO, 1, 0, 1, 0  # a negative protocol matches no key: empty port ranges
     proto = _ANY_PROTO if sel.protocol is None else sel.protocol
-    if sel.protocol == PROTO_ICMP:
+    if sel.protocol == PROTO_ICMP or sel.protocol == NH_ICMPV6:
         sport, dport = _exact(sel.icmp_type), _exact(sel.icmp_code)
     elif outbound:
         sport, dport = _span(sel.local_ports), _span(sel.remote_ports)
@@ -215,9 +240,10 @@ def _indexed(policies: int, mask_pairs: int) -> bool:
 
 
 def _build_view(
-    view: list[tuple[int, Policy]], outbound: bool, index: bool | None,
+    view: list[tuple[int, Policy]], outbound: bool, index: bool | None, shift: int = 32,
 ) -> tuple[tuple[_LinearEntry, ...], tuple[_Group, ...]]:
-    """The linear entries or the index groups of one direction view (the other one is empty)."""
+    """The linear entries or the index groups of one direction view (the other one is empty);
+    ``shift``: how far the local address moves left to pack an address pair (its width)."""
     if index is None:
         index = _indexed(len(view), len({(p.selector._lmask, p.selector._rmask) for _, p in view}))
     if not index:
@@ -231,12 +257,13 @@ def _build_view(
     for pos, p in view:
         sel = p.selector
         table = tables.setdefault((sel._lmask, sel._rmask), {})
-        table.setdefault(sel._lnet << 32 | sel._rnet, []).append((pos, _compile_rest(sel, outbound), p))
+        table.setdefault(sel._lnet << shift | sel._rnet, []).append(
+            (pos, _compile_rest(sel, outbound), p))
     groups: list[_Group] = []
     for (lmask, rmask), table in tables.items():
         buckets = {nets: tuple(entries) for nets, entries in table.items()}
         first = min(entries[0][0] for entries in buckets.values())
-        groups.append((first, lmask << 32 | rmask, buckets.get))
+        groups.append((first, lmask << shift | rmask, buckets.get))
     groups.sort(key=lambda g: g[0])
     return (), tuple(groups)
 
@@ -248,26 +275,40 @@ class SPD:
         """``index``: None chooses scan or index per view by its size (``_indexed``); True or
         False forces one (tests and the lookup benchmark compare them)."""
         self.policies = tuple(policies)
-        numbered = list(enumerate(self.policies))
+        v4 = [(i, p) for i, p in enumerate(self.policies) if not p.selector.v6]
+        v6 = [(i, p) for i, p in enumerate(self.policies) if p.selector.v6]
         self._out_linear, self._out_groups = _build_view(
-            [(i, p) for i, p in numbered if p.direction.covers(True)], True, index)
+            [(i, p) for i, p in v4 if p.direction.covers(True)], True, index)
         self._in_linear, self._in_groups = _build_view(
-            [(i, p) for i, p in numbered if p.direction.covers(False)], False, index)
+            [(i, p) for i, p in v4 if p.direction.covers(False)], False, index)
+        self._out6_linear, self._out6_groups = _build_view(
+            [(i, p) for i, p in v6 if p.direction.covers(True)], True, index, _SHIFT6)
+        self._in6_linear, self._in6_groups = _build_view(
+            [(i, p) for i, p in v6 if p.direction.covers(False)], False, index, _SHIFT6)
 
     def lookup(self, key: PacketKey, outbound: bool) -> Policy | None:
         """The first policy whose selector matches, or None (which means discard)."""
         # The per-packet path: locals, no call per policy. A view is either
         # scanned (``linear``) or indexed (``groups``); the other of the two is empty.
+        shift = 32
         if outbound:
             local = key.src
             remote = key.dst
             linear = self._out_linear
             groups = self._out_groups
+            if local > _V4_TOP:
+                linear = self._out6_linear
+                groups = self._out6_groups
+                shift = _SHIFT6
         else:
             local = key.dst
             remote = key.src
             linear = self._in_linear
             groups = self._in_groups
+            if local > _V4_TOP:
+                linear = self._in6_linear
+                groups = self._in6_groups
+                shift = _SHIFT6
         for lmask, lnet, rmask, rnet, rest, policy in linear:
             if local & lmask == lnet and remote & rmask == rnet:
                 if rest is None:
@@ -284,7 +325,7 @@ class SPD:
             return None
         best: Policy | None = None
         best_pos = _NO_MATCH
-        addrs = local << 32 | remote
+        addrs = local << shift | remote
         for first, mask, get in groups:
             if first > best_pos:
                 break  # groups come in order of their first policy: no later one can win

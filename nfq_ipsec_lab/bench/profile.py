@@ -217,6 +217,7 @@ class Profile:
         dec = esp.decapsulate(packet, phdr, proc.sad.by_spi, 1.0)  # takes seq 1
         msg = netlink_message(1, HOOK_PRE_ROUTING, packet)
         queue = NetlinkQueue()
+        assert dec.header is not None  # an IPv4 packet in
         inner_key = ip.packet_key(dec.packet, dec.header)
 
         receive = _receive_stage(msg)

@@ -41,7 +41,7 @@ from typing import Any
 
 from nfq_ipsec.core import spd as spd_module
 from nfq_ipsec.core.packet import PacketKey
-from nfq_ipsec.core.spd import SPD, Action, Direction, Policy, Selector
+from nfq_ipsec.core.spd import SPD, Action, Direction, Network, Policy, Selector
 
 SCHEMA = "nfq-ipsec-spdscale/1"
 CASES = ("first", "last", "miss", "mix")
@@ -102,7 +102,7 @@ def small_policies(size: int) -> list[Policy]:
     return [full[0], *full[2:-1], full[-1]]
 
 
-def _tcp_to(peer_net: IPv4Network, sport: int = 40000, dport: int = 443) -> PacketKey:
+def _tcp_to(peer_net: Network, sport: int = 40000, dport: int = 443) -> PacketKey:
     host = int(peer_net.network_address) + (7 if peer_net.prefixlen < 32 else 0)
     return PacketKey(_ip(LOCAL), host, TCP, sport, dport)
 

@@ -30,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "demo", help="the two-host lab demo, torn down after",
         description="Hosts up, daemons up, traffic through ESP, a capture that shows only ESP, "
         "counters, everything torn down. Needs root.")
-    p.add_argument("--topology", choices=["host", "gateway"], default="host",
-                   help="host: two hosts, transport mode; gateway: four namespaces, tunnel mode")
+    p.add_argument("--topology", choices=["host", "gateway", "host6"], default="host",
+                   help="host: two hosts, transport mode; gateway: four namespaces, tunnel mode; "
+                   "host6: two hosts over IPv6, transport mode")
     p.add_argument("--encryption", default="aes-gcm-128",
                    help="aes-gcm-128, aes-gcm-256, chacha20-poly1305, aes-cbc-128, aes-cbc-256")
     p.add_argument("--queues", type=int, default=2, help="queues (workers) per host")
@@ -39,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_lab(args: argparse.Namespace) -> int:
-    """``nfq-ipsec lab demo [--topology host|gateway] [--encryption ALG] [--queues N] [--keep]``."""
+    """``nfq-ipsec lab demo [--topology host|gateway|host6] [--encryption ALG] [--queues N]
+    [--keep]``."""
     from .demo import EXIT_USAGE, run_demo
     from .labconfig import parse_encryption
 

@@ -36,7 +36,7 @@ import os
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 from nfq_ipsec.core.suites import ENCRYPTION, HMACS
@@ -54,8 +54,8 @@ class PeerSpec:
 
     name: str  # "a" or "b"
     interface: str  # its unprotected (IPsec-facing) interface
-    address: IPv4Address  # its address on the wire: the tunnel endpoint, or the host itself
-    protected: IPv4Network  # what it protects: its own /32 (host) or its LAN (gateway)
+    address: IPv4Address | IPv6Address  # on the wire: the tunnel endpoint, or the host itself
+    protected: IPv4Network | IPv6Network  # what it protects: its own /32 or /128, or its LAN
     role: str = "host"  # "host" or "gateway"
 
 
@@ -67,8 +67,8 @@ class LabSA:
     spi: int
     sender: str  # peer name that sends with it ("a" or "b")
     receiver: str
-    src: IPv4Address  # outer source on the wire
-    dst: IPv4Address
+    src: IPv4Address | IPv6Address  # outer source on the wire
+    dst: IPv4Address | IPv6Address
     encryption: str
     integrity: str | None
     key: bytes = field(repr=False)
@@ -183,8 +183,9 @@ def plan(
         mode = "tunnel" if "gateway" in (a.role, b.role) else "transport"
     if mode not in ("transport", "tunnel"):
         raise ValueError(f"mode must be transport or tunnel, not {mode!r}")
-    if mode == "transport" and (a.protected.prefixlen != 32 or b.protected.prefixlen != 32):
-        raise ValueError("transport mode protects the peers' own addresses (/32) only")
+    if mode == "transport" and any(p.protected.prefixlen != p.protected.max_prefixlen
+                                   for p in (a, b)):
+        raise ValueError("transport mode protects the peers' own addresses (/32, /128) only")
     qnums = tuple(QUEUE_BASE + i for i in range(queues))
     sas = make_sas(a, b, enc, integrity, qnums, mode, seed, context)
     return LabConfig(directory, {}, sas, enc, integrity, mode, qnums, bypass_port, discard_port)

@@ -41,13 +41,14 @@ class LabSession:
     def __init__(
         self, topology: str = "host", encryption: str = "aes-gcm-128", queues: int = 2,
         keep: bool = False, cmd: list[str] | None = None, log: IO[str] | None = None,
+        prefix: str = netns.PREFIX,
     ) -> None:
         self.kind = topology
         self.encryption = encryption
         self.queues = queues
         self.cmd = cmd or command()
         self.log = log
-        self.lab = Lab(keep=keep)
+        self.lab = Lab(keep=keep, prefix=prefix)
         self.topo: Topology | None = None
         self.cfg: LabConfig | None = None
         self.daemons: dict[str, Daemon] = {}
@@ -59,7 +60,7 @@ class LabSession:
     def __enter__(self) -> LabSession:
         self.lab.__enter__()
         try:
-            netns.remove_stale(self.log)
+            netns.remove_stale(self.log, prefix=self.lab.prefix)
             self.topo = build(self.lab, self.kind)
             self.cfg = generate(self.lab.workdir / "config", self.topo.a.spec, self.topo.b.spec,
                                 self.encryption, self.queues)

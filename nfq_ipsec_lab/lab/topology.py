@@ -1,4 +1,4 @@
-"""The two lab topologies, built from network namespaces.
+"""The lab topologies, built from network namespaces.
 
 host-to-host (transport mode)::
 
@@ -8,6 +8,10 @@ gateway-to-gateway (tunnel mode for 10.1.0.0/24 <-> 10.2.0.0/24)::
 
     client 10.1.0.2 --- lan0 10.1.0.1 [gw a] wan0 192.168.56.10 ====== the wire ======
         192.168.56.11 wan0 [gw b] lan0 10.2.0.1 --- server 10.2.0.2
+
+host-to-host over IPv6 (``host6``, transport mode)::
+
+    [ a: eth1 2001:db8:56::10/64 ] ====== veth (the wire) ====== [ b: eth1 2001:db8:56::11/64 ]
 
 The IPsec peers are ``a`` and ``b``; in the host topology they are also the traffic's client
 and server. The capture point is the peer a's end of the wire (``tcpdump -i`` on it sees
@@ -30,13 +34,14 @@ core in the gateway namespaces, see README "Hooks"):
   be lowered too. We set all=0, lan=2 (loose) and wan=1 (strict works there: decrypted inner
   packets arrive on the WAN with sources routed via the WAN).
 - hosts: nothing is needed for transport mode; we set rp_filter=1 (strict) to show that.
-- everywhere: IPv6 off (see netns.Lab.netns).
+- everywhere but ``host6``: IPv6 off (see netns.Lab.netns). ``host6`` has IPv6 on (IPv4 is
+  unaddressed), its addresses without duplicate address detection (``nodad``: usable at once).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from .labconfig import PeerSpec
 from .netns import Host, Lab
@@ -46,6 +51,8 @@ HOST_A, HOST_B = "192.168.56.10", "192.168.56.11"
 LAN_A, LAN_B = "10.1.0.0/24", "10.2.0.0/24"
 GW_LAN_A, GW_LAN_B = "10.1.0.1", "10.2.0.1"
 CLIENT, SERVER = "10.1.0.2", "10.2.0.2"
+WIRE_NET6 = "2001:db8:56::/64"
+HOST6_A, HOST6_B = "2001:db8:56::10", "2001:db8:56::11"
 
 # The sysctls each kind of node gets; the README and the module docstring say why.
 GATEWAY_SYSCTLS = (
@@ -74,7 +81,7 @@ class Peer:
 
 @dataclass(frozen=True)
 class Topology:
-    kind: str  # "host" or "gateway"
+    kind: str  # "host", "gateway" or "host6"
     a: Peer
     b: Peer
     client: Host  # the traffic source (behind a) and its address
@@ -93,11 +100,16 @@ class Topology:
     def mode(self) -> str:
         return "tunnel" if self.kind == "gateway" else "transport"
 
+    @property
+    def plen(self) -> int:
+        """The prefix length of the wire's addresses."""
+        return 64 if self.kind == "host6" else 24
+
     def describe(self) -> list[str]:
-        if self.kind == "host":
+        if self.kind in ("host", "host6"):
             return [
-                f"host a  {self.a.host.name}: {self.a.spec.interface} {self.a.spec.address}/24",
-                f"host b  {self.b.host.name}: {self.b.spec.interface} {self.b.spec.address}/24",
+                f"host a  {self.a.host.name}: {self.a.spec.interface} {self.a.spec.address}/{self.plen}",
+                f"host b  {self.b.host.name}: {self.b.spec.interface} {self.b.spec.address}/{self.plen}",
                 "joined by one veth pair; transport-mode ESP between a and b",
             ]
         return [
@@ -114,7 +126,9 @@ def build(lab: Lab, kind: str) -> Topology:
         return host_to_host(lab)
     if kind == "gateway":
         return gateway_to_gateway(lab)
-    raise ValueError(f"unknown topology {kind!r} (host or gateway)")
+    if kind == "host6":
+        return host_to_host6(lab)
+    raise ValueError(f"unknown topology {kind!r} (host, gateway or host6)")
 
 
 def host_to_host(lab: Lab) -> Topology:
@@ -127,6 +141,16 @@ def host_to_host(lab: Lab) -> Topology:
     pa = Peer(PeerSpec("a", "eth1", IPv4Address(HOST_A), IPv4Network(f"{HOST_A}/32"), "host"), a)
     pb = Peer(PeerSpec("b", "eth1", IPv4Address(HOST_B), IPv4Network(f"{HOST_B}/32"), "host"), b)
     return Topology("host", pa, pb, a, HOST_A, b, HOST_B, a, "eth1", (a, b))
+
+
+def host_to_host6(lab: Lab) -> Topology:
+    a, b = lab.netns("a", ipv6=True), lab.netns("b", ipv6=True)
+    lab.veth(a, "eth1", b, "eth1")
+    a.ip("addr", "add", f"{HOST6_A}/64", "dev", "eth1", "nodad")
+    b.ip("addr", "add", f"{HOST6_B}/64", "dev", "eth1", "nodad")
+    pa = Peer(PeerSpec("a", "eth1", IPv6Address(HOST6_A), IPv6Network(f"{HOST6_A}/128"), "host"), a)
+    pb = Peer(PeerSpec("b", "eth1", IPv6Address(HOST6_B), IPv6Network(f"{HOST6_B}/128"), "host"), b)
+    return Topology("host6", pa, pb, a, HOST6_A, b, HOST6_B, a, "eth1", (a, b))
 
 
 def gateway_to_gateway(lab: Lab) -> Topology:

@@ -29,11 +29,13 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, ip_address
 from pathlib import Path
 from typing import Any
 
-from nfq_ipsec.pcap import ETH_ARP, ETH_IPV4, PcapError, read_frames
+from nfq_ipsec.core import ipv6
+from nfq_ipsec.core.errors import EspError
+from nfq_ipsec.pcap import ETH_ARP, ETH_IPV4, ETH_IPV6, PcapError, read_frames
 
 from .labconfig import LabSA
 from .netns import Host, Lab, LabError, Started
@@ -52,12 +54,16 @@ def csum(b):
     while t >> 16:
         t = (t & 0xFFFF) + (t >> 16)
     return ~t & 0xFFFF
-s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+v6 = ":" in dst  # ICMPv6: the kernel computes the checksum and strips the IPv6 header
+s = (socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) if v6
+     else socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
+request, reply = (128, 129) if v6 else (8, 0)
 ident, got = os.getpid() & 0xFFFF, 0
 for seq in range(1, count + 1):
     body = b"nfq-ipsec lab ping %d " % seq + bytes(range(40))
-    hdr = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
-    s.sendto(struct.pack("!BBHHH", 8, 0, csum(hdr + body), ident, seq) + body, (dst, 0))
+    hdr = struct.pack("!BBHHH", request, 0, 0, ident, seq)
+    c = 0 if v6 else csum(hdr + body)
+    s.sendto(struct.pack("!BBHHH", request, 0, c, ident, seq) + body, (dst, 0))
     t0 = time.monotonic()
     while True:
         left = wait - (time.monotonic() - t0)
@@ -69,9 +75,9 @@ for seq in range(1, count + 1):
             data, addr = s.recvfrom(4096)
         except socket.timeout:
             continue
-        ihl = (data[0] & 15) * 4
+        ihl = 0 if v6 else (data[0] & 15) * 4
         t, _c, _k, i, q = struct.unpack_from("!BBHHH", data, ihl)
-        if t == 0 and i == ident and q == seq and addr[0] == dst and data[ihl + 8:] == body:
+        if t == reply and i == ident and q == seq and addr[0] == dst and data[ihl + 8:] == body:
             got += 1
             print("reply seq=%d time=%.3f ms" % (q, (time.monotonic() - t0) * 1000), flush=True)
             break
@@ -83,7 +89,7 @@ print("result %d %d" % (count, got))
 TCP_RECV_SRC = r"""
 import hashlib, socket, sys
 addr, port, out, wait = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
-s = socket.socket()
+s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((addr, port)); s.listen(1); s.settimeout(wait)
 c, peer = s.accept(); c.settimeout(wait)
@@ -118,7 +124,7 @@ print("sent %d %s ack %s" % (len(data), hashlib.sha256(data).hexdigest(), ack.de
 UDP_RECV_SRC = r"""
 import socket, sys, time
 addr, port, wait = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
 s.bind((addr, port))
 n, end = 0, time.monotonic() + wait
 while True:
@@ -146,7 +152,8 @@ TCP_SNDBUF_MAX = 4 << 20  # net.ipv4.tcp_wmem's default maximum
 UDP_SEND_SRC = r"""
 import socket, sys, time
 addr, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(16)]
+family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+socks = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(16)]
 refused = 0
 for i in range(count):
     try:
@@ -442,8 +449,10 @@ class WireReport:
     esp_by_spi: Counter[int] = field(default_factory=Counter)
     bypassed: int = 0  # cleartext of flows that are meant to be in clear
     arp: int = 0
-    cleartext: int = 0  # IPv4 that is neither ESP between the peers nor an allowed flow
-    other: int = 0  # frames that are neither IPv4 nor ARP (IPv6 ...)
+    ipv6: int = 0  # IPv6 packets (a lab over IPv6): ESP, bypassed or cleartext like IPv4's
+    link: int = 0  # IPv6 neighbour discovery and MLD: the link's own, like ARP
+    cleartext: int = 0  # IP that is neither ESP between the peers nor an allowed flow
+    other: int = 0  # frames that are neither IP nor ARP
     examples: list[str] = field(default_factory=list)  # the first offending packets
 
     @property
@@ -451,11 +460,14 @@ class WireReport:
         return self.esp > 0 and self.cleartext == 0 and self.other == 0
 
     def summary(self) -> str:
-        parts = [f"{self.ipv4} IPv4 packets on the wire, {self.esp} ESP, {self.cleartext} cleartext"]
+        ip = f"{self.ipv4} IPv4" if not self.ipv6 else f"{self.ipv4} IPv4 and {self.ipv6} IPv6"
+        parts = [f"{ip} packets on the wire, {self.esp} ESP, {self.cleartext} cleartext"]
         if self.bypassed:
             parts.append(f"{self.bypassed} bypassed in clear on purpose")
+        if self.link:
+            parts.append(f"{self.link} neighbour discovery and MLD")
         if self.other:
-            parts.append(f"{self.other} non-IPv4 frames")
+            parts.append(f"{self.other} non-IP frames")
         return ", ".join(parts)
 
 
@@ -463,13 +475,17 @@ def analyse_wire(
     path: Path, peers: tuple[str, str], allowed: Iterable[Flow] = (), keep_examples: int = 10,
 ) -> WireReport:
     """Sort every frame of a wire capture. ``peers``: the two IPsec peers' wire addresses."""
-    a, b = (int(IPv4Address(p)) for p in peers)
+    a, b = (int(IPv4Address(p)) if ":" not in p else 0 for p in peers)
+    a6, b6 = (int(ip_address(p)) | ipv6.V6 if ":" in p else 0 for p in peers)
     allowed = tuple(allowed)
     rep = WireReport()
     for etype, pkt in _wire_frames(path):
         rep.frames += 1
         if etype == ETH_ARP:
             rep.arp += 1
+            continue
+        if etype == ETH_IPV6:
+            _sort_ipv6(rep, pkt, {a6, b6}, allowed, keep_examples)
             continue
         if etype != ETH_IPV4 or len(pkt) < 20 or pkt[0] >> 4 != 4:
             rep.other += 1
@@ -502,6 +518,38 @@ def analyse_wire(
     return rep
 
 
+def _sort_ipv6(rep: WireReport, pkt: bytes, peers: set[int], allowed: tuple[Flow, ...],
+               keep_examples: int) -> None:
+    """``analyse_wire`` for one IPv6 packet, its extension headers walked by the core's view."""
+    rep.ipv6 += 1
+    try:
+        hdr = ipv6.parse_ipv6(pkt)
+    except EspError as err:
+        rep.cleartext += 1
+        if len(rep.examples) < keep_examples:
+            rep.examples.append(f"frame {rep.frames}: IPv6, {err}")
+        return
+    if ipv6.is_link_message(pkt, hdr):
+        rep.link += 1
+        return
+    if hdr.protocol == PROTO_ESP and {hdr.src, hdr.dst} == peers:
+        rep.esp += 1
+        if hdr.total_length >= hdr.offset + 4:
+            rep.esp_by_spi[struct.unpack_from("!I", pkt, hdr.offset)[0]] += 1
+        return
+    key = ipv6.packet_key6(pkt, hdr)
+    sport, dport = (key.sport, key.dport) if hdr.protocol in (PROTO_TCP, PROTO_UDP) else (None, None)
+    if any(f.matches(hdr.protocol, sport, dport) for f in allowed):
+        rep.bypassed += 1
+        return
+    rep.cleartext += 1
+    if len(rep.examples) < keep_examples:
+        ports = f" {sport} > {dport}" if sport is not None else ""
+        rep.examples.append(f"frame {rep.frames}: {ipv6.addr_str(hdr.src)} > "
+                            f"{ipv6.addr_str(hdr.dst)} {PROTO_NAMES.get(hdr.protocol, str(hdr.protocol))}"
+                            f"{ports} ({len(pkt)} bytes)")
+
+
 # -- tshark ---------------------------------------------------------------------------------
 
 # Names of Wireshark's esp_sa table (packet-ipsec.c). AEAD keys are given with their salt.
@@ -528,7 +576,7 @@ def tshark_uat_entries(sas: Sequence[LabSA]) -> list[str]:
     for sa in sas:
         key = f"0x{sa.key.hex()}" if sa.key else ""
         ikey = f"0x{sa.integrity_key.hex()}" if sa.integrity_key else ""
-        fields = ["IPv4", str(sa.src), str(sa.dst), f"0x{sa.spi:08x}",
+        fields = [f"IPv{sa.src.version}", str(sa.src), str(sa.dst), f"0x{sa.spi:08x}",
                   TSHARK_ENCRYPTION[sa.encryption], key, TSHARK_INTEGRITY[sa.integrity], ikey]
         entries.append("uat:esp_sa:" + ",".join(f'"{f}"' for f in fields))
     return entries

@@ -10,6 +10,7 @@ import pytest
 from repo import EXAMPLES
 
 from nfq_ipsec.config import load_config, parse_config
+from nfq_ipsec.core import ipv6
 from nfq_ipsec.core.errors import ConfigError
 from nfq_ipsec.core.sa import Mode, SADirection
 from nfq_ipsec.core.spd import Action
@@ -42,7 +43,7 @@ def problems(data: dict[str, Any], base_dir: Path | None = None) -> list[str]:
     return info.value.problems
 
 
-@pytest.mark.parametrize("name", ["host-a", "host-b", "gateway-a", "gateway-b"])
+@pytest.mark.parametrize("name", ["host-a", "host-b", "gateway-a", "gateway-b", "host6-a", "host6-b"])
 def test_examples_load(name: str) -> None:
     cfg = load_config(EXAMPLES / f"{name}.toml", online_cpus=CPUS)
     assert cfg.policies and cfg.sas
@@ -51,13 +52,36 @@ def test_examples_load(name: str) -> None:
 
 
 def test_example_pairs_mirror_each_other() -> None:
-    for a_name, b_name in (("host-a", "host-b"), ("gateway-a", "gateway-b")):
+    for a_name, b_name in (("host-a", "host-b"), ("gateway-a", "gateway-b"), ("host6-a", "host6-b")):
         a = load_config(EXAMPLES / f"{a_name}.toml", online_cpus=CPUS)
         b = load_config(EXAMPLES / f"{b_name}.toml", online_cpus=CPUS)
         for sa in a.sas:
             twin = b.sa(sa.name)
             assert twin.spi == sa.spi and twin.key == sa.key and twin.direction != sa.direction
             assert (twin.tunnel_local, twin.tunnel_remote) == (sa.tunnel_remote, sa.tunnel_local)
+        for pa, pb in zip(a.policies, b.policies, strict=True):
+            assert (pa.selector.local, pa.selector.remote) == (pb.selector.remote, pb.selector.local)
+
+
+def test_an_ipv6_policy_takes_its_family_from_what_it_names() -> None:
+    data = base()
+    data["policy"][0].update(local="any", remote="2001:db8::/32")
+    data["policy"].insert(0, {"name": "echo6", "action": "bypass", "protocol": "ipv6-icmp",
+                              "icmp_type": 128})
+    data["policy"].insert(0, {"name": "icmp4", "action": "bypass", "protocol": "icmp"})
+    cfg = parse_config(data, online_cpus=CPUS)
+    icmp4, echo6, p = (pol.selector for pol in cfg.policies)
+    assert (str(icmp4.local), icmp4.v6) == ("0.0.0.0/0", False)
+    assert (str(echo6.local), str(echo6.remote), echo6.protocol, echo6.v6) == ("::/0", "::/0", 58, True)
+    assert (str(p.local), str(p.remote), p.v6) == ("::/0", "2001:db8::/32", True)
+
+
+def test_ipv6_tunnel_endpoints_are_marked_ints() -> None:
+    data = base()
+    for sa in data["sa"]:
+        sa.update(mode="tunnel", tunnel_local="2001:db8::1", tunnel_remote="2001:db8::2")
+    cfg = parse_config(data, online_cpus=CPUS)
+    assert cfg.sa("out0").tunnel_local == ipv6.V6 | 0x20010DB8000000000000000000000001
 
 
 def test_valid_base_parses() -> None:
@@ -108,7 +132,23 @@ def test_every_problem_reported_at_once() -> None:
         (lambda d: d["sa"][0].update(colour="blue"), "sa[0].colour", "unknown field"),
         (lambda d: d["policy"][0].update(sa=["nope", "in0"]), "policy[0].sa", "unknown SA 'nope'"),
         (lambda d: d["policy"][0].update(local_ports=80), "policy[0].local_ports", "need protocol"),
-        (lambda d: d["policy"][0].update(local="10.0.0.1/8"), "policy[0].local", "IPv4 prefix"),
+        (lambda d: d["policy"][0].update(local="10.0.0.1/8"), "policy[0].local",
+             "IPv4 or IPv6 prefix"),
+            (lambda d: d["policy"][0].update(local="2001:db8::1/128"), "policy[0].remote",
+             "one family"),
+            (lambda d: d["policy"][0].update(protocol="ipv6-icmp"), "policy[0].protocol",
+             'ICMP is protocol = "icmp"'),
+            (lambda d: d["policy"][0].update(local="2001:db8::1/128", remote="any",
+                                             protocol="icmp"),
+             "policy[0].protocol", 'ICMP is protocol = "ipv6-icmp"'),
+            (lambda d: d["policy"][0].update(protocol="ipv6-icmp", local="any", remote="any",
+                                             icmp_type=128), None, None),
+            (lambda d: d["sa"][0].update(mode="tunnel", tunnel_local="192.0.2.1",
+                                         tunnel_remote="2001:db8::2"),
+             "sa[0].tunnel_remote", "one family"),
+            (lambda d: d["sa"][0].update(tunnel_local="2001:db8::1::2", mode="tunnel",
+                                         tunnel_remote="2001:db8::2"),
+             "sa[0].tunnel_local", "IPv4 or IPv6 address"),
         (lambda d: d["policy"][0].update(action="encrypt"), "policy[0].action", "must be one of"),
         (lambda d: d["policy"][0].update(sa=["in0"]), "policy[0].sa", "no outbound SA"),
         (lambda d: d["policy"].append(dict(d["policy"][0], name="q", sa=[])) or

@@ -220,6 +220,30 @@ def _eth(etype: int, payload: bytes, vlan: bool = False) -> bytes:
     return mac + struct.pack("!H", etype) + payload
 
 
+def test_analyse_wire_sorts_ipv6_frames(tmp_path: Path) -> None:
+    from scapy.layers.inet import TCP, UDP
+    from scapy.layers.inet6 import ICMPv6ND_NS, IPv6, IPv6ExtHdrDestOpt
+    from scapy.layers.ipsec import ESP
+
+    a, b = "2001:db8:56::10", "2001:db8:56::11"
+    frames = [
+        _eth(0x86DD, bytes(IPv6(src=a, dst=b) / ESP(spi=0x1000, seq=1, data=b"\0" * 32))),
+        _eth(0x86DD, bytes(IPv6(src=b, dst=a) / IPv6ExtHdrDestOpt() / ESP(spi=0x2000, seq=1))),
+        _eth(0x86DD, bytes(IPv6(src="fe80::1", dst="ff02::1:ff00:11", hlim=255)
+                           / ICMPv6ND_NS(tgt=b))),
+        _eth(0x86DD, bytes(IPv6(src=a, dst=b) / TCP(sport=40000, dport=2222))),
+        _eth(0x86DD, bytes(IPv6(src=a, dst=b) / UDP(sport=1, dport=9998))),
+        _eth(0x86DD, bytes(IPv6(src=a, dst="2001:db8:56::99") / ESP(spi=0x1000, seq=2))),
+    ]
+    pcap = tmp_path / "wire6.pcap"
+    _write_pcap(pcap, frames)
+    rep = analyse_wire(pcap, (a, b), [Flow(PROTO_TCP, 2222)])
+    assert (rep.frames, rep.ipv4, rep.ipv6, rep.esp, rep.link, rep.bypassed, rep.cleartext,
+            rep.other) == (6, 0, 6, 2, 1, 1, 2, 0)
+    assert rep.esp_by_spi == {0x1000: 1, 0x2000: 1}
+    assert any("9998" in e for e in rep.examples) and any("2001:db8:56::99" in e for e in rep.examples)
+
+
 def test_analyse_wire_sorts_frames(tmp_path: Path) -> None:
     a, b = "192.168.56.10", "192.168.56.11"
     esp = struct.pack("!II", 0x1000, 1) + b"\x00" * 40
@@ -238,11 +262,13 @@ def test_analyse_wire_sorts_frames(tmp_path: Path) -> None:
     _write_pcap(pcap, frames)
     assert [t for t, _ in read_frames(pcap)] == [0x0800, 0x0800, 0x0806, 0x0800, 0x0800, 0x0800, 0x86DD]
     rep = analyse_wire(pcap, (a, b), [Flow(PROTO_TCP, 2222)])
-    assert (rep.frames, rep.ipv4, rep.esp, rep.arp, rep.bypassed, rep.cleartext, rep.other) == (
-        7, 5, 2, 1, 1, 2, 1)
+    # the IPv6 frame: a hop-by-hop header in an empty payload, cleartext that can't be read
+    assert (rep.frames, rep.ipv4, rep.ipv6, rep.esp, rep.arp, rep.bypassed, rep.cleartext,
+            rep.other) == (7, 5, 1, 2, 1, 1, 3, 0)
     assert rep.esp_by_spi == {0x1000: 1, 0x2000: 1}
     assert not rep.ok
-    assert any("5201" in e for e in rep.examples) and any("0x86dd" in e for e in rep.examples)
+    assert any("5201" in e for e in rep.examples)
+    assert any("IPv6" in e and "bad_ext_header" in e for e in rep.examples)
     clean = tmp_path / "clean.pcap"
     _write_pcap(clean, frames[:4])
     assert analyse_wire(clean, (a, b), [Flow(PROTO_TCP, 2222)]).ok

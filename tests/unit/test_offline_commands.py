@@ -95,7 +95,7 @@ def test_decode_capture(fmt: str, tmp_path: Path, capsys: pytest.CaptureFixture[
 @pytest.mark.parametrize("fmt", ["pcap-ether", "pcap-vlan", "pcap-sll", "pcap-raw", "pcapng"])
 def test_pcap_views_agree(fmt: str, tmp_path: Path) -> None:
     """One reader for decode and the lab's wire check: records, frames (ethertype and network
-    layer) and IPv4 packets describe the same capture, frame for frame."""
+    layer) and IP packets describe the same capture, frame for frame."""
     from scapy.layers.inet6 import IPv6
     from scapy.layers.l2 import ARP, Dot1Q
 
@@ -124,7 +124,7 @@ def test_pcap_views_agree(fmt: str, tmp_path: Path) -> None:
     got = list(read_frames(path))
     assert [(etype, data[:len(w)]) for (etype, data), (_, w) in zip(got, want, strict=True)] == want
     assert len(list(read_records(path))) == len(want)
-    assert list(read_packets(path)) == [d if e == ETH_IPV4 else None for e, d in got]
+    assert list(read_packets(path)) == [d if e in (ETH_IPV4, ETH_IPV6) else None for e, d in got]
 
 
 def test_decode_reports_integrity_and_unknown_spi(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -170,6 +170,42 @@ def test_decode_agrees_with_tshark_on_spis(tmp_path: Path, capsys: pytest.Captur
     _code, out, _ = run(capsys, "decode", "--config", str(A), str(path))
     ours = re.findall(r"spi=(0x[0-9a-f]+) seq=(\d+)", out)
     assert [(int(s, 16), int(q)) for s, q in ours] == theirs == [(0x1001, 1), (0x2001, 1), (0x1001, 2)]
+
+
+def test_check_config_says_what_happens_to_ipv6(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _err = run(capsys, "check-config", str(EXAMPLES / "host6-a.toml"))
+    assert code == 0
+    assert ("IPv6: 2 policies, 2 SAs with ESP in IPv6, the rest by node.default = discard; "
+            "neighbour discovery and MLD pass in clear (node.ipv6_neighbour_discovery = false "
+            "turns that off)") in out
+    assert "2001:db8:56::10/128 <-> 2001:db8:56::11/128" in out
+
+
+def test_decode_ipv6_capture_made_by_scapy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """ESP over IPv6 that scapy's SecurityAssociation made with the example pair's key: decode
+    opens it, walks a destination options header in front of ESP, and names a tampered one."""
+    from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt
+    from scapy.layers.ipsec import ESP
+    from scapy.layers.ipsec import SecurityAssociation as ScapySA
+
+    a = load_config(EXAMPLES / "host6-a.toml", online_cpus=CPUS)
+    sa = a.sa("a-to-b")
+    peer = ScapySA(ESP, spi=sa.spi, crypt_algo="AES-GCM", crypt_key=sa.key.reveal())  # type: ignore[no-untyped-call]
+    src, dst = "2001:db8:56::10", "2001:db8:56::11"
+    ping = IPv6(src=src, dst=dst) / ICMPv6EchoRequest(id=3, seq=1, data=b"v6" * 8)
+    udp = IPv6(src=src, dst=dst) / IPv6ExtHdrDestOpt() / UDP(sport=4000, dport=53) / Raw(b"q" * 9)
+    wire = [bytes(peer.encrypt(IPv6(bytes(p)), seq_num=n + 1))  # type: ignore[no-untyped-call]
+            for n, p in enumerate((ping, udp))]
+    tampered = bytearray(wire[1])
+    tampered[-1] ^= 1
+    path = tmp_path / "v6.pcap"
+    wrpcap(str(path), [Ether() / IPv6(p) for p in (wire[0], bytes(tampered), wire[1])])
+    code, out, _ = run(capsys, "decode", "--config", str(EXAMPLES / "host6-b.toml"), str(path))
+    lines = out.splitlines()
+    assert code == 4, out
+    assert (f"ok    sa=a-to-b  ICMPv6 {src} > {dst} echo-request id=3 seq=1") in lines[0]
+    assert "DROP  integrity sa=a-to-b" in lines[1]  # before the genuine one: not a replay
+    assert f"ok    sa=a-to-b  UDP {src}:4000 > {dst}:53 len=9" in lines[2]
 
 
 def test_genkey(capsys: pytest.CaptureFixture[str]) -> None:

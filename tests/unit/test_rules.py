@@ -10,7 +10,7 @@ from typing import Any
 
 import gate
 import pytest
-from configs import CPUS, cfg_of, everything_data, host_data, toml_text, udp_data
+from configs import CPUS, cfg_of, everything_data, host6_data, host_data, toml_text, udp_data
 from repo import EXAMPLES, ROOT
 
 from nfq_ipsec import iptables, rules
@@ -39,6 +39,7 @@ def rule_lines(text: str) -> list[str]:
 
 
 ICMP_ERROR_MARK = "=0x3,0x4,0x5,0xb,0xc"  # in the u32 match of every ICMP-error rule
+ICMP6_ERROR_MARK = "0x28>>0x18=0x1:0x4"  # and of every ICMPv6-error rule
 FRAG_NEEDED_MARK = "@0x0>>0x10=0x304&&"  # ... and of a path MTU report (type 3 code 4)
 DEFRAG_RULE = "-p esp -m esp --espspi 0 -m socket -j RETURN"  # turns reassembly on, matches nothing
 
@@ -50,7 +51,7 @@ def chain(text: str, name: str, icmp_errors: bool = False) -> list[str]:
     prefix = f"-A {name} "
     return [line[len(prefix):] for line in rule_lines(text) if line.startswith(prefix)
             and (icmp_errors or (ICMP_ERROR_MARK not in line and FRAG_NEEDED_MARK not in line
-                                 and DEFRAG_RULE not in line))]
+                                 and ICMP6_ERROR_MARK not in line and DEFRAG_RULE not in line))]
 
 
 def table_of(text: str, name: str) -> list[str]:
@@ -708,36 +709,106 @@ def test_status_tells_closed_from_live() -> None:
     assert not iptables.compare(rules.close(live), rules.parse_save(as_save(cfg))).matches
 
 
+ND_RULES = [f"-p ipv6-icmp -m icmp6 --icmpv6-type {t} -m hl --hl-eq 255 -j RETURN"
+            for t in (133, 134, 135, 136, 137)] + [
+    f"-p ipv6-icmp -m icmp6 --icmpv6-type {t} -m hl --hl-eq 1 -j RETURN"
+    for t in (130, 131, 132, 143)]
+MARK_RETURN = "-m mark --mark 0x10000000/0x10000000 -j RETURN"
+
+
 def test_ipv6_rules_follow_the_default() -> None:
+    """Without IPv6 policies: nothing with default bypass; with discard, every IPv6 packet
+    drops but neighbour discovery and MLD (unless turned off)."""
     assert rules.build6(cfg_of(host_data(default="bypass"))) is None
     v6 = rules.build6(cfg_of(host_data()))
     assert v6 is not None and v6.family == 6
     text = rules.render_ruleset(v6, comments=False)
-    assert chain(text, "NFQIPSEC-IN") == ["-j DROP"]
-    assert chain(text, "NFQIPSEC-OUT") == ["-j DROP"]
+    unknown_spi = "-p esp -m addrtype --dst-type LOCAL -j DROP"
+    assert chain(text, "NFQIPSEC-IN") == [MARK_RETURN, *ND_RULES, unknown_spi, "-j DROP"]
+    assert chain(text, "NFQIPSEC-OUT") == [*ND_RULES, "-j DROP"]
     assert "-I PREROUTING 1 -i eth1 -j NFQIPSEC-IN" in text
     assert "-I OUTPUT 1 -o eth1 -j NFQIPSEC-OUT" in text
-    assert [r.reason for t in v6.tables for r in t.rules] == ["ipv6", "ipv6"]
-    nd = rules.build6(cfg_of(host_data(ipv6_neighbour_discovery=True)))
-    assert nd is not None
-    out = chain(rules.render_ruleset(nd, comments=False), "NFQIPSEC-OUT")
-    assert out == [f"-p ipv6-icmp -m icmp6 --icmpv6-type {t} -m hl --hl-eq 255 -j RETURN"
-                   for t in (133, 134, 135, 136)] + ["-j DROP"]
+    assert "10.0.0" not in text and "--espspi 4096" not in text  # the IPv4 policy and its SAs
+    off = rules.build6(cfg_of(host_data(ipv6_neighbour_discovery=False)))
+    assert off is not None
+    off_text = rules.render_ruleset(off, comments=False)
+    assert chain(off_text, "NFQIPSEC-OUT") == ["-j DROP"]
+    assert [r.reason for t in off.tables for r in t.rules if r.args[-1] == "DROP"] == [
+        "unknown_spi", "no_policy", "no_policy"]
 
 
 def test_ipv6_rules_without_interface_and_on_gateways() -> None:
-    data = host_data()
+    data = host_data(ipv6_neighbour_discovery=False)
     del data["node"]["interface"]
     v6 = rules.build6(cfg_of(data))
     assert v6 is not None
     text = rules.render_ruleset(v6, comments=False)
-    assert chain(text, "NFQIPSEC-IN") == ["-i lo -j RETURN", "-j DROP"]
+    assert chain(text, "NFQIPSEC-IN") == [MARK_RETURN, "-i lo -j RETURN",
+                                          "-p esp -m addrtype --dst-type LOCAL -j DROP", "-j DROP"]
     assert "-I PREROUTING 1 -j NFQIPSEC-IN" in text
     gw = rules.build6(example("gateway-a.toml"))
     assert gw is not None
     gw_text = rules.render_ruleset(gw, comments=False)
     assert "-I FORWARD 1 -o wan0 -j NFQIPSEC-LEAK" in gw_text
     assert chain(gw_text, "NFQIPSEC-LEAK") == ["-j DROP"]
+
+
+def test_ipv6_policies_get_the_ipv4_layout_in_ip6tables() -> None:
+    cfg = cfg_of(host6_data())
+    v4 = rules.render(cfg, comments=False)
+    assert "2001:db8" not in v4 and "--espspi 8192" not in v4  # nothing IPv6 in iptables
+    v6 = rules.build6(cfg)
+    assert v6 is not None and v6.family == 6
+    text = rules.render_ruleset(v6, comments=False)
+    assert chain(text, "NFQIPSEC-IN") == [
+        MARK_RETURN, *ND_RULES,
+        "-p esp -m esp --espspi 8192 -j NFQUEUE --queue-num 7",
+        "-p esp -m addrtype --dst-type LOCAL -j DROP",
+        "-s 2001:db8::2/128 -d 2001:db8::1/128 -j DROP",
+        "-j DROP"]
+    mss = 1500 - 60 - overhead_for(cfg.sa("out0"))
+    assert chain(text, "NFQIPSEC-P0") == [
+        f"-p tcp -m tcp --tcp-flags SYN,RST SYN -j TCPMSS --set-mss {mss}",
+        "-j NFQUEUE --queue-num 7", "-j DROP"]
+    assert chain(text, "NFQIPSEC-OUT") == [
+        "-p esp -m esp --espspi 4096 -m mark --mark 0x10000000/0x10000000 -j RETURN",
+        *ND_RULES, "-s 2001:db8::1/128 -d 2001:db8::2/128 -j NFQIPSEC-P0", "-j DROP"]
+    assert "--icmp-type" not in text and "-f " not in text  # IPv4-only matches
+
+
+def test_ipv6_icmp_errors_match_the_quoted_ipv6_flow() -> None:
+    data = host6_data(default="bypass")
+    data["policy"][0].update(protocol="udp", remote_ports="5000")
+    v6 = rules.build6(cfg_of(data))
+    assert v6 is not None
+    out = [r.args for r in v6.tables[1].rules if "u32" in r.args and r.chain == "NFQIPSEC-OUT"]
+    # leaving: an error about an inbound datagram 2001:db8::2:5000 -> 2001:db8::1
+    # (ten tests at most per u32 match: two IPv6 addresses take two matches)
+    assert out == [("-p", "ipv6-icmp", "-m", "u32", "--u32",
+                    "0x4>>0x8&0xff=0x3a&&0x28>>0x18=0x1:0x4&&0x38&0xffffffff=0x20010db8&&"
+                    "0x3c&0xffffffff=0x0&&0x40&0xffffffff=0x0&&0x44&0xffffffff=0x2&&"
+                    "0x48&0xffffffff=0x20010db8&&0x4c&0xffffffff=0x0&&0x50&0xffffffff=0x0&&"
+                    "0x54&0xffffffff=0x1", "-m", "u32", "--u32",
+                    "0x34>>0x8&0xff=0x11&&0x58>>0x10=0x1388", "-j", "NFQIPSEC-P0")]
+    esp = rules.quoted_esp6_args(0x1000)
+    assert esp[-1].endswith("0x34>>0x8&0xff=0x32&&0x58=0x1000")
+
+
+def test_ipv6_tunnel_sa_steers_by_its_outer_family() -> None:
+    """A 4-in-6 tunnel: the policy (IPv4) is in iptables, its ESP (IPv6) in ip6tables."""
+    data = host_data()
+    for sa in data["sa"]:
+        tl, tr = ("2001:db8::a", "2001:db8::b") if sa["direction"] == "out" else (
+            "2001:db8::b", "2001:db8::a")
+        sa.update(mode="tunnel", tunnel_local=tl, tunnel_remote=tr)
+    cfg = cfg_of(data)
+    v4 = rules.render(cfg, comments=False)
+    assert "-s 10.0.0.1/32 -d 10.0.0.2/32 -j NFQIPSEC-P0" in v4 and "--espspi 8192" not in v4
+    v6 = rules.build6(cfg)
+    assert v6 is not None
+    text = rules.render_ruleset(v6, comments=False)
+    assert "-p esp -m esp --espspi 8192 -j NFQUEUE --queue-num 7" in chain(text, "NFQIPSEC-IN")
+    assert "NFQIPSEC-P0" not in text
 
 
 def test_ipv6_neighbour_discovery_must_be_a_boolean() -> None:

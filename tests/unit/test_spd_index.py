@@ -10,7 +10,7 @@ subclass that counts), never by timing.
 from __future__ import annotations
 
 from collections.abc import Callable
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from typing import Any
 
 import pytest
@@ -18,9 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nfq_ipsec import corebuild
-from nfq_ipsec.core import SPD, Action, Direction, Policy, Selector
+from nfq_ipsec.core import SPD, Action, Direction, Policy, Selector, ipv6
 from nfq_ipsec.core import spd as spd_module
 from nfq_ipsec.core.packet import PacketKey
+from nfq_ipsec.core.spd import Network
 
 MODES = ("auto", "index", "linear")
 LOCAL = "192.0.2.10"
@@ -31,8 +32,10 @@ def build(policies: list[Policy], mode: str = "auto") -> SPD:
 
 
 def reference(policies: list[Policy], k: PacketKey, outbound: bool) -> Policy | None:
+    v6 = k.src > 0xFFFFFFFF  # an IPv6 key: its addresses carry the marker bit
     for p in policies:
-        if p.direction.covers(outbound) and p.selector.matches(k, outbound):
+        if p.direction.covers(outbound) and (
+                p.selector.matches6(k, outbound) if v6 else p.selector.matches(k, outbound)):
             return p
     return None
 
@@ -105,7 +108,7 @@ policy_lists = st.one_of(st.lists(_entries, max_size=7), st.lists(_entries, min_
     lambda raw: [Policy(f"p{i}", sel, act, d) for i, (sel, act, d) in enumerate(raw)])
 
 
-def _inside(draw: st.DrawFn, net: IPv4Network) -> int:
+def _inside(draw: st.DrawFn, net: Network) -> int:
     """An address in ``net``: often one of ADDRS (inside many prefixes at once), if one is."""
     pool = [addr for addr in map(IPv4Address, ADDRS) if addr in net]
     if pool and draw(st.booleans()):  # type: ignore[arg-type]
@@ -155,6 +158,46 @@ def test_indexed_lookup_is_the_first_match(data: st.DataObject, policies: list[P
         want = reference(policies, k, outbound)
         for mode, spd in spds.items():
             assert spd.lookup(k, outbound) is want, (mode, k, outbound)
+
+
+# IPv6: the same shapes moved into 2001:db8::/96 (a /0 stays ::/0, ICMP becomes ICMPv6)
+PREFIX6 = 0x20010DB8 << 96
+
+
+def _net6(net: Network) -> IPv6Network:
+    if not net.prefixlen:
+        return IPv6Network("::/0")
+    return IPv6Network((PREFIX6 | int(net.network_address), net.prefixlen + 96))
+
+
+def _as_v6(p: Policy) -> Policy:
+    sel = p.selector
+    proto = ipv6.NH_ICMPV6 if sel.protocol == 1 else sel.protocol
+    return Policy(p.name, Selector(_net6(sel.local), _net6(sel.remote), proto, sel.local_ports,
+                                   sel.remote_ports, sel.icmp_type, sel.icmp_code),
+                  p.action, p.direction)
+
+
+def _key6(k: PacketKey) -> PacketKey:
+    proto = ipv6.NH_ICMPV6 if k.protocol == 1 else k.protocol
+    return PacketKey(ipv6.V6 | PREFIX6 | k.src, ipv6.V6 | PREFIX6 | k.dst, proto, k.sport, k.dport)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data(), policy_lists)
+def test_mixed_family_lookup_is_the_first_match_of_the_family(
+        data: st.DataObject, policies: list[Policy]) -> None:
+    """IPv4 and IPv6 policies in one list: a key finds the first match among its own
+    family's policies, never one of the other family, in every mode."""
+    mixed = [_as_v6(p) if data.draw(st.booleans()) else p for p in policies]
+    spds = {mode: build(mixed, mode) for mode in MODES}
+    for _ in range(16):
+        k, outbound = data.draw(keys_for(policies))
+        for k2 in (k, _key6(k)):
+            want = reference(mixed, k2, outbound)
+            assert want is None or want.selector.v6 == (k2 is not k)
+            for mode, spd in spds.items():
+                assert spd.lookup(k2, outbound) is want, (mode, k2, outbound)
 
 
 @settings(max_examples=50, deadline=None)

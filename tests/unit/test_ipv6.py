@@ -1,0 +1,164 @@
+"""The IPv6 packet view (core/ipv6.py) against packets scapy builds: the extension-header walk,
+selector keys, quoted keys of ICMPv6 errors, where transport-mode ESP goes, and the drops."""
+
+from __future__ import annotations
+
+import random
+from ipaddress import IPv6Address
+
+import pytest
+from scapy.layers.inet import TCP, UDP
+from scapy.layers.inet6 import (
+    ICMPv6DestUnreach,
+    ICMPv6EchoRequest,
+    ICMPv6MLReport2,
+    ICMPv6ND_NS,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+)
+from scapy.packet import Packet, Raw
+
+from nfq_ipsec.core import ipv6
+from nfq_ipsec.core.errors import DropReason, EspError
+
+A, B = "2001:db8:1::10", "2001:db8:2::20"
+
+
+def raw(pkt: Packet) -> bytes:
+    return bytes(pkt)
+
+
+def addr(text: str) -> int:
+    return ipv6.V6 | int(IPv6Address(text))
+
+
+def test_plain_udp_key_matches_scapy() -> None:
+    data = raw(IPv6(src=A, dst=B, tc=0xB8, fl=0x12345, hlim=7) / UDP(sport=5353, dport=53) / b"x")
+    hdr = ipv6.parse_ipv6(data)
+    assert (hdr.tclass, hdr.flow, hdr.hop_limit) == (0xB8, 0x12345, 7)
+    assert (hdr.protocol, hdr.offset, hdr.split, hdr.frag_offset) == (17, 40, 40, -1)
+    assert hdr.total_length == len(data)
+    key = ipv6.packet_key6(data, hdr)
+    assert key.fields() == (addr(A), addr(B), 17, 5353, 53)
+
+
+def test_walk_reaches_the_upper_layer_and_splits_after_routing() -> None:
+    pkt = (IPv6(src=A, dst=B) / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt()
+           / IPv6ExtHdrRouting(addresses=[]) / IPv6ExtHdrDestOpt() / TCP(sport=1, dport=443))
+    data = raw(pkt)
+    hdr = ipv6.parse_ipv6(data)
+    assert hdr.protocol == 6
+    assert hdr.offset == 40 + 4 * 8
+    # ESP goes after hop-by-hop, the destination options before routing, and routing itself
+    assert hdr.split == 40 + 3 * 8
+    assert data[hdr.split_nh_at] == 60  # routing's next header: the destination options after it
+    assert data[hdr.nh_at] == 6
+    assert ipv6.packet_key6(data, hdr).fields()[2:] == (6, 1, 443)
+
+
+def test_destination_options_alone_go_inside_esp() -> None:
+    data = raw(IPv6(src=A, dst=B) / IPv6ExtHdrDestOpt() / UDP(sport=1, dport=2))
+    hdr = ipv6.parse_ipv6(data)
+    assert (hdr.split, hdr.split_nh_at, hdr.offset) == (40, 6, 48)
+
+
+def test_icmpv6_key_carries_type_and_code() -> None:
+    data = raw(IPv6(src=A, dst=B) / ICMPv6EchoRequest(id=1, seq=2))
+    key = ipv6.packet_key6(data, ipv6.parse_ipv6(data))
+    assert key.fields()[2:] == (58, 128, 0)
+
+
+def test_first_fragment_has_ports_later_ones_none() -> None:
+    first = raw(IPv6(src=A, dst=B) / IPv6ExtHdrFragment(nh=17, offset=0, m=1, id=9)
+                / UDP(sport=7, dport=8) / (b"a" * 16))
+    hdr = ipv6.parse_ipv6(first)
+    assert hdr.is_fragment and hdr.frag_offset == 0
+    assert ipv6.packet_key6(first, hdr).fields()[2:] == (17, 7, 8)
+    later = raw(IPv6(src=A, dst=B) / IPv6ExtHdrFragment(nh=17, offset=3, m=0, id=9) / (b"b" * 16))
+    hdr = ipv6.parse_ipv6(later)
+    assert hdr.is_fragment and hdr.frag_offset == 3
+    assert ipv6.packet_key6(later, hdr).fields()[2:] == (17, None, None)
+
+
+def test_esp_ends_the_walk() -> None:
+    data = raw(IPv6(src=A, dst=B, nh=0) / IPv6ExtHdrHopByHop(nh=50) / Raw(b"\0\0\1\0" + bytes(20)))
+    hdr = ipv6.parse_ipv6(data)
+    assert (hdr.protocol, hdr.offset, hdr.nh_at) == (50, 48, 40)
+
+
+def _with_payload_length(data: bytes, plen: int) -> bytes:
+    return data[:4] + plen.to_bytes(2, "big") + data[6:]
+
+
+@pytest.mark.parametrize(("build", "reason"), [
+    (lambda: raw(IPv6(src=A, dst=B) / UDP())[:39], DropReason.MALFORMED),
+    (lambda: _with_payload_length(raw(IPv6(src=A, dst=B) / UDP()), 9), DropReason.MALFORMED),
+    (lambda: b"\x45" + raw(IPv6(src=A, dst=B) / UDP())[1:], DropReason.NOT_IPV4),
+    # a destination options header claiming 16 bytes in an 8-byte payload
+    (lambda: raw(IPv6(src=A, dst=B, nh=60) / Raw(bytes((17, 1)) + bytes(6))),
+     DropReason.BAD_EXT_HEADER),
+    # a chain cut inside its first 8 bytes
+    (lambda: raw(IPv6(src=A, dst=B, nh=0) / Raw(bytes(4))), DropReason.BAD_EXT_HEADER),
+    # hop-by-hop after another header
+    (lambda: raw(IPv6(src=A, dst=B) / IPv6ExtHdrDestOpt() / IPv6ExtHdrHopByHop() / UDP()),
+     DropReason.BAD_EXT_HEADER),
+    (lambda: raw(IPv6(src=A, dst=B) / IPv6ExtHdrFragment(m=1) / IPv6ExtHdrFragment() / UDP()),
+     DropReason.BAD_EXT_HEADER),
+    (lambda: raw(IPv6(src=A, dst=B) / _dest_opts(ipv6.MAX_EXT_HEADERS + 1) / UDP()),
+     DropReason.EXT_CHAIN_TOO_LONG),
+])
+def test_bad_chains_drop_with_their_reason(build: object, reason: DropReason) -> None:
+    assert callable(build)
+    with pytest.raises(EspError) as info:
+        ipv6.parse_ipv6(build())
+    assert info.value.reason is reason
+
+
+def _dest_opts(n: int) -> Packet:
+    chain: Packet = IPv6ExtHdrDestOpt()
+    for _ in range(n - 1):
+        chain = chain / IPv6ExtHdrDestOpt()
+    return chain
+
+
+def test_longest_allowed_chain_parses() -> None:
+    data = raw(IPv6(src=A, dst=B) / _dest_opts(ipv6.MAX_EXT_HEADERS) / UDP(sport=1, dport=2))
+    assert ipv6.parse_ipv6(data).protocol == 17
+
+
+def test_quoted_key_of_an_icmpv6_error() -> None:
+    about = IPv6(src=B, dst=A) / IPv6ExtHdrDestOpt() / UDP(sport=4000, dport=53) / (b"q" * 100)
+    err = raw(IPv6(src=A, dst=B) / ICMPv6DestUnreach(code=4) / raw(about)[:60])
+    key = ipv6.quoted_key6(err, ipv6.parse_ipv6(err))
+    assert key is not None
+    assert key.fields() == (addr(B), addr(A), 17, 4000, 53)
+    echo = raw(IPv6(src=A, dst=B) / ICMPv6EchoRequest())
+    assert ipv6.quoted_key6(echo, ipv6.parse_ipv6(echo)) is None
+
+
+def test_neighbour_discovery_and_mld_are_link_messages() -> None:
+    for pkt in (IPv6(src="fe80::1", dst="ff02::1:ff00:2", hlim=255) / ICMPv6ND_NS(tgt="fe80::2"),
+                IPv6(src="fe80::1", dst="ff02::16", hlim=1) / IPv6ExtHdrHopByHop() / ICMPv6MLReport2()):
+        data = raw(pkt)
+        assert ipv6.is_link_message(data, ipv6.parse_ipv6(data))
+    echo = raw(IPv6(src=A, dst=B) / ICMPv6EchoRequest())
+    assert not ipv6.is_link_message(echo, ipv6.parse_ipv6(echo))
+
+
+def test_addr_str_is_rfc5952() -> None:
+    rnd = random.Random(6)
+    for _ in range(300):
+        words = [rnd.choice([0, 0, 0, 1, 0xFFFF, rnd.randrange(65536)]) for _ in range(8)]
+        value = int("".join(f"{w:04x}" for w in words), 16)
+        assert ipv6.addr_str(ipv6.V6 | value) == str(IPv6Address(value))
+    assert ipv6.addr_str(0x0A000001) == "10.0.0.1"
+
+
+def test_build_header6_round_trips_through_scapy() -> None:
+    head = ipv6.build_header6(0x2E, 0xABCDE, 8, 17, 9, addr(A), addr(B))
+    pkt = IPv6(head + raw(UDP(sport=1, dport=2))[:8])
+    assert (pkt.tc, pkt.fl, pkt.plen, pkt.nh, pkt.hlim, pkt.src, pkt.dst) == (
+        0x2E, 0xABCDE, 8, 17, 9, A, B)
