@@ -147,7 +147,10 @@ class Processor:
                 too_big = self._too_big(sa, data, hdr, limit, now, forwarded)
                 if too_big is not None:
                     return too_big
-            out = self._seal(sa, data, hdr, now)
+            out = esp.encapsulate(sa, data, hdr)
+            udp = sa.udp
+            if udp is not None:  # ESP in UDP (RFC 3948); inline: the per-packet path
+                out = udpencap.wrap(udp, out, sa.tunnel, now)
             sa.account(hdr.total_length)
             return self._accept(out, sa, sa.next_seq - 1)
         except EspError as err:
