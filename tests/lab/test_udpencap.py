@@ -17,8 +17,9 @@ One run per mode, while tcpdump records the NAT's public side:
    client's keepalives run, then the *server* starts: its traffic reaches the client only if
    the mapping stayed up;
 3. a forced port change: the MASQUERADE range moved to 20100-20199 and the mapping deleted
-   (conntrack -D); the client's next packets leave from a new port, the server follows them
-   once one authenticates, and traffic passes both ways;
+   (conntrack -D); the client's next packets leave from a new port; its keepalives from there
+   move nothing (the server's ping still goes to the old port and is lost), the server
+   follows once the client's ESP authenticates, and traffic passes both ways;
 4. hostile input from the public side to the server's port 4500: runts, markers, a keepalive
    flood, random SPIs, and a captured packet of the client's replayed from another port;
 5. tshark checks the ICV of every ESP-in-UDP packet of the capture with the SAs' keys.
@@ -205,14 +206,15 @@ class Wire:
     ipv4: int
     esp_in_udp: int
     keepalives: int
+    unreachable: int  # the NAT's port unreachables for the server's ESP to a mapping gone
     other: list[str]  # anything else: cleartext or plain ESP
 
 
 def read_wire(pcap: Path) -> Wire:
-    from scapy.layers.inet import IP, UDP
+    from scapy.layers.inet import ICMP, IP, UDP, UDPerror
     from scapy.utils import PcapReader
 
-    ipv4 = esp = ka = 0
+    ipv4 = esp = ka = unreachable = 0
     other: list[str] = []
     with PcapReader(str(pcap)) as reader:
         for n, pkt in enumerate(reader, 1):
@@ -232,13 +234,18 @@ def read_wire(pcap: Path) -> Wire:
                     continue
                 if pkt[UDP].sport == 31337:  # the hostile step's own datagrams
                     continue
+            if (ICMP in pkt and (ip.src, ip.dst) == (ROUTER_WAN, SERVER) and pkt[ICMP].type == 3
+                    and UDPerror in pkt and pkt[UDPerror].sport == 4500):
+                unreachable += 1
+                continue
             other.append(f"frame {n}: {pkt.summary()}")
-    return Wire(ipv4, esp, ka, other)
+    return Wire(ipv4, esp, ka, unreachable, other)
 
 
 def tshark_icv(pcap: Path, keys: dict[str, str]) -> tuple[int, int, int]:
     """(ESP packets of our SPIs, ICV good, ICV bad) as tshark's ESP-in-UDP dissector sees the
-    capture (the hostile step's random SPIs are no SA's: left out)."""
+    capture (the hostile step's random SPIs are no SA's, and the ESP that ICMP errors quote is
+    no packet of its own: left out)."""
     tshark = gate.tool("tshark", "tshark")
     argv = [tshark, "-n", "-r", str(pcap), "--disable-protocol", "tcp",
             "-o", "esp.enable_encryption_decode:TRUE", "-o", "esp.enable_authentication_check:TRUE"]
@@ -246,8 +253,9 @@ def tshark_icv(pcap: Path, keys: dict[str, str]) -> tuple[int, int, int]:
         fields = ["IPv4", "*", "*", f"0x{spi:08x}", TSHARK_ENCRYPTION["aes-gcm-128"], f"0x{key}",
                   TSHARK_INTEGRITY[None], ""]
         argv += ["-o", "uat:esp_sa:" + ",".join(f'"{f}"' for f in fields)]
-    argv += ["-Y", f"esp.spi == 0x{SPI_C2S:x} || esp.spi == 0x{SPI_S2C:x}", "-T", "fields",
-             "-E", "separator=|", "-e", "esp.spi", "-e", "esp.icv_good", "-e", "esp.icv_bad"]
+    # our SPIs, in packets whose outermost IP header carries UDP (not an ICMP error's quote)
+    argv += ["-Y", f"(esp.spi == 0x{SPI_C2S:x} || esp.spi == 0x{SPI_S2C:x}) && ip.proto#1 == 17",
+             "-T", "fields", "-E", "separator=|", "-e", "esp.spi", "-e", "esp.icv_good", "-e", "esp.icv_bad"]
     res = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=300)
     assert res.returncode == 0, res.stderr[-500:]
     lines = [ln.split("|") for ln in res.stdout.splitlines() if ln.strip()]
@@ -307,9 +315,10 @@ def nat(request: pytest.FixtureRequest) -> Iterator[NatRun]:
                 router.run(["conntrack", "-D", "-p", "udp", "--orig-src", CLIENT])
                 time.sleep(KEEPALIVE * 2)  # a keepalive makes the new mapping (not authenticated)
                 port = public_port(router)
+                stale = ping(s, client_addr, count=2)  # still to the old port: nothing there
                 result = ping(c, SERVER, count=3)  # authenticated: the server follows
                 back = ping(s, client_addr, count=3)
-                return {"port": port, "ping": result, "back": back,
+                return {"port": port, "stale": stale, "ping": result, "back": back,
                         "server": Daemon.sa(daemons["server"].status(), "in"),
                         "server_out": Daemon.sa(daemons["server"].status(), "out")}
 
@@ -412,6 +421,9 @@ def test_keepalives_hold_the_mapping_while_idle(nat: NatRun) -> None:
 def test_a_forced_port_change_is_followed(nat: NatRun) -> None:
     change = nat.get("port_change")
     assert PORTS_AFTER[0] <= change["port"] <= PORTS_AFTER[1]
+    # the keepalives from the new port moved nothing: the server's traffic went to the old
+    # one, where the NAT has nothing any more, until the client's ESP authenticated
+    assert change["stale"].received == 0, change["stale"].output
     assert change["ping"].ok and change["back"].ok, (change["ping"].output, change["back"].output)
     assert change["server"]["udp_peer"].endswith(f":{change['port']}")
     assert change["server_out"]["udp_peer"].endswith(f":{change['port']}")
@@ -448,6 +460,8 @@ def test_status_shows_the_encapsulation(nat: NatRun) -> None:
 def test_the_wire_holds_only_esp_in_udp(nat: NatRun) -> None:
     wire: Wire = nat.get("wire")
     assert wire.esp_in_udp > 50 and wire.keepalives > 0
+    assert 1 <= wire.unreachable <= 2  # the stale pings of the port change (the kernel may
+    # rate-limit its port unreachables)
     assert wire.other == [], wire.other[:10]
 
 
