@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -65,8 +64,10 @@ def make_keys() -> dict[str, str]:
 
 
 def write_config(directory: Path, a_side: bool, iface: str, keys: dict[str, str],
-                 iptables: str = "auto") -> Path:
-    """One host's config: per queue i a policy for UDP to PORTS[i] with SAs ab{i}/ba{i}."""
+                 iptables: str = "auto", per_port: bool = True) -> Path:
+    """One host's config: per queue i a policy for UDP to PORTS[i] with SAs ab{i}/ba{i}; or,
+    not ``per_port``, one policy for everything between the two hosts with all the SAs (the
+    rules spread flows over the queues, one SA per queue and direction as in RFC 9611)."""
     directory.mkdir(parents=True, exist_ok=True)
     me, peer = (ADDR_A, ADDR_B) if a_side else (ADDR_B, ADDR_A)
     out_d, in_d = ("ab", "ba") if a_side else ("ba", "ab")
@@ -83,7 +84,17 @@ def write_config(directory: Path, a_side: bool, iface: str, keys: dict[str, str]
         iptables = "{iptables}"
         log_level = "info"
     """)
-    for i, port in enumerate(PORTS):
+    if not per_port:
+        names = [f"{d}{i}" for d in (out_d, in_d) for i in range(len(QUEUES))]
+        text += textwrap.dedent(f"""
+            [[policy]]
+            name = "pair"
+            action = "protect"
+            local = "{me}/32"
+            remote = "{peer}/32"
+            sa = [{", ".join(f'"{n}"' for n in names)}]
+        """)
+    for i, port in enumerate(PORTS if per_port else ()):
         text += textwrap.dedent(f"""
             [[policy]]
             name = "port{port}"
@@ -426,39 +437,6 @@ def send(pair: Pair, messages: list[tuple[int, str]], gap: float = 0.005, settle
     finally:
         end(receiver)
     return [text for _, text in got]
-
-
-# -- crafting packets ------------------------------------------------------------------------------
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
-def ipv4(src: str, dst: str, proto: int, payload: bytes, ident: int = 1, frag: int = 0x4000,
-         total: int | None = None) -> bytes:
-    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total if total is not None else 20 + len(payload),
-                      ident, frag, 64, proto, 0, socket.inet_aton(src), socket.inet_aton(dst))
-    return hdr[:10] + struct.pack("!H", checksum(hdr)) + hdr[12:] + payload
-
-
-def udp(src: str, dst: str, sport: int, dport: int, data: bytes) -> bytes:
-    return ipv4(src, dst, 17, struct.pack("!HHHH", sport, dport, 8 + len(data), 0) + data)
-
-
-def fragments(packet: bytes, size: int = 8000) -> list[bytes]:
-    """Split an IPv4 packet (20-byte header) into fragments of ``size`` payload bytes."""
-    src, dst = socket.inet_ntoa(packet[12:16]), socket.inet_ntoa(packet[16:20])
-    proto, ident = packet[9], struct.unpack_from("!H", packet, 4)[0]
-    body = packet[20:]
-    out = []
-    for off in range(0, len(body), size):
-        more = 0x2000 if off + size < len(body) else 0
-        out.append(ipv4(src, dst, proto, body[off:off + size], ident, more | (off // 8)))
-    return out
 
 
 def bench_environment_or_skip() -> None:

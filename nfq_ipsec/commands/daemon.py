@@ -11,6 +11,7 @@ import sys
 import time
 
 from .. import control, exitcodes, hardening, iptables, logsetup, procs, supervisor
+from ..config import Config
 from .common import load_or_report
 
 
@@ -70,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
 def stop(args: argparse.Namespace) -> int:
     """``nfq-ipsec stop --config X [--remove-rules]``: SIGTERM to the daemon that answers on the
     configured control socket, wait for it to exit; then, if asked, remove the rules.
-    Exit codes: 0 stopped (and removed), 1 it did not stop in time or a command failed,
+    Exit codes: 0 stopped (and removed), 1 it did not stop in time, a command failed, or its
+    rules, read back after the stop, are neither closed nor live (protected traffic may pass),
     2 invalid config, 3 no daemon answered (with --remove-rules the rules are still removed)."""
     cfg = load_or_report(args.config)
     if cfg is None:
@@ -93,8 +95,9 @@ def stop(args: argparse.Namespace) -> int:
             print(f"nfq-ipsec: the daemon (pid {pid}) did not stop within {args.timeout:g} s",
                   file=sys.stderr)
             return exitcodes.FAILURE
-        print(f"nfq-ipsec: daemon (pid {pid}) stopped; its rules are closed (protected traffic "
-              "is dropped)" if not args.remove_rules else f"nfq-ipsec: daemon (pid {pid}) stopped")
+        if not args.remove_rules:
+            return _check_rules_after_stop(cfg, pid)
+        print(f"nfq-ipsec: daemon (pid {pid}) stopped")
     if args.remove_rules:
         try:
             iptables.remove(cfg)
@@ -104,6 +107,29 @@ def stop(args: argparse.Namespace) -> int:
             return exitcodes.FAILURE
         print("nfq-ipsec: rules removed: traffic is no longer checked against the policies")
     return code
+
+
+def _check_rules_after_stop(cfg: Config, pid: int) -> int:
+    """The daemon is gone: say what its rules now do, read back from the kernel, rather than
+    what they should do. Exit 1 unless protected traffic is dropped."""
+    try:
+        st = iptables.status(cfg)
+    except iptables.RulesError as err:
+        print(f"nfq-ipsec: daemon (pid {pid}) stopped, but its rules could not be read: {err}",
+              file=sys.stderr)
+        return exitcodes.FAILURE
+    if st.closed:
+        print(f"nfq-ipsec: daemon (pid {pid}) stopped; its rules are closed (protected traffic "
+              "is dropped)")
+        return exitcodes.OK
+    if st.matches:
+        print(f"nfq-ipsec: daemon (pid {pid}) stopped; its live rules are still in place, and "
+              "with no worker on their queues protected traffic is dropped")
+        return exitcodes.OK
+    print(f"nfq-ipsec: daemon (pid {pid}) stopped, but its rules are {st.describe()}\n"
+          "nfq-ipsec: protected traffic may not be dropped; `nfq-ipsec rules install --closed` "
+          "or a new `nfq-ipsec run` puts the rules back", file=sys.stderr)
+    return exitcodes.FAILURE
 
 
 def reload(args: argparse.Namespace) -> int:

@@ -43,13 +43,13 @@ from labutil import (
     daemon,
     end,
     inject,
-    ipv4,
     make_keys,
     make_pair,
     nfq_ipsec,
     ready,
     result,
 )
+from packets import ipv4
 
 CANARY = f"CANARY{os.getpid()}x"
 GAP = 0.005  # seconds between rounds of the paced sender (one datagram per flow and port)

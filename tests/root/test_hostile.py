@@ -41,17 +41,15 @@ from labutil import (
     cpu_seconds,
     daemon,
     end,
-    fragments,
     inject,
-    ipv4,
     make_keys,
     make_pair,
     nfq_ipsec,
     ready,
     result,
     send,
-    udp,
 )
+from packets import fragments, ipv4, udp
 
 from nfq_ipsec import control
 from nfq_ipsec.core.esp import pad_length

@@ -28,59 +28,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from labutil import ADDR_A, ADDR_B, Daemon, Pair, make_pair, nfq_ipsec
+from labutil import (
+    ADDR_B,
+    QUEUES,
+    SPI_AB,
+    SPI_BA,
+    Daemon,
+    Pair,
+    make_keys,
+    make_pair,
+    nfq_ipsec,
+    write_config,
+)
 from labutil import env as _env
 from statusschema import GOLDEN, check_answer
 
 PORT = 6000
-QUEUES = (210, 211)
-
-
-# -- configuration -----------------------------------------------------------------------------
-def write_config(path: Path, me: str, peer: str, iface: str, sock: Path, keys: dict[str, str],
-                 a_side: bool) -> Path:
-    """A host-to-host transport config with one SA per queue and direction (RFC 9611)."""
-    out_name, in_name = ("ab", "ba") if a_side else ("ba", "ab")
-    spi = {"ab": 0x1000, "ba": 0x2000}
-    names = [f"{d}{i}" for d in (out_name, in_name) for i in range(len(QUEUES))]
-    text = textwrap.dedent(f"""
-        [node]
-        interface = "{iface}"
-        role = "host"
-
-        [daemon]
-        queues = [{", ".join(map(str, QUEUES))}]
-        control_socket = "{sock}"
-        state_dir = "{path.parent / 'state'}"
-        log_level = "info"
-
-        [[policy]]
-        name = "pair"
-        action = "protect"
-        local = "{me}/32"
-        remote = "{peer}/32"
-        sa = [{", ".join(f'"{n}"' for n in names)}]
-    """)
-    for d, direction in ((out_name, "out"), (in_name, "in")):
-        for i, q in enumerate(QUEUES):
-            text += textwrap.dedent(f"""
-                [[sa]]
-                name = "{d}{i}"
-                direction = "{direction}"
-                spi = {spi[d] + i}
-                queue = {q}
-                encryption = "aes-gcm-128"
-                key = "0x{keys[f'{d}{i}']}"
-            """)
-    path.write_text(text)
-    path.chmod(0o600)
-    return path
-
-
-def make_keys() -> dict[str, str]:
-    return {f"{d}{i}": os.urandom(20).hex() for d in ("ab", "ba") for i in range(len(QUEUES))}
-
-
 # -- namespaces and the daemon (the lab's, through tests/labutil.py) ---------------------------
 @pytest.fixture
 def pair() -> Iterator[Pair]:
@@ -90,10 +53,9 @@ def pair() -> Iterator[Pair]:
 
 def _daemon(pair: Pair, ns: str, tmp_path: Path, name: str, keys: dict[str, str], a_side: bool,
             daemons: list[Daemon], **env: str) -> Daemon:
-    me, peer, iface = (ADDR_A, ADDR_B, pair.va) if a_side else (ADDR_B, ADDR_A, pair.vb)
     d = tmp_path / name
     d.mkdir()
-    cfg = write_config(d / "nfq.toml", me, peer, iface, d / "run" / "ctl.sock", keys, a_side)
+    cfg = write_config(d, a_side, pair.va if a_side else pair.vb, keys, per_port=False)
     daemon = Daemon(name, pair.host(ns), cfg, env=_env(**env), log=d / "daemon.log", lab=pair.lab)
     daemons.append(daemon)
     return daemon
@@ -105,10 +67,9 @@ def test_invalid_config_exit_2_and_nothing_created(tmp_path: Path,
     from nfq_ipsec.cli import main
 
     keys = make_keys()
-    cfg = write_config(tmp_path / "bad.toml", ADDR_A, ADDR_B, "eth0", tmp_path / "run" / "x.sock",
-                       keys, True)
+    cfg = write_config(tmp_path, True, "eth0", keys, per_port=False)
     text = cfg.read_text().replace('encryption = "aes-gcm-128"', 'encryption = "rot13"', 1)
-    cfg.write_text(text.replace("queue = 211", "queue = 999"))
+    cfg.write_text(text.replace(f"queue = {QUEUES[1]}", "queue = 999"))
     assert main(["run", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "invalid configuration" in err
@@ -130,7 +91,8 @@ def test_run_status_restart_and_clean_stop(pair: Pair, tmp_path: Path, daemons: 
     assert st["daemon"]["rules_installed"] is True
     assert st["daemon"]["pid"] == d.proc.pid if d.proc else False
     assert {s["name"] for s in st["sas"]} == {"ab0", "ab1", "ba0", "ba1"}
-    assert {s["spi"] for s in st["sas"]} == {"0x00001000", "0x00001001", "0x00002000", "0x00002001"}
+    spis = (SPI_AB, SPI_AB + 1, SPI_BA, SPI_BA + 1)
+    assert {s["spi"] for s in st["sas"]} == {f"0x{spi:08x}" for spi in spis}
     during = "\n".join(pair.iptables_save(pair.a))
     assert "NFQIPSEC" in during and "--queue-bypass" not in during
     sock = d.config.parent / "run" / "ctl.sock"
@@ -308,6 +270,17 @@ def test_status_json_has_the_golden_schema(pair: Pair, tmp_path: Path, daemons: 
         assert all(s["saved"] is not None for s in st["sas"] if s["packets"])  # state files
     assert a.stop() == 0
     assert b.stop() == 0
+
+
+def test_stop_command_reads_back_closed_rules(pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:
+    """``nfq-ipsec stop`` (no --remove-rules): SIGTERM, wait, then the rules as the kernel has
+    them: closed, which it says; exit 0."""
+    a, _b = _running_pair(pair, tmp_path, daemons)
+    res = pair.run(pair.a, *nfq_ipsec(), "stop", "--config", str(a.config), check=False)
+    assert res.returncode == 0, res.stderr
+    assert "its rules are closed (protected traffic is dropped)" in res.stdout, res.stdout
+    assert a.proc is not None and a.proc.wait(5) == 0
+    assert any("NFQIPSEC" in line and "DROP" in line for line in pair.iptables_save(pair.a))
 
 
 HOLD_QUEUE = textwrap.dedent("""

@@ -1,7 +1,8 @@
-"""The control socket's server half against hostile and careless clients (no root): real unix
-sockets, the server run by a thread the way the supervisor runs it (wait on its waitables,
-then ``serve``). Whatever a client sends or fails to do, it gets an error answer or is dropped
-at its deadline; the server never blocks on it, keeps answering everybody else and counts it.
+"""The control socket (no root): real unix sockets, the server run by a thread the way the
+supervisor runs it (wait on its waitables, then ``serve``); its modes and stale sockets; the
+status text rendering. Against hostile and careless clients: whatever a client sends or fails to
+do, it gets an error answer or is dropped at its deadline; the server never blocks on it, keeps
+answering everybody else and counts it.
 """
 
 from __future__ import annotations
@@ -9,19 +10,21 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import stat
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from repo import EXAMPLES
 
 from nfq_ipsec import control
 from nfq_ipsec.config import load_config
+from nfq_ipsec.status import StatusReport
 from nfq_ipsec.supervisor import Supervisor
 
 BIG = "x" * (8 << 20)  # an answer far larger than a unix socket's buffers
@@ -365,6 +368,7 @@ FD_PROBE = r"""
 import errno, json, os, resource, socket, sys, time
 from nfq_ipsec import control
 from nfq_ipsec.config import load_config
+from nfq_ipsec.status import StatusReport
 from nfq_ipsec.supervisor import Supervisor
 
 config, path = sys.argv[1], sys.argv[2]
@@ -422,3 +426,105 @@ def test_out_of_descriptors_the_loop_backs_off_and_recovers(tmp_path: Path) -> N
     assert "cannot accept a connection: Too many open files" in res.stderr
     assert got["answer"] is not None and got["answer"]["daemon"]["pid"] > 0, got
     assert got["recovered_after"] < control.ACCEPT_BACKOFF_MAX + 2.0, got  # the next try takes it
+
+
+# -- control socket ----------------------------------------------------------------------------
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[control.ControlServer]:
+    srv = control.ControlServer(str(tmp_path / "run" / "sub" / "ctl.sock"))
+    srv.open()
+    stop = threading.Event()
+
+    def serve() -> None:
+        from multiprocessing.connection import wait
+
+        while not stop.is_set():
+            wait(srv.waitables(), timeout=0.05)  # type: ignore[arg-type]
+            srv.serve(lambda req: {"echo": req, "secret": None})
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield srv
+    stop.set()
+    t.join()
+    srv.close()
+
+
+def test_control_socket_roundtrip_and_modes(server: control.ControlServer, tmp_path: Path) -> None:
+    path = Path(server.path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.parent.parent.stat().st_mode) == 0o700
+    assert control.request(server.path, {"command": "status"}) == {
+        "echo": {"command": "status"}, "secret": None}
+    with pytest.raises(control.ControlError, match="another nfq-ipsec daemon is running"):
+        control.ControlServer(server.path).open()
+
+
+def test_control_socket_replaces_stale_socket_and_refuses_non_socket(tmp_path: Path) -> None:
+    stale = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(stale))
+    s.close()  # the path stays, nobody listens
+    srv = control.ControlServer(str(stale))
+    srv.open()
+    srv.close()
+    assert not stale.exists()
+    plain = tmp_path / "file"
+    plain.write_text("")
+    with pytest.raises(control.ControlError, match="not a socket"):
+        control.ControlServer(str(plain)).open()
+
+
+def test_status_not_running_exit_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from nfq_ipsec.cli import main
+
+    assert main(["status", "--socket", str(tmp_path / "nope.sock")]) == 3
+    assert "not running" in capsys.readouterr().err
+
+
+# Some fields left out, as an answer from another version of the daemon may: they show as "-".
+SAMPLE_STATUS = cast(StatusReport, {
+    "daemon": {"pid": 10, "uptime": 3725.0, "config": "/etc/x.toml", "state": "running",
+               "rules_installed": True, "core": "compiled (mypyc 2.4.1)"},
+    "workers": [
+        {"queue": 100, "cpu": 0, "pid": 11, "uptime": 12.5, "restarts": 1, "state": "ready",
+         "packets_in": 10, "packets_out": 8, "drops": {"replay": 2}, "kernel_queue_dropped": 0,
+         "user_dropped": 0, "last_error": None},
+        {"queue": 101, "cpu": 1, "pid": None, "uptime": None, "restarts": 3, "state": "down",
+         "packets_in": None, "packets_out": None, "drops": None, "kernel_queue_dropped": None,
+         "user_dropped": None, "last_error": "queue 101: bind failed"},
+    ],
+    "sas": [
+        {"name": "a-to-b-0", "spi": "0x00001000", "direction": "out", "queue": 100, "packets": 8,
+         "bytes": 800, "replay_drops": 0, "integrity_drops": 0, "other_drops": 0, "seq": 8,
+         "lifetime_left": {"packets": None, "bytes": None, "seconds": 3500.0}},
+        {"name": "a-to-b-1", "spi": "0x00001001", "direction": "out", "queue": 101, "packets": None,
+         "bytes": None, "replay_drops": None, "integrity_drops": None, "other_drops": None,
+         "seq": None, "lifetime_left": None},
+    ],
+})
+
+
+def test_render_status_text() -> None:
+    text = control.render_status(SAMPLE_STATUS)
+    assert "nfq-ipsec running: pid 10, up 1h02m, rules installed" in text
+    assert "core: compiled (mypyc 2.4.1)" in text.splitlines()[1]
+    lines = text.splitlines()
+    assert any(line.split()[:4] == ["100", "0", "11", "ready"] for line in lines)
+    assert any(line.split()[:4] == ["101", "1", "-", "down"] for line in lines)
+    assert "q100 drops: replay=2" in text
+    assert "q101 last error: queue 101: bind failed" in text
+    assert any(line.startswith("a-to-b-0") and "0x00001000" in line and "58m20s" in line for line in lines)
+    assert any(line.startswith("a-to-b-1") and line.rstrip().endswith("-") for line in lines)
+
+
+def test_render_status_dates_old_rule_counters() -> None:
+    fresh: StatusReport = {**SAMPLE_STATUS, "kernel_drops": {"no_policy": 4}, "kernel_drops_age": 0.03}
+    assert "  dropped by our iptables rules (never queued): no_policy=4" in control.render_status(fresh)
+    old: StatusReport = {**fresh, "kernel_drops_age": 12.4,
+                         "warnings": ["the rule counters were not read within 2 s; "
+                                      "kernel_drops are from a read 12.4 s ago"]}
+    text = control.render_status(old)
+    assert "  dropped by our iptables rules (never queued, read 12s ago): no_policy=4" in text
+    assert "WARNING: the rule counters were not read within 2 s" in text

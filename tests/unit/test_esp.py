@@ -12,11 +12,14 @@ import hmac
 import struct
 from ipaddress import IPv4Address, IPv4Network
 
+import packets
 import pytest
+import sas
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from packets import checksum
 
 from nfq_ipsec.core import (
     SPD,
@@ -27,8 +30,6 @@ from nfq_ipsec.core import (
     Policy,
     Processor,
     SADirection,
-    SAParams,
-    Secret,
     SecurityAssociation,
     Selector,
     Verdict,
@@ -45,26 +46,11 @@ CBC_KEY = bytes(range(100, 132))
 IKEY = bytes(range(200, 232))
 
 
-def inet_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    return int(~total & 0xFFFF)
-
-
 def ipv4(
     payload: bytes, proto: int = 17, *, src: str = SRC, dst: str = DST, tos: int = 0,
     ident: int = 77, flags: int = 0, ttl: int = 33, options: bytes = b"",
 ) -> bytes:
-    ihl = 5 + len(options) // 4
-    hdr = bytearray(struct.pack(
-        "!BBHHHBBH4s4s", 0x40 | ihl, tos, ihl * 4 + len(payload), ident, flags, ttl, proto, 0,
-        IPv4Address(src).packed, IPv4Address(dst).packed,
-    ) + options)
-    hdr[10:12] = inet_checksum(bytes(hdr)).to_bytes(2, "big")
-    return bytes(hdr) + payload
+    return packets.ipv4(src, dst, proto, payload, ident, flags, tos=tos, ttl=ttl, options=options)
 
 
 def udp(payload: bytes, sport: int = 1234, dport: int = 5678) -> bytes:
@@ -75,10 +61,8 @@ def out_sa(
     enc: str = "aes-gcm-128", key: bytes = GCM_KEY, mac: str | None = None, ikey: bytes = b"",
     mode: Mode = Mode.TRANSPORT, esn: bool = False, next_seq: int = 1,
 ) -> SecurityAssociation:
-    params = SAParams(
-        "out", SPI, SADirection.OUT, enc, Secret(key), mac, Secret(ikey), mode=mode,
-        tunnel_local=int(IPv4Address(GW_SRC)), tunnel_remote=int(IPv4Address(GW_DST)), esn=esn,
-    )
+    params = sas.params("out", SPI, SADirection.OUT, enc, key, mac, ikey, mode=mode, local=GW_SRC,
+                        remote=GW_DST, esn=esn)
     return SecurityAssociation(params, 0.0, next_seq=next_seq)
 
 
@@ -87,7 +71,7 @@ def in_sa(
     mode: Mode = Mode.TRANSPORT,
 ) -> SecurityAssociation:
     return SecurityAssociation(
-        SAParams("in", SPI, SADirection.IN, enc, Secret(key), mac, Secret(ikey), mode=mode), 0.0,
+        sas.params("in", SPI, SADirection.IN, enc, key, mac, ikey, mode=mode), 0.0,
     )
 
 
@@ -127,7 +111,7 @@ def test_gcm_transport_layout(size: int) -> None:
         assert hdr[0] == 0x46 and hdr[9] == 50
         assert int.from_bytes(hdr[2:4], "big") == len(out)
         assert hdr[1] == pkt[1] and hdr[4:9] == pkt[4:9] and hdr[12:24] == pkt[12:24]
-        assert inet_checksum(hdr) == 0
+        assert checksum(hdr) == 0
         spi, seq = struct.unpack("!II", body[:8])
         assert (spi, seq) == (SPI, expected_seq)
         iv = body[8:16]
@@ -156,7 +140,7 @@ def test_chacha_tunnel_layout() -> None:
     hdr, body = out[:20], out[20:]
     assert hdr[0] == 0x45 and hdr[9] == 50 and int.from_bytes(hdr[2:4], "big") == len(out)
     assert hdr[12:16] == IPv4Address(GW_SRC).packed and hdr[16:20] == IPv4Address(GW_DST).packed
-    assert inet_checksum(hdr) == 0
+    assert checksum(hdr) == 0
     plaintext = ChaCha20Poly1305(CHACHA_KEY[:32]).decrypt(CHACHA_KEY[32:] + body[8:16], body[16:], body[:8])
     check_trailer(plaintext, inner, 4, 4)  # next header 4: IPv4 in tunnel mode
 
@@ -277,7 +261,7 @@ def test_fragments_are_refused() -> None:
     frag_esp = bytearray(good)
     frag_esp[6] |= 0x20
     frag_esp[10:12] = b"\0\0"
-    frag_esp[10:12] = inet_checksum(bytes(frag_esp[:20])).to_bytes(2, "big")
+    frag_esp[10:12] = checksum(bytes(frag_esp[:20])).to_bytes(2, "big")
     with pytest.raises(EspError) as err:
         esp.decapsulate(bytes(frag_esp), ip.parse_ipv4(bytes(frag_esp)), {SPI: in_sa()}.get, 0.0)
     assert err.value.reason is DropReason.FRAGMENT
@@ -375,13 +359,13 @@ def test_packet_key_and_header_are_values() -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.binary(min_size=20, max_size=60).filter(lambda b: len(b) % 2 == 0))
 def test_checksum_agrees_with_reference(data: bytes) -> None:
-    assert ip.checksum(data) == inet_checksum(data)
+    assert ip.checksum(data) == checksum(data)
 
 
 @settings(max_examples=100, deadline=None)
 @given(st.binary(min_size=1, max_size=59).filter(lambda b: len(b) % 2 == 1))
 def test_checksum_odd_length(data: bytes) -> None:
-    assert ip.checksum(data) == inet_checksum(data)
+    assert ip.checksum(data) == checksum(data)
 
 
 def test_processor_outbound_bypass_and_discard_do_not_touch_packet() -> None:

@@ -11,6 +11,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 
 import pytest
+import sas
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,7 +19,7 @@ from nfq_ipsec.core import Processor, Verdict
 from nfq_ipsec.core import packet as ip
 from nfq_ipsec.core import processor as processor_mod
 from nfq_ipsec.core.errors import DropReason, EspError
-from nfq_ipsec.core.sa import Lifetime, SADirection, SAEvent, SAParams, Secret, SecurityAssociation
+from nfq_ipsec.core.sa import Lifetime, SADirection, SAEvent, SecurityAssociation
 from nfq_ipsec.core.spd import SPD, Action, Direction, Policy, Selector
 from nfq_ipsec.nfqueue import QueuedPacket
 from nfq_ipsec.worker import PacketHandler
@@ -119,7 +120,7 @@ def test_lifetime_watch_matches_the_full_check(
 ) -> None:
     lt = Lifetime(soft_packets=sp, hard_packets=hp, soft_bytes=sb, hard_bytes=hb, soft_seconds=ss,
                   hard_seconds=hs)
-    params = SAParams("x", 0x100, SADirection.OUT, "aes-gcm-128", Secret(bytes(20)), lifetime=lt)
+    params = sas.params("x", 0x100, SADirection.OUT, key=bytes(20), lifetime=lt)
     fast = SecurityAssociation(params, 0.0)
     slow = SecurityAssociation(params, 0.0)
     now = 0.0

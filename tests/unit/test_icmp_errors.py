@@ -10,13 +10,14 @@ from __future__ import annotations
 from ipaddress import IPv4Network
 
 import pytest
+import sas
 from scapy.layers.inet import ICMP, IP, UDP, IPerror, UDPerror
 from scapy.layers.ipsec import ESP, SecurityAssociation
 
 from nfq_ipsec.core import Processor, Verdict
 from nfq_ipsec.core import packet as ip
 from nfq_ipsec.core.errors import DropReason
-from nfq_ipsec.core.sa import SADirection, SAParams, Secret
+from nfq_ipsec.core.sa import SADirection
 from nfq_ipsec.core.spd import SPD, Action, Policy, Selector
 
 A, B = "10.0.0.1", "10.0.0.2"
@@ -32,9 +33,9 @@ def _processor(me: str, peer: str, out_key: bytes, in_key: bytes, out_spi: int, 
     sel = Selector(local=IPv4Network(f"{me}/32"), remote=IPv4Network(peer), protocol=17,
                    remote_ports=remote_ports, local_ports=local_ports)
     pol = Policy("udp", sel, Action.PROTECT, sa_names=("out", "in"))
-    sas = [SAParams("out", out_spi, SADirection.OUT, "aes-gcm-128", Secret(out_key)),
-           SAParams("in", in_spi, SADirection.IN, "aes-gcm-128", Secret(in_key))]
-    return Processor(SPD([pol]), sas, 0.0)
+    both = [sas.params("out", out_spi, SADirection.OUT, key=out_key),
+            sas.params("in", in_spi, SADirection.IN, key=in_key)]
+    return Processor(SPD([pol]), both, 0.0)
 
 
 def sender() -> Processor:  # A sends UDP to B:PORT

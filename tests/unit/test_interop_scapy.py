@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import random
 import zlib
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network
 
 import pytest
+import sas
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.ipsec import ESP, IPSecIntegrityError
 from scapy.layers.ipsec import SecurityAssociation as ScapySA
@@ -25,8 +26,6 @@ from nfq_ipsec.core import (
     Policy,
     Processor,
     SADirection,
-    SAParams,
-    Secret,
     SecurityAssociation,
     Selector,
     Verdict,
@@ -83,11 +82,9 @@ def inner_packets(seed: int) -> list[Packet]:
 def our_processor(
     enc: str, mac: str | None, mode: Mode, esn: bool, key: bytes, ikey: bytes, next_seq: int,
 ) -> tuple[Processor, SecurityAssociation, SecurityAssociation]:
-    common = {"mode": mode, "esn": esn}
-    if mode is Mode.TUNNEL:
-        common |= {"tunnel_local": int(IPv4Address(GW_LOCAL)), "tunnel_remote": int(IPv4Address(GW_REMOTE))}
-    out_p = SAParams("out", SPI_OUT, SADirection.OUT, enc, Secret(key), mac, Secret(ikey), **common)  # type: ignore[arg-type]
-    in_p = SAParams("in", SPI_IN, SADirection.IN, enc, Secret(key), mac, Secret(ikey), **common)  # type: ignore[arg-type]
+    ends = {"local": GW_LOCAL, "remote": GW_REMOTE} if mode is Mode.TUNNEL else {}
+    out_p = sas.params("out", SPI_OUT, SADirection.OUT, enc, key, mac, ikey, mode=mode, esn=esn, **ends)
+    in_p = sas.params("in", SPI_IN, SADirection.IN, enc, key, mac, ikey, mode=mode, esn=esn, **ends)
     out_sa = SecurityAssociation(out_p, 0.0, next_seq=next_seq)
     in_sa = SecurityAssociation(in_p, 0.0)
     if next_seq > 1:

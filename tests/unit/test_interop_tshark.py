@@ -20,6 +20,8 @@ from pathlib import Path
 
 import gate
 import pytest
+import sas
+from packets import icmp_echo_message, ipv4
 
 from nfq_ipsec.core import (
     SPD,
@@ -29,8 +31,6 @@ from nfq_ipsec.core import (
     Policy,
     Processor,
     SADirection,
-    SAParams,
-    Secret,
     Selector,
     Verdict,
 )
@@ -53,24 +53,9 @@ def tshark_path() -> str:
     return gate.tool("tshark", "tshark")  # the ESP decoder oracle
 
 
-def ip4(addr: str) -> int:
-    a, b, c, d = (int(x) for x in addr.split("."))
-    return (a << 24) | (b << 16) | (c << 8) | d
-
-
 def icmp_echo(ident: int, seq: int, payload: bytes) -> bytes:
     """An IPv4 ICMP echo request, LOCAL -> REMOTE, built by hand."""
-    def csum(data: bytes) -> int:
-        data += b"\0" * (len(data) % 2)
-        total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-        while total > 0xFFFF:
-            total = (total & 0xFFFF) + (total >> 16)
-        return int(~total & 0xFFFF)
-
-    icmp = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + payload
-    icmp = icmp[:2] + csum(icmp).to_bytes(2, "big") + icmp[4:]
-    hdr = struct.pack("!BBHHHBBHII", 0x45, 0, 20 + len(icmp), seq, 0, 64, 1, 0, ip4(LOCAL), ip4(REMOTE))
-    return hdr[:10] + csum(hdr).to_bytes(2, "big") + hdr[12:] + icmp
+    return ipv4(LOCAL, REMOTE, 1, icmp_echo_message(ident, seq, payload), ident=seq, frag=0)
 
 
 def write_pcap(path: Path, packets: list[bytes]) -> None:
@@ -100,11 +85,8 @@ def protect(suites: list[tuple[str, str | None]], mode: Mode) -> tuple[list[byte
     for n, (enc, mac) in enumerate(suites):
         spi = 0x3000 + n
         key, ikey = key_material(enc, mac, spi)
-        params = SAParams(
-            f"out{n}", spi, SADirection.OUT, enc, Secret(key), mac, Secret(ikey), mode=mode,
-            tunnel_local=ip4(GW_LOCAL) if mode is Mode.TUNNEL else None,
-            tunnel_remote=ip4(GW_REMOTE) if mode is Mode.TUNNEL else None,
-        )
+        ends = {"local": GW_LOCAL, "remote": GW_REMOTE} if mode is Mode.TUNNEL else {}
+        params = sas.params(f"out{n}", spi, SADirection.OUT, enc, key, mac, ikey, mode=mode, **ends)
         pol = Policy("p", Selector(), Action.PROTECT, Direction.OUT, (f"out{n}",))
         proc = Processor(SPD([pol]), [params], 0.0)
         for i in range(PACKETS_PER_SA):

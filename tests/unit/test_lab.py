@@ -11,6 +11,7 @@ from pathlib import Path
 
 import gate
 import pytest
+from packets import icmp_echo_message, ipv4
 
 from nfq_ipsec.config import load_config
 from nfq_ipsec.core import Action, Mode, Processor, Verdict
@@ -138,26 +139,9 @@ def test_generate_refuses_nonsense(tmp_path: Path) -> None:
         generate(tmp_path / "x", GW_A, GW_B, "aes-gcm-128", 1, mode="transport")
 
 
-def _ipv4(src: str, dst: str, proto: int, payload: bytes) -> bytes:
-    hdr = struct.pack("!BBHHHBBHII", 0x45, 0, 20 + len(payload), 1, 0x4000, 64, proto, 0,
-                      int(IPv4Address(src)), int(IPv4Address(dst)))
-    csum = _csum(hdr)
-    return hdr[:10] + csum.to_bytes(2, "big") + hdr[12:] + payload
-
-
-def _csum(data: bytes) -> int:
-    data += b"\0" * (len(data) % 2)
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return int(~total & 0xFFFF)
-
-
 def _icmp_echo(src: str, dst: str, seq: int) -> bytes:
     body = b"lab unit test %d" % seq
-    icmp = struct.pack("!BBHHH", 8, 0, 0, 7, seq) + body
-    icmp = icmp[:2] + _csum(icmp).to_bytes(2, "big") + icmp[4:]
-    return _ipv4(src, dst, 1, icmp)
+    return ipv4(src, dst, 1, icmp_echo_message(7, seq, body))
 
 
 @pytest.mark.parametrize(("a", "b", "src", "dst"), [
@@ -242,12 +226,12 @@ def test_analyse_wire_sorts_frames(tmp_path: Path) -> None:
     tcp_bypass = struct.pack("!HH", 40000, 2222) + b"\x00" * 16
     tcp_clear = struct.pack("!HH", 40001, 5201) + b"\x00" * 16
     frames = [
-        _eth(0x0800, _ipv4(a, b, 50, esp)),
-        _eth(0x0800, _ipv4(b, a, 50, struct.pack("!II", 0x2000, 1) + b"\x00" * 40), vlan=True),
+        _eth(0x0800, ipv4(a, b, 50, esp)),
+        _eth(0x0800, ipv4(b, a, 50, struct.pack("!II", 0x2000, 1) + b"\x00" * 40), vlan=True),
         _eth(0x0806, b"\x00" * 28),
-        _eth(0x0800, _ipv4("10.1.0.2", "10.2.0.2", 6, tcp_bypass)),
-        _eth(0x0800, _ipv4("10.1.0.2", "10.2.0.2", 6, tcp_clear)),
-        _eth(0x0800, _ipv4(a, "192.168.56.99", 50, esp)),  # ESP, but not between the peers
+        _eth(0x0800, ipv4("10.1.0.2", "10.2.0.2", 6, tcp_bypass)),
+        _eth(0x0800, ipv4("10.1.0.2", "10.2.0.2", 6, tcp_clear)),
+        _eth(0x0800, ipv4(a, "192.168.56.99", 50, esp)),  # ESP, but not between the peers
         _eth(0x86DD, b"\x60" + b"\x00" * 39),
     ]
     pcap = tmp_path / "wire.pcap"

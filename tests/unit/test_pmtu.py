@@ -6,17 +6,18 @@ sizes are checked against the ESP packets the core really makes.
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network
 
 import pytest
+import sas
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.ipsec import ESP
 
-from nfq_ipsec.core import DfPolicy, Mode, Processor, Verdict, pmtu
+from nfq_ipsec.core import DfPolicy, Processor, Verdict, pmtu
 from nfq_ipsec.core import packet as ip
 from nfq_ipsec.core.errors import DropReason
 from nfq_ipsec.core.esp import encapsulate
-from nfq_ipsec.core.sa import SADirection, SAParams, Secret, SecurityAssociation
+from nfq_ipsec.core.sa import SADirection, SAParams, SecurityAssociation
 from nfq_ipsec.core.spd import SPD, Action, Policy, Selector
 
 A, B, ROUTER = "10.0.0.1", "10.0.0.2", "10.9.9.9"
@@ -27,17 +28,12 @@ SUITES = [("aes-gcm-128", None), ("aes-cbc-128", "hmac-sha256-128"), ("chacha20-
           ("null", "hmac-sha256-128")]
 
 
-def _key(encryption: str) -> bytes:
-    return bytes(range({"chacha20-poly1305": 36, "aes-gcm-128": 20, "null": 0}.get(encryption, 16)))
-
-
 def _sa(encryption: str = "aes-gcm-128", integrity: str | None = None, tunnel: bool = False,
         df: DfPolicy = DfPolicy.COPY) -> SAParams:
-    ikey = Secret(bytes(range(40, 72)) if integrity else b"")
-    extra = dict(mode=Mode.TUNNEL, tunnel_local=int(IPv4Address(GW_A)),
-                 tunnel_remote=int(IPv4Address(GW_B)), df=df) if tunnel else {}
-    return SAParams("out", OUT_SPI, SADirection.OUT, encryption, Secret(_key(encryption)),
-                    integrity=integrity, integrity_key=ikey, **extra)  # type: ignore[arg-type]
+    if tunnel:
+        return sas.params("out", OUT_SPI, SADirection.OUT, encryption, integrity=integrity,
+                          local=GW_A, remote=GW_B, df=df)
+    return sas.params("out", OUT_SPI, SADirection.OUT, encryption, integrity=integrity)
 
 
 def host(mtu: int = 1500, **sa: object) -> Processor:

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import struct
 from functools import cache
-from ipaddress import IPv4Address
 
+import sas
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from packets import checksum, ip4
 
 from nfq_ipsec.core import (
     SPD,
@@ -29,7 +30,6 @@ from nfq_ipsec.core import (
     Result,
     SADirection,
     SAParams,
-    Secret,
     SecurityAssociation,
     Selector,
     Verdict,
@@ -47,17 +47,6 @@ SPI_AB, SPI_BA = 0x0A0B, 0x0B0A
 PROPS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def ip4(addr: str) -> int:
-    return int(IPv4Address(addr))
-
-
-def inet_checksum(data: bytes) -> int:
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    return int(~total & 0xFFFF)
-
-
 @st.composite
 def inner_packets(draw: st.DrawFn, src: str = A, dst: str = B) -> bytes:
     proto = draw(st.sampled_from([1, 6, 17, 47, 132, 58, 255]))
@@ -72,7 +61,7 @@ def inner_packets(draw: st.DrawFn, src: str = A, dst: str = B) -> bytes:
         "!BBHHHBBHII", 0x40 | ihl, tos, ihl * 4 + len(payload), ident, 0x4000 if df else 0, ttl,
         proto, 0, ip4(src), ip4(dst),
     ) + options)
-    hdr[10:12] = inet_checksum(bytes(hdr)).to_bytes(2, "big")
+    hdr[10:12] = checksum(bytes(hdr)).to_bytes(2, "big")
     return bytes(hdr) + payload
 
 
@@ -87,10 +76,8 @@ def pair(enc: str, mac: str | None, mode: Mode, esn: bool, first: int = 1) -> tu
     key, ikey = _keys(enc, mac)
 
     def params(name: str, spi: int, direction: SADirection, local: str, remote: str) -> SAParams:
-        return SAParams(
-            name, spi, direction, enc, Secret(key), mac, Secret(ikey), mode=mode, esn=esn,
-            tunnel_local=ip4(local), tunnel_remote=ip4(remote),
-        )
+        return sas.params(name, spi, direction, enc, key, mac, ikey, mode=mode, esn=esn, local=local,
+                          remote=remote)
 
     def host(me: str, peer: str, gw_me: str, gw_peer: str, out_spi: int, in_spi: int) -> Processor:
         out_params = params("out", out_spi, SADirection.OUT, gw_me, gw_peer)
@@ -188,7 +175,7 @@ def esp_garbage(draw: st.DrawFn) -> bytes:
     flags = draw(st.sampled_from([0, 0x4000, 0x2000, 0x0003]))
     hdr = bytearray(struct.pack("!BBHHHBBHII", 0x45, 0, 20 + len(esp_part), 1, flags, 64, 50, 0,
                                 ip4(GW_A), ip4(GW_B)))
-    hdr[10:12] = inet_checksum(bytes(hdr)).to_bytes(2, "big")
+    hdr[10:12] = checksum(bytes(hdr)).to_bytes(2, "big")
     return bytes(hdr) + esp_part
 
 
@@ -218,7 +205,7 @@ def test_truncated_esp_is_dropped(
         hdr = bytearray(wire[:20])
         hdr[2:4] = n.to_bytes(2, "big")
         hdr[10:12] = b"\0\0"
-        hdr[10:12] = inet_checksum(bytes(hdr)).to_bytes(2, "big")
+        hdr[10:12] = checksum(bytes(hdr)).to_bytes(2, "big")
         res = _never_raises(b.inbound(bytes(hdr) + wire[20:n], now=0.0))
         assert res.reason in (DropReason.MALFORMED, DropReason.INTEGRITY), res
     assert b.inbound(wire, now=0.0).packet == pkt

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sas
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,7 +36,6 @@ from nfq_ipsec.core import (
     Processor,
     SADirection,
     SAParams,
-    Secret,
     SecurityAssociation,
     Selector,
     Verdict,
@@ -48,7 +48,7 @@ KEY2 = bytes(range(1, 21))
 
 def params(name: str = "out0", direction: SADirection = SADirection.OUT, key: bytes = KEY,
            spi: int = 0x1000, esn: bool = False) -> SAParams:
-    return SAParams(name, spi, direction, "aes-gcm-128", Secret(key), esn=esn)
+    return sas.params(name, spi, direction, key=key, esn=esn)
 
 
 def sa(p: SAParams | None = None) -> SecurityAssociation:
@@ -674,8 +674,8 @@ def test_stale_temp_file_is_replaced_not_written_through(sdir: Path,
 def life_params(direction: SADirection = SADirection.OUT, **limits: int) -> SAParams:
     from nfq_ipsec.core import Lifetime
 
-    return SAParams("out0" if direction is SADirection.OUT else "in0", 0x1000, direction,
-                    "aes-gcm-128", Secret(KEY), lifetime=Lifetime(**limits))
+    return sas.params("out0" if direction is SADirection.OUT else "in0", 0x1000, direction, key=KEY,
+                      lifetime=Lifetime(**limits))
 
 
 def send_n(s: SecurityAssociation, n: int, size: int = 100, now: float = 1.0) -> None:

@@ -152,3 +152,35 @@ def test_a_failed_read_keeps_the_last_counters_with_their_age(
     assert answers[1]["kernel_drops_age"] > 0
     assert any(w.startswith("cannot read the rule counters (no answer); kernel_drops are from a "
                             "read ") for w in answers[1]["warnings"]), answers[1]["warnings"]
+
+
+def test_the_shortest_watchdog_outlasts_a_busy_workers_answer() -> None:
+    """A busy worker looks at its pipe after PACKETS_BETWEEN_LOOKS packets; the watchdog's
+    shortest period must leave it time to, or it would kill healthy busy workers."""
+    from nfq_ipsec import supervisor
+    from nfq_ipsec.config.model import WATCHDOG_RANGE
+    from nfq_ipsec.worker import BATCH, BATCHES_PER_WAKEUP, PACKETS_BETWEEN_LOOKS
+
+    assert PACKETS_BETWEEN_LOOKS == BATCH * BATCHES_PER_WAKEUP
+    assert supervisor.BUSY_ANSWER_BOUND == PACKETS_BETWEEN_LOOKS * supervisor.SLOWEST_PACKET
+    assert WATCHDOG_RANGE[0] > supervisor.BUSY_ANSWER_BOUND
+
+
+@pytest.mark.parametrize(("closed", "matches", "code", "said"), [
+    (True, False, 0, "its rules are closed (protected traffic is dropped)"),
+    (False, True, 0, "its live rules are still in place"),
+    (False, False, 1, "protected traffic may not be dropped"),
+])
+def test_stop_reads_the_rules_back(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                   closed: bool, matches: bool, code: int, said: str) -> None:
+    """``nfq-ipsec stop`` says what the rules do once the daemon is gone, as read from the
+    kernel: closed or live rules drop protected traffic (exit 0); anything else may not (exit 1)."""
+    from nfq_ipsec.commands import daemon as daemon_command
+
+    cfg = load_config(EXAMPLES / "host-a.toml", online_cpus=[0, 1])
+    state = iptables.RulesStatus(present=(not (closed or matches) and False) or True, complete=True,
+                                 matches=matches, problems=(), closed=closed)
+    monkeypatch.setattr(iptables, "status", lambda c, netns=None: state)
+    assert daemon_command._check_rules_after_stop(cfg, 1234) == code
+    out = capsys.readouterr()
+    assert said in (out.out if code == 0 else out.err)

@@ -12,7 +12,10 @@ from collections import Counter
 from ipaddress import IPv4Address, IPv4Network
 from itertools import pairwise
 
+import packets
 import pytest
+import sas
+from packets import checksum
 
 from nfq_ipsec.core import (
     SPD,
@@ -27,7 +30,6 @@ from nfq_ipsec.core import (
     Processor,
     SADirection,
     SAParams,
-    Secret,
     SecurityAssociation,
     Selector,
     Verdict,
@@ -43,29 +45,15 @@ CBC_KEY, IKEY = bytes(range(16)), bytes(range(32, 64))
 WINDOW = 64
 
 
-def ip4(addr: str) -> int:
-    return int(IPv4Address(addr))
-
-
-def inet_checksum(data: bytes) -> int:
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    return int(~total & 0xFFFF)
-
-
 def ipv4(src: str, dst: str, payload: bytes, proto: int = 17, *, tos: int = 0, flags: int = 0,
          ttl: int = 64, ident: int = 1) -> bytes:
-    hdr = bytearray(struct.pack("!BBHHHBBHII", 0x45, tos, 20 + len(payload), ident, flags, ttl, proto, 0,
-                                ip4(src), ip4(dst)))
-    hdr[10:12] = inet_checksum(bytes(hdr)).to_bytes(2, "big")
-    return bytes(hdr) + payload
+    return packets.ipv4(src, dst, proto, payload, ident, flags, tos=tos, ttl=ttl)
 
 
 def fix_checksum(pkt: bytes) -> bytes:
     hdr = bytearray(pkt[:20])
     hdr[10:12] = b"\0\0"
-    hdr[10:12] = inet_checksum(bytes(hdr)).to_bytes(2, "big")
+    hdr[10:12] = checksum(bytes(hdr)).to_bytes(2, "big")
     return bytes(hdr) + pkt[20:]
 
 
@@ -77,11 +65,8 @@ def sa(name: str, spi: int, direction: SADirection, local: str, remote: str, *, 
        enc: str = "aes-gcm-128", key: bytes = KEY, mac: str | None = None, ikey: bytes = b"",
        lifetime: Lifetime | None = None, esn: bool = False, df: DfPolicy = DfPolicy.COPY,
        ttl: int = 64, window: int = WINDOW) -> SAParams:
-    return SAParams(
-        name, spi, direction, enc, Secret(key), mac, Secret(ikey), mode=mode,
-        tunnel_local=ip4(local), tunnel_remote=ip4(remote), replay_window=window, esn=esn,
-        lifetime=lifetime or Lifetime(), df=df, ttl=ttl,
-    )
+    return sas.params(name, spi, direction, enc, key, mac, ikey, mode=mode, local=local, remote=remote,
+                      replay_window=window, esn=esn, lifetime=lifetime or Lifetime(), df=df, ttl=ttl)
 
 
 def host(me: str, peer: str, gw_me: str, gw_peer: str, out_spi: int, in_spi: int, *,
@@ -351,7 +336,7 @@ def test_rfc6040_decapsulation(inner_ecn: int, outer_ecn: int) -> None:
         return
     assert res.verdict is Verdict.ACCEPT and res.packet is not None
     assert res.packet[1] == dscp | want  # DSCP untouched, ECN per the table
-    assert inet_checksum(res.packet[:20]) == 0
+    assert checksum(res.packet[:20]) == 0
     assert res.packet[2:10] == inner[2:10] and res.packet[20:] == inner[20:]
 
 
@@ -369,7 +354,7 @@ def test_tunnel_outer_header_dscp_ttl_df(df_policy: DfPolicy, inner_df: bool, ou
     assert out[8] == 99  # a fresh TTL, not the inner one
     assert bool(out[6] & 0x40) is outer_df
     assert out[12:16] == IPv4Address(GW_A).packed and out[16:20] == IPv4Address(GW_B).packed
-    assert inet_checksum(out[:20]) == 0
+    assert checksum(out[:20]) == 0
     assert b.inbound(out, now=0.0).packet == inner  # the inner TTL and DF arrive unchanged
 
 

@@ -20,13 +20,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
+import sas
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from packets import checksum, ipv4
 from repo import VECTORS
 
 from nfq_ipsec.core import (
@@ -39,8 +40,6 @@ from nfq_ipsec.core import (
     Policy,
     Processor,
     SADirection,
-    SAParams,
-    Secret,
     SecurityAssociation,
     Selector,
     Verdict,
@@ -103,25 +102,11 @@ def load_vectors(filename: str, first_field: str) -> list[Vector]:
 # Independent IPv4 helpers (not the core's).
 
 
-def inet_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    return int(~total & 0xFFFF)
-
-
 def ipv4_header(
     src: str, dst: str, proto: int, payload_len: int, *, tos: int = 0, ident: int = 0x1234,
     flags: int = 0, ttl: int = 64,
 ) -> bytes:
-    hdr = bytearray(struct.pack(
-        "!BBHHHBBH4s4s", 0x45, tos, 20 + payload_len, ident, flags, ttl, proto, 0,
-        IPv4Address(src).packed, IPv4Address(dst).packed,
-    ))
-    hdr[10:12] = inet_checksum(bytes(hdr)).to_bytes(2, "big")
-    return bytes(hdr)
+    return ipv4(src, dst, proto, b"", ident, flags, 20 + payload_len, tos=tos, ttl=ttl)
 
 
 def patch_length(header: bytes, total: int) -> bytes:
@@ -129,12 +114,8 @@ def patch_length(header: bytes, total: int) -> bytes:
     hdr = bytearray(header)
     hdr[2:4] = total.to_bytes(2, "big")
     hdr[10:12] = b"\0\0"
-    hdr[10:12] = inet_checksum(bytes(hdr)).to_bytes(2, "big")
+    hdr[10:12] = checksum(bytes(hdr)).to_bytes(2, "big")
     return bytes(hdr)
-
-
-def ip_int(addr: str) -> int:
-    return int(IPv4Address(addr))
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,18 +161,6 @@ def transport_policy(local: str, remote: str, sa_name: str) -> Policy:
     )
 
 
-def sa_params(
-    name: str, spi: int, direction: SADirection, encryption: str, key: bytes,
-    integrity: str | None = None, integrity_key: bytes = b"", *, mode: Mode = Mode.TRANSPORT,
-    esn: bool = False, local: str | None = None, remote: str | None = None,
-) -> SAParams:
-    return SAParams(
-        name, spi, direction, encryption, Secret(key), integrity, Secret(integrity_key), mode=mode,
-        tunnel_local=ip_int(local) if local else None,
-        tunnel_remote=ip_int(remote) if remote else None, esn=esn,
-    )
-
-
 # ============================================================================================
 # RFC 7634 Appendix A (ChaCha20-Poly1305)
 
@@ -200,7 +169,7 @@ R7634_OUTER_SRC, R7634_OUTER_DST = "203.0.113.153", "192.0.2.1"  # ours: the RFC
 
 
 def rfc7634_inbound() -> tuple[SecurityAssociation, Processor]:
-    params = sa_params(
+    params = sas.params(
         "in", int(RFC7634["spi"], 16), SADirection.IN, "chacha20-poly1305",
         RFC7634.hex("key") + RFC7634.hex("salt"), mode=Mode.TUNNEL,
     )
@@ -243,7 +212,7 @@ def test_rfc7634_decapsulate_full_packet() -> None:
 
 
 def test_rfc7634_encapsulate_byte_for_byte() -> None:
-    params = sa_params(
+    params = sas.params(
         "out", int(RFC7634["spi"], 16), SADirection.OUT, "chacha20-poly1305",
         RFC7634.hex("key") + RFC7634.hex("salt"), mode=Mode.TUNNEL,
         local=R7634_OUTER_SRC, remote=R7634_OUTER_DST,
@@ -258,7 +227,7 @@ def test_rfc7634_encapsulate_byte_for_byte() -> None:
     assert outer[9] == 50 and int.from_bytes(outer[2:4], "big") == len(out)
     assert outer[12:16] == IPv4Address(R7634_OUTER_SRC).packed
     assert outer[16:20] == IPv4Address(R7634_OUTER_DST).packed
-    assert inet_checksum(outer) == 0
+    assert checksum(outer) == 0
 
 
 # ============================================================================================
@@ -299,7 +268,7 @@ def gcm_seq(v: Vector) -> tuple[int, bool]:
 
 def gcm_inbound_sa(v: Vector) -> SecurityAssociation:
     seq, esn = gcm_seq(v)
-    params = sa_params("in", int(v["spi"], 16), SADirection.IN, "aes-gcm-128", bytes(20), esn=esn)
+    params = sas.params("in", int(v["spi"], 16), SADirection.IN, "aes-gcm-128", bytes(20), esn=esn)
     sa = SecurityAssociation(params, 0.0, suite=gcm_suite(v))
     if seq > 1:
         # The receiver has seen the previous packet: with ESN this puts the window where
@@ -361,7 +330,7 @@ def test_mcgrew_decapsulate(v: Vector) -> None:
 @pytest.mark.parametrize("v", [v for _, v in GCM_CASES], ids=gcm_ids)
 def test_mcgrew_encapsulate_byte_for_byte(v: Vector) -> None:
     seq, esn = gcm_seq(v)
-    params = sa_params("out", int(v["spi"], 16), SADirection.OUT, "aes-gcm-128", bytes(20), esn=esn)
+    params = sas.params("out", int(v["spi"], 16), SADirection.OUT, "aes-gcm-128", bytes(20), esn=esn)
     sa = SecurityAssociation(params, 0.0, next_seq=seq,
                              suite=FixedIvAead(gcm_suite(v), v.hex("nonce")[4:]))  # type: ignore[arg-type]
     inner = gcm_expected(v)
@@ -441,7 +410,7 @@ def cbc_mode(v: Vector) -> Mode:
 
 def cbc_sa(v: Vector, direction: SADirection, next_seq: int = 1) -> SecurityAssociation:
     outer = v.hex("outer")
-    params = sa_params(
+    params = sas.params(
         "in" if direction is SADirection.IN else "out", int(v["spi"], 16), direction, "aes-cbc-128",
         v.hex("key"), "hmac-sha256-128", CBC_IKEY, mode=cbc_mode(v),
         local=str(IPv4Address(outer[12:16])), remote=str(IPv4Address(outer[16:20])),
@@ -503,7 +472,7 @@ def test_rfc3602_encapsulate_byte_for_byte(v: Vector) -> None:
     else:
         # Tunnel: our identification field is our own choice; everything else must match.
         assert out[:4] == expected_outer[:4] and out[6:10] == expected_outer[6:10]
-        assert out[12:20] == expected_outer[12:20] and inet_checksum(out[:20]) == 0
+        assert out[12:20] == expected_outer[12:20] and checksum(out[:20]) == 0
 
 
 # ============================================================================================

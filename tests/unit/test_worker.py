@@ -1,5 +1,4 @@
-"""The worker's packet handling, the queue binding's message encoding and the control socket,
-all without root: a fake queue stands in for the kernel.
+"""The worker's packet handling and reload, without root: a fake queue stands in for the kernel.
 """
 
 from __future__ import annotations
@@ -8,24 +7,20 @@ import dataclasses
 import json
 import os
 import socket
-import stat
 import struct
-import threading
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from configs import cfg_of, udp_data
 from faults.nfq_ipsec_faults import wrap
+from packets import ipv4, udp
 from repo import EXAMPLES
 
-from nfq_ipsec import control, corebuild, counts, nfqueue, worker
+from nfq_ipsec import corebuild, counts, nfqueue, worker
 from nfq_ipsec.config import load_config
 from nfq_ipsec.core import DropReason, Processor, Result, Secret, Verdict, pmtu
 from nfq_ipsec.core.processor import ARRIVING, FORWARDED, LEAVING
-from nfq_ipsec.nfqueue import HOOK_LOCAL_OUT, HOOK_PRE_ROUTING, NetlinkQueue, QueuedPacket
-from nfq_ipsec.status import StatusReport
+from nfq_ipsec.nfqueue import HOOK_LOCAL_OUT, HOOK_PRE_ROUTING, QueuedPacket
 from nfq_ipsec.worker import PacketHandler, WorkerSpec
 
 A, B = "192.168.56.10", "192.168.56.11"
@@ -33,26 +28,6 @@ MARK = 0x10000000
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
-def ipv4(src: str, dst: str, proto: int, payload: bytes, ident: int = 1) -> bytes:
-    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), ident, 0x4000, 64, proto, 0,
-                      socket.inet_aton(src), socket.inet_aton(dst))
-    hdr = hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:]
-    return hdr + payload
-
-
-def udp(src: str, dst: str, sport: int, dport: int, data: bytes) -> bytes:
-    return ipv4(src, dst, 17, struct.pack("!HHHH", sport, dport, 8 + len(data), 0) + data)
-
-
 def tcp_syn(src: str, dst: str, sport: int, dport: int) -> bytes:
     return ipv4(src, dst, 6, struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 0x50, 0x02, 65535, 0, 0))
 
@@ -388,227 +363,6 @@ def test_sa_events_are_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     assert caplog.text.count("SA a-to-b-0 (spi 0x00001000): hard expired") == 1
 
 
-# -- queue binding encoding (no socket) -------------------------------------------------------
-def _nlattr(atype: int, value: bytes) -> bytes:
-    raw = struct.pack("=HH", 4 + len(value), atype) + value
-    return raw + b"\0" * (-len(raw) % 4)
-
-
-def _packet_msg(
-    packet_id: int, hook: int, payload: bytes, mark: int = 0, cap_len: int | None = None,
-    indev: int = 0,
-) -> bytes:
-    body = struct.pack("!BBH", 2, 0, 100)
-    body += _nlattr(nfqueue.NFQA_PACKET_HDR, struct.pack("!IHB", packet_id, 0x0800, hook) + b"\0")
-    if indev:
-        body += _nlattr(nfqueue.NFQA_IFINDEX_INDEV, struct.pack("!I", indev))
-        body += _nlattr(6, struct.pack("!I", indev + 1))  # NFQA_IFINDEX_OUTDEV: not the input
-    if mark:
-        body += _nlattr(nfqueue.NFQA_MARK, struct.pack("!I", mark))
-    body += _nlattr(nfqueue.NFQA_PAYLOAD, payload)
-    if cap_len is not None:
-        body += _nlattr(nfqueue.NFQA_CAP_LEN, struct.pack("!I", cap_len))
-    return struct.pack("=IHHII", 16 + len(body), nfqueue.NFQNL_MSG_PACKET, 0, 0, 0) + body
-
-
-def test_packet_message_parsing() -> None:
-    payload = bytes(range(256)) * 40 + b"abc"  # 10243 bytes, not a multiple of 4
-    msg = _packet_msg(0xDEADBEEF, 3, payload, mark=0x42, cap_len=20000)
-    second = _packet_msg(1, 0, b"xy")
-    both = msg + second  # one receive can hold several messages
-    out: list[QueuedPacket] = []
-    nfqueue.NetlinkQueue().parse(memoryview(both), len(both), out)
-    assert len(out) == 2
-    p, p2 = out
-    assert (p.packet_id, p.hook, p.mark, p.length) == (0xDEADBEEF, 3, 0x42, 20000)
-    assert p.payload == payload and type(p.payload) is bytes
-    assert (p2.length, p2.payload, p2.mark) == (2, b"xy", 0)
-    # A message cut short (as MSG_TRUNC reports) yields nothing rather than a partial packet.
-    cut: list[QueuedPacket] = []
-    nfqueue.NetlinkQueue().parse(memoryview(msg), len(msg) - 1, cut)
-    assert cut == []
-
-
-@pytest.mark.parametrize("want_indev", [True, False])
-def test_input_interface_is_read_when_asked(want_indev: bool) -> None:
-    """A gateway's worker reads the input interface (it tells inbound from forwarded by it);
-    other workers skip it (it costs about 3 % of a packet's instructions)."""
-    msg = _packet_msg(9, 0, b"xy", indev=0x01020304)  # an ifindex above 65535 too
-    out: list[QueuedPacket] = []
-    nfqueue.NetlinkQueue(want_indev=want_indev).parse(memoryview(msg), len(msg), out)
-    assert [(p.packet_id, p.indev, p.payload) for p in out] == [
-        (9, 0x01020304 if want_indev else 0, b"xy")]
-
-
-def test_parse_counts_error_replies() -> None:
-    err = struct.pack("=IHHII", 36, nfqueue.NLMSG_ERROR, 0, 0, 0) + struct.pack("=i", -2) + bytes(16)
-    q = nfqueue.NetlinkQueue()
-    out: list[QueuedPacket] = []
-    q.parse(memoryview(err), len(err), out)
-    assert out == [] and q.verdict_errors == 1 and q.last_verdict_error == 2
-
-
-def _decode_verdicts(data: bytes) -> list[dict[str, Any]]:
-    out = []
-    view = memoryview(data)
-    for mtype, off, end in nfqueue._messages(view, len(data)):
-        assert mtype == nfqueue.NFQNL_MSG_VERDICT
-        _fam, _ver, res_id = struct.unpack_from("!BBH", data, off)
-        item: dict[str, Any] = {"queue": res_id}
-        pos = off + 4
-        while pos + 4 <= end:
-            alen, atype = struct.unpack_from("=HH", data, pos)
-            value = data[pos + 4:pos + alen]
-            if atype == nfqueue.NFQA_VERDICT_HDR:
-                item["verdict"], item["id"] = struct.unpack("!II", value)
-            elif atype == nfqueue.NFQA_MARK:
-                (item["mark"],) = struct.unpack("!I", value)
-            elif atype == nfqueue.NFQA_PAYLOAD:
-                item["payload"] = bytes(value)
-            pos += (alen + 3) & ~3
-        out.append(item)
-    return out
-
-
-def test_verdicts_are_encoded_and_sent_together() -> None:
-    q = NetlinkQueue()
-    q.queue_num = 300
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    q._sock = a
-    try:
-        q.verdict(1, True, MARK, b"12345")  # odd payload length: padding before the next message
-        q.verdict(2, False)
-        q.verdict(3, True, None, b"x" * 9000)
-        q.verdict(4, True, 0xFFFFFFFF)
-        q.flush()
-        data = b.recv(65536)
-        got = _decode_verdicts(data)
-    finally:
-        q._sock = None
-        a.close()
-        b.close()
-    assert got == [
-        {"queue": 300, "verdict": 1, "id": 1, "mark": MARK, "payload": b"12345"},
-        {"queue": 300, "verdict": 0, "id": 2},
-        {"queue": 300, "verdict": 1, "id": 3, "payload": b"x" * 9000},
-        {"queue": 300, "verdict": 1, "id": 4, "mark": 0xFFFFFFFF},
-    ]
-    with pytest.raises(ValueError, match="larger than a verdict"):
-        q.verdict(5, True, None, b"\0" * (nfqueue.MAX_VERDICT_PAYLOAD + 1))
-
-
-def test_kernel_queue_stats_parses_proc_format(tmp_path: Path) -> None:
-    f = tmp_path / "nfnetlink_queue"
-    f.write_text("  100  12345     3 2 65531    17     4      999  1\n"
-                 "  101  12346     0 2 65531     0     0        7  1\n")
-    stats = nfqueue.kernel_queue_stats(str(f))
-    assert stats[100] == nfqueue.KernelQueueStats(100, 12345, 3, 2, 65531, 17, 4, 999)
-    assert stats[101].queue_dropped == 0
-    assert nfqueue.kernel_queue_stats(str(tmp_path / "missing")) == {}
-
-
-# -- control socket ----------------------------------------------------------------------------
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[control.ControlServer]:
-    srv = control.ControlServer(str(tmp_path / "run" / "sub" / "ctl.sock"))
-    srv.open()
-    stop = threading.Event()
-
-    def serve() -> None:
-        from multiprocessing.connection import wait
-
-        while not stop.is_set():
-            wait(srv.waitables(), timeout=0.05)  # type: ignore[arg-type]
-            srv.serve(lambda req: {"echo": req, "secret": None})
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    yield srv
-    stop.set()
-    t.join()
-    srv.close()
-
-
-def test_control_socket_roundtrip_and_modes(server: control.ControlServer, tmp_path: Path) -> None:
-    path = Path(server.path)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
-    assert stat.S_IMODE(path.parent.parent.stat().st_mode) == 0o700
-    assert control.request(server.path, {"command": "status"}) == {
-        "echo": {"command": "status"}, "secret": None}
-    with pytest.raises(control.ControlError, match="another nfq-ipsec daemon is running"):
-        control.ControlServer(server.path).open()
-
-
-def test_control_socket_replaces_stale_socket_and_refuses_non_socket(tmp_path: Path) -> None:
-    stale = tmp_path / "stale.sock"
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.bind(str(stale))
-    s.close()  # the path stays, nobody listens
-    srv = control.ControlServer(str(stale))
-    srv.open()
-    srv.close()
-    assert not stale.exists()
-    plain = tmp_path / "file"
-    plain.write_text("")
-    with pytest.raises(control.ControlError, match="not a socket"):
-        control.ControlServer(str(plain)).open()
-
-
-def test_status_not_running_exit_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from nfq_ipsec.cli import main
-
-    assert main(["status", "--socket", str(tmp_path / "nope.sock")]) == 3
-    assert "not running" in capsys.readouterr().err
-
-
-# Some fields left out, as an answer from another version of the daemon may: they show as "-".
-SAMPLE_STATUS = cast(StatusReport, {
-    "daemon": {"pid": 10, "uptime": 3725.0, "config": "/etc/x.toml", "state": "running",
-               "rules_installed": True, "core": "compiled (mypyc 2.4.1)"},
-    "workers": [
-        {"queue": 100, "cpu": 0, "pid": 11, "uptime": 12.5, "restarts": 1, "state": "ready",
-         "packets_in": 10, "packets_out": 8, "drops": {"replay": 2}, "kernel_queue_dropped": 0,
-         "user_dropped": 0, "last_error": None},
-        {"queue": 101, "cpu": 1, "pid": None, "uptime": None, "restarts": 3, "state": "down",
-         "packets_in": None, "packets_out": None, "drops": None, "kernel_queue_dropped": None,
-         "user_dropped": None, "last_error": "queue 101: bind failed"},
-    ],
-    "sas": [
-        {"name": "a-to-b-0", "spi": "0x00001000", "direction": "out", "queue": 100, "packets": 8,
-         "bytes": 800, "replay_drops": 0, "integrity_drops": 0, "other_drops": 0, "seq": 8,
-         "lifetime_left": {"packets": None, "bytes": None, "seconds": 3500.0}},
-        {"name": "a-to-b-1", "spi": "0x00001001", "direction": "out", "queue": 101, "packets": None,
-         "bytes": None, "replay_drops": None, "integrity_drops": None, "other_drops": None,
-         "seq": None, "lifetime_left": None},
-    ],
-})
-
-
-def test_render_status_text() -> None:
-    text = control.render_status(SAMPLE_STATUS)
-    assert "nfq-ipsec running: pid 10, up 1h02m, rules installed" in text
-    assert "core: compiled (mypyc 2.4.1)" in text.splitlines()[1]
-    lines = text.splitlines()
-    assert any(line.split()[:4] == ["100", "0", "11", "ready"] for line in lines)
-    assert any(line.split()[:4] == ["101", "1", "-", "down"] for line in lines)
-    assert "q100 drops: replay=2" in text
-    assert "q101 last error: queue 101: bind failed" in text
-    assert any(line.startswith("a-to-b-0") and "0x00001000" in line and "58m20s" in line for line in lines)
-    assert any(line.startswith("a-to-b-1") and line.rstrip().endswith("-") for line in lines)
-
-
-def test_render_status_dates_old_rule_counters() -> None:
-    fresh: StatusReport = {**SAMPLE_STATUS, "kernel_drops": {"no_policy": 4}, "kernel_drops_age": 0.03}
-    assert "  dropped by our iptables rules (never queued): no_policy=4" in control.render_status(fresh)
-    old: StatusReport = {**fresh, "kernel_drops_age": 12.4,
-                         "warnings": ["the rule counters were not read within 2 s; "
-                                      "kernel_drops are from a read 12.4 s ago"]}
-    text = control.render_status(old)
-    assert "  dropped by our iptables rules (never queued, read 12s ago): no_policy=4" in text
-    assert "WARNING: the rule counters were not read within 2 s" in text
-
-
 # -- reload: the new processor first, the old one for what the old rules still send ------------
 def _spec(cfg: Any, queue: int = 100) -> WorkerSpec:
     return WorkerSpec(queue=queue, cpu=None, mark=MARK, policies=tuple(cfg.spd.policies),
@@ -708,20 +462,6 @@ def test_a_forwarded_df_packet_too_big_is_answered_with_frag_needed() -> None:
     assert len(sent) == 1 and sent[0][9] == 1 and sent[0][20:22] == b"\x03\x04"  # ICMP 3/4
     assert sent[0][16:20] == big[12:16]  # back to the LAN sender
     assert h.replies_sent == 1
-
-
-def test_the_shortest_watchdog_outlasts_a_busy_workers_answer() -> None:
-    """A busy worker looks at its pipe after PACKETS_BETWEEN_LOOKS packets; the watchdog's
-    shortest period must leave it time to, or it would kill healthy busy workers."""
-    from nfq_ipsec import supervisor
-    from nfq_ipsec.config.model import WATCHDOG_RANGE
-    from nfq_ipsec.worker import BATCH, BATCHES_PER_WAKEUP, PACKETS_BETWEEN_LOOKS
-
-    assert PACKETS_BETWEEN_LOOKS == BATCH * BATCHES_PER_WAKEUP
-    assert supervisor.BUSY_ANSWER_BOUND == PACKETS_BETWEEN_LOOKS * supervisor.SLOWEST_PACKET
-    assert WATCHDOG_RANGE[0] > supervisor.BUSY_ANSWER_BOUND
-
-
 def udp_processor() -> Processor:
     cfg = cfg_of(udp_data())
     return Processor(cfg.spd, cfg.sas_for_queue(100), 0.0)
