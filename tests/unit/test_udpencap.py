@@ -14,8 +14,10 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 import pytest
+import sas
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from packets import ip4
 from repo import ROOT
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.ipsec import ESP
@@ -31,8 +33,6 @@ from nfq_ipsec.core import (
     Policy,
     Processor,
     SADirection,
-    SAParams,
-    Secret,
     SecurityAssociation,
     Selector,
     Verdict,
@@ -53,24 +53,20 @@ CBC = ("aes-cbc-128", "AES-CBC")
 HMAC_KEY = bytes(range(50, 82))
 
 
-def ip_int(addr: str) -> int:
-    return int(IPv4Address(addr))
-
-
 def processor(mode: Mode, *, follow: bool = False, enc: str = "aes-gcm-128",
               in_encap: Encapsulation = Encapsulation.UDP, keepalive: float = 20.0,
               remote: str = REMOTE) -> tuple[Processor, SecurityAssociation, SecurityAssociation]:
     common: dict[str, Any] = {"mode": mode, "peer_change": PeerChange.FOLLOW if follow
                               else PeerChange.DROP}
     if mode is Mode.TUNNEL:
-        common |= {"tunnel_local": ip_int(GW_LOCAL), "tunnel_remote": ip_int(GW_REMOTE)}
+        common |= {"local": GW_LOCAL, "remote": GW_REMOTE}
     mac = "hmac-sha256-128" if enc.startswith("aes-cbc") else None
-    ikey = Secret(HMAC_KEY if mac else b"")
     key_len = 16 if mac else 20
-    out_p = SAParams("out", SPI_OUT, SADirection.OUT, enc, Secret(KEY_OUT[:key_len]), mac, ikey,
-                     encapsulation=Encapsulation.UDP, keepalive=keepalive, **common)
-    in_p = SAParams("in", SPI_IN, SADirection.IN, enc, Secret(KEY_IN[:key_len]), mac,
-                    Secret(HMAC_KEY[::-1] if mac else b""), encapsulation=in_encap, **common)
+    out_p = sas.params("out", SPI_OUT, SADirection.OUT, enc, KEY_OUT[:key_len], mac,
+                       HMAC_KEY if mac else b"", encapsulation=Encapsulation.UDP,
+                       keepalive=keepalive, **common)
+    in_p = sas.params("in", SPI_IN, SADirection.IN, enc, KEY_IN[:key_len], mac,
+                      HMAC_KEY[::-1] if mac else b"", encapsulation=in_encap, **common)
     out_sa, in_sa = SecurityAssociation(out_p, 0.0), SecurityAssociation(in_p, 0.0)
     pol = Policy("p", Selector(IPv4Network(f"{LOCAL}/32"), IPv4Network(f"{remote}/32")),
                  Action.PROTECT, Direction.BOTH, ("out", "in"))
@@ -259,9 +255,8 @@ def test_an_sa_of_plain_esp_refuses_esp_in_udp() -> None:
     """With another SA of ESP in UDP on the port (without one, UDP to 4500 is just cleartext:
     nothing here takes it for ESP)."""
     _, _, in_sa = processor(Mode.TUNNEL, in_encap=Encapsulation.NONE)
-    udp_sa = SecurityAssociation(SAParams(
-        "in-udp", 0x3003, SADirection.IN, "aes-gcm-128", Secret(bytes(20)),
-        encapsulation=Encapsulation.UDP), 0.0)
+    udp_sa = SecurityAssociation(sas.params("in-udp", 0x3003, SADirection.IN,
+                                            encapsulation=Encapsulation.UDP), 0.0)
     proc = Processor(SPD([]), [in_sa, udp_sa], 0.0)
     peer = scapy_sa(SPI_IN, Mode.TUNNEL, KEY_IN, sending=True)
     res = proc.inbound(bytes(peer.encrypt(inner(4, REMOTE, LOCAL)[0])), now=1.0)
@@ -282,7 +277,7 @@ def test_a_new_peer_is_dropped_unless_the_sa_follows() -> None:
     res = proc.inbound(sealed(peer, 3, src=NAT_PUBLIC), 1.0)
     assert res.reason is DropReason.PEER_CHANGED
     assert out_sa.udp is not None and (out_sa.udp.peer_addr, out_sa.udp.peer_port) == (
-        ip_int(GW_REMOTE), 4500)
+        ip4(GW_REMOTE), 4500)
 
 
 def sent_to(proc: Processor) -> tuple[str, int]:
