@@ -12,7 +12,8 @@ transport (the server sees the client as the NAT's address; RFC 3948 3.1.2 check
 
 One run per mode, while tcpdump records the NAT's public side:
 
-1. ping and a TCP file transfer from the client, a TCP transfer and UDP back from the server;
+1. ping and a TCP file transfer from the client, a TCP transfer and UDP back from the server,
+   UDP both ways, and datagrams bigger than the MTU (ESP in UDP fragmented through the NAT);
 2. the router's UDP conntrack timeout shortened to 2 s, the pair left idle for 7 s while the
    client's keepalives run, then the *server* starts: its traffic reaches the client only if
    the mapping stayed up;
@@ -216,12 +217,15 @@ def read_wire(pcap: Path) -> Wire:
 
     ipv4 = esp = ka = unreachable = 0
     other: list[str] = []
+    fragmented: set[tuple[str, str, int]] = set()  # ESP in UDP whose first fragment we saw
     with PcapReader(str(pcap)) as reader:
         for n, pkt in enumerate(reader, 1):
             if IP not in pkt:
                 continue
             ipv4 += 1
             ip = pkt[IP]
+            if ip.frag and (ip.src, ip.dst, ip.id) in fragmented:
+                continue  # the rest of an ESP-in-UDP packet counted below
             if UDP in pkt and 4500 in (pkt[UDP].sport, pkt[UDP].dport) and {ip.src, ip.dst} == {
                     ROUTER_WAN, SERVER}:
                 payload = bytes(pkt[UDP].payload)
@@ -231,6 +235,8 @@ def read_wire(pcap: Path) -> Wire:
                 if len(payload) > 8 and payload[:4] in (SPI_C2S.to_bytes(4, "big"),
                                                         SPI_S2C.to_bytes(4, "big")):
                     esp += 1
+                    if ip.flags.MF:
+                        fragmented.add((ip.src, ip.dst, ip.id))
                     continue
                 if pkt[UDP].sport == 31337:  # the hostile step's own datagrams
                     continue
@@ -295,6 +301,7 @@ def nat(request: pytest.FixtureRequest) -> Iterator[NatRun]:
             r.step("tcp_down", lambda: transfer(lab, s, c, CLIENT, client_addr, file, 5002))
             r.step("udp_down", lambda: datagrams(lab, s, c, CLIENT, client_addr, 9000, 10))
             r.step("udp_up", lambda: datagrams(lab, c, s, SERVER, SERVER, 9001, 10))
+            r.step("big_udp", lambda: big_datagrams(lab, c, s))
             r.step("server_peer", lambda: Daemon.sa(daemons["server"].status(), "in"))
             r.step("port_before", lambda: public_port(router))
 
@@ -372,6 +379,40 @@ def transfer(lab: Lab, sender: Netns, receiver: Netns, bind: str, target: str, f
                           int(got[-1][1]), seconds)
 
 
+BIG_SIZES = (3000, 8000)  # bytes of UDP payload: ESP in UDP fragmented on both links
+
+
+def big_datagrams(lab: Lab, client: Netns, server: Netns) -> list[int]:
+    """Datagrams bigger than the links' MTU from the client: the kernel fragments its ESP in
+    UDP, the NAT reassembles and translates it, the server's kernel reassembles it before
+    our rules. The sizes that arrived whole."""
+    recv_src = f"""
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("{SERVER}", 9002)); s.settimeout(5)
+try:
+    while True:
+        data = s.recv(65536)
+        if data == bytes([len(data) % 251]) * len(data):
+            print("got", len(data), flush=True)
+except socket.timeout:
+    pass
+"""
+    send_src = f"""
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for n in {BIG_SIZES!r}:
+    s.sendto(bytes([n % 251]) * n, ("{SERVER}", 9002)); time.sleep(0.2)
+"""
+    recv = lab.start("udp-big", server, [server.python, "-c", recv_src])
+    try:
+        traffic.wait_listening(server, "udp", 9002)
+        client.run([client.python, "-c", send_src], timeout=20)
+    finally:
+        recv.popen.wait(15)
+    return [int(line.split()[1]) for line in recv.output().splitlines() if line.startswith("got ")]
+
+
 def datagrams(lab: Lab, sender: Netns, receiver: Netns, bind: str, target: str, port: int,
               count: int) -> UdpProbeResult:
     """``count`` UDP datagrams to ``target``, received (and echoed) on the receiver's own
@@ -400,6 +441,10 @@ def test_traffic_passes_both_ways(nat: NatRun) -> None:
     for name in ("udp_up", "udp_down"):
         probe = nat.get(name)
         assert probe.received == probe.sent == 10, (name, probe)
+
+
+def test_datagrams_bigger_than_the_mtu_pass(nat: NatRun) -> None:
+    assert nat.get("big_udp") == list(BIG_SIZES)
 
 
 def test_the_server_follows_the_nat_mapping(nat: NatRun) -> None:
