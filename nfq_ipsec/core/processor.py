@@ -288,6 +288,11 @@ class Processor:
                 self.udp_markers += 1
                 return self._accept(None)
             esp_data, esp_hdr = udpencap.strip(data, hdr)
+            spi = udpencap.spi_of(data, hdr)
+            owner = self.sad.udp_by_spi(spi)
+            if (owner is not None and owner.udp is not None
+                    and owner.udp.local_port != udpencap.local_port(data, hdr)):
+                raise EspError(DropReason.UNKNOWN_SPI, f"SPI 0x{spi:08x} on another port", spi)
             try:
                 dec = esp.decapsulate(esp_data, esp_hdr, self.sad.udp_by_spi, now)
             except EspError as err:

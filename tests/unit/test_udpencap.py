@@ -236,6 +236,22 @@ def test_udp_to_other_ports_is_cleartext() -> None:
     assert res.reason is DropReason.NO_POLICY
 
 
+def test_an_spi_on_another_sas_port_is_unknown() -> None:
+    """An SA of ESP in UDP takes its ESP on its own port only (the rules steer by both; the
+    core checks again)."""
+    _, _, in_sa = processor(Mode.TUNNEL)
+    other = SecurityAssociation(sas.params("in-4501", 0x3003, SADirection.IN, key=bytes(20),
+                                           encapsulation=Encapsulation.UDP,
+                                           udp_destination_port=4501), 0.0)
+    proc = Processor(SPD([]), [in_sa, other], 0.0)
+    peer = scapy_sa(SPI_IN, Mode.TUNNEL, KEY_IN, sending=True)
+    wire = IP(bytes(peer.encrypt(inner(5, REMOTE, LOCAL)[0])))
+    wire[UDP].dport = 4501
+    del wire.chksum
+    res = proc.inbound(bytes(wire), now=1.0)
+    assert res.reason is DropReason.UNKNOWN_SPI and in_sa.replay.top == 0
+
+
 def test_unknown_spi_in_udp() -> None:
     proc, _, _ = processor(Mode.TUNNEL)
     res = proc.inbound(udp_to_port(b"\0\0\x99\x99" + bytes(40)), now=1.0)
