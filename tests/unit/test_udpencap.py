@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import re
+import secrets
 import struct
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +27,7 @@ from scapy.layers.ipsec import ESP
 from scapy.layers.ipsec import SecurityAssociation as ScapySA
 from scapy.packet import Packet, Raw
 
-from nfq_ipsec.config import parse_config
+from nfq_ipsec.config import load_config, parse_config
 from nfq_ipsec.core import (
     SPD,
     Action,
@@ -457,3 +460,29 @@ def test_the_fuzz_target_takes_its_seeds() -> None:
         DropReason.NAT_KEEPALIVE, None, DropReason.UDP_RUNT, DropReason.UDP_RUNT, "in0", "in1"]
     for seed in seeds:
         one(seed)
+
+
+def test_the_readme_nat_pair_is_a_valid_pair(tmp_path: Path) -> None:
+    """The README's example pair for a host behind a NAT loads, and its SAs mirror each other:
+    the client's outbound SA is the server's inbound one (SPI and key file), and back."""
+    text = (ROOT / "README.md").read_text()
+    blocks = dict((m.group(1), m.group(0)) for m in re.finditer(
+        r"# (client|server)\.toml: [^\n]*\n.*?(?=```)", text, re.S))
+    assert set(blocks) == {"client", "server"}
+    for name in ("to-server", "from-server"):
+        (tmp_path / f"{name}.key").write_text(secrets.token_hex(20) + "\n")
+        (tmp_path / f"{name}.key").chmod(0o600)
+    cfgs = {}
+    for side, body in blocks.items():
+        path = tmp_path / f"{side}.toml"
+        path.write_text(body)
+        path.chmod(0o600)
+        cfgs[side] = load_config(path, online_cpus=[0])
+    client, server = ({sa.spi: sa for sa in cfgs[side].sas} for side in ("client", "server"))
+    assert set(client) == set(server)
+    for spi, sa in client.items():
+        peer = server[spi]
+        assert sa.direction is not peer.direction and sa.key == peer.key
+        assert sa.encapsulation is peer.encapsulation is Encapsulation.UDP
+    assert {sa.peer_change for sa in server.values()} == {PeerChange.FOLLOW}
+    assert all(sa.keepalive for sa in client.values() if sa.direction is SADirection.OUT)
