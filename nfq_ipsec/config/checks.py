@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from ..core.sa import SADirection, SAParams
+from ..core.sa import Encapsulation, PeerChange, SADirection, SAParams
 from ..core.spd import Action, Direction, Policy
 from .reading import Problems
 
@@ -87,6 +87,7 @@ def check_policies(
                 if sa.queue in out_queues:
                     probs.add(f"{where}.sa", f"two outbound SAs on queue {sa.queue}; use one per queue")
                 out_queues.append(sa.queue)
+        _check_following(pol, [by_name[n] for n in pol.sa_names if n in by_name], where, probs)
         if pol.action is Action.PROTECT and all(n in by_name for n in pol.sa_names):
             dirs = {by_name[n].direction for n in pol.sa_names if n in by_name}
             if pol.direction.covers(True) and SADirection.OUT not in dirs:
@@ -97,6 +98,21 @@ def check_policies(
         if sa.name not in raw_sa_names:
             probs.warnings.append(f"sa {sa.name!r}: no policy uses it; it will never carry traffic")
     check_shadowing(policies, probs)
+
+
+def _check_following(pol: Policy, sas: list[SAParams], where: str, probs: Problems) -> None:
+    """ESP in UDP: an outbound SA that follows a new peer learns it from an inbound SA of its
+    policy that follows, in its own worker (queue); without one it never learns (a warning:
+    it still sends, to its configured peer)."""
+    learners = {sa.queue for sa in sas if sa.direction is SADirection.IN
+                and sa.encapsulation is Encapsulation.UDP and sa.peer_change is PeerChange.FOLLOW}
+    for sa in sas:
+        if (sa.direction is SADirection.OUT and sa.encapsulation is Encapsulation.UDP
+                and sa.peer_change is PeerChange.FOLLOW and sa.queue not in learners):
+            probs.warnings.append(
+                f"sa {sa.name!r}: follows a new peer, but no inbound SA of policy {pol.name!r} "
+                f'on its queue {sa.queue} does (peer_change = "follow", encapsulation = '
+                '"udp"): it will keep sending to its configured peer')
 
 
 def check_shadowing(policies: list[Policy], probs: Problems) -> None:

@@ -486,3 +486,12 @@ def test_the_readme_nat_pair_is_a_valid_pair(tmp_path: Path) -> None:
         assert sa.encapsulation is peer.encapsulation is Encapsulation.UDP
     assert {sa.peer_change for sa in server.values()} == {PeerChange.FOLLOW}
     assert all(sa.keepalive for sa in client.values() if sa.direction is SADirection.OUT)
+
+
+def test_an_outbound_sa_that_can_never_learn_is_warned_about() -> None:
+    doc = config(encapsulation="udp", peer_change="follow")  # out follows, "i" is plain ESP
+    cfg = parse_config(doc, online_cpus=[0])
+    assert any("sa 'o': follows a new peer, but no inbound SA of policy 'p' on its queue 100"
+               in w for w in cfg.warnings), cfg.warnings
+    doc["sa"][1].update(encapsulation="udp", peer_change="follow")
+    assert not any("follows a new peer" in w for w in parse_config(doc, online_cpus=[0]).warnings)
