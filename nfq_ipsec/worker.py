@@ -50,6 +50,7 @@ from .core import SPD, DropReason, Policy, Processor, SAParams, SecurityAssociat
 from .core.ipv6 import IPV6_HEADER
 from .core.packet import ip_to_str
 from .core.processor import ARRIVING, FORWARDED, LEAVING
+from .core.sa import SAEvent
 from .nfqueue import (
     DEFAULT_MAX_LEN,
     HOOK_PRE_ROUTING,
@@ -298,9 +299,15 @@ class PacketHandler:
             self._errors_unlogged += 1
 
     def report_events(self) -> None:
-        """Log SA events (soft/hard expiry, sequence exhaustion) once each."""
+        """Log SA events (soft/hard expiry, sequence exhaustion, a peer followed) once each."""
         for ev in self.processor.drain_events():
             kind = ev.kind.value
+            if ev.kind is SAEvent.PEER_CHANGED:  # NAT rebinding, followed: where to now
+                sa = self.processor.sad.by_name(ev.sa_name)
+                snap = _udp_snapshot(sa) if sa is not None else None
+                log.info("SA %s (spi 0x%08x): peer changed, now %s", ev.sa_name, ev.spi,
+                         snap["peer"] if snap is not None else "?")
+                continue
             level = logging.INFO if kind == "soft_expired" else logging.WARNING
             log.log(level, "SA %s (spi 0x%08x): %s", ev.sa_name, ev.spi, kind.replace("_", " "))
 

@@ -135,8 +135,9 @@ def everything_data() -> dict[str, Any]:
 
 def udp_data() -> dict[str, Any]:
     """A gateway with SAs of ESP in UDP (RFC 3948) beside a plain one: inbound two on port
-    4500 (queues 100 and 101) and one on 4501, one plain; outbound one from 4500 with
-    keepalives and one from 4501 without."""
+    4500 (queues 100 and 101; i0 follows a new peer) and one on 4501, one plain; outbound one
+    from 4500 with keepalives that follows what i0 learns (o0, queue 100) and one from 4501
+    without keepalives."""
     def sa(name: str, direction: str, spi: int, queue: int, **extra: Any) -> dict[str, Any]:
         return {"name": name, "direction": direction, "spi": spi, "queue": queue,
                 "mode": "tunnel", "tunnel_local": "192.0.2.1", "tunnel_remote": "198.51.100.2",
@@ -151,7 +152,7 @@ def udp_data() -> dict[str, Any]:
              "sa": ["o0", "o1", "i0", "i1", "i2", "plain"]},
         ],
         "sa": [
-            sa("o0", "out", 0x1000, 100, **udp, keepalive=10),
+            sa("o0", "out", 0x1000, 100, **udp, keepalive=10, peer_change="follow"),
             sa("o1", "out", 0x1001, 101, **udp, udp_source_port=4501, keepalive=0),
             sa("i0", "in", 0x2000, 100, **udp, peer_change="follow"),
             sa("i1", "in", 0x2001, 101, **udp),

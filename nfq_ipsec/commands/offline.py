@@ -65,8 +65,9 @@ def summary(cfg: Config) -> str:
         window = f" window {sa.replay_window}" if sa.direction is SADirection.IN else ""
         udp = ""
         if sa.encapsulation is Encapsulation.UDP:
-            keepalive = (f", keepalive {sa.keepalive:g} s" if sa.direction is SADirection.OUT
-                         else "")
+            keepalive = ("" if sa.direction is SADirection.IN
+                         else f", keepalive {sa.keepalive:g} s" if sa.keepalive
+                         else ", no keepalives")
             udp = (f" in UDP {sa.udp_source_port} -> {sa.udp_destination_port} (new peer: "
                    f"{sa.peer_change.value}{keepalive})")
         lines.append(

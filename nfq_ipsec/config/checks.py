@@ -6,7 +6,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from ..core.sa import SADirection, SAParams
+from ..core.ipv6 import is_v6
+from ..core.sa import Encapsulation, Mode, PeerChange, SADirection, SAParams
 from ..core.spd import Action, Direction, Network, Policy
 from .reading import Problems
 
@@ -87,6 +88,8 @@ def check_policies(
                 if sa.queue in out_queues:
                     probs.add(f"{where}.sa", f"two outbound SAs on queue {sa.queue}; use one per queue")
                 out_queues.append(sa.queue)
+        _check_following(pol, [by_name[n] for n in pol.sa_names if n in by_name], where, probs)
+        _check_udp_family(pol, [by_name[n] for n in pol.sa_names if n in by_name], where, probs)
         if pol.action is Action.PROTECT and all(n in by_name for n in pol.sa_names):
             dirs = {by_name[n].direction for n in pol.sa_names if n in by_name}
             if pol.direction.covers(True) and SADirection.OUT not in dirs:
@@ -97,6 +100,34 @@ def check_policies(
         if sa.name not in raw_sa_names:
             probs.warnings.append(f"sa {sa.name!r}: no policy uses it; it will never carry traffic")
     check_shadowing(policies, probs)
+
+
+def _check_udp_family(pol: Policy, sas: list[SAParams], where: str, probs: Problems) -> None:
+    """ESP in UDP is IPv4 only (RFC 3948; over IPv6 a UDP checksum of 0 is not allowed): its
+    ESP must travel in IPv4, so a tunnel's endpoints are IPv4 and a transport SA serves an
+    IPv4 policy."""
+    for sa in sas:
+        if sa.encapsulation is not Encapsulation.UDP:
+            continue
+        v6 = is_v6(sa.tunnel_remote) if sa.mode is Mode.TUNNEL else pol.selector.v6
+        if v6:
+            probs.add(f"{where}.sa", f'SA {sa.name!r} is ESP in UDP (encapsulation = "udp"), '
+                      "which is IPv4 only; its ESP would travel in IPv6")
+
+
+def _check_following(pol: Policy, sas: list[SAParams], where: str, probs: Problems) -> None:
+    """ESP in UDP: an outbound SA that follows a new peer learns it from an inbound SA of its
+    policy that follows, in its own worker (queue); without one it never learns (a warning:
+    it still sends, to its configured peer)."""
+    learners = {sa.queue for sa in sas if sa.direction is SADirection.IN
+                and sa.encapsulation is Encapsulation.UDP and sa.peer_change is PeerChange.FOLLOW}
+    for sa in sas:
+        if (sa.direction is SADirection.OUT and sa.encapsulation is Encapsulation.UDP
+                and sa.peer_change is PeerChange.FOLLOW and sa.queue not in learners):
+            probs.warnings.append(
+                f"sa {sa.name!r}: follows a new peer, but no inbound SA of policy {pol.name!r} "
+                f'on its queue {sa.queue} does (peer_change = "follow", encapsulation = '
+                '"udp"): it will keep sending to its configured peer')
 
 
 def check_shadowing(policies: list[Policy], probs: Problems) -> None:

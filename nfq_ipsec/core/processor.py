@@ -155,7 +155,10 @@ class Processor:
                 too_big = self._too_big(sa, data, hdr, limit, now, forwarded)
                 if too_big is not None:
                     return too_big
-            out = self._seal(sa, data, hdr, now)
+            out = esp.encapsulate(sa, data, hdr)
+            udp = sa.udp
+            if udp is not None:  # ESP in UDP (RFC 3948); inline: the per-packet path
+                out = udpencap.wrap(udp, out, sa.tunnel, now)
             sa.account(hdr.total_length)
             return self._accept(out, sa, sa.next_seq - 1)
         except EspError as err:
@@ -316,6 +319,11 @@ class Processor:
                 self.udp_markers += 1
                 return self._accept(None)
             esp_data, esp_hdr = udpencap.strip(data, hdr)
+            spi = udpencap.spi_of(data, hdr)
+            owner = self.sad.udp_by_spi(spi)
+            if (owner is not None and owner.udp is not None
+                    and owner.udp.local_port != udpencap.local_port(data, hdr)):
+                raise EspError(DropReason.UNKNOWN_SPI, f"SPI 0x{spi:08x} on another port", spi)
             try:
                 dec = esp.decapsulate(esp_data, esp_hdr, self.sad.udp_by_spi, now)
             except EspError as err:

@@ -128,6 +128,12 @@ def source_port(data: bytes, hdr: ip.IPv4Header) -> int:
     return (data[o] << 8) | data[o + 1]
 
 
+def spi_of(data: bytes, hdr: ip.IPv4Header) -> int:
+    """The SPI of a ``classify``-d ESP_PACKET: the first four bytes after the UDP header."""
+    p = hdr.ihl + UDP_HEADER
+    return (data[p] << 24) | (data[p + 1] << 16) | (data[p + 2] << 8) | data[p + 3]
+
+
 def strip(data: bytes, hdr: ip.IPv4Header) -> tuple[bytes, ip.IPv4Header]:
     """The ESP packet a ``classify``-d ESP_PACKET carries: its IPv4 header with protocol ESP
     and the UDP header removed, and that header parsed."""

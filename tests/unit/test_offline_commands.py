@@ -272,3 +272,13 @@ def test_decode_esp_in_udp(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
                          capture_output=True, text=True, check=True)
     theirs = [tuple(int(v, 0) for v in ln.split("\t")) for ln in res.stdout.strip().splitlines()]
     assert theirs == [(4500, 0x1001, 1), (4500, 0x2001, 1)]
+
+
+def test_check_config_shows_esp_in_udp(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a_path, _ = udp_configs(tmp_path)
+    code, out, _ = run(capsys, "check-config", str(a_path))
+    assert code == 0
+    lines = [ln for ln in out.splitlines() if "in UDP 4500 -> 4500" in ln]
+    assert len(lines) == 4
+    assert all("(new peer: drop, keepalive 20 s)" in ln for ln in lines if " out " in ln)
+    assert all(ln.endswith("(new peer: drop)") for ln in lines if " in  " in ln)

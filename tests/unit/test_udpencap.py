@@ -9,20 +9,25 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import re
+import secrets
 import struct
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 from typing import Any
 
 import pytest
+import sas
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from packets import ip4
 from repo import ROOT
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.ipsec import ESP
 from scapy.layers.ipsec import SecurityAssociation as ScapySA
 from scapy.packet import Packet, Raw
 
-from nfq_ipsec.config import parse_config
+from nfq_ipsec.config import load_config, parse_config
 from nfq_ipsec.core import (
     SPD,
     Action,
@@ -31,8 +36,6 @@ from nfq_ipsec.core import (
     Policy,
     Processor,
     SADirection,
-    SAParams,
-    Secret,
     SecurityAssociation,
     Selector,
     Verdict,
@@ -53,24 +56,20 @@ CBC = ("aes-cbc-128", "AES-CBC")
 HMAC_KEY = bytes(range(50, 82))
 
 
-def ip_int(addr: str) -> int:
-    return int(IPv4Address(addr))
-
-
 def processor(mode: Mode, *, follow: bool = False, enc: str = "aes-gcm-128",
               in_encap: Encapsulation = Encapsulation.UDP, keepalive: float = 20.0,
               remote: str = REMOTE) -> tuple[Processor, SecurityAssociation, SecurityAssociation]:
     common: dict[str, Any] = {"mode": mode, "peer_change": PeerChange.FOLLOW if follow
                               else PeerChange.DROP}
     if mode is Mode.TUNNEL:
-        common |= {"tunnel_local": ip_int(GW_LOCAL), "tunnel_remote": ip_int(GW_REMOTE)}
+        common |= {"local": GW_LOCAL, "remote": GW_REMOTE}
     mac = "hmac-sha256-128" if enc.startswith("aes-cbc") else None
-    ikey = Secret(HMAC_KEY if mac else b"")
     key_len = 16 if mac else 20
-    out_p = SAParams("out", SPI_OUT, SADirection.OUT, enc, Secret(KEY_OUT[:key_len]), mac, ikey,
-                     encapsulation=Encapsulation.UDP, keepalive=keepalive, **common)
-    in_p = SAParams("in", SPI_IN, SADirection.IN, enc, Secret(KEY_IN[:key_len]), mac,
-                    Secret(HMAC_KEY[::-1] if mac else b""), encapsulation=in_encap, **common)
+    out_p = sas.params("out", SPI_OUT, SADirection.OUT, enc, KEY_OUT[:key_len], mac,
+                       HMAC_KEY if mac else b"", encapsulation=Encapsulation.UDP,
+                       keepalive=keepalive, **common)
+    in_p = sas.params("in", SPI_IN, SADirection.IN, enc, KEY_IN[:key_len], mac,
+                      HMAC_KEY[::-1] if mac else b"", encapsulation=in_encap, **common)
     out_sa, in_sa = SecurityAssociation(out_p, 0.0), SecurityAssociation(in_p, 0.0)
     pol = Policy("p", Selector(IPv4Network(f"{LOCAL}/32"), IPv4Network(f"{remote}/32")),
                  Action.PROTECT, Direction.BOTH, ("out", "in"))
@@ -240,6 +239,22 @@ def test_udp_to_other_ports_is_cleartext() -> None:
     assert res.reason is DropReason.NO_POLICY
 
 
+def test_an_spi_on_another_sas_port_is_unknown() -> None:
+    """An SA of ESP in UDP takes its ESP on its own port only (the rules steer by both; the
+    core checks again)."""
+    _, _, in_sa = processor(Mode.TUNNEL)
+    other = SecurityAssociation(sas.params("in-4501", 0x3003, SADirection.IN, key=bytes(20),
+                                           encapsulation=Encapsulation.UDP,
+                                           udp_destination_port=4501), 0.0)
+    proc = Processor(SPD([]), [in_sa, other], 0.0)
+    peer = scapy_sa(SPI_IN, Mode.TUNNEL, KEY_IN, sending=True)
+    wire = IP(bytes(peer.encrypt(inner(5, REMOTE, LOCAL)[0])))
+    wire[UDP].dport = 4501
+    del wire.chksum
+    res = proc.inbound(bytes(wire), now=1.0)
+    assert res.reason is DropReason.UNKNOWN_SPI and in_sa.replay.top == 0
+
+
 def test_unknown_spi_in_udp() -> None:
     proc, _, _ = processor(Mode.TUNNEL)
     res = proc.inbound(udp_to_port(b"\0\0\x99\x99" + bytes(40)), now=1.0)
@@ -259,9 +274,8 @@ def test_an_sa_of_plain_esp_refuses_esp_in_udp() -> None:
     """With another SA of ESP in UDP on the port (without one, UDP to 4500 is just cleartext:
     nothing here takes it for ESP)."""
     _, _, in_sa = processor(Mode.TUNNEL, in_encap=Encapsulation.NONE)
-    udp_sa = SecurityAssociation(SAParams(
-        "in-udp", 0x3003, SADirection.IN, "aes-gcm-128", Secret(bytes(20)),
-        encapsulation=Encapsulation.UDP), 0.0)
+    udp_sa = SecurityAssociation(sas.params("in-udp", 0x3003, SADirection.IN,
+                                            encapsulation=Encapsulation.UDP), 0.0)
     proc = Processor(SPD([]), [in_sa, udp_sa], 0.0)
     peer = scapy_sa(SPI_IN, Mode.TUNNEL, KEY_IN, sending=True)
     res = proc.inbound(bytes(peer.encrypt(inner(4, REMOTE, LOCAL)[0])), now=1.0)
@@ -282,7 +296,7 @@ def test_a_new_peer_is_dropped_unless_the_sa_follows() -> None:
     res = proc.inbound(sealed(peer, 3, src=NAT_PUBLIC), 1.0)
     assert res.reason is DropReason.PEER_CHANGED
     assert out_sa.udp is not None and (out_sa.udp.peer_addr, out_sa.udp.peer_port) == (
-        ip_int(GW_REMOTE), 4500)
+        ip4(GW_REMOTE), 4500)
 
 
 def sent_to(proc: Processor) -> tuple[str, int]:
@@ -446,3 +460,64 @@ def test_the_fuzz_target_takes_its_seeds() -> None:
         DropReason.NAT_KEEPALIVE, None, DropReason.UDP_RUNT, DropReason.UDP_RUNT, "in0", "in1"]
     for seed in seeds:
         one(seed)
+
+
+def test_the_readme_nat_pair_is_a_valid_pair(tmp_path: Path) -> None:
+    """The README's example pair for a host behind a NAT loads, and its SAs mirror each other:
+    the client's outbound SA is the server's inbound one (SPI and key file), and back."""
+    text = (ROOT / "README.md").read_text()
+    blocks = dict((m.group(1), m.group(0)) for m in re.finditer(
+        r"# (client|server)\.toml: [^\n]*\n.*?(?=```)", text, re.S))
+    assert set(blocks) == {"client", "server"}
+    for name in ("to-server", "from-server"):
+        (tmp_path / f"{name}.key").write_text(secrets.token_hex(20) + "\n")
+        (tmp_path / f"{name}.key").chmod(0o600)
+    cfgs = {}
+    for side, body in blocks.items():
+        path = tmp_path / f"{side}.toml"
+        path.write_text(body)
+        path.chmod(0o600)
+        cfgs[side] = load_config(path, online_cpus=[0])
+    client, server = ({sa.spi: sa for sa in cfgs[side].sas} for side in ("client", "server"))
+    assert set(client) == set(server)
+    for spi, sa in client.items():
+        peer = server[spi]
+        assert sa.direction is not peer.direction and sa.key == peer.key
+        assert sa.encapsulation is peer.encapsulation is Encapsulation.UDP
+    assert {sa.peer_change for sa in server.values()} == {PeerChange.FOLLOW}
+    assert all(sa.keepalive for sa in client.values() if sa.direction is SADirection.OUT)
+
+
+def test_an_outbound_sa_that_can_never_learn_is_warned_about() -> None:
+    doc = config(encapsulation="udp", peer_change="follow")  # out follows, "i" is plain ESP
+    cfg = parse_config(doc, online_cpus=[0])
+    assert any("sa 'o': follows a new peer, but no inbound SA of policy 'p' on its queue 100"
+               in w for w in cfg.warnings), cfg.warnings
+    doc["sa"][1].update(encapsulation="udp", peer_change="follow")
+    assert not any("follows a new peer" in w for w in parse_config(doc, online_cpus=[0]).warnings)
+
+
+def test_esp_in_udp_over_ipv6_is_refused() -> None:
+    """ESP in UDP is IPv4 only: an SA of it with IPv6 tunnel endpoints, or serving an IPv6
+    policy in transport mode, is a configuration error naming the SA."""
+    from configs import udp_data
+
+    from nfq_ipsec.core.errors import ConfigError
+
+    tunnel = udp_data()
+    for sa in tunnel["sa"]:
+        sa["tunnel_local"], sa["tunnel_remote"] = "2001:db8:1::1", "2001:db8:2::1"
+    for pol in tunnel["policy"]:
+        pol["local"], pol["remote"] = "2001:db8:a::/64", "2001:db8:b::/64"
+    with pytest.raises(ConfigError) as err:
+        parse_config(tunnel, online_cpus=[0, 1])
+    assert "SA 'o0' is ESP in UDP" in str(err.value) and "IPv4 only" in str(err.value)
+    transport = udp_data()
+    for sa in transport["sa"]:
+        sa["mode"] = "transport"
+        del sa["tunnel_local"], sa["tunnel_remote"]
+    for pol in transport["policy"]:
+        pol["local"], pol["remote"] = "2001:db8:a::1/128", "2001:db8:b::1/128"
+    with pytest.raises(ConfigError, match="SA 'i0' is ESP in UDP"):
+        parse_config(transport, online_cpus=[0, 1])
+    parse_config(udp_data(), online_cpus=[0, 1])  # the same over IPv4: fine

@@ -497,3 +497,36 @@ def test_a_failing_keepalive_sender_is_counted_not_fatal() -> None:
     h = PacketHandler(udp_processor(), FakeQueue(), MARK, clock=lambda: 1.0, keepalive=refuse)
     h.send_keepalives(1000.0)
     assert h.keepalive_errors == 1
+
+
+def test_a_followed_peer_is_logged_with_where_it_went(caplog: pytest.LogCaptureFixture) -> None:
+    """udp_data's i0 follows a new peer: the peer sends from port 31000 (a NAT's), the worker
+    logs the move once, and o0 (same policy, same queue) sends there."""
+    import hashlib
+    import logging
+    from ipaddress import IPv4Network
+
+    import sas as sa_builder
+
+    from nfq_ipsec.core import SPD, Action, Direction, Policy, SecurityAssociation, Selector
+    from nfq_ipsec.core.sa import Encapsulation, SADirection
+
+    key = bytes.fromhex(hashlib.sha256(b"i0").hexdigest()[:40])  # udp_data()'s key of i0
+    peer_sa = SecurityAssociation(sa_builder.params(
+        "peer", 0x2000, SADirection.OUT, key=key, local="198.51.100.2", remote="192.0.2.1",
+        encapsulation=Encapsulation.UDP, udp_source_port=31000), 0.0)
+    peer = Processor(SPD([Policy("p", Selector(IPv4Network("10.2.0.0/24"),
+                                               IPv4Network("10.1.0.0/24")),
+                                 Action.PROTECT, Direction.BOTH, ("peer",))]), [peer_sa], 0.0)
+    wire = peer.outbound(udp("10.2.0.7", "10.1.0.5", 1, 2, b"x"), 1.0).packet
+    assert wire is not None
+    proc = udp_processor()
+    h, q = handler(proc)
+    caplog.set_level(logging.INFO, logger="nfq_ipsec")
+    h.handle_batch([pkt(wire, hook=HOOK_PRE_ROUTING)])
+    h.report_events()
+    h.report_events()
+    assert q.verdicts[0][1] is True
+    assert caplog.text.count("SA i0 (spi 0x00002000): peer changed, now 198.51.100.2:31000") == 1
+    o0 = next(sa for sa in h.snapshot(100, None, 0.0)["sas"] if sa["name"] == "o0")
+    assert o0["udp"] is not None and o0["udp"]["peer"] == "198.51.100.2:31000"
