@@ -17,6 +17,7 @@ from .core import packet as ip
 from .core.errors import DropReason, EspError
 from .core.sa import Encapsulation, SADirection, SecurityAssociation
 from .core.spd import Policy
+from .reassembly import Overlap, Reassembler, ipv4_fragment, ipv4_whole
 
 _PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 47: "GRE", 50: "ESP", 58: "ICMPv6", 132: "SCTP"}
 _TCP_FLAGS = "FSRPAUEC"
@@ -33,20 +34,25 @@ class Decoded:
     spi: int | None = None
     seq: int | None = None
     sa_name: str | None = None
-    verdict: str = ""  # "ok", "drop", "not-esp", "not-ip"
+    verdict: str = ""  # "ok", "drop", "not-esp", "not-ip", "fragment" (held for reassembly)
     reason: DropReason | None = None
     inner: str = ""
+    note: str = ""  # e.g. " (reassembled from 3 fragments)"
 
     def line(self) -> str:
         head = f"#{self.index:<5} {self.outer:<33}"
         if not self.esp:
             return f"{head} {self.verdict:<8} {self.inner}".rstrip()
+        if self.spi is None:
+            what = (f"DROP  {self.reason.value}" if self.verdict == "drop" and self.reason
+                    else self.verdict)
+            return f"{head} {what}  {self.inner}".rstrip()
         esp_part = f"spi=0x{self.spi:08x} seq={self.seq}"
         if self.verdict == "ok":
-            return f"{head} {esp_part:<28} ok    sa={self.sa_name}  {self.inner}"
+            return f"{head} {esp_part:<28} ok    sa={self.sa_name}  {self.inner}{self.note}"
         reason = self.reason.value if self.reason else "?"
         sa = f" sa={self.sa_name}" if self.sa_name else ""
-        return f"{head} {esp_part:<28} DROP  {reason}{sa}"
+        return f"{head} {esp_part:<28} DROP  {reason}{sa}{self.note}"
 
 
 class OfflineDecoder:
@@ -66,6 +72,7 @@ class OfflineDecoder:
         self._udp_ports = frozenset(
             port for params in cfg.sas if params.encapsulation is Encapsulation.UDP
             for port in (params.udp_source_port, params.udp_destination_port))
+        self._fragments = Reassembler()
 
     def decode(self, index: int, data: bytes | None) -> Decoded:
         if data is None:
@@ -79,6 +86,27 @@ class OfflineDecoder:
                 hdr = ip.parse_ipv4(data)
         except EspError as err:
             return Decoded(index, "-", False, verdict="not-ip", inner=err.reason.value)
+        note = ""
+        if (hdr is not None and hdr.is_fragment
+                and (hdr.protocol == ip.PROTO_ESP
+                     or (hdr.protocol == ip.PROTO_UDP and self._udp_ports))):
+            # RFC 4303 3.4.1: ESP is checked whole (and ESP in UDP is known only once the UDP
+            # header is there); the last fragment to come in decodes the packet
+            outer = f"{ip.ip_to_str(hdr.src)} > {ip.ip_to_str(hdr.dst)}"
+            frag = ipv4_fragment(data, hdr)
+            try:
+                whole = self._fragments.add(frag)
+            except Overlap as err:
+                return Decoded(index, outer, True, verdict="drop", reason=DropReason.FRAGMENT,
+                               inner=str(err))
+            if whole is None:
+                return Decoded(index, outer, False, verdict="fragment",
+                               inner=f"fragment id={hdr.ident} offset={frag.offset}: held for "
+                                     "reassembly")
+            header, payload, count = whole
+            data = ipv4_whole(header, len(payload)) + payload
+            hdr = ip.parse_ipv4(data)
+            note = f" (reassembled from {count} fragments)"
         src, dst, proto, at, end = (
             (hdr.src, hdr.dst, hdr.protocol, hdr.ihl, hdr.total_length) if hdr is not None
             else _where(hdr6))
@@ -100,12 +128,13 @@ class OfflineDecoder:
             outer += " udp"
         elif proto != ip.PROTO_ESP:
             return Decoded(index, outer, False, verdict="not-esp",
-                           inner=summarize(data, hdr, hdr6))
+                           inner=summarize(data, hdr, hdr6) + note)
         if end < at + esp.ESP_HEADER:
-            return Decoded(index, outer, True, verdict="drop", reason=DropReason.MALFORMED)
+            return Decoded(index, outer, True, verdict="drop", reason=DropReason.MALFORMED,
+                           note=note)
         spi, seq_lo = struct.unpack_from("!II", data, at)
         result = Decoded(index, outer, True, spi=spi, seq=seq_lo, verdict="drop",
-                         reason=DropReason.UNKNOWN_SPI)
+                         reason=DropReason.UNKNOWN_SPI, note=note)
         for sa, was_out in self._by_spi.get(spi, []):
             result.sa_name = sa.name
             if (sa.udp is not None) != in_udp:

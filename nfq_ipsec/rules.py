@@ -22,6 +22,9 @@ P the chain prefix:
   unknown SPIs and the SPIs of plain SAs are dropped here, the rest (the non-ESP marker of IKE,
   runts) goes to the port's first worker. Plain ESP with the SPI of a UDP SA is dropped.
   Outbound, ESP in UDP and NAT-keepalives from a worker return by mark, port and SPI or shape.
+- mangle INPUT (and FORWARD on gateways) -> P-MSS for decrypted packets (the mark M): the
+  MSS of the SYNs received is clamped like that of the SYNs sent, so a peer that doesn't clamp
+  (the Linux kernel's ESP) doesn't make this side's TCP send segments too big after ESP.
 - gateways only: mangle PREROUTING -> P-FWD for traffic arriving on any other interface (the
   kernel routes the outer header after reinjection); nat POSTROUTING -> P-NAT, which keeps
   SNAT/MASQUERADE off the workers' ESP packets (they still carry the conntrack entry of the
@@ -140,6 +143,10 @@ def chain_nat(prefix: str) -> str:
     return f"{prefix}-NAT"
 
 
+def chain_mss(prefix: str) -> str:
+    return f"{prefix}-MSS"
+
+
 def chain_protect(prefix: str, index: int) -> str:
     return f"{prefix}-P{index}"
 
@@ -147,7 +154,7 @@ def chain_protect(prefix: str, index: int) -> str:
 def is_our_chain(prefix: str, name: str) -> bool:
     """Whether ``name`` is a chain this prefix creates (exact shapes only: another instance with
     a longer prefix such as ``P-X`` never looks like ours)."""
-    return re.fullmatch(re.escape(prefix) + r"-(?:IN|OUT|FWD|LEAK|NAT|P\d+)", name) is not None
+    return re.fullmatch(re.escape(prefix) + r"-(?:IN|OUT|FWD|LEAK|NAT|MSS|P\d+)", name) is not None
 
 
 def hmark_base(mark: int) -> int:
@@ -221,6 +228,17 @@ def build(cfg: Config, v6: bool = False) -> Ruleset:
         mangle_chains.append(chain)
         mangle_comments.append((chain, comment))
         mangle_rules += rules
+    mss = _mss_rules(cfg, v6)
+    if mss:
+        mangle_chains.append(chain_mss(p))
+        mangle_comments.append((chain_mss(p), _MSS_COMMENT))
+        m = cfg.daemon.mark
+        on_iface = ("-i", node.interface) if node.interface else ()
+        match = (*on_iface, "-m", "mark", "--mark", f"0x{m:x}/0x{m:x}", "-j", chain_mss(p))
+        for builtin in ("INPUT", "FORWARD") if node.role == "gateway" else ("INPUT",):
+            mangle_jumps.append(Rule(builtin, match, "decrypted packets (a worker's mark): "
+                                     "clamp the MSS of their SYNs"))
+        mangle_rules += mss
     mangle = Table("mangle", tuple(mangle_chains), tuple(mangle_jumps), tuple(mangle_rules),
                    tuple(mangle_comments))
     return Ruleset(p, (raw, mangle, *extra), _header(cfg, v6), 6 if v6 else 4)
@@ -333,6 +351,9 @@ _OUT_COMMENT = ("outbound SPD for locally generated traffic (after conntrack, so
 _FWD_COMMENT = ("outbound SPD for forwarded traffic, queued in PREROUTING so the kernel routes "
                 "the outer (ESP) header after reinjection; no match: not ours (to the gateway "
                 "itself or within the LAN)")
+_MSS_COMMENT = ("MSS clamp for received SYNs, after decryption: a peer that doesn't clamp (the Linux "
+                "kernel's ESP doesn't) offers the MSS of its interface, and this host's TCP would "
+                "then send segments that no longer fit the path after ESP")
 _NAT_COMMENT = ("NAT exemption: forwarded traffic is queued after conntrack, so the ESP packet a "
                 "worker returns still carries the plaintext flow's conntrack entry; NAT on it "
                 "would rewrite ESP bytes as if they were TCP/UDP ports and checksums")
@@ -479,6 +500,33 @@ def _protect_chains(cfg: Config, v6: bool) -> list[tuple[str, list[Rule], str]]:
                    f"({', '.join(sa.name for sa in sas)})")
         out.append((c, rules, comment))
     return out
+
+
+def _mss_rules(cfg: Config, v6: bool) -> list[Rule]:
+    """One TCPMSS rule per protecting policy of a family, for the SYNs and SYN-ACKs it lets in: the same
+    MSS as for the SYNs it sends (``mss_for``), so TCP sends no segment too big after ESP
+    in either direction. Empty with ``daemon.mss_clamp`` off."""
+    if not cfg.daemon.mss_clamp:
+        return []
+    c = chain_mss(cfg.daemon.chain_prefix)
+    rules = []
+    for i, pol in _policies(cfg, v6):
+        if (pol.action is not Action.PROTECT or not pol.direction.covers(False)
+                or not cfg.outbound_sas(pol) or pol.selector.protocol not in (None, 0, 6)):
+            continue
+        args = list(selector_args(pol.selector, outbound=False))
+        if pol.selector.protocol == 6:
+            if "-m" not in args:
+                args += ["-m", "tcp"]
+        else:
+            args = [a for a in args if a not in ("-m", "u32", "--u32", "0x6&0xff=0x0")]
+            args += ["-p", "tcp", "-m", "tcp"]
+        mss = mss_for(cfg, pol)
+        rules.append(Rule(c, (*args, "--tcp-flags", "SYN,RST", "SYN", "-j", "TCPMSS", "--set-mss",
+                              str(mss)),
+                          f"policy[{i}] {pol.name!r}: clamp the MSS of SYNs received to {mss}, as "
+                          "of those sent"))
+    return rules
 
 
 def _nat_table(cfg: Config) -> Table:

@@ -6,11 +6,14 @@
   than RFC 1191) means the next plateau below the quoted packet's length.
 - Age: a learned value holds for ``PMTU_AGE`` seconds, then the SA tries its first MTU again
   (RFC 1191 section 6.3, as Linux does).
-- Apply (8.2.2): a packet with DF set that would leave bigger than the MTU after ESP is
+- Apply (8.2.2): a packet with DF set that would leave bigger than the path MTU after ESP
+  (the interface's MTU until the path says less, for local and forwarded packets alike) is
   dropped, and the sender gets "fragmentation needed" with the largest packet that fits: so
   its TCP and its UDP sockets learn to send smaller packets instead of losing them further on.
   A local packet to the SA's peer itself leaves with DF cleared instead (see
-  ``Processor._too_big``: the local kernel has one route for the packet and its ESP).
+  ``Processor._too_big``: the local kernel has one route for the packet and its ESP, so a
+  smaller MTU learned for it would strand the ESP packets too). TCP never gets there: the
+  rules clamp the MSS of the SYNs sent and received (``rules.py``).
 """
 
 from __future__ import annotations

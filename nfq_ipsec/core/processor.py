@@ -73,9 +73,11 @@ class Event:
 
 class Processor:
     """``mtu``: the unprotected interface's MTU, the path MTU of every outbound SA until an
-    ICMP error says less. Forwarded packets (``outbound(..., forwarded=True)``) are held to it;
-    a local sender's own kernel already fragments to its route MTU and decides about DF itself,
-    so local packets are held only to an MTU learned from the path.
+    ICMP error says less. Forwarded and local packets alike are held to it: a local sender's
+    kernel sizes its packets by the route's MTU, which the ESP packet overruns, and the kernel
+    drops an ESP packet too big for the interface with DF set without telling the sender
+    (its ICMP error quotes the ESP packet, not the sender's). ``_too_big`` says what happens
+    instead.
 
     ``ipv6_link``: IPv6 neighbour discovery and MLD (``ipv6.LINK_TYPES``) pass in clear
     whatever the SPD says; without them an IPv6 link dies."""
@@ -149,7 +151,7 @@ class Processor:
             if sa is None:
                 raise EspError(DropReason.NO_SA, policy.name)
             sa.check_lifetime(now)
-            limit = sa.pmtu if sa.pmtu else (self.mtu if forwarded else 0)
+            limit = sa.pmtu if sa.pmtu else self.mtu
             if (limit and hdr.total_length + sa.max_overhead > limit
                     and hdr.flags_frag & ip.FLAG_DF):
                 too_big = self._too_big(sa, data, hdr, limit, now, forwarded)
@@ -186,9 +188,7 @@ class Processor:
         """
         if sa.pmtu and now - sa.pmtu_at > pmtu.PMTU_AGE:
             sa.pmtu = 0  # aged: try the interface's MTU again (RFC 1191 6.3)
-            limit = self.mtu if forwarded else 0
-            if not limit:
-                return None
+            limit = self.mtu
         size = pmtu.esp_size(sa, hdr.total_length, hdr.ihl)
         if size <= limit or not pmtu.outer_df(sa, True):
             return None

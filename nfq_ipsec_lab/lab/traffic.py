@@ -47,7 +47,8 @@ PROTO_NAMES = {PROTO_ICMP: "icmp", PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ESP
 
 PING_SRC = r"""
 import os, socket, struct, sys, time
-dst, count, wait = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+dst, count, wait, size = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+df = sys.argv[5] == "df"
 def csum(b):
     b += b"\0" * (len(b) % 2)
     t = sum(struct.unpack("!%dH" % (len(b) // 2), b))
@@ -57,10 +58,13 @@ def csum(b):
 v6 = ":" in dst  # ICMPv6: the kernel computes the checksum and strips the IPv6 header
 s = (socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) if v6
      else socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
+if df:  # IP(V6)_MTU_DISCOVER: IP(V6)_PMTUDISC_DO, DF set (IPv6: no fragmenting at the source)
+    s.setsockopt(*((socket.IPPROTO_IPV6, 23, 2) if v6 else (socket.IPPROTO_IP, 10, 2)))
 request, reply = (128, 129) if v6 else (8, 0)
 ident, got = os.getpid() & 0xFFFF, 0
 for seq in range(1, count + 1):
     body = b"nfq-ipsec lab ping %d " % seq + bytes(range(40))
+    body += bytes(i & 0xFF for i in range(size - 8 - len(body)))
     hdr = struct.pack("!BBHHH", request, 0, 0, ident, seq)
     c = 0 if v6 else csum(hdr + body)
     s.sendto(struct.pack("!BBHHH", request, 0, c, ident, seq) + body, (dst, 0))
@@ -72,7 +76,7 @@ for seq in range(1, count + 1):
             break
         s.settimeout(left)
         try:
-            data, addr = s.recvfrom(4096)
+            data, addr = s.recvfrom(65536)
         except socket.timeout:
             continue
         ihl = 0 if v6 else (data[0] & 15) * 4
@@ -240,8 +244,12 @@ def _finish(lab: Lab, proc: Started, timeout: float) -> str:
     return proc.output()
 
 
-def ping(host: Host, dst: str, count: int = 3, wait: float = 2.0) -> PingResult:
-    res = host.run([host.python, "-c", PING_SRC, dst, str(count), str(wait)], check=False,
+def ping(host: Host, dst: str, count: int = 3, wait: float = 2.0, size: int = 0,
+         df: bool = False) -> PingResult:
+    """ICMP echo to ``dst``; ``size``: the ICMP message's length (at least the default ~70);
+    ``df``: with DF set (the socket's IP_PMTUDISC_DO)."""
+    res = host.run([host.python, "-c", PING_SRC, dst, str(count), str(wait), str(size),
+                    "df" if df else "-"], check=False,
                    timeout=count * (wait + 0.2) + 10)
     last = [line for line in res.stdout.splitlines() if line.startswith("result ")]
     if res.returncode != 0 or not last:

@@ -8,7 +8,7 @@ from pathlib import Path
 import gate
 import pytest
 from repo import EXAMPLES
-from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 from scapy.layers.l2 import CookedLinux, Ether
 from scapy.packet import Raw
 from scapy.utils import PcapNgWriter, wrpcap
@@ -282,3 +282,43 @@ def test_check_config_shows_esp_in_udp(tmp_path: Path, capsys: pytest.CaptureFix
     assert len(lines) == 4
     assert all("(new peer: drop, keepalive 20 s)" in ln for ln in lines if " out " in ln)
     assert all(ln.endswith("(new peer: drop)") for ln in lines if " in  " in ln)
+
+
+def test_decode_reassembles_fragmented_esp(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A peer like the Linux kernel encrypts a big packet without DF whole and fragments the
+    ESP packet: decode holds the fragments and checks the ESP packet once it is whole, in
+    whatever order its fragments were captured."""
+    a = load_config(A, online_cpus=CPUS)
+    pa = Processor(a.spd, a.sas_for_queue(101), 0.0)
+    big = bytes(IP(src="192.168.56.10", dst="192.168.56.11", flags=0) / ICMP(id=9, seq=1)
+                / Raw(bytes(range(256)) * 12))
+    esp_packet = pa.outbound(big, 0.0).packet
+    assert esp_packet is not None
+    frags = fragment(IP(esp_packet), fragsize=1480)  # type: ignore[no-untyped-call]
+    assert len(frags) == 3
+    path = tmp_path / "frag.pcap"
+    wrpcap(str(path), [Ether() / f for f in (frags[1], frags[0], frags[2])])
+    code, out, _ = run(capsys, "decode", "--config", str(A), str(path))
+    lines = out.splitlines()
+    assert code == 0, out
+    assert "fragment" in lines[0] and "held for reassembly" in lines[0]
+    assert "fragment" in lines[1] and "held for reassembly" in lines[1]
+    assert "ok    sa=a-to-b-1  ICMP 192.168.56.10 > 192.168.56.11 echo-request id=9 seq=1" in lines[2]
+    assert lines[2].endswith("(reassembled from 3 fragments)")
+    assert lines[-1] == "summary: fragment 2, ok 1"
+    # overlapping fragments: the datagram is dropped, never decoded
+    bad = IP(bytes(frags[1]))
+    bad.frag -= 1
+    wrpcap(str(path), [Ether() / f for f in (frags[0], bad, frags[1], frags[2])])
+    code, out, _ = run(capsys, "decode", "--config", str(A), str(path))
+    assert code == 4 and "DROP  fragment" in out and " ok " not in out, out
+    # ESP in UDP, fragmented: reassembled before the UDP header is read
+    a_path, _b_path = udp_configs(tmp_path)
+    a = load_config(a_path, online_cpus=CPUS)
+    udp_esp = Processor(a.spd, a.sas_for_queue(101), 0.0).outbound(big, 0.0).packet
+    assert udp_esp is not None and IP(udp_esp)[UDP].dport == 4500
+    frags = fragment(IP(udp_esp), fragsize=1480)  # type: ignore[no-untyped-call]
+    wrpcap(str(path), [Ether() / f for f in reversed(frags)])
+    code, out, _ = run(capsys, "decode", "--config", str(a_path), str(path))
+    assert code == 0 and "udp" in out and "ok    sa=a-to-b-1" in out, out
+    assert "(reassembled from 3 fragments)" in out

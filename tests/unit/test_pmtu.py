@@ -216,8 +216,24 @@ def test_forwarded_df_packets_are_held_to_the_interface_mtu() -> None:
     assert told == pmtu.inner_mtu(sa, 1500, 20) and 1400 < told < 1500 - 20
     fits = proc.outbound(udp(told, src=LAN_A, dst=LAN_B), 0.0, forwarded=True)
     assert fits.packet is not None and len(fits.packet) <= 1500
-    # locally generated: the host's own kernel decides (no learned MTU yet)
-    assert proc.outbound(big, 0.0).verdict is Verdict.ACCEPT
+    # locally generated too: the local kernel knows only the route's MTU, which the ESP
+    # packet overruns (it would die there with DF, its sender never told); the sender is told
+    local = proc.outbound(big, 0.0)
+    assert (local.verdict, local.reason) == (Verdict.DROP, DropReason.PATH_MTU)
+    assert local.reply is not None and IP(local.reply)[ICMP].nexthopmtu == told
+
+
+def test_a_local_df_packet_too_big_for_the_interface_after_esp_is_never_lost() -> None:
+    """Transport mode, nothing learned from the path: a local DF packet that fits the
+    interface but not after ESP (a UDP socket with IP_PMTUDISC_DO, TCP to a peer that didn't
+    clamp) leaves with DF cleared, for the kernel to fragment, instead of being dropped
+    silently by the kernel for exceeding the interface's MTU."""
+    proc = host(mtu=1500)
+    res = proc.outbound(udp(1500), 0.0)
+    assert res.verdict is Verdict.ACCEPT and res.reply is None and res.packet is not None
+    assert len(res.packet) > 1500 and IP(res.packet).flags == 0 and proc.df_cleared == 1
+    fits = proc.outbound(udp(1400), 0.0)
+    assert fits.packet is not None and IP(fits.packet).flags == "DF" and proc.df_cleared == 1
 
 
 def test_tunnel_df_clear_lets_the_kernel_fragment() -> None:

@@ -80,8 +80,9 @@ def test_host_example_layout() -> None:
         "-j DROP",
     ]
     mangle = table_of(text, "mangle")
-    assert mangle[:3] == [":NFQIPSEC-OUT - [0:0]", ":NFQIPSEC-P1 - [0:0]",
-                          "-I OUTPUT 1 -o eth1 -j NFQIPSEC-OUT"]
+    assert mangle[:5] == [":NFQIPSEC-OUT - [0:0]", ":NFQIPSEC-P1 - [0:0]", ":NFQIPSEC-MSS - [0:0]",
+                          "-I OUTPUT 1 -o eth1 -j NFQIPSEC-OUT",
+                          "-I INPUT 1 -i eth1 -m mark --mark 0x10000000/0x10000000 -j NFQIPSEC-MSS"]
     assert chain(text, "NFQIPSEC-OUT") == [
         # only ESP of our own outbound SAs, with the mark, skips the SPD
         "-p esp -m esp --espspi 4096 -m mark --mark 0x10000000/0x10000000 -j RETURN",
@@ -265,7 +266,29 @@ def test_gateway_everything() -> None:
     ] + ["-j DROP"]
     # one sub-chain per outbound PROTECT policy, named by policy index; none for "in-only"
     assert [c for _t, c in rules.build(cfg).chains] == [
-        "NQT-IN", "NQT-OUT", "NQT-FWD", "NQT-P10", "NQT-P11", "NQT-NAT", "NQT-LEAK"]
+        "NQT-IN", "NQT-OUT", "NQT-FWD", "NQT-P10", "NQT-P11", "NQT-MSS", "NQT-NAT", "NQT-LEAK"]
+
+
+def test_mss_clamp_both_directions() -> None:
+    """SYNs received (decrypted: the worker's mark) are clamped like the SYNs sent: a peer that
+    doesn't clamp (the Linux kernel) offers its interface's MSS, too big after ESP."""
+    host = rules.render(example("host-a.toml"), comments=False)
+    sent = [r for r in chain(host, "NFQIPSEC-P1") if "TCPMSS" in r]
+    assert sent == ["-p tcp -m tcp --tcp-flags SYN,RST SYN -j TCPMSS --set-mss 1423"]
+    assert "-I INPUT 1 -i eth1 -m mark --mark 0x10000000/0x10000000 -j NFQIPSEC-MSS" in host
+    assert chain(host, "NFQIPSEC-MSS") == [
+        "-s 192.168.56.11/32 -d 192.168.56.10/32 -p tcp -m tcp --tcp-flags SYN,RST SYN "
+        "-j TCPMSS --set-mss 1423"]
+    # gateways: forwarded SYNs too; only policies that let traffic in (not "out" only)
+    gw = rules.render(cfg_of(everything_data()), comments=False)
+    assert "-I FORWARD 1 -i wan0 -m mark --mark 0x40000000/0x40000000 -j NQT-MSS" in gw
+    assert "-I INPUT 1 -i wan0 -m mark --mark 0x40000000/0x40000000 -j NQT-MSS" in gw
+    assert chain(gw, "NQT-MSS") == [
+        "-s 10.2.0.0/24 -d 10.1.0.0/24 -p tcp -m tcp --tcp-flags SYN,RST SYN -j TCPMSS "
+        "--set-mss 1267"]
+    data = host_data()
+    data["daemon"]["mss_clamp"] = False
+    assert "MSS" not in rules.render(cfg_of(data), comments=False)
 
 
 def test_multi_sa_hmark() -> None:
@@ -330,10 +353,11 @@ def test_chain_names_and_prefix() -> None:
     data = host_data()
     data["daemon"]["chain_prefix"] = "my_fw-1"
     rs = rules.build(cfg_of(data))
-    assert [c for _t, c in rs.chains] == ["my_fw-1-IN", "my_fw-1-OUT", "my_fw-1-P0"]
+    assert [c for _t, c in rs.chains] == ["my_fw-1-IN", "my_fw-1-OUT", "my_fw-1-P0", "my_fw-1-MSS"]
     assert rules.is_our_chain("my_fw-1", "my_fw-1-P12")
     assert rules.is_our_chain("my_fw-1", "my_fw-1-LEAK")
     assert rules.is_our_chain("my_fw-1", "my_fw-1-NAT")
+    assert rules.is_our_chain("my_fw-1", "my_fw-1-MSS")
     for other in ("my_fw-1-X", "my_fw-1-P", "my_fw-1-Px", "my_fw-1-IN-2", "my_fw-1-B-IN", "my_fw-1",
                   "MY_FW-1-IN", "xmy_fw-1-IN"):
         assert not rules.is_our_chain("my_fw-1", other), other

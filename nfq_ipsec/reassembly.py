@@ -1,0 +1,101 @@
+"""Reassembly of IP fragments read from a capture (``decode``), RFC 791 section 3.2 / RFC 815.
+
+A peer such as the Linux kernel encrypts a big packet without DF whole and then fragments the
+ESP packet; nothing can be checked about ESP until it is whole (RFC 4303 section 3.4.1). On
+the live path the kernel reassembles before our rules (``rules.py``: the rule that turns on
+defragmentation); in a capture this module does the same for ``decode``.
+
+The datagram key and the fragment's place come from the caller (:class:`Fragment`), so an IPv6
+fragment header can feed the same :class:`Reassembler` later; :func:`ipv4_fragment` reads
+them from an IPv4 header. Fail closed: overlapping fragments (RFC 5722's rule, applied to IPv4
+too: no legitimate sender makes them) or a datagram bigger than 65,535 bytes discard the whole
+datagram; :meth:`Reassembler.add` then says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .core import packet as ip
+
+MAX_DATAGRAM = 65535
+MAX_PENDING = 1024  # datagrams held at once: more (a capture of a flood) drops the oldest
+
+
+@dataclass(frozen=True)
+class Fragment:
+    key: tuple[object, ...]  # (family, src, dst, protocol, identification)
+    offset: int  # of its payload, in bytes
+    more: bool  # more fragments follow (MF)
+    payload: bytes  # after the IP header
+    header: bytes  # the IP header (the first fragment's is the reassembled packet's)
+
+
+@dataclass
+class _Pending:
+    parts: dict[int, bytes] = field(default_factory=dict)
+    header: bytes = b""
+    total: int | None = None  # payload length, known once the last fragment came
+    count: int = 0
+
+
+class Overlap(Exception):
+    """The fragments of one datagram overlap, or it would exceed 65,535 bytes: discarded."""
+
+
+class Reassembler:
+    def __init__(self) -> None:
+        self._pending: dict[tuple[object, ...], _Pending] = {}
+
+    def add(self, frag: Fragment) -> tuple[bytes, bytes, int] | None:
+        """The first fragment's header, the whole payload and the number of fragments, once
+        the datagram is whole; None while it isn't. Raises :class:`Overlap` (the datagram is
+        dropped) for overlapping or oversized fragments."""
+        p = self._pending.get(frag.key)
+        if p is None:
+            if len(self._pending) >= MAX_PENDING:
+                del self._pending[next(iter(self._pending))]
+            p = self._pending[frag.key] = _Pending()
+        end = frag.offset + len(frag.payload)
+        bad = end + len(frag.header) > MAX_DATAGRAM or (p.total is not None and end > p.total)
+        bad = bad or (not frag.more and (p.total is not None or
+                                         any(o + len(d) > end for o, d in p.parts.items())))
+        for o, d in p.parts.items():
+            if o < end and frag.offset < o + len(d):
+                bad = True
+        if bad:
+            del self._pending[frag.key]
+            raise Overlap(f"fragment at {frag.offset}..{end} overlaps or overflows its datagram")
+        p.parts[frag.offset] = frag.payload
+        p.count += 1
+        if frag.offset == 0:
+            p.header = frag.header
+        if not frag.more:
+            p.total = end
+        if p.total is None or not p.header or sum(map(len, p.parts.values())) != p.total:
+            return None
+        del self._pending[frag.key]
+        payload = b"".join(d for _o, d in sorted(p.parts.items()))
+        return p.header, payload, p.count
+
+
+def ipv4_fragment(data: bytes, hdr: ip.IPv4Header) -> Fragment:
+    """The fragment an IPv4 packet is (``hdr.is_fragment``)."""
+    offset = (hdr.flags_frag & ip.FRAG_OFFSET_MASK) * 8
+    more = bool(hdr.flags_frag & ip.FLAG_MF)
+    return Fragment((4, hdr.src, hdr.dst, hdr.protocol, hdr.ident), offset, more,
+                    data[hdr.ihl:hdr.total_length], data[:hdr.ihl])
+
+
+def ipv4_whole(header: bytes, payload_len: int) -> bytes:
+    """The first fragment's header made the whole packet's: its length, no MF, no offset,
+    checksum redone."""
+    h = bytearray(header)
+    total = len(h) + payload_len
+    h[2], h[3] = total >> 8, total & 0xFF
+    h[6] &= 0x40  # keep DF only
+    h[7] = 0
+    h[10] = h[11] = 0
+    csum = ip.checksum(bytes(h))
+    h[10], h[11] = csum >> 8, csum & 0xFF
+    return bytes(h)
