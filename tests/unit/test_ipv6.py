@@ -4,9 +4,13 @@ selector keys, quoted keys of ICMPv6 errors, where transport-mode ESP goes, and 
 from __future__ import annotations
 
 import random
+import re
+import secrets
 from ipaddress import IPv6Address
+from pathlib import Path
 
 import pytest
+from repo import EXAMPLES, ROOT
 from scapy.layers.inet import TCP, UDP
 from scapy.layers.inet6 import (
     ICMPv6DestUnreach,
@@ -21,8 +25,10 @@ from scapy.layers.inet6 import (
 )
 from scapy.packet import Packet, Raw
 
+from nfq_ipsec.config import Config, load_config
 from nfq_ipsec.core import ipv6
 from nfq_ipsec.core.errors import DropReason, EspError
+from nfq_ipsec.core.spd import Action
 
 A, B = "2001:db8:1::10", "2001:db8:2::20"
 
@@ -162,3 +168,29 @@ def test_build_header6_round_trips_through_scapy() -> None:
     pkt = IPv6(head + raw(UDP(sport=1, dport=2))[:8])
     assert (pkt.tc, pkt.fl, pkt.plen, pkt.nh, pkt.hlim, pkt.src, pkt.dst) == (
         0x2E, 0xABCDE, 8, 17, 9, A, B)
+
+
+def test_the_readme_ipv6_pair_is_the_shipped_example(tmp_path: Path) -> None:
+    """The README's IPv6 host example loads and says what ``examples/host6-a.toml`` says: the
+    same protected selectors and the same SAs (SPI, direction, algorithm), keys from files."""
+    text = (ROOT / "README.md").read_text()
+    found = re.search(r"# host6-a\.toml[^\n]*\n.*?(?=```)", text, re.S)
+    assert found, "the README's IPv6 example block is gone"
+    for name in ("a-to-b", "b-to-a"):
+        (tmp_path / f"{name}.key").write_text(secrets.token_hex(36) + "\n")
+        (tmp_path / f"{name}.key").chmod(0o600)
+    path = tmp_path / "readme6.toml"
+    path.write_text(found.group(0))
+    path.chmod(0o600)
+    readme = load_config(path, online_cpus=[0])
+    shipped = load_config(EXAMPLES / "host6-a.toml", online_cpus=[0])
+
+    def protected(cfg: Config) -> list[tuple[object, ...]]:
+        return [(p.selector, p.sa_names) for p in cfg.policies if p.action is Action.PROTECT]
+
+    def sas(cfg: Config) -> list[tuple[object, ...]]:
+        return sorted((sa.name, sa.spi, sa.direction, sa.encryption, sa.mode) for sa in cfg.sas)
+
+    assert protected(readme) == protected(shipped) and protected(readme)
+    assert sas(readme) == sas(shipped)
+    assert all(p.selector.v6 for p in readme.policies)
