@@ -1,5 +1,6 @@
-"""The core is sans-IO: it imports only the standard library and
-``cryptography``, never opens sockets, starts processes or threads, or reads the clock."""
+"""The cores are sans-IO: the ESP core (``nfq_ipsec.core``) and the IKE core
+(``nfq_ipsec.ike``) import only the standard library and ``cryptography``, never open sockets,
+start processes or threads, read the clock or a random source."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import nfq_ipsec.core
+import nfq_ipsec.ike
 
 CORE = Path(nfq_ipsec.core.__file__).parent
+IKE = Path(nfq_ipsec.ike.__file__).parent
 
 # Loaded by importing the core in a fresh interpreter: none of these may appear. (os and time
 # are already loaded by the interpreter's own start-up, so they are checked statically below.)
@@ -29,6 +34,7 @@ def test_importing_the_core_loads_no_io_modules() -> None:
         "import json, sys\n"
         "before = set(sys.modules)\n"
         "import nfq_ipsec.core, nfq_ipsec.core.esp, nfq_ipsec.core.processor\n"
+        "import nfq_ipsec.ike.message, nfq_ipsec.ike.sk, nfq_ipsec.ike.dh, nfq_ipsec.ike.keys\n"
         f"bad = [m for m in {FORBIDDEN_LOADED!r}\n"
         "       if any(k == m or k.startswith(m + '.') for k in sys.modules)]\n"
         "print(json.dumps({'bad': bad, 'new': sorted(set(sys.modules) - before)}))\n"
@@ -38,6 +44,7 @@ def test_importing_the_core_loads_no_io_modules() -> None:
     report = json.loads(res.stdout)
     assert report["bad"] == [], f"importing nfq_ipsec.core loaded {report['bad']}"
     assert "nfq_ipsec.core.esp" in report["new"]  # the probe really imported the core
+    assert "nfq_ipsec.ike.sk" in report["new"]
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:
@@ -55,9 +62,10 @@ def _imports(path: Path) -> list[tuple[int, str]]:
     return found
 
 
-def test_core_modules_import_nothing_forbidden() -> None:
-    files = sorted(CORE.glob("*.py"))
-    assert len(files) >= 9, files  # the scan sees the core
+@pytest.mark.parametrize(("package", "at_least"), [(CORE, 9), (IKE, 6)], ids=["core", "ike"])
+def test_core_modules_import_nothing_forbidden(package: Path, at_least: int) -> None:
+    files = sorted(package.glob("*.py"))
+    assert len(files) >= at_least, files  # the scan sees the package
     problems = []
     stdlib = sys.stdlib_module_names
     for path in files:

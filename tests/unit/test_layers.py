@@ -15,9 +15,9 @@ from repo import ROOT
 RUNTIME = ROOT / "nfq_ipsec"
 
 LAYERS: list[set[str]] = [
-    # 0: the sans-I/O core and leaves that import nothing of ours but the core
-    {"core", "exitcodes", "procs", "logsetup", "pcap", "reassembly", "corebuild", "hardening", "counts",
-     "status", "__init__"},
+    # 0: the sans-I/O cores (ESP, IKE) and leaves that import nothing of ours but the core
+    {"core", "ike", "exitcodes", "procs", "logsetup", "pcap", "reassembly", "corebuild", "hardening",
+     "counts", "status", "__init__"},
     {"config"},  # 1: the configuration, read and checked
     {"rules", "decode", "nfqueue", "state"},  # 2: pure rule building, offline decode, the queue, SA state
     {"iptables", "worker", "control"},  # 3: applying rules, the data path, the control socket
