@@ -1,0 +1,224 @@
+"""The IKE SA state machine, initiator against responder in memory: IKE_SA_INIT and IKE_AUTH
+with a pre-shared key bring up mirrored Child SAs; lost messages are retransmitted and
+answered alike; a wrong DH guess, a wrong key, a wrong identity, an unacceptable proposal or
+selector each end the way RFC 7296 says; forged and random datagrams change nothing."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nfq_ipsec.ike import selectors
+from nfq_ipsec.ike.errors import Notify
+from nfq_ipsec.ike.message import (
+    PT,
+    DeletePayload,
+    Exchange,
+    Header,
+    IdPayload,
+    IdType,
+    NotifyPayload,
+    decode_message,
+    encode_message,
+)
+from nfq_ipsec.ike.proposal import (
+    Encr,
+    Group,
+    Integ,
+    Prf,
+    Proposal,
+    Protocol,
+    SAPayload,
+    Transform,
+    TransformType,
+)
+from nfq_ipsec.ike.session import (
+    RETRANSMIT_TRIES,
+    IkeSession,
+    Output,
+    PeerConfig,
+    Role,
+    State,
+)
+
+T = Transform
+
+
+def ike(*groups: int, encr: tuple[int, int | None] = (Encr.AES_GCM_16, 256)) -> SAPayload:
+    return SAPayload((Proposal(1, Protocol.IKE, b"", (
+        T(1, encr[0], encr[1]), T(2, Prf.HMAC_SHA2_256), *(T(4, g) for g in groups))),))
+
+
+ESP_GCM = SAPayload((Proposal(1, Protocol.ESP, b"", (T(1, Encr.AES_GCM_16, 128), T(5, 0))),))
+ESP_CBC = SAPayload((Proposal(1, Protocol.ESP, b"", (
+    T(1, Encr.AES_CBC, 256), T(3, Integ.HMAC_SHA2_256_128), T(5, 0))),))
+LAN_A, LAN_B = selectors.from_prefix("10.1.0.0/24"), selectors.from_prefix("10.2.0.0/24")
+
+
+def cfg(me: str, peer: str, psk: bytes = b"correct horse", ike_p: SAPayload | None = None,
+        esp: SAPayload = ESP_GCM, local: tuple | None = None, remote: tuple | None = None,  # type: ignore[type-arg]
+        transport: bool = False) -> PeerConfig:
+    """``me`` "b" sits on LAN_B, anyone else on LAN_A."""
+    local = local or ((LAN_B,) if me == "b" else (LAN_A,))
+    remote = remote or ((LAN_A,) if me == "b" else (LAN_B,))
+    return PeerConfig(IdPayload(IdType.FQDN, me.encode()), IdPayload(IdType.FQDN, peer.encode()),
+                      psk, ike_p or ike(Group.CURVE25519), esp, local, remote, transport)
+
+
+def pair(a: PeerConfig, b: PeerConfig, seed: int = 1) -> tuple[IkeSession, IkeSession]:
+    rng = random.Random(seed)
+    rand = lambda n: bytes(rng.getrandbits(8) for _ in range(n))  # noqa: E731 (reproducible)
+    return IkeSession(Role.INITIATOR, a, rand), IkeSession(Role.RESPONDER, b, rand)
+
+
+def run(i: IkeSession, r: IkeSession, first: Output, lose: set[int] | None = None) -> list[Output]:
+    """Shuttles datagrams until nobody sends; ``lose``: indexes of datagrams that vanish."""
+    outs, queue, n, now = [first], [(r, d) for d in first.send], 0, 0.0
+    while queue:
+        to, data = queue.pop(0)
+        n += 1
+        if lose and n in lose:
+            now += 1.0
+            t = i.tick(now)
+            outs.append(t)
+            queue += [(r, d) for d in t.send]
+            continue
+        out = to.receive(data, now)
+        outs.append(out)
+        queue += [(i if to is r else r, d) for d in out.send]
+    return outs
+
+
+def events(outs: list[Output]) -> list[str]:
+    return [f"{e.kind}:{e.detail}" if e.detail else e.kind for o in outs for e in o.events]
+
+
+@pytest.mark.parametrize(("group", "esp"), [(Group.CURVE25519, ESP_GCM), (Group.ECP_256, ESP_CBC),
+                                            (Group.ECP_384, ESP_GCM)])
+def test_a_child_sa_comes_up_mirrored_on_both_sides(group: int, esp: SAPayload) -> None:
+    i, r = pair(cfg("a", "b", ike_p=ike(group), esp=esp), cfg("b", "a", ike_p=ike(group), esp=esp))
+    outs = run(i, r, i.start(0.0))
+    assert events(outs).count("established") == 2, events(outs)
+    assert i.state is State.ESTABLISHED and r.state is State.ESTABLISHED
+    ci, cr = i.child, r.child
+    assert ci is not None and cr is not None
+    assert (ci.spi_in, ci.spi_out) == (cr.spi_out, cr.spi_in) and ci.spi_in != ci.spi_out
+    assert ci.keys_out == cr.keys_in and ci.keys_in == cr.keys_out and ci.keys_in != ci.keys_out
+    assert ci.local_ts == cr.remote_ts == (LAN_A,) and ci.remote_ts == cr.local_ts == (LAN_B,)
+    assert "keys" not in repr(ci) and ci.keys_in[0].hex() not in repr(ci)
+    assert i.keys is not None and r.keys is not None and i.keys == r.keys
+
+
+def test_transport_mode_is_agreed_by_notify() -> None:
+    i, r = pair(cfg("a", "b", transport=True), cfg("b", "a", transport=True))
+    run(i, r, i.start(0.0))
+    assert i.child is not None and i.child.transport and r.child is not None and r.child.transport
+    i, r = pair(cfg("a", "b", transport=True), cfg("b", "a"))
+    outs = run(i, r, i.start(0.0))
+    assert i.child is None and r.child is None and i.state is State.ESTABLISHED
+    assert any("transport mode asked for and not configured" in e for e in events(outs))
+
+
+def test_a_wrong_dh_guess_is_corrected_by_invalid_ke_payload() -> None:
+    i, r = pair(cfg("a", "b", ike_p=ike(Group.ECP_256, Group.CURVE25519)),
+                cfg("b", "a", ike_p=ike(Group.CURVE25519)))
+    first = i.start(0.0)
+    assert decode_message(first.send[0]).find(PT.KE)[0].group == Group.ECP_256  # type: ignore[union-attr]
+    outs = run(i, r, first)
+    assert events(outs).count("established") == 2
+    assert i.chosen is not None and i.chosen.one(TransformType.DH) == T(4, Group.CURVE25519)
+
+
+@pytest.mark.parametrize("lost", [1, 2, 3, 4])
+def test_a_lost_datagram_is_sent_again_and_answered_alike(lost: int) -> None:
+    i, r = pair(cfg("a", "b"), cfg("b", "a"))
+    outs = run(i, r, i.start(0.0), lose={lost})
+    assert events(outs).count("established") == 2, events(outs)
+    assert i.child is not None and r.child is not None and i.child.keys_out == r.child.keys_in
+
+
+def test_an_unanswered_request_fails_after_the_last_try() -> None:
+    i, _ = pair(cfg("a", "b"), cfg("b", "a"))
+    sends = len(i.start(0.0).send)
+    now, out = 0.0, Output()
+    while i.state is not State.FAILED and now < 600:
+        now += 0.5
+        out = i.tick(now)
+        sends += len(out.send)
+    assert sends == RETRANSMIT_TRIES and "no answer to message 0" in events([out])[0]
+    assert now >= 1 + 2 + 4 + 8 + 16  # exponential back-off
+
+
+def test_a_wrong_psk_is_refused_and_both_sides_say_so() -> None:
+    i, r = pair(cfg("a", "b", psk=b"first-secret"), cfg("b", "a", psk=b"second-secret"))
+    outs = run(i, r, i.start(0.0))
+    ev = events(outs)
+    assert "failed:the peer's AUTH does not verify (pre-shared key)" in ev
+    assert "failed:the peer refused our authentication (AUTHENTICATION_FAILED)" in ev
+    assert i.child is None and r.child is None and b"first-secret" not in repr(i.cfg).encode()
+
+
+def test_an_unexpected_identity_is_refused() -> None:
+    i, r = pair(cfg("mallory", "b"), cfg("b", "a"))
+    assert "failed:the peer's identity is not the configured one" in events(run(i, r, i.start(0.0)))
+
+
+def test_a_proposal_without_common_ground_is_refused_naming_it() -> None:
+    i, r = pair(cfg("a", "b", ike_p=ike(Group.CURVE25519, encr=(Encr.AES_CBC, 128))),
+                cfg("b", "a"))
+    ev = events(run(i, r, i.start(0.0)))
+    assert any(e.startswith("failed:IKE_SA_INIT refused: proposal 1: no acceptable ENCR") for e in ev), ev
+    assert "failed:the peer refused IKE_SA_INIT: NO_PROPOSAL_CHOSEN" in ev
+
+
+def test_selectors_are_narrowed_and_disjoint_ones_refused() -> None:
+    wide_a, wide_b = selectors.from_prefix("10.0.0.0/8"), selectors.from_prefix("10.0.0.0/8")
+    i, r = pair(cfg("a", "b", local=(wide_a,), remote=(wide_b,)), cfg("b", "a"))
+    run(i, r, i.start(0.0))
+    assert i.child is not None and i.child.local_ts == (LAN_A,) and i.child.remote_ts == (LAN_B,)
+    i, r = pair(cfg("a", "b", local=(selectors.from_prefix("192.168.0.0/24"),)), cfg("b", "a"))
+    ev = events(run(i, r, i.start(0.0)))
+    assert "failed:IKE SA up, no Child SA: the peer answered TS_UNACCEPTABLE" in ev
+
+
+def test_informational_liveness_is_answered_and_a_delete_ends_the_sa() -> None:
+    i, r = pair(cfg("a", "b"), cfg("b", "a"))
+    run(i, r, i.start(0.0))
+    ping = i._seal(Exchange.INFORMATIONAL, 2, [], response=False)
+    answer = r.receive(ping, 1.0)
+    assert len(answer.send) == 1 and r.state is State.ESTABLISHED
+    assert r.receive(ping, 1.5).send == answer.send  # retransmission: the same answer
+    bye = i._seal(Exchange.INFORMATIONAL, 3, [DeletePayload(Protocol.IKE, 0)], response=False)
+    assert [e.kind for e in r.receive(bye, 2.0).events] == ["deleted"]
+    assert r.state.value == "deleted"
+
+
+def test_an_unauthenticated_notify_does_not_tear_down_an_established_sa() -> None:
+    i, r = pair(cfg("a", "b"), cfg("b", "a"))
+    run(i, r, i.start(0.0))
+    forged = encode_message(Header(r.spi_i, r.spi_r, 0, Exchange.INFORMATIONAL, 0x08, 2),
+                            [NotifyPayload(Notify.AUTHENTICATION_FAILED)])
+    assert r.receive(forged, 1.0).send == [] and r.state is State.ESTABLISHED
+    assert sum(r.dropped.values()) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=200), max_size=6), st.integers(0, 2**16))
+def test_random_datagrams_never_raise_and_never_establish(noise: list[bytes], seed: int) -> None:
+    i, r = pair(cfg("a", "b"), cfg("b", "a"), seed=seed)
+    first = i.start(0.0)
+    for data in noise + [first.send[0][:28] + n for n in noise]:
+        for s in (i, r):
+            out = s.receive(data, 0.5)
+            assert all(e.kind != "established" for e in out.events)
+    assert i.state is State.INIT_SENT
+
+
+def test_a_real_random_source_works_too() -> None:
+    i = IkeSession(Role.INITIATOR, cfg("a", "b"), os.urandom)
+    r = IkeSession(Role.RESPONDER, cfg("b", "a"), os.urandom)
+    assert events(run(i, r, i.start(0.0))).count("established") == 2
