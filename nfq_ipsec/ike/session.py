@@ -14,6 +14,7 @@ has nothing authenticated yet (IKE_SA_INIT, as section 2.21.1 allows).
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +61,8 @@ from .sk import iv_size, open_message, seal
 
 _P = TypeVar("_P")
 NONCE_SIZE = 32
+IKE_PORT = 500
+NAT_T_PORT = 4500
 RETRANSMIT_TIMEOUT = 1.0  # seconds before the first retransmission; doubled each time
 RETRANSMIT_TRIES = 5  # sends of one request before the SA fails
 
@@ -91,6 +94,12 @@ class PeerConfig:
     local_ts: tuple[TrafficSelector, ...]
     remote_ts: tuple[TrafficSelector, ...]
     transport: bool = False
+    # NAT detection (section 2.23): our address and the peer's as packed bytes; empty: no
+    # NAT_DETECTION_* notifies are sent. ``force_encap`` claims a NAT even where none is,
+    # so the Child SA carries its ESP in UDP (strongSwan's ``encap = yes``).
+    local_addr: bytes = b""
+    remote_addr: bytes = b""
+    force_encap: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,7 @@ class ChildSA:
     local_ts: tuple[TrafficSelector, ...]
     remote_ts: tuple[TrafficSelector, ...]
     transport: bool
+    udp_encap: bool = False  # a NAT was detected (or claimed): ESP in UDP port 4500
 
 
 @dataclass(frozen=True)
@@ -153,6 +163,10 @@ class IkeSession:
         self._next_id = 0  # responder: the next request's message ID
         self._last_answer: tuple[int, bytes] | None = None
         self._sent = 0  # messages we sealed: the AEAD IV counter
+        self.nat = False  # a NAT between us (or claimed): IKE moves to port 4500, ESP in UDP
+        self.port = IKE_PORT  # the port the next messages go to and from
+        self._peer_natd = False  # the peer sent NAT_DETECTION_* notifies
+        self._source: tuple[bytes, int] | None = None  # where the datagram being handled came from
 
     def __repr__(self) -> str:
         return f"IkeSession({self.role.value}, {self.state.value}, spi_i={self.spi_i.hex()})"
@@ -176,7 +190,7 @@ class IkeSession:
         if self._cookie:
             payloads.append(NotifyPayload(Notify.COOKIE, data=self._cookie))
         payloads += [SAPayloadP(self.cfg.ike_proposals), KEPayload(self._group, self._dh.public),
-                     NoncePayload(self.ni)]
+                     NoncePayload(self.ni), *self._natd_payloads(bytes(8), None)]
         header = Header(self.spi_i, bytes(8), 0, Exchange.IKE_SA_INIT, Flag.INITIATOR, 0)
         self._first = encode_message(header, payloads)
         self.state = State.INIT_SENT
@@ -201,8 +215,10 @@ class IkeSession:
         return Output(send=[self._request])
 
     # -- receiving -------------------------------------------------------------------------
-    def receive(self, data: bytes, now: float) -> Output:
-        """One datagram from the peer (the IKE message, without a non-ESP marker)."""
+    def receive(self, data: bytes, now: float, source: tuple[bytes, int] | None = None) -> Output:
+        """One datagram from the peer (the IKE message, without a non-ESP marker), and where
+        it came from (packed address, port) for NAT detection, if the shell knows."""
+        self._source = source
         try:
             header = decode_header(data)
         except IkeError as err:
@@ -260,6 +276,7 @@ class IkeSession:
         self.spi_r = msg.header.spi_r
         self.nr = nonce.data
         self.chosen = chosen
+        self._detect_nat(msg)
         self._peer_first = data
         self._derive(self._dh.shared(ke.data))
         self._dh = None
@@ -384,7 +401,7 @@ class IkeSession:
             spi_in=int.from_bytes(self._child_spi, "big"), spi_out=int.from_bytes(chosen.spi, "big"),
             proposal=chosen, suite=suite,
             keys_in=r_keys if initiator else i_keys, keys_out=i_keys if initiator else r_keys,
-            local_ts=local_ts, remote_ts=remote_ts, transport=transport)
+            local_ts=local_ts, remote_ts=remote_ts, transport=transport, udp_encap=self.nat)
 
     # -- as responder ----------------------------------------------------------------------
     def _request_in(self, data: bytes, header: Header, now: float) -> Output:
@@ -439,10 +456,12 @@ class IkeSession:
         self.chosen = Proposal(chosen.number, chosen.protocol, b"", chosen.transforms)
         self._derive(shared)
         self._peer_first = data
+        self._detect_nat(msg)
         answer = encode_message(
             Header(self.spi_i, self.spi_r, 0, Exchange.IKE_SA_INIT, Flag.RESPONSE, 0),
             [SAPayloadP(SAPayload((self.chosen,))), KEPayload(group.id, dh.public),
-             NoncePayload(self.nr)])
+             NoncePayload(self.nr),
+             *(self._natd_payloads(self.spi_r, self._source) if self._peer_natd else [])])
         self._first = answer
         self.state = State.INIT_DONE
         return self._answer(0, answer)
@@ -541,6 +560,38 @@ class IkeSession:
             out.events.append(Event("deleted", "the peer deleted the IKE SA"))
         return out
 
+    # -- NAT detection (section 2.23) ------------------------------------------------------
+    def _natd_payloads(self, spi_r: bytes, peer: tuple[bytes, int] | None) -> list[Payload]:
+        """NAT_DETECTION_SOURCE_IP (us) and _DESTINATION_IP (the peer as we see it); none
+        without configured addresses. A claimed NAT (``force_encap``) sends a source hash
+        that can't match, as strongSwan does."""
+        if not self.cfg.local_addr or not self.cfg.remote_addr:
+            return []
+        me = (self.cfg.local_addr, IKE_PORT)
+        src = natd_hash(self.spi_i, spi_r, *me)
+        if self.cfg.force_encap:
+            src = natd_hash(self.spi_i, spi_r, self.rand(len(me[0])), IKE_PORT)
+        dst = natd_hash(self.spi_i, spi_r, *(peer or (self.cfg.remote_addr, IKE_PORT)))
+        return [NotifyPayload(Notify.NAT_DETECTION_SOURCE_IP, data=src),
+                NotifyPayload(Notify.NAT_DETECTION_DESTINATION_IP, data=dst)]
+
+    def _detect_nat(self, msg: Message) -> None:
+        """Whether the peer's view of the addresses differs from ours: then IKE moves to port
+        4500 and the Child SA carries ESP in UDP. Needs both sides' notifies."""
+        notes = msg.notifies()
+        sources = [n.data for n in notes if n.notify == Notify.NAT_DETECTION_SOURCE_IP]
+        dests = [n.data for n in notes if n.notify == Notify.NAT_DETECTION_DESTINATION_IP]
+        if not sources or not dests or not self.cfg.local_addr:
+            return
+        self._peer_natd = True
+        spi_r = msg.header.spi_r
+        peer = self._source or (self.cfg.remote_addr, IKE_PORT)
+        peer_moved = natd_hash(self.spi_i, spi_r, *peer) not in sources
+        me_moved = natd_hash(self.spi_i, spi_r, self.cfg.local_addr, IKE_PORT) not in dests
+        self.nat = peer_moved or me_moved or self.cfg.force_encap
+        if self.nat:
+            self.port = NAT_T_PORT
+
     # -- helpers ---------------------------------------------------------------------------
     def _fail(self, why: str) -> Output:
         self.state = State.FAILED
@@ -552,6 +603,11 @@ class IkeSession:
             b = self.rand(n)
             if any(b):
                 return b
+
+
+def natd_hash(spi_i: bytes, spi_r: bytes, addr: bytes, port: int) -> bytes:
+    """SHA-1(SPIi | SPIr | IP | Port): the hash section 2.23 prescribes (not a security use)."""
+    return hashlib.sha1(spi_i + spi_r + addr + port.to_bytes(2, "big"), usedforsecurity=False).digest()
 
 
 def _one(msg: Message, kind: int, cls: type[_P]) -> _P:

@@ -2,7 +2,8 @@
 
 Only when Debian's packages are installed (they are not a dependency of nfq-ipsec)::
 
-    apt-get install strongswan-charon libcharon-extra-plugins strongswan-swanctl
+    apt-get install strongswan-charon libcharon-extra-plugins libstrongswan-standard-plugins \
+        strongswan-swanctl
 
 kernel-libipsec (in libcharon-extra-plugins) does ESP inside charon, in C, and hands packets to
 and from the kernel through a TUN device (``ipsec0``) with routes in table 220: tunnel mode only,
@@ -36,10 +37,12 @@ from pathlib import Path
 
 from ..lab.netns import Host, Lab, LabError, Started, run
 
-PACKAGES = ("strongswan-charon", "libcharon-extra-plugins", "strongswan-swanctl")
+PACKAGES = ("strongswan-charon", "libcharon-extra-plugins", "libstrongswan-standard-plugins",
+            "strongswan-swanctl")
 APT_COMMAND = "apt-get install " + " ".join(PACKAGES)
 CHARON = "/usr/lib/ipsec/charon"
 LIBIPSEC_PLUGIN = "/usr/lib/ipsec/plugins/libstrongswan-kernel-libipsec.so"
+OPENSSL_PLUGIN = "/usr/lib/ipsec/plugins/libstrongswan-openssl.so"  # AES-GCM, X25519, ECP
 FWMARK = 0x42
 PLUGINS = ("random nonce openssl kdf hmac sha2 aes gcm kernel-libipsec kernel-netlink "
            "socket-default vici")
@@ -52,7 +55,8 @@ DESCRIPTION = ("strongSwan kernel-libipsec: tunnel mode over a TUN device, ESP i
 
 def missing() -> str | None:
     """Why the strongSwan row can't run here (None: it can)."""
-    need = [(CHARON, "strongswan-charon"), (LIBIPSEC_PLUGIN, "libcharon-extra-plugins")]
+    need = [(CHARON, "strongswan-charon"), (LIBIPSEC_PLUGIN, "libcharon-extra-plugins"),
+            (OPENSSL_PLUGIN, "libstrongswan-standard-plugins")]
     absent = [pkg for path, pkg in need if not os.path.exists(path)]
     if shutil.which("swanctl") is None:
         absent.append("strongswan-swanctl")
@@ -138,14 +142,18 @@ def _write_private(path: Path, text: str) -> None:
 class Charon:
     """One charon in one lab namespace, with its files in ``lab.workdir/strongswan/<name>``."""
 
-    def __init__(self, lab: Lab, name: str, ns: Host, me: str, peer: str, psk: str) -> None:
+    def __init__(self, lab: Lab, name: str, ns: Host, me: str, peer: str, psk: str,
+                 strongswan_conf: str | None = None, swanctl_conf: str | None = None) -> None:
+        """The bench's configuration unless ``strongswan_conf``/``swanctl_conf`` are given
+        (``{dir}`` in them is this charon's directory)."""
         self.lab, self.name, self.ns = lab, name, ns
         self.dir = lab.workdir / "strongswan" / name
         (self.dir / "run").mkdir(mode=0o700, parents=True, exist_ok=True)
         self.conf = self.dir / "strongswan.conf"
         self.swanctl_conf = self.dir / "swanctl.conf"
-        _write_private(self.conf, _strongswan_conf(self.dir))
-        _write_private(self.swanctl_conf, _swanctl_conf(me, peer, psk))
+        _write_private(self.conf, strongswan_conf.replace("{dir}", str(self.dir))
+                       if strongswan_conf else _strongswan_conf(self.dir))
+        _write_private(self.swanctl_conf, swanctl_conf or _swanctl_conf(me, peer, psk))
         self.proc: Started | None = None
 
     @property

@@ -222,3 +222,28 @@ def test_a_real_random_source_works_too() -> None:
     i = IkeSession(Role.INITIATOR, cfg("a", "b"), os.urandom)
     r = IkeSession(Role.RESPONDER, cfg("b", "a"), os.urandom)
     assert events(run(i, r, i.start(0.0))).count("established") == 2
+
+
+def test_nat_detection_moves_both_sides_to_port_4500_and_esp_in_udp() -> None:
+    a_addr, b_addr = bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2])
+
+    def with_addrs(c: PeerConfig, me: bytes, peer: bytes, force: bool = False) -> PeerConfig:
+        from dataclasses import replace
+        return replace(c, local_addr=me, remote_addr=peer, force_encap=force)
+
+    i, r = pair(with_addrs(cfg("a", "b"), a_addr, b_addr), with_addrs(cfg("b", "a"), b_addr, a_addr))
+    run(i, r, i.start(0.0))
+    assert not i.nat and not r.nat and i.port == 500
+    assert i.child is not None and not i.child.udp_encap
+    i, r = pair(with_addrs(cfg("a", "b"), a_addr, b_addr, force=True),
+                with_addrs(cfg("b", "a"), b_addr, a_addr))
+    run(i, r, i.start(0.0))
+    assert i.nat and r.nat and i.port == 4500 == r.port
+    assert i.child is not None and r.child is not None and i.child.udp_encap and r.child.udp_encap
+    # a NAT that rewrote the initiator's port: the responder sees another source
+    i, r = pair(with_addrs(cfg("a", "b"), a_addr, b_addr), with_addrs(cfg("b", "a"), b_addr, a_addr))
+    first = i.start(0.0)
+    answer = r.receive(first.send[0], 0.0, source=(bytes([198, 51, 100, 7]), 31000))
+    assert r.nat and r.port == 4500
+    i.receive(answer.send[0], 0.0)
+    assert i.nat and i.port == 4500

@@ -1,0 +1,169 @@
+"""A lab driver for the IKE core: one IKE SA over real UDP sockets, as initiator or responder.
+
+Run inside a lab namespace (``python -m nfq_ipsec_lab.lab.ikepeer CONFIG.json``); it binds
+UDP 500 and 4500 (with the non-ESP marker, RFC 3948), drives ``nfq_ipsec.ike.session``, and
+writes what happened to the result file named in the config: events, the Child SA (SPIs,
+encapsulation) and, because the lab compares them with the peer's, the IKE and Child SA keys.
+The result file is created 0600; it exists only in the lab's private work directory. This is
+a test tool, not the keying agent: that runs under the supervisor.
+
+Proposal strings follow strongSwan's (``aes256gcm16-prfsha256-x25519``, ``aes128-sha256``), so
+a test can give both sides the same text.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import select
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from nfq_ipsec.ike import selectors
+from nfq_ipsec.ike.message import IdPayload, IdType
+from nfq_ipsec.ike.proposal import Encr, Group, Integ, Prf, Proposal, Protocol, SAPayload, Transform
+from nfq_ipsec.ike.session import IKE_PORT, NAT_T_PORT, IkeSession, Output, PeerConfig, Role, State
+
+MARKER = bytes(4)
+_ENCR = {"aes128gcm16": (Encr.AES_GCM_16, 128), "aes192gcm16": (Encr.AES_GCM_16, 192),
+         "aes256gcm16": (Encr.AES_GCM_16, 256), "chacha20poly1305": (Encr.CHACHA20_POLY1305, None),
+         "aes128": (Encr.AES_CBC, 128), "aes192": (Encr.AES_CBC, 192), "aes256": (Encr.AES_CBC, 256)}
+_INTEG = {"sha256": Integ.HMAC_SHA2_256_128, "sha384": Integ.HMAC_SHA2_384_192,
+          "sha512": Integ.HMAC_SHA2_512_256}
+_PRF = {"prfsha256": Prf.HMAC_SHA2_256, "prfsha384": Prf.HMAC_SHA2_384, "prfsha512": Prf.HMAC_SHA2_512}
+_DH = {"x25519": Group.CURVE25519, "curve25519": Group.CURVE25519, "ecp256": Group.ECP_256,
+       "ecp384": Group.ECP_384}
+
+
+def parse_proposal(text: str, protocol: Protocol) -> SAPayload:
+    """One proposal from a strongSwan-style string. ESP gets ESN "no" unless ``esn`` is named."""
+    ts: list[Transform] = []
+    esn = False
+    for word in text.split("-"):
+        if word in _ENCR:
+            ts.append(Transform(1, _ENCR[word][0], _ENCR[word][1]))
+        elif word in _INTEG:
+            ts.append(Transform(3, _INTEG[word]))
+        elif word in _PRF:
+            ts.append(Transform(2, _PRF[word]))
+        elif word in _DH:
+            ts.append(Transform(4, _DH[word]))
+        elif word in ("esn", "noesn"):
+            esn = word == "esn"
+        else:
+            raise ValueError(f"unknown proposal keyword {word!r} in {text!r}")
+    if protocol is Protocol.IKE and not any(t.type == 2 for t in ts):
+        integ = next((t for t in ts if t.type == 3), None)
+        if integ is None:
+            raise ValueError(f"{text!r}: an AEAD IKE proposal needs a prf")
+        ts.append(Transform(2, {12: Prf.HMAC_SHA2_256, 13: Prf.HMAC_SHA2_384,
+                                14: Prf.HMAC_SHA2_512}[integ.id]))
+    if protocol is Protocol.ESP:
+        ts.append(Transform(5, 1 if esn else 0))
+    return SAPayload((Proposal(1, protocol, b"", tuple(ts)),))
+
+
+def _ident(text: str) -> IdPayload:
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return IdPayload(IdType.FQDN, text.encode())
+    return IdPayload(IdType.IPV4_ADDR if ip.version == 4 else IdType.IPV6_ADDR, ip.packed)
+
+
+def peer_config(c: dict[str, Any]) -> PeerConfig:
+    return PeerConfig(
+        local_id=_ident(c["local_id"]), remote_id=_ident(c["remote_id"]),
+        psk=bytes.fromhex(c["psk_hex"]),
+        ike_proposals=parse_proposal(c["ike"], Protocol.IKE),
+        esp_proposals=parse_proposal(c["esp"], Protocol.ESP),
+        local_ts=tuple(selectors.from_prefix(p) for p in c["local_ts"]),
+        remote_ts=tuple(selectors.from_prefix(p) for p in c["remote_ts"]),
+        transport=bool(c.get("transport")),
+        local_addr=ipaddress.ip_address(c["local_addr"]).packed,
+        remote_addr=ipaddress.ip_address(c["remote_addr"]).packed,
+        force_encap=bool(c.get("force_encap")))
+
+
+def _result(s: IkeSession, events: list[dict[str, str]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"state": s.state.value, "events": events, "nat": s.nat,
+                           "dropped": dict(s.dropped), "spi_i": s.spi_i.hex(), "spi_r": s.spi_r.hex()}
+    if s.keys is not None:
+        k = s.keys
+        out["ike_keys"] = {n: getattr(k, n).hex() for n in
+                           ("sk_d", "sk_ai", "sk_ar", "sk_ei", "sk_er", "sk_pi", "sk_pr")}
+    if s.child is not None:
+        c = s.child
+        out["child"] = {"spi_in": c.spi_in, "spi_out": c.spi_out, "udp_encap": c.udp_encap,
+                        "transport": c.transport, "keys_in": [k.hex() for k in c.keys_in],
+                        "keys_out": [k.hex() for k in c.keys_out],
+                        "local_ts": [selectors.describe(t) for t in c.local_ts],
+                        "remote_ts": [selectors.describe(t) for t in c.remote_ts]}
+    return out
+
+
+def serve(c: dict[str, Any]) -> dict[str, Any]:
+    cfg = peer_config(c)
+    role = Role(c["role"])
+    family = socket.AF_INET if len(cfg.local_addr) == 4 else socket.AF_INET6
+    local = ipaddress.ip_address(cfg.local_addr).compressed
+    socks: dict[int, socket.socket] = {}
+    for port in (IKE_PORT, NAT_T_PORT):
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        s.bind((local, port))
+        socks[port] = s
+    session = IkeSession(role, cfg, os.urandom)
+    events: list[dict[str, str]] = []
+    peer = (ipaddress.ip_address(cfg.remote_addr).compressed, IKE_PORT)
+    deadline = time.monotonic() + float(c.get("timeout", 30))
+    linger_until: float | None = None
+
+    def emit(out: Output, to: tuple[str, int], port: int) -> None:
+        for data in out.send:
+            socks[port].sendto(MARKER + data if port == NAT_T_PORT else data, to)
+        events.extend({"kind": e.kind, "detail": e.detail} for e in out.events)
+
+    if role is Role.INITIATOR:
+        emit(session.start(time.monotonic()), peer, IKE_PORT)
+    while time.monotonic() < deadline:
+        if session.state in (State.ESTABLISHED, State.FAILED, State.DELETED) and linger_until is None:
+            linger_until = time.monotonic() + float(c.get("linger", 2))  # answer retransmissions
+        if linger_until is not None and time.monotonic() > linger_until:
+            break
+        ready, _, _ = select.select(list(socks.values()), [], [], 0.1)
+        for s in ready:
+            data, src = s.recvfrom(65535)
+            port = s.getsockname()[1]
+            if port == NAT_T_PORT:
+                if data[:4] != MARKER:
+                    continue  # ESP: not ours to handle here
+                data = data[4:]
+            out = session.receive(data, time.monotonic(),
+                                  (ipaddress.ip_address(src[0]).packed, src[1]))
+            emit(out, src[:2], port)
+        out = session.tick(time.monotonic())
+        emit(out, (peer[0], session.port), session.port)
+    for s in socks.values():
+        s.close()
+    return _result(session, events)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m nfq_ipsec_lab.lab.ikepeer CONFIG.json", file=sys.stderr)
+        return 2
+    conf = json.loads(Path(argv[0]).read_text())
+    result = serve(conf)
+    fd = os.open(conf["result"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"ikepeer: {result['state']}; events: {[e['kind'] for e in result['events']]}")
+    return 0 if result["state"] == "established" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
