@@ -122,12 +122,14 @@ def rekeyed_skeyseed(prf_alg: int, old_sk_d: bytes, shared: bytes, ni: bytes, nr
 
 
 def ike_keys(suite: Suite, seed: bytes, ni: bytes, nr: bytes, spi_i: bytes,
-             spi_r: bytes) -> IkeKeys:
+             spi_r: bytes, derive_prf: int = 0) -> IkeKeys:
     """{SK_d | SK_ai | SK_ar | SK_ei | SK_er | SK_pi | SK_pr} = prf+(SKEYSEED, Ni | Nr | SPIi |
-    SPIr), in that order."""
+    SPIr), in that order. ``derive_prf``: the PRF that runs prf+ when it is not the suite's
+    (a rekeyed IKE SA's keys come from the old SA's PRF, as strongSwan derives them); the key
+    lengths are always the new suite's."""
     p = prf_size(suite.prf)
     a, e = suite.integ_size, suite.encr_size
-    km = prf_plus(suite.prf, seed, ni + nr + spi_i + spi_r, 3 * p + 2 * a + 2 * e)
+    km = prf_plus(derive_prf or suite.prf, seed, ni + nr + spi_i + spi_r, 3 * p + 2 * a + 2 * e)
     cuts = [p, a, a, e, e, p, p]
     parts: list[bytes] = []
     at = 0

@@ -2,8 +2,10 @@
 
 Run inside a lab namespace (``python -m nfq_ipsec_lab.lab.ikepeer CONFIG.json``); it binds
 UDP 500 and 4500 (with the non-ESP marker, RFC 3948), drives ``nfq_ipsec.ike.session``, and
-writes what happened to the result file named in the config: events, the Child SA (SPIs,
-encapsulation) and, because the lab compares them with the peer's, the IKE and Child SA keys.
+writes what happened to the result file named in the config: events, every Child SA it made
+(SPIs, encapsulation) and, because the lab compares them with the peer's, every IKE and Child
+SA key. ``actions`` in the config ask for rekeys and liveness checks at given seconds;
+``linger`` keeps it answering the peer's requests (its rekeys, its liveness checks) after that.
 The result file is created 0600; it exists only in the lab's private work directory. This is
 a test tool, not the keying agent: that runs under the supervisor.
 
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from nfq_ipsec.ike import selectors
+from nfq_ipsec.ike.child import ChildSA
 from nfq_ipsec.ike.message import IdPayload, IdType
 from nfq_ipsec.ike.proposal import Encr, Group, Integ, Prf, Proposal, Protocol, SAPayload, Transform
 from nfq_ipsec.ike.session import IKE_PORT, NAT_T_PORT, IkeSession, Output, PeerConfig, Role, State
@@ -89,20 +92,31 @@ def peer_config(c: dict[str, Any]) -> PeerConfig:
         force_encap=bool(c.get("force_encap")))
 
 
-def _result(s: IkeSession, events: list[dict[str, str]]) -> dict[str, Any]:
+def _ike_keys(s: IkeSession) -> dict[str, str]:
+    k = s.keys
+    assert k is not None
+    return {n: getattr(k, n).hex() for n in ("sk_d", "sk_ai", "sk_ar", "sk_ei", "sk_er", "sk_pi",
+                                             "sk_pr")} | {"spi_i": s.spi_i.hex(), "spi_r": s.spi_r.hex()}
+
+
+def _child(c: ChildSA) -> dict[str, Any]:
+    return {"spi_in": c.spi_in, "spi_out": c.spi_out, "udp_encap": c.udp_encap,
+            "transport": c.transport, "keys_in": [k.hex() for k in c.keys_in],
+            "keys_out": [k.hex() for k in c.keys_out],
+            "local_ts": [selectors.describe(t) for t in c.local_ts],
+            "remote_ts": [selectors.describe(t) for t in c.remote_ts]}
+
+
+def _result(s: IkeSession, events: list[dict[str, Any]], ike_history: list[dict[str, str]],
+            children: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"state": s.state.value, "events": events, "nat": s.nat,
-                           "dropped": dict(s.dropped), "spi_i": s.spi_i.hex(), "spi_r": s.spi_r.hex()}
+                           "dropped": dict(s.dropped), "spi_i": s.spi_i.hex(), "spi_r": s.spi_r.hex(),
+                           "ike_history": ike_history, "children_history": children,
+                           "live_children": sorted(s.children), "rekeys": dict(s.rekeys)}
     if s.keys is not None:
-        k = s.keys
-        out["ike_keys"] = {n: getattr(k, n).hex() for n in
-                           ("sk_d", "sk_ai", "sk_ar", "sk_ei", "sk_er", "sk_pi", "sk_pr")}
+        out["ike_keys"] = _ike_keys(s)
     if s.child is not None:
-        c = s.child
-        out["child"] = {"spi_in": c.spi_in, "spi_out": c.spi_out, "udp_encap": c.udp_encap,
-                        "transport": c.transport, "keys_in": [k.hex() for k in c.keys_in],
-                        "keys_out": [k.hex() for k in c.keys_out],
-                        "local_ts": [selectors.describe(t) for t in c.local_ts],
-                        "remote_ts": [selectors.describe(t) for t in c.remote_ts]}
+        out["child"] = _child(s.child)
     return out
 
 
@@ -117,7 +131,11 @@ def serve(c: dict[str, Any]) -> dict[str, Any]:
         s.bind((local, port))
         socks[port] = s
     session = IkeSession(role, cfg, os.urandom)
-    events: list[dict[str, str]] = []
+    events: list[dict[str, Any]] = []
+    ike_history: list[dict[str, str]] = []
+    children: list[dict[str, Any]] = []
+    start = time.monotonic()
+    actions = sorted(c.get("actions", []), key=lambda a: float(a["at"]))
     peer = (ipaddress.ip_address(cfg.remote_addr).compressed, IKE_PORT)
     deadline = time.monotonic() + float(c.get("timeout", 30))
     linger_until: float | None = None
@@ -125,13 +143,31 @@ def serve(c: dict[str, Any]) -> dict[str, Any]:
     def emit(out: Output, to: tuple[str, int], port: int) -> None:
         for data in out.send:
             socks[port].sendto(MARKER + data if port == NAT_T_PORT else data, to)
-        events.extend({"kind": e.kind, "detail": e.detail} for e in out.events)
+        for e in out.events:
+            events.append({"kind": e.kind, "detail": e.detail, "at": round(time.monotonic() - start, 3),
+                           "old_spi": e.old_spi})
+            if e.child is not None:
+                children.append(_child(e.child))
+            if e.kind in ("established", "ike_rekeyed") and session.keys is not None and (
+                    not ike_history or ike_history[-1]["spi_i"] != session.spi_i.hex()):
+                ike_history.append(_ike_keys(session))
 
     if role is Role.INITIATOR:
         emit(session.start(time.monotonic()), peer, IKE_PORT)
     while time.monotonic() < deadline:
-        if session.state in (State.ESTABLISHED, State.FAILED, State.DELETED) and linger_until is None:
-            linger_until = time.monotonic() + float(c.get("linger", 2))  # answer retransmissions
+        now = time.monotonic()
+        while actions and session.state is State.ESTABLISHED and now - start >= float(actions[0]["at"]):
+            act = actions.pop(0)["do"]
+            if act == "rekey_child" and session.child is not None:
+                emit(session.rekey_child(session.child.spi_in, now), (peer[0], session.port), session.port)
+            elif act == "rekey_ike":
+                emit(session.rekey_ike(now), (peer[0], session.port), session.port)
+            elif act == "ping":
+                emit(session.ping(now), (peer[0], session.port), session.port)
+        done = session.state in (State.FAILED, State.DELETED) or (
+            session.state is State.ESTABLISHED and not actions and not session.busy)
+        if done and linger_until is None:  # answer retransmissions and the peer's own requests
+            linger_until = time.monotonic() + float(c.get("linger", 2))
         if linger_until is not None and time.monotonic() > linger_until:
             break
         ready, _, _ = select.select(list(socks.values()), [], [], 0.1)
@@ -149,7 +185,7 @@ def serve(c: dict[str, Any]) -> dict[str, Any]:
         emit(out, (peer[0], session.port), session.port)
     for s in socks.values():
         s.close()
-    return _result(session, events)
+    return _result(session, events, ike_history, children)
 
 
 def main(argv: list[str]) -> int:

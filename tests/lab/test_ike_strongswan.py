@@ -9,7 +9,10 @@ established; the SPIs each side uses are the other's; and every key, the IKE SA'
 the Child SA's four, is byte for byte the one strongSwan derived (an independent check of
 SKEYSEED, prf+ and the key order). strongSwan claims a NAT through its NAT_DETECTION hashes
 (``encap = yes``, and always with kernel-libipsec, which has no plain ESP): both sides must
-then move to port 4500 and agree on ESP in UDP.
+then move to port 4500 and agree on ESP in UDP. Two more cases run rekeys under charon's
+eyes: charon rekeying its Child SA every 2 s and its IKE SA every 5 s with liveness checks every
+second, and we rekeying the Child SA, the IKE SA and the Child SA again; each side ends with the
+other's newest SAs, and every key of every generation is the one charon derived.
 
 Needs root and strongSwan (scripts/install-deps installs it); namespaces ``nfi<pid>-<n>a``/``b``.
 """
@@ -61,11 +64,15 @@ charon {
 """
 
 
-def swanctl_conf(name: str, ike: str, esp: str, encap: bool, psk: str) -> str:
+def swanctl_conf(name: str, ike: str, esp: str, encap: bool, psk: str, ike_rekey: str = "4h",
+                 child_rekey: str = "1h", dpd: str = "0s") -> str:
     return f"""\
 connections {{
   {name} {{
     version = 2
+    rekey_time = {ike_rekey}
+    over_time = 60s
+    dpd_delay = {dpd}
     local_addrs = {A_ADDR}
     remote_addrs = {B_ADDR}
     encap = {"yes" if encap else "no"}
@@ -83,6 +90,9 @@ connections {{
         local_ts = {LAN_A}
         remote_ts = {LAN_B}
         esp_proposals = {esp}
+        rekey_time = {child_rekey}
+        life_time = 120m
+        rand_time = 0s
         mode = tunnel
       }}
     }}
@@ -142,11 +152,13 @@ def _hexdump_keys(log: str) -> dict[str, list[bytes]]:
     return found
 
 
-def _run_case(bed: Bed, name: str, role: str, ike: str, esp: str, encap: bool) -> tuple[dict[str, Any], str]:
+def _run_case(bed: Bed, name: str, role: str, ike: str, esp: str, encap: bool,
+              actions: list[dict[str, Any]] | None = None, linger: float = 3,
+              **rekeys: str) -> tuple[dict[str, Any], str]:
     psk = secrets.token_hex(16)
     log = bed.charon.dir / "charon.log"
     before = log.read_text(errors="replace") if log.exists() else ""
-    bed.charon.swanctl_conf.write_text(swanctl_conf(name, ike, esp, encap, psk))
+    bed.charon.swanctl_conf.write_text(swanctl_conf(name, ike, esp, encap, psk, **rekeys))
     bed.charon.swanctl("--load-all", "--file", str(bed.charon.swanctl_conf))
     ours_role = "responder" if role == "initiator" else "initiator"
     work = bed.lab.workdir / name
@@ -154,7 +166,8 @@ def _run_case(bed: Bed, name: str, role: str, ike: str, esp: str, encap: bool) -
     conf = {"role": ours_role, "local_id": "b.nfq-ipsec.test", "remote_id": "a.nfq-ipsec.test",
             "psk_hex": psk.encode().hex(), "ike": ike, "esp": esp, "local_ts": [LAN_B],
             "remote_ts": [LAN_A], "local_addr": B_ADDR, "remote_addr": A_ADDR,
-            "result": str(work / "result.json"), "timeout": 40, "linger": 3}
+            "result": str(work / "result.json"), "timeout": 40, "linger": linger,
+            "actions": actions or []}
     cpath = work / "ikepeer.json"
     cpath.write_text(json.dumps(conf))
     cpath.chmod(0o600)
@@ -206,3 +219,54 @@ def test_strongswan_and_we_agree_on_every_key(bed: Bed, name: str, role: str, ik
             continue
         assert theirs in keys, f"charon printed no {theirs!r}: {sorted(keys)}"
         assert keys[theirs][-1].hex() == ours, theirs
+
+
+def _all_keys_known(result: dict[str, Any], keys: dict[str, list[bytes]]) -> None:
+    """Every IKE SA's keys and every Child SA's keys we made are among those charon printed."""
+    logged = {k: {v.hex() for v in vs} for k, vs in keys.items()}
+    for ike in result["ike_history"]:
+        for ours, theirs in (("sk_d", "Sk_d secret"), ("sk_ei", "Sk_ei secret"), ("sk_er", "Sk_er secret"),
+                             ("sk_pi", "Sk_pi secret"), ("sk_pr", "Sk_pr secret")):
+            assert ike[ours] in logged.get(theirs, set()), (ours, ike["spi_i"])
+    enc = logged.get("encryption initiator key", set()) | logged.get("encryption responder key", set())
+    for child in result["children_history"]:
+        for k in (child["keys_in"][0], child["keys_out"][0]):
+            assert k in enc, child["spi_in"]
+
+
+def test_strongswan_rekeys_and_we_follow(bed: Bed) -> None:
+    """strongSwan as initiator rekeys its Child SA every 2 s and its IKE SA every 5 s and checks
+    our liveness every second, for 9 s: we answer each, make before break, and every key of
+    every generation is the one charon derived."""
+    result, log = _run_case(bed, "ss-rekeys", "initiator", "aes256gcm16-prfsha256-x25519",
+                            "aes128gcm16", True, linger=9, ike_rekey="5s", child_rekey="2s", dpd="1s")
+    kinds = [e["kind"] for e in result["events"]]
+    assert "failed" not in kinds, result["events"]
+    # how many depends on charon's timers under load: at least one of each
+    assert result["rekeys"].get("child", 0) >= 1 and result["rekeys"].get("ike", 0) >= 1, result["rekeys"]
+    assert kinds.count("child_deleted") == result["rekeys"]["child"]  # each old one went, after its successor
+    assert len(result["live_children"]) == 1
+    _all_keys_known(result, _hexdump_keys(log))
+    sas = bed.charon.swanctl("--list-sas", "--ike", "ss-rekeys")
+    assert f"{result['spi_i']}_i" in sas and f"{result['spi_r']}_r" in sas, sas
+    assert f"in  {result['child']['spi_out']:08x}" in sas, sas
+    assert len(result["ike_history"]) == result["rekeys"]["ike"] + 1
+
+
+def test_we_rekey_and_strongswan_follows(bed: Bed) -> None:
+    """We initiate, then rekey the Child SA, the IKE SA, the Child SA again and check liveness:
+    strongSwan ends with our newest IKE SA and Child SA installed (the old ones deleted), and
+    every key of every generation is the one charon derived."""
+    actions = [{"at": 1.0, "do": "rekey_child"}, {"at": 2.0, "do": "rekey_ike"},
+               {"at": 3.0, "do": "rekey_child"}, {"at": 3.5, "do": "ping"}]
+    result, log = _run_case(bed, "we-rekey", "responder", "aes128-sha256-prfsha256-ecp256",
+                            "aes256-sha256", True, actions=actions, linger=2)
+    kinds = [e["kind"] for e in result["events"]]
+    assert "failed" not in kinds, result["events"]
+    # ours: two Child SA rekeys and one IKE SA rekey (charon may add a Child SA rekey of its own)
+    assert result["rekeys"]["child"] >= 2 and result["rekeys"]["ike"] == 1, result["events"]
+    assert "alive" in kinds
+    _all_keys_known(result, _hexdump_keys(log))
+    sas = bed.charon.swanctl("--list-sas", "--ike", "we-rekey")
+    assert f"{result['spi_i']}_i" in sas and f"{result['spi_r']}_r" in sas, sas
+    assert sas.count("INSTALLED") == 1 and f"in  {result['child']['spi_out']:08x}" in sas, sas

@@ -16,7 +16,6 @@ from nfq_ipsec.ike import selectors
 from nfq_ipsec.ike.errors import Notify
 from nfq_ipsec.ike.message import (
     PT,
-    DeletePayload,
     Exchange,
     Header,
     IdPayload,
@@ -185,16 +184,30 @@ def test_selectors_are_narrowed_and_disjoint_ones_refused() -> None:
     assert "failed:IKE SA up, no Child SA: the peer answered TS_UNACCEPTABLE" in ev
 
 
+def shuttle(i: IkeSession, r: IkeSession, out: Output, now: float = 1.0,
+            sender: IkeSession | None = None) -> list[Output]:
+    """Delivers ``out`` (sent by ``sender``, default ``i``) and everything it sets off."""
+    frm = sender or i
+    queue, outs = [(r if frm is i else i, d) for d in out.send], [out]
+    while queue:
+        to, data = queue.pop(0)
+        res = to.receive(data, now)
+        outs.append(res)
+        queue += [(i if to is r else r, d) for d in res.send]
+    return outs
+
+
 def test_informational_liveness_is_answered_and_a_delete_ends_the_sa() -> None:
     i, r = pair(cfg("a", "b"), cfg("b", "a"))
     run(i, r, i.start(0.0))
-    ping = i._seal(Exchange.INFORMATIONAL, 2, [], response=False)
-    answer = r.receive(ping, 1.0)
+    ping = i.ping(1.0)
+    answer = r.receive(ping.send[0], 1.0)
     assert len(answer.send) == 1 and r.state is State.ESTABLISHED
-    assert r.receive(ping, 1.5).send == answer.send  # retransmission: the same answer
-    bye = i._seal(Exchange.INFORMATIONAL, 3, [DeletePayload(Protocol.IKE, 0)], response=False)
-    assert [e.kind for e in r.receive(bye, 2.0).events] == ["deleted"]
-    assert r.state.value == "deleted"
+    assert r.receive(ping.send[0], 1.5).send == answer.send  # retransmission: the same answer
+    assert [e.kind for e in i.receive(answer.send[0], 1.6).events] == ["alive"]
+    outs = shuttle(i, r, i.delete(2.0))
+    assert sorted(events(outs)) == ["deleted:the peer deleted the IKE SA", "deleted:we deleted the IKE SA"]
+    assert r.state.value == "deleted" and i.state.value == "deleted" and not r.children
 
 
 def test_an_unauthenticated_notify_does_not_tear_down_an_established_sa() -> None:
@@ -247,3 +260,69 @@ def test_nat_detection_moves_both_sides_to_port_4500_and_esp_in_udp() -> None:
     assert r.nat and r.port == 4500
     i.receive(answer.send[0], 0.0)
     assert i.nat and i.port == 4500
+
+
+def up() -> tuple[IkeSession, IkeSession]:
+    i, r = pair(cfg("a", "b"), cfg("b", "a"))
+    run(i, r, i.start(0.0))
+    assert i.child is not None and r.child is not None
+    return i, r
+
+
+@pytest.mark.parametrize("by", ["initiator", "responder"])
+def test_a_child_sa_rekey_makes_a_new_pair_then_deletes_the_old(by: str) -> None:
+    i, r = up()
+    asker, other = (i, r) if by == "initiator" else (r, i)
+    old_in, old_keys = asker.child.spi_in, asker.child.keys_out  # type: ignore[union-attr]
+    outs = shuttle(i, r, asker.rekey_child(old_in, 1.0), sender=asker)
+    kinds = [e.kind for o in outs for e in o.events]
+    assert kinds.count("rekeyed") == 2 and kinds.count("child_deleted") == 2, kinds
+    new_a, new_o = asker.child, other.child
+    assert new_a is not None and new_o is not None
+    assert (new_a.spi_in, new_a.spi_out) == (new_o.spi_out, new_o.spi_in) and new_a.spi_in != old_in
+    assert new_a.keys_out == new_o.keys_in and new_a.keys_out != old_keys
+    assert list(asker.children) == [new_a.spi_in] and list(other.children) == [new_o.spi_in]
+    assert asker.rekeys["child"] == 1 == other.rekeys["child"]
+    # and the SA keeps working: a liveness check both ways
+    assert "alive" in events(shuttle(i, r, i.ping(2.0)))
+    assert "alive" in events(shuttle(i, r, r.ping(2.0), sender=r))
+
+
+@pytest.mark.parametrize("by", ["initiator", "responder"])
+def test_an_ike_sa_rekey_moves_everything_to_new_spis_and_keys(by: str) -> None:
+    i, r = up()
+    asker = i if by == "initiator" else r
+    old_spis, old_keys = (i.spi_i, i.spi_r), i.keys
+    child_before = dict(i.children)
+    outs = shuttle(i, r, asker.rekey_ike(1.0), sender=asker)
+    assert events(outs).count("ike_rekeyed") == 2, events(outs)
+    assert (i.spi_i, i.spi_r) == (r.spi_i, r.spi_r) != old_spis and i.keys == r.keys != old_keys
+    assert i.children == child_before  # the Child SAs moved over unchanged
+    # the rekeying side is the new SA's original initiator; the old SA's delete went through
+    assert asker.role is Role.INITIATOR and (r if asker is i else i).role is Role.RESPONDER
+    assert i._old_sa is None and r._old_sa is None
+    assert "alive" in events(shuttle(i, r, i.ping(2.0)))
+    outs = shuttle(i, r, r.rekey_child(r.child.spi_in, 3.0), sender=r)  # type: ignore[union-attr]
+    assert [e.kind for o in outs for e in o.events].count("rekeyed") == 2
+    assert i.child is not None and r.child is not None and i.child.keys_out == r.child.keys_in
+
+
+def test_requests_queue_behind_the_one_in_flight() -> None:
+    i, r = up()
+    first = i.rekey_child(i.child.spi_in, 1.0)  # type: ignore[union-attr]
+    assert i.ping(1.0).send == []  # queued: window size 1
+    outs = shuttle(i, r, first)
+    kinds = [e.kind for o in outs for e in o.events]
+    assert kinds.count("rekeyed") == 2 and "alive" in kinds and kinds.count("child_deleted") == 2
+
+
+def test_a_rekey_of_an_unknown_child_is_refused_with_child_sa_not_found() -> None:
+    i, r = up()
+    kept = i.child
+    assert kept is not None
+    ghost = kept.spi_in
+    shuttle(i, r, i.delete_child(ghost, 1.0))
+    assert not i.children and not r.children
+    i.children[ghost] = kept  # i forgets it deleted it
+    outs = shuttle(i, r, i.rekey_child(ghost, 2.0))
+    assert any("CHILD_SA_NOT_FOUND" in e for e in events(outs)), events(outs)
