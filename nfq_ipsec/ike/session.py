@@ -108,6 +108,12 @@ class PeerConfig:
     local_addr: bytes = b""
     remote_addr: bytes = b""
     force_encap: bool = False
+    # Timers (seconds; 0: never): rekey the IKE SA, rekey the newest Child SA, check the peer's
+    # liveness after that long without a word from it. Rekeys come up to 10 % early, at random,
+    # so two peers with the same settings rarely collide.
+    rekey_time: float = 0.0
+    child_rekey_time: float = 0.0
+    dpd_delay: float = 0.0
 
     @property
     def terms(self) -> Terms:
@@ -195,9 +201,24 @@ class IkeSession:
         self._peer_next_id = 0  # before the keys: the peer's next request (responder)
         self._last_answer: tuple[_Keys | None, int, bytes] | None = None  # (SA, ID, answer)
         self._sent = 0  # messages we sealed: the AEAD IV counter
+        self._heard = 0.0  # when the peer last sent something authentic
+        self._opened = False  # the datagram being handled decrypted and verified
+        self._ike_due = 0.0  # when this IKE SA is to be rekeyed (0: never)
+        self._child_due: dict[int, float] = {}  # Child SA (inbound SPI) -> when to rekey it
 
     def __repr__(self) -> str:
         return f"IkeSession({self.role.value}, {self.state.value}, spi_i={self.spi_i.hex()})"
+
+    @property
+    def our_spis(self) -> list[bytes]:
+        """Our SPI of this IKE SA, and of the old one while its Delete is still due."""
+        out = []
+        for sa in (self._sa, self._old_sa):
+            if sa is not None:
+                out.append(sa.spi_i if sa.original_initiator else sa.spi_r)
+        if not out:
+            out.append(self.spi_i if self.role is Role.INITIATOR else self.spi_r)
+        return out
 
     @property
     def busy(self) -> bool:
@@ -316,8 +337,12 @@ class IkeSession:
 
     def tick(self, now: float) -> Output:
         """Retransmits the outstanding request when its time has come; fails the SA after
-        ``RETRANSMIT_TRIES`` sends without an answer."""
+        ``RETRANSMIT_TRIES`` sends without an answer (for a liveness check: the peer is dead).
+        With nothing outstanding, starts what the timers ask for: an IKE SA rekey, a Child SA
+        rekey, a liveness check."""
         req = self._pending
+        if req is None and self.state is State.ESTABLISHED and not self._queue:
+            return self._timers(now)
         if req is None or self.state in (State.FAILED, State.DELETED) or now < self._next_retry:
             return Output()
         if self._tries >= RETRANSMIT_TRIES:
@@ -327,21 +352,61 @@ class IkeSession:
         self._next_retry = now + RETRANSMIT_TIMEOUT * 2 ** (self._tries - 1)
         return Output(send=[req.data])
 
+    def _timers(self, now: float) -> Output:
+        cfg = self.cfg
+        if self._ike_due and now >= self._ike_due:
+            self._ike_due = 0.0
+            return self.rekey_ike(now)
+        for spi, due in list(self._child_due.items()):
+            if now >= due:
+                del self._child_due[spi]
+                if spi in self.children:
+                    return self.rekey_child(spi, now)
+        if cfg.dpd_delay and now - self._heard >= cfg.dpd_delay:
+            self._heard = now  # one check at a time; its retransmissions decide
+            return self.ping(now)
+        return Output()
+
+    def _due(self, now: float, period: float) -> float:
+        """``now + period``, up to 10 % earlier at random; 0 for a period of 0."""
+        if not period:
+            return 0.0
+        return now + period * (1 - self.rand(1)[0] / 2550)
+
+    def _arm(self, now: float) -> None:
+        """Timers after the IKE SA came up (or was rekeyed) and for each new Child SA."""
+        self._heard = now
+        if not self._ike_due:
+            self._ike_due = self._due(now, self.cfg.rekey_time)
+        for spi in self.children:
+            if spi not in self._child_due and self.cfg.child_rekey_time:
+                self._child_due[spi] = self._due(now, self.cfg.child_rekey_time)
+
     # -- receiving -------------------------------------------------------------------------
     def receive(self, data: bytes, now: float, source: tuple[bytes, int] | None = None) -> Output:
         """One datagram from the peer (the IKE message, without a non-ESP marker), and where
         it came from (packed address, port) for NAT detection, if the shell knows."""
         self._source = source
+        self._opened = False
         try:
             header = decode_header(data)
         except IkeError as err:
             return self._drop(err.notify.name.lower())
         try:
             if header.is_response:
-                return self._response(data, header, now)
-            return self._request_in(data, header, now)
+                out = self._response(data, header, now)
+            else:
+                out = self._request_in(data, header, now)
         except IkeError as err:
             return self._drop(err.notify.name.lower())
+        if self.state is State.ESTABLISHED:
+            if self._opened:  # something authentic arrived (a replayed request is not)
+                self._heard = now
+            if any(e.kind in ("established", "rekeyed", "ike_rekeyed") for e in out.events):
+                if any(e.kind == "ike_rekeyed" for e in out.events):
+                    self._ike_due = 0.0
+                self._arm(now)
+        return out
 
     def _drop(self, why: str) -> Output:
         self.dropped[why] += 1
@@ -468,8 +533,10 @@ class IkeSession:
         if not msg.payloads or not isinstance(msg.payloads[-1], EncryptedPayload):
             raise IkeError(Notify.INVALID_SYNTAX, "no Encrypted payload")
         theirs_i = not sa.original_initiator
-        return open_message(data, header, msg.payloads[-1], k.suite,
-                            k.sk_ei if theirs_i else k.sk_er, k.sk_ai if theirs_i else k.sk_ar)
+        inner = open_message(data, header, msg.payloads[-1], k.suite,
+                             k.sk_ei if theirs_i else k.sk_er, k.sk_ai if theirs_i else k.sk_ar)
+        self._opened = True
+        return inner
 
     def _auth_response(self, msg: Message, now: float) -> Output:
         notes = {n.notify: n for n in msg.notifies()}

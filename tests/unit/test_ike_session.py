@@ -6,11 +6,11 @@ selector each end the way RFC 7296 says; forged and random datagrams change noth
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ikepeers import ESP_CBC, ESP_GCM, LAN_A, LAN_B, T, cfg, events, ike, pair, run, shuttle, up
 
 from nfq_ipsec.ike import selectors
 from nfq_ipsec.ike.errors import Notify
@@ -18,8 +18,6 @@ from nfq_ipsec.ike.message import (
     PT,
     Exchange,
     Header,
-    IdPayload,
-    IdType,
     NotifyPayload,
     decode_message,
     encode_message,
@@ -27,12 +25,7 @@ from nfq_ipsec.ike.message import (
 from nfq_ipsec.ike.proposal import (
     Encr,
     Group,
-    Integ,
-    Prf,
-    Proposal,
-    Protocol,
     SAPayload,
-    Transform,
     TransformType,
 )
 from nfq_ipsec.ike.session import (
@@ -43,57 +36,6 @@ from nfq_ipsec.ike.session import (
     Role,
     State,
 )
-
-T = Transform
-
-
-def ike(*groups: int, encr: tuple[int, int | None] = (Encr.AES_GCM_16, 256)) -> SAPayload:
-    return SAPayload((Proposal(1, Protocol.IKE, b"", (
-        T(1, encr[0], encr[1]), T(2, Prf.HMAC_SHA2_256), *(T(4, g) for g in groups))),))
-
-
-ESP_GCM = SAPayload((Proposal(1, Protocol.ESP, b"", (T(1, Encr.AES_GCM_16, 128), T(5, 0))),))
-ESP_CBC = SAPayload((Proposal(1, Protocol.ESP, b"", (
-    T(1, Encr.AES_CBC, 256), T(3, Integ.HMAC_SHA2_256_128), T(5, 0))),))
-LAN_A, LAN_B = selectors.from_prefix("10.1.0.0/24"), selectors.from_prefix("10.2.0.0/24")
-
-
-def cfg(me: str, peer: str, psk: bytes = b"correct horse", ike_p: SAPayload | None = None,
-        esp: SAPayload = ESP_GCM, local: tuple | None = None, remote: tuple | None = None,  # type: ignore[type-arg]
-        transport: bool = False) -> PeerConfig:
-    """``me`` "b" sits on LAN_B, anyone else on LAN_A."""
-    local = local or ((LAN_B,) if me == "b" else (LAN_A,))
-    remote = remote or ((LAN_A,) if me == "b" else (LAN_B,))
-    return PeerConfig(IdPayload(IdType.FQDN, me.encode()), IdPayload(IdType.FQDN, peer.encode()),
-                      psk, ike_p or ike(Group.CURVE25519), esp, local, remote, transport)
-
-
-def pair(a: PeerConfig, b: PeerConfig, seed: int = 1) -> tuple[IkeSession, IkeSession]:
-    rng = random.Random(seed)
-    rand = lambda n: bytes(rng.getrandbits(8) for _ in range(n))  # noqa: E731 (reproducible)
-    return IkeSession(Role.INITIATOR, a, rand), IkeSession(Role.RESPONDER, b, rand)
-
-
-def run(i: IkeSession, r: IkeSession, first: Output, lose: set[int] | None = None) -> list[Output]:
-    """Shuttles datagrams until nobody sends; ``lose``: indexes of datagrams that vanish."""
-    outs, queue, n, now = [first], [(r, d) for d in first.send], 0, 0.0
-    while queue:
-        to, data = queue.pop(0)
-        n += 1
-        if lose and n in lose:
-            now += 1.0
-            t = i.tick(now)
-            outs.append(t)
-            queue += [(r, d) for d in t.send]
-            continue
-        out = to.receive(data, now)
-        outs.append(out)
-        queue += [(i if to is r else r, d) for d in out.send]
-    return outs
-
-
-def events(outs: list[Output]) -> list[str]:
-    return [f"{e.kind}:{e.detail}" if e.detail else e.kind for o in outs for e in o.events]
 
 
 @pytest.mark.parametrize(("group", "esp"), [(Group.CURVE25519, ESP_GCM), (Group.ECP_256, ESP_CBC),
@@ -184,19 +126,6 @@ def test_selectors_are_narrowed_and_disjoint_ones_refused() -> None:
     assert "failed:IKE SA up, no Child SA: the peer answered TS_UNACCEPTABLE" in ev
 
 
-def shuttle(i: IkeSession, r: IkeSession, out: Output, now: float = 1.0,
-            sender: IkeSession | None = None) -> list[Output]:
-    """Delivers ``out`` (sent by ``sender``, default ``i``) and everything it sets off."""
-    frm = sender or i
-    queue, outs = [(r if frm is i else i, d) for d in out.send], [out]
-    while queue:
-        to, data = queue.pop(0)
-        res = to.receive(data, now)
-        outs.append(res)
-        queue += [(i if to is r else r, d) for d in res.send]
-    return outs
-
-
 def test_informational_liveness_is_answered_and_a_delete_ends_the_sa() -> None:
     i, r = pair(cfg("a", "b"), cfg("b", "a"))
     run(i, r, i.start(0.0))
@@ -262,13 +191,6 @@ def test_nat_detection_moves_both_sides_to_port_4500_and_esp_in_udp() -> None:
     assert i.nat and i.port == 4500
 
 
-def up() -> tuple[IkeSession, IkeSession]:
-    i, r = pair(cfg("a", "b"), cfg("b", "a"))
-    run(i, r, i.start(0.0))
-    assert i.child is not None and r.child is not None
-    return i, r
-
-
 @pytest.mark.parametrize("by", ["initiator", "responder"])
 def test_a_child_sa_rekey_makes_a_new_pair_then_deletes_the_old(by: str) -> None:
     i, r = up()
@@ -326,3 +248,40 @@ def test_a_rekey_of_an_unknown_child_is_refused_with_child_sa_not_found() -> Non
     i.children[ghost] = kept  # i forgets it deleted it
     outs = shuttle(i, r, i.rekey_child(ghost, 2.0))
     assert any("CHILD_SA_NOT_FOUND" in e for e in events(outs)), events(outs)
+
+
+def timed(**timers: float) -> tuple[IkeSession, IkeSession]:
+    from dataclasses import replace
+    i, r = pair(replace(cfg("a", "b"), **timers), cfg("b", "a"))
+    run(i, r, i.start(0.0))
+    return i, r
+
+
+def clock(i: IkeSession, r: IkeSession, until: float, step: float = 0.25,
+          deliver: bool = True) -> list[Output]:
+    """Ticks the initiator until ``until``, delivering what it sends (or losing it all)."""
+    outs, now = [], 0.0
+    while now < until:
+        now += step
+        out = i.tick(now)
+        outs += shuttle(i, r, out, now) if deliver else [out]
+    return outs
+
+
+def test_timers_rekey_the_child_and_the_ike_sa_on_time() -> None:
+    i, r = timed(rekey_time=10.0, child_rekey_time=4.0)
+    outs = clock(i, r, 21.0)
+    ev = [e.kind for o in outs for e in o.events]
+    assert ev.count("ike_rekeyed") == 4  # both sides, about at 10 and 20 s
+    assert i.rekeys["child"] >= 4 and i.rekeys["child"] == r.rekeys["child"]
+    assert len(i.children) == 1 and i.child is not None and r.child is not None
+    assert i.child.keys_out == r.child.keys_in
+
+
+def test_liveness_checks_when_idle_and_a_dead_peer_fails_the_sa() -> None:
+    i, r = timed(dpd_delay=2.0)
+    ev = [e.kind for o in clock(i, r, 7.0) for e in o.events]
+    assert ev.count("alive") == 3 and i.state is State.ESTABLISHED
+    outs = clock(i, r, 80.0, deliver=False)  # the peer went away
+    failed = [e.detail for o in outs for e in o.events if e.kind == "failed"]
+    assert failed and "(ping) after 5 sends" in failed[0] and i.state is State.FAILED
