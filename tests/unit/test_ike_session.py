@@ -250,9 +250,11 @@ def test_a_rekey_of_an_unknown_child_is_refused_with_child_sa_not_found() -> Non
     assert any("CHILD_SA_NOT_FOUND" in e for e in events(outs)), events(outs)
 
 
-def timed(**timers: float) -> tuple[IkeSession, IkeSession]:
+def timed(rekey_time: float = 0.0, child_rekey_time: float = 0.0,
+          dpd_delay: float = 0.0) -> tuple[IkeSession, IkeSession]:
     from dataclasses import replace
-    i, r = pair(replace(cfg("a", "b"), **timers), cfg("b", "a"))
+    i, r = pair(replace(cfg("a", "b"), rekey_time=rekey_time, child_rekey_time=child_rekey_time,
+                        dpd_delay=dpd_delay), cfg("b", "a"))
     run(i, r, i.start(0.0))
     return i, r
 
@@ -284,4 +286,4 @@ def test_liveness_checks_when_idle_and_a_dead_peer_fails_the_sa() -> None:
     assert ev.count("alive") == 3 and i.state is State.ESTABLISHED
     outs = clock(i, r, 80.0, deliver=False)  # the peer went away
     failed = [e.detail for o in outs for e in o.events if e.kind == "failed"]
-    assert failed and "(ping) after 5 sends" in failed[0] and i.state is State.FAILED
+    assert failed and "(ping) after 5 sends" in failed[0] and i.state.value == "failed"
