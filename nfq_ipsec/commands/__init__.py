@@ -64,9 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("capture", help="pcap file (Ethernet, raw IPv4 or Linux cooked)")
 
     p = sub.add_parser("genkey", help="print a fresh random key (hex) for an algorithm",
-                       description="Print a fresh random key (hex) for an algorithm.")
+                       description="Print a fresh random key (hex) for an algorithm, or write it "
+                       "to a new file that is mode 0600 from its creation (--out).")
     p.add_argument("algorithm", help="aes-gcm-128, aes-gcm-256, chacha20-poly1305, aes-cbc-128, "
                    "aes-cbc-256, hmac-sha256-128, hmac-sha384-192, hmac-sha512-256")
+    p.add_argument("-o", "--out", metavar="FILE",
+                   help="write the key to FILE, created 0600 (never an existing file)")
 
     daemon.add_parsers(sub)
     status.add_parser(sub)

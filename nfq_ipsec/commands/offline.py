@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import sys
 from collections import Counter
@@ -20,7 +21,7 @@ from .common import load_or_report
 
 def main(args: argparse.Namespace) -> int:
     if args.command == "genkey":
-        return genkey(args.algorithm)
+        return genkey(args.algorithm, args.out)
     cfg = load_or_report(args.config)
     if cfg is None:
         return exitcodes.CONFIG
@@ -93,7 +94,10 @@ def decode_capture(cfg: Config, capture: str) -> int:
     return exitcodes.DECODE_DROPS if any(k.startswith("drop") for k in tally) else exitcodes.OK
 
 
-def genkey(algorithm: str) -> int:
+def genkey(algorithm: str, out: str | None = None) -> int:
+    """A fresh key on stdout, or in ``out``: a new file created with mode 0600 (no moment
+    in which another user could read it, unlike a redirect followed by chmod), never an
+    existing one."""
     if algorithm in FORBIDDEN:
         print(f"genkey: {algorithm} is refused: {FORBIDDEN[algorithm]}", file=sys.stderr)
         return exitcodes.CONFIG
@@ -105,5 +109,21 @@ def genkey(algorithm: str) -> int:
         known = [a for a in ENCRYPTION if ENCRYPTION[a].keymat_size] + list(HMACS)
         print(f"genkey: unknown algorithm {algorithm!r} (known: {', '.join(known)})", file=sys.stderr)
         return exitcodes.CONFIG
-    print(secrets.token_hex(size))
+    key = secrets.token_hex(size)
+    if out is None:
+        print(key)
+        return exitcodes.OK
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        print(f"genkey: {out} exists; a key file is never overwritten (remove it first)",
+              file=sys.stderr)
+        return exitcodes.FAILURE
+    except OSError as err:
+        print(f"genkey: {out}: {err.strerror}", file=sys.stderr)
+        return exitcodes.FAILURE
+    os.fchmod(fd, 0o600)  # whatever the umask said
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    print(f"genkey: wrote a {algorithm} key to {out} (mode 0600)")
     return exitcodes.OK

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from pathlib import Path
 
 import gate
@@ -217,6 +219,24 @@ def test_genkey(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0 and len(bytes.fromhex(out.strip())) == 64
     code, _, err = run(capsys, "genkey", "des")
     assert code == 2 and "MUST NOT" in err
+
+
+def test_genkey_out_creates_a_0600_file_and_never_overwrites(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    key = tmp_path / "a-to-b.key"
+    old = os.umask(0o022)  # a permissive umask must not matter
+    try:
+        code, out, _ = run(capsys, "genkey", "aes-gcm-256", "--out", str(key))
+    finally:
+        os.umask(old)
+    assert code == 0 and "mode 0600" in out and key.read_text().strip() not in out
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert len(bytes.fromhex(key.read_text().strip())) == 36
+    before = key.read_text()
+    code, _, err = run(capsys, "genkey", "aes-gcm-256", "-o", str(key))
+    assert code == 1 and "never overwritten" in err and key.read_text() == before
+    code, _, err = run(capsys, "genkey", "aes-gcm-256", "-o", str(tmp_path / "no" / "dir.key"))
+    assert code == 1 and "No such file or directory" in err
 
 
 def udp_configs(tmp_path: Path) -> tuple[Path, Path]:
