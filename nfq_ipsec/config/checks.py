@@ -130,6 +130,18 @@ def _check_following(pol: Policy, sas: list[SAParams], where: str, probs: Proble
                 '"udp"): it will keep sending to its configured peer')
 
 
+def check_idle_queues(queues: list[int], sas: list[SAParams], probs: Problems) -> None:
+    """A queue that no SA lives on runs a worker that has nothing to do: say so."""
+    if not sas:
+        return
+    busy = {sa.queue for sa in sas}
+    for q in queues:
+        if q not in busy:
+            probs.warnings.append(
+                f"daemon.queues: no SA lives on queue {q}; its worker will idle (give it SAs "
+                f"with queue = {q}, or leave it out of daemon.queues)")
+
+
 def check_shadowing(policies: list[Policy], probs: Problems) -> None:
     """A policy that an earlier one covers entirely can never match: almost surely a mistake."""
     for j, later in enumerate(policies):

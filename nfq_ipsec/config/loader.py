@@ -84,6 +84,7 @@ def parse_config(
             policies.append(pol)
     raw_sa_names = {raw["name"] for raw in raw_sas if isinstance(raw.get("name"), str)}
     checks.check_policies(raw_policies, policies, sas, raw_sa_names, probs)
+    checks.check_idle_queues([qc.num for qc in daemon.queues] if daemon else [], sas, probs)
     if inline_keys and path is not None:
         try:
             mode = path.stat().st_mode

@@ -43,6 +43,11 @@ def read_policy(raw: dict[str, Any], where: str, probs: Problems) -> Policy | No
         return None
     assert name is not None
     anywhere = ANY6 if family == 6 else ANY
+    for side in ("local", "remote"):
+        if side not in raw:
+            probs.warnings.append(
+                f"{where} {name!r}: no {side} given, so it covers every IPv{family} address on "
+                f"that side ({anywhere}); write {side} = \"any\" to mean it")
     sel = Selector(local or anywhere, remote or anywhere, proto, lports, rports, icmp_type,
                    icmp_code)
     return Policy(name, sel, action, direction, tuple(sa_names))

@@ -383,3 +383,18 @@ def test_config_readable_by_others_is_still_accepted(tmp_path: Path) -> None:
     path.write_text((EXAMPLES / "host-a.toml").read_text())
     path.chmod(0o644)
     assert any("inline keys" in w for w in load_config(path, online_cpus=CPUS).warnings)
+
+
+def test_an_idle_queue_and_an_implicit_selector_are_warned_about() -> None:
+    data = base()  # queue 101 has no SA
+    cfg = parse_config(data, online_cpus=CPUS)
+    assert cfg.warnings == ("daemon.queues: no SA lives on queue 101; its worker will idle (give "
+                            "it SAs with queue = 101, or leave it out of daemon.queues)",)
+    data["sa"][1]["queue"] = 101
+    del data["policy"][0]["remote"]
+    data["policy"].append({"name": "dns", "action": "bypass", "remote": "any", "local": "any",
+                           "protocol": "udp", "remote_ports": "53"})
+    cfg = parse_config(data, online_cpus=CPUS)
+    assert cfg.warnings == ("policy[0] 'p': no remote given, so it covers every IPv4 address on "
+                            "that side (0.0.0.0/0); write remote = \"any\" to mean it",)
+    assert cfg.policies[0].selector.remote.prefixlen == 0  # the behaviour is unchanged
