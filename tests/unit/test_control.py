@@ -73,7 +73,9 @@ def served(tmp_path: Path) -> Iterator[Served]:
     t.join(5)
     srv.close()
     assert s.failure is None, f"the server loop died: {s.failure!r}"
-    assert s.longest < 0.5, f"one serve() call took {s.longest:.2f} s"
+    # Not a speed bound: a serve() that blocked on a stalled client would wait until that
+    # client left, seconds beyond a client's whole allowance; a busy machine does not come near.
+    assert s.longest < control.CLIENT_TIMEOUT, f"one serve() call blocked for {s.longest:.2f} s"
 
 
 def connect(path: str) -> socket.socket:
@@ -271,7 +273,7 @@ def test_too_many_clients_are_refused_politely(tmp_path: Path) -> None:
         s.stop.set()
         t.join(5)
         srv.close()
-    assert s.failure is None and s.longest < 0.5
+    assert s.failure is None and s.longest < control.CLIENT_TIMEOUT  # it never blocked (see above)
 
 
 def test_many_hostile_clients_at_once(served: Served) -> None:
