@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import hardening
 from .status import StatusReport
 
 MAX_REQUEST = 64 * 1024  # bytes of one request line
@@ -125,6 +126,7 @@ class ControlServer:
         replace a stale socket, bind with mode 0600."""
         p = Path(self.path)
         _make_dir(p.parent)
+        _check_dir(p.parent)
         if p.exists() or p.is_symlink():
             mode = p.lstat().st_mode
             if not stat.S_ISSOCK(mode):
@@ -398,6 +400,19 @@ def _make_dir(directory: Path) -> None:
     for d in reversed(missing):
         d.mkdir(mode=0o700)
         os.chmod(d, 0o700)
+
+
+def _check_dir(directory: Path) -> None:
+    """The socket's directory, and every directory on the way to it, must be ours (or root's)
+    and not writable by others: whoever can write it can put their own socket in ours' place
+    and answer ``status`` and ``stop`` instead of the daemon."""
+    try:
+        hardening.check_parents(directory / "control")
+        fd, _ = hardening.open_checked(directory, directory=True, forbid=0o022,
+                                       fix=f"run chmod 700 {directory}")
+        os.close(fd)
+    except hardening.UnsafeFileError as err:
+        raise ControlError(f"control socket directory: {err}") from None
 
 
 def _answers(path: str) -> bool:

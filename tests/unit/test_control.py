@@ -530,3 +530,20 @@ def test_render_status_dates_old_rule_counters() -> None:
     text = control.render_status(old)
     assert "  dropped by our iptables rules (never queued, read 12s ago): no_policy=4" in text
     assert "WARNING: the rule counters were not read within 2 s" in text
+
+
+@pytest.mark.root
+def test_a_socket_directory_others_can_write_is_refused(tmp_path: Path) -> None:
+    """Whoever can write the socket's directory could put their own socket in its place and
+    answer status and stop: such a directory is refused, naming it and the fix."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # writable by all, not sticky
+    srv = control.ControlServer(str(shared / "c.sock"))
+    with pytest.raises(control.ControlError) as err:
+        srv.open()
+    assert str(shared) in str(err.value) and "writable by group or others" in str(err.value)
+    assert not (shared / "c.sock").exists()
+    shared.chmod(0o700)
+    srv.open()  # the same directory, ours alone: fine
+    srv.close()
