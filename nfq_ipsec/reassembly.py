@@ -5,17 +5,21 @@ ESP packet; nothing can be checked about ESP until it is whole (RFC 4303 section
 the live path the kernel reassembles before our rules (``rules.py``: the rule that turns on
 defragmentation); in a capture this module does the same for ``decode``.
 
-The datagram key and the fragment's place come from the caller (:class:`Fragment`), so an IPv6
-fragment header can feed the same :class:`Reassembler` later; :func:`ipv4_fragment` reads
-them from an IPv4 header. Fail closed: overlapping fragments (RFC 5722's rule, applied to IPv4
-too: no legitimate sender makes them) or a datagram bigger than 65,535 bytes discard the whole
-datagram; :meth:`Reassembler.add` then says so.
+The datagram key and the fragment's place come from the caller (:class:`Fragment`):
+:func:`ipv4_fragment` reads them from an IPv4 header, :func:`ipv6_fragment` from an IPv6
+fragment header (RFC 8200 section 4.5: the key is source, destination and identification; the
+headers in front of the fragment header are the first fragment's, and the reassembled packet
+has no fragment header, as the Linux kernel's reassembly leaves it, an atomic fragment's
+included). Fail closed: overlapping fragments (RFC 5722's rule, applied to IPv4 too: no
+legitimate sender makes them) or a datagram bigger than 65,535 bytes (IPv6: of payload)
+discard the whole datagram; :meth:`Reassembler.add` then says so.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .core import ipv6
 from .core import packet as ip
 
 MAX_DATAGRAM = 65535
@@ -29,6 +33,7 @@ class Fragment:
     more: bool  # more fragments follow (MF)
     payload: bytes  # after the IP header
     header: bytes  # the IP header (the first fragment's is the reassembled packet's)
+    limit: int = MAX_DATAGRAM  # the most its header and the whole payload may come to
 
 
 @dataclass
@@ -57,7 +62,7 @@ class Reassembler:
                 del self._pending[next(iter(self._pending))]
             p = self._pending[frag.key] = _Pending()
         end = frag.offset + len(frag.payload)
-        bad = end + len(frag.header) > MAX_DATAGRAM or (p.total is not None and end > p.total)
+        bad = end + len(frag.header) > frag.limit or (p.total is not None and end > p.total)
         bad = bad or (not frag.more and (p.total is not None or
                                          any(o + len(d) > end for o, d in p.parts.items())))
         for o, d in p.parts.items():
@@ -99,3 +104,24 @@ def ipv4_whole(header: bytes, payload_len: int) -> bytes:
     csum = ip.checksum(bytes(h))
     h[10], h[11] = csum >> 8, csum & 0xFF
     return bytes(h)
+
+
+def ipv6_fragment(data: bytes, hdr: ipv6.IPv6Header) -> Fragment:
+    """The fragment an IPv6 packet with a fragment header is (``hdr.frag_offset >= 0``, the
+    chain checked by ``parse_ipv6``). Its header is the headers in front of the fragment header,
+    the last of them naming what the fragment header named."""
+    nh_at, at = 6, ipv6.IPV6_HEADER
+    while data[nh_at] != ipv6.NH_FRAGMENT:
+        nh_at, at = at, at + (data[at + 1] + 1) * 8
+    header = bytearray(data[:at])
+    header[nh_at] = data[at]
+    ident = int.from_bytes(data[at + 4 : at + 8], "big")
+    return Fragment((6, hdr.src, hdr.dst, ident), hdr.frag_offset * 8, hdr.more_fragments,
+                    data[at + ipv6.FRAGMENT_HEADER : hdr.total_length], bytes(header),
+                    MAX_DATAGRAM + ipv6.IPV6_HEADER)
+
+
+def ipv6_whole(header: bytes, payload_len: int) -> bytes:
+    """The first fragment's headers made the whole packet's: its payload length."""
+    plen = len(header) - ipv6.IPV6_HEADER + payload_len
+    return header[:4] + bytes((plen >> 8, plen & 0xFF)) + header[6:]
