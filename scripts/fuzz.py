@@ -390,6 +390,10 @@ def run_atheris(name: str, seconds: int, out: Path) -> None:
     """In this process (libFuzzer exits when done): coverage-guided, seeded."""
     import atheris  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
+    # the package first: it settles which build of the core loads (NFQ_IPSEC_PURE=1: its
+    # finder for the sources), so atheris's hook, installed next, wraps that finder's loader
+    # and instruments the core's source (a compiled core gives it no coverage to follow)
+    importlib.import_module("nfq_ipsec")
     with atheris.instrument_imports():
         for module in ("tomllib", "nfq_ipsec.config.loader", "nfq_ipsec.core.esp",
                        "nfq_ipsec.core.esp6", "nfq_ipsec.core.ipv6", "nfq_ipsec.core.packet",
