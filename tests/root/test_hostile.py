@@ -499,9 +499,11 @@ def run_cases(pair: Pair, b: Daemon, cases: list[tuple[str, list[bytes], dict[st
               texts: list[str]) -> dict[str, dict[str, int]]:
     """Inject each case from A and wait for its drops: exactly ``expected``, the workers the
     same processes. ``queued`` False: the kernel drops it before any worker sees it (nothing
-    queued, nothing counted). What B's receiver got must be ``texts``, in order."""
+    queued, nothing counted). What B's receiver got must be ``texts``, in order; the daemon's
+    log grows by a few lines at most."""
     st0 = b.status()
     pids = [w["pid"] for w in st0["workers"]]
+    log_before = len(b.log_text().splitlines())
     receiver = pair.python(pair.b, RECEIVER, ADDR6_B, ",".join(map(str, PORTS)), "0", stdin=True)
     report = {}
     try:
@@ -535,6 +537,8 @@ def run_cases(pair: Pair, b: Daemon, cases: list[tuple[str, list[bytes], dict[st
     assert got == texts
     st = b.status()
     assert all(w["restarts"] == 0 for w in st["workers"])
+    log = b.log_text().splitlines()[log_before:]
+    assert len(log) <= 5, log  # drops are counted, not logged one by one
     return report
 
 
