@@ -199,7 +199,8 @@ def test_decode_ipv6_capture_made_by_scapy(tmp_path: Path, capsys: pytest.Captur
     tampered = bytearray(wire[1])
     tampered[-1] ^= 1
     path = tmp_path / "v6.pcap"
-    wrpcap(str(path), [Ether() / IPv6(p) for p in (wire[0], bytes(tampered), wire[1])])
+    eth = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")  # no neighbour lookups
+    wrpcap(str(path), [eth / IPv6(p) for p in (wire[0], bytes(tampered), wire[1])])
     code, out, _ = run(capsys, "decode", "--config", str(EXAMPLES / "host6-b.toml"), str(path))
     lines = out.splitlines()
     assert code == 4, out
@@ -243,7 +244,8 @@ def test_decode_reassembles_fragmented_ipv6_esp(tmp_path: Path,
     assert IPv6(f2[0])[IPv6ExtHdrFragment].nh == 60  # the options header follows it
     atomic = bytes(IPv6(src=src, dst=dst) / IPv6ExtHdrFragment(id=3, nh=50) / wire[2].payload)
     path = tmp_path / "frag6.pcap"
-    wrpcap(str(path), [Ether() / IPv6(f) for f in (f1[2], f2[1], f1[0], f2[0], f1[1], atomic)])
+    eth = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")  # no neighbour lookups
+    wrpcap(str(path), [eth / IPv6(f) for f in (f1[2], f2[1], f1[0], f2[0], f1[1], atomic)])
     code, out, _ = run(capsys, "decode", "--config", str(EXAMPLES / "host6-b.toml"), str(path))
     lines = out.splitlines()
     assert code == 0, out
@@ -258,7 +260,7 @@ def test_decode_reassembles_fragmented_ipv6_esp(tmp_path: Path,
     # overlapping: a second copy of the middle fragment, its bytes changed
     copy = IPv6(f1[1])
     copy[IPv6ExtHdrFragment].offset -= 1
-    wrpcap(str(path), [Ether() / IPv6(f) for f in (f1[0], bytes(copy), f1[1], f1[2])])
+    wrpcap(str(path), [eth / IPv6(f) for f in (f1[0], bytes(copy), f1[1], f1[2])])
     code, out, _ = run(capsys, "decode", "--config", str(EXAMPLES / "host6-b.toml"), str(path))
     assert code == 4 and "DROP  fragment" in out and " ok " not in out, out
 
