@@ -612,6 +612,11 @@ def test_ipv6_fragmented_esp(six: tuple[Pair, Daemon, Crafter6]) -> None:
     unfinished = c.packet("incomplete-" + "i" * 3000)
     first_short = c.behind([NH_DEST] * 4, "first-fragment-short")
     chain = first_short[40:]
+    # the deepest chain a datagram holds: ESP behind destination options up to 65,535 bytes
+    deepest = (65535 - 200) // 8
+    body = c.behind([NH_DEST] * deepest, "deepest")[40:]
+    deep = [frag(body[at:at + 1232], at, at + 1232 < len(body), 0x7007, NH_DEST)
+            for at in range(0, len(body), 1232)]
     pieces = fragments6(big, 1232, 0x7001)
     cases: list[tuple[str, list[bytes], dict[str, int], bool]] = [
         (f"20 KB in {len(pieces)} fragments", pieces, {}, True),
@@ -625,6 +630,8 @@ def test_ipv6_fragmented_esp(six: tuple[Pair, Daemon, Crafter6]) -> None:
         ("the first fragment stops inside the header chain",
          [frag(chain[:16], 0, True, 0x7006, NH_DEST), frag(chain[16:], 16, False, 0x7006, NH_DEST)],
          {}, True),
+        (f"behind {deepest} destination options, in {len(deep)} fragments", deep,
+         {"ext_chain_too_long": 1}, True),
         ("valid after all that", [c.packet("last")], {}, True),
     ]
     texts = ["fragmented-" + "f" * 20000, "tiny-" + "t" * 200, "first-fragment-short", "last"]
