@@ -87,28 +87,29 @@ class OfflineDecoder:
             return Decoded(index, "-", False, verdict="not-ip")
         hdr: ip.IPv4Header | None = None
         hdr6: ipv6.IPv6Header | None = None
+        frag: Fragment | None = None
+        v6 = bool(data) and data[0] >> 4 == 6
         try:
-            if data and data[0] >> 4 == 6:
-                hdr6 = ipv6.parse_ipv6(data)
+            if v6:
+                # every IPv6 fragment, an atomic one too, whatever follows its fragment header
+                # (more headers in front of ESP, cut anywhere): the receiver's kernel makes it
+                # whole first
+                frag = ipv6_fragment(data)
+                if frag is None:
+                    hdr6 = ipv6.parse_ipv6(data)
             else:
                 hdr = ip.parse_ipv4(data)
         except EspError as err:
             return Decoded(index, "-", False, verdict="not-ip", inner=err.reason.value)
         note = ""
-        frag: Fragment | None = None
         if (hdr is not None and hdr.is_fragment
                 and (hdr.protocol == ip.PROTO_ESP
                      or (hdr.protocol == ip.PROTO_UDP and self._udp_ports))):
             # RFC 4303 3.4.1: ESP is checked whole (and ESP in UDP is known only once the UDP
             # header is there); the last fragment to come in decodes the packet
             frag = ipv4_fragment(data, hdr)
-        elif hdr6 is not None and hdr6.frag_offset >= 0:
-            # IPv6: every fragment (what follows the fragment header may be more headers, in
-            # front of ESP), an atomic one too: the receiver's kernel makes it whole first
-            frag = ipv6_fragment(data, hdr6)
         if frag is not None:
-            src0, dst0 = (hdr.src, hdr.dst) if hdr is not None else _where(hdr6)[:2]
-            outer = f"{ipv6.addr_str(src0)} > {ipv6.addr_str(dst0)}"
+            outer = f"{ipv6.addr_str(_int(frag.key[1]))} > {ipv6.addr_str(_int(frag.key[2]))}"
             try:
                 whole = self._fragments.add(frag)
             except Overlap as err:
@@ -120,7 +121,7 @@ class OfflineDecoder:
                                      "for reassembly")
             header, payload, count = whole
             try:
-                if hdr is not None:
+                if not v6:
                     data = ipv4_whole(header, len(payload)) + payload
                     hdr = ip.parse_ipv4(data)
                 else:
@@ -191,6 +192,12 @@ class OfflineDecoder:
         port = udpencap.local_port(data, hdr)
         return port >= 0 and (port in self._udp_ports
                               or udpencap.source_port(data, hdr) in self._udp_ports)
+
+
+def _int(value: object) -> int:
+    """An address from a fragment's key."""
+    assert isinstance(value, int)
+    return value
 
 
 def _known(hdr6: ipv6.IPv6Header | None) -> ipv6.IPv6Header:

@@ -7,12 +7,13 @@ defragmentation); in a capture this module does the same for ``decode``.
 
 The datagram key and the fragment's place come from the caller (:class:`Fragment`):
 :func:`ipv4_fragment` reads them from an IPv4 header, :func:`ipv6_fragment` from an IPv6
-fragment header (RFC 8200 section 4.5: the key is source, destination and identification; the
-headers in front of the fragment header are the first fragment's, and the reassembled packet
-has no fragment header, as the Linux kernel's reassembly leaves it, an atomic fragment's
-included). Fail closed: overlapping fragments (RFC 5722's rule, applied to IPv4 too: no
-legitimate sender makes them) or a datagram bigger than 65,535 bytes (IPv6: of payload)
-discard the whole datagram; :meth:`Reassembler.add` then says so.
+fragment header, found with the walk the kernel makes, which does not look past it (RFC 8200
+section 4.5: the key is source, destination and identification; the headers in front of the
+fragment header are the first fragment's, and the reassembled packet has no fragment header, as
+the Linux kernel's reassembly leaves it, an atomic fragment's included). Fail closed:
+overlapping fragments (RFC 5722's rule, applied to IPv4 too: no legitimate sender makes them) or
+a datagram bigger than 65,535 bytes (IPv6: of payload) discard the whole datagram;
+:meth:`Reassembler.add` then says so.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .core import packet as ip
 
 MAX_DATAGRAM = 65535
 MAX_PENDING = 1024  # datagrams held at once: more (a capture of a flood) drops the oldest
+_BEFORE_FRAGMENT = frozenset((ipv6.NH_HOP_BY_HOP, ipv6.NH_ROUTING, ipv6.NH_DEST_OPTS))
 
 
 @dataclass(frozen=True)
@@ -106,18 +108,33 @@ def ipv4_whole(header: bytes, payload_len: int) -> bytes:
     return bytes(h)
 
 
-def ipv6_fragment(data: bytes, hdr: ipv6.IPv6Header) -> Fragment:
-    """The fragment an IPv6 packet with a fragment header is (``hdr.frag_offset >= 0``, the
-    chain checked by ``parse_ipv6``). Its header is the headers in front of the fragment header,
-    the last of them naming what the fragment header named."""
+def ipv6_fragment(data: bytes) -> Fragment | None:
+    """The fragment an IPv6 packet is, found as the receiving kernel finds it: the fragment
+    header in the chain of hop-by-hop, routing and destination options headers in front of
+    it, whatever follows it (a first fragment may end inside the rest of the chain). None
+    without one, or where the chain runs past the packet. Its header is the headers in front
+    of the fragment header, the last of them naming what the fragment header named."""
+    n = len(data)
+    if n < ipv6.IPV6_HEADER or data[0] >> 4 != 6:
+        return None
+    end = ipv6.IPV6_HEADER + ((data[4] << 8) | data[5])
+    if end > n:
+        return None
     nh_at, at = 6, ipv6.IPV6_HEADER
     while data[nh_at] != ipv6.NH_FRAGMENT:
+        if data[nh_at] not in _BEFORE_FRAGMENT or at + 8 > end:
+            return None
         nh_at, at = at, at + (data[at + 1] + 1) * 8
+    if at + ipv6.FRAGMENT_HEADER > end:
+        return None
     header = bytearray(data[:at])
     header[nh_at] = data[at]
+    field = (data[at + 2] << 8) | data[at + 3]
+    src = ipv6.V6 | int.from_bytes(data[8:24], "big")
+    dst = ipv6.V6 | int.from_bytes(data[24:40], "big")
     ident = int.from_bytes(data[at + 4 : at + 8], "big")
-    return Fragment((6, hdr.src, hdr.dst, ident), hdr.frag_offset * 8, hdr.more_fragments,
-                    data[at + ipv6.FRAGMENT_HEADER : hdr.total_length], bytes(header),
+    return Fragment((6, src, dst, ident), field & 0xFFF8, bool(field & 1),
+                    data[at + ipv6.FRAGMENT_HEADER : end], bytes(header),
                     MAX_DATAGRAM + ipv6.IPV6_HEADER)
 
 

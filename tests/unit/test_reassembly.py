@@ -8,7 +8,6 @@ import pytest
 from scapy.layers.inet import IP, UDP, fragment
 from scapy.packet import Raw
 
-from nfq_ipsec.core import ipv6
 from nfq_ipsec.core import packet as ip
 from nfq_ipsec.reassembly import (
     Overlap,
@@ -81,7 +80,9 @@ def fragments6(ident: int, size: int = 4000) -> tuple[bytes, list[bytes]]:
 
 
 def feed6(r: Reassembler, data: bytes) -> bytes | None:
-    got = r.add(ipv6_fragment(data, ipv6.parse_ipv6(data)))
+    frag = ipv6_fragment(data)
+    assert frag is not None
+    got = r.add(frag)
     if got is None:
         return None
     header, payload, _count = got
@@ -120,3 +121,23 @@ def test_ipv6_keys_and_limits() -> None:
                    / UDP(sport=1, dport=2) / Raw(b"atomic"))
     assert feed6(Reassembler(), atomic) == bytes(
         IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=1, dport=2) / Raw(b"atomic"))
+
+
+def test_ipv6_fragment_is_found_as_the_kernel_finds_it() -> None:
+    """The fragment header behind hop-by-hop and destination options, whatever follows it (a
+    first fragment cut inside the rest of the chain); no fragment header, a chain running past
+    the packet or an upper layer first: not a fragment."""
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+
+    base = IPv6(src="2001:db8::1", dst="2001:db8::2")
+    cut = bytes(base / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt()
+                / IPv6ExtHdrFragment(id=5, m=1, nh=60) / Raw(bytes((60, 0, 1, 4, 0, 0, 0, 0))))
+    frag = ipv6_fragment(cut)
+    assert frag is not None and frag.more and frag.offset == 0 and frag.key[-1] == 5
+    assert frag.payload == bytes((60, 0, 1, 4, 0, 0, 0, 0))
+    assert IPv6(frag.header)[IPv6ExtHdrDestOpt].nh == 60  # names what the fragment header named
+    assert ipv6_fragment(bytes(base / UDP() / Raw(b"whole"))) is None
+    assert ipv6_fragment(bytes(base / UDP() / IPv6ExtHdrFragment())) is None  # not in the chain
+    past = bytearray(bytes(base / IPv6ExtHdrDestOpt() / IPv6ExtHdrFragment() / Raw(b"x" * 8)))
+    past[41] = 9  # the options header runs past the packet
+    assert ipv6_fragment(bytes(past)) is None
