@@ -17,7 +17,15 @@ from .core import packet as ip
 from .core.errors import DropReason, EspError
 from .core.sa import Encapsulation, SADirection, SecurityAssociation
 from .core.spd import Policy
-from .reassembly import Overlap, Reassembler, ipv4_fragment, ipv4_whole
+from .reassembly import (
+    Fragment,
+    Overlap,
+    Reassembler,
+    ipv4_fragment,
+    ipv4_whole,
+    ipv6_fragment,
+    ipv6_whole,
+)
 
 _PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 47: "GRE", 50: "ESP", 58: "ICMPv6", 132: "SCTP"}
 _TCP_FLAGS = "FSRPAUEC"
@@ -79,9 +87,16 @@ class OfflineDecoder:
             return Decoded(index, "-", False, verdict="not-ip")
         hdr: ip.IPv4Header | None = None
         hdr6: ipv6.IPv6Header | None = None
+        frag: Fragment | None = None
+        v6 = bool(data) and data[0] >> 4 == 6
         try:
-            if data and data[0] >> 4 == 6:
-                hdr6 = ipv6.parse_ipv6(data)
+            if v6:
+                # every IPv6 fragment, an atomic one too, whatever follows its fragment header
+                # (more headers in front of ESP, cut anywhere): the receiver's kernel makes it
+                # whole first
+                frag = ipv6_fragment(data)
+                if frag is None:
+                    hdr6 = ipv6.parse_ipv6(data)
             else:
                 hdr = ip.parse_ipv4(data)
         except EspError as err:
@@ -92,8 +107,9 @@ class OfflineDecoder:
                      or (hdr.protocol == ip.PROTO_UDP and self._udp_ports))):
             # RFC 4303 3.4.1: ESP is checked whole (and ESP in UDP is known only once the UDP
             # header is there); the last fragment to come in decodes the packet
-            outer = f"{ip.ip_to_str(hdr.src)} > {ip.ip_to_str(hdr.dst)}"
             frag = ipv4_fragment(data, hdr)
+        if frag is not None:
+            outer = f"{ipv6.addr_str(_int(frag.key[1]))} > {ipv6.addr_str(_int(frag.key[2]))}"
             try:
                 whole = self._fragments.add(frag)
             except Overlap as err:
@@ -101,12 +117,19 @@ class OfflineDecoder:
                                inner=str(err))
             if whole is None:
                 return Decoded(index, outer, False, verdict="fragment",
-                               inner=f"fragment id={hdr.ident} offset={frag.offset}: held for "
-                                     "reassembly")
+                               inner=f"fragment id={frag.key[-1]} offset={frag.offset}: held "
+                                     "for reassembly")
             header, payload, count = whole
-            data = ipv4_whole(header, len(payload)) + payload
-            hdr = ip.parse_ipv4(data)
-            note = f" (reassembled from {count} fragments)"
+            try:
+                if not v6:
+                    data = ipv4_whole(header, len(payload)) + payload
+                    hdr = ip.parse_ipv4(data)
+                else:
+                    data = ipv6_whole(header, len(payload)) + payload
+                    hdr6 = ipv6.parse_ipv6(data)
+            except EspError as err:
+                return Decoded(index, outer, False, verdict="not-ip", inner=err.reason.value)
+            note = f" (reassembled from {count} fragment{'s' if count > 1 else ''})"
         src, dst, proto, at, end = (
             (hdr.src, hdr.dst, hdr.protocol, hdr.ihl, hdr.total_length) if hdr is not None
             else _where(hdr6))
@@ -169,6 +192,12 @@ class OfflineDecoder:
         port = udpencap.local_port(data, hdr)
         return port >= 0 and (port in self._udp_ports
                               or udpencap.source_port(data, hdr) in self._udp_ports)
+
+
+def _int(value: object) -> int:
+    """An address from a fragment's key."""
+    assert isinstance(value, int)
+    return value
 
 
 def _known(hdr6: ipv6.IPv6Header | None) -> ipv6.IPv6Header:

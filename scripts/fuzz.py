@@ -11,6 +11,12 @@ careless operator controls. Properties (any other exception is a finding):
   host holding SAs of ESP in UDP (RFC 3948; tunnel and transport mode, one following a new
   peer): a Result, never an exception; only the non-ESP marker and genuine ESP are accepted.
   Seeds: genuine ESP in UDP from the peer, the marker, a keepalive, runts.
+- ``ipv6``: bytes -> ``Processor.process`` of an IPv6 host (transport mode, a 6-in-6 and a
+  4-in-6 tunnel), arriving, leaving or forwarded: a Result (a DROP always with a reason), and
+  a decrypted packet only from input that holds ESP genuinely sealed by the peer (the outer
+  headers, which ESP does not cover, may be anything). Seeds: genuine ESP in transport and
+  tunnel mode, behind extension-header chains (up to the bound and past it), in fragments and
+  atomic fragments, ICMPv6 errors quoting ESP, cleartext leaving.
 
 Engines: atheris (coverage-guided libFuzzer, ``pip install atheris``) when it imports, else
 hypothesis (random and structured generation). Each target runs in a process of its own for
@@ -35,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-TARGETS = ("config", "packets", "udp")
+TARGETS = ("config", "packets", "udp", "ipv6")
 
 
 # -- targets ---------------------------------------------------------------------------------------
@@ -229,8 +235,154 @@ def udp_seeds() -> list[bytes]:
     return seeds
 
 
+A6, B6 = "2001:db8::1", "2001:db8::2"  # the IPv6 hosts, and the tunnels' endpoints
+
+
+def _host6() -> tuple[Any, Any]:
+    """IPv6 host A (the fuzz target) and its peer B, with mirrored SAs: transport mode between
+    them (AES-GCM), a 6-in-6 tunnel (ChaCha20-Poly1305, ESN) for 2001:db8:1::/48 and
+    2001:db8:2::/48 and a 4-in-6 tunnel (AES-CBC with HMAC) for 10.1.0.0/16 and 10.2.0.0/16;
+    other IPv6 bypassed."""
+    from ipaddress import IPv4Network, IPv6Address, IPv6Network
+
+    from nfq_ipsec.core import (
+        SPD,
+        Action,
+        Direction,
+        Mode,
+        Policy,
+        Processor,
+        SADirection,
+        SAParams,
+        Secret,
+        Selector,
+        ipv6,
+    )
+
+    a, b = (ipv6.V6 | int(IPv6Address(x)) for x in (A6, B6))
+    kinds = [("aes-gcm-128", None, 20, 0, Mode.TRANSPORT, False),
+             ("chacha20-poly1305", None, 36, 0, Mode.TUNNEL, True),
+             ("aes-cbc-128", "hmac-sha256-128", 16, 32, Mode.TUNNEL, False)]
+
+    def host(me: int, peer: int, out_base: int, in_base: int, side: int) -> Any:
+        sas, pols = [], []
+        for i, (enc, mac, klen, ilen, mode, esn) in enumerate(kinds):
+            ends = {"tunnel_local": me, "tunnel_remote": peer} if mode is Mode.TUNNEL else {}
+            for direction, base in ((SADirection.OUT, out_base), (SADirection.IN, in_base)):
+                sas.append(SAParams(
+                    f"{direction.value}{i}", base + i, direction, enc, Secret(bytes([i + 1]) * klen),
+                    mac, Secret(bytes([i + 7]) * ilen), mode=mode, esn=esn,
+                    **ends))  # type: ignore[arg-type]
+        nets: list[tuple[Any, Any]] = [
+            (IPv6Network(f"{A6 if side == 1 else B6}/128"), IPv6Network(f"{B6 if side == 1 else A6}/128")),
+            (IPv6Network(f"2001:db8:{side}::/48"), IPv6Network(f"2001:db8:{3 - side}::/48")),
+            (IPv4Network(f"10.{side}.0.0/16"), IPv4Network(f"10.{3 - side}.0.0/16"))]
+        for i, (local, remote) in enumerate(nets):
+            pols.append(Policy(f"p{i}", Selector(local, remote), Action.PROTECT, Direction.BOTH,
+                               (f"out{i}", f"in{i}")))
+        pols.append(Policy("rest", Selector(IPv6Network("::/0"), IPv6Network("::/0")),
+                           Action.BYPASS, Direction.BOTH, ()))
+        return Processor(SPD(pols), sas, 0.0)
+
+    return host(a, b, 0x1000, 0x2000, 1), host(b, a, 0x2000, 0x1000, 2)
+
+
+def _v6(src: str, dst: str, nh: int, body: bytes) -> bytes:
+    import socket
+    import struct
+
+    return (struct.pack("!IHBB", 0x60000000, len(body), nh, 64)
+            + socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst) + body)
+
+
+def _chain(kinds: list[int], last: int) -> bytes:
+    """Extension headers of these kinds (8 bytes each; fragment headers atomic), in order."""
+    out = b""
+    for i, kind in enumerate(kinds):
+        nh = kinds[i + 1] if i + 1 < len(kinds) else last
+        out += bytes((nh, 0, 0, 0, 0, 0, 0, 1)) if kind == 44 else bytes((nh, 0, 1, 4, 0, 0, 0, 0))
+    return out
+
+
+def ipv6_genuine() -> tuple[list[bytes], list[bytes]]:
+    """What the peer sealed for host A, as whole IPv6 ESP packets and as their ESP parts
+    (header to ICV: what authenticates them)."""
+    import struct
+
+    from nfq_ipsec.core.processor import FORWARDED, LEAVING
+
+    _, peer = _host6()
+    packets = []
+    for size in (0, 40, 1000):
+        udp = struct.pack("!HHHH", 1000, 2000, 8 + size, 0) + bytes(size)
+        icmp = bytes((128, 0, 0, 0, 0, 1, 0, 1)) + bytes(size)
+        for inner, where in ((_v6(B6, A6, 17, udp), LEAVING), (_v6(B6, A6, 58, icmp), LEAVING),
+                             (_v6("2001:db8:2::5", "2001:db8:1::5", 17, udp), FORWARDED)):
+            res = peer.process(inner, len(inner), where, 1.0)
+            assert res.packet is not None, res
+            packets.append(res.packet)
+        four = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0x4000, 64, 17, 0,
+                           bytes([10, 2, 0, 5]), bytes([10, 1, 0, 5])) + udp
+        res = peer.process(four, len(four), FORWARDED, 1.0)
+        assert res.packet is not None, res
+        packets.append(res.packet)
+    return packets, [p[40:] for p in packets]
+
+
+def ipv6_target() -> Any:
+    """One fresh host A per input (its replay windows empty), so any genuine ESP can pass."""
+    from nfq_ipsec.core import Result, Verdict
+    from nfq_ipsec.core.processor import ARRIVING, FORWARDED, LEAVING
+
+    _, esp_parts = ipv6_genuine()
+
+    def one(data: bytes) -> None:
+        if not data:
+            return
+        proc, _ = _host6()
+        where = (ARRIVING, LEAVING, FORWARDED, ARRIVING)[data[0] & 3]
+        packet = data[1:]
+        res = proc.process(packet, len(packet), where, 1.0)
+        assert isinstance(res, Result)
+        if res.verdict is Verdict.DROP:
+            assert res.reason is not None and res.packet is None
+        elif where == ARRIVING and res.packet is not None:  # decrypted: the ESP must be genuine
+            assert any(part in packet for part in esp_parts), "a decrypted packet that no one sealed"
+
+    return one
+
+
+def ipv6_seeds() -> list[bytes]:
+    """Genuine ESP in transport and tunnel mode, behind chains, in fragments, quoted in ICMPv6
+    errors; cleartext for the outbound side."""
+    import struct
+
+    packets, parts = ipv6_genuine()
+    seeds = [b"\x00" + p for p in packets]
+    esp = parts[0]
+    for kinds in ([0, 60], [0, 43, 60], [60] * 8, [60] * 9, [44], [44, 44], [60, 0]):
+        seeds.append(b"\x00" + _v6(B6, A6, kinds[0], _chain(kinds, 50) + esp))
+    big = parts[8]  # a transport packet of 1000 bytes in two fragments
+    for offset, more, piece in ((0, 1, big[:512]), (512, 0, big[512:])):
+        seeds.append(b"\x00" + _v6(B6, A6, 44, struct.pack("!BBHI", 50, 0, offset | more, 7) + piece))
+    mine, _ = _host6()
+    udp = struct.pack("!HHHH", 2000, 1000, 48, 0) + bytes(40)
+    out = mine.process(_v6(A6, B6, 17, udp), 88, 1, 1.0).packet
+    assert out is not None
+    for kind, code in ((2, 0), (1, 4), (3, 0), (4, 0)):  # quoting our ESP: too big, unreachable...
+        error = bytes((kind, code, 0, 0)) + struct.pack("!I", 1280) + out[:200]
+        seeds.append(b"\x00" + _v6("2001:db8::99", A6, 58, error))
+    quoted = bytes((1, 4, 0, 0, 0, 0, 0, 0)) + _v6(A6, B6, 17, udp)
+    seeds.append(b"\x00" + _v6(B6, A6, 58, quoted))  # an error about cleartext, in clear
+    seeds += [b"\x01" + _v6(A6, B6, 17, udp),
+              b"\x01" + _v6(A6, B6, 0, _chain([0, 43, 60], 17) + udp),
+              b"\x02" + _v6("2001:db8:1::5", "2001:db8:2::5", 17, udp),
+              b"\x01" + _v6("fe80::1", "ff02::1", 58, bytes((135, 0, 0, 0)) + bytes(20))]
+    return seeds
+
+
 FACTORIES = {"config": (config_target, config_seeds), "packets": (packets_target, packets_seeds),
-             "udp": (udp_target, udp_seeds)}
+             "udp": (udp_target, udp_seeds), "ipv6": (ipv6_target, ipv6_seeds)}
 
 
 # -- engines ------------------------------------------------------------------------------------------
@@ -238,9 +390,14 @@ def run_atheris(name: str, seconds: int, out: Path) -> None:
     """In this process (libFuzzer exits when done): coverage-guided, seeded."""
     import atheris  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
+    # the package first: it settles which build of the core loads (NFQ_IPSEC_PURE=1: its
+    # finder for the sources), so atheris's hook, installed next, wraps that finder's loader
+    # and instruments the core's source (a compiled core gives it no coverage to follow)
+    importlib.import_module("nfq_ipsec")
     with atheris.instrument_imports():
         for module in ("tomllib", "nfq_ipsec.config.loader", "nfq_ipsec.core.esp",
-                       "nfq_ipsec.core.packet", "nfq_ipsec.core.processor", "nfq_ipsec.core.replay",
+                       "nfq_ipsec.core.esp6", "nfq_ipsec.core.ipv6", "nfq_ipsec.core.packet",
+                       "nfq_ipsec.core.processor", "nfq_ipsec.core.replay",
                        "nfq_ipsec.core.spd", "nfq_ipsec.rules"):
             importlib.import_module(module)
     make, seeds = FACTORIES[name]
@@ -361,7 +518,7 @@ def campaign(args: argparse.Namespace) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=int, default=300, help="per target (default 300)")
-    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated: config,packets,udp")
+    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated: config,packets,udp,ipv6")
     p.add_argument("--engine", choices=["auto", "atheris", "hypothesis"], default="auto")
     p.add_argument("--out", default=str(REPO / "fuzz-results"), help="findings and summary")
     p.add_argument("--run-target", help=argparse.SUPPRESS)

@@ -41,6 +41,7 @@ __all__ = ["Daemon", "alive", "nfq_ipsec", "wait_gone"]  # the lab's, as the tes
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDR_A, ADDR_B = "10.81.0.1", "10.81.0.2"
+ADDR6_A, ADDR6_B = "fd81::1", "fd81::2"  # the same hosts over IPv6 (``write_config(v6=True)``)
 QUEUES = (220, 221)
 PORTS = (7100, 7200)  # UDP to PORTS[i] goes through QUEUES[i]
 SPI_AB, SPI_BA = 0x3000, 0x4000  # + queue index
@@ -64,12 +65,14 @@ def make_keys() -> dict[str, str]:
 
 
 def write_config(directory: Path, a_side: bool, iface: str, keys: dict[str, str],
-                 iptables: str = "auto", per_port: bool = True) -> Path:
+                 iptables: str = "auto", per_port: bool = True, v6: bool = False) -> Path:
     """One host's config: per queue i a policy for UDP to PORTS[i] with SAs ab{i}/ba{i}; or,
     not ``per_port``, one policy for everything between the two hosts with all the SAs (the
-    rules spread flows over the queues, one SA per queue and direction as in RFC 9611)."""
+    rules spread flows over the queues, one SA per queue and direction as in RFC 9611).
+    ``v6``: the same between ``ADDR6_A`` and ``ADDR6_B`` (transport mode over IPv6)."""
     directory.mkdir(parents=True, exist_ok=True)
-    me, peer = (ADDR_A, ADDR_B) if a_side else (ADDR_B, ADDR_A)
+    a, b, bits = (ADDR6_A, ADDR6_B, 128) if v6 else (ADDR_A, ADDR_B, 32)
+    me, peer = (a, b) if a_side else (b, a)
     out_d, in_d = ("ab", "ba") if a_side else ("ba", "ab")
     ports = "remote_ports" if a_side else "local_ports"
     text = textwrap.dedent(f"""
@@ -90,8 +93,8 @@ def write_config(directory: Path, a_side: bool, iface: str, keys: dict[str, str]
             [[policy]]
             name = "pair"
             action = "protect"
-            local = "{me}/32"
-            remote = "{peer}/32"
+            local = "{me}/{bits}"
+            remote = "{peer}/{bits}"
             sa = [{", ".join(f'"{n}"' for n in names)}]
         """)
     for i, port in enumerate(PORTS if per_port else ()):
@@ -99,8 +102,8 @@ def write_config(directory: Path, a_side: bool, iface: str, keys: dict[str, str]
             [[policy]]
             name = "port{port}"
             action = "protect"
-            local = "{me}/32"
-            remote = "{peer}/32"
+            local = "{me}/{bits}"
+            remote = "{peer}/{bits}"
             protocol = "udp"
             {ports} = {port}
             sa = ["{out_d}{i}", "{in_d}{i}"]
@@ -182,9 +185,15 @@ def make_pair(tag: str) -> Iterator[Pair]:
 # -- the daemon -----------------------------------------------------------------------------------
 def daemon(pair: Pair, tmp: Path, a_side: bool, keys: dict[str, str], started: list[Daemon],
            **extra_env: str) -> Daemon:
+    return daemon_of(pair, tmp, a_side, keys, started, False, env(**extra_env))
+
+
+def daemon_of(pair: Pair, tmp: Path, a_side: bool, keys: dict[str, str], started: list[Daemon],
+              v6: bool, environ: dict[str, str]) -> Daemon:
+    """``daemon``, over IPv6 if ``v6`` (``write_config``), in the environment given."""
     name = "a" if a_side else "b"
-    cfg = write_config(tmp / name, a_side, pair.va if a_side else pair.vb, keys)
-    d = Daemon(name, pair.host(pair.a if a_side else pair.b), cfg, env=env(**extra_env),
+    cfg = write_config(tmp / name, a_side, pair.va if a_side else pair.vb, keys, v6=v6)
+    d = Daemon(name, pair.host(pair.a if a_side else pair.b), cfg, env=environ,
                log=tmp / name / "daemon.log", lab=pair.lab)
     started.append(d)
     return d
@@ -214,11 +223,12 @@ def cpu_seconds(pid: int) -> float:
 # -- programs run inside the namespaces ----------------------------------------------------------
 RECEIVER = textwrap.dedent("""
     import json, select, socket, sys, time
-    # UDP on the given ports; stops after `idle` s without data, or (idle <= 0) when stdin closes
+    # UDP (IPv4 or IPv6) on the given ports; stops after `idle` s without data, or (idle <= 0)
+    # when stdin closes
     addr, ports, idle = sys.argv[1], [int(p) for p in sys.argv[2].split(",")], float(sys.argv[3])
     socks = []
     for p in ports:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
         s.setsockopt(socket.SOL_SOCKET, 33, 1 << 23)  # SO_RCVBUFFORCE
         s.bind((addr, p))
         s.setblocking(False)
@@ -348,13 +358,14 @@ SNIFFER = textwrap.dedent("""
 
 INJECTOR = textwrap.dedent("""
     import json, socket, sys, time
-    # put IPv4 packets (hex) on the wire as Ethernet frames, below this namespace's netfilter
+    # put IP packets (hex) on the wire as Ethernet frames, below this namespace's netfilter
     iface, src, dst, gap = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
     s.bind((iface, 0))
-    head = bytes.fromhex(dst.replace(":", "")) + bytes.fromhex(src.replace(":", "")) + b"\\x08\\x00"
+    head = bytes.fromhex(dst.replace(":", "")) + bytes.fromhex(src.replace(":", ""))
     for pkt in json.loads(sys.stdin.read()):
-        s.send(head + bytes.fromhex(pkt))
+        data = bytes.fromhex(pkt)
+        s.send(head + (b"\\x86\\xdd" if data[0] >> 4 == 6 else b"\\x08\\x00") + data)
         time.sleep(gap)
     print("SENT", flush=True)
 """)
@@ -418,7 +429,8 @@ def esp_ids(packets: list[bytes]) -> list[tuple[int, int]]:
 
 
 def inject(pair: Pair, packets: list[bytes], gap: float = 0.002) -> None:
-    """Send IPv4 packets from A's interface to B (Ethernet framed, not through A's netfilter)."""
+    """Send IPv4 or IPv6 packets from A's interface to B (Ethernet framed, not through A's
+    netfilter)."""
     proc = pair.python(pair.a, INJECTOR, pair.va, pair.mac_a, pair.mac_b, str(gap), stdin=True)
     out, err = proc.communicate(json.dumps([p.hex() for p in packets]), timeout=60)
     assert proc.returncode == 0 and "SENT" in out, err

@@ -11,6 +11,11 @@ log rate-limited, no spinning, a status warning) and queue overflow (a deliberat
 worker: kernel drops counted and shown, recovery without a restart when the load falls), and
 hostile clients of the control socket (deep nesting, a byte a second, silence) while a worker
 is killed: the supervisor stays up, answers status and replaces the worker in the usual time.
+
+And IPv6, against one IPv6 daemon for the module: ESP behind chains of extension headers (valid
+ones decrypt up to the core's bound, the rest drop with a reason; the deepest chain that fits
+the link shows what the kernel queues), and ESP in fragments (reassembled by the kernel before
+our rules; overlapping, tiny and incomplete fragments never give a packet that was not sent).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from typing import Any
 
 import pytest
 from labutil import (
+    ADDR6_A,
+    ADDR6_B,
     ADDR_A,
     ADDR_B,
     FLOOD,
@@ -40,7 +47,9 @@ from labutil import (
     Pair,
     cpu_seconds,
     daemon,
+    daemon_of,
     end,
+    env,
     inject,
     make_keys,
     make_pair,
@@ -53,6 +62,7 @@ from packets import fragments, ipv4, udp
 
 from nfq_ipsec import control
 from nfq_ipsec.core.esp import pad_length
+from nfq_ipsec.core.ipv6 import MAX_EXT_HEADERS
 from nfq_ipsec.core.suites import Suite, make_suite
 from nfq_ipsec.nfqueue import kernel_queue_stats
 
@@ -380,3 +390,248 @@ def test_hostile_control_clients_while_a_worker_is_killed(pair: Pair, tmp_path: 
           f"bound again {rebound:.3f} s, last_outage {outage:.3f} s; control_errors "
           f"{again['daemon']['control_errors']}")
     assert b.stop() == 0
+
+
+# -- IPv6: extension-header chains and fragments --------------------------------------------------
+# One IPv6 daemon for these tests (host B, transport mode between ADDR6_A and ADDR6_B); the ESP
+# is scapy's (its SecurityAssociation with the SA's key), the chains in front of it are built by
+# hand where scapy would refuse to build them.
+NH_HOP, NH_ROUTING, NH_FRAGMENT, NH_DEST, NH_ESP = 0, 43, 44, 60, 50
+
+
+def ext_headers(kinds: list[int], last: int, ident: int = 1) -> bytes:
+    """Extension headers of the given kinds in order, the last naming ``last``: options headers
+    8 bytes (a 4-byte PadN), routing type 0 with no segments left, fragment headers atomic
+    (offset 0, no more fragments)."""
+    out = b""
+    for i, kind in enumerate(kinds):
+        nh = kinds[i + 1] if i + 1 < len(kinds) else last
+        if kind == NH_FRAGMENT:
+            out += struct.pack("!BBHI", nh, 0, 0, ident)
+        elif kind == NH_ROUTING:
+            out += bytes((nh, 0, 0, 0, 0, 0, 0, 0))
+        else:
+            out += bytes((nh, 0, 1, 4, 0, 0, 0, 0))
+    return out
+
+
+def ipv6(first: int, body: bytes, src: str = ADDR6_A, dst: str = ADDR6_B,
+         plen: int | None = None) -> bytes:
+    """An IPv6 packet: fixed header (next header ``first``) and ``body``."""
+    return (struct.pack("!IHBB", 0x60000000, len(body) if plen is None else plen, first, 64)
+            + socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst)
+            + body)
+
+
+class Crafter6:
+    """IPv6 ESP on SA ab0 (A -> B, transport mode, AES-GCM-128), sealed by scapy."""
+
+    def __init__(self, keys: dict[str, str]) -> None:
+        from scapy.layers.ipsec import ESP
+        from scapy.layers.ipsec import SecurityAssociation as ScapySA
+
+        self.sa = ScapySA(ESP, spi=SPI_AB, crypt_algo="AES-GCM", crypt_key=bytes.fromhex(keys["ab0"]))
+        self.seq = 1000
+
+    def packet(self, text: str, front: Any = None) -> bytes:
+        """A whole ESP packet: scapy puts ESP after the headers of ``front`` (scapy layers)."""
+        from scapy.layers.inet import UDP
+        from scapy.layers.inet6 import IPv6
+
+        self.seq += 1
+        pkt = IPv6(src=ADDR6_A, dst=ADDR6_B)
+        if front is not None:
+            pkt = pkt / front
+        pkt = IPv6(bytes(pkt / UDP(sport=40000, dport=PORTS[0]) / text.encode()))
+        return bytes(self.sa.encrypt(pkt, seq_num=self.seq))
+
+    def esp(self, text: str) -> bytes:
+        """The ESP header, body and ICV alone, to put behind a chain of our own."""
+        return self.packet(text)[40:]
+
+    def behind(self, kinds: list[int], text: str = "", esp: bytes | None = None) -> bytes:
+        return ipv6(kinds[0] if kinds else NH_ESP,
+                    ext_headers(kinds, NH_ESP) + (self.esp(text) if esp is None else esp))
+
+
+def fragments6(packet: bytes, size: int, ident: int, first_nh_at: int = 6) -> list[bytes]:
+    """An IPv6 packet with no extension headers cut into fragments of ``size`` bytes of payload
+    (a multiple of 8) by scapy's fragment6."""
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, fragment6
+
+    pkt = IPv6(packet)
+    framed = IPv6(src=pkt.src, dst=pkt.dst) / IPv6ExtHdrFragment(id=ident, nh=pkt.nh) / pkt.payload
+    return [bytes(f) for f in fragment6(framed, size + 48)]
+
+
+def frag(body: bytes, offset: int, more: bool, ident: int, nh: int = NH_ESP) -> bytes:
+    """One fragment by hand: ``body`` at byte ``offset`` of the fragmentable part."""
+    return ipv6(NH_FRAGMENT, struct.pack("!BBHI", nh, 0, offset | int(more), ident) + body)
+
+
+@pytest.fixture(scope="module")
+def six(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pair, Daemon, Crafter6]]:
+    """Host B's IPv6 daemon, running for every test of this part, and A's crafter (one, so
+    the sequence numbers go on rising from test to test)."""
+    keys = make_keys()
+    started: list[Daemon] = []
+    with make_pair("s") as p:
+        for ns, ifname, addr, peer, mac in ((p.a, p.va, ADDR6_A, ADDR6_B, p.mac_b),
+                                            (p.b, p.vb, ADDR6_B, ADDR6_A, p.mac_a)):
+            p.run(ns, "ip", "-6", "addr", "add", f"{addr}/64", "dev", ifname, "nodad")
+            p.run(ns, "ip", "-6", "neigh", "replace", peer, "lladdr", mac, "dev", ifname,
+                  "nud", "permanent")
+        try:
+            b = daemon_of(p, tmp_path_factory.mktemp("six"), False, keys, started, True, env())
+            b.start()
+            b.wait_running()
+            yield p, b, Crafter6(keys)
+        finally:
+            for d in started:
+                d.cleanup()
+
+
+def _queued(st: dict[str, Any]) -> int:
+    return sum(w["packets_in"] or 0 for w in st["workers"])
+
+
+def run_cases(pair: Pair, b: Daemon, cases: list[tuple[str, list[bytes], dict[str, int], bool]],
+              texts: list[str]) -> dict[str, dict[str, int]]:
+    """Inject each case from A and wait for its drops: exactly ``expected``, the workers the
+    same processes. ``queued`` False: the kernel drops it before any worker sees it (nothing
+    queued, nothing counted). What B's receiver got must be ``texts``, in order; the daemon's
+    log grows by a few lines at most."""
+    st0 = b.status()
+    pids = [w["pid"] for w in st0["workers"]]
+    log_before = len(b.log_text().splitlines())
+    receiver = pair.python(pair.b, RECEIVER, ADDR6_B, ",".join(map(str, PORTS)), "0", stdin=True)
+    report = {}
+    try:
+        ready(receiver)
+        before, queued_before = _drops(st0), _queued(st0)
+        for name, packets, expected, queued in cases:
+            inject(pair, packets)
+            want = before + Counter(expected)
+            deadline = time.monotonic() + 20
+            while True:
+                if not queued:  # nothing to wait for: give the kernel the time it would take
+                    time.sleep(0.5)
+                st = b.status()
+                now = _drops(st)
+                done = now == want if expected else _queued(st) > queued_before
+                if not queued or done or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert dict(now - before) == expected, (name, dict(now - before))
+            if not queued:
+                assert _queued(st) == queued_before, (name, "reached a worker")
+            assert [w["pid"] for w in st["workers"]] == pids, name
+            report[name] = dict(now - before)
+            before, queued_before = now, _queued(st)
+        time.sleep(0.5)
+        got = [text for _, text in result(receiver, stdin="")]
+    finally:
+        end(receiver)
+    assert got == texts
+    st = b.status()
+    assert all(w["restarts"] == 0 for w in st["workers"])
+    log = b.log_text().splitlines()[log_before:]
+    assert len(log) <= 5, log  # drops are counted, not logged one by one
+    return report
+
+
+def test_ipv6_extension_header_chains(six: tuple[Pair, Daemon, Crafter6]) -> None:
+    """ESP behind chains of extension headers: valid chains are walked (up to the bound,
+    ``MAX_EXT_HEADERS``), the rest dropped with a reason; nothing else arrives."""
+    from scapy.layers.inet6 import IPv6ExtHdrDestOpt, IPv6ExtHdrHopByHop
+
+    pair, b, c = six
+    plain = c.packet("plain")
+    tampered = bytearray(c.behind([NH_DEST], "tampered"))
+    tampered[-3] ^= 1
+    cut = c.behind([NH_DEST, NH_DEST], esp=c.esp("cut")[:-20])  # shorter than IV and ICV
+    lying = c.behind([NH_DEST], "lying")
+    bound = MAX_EXT_HEADERS
+    deepest = (9000 - 40 - 100) // 8  # destination options that fit the link's MTU with ESP
+    wrong_len = bytearray(c.behind([NH_DEST], "wrong-length"))
+    wrong_len[41] = 1  # 16 bytes: the chain lands 8 bytes into ESP
+    cases: list[tuple[str, list[bytes], dict[str, int], bool]] = [
+        ("valid", [plain], {}, True),
+        ("behind hop-by-hop and destination options (scapy's)",
+         [c.packet("hbh-dest", IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt())], {}, True),
+        ("behind hop-by-hop, routing and destination options",
+         [c.behind([NH_HOP, NH_ROUTING, NH_DEST], "hbh-rt-dest")], {}, True),
+        (f"behind {bound} destination options (the bound)",
+         [c.behind([NH_DEST] * bound, f"dest-{bound}")], {}, True),
+        (f"behind {bound + 1} destination options", [c.behind([NH_DEST] * (bound + 1), "deep")],
+         {"ext_chain_too_long": 1}, True),
+        (f"behind {deepest} destination options (the link's MTU)",
+         [c.behind([NH_DEST] * deepest, "deepest")], {"ext_chain_too_long": 1}, True),
+        ("hop-by-hop not first", [c.behind([NH_DEST, NH_HOP], "hbh-second")],
+         {"bad_ext_header": 1}, True),
+        ("replayed behind another chain", [c.behind([NH_DEST], esp=plain[40:])], {"replay": 1},
+         True),
+        ("tampered behind a chain", [bytes(tampered)], {"integrity": 1}, True),
+        ("ESP cut short behind a chain", [cut], {"malformed": 1}, True),
+        ("payload length beyond the packet", [lying[:-10]], {}, False),
+        ("a header length landing inside ESP", [bytes(wrong_len)], {"unknown_spi": 1}, False),
+        ("unknown next header in the chain",
+         [ipv6(NH_DEST, ext_headers([NH_DEST], 253) + c.esp("unknown-nh"))], {"no_policy": 1},
+         False),
+        ("a header running past the packet",
+         [ipv6(NH_DEST, bytes((NH_ESP, 200)) + c.esp("past-the-end")[:40])], {}, False),
+    ]
+    cases += [
+        ("behind an atomic fragment header", [c.behind([NH_FRAGMENT], "atomic")], {}, True),
+        ("two fragment headers", [c.behind([NH_FRAGMENT, NH_FRAGMENT], "two-frag")],
+         {"fragment": 1}, True),
+    ]
+    texts = ["plain", "hbh-dest", "hbh-rt-dest", f"dest-{bound}", "atomic", "last"]
+    cases.append(("valid after all that", [c.packet("last")], {}, True))
+    report = run_cases(pair, b, cases, texts)
+    print(f"\nIPv6 chains, drops by case: {json.dumps(report)}")
+
+
+def test_ipv6_fragmented_esp(six: tuple[Pair, Daemon, Crafter6]) -> None:
+    """IPv6 ESP in fragments from the peer: the kernel reassembles it before our rules (their
+    first rule turns that on) and the worker decrypts it whole; overlapping, tiny and
+    incomplete fragments never yield a packet that was not sent."""
+    pair, b, c = six
+    big = c.packet("fragmented-" + "f" * 20000)
+    small = c.packet("tiny-" + "t" * 200)
+    tampered = bytearray(c.packet("tampered-" + "x" * 3000))
+    tampered[2000] ^= 1
+    forged = c.packet("overlap-" + "o" * 3000)  # its middle sent twice, the copy different
+    body = forged[40:]
+    copy = bytearray(body[1224:2448])
+    copy[100] ^= 0xFF
+    overlap = [frag(body[:1232], 0, True, 0x7003), frag(bytes(copy), 1224, True, 0x7003),
+               frag(body[1232:2464], 1232, True, 0x7003), frag(body[2464:], 2464, False, 0x7003)]
+    unfinished = c.packet("incomplete-" + "i" * 3000)
+    first_short = c.behind([NH_DEST] * 4, "first-fragment-short")
+    chain = first_short[40:]
+    # the deepest chain a datagram holds: ESP behind destination options up to 65,535 bytes
+    deepest = (65535 - 200) // 8
+    body = c.behind([NH_DEST] * deepest, "deepest")[40:]
+    deep = [frag(body[at:at + 1232], at, at + 1232 < len(body), 0x7007, NH_DEST)
+            for at in range(0, len(body), 1232)]
+    pieces = fragments6(big, 1232, 0x7001)
+    cases: list[tuple[str, list[bytes], dict[str, int], bool]] = [
+        (f"20 KB in {len(pieces)} fragments", pieces, {}, True),
+        ("8-byte fragments", fragments6(small, 8, 0x7002), {}, True),
+        ("tampered, in fragments", fragments6(bytes(tampered), 1232, 0x7004), {"integrity": 1},
+         True),
+        ("overlapping fragments (RFC 5722: the datagram is discarded)", overlap, {}, False),
+        ("incomplete: no last fragment", fragments6(unfinished, 1232, 0x7005)[:-1], {}, False),
+        # RFC 7112 would have it dropped; Linux's reassembly only refuses a first fragment whose
+        # chain ends in it without the upper-layer header, so this authentic packet arrives
+        ("the first fragment stops inside the header chain",
+         [frag(chain[:16], 0, True, 0x7006, NH_DEST), frag(chain[16:], 16, False, 0x7006, NH_DEST)],
+         {}, True),
+        (f"behind {deepest} destination options, in {len(deep)} fragments", deep,
+         {"ext_chain_too_long": 1}, True),
+        ("valid after all that", [c.packet("last")], {}, True),
+    ]
+    texts = ["fragmented-" + "f" * 20000, "tiny-" + "t" * 200, "first-fragment-short", "last"]
+    report = run_cases(pair, b, cases, texts)
+    print(f"\nIPv6 fragments, drops by case: {json.dumps(report)}")

@@ -1,15 +1,22 @@
 """The IPv6 packet view (core/ipv6.py) against packets scapy builds: the extension-header walk,
-selector keys, quoted keys of ICMPv6 errors, where transport-mode ESP goes, and the drops."""
+selector keys, quoted keys of ICMPv6 errors, where transport-mode ESP goes, and the drops; and
+hostile IPv6 through the processor (hypothesis, with the fuzz campaign's ``ipv6`` target and
+seeds): never an exception, always a reason, nothing decrypted that the peer did not seal."""
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import re
 import secrets
+from functools import cache
 from ipaddress import IPv6Address
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from repo import EXAMPLES, ROOT
 from scapy.layers.inet import TCP, UDP
 from scapy.layers.inet6 import (
@@ -26,8 +33,9 @@ from scapy.layers.inet6 import (
 from scapy.packet import Packet, Raw
 
 from nfq_ipsec.config import Config, load_config
-from nfq_ipsec.core import ipv6
+from nfq_ipsec.core import Verdict, ipv6
 from nfq_ipsec.core.errors import DropReason, EspError
+from nfq_ipsec.core.processor import ARRIVING, FORWARDED, LEAVING
 from nfq_ipsec.core.spd import Action
 
 A, B = "2001:db8:1::10", "2001:db8:2::20"
@@ -194,3 +202,95 @@ def test_the_readme_ipv6_pair_is_the_shipped_example(tmp_path: Path) -> None:
     assert protected(readme) == protected(shipped) and protected(readme)
     assert sas(readme) == sas(shipped)
     assert all(p.selector.v6 for p in readme.policies)
+
+
+# -- hostile input, as the fuzz campaign's ``ipv6`` target sees it --------------------------------
+@cache
+def fuzz_script() -> Any:
+    """``scripts/fuzz.py``, whose ``ipv6`` target and seeds these properties share."""
+    spec = importlib.util.spec_from_file_location("fuzz_script", ROOT / "scripts" / "fuzz.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@cache
+def ipv6_target() -> Any:
+    return fuzz_script().ipv6_target()
+
+
+@cache
+def ipv6_seeds() -> list[bytes]:
+    return list(fuzz_script().ipv6_seeds())
+
+
+def test_the_ipv6_fuzz_target_takes_its_seeds() -> None:
+    """Every genuine seed decrypts on a fresh host, every chain seed meets its fate, and the
+    target's own check holds for all of them."""
+    fuzz = fuzz_script()
+    assert "ipv6" in fuzz.TARGETS
+    results = []
+    for seed in ipv6_seeds():
+        proc, _ = fuzz._host6()
+        where = (ARRIVING, LEAVING, FORWARDED, ARRIVING)[seed[0] & 3]
+        results.append(proc.process(seed[1:], len(seed) - 1, where, 1.0))
+        ipv6_target()(seed)
+    names = [r.sa.name if r.sa and r.verdict is Verdict.ACCEPT else r.reason for r in results]
+    assert names[:12] == ["in0", "in0", "in1", "in2"] * 3
+    assert names[12:21] == ["in0", "in0", "in0", DropReason.EXT_CHAIN_TOO_LONG,
+                            DropReason.FRAGMENT, DropReason.BAD_EXT_HEADER,
+                            DropReason.BAD_EXT_HEADER, DropReason.FRAGMENT, DropReason.FRAGMENT]
+    assert [r.verdict for r in results[21:25]] == [Verdict.ACCEPT] * 4  # errors about our ESP
+    assert names[25] is DropReason.CLEARTEXT_PROTECTED
+
+
+@st.composite
+def mutated_seeds(draw: st.DrawFn) -> bytes:
+    """A seed with a few bytes changed, inserted or cut: most of it still genuine."""
+    data = bytearray(draw(st.sampled_from(ipv6_seeds())))
+    for _ in range(draw(st.integers(1, 6))):
+        op = draw(st.integers(0, 2))
+        pos = draw(st.integers(1, max(1, len(data) - 1)))
+        if op == 0 and len(data) > 1:
+            data[pos % len(data)] = draw(st.integers(0, 255))
+        elif op == 1:
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=16))
+        else:
+            del data[pos:pos + draw(st.integers(1, 64))]
+    return bytes(data)
+
+
+@st.composite
+def chains_in_front_of_esp(draw: st.DrawFn) -> bytes:
+    """Genuine ESP (or its first bytes) behind a drawn chain of extension headers: kinds,
+    lengths, fragment fields and the payload length all drawn, most of them wrong."""
+    fuzz = fuzz_script()
+    _, parts = fuzz.ipv6_genuine()
+    esp = draw(st.sampled_from(parts))
+    esp = esp[:draw(st.integers(0, len(esp)))] if draw(st.booleans()) else esp
+    kinds = draw(st.lists(st.sampled_from([0, 43, 44, 60, 50, 59, 17, 253]), max_size=12))
+    body = b""
+    for i, kind in enumerate(kinds):
+        nh = kinds[i + 1] if i + 1 < len(kinds) else 50
+        if kind == 44:
+            body += bytes((nh, 0)) + draw(st.binary(min_size=6, max_size=6))
+        else:
+            length = draw(st.integers(0, 3))
+            body += bytes((nh, length)) + draw(st.binary(min_size=6 + 8 * length,
+                                                           max_size=6 + 8 * length))
+    data = bytearray(fuzz._v6(fuzz.B6, fuzz.A6, kinds[0] if kinds else 50, body + esp))
+    if draw(st.booleans()):  # lie about the payload length: cut the packet short, or not
+        plen = draw(st.one_of(st.integers(0, len(data) - 40), st.integers(0, 0xFFFF)))
+        data[4:6] = plen.to_bytes(2, "big")
+    return b"\x00" + bytes(data)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.binary(max_size=300).map(lambda b: bytes([b[0] & 3 if b else 0, 0x60]) + b[1:]),
+                 mutated_seeds(), chains_in_front_of_esp()))
+def test_hostile_ipv6_never_raises_always_has_a_reason_and_forges_nothing(data: bytes) -> None:
+    """Any input, on a host holding IPv6 SAs of every kind: a Result and never another
+    exception; a drop always has a reason; a packet is decrypted only from genuine ESP (the
+    target checks all three)."""
+    ipv6_target()(data)

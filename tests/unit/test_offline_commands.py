@@ -201,13 +201,81 @@ def test_decode_ipv6_capture_made_by_scapy(tmp_path: Path, capsys: pytest.Captur
     tampered = bytearray(wire[1])
     tampered[-1] ^= 1
     path = tmp_path / "v6.pcap"
-    wrpcap(str(path), [Ether() / IPv6(p) for p in (wire[0], bytes(tampered), wire[1])])
+    eth = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")  # no neighbour lookups
+    wrpcap(str(path), [eth / IPv6(p) for p in (wire[0], bytes(tampered), wire[1])])
     code, out, _ = run(capsys, "decode", "--config", str(EXAMPLES / "host6-b.toml"), str(path))
     lines = out.splitlines()
     assert code == 4, out
     assert (f"ok    sa=a-to-b  ICMPv6 {src} > {dst} echo-request id=3 seq=1") in lines[0]
     assert "DROP  integrity sa=a-to-b" in lines[1]  # before the genuine one: not a replay
     assert f"ok    sa=a-to-b  UDP {src}:4000 > {dst}:53 len=9" in lines[2]
+
+
+def test_decode_reassembles_fragmented_ipv6_esp(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """IPv6 fragments of ESP (scapy's ESP, scapy's fragment6) in a capture, out of order: held,
+    then decoded whole at the last one; a destination options header behind the fragment
+    header, an atomic fragment, a first fragment that ends inside the chain too; overlapping
+    fragments drop the datagram."""
+    from scapy.layers.inet6 import (
+        ICMPv6EchoRequest,
+        IPv6,
+        IPv6ExtHdrDestOpt,
+        IPv6ExtHdrFragment,
+        fragment6,
+    )
+    from scapy.layers.ipsec import ESP
+    from scapy.layers.ipsec import SecurityAssociation as ScapySA
+
+    a = load_config(EXAMPLES / "host6-a.toml", online_cpus=CPUS)
+    sa = a.sa("a-to-b")
+    peer = ScapySA(ESP, spi=sa.spi, crypt_algo="AES-GCM", crypt_key=sa.key.reveal())  # type: ignore[no-untyped-call]
+    src, dst = "2001:db8:56::10", "2001:db8:56::11"
+    ping = IPv6(src=src, dst=dst) / ICMPv6EchoRequest(id=5, seq=1, data=bytes(range(256)) * 12)
+    dest = (IPv6(src=src, dst=dst) / IPv6ExtHdrDestOpt() / UDP(sport=4000, dport=53)
+            / Raw(b"d" * 2000))
+    small = IPv6(src=src, dst=dst) / UDP(sport=4001, dport=53) / Raw(b"atomic")
+    other = IPv6(src=src, dst=dst) / UDP(sport=4002, dport=53) / Raw(b"cut-chain")
+    wire = [IPv6(bytes(peer.encrypt(IPv6(bytes(p)), seq_num=n + 1)))  # type: ignore[no-untyped-call]
+            for n, p in enumerate((ping, dest, small, other))]
+
+    def fragments(pkt: IPv6, ident: int, size: int = 1280) -> list[bytes]:
+        framed = IPv6(src=pkt.src, dst=pkt.dst) / IPv6ExtHdrFragment(id=ident, nh=pkt.nh) / pkt.payload
+        return [bytes(f) for f in fragment6(framed, size)]  # type: ignore[no-untyped-call]
+
+    f1, f2 = fragments(wire[0], 1), fragments(wire[1], 2)
+    assert len(f1) == 3 and len(f2) == 2
+    assert IPv6(f2[0])[IPv6ExtHdrFragment].nh == 60  # the options header follows it
+    atomic = bytes(IPv6(src=src, dst=dst) / IPv6ExtHdrFragment(id=3, nh=50) / wire[2].payload)
+    # ESP behind four destination options, the first fragment ending inside them: the kernel
+    # reassembles it all the same (RFC 7112 would not), and so does decode
+    chain = b"".join(bytes((60 if i < 3 else 50, 0, 1, 4, 0, 0, 0, 0)) for i in range(4))
+    esp4 = bytes(wire[3].payload)
+    cut = [bytes(IPv6(src=src, dst=dst) / IPv6ExtHdrFragment(id=4, nh=60, m=1) / Raw(chain[:16])),
+           bytes(IPv6(src=src, dst=dst) / IPv6ExtHdrFragment(id=4, nh=60, offset=2)
+                 / Raw(chain[16:] + esp4))]
+    path = tmp_path / "frag6.pcap"
+    eth = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")  # no neighbour lookups
+    wrpcap(str(path), [eth / IPv6(f) for f in (f1[2], f2[1], f1[0], f2[0], f1[1], atomic, *cut)])
+    code, out, _ = run(capsys, "decode", "--config", str(EXAMPLES / "host6-b.toml"), str(path))
+    lines = out.splitlines()
+    assert code == 0, out
+    assert all("held for reassembly" in line for line in lines[:3]), out
+    assert "fragment id=2 offset=" in lines[1] and "fragment id=1 offset=0: held" in lines[2]
+    assert f"ok    sa=a-to-b  UDP {src}:4000 > {dst}:53 len=2000" in lines[3]
+    assert lines[3].endswith("(reassembled from 2 fragments)")
+    assert f"ok    sa=a-to-b  ICMPv6 {src} > {dst} echo-request id=5 seq=1" in lines[4]
+    assert lines[4].endswith("(reassembled from 3 fragments)")
+    assert f"ok    sa=a-to-b  UDP {src}:4001 > {dst}:53 len=6 (reassembled from 1 fragment)" in lines[5]
+    assert "fragment id=4 offset=0: held" in lines[6]
+    assert f"ok    sa=a-to-b  UDP {src}:4002 > {dst}:53 len=9 (reassembled from 2 fragments)" in lines[7]
+    assert lines[-1] == "summary: fragment 4, ok 4"
+    # overlapping: a second copy of the middle fragment, its bytes changed
+    copy = IPv6(f1[1])
+    copy[IPv6ExtHdrFragment].offset -= 1
+    wrpcap(str(path), [eth / IPv6(f) for f in (f1[0], bytes(copy), f1[1], f1[2])])
+    code, out, _ = run(capsys, "decode", "--config", str(EXAMPLES / "host6-b.toml"), str(path))
+    assert code == 4 and "DROP  fragment" in out and " ok " not in out, out
 
 
 def test_genkey(capsys: pytest.CaptureFixture[str]) -> None:
