@@ -17,6 +17,11 @@ careless operator controls. Properties (any other exception is a finding):
   headers, which ESP does not cover, may be anything). Seeds: genuine ESP in transport and
   tunnel mode, behind extension-header chains (up to the bound and past it), in fragments and
   atomic fragments, ICMPv6 errors quoting ESP, cleartext leaving.
+- ``ike``: bytes -> the IKE agent's dispatcher (``nfq_ipsec.ike.dispatch``) holding one
+  established IKE SA with its Child SA, from the configured peer's address: never an
+  exception; nothing new established, rekeyed or deleted, and the SA never failed, unless the
+  input is a message the peer genuinely sealed. Seeds: the peer's IKE_SA_INIT, liveness
+  checks, a Child SA and an IKE SA rekey, deletes, a COOKIE exchange.
 
 Engines: atheris (coverage-guided libFuzzer, ``pip install atheris``) when it imports, else
 hypothesis (random and structured generation). Each target runs in a process of its own for
@@ -41,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-TARGETS = ("config", "packets", "udp", "ipv6")
+TARGETS = ("config", "packets", "udp", "ipv6", "ike")
 
 
 # -- targets ---------------------------------------------------------------------------------------
@@ -381,8 +386,94 @@ def ipv6_seeds() -> list[bytes]:
     return seeds
 
 
+def _ike_pair() -> tuple[Any, Any, bytes, bytes]:
+    """A dispatcher ``d`` (at B) holding one established IKE SA with peer A (the initiator
+    ``i``), both from fixed randomness; and the packed addresses A and B."""
+    import random
+    from dataclasses import replace
+
+    from nfq_ipsec.ike import selectors
+    from nfq_ipsec.ike.dispatch import Dispatcher
+    from nfq_ipsec.ike.message import IdPayload, IdType
+    from nfq_ipsec.ike.proposal import Encr, Group, Prf, Proposal, Protocol, SAPayload, Transform
+    from nfq_ipsec.ike.session import IkeSession, PeerConfig, Role
+
+    rng = random.Random(7)
+
+    def rand(n: int) -> bytes:
+        return bytes(rng.getrandbits(8) for _ in range(n))
+
+    a, b = bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2])
+    ike = SAPayload((Proposal(1, Protocol.IKE, b"", (Transform(1, Encr.AES_GCM_16, 256),
+                                                     Transform(2, Prf.HMAC_SHA2_256),
+                                                     Transform(4, Group.CURVE25519))),))
+    esp = SAPayload((Proposal(1, Protocol.ESP, b"", (Transform(1, Encr.AES_GCM_16, 128),
+                                                     Transform(5, 0))),))
+    lan_a, lan_b = selectors.from_prefix("10.1.0.0/24"), selectors.from_prefix("10.2.0.0/24")
+    base = PeerConfig(IdPayload(IdType.FQDN, b"a"), IdPayload(IdType.FQDN, b"b"), b"fuzz psk",
+                      ike, esp, (lan_a,), (lan_b,), local_addr=a, remote_addr=b)
+    mirror = replace(base, local_id=base.remote_id, remote_id=base.local_id, local_ts=(lan_b,),
+                     remote_ts=(lan_a,), local_addr=b, remote_addr=a)
+    d = Dispatcher({a: mirror}, rand, 0.0)
+    i = IkeSession(Role.INITIATOR, base, rand)
+    queue = list(i.start(0.0).send)
+    while queue:
+        for data in d.receive(queue.pop(0), (a, 500), 0.0).send:
+            queue += i.receive(data, 0.0).send
+    assert i.state.value == "established", i.state
+    return d, i, a, b
+
+
+def ike_genuine() -> list[bytes]:
+    """Messages the peer genuinely sealed (or sent in clear) for the dispatcher's IKE SA."""
+    import copy
+
+    _, i, _, _ = _ike_pair()
+    out: list[bytes] = []
+    i2 = copy.deepcopy(i)
+    out += i2.ping(1.0).send
+    i3 = copy.deepcopy(i)
+    assert i3.child is not None
+    out += i3.rekey_child(i3.child.spi_in, 1.0).send
+    out += copy.deepcopy(i).rekey_ike(1.0).send
+    out += copy.deepcopy(i).delete(1.0).send
+    out += copy.deepcopy(i).delete_child(i.child.spi_in if i.child else 0, 1.0).send
+    from nfq_ipsec.ike.session import IkeSession, Role
+    fresh = IkeSession(Role.INITIATOR, i.cfg, lambda n: bytes(range(1, n + 1)))
+    out += fresh.start(0.0).send
+    return out
+
+
+def ike_target() -> Any:
+    """One copy of the established pair per input: only a genuine message may change it."""
+    import copy
+
+    from nfq_ipsec.ike.session import Output, State
+
+    d0, _, a, _ = _ike_pair()
+    genuine = set(ike_genuine())
+
+    def one(data: bytes) -> None:
+        d = copy.deepcopy(d0)
+        out = d.receive(data, (a, 500), 1.0)
+        assert isinstance(out, Output)
+        out.extend(d.tick(2.0))
+        if data in genuine:
+            return
+        kinds = {e.kind for e in out.events}
+        assert not kinds & {"established", "rekeyed", "ike_rekeyed", "deleted", "child_deleted"}, kinds
+        assert [e.session.state for e in d.sessions.values()].count(State.ESTABLISHED) == 1
+
+    return one
+
+
+def ike_seeds() -> list[bytes]:
+    return ike_genuine()
+
+
 FACTORIES = {"config": (config_target, config_seeds), "packets": (packets_target, packets_seeds),
-             "udp": (udp_target, udp_seeds), "ipv6": (ipv6_target, ipv6_seeds)}
+             "udp": (udp_target, udp_seeds), "ipv6": (ipv6_target, ipv6_seeds),
+             "ike": (ike_target, ike_seeds)}
 
 
 # -- engines ------------------------------------------------------------------------------------------
@@ -398,7 +489,9 @@ def run_atheris(name: str, seconds: int, out: Path) -> None:
         for module in ("tomllib", "nfq_ipsec.config.loader", "nfq_ipsec.core.esp",
                        "nfq_ipsec.core.esp6", "nfq_ipsec.core.ipv6", "nfq_ipsec.core.packet",
                        "nfq_ipsec.core.processor", "nfq_ipsec.core.replay",
-                       "nfq_ipsec.core.spd", "nfq_ipsec.rules"):
+                       "nfq_ipsec.core.spd", "nfq_ipsec.rules", "nfq_ipsec.ike.message",
+                       "nfq_ipsec.ike.proposal", "nfq_ipsec.ike.session",
+                       "nfq_ipsec.ike.dispatch", "nfq_ipsec.ike.sk", "nfq_ipsec.ike.child"):
             importlib.import_module(module)
     make, seeds = FACTORIES[name]
     target = make()
@@ -518,7 +611,8 @@ def campaign(args: argparse.Namespace) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=int, default=300, help="per target (default 300)")
-    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated: config,packets,udp,ipv6")
+    p.add_argument("--targets", default=",".join(TARGETS),
+                   help="comma-separated: " + ",".join(TARGETS))
     p.add_argument("--engine", choices=["auto", "atheris", "hypothesis"], default="auto")
     p.add_argument("--out", default=str(REPO / "fuzz-results"), help="findings and summary")
     p.add_argument("--run-target", help=argparse.SUPPRESS)

@@ -240,8 +240,9 @@ def choose(offered: SAPayload, ours: SAPayload) -> Proposal:
             if missing is None:
                 return Proposal(prop.number, prop.protocol, prop.spi, tuple(picked))
             offers = ", ".join(t.describe() for t in prop.transforms if t.type == missing) or "none"
-            why = (f"proposal {prop.number}: no acceptable {TransformType(missing).name} "
-                   f"transform (offered: {offers})")
+            kind_name = (TransformType(missing).name if missing in TransformType._value2member_map_
+                         else f"type-{missing}")
+            why = f"proposal {prop.number}: no acceptable {kind_name} transform (offered: {offers})"
     raise IkeError(Notify.NO_PROPOSAL_CHOSEN, why)
 
 

@@ -6,8 +6,13 @@ the established SA keeps working, and a real peer still gets in by returning its
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import replace
+from functools import cache
+from typing import Any
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from ikepeers import cfg, events
 
 from nfq_ipsec.ike.dispatch import Dispatcher
@@ -156,3 +161,44 @@ def test_the_cookie_secret_rotates_and_the_previous_one_still_counts() -> None:
     again = encode_message(replace(msg.header, spi_i=b"\x09" * 8), [old_cookie, *stale])
     assert not decode_message(d.receive(again, (A, 500), 242.0).send[0]).find(PT.KE)
     assert isinstance(stale[0], SAPayloadP) and isinstance(stale[1], KEPayload)
+
+
+def _fuzz_script() -> Any:
+    import importlib.util
+
+    from repo import ROOT
+    spec = importlib.util.spec_from_file_location("fuzz_script", ROOT / "scripts" / "fuzz.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_ike_fuzz_target_takes_its_seeds_and_refuses_forgeries() -> None:
+    """The campaign's ike target (scripts/fuzz.py) accepts every genuine seed, and the same
+    seeds with any byte changed change nothing; the property can fail (a target that let a
+    changed message through would raise)."""
+    fuzz = _fuzz_script()
+    one = fuzz.ike_target()
+    seeds = fuzz.ike_seeds()
+    assert len(seeds) >= 6
+    rng = random.Random(3)
+    for seed in seeds:
+        one(seed)
+        for _ in range(20):
+            bad = bytearray(seed)
+            bad[rng.randrange(len(bad))] ^= 1 << rng.randrange(8)
+            one(bytes(bad))
+
+
+@cache
+def _ike_target() -> Callable[[bytes], None]:
+    target: Callable[[bytes], None] = _fuzz_script().ike_target()
+    return target
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.one_of(st.binary(max_size=600), st.builds(lambda h, t: h + t, st.sampled_from(
+    [bytes(8) * 2, b"\x01" * 16]), st.binary(max_size=300))))
+def test_random_bytes_through_the_ike_fuzz_target(data: bytes) -> None:
+    _ike_target()(data)

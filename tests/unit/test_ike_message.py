@@ -211,3 +211,14 @@ def test_an_answer_with_something_we_did_not_offer_is_refused() -> None:
         Transform(1, Encr.AES_CBC, 128), Transform(3, Integ.HMAC_SHA2_256_128),
         Transform(5, 0))),))
     assert choose(esp, esp).spi == b"\x01\x02\x03\x04"
+
+
+def test_an_offer_with_a_transform_type_we_do_not_know_is_refused_by_name() -> None:
+    """A fuzz finding: an unknown transform type in an offer (here 0) raised ValueError while
+    the refusal was worded; it is NO_PROPOSAL_CHOSEN like any other mismatch."""
+    offered = SAPayload((Proposal(1, Protocol.IKE, b"", (
+        Transform(1, Encr.AES_GCM_16, 256), Transform(2, Prf.HMAC_SHA2_256), Transform(4, 31),
+        Transform(0, 7))),))
+    with pytest.raises(IkeError) as err:
+        choose(offered, OURS)
+    assert err.value.notify is Notify.NO_PROPOSAL_CHOSEN and "no acceptable type-0" in str(err.value)
