@@ -26,12 +26,13 @@ class DropReason(enum.Enum):
     NO_SA = "no_sa"  # PROTECT policy but this processor holds none of its SAs
     SA_EXPIRED = "sa_expired"  # hard lifetime reached
     SEQ_EXHAUSTED = "seq_exhausted"  # sequence number space used up; the SA never wraps
-    TOO_BIG = "too_big"  # the ESP packet would exceed the IP maximum of 65535 bytes (payload, IPv6)
+    TOO_BIG = "too_big"  # over the IP maximum (65535 bytes); or 4-in-6 without DF, over the MTU
     PATH_MTU = "path_mtu"  # too big for the path after ESP: "fragmentation needed"/"packet too big" sent back
     INTERNAL = "internal"  # an unexpected exception, caught by the shell: fail closed
     QUEUE_OVERFLOW = "queue_overflow"  # the kernel dropped it before a worker saw it
     TRUNCATED = "truncated"  # the queue delivered fewer bytes than the packet has
     STATE_UNAVAILABLE = "state_unavailable"  # the SA's state could not be saved first: fail closed
+    FAMILY_SEND = "family_send"  # a mixed tunnel's result refused by the other family's raw socket
     # ESP in UDP (RFC 3948, udpencap.py)
     NAT_KEEPALIVE = "nat_keepalive"  # a NAT-keepalive (one 0xFF byte): it has done its job
     UDP_RUNT = "udp_runt"  # UDP to an ESP-in-UDP port, too short for ESP and no marker

@@ -152,11 +152,15 @@ class Processor:
                 raise EspError(DropReason.NO_SA, policy.name)
             sa.check_lifetime(now)
             limit = sa.pmtu if sa.pmtu else self.mtu
-            if (limit and hdr.total_length + sa.max_overhead > limit
-                    and hdr.flags_frag & ip.FLAG_DF):
-                too_big = self._too_big(sa, data, hdr, limit, now, forwarded)
-                if too_big is not None:
-                    return too_big
+            if limit and hdr.total_length + sa.max_overhead > limit:
+                if hdr.flags_frag & ip.FLAG_DF:
+                    too_big = self._too_big(sa, data, hdr, limit, now, forwarded)
+                    if too_big is not None:
+                        return too_big
+                elif sa.outer_v6 and pmtu.esp_size(sa, hdr.total_length, hdr.ihl) > limit:
+                    # 4-in-6: the ESP packet leaves through a raw socket, which never fragments
+                    raise EspError(DropReason.TOO_BIG, f"IPv4 without DF, over {limit} bytes in "
+                                   "an IPv6 tunnel", sa.spi)
             out = esp.encapsulate(sa, data, hdr)
             udp = sa.udp
             if udp is not None:  # ESP in UDP (RFC 3948); inline: the per-packet path
@@ -435,7 +439,7 @@ class Processor:
             if sa is None:
                 raise EspError(DropReason.NO_SA, policy.name)
             sa.check_lifetime(now)
-            if forwarded:
+            if forwarded or (sa.tunnel and not sa.outer_v6):
                 too_big = self._too_big6(sa, data, hdr, now)
                 if too_big is not None:
                     return too_big
@@ -450,7 +454,9 @@ class Processor:
         """RFC 4301 8.2.2 for a forwarded IPv6 packet: too big for the SA's path after ESP, it
         is dropped and its sender gets an ICMPv6 "packet too big" with the MTU that fits. IPv6
         has no DF bit: no router fragments it, so every packet counts. None: it fits. A local
-        sender's packets are never held: its kernel fragments the ESP packet at the source."""
+        sender's packets are held only in a 6-in-4 tunnel, whose ESP packet leaves through a
+        raw socket that never fragments (the sender's kernel then fragments the inner packet);
+        otherwise its kernel fragments the ESP packet at the source."""
         if sa.pmtu and now - sa.pmtu_at > pmtu.PMTU_AGE:
             sa.pmtu = 0
         limit = sa.pmtu or self.mtu
