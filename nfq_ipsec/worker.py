@@ -53,7 +53,7 @@ from typing import Any, cast
 
 from . import corebuild, hardening
 from .config.fields import DEFAULT_LOG_LEVEL
-from .core import SPD, DropReason, Policy, Processor, SAParams, SecurityAssociation, Verdict
+from .core import SPD, DropReason, Policy, Processor, SAParams, SecurityAssociation, Verdict, pmtu
 from .core.ipv6 import IPV6_HEADER
 from .core.packet import ip_to_str
 from .core.processor import ARRIVING, FORWARDED, LEAVING
@@ -153,6 +153,7 @@ class PacketHandler:
         self.keepalive_errors = 0
         self._cross = cross
         self.crossed_family = 0  # results sent through the other family's raw socket
+        self._frag_ident = int.from_bytes(os.urandom(4), "big")  # IPv6 fragment identification
         self.store: StateStore | None = None
         self.previous: Processor | None = None  # during a reload, until its rules have moved
         self._added: list[SecurityAssociation] = []  # SAs the pending reload attached
@@ -186,10 +187,12 @@ class PacketHandler:
                 if res.verdict is accept:
                     out = res.packet
                     if out is not None and (out[0] ^ pkt.payload[0]) & 0xF0:
-                        accepted += self._cross_family(pkt, out)
-                        continue
-                    verdict(pkt.packet_id, True, pkt.mark | mark, out)
-                    accepted += 1
+                        accepted += self._cross_family(pkt, out, res.sa)
+                    else:
+                        verdict(pkt.packet_id, True, pkt.mark | mark, out)
+                        accepted += 1
+                    if res.reply is not None:  # a forwarded IPv6 packet too big: passed, told
+                        self.send_reply(res.reply)
                 elif self.previous is not None and res.reason in _HANDED_BACK:
                     accepted += self._previous_verdict(pkt, where, now)
                 else:
@@ -215,18 +218,29 @@ class PacketHandler:
             self._unprotected[indev] = known
         return known
 
-    def _cross_family(self, pkt: QueuedPacket, packet: bytes) -> int:
+    def _cross_family(self, pkt: QueuedPacket, packet: bytes,
+                      sa: SecurityAssociation | None) -> int:
         """A result of the other IP family (a mixed tunnel): sent through a raw socket of its
         own family with the mark, the queued original dropped. The rules let it out as they
         let out a reinjected packet (marked ESP of one of our outbound SAs), and an inner
-        packet takes the host's routes from here (a gateway's LAN, or this host itself).
-        Returns 1 if it was sent, 0 if the kernel refused it (dropped, ``family_send``)."""
+        packet takes the host's routes from here (a gateway's LAN, or this host itself). A
+        raw socket never fragments, so an ESP packet bigger than its SA's path goes in
+        fragments made here, as its source may (``pmtu.fragment_own``). Returns 1 if it was
+        sent, 0 if the kernel refused it (dropped, ``family_send``)."""
         self.queue.verdict(pkt.packet_id, False)
         try:
             if self._cross is None:
                 self._cross = _raw_ip_sender(self.mark)
+            if sa is not None and sa.outbound:
+                mtu = sa.pmtu or self.processor.mtu
+                if len(packet) > mtu:
+                    self._frag_ident = (self._frag_ident + 1) & 0xFFFFFFFF
+                    for piece in pmtu.fragment_own(packet, mtu, self._frag_ident):
+                        self._cross(piece)
+                    self.crossed_family += 1
+                    return 1
             self._cross(packet)
-        except OSError:
+        except (OSError, ValueError):
             self.processor.count_drop(DropReason.FAMILY_SEND)
             return 0
         self.crossed_family += 1
@@ -264,7 +278,7 @@ class PacketHandler:
             return 0
         out = res.packet
         if out is not None and (out[0] ^ pkt.payload[0]) & 0xF0:
-            return self._cross_family(pkt, out)
+            return self._cross_family(pkt, out, res.sa)
         self.queue.verdict(pkt.packet_id, True, pkt.mark | self.mark, out)
         return 1
 

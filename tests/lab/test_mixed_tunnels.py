@@ -6,7 +6,8 @@ into the hook of the family the packet was queued in. So the worker sends a resu
 other family through a raw socket of that family, with the daemon's mark, and drops the
 queued original (counted as ``crossed_family``). One lab per direction, one queue per
 gateway; while tcpdump records the wire: ping, a 1 MiB file over TCP with its SHA-256, UDP to
-a protected port and to the discarded one. Checked: the traffic arrived (the discarded UDP
+a protected port and to the discarded one; then pings too big for the wire after ESP, which
+cross in fragments of the outer family that the worker makes. Checked: the traffic arrived (the discarded UDP
 did not), the wire holds ESP of the outer family between the gateways and nothing else (the
 link's own neighbour discovery aside), tshark authenticates every ESP packet, both workers
 crossed families both ways and dropped nothing, and the daemons leave their rules closed.
@@ -43,6 +44,7 @@ from nfq_ipsec_lab.lab.traffic import (
 
 KINDS = ["gateway4in6", "gateway6in4"]
 UDP_COUNT = 20
+BIG_PING = 1460  # ICMP bytes: with IP and ESP over 1500, so the outer packet goes in fragments
 
 
 class Run(CheckRun):
@@ -81,6 +83,8 @@ def run(request: pytest.FixtureRequest) -> Run:
             r.step("wire", lambda: analyse_wire(pcap, s.peer_addresses,
                                                 [Flow(PROTO_TCP, cfg.bypass_port)]))
             r.step("tshark", lambda: tshark_verify(pcap, cfg.sas))
+            r.step("big_ping", lambda: ping(c, addr, count=4, size=BIG_PING))
+            r.step("status_after", lambda: {n: d.status() for n, d in s.daemons.items()})
             r.step("stop", s.stop_daemons)
         r.values["iptables_stopped"] = dict(s.iptables_stopped)
         r.values["iptables_before"] = dict(s.iptables_before)
@@ -157,3 +161,18 @@ def test_stop_closes_the_rules_and_remove_takes_them_out(run: Run) -> None:
     for peer in before:
         assert "NFQIPSEC-P2" in stopped[peer] and "-j NFQUEUE" not in stopped[peer], stopped[peer]
         assert after[peer] == before[peer], f"peer {peer}:\nbefore:\n{before[peer]}\nafter:\n{after[peer]}"
+
+
+def test_a_packet_too_big_for_the_wire_crosses_in_fragments(run: Run) -> None:
+    """A raw socket never fragments: the worker sends an ESP packet bigger than the MTU in
+    fragments of the outer family, and the peer's kernel reassembles them before its queue.
+    6-in-4: every ping arrives, no drop. 4-in-6: the client's kernel sets DF on the first
+    (it fits the LAN), which gets "fragmentation needed" (``path_mtu``); it fragments the
+    next ones, the gateway's kernel reassembles them (DF clear), and they arrive."""
+    p: PingResult = run.get("big_ping")
+    four = run.values["outer"] == 6
+    assert p.received >= (3 if four else 4), p.output
+    for peer, st in run.get("status_after").items():
+        (w,) = st["workers"]
+        allowed = {"policy_discard", "path_mtu"} if four and peer == "a" else {"policy_discard"}
+        assert set(w["drops"] or {}) <= allowed, f"peer {peer}: {w['drops']}"

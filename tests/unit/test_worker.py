@@ -624,3 +624,24 @@ def test_the_family_sender_sends_whole_packets_of_either_family_with_the_mark(
         assert m.opts == [(socket.SOL_SOCKET, socket.SO_MARK, MARK)]
     assert made[0].sent == [(v4, ("10.0.0.2", 0)), (v4, ("10.0.0.2", 0))]
     assert made[1].sent == [(v6, ("::2", 0))]
+
+
+def test_a_mixed_tunnels_esp_packet_too_big_for_the_path_goes_in_fragments() -> None:
+    """4-in-6, an IPv4 datagram without DF that won't fit after ESP: the raw socket would
+    refuse it whole, so the worker sends the ESP packet in IPv6 fragments of at most the MTU
+    (each its own raw send), and the peer gets the datagram back once they are put together."""
+    from scapy.layers.inet6 import IPv6, defragment6
+
+    proc_a, proc_b = mixed_processors()
+    sent: list[bytes] = []
+    h = PacketHandler(proc_a, FakeQueue(), MARK, clock=lambda: 1.0, cross=sent.append)
+    big = ipv4("10.0.0.1", "10.0.0.2", 17, struct.pack("!HHHH", 1, 2, 1480, 0) + bytes(1472),
+               frag=0)
+    h.handle_batch([pkt(big)])
+    assert len(sent) == 2 and all(len(f) <= 1500 and f[6] == 44 for f in sent)
+    assert h.crossed_family == 1
+    whole = bytes(defragment6([IPv6(f) for f in sent]))  # type: ignore[no-untyped-call]
+    got: list[bytes] = []
+    PacketHandler(proc_b, FakeQueue(), MARK, clock=lambda: 1.0, cross=got.append).handle_batch(
+        [pkt(whole, hook=HOOK_PRE_ROUTING)])
+    assert got == [big]
