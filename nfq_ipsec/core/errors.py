@@ -26,7 +26,7 @@ class DropReason(enum.Enum):
     NO_SA = "no_sa"  # PROTECT policy but this processor holds none of its SAs
     SA_EXPIRED = "sa_expired"  # hard lifetime reached
     SEQ_EXHAUSTED = "seq_exhausted"  # sequence number space used up; the SA never wraps
-    TOO_BIG = "too_big"  # over the IP maximum (65535 bytes); or 4-in-6 without DF, over the MTU
+    TOO_BIG = "too_big"  # the ESP packet would exceed the IP maximum of 65535 bytes (payload, IPv6)
     PATH_MTU = "path_mtu"  # too big for the path after ESP: "fragmentation needed"/"packet too big" sent back
     INTERNAL = "internal"  # an unexpected exception, caught by the shell: fail closed
     QUEUE_OVERFLOW = "queue_overflow"  # the kernel dropped it before a worker saw it

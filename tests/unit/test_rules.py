@@ -1000,6 +1000,12 @@ def test_a_mixed_tunnel_clamps_the_syns_its_worker_sends_through_a_raw_socket() 
     assert "-I INPUT 1 -i eth1 -m mark --mark 0x10000000/0x10000000 -j NFQIPSEC-MSS" in v4
     v6 = rules.build6(cfg)
     assert v6 is not None and "NFQIPSEC-MSS" not in rules.render_ruleset(v6, comments=False)
+    # the ESP the worker sends through its IPv6 raw socket returns by mark and SPI in
+    # ip6tables' P-OUT, and only there: the mark alone lets nothing out of either
+    esp_back = "-p esp -m esp --espspi 4096 -m mark --mark 0x10000000/0x10000000 -j RETURN"
+    assert esp_back in chain(rules.render_ruleset(v6, comments=False), "NFQIPSEC-OUT")
+    assert "--espspi 4096" not in v4
+    assert not any("-m mark" in rule for rule in chain(v4, "NFQIPSEC-OUT", icmp_errors=True))
     same = cfg_of(host_data())
     assert not rules.crosses_in(same, False)
     assert "-I OUTPUT 1 -m mark" not in rules.render(same, comments=False)
