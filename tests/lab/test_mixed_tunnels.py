@@ -18,6 +18,7 @@ through the daemon. Needs root; the namespaces are named ``ngw<pid>-<n>...``.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,7 @@ def run(request: pytest.FixtureRequest) -> Run:
                                                     UDP_COUNT))
             r.step("discard", lambda: udp_probe(lab, c, srv, addr, cfg.discard_port, UDP_COUNT))
             r.step("status", lambda: {n: d.status() for n, d in s.daemons.items()})
+            r.step("status_text", lambda: s.daemons["a"].status_text())
             pcap: Path = cap.stop()
             r.values["capture_dropped"] = cap.kernel_dropped
             r.step("wire", lambda: analyse_wire(pcap, s.peer_addresses,
@@ -149,6 +151,10 @@ def test_workers_cross_families_and_drop_nothing_unexpected(run: Run) -> None:
         assert w["crossed_family"] == out_sa["packets"] + in_sa["packets"], (w, st["sas"])
         crossed += w["crossed_family"]
     assert crossed >= wire.esp, f"{crossed} crossed, {wire.esp} ESP packets on the wire"
+    text: str = run.get("status_text")  # read just after the status above
+    shown = re.search(r"q100 sent on in the other IP family \(mixed tunnel\): (\d+)", text)
+    assert shown is not None, text
+    assert int(shown.group(1)) >= status["a"]["workers"][0]["crossed_family"] > 0
 
 
 def test_stop_closes_the_rules_and_remove_takes_them_out(run: Run) -> None:
