@@ -64,7 +64,7 @@ class LabSession:
             netns.remove_stale(self.log, prefix=self.lab.prefix)
             self.topo = build(self.lab, self.kind)
             self.cfg = generate(self.lab.workdir / "config", self.topo.a.spec, self.topo.b.spec,
-                                self.encryption, self.queues,
+                                self.encryption, self.queues, mode=self.topo.mode,
                                 encapsulation=self.encapsulation)
             for peer in self.topo.peers:
                 self.daemons[peer.name] = Daemon.of_peer(self.cfg.peer(peer.name), peer.host, self.cmd)

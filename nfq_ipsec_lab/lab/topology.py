@@ -18,7 +18,11 @@ gateway-to-gateway over IPv6 (``gateway6``, tunnel mode for 2001:db8:1::/64 <-> 
     client 2001:db8:1::2 --- lan0 2001:db8:1::1 [gw a] wan0 2001:db8:56::10 ====== the wire ======
         2001:db8:56::11 wan0 [gw b] lan0 2001:db8:2::1 --- server 2001:db8:2::2
 
-mixed tunnels, the same four namespaces: ``gateway4in6`` (the IPv4 LANs of ``gateway``, the
+host-to-host 4-in-6 (``host4in6``, tunnel mode between the hosts' own IPv4 addresses)::
+
+    [ a: eth1 2001:db8:56::10/64, 10.9.0.1/24 ] ====== the wire ====== [ b: eth1 ...::11/64, 10.9.0.2/24 ]
+
+mixed tunnels between gateways, the same four namespaces: ``gateway4in6`` (the IPv4 LANs of ``gateway``, the
 IPv6 wire of ``gateway6``) and ``gateway6in4`` (the IPv6 LANs of ``gateway6``, the IPv4 wire of
 ``gateway``). Each LAN has a route only in its own family: what crosses to the other family
 does so only through the daemon.
@@ -75,7 +79,8 @@ CLIENT6, SERVER6 = "2001:db8:1::2", "2001:db8:2::2"
 # The gateway topologies by (LAN family, wire family).
 GATEWAY_KINDS = {"gateway": (4, 4), "gateway6": (6, 6), "gateway4in6": (4, 6),
                  "gateway6in4": (6, 4)}
-KINDS = ("host", "host6", *GATEWAY_KINDS)
+HOST4_A, HOST4_B = "10.9.0.1", "10.9.0.2"  # host4in6: the hosts' own IPv4, inside the tunnel
+KINDS = ("host", "host6", "host4in6", *GATEWAY_KINDS)
 
 # The sysctls each kind of node gets; the README and the module docstring say why.
 GATEWAY_SYSCTLS = (
@@ -124,7 +129,7 @@ class Topology:
 
     @property
     def mode(self) -> str:
-        return "tunnel" if self.kind in GATEWAY_KINDS else "transport"
+        return "tunnel" if self.kind in GATEWAY_KINDS or self.kind == "host4in6" else "transport"
 
     @property
     def plen(self) -> int:
@@ -132,11 +137,13 @@ class Topology:
         return 64 if self.a.spec.address.version == 6 else 24
 
     def describe(self) -> list[str]:
-        if self.kind in ("host", "host6"):
+        if self.kind in ("host", "host6", "host4in6"):
+            inner = (f", {self.client_addr} and {self.server_addr} inside a tunnel"
+                     if self.kind == "host4in6" else "")
             return [
                 f"host a  {self.a.host.name}: {self.a.spec.interface} {self.a.spec.address}/{self.plen}",
                 f"host b  {self.b.host.name}: {self.b.spec.interface} {self.b.spec.address}/{self.plen}",
-                "joined by one veth pair; transport-mode ESP between a and b",
+                f"joined by one veth pair; {self.mode}-mode ESP between a and b{inner}",
             ]
         lan6 = self.a.spec.protected.version == 6
         lp = 64 if lan6 else 24
@@ -159,6 +166,8 @@ def build(lab: Lab, kind: str) -> Topology:
         return gateway_to_gateway(lab, kind, lan, wire)
     if kind == "host6":
         return host_to_host6(lab)
+    if kind == "host4in6":
+        return host_to_host4in6(lab)
     raise ValueError(f"unknown topology {kind!r} ({', '.join(KINDS)})")
 
 
@@ -182,6 +191,20 @@ def host_to_host6(lab: Lab) -> Topology:
     pa = Peer(PeerSpec("a", "eth1", IPv6Address(HOST6_A), IPv6Network(f"{HOST6_A}/128"), "host"), a)
     pb = Peer(PeerSpec("b", "eth1", IPv6Address(HOST6_B), IPv6Network(f"{HOST6_B}/128"), "host"), b)
     return Topology("host6", pa, pb, a, HOST6_A, b, HOST6_B, a, "eth1", (a, b))
+
+
+def host_to_host4in6(lab: Lab) -> Topology:
+    """``host6``'s wire, and on it each host's own IPv4 address, which the hosts reach only
+    through a 4-in-6 tunnel between their IPv6 addresses (the decrypted packets go to the
+    host itself, through lo)."""
+    a, b = lab.netns("a", ipv6=True), lab.netns("b", ipv6=True)
+    lab.veth(a, "eth1", b, "eth1")
+    for ns, six, four in ((a, HOST6_A, HOST4_A), (b, HOST6_B, HOST4_B)):
+        ns.ip("addr", "add", f"{six}/64", "dev", "eth1", "nodad")
+        ns.addr("eth1", f"{four}/24")
+    pa = Peer(PeerSpec("a", "eth1", IPv6Address(HOST6_A), IPv4Network(f"{HOST4_A}/32"), "host"), a)
+    pb = Peer(PeerSpec("b", "eth1", IPv6Address(HOST6_B), IPv4Network(f"{HOST4_B}/32"), "host"), b)
+    return Topology("host4in6", pa, pb, a, HOST4_A, b, HOST4_B, a, "eth1", (a, b))
 
 
 def gateway_to_gateway(lab: Lab, kind: str = "gateway", lan: int = 4, wire: int = 4) -> Topology:

@@ -1,19 +1,22 @@
 """Mixed tunnels live: IPv4 LANs joined over IPv6 (4-in-6) and IPv6 LANs joined over IPv4
-(6-in-4), the real daemon on both gateways (topologies ``gateway4in6`` and ``gateway6in4``).
+(6-in-4), the real daemon on both gateways (topologies ``gateway4in6`` and ``gateway6in4``),
+and two hosts whose own IPv4 addresses talk through a 4-in-6 tunnel (``host4in6``: the
+decrypted packets go to the host itself, through lo).
 
 An NFQUEUE verdict cannot change a packet's family: the kernel reinjects the verdict's bytes
-into the hook of the family the packet was queued in. So the worker sends a result of the
-other family through a raw socket of that family, with the daemon's mark, and drops the
-queued original (counted as ``crossed_family``). One lab per direction, one queue per
-gateway; while tcpdump records the wire: ping, a 1 MiB file over TCP with its SHA-256, UDP to
-a protected port and to the discarded one; then pings too big for the wire after ESP, which
-cross in fragments of the outer family that the worker makes. Checked: the traffic arrived (the discarded UDP
-did not), the wire holds ESP of the outer family between the gateways and nothing else (the
-link's own neighbour discovery aside), tshark authenticates every ESP packet, both workers
-crossed families both ways and dropped nothing, and the daemons leave their rules closed.
+into the hook of the family the packet was queued in. So the worker sends a result of the other
+family through a raw socket of that family, with the daemon's mark, and drops the queued
+original (counted as ``crossed_family``). One lab per topology, one queue per peer; while
+tcpdump records the wire: ping, a 1 MiB file over TCP with its SHA-256, UDP to a protected port
+and to the discarded one; then pings too big for the wire after ESP, which cross in fragments
+of the outer family that the worker makes. Checked: the traffic arrived (the discarded UDP did
+not), the wire holds ESP of the outer family between the peers and nothing else (the link's own
+neighbour discovery aside), tshark authenticates every ESP packet, both workers crossed
+families both ways and dropped nothing, and the daemons leave their rules closed.
 
-The LANs have no route across the wire in their own family: what reaches the other side went
-through the daemon. Needs root; the namespaces are named ``ngw<pid>-<n>...``.
+The gateways' LANs have no route across the wire in their own family, and the hosts' IPv4
+packets would show on the wire as IPv4: what reaches the other side went through the daemon.
+Needs root; the namespaces are named ``ngw<pid>-<n>...``.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from nfq_ipsec_lab.lab.traffic import (
     udp_probe,
 )
 
-KINDS = ["gateway4in6", "gateway6in4"]
+KINDS = ["gateway4in6", "gateway6in4", "host4in6"]
 UDP_COUNT = 20
 BIG_PING = 1460  # ICMP bytes: with IP and ESP over 1500, so the outer packet goes in fragments
 
