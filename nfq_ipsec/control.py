@@ -499,6 +499,9 @@ def render_status(status: StatusReport) -> str:
             notes.append(f"  q{w.get('queue')} last error: {w['last_error']}")
         if w.get("ike_markers"):
             notes.append(f"  q{w.get('queue')} IKE (non-ESP marker) passed: {w['ike_markers']}")
+        if w.get("crossed_family"):
+            notes.append(f"  q{w.get('queue')} sent on in the other IP family (mixed tunnel): "
+                         f"{w['crossed_family']}")
     out.extend(_table(wrows))
     out.extend(notes)
     kdrops = status.get("kernel_drops")

@@ -183,6 +183,15 @@ def esp_family_v6(cfg: Config, sa: SAParams) -> bool:
     return any(sa.name in pol.sa_names and pol.selector.v6 for pol in cfg.policies)
 
 
+def crosses_in(cfg: Config, v6: bool) -> bool:
+    """Whether an inbound SA of a policy of this family carries its ESP in the other family (a
+    mixed tunnel: 4-in-6 or 6-in-4). Its worker sends the decrypted packets through a raw
+    socket: they start in OUTPUT, not PREROUTING, and never pass INPUT or FORWARD."""
+    return any(sa.direction is SADirection.IN and sa.name in pol.sa_names
+               and esp_family_v6(cfg, sa) != v6
+               for _, pol in _policies(cfg, v6) for sa in cfg.sas)
+
+
 def _sas(cfg: Config, v6: bool) -> list[SAParams]:
     return [sa for sa in cfg.sas if esp_family_v6(cfg, sa) == v6]
 
@@ -238,6 +247,11 @@ def build(cfg: Config, v6: bool = False) -> Ruleset:
         for builtin in ("INPUT", "FORWARD") if node.role == "gateway" else ("INPUT",):
             mangle_jumps.append(Rule(builtin, match, "decrypted packets (a worker's mark): "
                                      "clamp the MSS of their SYNs"))
+        if crosses_in(cfg, v6):
+            mangle_jumps.append(Rule("OUTPUT", match[len(on_iface):],
+                                     "decrypted packets of a mixed tunnel, which a worker sends "
+                                     "through a raw socket (the mark): clamp the MSS of their "
+                                     "SYNs"))
         mangle_rules += mss
     mangle = Table("mangle", tuple(mangle_chains), tuple(mangle_jumps), tuple(mangle_rules),
                    tuple(mangle_comments))

@@ -93,6 +93,7 @@ class WorkerSnapshot(TypedDict):
     drops: DropCounts
     overflow_reports: int
     ike_markers: int
+    crossed_family: int
     core: str
     kernel: KernelQueueCounts | None
     sas: list[SaSnapshot]
@@ -131,6 +132,7 @@ class WorkerReport(TypedDict):
     last_outage: float | None
     core: str | None
     ike_markers: int | None
+    crossed_family: int | None
 
 
 class SaReport(TypedDict):

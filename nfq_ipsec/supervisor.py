@@ -828,6 +828,7 @@ class Supervisor:
                 "last_outage": round(slot.last_outage, 3) if slot.last_outage is not None else None,
                 "core": st.get("core") if st else None,
                 "ike_markers": st.get("ike_markers") if st else None,
+                "crossed_family": st.get("crossed_family") if st else None,
             })
             by_name = {s["name"]: s for s in st["sas"]} if st else {}
             sa_totals = total["sas"] if total else {}

@@ -17,6 +17,13 @@ Pipe protocol (pickled tuples over a ``multiprocessing.Pipe``):
   supervisor carries over to the next worker if this one dies; the worker's own counters only,
   read without a system call, so a ping costs the packets next in line next to nothing)
 
+Mixed tunnels (4-in-6, 6-in-4): a verdict cannot change a packet's family (the kernel would
+reinject the new bytes into the hook of the family the packet was queued in), so a result of
+the other family (an IPv4 packet's ESP in IPv6, or the IPv4 packet an IPv6 ESP packet
+carried) leaves through a raw socket of its own family with the daemon's mark, and the queued
+original is dropped by verdict (counted as ``crossed_family``; a send the kernel refuses is
+dropped and counted as ``family_send``).
+
 Fail closed: an exception while handling a packet drops that packet and counts reason INTERNAL;
 a packet the kernel delivered incomplete is dropped as TRUNCATED; a worker that dies leaves its
 queue without a listener, and the kernel then drops that queue's packets.
@@ -46,7 +53,7 @@ from typing import Any, cast
 
 from . import corebuild, hardening
 from .config.fields import DEFAULT_LOG_LEVEL
-from .core import SPD, DropReason, Policy, Processor, SAParams, SecurityAssociation, Verdict
+from .core import SPD, DropReason, Policy, Processor, SAParams, SecurityAssociation, Verdict, pmtu
 from .core.ipv6 import IPV6_HEADER
 from .core.packet import ip_to_str
 from .core.processor import ARRIVING, FORWARDED, LEAVING
@@ -119,6 +126,8 @@ class PacketHandler:
     ``reply``: sends what the core asks to send back (ICMP "fragmentation needed"); None opens
     a raw socket the first time. ``keepalive``: sends the core's NAT-keepalives (RFC 3948),
     with the mark so that our rules let them out; None opens a marked raw socket the first time.
+    ``cross``: sends a result whose IP family is not the queued packet's (a mixed tunnel), with
+    the mark; None opens marked raw sockets (header included) the first time.
     """
 
     def __init__(
@@ -128,6 +137,7 @@ class PacketHandler:
         reply: Callable[[bytes], None] | None = None,
         ifname: Callable[[int], str] = socket.if_indextoname,
         keepalive: Callable[[bytes], None] | None = None,
+        cross: Callable[[bytes], None] | None = None,
     ) -> None:
         self.processor = processor
         self.queue = queue
@@ -141,6 +151,9 @@ class PacketHandler:
         self.reply_errors = 0
         self._keepalive = keepalive
         self.keepalive_errors = 0
+        self._cross = cross
+        self.crossed_family = 0  # results sent through the other family's raw socket
+        self._frag_ident = int.from_bytes(os.urandom(4), "big")  # IPv6 fragment identification
         self.store: StateStore | None = None
         self.previous: Processor | None = None  # during a reload, until its rules have moved
         self._added: list[SecurityAssociation] = []  # SAs the pending reload attached
@@ -172,8 +185,14 @@ class PacketHandler:
                     where = FORWARDED
                 res = process(pkt.payload, pkt.length, where, now)
                 if res.verdict is accept:
-                    verdict(pkt.packet_id, True, pkt.mark | mark, res.packet)
-                    accepted += 1
+                    out = res.packet
+                    if out is not None and (out[0] ^ pkt.payload[0]) & 0xF0:
+                        accepted += self._cross_family(pkt, out, res.sa)
+                    else:
+                        verdict(pkt.packet_id, True, pkt.mark | mark, out)
+                        accepted += 1
+                    if res.reply is not None:  # a forwarded IPv6 packet too big: passed, told
+                        self.send_reply(res.reply)
                 elif self.previous is not None and res.reason in _HANDED_BACK:
                     accepted += self._previous_verdict(pkt, where, now)
                 else:
@@ -198,6 +217,34 @@ class PacketHandler:
                 self._unprotected.clear()
             self._unprotected[indev] = known
         return known
+
+    def _cross_family(self, pkt: QueuedPacket, packet: bytes,
+                      sa: SecurityAssociation | None) -> int:
+        """A result of the other IP family (a mixed tunnel): sent through a raw socket of its
+        own family with the mark, the queued original dropped. The rules let it out as they
+        let out a reinjected packet (marked ESP of one of our outbound SAs), and an inner
+        packet takes the host's routes from here (a gateway's LAN, or this host itself). A
+        raw socket never fragments, so an ESP packet bigger than its SA's path goes in
+        fragments made here, as its source may (``pmtu.fragment_own``). Returns 1 if it was
+        sent, 0 if the kernel refused it (dropped, ``family_send``)."""
+        self.queue.verdict(pkt.packet_id, False)
+        try:
+            if self._cross is None:
+                self._cross = _raw_ip_sender(self.mark)
+            if sa is not None and sa.outbound:
+                mtu = sa.pmtu or self.processor.mtu
+                if len(packet) > mtu:
+                    self._frag_ident = (self._frag_ident + 1) & 0xFFFFFFFF
+                    for piece in pmtu.fragment_own(packet, mtu, self._frag_ident):
+                        self._cross(piece)
+                    self.crossed_family += 1
+                    return 1
+            self._cross(packet)
+        except (OSError, ValueError):
+            self.processor.count_drop(DropReason.FAMILY_SEND)
+            return 0
+        self.crossed_family += 1
+        return 1
 
     def send_reply(self, packet: bytes) -> None:
         """Send an ICMP error the core built (its source address 0: the kernel fills it in)."""
@@ -229,7 +276,10 @@ class PacketHandler:
         if res.verdict is not Verdict.ACCEPT:
             self.queue.verdict(pkt.packet_id, False)  # counted by the processor
             return 0
-        self.queue.verdict(pkt.packet_id, True, pkt.mark | self.mark, res.packet)
+        out = res.packet
+        if out is not None and (out[0] ^ pkt.payload[0]) & 0xF0:
+            return self._cross_family(pkt, out, res.sa)
+        self.queue.verdict(pkt.packet_id, True, pkt.mark | self.mark, out)
         return 1
 
     # -- reload: build the new processor first, commit once the rules have moved ------------
@@ -370,6 +420,7 @@ class PacketHandler:
             "drops": drops,
             "overflow_reports": getattr(self.queue, "overflows", 0),
             "ike_markers": proc.udp_markers,
+            "crossed_family": self.crossed_family,
             "core": corebuild.running().detail,
             "kernel": kernel,
             "sas": sas,
@@ -477,6 +528,32 @@ def _raw_sender(mark: int = 0) -> Callable[[bytes], None]:
                                                                      packet[24:40]), 0))
         else:
             sock_for(4).sendto(packet, (socket.inet_ntoa(packet[16:20]), 0))
+
+    return send
+
+
+def _raw_ip_sender(mark: int) -> Callable[[bytes], None]:
+    """Sends whole IP packets of either family, header included as built (``IPPROTO_RAW``
+    implies it for both), with ``mark`` (SO_MARK) on each, to the packet's own destination.
+    The kernel neither fragments nor changes what it sends (IPv4: it redoes the header
+    checksum): a packet bigger than the route's interface raises EMSGSIZE."""
+    socks: dict[int, socket.socket] = {}
+
+    def sock_for(family: int) -> socket.socket:
+        sock = socks.get(family)
+        if sock is None:
+            sock = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+            socks[family] = sock
+        return sock
+
+    def send(packet: bytes) -> None:
+        if packet[0] >> 4 == 6:
+            sock_for(socket.AF_INET6).sendto(packet, (socket.inet_ntop(socket.AF_INET6,
+                                                                       packet[24:40]), 0))
+        else:
+            sock_for(socket.AF_INET).sendto(packet, (socket.inet_ntoa(packet[16:20]), 0))
 
     return send
 

@@ -30,7 +30,8 @@ def bench_parser() -> argparse.ArgumentParser:
 
 
 def lab(argv: Sequence[str]) -> int:
-    """``nfq-ipsec lab demo [--topology host|gateway] [--encryption ALG] [--queues N] [--keep]``."""
+    """``nfq-ipsec lab demo [--topology host|gateway|host6|gateway6] [--encryption ALG] [--queues N]
+    [--keep]``."""
     from .lab import cli_lab
 
     return cli_lab(lab_parser().parse_args(list(argv)))

@@ -50,6 +50,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         "last_outage": "number or null",
         "core": "string or null",
         "ike_markers": "integer or null",
+        "crossed_family": "integer or null",
     },
     "sas[]": {
         "name": "string",

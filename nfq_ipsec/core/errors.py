@@ -32,6 +32,7 @@ class DropReason(enum.Enum):
     QUEUE_OVERFLOW = "queue_overflow"  # the kernel dropped it before a worker saw it
     TRUNCATED = "truncated"  # the queue delivered fewer bytes than the packet has
     STATE_UNAVAILABLE = "state_unavailable"  # the SA's state could not be saved first: fail closed
+    FAMILY_SEND = "family_send"  # a mixed tunnel's result refused by the other family's raw socket
     # ESP in UDP (RFC 3948, udpencap.py)
     NAT_KEEPALIVE = "nat_keepalive"  # a NAT-keepalive (one 0xFF byte): it has done its job
     UDP_RUNT = "udp_runt"  # UDP to an ESP-in-UDP port, too short for ESP and no marker

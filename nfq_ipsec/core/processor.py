@@ -435,22 +435,29 @@ class Processor:
             if sa is None:
                 raise EspError(DropReason.NO_SA, policy.name)
             sa.check_lifetime(now)
-            if forwarded:
-                too_big = self._too_big6(sa, data, hdr, now)
-                if too_big is not None:
-                    return too_big
+            reply = (self._too_big6(sa, data, hdr, now)
+                     if forwarded and (sa.outer_v6 or not sa.tunnel) else None)
             out = esp6.encapsulate6(sa, data, hdr)
             sa.account(hdr.total_length)
-            return self._accept(out, sa, sa.next_seq - 1)
+            res = self._accept(out, sa, sa.next_seq - 1)
+            res.reply = reply
+            return res
         except EspError as err:
             return self._drop(err, sa)
 
     def _too_big6(self, sa: SecurityAssociation, data: bytes, hdr: ipv6.IPv6Header,
-                  now: float) -> Result | None:
-        """RFC 4301 8.2.2 for a forwarded IPv6 packet: too big for the SA's path after ESP, it
-        is dropped and its sender gets an ICMPv6 "packet too big" with the MTU that fits. IPv6
-        has no DF bit: no router fragments it, so every packet counts. None: it fits. A local
-        sender's packets are never held: its kernel fragments the ESP packet at the source."""
+                  now: float) -> bytes | None:
+        """RFC 4301 8.2.2 for a forwarded IPv6 packet too big for the SA's path after ESP: an
+        ICMPv6 "packet too big" for its sender with the MTU that fits (rate-limited), or None
+        (it fits, or the limit is spent). The packet itself still goes on, encrypted. A worker
+        can't tell a packet that came whole from one the gateway's kernel reassembled from its
+        sender's fragments before the queue (IPv6 conntrack and the reassembly our rules turn
+        on): after ESP the kernel drops the first, too big for the route, and its sender, told,
+        fragments the next ones; the second it fragments again at the size its sender's
+        fragments had. Dropping both would drop the second kind for good: its sender already
+        fragments. IPv6 has no DF bit and no router fragments, so every packet counts. A local
+        sender's packets are never held: its kernel fragments the ESP packet at the source. A
+        6-in-4 tunnel's never either: the worker fragments their IPv4 outer header itself."""
         if sa.pmtu and now - sa.pmtu_at > pmtu.PMTU_AGE:
             sa.pmtu = 0
         limit = sa.pmtu or self.mtu
@@ -459,19 +466,15 @@ class Processor:
         size = pmtu.esp_size(sa, hdr.total_length, hdr.split)
         if size <= limit:
             return None
-        mtu = max(pmtu.inner_mtu(sa, limit, hdr.split), ipv6.MIN_MTU)
-        reply: bytes | None = None
         if now - self._reply_window >= 1.0:
             self._reply_window = now
             self._replies_left = ICMP_REPLIES_PER_SECOND
-        if self._replies_left > 0:
-            self._replies_left -= 1
-            self.icmp_replies += 1
-            reply = pmtu.packet_too_big_reply(data, hdr, mtu)
-        result = self._drop(EspError(DropReason.PATH_MTU, f"{size} > {limit} bytes, sender told "
-                                     f"{mtu}", sa.spi), sa)
-        result.reply = reply
-        return result
+        if self._replies_left <= 0:
+            return None
+        self._replies_left -= 1
+        self.icmp_replies += 1
+        mtu = max(pmtu.inner_mtu(sa, limit, hdr.split), ipv6.MIN_MTU)
+        return pmtu.packet_too_big_reply(data, hdr, mtu)
 
     def inbound6(self, data: bytes, now: float) -> Result:
         """``inbound`` for an IPv6 packet: ESP after the extension headers in front of it."""

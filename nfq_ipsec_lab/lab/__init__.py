@@ -4,8 +4,8 @@ Modules, each usable on its own (a two-VM lab reuses labconfig, daemon, traffic 
 
 - ``netns``: hosts (namespaces, veth pairs, addresses, routes, sysctls) and the processes the
   lab starts, all removed on every exit path;
-- ``topology``: host-to-host (transport mode) and gateway-to-gateway (tunnel mode), with the
-  kernel settings each node needs and why;
+- ``topology``: host-to-host (transport mode) and gateway-to-gateway (tunnel mode), over IPv4,
+  IPv6 or mixed (4-in-6, 6-in-4), with the kernel settings each node needs and why;
 - ``labconfig``: both peers' TOML configurations and fresh random key files (mode 0600);
 - ``daemon``: ``nfq-ipsec run`` / ``status --json`` / SIGTERM, and the iptables snapshot;
 - ``traffic``: ping, iperf3, a file transfer with SHA-256, UDP probes, the wire capture, the
@@ -30,9 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "demo", help="the two-host lab demo, torn down after",
         description="Hosts up, daemons up, traffic through ESP, a capture that shows only ESP, "
         "counters, everything torn down. Needs root.")
-    p.add_argument("--topology", choices=["host", "gateway", "host6"], default="host",
+    p.add_argument("--topology", choices=["host", "gateway", "host6", "gateway6"], default="host",
                    help="host: two hosts, transport mode; gateway: four namespaces, tunnel mode; "
-                   "host6: two hosts over IPv6, transport mode")
+                   "host6: two hosts over IPv6, transport mode; gateway6: four namespaces, "
+                   "tunnel mode over IPv6")
     p.add_argument("--encryption", default="aes-gcm-128",
                    help="aes-gcm-128, aes-gcm-256, chacha20-poly1305, aes-cbc-128, aes-cbc-256")
     p.add_argument("--queues", type=int, default=2, help="queues (workers) per host")
@@ -40,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_lab(args: argparse.Namespace) -> int:
-    """``nfq-ipsec lab demo [--topology host|gateway|host6] [--encryption ALG] [--queues N]
-    [--keep]``."""
+    """``nfq-ipsec lab demo [--topology host|gateway|host6|gateway6] [--encryption ALG]
+    [--queues N] [--keep]``."""
     from .demo import EXIT_USAGE, run_demo
     from .labconfig import parse_encryption
 

@@ -8,7 +8,8 @@ While tcpdump records the wire it sends: ping; TCP bulk (iperf3, several paralle
 per-flow hash spreads them over the workers); UDP (iperf3, 1200-byte datagrams); a random file
 (SHA-256 compared on arrival); a small file to the BYPASS port; UDP to the DISCARD port and, as
 its positive control, to a protected port; then the daemons' status. Afterwards the capture is
-analysed (cleartext, ESP per SPI) and tshark checks every ICV. Every step keeps its result or
+analysed (cleartext, ESP per SPI; with the lab's ``encapsulation = "udp"`` ESP in UDP on port
+4500 is what counts as ESP) and tshark checks every ICV. Every step keeps its result or
 its error, so one failure doesn't hide the others.
 """
 
@@ -38,6 +39,7 @@ from .traffic import (
 )
 
 PROTECTED_UDP_PORT = 9998
+UDP_ENCAP_PORT = 4500  # the lab's ESP in UDP: the default ports both ways
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,9 @@ def traffic_and_capture(
     pcap = cap.stop()
     r.values["pcap"] = pcap
     r.values["capture_dropped"] = cap.kernel_dropped
-    r.step("wire", lambda: analyse_wire(pcap, ends.peers, [Flow(PROTO_TCP, cfg.bypass_port)]))
+    udp_port = UDP_ENCAP_PORT if cfg.encapsulation == "udp" else None
+    r.step("wire", lambda: analyse_wire(pcap, ends.peers, [Flow(PROTO_TCP, cfg.bypass_port)],
+                                        udp_port=udp_port))
     r.step("tshark", lambda: tshark_verify(pcap, cfg.sas, host=ends.tshark_host))
     return r
 

@@ -63,7 +63,10 @@ def run_demo(
         for problem in problems:
             say(f"nfq-ipsec lab: {problem}")
         return EXIT_USAGE
-    kind = "host-to-host, transport mode" if topology == "host" else "gateway-to-gateway, tunnel mode"
+    kind = {"host": "host-to-host, transport mode",
+            "host6": "host-to-host over IPv6, transport mode",
+            "gateway6": "gateway-to-gateway over IPv6, tunnel mode"}.get(
+                topology, "gateway-to-gateway, tunnel mode")
     say(f"nfq-ipsec lab demo: {kind}, {encryption}, {queues} queue(s) per peer")
     checks = Checks(out)
     steps = 7
@@ -111,9 +114,12 @@ def run_demo(
             say(f"\n[6/{steps}] Checking the capture")
             pcap = cap.stop()
             wire = analyse_wire(pcap, s.peer_addresses, s.allowed_flows)
-            all_esp = "all ESP" if wire.cleartext == 0 and wire.esp == wire.ipv4 else "NOT all ESP"
-            checks.check(f"{wire.ipv4} packets on the wire, {all_esp}, {wire.cleartext} cleartext",
-                         wire.ok, "\n".join(wire.examples))
+            packets = wire.ipv4 + wire.ipv6  # IPv6: neighbour discovery and MLD are the link's
+            all_esp = ("all ESP" if wire.cleartext == 0 and wire.esp + wire.link == packets
+                       else "NOT all ESP")
+            link = f" (and {wire.link} neighbour discovery/MLD)" if wire.link else ""
+            checks.check(f"{packets} packets on the wire, {all_esp}{link}, {wire.cleartext} "
+                         "cleartext", wire.ok, "\n".join(wire.examples))
             checks.check(f"capture complete: tcpdump lost {cap.kernel_dropped} frames",
                          cap.kernel_dropped == 0)
             ts = tshark_verify(pcap, cfg.sas)
@@ -123,7 +129,7 @@ def run_demo(
                              ts.ok and ts.esp == wire.esp)
             else:
                 say(f"      tshark: NOT CHECKED: {ts.reason}")
-            say(f"      summary: {wire.ipv4} packets on the wire, {all_esp}, {wire.cleartext} "
+            say(f"      summary: {packets} packets on the wire, {all_esp}, {wire.cleartext} "
                 f"cleartext; {ts.summary()}")
 
             say(f"\n[7/{steps}] `nfq-ipsec status` of both peers")

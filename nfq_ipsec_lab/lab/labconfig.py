@@ -17,7 +17,9 @@ of each peer, first match wins, default discard (RFC 4301):
     3. protect  everything between the two protected prefixes       (transport or tunnel)
 
 Hosts protect their own address (/32, transport mode); gateways protect their LAN prefix
-(tunnel mode between their wire addresses). The returned :class:`LabConfig` keeps the SAs with
+(tunnel mode between their wire addresses, which may be of the other family: a mixed tunnel).
+With ``encapsulation = "udp"`` every SA carries its ESP in UDP (RFC 3948, port 4500 both ways,
+no NAT-keepalives: the lab has no NAT to keep open). The returned :class:`LabConfig` keeps the SAs with
 their keys (:class:`LabSA`, keys hidden from repr) so a capture can be checked with tshark.
 
 Keys are fresh from the system's random source, or, given a ``seed`` (the two-VM lab, where
@@ -75,6 +77,7 @@ class LabSA:
     integrity_key: bytes = field(repr=False, default=b"")
     queue: int = QUEUE_BASE
     mode: str = "transport"
+    encapsulation: str = "none"  # "udp": ESP in UDP (RFC 3948)
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ class LabConfig:
     queues: tuple[int, ...]
     bypass_port: int = BYPASS_PORT
     discard_port: int = DISCARD_PORT
+    encapsulation: str = "none"
 
     def peer(self, name: str) -> PeerConfig:
         return self.peers[name]
@@ -137,7 +141,7 @@ def derive_key(seed: bytes, label: str, size: int) -> bytes:
 
 def make_sas(
     a: PeerSpec, b: PeerSpec, encryption: str, integrity: str | None, queues: Sequence[int],
-    mode: str, seed: bytes | None = None, context: str = "",
+    mode: str, seed: bytes | None = None, context: str = "", encapsulation: str = "none",
 ) -> tuple[LabSA, ...]:
     """Per queue one a->b and one b->a SA, each with its own key(s): random, or derived from
     ``seed`` for this SA, algorithm, mode and ``context``."""
@@ -160,7 +164,7 @@ def make_sas(
                         alg.keymat_size),
                 integrity_key=(key(f"{sender.name}-to-{receiver.name}-{i}", "integrity", integrity,
                                    HMACS[integrity].key_size) if integrity else b""),
-                queue=queue, mode=mode,
+                queue=queue, mode=mode, encapsulation=encapsulation,
             ))
     return tuple(sas)
 
@@ -169,6 +173,7 @@ def plan(
     a: PeerSpec, b: PeerSpec, encryption: str = "aes-gcm-128", queues: int = 2,
     mode: str | None = None, bypass_port: int = BYPASS_PORT, discard_port: int = DISCARD_PORT,
     seed: bytes | None = None, context: str = "", directory: Path = Path("."),
+    encapsulation: str = "none",
 ) -> LabConfig:
     """The lab's SAs and settings for peers ``a`` and ``b``, nothing written yet (``peers`` is
     empty: :func:`write_peer` fills it). Raises ValueError for what the lab can't run."""
@@ -186,19 +191,25 @@ def plan(
     if mode == "transport" and any(p.protected.prefixlen != p.protected.max_prefixlen
                                    for p in (a, b)):
         raise ValueError("transport mode protects the peers' own addresses (/32, /128) only")
+    if encapsulation not in ("none", "udp"):
+        raise ValueError(f"encapsulation must be none or udp, not {encapsulation!r}")
+    if encapsulation == "udp" and 6 in (a.address.version, b.address.version):
+        raise ValueError("ESP in UDP is IPv4 only: the peers' wire addresses are IPv6")
     qnums = tuple(QUEUE_BASE + i for i in range(queues))
-    sas = make_sas(a, b, enc, integrity, qnums, mode, seed, context)
-    return LabConfig(directory, {}, sas, enc, integrity, mode, qnums, bypass_port, discard_port)
+    sas = make_sas(a, b, enc, integrity, qnums, mode, seed, context, encapsulation)
+    return LabConfig(directory, {}, sas, enc, integrity, mode, qnums, bypass_port, discard_port,
+                     encapsulation)
 
 
 def generate(
     directory: Path, a: PeerSpec, b: PeerSpec, encryption: str = "aes-gcm-128", queues: int = 2,
     mode: str | None = None, bypass_port: int = BYPASS_PORT, discard_port: int = DISCARD_PORT,
-    seed: bytes | None = None, context: str = "",
+    seed: bytes | None = None, context: str = "", encapsulation: str = "none",
 ) -> LabConfig:
     """Write both peers' configs and key files under ``directory`` (created, mode 0700).
     Keys: random, or derived from ``seed`` and ``context`` (see :func:`derive_key`)."""
-    cfg = plan(a, b, encryption, queues, mode, bypass_port, discard_port, seed, context, directory)
+    cfg = plan(a, b, encryption, queues, mode, bypass_port, discard_port, seed, context, directory,
+               encapsulation)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     for me, other in ((a, b), (b, a)):
@@ -311,6 +322,9 @@ def render(
         if sa.integrity:
             lines += [f'integrity = "{sa.integrity}"',
                       f'integrity_key_file = "{key_dir}/{sa.name}.auth.key"']
+        if sa.encapsulation == "udp":
+            lines += ['encapsulation = "udp"', "keepalive = 0"] if outbound else [
+                'encapsulation = "udp"']
     return "\n".join(lines) + "\n"
 
 

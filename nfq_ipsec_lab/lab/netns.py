@@ -40,6 +40,8 @@ from typing import IO, Any
 from nfq_ipsec import procs
 
 PREFIX = "nfql"
+# Set, it replaces every lab's name prefix (two test runs on one machine keep apart by it).
+PREFIX_ENV = "NFQ_IPSEC_LAB_PREFIX"
 
 
 def _name_re(prefix: str) -> re.Pattern[str]:
@@ -206,6 +208,7 @@ class Lab:
     def __post_init__(self) -> None:
         global _counter
         _counter += 1
+        self.prefix = os.environ.get(PREFIX_ENV) or self.prefix
         self.tag = f"{self.prefix}{os.getpid()}-{_counter}"
         self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.workdir, 0o700)

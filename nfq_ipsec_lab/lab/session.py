@@ -41,9 +41,10 @@ class LabSession:
     def __init__(
         self, topology: str = "host", encryption: str = "aes-gcm-128", queues: int = 2,
         keep: bool = False, cmd: list[str] | None = None, log: IO[str] | None = None,
-        prefix: str = netns.PREFIX,
+        prefix: str = netns.PREFIX, encapsulation: str = "none",
     ) -> None:
         self.kind = topology
+        self.encapsulation = encapsulation
         self.encryption = encryption
         self.queues = queues
         self.cmd = cmd or command()
@@ -63,7 +64,8 @@ class LabSession:
             netns.remove_stale(self.log, prefix=self.lab.prefix)
             self.topo = build(self.lab, self.kind)
             self.cfg = generate(self.lab.workdir / "config", self.topo.a.spec, self.topo.b.spec,
-                                self.encryption, self.queues)
+                                self.encryption, self.queues, mode=self.topo.mode,
+                                encapsulation=self.encapsulation)
             for peer in self.topo.peers:
                 self.daemons[peer.name] = Daemon.of_peer(self.cfg.peer(peer.name), peer.host, self.cmd)
         except BaseException:

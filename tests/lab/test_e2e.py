@@ -1,16 +1,19 @@
 """End to end: the real daemon (``nfq-ipsec run``) in namespace labs, checked on the wire.
 
 For each topology (host-to-host transport mode, gateway-to-gateway tunnel mode) and each of
-aes-gcm-128, chacha20-poly1305 and aes-cbc-128 + hmac-sha256-128, one lab is built with fresh
-keys and two queues per peer, both daemons started, and while tcpdump records the wire between
-the peers we send: ping, a TCP bulk transfer (iperf3 -t 2 -P 8, so the per-flow hash spreads
-flows over both workers), UDP (iperf3), a 1 MiB random file (SHA-256 compared on arrival), TCP
-to the BYPASS port, UDP to the DISCARD port and, as its positive control, UDP to a protected
-port. Then both daemons get SIGTERM. The tests below each check one result of that run:
+aes-gcm-128, chacha20-poly1305 and aes-cbc-128 + hmac-sha256-128, and for each topology once
+more with ESP in UDP (RFC 3948, ``encapsulation = "udp"`` on every SA, aes-gcm-128), one lab
+is built with fresh keys and two queues per peer, both daemons started, and while tcpdump
+records the wire between the peers we send: ping, a TCP bulk transfer (iperf3 -t 2 -P 8, so
+the per-flow hash spreads flows over both workers), UDP (iperf3), a 1 MiB random file (SHA-256
+compared on arrival), TCP to the BYPASS port, UDP to the DISCARD port and, as its positive
+control, UDP to a protected port. Then both daemons get SIGTERM. The tests below each check
+one result of that run:
 
 - the traffic arrived (and the discarded UDP did not);
 - the capture holds no cleartext of protected flows: every IPv4 packet is ESP between the
-  peers, apart from ARP and the bypassed flow (two readers: the lab's and scapy's);
+  peers (with ESP in UDP: only ESP in UDP, port 4500 both ways, no plain ESP), apart from ARP
+  and the bypassed flow (two readers: the lab's and scapy's);
 - tshark decrypts the capture with the configured keys: every ESP packet ``esp.icv_good``,
   none ``esp.icv_bad`` (skipped, loudly, where this tshark lacks ChaCha20-Poly1305);
 - ``nfq-ipsec status --json``: every worker of both peers has packets_out > 0;
@@ -46,7 +49,8 @@ from nfq_ipsec_lab.lab.traffic import (
 
 TOPOLOGIES = ["host", "gateway"]
 ENCRYPTIONS = ["aes-gcm-128", "chacha20-poly1305", "aes-cbc-128"]
-COMBOS = [(t, e) for t in TOPOLOGIES for e in ENCRYPTIONS]
+COMBOS = [(t, e, "none") for t in TOPOLOGIES for e in ENCRYPTIONS] + [
+    (t, "aes-gcm-128", "udp") for t in TOPOLOGIES]
 QUEUES = 2
 FILE_SIZE = 1 << 20
 UDP_COUNT = 20
@@ -64,6 +68,7 @@ class ScapyWire:
 
     ipv4: int = 0
     esp: int = 0
+    esp_in_udp: int = 0
     bypassed: int = 0
     bypass_endpoints: set[tuple[str, str]] = field(default_factory=set)
     arp: int = 0
@@ -72,7 +77,7 @@ class ScapyWire:
 
 
 def scapy_wire(pcap: Path, peers: tuple[str, str], bypass_port: int) -> ScapyWire:
-    from scapy.layers.inet import IP, TCP
+    from scapy.layers.inet import IP, TCP, UDP
     from scapy.layers.ipsec import ESP
     from scapy.layers.l2 import ARP
     from scapy.utils import PcapReader
@@ -87,6 +92,7 @@ def scapy_wire(pcap: Path, peers: tuple[str, str], bypass_port: int) -> ScapyWir
                 rep.ipv4 += 1
                 if ESP in pkt and {ip.src, ip.dst} == set(peers):
                     rep.esp += 1
+                    rep.esp_in_udp += UDP in pkt
                 elif TCP in pkt and bypass_port in (pkt[TCP].sport, pkt[TCP].dport):
                     rep.bypassed += 1
                     rep.bypass_endpoints.add((ip.src, ip.dst))
@@ -100,9 +106,10 @@ def scapy_wire(pcap: Path, peers: tuple[str, str], bypass_port: int) -> ScapyWir
 class Run(CheckRun):
     """One lab run's results; a failed step keeps its error for the tests that need it."""
 
-    def __init__(self, topology: str, encryption: str) -> None:
+    def __init__(self, topology: str, encryption: str, encapsulation: str = "none") -> None:
         super().__init__()
         self.topology, self.encryption = topology, encryption
+        self.encapsulation = encapsulation
 
     def get(self, name: str) -> Any:
         if "start" in self.errors:
@@ -114,12 +121,13 @@ class Run(CheckRun):
         return self.values[name]
 
 
-@pytest.fixture(scope="module", params=COMBOS, ids=[f"{t}-{e}" for t, e in COMBOS])
+@pytest.fixture(scope="module", params=COMBOS,
+                ids=[f"{t}-{e}" + ("-udp" if u == "udp" else "") for t, e, u in COMBOS])
 def run(request: pytest.FixtureRequest) -> Run:
-    topology, encryption = request.param
-    r = Run(topology, encryption)
+    topology, encryption, encapsulation = request.param
+    r = Run(topology, encryption, encapsulation)
     t0 = time.monotonic()
-    with LabSession(topology, encryption, queues=QUEUES) as s:
+    with LabSession(topology, encryption, queues=QUEUES, encapsulation=encapsulation) as s:
         for peer in s.topology.peers:
             for canary in CANARIES:
                 peer.host.run(["iptables", *canary])
@@ -139,7 +147,8 @@ def run(request: pytest.FixtureRequest) -> Run:
         r.values["logs"] = {n: d.output() for n, d in s.daemons.items()}
         r.values["endpoints"] = (s.topology.client_addr, s.topology.server_addr)
     r.timings["total"] = time.monotonic() - t0
-    print(f"\nlab {topology}/{encryption}: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.timings.items()))
+    print(f"\nlab {topology}/{encryption}/{encapsulation}: "
+          + ", ".join(f"{k} {v:.1f}s" for k, v in r.timings.items()))
     return r
 
 
@@ -204,6 +213,15 @@ def test_wire_has_no_cleartext_scapy(run: Run) -> None:
     assert not sw.cleartext, "\n".join(sw.cleartext[:20])
     assert not sw.other, "\n".join(sw.other[:20])
     assert (sw.ipv4, sw.esp, sw.bypassed, sw.arp) == (wire.ipv4, wire.esp, wire.bypassed, wire.arp)
+    assert sw.esp_in_udp == wire.esp_in_udp
+
+
+def test_wire_has_the_configured_encapsulation_only(run: Run) -> None:
+    """ESP in UDP runs carry every ESP packet in UDP (port 4500 both ways, as both readers
+    agree above); the others carry none."""
+    wire: WireReport = run.get("wire")
+    expected = wire.esp if run.encapsulation == "udp" else 0
+    assert wire.esp_in_udp == expected, wire.summary()
 
 
 def test_wire_uses_every_sa(run: Run) -> None:

@@ -247,11 +247,15 @@ def test_cleartext_where_protection_applies_is_dropped() -> None:
 
 
 def test_forwarded_packet_too_big_after_esp_gets_packet_too_big() -> None:
+    """Its sender is told, and the packet goes on encrypted: reassembled by the gateway's
+    kernel from its sender's fragments, it is fragmented again after ESP; whole, the kernel
+    drops it and the sender, told, fragments the next ones."""
     pair = Pair("aes-gcm-128", None, "2001:db8:1::/48", "2001:db8:2::/48", (GW6_A, GW6_B))
     big = bytes(IPv6(src=A6, dst=B6) / UDP(sport=1, dport=2) / bytes(1500 - 48))
     res = pair.proc.process(big, len(big), FORWARDED, 0.0)
-    assert res.verdict is Verdict.DROP and res.reason is DropReason.PATH_MTU
-    assert res.reply is not None
+    assert res.verdict is Verdict.ACCEPT and res.packet is not None and len(res.packet) > 1500
+    assert bytes(pair.peer_rx.decrypt(IPv6(res.packet))) == big
+    assert res.reply is not None and pair.proc.icmp_replies == 1
     reply = IPv6(res.reply)
     ptb = reply[ICMPv6PacketTooBig]
     assert reply.dst == A6 and reply.plen == len(res.reply) - 40 <= 1280 - 40
@@ -263,6 +267,28 @@ def test_forwarded_packet_too_big_after_esp_gets_packet_too_big() -> None:
     assert res.verdict is Verdict.ACCEPT and res.packet is not None and len(res.packet) <= 1500
     local = pair.proc.process(big, len(big), LEAVING, 0.0)  # its own kernel fragments the ESP
     assert local.verdict is Verdict.ACCEPT
+
+
+def test_mixed_tunnel_packets_are_held_only_for_df() -> None:
+    """A mixed tunnel's ESP packet goes in fragments the worker makes (its raw socket never
+    fragments): 6-in-4 IPv6 packets pass whatever their size, local or forwarded, and so do
+    4-in-6 IPv4 packets without DF; an IPv4 packet with DF that won't fit gets
+    "fragmentation needed", local or forwarded (it can't be to the SA's peer itself)."""
+    six = Pair("aes-gcm-128", None, "2001:db8:1::/48", "2001:db8:2::/48", (GW4_A, GW4_B))
+    big6 = bytes(IPv6(src=A6, dst=B6) / UDP(sport=1, dport=2) / bytes(1500 - 48))
+    for where in (LEAVING, FORWARDED):
+        res = six.proc.process(big6, len(big6), where, 0.0)
+        assert res.packet is not None and res.reply is None, res
+        assert len(res.packet) > 1500 and res.packet[0] >> 4 == 4
+    four = Pair("aes-gcm-128", None, "10.1.0.0/16", "10.2.0.0/16", (GW6_A, GW6_B))
+    for where in (LEAVING, FORWARDED):
+        big4 = bytes(IP(src=A4, dst=B4, flags="DF") / UDP(sport=1, dport=2) / bytes(1500 - 28))
+        res = four.proc.process(big4, len(big4), where, 0.0)
+        assert res.verdict is Verdict.DROP and res.reason is DropReason.PATH_MTU, res
+        assert res.reply is not None and IP(res.reply).dst == A4
+        no_df = bytes(IP(src=A4, dst=B4, flags=0) / UDP(sport=1, dport=2) / bytes(1500 - 28))
+        res = four.proc.process(no_df, len(no_df), where, 0.0)
+        assert res.packet is not None and len(res.packet) > 1500 and res.packet[0] >> 4 == 6
 
 
 def test_fragmented_esp_is_dropped_as_fragment() -> None:

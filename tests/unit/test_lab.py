@@ -274,6 +274,35 @@ def test_analyse_wire_sorts_frames(tmp_path: Path) -> None:
     assert analyse_wire(clean, (a, b), [Flow(PROTO_TCP, 2222)]).ok
 
 
+def test_analyse_wire_counts_esp_in_udp_only_where_expected(tmp_path: Path) -> None:
+    """With ``udp_port``, ESP in UDP between the peers counts as ESP (by its SPI); a keepalive,
+    the non-ESP marker, another port or another host on that port stay cleartext; without it,
+    all of them are cleartext."""
+    a, b = "192.168.56.10", "192.168.56.11"
+
+    def udp(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
+        return _eth(0x0800, ipv4(src, dst, 17, struct.pack("!HHHH", sport, dport,
+                                                          8 + len(payload), 0) + payload))
+
+    esp = struct.pack("!II", 0x1001, 7) + b"\x00" * 32
+    frames = [
+        udp(a, b, 4500, 4500, esp),
+        udp(b, a, 4500, 4500, struct.pack("!II", 0x2001, 7) + b"\x00" * 32),
+        udp(a, b, 4500, 4500, b"\xff"),  # a NAT-keepalive
+        udp(a, b, 4500, 4500, b"\x00" * 4 + b"IKE message...."),  # the non-ESP marker
+        udp(a, b, 4501, 4500, esp),
+        udp(a, "192.168.56.99", 4500, 4500, esp),
+    ]
+    pcap = tmp_path / "udp.pcap"
+    _write_pcap(pcap, frames)
+    rep = analyse_wire(pcap, (a, b), udp_port=4500)
+    assert (rep.ipv4, rep.esp, rep.esp_in_udp, rep.cleartext) == (6, 2, 2, 4)
+    assert rep.esp_by_spi == {0x1001: 1, 0x2001: 1}
+    assert "(2 in UDP)" in rep.summary()
+    plain = analyse_wire(pcap, (a, b))
+    assert (plain.esp, plain.cleartext) == (0, 6)
+
+
 def test_tshark_checks_our_esp_with_generated_entries(tmp_path: Path) -> None:
     """The uat entries really work: tshark authenticates ESP made by the core with lab SAs."""
     tshark = gate.tool("tshark", "tshark")

@@ -248,3 +248,35 @@ def test_replies_are_rate_limited() -> None:
     assert sum(r is not None for r in replies) == 100
     assert proc.drops[DropReason.PATH_MTU] == 150  # every packet dropped, replies or not
     assert proc.outbound(big, 1.6, forwarded=True).reply is not None  # the next second
+
+
+def test_fragment_own_makes_fragments_that_scapy_puts_back_together() -> None:
+    """A mixed tunnel's own ESP packet in fragments of at most the MTU: IPv4 (its identification
+    and DF on each, offsets in 8-byte units, checksums right) and IPv6 (a fragment header with
+    our identification, next header ESP); scapy's reassembly gives the packet back. One that
+    fits stays whole; an MTU that holds no fragment is refused."""
+    from scapy.layers.inet import defragment
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, defragment6
+
+    v4 = bytes(IP(src="192.0.2.1", dst="198.51.100.2", id=0x1234, flags="DF", proto=50)
+               / ESP(spi=0x1000, seq=1, data=bytes(range(256)) * 7))
+    pieces = pmtu.fragment_own(v4, 1000, 9)
+    assert len(pieces) == 2 and all(len(f) <= 1000 for f in pieces)
+    frags = [IP(f) for f in pieces]
+    for f in frags:
+        assert f.id == 0x1234 and f.flags.DF and IP(bytes(f)).chksum == f.chksum
+    assert [f.frag for f in frags] == [0, 122] and frags[0].flags.MF and not frags[1].flags.MF
+    assert bytes(defragment(frags)[0]) == v4  # type: ignore[no-untyped-call]
+    v6 = bytes(IPv6(src="2001:db8:ff::1", dst="2001:db8:ff::2", nh=50, hlim=64)
+               / ESP(spi=0x1000, seq=1, data=bytes(range(256)) * 7))
+    pieces = pmtu.fragment_own(v6, 1280, 0xABCDEF01)
+    assert len(pieces) == 2 and all(len(f) <= 1280 for f in pieces)
+    frags6 = [IPv6(f) for f in pieces]
+    for f6 in frags6:
+        fh = f6[IPv6ExtHdrFragment]
+        assert f6.nh == 44 and fh.nh == 50 and fh.id == 0xABCDEF01
+    assert [f[IPv6ExtHdrFragment].m for f in frags6] == [1, 0]
+    assert bytes(defragment6(frags6)) == v6  # type: ignore[no-untyped-call]
+    assert pmtu.fragment_own(v4, len(v4), 1) == [v4]
+    with pytest.raises(ValueError):
+        pmtu.fragment_own(v6, 48, 1)

@@ -981,3 +981,31 @@ def test_closed_esp_in_udp_rules_drop() -> None:
     assert "NFQUEUE" not in closed
     assert ("-A NFQIPSEC-IN -p udp -m udp --dport 4500 -m addrtype --dst-type LOCAL -j DROP"
             in closed)
+
+
+def test_a_mixed_tunnel_clamps_the_syns_its_worker_sends_through_a_raw_socket() -> None:
+    """4-in-6: the decrypted IPv4 packets leave the worker through a raw socket, so they start
+    in mangle OUTPUT and never pass INPUT or FORWARD. The IPv4 rules send marked packets there
+    to P-MSS too (no -i: OUTPUT has no input interface); a same-family tunnel needs no such
+    jump, nor do the IPv6 rules, whose policies are none."""
+    data = host_data()
+    for sa in data["sa"]:
+        tl, tr = ("2001:db8::a", "2001:db8::b") if sa["direction"] == "out" else (
+            "2001:db8::b", "2001:db8::a")
+        sa.update(mode="tunnel", tunnel_local=tl, tunnel_remote=tr)
+    cfg = cfg_of(data)
+    assert rules.crosses_in(cfg, False) and not rules.crosses_in(cfg, True)
+    v4 = rules.render(cfg, comments=False)
+    assert "-I OUTPUT 1 -m mark --mark 0x10000000/0x10000000 -j NFQIPSEC-MSS" in v4
+    assert "-I INPUT 1 -i eth1 -m mark --mark 0x10000000/0x10000000 -j NFQIPSEC-MSS" in v4
+    v6 = rules.build6(cfg)
+    assert v6 is not None and "NFQIPSEC-MSS" not in rules.render_ruleset(v6, comments=False)
+    # the ESP the worker sends through its IPv6 raw socket returns by mark and SPI in
+    # ip6tables' P-OUT, and only there: the mark alone lets nothing out of either
+    esp_back = "-p esp -m esp --espspi 4096 -m mark --mark 0x10000000/0x10000000 -j RETURN"
+    assert esp_back in chain(rules.render_ruleset(v6, comments=False), "NFQIPSEC-OUT")
+    assert "--espspi 4096" not in v4
+    assert not any("-m mark" in rule for rule in chain(v4, "NFQIPSEC-OUT", icmp_errors=True))
+    same = cfg_of(host_data())
+    assert not rules.crosses_in(same, False)
+    assert "-I OUTPUT 1 -m mark" not in rules.render(same, comments=False)

@@ -11,7 +11,7 @@ import struct
 from typing import Any
 
 import pytest
-from configs import cfg_of, udp_data
+from configs import cfg_of, host_data, udp_data
 from faults.nfq_ipsec_faults import wrap
 from packets import ipv4, udp
 from repo import EXAMPLES
@@ -530,3 +530,118 @@ def test_a_followed_peer_is_logged_with_where_it_went(caplog: pytest.LogCaptureF
     assert caplog.text.count("SA i0 (spi 0x00002000): peer changed, now 198.51.100.2:31000") == 1
     o0 = next(sa for sa in h.snapshot(100, None, 0.0)["sas"] if sa["name"] == "o0")
     assert o0["udp"] is not None and o0["udp"]["peer"] == "198.51.100.2:31000"
+
+
+def mixed_processors() -> tuple[Processor, Processor]:
+    """host_data's hosts joined by a 4-in-6 tunnel: (host 10.0.0.1, host 10.0.0.2), each the
+    other's mirror (its out SA the other's in SA)."""
+    def side(me: str, peer: str, out_spi: int, in_spi: int, keys: tuple[str, str]) -> Processor:
+        data = host_data()
+        data["policy"][0].update(local=f"{me}/32", remote=f"{peer}/32")
+        for sa, spi, key in zip(data["sa"], (out_spi, in_spi), keys, strict=True):
+            tl, tr = ("2001:db8::a", "2001:db8::b") if me == "10.0.0.1" else ("2001:db8::b",
+                                                                            "2001:db8::a")
+            sa.update(spi=spi, key=key, mode="tunnel", tunnel_local=tl, tunnel_remote=tr)
+        cfg = cfg_of(data)
+        return Processor(cfg.spd, cfg.sas_for_queue(7), 0.0)
+
+    k1, k2 = host_data()["sa"][0]["key"], host_data()["sa"][1]["key"]
+    return (side("10.0.0.1", "10.0.0.2", 0x1000, 0x2000, (k1, k2)),
+            side("10.0.0.2", "10.0.0.1", 0x2000, 0x1000, (k2, k1)))
+
+
+def test_a_result_of_the_other_family_is_sent_marked_and_its_original_dropped() -> None:
+    """4-in-6: the IPv4 packet's ESP (IPv6) can't go back in the IPv4 verdict, nor the
+    decrypted IPv4 packet in the IPv6 one: each leaves through the family sender (a marked
+    raw socket in the daemon), the queued original is dropped, and both count as carried."""
+    proc_a, proc_b = mixed_processors()
+    sent_a: list[bytes] = []
+    q_a = FakeQueue()
+    h_a = PacketHandler(proc_a, q_a, MARK, clock=lambda: 1.0, cross=sent_a.append)
+    plain = udp("10.0.0.1", "10.0.0.2", 4000, 5000, b"four in six")
+    h_a.handle_batch([pkt(plain, pid=3)])
+    assert q_a.verdicts == [(3, False, None, None)]
+    [esp] = sent_a
+    assert esp[0] >> 4 == 6 and esp[6] == 50 and plain[20:] not in esp
+    assert (h_a.packets_out, h_a.crossed_family, dict(proc_a.drops)) == (1, 1, {})
+    sent_b: list[bytes] = []
+    q_b = FakeQueue()
+    h_b = PacketHandler(proc_b, q_b, MARK, clock=lambda: 1.0, cross=sent_b.append)
+    h_b.handle_batch([pkt(esp, hook=HOOK_PRE_ROUTING, pid=4)])
+    assert q_b.verdicts == [(4, False, None, None)]
+    assert sent_b == [plain]
+    assert h_b.snapshot(7, None, 0.0)["crossed_family"] == 1
+    h_b.handle_batch([pkt(esp, hook=HOOK_PRE_ROUTING, pid=5)])  # a replay: dropped, not sent
+    assert q_b.verdicts[1] == (5, False, None, None) and len(sent_b) == 1
+    assert proc_b.drops[DropReason.REPLAY] == 1
+
+
+def test_a_refused_send_to_the_other_family_is_dropped_and_counted() -> None:
+    def refuse(_packet: bytes) -> None:
+        raise OSError(90, "Message too long")
+
+    proc_a, _ = mixed_processors()
+    q = FakeQueue()
+    h = PacketHandler(proc_a, q, MARK, clock=lambda: 1.0, cross=refuse)
+    h.handle_batch([pkt(udp("10.0.0.1", "10.0.0.2", 4000, 5000, b"x"), pid=9)])
+    assert q.verdicts == [(9, False, None, None)]
+    assert (h.packets_out, h.crossed_family) == (0, 0)
+    assert proc_a.drops[DropReason.FAMILY_SEND] == 1
+
+
+def test_the_family_sender_sends_whole_packets_of_either_family_with_the_mark(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon's sender: one raw socket per family (IPPROTO_RAW: header included), the
+    mark on each, every packet to its own destination."""
+    made: list[FakeRawSocket] = []
+
+    class FakeRawSocket:
+        def __init__(self, family: int, kind: int, proto: int) -> None:
+            self.args = (family, kind, proto)
+            self.opts: list[tuple[int, int, int]] = []
+            self.sent: list[tuple[bytes, tuple[str, int]]] = []
+            made.append(self)
+
+        def setblocking(self, flag: bool) -> None:
+            assert flag is False
+
+        def setsockopt(self, level: int, opt: int, value: int) -> None:
+            self.opts.append((level, opt, value))
+
+        def sendto(self, data: bytes, dest: tuple[str, int]) -> None:
+            self.sent.append((data, dest))
+
+    monkeypatch.setattr(socket, "socket", FakeRawSocket)
+    send = worker._raw_ip_sender(MARK)
+    v4 = udp("10.0.0.1", "10.0.0.2", 1, 2, b"four")
+    v6 = bytes.fromhex("6000000000083a40") + bytes(15) + b"\x01" + bytes(15) + b"\x02" + bytes(8)
+    send(v4)
+    send(v6)
+    send(v4)
+    assert [m.args for m in made] == [(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW),
+                                      (socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)]
+    for m in made:
+        assert m.opts == [(socket.SOL_SOCKET, socket.SO_MARK, MARK)]
+    assert made[0].sent == [(v4, ("10.0.0.2", 0)), (v4, ("10.0.0.2", 0))]
+    assert made[1].sent == [(v6, ("::2", 0))]
+
+
+def test_a_mixed_tunnels_esp_packet_too_big_for_the_path_goes_in_fragments() -> None:
+    """4-in-6, an IPv4 datagram without DF that won't fit after ESP: the raw socket would
+    refuse it whole, so the worker sends the ESP packet in IPv6 fragments of at most the MTU
+    (each its own raw send), and the peer gets the datagram back once they are put together."""
+    from scapy.layers.inet6 import IPv6, defragment6
+
+    proc_a, proc_b = mixed_processors()
+    sent: list[bytes] = []
+    h = PacketHandler(proc_a, FakeQueue(), MARK, clock=lambda: 1.0, cross=sent.append)
+    big = ipv4("10.0.0.1", "10.0.0.2", 17, struct.pack("!HHHH", 1, 2, 1480, 0) + bytes(1472),
+               frag=0)
+    h.handle_batch([pkt(big)])
+    assert len(sent) == 2 and all(len(f) <= 1500 and f[6] == 44 for f in sent)
+    assert h.crossed_family == 1
+    whole = bytes(defragment6([IPv6(f) for f in sent]))  # type: ignore[no-untyped-call]
+    got: list[bytes] = []
+    PacketHandler(proc_b, FakeQueue(), MARK, clock=lambda: 1.0, cross=got.append).handle_batch(
+        [pkt(whole, hook=HOOK_PRE_ROUTING)])
+    assert got == [big]
