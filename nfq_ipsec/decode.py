@@ -17,7 +17,15 @@ from .core import packet as ip
 from .core.errors import DropReason, EspError
 from .core.sa import Encapsulation, SADirection, SecurityAssociation
 from .core.spd import Policy
-from .reassembly import Overlap, Reassembler, ipv4_fragment, ipv4_whole
+from .reassembly import (
+    Fragment,
+    Overlap,
+    Reassembler,
+    ipv4_fragment,
+    ipv4_whole,
+    ipv6_fragment,
+    ipv6_whole,
+)
 
 _PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 47: "GRE", 50: "ESP", 58: "ICMPv6", 132: "SCTP"}
 _TCP_FLAGS = "FSRPAUEC"
@@ -87,13 +95,18 @@ class OfflineDecoder:
         except EspError as err:
             return Decoded(index, "-", False, verdict="not-ip", inner=err.reason.value)
         note = ""
+        frag: Fragment | None = None
         if (hdr is not None and hdr.is_fragment
                 and (hdr.protocol == ip.PROTO_ESP
                      or (hdr.protocol == ip.PROTO_UDP and self._udp_ports))):
             # RFC 4303 3.4.1: ESP is checked whole (and ESP in UDP is known only once the UDP
             # header is there); the last fragment to come in decodes the packet
-            outer = f"{ip.ip_to_str(hdr.src)} > {ip.ip_to_str(hdr.dst)}"
             frag = ipv4_fragment(data, hdr)
+        elif hdr6 is not None and hdr6.is_fragment and hdr6.protocol == ip.PROTO_ESP:
+            frag = ipv6_fragment(data, hdr6)  # the Linux kernel fragments ESP over IPv6 too
+        if frag is not None:
+            src, dst = (hdr.src, hdr.dst) if hdr is not None else (_known(hdr6).src, _known(hdr6).dst)
+            outer = f"{ipv6.addr_str(src)} > {ipv6.addr_str(dst)}"
             try:
                 whole = self._fragments.add(frag)
             except Overlap as err:
@@ -101,11 +114,19 @@ class OfflineDecoder:
                                inner=str(err))
             if whole is None:
                 return Decoded(index, outer, False, verdict="fragment",
-                               inner=f"fragment id={hdr.ident} offset={frag.offset}: held for "
-                                     "reassembly")
+                               inner=f"fragment id={frag.key[-1]} offset={frag.offset}: held "
+                                     "for reassembly")
             header, payload, count = whole
-            data = ipv4_whole(header, len(payload)) + payload
-            hdr = ip.parse_ipv4(data)
+            if hdr is not None:
+                data = ipv4_whole(header, len(payload)) + payload
+                hdr = ip.parse_ipv4(data)
+            else:
+                data = ipv6_whole(header, len(payload)) + payload
+                try:
+                    hdr6 = ipv6.parse_ipv6(data)
+                except EspError as err:
+                    return Decoded(index, outer, True, verdict="drop", reason=err.reason,
+                                   inner=f"reassembled from {count} fragments: {err}")
             note = f" (reassembled from {count} fragments)"
         src, dst, proto, at, end = (
             (hdr.src, hdr.dst, hdr.protocol, hdr.ihl, hdr.total_length) if hdr is not None

@@ -5,17 +5,21 @@ ESP packet; nothing can be checked about ESP until it is whole (RFC 4303 section
 the live path the kernel reassembles before our rules (``rules.py``: the rule that turns on
 defragmentation); in a capture this module does the same for ``decode``.
 
-The datagram key and the fragment's place come from the caller (:class:`Fragment`), so an IPv6
-fragment header can feed the same :class:`Reassembler` later; :func:`ipv4_fragment` reads
-them from an IPv4 header. Fail closed: overlapping fragments (RFC 5722's rule, applied to IPv4
-too: no legitimate sender makes them) or a datagram bigger than 65,535 bytes discard the whole
-datagram; :meth:`Reassembler.add` then says so.
+The datagram key and the fragment's place come from the caller (:class:`Fragment`), so IPv4
+and IPv6 feed the same :class:`Reassembler`: :func:`ipv4_fragment` reads them from an IPv4
+header, :func:`ipv6_fragment` from an IPv6 fragment header (RFC 8200 section 4.5: the
+datagram is source, destination and identification; the first fragment's unfragmentable part,
+with the fragment header taken out, heads the whole packet). Fail closed: overlapping
+fragments (RFC 5722's rule, applied to IPv4 too: no legitimate sender makes them) or a
+datagram bigger than 65,535 bytes discard the whole datagram; :meth:`Reassembler.add` then
+says so.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .core import ipv6
 from .core import packet as ip
 
 MAX_DATAGRAM = 65535
@@ -98,4 +102,28 @@ def ipv4_whole(header: bytes, payload_len: int) -> bytes:
     h[10] = h[11] = 0
     csum = ip.checksum(bytes(h))
     h[10], h[11] = csum >> 8, csum & 0xFF
+    return bytes(h)
+
+
+def ipv6_fragment(data: bytes, hdr: ipv6.IPv6Header) -> Fragment:
+    """The fragment an IPv6 packet is (``hdr.is_fragment``): what follows its fragment header,
+    and in front of it the headers before that one, the byte that named the fragment header
+    now naming what the fragment header named (the first fragment's is the packet's)."""
+    nh, nh_at, off = data[6], 6, ipv6.IPV6_HEADER
+    while nh != ipv6.NH_FRAGMENT:  # parse_ipv6 walked this chain already: it is well formed
+        nh_at, nh = off, data[off]
+        off += (data[off + 1] + 1) * 8
+    ident = int.from_bytes(data[off + 4:off + 8], "big")
+    header = bytearray(data[:off])
+    header[nh_at] = data[off]
+    return Fragment((6, hdr.src, hdr.dst, ident), hdr.frag_offset * 8, hdr.more_fragments,
+                    data[off + ipv6.FRAGMENT_HEADER:hdr.total_length], bytes(header))
+
+
+def ipv6_whole(header: bytes, payload_len: int) -> bytes:
+    """The first fragment's unfragmentable part made the whole packet's header: its payload
+    length."""
+    h = bytearray(header)
+    plen = len(h) - ipv6.IPV6_HEADER + payload_len
+    h[4], h[5] = plen >> 8, plen & 0xFF
     return bytes(h)
