@@ -75,6 +75,7 @@ class LabSA:
     integrity_key: bytes = field(repr=False, default=b"")
     queue: int = QUEUE_BASE
     mode: str = "transport"
+    udp_encap: bool = False  # ESP in UDP (RFC 3948), ports 4500 both ways
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def derive_key(seed: bytes, label: str, size: int) -> bytes:
 
 def make_sas(
     a: PeerSpec, b: PeerSpec, encryption: str, integrity: str | None, queues: Sequence[int],
-    mode: str, seed: bytes | None = None, context: str = "",
+    mode: str, seed: bytes | None = None, context: str = "", udp_encap: bool = False,
 ) -> tuple[LabSA, ...]:
     """Per queue one a->b and one b->a SA, each with its own key(s): random, or derived from
     ``seed`` for this SA, algorithm, mode and ``context``."""
@@ -160,7 +161,7 @@ def make_sas(
                         alg.keymat_size),
                 integrity_key=(key(f"{sender.name}-to-{receiver.name}-{i}", "integrity", integrity,
                                    HMACS[integrity].key_size) if integrity else b""),
-                queue=queue, mode=mode,
+                queue=queue, mode=mode, udp_encap=udp_encap,
             ))
     return tuple(sas)
 
@@ -169,9 +170,11 @@ def plan(
     a: PeerSpec, b: PeerSpec, encryption: str = "aes-gcm-128", queues: int = 2,
     mode: str | None = None, bypass_port: int = BYPASS_PORT, discard_port: int = DISCARD_PORT,
     seed: bytes | None = None, context: str = "", directory: Path = Path("."),
+    udp_encap: bool = False,
 ) -> LabConfig:
     """The lab's SAs and settings for peers ``a`` and ``b``, nothing written yet (``peers`` is
-    empty: :func:`write_peer` fills it). Raises ValueError for what the lab can't run."""
+    empty: :func:`write_peer` fills it); ``udp_encap``: ESP in UDP on every SA. Raises
+    ValueError for what the lab can't run."""
     if {a.name, b.name} != {"a", "b"}:
         raise ValueError("the two peers are named 'a' and 'b'")
     if a.name != "a":
@@ -187,7 +190,9 @@ def plan(
                                    for p in (a, b)):
         raise ValueError("transport mode protects the peers' own addresses (/32, /128) only")
     qnums = tuple(QUEUE_BASE + i for i in range(queues))
-    sas = make_sas(a, b, enc, integrity, qnums, mode, seed, context)
+    if udp_encap and 6 in (a.address.version, b.address.version):
+        raise ValueError("ESP in UDP is IPv4 only")
+    sas = make_sas(a, b, enc, integrity, qnums, mode, seed, context, udp_encap)
     return LabConfig(directory, {}, sas, enc, integrity, mode, qnums, bypass_port, discard_port)
 
 
@@ -311,6 +316,8 @@ def render(
         if sa.integrity:
             lines += [f'integrity = "{sa.integrity}"',
                       f'integrity_key_file = "{key_dir}/{sa.name}.auth.key"']
+        if sa.udp_encap:
+            lines += ['encapsulation = "udp"']
     return "\n".join(lines) + "\n"
 
 
