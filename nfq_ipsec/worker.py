@@ -53,7 +53,7 @@ from typing import Any, cast
 
 from . import corebuild, hardening
 from .config.fields import DEFAULT_LOG_LEVEL
-from .core import SPD, DropReason, Policy, Processor, SAParams, SecurityAssociation, Verdict, pmtu
+from .core import SPD, DropReason, Policy, Processor, Result, SAParams, SecurityAssociation, Verdict, pmtu
 from .core.ipv6 import IPV6_HEADER
 from .core.packet import ip_to_str
 from .core.processor import ARRIVING, FORWARDED, LEAVING
@@ -128,6 +128,8 @@ class PacketHandler:
     with the mark so that our rules let them out; None opens a marked raw socket the first time.
     ``cross``: sends a result whose IP family is not the queued packet's (a mixed tunnel), with
     the mark; None opens marked raw sockets (header included) the first time.
+    ``send``: sends whole packets the core made in place of a queued one (the fragments of a
+    local IPv6 ESP packet), with the mark; None opens a marked raw socket the first time.
     """
 
     def __init__(
@@ -138,8 +140,10 @@ class PacketHandler:
         ifname: Callable[[int], str] = socket.if_indextoname,
         keepalive: Callable[[bytes], None] | None = None,
         cross: Callable[[bytes], None] | None = None,
+        send: Callable[[bytes], None] | None = None,
     ) -> None:
         self.processor = processor
+        processor.frag_ident = int.from_bytes(os.urandom(4), "big")  # RFC 7739
         self.queue = queue
         self.mark = mark
         self.clock = clock
@@ -154,6 +158,8 @@ class PacketHandler:
         self._cross = cross
         self.crossed_family = 0  # results sent through the other family's raw socket
         self._frag_ident = int.from_bytes(os.urandom(4), "big")  # IPv6 fragment identification
+        self._send = send
+        self.send_errors = 0
         self.store: StateStore | None = None
         self.previous: Processor | None = None  # during a reload, until its rules have moved
         self._added: list[SecurityAssociation] = []  # SAs the pending reload attached
@@ -170,6 +176,7 @@ class PacketHandler:
         verdict = self.queue.verdict
         mark = self.mark
         accept = Verdict.ACCEPT
+        replace = Verdict.REPLACE
         host = self.gateway_interface is None
         accepted = 0
         self.packets_in += len(packets)
@@ -193,6 +200,8 @@ class PacketHandler:
                         accepted += 1
                     if res.reply is not None:  # a forwarded IPv6 packet too big: passed, told
                         self.send_reply(res.reply)
+                elif res.verdict is replace:
+                    accepted += self._replace(pkt, res)
                 elif self.previous is not None and res.reason in _HANDED_BACK:
                     accepted += self._previous_verdict(pkt, where, now)
                 else:
@@ -246,6 +255,20 @@ class PacketHandler:
         self.crossed_family += 1
         return 1
 
+    def _replace(self, pkt: QueuedPacket, res: Result) -> int:
+        """Drop the queued packet and send ``res.packets`` in its place, with the mark (the
+        fragments of a local IPv6 ESP packet too big for its path). Returns 1 if all left."""
+        self.queue.verdict(pkt.packet_id, False)
+        try:
+            if self._send is None:
+                self._send = _raw_sender(self.mark, whole6=True)
+            for packet in res.packets or ():
+                self._send(packet)
+        except OSError:
+            self.send_errors += 1
+            return 0
+        return 1
+
     def send_reply(self, packet: bytes) -> None:
         """Send an ICMP error the core built (its source address 0: the kernel fills it in)."""
         try:
@@ -273,6 +296,8 @@ class PacketHandler:
         prev = self.previous
         assert prev is not None
         res = prev.process(pkt.payload, pkt.length, where, now)
+        if res.verdict is Verdict.REPLACE:
+            return self._replace(pkt, res)
         if res.verdict is not Verdict.ACCEPT:
             self.queue.verdict(pkt.packet_id, False)  # counted by the processor
             return 0
@@ -308,6 +333,7 @@ class PacketHandler:
         if self.store is not None:
             self.store.attach(added)
         new.drops = old.drops  # one set of counters across the reload
+        new.frag_ident = old.frag_ident
         self.previous, self.processor = old, new
         self._added = added
         retired = len(kept) - (len(items) - len(added))
@@ -503,17 +529,18 @@ def run(
         queue.close()
 
 
-def _raw_sender(mark: int = 0) -> Callable[[bytes], None]:
+def _raw_sender(mark: int = 0, whole6: bool = False) -> Callable[[bytes], None]:
     """Sends what the core builds to its destination: IPv4 whole (header included) through a
     raw IPv4 socket; IPv6 (ICMPv6 errors) as its ICMPv6 message through an ICMPv6 socket, whose
-    kernel picks the source address and computes the checksum over it. ``mark`` (SO_MARK) goes
-    on every packet if not 0."""
+    kernel picks the source address and computes the checksum over it, or with ``whole6``
+    whole (header included: IPPROTO_RAW). ``mark`` (SO_MARK) goes on every packet if not 0."""
     socks: dict[int, socket.socket] = {}
 
     def sock_for(version: int) -> socket.socket:
         sock = socks.get(version)
         if sock is None:
-            sock = (socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+            sock = (socket.socket(socket.AF_INET6, socket.SOCK_RAW,
+                                  socket.IPPROTO_RAW if whole6 else socket.IPPROTO_ICMPV6)
                     if version == 6
                     else socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW))
             sock.setblocking(False)
@@ -524,8 +551,8 @@ def _raw_sender(mark: int = 0) -> Callable[[bytes], None]:
 
     def send(packet: bytes) -> None:
         if packet[0] >> 4 == 6:
-            sock_for(6).sendto(packet[IPV6_HEADER:], (socket.inet_ntop(socket.AF_INET6,
-                                                                     packet[24:40]), 0))
+            sock_for(6).sendto(packet if whole6 else packet[IPV6_HEADER:],
+                               (socket.inet_ntop(socket.AF_INET6, packet[24:40]), 0))
         else:
             sock_for(4).sendto(packet, (socket.inet_ntoa(packet[16:20]), 0))
 

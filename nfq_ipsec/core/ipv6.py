@@ -248,3 +248,27 @@ def addr_str(addr: int) -> str:
 
 def is_v6(addr: int | None) -> bool:
     return addr is not None and bool(addr & V6)
+
+
+def fragment_packet(data: bytes, hdr: IPv6Header, mtu: int, ident: int) -> list[bytes]:
+    """``data`` (parsed as ``hdr``) cut into fragments of at most ``mtu`` bytes, as its source
+    may (RFC 8200 section 4.5): the headers before ``hdr.protocol`` (at ``hdr.offset``) are
+    the unfragmentable part, repeated in every fragment with a fragment header after it;
+    what follows is cut at multiples of 8 bytes. For an ESP packet (RFC 4303 section 3.3.4:
+    ESP is fragmented after it is made)."""
+    unfrag = bytearray(data[:hdr.offset])
+    inner_nh = unfrag[hdr.nh_at]
+    unfrag[hdr.nh_at] = NH_FRAGMENT
+    body = data[hdr.offset:hdr.total_length]
+    step = (mtu - len(unfrag) - FRAGMENT_HEADER) & ~7
+    if step <= 0:
+        raise EspError(DropReason.TOO_BIG, f"headers of {len(unfrag)} bytes leave no room in {mtu}")
+    out = []
+    for at in range(0, len(body), step):
+        chunk = body[at:at + step]
+        more = 1 if at + len(chunk) < len(body) else 0
+        plen = len(unfrag) - IPV6_HEADER + FRAGMENT_HEADER + len(chunk)
+        unfrag[4], unfrag[5] = plen >> 8, plen & 0xFF
+        frag = bytes((inner_nh, 0, at >> 8, (at & 0xF8) | more)) + ident.to_bytes(4, "big")
+        out.append(bytes(unfrag) + frag + chunk)
+    return out

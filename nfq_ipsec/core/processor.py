@@ -31,21 +31,24 @@ ICMP_REPLIES_PER_SECOND: Final = 100  # "fragmentation needed" messages a proces
 class Verdict(enum.Enum):
     ACCEPT = "accept"
     DROP = "drop"
+    REPLACE = "replace"  # the queued packet goes no further: ``packets`` are sent instead
 
 
 class Result:
     """What to do with a packet. ``packet`` is the new payload, or None if unchanged;
     ``reply`` is a packet for the shell to send back to the sender (an ICMP error), or None.
+    ``packets``: with :attr:`Verdict.REPLACE`, what the shell sends in the queued packet's
+    place (the fragments of a local IPv6 ESP packet too big for its path).
 
     A plain class, not a dataclass: one is made per packet, and the compiled core builds a
     plain class about five times faster."""
 
-    __slots__ = ("detail", "packet", "reason", "reply", "sa", "seq", "verdict")
+    __slots__ = ("detail", "packet", "packets", "reason", "reply", "sa", "seq", "verdict")
 
     def __init__(
         self, verdict: Verdict, packet: bytes | None = None, reason: DropReason | None = None,
         sa: SecurityAssociation | None = None, seq: int | None = None, detail: str = "",
-        reply: bytes | None = None,
+        reply: bytes | None = None, packets: list[bytes] | None = None,
     ) -> None:
         self.verdict = verdict
         self.packet = packet
@@ -54,6 +57,7 @@ class Result:
         self.seq = seq
         self.detail = detail
         self.reply = reply
+        self.packets = packets
 
     def __repr__(self) -> str:
         size = "unchanged" if self.packet is None else f"{len(self.packet)} bytes"
@@ -95,6 +99,10 @@ class Processor:
         self.pmtu_updates = 0  # "fragmentation needed" messages about our ESP taken in
         self.icmp_replies = 0  # "fragmentation needed" messages sent back to inner senders
         self.df_cleared = 0  # ESP packets sent with DF cleared, too big for the reported path
+        self.fragmented6 = 0  # local IPv6 ESP packets sent as fragments, too big for the path
+        # the last fragment identification used; the shell seeds it at random (RFC 7739: not
+        # predictable from outside), the core having no source of randomness
+        self.frag_ident = 0
         self._reply_window = 0.0
         self._replies_left = ICMP_REPLIES_PER_SECOND
         self.sad = SAD(spd, sas, now)
@@ -439,6 +447,8 @@ class Processor:
                      if forwarded and (sa.outer_v6 or not sa.tunnel) else None)
             out = esp6.encapsulate6(sa, data, hdr)
             sa.account(hdr.total_length)
+            if not forwarded and (sa.outer_v6 or not sa.tunnel) and len(out) > (sa.pmtu or self.mtu):
+                return self._fragments6(sa, out, now)
             res = self._accept(out, sa, sa.next_seq - 1)
             res.reply = reply
             return res
@@ -475,6 +485,22 @@ class Processor:
         self.icmp_replies += 1
         mtu = max(pmtu.inner_mtu(sa, limit, hdr.split), ipv6.MIN_MTU)
         return pmtu.packet_too_big_reply(data, hdr, mtu)
+
+    def _fragments6(self, sa: SecurityAssociation, out: bytes, now: float) -> Result:
+        """A local IPv6 packet whose ESP is too big for the SA's path: sent as fragments that
+        fit (RFC 8200 4.5, the source's to make). Handed back whole, the local kernel would
+        fragment it only for a socket that allows it: one with IPV6_DONTFRAG or
+        IPV6_PMTUDISC_DO would lose it, and the kernel's "packet too big", quoting the ESP
+        packet, never reaches that socket."""
+        if sa.pmtu and now - sa.pmtu_at > pmtu.PMTU_AGE:
+            sa.pmtu = 0  # aged: try the interface's MTU again (RFC 8201 4)
+        limit = max(sa.pmtu or self.mtu, ipv6.MIN_MTU)
+        if len(out) <= limit:
+            return self._accept(out, sa, sa.next_seq - 1)
+        self.frag_ident = (self.frag_ident + 1) & 0xFFFFFFFF
+        pieces = ipv6.fragment_packet(out, ipv6.parse_ipv6(out), limit, self.frag_ident)
+        self.fragmented6 += 1
+        return Result(Verdict.REPLACE, None, None, sa, sa.next_seq - 1, "", None, pieces)
 
     def inbound6(self, data: bytes, now: float) -> Result:
         """``inbound`` for an IPv6 packet: ESP after the extension headers in front of it."""

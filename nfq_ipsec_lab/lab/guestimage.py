@@ -5,7 +5,8 @@ fresh machine too): the kernel package is downloaded with ``apt-get download`` a
 here (never installed); busybox comes from ``busybox-static`` and ``ip`` from ``iproute2``,
 both installed by ``scripts/install-deps``, with the shared libraries ``ldd`` lists for ``ip``.
 
-Only the modules the peer needs go in (ESP, the xfrm netlink interface, virtio-net, and the
+Only the modules the peer needs go in (ESP for IPv4 and IPv6, the xfrm netlink interface,
+virtio-net, and the
 crypto templates that are modules in Debian's build: gcm, ctr, ghash, authenc, seqiv,
 echainiv), with their dependencies from ``modinfo``, loaded in that order by ``/init``
 (busybox ``insmod``: there is no ``modprobe`` and no ``modules.dep`` in the guest, so the
@@ -15,6 +16,12 @@ The result is cached under ``.cache/kernel-peer/<key>/`` of the checkout (or
 ``$NFQ_IPSEC_KERNEL_PEER_CACHE``), keyed by the package versions and this file's text, so a
 second build costs a few ``dpkg-query`` calls. ``python -m nfq_ipsec_lab.lab.guestimage``
 builds it and prints where it is.
+
+One program of our own goes in too, ``/sbin/espinudp`` (:data:`ESPINUDP_SRC`, compiled here with
+``gcc -static``, so it needs nothing in the guest): the kernel decapsulates ESP in UDP (RFC
+3948) only for datagrams to a UDP socket marked ``UDP_ENCAP_ESPINUDP``, which is what an IKE
+daemon opens on port 4500; ``encap espinudp`` on a state covers sending alone. The program
+opens that socket and stays in the background holding it, as the IKE daemon would.
 """
 
 from __future__ import annotations
@@ -34,13 +41,15 @@ from pathlib import Path
 
 KERNEL_META = "linux-image-amd64"  # depends on the current linux-image-<abi>-amd64
 HOST_PACKAGES = ("busybox-static", "iproute2")  # installed here; copied into the guest
+BUILD_PACKAGES = ("gcc", "libc6-dev")  # build the guest's helper (gcc -static)
 BUSYBOX = Path("/bin/busybox")
 IP = Path("/bin/ip")
 # Loaded in this order, each after its own dependencies (modinfo's "depends").
-MODULES = ("virtio_pci", "virtio_net", "xfrm_user", "esp4", "ecb", "jitterentropy_rng",
+MODULES = ("virtio_pci", "virtio_net", "xfrm_user", "esp4", "esp6", "ecb", "jitterentropy_rng",
            "drbg", "gf128mul", "ghash-generic", "ctr",
            "gcm", "authenc", "seqiv", "echainiv")
 CACHE_ENV = "NFQ_IPSEC_KERNEL_PEER_CACHE"
+ESPINUDP = "/sbin/espinudp"
 READY_LINE = "NFK-GUEST-READY"  # /init prints it when it starts reading commands
 BEGIN = "NFK-BEGIN"
 END = "NFK-END"
@@ -71,6 +80,70 @@ while IFS= read -r line; do
   echo "{END} $id $?"
 done < /dev/console > /dev/console 2>&1
 poweroff -f
+"""
+
+# The guest's holder of the ESP-in-UDP socket: binds UDP <port> (all addresses), marks it
+# UDP_ENCAP_ESPINUDP, and gives it socket policies that bypass IPsec both ways, as IKE
+# daemons do for their sockets: the kernel checks the inbound policy on the UDP datagram
+# before it decapsulates, and a host's policy covers the peer's UDP to port 4500 too. Then it
+# forks: the parent exits 0 once the socket is ready (so the harness knows), the child keeps it
+# in a new session, reading and discarding whatever the kernel hands up (the non-ESP marker's
+# IKE, were there any) until it is killed.
+ESPINUDP_SRC = r"""
+#include <linux/xfrm.h>
+#include <netinet/in.h>
+#include <netinet/udp.h>
+#include <string.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <fcntl.h>
+
+int main(int argc, char **argv) {
+    int port = argc > 1 ? atoi(argv[1]) : 4500;
+    int type = UDP_ENCAP_ESPINUDP;
+    struct sockaddr_in addr = {0};
+    char buf[2048];
+    int fd = socket(AF_INET, SOCK_DGRAM, 0);
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons((unsigned short)port);
+    if (fd < 0 || bind(fd, (struct sockaddr *)&addr, sizeof addr) < 0
+            || setsockopt(fd, IPPROTO_UDP, UDP_ENCAP, &type, sizeof type) < 0) {
+        perror("espinudp");
+        return 1;
+    }
+    for (int dir = XFRM_POLICY_IN; dir <= XFRM_POLICY_OUT; dir++) {
+        struct xfrm_userpolicy_info pol;
+        memset(&pol, 0, sizeof pol);
+        pol.action = XFRM_POLICY_ALLOW;
+        pol.sel.family = AF_INET;
+        pol.dir = dir;
+        if (setsockopt(fd, IPPROTO_IP, IP_XFRM_POLICY, &pol, sizeof pol) < 0) {
+            perror("espinudp: IP_XFRM_POLICY");
+            return 1;
+        }
+    }
+    pid_t pid = fork();
+    if (pid < 0) {
+        perror("espinudp: fork");
+        return 1;
+    }
+    if (pid > 0) {
+        printf("espinudp: port %d, pid %d\n", port, (int)pid);
+        return 0;
+    }
+    setsid();
+    int null = open("/dev/null", O_RDWR);
+    if (null >= 0) {
+        dup2(null, 0);
+        dup2(null, 1);
+        dup2(null, 2);
+    }
+    for (;;)
+        if (recv(fd, buf, sizeof buf, 0) < 0)
+            sleep(1);
+}
 """
 
 
@@ -130,7 +203,7 @@ def kernel_package() -> tuple[str, str]:
 
 def cache_key(kernel: tuple[str, str]) -> str:
     parts = [f"{kernel[0]}={kernel[1]}"]
-    parts += [f"{p}={installed_version(p)}" for p in (*HOST_PACKAGES, "libc6")]
+    parts += [f"{p}={installed_version(p)}" for p in (*HOST_PACKAGES, *BUILD_PACKAGES, "libc6")]
     parts.append(hashlib.sha256(Path(__file__).read_bytes()).hexdigest())
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
@@ -160,7 +233,7 @@ def build(cache: Path | None = None) -> GuestImage:
         moddir = tree / "lib" / "modules" / release
         if not vmlinuz.is_file() or not moddir.is_dir():
             raise GuestBuildError(f"{debs[0].name} has no vmlinuz-{release} or its modules")
-        initrd = initramfs(module_files(moddir, MODULES))
+        initrd = initramfs(module_files(moddir, MODULES), espinudp(work))
         staged = work / "out"
         staged.mkdir()
         shutil.copyfile(vmlinuz, staged / "vmlinuz")
@@ -199,6 +272,22 @@ def module_files(moddir: Path, names: Sequence[str]) -> list[Path]:
     return order
 
 
+def espinudp(work: Path) -> bytes:
+    """The guest's ESP-in-UDP socket holder, compiled from :data:`ESPINUDP_SRC`: static, so
+    the guest needs no C library for it."""
+    if shutil.which("gcc") is None:
+        raise GuestBuildError("gcc is not installed (scripts/install-deps installs gcc and "
+                              "libc6-dev; the guest's ESP-in-UDP helper is built with them)")
+    src, out = work / "espinudp.c", work / "espinudp"
+    src.write_text(ESPINUDP_SRC)
+    try:
+        _run(["gcc", "-static", "-Os", "-Wall", "-Werror", "-o", str(out), str(src)])
+    except GuestBuildError as err:
+        raise GuestBuildError(f"building the guest's ESP-in-UDP helper failed (static linking "
+                              f"needs libc6-dev): {err}") from None
+    return out.read_bytes()
+
+
 def _ldd(binary: Path) -> list[Path]:
     libs = []
     for line in _run(["ldd", str(binary)]).splitlines():
@@ -212,8 +301,9 @@ def _ldd(binary: Path) -> list[Path]:
     return libs
 
 
-def initramfs(modules: Sequence[Path]) -> bytes:
-    """The gzipped newc cpio archive: /init, busybox, ip and its libraries, the modules."""
+def initramfs(modules: Sequence[Path], helper: bytes) -> bytes:
+    """The gzipped newc cpio archive: /init, busybox, ip and its libraries, the modules, and
+    ``helper`` as :data:`ESPINUDP`."""
     for p in (BUSYBOX, IP):
         if not p.is_file():
             raise GuestBuildError(f"{p} is missing (scripts/install-deps installs "
@@ -226,6 +316,7 @@ def initramfs(modules: Sequence[Path]) -> bytes:
     cpio.file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
     cpio.symlink("bin/sh", "busybox")
     cpio.file("sbin/ip", IP.read_bytes(), 0o755)  # before busybox's ip in PATH
+    cpio.file(ESPINUDP.lstrip("/"), helper, 0o755)
     seen: set[str] = set()
     for lib in _ldd(IP):
         dest = str(lib).lstrip("/")

@@ -11,9 +11,14 @@ The console also gives the tests the guest's word on everything: ``ip -s xfrm st
 
 The wire is a :class:`GuestLink` and the SAs come from the lab's configuration generator
 (:mod:`labconfig`, the guest being peer ``b``): :func:`xfrm_commands` turns them into
-``ip xfrm`` commands for the guest. Addresses are :mod:`ipaddress` objects, so an IPv6 link
-renders the same commands, and ``encap`` adds ESP-in-UDP (``encap espinudp``) when the daemon
-has it.
+``ip xfrm`` commands for the guest. Addresses are :mod:`ipaddress` objects, so IPv6 renders
+the same commands (plus policies that let neighbour discovery pass in clear, as our side's
+rules do: the kernel applies its policies to ICMPv6 too, and would otherwise encrypt its
+neighbour advertisements and drop ours). :meth:`KernelPeer.add_address` puts a second
+address pair (IPv6 beside the IPv4 link) on the same tap, so one boot serves both families.
+``encap`` adds ESP in UDP (``encap espinudp``) to the states and starts the guest's holder of
+the encapsulation socket (:data:`guestimage.ESPINUDP`), without which the kernel would send ESP
+in UDP but never decapsulate it.
 
 Everything is removed on every exit path: QEMU is a process of the :class:`~netns.Lab` (stopped
 by pid), and the tap lives in the lab's namespace, deleted with it.
@@ -43,6 +48,9 @@ QEMU = "qemu-system-x86_64"
 BOOT_TIMEOUT = 180.0  # seconds; TCG on a busy 2-core machine
 GUEST_MAC = "52:54:00:6e:66:6b"
 XFRM_REQID = 1
+# xfrm policy priorities (lower wins): neighbour discovery in clear before the protect policies
+ND_PRIORITY, PROTECT_PRIORITY = 10, 100
+ND_TYPES = (133, 134, 135, 136, 137)  # router/neighbour solicitation and advertisement, redirect
 # iproute2's ip in the guest, by its path: busybox's sh runs its own applets first, and its
 # "ip" applet has no xfrm.
 IP = "/sbin/ip"
@@ -114,7 +122,13 @@ def xfrm_commands(sas: Sequence[LabSA], me: str, mode: str, encap: UdpEncap | No
         if protected is not None:
             sel_src, sel_dst = protected if direction == "out" else protected[::-1]
         cmds.append(f"{IP} xfrm policy add src {sel_src} dst {sel_dst} dir {direction} "
+                    f"priority {PROTECT_PRIORITY} "
                     f"tmpl src {src} dst {dst} proto esp reqid {XFRM_REQID} mode {mode}")
+    if (protected is not None and protected[0].version == 6) or any(
+            src.version == 6 for src, _, _ in directions):
+        cmds += [f"{IP} xfrm policy add src ::/0 dst ::/0 proto 58 type {t} "
+                 f"dir {direction} priority {ND_PRIORITY}"
+                 for direction in ("out", "in") for t in ND_TYPES]
     return cmds
 
 
@@ -161,6 +175,7 @@ class KernelPeer:
         self._cond = threading.Condition()
         self._reader: threading.Thread | None = None
         self._next_id = 0
+        self._encap_ports: set[int] = set()
         self.transcript = lab.workdir / "kernel-peer-console.log"
 
     # -- boot -----------------------------------------------------------------------------
@@ -197,6 +212,15 @@ class KernelPeer:
         self.check(f"{IP} link set eth0 mtu {self.link.mtu} && {IP} addr add {addr} dev eth0 && "
                    f"{IP} link set eth0 up")
         return self.boot_seconds
+
+    def add_address(self, host: IPv4Address | IPv6Address, guest: IPv4Address | IPv6Address,
+                    prefixlen: int) -> None:
+        """Another address pair on the link (IPv6 beside the IPv4 one, say): ``host`` on the
+        tap, ``guest`` on the guest's eth0; IPv6 without duplicate address detection, so both
+        work at once."""
+        nodad = ["nodad"] if host.version == 6 else []
+        self.ns.ip("addr", "add", f"{host}/{prefixlen}", "dev", self.tap, *nodad)
+        self.check(f"{IP} addr add {guest}/{prefixlen} dev eth0 {' '.join(nodad)}")
 
     def _read(self) -> None:
         assert self.proc is not None and self.proc.popen.stdout is not None
@@ -259,9 +283,20 @@ class KernelPeer:
     def xfrm_setup(self, sas: Sequence[LabSA], mode: str, me: str = "b",
                    encap: UdpEncap | None = None,
                    protected: tuple[IPNetwork, IPNetwork] | None = None) -> None:
-        """Replace the guest's xfrm states and policies with the mirror of ``sas``."""
+        """Replace the guest's xfrm states and policies with the mirror of ``sas``; with
+        ``encap``, also hold the ESP-in-UDP socket on its destination port."""
         for cmd in xfrm_commands(sas, me, mode, encap, protected=protected):
             self.check(cmd)
+        if encap is not None:
+            self.hold_udp_encap(encap.dport)
+
+    def hold_udp_encap(self, port: int) -> None:
+        """A UDP socket on ``port`` marked UDP_ENCAP_ESPINUDP (what an IKE daemon opens): the
+        kernel decapsulates ESP in UDP only for datagrams to such a socket. Started once, kept
+        until the guest stops."""
+        if port not in self._encap_ports:
+            self.check(f"{guestimage.ESPINUDP} {port}")
+            self._encap_ports.add(port)
 
     def xfrm_flush(self) -> None:
         self.check(f"{IP} xfrm policy flush && {IP} xfrm state flush")

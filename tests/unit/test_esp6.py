@@ -265,8 +265,58 @@ def test_forwarded_packet_too_big_after_esp_gets_packet_too_big() -> None:
     fits = bytes(IPv6(src=A6, dst=B6) / UDP(sport=1, dport=2) / bytes(ptb.mtu - 48))
     res = pair.proc.process(fits, len(fits), FORWARDED, 0.0)
     assert res.verdict is Verdict.ACCEPT and res.packet is not None and len(res.packet) <= 1500
-    local = pair.proc.process(big, len(big), LEAVING, 0.0)  # its own kernel fragments the ESP
-    assert local.verdict is Verdict.ACCEPT
+    local = pair.proc.process(big, len(big), LEAVING, 0.0)  # never dropped: see below
+    assert local.verdict is Verdict.REPLACE and local.packets
+
+
+def reassemble6(fragments: list[bytes]) -> bytes:
+    """The packet ``fragments`` came from, put together here (RFC 8200 4.5), independently of
+    the product's reassembly: the unfragmentable part of the first, the fragment header out."""
+    frags = [IPv6(f) for f in fragments]
+    body = b""
+    for f in sorted(frags, key=lambda f: f[IPv6ExtHdrFragment].offset):
+        fh = f[IPv6ExtHdrFragment]
+        assert fh.offset * 8 == len(body) and fh.id == frags[0][IPv6ExtHdrFragment].id
+        body += bytes(fh.payload)
+    assert [f[IPv6ExtHdrFragment].m for f in frags] == [1] * (len(frags) - 1) + [0]
+    first = fragments[0]
+    unfrag_len = len(first) - len(bytes(frags[0][IPv6ExtHdrFragment]))
+    head = bytearray(first[:unfrag_len])
+    nh_at = 6 if unfrag_len == 40 else 40  # here: the fixed header, or one hop-by-hop header
+    head[nh_at] = frags[0][IPv6ExtHdrFragment].nh
+    plen = unfrag_len - 40 + len(body)
+    head[4:6] = plen.to_bytes(2, "big")
+    return bytes(head) + body
+
+
+@pytest.mark.parametrize("tunnel", [None, (A6, B6)], ids=["transport", "tunnel"])
+@pytest.mark.parametrize("hop_by_hop", [False, True], ids=["plain", "hop-by-hop"])
+def test_a_local_packet_too_big_after_esp_leaves_in_fragments(
+        tunnel: tuple[str, str] | None, hop_by_hop: bool) -> None:
+    """A local IPv6 packet that fits the interface but not after ESP: its ESP packet is sent as
+    fragments that fit (RFC 8200 4.5), never handed back whole, which the local kernel would
+    drop for a socket with IPV6_DONTFRAG or IPV6_PMTUDISC_DO. Scapy opens the reassembled
+    ESP packet; a forwarded one still gets "packet too big" (above)."""
+    pair = Pair("aes-gcm-128", None, A6 + "/128", B6 + "/128", tunnel)
+    hbh = IPv6ExtHdrHopByHop() if hop_by_hop and tunnel is None else None
+    inner = IPv6(src=A6, dst=B6) / (hbh / UDP(sport=7, dport=9) if hbh else UDP(sport=7, dport=9))
+    big = bytes(inner / Raw((bytes(range(256)) * 6)[:1500 - len(inner)]))
+    assert len(big) == 1500
+    res = pair.proc.process(big, len(big), LEAVING, 0.0)
+    assert res.verdict is Verdict.REPLACE and res.packet is None and res.sa is not None
+    assert res.packets is not None and len(res.packets) == 2
+    assert all(len(f) <= 1500 for f in res.packets) and len(res.packets[1]) < 200
+    esp = reassemble6(res.packets)
+    assert IPv6(esp)[ESP].spi == SPI_OUT and IPv6(esp)[ESP].seq == res.seq == 1
+    opened = pair.peer_rx.decrypt(IPv6(esp))
+    assert bytes(opened).endswith(big[len(inner) - 8:])  # the UDP header and its payload
+    # a packet whose ESP fits is accepted whole, and the next datagram has another identification
+    small = bytes(IPv6(src=A6, dst=B6) / UDP(sport=7, dport=9) / bytes(100))
+    assert pair.proc.process(small, len(small), LEAVING, 0.0).verdict is Verdict.ACCEPT
+    again = pair.proc.process(big, len(big), LEAVING, 0.0)
+    assert again.packets is not None
+    assert IPv6(again.packets[0])[IPv6ExtHdrFragment].id != IPv6(res.packets[0])[IPv6ExtHdrFragment].id
+    assert pair.proc.fragmented6 == 2
 
 
 def test_mixed_tunnel_packets_are_held_only_for_df() -> None:

@@ -4,13 +4,14 @@ initramfs archive. The guest itself runs in tests/lab/test_kernel_peer.py."""
 from __future__ import annotations
 
 import stat
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from pathlib import Path
 
 import pytest
 
 from nfq_ipsec_lab.lab import labconfig
 from nfq_ipsec_lab.lab.guestimage import Cpio
-from nfq_ipsec_lab.lab.kernelpeer import IP, parse_xfrm_stats, redact, xfrm_commands
+from nfq_ipsec_lab.lab.kernelpeer import IP, UdpEncap, parse_xfrm_stats, redact, xfrm_commands
 from nfq_ipsec_lab.lab.labconfig import PeerSpec
 
 HOST, GUEST = IPv4Address("10.231.0.1"), IPv4Address("10.231.0.2")
@@ -65,10 +66,49 @@ def test_xfrm_commands_mirror_the_lab_sas() -> None:
     assert states[0].endswith(f"aead 'rfc4106(gcm(aes))' 0x{in_sa.key.hex()} 128")
     assert len(in_sa.key) == 20 and out_sa.sender == "b"
     assert [c for c in cmds if "policy add" in c] == [
-        f"{IP} xfrm policy add src {HOST}/32 dst {GUEST}/32 dir in tmpl src {HOST} dst {GUEST} "
-        "proto esp reqid 1 mode transport",
-        f"{IP} xfrm policy add src {GUEST}/32 dst {HOST}/32 dir out tmpl src {GUEST} dst {HOST} "
-        "proto esp reqid 1 mode transport"]
+        f"{IP} xfrm policy add src {HOST}/32 dst {GUEST}/32 dir in priority 100 tmpl src {HOST} "
+        f"dst {GUEST} proto esp reqid 1 mode transport",
+        f"{IP} xfrm policy add src {GUEST}/32 dst {HOST}/32 dir out priority 100 tmpl src {GUEST} "
+        f"dst {HOST} proto esp reqid 1 mode transport"]
+    assert not any("encap" in c or "proto 58" in c for c in cmds)
+
+
+def test_xfrm_commands_over_ipv6_let_neighbour_discovery_pass() -> None:
+    """IPv6: the same states and policies, and before them (a lower priority number) policies
+    without templates for ICMPv6 router and neighbour discovery both ways, as our rules pass
+    them in clear: the kernel would otherwise encrypt its advertisements and drop ours."""
+    host6, guest6 = IPv6Address("fd00:231::1"), IPv6Address("fd00:231::2")
+    cfg = labconfig.plan(PeerSpec("a", "nfkt1", host6, IPv6Network(f"{host6}/128")),
+                         PeerSpec("b", "eth0", guest6, IPv6Network(f"{guest6}/128")),
+                         "aes-gcm-128", queues=1, mode="tunnel")
+    cmds = xfrm_commands(cfg.sas, "b", "tunnel")
+    assert f"{IP} xfrm state add src {host6} dst {guest6} proto esp spi 0x00001000 " in cmds[2]
+    protect = [c for c in cmds if " tmpl " in c]
+    assert protect[0] == (f"{IP} xfrm policy add src {host6}/128 dst {guest6}/128 dir in "
+                          f"priority 100 tmpl src {host6} dst {guest6} proto esp reqid 1 mode tunnel")
+    nd = [c for c in cmds if "proto 58" in c]
+    assert nd == [f"{IP} xfrm policy add src ::/0 dst ::/0 proto 58 type {t} dir {d} priority 10"
+                  for d in ("out", "in") for t in (133, 134, 135, 136, 137)]
+
+
+def test_xfrm_commands_and_config_of_esp_in_udp() -> None:
+    """ESP in UDP: the guest's states carry ``encap espinudp``, our SAs ``encapsulation =
+    "udp"``; IPv6 is refused (our configuration refuses ESP in UDP over IPv6)."""
+    cfg = labconfig.plan(PeerSpec("a", "nfkt1", HOST, IPv4Network(f"{HOST}/32")),
+                         PeerSpec("b", "eth0", GUEST, IPv4Network(f"{GUEST}/32")),
+                         "aes-gcm-128", queues=1, mode="transport", encapsulation="udp")
+    assert all(sa.encapsulation == "udp" for sa in cfg.sas)
+    states = [c for c in xfrm_commands(cfg.sas, "b", "transport", UdpEncap(4500, 4500))
+              if " state add " in c]
+    assert len(states) == 2 and all(c.endswith(" encap espinudp 4500 4500 0.0.0.0") for c in states)
+    a, b = (PeerSpec("a", "nfkt1", HOST, IPv4Network(f"{HOST}/32")),
+            PeerSpec("b", "eth0", GUEST, IPv4Network(f"{GUEST}/32")))
+    text = labconfig.render(a, b, cfg.sas, cfg.queues, Path("ctl.sock"), Path("state"), "transport")
+    assert text.count('encapsulation = "udp"') == 2
+    with pytest.raises(ValueError, match="IPv4 only"):
+        labconfig.plan(PeerSpec("a", "x", IPv6Address("fd00::1"), IPv6Network("fd00::1/128")),
+                       PeerSpec("b", "y", IPv6Address("fd00::2"), IPv6Network("fd00::2/128")),
+                       encapsulation="udp")
 
 
 def test_xfrm_commands_cbc_hmac_tunnel() -> None:

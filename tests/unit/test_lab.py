@@ -3,6 +3,7 @@ wire analysis, iptables snapshot normalisation and namespace naming."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import struct
@@ -201,6 +202,10 @@ def test_uat_entries_cover_every_generated_sa(tmp_path: Path) -> None:
     assert argv.count("-o") == 2 + 4  # decrypt, authenticate; one esp_sa entry per SA
     assert argv.count("--disable-protocol") == 2  # the decrypted packets: not past IP
     assert "esp.icv_good" in argv and "esp.icv_bad" in argv
+    # ESP in UDP: tshark finds the ESP through UDP (its udpencap dissector), so UDP stays on
+    udp = [dataclasses.replace(sa, encapsulation="udp") for sa in lc.sas]
+    argv = tshark_argv("tshark", tmp_path / "x.pcap", udp)
+    assert argv[argv.index("--disable-protocol") + 1] == "tcp" and "udp" not in argv
 
 
 # -- capture analysis -------------------------------------------------------------------------

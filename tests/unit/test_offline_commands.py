@@ -278,6 +278,48 @@ def test_decode_reassembles_fragmented_ipv6_esp(tmp_path: Path,
     assert code == 4 and "DROP  fragment" in out and " ok " not in out, out
 
 
+def test_decode_reassembles_fragmented_esp_over_ipv6(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The Linux kernel fragments a big ESP packet over IPv6 too (a fragment header after the
+    unfragmentable part, here a hop-by-hop header): decode holds the fragments, in any order,
+    and checks the ESP packet once it is whole; a later fragment is never read as ESP."""
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+    from scapy.layers.ipsec import ESP
+    from scapy.layers.ipsec import SecurityAssociation as ScapySA
+
+    a = load_config(EXAMPLES / "host6-a.toml", online_cpus=CPUS)
+    sa = a.sa("a-to-b")
+    peer = ScapySA(ESP, spi=sa.spi, crypt_algo="AES-GCM", crypt_key=sa.key.reveal())  # type: ignore[no-untyped-call]
+    src, dst = "2001:db8:56::10", "2001:db8:56::11"
+    big = IPv6(src=src, dst=dst) / IPv6ExtHdrHopByHop() / UDP(sport=4000, dport=53) / Raw(b"q" * 3000)
+    wire = peer.encrypt(IPv6(bytes(big)), seq_num=1)  # type: ignore[no-untyped-call]
+    assert wire[IPv6ExtHdrHopByHop].nh == 50
+    esp_bytes = bytes(wire[IPv6ExtHdrHopByHop].payload)
+    frags = []
+    for offset in range(0, len(esp_bytes), 1232):  # RFC 8200 4.5: 8-byte multiples
+        chunk = esp_bytes[offset:offset + 1232]
+        more = int(offset + len(chunk) < len(esp_bytes))
+        frags.append(IPv6(src=src, dst=dst) / IPv6ExtHdrHopByHop()
+                     / IPv6ExtHdrFragment(nh=50, offset=offset // 8, m=more, id=0x1234) / Raw(chunk))
+    assert len(frags) == 3 and IPv6(bytes(frags[0]))[IPv6ExtHdrHopByHop].nh == 44
+    path = tmp_path / "v6frag.pcap"
+    eth = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")  # no neighbour lookups
+    wrpcap(str(path), [eth / IPv6(bytes(f)) for f in (frags[2], frags[0], frags[1])])
+    code, out, _ = run(capsys, "decode", "--config", str(EXAMPLES / "host6-b.toml"), str(path))
+    lines = out.splitlines()
+    assert code == 0, out
+    assert all("held for reassembly" in line for line in lines[:2]), out
+    assert f"ok    sa=a-to-b  UDP {src}:4000 > {dst}:53 len=3000" in lines[2], out
+    assert lines[2].endswith("(reassembled from 3 fragments)")
+    assert lines[-1] == "summary: fragment 2, ok 1"
+    # the same fragments with one changed byte: reassembled, and the ICV says no
+    bad = bytearray(bytes(frags[1]))
+    bad[-1] ^= 1
+    wrpcap(str(path), [eth / IPv6(p) for p in (bytes(frags[0]), bytes(bad), bytes(frags[2]))])
+    code, out, _ = run(capsys, "decode", "--config", str(EXAMPLES / "host6-b.toml"), str(path))
+    assert code == 4 and "DROP  integrity sa=a-to-b" in out and "unknown_spi" not in out, out
+
+
 def test_genkey(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "genkey", "aes-gcm-128")
     assert code == 0 and len(bytes.fromhex(out.strip())) == 20

@@ -645,3 +645,34 @@ def test_a_mixed_tunnels_esp_packet_too_big_for_the_path_goes_in_fragments() -> 
     PacketHandler(proc_b, FakeQueue(), MARK, clock=lambda: 1.0, cross=got.append).handle_batch(
         [pkt(whole, hook=HOOK_PRE_ROUTING)])
     assert got == [big]
+
+
+def test_a_local_ipv6_packet_too_big_after_esp_is_sent_as_fragments() -> None:
+    """The core's REPLACE: the queued packet is dropped and the fragments of its ESP packet go
+    out through the sender (a raw socket with the mark in the daemon), counted as passed; a
+    sender that fails is counted and the packet is lost, nothing raised."""
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment
+    from scapy.layers.ipsec import ESP
+
+    cfg = load_config(EXAMPLES / "host6-a.toml", online_cpus=[0, 1])
+    proc = Processor(cfg.spd, cfg.sas_for_queue(100), 0.0)
+    sent: list[bytes] = []
+    h = PacketHandler(proc, FakeQueue(), MARK, clock=lambda: 1.0, send=sent.append)
+    q = h.queue
+    assert isinstance(q, FakeQueue)
+    big = bytes(IPv6(src="2001:db8:56::10", dst="2001:db8:56::11", nh=17) / bytes(1460))
+    h.handle_batch([pkt(big, pid=7)])
+    assert q.verdicts == [(7, False, None, None)]
+    assert len(sent) == 2 and all(len(f) <= 1500 for f in sent)
+    frags = [IPv6(f) for f in sent]
+    assert {f[IPv6ExtHdrFragment].id for f in frags} == {frags[0][IPv6ExtHdrFragment].id}
+    assert frags[0][IPv6ExtHdrFragment].nh == 50 and frags[0][ESP].spi == cfg.sa("a-to-b").spi
+    assert (h.packets_in, h.packets_out, h.send_errors) == (1, 1, 0)
+    assert not any(proc.drops.values())
+
+    def refuse(_packet: bytes) -> None:
+        raise OSError(1, "Operation not permitted")
+
+    h2 = PacketHandler(proc, FakeQueue(), MARK, clock=lambda: 1.0, send=refuse)
+    h2.handle_batch([pkt(big, pid=8)])
+    assert (h2.packets_out, h2.send_errors) == (0, 1)
