@@ -103,6 +103,9 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
             row["ratios"][name] = ratios if ref is not None else None
             if ref is not None and name in ("accept", "base"):
                 row["ratios"][f"{name}_queues"] = ref["queues"]
+        if base is not None:  # CPU per GB moved: steadier than throughput on a loaded machine
+            mine, theirs = _median(row, "cpu_s_per_gb"), _median(base, "cpu_s_per_gb")
+            row["ratios"]["base_cpu_s_per_gb"] = mine / theirs if mine is not None and theirs else None
 
 
 # -- the table ------------------------------------------------------------------------------
@@ -214,9 +217,12 @@ def variants(rows: Sequence[dict[str, Any]]) -> list[str]:
             continue
         base = next((b["label"] for b in rows if b["key"] == row["base"]), row["base"])
         q = row["ratios"].get("base_queues")
-        out.append(f"  {row['label']} / {base}{'' if q is None else f' q{q}'}: {_ratio_cell(r)}")
+        cpu = row["ratios"].get("base_cpu_s_per_gb")
+        out.append(f"  {row['label']} / {base}{'' if q is None else f' q{q}'}: {_ratio_cell(r)}, "
+                   f"dp CPU s/GB {'-' if cpu is None else f'{cpu:.3g}'}")
     if out:
-        out.insert(0, "Variants, median ratio to the row they vary (TCP 1 flow/8 flows/UDP 64 B):")
+        out.insert(0, "Variants, median ratio to the row they vary (TCP 1 flow/8 flows/UDP 64 B, and "
+                      "data-plane CPU per GB):")
     return out
 
 

@@ -140,6 +140,7 @@ def test_smoke_has_the_ipv6_and_udp_rows(smoke: dict[str, Any]) -> None:
     for row in (gcm6, udp):
         assert row["base"] == "gcm" and row["ratios"]["base_queues"] == 1
         assert all(_number(v) and v > 0 for v in row["ratios"]["base"].values())
+        assert row["ratios"]["base_cpu_s_per_gb"] > 0
         # every SA of both peers carried packets, in the encapsulation the row names
         for peer in ("a", "b"):
             sas = row["dataplane_sas"][peer]
@@ -147,7 +148,8 @@ def test_smoke_has_the_ipv6_and_udp_rows(smoke: dict[str, Any]) -> None:
             assert {sa["encapsulation"] for sa in sas} == {row["encapsulation"]}
     assert all(sa["udp_peer"] for sa in udp["dataplane_sas"]["a"])
     lines = smoke["stdout"].splitlines()
-    start = lines.index("Variants, median ratio to the row they vary (TCP 1 flow/8 flows/UDP 64 B):")
+    start = lines.index("Variants, median ratio to the row they vary (TCP 1 flow/8 flows/UDP 64 B, and "
+                        "data-plane CPU per GB):")
     gcm = beds.row_spec("gcm").label
     for key in ("gcm6", "gcm-udp"):
         assert any(line.startswith(f"  {beds.row_spec(key).label} / {gcm} q1: ") for line in lines[start:])
@@ -297,8 +299,9 @@ def test_variant_ratios() -> None:
     assert rows[3]["ratios"]["base"]["udp64_pps"] == pytest.approx(0.25)
     assert rows[2]["ratios"]["accept"] is None  # no accept-only row in this run
     text = "\n".join(report.variants(rows))
-    assert "transport aes-gcm-128 IPv6 / transport aes-gcm-128 q1: 0.5/0.5/0.5" in text
-    assert "transport aes-gcm-128 in UDP / transport aes-gcm-128 q1: 0.25/0.25/0.25" in text
+    # the same CPU seconds for half the bytes: twice the CPU per GB
+    assert "transport aes-gcm-128 IPv6 / transport aes-gcm-128 q1: 0.5/0.5/0.5, dp CPU s/GB 2" in text
+    assert "transport aes-gcm-128 in UDP / transport aes-gcm-128 q1: 0.25/0.25/0.25, dp CPU s/GB 4" in text
     assert "uncompiled" not in text  # a failed variant has no ratio
     assert report.variants(rows[:2]) == []
 
