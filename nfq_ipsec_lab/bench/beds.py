@@ -3,8 +3,9 @@
 Every test bed is built from the lab's pieces in a fresh :class:`~nfq_ipsec_lab.lab.netns.Lab`
 (namespaces ``nfqb<pid>-<n><role>``, removed on every exit path) and is the same pair of
 namespaces joined by one veth pair, 192.168.56.10 -> 192.168.56.11 (the lab's host topology),
-except the tunnel row, which is the lab's gateway topology (client -> gateway -> gateway ->
-server, tunnel mode between the gateways):
+except the IPv6 row (the same pair over IPv6, the lab's host6 topology) and the tunnel row,
+which is the lab's gateway topology (client -> gateway -> gateway -> server, tunnel mode
+between the gateways):
 
 - ``plain``: no rules, nothing in user space;
 - ``accept``: on both hosts, every packet of the link is queued, in mangle OUTPUT and raw
