@@ -10,10 +10,10 @@ shared VMs do, by up to a factor of 1.5) does so for every row alike.
 Rows (``--rows``; see :mod:`nfq_ipsec_lab.bench.beds`): plain veth without rules; NFQUEUE
 accept-only through our binding and worker loop (the redirect ceiling); the floor under ESP
 (accept-only with a verdict that carries the packet, and with an AES-GCM seal of every packet
-first); the daemon in transport mode with AES-GCM-128, ChaCha20-Poly1305 and AES-CBC-128 +
-HMAC-SHA-256; tunnel mode with AES-GCM-128 through the gateway topology; and, when Debian's
-strongSwan packages are installed, two strongSwan 5.9 charons with kernel-libipsec as the
-reference for another userspace ESP.
+first); the daemon in transport mode with AES-GCM-128 (also over IPv6, in UDP, and with its
+core run from source), ChaCha20-Poly1305 and AES-CBC-128 + HMAC-SHA-256; tunnel mode with
+AES-GCM-128 through the gateway topology; and, when Debian's strongSwan packages are installed,
+two strongSwan 5.9 charons with kernel-libipsec as the reference for another userspace ESP.
 The queued rows run once per ``--queues`` value (default 1 and 2).
 
 Columns (:mod:`nfq_ipsec_lab.bench.measure`): one TCP flow and eight TCP flows (iperf3, Mbit/s),
@@ -37,26 +37,28 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 STRONGSWAN_APT = "apt-get install strongswan-charon libcharon-extra-plugins strongswan-swanctl"
-ROW_KEYS = ("plain", "accept", "accept-payload", "accept-gcm", "gcm", "gcm-source", "chacha",
-            "cbc", "tunnel-gcm", "strongswan")  # = beds
+ROW_KEYS = ("plain", "accept", "accept-payload", "accept-gcm", "gcm", "gcm-source", "gcm6",
+            "gcm-udp", "chacha", "cbc", "tunnel-gcm", "strongswan")  # = beds
 
 EPILOG = f"""\
 rows: plain (veth, no rules), accept (NFQUEUE accept-only: the redirect ceiling),
 accept-payload (accept-only, each verdict carrying the packet back), accept-gcm (the same, each
 packet first sealed with AES-GCM-128: the floor under any ESP worker), gcm, chacha, cbc (the
 daemon, transport mode), gcm-source (gcm, 1 queue, with the ESP core run from source
-instead of compiled), tunnel-gcm (the daemon, gateway topology, tunnel mode),
+instead of compiled), gcm6 (gcm, 1 queue, over IPv6), gcm-udp (gcm, 1 queue, ESP in UDP
+4500), tunnel-gcm (the daemon, gateway topology, tunnel mode),
 strongswan (two strongSwan 5.9 charons with kernel-libipsec; ESP in UDP 4500). The strongSwan
 row needs Debian's packages, which nfq-ipsec does not install:
 
   {STRONGSWAN_APT}
 
 Default run: every row, 1 and 2 queues, 3 interleaved rounds of 2-second iperf3 runs: about
-9 minutes.
---quick: 1 repetition of 1-second runs, 10 pings: about 2 minutes. Needs root. Never run two
-benchmarks at once (a second one exits with status 75), and expect noise when other work runs
-on the machine: the table warns when it was busy. Exit status: 0 every row measured, 1 a row
-failed (the others are still reported), 2 usage, 75 another benchmark is running, 130 Ctrl-C.
+11 minutes.
+--quick: every row too, 1 repetition of 1-second runs, 10 pings: about 2.5 minutes. Needs
+root. Never run two benchmarks at once (a second one exits with status 75), and expect noise
+when other work runs on the machine: the table warns when it was busy. Exit status: 0 every
+row measured, 1 a row failed (the others are still reported), 2 usage, 75 another benchmark is
+running, 130 Ctrl-C.
 """
 
 

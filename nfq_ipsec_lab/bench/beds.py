@@ -3,8 +3,9 @@
 Every test bed is built from the lab's pieces in a fresh :class:`~nfq_ipsec_lab.lab.netns.Lab`
 (namespaces ``nfqb<pid>-<n><role>``, removed on every exit path) and is the same pair of
 namespaces joined by one veth pair, 192.168.56.10 -> 192.168.56.11 (the lab's host topology),
-except the tunnel row, which is the lab's gateway topology (client -> gateway -> gateway ->
-server, tunnel mode between the gateways):
+except the IPv6 row (the same pair over IPv6, the lab's host6 topology) and the tunnel row,
+which is the lab's gateway topology (client -> gateway -> gateway -> server, tunnel mode
+between the gateways):
 
 - ``plain``: no rules, nothing in user space;
 - ``accept``: on both hosts, every packet of the link is queued, in mangle OUTPUT and raw
@@ -21,6 +22,10 @@ server, tunnel mode between the gateways):
   (``nfq-ipsec run``), configured by the lab (one SA per queue and direction, fresh keys);
 - ``gcm-source``: the ``gcm`` row (one queue) with the daemon's ESP core run from its Python
   source (``NFQ_IPSEC_PURE=1``) instead of the compiled build;
+- ``gcm6``: the ``gcm`` row (one queue) over IPv6: the lab's ``host6`` topology (the same veth
+  pair, 2001:db8:56::10 -> ::11, IPv4 unaddressed), transport mode;
+- ``gcm-udp``: the ``gcm`` row (one queue) with ESP in UDP (RFC 3948: every SA
+  ``encapsulation = "udp"``, port 4500 to 4500) on the IPv4 host topology;
 - ``strongswan``: two charons with kernel-libipsec (:mod:`nfq_ipsec_lab.bench.strongswan`).
 
 CPU pinning: ``spread`` (the default) pins queue i of peer a to online CPU i and queue i of peer
@@ -66,6 +71,8 @@ class RowSpec:
     note: str = ""
     source_core: bool = False  # the daemon runs its ESP core from source (NFQ_IPSEC_PURE=1)
     work: str = "none"  # accept rows: what the worker does besides accepting (bench.accept)
+    encapsulation: str = "none"  # esp rows: the SAs' (config and status): "none" or "udp"
+    base: str | None = None  # a variant of this row: the report gives the ratio to it
 
 
 ROWS = (
@@ -83,9 +90,17 @@ ROWS = (
                  "suite: the floor under any ESP worker on this binding and cipher library"),
     RowSpec("gcm", "transport aes-gcm-128", "esp", encryption="aes-gcm-128"),
     RowSpec("gcm-source", "transport gcm (uncompiled core)", "esp", encryption="aes-gcm-128",
-            per_queue=False, source_core=True,
+            per_queue=False, source_core=True, base="gcm",
             note="the gcm row with the ESP core run from its Python source instead of the "
                  "mypyc-compiled build: what compiling gains, in the same run"),
+    RowSpec("gcm6", "transport aes-gcm-128 IPv6", "esp", topology="host6",
+            encryption="aes-gcm-128", per_queue=False, base="gcm",
+            note="the gcm row over IPv6 (host6: the same veth pair, IPv6 only); its ratio to "
+                 "accept-only compares with the IPv4 accept-only row"),
+    RowSpec("gcm-udp", "transport aes-gcm-128 in UDP", "esp", encryption="aes-gcm-128",
+            per_queue=False, encapsulation="udp", base="gcm",
+            note="the gcm row with ESP in UDP (RFC 3948, 4500 -> 4500, IPv4): 8 bytes more "
+                 "per packet, the UDP rules and the core's UDP path"),
     RowSpec("chacha", "transport chacha20-poly1305", "esp", encryption="chacha20-poly1305"),
     RowSpec("cbc", "transport aes-cbc-128+sha256", "esp", encryption="aes-cbc-128"),
     RowSpec("tunnel-gcm", "tunnel aes-gcm-128 (gateways)", "esp", topology="gateway",
@@ -123,21 +138,28 @@ class Bed:
             if p.popen.poll() is not None:
                 raise LabError(f"{p.name} exited with {p.popen.returncode}: {p.output()[-600:]}")
 
-    def daemon_status(self) -> dict[str, Any]:
-        """Per peer and worker: packets, drops and the core build, from ``nfq-ipsec status --json``."""
-        out: dict[str, Any] = {}
+    def daemon_status(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Per peer, from ``nfq-ipsec status --json``: each worker's packets, drops and core
+        build; each SA's packets and encapsulation (what the ESP-in-UDP row really ran)."""
+        workers: dict[str, Any] = {}
+        sas: dict[str, Any] = {}
         for d in self.daemons:
             try:
                 st = d.status()
             except (LabError, ValueError) as err:
-                out[d.name] = {"error": str(err)[:300]}
+                workers[d.name] = sas[d.name] = {"error": str(err)[:300]}
                 continue
-            out[d.name] = [
+            workers[d.name] = [
                 {k: w.get(k)
                  for k in ("queue", "cpu", "packets_in", "packets_out", "drops", "kernel", "core")}
                 for w in st.get("workers", [])
             ]
-        return out
+            sas[d.name] = [
+                {k: sa.get(k) for k in ("name", "direction", "queue", "packets", "encapsulation",
+                                        "udp_peer")}
+                for sa in st.get("sas", [])
+            ]
+        return workers, sas
 
 
 def cpus_for(peer_index: int, queues: int, layout: str) -> list[int]:
@@ -179,6 +201,16 @@ def pin_config(path: Path, cpus: Sequence[int]) -> None:
     path.write_text(new)
 
 
+def encapsulate_udp(path: Path) -> None:
+    """Give every SA of a lab-generated config ``encapsulation = "udp"`` (ports: the
+    defaults, 4500 to 4500), after its ``key_file`` line."""
+    text = path.read_text()
+    new, n = re.subn(r'^(key_file = "[^"\n]*")$', r'\1\nencapsulation = "udp"', text, flags=re.M)
+    if n == 0 or n != text.count("[[sa]]"):
+        raise LabError(f"{path}: {n} key_file lines for {text.count('[[sa]]')} SAs")
+    path.write_text(new)
+
+
 def _esp_bed(lab: Lab, spec: RowSpec, queues: int, layout: str) -> Bed:
     assert spec.encryption is not None
     topo = topology.build(lab, spec.topology)
@@ -187,6 +219,8 @@ def _esp_bed(lab: Lab, spec: RowSpec, queues: int, layout: str) -> Bed:
     for i, peer in enumerate(topo.peers):
         cpus[peer.name] = cpus_for(i, queues, layout)
         pin_config(cfg.peer(peer.name).path, cpus[peer.name])
+        if spec.encapsulation == "udp":
+            encapsulate_udp(cfg.peer(peer.name).path)
     cmd = command()
     if spec.source_core:
         cmd = ["env", f"{corebuild.PURE_ENV}=1", *cmd]
@@ -199,7 +233,7 @@ def _esp_bed(lab: Lab, spec: RowSpec, queues: int, layout: str) -> Bed:
     return Bed(TrafficPath(lab, topo.client, topo.server, topo.server_addr), dataplane=procs,
                queue_hosts=[p.host for p in topo.peers], daemons=daemons,
                info={"mode": cfg.mode, "encryption": cfg.encryption, "integrity": cfg.integrity,
-                     "cpus": cpus})
+                     "cpus": cpus, "topology": topo.kind, "encapsulation": spec.encapsulation})
 
 
 # -- accept-only ----------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Every figure is the median over the repetitions with its min-max range. Ratios compare medians
 inside this one run: to the plain veth row, and to the accept-only row with the same number of
-queues (the redirect ceiling; rows without queues compare with its one-queue variant).
+queues (the redirect ceiling; rows without queues compare with its one-queue variant). A row
+that is a variant of another (``base``: the gcm row over IPv6, in UDP, from source) also gets
+its ratio to that row (the same number of queues, else one queue), printed under the table.
 """
 
 from __future__ import annotations
@@ -72,25 +74,38 @@ def _median(row: dict[str, Any] | None, metric: str) -> float | None:
     return float(s["median"]) if s else None
 
 
+def _same_queues(rows: list[dict[str, Any]], key: str, queues: int | None) -> dict[str, Any] | None:
+    """The measured row ``key`` with ``queues`` queues, else with one, else with the fewest."""
+    found = {r["queues"]: r for r in rows if r["key"] == key and r["status"] == "ok"}
+    if not found:
+        return None
+    return found.get(queues) or found.get(1) or found[min(found, key=lambda q: q or 0)]
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """``ratios.plain`` and ``ratios.accept`` (medians over medians) on every measured row."""
+    """``ratios.plain`` and ``ratios.accept`` (medians over medians) on every measured row, and
+    ``ratios.base`` (with ``ratios.base_queues``) on a variant whose base row was measured."""
     plain = next((r for r in rows if r["key"] == "plain" and r["status"] == "ok"), None)
-    accepts = {r["queues"]: r for r in rows if r["key"] == "accept" and r["status"] == "ok"}
     for row in rows:
         if row["status"] != "ok":
             row["ratios"] = None
             continue
-        acc = accepts.get(row["queues"]) or accepts.get(1) or (
-            accepts[min(accepts)] if accepts else None)
+        acc = _same_queues(rows, "accept", row["queues"])
+        base = _same_queues(rows, row["base"], row["queues"]) if row.get("base") else None
         row["ratios"] = {}
-        for name, ref in (("plain", plain), ("accept", acc)):
+        for name, ref in (("plain", plain), ("accept", acc), ("base", base)):
+            if name == "base" and not row.get("base"):
+                continue
             ratios: dict[str, float | None] = {}
             for m in RATIO_METRICS:
                 mine, theirs = _median(row, m), _median(ref, m)
                 ratios[m] = mine / theirs if mine is not None and theirs else None
             row["ratios"][name] = ratios if ref is not None else None
-            if ref is not None and name == "accept":
-                row["ratios"]["accept_queues"] = ref["queues"]
+            if ref is not None and name in ("accept", "base"):
+                row["ratios"][f"{name}_queues"] = ref["queues"]
+        if base is not None:  # CPU per GB moved: steadier than throughput on a loaded machine
+            mine, theirs = _median(row, "cpu_s_per_gb"), _median(base, "cpu_s_per_gb")
+            row["ratios"]["base_cpu_s_per_gb"] = mine / theirs if mine is not None and theirs else None
 
 
 # -- the table ------------------------------------------------------------------------------
@@ -185,11 +200,30 @@ def table(result: dict[str, Any]) -> str:
         "vs plain / vs accept: median ratios for TCP 1 flow / TCP 8 flows / UDP 64 B, to the plain "
         "row and to the accept-only row with the same q.",
     ]
+    out += variants(result["rows"])
     for note in notes:
         out.append(f"strongSwan: {note}.")
     for w in result.get("warnings", []):
         out.append(f"WARNING: {w}")
     return "\n".join(out)
+
+
+def variants(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Lines under the table: each variant row's ratio to its base row of the same run."""
+    out = []
+    for row in rows:
+        r = (row.get("ratios") or {}).get("base")
+        if not r:
+            continue
+        base = next((b["label"] for b in rows if b["key"] == row["base"]), row["base"])
+        q = row["ratios"].get("base_queues")
+        cpu = row["ratios"].get("base_cpu_s_per_gb")
+        out.append(f"  {row['label']} / {base}{'' if q is None else f' q{q}'}: {_ratio_cell(r)}, "
+                   f"dp CPU s/GB {'-' if cpu is None else f'{cpu:.3g}'}")
+    if out:
+        out.insert(0, "Variants, median ratio to the row they vary (TCP 1 flow/8 flows/UDP 64 B, and "
+                      "data-plane CPU per GB):")
+    return out
 
 
 # -- files ----------------------------------------------------------------------------------

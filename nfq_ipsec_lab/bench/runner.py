@@ -116,7 +116,8 @@ def _now() -> str:
 def new_row(spec: beds.RowSpec, queues: int | None) -> dict[str, Any]:
     return {
         "key": spec.key, "label": spec.label, "kind": spec.kind, "topology": spec.topology,
-        "encryption": spec.encryption, "queues": queues, "note": spec.note, "status": "ok",
+        "encryption": spec.encryption, "encapsulation": spec.encapsulation, "base": spec.base,
+        "queues": queues, "note": spec.note, "status": "ok",
         "error": None, "dataplane": [], "info": {}, "repetitions": [], "seconds": 0.0,
         "builds": 0,
     }
@@ -171,7 +172,7 @@ def measure_row(
                     f"sent, ping p50 {report.num(rep['ping']['p50_ms'])} ms "
                     f"({rep['ping']['received']}/{rep['ping']['sent']})")
             if bed.daemons:
-                row["dataplane_status"] = bed.daemon_status()
+                row["dataplane_status"], row["dataplane_sas"] = bed.daemon_status()
     except Exception as err:  # one broken row must not cost the figures of the others
         row.update(status="failed", error=str(err) or type(err).__name__)
         row["traceback"] = traceback.format_exc(limit=6)

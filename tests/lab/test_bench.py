@@ -1,12 +1,12 @@
 """The benchmark (``nfq-ipsec bench``): a smoke run and its pure parts.
 
 The benchmark is a script, not a timed test: nothing here checks a speed. The smoke run (marks
-``root`` and ``lab``) runs it with the smallest settings (one repetition of 1-second iperf3 runs,
-five pings, one queue, the rows plain, accept-only, the AES-GCM floor and AES-GCM-128
-transport) and checks that
-it produced well-formed output: the table on stdout, the JSON file with its schema, raw figures
-and machine info, and a valid PNG. The other tests need no root: statistics, ratios, the table,
-the accept-only rules and CPU pinning of the lab's configurations.
+``root`` and ``lab``) runs it with the smallest settings (two interleaved rounds of 1-second
+iperf3 runs, five pings, one queue, the rows plain, accept-only, the AES-GCM floor and
+AES-GCM-128 transport over IPv4, over IPv6 and in UDP) and checks that it produced well-formed
+output: the table on stdout, the JSON file with its schema, raw figures and machine info, and a
+valid PNG. The other tests need no root: statistics, ratios, the table, the accept-only rules and
+CPU pinning of the lab's configurations.
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ from nfq_ipsec_lab.bench import beds, report, runner
 from nfq_ipsec_lab.bench.measure import percentile, spread
 from nfq_ipsec_lab.cli import bench_parser
 from nfq_ipsec_lab.lab import labconfig
+from nfq_ipsec_lab.lab.netns import LabError
 from nfq_ipsec_lab.lab.topology import HOST_A, HOST_B
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-SMOKE_ROWS = ["plain", "accept", "accept-gcm", "gcm"]
+SMOKE_ROWS = ["plain", "accept", "accept-gcm", "gcm", "gcm6", "gcm-udp"]
 
 
 # -- the smoke run ---------------------------------------------------------------------------
@@ -49,7 +50,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "--pings", "5", "--queues", "1", "--rows", ",".join(SMOKE_ROWS), "--out", str(out),
             "--name", "smoke"]
     t0 = time.monotonic()
-    res = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    res = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     seconds = time.monotonic() - t0
     if res.returncode == runner.EXIT_BUSY:
         pytest.skip(f"another benchmark is running: {res.stdout.strip()}")
@@ -93,7 +94,8 @@ def test_smoke_json_schema(smoke: dict[str, Any]) -> None:
         assert machine["versions"][tool], tool
     assert len(data["load"]["start"]) == 3 and len(data["load"]["end"]) == 3
     assert [(r["key"], r["queues"]) for r in data["rows"]] == [
-        ("plain", None), ("accept", 1), ("accept-gcm", None), ("gcm", 1)]
+        ("plain", None), ("accept", 1), ("accept-gcm", None), ("gcm", 1), ("gcm6", None),
+        ("gcm-udp", None)]
     for row in data["rows"]:
         assert row["status"] == "ok", row.get("error")
         assert _number(row["load_before"]) and _number(row["load_after"]) and _number(row["busy_before"])
@@ -112,13 +114,13 @@ def test_smoke_json_schema(smoke: dict[str, Any]) -> None:
             s = summary[metric]
             assert s["min"] <= s["median"] <= s["max"] and s["n"] == 2, metric
         assert set(row["ratios"]) >= {"plain", "accept"}
-    plain, accept, floor, gcm = data["rows"]
+    plain, accept, floor, gcm, gcm6, udp = data["rows"]
     assert plain["summary"]["cpu_s_per_gb"] is None  # no data-plane process
     assert plain["ratios"]["plain"] == {m: 1.0 for m in report.RATIO_METRICS}
     assert accept["ratios"]["accept"] == {m: 1.0 for m in report.RATIO_METRICS}
     assert accept["info"]["work"] == "none" and floor["info"]["work"] == "gcm"
     assert floor["ratios"]["accept_queues"] == 1
-    for row in (accept, floor, gcm):
+    for row in (accept, floor, gcm, gcm6, udp):
         assert row["summary"]["cpu_s_per_gb"]["median"] > 0
         assert row["dataplane"]
         # the traffic really went through NFQUEUE: the kernel queued packets on both hosts
@@ -126,6 +128,31 @@ def test_smoke_json_schema(smoke: dict[str, Any]) -> None:
     assert gcm["dataplane_status"]["a"][0]["packets_out"] > 0
     assert gcm["dataplane_status"]["a"][0]["core"] == machine["core_build"]  # the workers' build
     assert 0 < gcm["ratios"]["plain"]["tcp1_mbit"] < 1
+    assert "base" not in gcm["ratios"]
+
+
+def test_smoke_has_the_ipv6_and_udp_rows(smoke: dict[str, Any]) -> None:
+    """The gcm row's variants ran what their names say, and the report compares them with it."""
+    rows = {r["key"]: r for r in smoke["json"]["rows"]}
+    gcm6, udp = rows["gcm6"], rows["gcm-udp"]
+    assert (gcm6["topology"], gcm6["info"]["topology"], gcm6["encapsulation"]) == ("host6", "host6", "none")
+    assert (udp["topology"], udp["info"]["topology"], udp["encapsulation"]) == ("host", "host", "udp")
+    for row in (gcm6, udp):
+        assert row["base"] == "gcm" and row["ratios"]["base_queues"] == 1
+        assert all(_number(v) and v > 0 for v in row["ratios"]["base"].values())
+        assert row["ratios"]["base_cpu_s_per_gb"] > 0
+        # every SA of both peers carried packets, in the encapsulation the row names
+        for peer in ("a", "b"):
+            sas = row["dataplane_sas"][peer]
+            assert len(sas) == 2 and all(sa["packets"] > 0 for sa in sas), sas
+            assert {sa["encapsulation"] for sa in sas} == {row["encapsulation"]}
+    assert all(sa["udp_peer"] for sa in udp["dataplane_sas"]["a"])
+    lines = smoke["stdout"].splitlines()
+    start = lines.index("Variants, median ratio to the row they vary (TCP 1 flow/8 flows/UDP 64 B, and "
+                        "data-plane CPU per GB):")
+    gcm = beds.row_spec("gcm").label
+    for key in ("gcm6", "gcm-udp"):
+        assert any(line.startswith(f"  {beds.row_spec(key).label} / {gcm} q1: ") for line in lines[start:])
 
 
 def test_smoke_png_is_valid(smoke: dict[str, Any]) -> None:
@@ -241,6 +268,42 @@ def test_pinned_lab_config_loads(tmp_path: Path) -> None:
     assert [(q.num, q.cpu) for q in loaded.daemon.queues] == [(100, 1), (101, 0)]
     assert beds.cpus_for(1, 1, "spread") != beds.cpus_for(0, 1, "spread") or len(os.sched_getaffinity(0)) == 1
     assert beds.cpus_for(1, 2, "same") == beds.cpus_for(0, 2, "same")
+
+
+def test_udp_rows_config_loads(tmp_path: Path) -> None:
+    a = labconfig.PeerSpec("a", "eth1", IPv4Address(HOST_A), IPv4Network(f"{HOST_A}/32"))
+    b = labconfig.PeerSpec("b", "eth1", IPv4Address(HOST_B), IPv4Network(f"{HOST_B}/32"))
+    cfg = labconfig.generate(tmp_path / "cfg", a, b, "aes-gcm-128", queues=2)
+    beds.encapsulate_udp(cfg.peer("a").path)
+    loaded = load_config(cfg.peer("a").path, online_cpus=[0, 1])
+    assert len(loaded.sas) == 4
+    assert all((sa.encapsulation.value, sa.udp_source_port, sa.udp_destination_port) == ("udp", 4500, 4500)
+               for sa in loaded.sas)
+    assert all(sa.encapsulation.value == "none"
+               for sa in load_config(cfg.peer("b").path, online_cpus=[0, 1]).sas)
+    with pytest.raises(LabError):
+        beds.encapsulate_udp(tmp_path / "cfg" / "a" / "keys" / "a-to-b-0.key")  # no SA in it
+
+
+def test_variant_ratios() -> None:
+    rows = [_row("gcm", 1, 100), _row("gcm", 2, 200), _row("gcm6", None, 50), _row("gcm-udp", None, 25),
+            _row("gcm-source", None, 10)]
+    rows[4]["status"] = "failed"
+    for row in rows:
+        row["base"] = beds.row_spec(row["key"]).base
+        row["summary"] = report.summarise(row) if row["status"] == "ok" else None
+    report.add_ratios(rows)
+    assert "base" not in rows[0]["ratios"]
+    assert rows[2]["ratios"]["base"]["tcp1_mbit"] == pytest.approx(0.5)  # vs gcm with 1 queue
+    assert rows[2]["ratios"]["base_queues"] == 1
+    assert rows[3]["ratios"]["base"]["udp64_pps"] == pytest.approx(0.25)
+    assert rows[2]["ratios"]["accept"] is None  # no accept-only row in this run
+    text = "\n".join(report.variants(rows))
+    # the same CPU seconds for half the bytes: twice the CPU per GB
+    assert "transport aes-gcm-128 IPv6 / transport aes-gcm-128 q1: 0.5/0.5/0.5, dp CPU s/GB 2" in text
+    assert "transport aes-gcm-128 in UDP / transport aes-gcm-128 q1: 0.25/0.25/0.25, dp CPU s/GB 4" in text
+    assert "uncompiled" not in text  # a failed variant has no ratio
+    assert report.variants(rows[:2]) == []
 
 
 def test_command_line() -> None:
