@@ -22,6 +22,7 @@ from typing import Final
 
 from . import ipv6
 from . import packet as ip
+from .errors import EspError
 from .esp import ESP_HEADER, pad_length
 from .sa import SecurityAssociation
 from .udpencap import UDP_HEADER
@@ -179,33 +180,30 @@ def fragment_own(packet: bytes, mtu: int, ident: int) -> list[bytes]:
     """A packet this node built itself (a mixed tunnel's ESP packet, sent through a raw socket
     that never fragments) as fragments of at most ``mtu`` bytes, as its source may make them:
     IPv4 (RFC 791; ``packet`` is a 20-byte header without options, its own identification
-    and DF kept on every fragment) or IPv6 (RFC 8200 section 4.5: a fragment header with
-    identification ``ident`` after the 40-byte header, which has no extension headers). The
-    packet itself, alone, if it fits."""
+    and DF kept on every fragment) or IPv6 (``ipv6.fragment_packet``, with identification
+    ``ident``). The packet itself, alone, if it fits. ValueError if ``mtu`` holds no fragment."""
     if len(packet) <= mtu:
         return [packet]
-    v6 = packet[0] >> 4 == 6
-    head_len = ipv6.IPV6_HEADER if v6 else ip.IPV4_MIN_HEADER
+    if packet[0] >> 4 == 6:
+        try:
+            return ipv6.fragment_packet(packet, ipv6.parse_ipv6(packet), mtu, ident)
+        except EspError as err:
+            raise ValueError(str(err)) from None
+    head_len = ip.IPV4_MIN_HEADER
     head, body = packet[:head_len], packet[head_len:]
-    step = (mtu - head_len - (ipv6.FRAGMENT_HEADER if v6 else 0)) & ~7
+    step = (mtu - head_len) & ~7
     if step <= 0:
         raise ValueError(f"an MTU of {mtu} bytes holds no fragment")
     out = []
     for at in range(0, len(body), step):
         piece = body[at : at + step]
         more = at + step < len(body)
-        if v6:
-            fh = bytes((head[6], 0)) + ((at & ~7) | int(more)).to_bytes(2, "big") + (
-                ident & 0xFFFFFFFF).to_bytes(4, "big")
-            out.append(ipv6.rewrite6(head, 6, ipv6.NH_FRAGMENT, ipv6.FRAGMENT_HEADER + len(piece))
-                       + fh + piece)
-        else:
-            hdr = bytearray(head)
-            total = ip.IPV4_MIN_HEADER + len(piece)
-            hdr[2:4] = total.to_bytes(2, "big")
-            flags = ((hdr[6] << 8) & ip.FLAG_DF) | (ip.FLAG_MF if more else 0) | (at >> 3)
-            hdr[6:8] = flags.to_bytes(2, "big")
-            hdr[10] = hdr[11] = 0
-            hdr[10:12] = ip.checksum(hdr).to_bytes(2, "big")
-            out.append(bytes(hdr) + piece)
+        hdr = bytearray(head)
+        total = ip.IPV4_MIN_HEADER + len(piece)
+        hdr[2:4] = total.to_bytes(2, "big")
+        flags = ((hdr[6] << 8) & ip.FLAG_DF) | (ip.FLAG_MF if more else 0) | (at >> 3)
+        hdr[6:8] = flags.to_bytes(2, "big")
+        hdr[10] = hdr[11] = 0
+        hdr[10:12] = ip.checksum(hdr).to_bytes(2, "big")
+        out.append(bytes(hdr) + piece)
     return out
