@@ -7,7 +7,8 @@ An NFQUEUE verdict cannot change a packet's family: the kernel reinjects the ver
 into the hook of the family the packet was queued in. So the worker sends a result of the other
 family through a raw socket of that family, with the daemon's mark, and drops the queued
 original (counted as ``crossed_family``). One lab per topology, one queue per peer; while
-tcpdump records the wire: ping, a 1 MiB file over TCP with its SHA-256, UDP to a protected port
+tcpdump records the wire: ping, TCP (iperf3, four flows) and UDP (iperf3, 1200-byte
+datagrams), a 1 MiB file over TCP with its SHA-256, UDP to a protected port
 and to the discarded one; then pings too big for the wire after ESP, which cross in fragments
 of the outer family that the worker makes. Checked: the traffic arrived (the discarded UDP did
 not), the wire holds ESP of the outer family between the peers and nothing else (the link's own
@@ -33,12 +34,15 @@ from nfq_ipsec_lab.lab.session import LabSession
 from nfq_ipsec_lab.lab.traffic import (
     PROTO_TCP,
     Flow,
+    IperfResult,
     PingResult,
     TransferResult,
     TsharkReport,
     UdpProbeResult,
     WireReport,
     analyse_wire,
+    iperf3_tcp,
+    iperf3_udp,
     ping,
     random_file,
     send_file,
@@ -76,6 +80,9 @@ def run(request: pytest.FixtureRequest) -> Run:
         if "start" not in r.errors:
             cap = s.capture()
             r.step("ping", lambda: ping(c, addr, count=3))
+            r.step("tcp", lambda: iperf3_tcp(lab, c, srv, addr, seconds=2, parallel=4))
+            r.step("udp", lambda: iperf3_udp(lab, c, srv, addr, seconds=2, bitrate="20M",
+                                             length=1200))
             data = random_file(work / "random.bin", 1 << 20)
             r.step("file", lambda: send_file(lab, c, srv, addr, data, port=5001))
             r.step("udp_control", lambda: udp_probe(lab, c, srv, addr, PROTECTED_UDP_PORT,
@@ -104,6 +111,13 @@ def run(request: pytest.FixtureRequest) -> Run:
 def test_ping(run: Run) -> None:
     p: PingResult = run.get("ping")
     assert p.ok, p.output
+
+
+def test_tcp_and_udp(run: Run) -> None:
+    tcp: IperfResult = run.get("tcp")
+    assert tcp.bytes_received > 1_000_000 and tcp.tcp_complete, tcp
+    udp: IperfResult = run.get("udp")
+    assert udp.packets > 100 and udp.lost_packets <= udp.packets * 0.05, udp
 
 
 def test_file_arrives_with_same_sha256(run: Run) -> None:
