@@ -177,6 +177,7 @@ class PacketHandler:
         mark = self.mark
         accept = Verdict.ACCEPT
         replace = Verdict.REPLACE
+        cross = Verdict.CROSS
         host = self.gateway_interface is None
         accepted = 0
         self.packets_in += len(packets)
@@ -192,14 +193,13 @@ class PacketHandler:
                     where = FORWARDED
                 res = process(pkt.payload, pkt.length, where, now)
                 if res.verdict is accept:
-                    out = res.packet
-                    if out is not None and (out[0] ^ pkt.payload[0]) & 0xF0:
-                        accepted += self._cross_family(pkt, out, res.sa)
-                    else:
-                        verdict(pkt.packet_id, True, pkt.mark | mark, out)
-                        accepted += 1
+                    verdict(pkt.packet_id, True, pkt.mark | mark, res.packet)
+                    accepted += 1
                     if res.reply is not None:  # a forwarded IPv6 packet too big: passed, told
                         self.send_reply(res.reply)
+                elif res.verdict is cross:
+                    assert res.packet is not None
+                    accepted += self._cross_family(pkt, res.packet, res.sa)
                 elif res.verdict is replace:
                     accepted += self._replace(pkt, res)
                 elif self.previous is not None and res.reason in _HANDED_BACK:
@@ -298,13 +298,12 @@ class PacketHandler:
         res = prev.process(pkt.payload, pkt.length, where, now)
         if res.verdict is Verdict.REPLACE:
             return self._replace(pkt, res)
+        if res.verdict is Verdict.CROSS and res.packet is not None:
+            return self._cross_family(pkt, res.packet, res.sa)
         if res.verdict is not Verdict.ACCEPT:
             self.queue.verdict(pkt.packet_id, False)  # counted by the processor
             return 0
-        out = res.packet
-        if out is not None and (out[0] ^ pkt.payload[0]) & 0xF0:
-            return self._cross_family(pkt, out, res.sa)
-        self.queue.verdict(pkt.packet_id, True, pkt.mark | self.mark, out)
+        self.queue.verdict(pkt.packet_id, True, pkt.mark | self.mark, res.packet)
         return 1
 
     # -- reload: build the new processor first, commit once the rules have moved ------------

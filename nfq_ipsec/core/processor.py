@@ -32,6 +32,9 @@ class Verdict(enum.Enum):
     ACCEPT = "accept"
     DROP = "drop"
     REPLACE = "replace"  # the queued packet goes no further: ``packets`` are sent instead
+    CROSS = "cross"  # ``packet`` is of the other IP family (a mixed tunnel): it can't go back
+    # in the verdict (the kernel puts a verdict's bytes back into the queued packet's family),
+    # so the shell sends it on its own and drops the queued one
 
 
 class Result:
@@ -130,9 +133,12 @@ class Processor:
             res = (self.inbound(data, now) if where == ARRIVING
                    else self.outbound(data, now, where == FORWARDED))
         out = res.packet
-        if out is not None and len(out) > self.max_packet:
-            return self._drop(EspError(DropReason.TOO_BIG, f"{len(out)} bytes to hand back"),
-                              res.sa)
+        if out is not None:
+            if len(out) > self.max_packet:
+                return self._drop(EspError(DropReason.TOO_BIG, f"{len(out)} bytes to hand back"),
+                                  res.sa)
+            if (out[0] ^ data[0]) & 0xF0:
+                res.verdict = Verdict.CROSS
         return res
 
     # -- outbound -------------------------------------------------------------------------
