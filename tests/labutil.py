@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import gate
+import pytest
 from faults.nfq_ipsec_faults import env_with_fault
 
 from nfq_ipsec.procs import alive
+from nfq_ipsec_lab.lab.checks import CheckRun
 from nfq_ipsec_lab.lab.daemon import Daemon, normalise_iptables_save
 from nfq_ipsec_lab.lab.daemon import command as nfq_ipsec
 from nfq_ipsec_lab.lab.netns import Lab, Netns, wait_gone
@@ -456,3 +458,17 @@ def bench_environment_or_skip() -> None:
     from nfq_ipsec_lab.bench import runner
 
     gate.require(runner.check_environment(), "the benchmark")
+
+
+class StepRun(CheckRun):
+    """A lab run's steps for its tests: ``get`` hands a test its step's value, or fails it
+    with what went wrong (the daemons did not start, the step failed, or never ran)."""
+
+    def get(self, name: str) -> Any:
+        if "start" in self.errors:
+            pytest.fail(f"the daemons did not start: {self.errors['start']}")
+        if name in self.errors:
+            pytest.fail(f"step {name!r} failed: {self.errors[name]}")
+        if name not in self.values:
+            pytest.fail(f"step {name!r} did not run ({'; '.join(self.failed()) or 'no errors'})")
+        return self.values[name]

@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from labutil import StepRun
 
-from nfq_ipsec_lab.lab.checks import CheckRun, traffic_and_capture
+from nfq_ipsec_lab.lab.checks import traffic_and_capture
 from nfq_ipsec_lab.lab.session import LabSession
 from nfq_ipsec_lab.lab.traffic import (
     IperfResult,
@@ -103,7 +104,7 @@ def scapy_wire(pcap: Path, peers: tuple[str, str], bypass_port: int) -> ScapyWir
     return rep
 
 
-class Run(CheckRun):
+class Run(StepRun):
     """One lab run's results; a failed step keeps its error for the tests that need it."""
 
     def __init__(self, topology: str, encryption: str, encapsulation: str = "none") -> None:
@@ -111,14 +112,6 @@ class Run(CheckRun):
         self.topology, self.encryption = topology, encryption
         self.encapsulation = encapsulation
 
-    def get(self, name: str) -> Any:
-        if "start" in self.errors:
-            pytest.fail(f"the daemons did not start: {self.errors['start']}")
-        if name in self.errors:
-            pytest.fail(f"step {name!r} failed: {self.errors[name]}")
-        if name not in self.values:
-            pytest.fail(f"step {name!r} did not run ({'; '.join(self.failed()) or 'no errors'})")
-        return self.values[name]
 
 
 @pytest.fixture(scope="module", params=COMBOS,

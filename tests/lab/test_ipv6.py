@@ -21,8 +21,9 @@ import time
 from typing import Any
 
 import pytest
+from labutil import StepRun
 
-from nfq_ipsec_lab.lab.checks import CheckRun, traffic_and_capture
+from nfq_ipsec_lab.lab.checks import traffic_and_capture
 from nfq_ipsec_lab.lab.netns import Host
 from nfq_ipsec_lab.lab.session import LabSession
 from nfq_ipsec_lab.lab.traffic import (
@@ -41,19 +42,11 @@ UDP_COUNT = 20
 BIG_PING = 1400  # ICMPv6 bytes: 1440 with the IPv6 header, over 1500 after tunnel-mode ESP
 
 
-class Run(CheckRun):
+class Run(StepRun):
     def __init__(self, topology: str, encryption: str) -> None:
         super().__init__()
         self.topology, self.encryption = topology, encryption
 
-    def get(self, name: str) -> Any:
-        if "start" in self.errors:
-            pytest.fail(f"the daemons did not start: {self.errors['start']}")
-        if name in self.errors:
-            pytest.fail(f"step {name!r} failed: {self.errors[name]}")
-        if name not in self.values:
-            pytest.fail(f"step {name!r} did not run ({'; '.join(self.failed()) or 'no errors'})")
-        return self.values[name]
 
 
 def too_bigs_received(host: Host) -> int:

@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from labutil import StepRun
 
-from nfq_ipsec_lab.lab.checks import PROTECTED_UDP_PORT, CheckRun
+from nfq_ipsec_lab.lab.checks import PROTECTED_UDP_PORT
 from nfq_ipsec_lab.lab.session import LabSession
 from nfq_ipsec_lab.lab.traffic import (
     PROTO_TCP,
@@ -55,18 +56,11 @@ UDP_COUNT = 20
 BIG_PING = 1460  # ICMP bytes: with IP and ESP over 1500, so the outer packet goes in fragments
 
 
-class Run(CheckRun):
+class Run(StepRun):
     def __init__(self, kind: str) -> None:
         super().__init__()
         self.kind = kind
 
-    def get(self, name: str) -> Any:
-        for step in ("start", name):
-            if step in self.errors:
-                pytest.fail(f"step {step!r} failed: {self.errors[step]}")
-        if name not in self.values:
-            pytest.fail(f"step {name!r} did not run ({'; '.join(self.failed()) or 'no errors'})")
-        return self.values[name]
 
 
 @pytest.fixture(scope="module", params=KINDS)

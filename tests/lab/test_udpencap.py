@@ -41,9 +41,9 @@ from typing import Any
 
 import gate
 import pytest
+from labutil import StepRun
 
 from nfq_ipsec_lab.lab import traffic
-from nfq_ipsec_lab.lab.checks import CheckRun
 from nfq_ipsec_lab.lab.daemon import Daemon
 from nfq_ipsec_lab.lab.netns import Lab, Netns
 from nfq_ipsec_lab.lab.traffic import (
@@ -67,17 +67,9 @@ FLOOD = 5000  # keepalives in the hostile step
 
 
 @dataclass
-class NatRun(CheckRun):
+class NatRun(StepRun):
     mode: str = "tunnel"
     keys: dict[str, str] = field(default_factory=dict)
-
-    def get(self, name: str) -> Any:
-        for step in ("start", name):
-            if step in self.errors:
-                pytest.fail(f"step {step!r} failed: {self.errors[step]}")
-        if name not in self.values:
-            pytest.fail(f"step {name!r} did not run ({'; '.join(self.failed()) or 'no errors'})")
-        return self.values[name]
 
 
 def config(workdir: Path, side: str, mode: str, keys: dict[str, str]) -> Path:

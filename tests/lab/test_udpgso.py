@@ -17,22 +17,13 @@ from typing import Any
 
 import pytest
 from labutil import bench_environment_or_skip
+from packets import checksum  # the tests' own, independent of the core's
 from repo import ROOT
 
 from nfq_ipsec import procs
 from nfq_ipsec_lab.bench import profile, udpgso
 
 SMOKE_COUNT = 2000
-
-
-def rfc1071(data: bytes) -> int:
-    """The Internet checksum, word by word (independent of the core's implementations)."""
-    if len(data) % 2:
-        data += b"\0"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def test_scenarios_and_their_baselines() -> None:
@@ -53,11 +44,11 @@ def test_segments_are_whole_tcp_packets() -> None:
     payload = b""
     for pkt in first + second:
         assert len(pkt) == 1400 and pkt[0] == 0x45 and pkt[9] == 6
-        assert rfc1071(pkt[:20]) == 0  # IPv4 header checksum
+        assert checksum(pkt[:20]) == 0  # IPv4 header checksum
         assert pkt[12:16] == src and pkt[16:20] == dst
         tcp = pkt[20:]
         pseudo = src + dst + struct.pack("!BBH", 0, 6, len(tcp))
-        assert rfc1071(pseudo + tcp) == 0  # the full TCP checksum
+        assert checksum(pseudo + tcp) == 0  # the full TCP checksum
         seqs.append(struct.unpack("!I", tcp[4:8])[0])
         payload += tcp[20:]
     assert seqs == [1 + 1360 * i for i in range(10)]  # contiguous

@@ -9,11 +9,11 @@ import random
 from collections.abc import Callable
 from dataclasses import replace
 from functools import cache
-from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ikepeers import cfg, events
+from repo import fuzz_script
 
 from nfq_ipsec.ike.dispatch import Dispatcher
 from nfq_ipsec.ike.errors import Notify
@@ -163,22 +163,11 @@ def test_the_cookie_secret_rotates_and_the_previous_one_still_counts() -> None:
     assert isinstance(stale[0], SAPayloadP) and isinstance(stale[1], KEPayload)
 
 
-def _fuzz_script() -> Any:
-    import importlib.util
-
-    from repo import ROOT
-    spec = importlib.util.spec_from_file_location("fuzz_script", ROOT / "scripts" / "fuzz.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_the_ike_fuzz_target_takes_its_seeds_and_refuses_forgeries() -> None:
     """The campaign's ike target (scripts/fuzz.py) accepts every genuine seed, and the same
     seeds with any byte changed change nothing; the property can fail (a target that let a
     changed message through would raise)."""
-    fuzz = _fuzz_script()
+    fuzz = fuzz_script()
     one = fuzz.ike_target()
     seeds = fuzz.ike_seeds()
     assert len(seeds) >= 6
@@ -193,7 +182,7 @@ def test_the_ike_fuzz_target_takes_its_seeds_and_refuses_forgeries() -> None:
 
 @cache
 def _ike_target() -> Callable[[bytes], None]:
-    target: Callable[[bytes], None] = _fuzz_script().ike_target()
+    target: Callable[[bytes], None] = fuzz_script().ike_target()
     return target
 
 

@@ -5,7 +5,6 @@ seeds): never an exception, always a reason, nothing decrypted that the peer did
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import re
 import secrets
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from repo import EXAMPLES, ROOT
+from repo import EXAMPLES, ROOT, fuzz_script
 from scapy.layers.inet import TCP, UDP
 from scapy.layers.inet6 import (
     ICMPv6DestUnreach,
@@ -205,16 +204,6 @@ def test_the_readme_ipv6_pair_is_the_shipped_example(tmp_path: Path) -> None:
 
 
 # -- hostile input, as the fuzz campaign's ``ipv6`` target sees it --------------------------------
-@cache
-def fuzz_script() -> Any:
-    """``scripts/fuzz.py``, whose ``ipv6`` target and seeds these properties share."""
-    spec = importlib.util.spec_from_file_location("fuzz_script", ROOT / "scripts" / "fuzz.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @cache
 def ipv6_target() -> Any:
     return fuzz_script().ipv6_target()

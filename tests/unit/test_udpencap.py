@@ -7,7 +7,6 @@ is played by rewriting the outer address and port of its packets.
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import re
 import secrets
@@ -21,7 +20,7 @@ import sas
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from packets import ip4
-from repo import ROOT
+from repo import ROOT, fuzz_script
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.ipsec import ESP
 from scapy.layers.ipsec import SecurityAssociation as ScapySA
@@ -447,10 +446,7 @@ def test_hostile_udp_is_dropped_with_a_reason(wire: bytes) -> None:
 
 
 def test_the_fuzz_target_takes_its_seeds() -> None:
-    spec = importlib.util.spec_from_file_location("fuzz_script", ROOT / "scripts" / "fuzz.py")
-    assert spec is not None and spec.loader is not None
-    fuzz = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fuzz)
+    fuzz = fuzz_script()
     assert "udp" in fuzz.TARGETS
     one = fuzz.udp_target()
     seeds = fuzz.udp_seeds()
