@@ -53,7 +53,7 @@ from typing import Any, cast
 
 from . import corebuild, hardening
 from .config.fields import DEFAULT_LOG_LEVEL
-from .core import SPD, DropReason, Policy, Processor, Result, SAParams, SecurityAssociation, Verdict, pmtu
+from .core import SPD, DropReason, Policy, Processor, Result, SAParams, SecurityAssociation, Verdict
 from .core.ipv6 import IPV6_HEADER
 from .core.packet import ip_to_str
 from .core.processor import ARRIVING, FORWARDED, LEAVING
@@ -157,7 +157,6 @@ class PacketHandler:
         self.keepalive_errors = 0
         self._cross = cross
         self.crossed_family = 0  # results sent through the other family's raw socket
-        self._frag_ident = int.from_bytes(os.urandom(4), "big")  # IPv6 fragment identification
         self._send = send
         self.send_errors = 0
         self.store: StateStore | None = None
@@ -198,8 +197,7 @@ class PacketHandler:
                     if res.reply is not None:  # a forwarded IPv6 packet too big: passed, told
                         self.send_reply(res.reply)
                 elif res.verdict is cross:
-                    assert res.packet is not None
-                    accepted += self._cross_family(pkt, res.packet, res.sa)
+                    accepted += self._cross_family(pkt, res)
                 elif res.verdict is replace:
                     accepted += self._replace(pkt, res)
                 elif self.previous is not None and res.reason in _HANDED_BACK:
@@ -227,29 +225,16 @@ class PacketHandler:
             self._unprotected[indev] = known
         return known
 
-    def _cross_family(self, pkt: QueuedPacket, packet: bytes,
-                      sa: SecurityAssociation | None) -> int:
-        """A result of the other IP family (a mixed tunnel): sent through a raw socket of its
-        own family with the mark, the queued original dropped. The rules let it out as they
-        let out a reinjected packet (marked ESP of one of our outbound SAs), and an inner
-        packet takes the host's routes from here (a gateway's LAN, or this host itself). A
-        raw socket never fragments, so an ESP packet bigger than its SA's path goes in
-        fragments made here, as its source may (``pmtu.fragment_own``). Returns 1 if it was
-        sent, 0 if the kernel refused it (dropped, ``family_send``)."""
-        self.queue.verdict(pkt.packet_id, False)
-        try:
-            if self._cross is None:
-                self._cross = _raw_ip_sender(self.mark)
-            if sa is not None and sa.outbound:
-                mtu = sa.pmtu or self.processor.mtu
-                if len(packet) > mtu:
-                    self._frag_ident = (self._frag_ident + 1) & 0xFFFFFFFF
-                    for piece in pmtu.fragment_own(packet, mtu, self._frag_ident):
-                        self._cross(piece)
-                    self.crossed_family += 1
-                    return 1
-            self._cross(packet)
-        except (OSError, ValueError):
+    def _cross_family(self, pkt: QueuedPacket, res: Result) -> int:
+        """A result of the other IP family (a mixed tunnel): ``res.packets`` (the packet, or
+        the core's fragments of it) sent through a raw socket of their family with the mark,
+        the queued original dropped. The rules let them out as they let out a reinjected
+        packet (marked ESP of one of our outbound SAs), and an inner packet takes the host's
+        routes from here (a gateway's LAN, or this host itself). Returns 1 if sent, 0 if the
+        kernel refused (dropped, ``family_send``)."""
+        if self._cross is None:
+            self._cross = _raw_ip_sender(self.mark)
+        if not self._send_instead(pkt, res.packets, self._cross):
             self.processor.count_drop(DropReason.FAMILY_SEND)
             return 0
         self.crossed_family += 1
@@ -258,16 +243,24 @@ class PacketHandler:
     def _replace(self, pkt: QueuedPacket, res: Result) -> int:
         """Drop the queued packet and send ``res.packets`` in its place, with the mark (the
         fragments of a local IPv6 ESP packet too big for its path). Returns 1 if all left."""
-        self.queue.verdict(pkt.packet_id, False)
-        try:
-            if self._send is None:
-                self._send = _raw_sender(self.mark, whole6=True)
-            for packet in res.packets or ():
-                self._send(packet)
-        except OSError:
+        if self._send is None:
+            self._send = _raw_ip_sender(self.mark)
+        if not self._send_instead(pkt, res.packets, self._send):
             self.send_errors += 1
             return 0
         return 1
+
+    def _send_instead(self, pkt: QueuedPacket, packets: list[bytes] | None,
+                      send: Callable[[bytes], None]) -> bool:
+        """The queued packet dropped by verdict, ``packets`` sent in its place: whether all
+        left (a refused send stops the rest: fragments without the one before are useless)."""
+        self.queue.verdict(pkt.packet_id, False)
+        try:
+            for packet in packets or ():
+                send(packet)
+        except OSError:
+            return False
+        return True
 
     def send_reply(self, packet: bytes) -> None:
         """Send an ICMP error the core built (its source address 0: the kernel fills it in)."""
@@ -298,8 +291,8 @@ class PacketHandler:
         res = prev.process(pkt.payload, pkt.length, where, now)
         if res.verdict is Verdict.REPLACE:
             return self._replace(pkt, res)
-        if res.verdict is Verdict.CROSS and res.packet is not None:
-            return self._cross_family(pkt, res.packet, res.sa)
+        if res.verdict is Verdict.CROSS:
+            return self._cross_family(pkt, res)
         if res.verdict is not Verdict.ACCEPT:
             self.queue.verdict(pkt.packet_id, False)  # counted by the processor
             return 0
@@ -528,18 +521,17 @@ def run(
         queue.close()
 
 
-def _raw_sender(mark: int = 0, whole6: bool = False) -> Callable[[bytes], None]:
+def _raw_sender(mark: int = 0) -> Callable[[bytes], None]:
     """Sends what the core builds to its destination: IPv4 whole (header included) through a
     raw IPv4 socket; IPv6 (ICMPv6 errors) as its ICMPv6 message through an ICMPv6 socket, whose
-    kernel picks the source address and computes the checksum over it, or with ``whole6``
-    whole (header included: IPPROTO_RAW). ``mark`` (SO_MARK) goes on every packet if not 0."""
+    kernel picks the source address and computes the checksum over it. ``mark`` (SO_MARK) goes
+    on every packet if not 0. Whole packets of either family: ``_raw_ip_sender``."""
     socks: dict[int, socket.socket] = {}
 
     def sock_for(version: int) -> socket.socket:
         sock = socks.get(version)
         if sock is None:
-            sock = (socket.socket(socket.AF_INET6, socket.SOCK_RAW,
-                                  socket.IPPROTO_RAW if whole6 else socket.IPPROTO_ICMPV6)
+            sock = (socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
                     if version == 6
                     else socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW))
             sock.setblocking(False)
@@ -550,8 +542,8 @@ def _raw_sender(mark: int = 0, whole6: bool = False) -> Callable[[bytes], None]:
 
     def send(packet: bytes) -> None:
         if packet[0] >> 4 == 6:
-            sock_for(6).sendto(packet if whole6 else packet[IPV6_HEADER:],
-                               (socket.inet_ntop(socket.AF_INET6, packet[24:40]), 0))
+            sock_for(6).sendto(packet[IPV6_HEADER:], (socket.inet_ntop(socket.AF_INET6,
+                                                                     packet[24:40]), 0))
         else:
             sock_for(4).sendto(packet, (socket.inet_ntoa(packet[16:20]), 0))
 

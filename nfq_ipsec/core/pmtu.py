@@ -22,7 +22,7 @@ from typing import Final
 
 from . import ipv6
 from . import packet as ip
-from .errors import EspError
+from .errors import DropReason, EspError
 from .esp import ESP_HEADER, pad_length
 from .sa import SecurityAssociation
 from .udpencap import UDP_HEADER
@@ -181,19 +181,17 @@ def fragment_own(packet: bytes, mtu: int, ident: int) -> list[bytes]:
     that never fragments) as fragments of at most ``mtu`` bytes, as its source may make them:
     IPv4 (RFC 791; ``packet`` is a 20-byte header without options, its own identification
     and DF kept on every fragment) or IPv6 (``ipv6.fragment_packet``, with identification
-    ``ident``). The packet itself, alone, if it fits. ValueError if ``mtu`` holds no fragment."""
+    ``ident``). The packet itself, alone, if it fits. EspError (TOO_BIG) if ``mtu`` holds no
+    fragment."""
     if len(packet) <= mtu:
         return [packet]
     if packet[0] >> 4 == 6:
-        try:
-            return ipv6.fragment_packet(packet, ipv6.parse_ipv6(packet), mtu, ident)
-        except EspError as err:
-            raise ValueError(str(err)) from None
+        return ipv6.fragment_packet(packet, ipv6.parse_ipv6(packet), mtu, ident)
     head_len = ip.IPV4_MIN_HEADER
     head, body = packet[:head_len], packet[head_len:]
     step = (mtu - head_len) & ~7
     if step <= 0:
-        raise ValueError(f"an MTU of {mtu} bytes holds no fragment")
+        raise EspError(DropReason.TOO_BIG, f"an MTU of {mtu} bytes holds no fragment")
     out = []
     for at in range(0, len(body), step):
         piece = body[at : at + step]

@@ -34,7 +34,8 @@ class Verdict(enum.Enum):
     REPLACE = "replace"  # the queued packet goes no further: ``packets`` are sent instead
     CROSS = "cross"  # ``packet`` is of the other IP family (a mixed tunnel): it can't go back
     # in the verdict (the kernel puts a verdict's bytes back into the queued packet's family),
-    # so the shell sends it on its own and drops the queued one
+    # so, as with REPLACE, the shell drops the queued one and sends ``packets`` (``packet``,
+    # or its fragments) instead
 
 
 class Result:
@@ -138,7 +139,23 @@ class Processor:
                 return self._drop(EspError(DropReason.TOO_BIG, f"{len(out)} bytes to hand back"),
                                   res.sa)
             if (out[0] ^ data[0]) & 0xF0:
-                res.verdict = Verdict.CROSS
+                return self._crossed(res, out)
+        return res
+
+    def _crossed(self, res: Result, out: bytes) -> Result:
+        """A result of the other IP family (a mixed tunnel): CROSS, with ``packets`` what the
+        shell sends through a raw socket of that family in the queued packet's place. A raw
+        socket never fragments, so an outbound ESP packet bigger than its SA's path goes in
+        fragments made here, as its source may (``pmtu.fragment_own``)."""
+        sa = res.sa
+        res.verdict = Verdict.CROSS
+        res.packets = [out]
+        if sa is not None and sa.outbound and len(out) > (sa.pmtu or self.mtu):
+            self.frag_ident = (self.frag_ident + 1) & 0xFFFFFFFF
+            try:
+                res.packets = pmtu.fragment_own(out, sa.pmtu or self.mtu, self.frag_ident)
+            except EspError as err:
+                return self._drop(err, sa)
         return res
 
     # -- outbound -------------------------------------------------------------------------

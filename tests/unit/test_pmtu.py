@@ -15,7 +15,7 @@ from scapy.layers.ipsec import ESP
 
 from nfq_ipsec.core import DfPolicy, Processor, Verdict, pmtu
 from nfq_ipsec.core import packet as ip
-from nfq_ipsec.core.errors import DropReason
+from nfq_ipsec.core.errors import DropReason, EspError
 from nfq_ipsec.core.esp import encapsulate
 from nfq_ipsec.core.sa import SADirection, SAParams, SecurityAssociation
 from nfq_ipsec.core.spd import SPD, Action, Policy, Selector
@@ -278,5 +278,6 @@ def test_fragment_own_makes_fragments_that_scapy_puts_back_together() -> None:
     assert [f[IPv6ExtHdrFragment].m for f in frags6] == [1, 0]
     assert bytes(defragment6(frags6)) == v6  # type: ignore[no-untyped-call]
     assert pmtu.fragment_own(v4, len(v4), 1) == [v4]
-    with pytest.raises(ValueError):
+    with pytest.raises(EspError) as err:
         pmtu.fragment_own(v6, 48, 1)
+    assert err.value.reason is DropReason.TOO_BIG
