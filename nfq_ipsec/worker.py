@@ -109,6 +109,7 @@ class WorkerSpec:
     # A gateway's unprotected interface: what arrives in PREROUTING on it is inbound, what
     # arrives on any other interface is forwarded outbound. None (a host): all of it inbound.
     gateway_interface: str | None = None
+    busy_poll: float = 0.0  # daemon.busy_poll in seconds: how long to poll after a batch; 0: off
 
     def spd(self) -> SPD:
         return SPD(list(self.policies))
@@ -589,17 +590,25 @@ def _serve(
     poller.register(wfd, select.POLLIN)
     receive = queue.receive
     handle = handler.handle_batch
+    polling = BusyPoll(spec.busy_poll)
     next_events = 0.0
     while True:
-        for fd, _ev in poller.poll(EVENT_INTERVAL * 1000):
+        events = poller.poll(0 if polling.active else EVENT_INTERVAL * 1000)
+        if not events and polling.active:
+            polling.idle(time.monotonic())
+        for fd, _ev in events:
             if fd == qfd:
+                got = False
                 for _ in range(BATCHES_PER_WAKEUP):
                     packets = receive(BATCH)
                     if not packets:
                         break
+                    got = True
                     handle(packets)
                     if len(packets) < BATCH:
                         break
+                if got:
+                    polling.handled(time.monotonic())
             elif fd == cfd:
                 try:
                     msg = conn.recv()
@@ -628,6 +637,49 @@ def _serve(
             handler.report_events()
             handler.send_keepalives(now)
             next_events = now + EVENT_INTERVAL
+
+
+class BusyPoll:
+    """Adaptive polling (``daemon.busy_poll``): after a batch the worker keeps polling its
+    queue without sleeping for up to ``window`` seconds, so that a packet arriving within it
+    (the reply to what it just sent, the next packet of a burst) is read without a wake-up.
+
+    The window adapts, as NAPI's busy polling and DPDK's adaptive polling do: a poll that
+    catches a packet restores the full window; one that runs out empty halves it, down to a
+    sixteenth, so a worker whose traffic never comes back within the window (sparse traffic)
+    spends little. With no traffic it never polls: the idle cost is zero. While polling it
+    yields the CPU to any other runnable task (``sched_yield``) on every empty look."""
+
+    SHRINK_FLOOR = 16  # the window never shrinks below the full one divided by this
+
+    def __init__(self, window: float) -> None:
+        self.full = window
+        self.window = window
+        self.until = 0.0  # polling while time < until; 0: sleeping in poll()
+        self.hits = 0  # polls that caught a packet
+        self.misses = 0  # polls that ran out empty
+
+    @property
+    def active(self) -> bool:
+        return self.until > 0.0
+
+    def handled(self, now: float) -> None:
+        """A batch was handled at ``now``: poll for the window from here."""
+        if not self.full:
+            return
+        if self.active:
+            self.hits += 1
+            self.window = self.full
+        self.until = now + self.window
+
+    def idle(self, now: float) -> None:
+        """An empty look while polling: yield the CPU, or stop polling when the window is over."""
+        if now < self.until:
+            os.sched_yield()
+            return
+        self.misses += 1
+        self.window = max(self.window / 2, self.full / self.SHRINK_FLOOR)
+        self.until = 0.0
 
 
 def _reload_step(handler: PacketHandler, msg: tuple[Any, ...]) -> tuple[str, str]:

@@ -51,6 +51,8 @@ DEFAULT_LOG_LEVEL = "info"
 DEFAULT_IPTABLES = "auto"
 DEFAULT_WATCHDOG = 10.0
 WATCHDOG_RANGE = (1.0, 3600.0)  # or 0, which turns the watchdog off
+DEFAULT_BUSY_POLL = 0  # microseconds; off: on CPUs shared with applications it delays them
+BUSY_POLL_RANGE = (0, 10_000)
 KEEPALIVE_RANGE = (1.0, 3600.0)  # or 0: no NAT-keepalives
 
 
@@ -115,6 +117,11 @@ DAEMON = Section("daemon", "[daemon]", "The daemon: its workers (one per NFQUEUE
           check=parsers.chain_prefix_problem),
     Field("log_level", STRING, "what the daemon and its workers log",
           default=DEFAULT_LOG_LEVEL, choices={k: k for k in logsetup.LEVELS}),
+    Field("busy_poll", INTEGER, "microseconds a worker keeps looking for the next packet after "
+          "each batch before it sleeps (adaptive polling: a packet that arrives within it "
+          "needs no wake-up); for workers on CPUs of their own, see *Latency*",
+          default=DEFAULT_BUSY_POLL, bounds=BUSY_POLL_RANGE,
+          allowed=f"0 (off) or up to {BUSY_POLL_RANGE[1]} microseconds"),
     Field("watchdog", NUMBER, "seconds a worker may not answer before it is killed and restarted",
           default=DEFAULT_WATCHDOG, bounds=WATCHDOG_RANGE,
           allowed=f"0 (off) or {WATCHDOG_RANGE[0]:g}..{WATCHDOG_RANGE[1]:g} seconds",

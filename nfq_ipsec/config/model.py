@@ -10,6 +10,7 @@ from pathlib import Path
 from ..core.sa import SADirection, SAParams
 from ..core.spd import SPD, Action, Policy
 from .fields import (
+    DEFAULT_BUSY_POLL,
     DEFAULT_CHAIN_PREFIX,
     DEFAULT_IPTABLES,
     DEFAULT_IPV6_ND,
@@ -63,6 +64,7 @@ class DaemonConfig:
     log_level: str = DEFAULT_LOG_LEVEL
     iptables: str = DEFAULT_IPTABLES  # "auto" (the system's iptables), "nft" or "legacy"
     watchdog: float = DEFAULT_WATCHDOG  # seconds a ready worker may not answer; 0: no watchdog
+    busy_poll: int = DEFAULT_BUSY_POLL  # microseconds a worker polls after a batch; 0: off
 
 
 @dataclass(frozen=True)

@@ -40,4 +40,5 @@ def read_daemon(raw: dict[str, Any], cpus: list[int], probs: Problems) -> Daemon
         mss_clamp=DAEMON["mss_clamp"].read(raw, "daemon", probs),
         chain_prefix=prefix,
         log_level=log_level,
+        busy_poll=DAEMON["busy_poll"].read(raw, "daemon", probs),
     )

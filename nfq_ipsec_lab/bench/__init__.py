@@ -38,7 +38,8 @@ from pathlib import Path
 
 STRONGSWAN_APT = "apt-get install strongswan-charon libcharon-extra-plugins strongswan-swanctl"
 ROW_KEYS = ("plain", "accept", "accept-payload", "accept-gcm", "gcm", "gcm-source", "gcm6",
-            "gcm-udp", "chacha", "cbc", "tunnel-gcm", "strongswan")  # = beds
+            "gcm-udp", "gcm-poll", "gcm-float", "chacha", "cbc", "tunnel-gcm",
+            "strongswan")  # = beds
 
 EPILOG = f"""\
 rows: plain (veth, no rules), accept (NFQUEUE accept-only: the redirect ceiling),

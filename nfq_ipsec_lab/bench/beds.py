@@ -73,6 +73,8 @@ class RowSpec:
     work: str = "none"  # accept rows: what the worker does besides accepting (bench.accept)
     encapsulation: str = "none"  # esp rows: the SAs' (config and status): "none" or "udp"
     base: str | None = None  # a variant of this row: the report gives the ratio to it
+    busy_poll: int = 0  # esp rows: daemon.busy_poll (microseconds; 0: off)
+    pinned: bool = True  # esp rows: workers pinned per --cpu-layout (else `cpus = []`)
 
 
 ROWS = (
@@ -101,6 +103,14 @@ ROWS = (
             per_queue=False, encapsulation="udp", base="gcm",
             note="the gcm row with ESP in UDP (RFC 3948, 4500 -> 4500, IPv4): 8 bytes more "
                  "per packet, the UDP rules and the core's UDP path"),
+    RowSpec("gcm-poll", "transport gcm busy_poll 200us", "esp", encryption="aes-gcm-128",
+            per_queue=False, busy_poll=200, base="gcm",
+            note="the gcm row with adaptive polling (daemon.busy_poll = 200): each worker "
+                 "polls its queue for up to 200 us after a batch before it sleeps"),
+    RowSpec("gcm-float", "transport gcm workers unpinned", "esp", encryption="aes-gcm-128",
+            per_queue=False, pinned=False, base="gcm",
+            note="the gcm row with its workers not pinned (cpus = []): the scheduler runs each "
+                 "where it wakes up"),
     RowSpec("chacha", "transport chacha20-poly1305", "esp", encryption="chacha20-poly1305"),
     RowSpec("cbc", "transport aes-cbc-128+sha256", "esp", encryption="aes-cbc-128"),
     RowSpec("tunnel-gcm", "tunnel aes-gcm-128 (gateways)", "esp", topology="gateway",
@@ -129,6 +139,7 @@ class Bed:
     queue_hosts: list[Host] = field(default_factory=list)  # namespaces with NFQUEUE queues
     daemons: list[Daemon] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    workers: int = 0  # the processes that carry packets (idle CPU per worker)
 
     def dataplane_pids(self) -> list[int]:
         return [p.pid for p in self.dataplane if p.popen.poll() is None]
@@ -184,6 +195,7 @@ def build(lab: Lab, spec: RowSpec, queues: int, layout: str) -> Bed:
             peer.host.sysctl("net.ipv4.conf.all.rp_filter", 2)
         procs = strongswan.start_pair(lab, topo.client, topo.client_addr, topo.server, topo.server_addr)
         return Bed(TrafficPath(lab, topo.client, topo.server, topo.server_addr), dataplane=procs,
+                   workers=len(procs),
                    info={"strongswan": strongswan.version(), "ike": strongswan.IKE_PROPOSAL,
                          "esp": strongswan.ESP_PROPOSAL})
     raise ValueError(f"unknown row kind {spec.kind!r}")
@@ -193,11 +205,16 @@ def build(lab: Lab, spec: RowSpec, queues: int, layout: str) -> Bed:
 
 def pin_config(path: Path, cpus: Sequence[int]) -> None:
     """Add ``cpus = [...]`` to the [daemon] table of a lab-generated config."""
+    daemon_setting(path, f"cpus = [{', '.join(map(str, cpus))}]")
+
+
+def daemon_setting(path: Path, line: str) -> None:
+    """Add one ``key = value`` line to the [daemon] table of a lab-generated config."""
     text = path.read_text()
-    new, n = re.subn(r"^(queues = \[[0-9, ]*\])$", rf"\1\ncpus = [{', '.join(map(str, cpus))}]", text,
+    new, n = re.subn(r"^(queues = \[[0-9, ]*\])$", lambda m: f"{m.group(1)}\n{line}", text,
                      count=1, flags=re.M)
     if n != 1:
-        raise LabError(f"{path}: no 'queues = [...]' line to pin CPUs after")
+        raise LabError(f"{path}: no 'queues = [...]' line to add {line!r} after")
     path.write_text(new)
 
 
@@ -217,8 +234,11 @@ def _esp_bed(lab: Lab, spec: RowSpec, queues: int, layout: str) -> Bed:
     cfg = labconfig.generate(lab.workdir / "config", topo.a.spec, topo.b.spec, spec.encryption, queues)
     cpus = {}
     for i, peer in enumerate(topo.peers):
-        cpus[peer.name] = cpus_for(i, queues, layout)
-        pin_config(cfg.peer(peer.name).path, cpus[peer.name])
+        path = cfg.peer(peer.name).path
+        cpus[peer.name] = cpus_for(i, queues, layout) if spec.pinned else []
+        pin_config(path, cpus[peer.name])
+        if spec.busy_poll:
+            daemon_setting(path, f"busy_poll = {spec.busy_poll}")
         if spec.encapsulation == "udp":
             encapsulate_udp(cfg.peer(peer.name).path)
     cmd = command()
@@ -232,8 +252,10 @@ def _esp_bed(lab: Lab, spec: RowSpec, queues: int, layout: str) -> Bed:
     procs = [d.proc for d in daemons if d.proc is not None]
     return Bed(TrafficPath(lab, topo.client, topo.server, topo.server_addr), dataplane=procs,
                queue_hosts=[p.host for p in topo.peers], daemons=daemons,
+               workers=queues * len(topo.peers),
                info={"mode": cfg.mode, "encryption": cfg.encryption, "integrity": cfg.integrity,
-                     "cpus": cpus, "topology": topo.kind, "encapsulation": spec.encapsulation})
+                     "cpus": cpus, "topology": topo.kind, "encapsulation": spec.encapsulation,
+                     "busy_poll_us": spec.busy_poll})
 
 
 # -- accept-only ----------------------------------------------------------------------------
@@ -290,5 +312,5 @@ def _accept_bed(lab: Lab, queues: int, layout: str, work: str = "none") -> Bed:
     for peer in topo.peers:  # rules only once every queue has its worker, as the daemon does
         peer.host.run(["iptables-restore"], input=accept_rules(peer.spec.interface, qnums))
     return Bed(TrafficPath(lab, topo.client, topo.server, topo.server_addr), dataplane=procs,
-               queue_hosts=[p.host for p in topo.peers],
+               queue_hosts=[p.host for p in topo.peers], workers=len(procs),
                info={"queues": qnums, "cpus": cpus, "work": work})

@@ -3,8 +3,13 @@
 One repetition on a test bed (:class:`~nfq_ipsec_lab.bench.beds.Bed`) runs, in this order, with a
 short pause between them so that queues drain:
 
+0. idle: the data-plane processes' CPU time over one second without traffic (what a daemon
+   costs while nothing happens: its timers, and polling if it polled while idle), from
+   ``/proc/<pid>/task/*/schedstat`` (nanoseconds);
 1. ping: the lab's raw-socket ICMP echo (``traffic.ping``), N pings 0.1 s apart, on an idle
-   path; each reply's round-trip time in ms;
+   path (every packet meets workers that went to sleep: the round trip interactive traffic
+   sees); then 5N pings 2 ms apart (the workers still awake from the last packet: the round
+   trip within a burst); each reply's round-trip time in ms;
 2. TCP, one flow: ``iperf3 -t S`` (``traffic.iperf3_tcp``), Mbit/s as received;
 3. TCP, eight flows: ``iperf3 -t S -P 8``;
 4. UDP, 64-byte datagrams as fast as one iperf3 sender can: ``iperf3 -u -l 64 -b 0``; the
@@ -40,6 +45,10 @@ from ..lab.netns import Host, Lab, LabError, run
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAUSE = 0.3  # seconds between traffic runs: let queues and sockets drain
+IDLE_SECONDS = 1.0  # how long the idle CPU is measured
+PING_INTERVAL = 0.1  # seconds between pings: sleeping workers
+WARM_PING_INTERVAL = 0.002  # seconds between pings within a burst: workers awake
+WARM_PINGS = 5  # warm pings per cold ping
 IPERF_PORT = 5201
 
 
@@ -197,10 +206,11 @@ def check_path(path: TrafficPath) -> None:
         raise LabError(f"no ping reply from {path.server_addr} through this test bed: it passes nothing")
 
 
-def measure_ping(path: TrafficPath, count: int) -> dict[str, Any]:
-    res = traffic.ping(path.client, path.server_addr, count=count, wait=2.0)
+def measure_ping(path: TrafficPath, count: int, interval: float = PING_INTERVAL) -> dict[str, Any]:
+    res = traffic.ping(path.client, path.server_addr, count=count, wait=2.0, interval=interval)
     rtts = [float(m.group(1)) for m in re.finditer(r"time=([0-9.]+) ms", res.output)]
     return {
+        "interval_s": interval,
         "sent": res.sent,
         "received": res.received,
         "rtt_ms": rtts,
@@ -269,12 +279,50 @@ def counters_delta(
     return total
 
 
+def run_ns(roots: Iterable[int]) -> dict[int, int]:
+    """Nanoseconds each of the given processes and all below them has run on a CPU, its
+    threads included (``/proc/<pid>/task/<tid>/schedstat``: finer than the clock ticks of
+    ``stat``, which would round a second's idle CPU to 1 %)."""
+    out = {}
+    for pid in with_descendants(roots):
+        total, seen = 0, False
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError, ValueError, IndexError), \
+                        open(f"/proc/{pid}/task/{tid}/schedstat", encoding="ascii") as f:
+                    total += int(f.read().split()[0])
+                    seen = True
+        if seen:
+            out[pid] = total
+    return out
+
+
+def measure_idle(roots: Callable[[], Sequence[int]], workers: int) -> dict[str, Any]:
+    """The data plane's CPU time over IDLE_SECONDS without traffic, as a share of one CPU:
+    all its processes together, and per worker (``workers``: the processes that carry
+    packets; 0 for a row without any)."""
+    before = run_ns(roots())
+    t0 = time.monotonic()
+    time.sleep(IDLE_SECONDS)
+    elapsed = time.monotonic() - t0
+    after = run_ns(roots())
+    cpu_s = sum(max(0, ns - before.get(pid, 0)) for pid, ns in after.items()) / 1e9
+    share = cpu_s / elapsed
+    return {"seconds": round(elapsed, 3), "cpu_s": round(cpu_s, 6),
+            "cpu_share": round(share, 5), "workers": workers,
+            "cpu_share_per_worker": round(share / workers, 5) if workers else None}
+
+
 def repetition(
     path: TrafficPath, meter: CpuMeter, queue_hosts: Sequence[Host], seconds: float, pings: int,
+    workers: int = 0,
 ) -> dict[str, Any]:
-    """One repetition: ping, TCP x1, TCP x8, UDP 64 B (see the module docstring)."""
+    """One repetition: idle CPU, ping (apart, then in a burst), TCP x1, TCP x8, UDP 64 B (see
+    the module docstring)."""
     rep: dict[str, Any] = {"load_before": loadavg()[0]}
+    rep["idle"] = measure_idle(meter.roots, workers)
     rep["ping"] = measure_ping(path, pings)
+    rep["ping_warm"] = measure_ping(path, pings * WARM_PINGS, WARM_PING_INTERVAL)
     time.sleep(PAUSE)
     rep["tcp1"] = measure_tcp(path, meter, seconds, 1)
     time.sleep(PAUSE)

@@ -57,6 +57,12 @@ def summarise(row: dict[str, Any]) -> dict[str, Any]:
         "udp64_sent_pps": spread(rep["udp64"]["sent_pps"] for rep in reps),
         "rtt_p50_ms": spread(rep["ping"]["p50_ms"] for rep in reps),
         "rtt_p99_ms": spread(rep["ping"]["p99_ms"] for rep in reps),
+        "rtt_burst_p50_ms": spread((rep.get("ping_warm") or {}).get("p50_ms") for rep in reps),
+        "rtt_burst_p99_ms": spread((rep.get("ping_warm") or {}).get("p99_ms") for rep in reps),
+        "idle_cpu_share": spread((rep.get("idle") or {}).get("cpu_share") for rep in reps)
+        if has_dataplane else None,
+        "idle_cpu_share_per_worker": spread((rep.get("idle") or {}).get("cpu_share_per_worker")
+                                            for rep in reps) if has_dataplane else None,
         "rtt_pooled_ms": ({"p50": percentile(rtts, 50), "p99": percentile(rtts, 99), "n": len(rtts)}
                           if rtts else None),
         "cpu_s_per_gb": spread(_per_gb(reps, "cpu_s")) if has_dataplane else None,
@@ -140,7 +146,8 @@ def _ratio_cell(r: dict[str, float | None] | None) -> str:
 
 COLUMNS = (
     ("row", 31), ("q", 2), ("TCP 1 flow Mbit/s", 22), ("TCP 8 flows Mbit/s", 22),
-    ("UDP 64B kpps", 19), ("RTT p50/p99 ms", 15), ("CPU s/GB dp/all", 16),
+    ("UDP 64B kpps", 19), ("RTT p50/p99 ms", 15), ("burst RTT", 10), ("idle CPU", 8),
+    ("CPU s/GB dp/all", 16),
     ("vs plain 1/8/udp", 18), ("vs accept 1/8/udp", 18),
 )
 
@@ -179,12 +186,15 @@ def table(result: dict[str, Any]) -> str:
         rtt = "-"
         if sm["rtt_p50_ms"]:
             rtt = f"{num(sm['rtt_p50_ms']['median'])}/{num(sm['rtt_p99_ms']['median'])}"
+        burst = num((sm.get("rtt_burst_p50_ms") or {}).get("median"))
+        idle = sm.get("idle_cpu_share")
+        idle_cell = f"{idle['median'] * 100:.2f}%" if idle else "-"
         cpu = f"{num((sm['cpu_s_per_gb'] or {}).get('median'))}/" \
               f"{num((sm['system_cpu_s_per_gb'] or {}).get('median'))}"
         ratios = row["ratios"] or {}
         out.append(_line([
             label, q, cell(sm["tcp1_mbit"]), cell(sm["tcp8_mbit"]), cell(sm["udp64_pps"], 1e-3), rtt,
-            cpu, _ratio_cell(ratios.get("plain")), _ratio_cell(ratios.get("accept")),
+            burst, idle_cell, cpu, _ratio_cell(ratios.get("plain")), _ratio_cell(ratios.get("accept")),
         ]))
         if row["key"] == "strongswan" and row["note"] not in notes:
             notes.append(row["note"])
@@ -192,7 +202,10 @@ def table(result: dict[str, Any]) -> str:
         "",
         "q: NFQUEUE queues (workers) per peer. UDP 64B: datagrams delivered per second, one iperf3 "
         "sender at full speed (-b 0).",
-        "RTT: p50/p99 of each repetition's pings, median of those.",
+        "RTT: p50/p99 of each repetition's pings 0.1 s apart (workers asleep), median of those; "
+        "burst RTT: p50 of pings 2 ms apart (workers awake).",
+        "idle CPU: the data-plane processes' CPU time over 1 s without traffic, % of one CPU, "
+        "all of them together (the JSON has it per worker too).",
         "CPU s/GB: CPU seconds per GB received over both TCP runs; dp = the data-plane processes "
         "(daemons and workers,",
         "  accept-only workers, charon; /proc/<pid>/stat), all = every CPU of the machine busy "

@@ -163,7 +163,7 @@ def measure_row(
             meter = measure.CpuMeter(bed.dataplane_pids)
             for _ in range(repetitions or settings.repetitions):
                 rep = measure.repetition(bed.path, meter, bed.queue_hosts, settings.seconds,
-                                         settings.pings)
+                                         settings.pings, bed.workers)
                 bed.check_alive()
                 row["repetitions"].append(rep)
                 say(f"    rep {len(row['repetitions'])}/{settings.repetitions}: "

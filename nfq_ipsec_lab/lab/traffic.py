@@ -48,7 +48,7 @@ PROTO_NAMES = {PROTO_ICMP: "icmp", PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ESP
 PING_SRC = r"""
 import os, socket, struct, sys, time
 dst, count, wait, size = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
-df = sys.argv[5] == "df"
+df, interval = sys.argv[5] == "df", float(sys.argv[6])
 def csum(b):
     b += b"\0" * (len(b) % 2)
     t = sum(struct.unpack("!%dH" % (len(b) // 2), b))
@@ -86,7 +86,7 @@ for seq in range(1, count + 1):
             print("reply seq=%d time=%.3f ms" % (q, (time.monotonic() - t0) * 1000), flush=True)
             break
     if seq < count:
-        time.sleep(0.1)
+        time.sleep(interval)
 print("result %d %d" % (count, got))
 """
 
@@ -245,12 +245,13 @@ def _finish(lab: Lab, proc: Started, timeout: float) -> str:
 
 
 def ping(host: Host, dst: str, count: int = 3, wait: float = 2.0, size: int = 0,
-         df: bool = False) -> PingResult:
+         df: bool = False, interval: float = 0.1) -> PingResult:
     """ICMP echo to ``dst``; ``size``: the ICMP message's length (at least the default ~70);
-    ``df``: with DF set (the socket's IP_PMTUDISC_DO)."""
+    ``df``: with DF set (the socket's IP_PMTUDISC_DO); ``interval``: seconds between a reply
+    (or its timeout) and the next request."""
     res = host.run([host.python, "-c", PING_SRC, dst, str(count), str(wait), str(size),
-                    "df" if df else "-"], check=False,
-                   timeout=count * (wait + 0.2) + 10)
+                    "df" if df else "-", repr(interval)], check=False,
+                   timeout=count * (wait + interval + 0.1) + 10)
     last = [line for line in res.stdout.splitlines() if line.startswith("result ")]
     if res.returncode != 0 or not last:
         raise LabError(f"ping from {host.name} to {dst} failed: {res.stderr.strip() or res.stdout}")

@@ -3,7 +3,8 @@
 The benchmark is a script, not a timed test: nothing here checks a speed. The smoke run (marks
 ``root`` and ``lab``) runs it with the smallest settings (two interleaved rounds of 1-second
 iperf3 runs, five pings, one queue, the rows plain, accept-only, the AES-GCM floor and
-AES-GCM-128 transport over IPv4, over IPv6 and in UDP) and checks that it produced well-formed
+AES-GCM-128 transport over IPv4, over IPv6, in UDP, with adaptive polling and with unpinned
+workers) and checks that it produced well-formed
 output: the table on stdout, the JSON file with its schema, raw figures and machine info, and a
 valid PNG. The other tests need no root: statistics, ratios, the table, the accept-only rules and
 CPU pinning of the lab's configurations.
@@ -37,7 +38,7 @@ from nfq_ipsec_lab.lab.netns import LabError
 from nfq_ipsec_lab.lab.topology import HOST_A, HOST_B
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-SMOKE_ROWS = ["plain", "accept", "accept-gcm", "gcm", "gcm6", "gcm-udp"]
+SMOKE_ROWS = ["plain", "accept", "accept-gcm", "gcm", "gcm6", "gcm-udp", "gcm-poll", "gcm-float"]
 
 
 # -- the smoke run ---------------------------------------------------------------------------
@@ -50,7 +51,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "--pings", "5", "--queues", "1", "--rows", ",".join(SMOKE_ROWS), "--out", str(out),
             "--name", "smoke"]
     t0 = time.monotonic()
-    res = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=420)
     seconds = time.monotonic() - t0
     if res.returncode == runner.EXIT_BUSY:
         pytest.skip(f"another benchmark is running: {res.stdout.strip()}")
@@ -66,7 +67,7 @@ def _number(value: Any) -> bool:
 def test_smoke_prints_the_table(smoke: dict[str, Any]) -> None:
     out = smoke["stdout"]
     for header in ("TCP 1 flow Mbit/s", "TCP 8 flows Mbit/s", "UDP 64B kpps", "RTT p50/p99 ms",
-                   "CPU s/GB dp/all", "vs plain 1/8/udp", "vs accept 1/8/udp"):
+                   "burst RTT", "idle CPU", "CPU s/GB dp/all", "vs plain 1/8/udp", "vs accept 1/8/udp"):
         assert header in out
     for key in SMOKE_ROWS:
         label = beds.row_spec(key).label
@@ -95,7 +96,7 @@ def test_smoke_json_schema(smoke: dict[str, Any]) -> None:
     assert len(data["load"]["start"]) == 3 and len(data["load"]["end"]) == 3
     assert [(r["key"], r["queues"]) for r in data["rows"]] == [
         ("plain", None), ("accept", 1), ("accept-gcm", None), ("gcm", 1), ("gcm6", None),
-        ("gcm-udp", None)]
+        ("gcm-udp", None), ("gcm-poll", None), ("gcm-float", None)]
     for row in data["rows"]:
         assert row["status"] == "ok", row.get("error")
         assert _number(row["load_before"]) and _number(row["load_after"]) and _number(row["busy_before"])
@@ -108,20 +109,27 @@ def test_smoke_json_schema(smoke: dict[str, Any]) -> None:
         assert rep["udp64"]["length"] == 64 and 0 < rep["udp64"]["delivered"] <= rep["udp64"]["sent"]
         assert rep["ping"]["sent"] == 5 and rep["ping"]["received"] >= 1
         assert all(_number(v) and v > 0 for v in rep["ping"]["rtt_ms"])
+        assert rep["ping"]["interval_s"] == 0.1 and rep["ping_warm"]["interval_s"] == 0.002
+        assert rep["ping_warm"]["sent"] == 25 and rep["ping_warm"]["received"] >= 1
+        idle = rep["idle"]
+        assert idle["seconds"] >= 1.0 and _number(idle["cpu_share"]) and idle["cpu_share"] >= 0
+        assert idle["workers"] == (0 if row["key"] == "plain" else 2)
         summary = row["summary"]
         for metric in ("tcp1_mbit", "tcp8_mbit", "udp64_pps", "rtt_p50_ms", "rtt_p99_ms",
-                       "system_cpu_s_per_gb"):
+                       "rtt_burst_p50_ms", "system_cpu_s_per_gb"):
             s = summary[metric]
             assert s["min"] <= s["median"] <= s["max"] and s["n"] == 2, metric
         assert set(row["ratios"]) >= {"plain", "accept"}
-    plain, accept, floor, gcm, gcm6, udp = data["rows"]
+    plain, accept, floor, gcm, gcm6, udp, poll, unpinned = data["rows"]
     assert plain["summary"]["cpu_s_per_gb"] is None  # no data-plane process
+    assert plain["summary"]["idle_cpu_share"] is None
     assert plain["ratios"]["plain"] == {m: 1.0 for m in report.RATIO_METRICS}
     assert accept["ratios"]["accept"] == {m: 1.0 for m in report.RATIO_METRICS}
     assert accept["info"]["work"] == "none" and floor["info"]["work"] == "gcm"
     assert floor["ratios"]["accept_queues"] == 1
-    for row in (accept, floor, gcm, gcm6, udp):
+    for row in (accept, floor, gcm, gcm6, udp, poll, unpinned):
         assert row["summary"]["cpu_s_per_gb"]["median"] > 0
+        assert row["summary"]["idle_cpu_share_per_worker"]["median"] >= 0
         assert row["dataplane"]
         # the traffic really went through NFQUEUE: the kernel queued packets on both hosts
         assert all(rep["udp64"]["queues"]["queued"] > 0 for rep in row["repetitions"])
@@ -153,6 +161,24 @@ def test_smoke_has_the_ipv6_and_udp_rows(smoke: dict[str, Any]) -> None:
     gcm = beds.row_spec("gcm").label
     for key in ("gcm6", "gcm-udp"):
         assert any(line.startswith(f"  {beds.row_spec(key).label} / {gcm} q1: ") for line in lines[start:])
+
+
+def test_smoke_has_the_latency_rows(smoke: dict[str, Any]) -> None:
+    """The polling row's daemons polled (their configs say so) and the unpinned row's workers
+    were not pinned: the daemons' own status says where each worker runs."""
+    rows = {r["key"]: r for r in smoke["json"]["rows"]}
+    poll, unpinned, gcm = rows["gcm-poll"], rows["gcm-float"], rows["gcm"]
+    assert poll["info"]["busy_poll_us"] == 200 and gcm["info"]["busy_poll_us"] == 0
+    assert unpinned["info"]["cpus"] == {"a": [], "b": []}
+    for peer in ("a", "b"):
+        assert [w["cpu"] for w in unpinned["dataplane_status"][peer]] == [None]
+        assert all(w["cpu"] is not None for w in gcm["dataplane_status"][peer])
+        assert all(w["packets_out"] > 0 for w in poll["dataplane_status"][peer])
+    for row in (poll, unpinned):
+        assert row["base"] == "gcm" and row["ratios"]["base_queues"] == 1
+    # Polling stops when the traffic does: a worker that kept polling while idle would show
+    # close to a whole CPU here.
+    assert all(rep["idle"]["cpu_share_per_worker"] < 0.2 for rep in poll["repetitions"])
 
 
 def test_smoke_png_is_valid(smoke: dict[str, Any]) -> None:

@@ -253,6 +253,26 @@ def test_watchdog_rejects(value: object, message: str) -> None:
     assert f"daemon.watchdog: {message}" in problems(data)
 
 
+def test_busy_poll_default_and_values() -> None:
+    assert parse_config(base(), online_cpus=CPUS).daemon.busy_poll == 0
+    for given in (0, 1, 200, 10_000):
+        data = base()
+        data["daemon"]["busy_poll"] = given
+        assert parse_config(data, online_cpus=CPUS).daemon.busy_poll == given
+
+
+@pytest.mark.parametrize("value,message", [
+    (-1, "must be 0 (off) or up to 10000 microseconds, got -1"),
+    (10_001, "must be 0 (off) or up to 10000 microseconds, got 10001"),
+    (0.5, "must be int, got float"),
+    ("200", "must be int, got str"),
+])
+def test_busy_poll_rejects(value: object, message: str) -> None:
+    data = base()
+    data["daemon"]["busy_poll"] = value
+    assert f"daemon.busy_poll: {message}" in problems(data)
+
+
 # -- one key, one SA ---------------------------------------------------------------------------
 KEY32 = "11" * 32
 KEY32B = "22" * 32

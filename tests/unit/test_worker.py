@@ -309,6 +309,33 @@ class PollableQueue(FakeQueue):
             end.close()
 
 
+def test_busy_poll_window_adapts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a batch the worker polls for the window, yielding on every empty look; a poll that
+    runs out empty halves the window (down to a sixteenth), one that catches a packet restores
+    it; with no traffic, and with polling off, it never polls."""
+    yields: list[int] = []
+    monkeypatch.setattr(os, "sched_yield", lambda: yields.append(1))
+    off = worker.BusyPoll(0.0)
+    off.handled(1.0)
+    assert not off.active
+    bp = worker.BusyPoll(0.001)
+    assert not bp.active  # never polls before traffic: zero idle cost
+    bp.handled(10.0)
+    assert bp.active and bp.until == pytest.approx(10.001)
+    bp.idle(10.0005)
+    assert bp.active and yields == [1]
+    bp.idle(10.001)  # the window is over, nothing came: back to sleeping, a shorter window
+    assert not bp.active and (bp.misses, bp.hits) == (1, 0) and bp.window == pytest.approx(0.0005)
+    for i in range(10):  # sparse traffic: every poll runs out
+        bp.handled(20.0 + i)
+        bp.idle(21.0 + i - 0.5)
+    assert bp.window == pytest.approx(0.001 / 16) and bp.misses == 11 and len(yields) == 1
+    bp.handled(40.0)
+    bp.handled(40.00001)  # a packet within the window: a hit, the full window again
+    assert bp.hits == 1 and bp.window == pytest.approx(0.001)
+    assert bp.until == pytest.approx(40.00101)
+
+
 def test_a_ping_is_answered_with_counts_without_a_snapshot(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The worker's loop answers ``("ping",)`` with ``counts()`` and ``("stats",)`` with the
@@ -435,9 +462,10 @@ def test_reload_problems_name_what_needs_a_restart() -> None:
     assert reload_problems(cfg, cfg) == []
     assert reload_problems(cfg, _rekeyed(cfg, "b-to-a-0", 0x7000)) == []  # a new key: fine
     other = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, chain_prefix="X",
-                                                                    log_level="debug"))
+                                                                    log_level="debug", busy_poll=50))
     assert reload_problems(cfg, other) == ["daemon.chain_prefix: a change needs a restart",
-                                           "daemon.log_level: a change needs a restart"]
+                                           "daemon.log_level: a change needs a restart",
+                                           "daemon.busy_poll: a change needs a restart"]
     moved = dataclasses.replace(cfg, sas=tuple(dataclasses.replace(sa, queue=101)
                                                if sa.name == "b-to-a-0" else sa for sa in cfg.sas))
     [problem] = reload_problems(cfg, moved)
