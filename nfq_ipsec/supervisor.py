@@ -56,6 +56,7 @@ from . import __version__, corebuild, counts, exitcodes, rules
 from .config import Config, QueueConfig
 from .control import ControlError, ControlServer, Deferred
 from .core import SADirection
+from .metricsserver import MetricsError, MetricsServer
 from .nfqueue import kernel_queue_stats
 from .status import Counts, DaemonReport, SaCounts, SaReport, StatusReport, WorkerReport, WorkerSnapshot
 from .worker import PACKETS_BETWEEN_LOOKS, WorkerSpec, worker_main
@@ -195,6 +196,8 @@ class Supervisor:
         self.ctx = multiprocessing.get_context("spawn")
         self.slots = [Slot(qc, worker_spec(cfg, qc)) for qc in cfg.daemon.queues]
         self.control = ControlServer(cfg.daemon.control_socket)
+        self.metrics = (MetricsServer(cfg.daemon.metrics, cfg.daemon.control_socket)
+                        if cfg.daemon.metrics else None)
         self.state = "starting"
         self.rules_installed = False
         self.started = time.monotonic()
@@ -217,6 +220,14 @@ class Supervisor:
             self.control.open()
         except (ControlError, OSError) as err:
             log.error("%s", err)
+            return exitcodes.FAILURE
+        try:
+            if self.metrics is not None:
+                self.metrics.open()
+                self.metrics.start()
+        except MetricsError as err:
+            log.error("%s", err)
+            self.control.close()
             return exitcodes.FAILURE
         code = exitcodes.OK
         try:
@@ -251,6 +262,8 @@ class Supervisor:
         if self.rules_installed and not self._close_rules():
             code = exitcodes.FAILURE
         self._stop_workers()
+        if self.metrics is not None:
+            self.metrics.close()
         self.control.close()
         log.info("stopped")
         return code
@@ -893,7 +906,8 @@ def worker_spec(cfg: Config, qc: QueueConfig) -> WorkerSpec:
     )
 
 
-_RESTART_ONLY = ("control_socket", "state_dir", "chain_prefix", "mark", "iptables", "log_level")
+_RESTART_ONLY = ("control_socket", "state_dir", "chain_prefix", "mark", "iptables", "log_level",
+                 "metrics")
 
 
 def reload_problems(old: Config, new: Config) -> list[str]:

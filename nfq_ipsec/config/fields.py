@@ -51,6 +51,7 @@ DEFAULT_LOG_LEVEL = "info"
 DEFAULT_IPTABLES = "auto"
 DEFAULT_WATCHDOG = 10.0
 WATCHDOG_RANGE = (1.0, 3600.0)  # or 0, which turns the watchdog off
+DEFAULT_METRICS: str | None = None  # no metrics listener
 KEEPALIVE_RANGE = (1.0, 3600.0)  # or 0: no NAT-keepalives
 
 
@@ -119,6 +120,10 @@ DAEMON = Section("daemon", "[daemon]", "The daemon: its workers (one per NFQUEUE
           default=DEFAULT_WATCHDOG, bounds=WATCHDOG_RANGE,
           allowed=f"0 (off) or {WATCHDOG_RANGE[0]:g}..{WATCHDOG_RANGE[1]:g} seconds",
           parser=parsers.seconds_or_off),
+    Field("metrics", STRING, "where the Prometheus metrics listen (HTTP, `GET /metrics`); "
+          "see *Metrics*", default=DEFAULT_METRICS, default_text="off",
+          allowed='`"ADDRESS:PORT"`: an IPv4 address, or an IPv6 one in brackets',
+          check=parsers.listen_address_problem),
 ))
 
 POLICY = Section("policy", "[[policy]]", "The SPD (RFC 4301 section 4.4.1), in order: the first "

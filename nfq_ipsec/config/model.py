@@ -15,6 +15,7 @@ from .fields import (
     DEFAULT_IPV6_ND,
     DEFAULT_LOG_LEVEL,
     DEFAULT_MARK,
+    DEFAULT_METRICS,
     DEFAULT_MSS_CLAMP,
     DEFAULT_MTU,
     DEFAULT_NODE_ACTION,
@@ -63,6 +64,7 @@ class DaemonConfig:
     log_level: str = DEFAULT_LOG_LEVEL
     iptables: str = DEFAULT_IPTABLES  # "auto" (the system's iptables), "nft" or "legacy"
     watchdog: float = DEFAULT_WATCHDOG  # seconds a ready worker may not answer; 0: no watchdog
+    metrics: str | None = DEFAULT_METRICS  # "ADDRESS:PORT" of the metrics listener; None: off
 
 
 @dataclass(frozen=True)

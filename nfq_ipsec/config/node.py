@@ -40,4 +40,5 @@ def read_daemon(raw: dict[str, Any], cpus: list[int], probs: Problems) -> Daemon
         mss_clamp=DAEMON["mss_clamp"].read(raw, "daemon", probs),
         chain_prefix=prefix,
         log_level=log_level,
+        metrics=DAEMON["metrics"].read(raw, "daemon", probs),
     )
