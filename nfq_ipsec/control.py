@@ -475,6 +475,8 @@ def render_status(status: StatusReport) -> str:
         f"nfq-ipsec {d.get('state', '?')}: pid {d.get('pid')}, up {fmt_duration(d.get('uptime'))}, "
         f"{rules}, config {d.get('config')}",
     ]
+    if status.get("taken_at"):
+        out.append(f"at: {status['taken_at']}")
     if d.get("core"):
         out.append(f"core: {d['core']}")
     if d.get("ipv6"):
@@ -512,13 +514,14 @@ def render_status(status: StatusReport) -> str:
         out.append(f"  dropped by our iptables rules (never queued{when}): {detail}")
     out.append("")
     srows = [["SA", "SPI", "DIR", "QUEUE", "PACKETS", "BYTES", "SEQ", "SAVED", "REPLAY", "INTEGRITY",
-              "OTHER", "LIFETIME LEFT"]]
+              "OTHER", "LIFETIME LEFT", "LAST PACKET"]]
     for sa in status.get("sas", []):
         srows.append([
             str(sa.get("name")), str(sa.get("spi")), str(sa.get("direction")), str(sa.get("queue")),
             _dash(sa.get("packets")), _dash(sa.get("bytes")), _dash(sa.get("seq")),
             _dash(sa.get("saved")), _dash(sa.get("replay_drops")), _dash(sa.get("integrity_drops")),
             _dash(sa.get("other_drops")), fmt_lifetime(sa.get("lifetime_left")),
+            fmt_ago(sa.get("last_packet_age")),
         ])
     out.extend(_table(srows))
     learned = [f"{sa.get('name')} {sa['path_mtu']}" for sa in status.get("sas", [])
@@ -553,6 +556,11 @@ def fmt_duration(seconds: object) -> str:
     if s < 86400:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def fmt_ago(seconds: object) -> str:
+    """``last_packet_age`` as the table shows it: ``5.0s ago``; ``-`` for none yet."""
+    return f"{fmt_duration(seconds)} ago" if isinstance(seconds, int | float) else "-"
 
 
 def fmt_lifetime(left: object) -> str:

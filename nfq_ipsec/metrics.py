@@ -135,6 +135,8 @@ def families(status: StatusReport) -> list[Family]:
     left_s = fam("sa_lifetime_left_seconds", "gauge", "Seconds left of the SA's hard lifetime.")
     left_p = fam("sa_lifetime_left_packets", "gauge", "Packets left of the SA's hard lifetime.")
     left_b = fam("sa_lifetime_left_bytes", "gauge", "Bytes left of the SA's hard lifetime.")
+    idle = fam("sa_last_packet_age_seconds", "gauge", "Seconds since the SA last carried a packet "
+               "(as its worker's reports show it; at most one report interval short).")
     for sa in status["sas"]:
         labels = _sa_labels(sa)
         sa_info.add({**labels, "encapsulation": sa["encapsulation"]}, 1)
@@ -149,9 +151,10 @@ def families(status: StatusReport) -> list[Family]:
             left_s.add(labels, left["seconds"])
             left_p.add(labels, left["packets"])
             left_b.add(labels, left["bytes"])
+        idle.add(labels, sa["last_packet_age"])
     return [info, uptime, rules, control_errors, warnings, up, w_uptime, restarts, p_in, p_out,
             drops, k_queue, k_user, rule_drops, sa_info, sa_packets, sa_bytes, sa_drops, sa_seq, left_s,
-            left_p, left_b]
+            left_p, left_b, idle]
 
 
 def render(status: StatusReport) -> str:

@@ -48,6 +48,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -56,6 +57,7 @@ from . import __version__, corebuild, counts, exitcodes, rules
 from .config import Config, QueueConfig
 from .control import ControlError, ControlServer, Deferred
 from .core import SADirection
+from .liveness import SaActivity
 from .metricsserver import MetricsError, MetricsServer
 from .nfqueue import kernel_queue_stats
 from .status import Counts, DaemonReport, SaCounts, SaReport, StatusReport, WorkerReport, WorkerSnapshot
@@ -183,6 +185,7 @@ class Slot:
     carried: Counts = field(default_factory=counts.empty, repr=False)  # earlier ones
     kernel_lost: int = 0  # the kernel's drops on the queue before this process saw them (last read)
     stats: WorkerSnapshot | None = field(default=None, repr=False)
+    activity: SaActivity = field(default_factory=SaActivity, repr=False)  # SAs' last packets
 
     @property
     def queue(self) -> int:
@@ -303,6 +306,7 @@ class Supervisor:
         slot.stats = None
         slot.last_counts = None
         slot.kernel_lost = 0
+        slot.activity.restart()
         slot.last_heard = slot.pinged_at = slot.started_at
         slot.hung = False
         slot.pipe_closed_at = None
@@ -333,9 +337,11 @@ class Supervisor:
         elif kind == "stats":
             slot.stats = msg[1]
             slot.last_counts = counts.of_snapshot(msg[1])
+            slot.activity.update(slot.last_counts, slot.last_heard)
         elif kind == "pong" and len(msg) > 1:
             # the worker's own counters, and what the kernel dropped before it saw them
             slot.last_counts = counts.with_kernel_losses(msg[1], self._kernel_lost(slot))
+            slot.activity.update(slot.last_counts, slot.last_heard)
 
     @staticmethod
     def _kernel_lost(slot: Slot) -> int:
@@ -816,6 +822,7 @@ class Supervisor:
     def status(self) -> StatusReport:
         """The status answer from the counters the workers last sent (``slot.stats``)."""
         now = time.monotonic()
+        taken = round(time.time(), 3)  # to the millisecond, as taken_at says it
         kernel = kernel_queue_stats()
         workers: list[WorkerReport] = []
         sas: list[SaReport] = []
@@ -851,6 +858,7 @@ class Supervisor:
                 c: SaCounts | None = None if s is None else sa_totals.get(params.name, s)
                 drops = c["drops"] if c else {}
                 udp = s.get("udp") if s else None
+                age = slot.activity.age(params.name, now)
                 sas.append({
                     "name": params.name,
                     "spi": f"0x{params.spi:08x}",
@@ -870,6 +878,7 @@ class Supervisor:
                     "udp_peer": udp["peer"] if udp else None,
                     "keepalives_sent": udp["keepalives_sent"] if udp else None,
                     "peer_changes": udp["peer_changes"] if udp else None,
+                    "last_packet_age": round(age, 3) if age is not None else None,
                 })
         sas.sort(key=lambda s: (s["queue"], s["direction"] != SADirection.OUT.value, s["name"]))
         kdrops, kage, kwarn = self._kernel_drops(now)
@@ -886,6 +895,8 @@ class Supervisor:
             "control_clients": self.control.clients,
         }
         return {
+            "taken_at": datetime.fromtimestamp(taken, UTC).isoformat(timespec="milliseconds"),
+            "taken_at_epoch": taken,
             "kernel_drops": kdrops,
             "kernel_drops_age": round(kage, 3) if kdrops is not None and kage is not None else None,
             "warnings": warnings(workers) + kwarn,

@@ -91,6 +91,8 @@ def test_the_exposition_parses_and_carries_the_status() -> None:
         key("nfq_ipsec_sa_sequence_number", **inb): 9,
         key("nfq_ipsec_sa_lifetime_left_seconds", **out): 3500.25,
         key("nfq_ipsec_sa_lifetime_left_bytes", **out): 1000000,
+        key("nfq_ipsec_sa_last_packet_age_seconds", **out): 2.5,
+        key("nfq_ipsec_sa_last_packet_age_seconds", **inb): 75.0,
     }
     # exactly these: the down queue's and SA's null counters have no series (absent, not 0)
     assert values == expected
