@@ -60,6 +60,7 @@ from .core import SADirection
 from .liveness import SaActivity
 from .metricsserver import MetricsError, MetricsServer
 from .nfqueue import kernel_queue_stats
+from .sdnotify import Notifier
 from .status import Counts, DaemonReport, SaCounts, SaReport, StatusReport, WorkerReport, WorkerSnapshot
 from .worker import PACKETS_BETWEEN_LOOKS, WorkerSpec, worker_main
 
@@ -214,6 +215,7 @@ class Supervisor:
         self._stats_deadline = 0.0
         self.counters = RuleCounters(self._wake)
         self._counters_wanted = 0  # the rule counter read the waiting status answers want
+        self.notify = Notifier()  # systemd's READY=1, WATCHDOG=1... (none without systemd)
 
     # -- entry point ----------------------------------------------------------------------
     def run(self) -> int:
@@ -243,6 +245,7 @@ class Supervisor:
                 self.state = "running"
                 log.info("running: %d worker(s) ready, rules installed, control socket %s",
                          len(self.slots), self.control.path)
+                self.notify.ready(self._running_status())
                 self._loop()
             if self.stop_signal is not None:
                 log.info("stopping on %s", signal.Signals(self.stop_signal).name)
@@ -262,12 +265,14 @@ class Supervisor:
             self.rules_installed = False
             code = exitcodes.FAILURE
         self.state = "stopping"
+        self.notify.stopping()
         if self.rules_installed and not self._close_rules():
             code = exitcodes.FAILURE
         self._stop_workers()
         if self.metrics is not None:
             self.metrics.close()
         self.control.close()
+        self.notify.close()
         log.info("stopped")
         return code
 
@@ -475,6 +480,9 @@ class Supervisor:
             timeout = min(timeout, clients)
         if self._status_waiters:
             timeout = min(timeout, max(0.0, self._stats_deadline - now))
+        due = self.notify.next_watchdog(now)
+        if due is not None:
+            timeout = min(timeout, due)
         return timeout
 
     def _wait_once(self) -> None:
@@ -507,6 +515,7 @@ class Supervisor:
         self._tick()
         self.counters.collect()
         self._answer_status()
+        self.notify.watchdog()  # the loop turns: systemd's watchdog is fed from here only
         self.control.serve(self.handle_request)  # every round: clients' deadlines are due too
 
     def _wait_ready(self) -> bool:
@@ -636,7 +645,21 @@ class Supervisor:
         return {"error": f"unknown command {what} (known: status, reload)"}
 
     # -- reload ---------------------------------------------------------------------------
+    def _running_status(self) -> str:
+        return f"running: {len(self.slots)} worker(s) ready, rules installed"
+
     def reload(self) -> dict[str, Any]:
+        """``_reload`` with systemd told: RELOADING=1, then READY=1 whatever the outcome (a
+        refused reload leaves the old configuration running). The reload holds the loop until
+        it ends, so the watchdog is fed as it begins."""
+        self.notify.reloading()
+        self.notify.watchdog(force=True)
+        try:
+            return self._reload()
+        finally:
+            self.notify.ready(self._running_status())
+
+    def _reload(self) -> dict[str, Any]:
         """Re-read the configuration file and apply it without a restart: the workers that stay
         build their new processors first (SAs whose parameters did not change go on with their
         sequence numbers and replay windows), workers for new queues start and bind, then the
