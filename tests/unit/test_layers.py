@@ -17,7 +17,8 @@ RUNTIME = ROOT / "nfq_ipsec"
 LAYERS: list[set[str]] = [
     # 0: the sans-I/O cores (ESP, IKE) and leaves that import nothing of ours but the core
     {"core", "ike", "exitcodes", "procs", "logsetup", "pcap", "reassembly", "corebuild", "hardening",
-     "counts", "status", "metrics", "liveness", "sdnotify", "__init__"},
+     "counts", "status", "metrics", "liveness", "sdnotify", "droplog",
+     "__init__"},
     {"config"},  # 1: the configuration, read and checked
     {"rules", "decode", "nfqueue", "state"},  # 2: pure rule building, offline decode, the queue, SA state
     # 3: applying rules, the data path, the control socket, the metrics listener
