@@ -132,7 +132,11 @@ class ControlServer:
             if not stat.S_ISSOCK(mode):
                 raise ControlError(f"control socket path {p} exists and is not a socket")
             if _answers(self.path):
-                raise ControlError(f"another nfq-ipsec daemon is running (it answers on {p})")
+                raise ControlError(
+                    f"another nfq-ipsec daemon is running (it answers on {p}); a second daemon "
+                    "on this host needs its own daemon.control_socket (the default is "
+                    "/run/nfq-ipsec/NAME.sock, NAME its configuration file's name), and its own "
+                    "daemon.queues and daemon.chain_prefix")
             p.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)

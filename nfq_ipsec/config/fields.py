@@ -43,7 +43,8 @@ DEFAULT_MTU = 1500
 DEFAULT_IPV6_ND = True  # without neighbour discovery and MLD an IPv6 link dies
 DEFAULT_QUEUE_BASE = 100  # the first queue number when daemon.queues is not given
 DEFAULT_MARK = 0x10000000  # set on every packet a worker reinjects; our rules skip it
-DEFAULT_SOCKET = "/run/nfq-ipsec/nfq-ipsec.sock"
+SOCKET_DIR = "/run/nfq-ipsec"
+DEFAULT_SOCKET = f"{SOCKET_DIR}/nfq-ipsec.sock"  # a configuration that is not a file's
 DEFAULT_STATE_DIR = "/var/lib/nfq-ipsec"
 DEFAULT_MSS_CLAMP = True
 DEFAULT_CHAIN_PREFIX = "NFQIPSEC"
@@ -103,8 +104,10 @@ DAEMON = Section("daemon", "[daemon]", "The daemon: its workers (one per NFQUEUE
     Field("mark", INTEGER, "one bit (a power of two), set on every packet a worker reinjects; our "
           "rules skip it",
           default=DEFAULT_MARK, bounds=(1, 0xFFFFFFFF), hex=True, check=parsers.mark_problem),
-    Field("control_socket", STRING, "the socket `status`, `reload` and `stop` talk to",
-          default=DEFAULT_SOCKET),
+    Field("control_socket", STRING, "the socket `status`, `reload` and `stop` talk to; each "
+          "daemon on a host needs its own", default=DEFAULT_SOCKET,
+          default_text=f"`{SOCKET_DIR}/NAME.sock`, NAME the configuration file's name without "
+                       "`.toml`"),
     Field("state_dir", STRING, "each SA's saved sequence numbers and lifetime use (see *SA state "
           "across restarts*)", default=DEFAULT_STATE_DIR),
     Field("mss_clamp", BOOLEAN, "clamp the TCP MSS of protected flows for the ESP overhead",
