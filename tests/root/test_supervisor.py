@@ -272,6 +272,49 @@ def test_status_json_has_the_golden_schema(pair: Pair, tmp_path: Path, daemons: 
     assert b.stop() == 0
 
 
+SCRAPE = textwrap.dedent("""
+    import sys, urllib.request
+    with urllib.request.urlopen(f"http://{sys.argv[1]}/metrics", timeout=10) as r:
+        print(r.headers["Content-Type"])
+        sys.stdout.write(r.read().decode())
+""")
+
+
+def test_metrics_of_a_running_daemon(pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:
+    """daemon.metrics on the real daemon: a scrape from its namespace, read back with
+    prometheus_client's parser, counts what went through and names no key."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    keys = make_keys()
+    a = _daemon(pair, pair.a, tmp_path, "a", keys, True, daemons)
+    listen = "127.0.0.1:9477"
+    a.config.write_text(a.config.read_text().replace("[daemon]\n", f'[daemon]\nmetrics = "{listen}"\n', 1))
+    b = _daemon(pair, pair.b, tmp_path, "b", keys, False, daemons)
+    for d in (a, b):
+        d.start()
+    for d in (a, b):
+        d.wait_running()
+    messages = [f"metrics-{i}" for i in range(12)]
+    got, _ = _send(pair, messages)
+    assert sorted(got) == sorted(messages)
+    scrape = pair.python(pair.a, SCRAPE, listen)
+    out, err = scrape.communicate(timeout=30)
+    assert scrape.returncode == 0, err
+    ctype, text = out.split("\n", 1)
+    assert ctype == "text/plain; version=0.0.4; charset=utf-8"
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    sent = sum(v for (name, labels), v in samples.items()
+               if name == "nfq_ipsec_sa_packets_total" and ("direction", "out") in labels)
+    assert sent == len(messages)
+    assert all(v == 1 for (name, _), v in samples.items() if name == "nfq_ipsec_worker_up")
+    assert samples[("nfq_ipsec_rules_installed", ())] == 1
+    for key in keys.values():
+        assert key not in text and key.upper() not in text
+    assert a.stop() == 0
+    assert b.stop() == 0
+
+
 def test_stop_command_reads_back_closed_rules(pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:
     """``nfq-ipsec stop`` (no --remove-rules): SIGTERM, wait, then the rules as the kernel has
     them: closed, which it says; exit 0."""
