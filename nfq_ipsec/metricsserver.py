@@ -89,9 +89,12 @@ class MetricsServer:
         self._thread.start()
 
     def close(self) -> None:
+        """Stop listening. A scrape under way is not waited for beyond ``ACCEPT_POLL``: the
+        thread is a daemon thread, its connection ends with its own time limit or the
+        process, so a stop is never held up by a scraper."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(self.client_timeout + self.status_timeout + ACCEPT_POLL)
+            self._thread.join(ACCEPT_POLL * 2)
             self._thread = None
         if self.sock is not None:
             self.sock.close()
@@ -99,10 +102,11 @@ class MetricsServer:
 
     # -- the thread --------------------------------------------------------------------------
     def _run(self) -> None:
-        assert self.sock is not None
+        sock = self.sock
+        assert sock is not None
         while not self._stop.is_set():
             try:
-                conn, _ = self.sock.accept()
+                conn, _ = sock.accept()
             except TimeoutError:
                 continue
             except OSError as err:  # out of descriptors, for one: wait, don't spin

@@ -297,3 +297,17 @@ def test_docs_status_md_lists_every_metric() -> None:
     text = (ROOT / "docs" / "status.md").read_text().split("## As Prometheus metrics", 1)[1]
     listed = {line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| nfq_ipsec_")}
     assert listed == {f.name for f in metrics.families(cast(StatusReport, sample_answer()))}
+
+
+def test_close_does_not_wait_for_a_silent_scraper(daemon: Daemon) -> None:
+    m = metricsserver.MetricsServer("127.0.0.1:0", daemon.server.path, client_timeout=30)
+    m.open()
+    m.start()
+    port = m.port
+    with socket.create_connection(("127.0.0.1", port)):
+        time.sleep(0.1)  # the listener is waiting on it, for up to 30 s
+        t0 = time.monotonic()
+        m.close()
+        assert time.monotonic() - t0 < 2.0
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
