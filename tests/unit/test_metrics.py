@@ -311,3 +311,30 @@ def test_close_does_not_wait_for_a_silent_scraper(daemon: Daemon) -> None:
         assert time.monotonic() - t0 < 2.0
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_a_metrics_address_in_use_stops_the_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Exit 1 before any worker starts or rule is installed, the message naming the setting."""
+    from standins import signals_restored
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    data = host_data()
+    data["daemon"]["metrics"] = f"127.0.0.1:{taken.getsockname()[1]}"
+    sup = supervisor.Supervisor(cfg_of(data), "x.toml")
+    sup.control = control.ControlServer(str(tmp_path / "run" / "c.sock"))
+
+    def never(*args: Any) -> None:
+        raise AssertionError("a worker started")
+
+    monkeypatch.setattr(supervisor, "worker_main", never)
+    monkeypatch.setattr(sup, "_install_rules", never)
+    try:
+        with signals_restored():
+            assert sup.run() == 1
+    finally:
+        taken.close()
+    assert "daemon.metrics" in caplog.text and "cannot listen for metrics" in caplog.text
+    assert not (tmp_path / "run" / "c.sock").exists()  # the control socket closed again

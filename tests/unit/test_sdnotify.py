@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from repo import EXAMPLES
-from standins import fake_worker
+from standins import fake_worker, signals_restored
 
 from nfq_ipsec import control, supervisor
 from nfq_ipsec.config import load_config
@@ -128,13 +128,8 @@ def test_the_watchdog_period_is_half_of_watchdog_usec(systemd: tuple[Systemd, st
 # -- the supervisor --------------------------------------------------------------------------------
 @pytest.fixture
 def restore_signals() -> Iterator[None]:
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    try:
+    with signals_restored():
         yield
-    finally:
-        signal.set_wakeup_fd(-1)
-        for s, h in saved.items():
-            signal.signal(s, h)
 
 
 def test_the_supervisor_tells_systemd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
