@@ -16,6 +16,7 @@ operator would (status, kill -9, SIGTERM), plus the config-error path (no root).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -313,6 +314,44 @@ def test_metrics_of_a_running_daemon(pair: Pair, tmp_path: Path, daemons: list[D
         assert key not in text and key.upper() not in text
     assert a.stop() == 0
     assert b.stop() == 0
+
+
+def test_the_real_daemon_tells_systemd(pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:
+    """``nfq-ipsec run`` with a unix datagram socket as systemd's ``$NOTIFY_SOCKET``: READY=1
+    once it runs (workers ready, rules installed), WATCHDOG=1 at half of ``$WATCHDOG_USEC``,
+    STOPPING=1 on SIGTERM."""
+    import socket as socketlib
+
+    notify = tmp_path / "notify"
+    sd = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+    sd.bind(str(notify))
+    sd.settimeout(30)
+    try:
+        a = _daemon(pair, pair.a, tmp_path, "a", make_keys(), True, daemons,
+                    NOTIFY_SOCKET=str(notify), WATCHDOG_USEC="1000000")
+        a.start()
+        first = sd.recv(4096).decode()
+        while not first.startswith("READY=1"):  # WATCHDOG=1 may come first, while starting
+            assert first == "WATCHDOG=1", first
+            first = sd.recv(4096).decode()
+        assert first.startswith(f"READY=1\nSTATUS=running: {len(QUEUES)} worker(s) ready, rules installed")
+        st = a.status()  # what READY=1 promised is so
+        assert st is not None and st["daemon"]["rules_installed"]
+        assert all(w["state"] == "ready" for w in st["workers"])
+        t0 = time.monotonic()
+        assert sd.recv(4096) == b"WATCHDOG=1"
+        assert sd.recv(4096) == b"WATCHDOG=1"
+        assert time.monotonic() - t0 < 2.5  # every 0.5 s
+        assert a.stop() == 0
+        said = []
+        sd.settimeout(1)
+        with contextlib.suppress(TimeoutError):
+            while True:
+                said.append(sd.recv(4096).decode())
+        assert [m for m in said if m != "WATCHDOG=1"] == [
+            "STOPPING=1\nSTATUS=stopping: closing the rules, stopping the workers"]
+    finally:
+        sd.close()
 
 
 def test_stop_command_reads_back_closed_rules(pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:
