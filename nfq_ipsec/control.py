@@ -132,7 +132,11 @@ class ControlServer:
             if not stat.S_ISSOCK(mode):
                 raise ControlError(f"control socket path {p} exists and is not a socket")
             if _answers(self.path):
-                raise ControlError(f"another nfq-ipsec daemon is running (it answers on {p})")
+                raise ControlError(
+                    f"another nfq-ipsec daemon is running (it answers on {p}); a second daemon "
+                    "on this host needs its own daemon.control_socket (the default is "
+                    "/run/nfq-ipsec/NAME.sock, NAME its configuration file's name), and its own "
+                    "daemon.queues and daemon.chain_prefix")
             p.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)
@@ -475,6 +479,8 @@ def render_status(status: StatusReport) -> str:
         f"nfq-ipsec {d.get('state', '?')}: pid {d.get('pid')}, up {fmt_duration(d.get('uptime'))}, "
         f"{rules}, config {d.get('config')}",
     ]
+    if status.get("taken_at"):
+        out.append(f"at: {status['taken_at']}")
     if d.get("core"):
         out.append(f"core: {d['core']}")
     if d.get("ipv6"):
@@ -512,13 +518,14 @@ def render_status(status: StatusReport) -> str:
         out.append(f"  dropped by our iptables rules (never queued{when}): {detail}")
     out.append("")
     srows = [["SA", "SPI", "DIR", "QUEUE", "PACKETS", "BYTES", "SEQ", "SAVED", "REPLAY", "INTEGRITY",
-              "OTHER", "LIFETIME LEFT"]]
+              "OTHER", "LIFETIME LEFT", "LAST PACKET"]]
     for sa in status.get("sas", []):
         srows.append([
             str(sa.get("name")), str(sa.get("spi")), str(sa.get("direction")), str(sa.get("queue")),
             _dash(sa.get("packets")), _dash(sa.get("bytes")), _dash(sa.get("seq")),
             _dash(sa.get("saved")), _dash(sa.get("replay_drops")), _dash(sa.get("integrity_drops")),
             _dash(sa.get("other_drops")), fmt_lifetime(sa.get("lifetime_left")),
+            fmt_ago(sa.get("last_packet_age")),
         ])
     out.extend(_table(srows))
     learned = [f"{sa.get('name')} {sa['path_mtu']}" for sa in status.get("sas", [])
@@ -553,6 +560,11 @@ def fmt_duration(seconds: object) -> str:
     if s < 86400:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def fmt_ago(seconds: object) -> str:
+    """``last_packet_age`` as the table shows it: ``5.0s ago``; ``-`` for none yet."""
+    return f"{fmt_duration(seconds)} ago" if isinstance(seconds, int | float) else "-"
 
 
 def fmt_lifetime(left: object) -> str:

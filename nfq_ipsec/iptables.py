@@ -292,11 +292,37 @@ def foreign_queue_users(cfg: Config, tables: dict[str, rules.SavedTable]) -> lis
     return found
 
 
+def prefix_users(cfg: Config, tables: dict[str, rules.SavedTable], bound: set[int]) -> list[str]:
+    """Rules in chains of our ``chain_prefix`` that feed queues which are not this
+    configuration's and which a process listens on now (``bound``): another daemon runs with
+    the same chain_prefix, and installing our rules would replace its own. (Rules left by an
+    earlier run of ours feed queues nobody listens on.)"""
+    ours = set(cfg.queue_numbers)
+    prefix = cfg.daemon.chain_prefix
+    live: set[int] = set()
+    for table in tables.values():
+        for r in table.rules:
+            if rules.is_our_chain(prefix, r.chain):
+                live |= (queues_of(r) - ours) & bound
+    if not live:
+        return []
+    qs = ", ".join(map(str, sorted(live)))
+    return [f"daemon.chain_prefix {prefix!r}: chains of that prefix feed queue(s) {qs}, which "
+            "another process listens on: another nfq-ipsec daemon runs with this chain_prefix, "
+            "and installing these rules would replace its own. A second daemon on a host needs "
+            "its own daemon.chain_prefix (and daemon.queues, daemon.control_socket)"]
+
+
 def preflight(cfg: Config, netns: str | None = None) -> list[str]:
-    """Before ``run`` starts anything: the iptables commands exist (RulesError if not) and no
-    foreign rule feeds our queues (returned as problems)."""
+    """Before ``run`` starts anything: the iptables commands exist (RulesError if not), no
+    foreign rule feeds our queues, and no other running daemon owns our chain prefix (returned
+    as problems; the last is checked in this network namespace only, ``netns`` None)."""
+    from .nfqueue import kernel_queue_stats
+
     commands(cfg)
-    return foreign_queue_users(cfg, read_tables(backend_for(cfg), netns))
+    tables = read_tables(backend_for(cfg), netns)
+    bound = set(kernel_queue_stats()) if netns is None else set()
+    return foreign_queue_users(cfg, tables) + prefix_users(cfg, tables, bound)
 
 
 _COUNTED = re.compile(r"^\[(\d+):(\d+)\] -A (\S+) ?(.*)$")

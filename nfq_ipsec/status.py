@@ -153,11 +153,14 @@ class SaReport(TypedDict):
     udp_peer: str | None
     keepalives_sent: int | None
     peer_changes: int | None
+    last_packet_age: float | None  # seconds since its worker's report first counted its last packet
 
 
 class StatusReport(TypedDict):
     """The answer to ``{"command": "status"}``."""
 
+    taken_at: str  # when the supervisor built it: UTC, ISO 8601 ("2026-12-03T10:13:00.123+00:00")
+    taken_at_epoch: float  # the same in seconds since the Unix epoch
     daemon: DaemonReport
     kernel_drops: DropCounts | None
     kernel_drops_age: float | None

@@ -48,6 +48,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -56,7 +57,10 @@ from . import __version__, corebuild, counts, exitcodes, rules
 from .config import Config, QueueConfig
 from .control import ControlError, ControlServer, Deferred
 from .core import SADirection
+from .liveness import SaActivity
+from .metricsserver import MetricsError, MetricsServer
 from .nfqueue import kernel_queue_stats
+from .sdnotify import Notifier
 from .status import Counts, DaemonReport, SaCounts, SaReport, StatusReport, WorkerReport, WorkerSnapshot
 from .worker import PACKETS_BETWEEN_LOOKS, WorkerSpec, worker_main
 
@@ -182,6 +186,7 @@ class Slot:
     carried: Counts = field(default_factory=counts.empty, repr=False)  # earlier ones
     kernel_lost: int = 0  # the kernel's drops on the queue before this process saw them (last read)
     stats: WorkerSnapshot | None = field(default=None, repr=False)
+    activity: SaActivity = field(default_factory=SaActivity, repr=False)  # SAs' last packets
 
     @property
     def queue(self) -> int:
@@ -195,6 +200,8 @@ class Supervisor:
         self.ctx = multiprocessing.get_context("spawn")
         self.slots = [Slot(qc, worker_spec(cfg, qc)) for qc in cfg.daemon.queues]
         self.control = ControlServer(cfg.daemon.control_socket)
+        self.metrics = (MetricsServer(cfg.daemon.metrics, cfg.daemon.control_socket)
+                        if cfg.daemon.metrics else None)
         self.state = "starting"
         self.rules_installed = False
         self.started = time.monotonic()
@@ -208,6 +215,7 @@ class Supervisor:
         self._stats_deadline = 0.0
         self.counters = RuleCounters(self._wake)
         self._counters_wanted = 0  # the rule counter read the waiting status answers want
+        self.notify = Notifier()  # systemd's READY=1, WATCHDOG=1... (none without systemd)
 
     # -- entry point ----------------------------------------------------------------------
     def run(self) -> int:
@@ -217,6 +225,14 @@ class Supervisor:
             self.control.open()
         except (ControlError, OSError) as err:
             log.error("%s", err)
+            return exitcodes.FAILURE
+        try:
+            if self.metrics is not None:
+                self.metrics.open()
+                self.metrics.start()
+        except MetricsError as err:
+            log.error("%s", err)
+            self.control.close()
             return exitcodes.FAILURE
         code = exitcodes.OK
         try:
@@ -229,6 +245,7 @@ class Supervisor:
                 self.state = "running"
                 log.info("running: %d worker(s) ready, rules installed, control socket %s",
                          len(self.slots), self.control.path)
+                self.notify.ready(self._running_status())
                 self._loop()
             if self.stop_signal is not None:
                 log.info("stopping on %s", signal.Signals(self.stop_signal).name)
@@ -248,10 +265,14 @@ class Supervisor:
             self.rules_installed = False
             code = exitcodes.FAILURE
         self.state = "stopping"
+        self.notify.stopping()
         if self.rules_installed and not self._close_rules():
             code = exitcodes.FAILURE
         self._stop_workers()
+        if self.metrics is not None:
+            self.metrics.close()
         self.control.close()
+        self.notify.close()
         log.info("stopped")
         return code
 
@@ -290,6 +311,7 @@ class Supervisor:
         slot.stats = None
         slot.last_counts = None
         slot.kernel_lost = 0
+        slot.activity.restart()
         slot.last_heard = slot.pinged_at = slot.started_at
         slot.hung = False
         slot.pipe_closed_at = None
@@ -320,9 +342,11 @@ class Supervisor:
         elif kind == "stats":
             slot.stats = msg[1]
             slot.last_counts = counts.of_snapshot(msg[1])
+            slot.activity.update(slot.last_counts, slot.last_heard)
         elif kind == "pong" and len(msg) > 1:
             # the worker's own counters, and what the kernel dropped before it saw them
             slot.last_counts = counts.with_kernel_losses(msg[1], self._kernel_lost(slot))
+            slot.activity.update(slot.last_counts, slot.last_heard)
 
     @staticmethod
     def _kernel_lost(slot: Slot) -> int:
@@ -456,6 +480,9 @@ class Supervisor:
             timeout = min(timeout, clients)
         if self._status_waiters:
             timeout = min(timeout, max(0.0, self._stats_deadline - now))
+        due = self.notify.next_watchdog(now)
+        if due is not None:
+            timeout = min(timeout, due)
         return timeout
 
     def _wait_once(self) -> None:
@@ -488,6 +515,7 @@ class Supervisor:
         self._tick()
         self.counters.collect()
         self._answer_status()
+        self.notify.watchdog()  # the loop turns: systemd's watchdog is fed from here only
         self.control.serve(self.handle_request)  # every round: clients' deadlines are due too
 
     def _wait_ready(self) -> bool:
@@ -617,7 +645,21 @@ class Supervisor:
         return {"error": f"unknown command {what} (known: status, reload)"}
 
     # -- reload ---------------------------------------------------------------------------
+    def _running_status(self) -> str:
+        return f"running: {len(self.slots)} worker(s) ready, rules installed"
+
     def reload(self) -> dict[str, Any]:
+        """``_reload`` with systemd told: RELOADING=1, then READY=1 whatever the outcome (a
+        refused reload leaves the old configuration running). The reload holds the loop until
+        it ends, so the watchdog is fed as it begins."""
+        self.notify.reloading()
+        self.notify.watchdog(force=True)
+        try:
+            return self._reload()
+        finally:
+            self.notify.ready(self._running_status())
+
+    def _reload(self) -> dict[str, Any]:
         """Re-read the configuration file and apply it without a restart: the workers that stay
         build their new processors first (SAs whose parameters did not change go on with their
         sequence numbers and replay windows), workers for new queues start and bind, then the
@@ -803,6 +845,7 @@ class Supervisor:
     def status(self) -> StatusReport:
         """The status answer from the counters the workers last sent (``slot.stats``)."""
         now = time.monotonic()
+        taken = round(time.time(), 3)  # to the millisecond, as taken_at says it
         kernel = kernel_queue_stats()
         workers: list[WorkerReport] = []
         sas: list[SaReport] = []
@@ -838,6 +881,7 @@ class Supervisor:
                 c: SaCounts | None = None if s is None else sa_totals.get(params.name, s)
                 drops = c["drops"] if c else {}
                 udp = s.get("udp") if s else None
+                age = slot.activity.age(params.name, now)
                 sas.append({
                     "name": params.name,
                     "spi": f"0x{params.spi:08x}",
@@ -857,6 +901,7 @@ class Supervisor:
                     "udp_peer": udp["peer"] if udp else None,
                     "keepalives_sent": udp["keepalives_sent"] if udp else None,
                     "peer_changes": udp["peer_changes"] if udp else None,
+                    "last_packet_age": round(age, 3) if age is not None else None,
                 })
         sas.sort(key=lambda s: (s["queue"], s["direction"] != SADirection.OUT.value, s["name"]))
         kdrops, kage, kwarn = self._kernel_drops(now)
@@ -873,6 +918,8 @@ class Supervisor:
             "control_clients": self.control.clients,
         }
         return {
+            "taken_at": datetime.fromtimestamp(taken, UTC).isoformat(timespec="milliseconds"),
+            "taken_at_epoch": taken,
             "kernel_drops": kdrops,
             "kernel_drops_age": round(kage, 3) if kdrops is not None and kage is not None else None,
             "warnings": warnings(workers) + kwarn,
@@ -895,7 +942,7 @@ def worker_spec(cfg: Config, qc: QueueConfig) -> WorkerSpec:
 
 
 _RESTART_ONLY = ("control_socket", "state_dir", "chain_prefix", "mark", "iptables", "log_level",
-                 "busy_poll")
+                 "busy_poll", "metrics")
 
 
 def reload_problems(old: Config, new: Config) -> list[str]:

@@ -58,6 +58,7 @@ from .core.ipv6 import IPV6_HEADER
 from .core.packet import ip_to_str
 from .core.processor import ARRIVING, FORWARDED, LEAVING
 from .core.sa import SAEvent
+from .droplog import LOGGED, DropLog
 from .nfqueue import (
     DEFAULT_MAX_LEN,
     HOOK_PRE_ROUTING,
@@ -165,6 +166,7 @@ class PacketHandler:
         self._added: list[SecurityAssociation] = []  # SAs the pending reload attached
         self.packets_in = 0
         self.packets_out = 0
+        self.drop_log = DropLog()  # unknown_spi, integrity, replay: SPI and source, rate-limited
         self.internal_errors = 0
         self._errors_unlogged = 0
         self._next_error_log = 0.0
@@ -207,6 +209,8 @@ class PacketHandler:
                     verdict(pkt.packet_id, False)
                     if res.reply is not None:
                         self.send_reply(res.reply)
+                    if res.reason in LOGGED:
+                        self.drop_log.note(res.reason, pkt.payload, now)
             except Exception:  # fail closed: whatever went wrong, this packet is dropped
                 self._internal_error(pkt)
         self.packets_out += accepted
@@ -636,6 +640,7 @@ def _serve(
         if now >= next_events:
             handler.report_events()
             handler.send_keepalives(now)
+            handler.drop_log.flush(now)
             next_events = now + EVENT_INTERVAL
 
 

@@ -15,6 +15,8 @@ from typing import Any
 # an array. Types as docs/status.md names them.
 GOLDEN: dict[str, dict[str, str]] = {
     "": {
+        "taken_at": "string",
+        "taken_at_epoch": "number",
         "daemon": "object",
         "kernel_drops": "drop counts or null",
         "kernel_drops_age": "number or null",
@@ -70,6 +72,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         "udp_peer": "string or null",
         "keepalives_sent": "integer or null",
         "peer_changes": "integer or null",
+        "last_packet_age": "number or null",
     },
     "sas[].lifetime_left": {
         "packets": "integer or null",
@@ -177,3 +180,52 @@ def check_level(value: Any, path: str, seen: set[str]) -> None:
                 type(k) is str and type(n) is int for k, n in v.items()), f"{child}: {v!r}"
         else:
             assert type(v) is SCALARS[base], f"{child}: {v!r} is not {typ}"
+
+
+# -- a whole answer ------------------------------------------------------------------------------
+def sample_answer() -> dict[str, Any]:
+    """A status answer with every field, as a running daemon with two queues sends it: queue
+    100's worker ready with counters, queue 101's down (its counters null). Its SA names need
+    escaping in some formats (a quote, a backslash)."""
+    return {
+        "taken_at": "2026-12-03T10:13:00.125+00:00",
+        "taken_at_epoch": 1796292780.125,
+        "daemon": {"pid": 10, "uptime": 3725.5, "config": "/etc/nfq-ipsec/x.toml",
+                   "state": "running", "rules_installed": True, "ipv6": "dropped",
+                   "version": "0.1.0", "core": "compiled", "control_errors": 4,
+                   "control_clients": 1},
+        "kernel_drops": {"no_policy": 4, "cleartext_protected": 0},
+        "kernel_drops_age": 0.25,
+        "warnings": ["queue 101: worker down; its traffic is dropped until it is ready"],
+        "workers": [
+            {"queue": 100, "cpu": 0, "pid": 11, "uptime": 12.5, "restarts": 1, "state": "ready",
+             "packets_in": 10, "packets_out": 8, "drops": {"replay": 2, "integrity": 1},
+             "kernel_queue_dropped": 3, "user_dropped": 0, "last_error": None,
+             "last_outage": 0.5, "core": "compiled", "ike_markers": 0, "crossed_family": 0},
+            {"queue": 101, "cpu": 1, "pid": None, "uptime": None, "restarts": 3, "state": "down",
+             "packets_in": None, "packets_out": None, "drops": None,
+             "kernel_queue_dropped": None, "user_dropped": None,
+             "last_error": "bind failed", "last_outage": None, "core": None,
+             "ike_markers": None, "crossed_family": None},
+        ],
+        "sas": [
+            {"name": "a-to-b", "spi": "0x00001000", "direction": "out", "queue": 100,
+             "packets": 8, "bytes": 800, "replay_drops": 0, "integrity_drops": 0,
+             "other_drops": 0, "seq": 8,
+             "lifetime_left": {"packets": None, "bytes": 1000000, "seconds": 3500.25},
+             "saved": 1032, "path_mtu": 1400, "encapsulation": "none", "udp_peer": None,
+             "keepalives_sent": None, "peer_changes": None, "last_packet_age": 2.5},
+            {"name": 'b-to-a "\\in"', "spi": "0x00002000", "direction": "in", "queue": 100,
+             "packets": 7, "bytes": 700, "replay_drops": 2, "integrity_drops": 1,
+             "other_drops": 0, "seq": 9,
+             "lifetime_left": {"packets": None, "bytes": None, "seconds": None},
+             "saved": 1024, "path_mtu": None, "encapsulation": "udp",
+             "udp_peer": "192.0.2.1:4500", "keepalives_sent": 0, "peer_changes": 1,
+             "last_packet_age": 75.0},
+            {"name": "c-to-d", "spi": "0x00003000", "direction": "out", "queue": 101,
+             "packets": None, "bytes": None, "replay_drops": None, "integrity_drops": None,
+             "other_drops": None, "seq": None, "lifetime_left": None, "saved": None,
+             "path_mtu": None, "encapsulation": "none", "udp_peer": None,
+             "keepalives_sent": None, "peer_changes": None, "last_packet_age": None},
+        ],
+    }

@@ -43,7 +43,8 @@ DEFAULT_MTU = 1500
 DEFAULT_IPV6_ND = True  # without neighbour discovery and MLD an IPv6 link dies
 DEFAULT_QUEUE_BASE = 100  # the first queue number when daemon.queues is not given
 DEFAULT_MARK = 0x10000000  # set on every packet a worker reinjects; our rules skip it
-DEFAULT_SOCKET = "/run/nfq-ipsec/nfq-ipsec.sock"
+SOCKET_DIR = "/run/nfq-ipsec"
+DEFAULT_SOCKET = f"{SOCKET_DIR}/nfq-ipsec.sock"  # a configuration that is not a file's
 DEFAULT_STATE_DIR = "/var/lib/nfq-ipsec"
 DEFAULT_MSS_CLAMP = True
 DEFAULT_CHAIN_PREFIX = "NFQIPSEC"
@@ -53,6 +54,7 @@ DEFAULT_WATCHDOG = 10.0
 WATCHDOG_RANGE = (1.0, 3600.0)  # or 0, which turns the watchdog off
 DEFAULT_BUSY_POLL = 0  # microseconds; off: on CPUs shared with applications it delays them
 BUSY_POLL_RANGE = (0, 10_000)
+DEFAULT_METRICS: str | None = None  # no metrics listener
 KEEPALIVE_RANGE = (1.0, 3600.0)  # or 0: no NAT-keepalives
 
 
@@ -104,8 +106,10 @@ DAEMON = Section("daemon", "[daemon]", "The daemon: its workers (one per NFQUEUE
     Field("mark", INTEGER, "one bit (a power of two), set on every packet a worker reinjects; our "
           "rules skip it",
           default=DEFAULT_MARK, bounds=(1, 0xFFFFFFFF), hex=True, check=parsers.mark_problem),
-    Field("control_socket", STRING, "the socket `status`, `reload` and `stop` talk to",
-          default=DEFAULT_SOCKET),
+    Field("control_socket", STRING, "the socket `status`, `reload` and `stop` talk to; each "
+          "daemon on a host needs its own", default=DEFAULT_SOCKET,
+          default_text=f"`{SOCKET_DIR}/NAME.sock`, NAME the configuration file's name without "
+                       "`.toml`"),
     Field("state_dir", STRING, "each SA's saved sequence numbers and lifetime use (see *SA state "
           "across restarts*)", default=DEFAULT_STATE_DIR),
     Field("mss_clamp", BOOLEAN, "clamp the TCP MSS of protected flows for the ESP overhead",
@@ -126,6 +130,10 @@ DAEMON = Section("daemon", "[daemon]", "The daemon: its workers (one per NFQUEUE
           default=DEFAULT_WATCHDOG, bounds=WATCHDOG_RANGE,
           allowed=f"0 (off) or {WATCHDOG_RANGE[0]:g}..{WATCHDOG_RANGE[1]:g} seconds",
           parser=parsers.seconds_or_off),
+    Field("metrics", STRING, "where the Prometheus metrics listen (HTTP, `GET /metrics`); "
+          "see *Metrics*", default=DEFAULT_METRICS, default_text="off",
+          allowed='`"ADDRESS:PORT"`: an IPv4 address, or an IPv6 one in brackets',
+          check=parsers.listen_address_problem),
 ))
 
 POLICY = Section("policy", "[[policy]]", "The SPD (RFC 4301 section 4.4.1), in order: the first "

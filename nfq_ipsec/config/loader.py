@@ -64,7 +64,8 @@ def parse_config(
         if key not in known_top:
             probs.add(key, f"unknown section (known: {', '.join(sorted(known_top))})")
     node = read_node(table(data, "node", probs), probs)
-    daemon = read_daemon(table(data, "daemon", probs), cpus, probs)
+    name = path.name.removesuffix(".toml") if path is not None else None
+    daemon = read_daemon(table(data, "daemon", probs), cpus, probs, name)
     raw_sas = array(data, "sa", probs)
     raw_policies = array(data, "policy", probs)
     inline_keys = False

@@ -16,6 +16,7 @@ from .fields import (
     DEFAULT_IPV6_ND,
     DEFAULT_LOG_LEVEL,
     DEFAULT_MARK,
+    DEFAULT_METRICS,
     DEFAULT_MSS_CLAMP,
     DEFAULT_MTU,
     DEFAULT_NODE_ACTION,
@@ -65,6 +66,7 @@ class DaemonConfig:
     iptables: str = DEFAULT_IPTABLES  # "auto" (the system's iptables), "nft" or "legacy"
     watchdog: float = DEFAULT_WATCHDOG  # seconds a ready worker may not answer; 0: no watchdog
     busy_poll: int = DEFAULT_BUSY_POLL  # microseconds a worker polls after a batch; 0: off
+    metrics: str | None = DEFAULT_METRICS  # "ADDRESS:PORT" of the metrics listener; None: off
 
 
 @dataclass(frozen=True)

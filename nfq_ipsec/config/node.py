@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from . import parsers
-from .fields import DAEMON, DEFAULT_QUEUE_BASE, NODE
+from .fields import DAEMON, DEFAULT_QUEUE_BASE, DEFAULT_SOCKET, NODE, SOCKET_DIR
 from .model import DaemonConfig, NodeConfig, QueueConfig
 from .reading import Problems
 
@@ -22,7 +23,10 @@ def read_node(raw: dict[str, Any], probs: Problems) -> NodeConfig:
     return NodeConfig(interface, role, default, mtu, nd)
 
 
-def read_daemon(raw: dict[str, Any], cpus: list[int], probs: Problems) -> DaemonConfig:
+def read_daemon(raw: dict[str, Any], cpus: list[int], probs: Problems,
+                config_name: str | None = None) -> DaemonConfig:
+    """``config_name``: the file's name without ``.toml`` (None: not a file's), which the
+    default control socket is named after."""
     DAEMON.check_unknown(raw, "daemon", probs)
     pairs = parsers.queues(raw, cpus, DEFAULT_QUEUE_BASE, probs)
     mark = DAEMON["mark"].read(raw, "daemon", probs)
@@ -35,10 +39,29 @@ def read_daemon(raw: dict[str, Any], cpus: list[int], probs: Problems) -> Daemon
         watchdog=watchdog,
         queues=tuple(QueueConfig(num, cpu) for num, cpu in pairs),
         mark=mark,
-        control_socket=DAEMON["control_socket"].read(raw, "daemon", probs),
+        control_socket=(DAEMON["control_socket"].read(raw, "daemon", probs)
+                        if "control_socket" in raw else default_socket(config_name, probs)),
         state_dir=DAEMON["state_dir"].read(raw, "daemon", probs),
         mss_clamp=DAEMON["mss_clamp"].read(raw, "daemon", probs),
         chain_prefix=prefix,
         log_level=log_level,
         busy_poll=DAEMON["busy_poll"].read(raw, "daemon", probs),
+        metrics=DAEMON["metrics"].read(raw, "daemon", probs),
     )
+
+
+_SOCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+
+
+def default_socket(config_name: str | None, probs: Problems) -> str:
+    """``daemon.control_socket`` when the file does not set it: ``SOCKET_DIR/NAME.sock``, NAME
+    the configuration file's name without ``.toml`` (so two daemons of two files don't share
+    one); the fixed default for a configuration that is not a file's."""
+    if config_name is None:
+        return DEFAULT_SOCKET
+    if not _SOCKET_NAME.fullmatch(config_name):
+        probs.add("daemon.control_socket", f"the default is {SOCKET_DIR}/NAME.sock, NAME the "
+                  f"file's name without .toml, and {config_name!r} can't be one (letters, digits, "
+                  "'.', '_', '@', '-', at most 64): set control_socket")
+        return DEFAULT_SOCKET
+    return f"{SOCKET_DIR}/{config_name}.sock"

@@ -33,6 +33,32 @@ def interface_problem(name: str) -> str | None:
     return f"not a valid interface name: {name!r}"
 
 
+def listen_address(text: str) -> tuple[str, int]:
+    """``ADDRESS:PORT`` (an IPv6 address in brackets) as (address, port); ValueError if it is
+    not one. A literal address only: a host name would make the daemon's start wait on DNS.
+    Port 0 (the kernel chooses) is one here; the configuration refuses it."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"not ADDRESS:PORT with a port 0..65535: {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ip_address(host).version != 6:
+            raise ValueError(f"only an IPv6 address goes in brackets: {text!r}")
+    elif ip_address(host).version != 4:  # ValueError for a name; an IPv6 address needs brackets
+        raise ValueError(f"an IPv6 address goes in brackets ([::1]:9477): {text!r}")
+    return host, int(port)
+
+
+def listen_address_problem(text: str) -> str | None:
+    try:
+        if listen_address(text)[1] == 0:
+            raise ValueError("port 0")
+    except ValueError:
+        return (f"must be ADDRESS:PORT, an IPv4 address or an IPv6 one in brackets and a port "
+                f"1..65535 (127.0.0.1:9477, [::1]:9477), got {text!r}")
+    return None
+
+
 def mark_problem(mark: int) -> str | None:
     return f"must be a single bit (a power of two), got 0x{mark:x}" if mark & (mark - 1) else None
 

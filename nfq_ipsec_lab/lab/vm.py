@@ -289,7 +289,8 @@ class SystemdUnit:
 class UnitProcess:
     """What systemd does with the unit, done by hand where there is no systemd (the namespace
     test): the unit's own ExecStartPre/ExecStart/ExecStartPost argv (``%i``, ``$MAINPID``
-    expanded), KillSignal to the main process only and TimeoutStopSec (KillMode=mixed), the
+    expanded; no ``$NOTIFY_SOCKET``: Type=notify's start ends with ExecStartPost's wait),
+    KillSignal to the main process only and TimeoutStopSec (KillMode=mixed), the
     rest of the daemon's processes SIGKILLed after a crash, Restart=on-failure after
     RestartSec unless the exit status is in RestartPreventExitStatus."""
 
@@ -299,7 +300,7 @@ class UnitProcess:
         self.mainpid: int | None = None
         self.worker_pids: list[int] = []
         self.exit_status: int | None = None
-        for key, want in (("KillMode", "mixed"), ("Restart", "on-failure"), ("Type", "exec")):
+        for key, want in (("KillMode", "mixed"), ("Restart", "on-failure"), ("Type", "notify")):
             if unit.get("Service", key) != want:
                 raise LabError(f"the unit's {key} is {unit.get('Service', key)!r}; UnitProcess "
                                f"emulates {key}={want}")

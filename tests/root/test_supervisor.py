@@ -16,6 +16,7 @@ operator would (status, kill -9, SIGTERM), plus the config-error path (no root).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -270,6 +271,87 @@ def test_status_json_has_the_golden_schema(pair: Pair, tmp_path: Path, daemons: 
         assert all(s["saved"] is not None for s in st["sas"] if s["packets"])  # state files
     assert a.stop() == 0
     assert b.stop() == 0
+
+
+SCRAPE = textwrap.dedent("""
+    import sys, urllib.request
+    with urllib.request.urlopen(f"http://{sys.argv[1]}/metrics", timeout=10) as r:
+        print(r.headers["Content-Type"])
+        sys.stdout.write(r.read().decode())
+""")
+
+
+def test_metrics_of_a_running_daemon(pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:
+    """daemon.metrics on the real daemon: a scrape from its namespace, read back with
+    prometheus_client's parser, counts what went through and names no key."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    keys = make_keys()
+    a = _daemon(pair, pair.a, tmp_path, "a", keys, True, daemons)
+    listen = "127.0.0.1:9477"
+    a.config.write_text(a.config.read_text().replace("[daemon]\n", f'[daemon]\nmetrics = "{listen}"\n', 1))
+    b = _daemon(pair, pair.b, tmp_path, "b", keys, False, daemons)
+    for d in (a, b):
+        d.start()
+    for d in (a, b):
+        d.wait_running()
+    messages = [f"metrics-{i}" for i in range(12)]
+    got, _ = _send(pair, messages)
+    assert sorted(got) == sorted(messages)
+    scrape = pair.python(pair.a, SCRAPE, listen)
+    out, err = scrape.communicate(timeout=30)
+    assert scrape.returncode == 0, err
+    ctype, text = out.split("\n", 1)
+    assert ctype == "text/plain; version=0.0.4; charset=utf-8"
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    sent = sum(v for (name, labels), v in samples.items()
+               if name == "nfq_ipsec_sa_packets_total" and ("direction", "out") in labels)
+    assert sent == len(messages)
+    assert all(v == 1 for (name, _), v in samples.items() if name == "nfq_ipsec_worker_up")
+    assert samples[("nfq_ipsec_rules_installed", ())] == 1
+    for key in keys.values():
+        assert key not in text and key.upper() not in text
+    assert a.stop() == 0
+    assert b.stop() == 0
+
+
+def test_the_real_daemon_tells_systemd(pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:
+    """``nfq-ipsec run`` with a unix datagram socket as systemd's ``$NOTIFY_SOCKET``: READY=1
+    once it runs (workers ready, rules installed), WATCHDOG=1 at half of ``$WATCHDOG_USEC``,
+    STOPPING=1 on SIGTERM."""
+    import socket as socketlib
+
+    notify = tmp_path / "notify"
+    sd = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+    sd.bind(str(notify))
+    sd.settimeout(30)
+    try:
+        a = _daemon(pair, pair.a, tmp_path, "a", make_keys(), True, daemons,
+                    NOTIFY_SOCKET=str(notify), WATCHDOG_USEC="1000000")
+        a.start()
+        first = sd.recv(4096).decode()
+        while not first.startswith("READY=1"):  # WATCHDOG=1 may come first, while starting
+            assert first == "WATCHDOG=1", first
+            first = sd.recv(4096).decode()
+        assert first.startswith(f"READY=1\nSTATUS=running: {len(QUEUES)} worker(s) ready, rules installed")
+        st = a.status()  # what READY=1 promised is so
+        assert st is not None and st["daemon"]["rules_installed"]
+        assert all(w["state"] == "ready" for w in st["workers"])
+        t0 = time.monotonic()
+        assert sd.recv(4096) == b"WATCHDOG=1"
+        assert sd.recv(4096) == b"WATCHDOG=1"
+        assert time.monotonic() - t0 < 2.5  # every 0.5 s
+        assert a.stop() == 0
+        said = []
+        sd.settimeout(1)
+        with contextlib.suppress(TimeoutError):
+            while True:
+                said.append(sd.recv(4096).decode())
+        assert [m for m in said if m != "WATCHDOG=1"] == [
+            "STOPPING=1\nSTATUS=stopping: closing the rules, stopping the workers"]
+    finally:
+        sd.close()
 
 
 def test_stop_command_reads_back_closed_rules(pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:

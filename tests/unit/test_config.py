@@ -418,3 +418,38 @@ def test_an_idle_queue_and_an_implicit_selector_are_warned_about() -> None:
     assert cfg.warnings == ("policy[0] 'p': no remote given, so it covers every IPv4 address on "
                             "that side (0.0.0.0/0); write remote = \"any\" to mean it",)
     assert cfg.policies[0].selector.remote.prefixlen == 0  # the behaviour is unchanged
+
+
+def _file_without_socket(tmp_path: Path, name: str, socket_line: str = "") -> Path:
+    from configs import host_data, toml_text
+
+    data = host_data()
+    text = toml_text(data).replace("[daemon]\n", f"[daemon]\n{socket_line}", 1)
+    p = tmp_path / name
+    p.write_text(text)
+    p.chmod(0o600)
+    return p
+
+
+def test_the_default_control_socket_is_named_after_the_file(tmp_path: Path) -> None:
+    """Two daemons of two files don't share a control socket unless told to."""
+    site = load_config(_file_without_socket(tmp_path, "site.toml"), online_cpus=[0])
+    lab = load_config(_file_without_socket(tmp_path, "lab2.toml"), online_cpus=[0])
+    assert site.daemon.control_socket == "/run/nfq-ipsec/site.sock"
+    assert lab.daemon.control_socket == "/run/nfq-ipsec/lab2.sock"
+    given = _file_without_socket(tmp_path, "x.toml", 'control_socket = "/run/other/x.sock"\n')
+    assert load_config(given, online_cpus=[0]).daemon.control_socket == "/run/other/x.sock"
+    from configs import cfg_of, host_data
+
+    from nfq_ipsec.config.fields import DEFAULT_SOCKET
+
+    assert cfg_of(host_data()).daemon.control_socket == DEFAULT_SOCKET  # no file, no name
+
+
+def test_a_file_name_that_cannot_name_a_socket_asks_for_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(_file_without_socket(tmp_path, "my site.toml"), online_cpus=[0])
+    assert any(p.startswith("daemon.control_socket:") and "set control_socket" in p
+               for p in err.value.problems), err.value.problems
+    named = _file_without_socket(tmp_path, "my site2.toml", 'control_socket = "/run/x/a.sock"\n')
+    assert load_config(named, online_cpus=[0]).daemon.control_socket == "/run/x/a.sock"

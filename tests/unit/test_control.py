@@ -459,8 +459,9 @@ def test_control_socket_roundtrip_and_modes(server: control.ControlServer, tmp_p
     assert stat.S_IMODE(path.parent.parent.stat().st_mode) == 0o700
     assert control.request(server.path, {"command": "status"}) == {
         "echo": {"command": "status"}, "secret": None}
-    with pytest.raises(control.ControlError, match="another nfq-ipsec daemon is running"):
+    with pytest.raises(control.ControlError, match="another nfq-ipsec daemon is running") as err:
         control.ControlServer(server.path).open()
+    assert "needs its own daemon.control_socket" in str(err.value)  # names what to change
 
 
 def test_control_socket_replaces_stale_socket_and_refuses_non_socket(tmp_path: Path) -> None:

@@ -17,10 +17,12 @@ RUNTIME = ROOT / "nfq_ipsec"
 LAYERS: list[set[str]] = [
     # 0: the sans-I/O cores (ESP, IKE) and leaves that import nothing of ours but the core
     {"core", "ike", "exitcodes", "procs", "logsetup", "pcap", "reassembly", "corebuild", "hardening",
-     "counts", "status", "__init__"},
+     "counts", "status", "metrics", "liveness", "sdnotify", "droplog",
+     "__init__"},
     {"config"},  # 1: the configuration, read and checked
     {"rules", "decode", "nfqueue", "state"},  # 2: pure rule building, offline decode, the queue, SA state
-    {"iptables", "worker", "control"},  # 3: applying rules, the data path, the control socket
+    # 3: applying rules, the data path, the control socket, the metrics listener
+    {"iptables", "worker", "control", "metricsserver"},
     {"supervisor", "service"},  # 4: the daemon, and the systemd helper
     {"commands"},  # 5: every command: arguments, printing, exit codes
     {"cli"},  # 6: the entry point

@@ -209,3 +209,40 @@ def test_a_failed_start_says_what_it_left(tmp_path: Path, monkeypatch: pytest.Mo
                         "the IPv4 rules are closed; the IPv6 rules are not: the ip6tables step "
                         "failed, and they are left as they were")
     assert not sup.rules_installed
+
+
+OTHER_DAEMON = """\
+*raw
+:PREROUTING ACCEPT [0:0]
+:NFQIPSEC-IN - [0:0]
+-A PREROUTING -j NFQIPSEC-IN
+-A NFQIPSEC-IN -p esp -j NFQUEUE --queue-num 300
+COMMIT
+"""
+
+
+def test_another_daemon_with_our_chain_prefix_is_found(tmp_path: Path) -> None:
+    cfg = load_config(config(tmp_path), online_cpus=[0])
+    tables = rules.parse_save(OTHER_DAEMON)
+    [line] = iptables.prefix_users(cfg, tables, bound={300, 5})
+    assert line.startswith("daemon.chain_prefix 'NFQIPSEC': chains of that prefix feed queue(s) "
+                           "300, which another process listens on")
+    assert "its own daemon.chain_prefix" in line
+    # left by an earlier run (nobody listens on 300), or feeding our own queues: no clash
+    assert iptables.prefix_users(cfg, tables, bound=set()) == []
+    assert iptables.prefix_users(cfg, rules.parse_save(SAVE), bound={100, 101}) == []
+
+
+def test_another_daemon_with_our_chain_prefix_exit_2(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from nfq_ipsec import nfqueue
+
+    cfg = load_config(config(tmp_path), online_cpus=[0])
+    monkeypatch.setattr(iptables, "commands", lambda cfg: ("iptables-save", "iptables-restore"))
+    monkeypatch.setattr(iptables, "read_tables", lambda be, netns=None: rules.parse_save(OTHER_DAEMON))
+    monkeypatch.setattr(nfqueue, "kernel_queue_stats",
+                        lambda path=nfqueue.PROC_QUEUES: {300: nfqueue.KernelQueueStats(300, *[0] * 7)})
+    assert supervisor.preflight(cfg) == 2
+    assert "daemon.chain_prefix 'NFQIPSEC'" in caplog.text
+    monkeypatch.setattr(nfqueue, "kernel_queue_stats", lambda path=nfqueue.PROC_QUEUES: {})
+    assert supervisor.preflight(cfg) is None

@@ -10,33 +10,15 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import pytest
 from repo import EXAMPLES
+from standins import fake_worker
 
 from nfq_ipsec import control, iptables, supervisor
 from nfq_ipsec.config import Config, load_config
-from nfq_ipsec.worker import WorkerSpec
-
-
-def fake_worker(spec: WorkerSpec, conn: Connection) -> None:
-    """A worker that binds nothing: ready at once, answers pings and stats, stops when told."""
-    conn.send(("ready", os.getpid()))
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg[0] == "ping":
-            conn.send(("pong",))
-        elif msg[0] == "stats":
-            conn.send(("stats", {"queue": spec.queue, "packets_in": 3, "packets_out": 3,
-                                 "drops": {}, "sas": [], "core": "stand-in"}))
-        elif msg[0] == "stop":
-            return
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ import gate
 import pytest
 from repo import ROOT
 
-from nfq_ipsec import cli, exitcodes
+from nfq_ipsec import cli, exitcodes, supervisor
 from nfq_ipsec.service import UnitFile, ready, wait_ready
 from nfq_ipsec.status import StatusReport
 
@@ -104,7 +104,9 @@ def test_hardening_exposure_stays_low(rendered: tuple[Path, Path]) -> None:
 def test_fail_closed_settings(unit: UnitFile, rendered: tuple[Path, Path]) -> None:
     _, etc = rendered
     s = "Service"
-    assert unit.get(s, "Type") == "exec"
+    assert unit.get(s, "Type") == "notify" and unit.get(s, "NotifyAccess") == "main"
+    # the watchdog outlasts the longest a reload holds the supervisor's loop (3 waits on workers)
+    assert int(unit.get(s, "WatchdogSec") or 0) > 3 * supervisor.READY_TIMEOUT
     assert unit.commands("ExecStart", "site") == [
         [f"{VENV}/bin/nfq-ipsec", "run", "--config", f"{etc}/site.toml"]]
     # No path of the unit removes the rules: a stop closes them (the daemon itself, on
