@@ -49,6 +49,19 @@ WEAK: dict[str, str] = {
 }
 
 
+# What the ESP data plane (``nfq_ipsec.core.suites``) calls each negotiable algorithm: a Child
+# SA's encryption by (ENCR id, key bits), its integrity by INTEG id.
+DATA_PLANE_ENCR: dict[tuple[int, int | None], str] = {
+    (Encr.AES_GCM_16, 128): "aes-gcm-128", (Encr.AES_GCM_16, 256): "aes-gcm-256",
+    (Encr.CHACHA20_POLY1305, None): "chacha20-poly1305",
+    (Encr.AES_CBC, 128): "aes-cbc-128", (Encr.AES_CBC, 256): "aes-cbc-256",
+}
+DATA_PLANE_INTEG: dict[int, str] = {
+    Integ.HMAC_SHA2_256_128: "hmac-sha256-128", Integ.HMAC_SHA2_384_192: "hmac-sha384-192",
+    Integ.HMAC_SHA2_512_256: "hmac-sha512-256",
+}
+
+
 class ProposalTextError(ValueError):
     """Why a proposal string can't be used (the string holds no secret; it may be quoted)."""
 
@@ -96,6 +109,9 @@ def parse(text: str, protocol: Protocol) -> SAPayload:
     if protocol is Protocol.ESP:
         if prf:
             raise ProposalTextError(f"{text!r}: an ESP proposal takes no PRF")
+        if (encr[0].id, encr[0].key_length) not in DATA_PLANE_ENCR:
+            raise ProposalTextError(f"{text!r}: the ESP data plane has no 192-bit AES; use "
+                                    "128 or 256 bits")
         return SAPayload((Proposal(1, protocol, b"", (
             *encr, *integ, *dh, Transform(TransformType.ESN, 1 if esn else 0))),))
     if not dh:

@@ -19,8 +19,10 @@ LAYERS: list[set[str]] = [
     {"core", "ike", "exitcodes", "procs", "logsetup", "pcap", "reassembly", "corebuild", "hardening",
      "counts", "status", "__init__"},
     {"config"},  # 1: the configuration, read and checked
-    {"rules", "decode", "nfqueue", "state"},  # 2: pure rule building, offline decode, the queue, SA state
-    {"iptables", "worker", "control"},  # 3: applying rules, the data path, the control socket
+    # 2: pure rule building, negotiated SAs in the configuration, offline decode, the queue, SA state
+    {"rules", "childsas", "decode", "nfqueue", "state"},
+    # 3: applying rules, the data path, the keying agent, the control socket
+    {"iptables", "worker", "agent", "control"},
     {"supervisor", "service"},  # 4: the daemon, and the systemd helper
     {"commands"},  # 5: every command: arguments, printing, exit codes
     {"cli"},  # 6: the entry point
