@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nfq_ipsec.agent import identity
 from nfq_ipsec.ike import proposal_text, selectors
 from nfq_ipsec.ike.child import ChildSA
-from nfq_ipsec.ike.message import IdPayload, IdType
 from nfq_ipsec.ike.proposal import Protocol, SAPayload
 from nfq_ipsec.ike.session import IKE_PORT, NAT_T_PORT, IkeSession, Output, PeerConfig, Role, State
 
@@ -39,17 +39,9 @@ def parse_proposal(text: str, protocol: Protocol) -> SAPayload:
     return proposal_text.parse(text, protocol)
 
 
-def _ident(text: str) -> IdPayload:
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        return IdPayload(IdType.FQDN, text.encode())
-    return IdPayload(IdType.IPV4_ADDR if ip.version == 4 else IdType.IPV6_ADDR, ip.packed)
-
-
 def peer_config(c: dict[str, Any]) -> PeerConfig:
     return PeerConfig(
-        local_id=_ident(c["local_id"]), remote_id=_ident(c["remote_id"]),
+        local_id=identity(c["local_id"]), remote_id=identity(c["remote_id"]),
         psk=bytes.fromhex(c["psk_hex"]),
         ike_proposals=parse_proposal(c["ike"], Protocol.IKE),
         esp_proposals=parse_proposal(c["esp"], Protocol.ESP),
