@@ -41,7 +41,8 @@ from .core.sa import Mode
 from .ike import selectors
 from .ike.child import ChildSA
 from .ike.dispatch import Dispatcher
-from .ike.message import IdPayload, IdType
+from .ike.errors import IkeError
+from .ike.message import Exchange, IdPayload, IdType, decode_header
 from .ike.proposal import Proposal
 from .ike.session import IKE_PORT, NAT_T_PORT, Event, IkeSession, Output, PeerConfig, State
 from .status import ConnectionReport, IkeSaReport
@@ -181,8 +182,14 @@ class Agent:
             return []
         conn = self.conns[name]
         packed = ipaddress.ip_address(source[0]).packed
-        return self._handle(conn, conn.dispatcher.receive(data, (packed, source[1]), now), port,
-                            source)
+        output = conn.dispatcher.receive(data, (packed, source[1]), now)
+        if port == IKE_PORT and _init_response(data):
+            mine = conn.dispatcher.sessions.get(data[:8])  # our SPI: we began this one
+            if mine is not None and mine.session.port == NAT_T_PORT:
+                # a NAT found by IKE_SA_INIT: what follows goes from and to port 4500 (RFC
+                # 7296 section 2.23), the IKE_AUTH request first
+                port, source = NAT_T_PORT, (source[0], NAT_T_PORT)
+        return self._handle(conn, output, port, source)
 
     def tick(self, now: float) -> list[Send]:
         out: list[Send] = []
@@ -272,6 +279,15 @@ class Agent:
                         "start_action": "start" if conn.spec.start else "none", "ike_sas": sas,
                         "last": conn.last_outcome or None})
         return out
+
+
+def _init_response(data: bytes) -> bool:
+    """An IKE_SA_INIT response (which the shell needs to know to follow a move to 4500)."""
+    try:
+        header = decode_header(data)
+    except IkeError:
+        return False
+    return header.exchange == Exchange.IKE_SA_INIT and header.is_response
 
 
 def _left(due: float, now: float) -> float | None:

@@ -198,3 +198,19 @@ def test_the_ike_command_and_request(tmp_path: Path, capsys: pytest.CaptureFixtu
     without = parse_config(dict(data, connection=[], policy=data["policy"][:1]),
                            base_dir=tmp_path, online_cpus=[0])
     assert Supervisor(without, str(conf)).agent is None
+
+
+def test_a_nat_found_in_ike_sa_init_moves_the_ike_auth_request_to_4500(tmp_path: Path) -> None:
+    cfg_a, cfg_b = mirrored(tmp_path, encap=True)  # encap claims a NAT, as strongSwan's does
+    a, b = agent(cfg_a, 9), agent(cfg_b, 10)
+    ((port, dest, init),) = a.start(0.0)
+    assert (port, dest) == (500, ("192.0.2.2", 500))
+    ((b_port, b_dest, answer),) = b.receive(init, ("192.0.2.1", 500), 500, 0.0)
+    assert (b_port, b_dest) == (500, ("192.0.2.1", 500))
+    ((port, dest, auth),) = a.receive(answer, ("192.0.2.2", 500), 500, 0.0)
+    assert (port, dest) == (4500, ("192.0.2.2", 4500))
+    ((b_port, b_dest, done),) = b.receive(auth, ("192.0.2.1", 4500), 4500, 0.0)
+    assert (b_port, b_dest) == (4500, ("192.0.2.1", 4500))
+    assert a.receive(done, ("192.0.2.2", 4500), 4500, 0.0) == []
+    assert [m[0] for m in a.messages + b.messages] == ["child_up", "child_up"]
+    assert a.messages[0][2].udp_encap and b.messages[0][2].udp_encap
