@@ -5,6 +5,7 @@ and terminated; nothing it logs or reports holds a key or the PSK."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -214,3 +215,24 @@ def test_a_nat_found_in_ike_sa_init_moves_the_ike_auth_request_to_4500(tmp_path:
     assert a.receive(done, ("192.0.2.2", 4500), 4500, 0.0) == []
     assert [m[0] for m in a.messages + b.messages] == ["child_up", "child_up"]
     assert a.messages[0][2].udp_encap and b.messages[0][2].udp_encap
+
+
+def test_a_failed_exchange_is_logged_in_words_without_the_key(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="nfq_ipsec")
+    cfg_a, cfg_b = mirrored(tmp_path)
+    spec = agent_spec(cfg_b)
+    assert spec is not None
+    (conn,) = spec.connections
+    wrong = dataclasses.replace(conn, peer=dataclasses.replace(conn.peer, psk=b"another pre-shared key"))
+    rng = random.Random(12)
+    a = agent(cfg_a, 11)
+    b = Agent(dataclasses.replace(spec, connections=(wrong,)),
+              lambda n: bytes(rng.getrandbits(8) for _ in range(n)), 0.0)
+    shuttle(a, b, a.start(0.0), 0.0, a)
+    assert a.messages == [] and b.messages == []  # no Child SA either side
+    last = [r["last"] for r in a.report(0.0) + b.report(0.0)]
+    assert any(text is not None and text.startswith("IKE SA failed: ") for text in last), last
+    assert "connection site: IKE SA failed: " in caplog.text
+    for secret in (PSK, "another pre-shared key"):
+        assert secret not in caplog.text and secret not in repr(a.report(0.0) + b.report(0.0))
