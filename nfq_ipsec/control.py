@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from . import hardening
-from .status import StatusReport
+from .status import IkeReport, StatusReport
 
 MAX_REQUEST = 64 * 1024  # bytes of one request line
 CLIENT_TIMEOUT = 2.0  # seconds a client has to send its request, and then to take its answer
@@ -537,7 +537,35 @@ def render_status(status: StatusReport) -> str:
             out.append(f"  {sa.get('name')}: ESP in UDP, peer {_dash(sa.get('udp_peer'))}, "
                        f"keepalives sent {_dash(sa.get('keepalives_sent'))}, peer changes "
                        f"{_dash(sa.get('peer_changes'))}")
+    out += _render_ike(status.get("ike"))
     return "\n".join(out) + "\n"
+
+
+def _render_ike(ike: IkeReport | None) -> list[str]:
+    """The keying agent and its IKE SAs, one line each, and their Child SAs by SPI."""
+    if not ike:
+        return []
+    out = ["", f"IKE agent {ike.get('state')}: pid {_dash(ike.get('pid'))}, restarts "
+           f"{ike.get('restarts', 0)}" + (f", last error: {ike['last_error']}"
+                                          if ike.get("last_error") else "")]
+    for conn in ike.get("connections") or []:
+        out.append(f"  connection {conn['name']}: {conn['local']} <-> {conn['remote']} "
+                   f"(start {conn['start_action']})" + (f"; last: {conn['last']}" if conn["last"]
+                                                         else ""))
+        if not conn["ike_sas"]:
+            out.append("    no IKE SA")
+        for sa in conn["ike_sas"]:
+            since = sa.get("established")
+            when = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+                    if isinstance(since, int | float) else "-")
+            out.append(f"    IKE SA {sa['spi_i']}/{sa['spi_r']} {sa['state']} ({sa['role']}), "
+                       f"{_dash(sa['ike'])}, UDP {sa['port']}{', NAT' if sa['nat'] else ''}, "
+                       f"established {when}, rekey in {fmt_duration(sa['rekey_in'])}")
+            for c in sa["children"]:
+                out.append(f"      Child SA in {c['spi_in']} out {c['spi_out']} {c['esp']}"
+                           f"{' in UDP' if c['udp_encap'] else ''}, rekey in "
+                           f"{fmt_duration(c['rekey_in'])}")
+    return out
 
 
 def _dash(value: object) -> str:

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 
 from .config.model import Config
 from .core.esp import overhead_for
-from .core.ipv6 import ICMPV6_ERROR_TYPES, MLD_TYPES, ND_TYPES, is_v6
+from .core.ipv6 import ICMPV6_ERROR_TYPES, MLD_TYPES, ND_TYPES, addr_str, is_v6
 from .core.packet import ICMP_ERROR_TYPES
 from .core.sa import Encapsulation, Mode, SADirection, SAParams
 from .core.spd import Action, Network, Policy, Selector
@@ -310,6 +310,38 @@ _U32_KEEPALIVE = f"{_U32_AT_UDP}0x4>>0x10=0x9&&{_U32_AT_UDP}0x5&0xff=0xff"
 _U32_ANY_SPI = f"{_U32_AT_UDP}0x8=0x1:0xffffffff&&{_U32_AT_UDP}0x4>>0x10=0x10:0xffff"
 
 
+# the non-ESP marker (RFC 3948 section 2.2): four zero bytes at the start of the UDP payload
+_U32_MARKER = f"{_U32_AT_UDP}0x8=0x0"
+
+
+def _ike_rules(cfg: Config, chain: str, outbound: bool, v6: bool) -> list[Rule]:
+    """IKE between a connection's endpoints, before any policy: inbound, UDP 500 and (IPv4)
+    UDP 4500 with the non-ESP marker from the peer to this end go up to the agent's sockets;
+    outbound, the same from the agent (its sockets carry the mark) to the peer leave. Anything
+    else between them (ESP in UDP without the marker too) goes on to the rules below."""
+    m = cfg.daemon.mark
+    mark = ("-m", "mark", "--mark", f"0x{m:x}/0x{m:x}")
+    width = "128" if v6 else "32"
+    rules: list[Rule] = []
+    for conn in cfg.connections:
+        if is_v6(conn.local) != v6:
+            continue
+        here, there = f"{addr_str(conn.local)}/{width}", f"{addr_str(conn.remote)}/{width}"
+        src, dst = (here, there) if outbound else (there, here)
+        port_flag = "--sport" if outbound else "--dport"
+        ends = ("-s", src, "-d", dst, "-p", "udp", "-m", "udp")
+        way = "from the agent to its peer (the mark)" if outbound else "from its peer to the agent"
+        ports: list[tuple[str, tuple[str, ...], str]] = [("500", (), "IKE")]
+        if not v6:
+            ports.append(("4500", ("-m", "u32", "--u32", _U32_MARKER),
+                          "IKE after the non-ESP marker (NAT traversal)"))
+        for port, extra, what in ports:
+            rules.append(Rule(chain, (*ends, port_flag, port, *extra, *(mark if outbound else ()),
+                                      "-j", "RETURN"),
+                              f"connection {conn.name!r}: {what} on UDP {port} {way}"))
+    return rules
+
+
 def _udp_sas(cfg: Config, direction: SADirection) -> list[SAParams]:
     return [sa for sa in cfg.sas
             if sa.direction is direction and sa.encapsulation is Encapsulation.UDP]
@@ -393,6 +425,7 @@ def _inbound_table(cfg: Config, v6: bool) -> Table:
         rules.append(Rule(c, ("-i", "lo", "-j", "RETURN"), "loopback is never IPsec-protected"))
     if v6:
         rules += _link_rules(cfg, c)
+    rules += _ike_rules(cfg, c, outbound=False, v6=v6)
     for sa in _sas(cfg, v6):
         if sa.direction is not SADirection.IN:
             continue
@@ -451,6 +484,8 @@ def _outbound_rules(
         rules.append(Rule(chain, (lo_flag, "lo", "-j", "RETURN"), "loopback is never IPsec-protected"))
     if v6 and default:
         rules += _link_rules(cfg, chain)
+    if default:  # the agent's own IKE leaves from this host, never through the FORWARD path
+        rules += _ike_rules(cfg, chain, outbound=True, v6=v6)
     rules += _icmp_error_rules(cfg, chain, "out", v6)
     for i, pol in _policies(cfg, v6):
         if not pol.direction.covers(True):

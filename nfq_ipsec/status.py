@@ -156,6 +156,49 @@ class SaReport(TypedDict):
     last_packet_age: float | None  # seconds since its worker's report first counted its last packet
 
 
+class ChildSaReport(TypedDict):
+    """A negotiated Child SA pair: ``spi_in`` ours, ``spi_out`` the peer's."""
+
+    spi_in: str  # "0x%08x"
+    spi_out: str
+    esp: str  # its transforms
+    udp_encap: bool
+    rekey_in: float | None  # seconds to its rekey (None: never)
+
+
+class IkeSaReport(TypedDict):
+    spi_i: str  # hex
+    spi_r: str
+    role: str  # ours: initiator (we began it) or responder
+    state: str
+    ike: str | None  # the chosen transforms
+    nat: bool
+    port: int
+    established: float | None  # when, in seconds since the epoch
+    rekey_in: float | None  # seconds to the IKE SA's rekey (None: never)
+    children: list[ChildSaReport]
+
+
+class ConnectionReport(TypedDict):
+    name: str
+    local: str
+    remote: str
+    start_action: str
+    last: str | None  # the last exchange's outcome, in words
+    ike_sas: list[IkeSaReport]
+
+
+class IkeReport(TypedDict):
+    """The keying agent: its process and what it negotiated. ``connections`` is ``None`` while
+    the agent is not running or did not answer in time."""
+
+    state: str  # starting, ready, down, stopped
+    pid: int | None
+    restarts: int
+    last_error: str | None
+    connections: list[ConnectionReport] | None
+
+
 class StatusReport(TypedDict):
     """The answer to ``{"command": "status"}``."""
 
@@ -167,3 +210,4 @@ class StatusReport(TypedDict):
     warnings: list[str]
     workers: list[WorkerReport]
     sas: list[SaReport]
+    ike: IkeReport | None  # None: no connection, no agent

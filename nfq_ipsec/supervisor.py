@@ -38,6 +38,7 @@ queues have no listener, so protected traffic is dropped, never sent in clear.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -53,15 +54,27 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from . import __version__, corebuild, counts, exitcodes, rules
+from . import __version__, childsas, corebuild, counts, exitcodes, rules
+from .agent import AgentSpec, agent_main, agent_spec
 from .config import Config, QueueConfig
 from .control import ControlError, ControlServer, Deferred
 from .core import SADirection
+from .ike.child import ChildSA
 from .liveness import SaActivity
 from .metricsserver import MetricsError, MetricsServer
 from .nfqueue import kernel_queue_stats
 from .sdnotify import Notifier
-from .status import Counts, DaemonReport, SaCounts, SaReport, StatusReport, WorkerReport, WorkerSnapshot
+from .status import (
+    ConnectionReport,
+    Counts,
+    DaemonReport,
+    IkeReport,
+    SaCounts,
+    SaReport,
+    StatusReport,
+    WorkerReport,
+    WorkerSnapshot,
+)
 from .worker import PACKETS_BETWEEN_LOOKS, WorkerSpec, worker_main
 
 READY_TIMEOUT = 30.0  # seconds for a worker to bind its queue and say ready
@@ -193,9 +206,35 @@ class Slot:
         return self.qc.num
 
 
+@dataclass
+class AgentSlot:
+    """The keying agent's process (``agent``): started once the rules are in place, restarted
+    alone after a backoff if it dies (the workers go on; its Child SAs are taken out, so their
+    traffic is dropped until it negotiates new ones)."""
+
+    spec: AgentSpec
+    proc: BaseProcess | None = None
+    conn: Connection | None = None
+    state: str = "stopped"  # starting, ready, down, stopped
+    pid: int | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff: float = BACKOFF_MIN
+    restart_at: float | None = None
+    last_error: str | None = None
+    stats: list[ConnectionReport] | None = field(default=None, repr=False)
+
+
 class Supervisor:
     def __init__(self, cfg: Config, config_path: str) -> None:
+        self.base = cfg  # the file's configuration; self.cfg adds the negotiated Child SAs
         self.cfg = cfg
+        self.up: dict[str, list[childsas.Negotiated]] = {}  # by connection, oldest first
+        self.apply_due = False  # the negotiated SAs changed and are not applied yet
+        self.apply_retry_at = 0.0
+        self._applied_at = 0.0  # monotonic: the negotiated SAs as they stood then are applied
+        spec = agent_spec(cfg)
+        self.agent = AgentSlot(spec) if spec is not None else None
         self.config_path = config_path
         self.ctx = multiprocessing.get_context("spawn")
         self.slots = [Slot(qc, worker_spec(cfg, qc)) for qc in cfg.daemon.queues]
@@ -212,6 +251,7 @@ class Supervisor:
         self._wake_w.setblocking(False)
         self._status_waiters: list[Deferred] = []  # status answers waiting for the counters
         self._stats_asked: list[Slot] = []
+        self._agent_asked = False  # the agent was asked for the waiting status answers
         self._stats_deadline = 0.0
         self.counters = RuleCounters(self._wake)
         self._counters_wanted = 0  # the rule counter read the waiting status answers want
@@ -243,6 +283,8 @@ class Supervisor:
             if self._wait_ready():
                 self._install_rules()
                 self.state = "running"
+                if self.agent is not None:
+                    self._start_agent(self.agent)
                 log.info("running: %d worker(s) ready, rules installed, control socket %s",
                          len(self.slots), self.control.path)
                 self.notify.ready(self._running_status())
@@ -268,6 +310,7 @@ class Supervisor:
         self.notify.stopping()
         if self.rules_installed and not self._close_rules():
             code = exitcodes.FAILURE
+        self._stop_agent()
         self._stop_workers()
         if self.metrics is not None:
             self.metrics.close()
@@ -475,6 +518,13 @@ class Supervisor:
         for slot in self.slots:
             if slot.state == "down" and slot.restart_at is not None:
                 timeout = min(timeout, max(0.0, slot.restart_at - now))
+        if self.agent is not None and self.agent.restart_at is not None:
+            timeout = min(timeout, max(0.0, self.agent.restart_at - now))
+        if self.apply_due:
+            timeout = min(timeout, 0.5)
+        due = childsas.next_change(self.up, self._applied_at)
+        if due is not None:
+            timeout = min(timeout, max(0.0, due - now))
         clients = self.control.next_timeout(now)
         if clients is not None:
             timeout = min(timeout, clients)
@@ -498,9 +548,15 @@ class Supervisor:
                 objs[slot.conn] = ("conn", slot)
             if slot.proc is not None:
                 objs[slot.proc.sentinel] = ("dead", slot)
+        agent = self.agent
+        if agent is not None and agent.conn is not None:
+            objs[agent.conn] = ("agent", None)
+        if agent is not None and agent.proc is not None:
+            objs[agent.proc.sentinel] = ("agent_dead", None)
         ready = wait(list(objs), timeout=self._next_timeout())
         noticed = time.monotonic()
         dead: list[Slot] = []
+        agent_died = False
         for obj in ready:
             what, owner = objs[obj]
             if what == "wake":
@@ -510,9 +566,16 @@ class Supervisor:
                 self._read(owner)
             elif what == "dead" and owner is not None:
                 dead.append(owner)
+            elif what == "agent":
+                self._read_agent()
+            elif what == "agent_dead":
+                agent_died = True
         for slot in dead:
             self._reap(slot, noticed)
+        if agent_died:
+            self._reap_agent()
         self._tick()
+        self._tick_agent()
         self.counters.collect()
         self._answer_status()
         self.notify.watchdog()  # the loop turns: systemd's watchdog is fed from here only
@@ -561,6 +624,164 @@ class Supervisor:
                 slot.conn.close()
             slot.proc = slot.conn = None
             slot.state = "stopped"
+
+    # -- the keying agent -------------------------------------------------------------------
+    def _start_agent(self, agent: AgentSlot) -> None:
+        parent, child = self.ctx.Pipe(duplex=True)
+        proc = self.ctx.Process(target=agent_main, args=(agent.spec, child), name="nfq-ipsec-agent")
+        proc.start()
+        child.close()
+        agent.proc, agent.conn, agent.pid = proc, parent, proc.pid
+        agent.state = "starting"
+        agent.started_at = time.monotonic()
+        agent.restart_at = None
+        agent.stats = None
+        log.debug("agent started, pid %s", proc.pid)
+
+    def _read_agent(self) -> None:
+        agent = self.agent
+        if agent is None or agent.conn is None:
+            return
+        try:
+            while agent.conn.poll():
+                self._on_agent_message(agent.conn.recv())
+        except (EOFError, OSError):
+            agent.conn.close()
+            agent.conn = None
+
+    def _on_agent_message(self, msg: Any) -> None:
+        agent = self.agent
+        assert agent is not None
+        kind = msg[0] if isinstance(msg, tuple) and msg else None
+        if kind == "ready":
+            agent.state = "ready"
+            agent.pid = int(msg[1])
+            agent.last_error = None
+            again = f" (restart {agent.restarts})" if agent.restarts else ""
+            log.info("agent ready%s: pid %d, %d connection(s)", again, agent.pid,
+                     len(agent.spec.connections))
+        elif kind == "error":
+            agent.last_error = str(msg[1])
+        elif kind == "ike_stats":
+            agent.stats = msg[1]
+        elif kind == "child_up" and len(msg) == 3 and isinstance(msg[2], ChildSA):
+            now = time.monotonic()
+            entries = childsas.current(self.up.get(str(msg[1]), []), now)
+            live = [n for n in entries if n.retire_at is None and n.child.spi_in != msg[2].spi_in]
+            # a successor takes over sending once the peer has surely installed its twin
+            start = now + childsas.SWITCH_AFTER if live else 0.0
+            self.up[str(msg[1])] = [n for n in entries if n.child.spi_in != msg[2].spi_in] + [
+                childsas.Negotiated(msg[2], start)]
+            self.apply_due = True
+        elif kind == "child_down" and len(msg) == 4:
+            now = time.monotonic()
+            entries = childsas.current(self.up.get(str(msg[1]), []), now)
+            if msg[3]:  # its inbound twin stays a moment for what the peer still sends
+                self.up[str(msg[1])] = [
+                    dataclasses.replace(n, retire_at=now + childsas.LINGER)
+                    if n.child.spi_in == msg[2] else n for n in entries]
+            else:
+                self.up[str(msg[1])] = [n for n in entries if n.child.spi_in != msg[2]]
+            self.apply_due = True
+
+    def _reap_agent(self) -> None:
+        agent = self.agent
+        assert agent is not None and agent.proc is not None
+        self._read_agent()
+        agent.proc.join(2.0)
+        if agent.proc.exitcode is None:
+            agent.proc.kill()
+            agent.proc.join(2.0)
+        code = agent.proc.exitcode
+        how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
+               else f"exit code {code}")
+        if agent.conn is not None:
+            agent.conn.close()
+        agent.proc = agent.conn = None
+        agent.stats = None
+        if self.state == "stopping":
+            agent.state = "stopped"
+            return
+        uptime = time.monotonic() - agent.started_at
+        if agent.state == "ready" and uptime >= STABLE_AFTER:
+            agent.backoff = BACKOFF_MIN
+        agent.state = "down"
+        delay = agent.backoff
+        agent.backoff = min(BACKOFF_MAX, agent.backoff * 2)
+        agent.restart_at = time.monotonic() + delay
+        why = f": {agent.last_error}" if agent.last_error else ""
+        log.warning("agent (pid %s) died, %s%s; its Child SAs are taken out (their traffic is "
+                    "dropped) and it restarts in %.1f s", agent.pid, how, why, delay)
+        if any(self.up.values()):
+            self.up = {}
+            self.apply_due = True
+
+    def _tick_agent(self) -> None:
+        agent = self.agent
+        if (agent is not None and agent.state == "down" and agent.restart_at is not None
+                and time.monotonic() >= agent.restart_at and self.state == "running"):
+            agent.restarts += 1
+            self._start_agent(agent)
+        due = childsas.next_change(self.up, self._applied_at)
+        if due is not None and time.monotonic() >= due:
+            self.apply_due = True  # a successor takes over sending, or a deleted SA retires
+        if self.apply_due and self.state == "running":
+            self._apply_negotiated()
+
+    def _apply_negotiated(self) -> None:
+        """Give the workers the Child SAs the agent has up (and take the gone ones away)."""
+        now = time.monotonic()
+        if now < self.apply_retry_at:
+            return
+        result = self.apply(childsas.effective(self.base, self.up, now), "negotiated SAs")
+        if result.get("changed"):
+            self.apply_due = False
+            self._applied_at = now
+            self.up = {name: childsas.current(entries, now) for name, entries in self.up.items()}
+        else:  # tried again in a second (a worker restarting, say); until then the policy of
+            # a new Child SA drops its traffic, and a gone one's SAs stay
+            self.apply_retry_at = time.monotonic() + 1.0
+
+    def _stop_agent(self) -> None:
+        agent = self.agent
+        if agent is None or agent.proc is None:
+            return
+        if agent.conn is not None:
+            with contextlib.suppress(OSError):
+                agent.conn.send(("stop",))
+        agent.proc.join(STOP_GRACE)
+        if agent.proc.exitcode is None:
+            agent.proc.terminate()
+            agent.proc.join(2.0)
+        if agent.proc.exitcode is None:
+            agent.proc.kill()
+            agent.proc.join(2.0)
+        if agent.conn is not None:
+            agent.conn.close()
+        agent.proc = agent.conn = None
+        agent.state = "stopped"
+
+    def _ask_agent(self, message: tuple[Any, ...], timeout: float = 5.0) -> dict[str, Any]:
+        """An ``ike`` request to the agent, answered ``("ike_done", ok, text)``; the agent's
+        other messages meanwhile are handled as usual."""
+        agent = self.agent
+        if agent is None:
+            return {"error": "no connection in the configuration names a policy: no agent runs"}
+        if agent.conn is None or agent.state != "ready":
+            return {"error": f"the agent is {agent.state}; try again once it is ready"}
+        try:
+            agent.conn.send(message)
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not agent.conn.poll(left):
+                    return {"error": "the agent did not answer"}
+                msg = agent.conn.recv()
+                if isinstance(msg, tuple) and msg and msg[0] == "ike_done":
+                    return {"ike": str(msg[2])} if msg[1] else {"error": str(msg[2])}
+                self._on_agent_message(msg)
+        except (EOFError, OSError):
+            return {"error": "the agent died"}
 
     # -- rules ----------------------------------------------------------------------------
     def _install_rules(self) -> None:
@@ -625,9 +846,11 @@ class Supervisor:
                 for slot in self.slots:
                     slot.stats = None
                     self._ask_stats(slot)
+                self._ask_agent_stats()
                 # the rule counters are read by a thread: the answer waits for it, not the loop
                 self._counters_wanted = self.counters.refresh(self.cfg) if self.rules_installed else 0
-                if not self._stats_asked and self.counters.done(self._counters_wanted):
+                if (not self._stats_asked and not self._agent_asked
+                        and self.counters.done(self._counters_wanted)):
                     return self.status()  # nothing to wait for
             waiter = Deferred(STATS_TIMEOUT)
             self._status_waiters.append(waiter)
@@ -640,9 +863,16 @@ class Supervisor:
             if self.state != "running":
                 return {"error": f"the daemon is {self.state}; reload once it runs", "changed": False}
             return self.reload()
+        if command == "ike":
+            action, name = req.get("action"), req.get("name")
+            if action not in ("initiate", "terminate") or not isinstance(name, str):
+                return {"error": "ike needs action initiate or terminate and a connection name"}
+            if self.state != "running":
+                return {"error": f"the daemon is {self.state}; try again once it runs"}
+            return self._ask_agent((action, name[:200]))
         # never echo what a client sent beyond a short string
         what = repr(command[:40]) if isinstance(command, str) else f"of type {type(command).__name__}"
-        return {"error": f"unknown command {what} (known: status, reload)"}
+        return {"error": f"unknown command {what} (known: status, reload, ike)"}
 
     # -- reload ---------------------------------------------------------------------------
     def _running_status(self) -> str:
@@ -667,7 +897,6 @@ class Supervisor:
         problem before the rules move changes nothing: the old configuration keeps running.
         Returns ``{"reloaded": summary, "changed": True}`` or ``{"error": ..., "problems":
         [...], "changed": False}``."""
-        from . import iptables, state
         from .config import load_config
         from .core.errors import ConfigError
 
@@ -675,6 +904,24 @@ class Supervisor:
             new = load_config(self.config_path)
         except ConfigError as err:
             return self._refuse("invalid configuration", err.problems)
+        if new.connections != self.base.connections:
+            return self._refuse("configuration not applied", [
+                "connection: a change of the [[connection]] sections (or of which policy one "
+                "carries) needs a restart; the keying agent is not reloaded yet"])
+        result = self.apply(childsas.effective(new, self.up, time.monotonic()), "configuration")
+        if result.get("changed"):
+            self.base = new
+        return result
+
+    def apply(self, new: Config, what: str) -> dict[str, Any]:
+        """Run ``new`` without a restart (a reloaded file, or the file with the negotiated Child
+        SAs): the workers that stay build their new processors first (SAs whose parameters did
+        not change go on with their sequence numbers and replay windows), workers for new
+        queues start and bind, then the rules move over in one transaction per table, then the
+        retired SAs and queues go. Any problem before the rules move changes nothing."""
+        from . import iptables, state
+
+        doing = "reload" if what == "configuration" else f"installing {what}"
         problems = reload_problems(self.cfg, new)
         fresh = [sa for sa in new.sas if sa not in self.cfg.sas]
         problems += [f"SA state: {p}" for p in state.check(new.daemon.state_dir, fresh)]
@@ -685,7 +932,7 @@ class Supervisor:
         problems += [f"worker for queue {s.queue} is {s.state}: reload once it is ready"
                      for s in self.slots if s.state != "ready"]
         if problems:
-            return self._refuse("configuration not applied", problems)
+            return self._refuse("configuration not applied", problems, doing)
         new_nums = [qc.num for qc in new.daemon.queues]
         kept = [s for s in self.slots if s.queue in new_nums]
         removed = [s for s in self.slots if s.queue not in new_nums]
@@ -700,7 +947,7 @@ class Supervisor:
             failed += self._start_added(added)
         if failed:
             self._undo_reload([s for s in kept if answers[s.queue][0]], added)
-            return self._refuse("configuration not applied", failed)
+            return self._refuse("configuration not applied", failed, doing)
         # 3. the rules move over
         try:
             iptables.install(new)
@@ -711,7 +958,8 @@ class Supervisor:
                 left = "the old rules are back in place"
             except iptables.RulesError:
                 left = "the old rules could not be restored: check `nfq-ipsec rules show`"
-            return self._refuse("configuration not applied", [f"installing the rules: {err}", left])
+            return self._refuse("configuration not applied", [f"installing the rules: {err}", left],
+                                doing)
         # 4. the retired SAs and queues go
         self._ask(kept, lambda s: ("commit",), "committed")
         by_num = {qc.num: qc for qc in new.daemon.queues}
@@ -725,11 +973,11 @@ class Supervisor:
         if removed:
             summary += f"; queue(s) {', '.join(str(s.queue) for s in removed)} stopped"
         self.cfg = new
-        log.info("configuration reloaded: %s", summary or "nothing changed")
+        log.info("%s applied: %s", what, summary or "nothing changed")
         return {"reloaded": summary, "changed": True}
 
-    def _refuse(self, what: str, problems: list[str]) -> dict[str, Any]:
-        log.error("reload refused, the running configuration stays: %s", "; ".join(problems))
+    def _refuse(self, what: str, problems: list[str], doing: str = "reload") -> dict[str, Any]:
+        log.error("%s refused, the running configuration stays: %s", doing, "; ".join(problems))
         return {"error": f"{what}; the running configuration stays", "problems": problems,
                 "changed": False}
 
@@ -807,13 +1055,39 @@ class Supervisor:
             except OSError:
                 pass
 
+    def _ask_agent_stats(self) -> None:
+        agent = self.agent
+        self._agent_asked = False
+        if agent is None:
+            return
+        agent.stats = None
+        if agent.state == "ready" and agent.conn is not None:
+            try:
+                agent.conn.send(("stats",))
+                self._agent_asked = True
+            except OSError:
+                pass
+
+    def _ike_report(self) -> IkeReport | None:
+        agent = self.agent
+        if agent is None:
+            return None
+        running = agent.state in ("starting", "ready")
+        return {"state": agent.state, "pid": agent.pid if running else None,
+                "restarts": agent.restarts, "last_error": agent.last_error,
+                "connections": agent.stats}
+
     def _answer_status(self) -> None:
         """Give the waiting status requests their answer once every worker asked has sent its
         counters (or died), or at the deadline: one slow worker must not make the others look
         unresponsive, nor hold the answer longer than ``STATS_TIMEOUT``."""
         if not self._status_waiters:
             return
-        waiting = [s for s in self._stats_asked if s.stats is None and s.conn is not None]
+        waiting: list[object] = [s for s in self._stats_asked if s.stats is None and s.conn is not None]
+        agent = self.agent
+        if (self._agent_asked and agent is not None and agent.stats is None
+                and agent.conn is not None):
+            waiting.append(agent)
         if ((waiting or not self.counters.done(self._counters_wanted))
                 and time.monotonic() < self._stats_deadline):
             return
@@ -822,6 +1096,7 @@ class Supervisor:
             waiter.response = answer
         self._status_waiters = []
         self._stats_asked = []
+        self._agent_asked = False
 
     def _kernel_drops(self, now: float) -> tuple[dict[str, int] | None, float | None, list[str]]:
         """What our own DROP rules dropped (cleartext where ESP is required, no policy...), as
@@ -917,15 +1192,17 @@ class Supervisor:
             "control_errors": self.control.errors,
             "control_clients": self.control.clients,
         }
+        ike = self._ike_report()
         return {
             "taken_at": datetime.fromtimestamp(taken, UTC).isoformat(timespec="milliseconds"),
             "taken_at_epoch": taken,
             "kernel_drops": kdrops,
             "kernel_drops_age": round(kage, 3) if kdrops is not None and kage is not None else None,
-            "warnings": warnings(workers) + kwarn,
+            "warnings": warnings(workers) + kwarn + ike_warnings(ike),
             "daemon": daemon,
             "workers": workers,
             "sas": sas,
+            "ike": ike,
         }
 
 
@@ -987,6 +1264,21 @@ def warnings(workers: list[WorkerReport]) -> list[str]:
         if kq or ku:
             out.append(f"queue {q}: the kernel dropped {kq} packet(s) with the queue full and {ku} "
                        "with the socket buffer full: the worker can't keep up")
+    return out
+
+
+def ike_warnings(ike: IkeReport | None) -> list[str]:
+    """The agent down, and each connection without a Child SA (its traffic is dropped)."""
+    if ike is None:
+        return []
+    if ike["state"] != "ready":
+        return [f"keying agent {ike['state']}: no connection carries traffic until it is ready"
+                + (f" ({ike['last_error']})" if ike["last_error"] else "")]
+    out = []
+    for conn in ike["connections"] or []:
+        if not any(sa["children"] for sa in conn["ike_sas"]):
+            out.append(f"connection {conn['name']}: no Child SA up; its policy's traffic is "
+                       "dropped" + (f" (last: {conn['last']})" if conn["last"] else ""))
     return out
 
 

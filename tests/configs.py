@@ -205,8 +205,32 @@ def toml_text(data: dict[str, Any]) -> str:
     for section in ("node", "daemon"):
         out.append(f"[{section}]")
         out += [f"{k} = {val(v)}" for k, v in data.get(section, {}).items() if v is not None]
-    for section in ("policy", "sa"):
+    for section in ("policy", "sa", "connection"):
         for item in data.get(section, []):
             out.append(f"[[{section}]]")
             out += [f"{k} = {val(v)}" for k, v in item.items()]
     return "\n".join(out) + "\n"
+
+
+PSK = "a pre-shared key of some length"
+
+
+def write_psk(directory: Path, name: str = "peer.psk", text: str = PSK, mode: int = 0o600) -> Path:
+    """A PSK file beside the config (``psk_file = name``), with the mode asked for."""
+    path = directory / name
+    path.write_text(text + "\n")
+    path.chmod(mode)
+    return path
+
+
+def connection_data(directory: Path, **conn: Any) -> dict[str, Any]:
+    """A gateway 192.0.2.1 whose LAN 10.1.0.0/24 reaches 10.2.0.0/24 behind 192.0.2.2 through an
+    IKEv2 connection "site" (PSK in ``directory``), beside ``host_data``'s static SAs."""
+    write_psk(directory)
+    data = host_data()
+    data["node"]["role"] = "gateway"
+    data["policy"].append({"name": "lans", "action": "protect", "local": "10.1.0.0/24",
+                           "remote": "10.2.0.0/24", "connection": "site"})
+    data["connection"] = [{"name": "site", "local": "192.0.2.1", "remote": "192.0.2.2",
+                           "psk_file": "peer.psk", **conn}]
+    return data

@@ -163,12 +163,14 @@ class Pair:
 
 
 @contextlib.contextmanager
-def make_pair(tag: str) -> Iterator[Pair]:
+def make_pair(tag: str, prefix: str = PREFIX) -> Iterator[Pair]:
     """Two namespaces and a veth pair (MTU 9000), removed on every exit path. Both get a
-    foreign ACCEPT rule in the tables we touch: it must survive everything we do."""
-    with Lab(prefix=PREFIX) as lab:
+    foreign ACCEPT rule in the tables we touch: it must survive everything we do. ``prefix``
+    starts the namespaces' names (and, when it is not the default, the veths')."""
+    with Lab(prefix=prefix) as lab:
         a, b = lab.netns(f"{tag}a", ipv6=True), lab.netns(f"{tag}b", ipv6=True)
-        va, vb = f"v{tag}a", f"v{tag}b"
+        v = "v" if prefix == PREFIX else f"{prefix}{os.getpid() % 100000}"
+        va, vb = f"{v}{tag}a", f"{v}{tag}b"
         lab.veth(a, va, b, vb)
         for ns, ifname, addr in ((a, va, ADDR_A), (b, vb, ADDR_B)):
             ns.ip("link", "set", ifname, "mtu", "9000")

@@ -23,6 +23,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         "warnings": "array of strings",
         "workers": "array of objects",
         "sas": "array of objects",
+        "ike": "object or null",
     },
     "daemon": {
         "pid": "integer",
@@ -79,7 +80,44 @@ GOLDEN: dict[str, dict[str, str]] = {
         "bytes": "integer or null",
         "seconds": "number or null",
     },
+    "ike": {
+        "state": "string",
+        "pid": "integer or null",
+        "restarts": "integer",
+        "last_error": "string or null",
+        "connections": "array of objects or null",
+    },
+    "ike.connections[]": {
+        "name": "string",
+        "local": "string",
+        "remote": "string",
+        "start_action": "string",
+        "last": "string or null",
+        "ike_sas": "array of objects",
+    },
+    "ike.connections[].ike_sas[]": {
+        "spi_i": "string",
+        "spi_r": "string",
+        "role": "string",
+        "state": "string",
+        "ike": "string or null",
+        "nat": "boolean",
+        "port": "integer",
+        "established": "number or null",
+        "rekey_in": "number or null",
+        "children": "array of objects",
+    },
+    "ike.connections[].ike_sas[].children[]": {
+        "spi_in": "string",
+        "spi_out": "string",
+        "esp": "string",
+        "udp_encap": "boolean",
+        "rekey_in": "number or null",
+    },
 }
+
+# The levels of a daemon without a [[connection]] (its ``ike`` is null).
+WITHOUT_IKE = frozenset(path for path in GOLDEN if path != "ike" and not path.startswith("ike."))
 
 
 NULL = " or null"

@@ -51,6 +51,10 @@ def summary(cfg: Config) -> str:
             f"  [{i}] {pol.name:<16} {pol.direction.value:<4} {pol.action.value:<8} "
             f"{pol.selector.describe()}"
         )
+        conn = cfg.policy_connection(pol)
+        if conn is not None:
+            lines.append(f"        both via connection {conn.name} (negotiated Child SAs; "
+                         "dropped until one is up)")
         if pol.action is Action.PROTECT:
             for name in pol.sa_names:
                 sa = sa_by_name[name]
@@ -75,6 +79,15 @@ def summary(cfg: Config) -> str:
             f"  {sa.name:<16} {sa.direction.value:<3} spi 0x{sa.spi:08x} queue {sa.queue} "
             f"{sa.mode.value}{tunnel} {alg}{window} esn {'on' if sa.esn else 'off'}{udp}"
         )
+    if cfg.connections:
+        lines.append("connections (IKEv2, pre-shared key):")
+    for c in cfg.connections:
+        timers = ", ".join(f"{what} {value:g} s" if value else f"no {what}" for what, value in (
+            ("rekey", c.rekey_time), ("IKE rekey", c.ike_rekey_time), ("dpd", c.dpd_delay)))
+        lines.append(
+            f"  {c.name:<16} {fmt_addr(c.local)} ({c.local_id}) <-> {fmt_addr(c.remote)} "
+            f"({c.remote_id}) ike {c.ike} esp {c.esp} {c.mode.value}"
+            f"{' in UDP' if c.encap else ''}; start {c.start_action}; {timers}")
     return "\n".join(lines)
 
 

@@ -90,7 +90,7 @@ def check_policies(
                 out_queues.append(sa.queue)
         _check_following(pol, [by_name[n] for n in pol.sa_names if n in by_name], where, probs)
         _check_udp_family(pol, [by_name[n] for n in pol.sa_names if n in by_name], where, probs)
-        if pol.action is Action.PROTECT and all(n in by_name for n in pol.sa_names):
+        if pol.action is Action.PROTECT and pol.sa_names and all(n in by_name for n in pol.sa_names):
             dirs = {by_name[n].direction for n in pol.sa_names if n in by_name}
             if pol.direction.covers(True) and SADirection.OUT not in dirs:
                 probs.add(f"{where}.sa", "protects outbound traffic but lists no outbound SA")

@@ -169,6 +169,9 @@ POLICY = Section("policy", "[[policy]]", "The SPD (RFC 4301 section 4.4.1), in o
     Field("sa", "array of strings", "`protect`: its SAs, at most one outbound per queue, and the "
           "inbound ones; an SA serves one policy", default=_POLICY["sa_names"],
           allowed="names of `[[sa]]`", parser=parsers.sa_names),
+    Field("connection", STRING, "`protect`, instead of `sa`: the connection whose negotiated "
+          "Child SAs carry it (its selectors are the traffic selectors); until one is up its "
+          "traffic is dropped", default_text="none", allowed="the name of a `[[connection]]`"),
 ))
 
 _KEY = "hex; AEADs: the key, then the 4-byte salt"
@@ -250,5 +253,59 @@ LIFETIME = Section("lifetime", "[sa.lifetime]", "An SA's limits, under its `[[sa
     *_limit("seconds", NUMBER, "seconds"),
 ))
 
-TOP_LEVEL = (NODE, DAEMON, POLICY, SA)  # the sections a file may have
-SECTIONS = (*TOP_LEVEL, LIFETIME)  # every table, in the reference's order
+DEFAULT_IKE_PROPOSAL = "aes128gcm16-prfsha256-x25519"
+DEFAULT_ESP_PROPOSAL = "aes128gcm16"
+DEFAULT_REKEY_TIME = 3600.0
+DEFAULT_IKE_REKEY_TIME = 14400.0
+DEFAULT_DPD_DELAY = 30.0
+REKEY_RANGE = (10.0, 86400.0 * 7)  # or 0: never
+DPD_RANGE = (1.0, 3600.0)  # or 0: no liveness checks
+_PROPOSAL = ("words joined by `-` in strongSwan's spelling; RFC 8247's algorithms only "
+             "(`aes128gcm16`, `aes256gcm16`, `chacha20poly1305`, `aes128`/`aes256` with `sha256`, "
+             "`sha384`, `sha512`; `prfsha256`...; `x25519`, `ecp256`, `ecp384`)")
+
+CONNECTION = Section("connection", "[[connection]]", "IKEv2 connections (RFC 7296): the keying "
+                     "agent negotiates their Child SAs, which carry the `protect` policies that "
+                     "name them, beside the static `[[sa]]`s.", (
+    Field("name", STRING, "names the connection in policies, messages, status and `nfq-ipsec "
+          "ike`", required=True),
+    Field("local", STRING, "this end's address: IKE's and the ESP's", required=True,
+          allowed="an IPv4 or IPv6 address", parser=parsers.address),
+    Field("remote", STRING, "the peer's address", required=True,
+          allowed="an IPv4 or IPv6 address of `local`'s family", parser=parsers.address),
+    Field("local_id", STRING, "our identity (IKE ID payload)", default_text="`local`",
+          allowed="an IP address, or a name (FQDN)"),
+    Field("remote_id", STRING, "the identity the peer must prove", default_text="`remote`",
+          allowed="an IP address, or a name (FQDN)"),
+    Field("auth", STRING, "how both ends authenticate: a pre-shared key", default="psk",
+          choices={"psk": "psk"}),
+    Field("psk_file", STRING, "a file holding the pre-shared key (its text; a trailing newline "
+          "is not part of it; `0x` and hex for bytes); relative to this file; mode 0600 or "
+          "stricter", required=True, allowed="at least 16 bytes of key", parser=parsers.psk),
+    Field("ike", STRING, "the IKE SA's proposal", default=DEFAULT_IKE_PROPOSAL,
+          allowed=_PROPOSAL + "; a DH group is required"),
+    Field("esp", STRING, "the Child SAs' proposal (a DH group in it: PFS on rekeys)",
+          default=DEFAULT_ESP_PROPOSAL, allowed=_PROPOSAL),
+    Field("mode", STRING, "the Child SAs' mode: `tunnel` between `local` and `remote`, or "
+          "`transport`", default=Mode.TUNNEL, choices=_enum_choices(Mode)),
+    Field("start_action", STRING, "`start`: the agent initiates when the daemon starts; `none`: "
+          "it waits for the peer (or `nfq-ipsec ike initiate`)", default="none",
+          choices={"start": "start", "none": "none"}),
+    Field("rekey_time", NUMBER, "seconds before a Child SA is rekeyed (up to 10 % early)",
+          default=DEFAULT_REKEY_TIME, bounds=REKEY_RANGE,
+          allowed=f"0 (never) or {REKEY_RANGE[0]:g}..{REKEY_RANGE[1]:g} seconds",
+          parser=parsers.seconds_or_off),
+    Field("ike_rekey_time", NUMBER, "seconds before the IKE SA is rekeyed (up to 10 % early)",
+          default=DEFAULT_IKE_REKEY_TIME, bounds=REKEY_RANGE,
+          allowed=f"0 (never) or {REKEY_RANGE[0]:g}..{REKEY_RANGE[1]:g} seconds",
+          parser=parsers.seconds_or_off),
+    Field("dpd_delay", NUMBER, "seconds without a word from the peer before a liveness check",
+          default=DEFAULT_DPD_DELAY, bounds=DPD_RANGE,
+          allowed=f"0 (none) or {DPD_RANGE[0]:g}..{DPD_RANGE[1]:g} seconds",
+          parser=parsers.seconds_or_off),
+    Field("encap", BOOLEAN, "carry the ESP in UDP 4500 even without a NAT (IPv4 only); a NAT "
+          "found by IKE does it anyway", default=False),
+))
+
+TOP_LEVEL = (NODE, DAEMON, POLICY, SA, CONNECTION)  # the sections a file may have
+SECTIONS = (NODE, DAEMON, POLICY, SA, LIFETIME, CONNECTION)  # every table, in the reference's order

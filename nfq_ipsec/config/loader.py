@@ -23,8 +23,9 @@ from ..core.errors import ConfigError
 from ..core.sa import SAParams
 from ..core.spd import Policy
 from . import checks
+from .connections import check_connections, link_policies, read_connection
 from .fields import TOP_LEVEL
-from .model import Config
+from .model import Config, ConnectionConfig
 from .node import read_daemon, read_node
 from .policies import read_policy
 from .reading import Problems, array, table
@@ -85,6 +86,14 @@ def parse_config(
             policies.append(pol)
     raw_sa_names = {raw["name"] for raw in raw_sas if isinstance(raw.get("name"), str)}
     checks.check_policies(raw_policies, policies, sas, raw_sa_names, probs)
+    raw_conns = array(data, "connection", probs)
+    conns: list[ConnectionConfig] = []
+    for i, raw in enumerate(raw_conns):
+        conn = read_connection(raw, f"connection[{i}]", base_dir, probs)
+        if conn is not None:
+            conns.append(conn)
+    check_connections(raw_conns, probs)
+    conns = link_policies(raw_policies, policies, raw_conns, conns, probs)
     checks.check_idle_queues([qc.num for qc in daemon.queues] if daemon else [], sas, probs)
     if inline_keys and path is not None:
         try:
@@ -98,4 +107,5 @@ def parse_config(
             )
     if probs.items:
         raise ConfigError(probs.items)
-    return Config(node, daemon, tuple(policies), tuple(sas), path, tuple(probs.warnings))
+    return Config(node, daemon, tuple(policies), tuple(sas), path, tuple(probs.warnings),
+                  tuple(conns))

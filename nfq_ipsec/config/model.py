@@ -7,11 +7,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core.sa import SADirection, SAParams
+from ..core.sa import Mode, SADirection, SAParams, Secret
 from ..core.spd import SPD, Action, Policy
+from ..ike.proposal import SAPayload
 from .fields import (
     DEFAULT_BUSY_POLL,
     DEFAULT_CHAIN_PREFIX,
+    DEFAULT_DPD_DELAY,
+    DEFAULT_ESP_PROPOSAL,
+    DEFAULT_IKE_PROPOSAL,
+    DEFAULT_IKE_REKEY_TIME,
     DEFAULT_IPTABLES,
     DEFAULT_IPV6_ND,
     DEFAULT_LOG_LEVEL,
@@ -21,6 +26,7 @@ from .fields import (
     DEFAULT_MTU,
     DEFAULT_NODE_ACTION,
     DEFAULT_QUEUE_BASE,
+    DEFAULT_REKEY_TIME,
     DEFAULT_ROLE,
     DEFAULT_SOCKET,
     DEFAULT_STATE_DIR,
@@ -31,7 +37,8 @@ from .fields import (
 # The constants this module always had stay importable from it (the lab and tests use them).
 __all__ = [
     "DEFAULT_MARK", "DEFAULT_QUEUE_BASE", "DEFAULT_SOCKET", "DEFAULT_STATE_DIR",
-    "DEFAULT_WATCHDOG", "WATCHDOG_RANGE", "Config", "DaemonConfig", "NodeConfig", "QueueConfig",
+    "DEFAULT_WATCHDOG", "WATCHDOG_RANGE", "Config", "ConnectionConfig", "DaemonConfig",
+    "NodeConfig", "QueueConfig",
 ]
 
 
@@ -70,6 +77,31 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class ConnectionConfig:
+    """One ``[[connection]]``: what the keying agent negotiates for the policy that names it.
+    Addresses are the core's ints (IPv6 with the marker bit); the PSK never shows in a repr."""
+
+    name: str
+    local: int
+    remote: int
+    local_id: str
+    remote_id: str
+    psk: Secret
+    ike_proposal: SAPayload  # ``ike`` and ``esp`` parsed
+    esp_proposal: SAPayload
+    ike: str = DEFAULT_IKE_PROPOSAL  # the proposal strings as written
+    esp: str = DEFAULT_ESP_PROPOSAL
+    auth: str = "psk"
+    mode: Mode = Mode.TUNNEL
+    start_action: str = "none"  # "start" or "none"
+    rekey_time: float = DEFAULT_REKEY_TIME  # the Child SAs'; 0: never
+    ike_rekey_time: float = DEFAULT_IKE_REKEY_TIME
+    dpd_delay: float = DEFAULT_DPD_DELAY
+    encap: bool = False
+    policy: str = ""  # the protect policy that names it ("" if none does)
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig
     daemon: DaemonConfig
@@ -77,6 +109,20 @@ class Config:
     sas: tuple[SAParams, ...]
     path: Path | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    connections: tuple[ConnectionConfig, ...] = ()
+
+    def connection(self, name: str) -> ConnectionConfig:
+        for conn in self.connections:
+            if conn.name == name:
+                return conn
+        raise KeyError(name)
+
+    def policy_connection(self, policy: Policy) -> ConnectionConfig | None:
+        """The connection whose Child SAs carry ``policy`` (None: its SAs are static)."""
+        for conn in self.connections:
+            if conn.policy == policy.name:
+                return conn
+        return None
 
     @property
     def spd(self) -> SPD:

@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import hardening
 from ..core.ipv6 import V6
-from ..core.sa import Lifetime
+from ..core.sa import Lifetime, Secret
 from ..core.spd import Network
 from .reading import Problems, get
 from .schema import Field, Section
@@ -23,6 +23,7 @@ from .schema import Field, Section
 MAX_KEY_FILE = 4096  # bytes; a key file holds one hex key (and maybe whitespace)
 PROTOCOLS = {"any": None, "icmp": 1, "ipv6-icmp": 58, "tcp": 6, "udp": 17, "sctp": 132, "gre": 47}
 ICMP_BY_FAMILY = {4: 1, 6: 58}  # the ICMP of each address family: "icmp" and "ipv6-icmp"
+MIN_PSK = 16  # bytes: a shorter pre-shared key falls to an offline guess of the AUTH value
 
 
 # -- checks of an accepted value: a problem, or None ---------------------------------------------
@@ -190,6 +191,52 @@ def key(
         return hex_bytes(text, f"{where}.{file_key}", probs)
     probs.add(f"{where}.{key}", f"required ({key} = \"hex\" or {file_key} = \"path\")")
     return None
+
+
+# -- [[connection]] ------------------------------------------------------------------------------
+
+def psk(raw: dict[str, Any], where: str, base_dir: Path | None, probs: Problems) -> Secret | None:
+    """The key of ``psk_file``, read like a key file: its text, a trailing newline not part of
+    it, or ``0x`` and hex for bytes. Nothing about its content is ever quoted."""
+    if "psk" in raw:
+        probs.add(f"{where}.psk", "a pre-shared key is never written in the configuration; put "
+                  "it in a file of its own (mode 0600) and name it with psk_file")
+    name = get(raw, "psk_file", where, str, probs)
+    if name is None:
+        if "psk_file" not in raw:
+            probs.add(f"{where}.psk_file", "required (auth = \"psk\")")
+        return None
+    path = Path(name)
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    try:
+        data = hardening.read_checked(path, MAX_KEY_FILE, forbid=0o077, fix="run chmod 600 on it")
+    except hardening.UnsafeFileError as err:
+        probs.add(f"{where}.psk_file", str(err))
+        return None
+    except OSError as err:
+        probs.add(f"{where}.psk_file", f"{path}: {err.strerror}")
+        return None
+    except ValueError:  # a NUL byte in the name
+        probs.add(f"{where}.psk_file", "not a usable file name")
+        return None
+    if data.endswith(b"\r\n"):
+        data = data[:-2]
+    elif data.endswith(b"\n"):
+        data = data[:-1]
+    if data[:2].lower() == b"0x":
+        try:
+            key = bytes.fromhex(data[2:].decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            probs.add(f"{where}.psk_file", f"{path}: starts with 0x but is not hex")
+            return None
+    else:
+        key = data
+    if len(key) < MIN_PSK:
+        probs.add(f"{where}.psk_file", f"{path}: the key is {len(key)} bytes; at least {MIN_PSK} "
+                  "(a short pre-shared key can be guessed offline from one exchange)")
+        return None
+    return Secret(key)
 
 
 def hex_bytes(text: str, where: str, probs: Problems) -> bytes | None:

@@ -35,10 +35,18 @@ def read_policy(raw: dict[str, Any], where: str, probs: Problems) -> Policy | No
         probs.add(f"{where}.icmp_type", "icmp_type/icmp_code need protocol = \"icmp\" (IPv4) "
                   "or \"ipv6-icmp\" (IPv6)")
     sa_names = parsers.sa_names(raw, where, probs)
-    if action is Action.PROTECT and not sa_names:
-        probs.add(f"{where}.sa", "a protect policy needs at least one SA")
+    connection = POLICY["connection"].read(raw, where, probs)
+    if connection is not None and not connection:
+        probs.add(f"{where}.connection", "must name a [[connection]]")
+    if action is Action.PROTECT and sa_names and connection:
+        probs.add(f"{where}.connection", "give sa or connection, not both (a connection's "
+                  "policy is carried by the Child SAs it negotiates)")
+    elif action is Action.PROTECT and not sa_names and connection is None:
+        probs.add(f"{where}.sa", "a protect policy needs at least one SA, or a connection")
     if action is not None and action is not Action.PROTECT and sa_names:
         probs.add(f"{where}.sa", f"a {action.value} policy takes no SAs")
+    if action is not None and action is not Action.PROTECT and connection is not None:
+        probs.add(f"{where}.connection", f"a {action.value} policy takes no connection")
     if len(probs.items) != before:
         return None
     assert name is not None

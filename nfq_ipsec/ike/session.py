@@ -221,6 +221,16 @@ class IkeSession:
         return out
 
     @property
+    def rekey_due(self) -> float:
+        """When this IKE SA is to be rekeyed, in the shell's time (0: never)."""
+        return self._ike_due
+
+    @property
+    def child_rekeys_due(self) -> dict[int, float]:
+        """When each Child SA (by inbound SPI) is to be rekeyed, in the shell's time (0: never)."""
+        return dict(self._child_due)
+
+    @property
     def busy(self) -> bool:
         """A request of ours is under way or queued."""
         return self._pending is not None or bool(self._queue)

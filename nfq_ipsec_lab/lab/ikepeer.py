@@ -25,62 +25,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nfq_ipsec.ike import selectors
+from nfq_ipsec.agent import identity
+from nfq_ipsec.ike import proposal_text, selectors
 from nfq_ipsec.ike.child import ChildSA
-from nfq_ipsec.ike.message import IdPayload, IdType
-from nfq_ipsec.ike.proposal import Encr, Group, Integ, Prf, Proposal, Protocol, SAPayload, Transform
+from nfq_ipsec.ike.proposal import Protocol, SAPayload
 from nfq_ipsec.ike.session import IKE_PORT, NAT_T_PORT, IkeSession, Output, PeerConfig, Role, State
 
 MARKER = bytes(4)
-_ENCR = {"aes128gcm16": (Encr.AES_GCM_16, 128), "aes192gcm16": (Encr.AES_GCM_16, 192),
-         "aes256gcm16": (Encr.AES_GCM_16, 256), "chacha20poly1305": (Encr.CHACHA20_POLY1305, None),
-         "aes128": (Encr.AES_CBC, 128), "aes192": (Encr.AES_CBC, 192), "aes256": (Encr.AES_CBC, 256)}
-_INTEG = {"sha256": Integ.HMAC_SHA2_256_128, "sha384": Integ.HMAC_SHA2_384_192,
-          "sha512": Integ.HMAC_SHA2_512_256}
-_PRF = {"prfsha256": Prf.HMAC_SHA2_256, "prfsha384": Prf.HMAC_SHA2_384, "prfsha512": Prf.HMAC_SHA2_512}
-_DH = {"x25519": Group.CURVE25519, "curve25519": Group.CURVE25519, "ecp256": Group.ECP_256,
-       "ecp384": Group.ECP_384}
 
 
 def parse_proposal(text: str, protocol: Protocol) -> SAPayload:
-    """One proposal from a strongSwan-style string. ESP gets ESN "no" unless ``esn`` is named."""
-    ts: list[Transform] = []
-    esn = False
-    for word in text.split("-"):
-        if word in _ENCR:
-            ts.append(Transform(1, _ENCR[word][0], _ENCR[word][1]))
-        elif word in _INTEG:
-            ts.append(Transform(3, _INTEG[word]))
-        elif word in _PRF:
-            ts.append(Transform(2, _PRF[word]))
-        elif word in _DH:
-            ts.append(Transform(4, _DH[word]))
-        elif word in ("esn", "noesn"):
-            esn = word == "esn"
-        else:
-            raise ValueError(f"unknown proposal keyword {word!r} in {text!r}")
-    if protocol is Protocol.IKE and not any(t.type == 2 for t in ts):
-        integ = next((t for t in ts if t.type == 3), None)
-        if integ is None:
-            raise ValueError(f"{text!r}: an AEAD IKE proposal needs a prf")
-        ts.append(Transform(2, {12: Prf.HMAC_SHA2_256, 13: Prf.HMAC_SHA2_384,
-                                14: Prf.HMAC_SHA2_512}[integ.id]))
-    if protocol is Protocol.ESP:
-        ts.append(Transform(5, 1 if esn else 0))
-    return SAPayload((Proposal(1, protocol, b"", tuple(ts)),))
-
-
-def _ident(text: str) -> IdPayload:
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        return IdPayload(IdType.FQDN, text.encode())
-    return IdPayload(IdType.IPV4_ADDR if ip.version == 4 else IdType.IPV6_ADDR, ip.packed)
+    """One proposal from a strongSwan-style string (``nfq_ipsec.ike.proposal_text``)."""
+    return proposal_text.parse(text, protocol)
 
 
 def peer_config(c: dict[str, Any]) -> PeerConfig:
     return PeerConfig(
-        local_id=_ident(c["local_id"]), remote_id=_ident(c["remote_id"]),
+        local_id=identity(c["local_id"]), remote_id=identity(c["remote_id"]),
         psk=bytes.fromhex(c["psk_hex"]),
         ike_proposals=parse_proposal(c["ike"], Protocol.IKE),
         esp_proposals=parse_proposal(c["esp"], Protocol.ESP),

@@ -16,6 +16,7 @@ from repo import ROOT
 
 from nfq_ipsec.config import Config, DaemonConfig, NodeConfig, parse_config, reference
 from nfq_ipsec.config.fields import DAEMON, LIFETIME, SA, SECTIONS
+from nfq_ipsec.config.model import ConnectionConfig
 from nfq_ipsec.config.schema import Field, Section
 from nfq_ipsec.core.errors import ConfigError
 from nfq_ipsec.core.sa import Lifetime, SAParams
@@ -29,17 +30,30 @@ DELETE = object()  # in an edit: remove this key
 
 # Where each section sits in the document base() makes, and the model class(es) it fills.
 WHERE = {"node": "node", "daemon": "daemon", "policy": "policy[0]", "sa": "sa[0]",
-         "lifetime": "sa[0].lifetime"}
+         "lifetime": "sa[0].lifetime", "connection": "connection[0]"}
 MODELS: dict[str, tuple[type, ...]] = {
     "node": (NodeConfig,), "daemon": (DaemonConfig,), "policy": (Policy, Selector),
-    "sa": (SAParams,), "lifetime": (Lifetime,),
+    "sa": (SAParams,), "lifetime": (Lifetime,), "connection": (ConnectionConfig,),
 }
-ATTR = {("node", "default"): "default_action", ("policy", "sa"): "sa_names"}  # else the name
-NOT_FIELDS = {"selector"}  # Policy.selector: the selector fields themselves are the fields
-READ_INTO_OTHERS = {("daemon", "cpus"), ("sa", "key_file"), ("sa", "integrity_key_file")}
+ATTR = {("node", "default"): "default_action", ("policy", "sa"): "sa_names",
+        ("connection", "psk_file"): "psk"}  # else the name
+# Policy.selector: the selector fields themselves are the fields; a connection's proposals are
+# its ike and esp parsed, its policy the one whose connection field names it
+NOT_FIELDS = {"selector", "ike_proposal", "esp_proposal", "policy"}
+READ_INTO_OTHERS = {("daemon", "cpus"), ("sa", "key_file"), ("sa", "integrity_key_file"),
+                    ("policy", "connection")}
 # Defaults that the loader works out (the reference says how); the model has a placeholder.
 COMPUTED = {("daemon", "queues"), ("sa", "queue"), ("sa", "key"), ("sa", "integrity_key"),
-            ("sa", "lifetime")}
+            ("sa", "lifetime"), ("connection", "local_id"), ("connection", "remote_id")}
+PSK_FILE: list[Path] = []  # the base's connection's pre-shared key, made once
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _psk_file(tmp_path_factory: pytest.TempPathFactory) -> None:
+    path = tmp_path_factory.mktemp("psk") / "base.psk"
+    path.write_text("the base's pre-shared key\n")
+    path.chmod(0o600)
+    PSK_FILE[:] = [path]
 
 
 def base() -> dict[str, Any]:
@@ -53,6 +67,8 @@ def base() -> dict[str, Any]:
             {"name": "in0", "direction": "in", "spi": 0x2000, "encryption": "aes-gcm-128",
              "key": KEY20B},
         ],
+        "connection": [{"name": "c", "local": "192.0.2.1", "remote": "192.0.2.2",
+                        "psk_file": str(PSK_FILE[0])}],
     }
 
 
@@ -72,6 +88,7 @@ def model_value(cfg: Config, section: str, attr: str) -> Any:
         "node": cfg.node, "daemon": cfg.daemon, "sa": cfg.sas[0] if cfg.sas else None,
         "lifetime": cfg.sas[0].lifetime if cfg.sas else None,
         "policy": cfg.policies[0] if cfg.policies else None,
+        "connection": cfg.connections[0] if cfg.connections else None,
     }[section]
     if section == "policy" and not hasattr(obj, attr):
         obj = obj.selector
@@ -170,6 +187,7 @@ ACCEPTED: dict[str, list[dict[str, Any]]] = {
         {"protocol": "tcp", "local_ports": 22, "remote_ports": "1024-65535"},
         {"protocol": 132, "remote_ports": "5000"},
         {"protocol": "icmp", "icmp_type": 8, "icmp_code": 0}, {"sa": ["in0", "out0"]},
+        {"connection": "c"},
     ],
     "sa": [
         {"name": "o"}, {"spi": 0xFFFFFFFF}, {"direction": "out"}, {"queue": 101},
@@ -184,6 +202,13 @@ ACCEPTED: dict[str, list[dict[str, Any]]] = {
         {"encapsulation": "udp", "udp_source_port": 4501, "udp_destination_port": 1024,
          "peer_change": "follow", "keepalive": 5.0},
         {"encapsulation": "udp", "keepalive": 0.0},
+    ],
+    "connection": [
+        {"name": "other"}, {"local": "2001:db8::1", "remote": "2001:db8::2"},
+        {"local_id": "a.example", "remote_id": "192.0.2.9"}, {"auth": "psk"},
+        {"psk_file": "k.psk"}, {"ike": "aes256-sha512-ecp384"}, {"esp": "chacha20poly1305-esn"},
+        {"mode": "transport"}, {"start_action": "start"}, {"rekey_time": 0, "dpd_delay": 0},
+        {"ike_rekey_time": 60.5, "dpd_delay": 1}, {"encap": True},
     ],
     "lifetime": [
         {"soft_packets": 1, "hard_packets": 2}, {"soft_bytes": 1000, "hard_bytes": 2000},
@@ -215,11 +240,15 @@ def test_every_field_is_accepted(tmp_path: Path, section: str, edit: dict[str, A
             target[key] = value
     if section == "sa" and "name" in edit:
         doc["policy"][0]["sa"] = [edit["name"], "in0"]
+    if section == "policy" and "connection" in edit:
+        doc["policy"][0].pop("sa")
+    (tmp_path / "k.psk").write_text("another pre-shared key")
+    (tmp_path / "k.psk").chmod(0o600)
     cfg = parse_config(doc, base_dir=tmp_path, online_cpus=CPUS)
     table = {s.key: s for s in SECTIONS}[section]
     for key, value in edit.items():
         field = table[key]
-        if field.parser is None and value is not DELETE:
+        if field.parser is None and value is not DELETE and (section, key) not in READ_INTO_OTHERS:
             want = field.choices[value] if field.choices is not None else value
             attr = ATTR.get((section, key), key)
             assert model_value(cfg, section, attr) == want, key
@@ -239,7 +268,7 @@ def test_unknown_fields_are_refused(section: Section) -> None:
 def test_unknown_sections_are_refused() -> None:
     doc = base()
     doc["lifetime"] = {}
-    assert problems(doc) == ["lifetime: unknown section (known: daemon, node, policy, sa)"]
+    assert problems(doc) == ["lifetime: unknown section (known: connection, daemon, node, policy, sa)"]
 
 
 WRONG_TYPE = {"string": (5, "must be str, got int"), "integer": ("5", "must be int, got str"),

@@ -20,9 +20,10 @@ LAYERS: list[set[str]] = [
      "counts", "status", "metrics", "liveness", "sdnotify", "droplog",
      "__init__"},
     {"config"},  # 1: the configuration, read and checked
-    {"rules", "decode", "nfqueue", "state"},  # 2: pure rule building, offline decode, the queue, SA state
-    # 3: applying rules, the data path, the control socket, the metrics listener
-    {"iptables", "worker", "control", "metricsserver"},
+    # 2: pure rule building, negotiated SAs in the configuration, offline decode, the queue, SA state
+    {"rules", "childsas", "decode", "nfqueue", "state"},
+    # 3: applying rules, the data path, the keying agent, the control socket, the metrics listener
+    {"iptables", "worker", "agent", "control", "metricsserver"},
     {"supervisor", "service"},  # 4: the daemon, and the systemd helper
     {"commands"},  # 5: every command: arguments, printing, exit codes
     {"cli"},  # 6: the entry point

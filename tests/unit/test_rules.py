@@ -1009,3 +1009,36 @@ def test_a_mixed_tunnel_clamps_the_syns_its_worker_sends_through_a_raw_socket() 
     same = cfg_of(host_data())
     assert not rules.crosses_in(same, False)
     assert "-I OUTPUT 1 -m mark" not in rules.render(same, comments=False)
+
+
+def test_ike_between_a_connections_endpoints_passes_before_any_policy(tmp_path: Path) -> None:
+    """IKE to and from the agent passes (inbound: UDP 500, and 4500 with the non-ESP marker;
+    outbound: the same from the agent's marked sockets), ahead of the policies; the
+    connection's protect policy drops until a Child SA is up (no_sa, cleartext_protected)."""
+    from configs import connection_data
+
+    from nfq_ipsec.config import parse_config
+
+    cfg = parse_config(connection_data(tmp_path), base_dir=tmp_path, online_cpus=CPUS)
+    rs = rules.build(cfg)
+    chain_in, chain_out = rules.chain_in("NFQIPSEC"), rules.chain_out("NFQIPSEC")
+    by_chain = {c: [r for t in rs.tables for r in t.rules if r.chain == c]
+                for c in (chain_in, chain_out, rules.chain_protect("NFQIPSEC", 1))}
+    marker = "0x0>>0x16&0x3c@0x8=0x0"
+    mark = ("-m", "mark", "--mark", "0x10000000/0x10000000")
+    ends_in = ("-s", "192.0.2.2/32", "-d", "192.0.2.1/32", "-p", "udp", "-m", "udp")
+    ends_out = ("-s", "192.0.2.1/32", "-d", "192.0.2.2/32", "-p", "udp", "-m", "udp")
+    want_in = [(*ends_in, "--dport", "500", "-j", "RETURN"),
+               (*ends_in, "--dport", "4500", "-m", "u32", "--u32", marker, "-j", "RETURN")]
+    want_out = [(*ends_out, "--sport", "500", *mark, "-j", "RETURN"),
+                (*ends_out, "--sport", "4500", "-m", "u32", "--u32", marker, *mark, "-j", "RETURN")]
+    args_in = [r.args for r in by_chain[chain_in]]
+    args_out = [r.args for r in by_chain[chain_out]]
+    for want, got in ((want_in, args_in), (want_out, args_out)):
+        at = [got.index(w) for w in want]
+        first_policy = next(i for i, r in enumerate(got) if ("-s" in r and "10.1.0.0/24" in r)
+                            or ("-d" in r and "10.1.0.0/24" in r))
+        assert max(at) < first_policy
+    assert [r.args for r in by_chain[rules.chain_protect("NFQIPSEC", 1)]] == [("-j", "DROP")]
+    assert ("-s", "10.2.0.0/24", "-d", "10.1.0.0/24", "-j", "DROP") in args_in
+    assert not any("500" in r for r in args_in if r[:2] != ("-s", "192.0.2.2/32"))

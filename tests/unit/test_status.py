@@ -27,7 +27,14 @@ from typing import Any
 import pytest
 from labutil import env, nfq_ipsec
 from repo import EXAMPLES, ROOT
-from statusschema import GOLDEN, check_answer, check_level, describe_docs, describe_types
+from statusschema import (
+    GOLDEN,
+    WITHOUT_IKE,
+    check_answer,
+    check_level,
+    describe_docs,
+    describe_types,
+)
 
 from nfq_ipsec import control, iptables, supervisor, worker
 from nfq_ipsec.config import load_config
@@ -157,7 +164,10 @@ def status_json(sup: supervisor.Supervisor) -> Any:
 
 def test_a_real_status_answer_has_the_golden_schema(live: supervisor.Supervisor) -> None:
     answer = status_json(live)
-    assert check_answer(answer) == set(GOLDEN)  # every level held a value, and matched
+    # every level held a value, and matched; but the agent's (no connection here: it is null,
+    # its levels are held by test_agent.py and the lab's test_ike_agent.py)
+    assert check_answer(answer) == WITHOUT_IKE
+    assert answer["ike"] is None
     assert answer["daemon"]["state"] == "running" and answer["kernel_drops"] == {
         "no_policy": 2, "cleartext_protected": 0}
     assert [w["state"] for w in answer["workers"]] == ["ready"] * len(live.slots)

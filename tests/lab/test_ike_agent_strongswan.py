@@ -1,0 +1,195 @@
+"""The keying agent's Child SA carrying traffic between nfq-ipsec and strongSwan.
+
+Namespace ``a`` runs charon 5.9 (kernel-libipsec, the benchmark's strongswan.conf: its own ESP
+in user space, always in UDP 4500, and its IKE kept off its tunnel by a firewall mark), ``b``
+runs ``nfq-ipsec run`` with one ``[[connection]]`` to it (tunnel mode between the two hosts'
+addresses, PSK, FQDN identities), which starts it; charon answers. charon gets ``encap = yes``:
+kernel-libipsec has no plain ESP, and without it charon's ESP in UDP stays on port 500 while
+its NAT detection sends the IKE SA to 4500. Checked: the IKE SA and
+Child SA are up on both sides with each other's SPIs in UDP; ping and a file over TCP (its
+sha256) go through; a capture of the link holds ESP in UDP and IKE only. Needs root, the lab's
+tools and strongSwan (scripts/install-deps installs it); namespaces ``ika<pid>-<n>sa``/``sb``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import gate
+import pytest
+from labutil import QUEUES, Daemon, Pair, Sniffer, env, make_pair
+
+from nfq_ipsec_lab.bench import strongswan
+from nfq_ipsec_lab.lab import traffic
+from nfq_ipsec_lab.lab.netns import LabError
+
+A_ID, B_ID = "a.nfq-ipsec.test", "b.nfq-ipsec.test"
+IKE, ESP = "aes256gcm16-prfsha256-x25519", "aes128gcm16"
+
+
+def swanctl_conf(me: str, peer: str, psk: str) -> str:
+    return textwrap.dedent(f"""\
+        connections {{
+          nfq {{
+            version = 2
+            local_addrs = {me}
+            remote_addrs = {peer}
+            proposals = {IKE}
+            encap = yes
+            dpd_delay = 0s
+            local {{
+              auth = psk
+              id = {A_ID}
+            }}
+            remote {{
+              auth = psk
+              id = {B_ID}
+            }}
+            children {{
+              nfq {{
+                local_ts = {me}/32
+                remote_ts = {peer}/32
+                esp_proposals = {ESP}
+                mode = tunnel
+                rekey_time = 1h
+              }}
+            }}
+          }}
+        }}
+        secrets {{
+          ike-nfq {{
+            id = {B_ID}
+            secret = "{psk}"
+          }}
+        }}
+        """)
+
+
+def daemon_config(directory: Path, iface: str, me: str, peer: str, psk: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    key = directory / "charon.psk"
+    key.write_text(psk + "\n")
+    key.chmod(0o600)
+    path = directory / "nfq.toml"
+    path.write_text(textwrap.dedent(f"""
+        [node]
+        interface = "{iface}"
+
+        [daemon]
+        queues = [{", ".join(map(str, QUEUES))}]
+        control_socket = "{directory / 'run' / 'ctl.sock'}"
+        state_dir = "{directory / 'state'}"
+
+        [[policy]]
+        name = "to-charon"
+        action = "protect"
+        local = "{me}/32"
+        remote = "{peer}/32"
+        connection = "charon"
+
+        [[connection]]
+        name = "charon"
+        local = "{me}"
+        remote = "{peer}"
+        local_id = "{B_ID}"
+        remote_id = "{A_ID}"
+        psk_file = "charon.psk"
+        ike = "{IKE}"
+        esp = "{ESP}"
+        start_action = "start"
+        dpd_delay = 0
+    """))
+    path.chmod(0o600)
+    return path
+
+
+class Bed:
+    def __init__(self, pair: Pair, charon: strongswan.Charon, daemon: Daemon,
+                 addr_a: str, addr_b: str) -> None:
+        self.pair, self.charon, self.daemon = pair, charon, daemon
+        self.addr_a, self.addr_b = addr_a, addr_b
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    why = strongswan.missing()
+    if why:
+        gate.require([f"strongSwan can't run here: {why}"], "nfq-ipsec against strongSwan")
+    tmp = tmp_path_factory.mktemp("ike-agent-strongswan")
+    psk = secrets.token_hex(16)
+    started: list[Daemon] = []
+    with make_pair("s", prefix="ika") as pair:
+        a_host, b_host = pair.host(pair.a), pair.host(pair.b)
+        addr_a, addr_b = "10.81.0.1", "10.81.0.2"  # make_pair's
+        charon = strongswan.Charon(pair.lab, f"ika{os.getpid()}", a_host, addr_a, addr_b, psk,
+                                   swanctl_conf=swanctl_conf(addr_a, addr_b, psk))
+        try:
+            charon.start()
+            charon.wait_vici()
+            charon.swanctl("--load-all", "--file", str(charon.swanctl_conf))
+            path = daemon_config(tmp / "b", pair.vb, addr_b, addr_a, psk)
+            d = Daemon("b", b_host, path, env=env(), log=tmp / "b" / "daemon.log", lab=pair.lab)
+            started.append(d)
+            d.start()
+            d.wait_running()
+            yield Bed(pair, charon, d, addr_a, addr_b)
+        finally:
+            for d in started:
+                d.cleanup()
+
+
+def _up(bed: Bed, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if traffic.ping(bed.pair.host(bed.pair.b), bed.addr_a, 1, 0.5).received == 1:
+                return
+        except LabError:  # refused at the sender until the Child SA is up
+            time.sleep(0.3)
+    raise AssertionError(f"no traffic through the Child SA after {timeout:g} s; daemon log:\n"
+                         f"{bed.daemon.log_text()[-3000:]}\nstatus:\n{bed.daemon.status_text()}\n"
+                         f"charon's SAs:\n{bed.charon.swanctl('--list-sas')}\n"
+                         f"charon:\n{bed.charon.log()[-3000:]}")
+
+
+def test_ping_and_a_file_between_nfq_ipsec_and_strongswan(bed: Bed, tmp_path: Path) -> None:
+    _up(bed)
+    sas = bed.charon.swanctl("--list-sas")
+    assert "ESTABLISHED" in sas and "INSTALLED, TUNNEL-in-UDP" in sas, sas
+    spis = re.search(r"INSTALLED, TUNNEL-in-UDP.*?\bin\s+([0-9a-f]{8}),.*?\bout\s+([0-9a-f]{8}),",
+                     sas, re.S)
+    assert spis, sas
+    ours = {(sa["direction"], int(sa["spi"], 16), sa["encapsulation"])
+            for sa in bed.daemon.status()["sas"]}
+    assert ("in", int(spis.group(2), 16), "udp") in ours and ("out", int(spis.group(1), 16), "udp") in ours
+    sniffer = Sniffer(bed.pair, bed.pair.b, bed.pair.vb, tmp_path / "link.pcap")
+    try:
+        ping = traffic.ping(bed.pair.host(bed.pair.b), bed.addr_a, 20)
+        blob = traffic.random_file(tmp_path / "file.bin")
+        sent = traffic.send_file(bed.pair.lab, bed.pair.host(bed.pair.b),
+                                 bed.pair.host(bed.pair.a), bed.addr_a, blob, port=9300)
+    finally:
+        assert sniffer.stop() == 0
+    assert (ping.sent, ping.received) == (20, 20)
+    assert sent.ok, sent
+    kinds: dict[str, int] = {}
+    for p in sniffer.packets():
+        if p[0] >> 4 != 4:
+            continue
+        ihl = (p[0] & 0x0F) * 4
+        ports = (int.from_bytes(p[ihl:ihl + 2], "big"), int.from_bytes(p[ihl + 2:ihl + 4], "big"))
+        if p[9] == 17 and ports == (4500, 4500):
+            kind = "ike" if p[ihl + 8:ihl + 12] == bytes(4) else "esp-in-udp"
+        elif p[9] == 17 and 500 in ports:
+            kind = "ike"
+        else:
+            kind = f"cleartext proto {p[9]}"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    assert set(kinds) <= {"esp-in-udp", "ike"}, kinds
+    assert kinds.get("esp-in-udp", 0) >= 40 + 100, kinds
