@@ -890,10 +890,12 @@ def worker_spec(cfg: Config, qc: QueueConfig) -> WorkerSpec:
         state_dir=cfg.daemon.state_dir, mtu=cfg.node.mtu,
         ipv6_link=cfg.node.ipv6_neighbour_discovery,
         gateway_interface=cfg.node.interface if cfg.node.role == "gateway" else None,
+        gso=cfg.daemon.gso,
     )
 
 
-_RESTART_ONLY = ("control_socket", "state_dir", "chain_prefix", "mark", "iptables", "log_level")
+_RESTART_ONLY = ("control_socket", "state_dir", "chain_prefix", "mark", "iptables", "log_level",
+                 "gso")
 
 
 def reload_problems(old: Config, new: Config) -> list[str]:

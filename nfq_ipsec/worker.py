@@ -109,6 +109,7 @@ class WorkerSpec:
     # A gateway's unprotected interface: what arrives in PREROUTING on it is inbound, what
     # arrives on any other interface is forwarded outbound. None (a host): all of it inbound.
     gateway_interface: str | None = None
+    gso: bool = False  # daemon.gso: the queue hands over TCP superpackets whole
 
     def spd(self) -> SPD:
         return SPD(list(self.policies))
@@ -493,7 +494,7 @@ def run(
             store.attach(processor.sad.all())  # before the queue: no packet without its state
         if queue is None:
             queue = NetlinkQueue(max_len=spec.max_len,
-                                 want_indev=spec.gateway_interface is not None)
+                                 want_indev=spec.gateway_interface is not None, gso=spec.gso)
         queue.bind(spec.queue)
     except Exception as err:
         if store is not None:

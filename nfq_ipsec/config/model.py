@@ -11,6 +11,7 @@ from ..core.sa import SADirection, SAParams
 from ..core.spd import SPD, Action, Policy
 from .fields import (
     DEFAULT_CHAIN_PREFIX,
+    DEFAULT_GSO,
     DEFAULT_IPTABLES,
     DEFAULT_IPV6_ND,
     DEFAULT_LOG_LEVEL,
@@ -63,6 +64,7 @@ class DaemonConfig:
     log_level: str = DEFAULT_LOG_LEVEL
     iptables: str = DEFAULT_IPTABLES  # "auto" (the system's iptables), "nft" or "legacy"
     watchdog: float = DEFAULT_WATCHDOG  # seconds a ready worker may not answer; 0: no watchdog
+    gso: bool = DEFAULT_GSO  # queues bound with NFQA_CFG_F_GSO: outbound TCP superpackets whole
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ def read_daemon(raw: dict[str, Any], cpus: list[int], probs: Problems) -> Daemon
         control_socket=DAEMON["control_socket"].read(raw, "daemon", probs),
         state_dir=DAEMON["state_dir"].read(raw, "daemon", probs),
         mss_clamp=DAEMON["mss_clamp"].read(raw, "daemon", probs),
+        gso=DAEMON["gso"].read(raw, "daemon", probs),
         chain_prefix=prefix,
         log_level=log_level,
     )

@@ -435,9 +435,10 @@ def test_reload_problems_name_what_needs_a_restart() -> None:
     assert reload_problems(cfg, cfg) == []
     assert reload_problems(cfg, _rekeyed(cfg, "b-to-a-0", 0x7000)) == []  # a new key: fine
     other = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, chain_prefix="X",
-                                                                    log_level="debug"))
+                                                                    log_level="debug", gso=True))
     assert reload_problems(cfg, other) == ["daemon.chain_prefix: a change needs a restart",
-                                           "daemon.log_level: a change needs a restart"]
+                                           "daemon.log_level: a change needs a restart",
+                                           "daemon.gso: a change needs a restart"]
     moved = dataclasses.replace(cfg, sas=tuple(dataclasses.replace(sa, queue=101)
                                                if sa.name == "b-to-a-0" else sa for sa in cfg.sas))
     [problem] = reload_problems(cfg, moved)
