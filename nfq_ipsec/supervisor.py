@@ -829,6 +829,8 @@ class Supervisor:
                 "core": st.get("core") if st else None,
                 "ike_markers": st.get("ike_markers") if st else None,
                 "crossed_family": st.get("crossed_family") if st else None,
+                "superpackets": st.get("superpackets") if st else None,
+                "segments": st.get("segments") if st else None,
             })
             by_name = {s["name"]: s for s in st["sas"]} if st else {}
             sa_totals = total["sas"] if total else {}

@@ -51,6 +51,8 @@ GOLDEN: dict[str, dict[str, str]] = {
         "core": "string or null",
         "ike_markers": "integer or null",
         "crossed_family": "integer or null",
+        "superpackets": "integer or null",
+        "segments": "integer or null",
     },
     "sas[]": {
         "name": "string",

@@ -19,7 +19,8 @@ LAYERS: list[set[str]] = [
     {"core", "ike", "exitcodes", "procs", "logsetup", "pcap", "reassembly", "corebuild", "hardening",
      "counts", "status", "__init__"},
     {"config"},  # 1: the configuration, read and checked
-    {"rules", "decode", "nfqueue", "state"},  # 2: pure rule building, offline decode, the queue, SA state
+    # 2: pure rule building, offline decode, the queue, the batch sender, SA state
+    {"rules", "decode", "nfqueue", "rawsend", "state"},
     {"iptables", "worker", "control"},  # 3: applying rules, the data path, the control socket
     {"supervisor", "service"},  # 4: the daemon, and the systemd helper
     {"commands"},  # 5: every command: arguments, printing, exit codes
