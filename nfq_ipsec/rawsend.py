@@ -10,8 +10,8 @@ and not one ``sendto`` per packet, an AF_PACKET ring or ``UDP_SEGMENT``: the REA
 *Outbound TCP superpackets*.
 
 ``sendmmsg`` through ``ctypes``: the socket module has no binding for it. The message and
-buffer arrays are built once (``BATCH_MAX`` entries) and reused; each call points them at
-the packets' own bytes (no copy).
+buffer arrays are built once (``BATCH_MAX`` entries) and reused; each call joins the packets
+into one buffer and points the array at it.
 """
 
 from __future__ import annotations
@@ -59,16 +59,27 @@ def _sockaddr(family: int, packet: bytes) -> bytes:
 class BatchSender:
     """Sends lists of whole IP packets of either family with ``mark`` on each; the packets of
     one call go to the first one's destination (one SA's peer). ``send`` returns how many
-    left; the kernel's refusal of the first raises OSError."""
+    left; the kernel's refusal of the first raises OSError.
+
+    Per call the packets are joined into one buffer (one copy) and the buffer array written
+    with one ``struct`` pack: per packet, no ctypes object is made and no ctypes field set
+    (measured: setting two fields and making a pointer per packet cost more than the system
+    calls saved)."""
 
     def __init__(self, mark: int) -> None:
         self.mark = mark
         self._socks: dict[int, socket.socket] = {}
         self._msgs = (_Mmsghdr * BATCH_MAX)()
         self._iovs = (_Iovec * BATCH_MAX)()
+        self._name = ctypes.create_string_buffer(28)  # sockaddr_in6 is the larger
+        self._family = 0
         for i in range(BATCH_MAX):
-            self._msgs[i].hdr.iov = ctypes.pointer(self._iovs[i])
-            self._msgs[i].hdr.iovlen = 1
+            hdr = self._msgs[i].hdr
+            hdr.iov = ctypes.pointer(self._iovs[i])
+            hdr.iovlen = 1
+            hdr.name = ctypes.addressof(self._name)
+        self._iov_at = ctypes.addressof(self._iovs)
+        self._packs = [struct.Struct(f"={2 * n}Q") for n in range(BATCH_MAX + 1)]
         self.calls = 0  # sendmmsg calls made
 
     def _sock(self, family: int) -> socket.socket:
@@ -81,30 +92,34 @@ class BatchSender:
         return sock
 
     def send(self, packets: Sequence[bytes]) -> int:
-        if not packets:
-            return 0
-        family = socket.AF_INET6 if packets[0][0] >> 4 == 6 else socket.AF_INET
-        fd = self._sock(family).fileno()
-        name = ctypes.create_string_buffer(_sockaddr(family, packets[0]))
-        name_at = ctypes.addressof(name)
-        name_len = len(name.raw)
-        msgs = self._msgs
-        iovs = self._iovs
-        keep: list[ctypes.c_char_p] = []  # the packets' buffers, alive until the call returns
-        sent = 0
         total = len(packets)
+        if not total:
+            return 0
+        first = packets[0]
+        family = socket.AF_INET6 if first[0] >> 4 == 6 else socket.AF_INET
+        fd = self._sock(family).fileno()
+        name = _sockaddr(family, first)
+        ctypes.memmove(self._name, name, len(name))
+        if family != self._family:
+            for i in range(BATCH_MAX):
+                self._msgs[i].hdr.namelen = len(name)
+            self._family = family
+        sent = 0
         while sent < total:
             count = min(total - sent, BATCH_MAX)
-            for i in range(count):
-                packet = packets[sent + i]
-                buf = ctypes.c_char_p(packet)
-                keep.append(buf)
-                iovs[i].base = ctypes.cast(buf, ctypes.c_void_p).value
-                iovs[i].len = len(packet)
-                hdr = msgs[i].hdr
-                hdr.name = name_at
-                hdr.namelen = name_len
-            done: int = _sendmmsg(fd, msgs, count, 0)
+            chunk = packets[sent:sent + count]
+            data = b"".join(chunk)
+            base = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
+            fields: list[int] = []
+            at = base
+            for p in chunk:
+                n = len(p)
+                fields.append(at)
+                fields.append(n)
+                at += n
+            ctypes.memmove(self._iov_at, self._packs[count].pack(*fields), 16 * count)
+            done: int = _sendmmsg(fd, self._msgs, count, 0)
+            del data  # the kernel has copied it (or refused it)
             self.calls += 1
             if done < 0:
                 code = ctypes.get_errno()
