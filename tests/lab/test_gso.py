@@ -10,6 +10,12 @@ result must equal the captured segments exactly: IP headers and their checksums,
 identifications, TCP sequence numbers, flags on the first and last segment (PSH, FIN), TCP
 checksums. IPv4 and IPv6.
 
+Then the daemon itself with ``daemon.gso = true`` on a 9000-byte link (``node.mtu = 9000``,
+the MSS clamp on, as by default): one TCP flow from a to b arrives whole, a's workers cut its
+superpackets (status counts them), the wire carries only ESP and jumbo ESP packets no bigger
+than the MTU, and the sender's MSS is the clamp's (less its timestamp option), not the
+8,960 bytes b announced.
+
 Needs root; runs in CI (marks ``lab`` and ``root``).
 """
 
@@ -21,10 +27,25 @@ import time
 from pathlib import Path
 
 import pytest
-from labutil import ADDR6_A, ADDR6_B, ADDR_B, Pair, Sniffer, end, make_pair, ready, result
+from labutil import (
+    ADDR6_A,
+    ADDR6_B,
+    ADDR_B,
+    Pair,
+    Sniffer,
+    end,
+    make_keys,
+    make_pair,
+    ready,
+    result,
+    write_config,
+)
 
+from nfq_ipsec import rules
+from nfq_ipsec.config import load_config
 from nfq_ipsec.core import gso, ipv6
 from nfq_ipsec.core import packet as ip
+from nfq_ipsec_lab.lab.daemon import Daemon
 
 QUEUE = 231
 PORT = 7231
@@ -92,10 +113,11 @@ CLIENT = textwrap.dedent("""
     sent = 0
     while sent < total:
         sent += c.send(block[: min(len(block), total - sent)])
+    mss = c.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
     c.shutdown(socket.SHUT_WR)
     c.recv(1)
     c.close()
-    print(sent, flush=True)
+    print(mss if len(sys.argv) > 4 else sent, flush=True)
 """)
 
 
@@ -197,3 +219,58 @@ def test_core_segments_equal_the_kernels(tmp_path: Path, v6: bool) -> None:
     assert psh_last, "no superpacket with PSH: the last-segment rule went unchecked"
     print(f"\n{'IPv6' if v6 else 'IPv4'}: {len(supers)} superpackets, {compared} segments "
           f"equal the kernel's; {psh_last} with PSH, {fin_last} with FIN")
+
+
+def _gso_config(path: Path) -> Path:
+    """A ``write_config`` host configuration with ``node.mtu = 9000`` and ``daemon.gso``."""
+    text = path.read_text()
+    text = text.replace('role = "host"\n', 'role = "host"\nmtu = 9000\n', 1)
+    text = text.replace('log_level = "info"\n', 'log_level = "info"\ngso = true\n', 1)
+    path.write_text(text)
+    return path
+
+
+def test_the_daemon_cuts_superpackets_on_a_jumbo_link_within_the_mss_clamp(tmp_path: Path) -> None:
+    keys = make_keys()
+    started: list[Daemon] = []
+    with make_pair("j") as pair:
+        try:
+            daemons = []
+            for name, a_side, ns, iface in (("a", True, pair.a, pair.va),
+                                            ("b", False, pair.b, pair.vb)):
+                cfg = _gso_config(write_config(tmp_path / name, a_side, iface, keys,
+                                               per_port=False))
+                d = Daemon(name, pair.host(ns), cfg, log=tmp_path / name / "daemon.log",
+                           lab=pair.lab)
+                started.append(d)
+                daemons.append(d)
+            for d in daemons:
+                d.start()
+            for d in daemons:
+                d.wait_running()
+            server = pair.python(pair.b, SERVER, ADDR_B, str(PORT))
+            ready(server)
+            sniffer = Sniffer(pair, pair.b, pair.vb, tmp_path / "jumbo.pcap")
+            client = pair.python(pair.a, CLIENT, ADDR_B, str(PORT), str(TOTAL * 10), "mss")
+            mss = result(client)
+            assert result(server) == TOTAL * 10
+            status = daemons[0].status()
+            assert sniffer.stop() == 0
+            wire = sniffer.packets()
+        finally:
+            for d in started:
+                d.stop()
+    conf = load_config(tmp_path / "a" / "nfq.toml")
+    clamp = rules.mss_for(conf, conf.policies[0])
+    assert clamp < 9000 - 40 and clamp - 12 <= mss <= clamp, (mss, clamp)  # timestamps: 12
+    workers = status["workers"]
+    assert sum(w["superpackets"] or 0 for w in workers) > 0, workers
+    assert not any((w["drops"] or {}).get(r) for w in workers
+                   for r in ("gso_unsupported", "checksum_partial", "gso_send")), workers
+    ours = [p for p in wire if p[0] >> 4 == 4]
+    assert ours and all(p[9] == 50 for p in ours), "something left in clear"
+    sizes = [(p[2] << 8) | p[3] for p in ours]
+    assert max(sizes) <= 9000 and max(sizes) > 8000, max(sizes)
+    print(f"\njumbo: MSS {mss} (clamp {clamp}), {sum(w['superpackets'] for w in workers)} "
+          f"superpackets as {sum(w['segments'] for w in workers)} ESP packets, {len(ours)} "
+          f"ESP packets on the wire, the largest {max(sizes)} bytes")
