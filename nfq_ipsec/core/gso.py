@@ -62,9 +62,14 @@ def _sum(data: bytes) -> int:
     one big integer's remainder (``int.from_bytes(data) % 0xFFFF``, whose division goes
     digit by digit; ``scripts/profile --gso``, the README's *Outbound TCP superpackets*).
     64 KiB of 0xFFFF words sum to well below 2**63."""
-    n: i64 = len(data)
+    return _sum_range(data, 0, len(data))
+
+
+def _sum_range(data: bytes, start: int, stop: int) -> int:
+    """``_sum(data[start:stop])`` without the copy."""
+    n: i64 = stop
     total: i64 = 0
-    i: i64 = 0
+    i: i64 = start
     while i + 1 < n:
         hi: i64 = data[i]
         lo: i64 = data[i + 1]
@@ -219,14 +224,13 @@ def complete_checksum(data: bytes, at: int, end: int, protocol: int, pseudo: int
             raise EspError(DropReason.CHECKSUM_PARTIAL, "shorter than a UDP header")
     else:
         raise EspError(DropReason.CHECKSUM_PARTIAL, f"a partial checksum of protocol {protocol}")
-    l4 = bytearray(data[at:end])
-    l4[field - at] = l4[field - at + 1] = 0
-    csum = _fold(pseudo + (end - at) + _sum(bytes(l4)))
+    # the sum over the header and payload as they are, less the partial value in the field
+    # (at an even offset from ``at``, so one of the summed words)
+    partial = (data[field] << 8) | data[field + 1]
+    csum = _fold(pseudo + (end - at) + _sum_range(data, at, end) + 0xFFFF - partial)
     if protocol == ip.PROTO_UDP and csum == 0:
         csum = 0xFFFF  # RFC 768: a computed 0 is sent as all ones
-    l4[field - at] = csum >> 8
-    l4[field - at + 1] = csum & 0xFF
-    return b"".join((data[:at], l4, data[end:]))
+    return b"".join((data[:field], bytes((csum >> 8, csum & 0xFF)), data[field + 2:]))
 
 
 def complete4(data: bytes, hdr: ip.IPv4Header) -> bytes:

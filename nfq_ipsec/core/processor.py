@@ -474,14 +474,25 @@ class Processor:
                           superpacket: bool) -> Result:
         """A packet leaving (LEAVING or FORWARDED) from a queue bound with the GSO flag whose
         checksum is not ready (``NFQA_SKB_CSUMNOTREADY``) or which is a superpacket
-        (``NFQA_SKB_GSO``). Bypassed or discarded as ``process`` would; protected, a
-        superpacket is cut into segments (``gso``) and each sealed in order on the flow's SA:
-        REPLACE, ``packets`` the ESP packets; a single packet gets its checksum completed and
-        goes the way of ``process``."""
+        (``NFQA_SKB_GSO``). A single TCP or UDP packet gets its checksum completed and goes
+        the way of ``process`` (the completion is thrown away with the packet if it is
+        bypassed: the kernel completes the original). Otherwise bypassed or discarded as
+        ``process`` would; protected, a superpacket is cut into segments (``gso``) and each
+        sealed in order on the flow's SA: REPLACE, ``packets`` the ESP packets; a partial
+        checksum of another protocol is dropped (CHECKSUM_PARTIAL)."""
         n = len(data)
         if n < length or n < ip.declared_length(data):
             return self._drop(EspError(DropReason.TRUNCATED, f"{n} of {max(length, n)} bytes"),
                               None)
+        if not superpacket:
+            try:  # TCP and UDP: completed, then the per-packet path decides as ever
+                done = (gso.complete6(data, ipv6.parse_ipv6(data)) if n and data[0] >> 4 == 6
+                        else gso.complete4(data, ip.parse_ipv4(data)))
+            except EspError as err:
+                if err.reason is not DropReason.CHECKSUM_PARTIAL:
+                    return self._drop(err, None)
+            else:
+                return self.process(done, length, where, now)
         sa: SecurityAssociation | None = None
         try:
             v6 = bool(n) and data[0] >> 4 == 6
@@ -501,10 +512,8 @@ class Processor:
                 if action is Action.BYPASS:
                     return self._accept(None)  # the kernel segments and checksums it
                 raise EspError(DropReason.POLICY_DISCARD, policy.name)
-            if not superpacket:
-                if v6:
-                    return self.process(gso.complete6(data, hdr6), length, where, now)
-                return self.process(gso.complete4(data, hdr), length, where, now)
+            if not superpacket:  # a partial checksum of another protocol, to be protected
+                raise EspError(DropReason.CHECKSUM_PARTIAL, f"protocol {key.protocol}")
             sa = self.sad.outbound_sa(policy)
             if sa is None:
                 raise EspError(DropReason.NO_SA, policy.name)

@@ -241,9 +241,20 @@ def test_the_path_mtu_bounds_the_segments() -> None:
 
 def test_bypassed_superpackets_and_partial_checksums_go_to_the_kernel_unchanged() -> None:
     pa, _ = pair(False, protect=False)
-    sp = superpacket(False)
-    res = pa.process_offloaded(sp, len(sp), LEAVING, 1.0, True)
-    assert res.verdict is Verdict.ACCEPT and res.packet is None
+    sctp = bytes(IP(src=A4, dst=B4) / SCTP(sport=1, dport=2) / DATA[:40])
+    for packet, superpacket_ in ((superpacket(False), True), (superpacket(False, DATA[:100]), False),
+                                 (sctp, False)):
+        res = pa.process_offloaded(packet, len(packet), LEAVING, 1.0, superpacket_)
+        assert res.verdict is Verdict.ACCEPT and res.packet is None
+    assert not pa.drops
+
+
+def test_a_protected_partial_checksum_of_another_protocol_is_dropped() -> None:
+    pa, _ = pair(False)
+    sctp = bytes(IP(src=A4, dst=B4) / SCTP(sport=1, dport=2) / DATA[:40])
+    res = pa.process_offloaded(sctp, len(sctp), LEAVING, 1.0, False)
+    assert res.verdict is Verdict.DROP and res.reason is DropReason.CHECKSUM_PARTIAL
+    assert pa.drops[DropReason.CHECKSUM_PARTIAL] == 1
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
