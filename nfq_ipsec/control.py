@@ -508,6 +508,9 @@ def render_status(status: StatusReport) -> str:
         if w.get("crossed_family"):
             notes.append(f"  q{w.get('queue')} sent on in the other IP family (mixed tunnel): "
                          f"{w['crossed_family']}")
+        if w.get("superpackets"):
+            notes.append(f"  q{w.get('queue')} TCP superpackets cut and sealed: "
+                         f"{w['superpackets']} (as {w['segments']} ESP packets)")
     out.extend(_table(wrows))
     out.extend(notes)
     kdrops = status.get("kernel_drops")

@@ -26,7 +26,7 @@ from types import ModuleType
 # The compiled modules (setup.py reads this list from here). The core's __init__ and pickling
 # stay Python: nothing per packet runs in them.
 MODULES = ("errors", "packet", "ipv6", "replay", "suites", "udpencap", "sa", "sad", "spd", "esp", "esp6",
-           "pmtu", "processor")
+           "pmtu", "gso", "processor")
 MANIFEST = "_compiled.json"
 PURE_ENV = "NFQ_IPSEC_PURE"
 _CORE = Path(__file__).resolve().parent / "core"

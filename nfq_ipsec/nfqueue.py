@@ -15,7 +15,12 @@ verdicts are one syscall each. So we speak nfnetlink_queue directly over
 
 - bind the queue with copy mode PACKET and the largest copy range (the kernel caps it at
   65535 - 4 = 65531 bytes, the largest payload a netlink attribute can carry), and switch
-  NFQA_CFG_F_FAIL_OPEN (and GSO) off explicitly: a full queue drops, it never passes cleartext;
+  NFQA_CFG_F_FAIL_OPEN off explicitly: a full queue drops, it never passes cleartext;
+- NFQA_CFG_F_GSO only when asked (``gso=True``, ``daemon.gso``): then the kernel queues a TCP
+  superpacket whole (up to 64 KiB, which the copy range above carries; a bigger one arrives
+  cut, NFQA_CAP_LEN, and is dropped as truncated) and no longer completes a partial
+  checksum before copying, so each packet carries NFQA_SKB_INFO (GSO, checksum not ready,
+  checksum not verified) for the worker to act on; off, the kernel segments and checksums;
 - a large receive buffer, and several messages read per wake-up;
 - ENOBUFS from ``recv`` (the kernel could not deliver a packet to us and dropped it) is counted,
   not hidden; the exact per-queue numbers come from ``/proc/net/netfilter/nfnetlink_queue``;
@@ -74,6 +79,12 @@ NFQA_MARK = 3
 NFQA_IFINDEX_INDEV = 5
 NFQA_PAYLOAD = 10
 NFQA_CAP_LEN = 13
+NFQA_SKB_INFO = 14
+# NFQA_SKB_INFO's bits. The first two only on a queue bound with NFQA_CFG_F_GSO (without it the
+# kernel segments and checksums before copying); the third on any queue.
+NFQA_SKB_CSUMNOTREADY = 0x1  # CHECKSUM_PARTIAL: the L4 checksum holds the pseudo-header sum
+NFQA_SKB_GSO = 0x2  # a GSO superpacket: more than one segment's payload
+NFQA_SKB_CSUM_NOTVERIFIED = 0x4  # received, its checksum not verified by the stack or the NIC
 
 NF_DROP = 0
 NF_ACCEPT = 1
@@ -132,6 +143,7 @@ class QueuedPacket:
     length: int
     mark: int = 0
     indev: int = 0  # the interface it arrived on (ifindex; 0: none, a locally generated packet)
+    skb_info: int = 0  # NFQA_SKB_INFO's bits (NFQA_SKB_GSO, ..., see there)
 
 
 class QueueBinding(Protocol):
@@ -164,9 +176,11 @@ class NetlinkQueue:
 
     def __init__(
         self, max_len: int = DEFAULT_MAX_LEN, rcvbuf: int = DEFAULT_RCVBUF,
-        sndbuf: int = DEFAULT_SNDBUF, want_indev: bool = False,
+        sndbuf: int = DEFAULT_SNDBUF, want_indev: bool = False, gso: bool = False,
     ) -> None:
         self.max_len = max_len
+        # NFQA_CFG_F_GSO: superpackets whole, partial checksums as they are (module docstring)
+        self.gso = gso
         # Read each packet's input interface (a gateway tells inbound from forwarded by it).
         # Off elsewhere: reading it costs about 3 % of a packet's instructions.
         self.want_indev = want_indev
@@ -187,7 +201,8 @@ class NetlinkQueue:
 
     # -- setup ----------------------------------------------------------------------------
     def bind(self, queue_num: int) -> None:
-        """Create the socket and bind ``queue_num``: copy whole packets, fail-open off."""
+        """Create the socket and bind ``queue_num``: copy whole packets, fail-open off, GSO
+        as asked."""
         if self._sock is not None:
             raise RuntimeError("queue already bound")
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
@@ -197,19 +212,23 @@ class NetlinkQueue:
             _set_buffer(sock, socket.SO_SNDBUF, 32, self.sndbuf)  # 32 = SO_SNDBUFFORCE
             sock.bind((0, 0))
             self._sock = sock
-            attrs = b"".join((
-                _attr(NFQA_CFG_CMD, struct.pack("!BxH", NFQNL_CFG_CMD_BIND, socket.AF_INET)),
-                _attr(NFQA_CFG_PARAMS, struct.pack("!IB", MAX_COPY_RANGE, NFQNL_COPY_PACKET)),
-                _attr(NFQA_CFG_QUEUE_MAXLEN, _BE32.pack(self.max_len)),
-                _attr(NFQA_CFG_MASK, _BE32.pack(NFQA_CFG_F_FAIL_OPEN | NFQA_CFG_F_GSO)),
-                _attr(NFQA_CFG_FLAGS, _BE32.pack(0)),
-            ))
-            self._request(queue_num, attrs, f"bind queue {queue_num}")
+            self._request(queue_num, self.bind_attributes(), f"bind queue {queue_num}")
         except BaseException:
             self._sock = None
             sock.close()
             raise
         self.queue_num = queue_num
+
+    def bind_attributes(self) -> bytes:
+        """The bind message's attributes: copy whole packets, the queue's length, fail-open
+        off and GSO as asked (both in the mask, so both are set as said)."""
+        return b"".join((
+            _attr(NFQA_CFG_CMD, struct.pack("!BxH", NFQNL_CFG_CMD_BIND, socket.AF_INET)),
+            _attr(NFQA_CFG_PARAMS, struct.pack("!IB", MAX_COPY_RANGE, NFQNL_COPY_PACKET)),
+            _attr(NFQA_CFG_QUEUE_MAXLEN, _BE32.pack(self.max_len)),
+            _attr(NFQA_CFG_MASK, _BE32.pack(NFQA_CFG_F_FAIL_OPEN | NFQA_CFG_F_GSO)),
+            _attr(NFQA_CFG_FLAGS, _BE32.pack(NFQA_CFG_F_GSO if self.gso else 0)),
+        ))
 
     def _request(self, queue_num: int, attrs: bytes, what: str) -> None:
         """Send one config message with NLM_F_ACK and wait for its answer. Packets that
@@ -306,7 +325,7 @@ class NetlinkQueue:
                 return
             if mtype == NFQNL_MSG_PACKET:
                 pos = off + _HDRS_LEN
-                packet_id = hook = mark = indev = 0
+                packet_id = hook = mark = indev = info = 0
                 payload = b""
                 cap_len = -1
                 while pos + 4 <= end:
@@ -324,9 +343,12 @@ class NetlinkQueue:
                         (cap_len,) = _BE32.unpack_from(view, pos + 4)
                     elif want_indev and atype == NFQA_IFINDEX_INDEV:
                         (indev,) = _BE32.unpack_from(view, pos + 4)
+                    elif atype == NFQA_SKB_INFO:
+                        (info,) = _BE32.unpack_from(view, pos + 4)
                     pos += (alen + 3) & ~3
                 out.append(QueuedPacket(packet_id, hook, payload,
-                                        cap_len if cap_len >= 0 else len(payload), mark, indev))
+                                        cap_len if cap_len >= 0 else len(payload), mark, indev,
+                                        info))
             elif mtype == NLMSG_ERROR:
                 (code,) = _ERRNO.unpack_from(view, off + 16)
                 if code:

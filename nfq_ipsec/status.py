@@ -94,6 +94,8 @@ class WorkerSnapshot(TypedDict):
     overflow_reports: int
     ike_markers: int
     crossed_family: int
+    superpackets: int  # daemon.gso: superpackets whose ESP packets all left in a batch
+    segments: int  # the ESP packets they left as
     core: str
     kernel: KernelQueueCounts | None
     sas: list[SaSnapshot]
@@ -133,6 +135,8 @@ class WorkerReport(TypedDict):
     core: str | None
     ike_markers: int | None
     crossed_family: int | None
+    superpackets: int | None
+    segments: int | None
 
 
 class SaReport(TypedDict):

@@ -1147,6 +1147,8 @@ class Supervisor:
                 "core": st.get("core") if st else None,
                 "ike_markers": st.get("ike_markers") if st else None,
                 "crossed_family": st.get("crossed_family") if st else None,
+                "superpackets": st.get("superpackets") if st else None,
+                "segments": st.get("segments") if st else None,
             })
             by_name = {s["name"]: s for s in st["sas"]} if st else {}
             sa_totals = total["sas"] if total else {}
@@ -1215,11 +1217,12 @@ def worker_spec(cfg: Config, qc: QueueConfig) -> WorkerSpec:
         ipv6_link=cfg.node.ipv6_neighbour_discovery,
         gateway_interface=cfg.node.interface if cfg.node.role == "gateway" else None,
         busy_poll=cfg.daemon.busy_poll / 1e6,
+        gso=cfg.daemon.gso,
     )
 
 
 _RESTART_ONLY = ("control_socket", "state_dir", "chain_prefix", "mark", "iptables", "log_level",
-                 "busy_poll", "metrics")
+                 "busy_poll", "metrics", "gso")
 
 
 def reload_problems(old: Config, new: Config) -> list[str]:

@@ -63,11 +63,14 @@ from .nfqueue import (
     DEFAULT_MAX_LEN,
     HOOK_PRE_ROUTING,
     MAX_VERDICT_PAYLOAD,
+    NFQA_SKB_CSUMNOTREADY,
+    NFQA_SKB_GSO,
     NetlinkQueue,
     QueueBinding,
     QueuedPacket,
     kernel_queue_stats,
 )
+from .rawsend import BatchSender
 from .state import StateStore
 from .status import (
     Counts,
@@ -89,6 +92,8 @@ ERROR_LOG_INTERVAL = 10.0  # at most one log line per this many seconds about in
 # Drops that, during a reload, mean "the old rules sent this for the old configuration": the
 # old processor handles them until the new rules are in place.
 _HANDED_BACK = frozenset((DropReason.UNKNOWN_SPI, DropReason.NO_SA))
+# A GSO queue's packets the core must see as such: a superpacket, or a checksum not ready.
+_OFFLOADED = NFQA_SKB_GSO | NFQA_SKB_CSUMNOTREADY
 
 log = logging.getLogger("nfq_ipsec.worker")
 
@@ -111,6 +116,7 @@ class WorkerSpec:
     # arrives on any other interface is forwarded outbound. None (a host): all of it inbound.
     gateway_interface: str | None = None
     busy_poll: float = 0.0  # daemon.busy_poll in seconds: how long to poll after a batch; 0: off
+    gso: bool = False  # daemon.gso: the queue hands over TCP superpackets whole
 
     def spd(self) -> SPD:
         return SPD(list(self.policies))
@@ -132,6 +138,13 @@ class PacketHandler:
     the mark; None opens marked raw sockets (header included) the first time.
     ``send``: sends whole packets the core made in place of a queued one (the fragments of a
     local IPv6 ESP packet), with the mark; None opens a marked raw socket the first time.
+    ``batch``: sends the ESP packets of one superpacket (``daemon.gso``) together and says how
+    many left; None opens a :class:`~nfq_ipsec.rawsend.BatchSender` the first time.
+
+    A GSO queue's packet (``daemon.gso``) leaving whose ``skb_info`` says superpacket or
+    checksum not ready goes to ``Processor.process_offloaded``; a superpacket's ESP packets
+    leave in one batch and the superpacket is dropped by verdict; if the kernel refuses any of
+    them the rest are not sent and the superpacket counts as ``gso_send``.
     """
 
     def __init__(
@@ -143,6 +156,7 @@ class PacketHandler:
         keepalive: Callable[[bytes], None] | None = None,
         cross: Callable[[bytes], None] | None = None,
         send: Callable[[bytes], None] | None = None,
+        batch: Callable[[list[bytes]], int] | None = None,
     ) -> None:
         self.processor = processor
         processor.frag_ident = int.from_bytes(os.urandom(4), "big")  # RFC 7739
@@ -161,6 +175,9 @@ class PacketHandler:
         self.crossed_family = 0  # results sent through the other family's raw socket
         self._send = send
         self.send_errors = 0
+        self._batch = batch
+        self.superpackets_sent = 0  # superpackets whose ESP packets all left
+        self.segments_sent = 0  # the ESP packets they left as
         self.store: StateStore | None = None
         self.previous: Processor | None = None  # during a reload, until its rules have moved
         self._added: list[SecurityAssociation] = []  # SAs the pending reload attached
@@ -193,7 +210,14 @@ class PacketHandler:
                     where = ARRIVING
                 else:
                     where = FORWARDED
-                res = process(pkt.payload, pkt.length, where, now)
+                if pkt.skb_info & _OFFLOADED and where != ARRIVING:
+                    res = self.processor.process_offloaded(pkt.payload, pkt.length, where, now,
+                                                           bool(pkt.skb_info & NFQA_SKB_GSO))
+                    if res.verdict is replace and pkt.skb_info & NFQA_SKB_GSO:
+                        accepted += self._send_segments(pkt, res)
+                        continue
+                else:
+                    res = process(pkt.payload, pkt.length, where, now)
                 if res.verdict is accept:
                     verdict(pkt.packet_id, True, pkt.mark | mark, res.packet)
                     accepted += 1
@@ -255,6 +279,27 @@ class PacketHandler:
             return 0
         return 1
 
+    def _send_segments(self, pkt: QueuedPacket, res: Result) -> int:
+        """A superpacket's ESP packets sent in one batch, the superpacket dropped by verdict.
+        Returns 1 if all left; otherwise the superpacket counts as ``gso_send`` (TCP sends
+        what is missing again)."""
+        self.queue.verdict(pkt.packet_id, False)
+        packets = res.packets or []
+        if self._batch is None:
+            self._batch = BatchSender(self.mark).send
+        try:
+            sent = self._batch(packets)
+        except OSError:
+            sent = -1
+        if sent != len(packets):
+            self.processor.count_drop(DropReason.GSO_SEND)
+            if res.sa is not None:
+                res.sa.drops[DropReason.GSO_SEND] += 1
+            return 0
+        self.superpackets_sent += 1
+        self.segments_sent += len(packets)
+        return 1
+
     def _send_instead(self, pkt: QueuedPacket, packets: list[bytes] | None,
                       send: Callable[[bytes], None]) -> bool:
         """The queued packet dropped by verdict, ``packets`` sent in its place: whether all
@@ -293,7 +338,13 @@ class PacketHandler:
         Returns 1 if it was accepted, 0 if dropped (counted, as on the main path)."""
         prev = self.previous
         assert prev is not None
-        res = prev.process(pkt.payload, pkt.length, where, now)
+        if pkt.skb_info & _OFFLOADED and where != ARRIVING:
+            res = prev.process_offloaded(pkt.payload, pkt.length, where, now,
+                                         bool(pkt.skb_info & NFQA_SKB_GSO))
+            if res.verdict is Verdict.REPLACE and pkt.skb_info & NFQA_SKB_GSO:
+                return self._send_segments(pkt, res)
+        else:
+            res = prev.process(pkt.payload, pkt.length, where, now)
         if res.verdict is Verdict.REPLACE:
             return self._replace(pkt, res)
         if res.verdict is Verdict.CROSS:
@@ -331,6 +382,8 @@ class PacketHandler:
             self.store.attach(added)
         new.drops = old.drops  # one set of counters across the reload
         new.frag_ident = old.frag_ident
+        new.learn_mss = old.learn_mss
+        new.peer_mss = old.peer_mss  # the flows go on
         self.previous, self.processor = old, new
         self._added = added
         retired = len(kept) - (len(items) - len(added))
@@ -444,6 +497,8 @@ class PacketHandler:
             "overflow_reports": getattr(self.queue, "overflows", 0),
             "ike_markers": proc.udp_markers,
             "crossed_family": self.crossed_family,
+            "superpackets": self.superpackets_sent,
+            "segments": self.segments_sent,
             "core": corebuild.running().detail,
             "kernel": kernel,
             "sas": sas,
@@ -493,12 +548,13 @@ def run(
         if processor is None:
             processor = Processor(spec.spd(), spec.sas, time.monotonic(), mtu=spec.mtu,
                                   max_packet=MAX_VERDICT_PAYLOAD, ipv6_link=spec.ipv6_link)
+            processor.learn_mss = spec.gso  # a superpacket's segments fit its peer's MSS
         if spec.state_dir is not None:
             store = StateStore(spec.state_dir)
             store.attach(processor.sad.all())  # before the queue: no packet without its state
         if queue is None:
             queue = NetlinkQueue(max_len=spec.max_len,
-                                 want_indev=spec.gateway_interface is not None)
+                                 want_indev=spec.gateway_interface is not None, gso=spec.gso)
         queue.bind(spec.queue)
     except Exception as err:
         if store is not None:

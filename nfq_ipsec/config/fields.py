@@ -47,6 +47,7 @@ SOCKET_DIR = "/run/nfq-ipsec"
 DEFAULT_SOCKET = f"{SOCKET_DIR}/nfq-ipsec.sock"  # a configuration that is not a file's
 DEFAULT_STATE_DIR = "/var/lib/nfq-ipsec"
 DEFAULT_MSS_CLAMP = True
+DEFAULT_GSO = False  # until measured better than one queue trip per segment
 DEFAULT_CHAIN_PREFIX = "NFQIPSEC"
 DEFAULT_LOG_LEVEL = "info"
 DEFAULT_IPTABLES = "auto"
@@ -114,6 +115,9 @@ DAEMON = Section("daemon", "[daemon]", "The daemon: its workers (one per NFQUEUE
           "across restarts*)", default=DEFAULT_STATE_DIR),
     Field("mss_clamp", BOOLEAN, "clamp the TCP MSS of protected flows for the ESP overhead",
           default=DEFAULT_MSS_CLAMP),
+    Field("gso", BOOLEAN, "queue outbound TCP superpackets whole (`NFQA_CFG_F_GSO`): the worker "
+          "segments, seals and sends them in a batch (see *Outbound TCP superpackets*)",
+          default=DEFAULT_GSO),
     Field("iptables", STRING, "which iptables: the system's (`auto`), `nft` or `legacy`",
           default=DEFAULT_IPTABLES, choices={k: k for k in ("auto", "nft", "legacy")}),
     Field("chain_prefix", STRING, "the start of the names of our iptables chains",

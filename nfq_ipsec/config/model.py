@@ -15,6 +15,7 @@ from .fields import (
     DEFAULT_CHAIN_PREFIX,
     DEFAULT_DPD_DELAY,
     DEFAULT_ESP_PROPOSAL,
+    DEFAULT_GSO,
     DEFAULT_IKE_PROPOSAL,
     DEFAULT_IKE_REKEY_TIME,
     DEFAULT_IPTABLES,
@@ -74,6 +75,7 @@ class DaemonConfig:
     watchdog: float = DEFAULT_WATCHDOG  # seconds a ready worker may not answer; 0: no watchdog
     busy_poll: int = DEFAULT_BUSY_POLL  # microseconds a worker polls after a batch; 0: off
     metrics: str | None = DEFAULT_METRICS  # "ADDRESS:PORT" of the metrics listener; None: off
+    gso: bool = DEFAULT_GSO  # queues bound with NFQA_CFG_F_GSO: outbound TCP superpackets whole
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,10 @@ class DropReason(enum.Enum):
     TRUNCATED = "truncated"  # the queue delivered fewer bytes than the packet has
     STATE_UNAVAILABLE = "state_unavailable"  # the SA's state could not be saved first: fail closed
     FAMILY_SEND = "family_send"  # a mixed tunnel's result refused by the other family's raw socket
+    # a GSO queue's packets (daemon.gso, gso.py)
+    GSO_UNSUPPORTED = "gso_unsupported"  # a superpacket the core can't segment as the kernel would
+    CHECKSUM_PARTIAL = "checksum_partial"  # a partial checksum the core can't complete
+    GSO_SEND = "gso_send"  # a superpacket's ESP packets refused by the socket sending them
     # ESP in UDP (RFC 3948, udpencap.py)
     NAT_KEEPALIVE = "nat_keepalive"  # a NAT-keepalive (one 0xFF byte): it has done its job
     UDP_RUNT = "udp_runt"  # UDP to an ESP-in-UDP port, too short for ESP and no marker

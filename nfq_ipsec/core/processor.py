@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from . import esp, esp6, ipv6, pmtu, udpencap
+from . import esp, esp6, gso, ipv6, pmtu, udpencap
 from . import packet as ip
 from .errors import DropReason, EspError
 from .sa import SAEvent, SAParams, SecurityAssociation
@@ -26,6 +26,11 @@ ARRIVING: Final = 0
 LEAVING: Final = 1
 FORWARDED: Final = 2
 ICMP_REPLIES_PER_SECOND: Final = 100  # "fragmentation needed" messages a processor sends back
+# The TCP MSS a sender assumes of a peer that announced none (RFC 9293 3.7.1): what a
+# superpacket of a flow whose SYN this processor did not see is cut to.
+DEFAULT_MSS4: Final = 536
+DEFAULT_MSS6: Final = 1220
+MssKey = tuple[int, int, int, int]  # an outbound flow: source, destination, ports
 
 
 class Verdict(enum.Enum):
@@ -116,6 +121,12 @@ class Processor:
         self._icmp_cache: dict[ip.PacketKey, Policy | None] = {}  # outbound errors, by quote
         self.udp_ports = self.sad.udp_ports()  # ESP in UDP comes to these (RFC 3948)
         self.udp_markers = 0  # non-ESP marker (IKE) datagrams passed to the host
+        # daemon.gso: the MSS each TCP peer announced in its SYN under one of our SAs, by
+        # outbound flow (bounded like the flow caches); a superpacket is cut to fit it
+        self.learn_mss = False
+        self.peer_mss: dict[MssKey, int] = {}
+        self.superpackets = 0  # GSO superpackets cut into segments and sealed
+        self.segments = 0  # the segments they were cut into
 
     # -- the entry point ------------------------------------------------------------------
     def process(self, data: bytes, length: int, where: int, now: float) -> Result:
@@ -304,6 +315,8 @@ class Processor:
                 f"inner {ip.ip_to_str(key.src)} -> {ip.ip_to_str(key.dst)} proto {key.protocol}",
                 sa.spi,
             )
+        if self.learn_mss and inner.protocol == ip.PROTO_TCP and not inner.is_fragment:
+            self._learn_mss(dec.packet, inner.ihl, inner.total_length, inner.dst, inner.src)
 
     def _check_inner6(self, dec: esp.Decapsulated) -> None:
         """``_check_inner`` for an IPv6 packet (``matches6``: an IPv4 policy never matches)."""
@@ -321,6 +334,20 @@ class Processor:
                 DropReason.POLICY_MISMATCH,
                 f"{what} {ipv6.addr_str(key.src)} -> {ipv6.addr_str(key.dst)} "
                 f"proto {key.protocol}", sa.spi)
+        if self.learn_mss and inner.protocol == ip.PROTO_TCP and inner.frag_offset < 0:
+            self._learn_mss(dec.packet, inner.offset, inner.total_length, inner.dst, inner.src)
+
+    def _learn_mss(self, data: bytes, at: int, end: int, local: int, remote: int) -> None:
+        """Remember the MSS option of a TCP SYN or SYN-ACK that came in under one of our
+        SAs, for the outbound flow that answers it (``gso_segment_size``)."""
+        mss = gso.syn_mss(data, at, end)
+        if not mss:
+            return
+        key = (local, remote, (data[at + 2] << 8) | data[at + 3], (data[at] << 8) | data[at + 1])
+        cache = self.peer_mss
+        if len(cache) >= self.flow_cache_size and key not in cache:
+            cache.clear()
+        cache[key] = mss
 
     def _inbound_cleartext(self, data: bytes, hdr: ip.IPv4Header, now: float) -> Result:
         if (hdr.protocol == ip.PROTO_UDP and self.udp_ports
@@ -441,6 +468,99 @@ class Processor:
         sa.pmtu_at = now
         self.pmtu_updates += 1
         return self._accept(None)
+
+    # -- a GSO queue's packets (daemon.gso) -------------------------------------------------
+    def process_offloaded(self, data: bytes, length: int, where: int, now: float,
+                          superpacket: bool) -> Result:
+        """A packet leaving (LEAVING or FORWARDED) from a queue bound with the GSO flag whose
+        checksum is not ready (``NFQA_SKB_CSUMNOTREADY``) or which is a superpacket
+        (``NFQA_SKB_GSO``). A single TCP or UDP packet gets its checksum completed and goes
+        the way of ``process`` (the completion is thrown away with the packet if it is
+        bypassed: the kernel completes the original). Otherwise bypassed or discarded as
+        ``process`` would; protected, a superpacket is cut into segments (``gso``) and each
+        sealed in order on the flow's SA: REPLACE, ``packets`` the ESP packets; a partial
+        checksum of another protocol is dropped (CHECKSUM_PARTIAL)."""
+        n = len(data)
+        if n < length or n < ip.declared_length(data):
+            return self._drop(EspError(DropReason.TRUNCATED, f"{n} of {max(length, n)} bytes"),
+                              None)
+        if not superpacket:
+            try:  # TCP and UDP: completed, then the per-packet path decides as ever
+                done = (gso.complete6(data, ipv6.parse_ipv6(data)) if n and data[0] >> 4 == 6
+                        else gso.complete4(data, ip.parse_ipv4(data)))
+            except EspError as err:
+                if err.reason is not DropReason.CHECKSUM_PARTIAL:
+                    return self._drop(err, None)
+            else:
+                return self.process(done, length, where, now)
+        sa: SecurityAssociation | None = None
+        try:
+            v6 = bool(n) and data[0] >> 4 == 6
+            if v6:
+                hdr6 = ipv6.parse_ipv6(data)
+                if self.ipv6_link and ipv6.is_link_message(data, hdr6):
+                    return self._accept(None)
+                key = ipv6.packet_key6(data, hdr6)
+            else:
+                hdr = ip.parse_ipv4(data)
+                key = ip.packet_key(data, hdr)
+            policy = self._policy(key, self._out_cache, True)
+            if policy is None:
+                raise EspError(DropReason.NO_POLICY)
+            action = policy.action
+            if action is not Action.PROTECT:
+                if action is Action.BYPASS:
+                    return self._accept(None)  # the kernel segments and checksums it
+                raise EspError(DropReason.POLICY_DISCARD, policy.name)
+            if not superpacket:  # a partial checksum of another protocol, to be protected
+                raise EspError(DropReason.CHECKSUM_PARTIAL, f"protocol {key.protocol}")
+            sa = self.sad.outbound_sa(policy)
+            if sa is None:
+                raise EspError(DropReason.NO_SA, policy.name)
+            sa.check_lifetime(now)
+            if v6:
+                l3 = hdr6.offset
+                size = self.gso_segment_size(sa, key, data, l3, hdr6.total_length, now)
+                segments = gso.segment6(data, hdr6, size)
+            else:
+                l3 = hdr.ihl
+                size = self.gso_segment_size(sa, key, data, l3, hdr.total_length, now)
+                segments = gso.segment4(data, hdr, size)
+            out: list[bytes] = []
+            for seg in segments:
+                if v6:
+                    shdr6 = ipv6.parse_ipv6(seg)
+                    packet = esp6.encapsulate6(sa, seg, shdr6)
+                    sa.account(shdr6.total_length)
+                else:
+                    shdr = ip.parse_ipv4(seg)
+                    packet = self._seal(sa, seg, shdr, now)
+                    sa.account(shdr.total_length)
+                out.append(packet)
+            self.superpackets += 1
+            self.segments += len(out)
+            return Result(Verdict.REPLACE, None, None, sa, sa.next_seq - 1, "", None, out)
+        except EspError as err:
+            return self._drop(err, sa)
+
+    def gso_segment_size(self, sa: SecurityAssociation, key: ip.PacketKey, data: bytes,
+                         l3: int, end: int, now: float) -> int:
+        """The TCP payload bytes per segment of a superpacket on ``sa`` (its IP headers
+        ``l3`` bytes, its TCP header at ``data[l3:]``): the most that fits the SA's path
+        after ESP, and no more than the MSS the peer announced in its SYN less the TCP
+        options the segments carry, as the sender's own kernel sizes them; a flow whose SYN
+        this processor did not see (one older than it) gets the MSS a peer that announces
+        none has (``DEFAULT_MSS4``, ``DEFAULT_MSS6``): smaller segments, never too big ones.
+        The README's *Outbound TCP superpackets* says why the superpacket itself can't tell."""
+        if sa.pmtu and now - sa.pmtu_at > pmtu.PMTU_AGE:
+            sa.pmtu = 0  # aged: the interface's MTU again (RFC 1191 6.3)
+        limit = sa.pmtu or self.mtu
+        options = ((data[l3 + 12] >> 4) * 4 - gso.TCP_HEADER) if end >= l3 + gso.TCP_HEADER else 0
+        size = pmtu.inner_mtu(sa, limit, l3) - l3 - gso.TCP_HEADER - options
+        mss = self.peer_mss.get((key.src, key.dst, key.sport or 0, key.dport or 0))
+        if mss is None:
+            mss = DEFAULT_MSS6 if data[0] >> 4 == 6 else DEFAULT_MSS4
+        return min(size, mss - options)
 
     # -- IPv6 -----------------------------------------------------------------------------
     def outbound6(self, data: bytes, now: float, forwarded: bool = False) -> Result:

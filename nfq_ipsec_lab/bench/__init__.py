@@ -37,12 +37,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 STRONGSWAN_APT = "apt-get install strongswan-charon libcharon-extra-plugins strongswan-swanctl"
-ROW_KEYS = ("plain", "accept", "accept-payload", "accept-gcm", "gcm", "gcm-source", "gcm6",
-            "gcm-udp", "gcm-poll", "gcm-float", "chacha", "cbc", "tunnel-gcm",
+ROW_KEYS = ("plain", "accept", "accept-gso", "accept-payload", "accept-gcm", "gcm", "gcm-gso",
+            "gcm-source", "gcm6", "gcm-udp", "gcm-poll", "gcm-float", "chacha", "cbc", "tunnel-gcm",
             "strongswan")  # = beds
 
 EPILOG = f"""\
-rows: plain (veth, no rules), accept (NFQUEUE accept-only: the redirect ceiling),
+rows: plain (veth, no rules), accept (NFQUEUE accept-only: the redirect ceiling), accept-gso
+(accept-only, 1 queue, bound with the GSO flag: TCP superpackets whole, the ceiling of
+daemon.gso), gcm-gso (gcm, 1 queue, daemon.gso: superpackets cut, sealed and sent in batches),
 accept-payload (accept-only, each verdict carrying the packet back), accept-gcm (the same, each
 packet first sealed with AES-GCM-128: the floor under any ESP worker), gcm, chacha, cbc (the
 daemon, transport mode), gcm-source (gcm, 1 queue, with the ESP core run from source

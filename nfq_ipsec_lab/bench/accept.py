@@ -2,7 +2,7 @@
 
 One process per queue, started by the benchmark in a lab namespace::
 
-    python -m nfq_ipsec_lab.bench.accept --queue 100 --cpu 0 --mark 0x10000000 [--work WORK]
+    python -m nfq_ipsec_lab.bench.accept --queue 100 --cpu 0 --mark 0x10000000 [--work WORK] [--gso]
 
 It is the daemon's own worker (:func:`nfq_ipsec.worker.run`: CPU pinning, the NetlinkQueue
 binding with its settings, the poll loop, batches of 64 packets, verdicts sent several per
@@ -21,6 +21,10 @@ of an ESP worker's unavoidable work it does on the way:
   as an ESP worker's; the ciphertext is thrown away so that the traffic stays readable). No
   parsing, no SPD, no framing: the least any ESP worker on this binding and this cipher
   library has to do per packet, so its ratio to ``accept`` bounds what ESP can reach.
+
+``--gso`` (the ``accept-gso`` row) binds the queue with the GSO flag, as ``daemon.gso`` does:
+a TCP superpacket makes its queue trip whole and is accepted unchanged, the kernel segments it
+after the verdict.
 
 The swap is ``worker.run``'s ``processor`` argument: everything else is the daemon's worker.
 """
@@ -61,6 +65,12 @@ class AcceptAll:
         return _ACCEPT
 
     def inbound(self, data: bytes, now: float) -> Result:
+        return _ACCEPT
+
+    def process_offloaded(self, data: bytes, length: int, where: int, now: float,
+                          superpacket: bool) -> Result:
+        """A GSO queue's superpacket or packet whose checksum is not ready (``--gso``):
+        accepted unchanged, the kernel segments and checksums it after the verdict."""
         return _ACCEPT
 
     def __getattr__(self, name: str) -> Any:
@@ -117,9 +127,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work", choices=WORKS, default="none",
                         help="none: accept unchanged (default); payload: the verdict carries the "
                         "packet back; gcm: payload, after sealing the packet with AES-GCM-128")
+    parser.add_argument("--gso", action="store_true",
+                        help="bind the queue with the GSO flag (TCP superpackets whole; with "
+                        "--work none only)")
     args = parser.parse_args(argv)
+    if args.gso and args.work != "none":
+        parser.error("--gso goes with --work none: a payload verdict can't carry a superpacket")
     spec = worker.WorkerSpec(queue=args.queue, cpu=args.cpu, mark=args.mark, policies=(), sas=(),
-                             max_len=args.max_len)
+                             max_len=args.max_len, gso=args.gso)
     # The worker reports "ready" on its pipe and stops when the pipe closes: keep our end open.
     # The benchmark learns readiness from the kernel (the queue shows up in
     # /proc/net/netfilter/nfnetlink_queue) and stops us with SIGTERM.

@@ -13,6 +13,9 @@ between the gateways):
   rules do; with several queues HMARK spreads flows over them like the daemon's per-flow hash),
   and accepted unchanged by one accept-only worker per queue (:mod:`nfq_ipsec_lab.bench.accept`:
   the daemon's worker loop with a processor that accepts everything);
+- ``accept-gso``: the ``accept`` bed (one queue) with its queues bound with the GSO flag: a
+  TCP superpacket makes one queue trip whole and is segmented by the kernel after its verdict
+  (the ceiling of ``daemon.gso``);
 - ``accept-payload`` and ``accept-gcm``: the ``accept`` bed (one queue) whose workers also do
   the part of an ESP worker's work that no ESP implementation on this binding can avoid: the
   verdict carries the packet back as a payload, and (``accept-gcm``) the packet is first sealed
@@ -20,6 +23,7 @@ between the gateways):
   is the floor under the ESP rows' ratio;
 - ``gcm``, ``chacha``, ``cbc``, ``tunnel-gcm``: the real daemon on both peers
   (``nfq-ipsec run``), configured by the lab (one SA per queue and direction, fresh keys);
+- ``gcm-gso``: the ``gcm`` row (one queue) with ``daemon.gso = true`` on both peers;
 - ``gcm-source``: the ``gcm`` row (one queue) with the daemon's ESP core run from its Python
   source (``NFQ_IPSEC_PURE=1``) instead of the compiled build;
 - ``gcm6``: the ``gcm`` row (one queue) over IPv6: the lab's ``host6`` topology (the same veth
@@ -72,6 +76,7 @@ class RowSpec:
     source_core: bool = False  # the daemon runs its ESP core from source (NFQ_IPSEC_PURE=1)
     work: str = "none"  # accept rows: what the worker does besides accepting (bench.accept)
     encapsulation: str = "none"  # esp rows: the SAs' (config and status): "none" or "udp"
+    gso: bool = False  # queues bound with the GSO flag (esp rows: daemon.gso)
     base: str | None = None  # a variant of this row: the report gives the ratio to it
     busy_poll: int = 0  # esp rows: daemon.busy_poll (microseconds; 0: off)
     pinned: bool = True  # esp rows: workers pinned per --cpu-layout (else `cpus = []`)
@@ -83,6 +88,11 @@ ROWS = (
     RowSpec("accept", "NFQUEUE accept-only", "accept",
             note="every packet of the link through NFQUEUE and the worker loop, accepted "
                  "unchanged: the redirect ceiling"),
+    RowSpec("accept-gso", "NFQUEUE accept-only GSO flag", "accept", per_queue=False, gso=True,
+            base="accept",
+            note="the accept row with its queue bound with NFQA_CFG_F_GSO: a TCP superpacket "
+                 "makes one queue trip whole, the kernel segments it after the verdict; the "
+                 "ceiling of daemon.gso"),
     RowSpec("accept-payload", "accept-only + payload verdict", "accept", per_queue=False, work="payload",
             note="accept-only, each verdict carrying the packet back (as an ESP verdict carries "
                  "its new packet): what the kernel's payload copy and the lost checksum offload "
@@ -91,6 +101,10 @@ ROWS = (
             note="accept-payload, each packet first sealed with AES-GCM-128 by the core's "
                  "suite: the floor under any ESP worker on this binding and cipher library"),
     RowSpec("gcm", "transport aes-gcm-128", "esp", encryption="aes-gcm-128"),
+    RowSpec("gcm-gso", "transport aes-gcm-128 GSO", "esp", encryption="aes-gcm-128",
+            per_queue=False, gso=True, base="gcm",
+            note="the gcm row with daemon.gso: outbound TCP superpackets cut, sealed and sent "
+                 "in sendmmsg batches by the worker; inbound as ever"),
     RowSpec("gcm-source", "transport gcm (uncompiled core)", "esp", encryption="aes-gcm-128",
             per_queue=False, source_core=True, base="gcm",
             note="the gcm row with the ESP core run from its Python source instead of the "
@@ -162,7 +176,8 @@ class Bed:
                 continue
             workers[d.name] = [
                 {k: w.get(k)
-                 for k in ("queue", "cpu", "packets_in", "packets_out", "drops", "kernel", "core")}
+                 for k in ("queue", "cpu", "packets_in", "packets_out", "drops", "kernel", "core",
+                           "superpackets", "segments")}
                 for w in st.get("workers", [])
             ]
             sas[d.name] = [
@@ -184,7 +199,7 @@ def build(lab: Lab, spec: RowSpec, queues: int, layout: str) -> Bed:
         topo = topology.host_to_host(lab)
         return Bed(TrafficPath(lab, topo.client, topo.server, topo.server_addr))
     if spec.kind == "accept":
-        return _accept_bed(lab, queues, layout, spec.work)
+        return _accept_bed(lab, queues, layout, spec.work, spec.gso)
     if spec.kind == "esp":
         return _esp_bed(lab, spec, queues, layout)
     if spec.kind == "strongswan":
@@ -231,7 +246,8 @@ def encapsulate_udp(path: Path) -> None:
 def _esp_bed(lab: Lab, spec: RowSpec, queues: int, layout: str) -> Bed:
     assert spec.encryption is not None
     topo = topology.build(lab, spec.topology)
-    cfg = labconfig.generate(lab.workdir / "config", topo.a.spec, topo.b.spec, spec.encryption, queues)
+    cfg = labconfig.generate(lab.workdir / "config", topo.a.spec, topo.b.spec, spec.encryption, queues,
+                             gso=spec.gso)
     cpus = {}
     for i, peer in enumerate(topo.peers):
         path = cfg.peer(peer.name).path
@@ -255,7 +271,7 @@ def _esp_bed(lab: Lab, spec: RowSpec, queues: int, layout: str) -> Bed:
                workers=queues * len(topo.peers),
                info={"mode": cfg.mode, "encryption": cfg.encryption, "integrity": cfg.integrity,
                      "cpus": cpus, "topology": topo.kind, "encapsulation": spec.encapsulation,
-                     "busy_poll_us": spec.busy_poll})
+                     "busy_poll_us": spec.busy_poll, "gso": spec.gso})
 
 
 # -- accept-only ----------------------------------------------------------------------------
@@ -288,7 +304,7 @@ def bound_queues(host: Host) -> set[int]:
     return {int(line.split()[0]) for line in res.stdout.splitlines() if line.split()}
 
 
-def _accept_bed(lab: Lab, queues: int, layout: str, work: str = "none") -> Bed:
+def _accept_bed(lab: Lab, queues: int, layout: str, work: str = "none", gso: bool = False) -> Bed:
     topo = topology.host_to_host(lab)
     qnums = [labconfig.QUEUE_BASE + k for k in range(queues)]
     procs: list[Started] = []
@@ -298,7 +314,7 @@ def _accept_bed(lab: Lab, queues: int, layout: str, work: str = "none") -> Bed:
         for q, cpu in zip(qnums, cpus[peer.name], strict=True):
             procs.append(lab.start(f"accept-{peer.name}-q{q}", peer.host, [
                 sys.executable, "-m", "nfq_ipsec_lab.bench.accept", "--queue", str(q), "--cpu", str(cpu),
-                "--mark", f"0x{DEFAULT_MARK:x}", "--work", work]))
+                "--mark", f"0x{DEFAULT_MARK:x}", "--work", work, *(["--gso"] if gso else [])]))
     deadline = time.monotonic() + READY_TIMEOUT
     for peer in topo.peers:
         while not set(qnums) <= bound_queues(peer.host):
@@ -313,4 +329,4 @@ def _accept_bed(lab: Lab, queues: int, layout: str, work: str = "none") -> Bed:
         peer.host.run(["iptables-restore"], input=accept_rules(peer.spec.interface, qnums))
     return Bed(TrafficPath(lab, topo.client, topo.server, topo.server_addr), dataplane=procs,
                queue_hosts=[p.host for p in topo.peers], workers=len(procs),
-               info={"queues": qnums, "cpus": cpus, "work": work})
+               info={"queues": qnums, "cpus": cpus, "work": work, "gso": gso})

@@ -22,6 +22,15 @@ inbound (peer b receives it)
   framing (replay update, trailer, new IP header); policy (the inner packet against the SA's
   policy); verdict.
 
+superpacket (``--gso``: peer a's worker with ``daemon.gso``), per segment of a 64 KiB TCP
+superpacket cut to the flow's MSS (1,460 announced)
+  cut       the segmentation and its checksums (gso.segment4)
+  seal      each segment parsed and sealed (esp.encapsulate)
+  whole     Processor.process_offloaded on the superpacket (SPD, SA, cut, seal)
+  per-packet  for comparison: Processor.process on the same segments, one by one (what the
+            worker's per-packet path calls; without its receive and verdict)
+The batch's system call is not in it: ``python -m nfq_ipsec_lab.bench.gsosend`` measures it.
+
 ``whole`` is the worker's own ``PacketHandler.handle_batch`` on batches of 64 packets, plus
 the receive parse; ``other`` is whole minus the stages (the loop, result objects, counters).
 What this leaves out is the kernel's side and the system calls (a recv per packet and a
@@ -46,8 +55,9 @@ from pathlib import Path
 from typing import Any
 
 from nfq_ipsec.config import load_config
-from nfq_ipsec.core import Processor, esp
+from nfq_ipsec.core import Processor, esp, gso
 from nfq_ipsec.core import packet as ip
+from nfq_ipsec.core.processor import LEAVING
 from nfq_ipsec.nfqueue import (
     HOOK_LOCAL_OUT,
     HOOK_PRE_ROUTING,
@@ -191,6 +201,41 @@ class Profile:
             "verdict": (verdict, 1),
             "whole": (self._whole(proc, [(HOOK_LOCAL_OUT, data)] * BATCH), BATCH),
         }
+
+    # -- a superpacket (daemon.gso) -----------------------------------------------------------
+    def gso_stages(self) -> tuple[dict[str, tuple[Callable[[], object], int]], int]:
+        """name -> (one call, segments per call), and the segments of one superpacket."""
+        proc = self.a
+        sp = tcp_packet(A_ADDR, B_ADDR, 40 + 65000) if self.mode == "transport" else \
+            tcp_packet("10.1.0.5", "10.2.0.5", 40 + 65000)
+        hdr = ip.parse_ipv4(sp)
+        key = ip.packet_key(sp, hdr)
+        policy = proc.spd.lookup(key, outbound=True)
+        assert policy is not None
+        sa = proc.sad.outbound_sa(policy)
+        assert sa is not None
+        sa.seq_limit = sa.max_seq
+        proc.peer_mss[(key.src, key.dst, key.sport or 0, key.dport or 0)] = 1460  # its SYN seen
+        size = proc.gso_segment_size(sa, key, sp, hdr.ihl, hdr.total_length, 1.0)
+        segments = gso.segment4(sp, hdr, size)
+        n = len(segments)
+
+        def seal() -> object:
+            for seg in segments:
+                esp.encapsulate(sa, seg, ip.parse_ipv4(seg))
+            return None
+
+        def per_packet() -> object:
+            for seg in segments:
+                proc.process(seg, len(seg), LEAVING, 1.0)
+            return None
+
+        return {
+            "cut": (lambda: gso.segment4(sp, hdr, size), n),
+            "seal": (seal, n),
+            "whole": (lambda: proc.process_offloaded(sp, len(sp), LEAVING, 1.0, True), n),
+            "per-packet": (per_packet, n),
+        }, n
 
     # -- inbound ----------------------------------------------------------------------------
     def inbound_stages(self) -> dict[str, tuple[Callable[[], object], int]]:
@@ -395,24 +440,36 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"    => {1e6 / whole / 1000:.0f} k packets/s per core, "
                      f"{1e6 / whole * result['size'] * 8 / 1e9:.2f} Gbit/s of {result['size']}-byte packets "
                      f"(user space only)")
+    sp = result.get("superpacket")
+    if sp is not None:
+        lines.append(f"  superpacket (daemon.gso), per segment of {sp['segments']}:")
+        for name, value in sp["us"].items():
+            lines.append(f"    {name:<10} {value:6.2f}")
     return "\n".join(lines)
 
 
 def run_profile(
-    encryption: str, mode: str, size: int, iterations: int, rounds: int
+    encryption: str, mode: str, size: int, iterations: int, rounds: int, superpacket: bool = False,
 ) -> dict[str, Any]:
     prof = Profile(encryption, mode, size)
     try:
         out_raw = measure(prof.outbound_stages(), iterations, rounds)
         in_raw = measure(prof.inbound_stages(), iterations, rounds)
+        if superpacket:
+            stages, segments = prof.gso_stages()
+            gso_raw = measure(stages, iterations, rounds)
     finally:
         prof.close()
-    return {
+    result: dict[str, Any] = {
         "encryption": encryption, "mode": mode, "size": size, "iterations": iterations,
         "rounds": rounds, "python": sys.version.split()[0],
         "outbound": {"raw_ns": out_raw, "breakdown": breakdown(out_raw, True)},
         "inbound": {"raw_ns": in_raw, "breakdown": breakdown(in_raw, False)},
     }
+    if superpacket:
+        result["superpacket"] = {"segments": segments, "raw_ns": gso_raw,
+                                 "us": {k: v["median"] / 1000 for k, v in gso_raw.items()}}
+    return result
 
 
 def drive(encryption: str, mode: str, size: int, direction: str, batches: int) -> int:
@@ -439,6 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=20000, help="packets per stage and round")
     p.add_argument("--rounds", type=int, default=5, help="rounds (the median is reported)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures here")
+    p.add_argument("--gso", action="store_true",
+                   help="also the per-segment cost of a 64 KiB TCP superpacket (daemon.gso)")
     p.add_argument("--cprofile", action="store_true",
                    help="also run the whole handler under cProfile and print the top functions")
     p.add_argument("--drive", choices=("outbound", "inbound"), default=None,
@@ -460,7 +519,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.error("--batches must be 0 or more")
         print(f"{drive(args.encryption, args.mode, args.size, args.drive, args.batches)} packets")
         return 0
-    result = run_profile(args.encryption, args.mode, args.size, args.iterations, args.rounds)
+    result = run_profile(args.encryption, args.mode, args.size, args.iterations, args.rounds,
+                         args.gso)
     print(format_table(result))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -311,6 +311,24 @@ def test_udp_rows_config_loads(tmp_path: Path) -> None:
         beds.encapsulate_udp(tmp_path / "cfg" / "a" / "keys" / "a-to-b-0.key")  # no SA in it
 
 
+def test_gso_rows_bind_their_queues_with_the_gso_flag(tmp_path: Path) -> None:
+    """gcm-gso's daemons run with daemon.gso, accept-gso's workers bind with the GSO flag;
+    the rows they vary do neither."""
+    a = labconfig.PeerSpec("a", "eth1", IPv4Address(HOST_A), IPv4Network(f"{HOST_A}/32"))
+    b = labconfig.PeerSpec("b", "eth1", IPv4Address(HOST_B), IPv4Network(f"{HOST_B}/32"))
+    for gso in (False, True):
+        cfg = labconfig.generate(tmp_path / f"cfg{gso}", a, b, "aes-gcm-128", queues=1, gso=gso)
+        for peer in ("a", "b"):
+            assert load_config(cfg.peer(peer).path, online_cpus=[0, 1]).daemon.gso is gso
+    assert [(k, beds.row_spec(k).gso, beds.row_spec(k).base) for k in ("accept-gso", "gcm-gso")] == [
+        ("accept-gso", True, "accept"), ("gcm-gso", True, "gcm")]
+    assert not beds.row_spec("gcm").gso and not beds.row_spec("accept").gso
+    from nfq_ipsec_lab.bench import accept
+
+    with pytest.raises(SystemExit):  # a payload verdict can't carry a superpacket
+        accept.main(["--queue", "1", "--mark", "1", "--work", "payload", "--gso"])
+
+
 def test_variant_ratios() -> None:
     rows = [_row("gcm", 1, 100), _row("gcm", 2, 200), _row("gcm6", None, 50), _row("gcm-udp", None, 25),
             _row("gcm-source", None, 10)]

@@ -50,8 +50,11 @@ from nfq_ipsec_lab.lab.traffic import (
 
 TOPOLOGIES = ["host", "gateway"]
 ENCRYPTIONS = ["aes-gcm-128", "chacha20-poly1305", "aes-cbc-128"]
-COMBOS = [(t, e, "none") for t in TOPOLOGIES for e in ENCRYPTIONS] + [
-    (t, "aes-gcm-128", "udp") for t in TOPOLOGIES]
+# (topology, encryption, encapsulation, daemon.gso): the whole matrix per packet, and with
+# superpackets (daemon.gso) the GCM runs, plain ESP and ESP in UDP
+COMBOS = [(t, e, "none", False) for t in TOPOLOGIES for e in ENCRYPTIONS] + [
+    (t, "aes-gcm-128", "udp", False) for t in TOPOLOGIES] + [
+    (t, "aes-gcm-128", u, True) for t in TOPOLOGIES for u in ("none", "udp")]
 QUEUES = 2
 FILE_SIZE = 1 << 20
 UDP_COUNT = 20
@@ -107,20 +110,24 @@ def scapy_wire(pcap: Path, peers: tuple[str, str], bypass_port: int) -> ScapyWir
 class Run(StepRun):
     """One lab run's results; a failed step keeps its error for the tests that need it."""
 
-    def __init__(self, topology: str, encryption: str, encapsulation: str = "none") -> None:
+    def __init__(self, topology: str, encryption: str, encapsulation: str = "none",
+                 gso: bool = False) -> None:
         super().__init__()
         self.topology, self.encryption = topology, encryption
         self.encapsulation = encapsulation
+        self.gso = gso
 
 
 
 @pytest.fixture(scope="module", params=COMBOS,
-                ids=[f"{t}-{e}" + ("-udp" if u == "udp" else "") for t, e, u in COMBOS])
+                ids=[f"{t}-{e}" + ("-udp" if u == "udp" else "") + ("-gso" if g else "")
+                     for t, e, u, g in COMBOS])
 def run(request: pytest.FixtureRequest) -> Run:
-    topology, encryption, encapsulation = request.param
-    r = Run(topology, encryption, encapsulation)
+    topology, encryption, encapsulation, gso = request.param
+    r = Run(topology, encryption, encapsulation, gso)
     t0 = time.monotonic()
-    with LabSession(topology, encryption, queues=QUEUES, encapsulation=encapsulation) as s:
+    with LabSession(topology, encryption, queues=QUEUES, encapsulation=encapsulation,
+                    gso=gso) as s:
         for peer in s.topology.peers:
             for canary in CANARIES:
                 peer.host.run(["iptables", *canary])
@@ -140,7 +147,7 @@ def run(request: pytest.FixtureRequest) -> Run:
         r.values["logs"] = {n: d.output() for n, d in s.daemons.items()}
         r.values["endpoints"] = (s.topology.client_addr, s.topology.server_addr)
     r.timings["total"] = time.monotonic() - t0
-    print(f"\nlab {topology}/{encryption}/{encapsulation}: "
+    print(f"\nlab {topology}/{encryption}/{encapsulation}{'/gso' if gso else ''}: "
           + ", ".join(f"{k} {v:.1f}s" for k, v in r.timings.items()))
     return r
 
@@ -243,6 +250,22 @@ def test_every_worker_carries_traffic(run: Run) -> None:
         assert len(workers) == QUEUES, workers
         for w in workers:
             assert w["packets_out"] and w["packets_out"] > 0, f"peer {peer} queue {w['queue']}: {w}"
+
+
+def test_superpackets_take_the_gso_path_only_with_gso(run: Run) -> None:
+    """With daemon.gso the TCP bulk transfer's superpackets reach the workers whole and
+    leave as batches of ESP packets (more ESP packets than superpackets); without it the
+    kernel cuts them before the queue and no worker sees one."""
+    status: dict[str, dict[str, Any]] = run.get("status")
+    superpackets = sum(w["superpackets"] or 0 for st in status.values() for w in st["workers"])
+    segments = sum(w["segments"] or 0 for st in status.values() for w in st["workers"])
+    drops = [w["drops"] or {} for st in status.values() for w in st["workers"]]
+    assert not any(d.get(r) for d in drops for r in ("gso_unsupported", "checksum_partial",
+                                                     "gso_send")), drops
+    if run.gso:
+        assert superpackets > 0 and segments > superpackets, (superpackets, segments)
+    else:
+        assert superpackets == segments == 0
 
 
 def test_sigterm_closes_rules_and_remove_restores_iptables(run: Run) -> None:

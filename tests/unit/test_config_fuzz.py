@@ -33,7 +33,7 @@ IKEY = "0x" + "a5" * 32
 FIELDS = [
     # sections and their fields, so that random documents reach the validators
     "node", "daemon", "policy", "sa", "lifetime", "interface", "role", "default", "mtu", "queues",
-    "cpus", "mark", "control_socket", "state_dir", "mss_clamp", "chain_prefix", "log_level",
+    "cpus", "mark", "control_socket", "state_dir", "mss_clamp", "gso", "chain_prefix", "log_level",
     "iptables", "name", "action", "direction", "local", "remote", "protocol", "local_ports",
     "remote_ports", "icmp_type", "icmp_code", "spi", "queue", "mode", "tunnel_local",
     "tunnel_remote", "encryption", "key", "key_file", "integrity", "integrity_key",

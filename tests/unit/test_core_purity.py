@@ -27,6 +27,8 @@ FORBIDDEN_IMPORTS = {"os", "time", "socket", "subprocess", "threading", "select"
                      "multiprocessing", "asyncio", "signal", "netfilterqueue", "scapy", "pyroute2",
                      "psutil", "datetime", "random", "secrets", "io", "pathlib", "shutil"}
 ALLOWED_THIRD_PARTY = {"cryptography"}
+# Types for mypyc only (native integers), imported under ``if TYPE_CHECKING:``: never at run time.
+TYPES_ONLY = {"mypy_extensions"}
 
 
 def test_importing_the_core_loads_no_io_modules() -> None:
@@ -47,10 +49,25 @@ def test_importing_the_core_loads_no_io_modules() -> None:
     assert "nfq_ipsec.ike.sk" in report["new"]
 
 
+def _type_checking_only(tree: ast.Module) -> set[int]:
+    """The ids of the import nodes under ``if TYPE_CHECKING:`` (no ``else``)."""
+    out: set[int] = set()
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.If) and isinstance(node.test, ast.Name)
+                and node.test.id == "TYPE_CHECKING" and not node.orelse):
+            out |= {id(n) for n in ast.walk(node) if isinstance(n, ast.Import | ast.ImportFrom)}
+    return out
+
+
 def _imports(path: Path) -> list[tuple[int, str]]:
     tree = ast.parse(path.read_text(), str(path))
+    typing_only = _type_checking_only(tree)
     found: list[tuple[int, str]] = []
     for node in ast.walk(tree):
+        if id(node) in typing_only and (
+                (node.module or "").split(".")[0] in TYPES_ONLY if isinstance(node, ast.ImportFrom)
+                else all(a.name.split(".")[0] in TYPES_ONLY for a in node.names)):  # type: ignore[attr-defined]
+            continue
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -83,3 +100,9 @@ def test_the_scan_would_catch_a_forbidden_import(tmp_path: Path) -> None:
     bad.write_text("import os\nfrom time import monotonic\nimport scapy.all\ndef f():\n    import socket\n")
     names = {name for _, name in _imports(bad)}
     assert {"os", "time", "scapy.all", "socket"} <= names
+    typed = tmp_path / "typed.py"
+    typed.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                     "    from mypy_extensions import i64\n    import scapy\n"
+                     "from mypy_extensions import u8\n")
+    # a types-only import passes under TYPE_CHECKING only; nothing else does
+    assert sorted(name for _, name in _imports(typed)) == ["mypy_extensions", "scapy", "typing"]

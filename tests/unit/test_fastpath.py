@@ -159,6 +159,21 @@ def test_profile_command_output(
     assert data["encryption"] == encryption and data["mode"] == mode
 
 
+@pytest.mark.parametrize("mode", ["transport", "tunnel"])
+def test_profile_gso_block(mode: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--gso``: the per-segment cost of a 64 KiB superpacket, each stage present and
+    positive, the superpacket cut into as many segments as its 65,000 bytes need at the
+    size the path and the 1,460-byte MSS allow."""
+    out = tmp_path / "p.json"
+    assert profile.main(["--mode", mode, "--iterations", "200", "--rounds", "1", "--gso",
+                         "--json", str(out)]) == 0
+    data = json.loads(out.read_text())["superpacket"]
+    assert set(data["us"]) == {"cut", "seal", "whole", "per-packet"}
+    assert all(v > 0 for v in data["us"].values())
+    assert -(-65000 // 1448) <= data["segments"] <= -(-65000 // 1300)
+    assert f"per segment of {data['segments']}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("direction", ["outbound", "inbound"])
 def test_profile_drive_runs_the_whole_handler_untimed(
     direction: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch

@@ -20,8 +20,9 @@ LAYERS: list[set[str]] = [
      "counts", "status", "metrics", "liveness", "sdnotify", "droplog",
      "__init__"},
     {"config"},  # 1: the configuration, read and checked
-    # 2: pure rule building, negotiated SAs in the configuration, offline decode, the queue, SA state
-    {"rules", "childsas", "decode", "nfqueue", "state"},
+    # 2: pure rule building, negotiated SAs in the configuration, offline decode, the queue,
+    # the batch sender, SA state
+    {"rules", "childsas", "decode", "nfqueue", "rawsend", "state"},
     # 3: applying rules, the data path, the keying agent, the control socket, the metrics listener
     {"iptables", "worker", "agent", "control", "metricsserver"},
     {"supervisor", "service"},  # 4: the daemon, and the systemd helper

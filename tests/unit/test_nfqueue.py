@@ -25,7 +25,7 @@ def _nlattr(atype: int, value: bytes) -> bytes:
 
 def _packet_msg(
     packet_id: int, hook: int, payload: bytes, mark: int = 0, cap_len: int | None = None,
-    indev: int = 0,
+    indev: int = 0, skb_info: int | None = None,
 ) -> bytes:
     body = struct.pack("!BBH", 2, 0, 100)
     body += _nlattr(nfqueue.NFQA_PACKET_HDR, struct.pack("!IHB", packet_id, 0x0800, hook) + b"\0")
@@ -37,6 +37,8 @@ def _packet_msg(
     body += _nlattr(nfqueue.NFQA_PAYLOAD, payload)
     if cap_len is not None:
         body += _nlattr(nfqueue.NFQA_CAP_LEN, struct.pack("!I", cap_len))
+    if skb_info is not None:
+        body += _nlattr(nfqueue.NFQA_SKB_INFO, struct.pack("!I", skb_info))
     return struct.pack("=IHHII", 16 + len(body), nfqueue.NFQNL_MSG_PACKET, 0, 0, 0) + body
 
 
@@ -67,6 +69,39 @@ def test_input_interface_is_read_when_asked(want_indev: bool) -> None:
     nfqueue.NetlinkQueue(want_indev=want_indev).parse(memoryview(msg), len(msg), out)
     assert [(p.packet_id, p.indev, p.payload) for p in out] == [
         (9, 0x01020304 if want_indev else 0, b"xy")]
+
+
+def test_skb_info_is_read() -> None:
+    """NFQA_SKB_INFO (a GSO queue's superpacket, its checksum not ready) reaches the packet;
+    a packet without the attribute has none of its bits."""
+    gso = nfqueue.NFQA_SKB_GSO | nfqueue.NFQA_SKB_CSUMNOTREADY
+    both = _packet_msg(5, 3, b"big", skb_info=gso) + _packet_msg(6, 3, b"small")
+    out: list[QueuedPacket] = []
+    nfqueue.NetlinkQueue(gso=True).parse(memoryview(both), len(both), out)
+    assert [(p.packet_id, p.skb_info) for p in out] == [(5, gso), (6, 0)]
+
+
+def _cfg_attrs(raw: bytes) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    off = 0
+    while off + 4 <= len(raw):
+        alen, atype = struct.unpack_from("=HH", raw, off)
+        out[atype] = raw[off + 4:off + alen]
+        off += (alen + 3) & ~3
+    return out
+
+
+@pytest.mark.parametrize("gso", [False, True])
+def test_bind_sets_gso_as_asked_and_fail_open_off(gso: bool) -> None:
+    """Both flags are in the mask, so the kernel sets each as the flags say: fail-open always
+    off, GSO on only when asked; the copy range is the largest (a 64 KiB superpacket)."""
+    attrs = _cfg_attrs(nfqueue.NetlinkQueue(gso=gso).bind_attributes())
+    (mask,) = struct.unpack("!I", attrs[nfqueue.NFQA_CFG_MASK])
+    (flags,) = struct.unpack("!I", attrs[nfqueue.NFQA_CFG_FLAGS])
+    assert mask == nfqueue.NFQA_CFG_F_FAIL_OPEN | nfqueue.NFQA_CFG_F_GSO
+    assert flags == (nfqueue.NFQA_CFG_F_GSO if gso else 0)
+    copy_range, mode = struct.unpack("!IB", attrs[nfqueue.NFQA_CFG_PARAMS])
+    assert (copy_range, mode) == (0xFFFF, nfqueue.NFQNL_COPY_PACKET)
 
 
 def test_parse_counts_error_replies() -> None:

@@ -462,10 +462,12 @@ def test_reload_problems_name_what_needs_a_restart() -> None:
     assert reload_problems(cfg, cfg) == []
     assert reload_problems(cfg, _rekeyed(cfg, "b-to-a-0", 0x7000)) == []  # a new key: fine
     other = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, chain_prefix="X",
-                                                                    log_level="debug", busy_poll=50))
+                                                                    log_level="debug", busy_poll=50,
+                                                                    gso=True))
     assert reload_problems(cfg, other) == ["daemon.chain_prefix: a change needs a restart",
                                            "daemon.log_level: a change needs a restart",
-                                           "daemon.busy_poll: a change needs a restart"]
+                                           "daemon.busy_poll: a change needs a restart",
+                                           "daemon.gso: a change needs a restart"]
     moved = dataclasses.replace(cfg, sas=tuple(dataclasses.replace(sa, queue=101)
                                                if sa.name == "b-to-a-0" else sa for sa in cfg.sas))
     [problem] = reload_problems(cfg, moved)
@@ -724,3 +726,89 @@ def test_inbound_drops_are_logged_with_spi_and_source(caplog: pytest.LogCaptureF
     assert lines == [f"dropped (replay): SPI 0x{spi} from {B}",
                      f"dropped (integrity): SPI 0x{spi} from {B}",
                      f"dropped (unknown_spi): SPI 0xfffffff0 from {B}"]
+
+
+# -- a GSO queue's packets (daemon.gso) --------------------------------------------------------
+def _superpacket(payload: int = 8000, sport: int = 40000) -> bytes:
+    from scapy.layers.inet import IP, TCP
+
+    return bytes(IP(src=A, dst=B, flags="DF") / TCP(sport=sport, dport=5201, flags="PA",
+                                                    chksum=0x4321) / bytes(payload))
+
+
+def test_a_superpacket_leaves_as_one_batch_of_esp_packets_and_is_dropped() -> None:
+    """Its ESP packets go to the batch sender together, in sequence order, each within the
+    MTU; the superpacket itself is dropped by verdict and counts as one packet out."""
+    from scapy.layers.inet import IP
+    from scapy.layers.ipsec import ESP
+
+    batches: list[list[bytes]] = []
+
+    def batch(packets: list[bytes]) -> int:
+        batches.append(list(packets))
+        return len(packets)
+
+    proc = processor("a")
+    h = PacketHandler(proc, FakeQueue(), MARK, clock=lambda: 1.0, batch=batch)
+    q = h.queue
+    assert isinstance(q, FakeQueue)
+    info = nfqueue.NFQA_SKB_GSO | nfqueue.NFQA_SKB_CSUMNOTREADY
+    sp = _superpacket()
+    h.handle_batch([QueuedPacket(3, HOOK_LOCAL_OUT, sp, len(sp), 0, 0, info)])
+    assert q.verdicts == [(3, False, None, None)]
+    [sent] = batches
+    assert len(sent) == -(-8000 // 536) and all(len(p) <= 1500 for p in sent)  # no SYN seen
+    assert [IP(p)[ESP].seq for p in sent] == list(range(1, len(sent) + 1))
+    assert (h.packets_in, h.packets_out, h.superpackets_sent) == (1, 1, 1)
+    assert not any(proc.drops.values())
+
+
+def test_a_batch_the_kernel_refuses_counts_gso_send() -> None:
+    refused: list[int] = []
+
+    def half(packets: list[bytes]) -> int:
+        refused.append(len(packets))
+        return len(packets) // 2
+
+    def none(packets: list[bytes]) -> int:
+        raise OSError(1, "Operation not permitted")
+
+    for sender in (half, none):
+        proc = processor("a")
+        h = PacketHandler(proc, FakeQueue(), MARK, clock=lambda: 1.0, batch=sender)
+        sp = _superpacket()
+        h.handle_batch([QueuedPacket(4, HOOK_LOCAL_OUT, sp, len(sp), 0, 0, nfqueue.NFQA_SKB_GSO)])
+        assert (h.packets_out, h.superpackets_sent) == (0, 0)
+        assert proc.drops[DropReason.GSO_SEND] == 1
+        assert h.queue.verdicts == [(4, False, None, None)]  # type: ignore[attr-defined]
+    assert refused
+
+
+def test_a_packet_whose_checksum_is_not_ready_is_completed_and_sealed_in_the_verdict() -> None:
+    """Not a superpacket: its ESP packet goes back in the verdict, as without daemon.gso; the
+    peer opens it to the packet with its TCP checksum complete."""
+    from scapy.layers.inet import IP, TCP
+
+    proc_a, proc_b = processor("a"), processor("b")
+    h, q = handler(proc_a)
+    sp = _superpacket(500)
+    h.handle_batch([QueuedPacket(5, HOOK_LOCAL_OUT, sp, len(sp), 0, 0,
+                                 nfqueue.NFQA_SKB_CSUMNOTREADY)])
+    [(pid, accept, _mark, payload)] = q.verdicts
+    assert (pid, accept) == (5, True) and payload is not None
+    opened = proc_b.process(payload, len(payload), 0, 1.0)
+    assert opened.packet is not None
+    again = IP(sp)
+    del again[TCP].chksum
+    assert opened.packet == bytes(IP(bytes(again)))
+
+
+def test_an_arriving_superpacket_takes_the_per_packet_path() -> None:
+    """Inbound stays one packet per queue trip: a cleartext superpacket arriving for a
+    protected flow is cleartext where ESP belongs, dropped as ever."""
+    proc = processor("b")
+    h, q = handler(proc)
+    sp = _superpacket()
+    h.handle_batch([QueuedPacket(6, HOOK_PRE_ROUTING, sp, len(sp), 0, 0, nfqueue.NFQA_SKB_GSO)])
+    assert q.verdicts == [(6, False, None, None)]
+    assert proc.drops[DropReason.CLEARTEXT_PROTECTED] == 1
