@@ -5,6 +5,8 @@ between two IKE sessions in memory until nobody sends."""
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
+from pathlib import Path
 
 from nfq_ipsec.ike import selectors
 from nfq_ipsec.ike.message import IdPayload, IdType
@@ -81,3 +83,28 @@ def up() -> tuple[IkeSession, IkeSession]:
     run(i, r, i.start(0.0))
     assert i.child is not None and r.child is not None
     return i, r
+
+
+def connection_daemon_config(directory: Path, interface: str, me: str, peer: str, psk: str,
+                             queues: Sequence[int], **connection: str | int) -> Path:
+    """A daemon configuration (0600) whose one protect policy, ``me/32`` to ``peer/32``,
+    names its one ``[[connection]]`` ("peer", PSK in ``peer.psk``, 0600, beside it);
+    ``connection``: that section's other fields (strings quoted, numbers as they are)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = directory / "peer.psk"
+    key.write_text(psk + "\n")
+    key.chmod(0o600)
+    fields = "".join(f"{name} = {value!r}\n".replace("'", '"') if isinstance(value, str)
+                     else f"{name} = {value}\n" for name, value in connection.items())
+    path = directory / "nfq.toml"
+    path.write_text(
+        f'[node]\ninterface = "{interface}"\n\n'
+        f"[daemon]\nqueues = [{', '.join(map(str, queues))}]\n"
+        f'control_socket = "{directory / "run" / "ctl.sock"}"\n'
+        f'state_dir = "{directory / "state"}"\n\n'
+        f'[[policy]]\nname = "to-peer"\naction = "protect"\nlocal = "{me}/32"\n'
+        f'remote = "{peer}/32"\nconnection = "peer"\n\n'
+        f'[[connection]]\nname = "peer"\nlocal = "{me}"\nremote = "{peer}"\n'
+        f'psk_file = "peer.psk"\n{fields}')
+    path.chmod(0o600)
+    return path

@@ -104,6 +104,28 @@ def _check_size(size: int) -> None:
         raise EspError(DropReason.GSO_UNSUPPORTED, f"segment size {size} too small")
 
 
+def _tcp_segment(tcp: bytearray, flags: int, first: bool, last: bool, seq: int, pseudo: int,
+                 payload: bytes) -> int:
+    """Write one segment's TCP header into ``tcp`` (the superpacket's, reused): its flags as
+    the kernel's segmentation sets them (CWR on the first only, FIN and PSH on the last only),
+    its sequence number and its checksum (``pseudo``: the pseudo-header's sum without the
+    length). Returns the segment's TCP length."""
+    seg_flags = flags if first else flags & ~_CWR
+    if not last:
+        seg_flags &= ~_FIN_PSH
+    tcp[13] = seg_flags
+    tcp[4] = (seq >> 24) & 0xFF
+    tcp[5] = (seq >> 16) & 0xFF
+    tcp[6] = (seq >> 8) & 0xFF
+    tcp[7] = seq & 0xFF
+    tcp[16] = tcp[17] = 0
+    tcp_len = len(tcp) + len(payload)
+    csum = _fold(pseudo + tcp_len + _sum(bytes(tcp)) + _sum(payload))
+    tcp[16] = csum >> 8
+    tcp[17] = csum & 0xFF
+    return tcp_len
+
+
 def segment4(data: bytes, hdr: ip.IPv4Header, size: int) -> list[bytes]:
     """The segments of IPv4 TCP superpacket ``data`` (``hdr`` its parse), ``size`` bytes of
     TCP payload each but the last. Raises EspError(GSO_UNSUPPORTED)."""
@@ -135,19 +157,7 @@ def segment4(data: bytes, hdr: ip.IPv4Header, size: int) -> list[bytes]:
         stop = min(pos + size, end)
         last = stop == end
         payload = data[pos:stop]
-        seg_flags = flags if pos == first else flags & ~_CWR
-        if not last:
-            seg_flags &= ~_FIN_PSH
-        tcp[13] = seg_flags
-        tcp[4] = (seq >> 24) & 0xFF
-        tcp[5] = (seq >> 16) & 0xFF
-        tcp[6] = (seq >> 8) & 0xFF
-        tcp[7] = seq & 0xFF
-        tcp[16] = tcp[17] = 0
-        tcp_len = hlen + stop - pos
-        csum = _fold(pseudo + tcp_len + _sum(bytes(tcp)) + _sum(payload))
-        tcp[16] = csum >> 8
-        tcp[17] = csum & 0xFF
+        tcp_len = _tcp_segment(tcp, flags, pos == first, last, seq, pseudo, payload)
         total = at + tcp_len
         iph[2] = total >> 8
         iph[3] = total & 0xFF
@@ -188,19 +198,7 @@ def segment6(data: bytes, hdr: ipv6.IPv6Header, size: int) -> list[bytes]:
         stop = min(pos + size, end)
         last = stop == end
         payload = data[pos:stop]
-        seg_flags = flags if pos == first else flags & ~_CWR
-        if not last:
-            seg_flags &= ~_FIN_PSH
-        tcp[13] = seg_flags
-        tcp[4] = (seq >> 24) & 0xFF
-        tcp[5] = (seq >> 16) & 0xFF
-        tcp[6] = (seq >> 8) & 0xFF
-        tcp[7] = seq & 0xFF
-        tcp[16] = tcp[17] = 0
-        tcp_len = hlen + stop - pos
-        csum = _fold(pseudo + tcp_len + _sum(bytes(tcp)) + _sum(payload))
-        tcp[16] = csum >> 8
-        tcp[17] = csum & 0xFF
+        tcp_len = _tcp_segment(tcp, flags, pos == first, last, seq, pseudo, payload)
         iph[4] = tcp_len >> 8
         iph[5] = tcp_len & 0xFF
         out.append(b"".join((iph, tcp, payload)))

@@ -18,13 +18,13 @@ import hashlib
 import json
 import os
 import signal
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from ikepeers import connection_daemon_config
 from labutil import ADDR_A, ADDR_B, QUEUES, Daemon, Pair, Sniffer, env, make_pair
 from statusschema import GOLDEN, check_answer
 
@@ -37,41 +37,10 @@ FILE_PORT = 9100
 PROBE_PORT = 9200
 
 def config(directory: Path, me: str, peer: str, start: str, rekey: int) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    psk = directory / "peer.psk"
-    psk.write_text(PSK + "\n")
-    psk.chmod(0o600)
-    path = directory / "nfq.toml"
-    path.write_text(textwrap.dedent(f"""
-        [node]
-        interface = "{{iface}}"
-
-        [daemon]
-        queues = [{", ".join(map(str, QUEUES))}]
-        control_socket = "{directory / 'run' / 'ctl.sock'}"
-        state_dir = "{directory / 'state'}"
-
-        [[policy]]
-        name = "pair"
-        action = "protect"
-        local = "{me}/32"
-        remote = "{peer}/32"
-        connection = "peer"
-
-        [[connection]]
-        name = "peer"
-        local = "{me}"
-        remote = "{peer}"
-        psk_file = "peer.psk"
-        ike = "aes256gcm16-prfsha256-x25519"
-        esp = "aes128gcm16"
-        mode = "transport"
-        start_action = "{start}"
-        rekey_time = {rekey}
-        dpd_delay = 0
-    """))
-    path.chmod(0o600)
-    return path
+    return connection_daemon_config(directory, "{iface}", me, peer, PSK, QUEUES,
+                                    ike="aes256gcm16-prfsha256-x25519", esp="aes128gcm16",
+                                    mode="transport", start_action=start, rekey_time=rekey,
+                                    dpd_delay=0)
 
 
 class Bed:

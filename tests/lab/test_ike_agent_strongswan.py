@@ -23,6 +23,7 @@ from pathlib import Path
 
 import gate
 import pytest
+from ikepeers import connection_daemon_config
 from labutil import QUEUES, Daemon, Pair, Sniffer, env, make_pair
 
 from nfq_ipsec_lab.bench import strongswan
@@ -72,41 +73,9 @@ def swanctl_conf(me: str, peer: str, psk: str) -> str:
 
 
 def daemon_config(directory: Path, iface: str, me: str, peer: str, psk: str) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    key = directory / "charon.psk"
-    key.write_text(psk + "\n")
-    key.chmod(0o600)
-    path = directory / "nfq.toml"
-    path.write_text(textwrap.dedent(f"""
-        [node]
-        interface = "{iface}"
-
-        [daemon]
-        queues = [{", ".join(map(str, QUEUES))}]
-        control_socket = "{directory / 'run' / 'ctl.sock'}"
-        state_dir = "{directory / 'state'}"
-
-        [[policy]]
-        name = "to-charon"
-        action = "protect"
-        local = "{me}/32"
-        remote = "{peer}/32"
-        connection = "charon"
-
-        [[connection]]
-        name = "charon"
-        local = "{me}"
-        remote = "{peer}"
-        local_id = "{B_ID}"
-        remote_id = "{A_ID}"
-        psk_file = "charon.psk"
-        ike = "{IKE}"
-        esp = "{ESP}"
-        start_action = "start"
-        dpd_delay = 0
-    """))
-    path.chmod(0o600)
-    return path
+    return connection_daemon_config(directory, iface, me, peer, psk, QUEUES, local_id=B_ID,
+                                    remote_id=A_ID, ike=IKE, esp=ESP, start_action="start",
+                                    dpd_delay=0)
 
 
 class Bed:
