@@ -1,5 +1,6 @@
-"""The drop log: one line for an inbound ESP packet dropped as ``unknown_spi``, ``integrity`` or
-``replay``, naming its SPI and where it came from, rate-limited per reason.
+"""The drop log (``daemon.drop_log``, opt-in): one line for an inbound ESP packet dropped as
+``unknown_spi``, ``integrity``, ``replay`` or ``policy_mismatch``, naming its SPI and where it
+came from, rate-limited per reason.
 
 An operator chasing "everything is dropped" needs to know which SPI a peer sends and from
 where; the counters say only how many. So a worker logs (logger ``nfq_ipsec.drops``, INFO) at
@@ -20,7 +21,8 @@ from ipaddress import IPv4Address, IPv6Address
 
 from .core.errors import DropReason
 
-LOGGED = frozenset({DropReason.UNKNOWN_SPI, DropReason.INTEGRITY, DropReason.REPLAY})
+LOGGED = frozenset({DropReason.UNKNOWN_SPI, DropReason.INTEGRITY, DropReason.REPLAY,
+                    DropReason.POLICY_MISMATCH})
 PER_SECOND = 5  # lines per reason per second; the rest counted in one "suppressed" line
 WINDOW = 1.0  # seconds
 

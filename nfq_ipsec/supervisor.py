@@ -1217,12 +1217,13 @@ def worker_spec(cfg: Config, qc: QueueConfig) -> WorkerSpec:
         ipv6_link=cfg.node.ipv6_neighbour_discovery,
         gateway_interface=cfg.node.interface if cfg.node.role == "gateway" else None,
         busy_poll=cfg.daemon.busy_poll / 1e6,
+        drop_log=cfg.daemon.drop_log,
         gso=cfg.daemon.gso,
     )
 
 
 _RESTART_ONLY = ("control_socket", "state_dir", "chain_prefix", "mark", "iptables", "log_level",
-                 "busy_poll", "metrics", "gso")
+                 "busy_poll", "metrics", "gso", "drop_log")
 
 
 def reload_problems(old: Config, new: Config) -> list[str]:

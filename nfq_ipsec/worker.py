@@ -115,6 +115,7 @@ class WorkerSpec:
     # A gateway's unprotected interface: what arrives in PREROUTING on it is inbound, what
     # arrives on any other interface is forwarded outbound. None (a host): all of it inbound.
     gateway_interface: str | None = None
+    drop_log: bool = False  # daemon.drop_log: the rate-limited drop log
     busy_poll: float = 0.0  # daemon.busy_poll in seconds: how long to poll after a batch; 0: off
     gso: bool = False  # daemon.gso: the queue hands over TCP superpackets whole
 
@@ -157,6 +158,7 @@ class PacketHandler:
         cross: Callable[[bytes], None] | None = None,
         send: Callable[[bytes], None] | None = None,
         batch: Callable[[list[bytes]], int] | None = None,
+        drop_log: bool = False,
     ) -> None:
         self.processor = processor
         processor.frag_ident = int.from_bytes(os.urandom(4), "big")  # RFC 7739
@@ -183,7 +185,8 @@ class PacketHandler:
         self._added: list[SecurityAssociation] = []  # SAs the pending reload attached
         self.packets_in = 0
         self.packets_out = 0
-        self.drop_log = DropLog()  # unknown_spi, integrity, replay: SPI and source, rate-limited
+        # daemon.drop_log: unknown_spi, integrity, replay, policy_mismatch with SPI and source
+        self.drop_log = DropLog() if drop_log else None
         self.internal_errors = 0
         self._errors_unlogged = 0
         self._next_error_log = 0.0
@@ -233,7 +236,7 @@ class PacketHandler:
                     verdict(pkt.packet_id, False)
                     if res.reply is not None:
                         self.send_reply(res.reply)
-                    if res.reason in LOGGED:
+                    if self.drop_log is not None and res.reason in LOGGED:
                         self.drop_log.note(res.reason, pkt.payload, now)
             except Exception:  # fail closed: whatever went wrong, this packet is dropped
                 self._internal_error(pkt)
@@ -565,7 +568,7 @@ def run(
             conn.send(("error", text))
         return 1
     handler = PacketHandler(processor, queue, spec.mark,
-                            gateway_interface=spec.gateway_interface)
+                            gateway_interface=spec.gateway_interface, drop_log=spec.drop_log)
     handler.store = store
     conn.send(("ready", os.getpid(), spec.queue))
     pinned = f"cpu {spec.cpu}" if spec.cpu is not None else "not pinned"
@@ -696,7 +699,8 @@ def _serve(
         if now >= next_events:
             handler.report_events()
             handler.send_keepalives(now)
-            handler.drop_log.flush(now)
+            if handler.drop_log is not None:
+                handler.drop_log.flush(now)
             next_events = now + EVENT_INTERVAL
 
 

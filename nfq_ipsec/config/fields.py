@@ -53,6 +53,7 @@ DEFAULT_LOG_LEVEL = "info"
 DEFAULT_IPTABLES = "auto"
 DEFAULT_WATCHDOG = 10.0
 WATCHDOG_RANGE = (1.0, 3600.0)  # or 0, which turns the watchdog off
+DEFAULT_DROP_LOG = False  # opt-in: a line per dropped packet, even rate-limited, is noise
 DEFAULT_BUSY_POLL = 0  # microseconds; off: on CPUs shared with applications it delays them
 BUSY_POLL_RANGE = (0, 10_000)
 DEFAULT_METRICS: str | None = None  # no metrics listener
@@ -125,6 +126,9 @@ DAEMON = Section("daemon", "[daemon]", "The daemon: its workers (one per NFQUEUE
           check=parsers.chain_prefix_problem),
     Field("log_level", STRING, "what the daemon and its workers log",
           default=DEFAULT_LOG_LEVEL, choices={k: k for k in logsetup.LEVELS}),
+    Field("drop_log", BOOLEAN, "log inbound packets dropped as `unknown_spi`, `integrity`, "
+          "`replay` or `policy_mismatch` with their SPI and source, rate-limited (see *Status*)",
+          default=DEFAULT_DROP_LOG),
     Field("busy_poll", INTEGER, "microseconds a worker keeps looking for the next packet after "
           "each batch before it sleeps (adaptive polling: a packet that arrives within it "
           "needs no wake-up); for workers on CPUs of their own, see *Latency*",

@@ -14,6 +14,7 @@ from .fields import (
     DEFAULT_BUSY_POLL,
     DEFAULT_CHAIN_PREFIX,
     DEFAULT_DPD_DELAY,
+    DEFAULT_DROP_LOG,
     DEFAULT_ESP_PROPOSAL,
     DEFAULT_GSO,
     DEFAULT_IKE_PROPOSAL,
@@ -73,6 +74,7 @@ class DaemonConfig:
     log_level: str = DEFAULT_LOG_LEVEL
     iptables: str = DEFAULT_IPTABLES  # "auto" (the system's iptables), "nft" or "legacy"
     watchdog: float = DEFAULT_WATCHDOG  # seconds a ready worker may not answer; 0: no watchdog
+    drop_log: bool = DEFAULT_DROP_LOG  # the rate-limited drop log (opt-in)
     busy_poll: int = DEFAULT_BUSY_POLL  # microseconds a worker polls after a batch; 0: off
     metrics: str | None = DEFAULT_METRICS  # "ADDRESS:PORT" of the metrics listener; None: off
     gso: bool = DEFAULT_GSO  # queues bound with NFQA_CFG_F_GSO: outbound TCP superpackets whole

@@ -46,6 +46,7 @@ def read_daemon(raw: dict[str, Any], cpus: list[int], probs: Problems,
         gso=DAEMON["gso"].read(raw, "daemon", probs),
         chain_prefix=prefix,
         log_level=log_level,
+        drop_log=DAEMON["drop_log"].read(raw, "daemon", probs),
         busy_poll=DAEMON["busy_poll"].read(raw, "daemon", probs),
         metrics=DAEMON["metrics"].read(raw, "daemon", probs),
     )

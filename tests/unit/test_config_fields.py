@@ -178,7 +178,7 @@ ACCEPTED: dict[str, list[dict[str, Any]]] = {
         {"queues": [7, 8], "cpus": [1, 0]}, {"mark": 0x20000000},
         {"control_socket": "/run/x/x.sock"}, {"state_dir": "/var/lib/x"}, {"mss_clamp": False},
         {"iptables": "legacy"}, {"chain_prefix": "NQ_1-a"}, {"log_level": "debug"},
-        {"watchdog": 0}, {"watchdog": 2.5}, {"busy_poll": 0}, {"busy_poll": 200},
+        {"watchdog": 0}, {"watchdog": 2.5}, {"busy_poll": 0}, {"busy_poll": 200}, {"drop_log": True},
         {"metrics": "127.0.0.1:9477"}, {"metrics": "[::1]:1"}, {"gso": True},
     ],
     "policy": [

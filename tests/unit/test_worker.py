@@ -708,12 +708,18 @@ def test_a_local_ipv6_packet_too_big_after_esp_is_sent_as_fragments() -> None:
     assert (h2.packets_out, h2.send_errors) == (0, 1)
 
 
-def test_inbound_drops_are_logged_with_spi_and_source(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("enabled", [True, False])
+def test_inbound_drops_are_logged_with_spi_and_source(caplog: pytest.LogCaptureFixture,
+                                                       enabled: bool) -> None:
+    """With daemon.drop_log, each dropped packet's SPI and source; without it (the default),
+    no line at all, the drops counted as ever."""
     sender_h, sender_q = handler(processor("b"))
     sender_h.handle_batch([pkt(udp(B, A, 5000, 4000, b"to host a"), pid=n) for n in (1, 2)])
     good, second = sender_q.verdicts[0][3], sender_q.verdicts[1][3]
     assert good is not None and second is not None
-    h, q = handler(processor("a"))
+    proc = processor("a")
+    q = FakeQueue()
+    h = PacketHandler(proc, q, MARK, clock=lambda: 1.0, drop_log=enabled)
     spi = good[20:24].hex()
     tampered = second[:-1] + bytes([second[-1] ^ 1])  # a sequence number not seen yet
     unknown = good[:20] + b"\xff\xff\xff\xf0" + good[24:]
@@ -722,10 +728,11 @@ def test_inbound_drops_are_logged_with_spi_and_source(caplog: pytest.LogCaptureF
                         pkt(tampered, hook=HOOK_PRE_ROUTING, pid=3),
                         pkt(unknown, hook=HOOK_PRE_ROUTING, pid=4)])
     assert [v[1] for v in q.verdicts] == [True, False, False, False]
+    assert sum(proc.drops.values()) == 3
     lines = [r.getMessage() for r in caplog.records if r.name == "nfq_ipsec.drops"]
-    assert lines == [f"dropped (replay): SPI 0x{spi} from {B}",
-                     f"dropped (integrity): SPI 0x{spi} from {B}",
-                     f"dropped (unknown_spi): SPI 0xfffffff0 from {B}"]
+    assert lines == ([f"dropped (replay): SPI 0x{spi} from {B}",
+                      f"dropped (integrity): SPI 0x{spi} from {B}",
+                      f"dropped (unknown_spi): SPI 0xfffffff0 from {B}"] if enabled else [])
 
 
 # -- a GSO queue's packets (daemon.gso) --------------------------------------------------------
