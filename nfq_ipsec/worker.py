@@ -670,7 +670,7 @@ def _serve(
                     handle(packets)
                     if len(packets) < BATCH:
                         break
-                if got:
+                if got and spec.busy_poll:  # no clock read per batch when it is off
                     polling.handled(time.monotonic())
             elif fd == cfd:
                 try:
