@@ -488,7 +488,7 @@ def render_status(status: StatusReport) -> str:
     out += [f"WARNING: {w}" for w in status.get("warnings", [])]
     out.append("")
     wrows = [["QUEUE", "CPU", "PID", "STATE", "UPTIME", "RESTARTS", "PKTS IN", "PKTS OUT",
-              "DROPS", "KERNEL DROPS (queue/user)"]]
+              "DROPS", "KERNEL DROPS (queue/user)", "CPU TIME", "MEM"]]
     notes = []
     for w in status.get("workers", []):
         drops = w.get("drops")
@@ -497,6 +497,7 @@ def render_status(status: StatusReport) -> str:
             fmt_duration(w.get("uptime")), str(w.get("restarts", 0)), _dash(w.get("packets_in")),
             _dash(w.get("packets_out")), _dash(None if drops is None else sum(drops.values())),
             f"{_dash(w.get('kernel_queue_dropped'))}/{_dash(w.get('user_dropped'))}",
+            fmt_cpu(w.get("cpu_seconds")), fmt_bytes(w.get("memory_bytes")),
         ])
         if drops:
             detail = " ".join(f"{k}={v}" for k, v in sorted(drops.items()))
@@ -591,6 +592,23 @@ def fmt_duration(seconds: object) -> str:
     if s < 86400:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def fmt_cpu(seconds: object) -> str:
+    """CPU time to the hundredth of a second: ``3.25s``; ``-`` for unknown."""
+    return f"{seconds:.2f}s" if isinstance(seconds, int | float) else "-"
+
+
+def fmt_bytes(n: object) -> str:
+    """A size in binary units, one decimal: ``31.5 MiB``; ``-`` for unknown."""
+    if not isinstance(n, int | float):
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
 
 
 def fmt_ago(seconds: object) -> str:

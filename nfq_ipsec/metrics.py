@@ -3,8 +3,8 @@
 :func:`render` turns a :class:`~nfq_ipsec.status.StatusReport` (what ``nfq-ipsec status --json``
 prints) into the lines a Prometheus server scrapes from ``GET /metrics``
 (``metricsserver.py`` serves them). It is written by hand, not with ``prometheus_client``: the
-format is a few lines of text per metric, and the daemon's one runtime dependency stays
-``cryptography`` (the tests parse the output with ``prometheus_client``'s own parser).
+format is a few lines of text per metric, not worth a runtime dependency (the tests parse
+the output with ``prometheus_client``'s own parser).
 
 Names follow Prometheus's conventions: the prefix ``nfq_ipsec_``, counters end in ``_total``,
 times in ``_seconds``. Labels: ``queue`` (the NFQUEUE number), ``reason`` (a drop reason, as
@@ -89,6 +89,10 @@ def families(status: StatusReport) -> list[Family]:
     info.add({"version": d["version"]}, 1)
     uptime = fam("uptime_seconds", "gauge", "Seconds since the daemon started.")
     uptime.add({}, d["uptime"])
+    cpu = fam("cpu_seconds", "counter", "The supervisor's CPU time, user and system.")
+    cpu.add({}, d["cpu_seconds"])
+    mem = fam("resident_memory_bytes", "gauge", "The supervisor's resident memory.")
+    mem.add({}, d["memory_bytes"])
     rules = fam("rules_installed", "gauge", "1 while the daemon's live iptables rules are in place.")
     rules.add({}, d["rules_installed"])
     control_errors = fam("control_errors", "counter",
@@ -100,6 +104,9 @@ def families(status: StatusReport) -> list[Family]:
     up = fam("worker_up", "gauge", "1 while the queue's worker is ready and answers.")
     w_uptime = fam("worker_uptime_seconds", "gauge", "Seconds since the queue's current worker started.")
     restarts = fam("worker_restarts", "counter", "Times the queue's worker was started again.")
+    w_cpu = fam("worker_cpu_seconds", "counter", "The queue's current worker's CPU time, user "
+                "and system (from zero for each worker process).")
+    w_mem = fam("worker_resident_memory_bytes", "gauge", "The queue's current worker's resident memory.")
     p_in = fam("packets_in", "counter", "Packets the queue's workers took from the kernel.")
     p_out = fam("packets_out", "counter", "Packets the queue's workers handed back accepted.")
     drops = fam("drops", "counter", "Packets the queue's workers dropped, by reason "
@@ -113,6 +120,8 @@ def families(status: StatusReport) -> list[Family]:
         up.add(q, int(w["state"] == "ready"))
         w_uptime.add(q, w["uptime"])
         restarts.add(q, w["restarts"])
+        w_cpu.add(q, w["cpu_seconds"])
+        w_mem.add(q, w["memory_bytes"])
         p_in.add(q, w["packets_in"])
         p_out.add(q, w["packets_out"])
         for reason, n in sorted((w["drops"] or {}).items()):
@@ -152,7 +161,8 @@ def families(status: StatusReport) -> list[Family]:
             left_p.add(labels, left["packets"])
             left_b.add(labels, left["bytes"])
         idle.add(labels, sa["last_packet_age"])
-    return [info, uptime, rules, control_errors, warnings, up, w_uptime, restarts, p_in, p_out,
+    return [info, uptime, cpu, mem, rules, control_errors, warnings, up, w_uptime, restarts, w_cpu, w_mem,
+            p_in, p_out,
             drops, k_queue, k_user, rule_drops, sa_info, sa_packets, sa_bytes, sa_drops, sa_seq, left_s,
             left_p, left_b, idle]
 

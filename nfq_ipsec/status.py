@@ -113,6 +113,8 @@ class DaemonReport(TypedDict):
     core: str
     control_errors: int
     control_clients: int
+    cpu_seconds: float | None  # the supervisor's own (usage.py)
+    memory_bytes: int | None
 
 
 class WorkerReport(TypedDict):
@@ -137,6 +139,8 @@ class WorkerReport(TypedDict):
     crossed_family: int | None
     superpackets: int | None
     segments: int | None
+    cpu_seconds: float | None  # the current worker process's user + system time
+    memory_bytes: int | None  # and its resident memory
 
 
 class SaReport(TypedDict):

@@ -54,7 +54,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from . import __version__, childsas, corebuild, counts, exitcodes, rules
+from . import __version__, childsas, corebuild, counts, exitcodes, rules, usage
 from .agent import AgentSpec, agent_main, agent_spec
 from .config import Config, QueueConfig
 from .control import ControlError, ControlServer, Deferred
@@ -237,6 +237,7 @@ class Supervisor:
         self.agent = AgentSlot(spec) if spec is not None else None
         self.config_path = config_path
         self.ctx = multiprocessing.get_context("spawn")
+        self.meter = usage.Meter()  # CPU and memory of the supervisor and workers, for status
         self.slots = [Slot(qc, worker_spec(cfg, qc)) for qc in cfg.daemon.queues]
         self.control = ControlServer(cfg.daemon.control_socket)
         self.metrics = (MetricsServer(cfg.daemon.metrics, cfg.daemon.control_socket)
@@ -1126,6 +1127,7 @@ class Supervisor:
         sas: list[SaReport] = []
         for slot in self.slots:
             st = slot.stats
+            use = self.meter.read(slot.pid if slot.state in ("starting", "ready") else None)
             # packets and drops since the daemon started: this worker's plus its predecessors'
             total = counts.add(slot.carried, counts.of_snapshot(st)) if st else None
             k = kernel.get(slot.queue)
@@ -1149,6 +1151,8 @@ class Supervisor:
                 "crossed_family": st.get("crossed_family") if st else None,
                 "superpackets": st.get("superpackets") if st else None,
                 "segments": st.get("segments") if st else None,
+                "cpu_seconds": use.cpu_seconds if use else None,
+                "memory_bytes": use.memory_bytes if use else None,
             })
             by_name = {s["name"]: s for s in st["sas"]} if st else {}
             sa_totals = total["sas"] if total else {}
@@ -1182,6 +1186,8 @@ class Supervisor:
                 })
         sas.sort(key=lambda s: (s["queue"], s["direction"] != SADirection.OUT.value, s["name"]))
         kdrops, kage, kwarn = self._kernel_drops(now)
+        me = self.meter.read(os.getpid())
+        self.meter.forget_others({os.getpid(), *(s.pid for s in self.slots if s.pid is not None)})
         daemon: DaemonReport = {
             "pid": os.getpid(),
             "uptime": round(now - self.started, 3),
@@ -1193,6 +1199,8 @@ class Supervisor:
             "core": corebuild.running().detail,
             "control_errors": self.control.errors,
             "control_clients": self.control.clients,
+            "cpu_seconds": me.cpu_seconds if me else None,
+            "memory_bytes": me.memory_bytes if me else None,
         }
         ike = self._ike_report()
         return {

@@ -310,6 +310,15 @@ def test_metrics_of_a_running_daemon(pair: Pair, tmp_path: Path, daemons: list[D
     assert sent == len(messages)
     assert all(v == 1 for (name, _), v in samples.items() if name == "nfq_ipsec_worker_up")
     assert samples[("nfq_ipsec_rules_installed", ())] == 1
+    # CPU time and memory per worker (psutil), as status has them: every ready worker has both
+    st = a.status()
+    for w in st["workers"]:
+        q = (("queue", str(w["queue"])),)
+        assert w["cpu_seconds"] is not None and w["memory_bytes"] is not None, w
+        assert samples[("nfq_ipsec_worker_resident_memory_bytes", q)] > 1 << 20
+        # the scrape came first, and a worker's CPU time only grows
+        assert 0 < samples[("nfq_ipsec_worker_cpu_seconds_total", q)] <= w["cpu_seconds"]
+    assert 0 < samples[("nfq_ipsec_cpu_seconds_total", ())] <= st["daemon"]["cpu_seconds"]
     for key in keys.values():
         assert key not in text and key.upper() not in text
     assert a.stop() == 0

@@ -494,7 +494,7 @@ SAMPLE_STATUS = cast(StatusReport, {
     "workers": [
         {"queue": 100, "cpu": 0, "pid": 11, "uptime": 12.5, "restarts": 1, "state": "ready",
          "packets_in": 10, "packets_out": 8, "drops": {"replay": 2}, "kernel_queue_dropped": 0,
-         "user_dropped": 0, "last_error": None},
+         "user_dropped": 0, "last_error": None, "cpu_seconds": 3.254, "memory_bytes": 33030144},
         {"queue": 101, "cpu": 1, "pid": None, "uptime": None, "restarts": 3, "state": "down",
          "packets_in": None, "packets_out": None, "drops": None, "kernel_queue_dropped": None,
          "user_dropped": None, "last_error": "queue 101: bind failed"},
@@ -517,10 +517,20 @@ def test_render_status_text() -> None:
     lines = text.splitlines()
     assert any(line.split()[:4] == ["100", "0", "11", "ready"] for line in lines)
     assert any(line.split()[:4] == ["101", "1", "-", "down"] for line in lines)
+    ready = next(line for line in lines if line.startswith("100 "))
+    assert ready.endswith("3.25s     31.5 MiB")  # CPU TIME and MEM, psutil's figures
+    assert next(line for line in lines if line.startswith("101 ")).endswith("-         -")
     assert "q100 drops: replay=2" in text
     assert "q101 last error: queue 101: bind failed" in text
     assert any(line.startswith("a-to-b-0") and "0x00001000" in line and "58m20s" in line for line in lines)
     assert any(line.startswith("a-to-b-1") and line.rstrip().endswith("-") for line in lines)
+
+
+def test_sizes_and_cpu_times_read_as_people_write_them() -> None:
+    assert [control.fmt_bytes(n) for n in (0, 1023, 1024, 1536, 5 << 20, 3 << 30, 5000 << 30)] == [
+        "0 B", "1023 B", "1.0 KiB", "1.5 KiB", "5.0 MiB", "3.0 GiB", "5000.0 GiB"]
+    assert control.fmt_bytes(None) == control.fmt_cpu(None) == "-"
+    assert control.fmt_cpu(0.005) == "0.01s" and control.fmt_cpu(61) == "61.00s"
 
 
 def test_render_status_dates_old_rule_counters() -> None:

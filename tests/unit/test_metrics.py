@@ -57,6 +57,8 @@ def test_the_exposition_parses_and_carries_the_status() -> None:
     expected = {
         key("nfq_ipsec_info", version="0.1.0"): 1,
         key("nfq_ipsec_uptime_seconds"): 3725.5,
+        key("nfq_ipsec_cpu_seconds_total"): 12.5,
+        key("nfq_ipsec_resident_memory_bytes"): 41943040,
         key("nfq_ipsec_rules_installed"): 1,
         key("nfq_ipsec_control_errors_total"): 4,
         key("nfq_ipsec_warnings"): 1,
@@ -65,6 +67,8 @@ def test_the_exposition_parses_and_carries_the_status() -> None:
         key("nfq_ipsec_worker_uptime_seconds", **q100): 12.5,
         key("nfq_ipsec_worker_restarts_total", **q100): 1,
         key("nfq_ipsec_worker_restarts_total", **q101): 3,
+        key("nfq_ipsec_worker_cpu_seconds_total", **q100): 3.25,
+        key("nfq_ipsec_worker_resident_memory_bytes", **q100): 33554432,
         key("nfq_ipsec_packets_in_total", **q100): 10,
         key("nfq_ipsec_packets_out_total", **q100): 8,
         key("nfq_ipsec_drops_total", reason="replay", **q100): 2,
@@ -99,7 +103,8 @@ def test_the_exposition_parses_and_carries_the_status() -> None:
     assert types["nfq_ipsec_packets_in"] == "counter" and types["nfq_ipsec_worker_up"] == "gauge"
     counters = {f"nfq_ipsec_{n}" for n in (
         "packets_in", "packets_out", "drops", "worker_restarts", "kernel_queue_dropped",
-        "kernel_user_dropped", "rule_drops", "sa_packets", "sa_bytes", "sa_drops", "control_errors")}
+        "kernel_user_dropped", "rule_drops", "sa_packets", "sa_bytes", "sa_drops", "control_errors",
+        "cpu_seconds", "worker_cpu_seconds")}
     assert {name for name, t in types.items() if t == "counter"} == counters
 
 
