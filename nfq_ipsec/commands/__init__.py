@@ -1,6 +1,6 @@
 """The commands of ``nfq-ipsec``: the one layer that parses arguments, prints and chooses exit
 codes (:mod:`nfq_ipsec.exitcodes`, also in the README). One module per command or family
-(``daemon``: run, stop, reload; ``status``; ``rules``; ``state``; ``ike``: initiate,
+(``daemon``: run, stop, reload; ``status``; ``top``; ``rules``; ``state``; ``ike``: initiate,
 terminate; ``offline``: check-config, decode, genkey); each adds its parser and runs it by
 calling the domain modules, which import nothing from here. Every command that takes a
 configuration takes it as ``-c/--config``.
@@ -26,11 +26,11 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .. import __version__, corebuild, exitcodes, hardening
-from . import daemon, ike, offline, rules, state, status
+from . import daemon, ike, offline, rules, state, status, top
 
 # the commands that read key material (see above); lab and bench make throwaway keys of their own
 HOLDS_KEYS = frozenset({"check-config", "decode", "genkey", "run", "status", "rules", "stop",
-                        "reload", "state", "ike"})
+                        "reload", "state", "ike", "top"})
 # The commands of the optional extra "lab" (nfq_ipsec_lab): name -> help.
 EXTRA_COMMANDS = {
     "lab": "the network-namespace lab: lab demo (needs root; the lab extra)",
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     daemon.add_parsers(sub)
     status.add_parser(sub)
+    top.add_parser(sub)
     rules.add_parser(sub)
     state.add_parser(sub)
     ike.add_parser(sub)
@@ -109,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check-config": offline.main, "decode": offline.main, "genkey": offline.main,
     "run": daemon.run, "stop": daemon.stop, "reload": daemon.reload,
-    "status": status.run, "rules": rules.run, "state": state.run, "ike": ike.run,
+    "status": status.run, "top": top.run, "rules": rules.run, "state": state.run, "ike": ike.run,
 }
 
 

@@ -17,11 +17,17 @@ operator would (status, kill -9, SIGTERM), plus the config-error path (no root).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import pty
+import re
+import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import textwrap
 import time
 from collections.abc import Iterator
@@ -404,3 +410,80 @@ def test_worker_that_cannot_start_stops_the_daemon(pair: Pair, tmp_path: Path,
     assert "another process holds this queue" in log
     assert pair.iptables_save(pair.a) == before  # never installed
     assert not (d.config.parent / "run" / "ctl.sock").exists()
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _in_a_terminal(argv: list[str], seconds: float, columns: int = 250) -> str:
+    """Run ``argv`` with a pseudo-terminal as its stdin, stdout and stderr (``columns`` wide),
+    and return everything it wrote there, escape sequences removed."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 60, columns, 0, 0))
+    env = _env(TERM="xterm-256color", COLUMNS=str(columns), LINES="60")
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: the terminal's other side is closed (the process ended)
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+        assert proc.wait(timeout=10) == 0, out.decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return ANSI.sub("", out.decode(errors="replace")).replace("\r", "")
+
+
+def test_top_in_a_terminal_shows_the_rates_of_the_traffic(pair: Pair, tmp_path: Path,
+                                                            daemons: list[Daemon]) -> None:
+    """``nfq-ipsec top`` in a pseudo-terminal while A pings B 20 times a second: its last
+    frame's SA rates add up to about 20 packets a second each way, and its packet totals lie
+    between two status answers taken before and after it."""
+    a, b = _running_pair(pair, tmp_path, daemons)
+    from nfq_ipsec_lab.lab.traffic import PING_SRC
+
+    ping = subprocess.Popen(pair.host(pair.a).argv([sys.executable, "-c", PING_SRC, ADDR_B, "400", "2.0",
+                                                     "0", "-", "0.05"]),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(1.0)
+        before = {s["name"]: s for s in a.status()["sas"]}
+        text = _in_a_terminal([sys.executable, "-m", "nfq_ipsec.cli", "top", "-c", str(a.config),
+                               "--interval", "1", "--iterations", "4"], seconds=30)
+        after = {s["name"]: s for s in a.status()["sas"]}
+    finally:
+        ping.kill()
+        pinged, _ = ping.communicate()
+    lines = text.splitlines()
+    assert any("nfq-ipsec running:" in line and "rates over" in line for line in lines), text
+    rows = {}
+    for line in lines:  # the last frame's row of each SA (the live view redraws in place)
+        cells = line.split()
+        if cells and cells[0] in after and len(cells) >= 8 and cells[1] == after[cells[0]]["spi"]:
+            rows[cells[0]] = cells
+    assert set(rows) == set(after), text
+    for direction in ("out", "in"):
+        names = [n for n, s in after.items() if s["direction"] == direction]
+        rate = sum(float(rows[n][4]) for n in names)
+        assert 10 <= rate <= 30, (direction, rate, text, pinged)  # 20 pings (and replies) a second
+        for n in names:
+            unit = next(i for i, cell in enumerate(rows[n]) if cell.endswith("bit/s"))  # RATE's
+            total = int(rows[n][unit + 2])  # after DROPS/s: PACKETS
+            assert before[n]["packets"] <= total <= after[n]["packets"], rows[n]
+    queue_rows = [line.split() for line in lines if line.split()[:1] in ([str(q)] for q in QUEUES)]
+    assert all(r[1] == "ready" and r[-1] in ("MiB", "KiB", "GiB") for r in queue_rows[-2:]), queue_rows
+    assert a.stop() == 0
+    assert b.stop() == 0
