@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from ipaddress import IPv4Address, IPv6Address
 
+from . import journal
 from .core.errors import DropReason
 
 LOGGED = frozenset({DropReason.UNKNOWN_SPI, DropReason.INTEGRITY, DropReason.REPLAY,
@@ -31,9 +32,9 @@ _ESP, _UDP = 50, 17
 log = logging.getLogger("nfq_ipsec.drops")
 
 
-def describe(packet: bytes) -> str:
-    """``SPI 0x... from ADDRESS`` (``ADDRESS:PORT`` for ESP in UDP) of an inbound ESP packet,
-    as far as its bytes say it; ``?`` for what they don't."""
+def spi_and_source(packet: bytes) -> tuple[int | None, str]:
+    """The SPI of an inbound ESP packet (None: not in its bytes) and where it came from:
+    ``ADDRESS`` (``ADDRESS:PORT`` for ESP in UDP, ``[ADDRESS]`` for IPv6; ``?``: not in them)."""
     source, spi = "?", None
     if len(packet) >= 20 and packet[0] >> 4 == 4:
         ihl = (packet[0] & 0x0F) * 4
@@ -43,7 +44,7 @@ def describe(packet: bytes) -> str:
         source = f"[{IPv6Address(bytes(packet[8:24]))}]"
         proto, offset = packet[6], 40  # ESP right after the fixed header, or UDP then ESP
     else:
-        return "SPI ? from ?"
+        return None, "?"
     if proto == _UDP and len(packet) >= offset + 8:
         port = int.from_bytes(packet[offset:offset + 2], "big")
         source = f"{source}:{port}"
@@ -51,7 +52,7 @@ def describe(packet: bytes) -> str:
         proto = _ESP
     if proto == _ESP and len(packet) >= offset + 4:
         spi = int.from_bytes(packet[offset:offset + 4], "big")
-    return f"SPI {'?' if spi is None else f'0x{spi:08x}'} from {source}"
+    return spi, source
 
 
 class DropLog:
@@ -78,7 +79,10 @@ class DropLog:
             self._logged[reason] = 0
         if self._logged[reason] < self.per_second:
             self._logged[reason] += 1
-            self.logger.info("dropped (%s): %s", reason.value, describe(packet))
+            spi, source = spi_and_source(packet)
+            self.logger.info("dropped (%s): SPI %s from %s", reason.value,
+                             "?" if spi is None else f"0x{spi:08x}", source,
+                             extra=journal.fields(spi=spi, reason=reason.value))
         else:
             self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
 

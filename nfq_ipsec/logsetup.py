@@ -4,11 +4,13 @@ WHO is ``supervisor`` or the queue a worker serves (``q100``). Lines go to stder
 two forms:
 
 - stderr is the journal (systemd sets ``JOURNAL_STREAM`` to the ``device:inode`` of the stream
-  it connects to stderr, and stderr still is that stream): no timestamp of our own (the journal
-  has one) and each line starts with its syslog priority as sd-daemon(3) has it, ``<3>`` error,
-  ``<4>`` warning, ``<6>`` info, ``<7>`` debug (``<2>`` critical), so ``journalctl -p err``
+  it connects to stderr, and stderr still is that stream): each record goes to the journal
+  natively, with its priority and fields (``journal``). If the journal's socket can't take
+  it, the record goes to stderr instead, with no timestamp of our own (the journal has one),
+  each line starting with its syslog priority as sd-daemon(3) has it, ``<3>`` error, ``<4>``
+  warning, ``<6>`` info, ``<7>`` debug (``<2>`` critical), so ``journalctl -p err`` still
   finds our errors. Every line of a multi-line record (a traceback) carries the prefix, since
-  the journal makes each line an entry of its own;
+  the journal makes each line of its stream an entry of its own;
 - anything else (a terminal, a file, a pipe): the time first, ISO 8601 with milliseconds and
   the UTC offset (``2026-12-03T10:13:00.125+00:00``).
 
@@ -24,6 +26,8 @@ import os
 import sys
 from datetime import datetime
 from typing import TextIO
+
+from . import journal
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -77,20 +81,35 @@ class LocalTimeFormatter(logging.Formatter):
         return datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds")
 
 
-def formatter(who: str, stream: TextIO) -> logging.Formatter:
-    if is_journal(stream):
+def formatter(who: str, stream: TextIO, environ: dict[str, str] | None = None) -> logging.Formatter:
+    if is_journal(stream, environ):
         return JournalFormatter(f"nfq-ipsec[{who}] %(levelname)s: %(message)s")
     return LocalTimeFormatter(f"%(asctime)s nfq-ipsec[{who}] %(levelname)s: %(message)s")
+
+
+def handler(who: str, stream: TextIO, environ: dict[str, str] | None = None) -> logging.Handler:
+    """Where the process's lines go: the journal's socket, with fields (``journal``), when
+    ``stream`` is the journal's stream; otherwise ``stream``, formatted as above."""
+    fmt = formatter(who, stream, environ)
+    if is_journal(stream, environ):
+        queue = int(who[1:]) if who[:1] == "q" and who[1:].isdigit() else None
+        try:
+            return journal.JournalHandler(who, syslog_priority, fmt, stream,
+                                          journal.socket_path(environ), queue)
+        except OSError:  # no socket to be had: the stream form, which the journal takes too
+            pass
+    out = logging.StreamHandler(stream)
+    out.setFormatter(fmt)
+    return out
 
 
 def setup(who: str, level: str = "info") -> logging.Logger:
     """Configure the process's ``nfq_ipsec`` logger once and return it."""
     logger = logging.getLogger(LOGGER_NAME)
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(formatter(who, sys.stderr))
-    logger.addHandler(handler)
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+        old.close()
+    logger.addHandler(handler(who, sys.stderr))
     logger.setLevel(LEVELS.get(level.lower(), logging.INFO))
     logger.propagate = False
     return logger

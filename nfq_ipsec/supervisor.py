@@ -54,7 +54,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from . import __version__, childsas, corebuild, counts, exitcodes, rules, usage
+from . import __version__, childsas, corebuild, counts, exitcodes, journal, rules, usage
 from .agent import AgentSpec, agent_main, agent_spec
 from .config import Config, QueueConfig
 from .control import ControlError, ControlServer, Deferred
@@ -359,7 +359,8 @@ class Supervisor:
         slot.last_heard = slot.pinged_at = slot.started_at
         slot.hung = False
         slot.pipe_closed_at = None
-        log.debug("worker for queue %d started, pid %s", slot.queue, proc.pid)
+        log.debug("worker for queue %d started, pid %s", slot.queue, proc.pid,
+                  extra=journal.fields(queue=slot.queue))
 
     def _on_message(self, slot: Slot, msg: Any) -> None:
         slot.last_heard = time.monotonic()  # any message, "pong" included, feeds the watchdog
@@ -380,7 +381,7 @@ class Supervisor:
             cpu = f"cpu {slot.qc.cpu}" if slot.qc.cpu is not None else "not pinned"
             again = f" (restart {slot.restarts})" if slot.restarts else ""
             log.info("worker for queue %d ready%s: pid %d, %s, %d SA(s)%s", slot.queue, again,
-                     slot.pid, cpu, len(slot.spec.sas), down)
+                     slot.pid, cpu, len(slot.spec.sas), down, extra=journal.fields(queue=slot.queue))
         elif kind == "error":
             slot.last_error = str(msg[1])
         elif kind == "stats":
@@ -469,7 +470,7 @@ class Supervisor:
         phase = "" if was_ready else " before becoming ready"
         log.warning("worker for queue %d (pid %s) died%s, %s; queue %d drops its traffic until "
                     "it is back; restarting in %.1f s", slot.queue, slot.pid, phase, how,
-                    slot.queue, delay)
+                    slot.queue, delay, extra=journal.fields(queue=slot.queue, reason="worker_died"))
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -480,7 +481,8 @@ class Supervisor:
             elif (slot.state == "starting" and slot.proc is not None
                   and now - slot.started_at > READY_TIMEOUT):
                 log.warning("worker for queue %d (pid %s) not ready after %.0f s: killing it",
-                            slot.queue, slot.pid, READY_TIMEOUT)
+                            slot.queue, slot.pid, READY_TIMEOUT,
+                            extra=journal.fields(queue=slot.queue, reason="not_ready"))
                 slot.last_error = f"not ready after {READY_TIMEOUT:.0f} s"
                 slot.proc.kill()
             elif slot.state == "ready" and slot.proc is not None:
@@ -502,7 +504,7 @@ class Supervisor:
                 slot.last_error = f"did not answer for {silent:.1f} s: killed by the watchdog"
                 log.warning("worker for queue %d (pid %s) has not answered for %.1f s "
                             "(daemon.watchdog = %g s): killing it", slot.queue, slot.pid, silent,
-                            watchdog)
+                            watchdog, extra=journal.fields(queue=slot.queue, reason="watchdog"))
                 slot.proc.kill()
         elif now - slot.pinged_at >= self._ping_interval() and slot.conn is not None:
             slot.pinged_at = now
@@ -615,7 +617,7 @@ class Supervisor:
             slot.proc.join(max(0.0, deadline - time.monotonic()))
             if slot.proc.exitcode is None:
                 log.warning("worker for queue %d (pid %s) did not stop; sending SIGTERM",
-                            slot.queue, slot.pid)
+                            slot.queue, slot.pid, extra=journal.fields(queue=slot.queue))
                 slot.proc.terminate()
                 slot.proc.join(2.0)
             if slot.proc.exitcode is None:

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, cast
 
-from . import corebuild, hardening
+from . import corebuild, hardening, journal
 from .config.fields import DEFAULT_LOG_LEVEL
 from .core import SPD, DropReason, Policy, Processor, Result, SAParams, SecurityAssociation, Verdict
 from .core.ipv6 import IPV6_HEADER
@@ -421,7 +421,8 @@ class PacketHandler:
         now = self.clock()
         if now >= self._next_error_log:
             more = f" ({self._errors_unlogged} more since the last report)" if self._errors_unlogged else ""
-            log.error("internal error handling a packet, dropped it%s", more, exc_info=True)
+            log.error("internal error handling a packet, dropped it%s", more, exc_info=True,
+                      extra=journal.fields(reason=DropReason.INTERNAL.value))
             self._errors_unlogged = 0
             self._next_error_log = now + ERROR_LOG_INTERVAL
         else:
@@ -435,10 +436,12 @@ class PacketHandler:
                 sa = self.processor.sad.by_name(ev.sa_name)
                 snap = _udp_snapshot(sa) if sa is not None else None
                 log.info("SA %s (spi 0x%08x): peer changed, now %s", ev.sa_name, ev.spi,
-                         snap["peer"] if snap is not None else "?")
+                         snap["peer"] if snap is not None else "?",
+                         extra=journal.fields(sa=ev.sa_name, spi=ev.spi, reason=kind))
                 continue
             level = logging.INFO if kind == "soft_expired" else logging.WARNING
-            log.log(level, "SA %s (spi 0x%08x): %s", ev.sa_name, ev.spi, kind.replace("_", " "))
+            log.log(level, "SA %s (spi 0x%08x): %s", ev.sa_name, ev.spi, kind.replace("_", " "),
+                    extra=journal.fields(sa=ev.sa_name, spi=ev.spi, reason=kind))
 
     def counts(self) -> Counts:
         """Packets and drops since this worker started, in all and per SA: the answer to a

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import termios
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,7 +62,7 @@ def pair() -> Iterator[Pair]:
 def _daemon(pair: Pair, ns: str, tmp_path: Path, name: str, keys: dict[str, str], a_side: bool,
             daemons: list[Daemon], **env: str) -> Daemon:
     d = tmp_path / name
-    d.mkdir()
+    d.mkdir(exist_ok=True)
     cfg = write_config(d, a_side, pair.va if a_side else pair.vb, keys, per_port=False)
     daemon = Daemon(name, pair.host(ns), cfg, env=_env(**env), log=d / "daemon.log", lab=pair.lab)
     daemons.append(daemon)
@@ -334,16 +335,41 @@ def test_metrics_of_a_running_daemon(pair: Pair, tmp_path: Path, daemons: list[D
 def test_the_real_daemon_tells_systemd(pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:
     """``nfq-ipsec run`` with a unix datagram socket as systemd's ``$NOTIFY_SOCKET``: READY=1
     once it runs (workers ready, rules installed), WATCHDOG=1 at half of ``$WATCHDOG_USEC``,
-    STOPPING=1 on SIGTERM."""
+    STOPPING=1 on SIGTERM. And its stderr as the journal's stream (``$JOURNAL_STREAM``) with a
+    stand-in journal on the socket: the supervisor's and each worker's lines arrive there as
+    native entries with their fields, none on stderr."""
     import socket as socketlib
+
+    from nfq_ipsec import journal
 
     notify = tmp_path / "notify"
     sd = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
     sd.bind(str(notify))
     sd.settimeout(30)
+    jsock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+    jsock.bind(str(tmp_path / "journal"))
+    jsock.settimeout(0.2)
+    entries: list[dict[str, str]] = []
+    reading = threading.Event()
+    reading.set()
+
+    def read_journal() -> None:  # at once: the kernel queues only a few datagrams on a socket
+        while reading.is_set():
+            with contextlib.suppress(TimeoutError):
+                entries.append(dict(journal.decode(jsock.recv(1 << 20))))
+
+    reader = threading.Thread(target=read_journal, daemon=True)
+    reader.start()
+    (tmp_path / "a").mkdir()
+    log = tmp_path / "a" / "daemon.log"
+    log.touch()
+    stream = log.stat()
     try:
         a = _daemon(pair, pair.a, tmp_path, "a", make_keys(), True, daemons,
-                    NOTIFY_SOCKET=str(notify), WATCHDOG_USEC="1000000")
+                    NOTIFY_SOCKET=str(notify), WATCHDOG_USEC="1000000",
+                    JOURNAL_STREAM=f"{stream.st_dev}:{stream.st_ino}",
+                    NFQ_IPSEC_JOURNAL_SOCKET=str(tmp_path / "journal"))
+        a.config.write_text(a.config.read_text().replace('log_level = "info"', 'log_level = "debug"'))
         a.start()
         first = sd.recv(4096).decode()
         while not first.startswith("READY=1"):  # WATCHDOG=1 may come first, while starting
@@ -365,8 +391,22 @@ def test_the_real_daemon_tells_systemd(pair: Pair, tmp_path: Path, daemons: list
                 said.append(sd.recv(4096).decode())
         assert [m for m in said if m != "WATCHDOG=1"] == [
             "STOPPING=1\nSTATUS=stopping: closing the rules, stopping the workers"]
+        time.sleep(0.5)
+        reading.clear()
+        reader.join()
+        ready = [e for e in entries if e["NFQ_PROCESS"] == "supervisor"
+                 and e["MESSAGE"].startswith("[supervisor] worker for queue") and " ready" in e["MESSAGE"]]
+        assert sorted(e["NFQ_QUEUE"] for e in ready) == sorted(str(q) for q in QUEUES), entries
+        assert all(e["PRIORITY"] == "6" and e["SYSLOG_IDENTIFIER"] == "nfq-ipsec" for e in ready)
+        assert any(e["MESSAGE"] == "[supervisor] stopped" for e in entries), entries
+        workers = {e["NFQ_PROCESS"]: e["NFQ_QUEUE"] for e in entries if e["NFQ_PROCESS"] != "supervisor"}
+        assert workers == {f"q{q}": str(q) for q in QUEUES}, entries  # each worker's own lines
+        assert "nfq-ipsec[" not in a.log_text()  # nothing went to stderr instead
     finally:
+        reading.clear()
+        reader.join()
         sd.close()
+        jsock.close()
 
 
 def test_stop_command_reads_back_closed_rules(pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:

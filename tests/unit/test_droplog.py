@@ -10,8 +10,9 @@ import struct
 import pytest
 from packets import ipv4, udp
 
+from nfq_ipsec import journal
 from nfq_ipsec.core import DropReason
-from nfq_ipsec.droplog import PER_SECOND, DropLog, describe
+from nfq_ipsec.droplog import PER_SECOND, DropLog
 
 PAYLOAD = b"SECRET-PAYLOAD" * 4
 
@@ -37,16 +38,24 @@ def ipv6(src: str, dst: str, nh: int, payload: bytes) -> bytes:
     (b"", "SPI ? from ?"),
 ])
 def test_a_line_names_the_spi_and_the_source(packet: bytes, said: str) -> None:
-    assert describe(packet) == said
+    log, lines = drop_log()
+    log.note(DropReason.INTEGRITY, packet, 0.0)
+    assert lines.lines == [f"dropped (integrity): {said}"]
+    # and the journal's fields of the line: the reason, and the SPI when the bytes have one
+    spi = said.split()[1]
+    expected = {"NFQ_REASON": "integrity"} | ({} if spi == "?" else {"NFQ_SPI": spi})
+    assert lines.fields == [expected]
 
 
 class Lines(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
         self.lines: list[str] = []
+        self.fields: list[dict[str, str]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(record.getMessage())
+        self.fields.append(getattr(record, journal.EXTRA, {}))
 
 
 def drop_log(level: int = logging.INFO) -> tuple[DropLog, Lines]:
