@@ -144,6 +144,12 @@ def test_vagrantfile_and_provisioning_agree() -> None:
     assert "scripts/install-service" in prov
     for tool in ("vagrant", "vagrant-libvirt", "systemd"):
         assert tool in (ROOT / "scripts" / "install-deps").read_text()
+    # the lab step at every boot (a reboot loses the LAN namespace), build outputs not synced
+    lab_step = vf[vf.index('node.vm.provision "lab"'):]
+    assert 'run: "always"' in lab_step.split("\n")[0]
+    assert '"*.so"' in vf and '"nfq_ipsec/core/_compiled.json"' in vf
+    # the check's driver needs no compiler on the workstation
+    assert "NFQ_IPSEC_PURE=1" in (VAGRANT_DIR / "run-check").read_text()
 
 
 # -- the remote-shell host (no VMs) --------------------------------------------------------------
