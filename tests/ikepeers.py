@@ -98,7 +98,7 @@ def connection_daemon_config(directory: Path, interface: str, me: str, peer: str
                      else f"{name} = {value}\n" for name, value in connection.items())
     path = directory / "nfq.toml"
     path.write_text(
-        f'[node]\ninterface = "{interface}"\n\n'
+        f'[node]\ninterface = "{interface}"\nmtu = 1500\n\n'
         f"[daemon]\nqueues = [{', '.join(map(str, queues))}]\n"
         f'control_socket = "{directory / "run" / "ctl.sock"}"\n'
         f'state_dir = "{directory / "state"}"\n\n'

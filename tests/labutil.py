@@ -71,7 +71,10 @@ def write_config(directory: Path, a_side: bool, iface: str, keys: dict[str, str]
     """One host's config: per queue i a policy for UDP to PORTS[i] with SAs ab{i}/ba{i}; or,
     not ``per_port``, one policy for everything between the two hosts with all the SAs (the
     rules spread flows over the queues, one SA per queue and direction as in RFC 9611).
-    ``v6``: the same between ``ADDR6_A`` and ``ADDR6_B`` (transport mode over IPv6)."""
+    ``v6``: the same between ``ADDR6_A`` and ``ADDR6_B`` (transport mode over IPv6).
+    ``node.mtu`` is 1500, not the veth's 9000: the tests' MSS and path MTU figures are for it,
+    and a configuration loaded outside the namespace (the tests read rule counters so) then
+    builds the same rules as the daemon inside it."""
     directory.mkdir(parents=True, exist_ok=True)
     a, b, bits = (ADDR6_A, ADDR6_B, 128) if v6 else (ADDR_A, ADDR_B, 32)
     me, peer = (a, b) if a_side else (b, a)
@@ -81,6 +84,7 @@ def write_config(directory: Path, a_side: bool, iface: str, keys: dict[str, str]
         [node]
         interface = "{iface}"
         role = "host"
+        mtu = 1500
 
         [daemon]
         queues = [{", ".join(map(str, QUEUES))}]

@@ -37,7 +37,7 @@ def summary(cfg: Config) -> str:
     lines = [f"{cfg.path}: OK"]
     lines.append(
         f"node: interface {node.interface or 'all but lo'}, role {node.role}, "
-        f"default {node.default_action.value}, mtu {node.mtu}"
+        f"default {node.default_action.value}, mtu {node.mtu} ({node.mtu_source})"
     )
     queues = ", ".join(f"{q.num} (cpu {q.cpu if q.cpu is not None else 'any'})" for q in d.queues)
     watchdog = f"{d.watchdog:g} s" if d.watchdog > 0 else "off"

@@ -87,7 +87,8 @@ NODE = Section("node", "[node]", "Where the IPsec boundary is (RFC 4301 section 
     Field("default", STRING, "what happens to traffic that matches no policy (RFC 4301: discard)",
           default=DEFAULT_NODE_ACTION, choices={"discard": Action.DISCARD, "bypass": Action.BYPASS}),
     Field("mtu", INTEGER, "of the unprotected interface: TCP MSS clamping, each SA's first path MTU",
-          default=DEFAULT_MTU, bounds=(576, 65535)),
+          default_text="`interface`'s MTU as the kernel has it when the configuration is read "
+          "(1500 without `interface`, or if it does not exist there)", bounds=(576, 65535)),
     Field("ipv6_neighbour_discovery", BOOLEAN,
           "let IPv6 neighbour discovery (ICMPv6 types 133-137) and MLD (130-132, 143) through in "
           "clear whatever the policies say; `false` leaves them to the policies and "

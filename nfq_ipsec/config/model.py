@@ -55,6 +55,8 @@ class NodeConfig:
     # IPv6 neighbour discovery on the unprotected interface while IPv6 is otherwise dropped
     # (node.default = discard; policies and SAs are IPv4 only).
     ipv6_neighbour_discovery: bool = DEFAULT_IPV6_ND
+    # where ``mtu`` came from (check-config says it): node.mtu, the interface's, or the default
+    mtu_source: str = field(default="node.mtu", compare=False)
 
 
 @dataclass(frozen=True)

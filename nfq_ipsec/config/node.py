@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from .. import netif
 from . import parsers
-from .fields import DAEMON, DEFAULT_QUEUE_BASE, DEFAULT_SOCKET, NODE, SOCKET_DIR
+from .fields import DAEMON, DEFAULT_MTU, DEFAULT_QUEUE_BASE, DEFAULT_SOCKET, NODE, SOCKET_DIR
 from .model import DaemonConfig, NodeConfig, QueueConfig
 from .reading import Problems
 
@@ -19,8 +20,22 @@ def read_node(raw: dict[str, Any], probs: Problems) -> NodeConfig:
         probs.add("node.interface", "a gateway must name its unprotected interface")
     default = NODE["default"].read(raw, "node", probs)
     mtu = NODE["mtu"].read(raw, "node", probs)
+    source = "node.mtu"
+    if mtu is None:
+        mtu, source = interface_mtu(interface)
     nd = NODE["ipv6_neighbour_discovery"].read(raw, "node", probs)
-    return NodeConfig(interface, role, default, mtu, nd)
+    return NodeConfig(interface, role, default, mtu, nd, mtu_source=source)
+
+
+def interface_mtu(interface: str | None) -> tuple[int, str]:
+    """``node.mtu`` when the file does not set it, and where it comes from: the interface's, as
+    the kernel has it now (within the bounds a configured one has), or 1500."""
+    if interface is None:
+        return DEFAULT_MTU, "the default (no node.interface)"
+    found = netif.mtu(interface)
+    if found is None:
+        return DEFAULT_MTU, f"the default ({interface} does not exist here)"
+    return max(576, min(found, 65535)), f"{interface}'s"
 
 
 def read_daemon(raw: dict[str, Any], cpus: list[int], probs: Problems,

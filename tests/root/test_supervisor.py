@@ -527,3 +527,20 @@ def test_top_in_a_terminal_shows_the_rates_of_the_traffic(pair: Pair, tmp_path: 
     assert all(r[1] == "ready" and r[-1] in ("MiB", "KiB", "GiB") for r in queue_rows[-2:]), queue_rows
     assert a.stop() == 0
     assert b.stop() == 0
+
+
+def test_node_mtu_is_the_interfaces_when_not_set(pair: Pair, tmp_path: Path) -> None:
+    """A configuration without ``node.mtu`` takes its interface's MTU (the veth's 9000) in the
+    namespace it is read in, and the rules' MSS clamp follows it; where the interface does not
+    exist, 1500 and check-config says why."""
+    cfg = write_config(tmp_path / "a", True, pair.va, make_keys(), per_port=False)
+    cfg.write_text(cfg.read_text().replace("mtu = 1500\n", "", 1))
+    inside = pair.run(pair.a, *nfq_ipsec(), "check-config", "-c", str(cfg), environ=_env()).stdout
+    assert f"mtu 9000 ({pair.va}'s)" in inside, inside
+    outside = subprocess.run([*nfq_ipsec(), "check-config", "-c", str(cfg)], env=_env(),
+                             capture_output=True, text=True, check=True).stdout
+    assert f"mtu 1500 (the default ({pair.va} does not exist here))" in outside, outside
+    pair.run(pair.a, "ip", "link", "set", pair.va, "mtu", "4000")
+    rules = pair.run(pair.a, *nfq_ipsec(), "rules", "show", "-c", str(cfg), environ=_env()).stdout
+    clamp = re.search(r"--set-mss (\d+)", rules)
+    assert clamp is not None and 3800 < int(clamp.group(1)) < 4000 - 40, rules  # MTU 4000 less ESP

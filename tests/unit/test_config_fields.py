@@ -39,11 +39,11 @@ ATTR = {("node", "default"): "default_action", ("policy", "sa"): "sa_names",
         ("connection", "psk_file"): "psk"}  # else the name
 # Policy.selector: the selector fields themselves are the fields; a connection's proposals are
 # its ike and esp parsed, its policy the one whose connection field names it
-NOT_FIELDS = {"selector", "ike_proposal", "esp_proposal", "policy"}
+NOT_FIELDS = {"selector", "ike_proposal", "esp_proposal", "policy", "mtu_source"}
 READ_INTO_OTHERS = {("daemon", "cpus"), ("sa", "key_file"), ("sa", "integrity_key_file"),
                     ("policy", "connection")}
 # Defaults that the loader works out (the reference says how); the model has a placeholder.
-COMPUTED = {("daemon", "queues"), ("sa", "queue"), ("sa", "key"), ("sa", "integrity_key"),
+COMPUTED = {("node", "mtu"), ("daemon", "queues"), ("sa", "queue"), ("sa", "key"), ("sa", "integrity_key"),
             ("sa", "lifetime"), ("connection", "local_id"), ("connection", "remote_id")}
 PSK_FILE: list[Path] = []  # the base's connection's pre-shared key, made once
 
