@@ -224,7 +224,8 @@ def test_core_segments_equal_the_kernels(tmp_path: Path, v6: bool) -> None:
 def _gso_config(path: Path) -> Path:
     """A ``write_config`` host configuration with ``node.mtu = 9000`` and ``daemon.gso``."""
     text = path.read_text()
-    text = text.replace('role = "host"\n', 'role = "host"\nmtu = 9000\n', 1)
+    assert "mtu = 1500\n" in text
+    text = text.replace("mtu = 1500\n", "mtu = 9000\n", 1)
     text = text.replace('log_level = "info"\n', 'log_level = "info"\ngso = true\n', 1)
     path.write_text(text)
     return path
@@ -274,3 +275,103 @@ def test_the_daemon_cuts_superpackets_on_a_jumbo_link_within_the_mss_clamp(tmp_p
     print(f"\njumbo: MSS {mss} (clamp {clamp}), {sum(w['superpackets'] for w in workers)} "
           f"superpackets as {sum(w['segments'] for w in workers)} ESP packets, {len(ours)} "
           f"ESP packets on the wire, the largest {max(sizes)} bytes")
+
+
+# a: send canary-filled blocks as fast as TCP takes them for SECONDS (a send that waits over a
+# second is given up and tried again), then close without waiting; prints the bytes sent.
+TIMED_CLIENT = textwrap.dedent("""
+    import socket, sys, time
+    c = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+    c.settimeout(1.0)
+    seconds, marker = float(sys.argv[3]), sys.argv[4].encode()
+    block = (marker * (65536 // len(marker) + 1))[:65536]
+    sent, end = 0, time.monotonic() + seconds
+    print("READY", flush=True)
+    while time.monotonic() < end:
+        try:
+            sent += c.send(block)
+        except TimeoutError:
+            pass
+        except OSError:  # the server gave up on a stalled flow
+            break
+    c.close()
+    print(sent, flush=True)
+""")
+
+# b: accept one connection and read it until EOF or 10 s without data; prints the bytes read.
+IDLE_SERVER = textwrap.dedent("""
+    import socket, sys
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((sys.argv[1], int(sys.argv[2])))
+    s.listen(1)
+    print("READY", flush=True)
+    c, _ = s.accept()
+    c.settimeout(10.0)
+    n = 0
+    try:
+        while data := c.recv(1 << 20):
+            n += len(data)
+    except (TimeoutError, ConnectionResetError):
+        pass
+    print(n, flush=True)
+""")
+
+
+def test_leak_gso_daemon_restarted_and_workers_killed_mid_flow(tmp_path: Path) -> None:
+    """The leak matrix's GSO row: with ``daemon.gso`` a TCP flow of canary-filled blocks runs
+    while a's daemon is restarted (SIGTERM, ``run``: the flow goes on through the new workers,
+    which cut its superpackets) and then each of a's workers is killed (SIGKILL). No frame on
+    the wire carries the canary in clear.
+
+    After a worker's crash its inbound SA refuses the peer's packets up to the floor its state
+    file saved (*SA state across restarts*): here B's ACKs, so the flow may stall from then on;
+    this row checks only that nothing leaves in clear meanwhile."""
+    canary = f"GSOCANARY{time.monotonic_ns()}x"
+    keys = make_keys()
+    started: list[Daemon] = []
+    with make_pair("k") as pair:
+        try:
+            daemons = []
+            for name, a_side, ns, iface in (("a", True, pair.a, pair.va),
+                                            ("b", False, pair.b, pair.vb)):
+                cfg = _gso_config(write_config(tmp_path / name, a_side, iface, keys, per_port=False))
+                d = Daemon(name, pair.host(ns), cfg, log=tmp_path / name / "daemon.log", lab=pair.lab)
+                started.append(d)
+                daemons.append(d)
+            for d in daemons:
+                d.start()
+            for d in daemons:
+                d.wait_running()
+            a = daemons[0]
+            server = pair.python(pair.b, IDLE_SERVER, ADDR_B, str(PORT))
+            ready(server)
+            sniffer = Sniffer(pair, pair.b, pair.vb, tmp_path / "gso-leak.pcap")
+            client = pair.python(pair.a, TIMED_CLIENT, ADDR_B, str(PORT), "7", canary)
+            try:
+                ready(client)
+                time.sleep(1.0)
+                assert a.stop() == 0
+                a.start()
+                a.wait_running()
+                restarted = a.wait_for(lambda st: sum(w["superpackets"] or 0 for w in st["workers"]) > 0,
+                                       timeout=10, what="the new workers cutting the flow's superpackets")
+                for w in restarted["workers"]:
+                    a.host.run(["kill", "-KILL", str(w["pid"])])
+                a.wait_for(lambda st: all(w["state"] == "ready" and w["restarts"] >= 1
+                                          for w in st["workers"]), what="the workers back")
+                sent = result(client, timeout=60)
+                got = result(server, timeout=60)
+            finally:
+                end(client, server)
+                assert sniffer.stop() == 0
+        finally:
+            for d in started:
+                d.stop()
+    frames = sniffer.frames()
+    leaked = [f for f in frames if canary.encode() in f]
+    assert not leaked, f"{len(leaked)} frames carry the canary in clear"
+    assert sent >= got > 1_000_000, (sent, got)
+    esp = sum(1 for f in frames if len(f) > 34 and f[12:14] == b"\x08\x00" and f[23] == 50)
+    print(f"\nleak matrix (GSO): daemon restarted, then workers killed under a TCP flow: 0 canary "
+          f"frames in clear of {len(frames)} ({esp} ESP), {got} of {sent} bytes received")

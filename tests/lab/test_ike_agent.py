@@ -9,7 +9,10 @@ a capture of the link holds ESP and IKE only, no cleartext; with ``rekey_time`` 
 SA is rekeyed under a ping stream that loses nothing; ``nfq-ipsec ike terminate`` takes the
 Child SAs out and the traffic is dropped, never sent in clear; ``nfq-ipsec ike initiate``
 brings it back; the agent killed is restarted alone (the workers go on) and brings the
-connection up again. Needs root and the lab's tools.
+connection up again. And the leak matrix's rows for negotiated SAs, with UDP canaries from A to
+B and B's side of the link captured: the agent killed while a rekey is half done, and A's
+daemon restarted with its Child SAs up; no canary may cross in clear. Needs root and the lab's
+tools.
 """
 
 from __future__ import annotations
@@ -25,13 +28,29 @@ from typing import Any
 
 import pytest
 from ikepeers import connection_daemon_config
-from labutil import ADDR_A, ADDR_B, QUEUES, Daemon, Pair, Sniffer, env, make_pair
+from labutil import (
+    ADDR_A,
+    ADDR_B,
+    PACED,
+    QUEUES,
+    RECEIVER,
+    Daemon,
+    Pair,
+    Sniffer,
+    end,
+    env,
+    make_pair,
+    ready,
+    result,
+)
 from statusschema import GOLDEN, check_answer
 
 from nfq_ipsec_lab.lab import traffic
 from nfq_ipsec_lab.lab.netns import LabError
 
 PSK = "a pre-shared key for the lab only"
+CANARY = f"IKECANARY{os.getpid()}x"
+CANARY_PORTS = (9301, 9302)
 REKEY = 10  # seconds: the shortest rekey_time the configuration takes
 FILE_PORT = 9100
 PROBE_PORT = 9200
@@ -196,3 +215,69 @@ def test_a_dead_agent_is_restarted_alone_and_its_connection_comes_back(bed: Bed)
     bed.wait_up()  # start_action = "start": it initiates again
     assert bed.ping(5) == (5, 5)
     assert "agent (pid" in bed.a.log_text() and "died" in bed.a.log_text()
+
+
+# -- the leak matrix's IKE rows: negotiated SAs in every state, no cleartext ------------------
+
+def canary_stream(bed: Bed, tmp_path: Path, name: str, during: Any, seconds: float) -> tuple[int, int]:
+    """UDP canaries from A to B every 5 ms for ``seconds`` while ``during()`` runs (after
+    0.8 s), B's side of the link captured: no frame may carry the canary in clear. Returns
+    (sent, received)."""
+    pair = bed.pair
+    sniffer = Sniffer(pair, pair.b, pair.vb, tmp_path / f"{name}.pcap")
+    receiver = pair.python(pair.b, RECEIVER, ADDR_B, ",".join(map(str, CANARY_PORTS)), "0", stdin=True)
+    sender = None
+    try:
+        ready(receiver)
+        sender = pair.python(pair.a, PACED, ADDR_B, ",".join(map(str, CANARY_PORTS)), "1", "0.005",
+                             str(seconds), CANARY)
+        ready(sender)
+        time.sleep(0.8)
+        during()
+        sent = sum(result(sender, timeout=seconds + 60).values())
+        time.sleep(0.5)
+        got = [text for _, text in result(receiver, stdin="") if text.startswith(CANARY)]
+    finally:
+        end(sender, receiver)
+        assert sniffer.stop() == 0, "the capture is incomplete"
+    cleartext = [f for f in sniffer.frames() if CANARY.encode() in f]
+    assert not cleartext, f"{name}: {len(cleartext)} frames carry the canary in clear"
+    assert sent > 100, sent
+    print(f"\nleak matrix (IKE): {name}: 0 canaries in clear, lost {sent - len(got)} of {sent}")
+    return sent, len(got)
+
+
+def test_leak_agent_killed_mid_rekey(bed: Bed, tmp_path: Path) -> None:
+    """The agent killed while a rekey is half done (the successor installed, the old pair still
+    there): both pairs are taken out at once, the canaries are dropped, none in clear, and the
+    connection comes back."""
+    bed.wait_up()
+
+    def kill_mid_rekey() -> None:
+        st = bed.a.wait_for(lambda st: len([sa for sa in st["sas"] if sa["name"].startswith("peer.")]) > 2,
+                            timeout=REKEY * 2.5, what="a rekey half done (two Child SA pairs)")
+        os.kill(st["ike"]["pid"], signal.SIGKILL)
+        bed.a.wait_for(lambda st: st["ike"]["restarts"] >= 1, what="the agent restarted")
+
+    restarts = bed.a.status()["ike"]["restarts"]
+    sent, got = canary_stream(bed, tmp_path, "agent_killed_mid_rekey", kill_mid_rekey, REKEY * 3.0)
+    assert got < sent  # the Child SAs went with the agent: some canaries were dropped
+    assert bed.a.status()["ike"]["restarts"] == restarts + 1
+    bed.wait_up()
+    assert bed.ping(5) == (5, 5)
+
+
+def test_leak_daemon_restart_with_negotiated_sas(bed: Bed, tmp_path: Path) -> None:
+    """A's daemon stopped (SIGTERM) and started again while the Child SAs carry canaries: the
+    closed rules drop them while it is down, the new agent negotiates again, none in clear."""
+    bed.wait_up()
+
+    def bounce() -> None:
+        assert bed.a.stop() == 0
+        bed.a.start()
+        bed.a.wait_running()
+
+    sent, got = canary_stream(bed, tmp_path, "daemon_restart_negotiated", bounce, 8.0)
+    assert 0 < got < sent, (sent, got)  # carried before, dropped while down or unkeyed
+    bed.wait_up()
+    assert bed.ping(5) == (5, 5)
