@@ -509,6 +509,10 @@ def render_status(status: StatusReport) -> str:
         if w.get("crossed_family"):
             notes.append(f"  q{w.get('queue')} sent on in the other IP family (mixed tunnel): "
                          f"{w['crossed_family']}")
+        hits, misses = w.get("busy_poll_hits"), w.get("busy_poll_misses")
+        if hits or misses:
+            notes.append(f"  q{w.get('queue')} busy polling: {hits} poll(s) caught a packet, "
+                         f"{misses} ran out empty")
         if w.get("superpackets"):
             notes.append(f"  q{w.get('queue')} TCP superpackets cut and sealed: "
                          f"{w['superpackets']} (as {w['segments']} ESP packets)")

@@ -106,6 +106,10 @@ def families(status: StatusReport) -> list[Family]:
     restarts = fam("worker_restarts", "counter", "Times the queue's worker was started again.")
     w_cpu = fam("worker_cpu_seconds", "counter", "The queue's current worker's CPU time, user "
                 "and system (from zero for each worker process).")
+    hits = fam("worker_busy_poll_hits", "counter", "daemon.busy_poll: polls that caught the next "
+               "packet without a wake-up (from zero for each worker process).")
+    misses = fam("worker_busy_poll_misses", "counter", "daemon.busy_poll: polls that ran out empty "
+                 "(from zero for each worker process).")
     w_mem = fam("worker_resident_memory_bytes", "gauge", "The queue's current worker's resident memory.")
     p_in = fam("packets_in", "counter", "Packets the queue's workers took from the kernel.")
     p_out = fam("packets_out", "counter", "Packets the queue's workers handed back accepted.")
@@ -122,6 +126,8 @@ def families(status: StatusReport) -> list[Family]:
         restarts.add(q, w["restarts"])
         w_cpu.add(q, w["cpu_seconds"])
         w_mem.add(q, w["memory_bytes"])
+        hits.add(q, w["busy_poll_hits"])
+        misses.add(q, w["busy_poll_misses"])
         p_in.add(q, w["packets_in"])
         p_out.add(q, w["packets_out"])
         for reason, n in sorted((w["drops"] or {}).items()):
@@ -162,7 +168,7 @@ def families(status: StatusReport) -> list[Family]:
             left_b.add(labels, left["bytes"])
         idle.add(labels, sa["last_packet_age"])
     return [info, uptime, cpu, mem, rules, control_errors, warnings, up, w_uptime, restarts, w_cpu, w_mem,
-            p_in, p_out,
+            hits, misses, p_in, p_out,
             drops, k_queue, k_user, rule_drops, sa_info, sa_packets, sa_bytes, sa_drops, sa_seq, left_s,
             left_p, left_b, idle]
 

@@ -96,6 +96,8 @@ class WorkerSnapshot(TypedDict):
     crossed_family: int
     superpackets: int  # daemon.gso: superpackets whose ESP packets all left in a batch
     segments: int  # the ESP packets they left as
+    busy_poll_hits: int  # daemon.busy_poll: polls that caught a packet (0 with it off)
+    busy_poll_misses: int  # and polls that ran out empty
     core: str
     kernel: KernelQueueCounts | None
     sas: list[SaSnapshot]
@@ -139,6 +141,8 @@ class WorkerReport(TypedDict):
     crossed_family: int | None
     superpackets: int | None
     segments: int | None
+    busy_poll_hits: int | None
+    busy_poll_misses: int | None
     cpu_seconds: float | None  # the current worker process's user + system time
     memory_bytes: int | None  # and its resident memory
 

@@ -1153,6 +1153,8 @@ class Supervisor:
                 "crossed_family": st.get("crossed_family") if st else None,
                 "superpackets": st.get("superpackets") if st else None,
                 "segments": st.get("segments") if st else None,
+                "busy_poll_hits": st.get("busy_poll_hits") if st else None,
+                "busy_poll_misses": st.get("busy_poll_misses") if st else None,
                 "cpu_seconds": use.cpu_seconds if use else None,
                 "memory_bytes": use.memory_bytes if use else None,
             })

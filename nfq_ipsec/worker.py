@@ -458,8 +458,10 @@ class PacketHandler:
                     for sa in proc.sad.all()},
         }
 
-    def snapshot(self, queue_num: int, cpu: int | None, started: float) -> WorkerSnapshot:
-        """Counters for the status command. Names, SPIs and numbers only, never keys."""
+    def snapshot(self, queue_num: int, cpu: int | None, started: float,
+                 polls: tuple[int, int] = (0, 0)) -> WorkerSnapshot:
+        """Counters for the status command. Names, SPIs and numbers only, never keys.
+        ``polls``: the adaptive polling's hits and misses (``BusyPoll``)."""
         now = self.clock()
         proc = self.processor
         drops = _by_reason(proc.drops)
@@ -505,6 +507,8 @@ class PacketHandler:
             "crossed_family": self.crossed_family,
             "superpackets": self.superpackets_sent,
             "segments": self.segments_sent,
+            "busy_poll_hits": polls[0],
+            "busy_poll_misses": polls[1],
             "core": corebuild.running().detail,
             "kernel": kernel,
             "sas": sas,
@@ -684,7 +688,8 @@ def _serve(
                 if msg[0] == "ping":
                     conn.send(("pong", handler.counts()))
                 elif msg[0] == "stats":
-                    conn.send(("stats", handler.snapshot(spec.queue, spec.cpu, started)))
+                    conn.send(("stats", handler.snapshot(spec.queue, spec.cpu, started,
+                                                         (polling.hits, polling.misses))))
                 elif msg[0] == "stop":
                     log.debug("stopping on request")
                     return 0

@@ -544,3 +544,25 @@ def test_node_mtu_is_the_interfaces_when_not_set(pair: Pair, tmp_path: Path) -> 
     rules = pair.run(pair.a, *nfq_ipsec(), "rules", "show", "-c", str(cfg), environ=_env()).stdout
     clamp = re.search(r"--set-mss (\d+)", rules)
     assert clamp is not None and 3800 < int(clamp.group(1)) < 4000 - 40, rules  # MTU 4000 less ESP
+
+
+def test_busy_polling_is_counted_in_status(pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:
+    """``daemon.busy_poll``: pings 2 ms apart through A's workers; status counts the polls
+    that caught a packet and those that ran out, and a daemon without it counts none."""
+    from nfq_ipsec_lab.lab.traffic import ping
+
+    a, b = _running_pair(pair, tmp_path, daemons)
+    assert ping(pair.host(pair.a), ADDR_B, count=5).received == 5
+    off = a.status()["workers"]
+    assert all(w["busy_poll_hits"] == w["busy_poll_misses"] == 0 for w in off), off
+    assert a.stop() == 0
+    a.config.write_text(a.config.read_text().replace("[daemon]\n", "[daemon]\nbusy_poll = 2000\n", 1))
+    a.start()
+    a.wait_running()
+    assert ping(pair.host(pair.a), ADDR_B, count=50, interval=0.002).received == 50
+    workers = a.status()["workers"]
+    assert sum(w["busy_poll_hits"] for w in workers) > 0, workers  # replies caught while polling
+    assert sum(w["busy_poll_misses"] for w in workers) > 0, workers  # the windows after the last
+    assert "busy polling:" in a.status_text()
+    assert a.stop() == 0
+    assert b.stop() == 0

@@ -69,6 +69,8 @@ def test_the_exposition_parses_and_carries_the_status() -> None:
         key("nfq_ipsec_worker_restarts_total", **q101): 3,
         key("nfq_ipsec_worker_cpu_seconds_total", **q100): 3.25,
         key("nfq_ipsec_worker_resident_memory_bytes", **q100): 33554432,
+        key("nfq_ipsec_worker_busy_poll_hits_total", **q100): 40,
+        key("nfq_ipsec_worker_busy_poll_misses_total", **q100): 7,
         key("nfq_ipsec_packets_in_total", **q100): 10,
         key("nfq_ipsec_packets_out_total", **q100): 8,
         key("nfq_ipsec_drops_total", reason="replay", **q100): 2,
@@ -104,7 +106,7 @@ def test_the_exposition_parses_and_carries_the_status() -> None:
     counters = {f"nfq_ipsec_{n}" for n in (
         "packets_in", "packets_out", "drops", "worker_restarts", "kernel_queue_dropped",
         "kernel_user_dropped", "rule_drops", "sa_packets", "sa_bytes", "sa_drops", "control_errors",
-        "cpu_seconds", "worker_cpu_seconds")}
+        "cpu_seconds", "worker_cpu_seconds", "worker_busy_poll_hits", "worker_busy_poll_misses")}
     assert {name for name, t in types.items() if t == "counter"} == counters
 
 
