@@ -171,6 +171,33 @@ class Agent:
         log.info("connection %s: terminated", name)
         return out
 
+    def reconfigure(self, spec: AgentSpec, now: float) -> tuple[list[Send], list[Send]]:
+        """Run ``spec`` from now on (a reloaded configuration): a connection that is gone or
+        changed is terminated (its Child SAs reported down, its IKE SAs deleted) and dropped;
+        a new or changed one is added, and initiated if it starts. The unchanged ones go on
+        with their IKE and Child SAs. Returns (the Deletes of the dropped connections, to send
+        before their addresses are forgotten; the new connections' first messages)."""
+        wanted = {c.name: c for c in spec.connections}
+        goodbye: list[Send] = []
+        for name in list(self.conns):
+            if wanted.get(name) != self.conns[name].spec:
+                goodbye += self.terminate(name, now)
+        for name in [n for n in self.conns if wanted.get(n) != self.conns[n].spec]:
+            del self.conns[name]
+            log.info("connection %s: removed by a reload", name)
+        self.by_remote = {c.spec.remote: name for name, c in self.conns.items()}
+        hello: list[Send] = []
+        for name, c in wanted.items():
+            if name in self.conns:
+                continue
+            self.conns[name] = _Conn(c, Dispatcher({c.peer.remote_addr: c.peer}, self.rand, now))
+            self.by_remote[c.remote] = name
+            log.info("connection %s: added by a reload", name)
+            if c.start:
+                hello += self.initiate(name, now)
+        self.spec = spec
+        return goodbye, hello
+
     def active(self, name: str) -> bool:
         return any(s.state not in (State.FAILED, State.DELETED) for s in self._sessions(self.conns[name]))
 
@@ -296,9 +323,10 @@ def _left(due: float, now: float) -> float | None:
 
 # -- the process ----------------------------------------------------------------------------
 
-def _sockets(spec: AgentSpec) -> dict[tuple[str, int], socket.socket]:
-    """UDP 500 and 4500 on each local address, with the mark."""
-    socks: dict[tuple[str, int], socket.socket] = {}
+def _sockets(spec: AgentSpec, socks: dict[tuple[str, int], socket.socket] | None = None,
+             ) -> dict[tuple[str, int], socket.socket]:
+    """UDP 500 and 4500 on each local address, with the mark (those not in ``socks`` yet)."""
+    socks = {} if socks is None else socks
     for c in spec.connections:
         for port in (IKE_PORT, NAT_T_PORT):
             if (c.local, port) in socks:
@@ -354,7 +382,21 @@ def run(spec: AgentSpec, conn: Connection) -> int:
                 try:
                     while conn.poll():
                         msg = conn.recv()
-                        if _on_request(agent, msg, conn, send, now):
+                        if (isinstance(msg, tuple) and len(msg) == 2 and msg[0] == "reconfigure"
+                                and isinstance(msg[1], AgentSpec)):
+                            old_local = {c.remote: c.local for c in agent.spec.connections}
+                            goodbye, hello = agent.reconfigure(msg[1], now)
+                            for port, dest, data in goodbye:  # from the old local addresses
+                                send([(port, dest, data)], old_local.get(dest[0]))
+                            local_of = {c.name: c.local for c in msg[1].connections}
+                            try:
+                                _sockets(msg[1], socks)
+                            except OSError as err:
+                                log.error("reload: cannot open the IKE sockets: %s", err)
+                            by_fd = {s.fileno(): (key, s) for key, s in socks.items()}
+                            send(hello)
+                            conn.send(("reconfigured", len(msg[1].connections)))
+                        elif _on_request(agent, msg, conn, send, now):
                             return 0
                 except (EOFError, OSError):
                     return 0  # the supervisor is gone

@@ -667,7 +667,10 @@ class Supervisor:
             agent.last_error = str(msg[1])
         elif kind == "ike_stats":
             agent.stats = msg[1]
-        elif kind == "child_up" and len(msg) == 3 and isinstance(msg[2], ChildSA):
+        elif kind == "reconfigured":
+            log.info("agent runs %s connection(s) after the reload", msg[1] if len(msg) > 1 else "?")
+        elif (kind == "child_up" and len(msg) == 3 and isinstance(msg[2], ChildSA)
+              and str(msg[1]) in {c.name for c in self.base.connections}):
             now = time.monotonic()
             entries = childsas.current(self.up.get(str(msg[1]), []), now)
             live = [n for n in entries if n.retire_at is None and n.child.spi_in != msg[2].spi_in]
@@ -907,14 +910,44 @@ class Supervisor:
             new = load_config(self.config_path)
         except ConfigError as err:
             return self._refuse("invalid configuration", err.problems)
-        if new.connections != self.base.connections:
-            return self._refuse("configuration not applied", [
-                "connection: a change of the [[connection]] sections (or of which policy one "
-                "carries) needs a restart; the keying agent is not reloaded yet"])
-        result = self.apply(childsas.effective(new, self.up, time.monotonic()), "configuration")
+        # A connection that is gone or changed loses its Child SAs now (its policy, if it stays,
+        # drops until the agent has negotiated new ones); the unchanged ones keep theirs.
+        before = self.base.connections
+        old = {c.name: c for c in before}
+        kept = {c.name for c in new.connections if old.get(c.name) == c}
+        up = {name: entries for name, entries in self.up.items() if name in kept}
+        result = self.apply(childsas.effective(new, up, time.monotonic()), "configuration")
         if result.get("changed"):
-            self.base = new
+            self.base, self.up = new, up
+            if new.connections != before:
+                result["reloaded"] += "; " + self._reload_agent(new, kept, set(old))
         return result
+
+    def _reload_agent(self, new: Config, kept: set[str], before: set[str]) -> str:
+        """The keying agent after a reload that changed the connections: told the new ones
+        (it drops, adds or keeps each; an unchanged connection keeps its IKE and Child SAs),
+        started if there was none, stopped if none is left. Returns what it did."""
+        spec = agent_spec(new)
+        names = {c.name for c in new.connections}
+        if spec is None:
+            self._stop_agent()
+            self.agent = None
+            return "keying agent stopped (no connection left)"
+        if self.agent is None:
+            self.agent = AgentSlot(spec)
+            self._start_agent(self.agent)
+            return f"keying agent started for {', '.join(sorted(names))}"
+        self.agent.spec = spec  # what a restart of the agent will run too
+        changed = sorted(names - kept)
+        dropped = sorted(before - names)
+        what = (f"connections: {', '.join(changed) or 'none'} (re)started, "
+                f"{', '.join(dropped) or 'none'} removed, {len(kept)} kept")
+        if self.agent.state == "ready" and self.agent.conn is not None:
+            try:
+                self.agent.conn.send(("reconfigure", spec))
+            except OSError as err:
+                return f"{what}; the agent could not be told ({err}): it gets them when it restarts"
+        return what
 
     def apply(self, new: Config, what: str) -> dict[str, Any]:
         """Run ``new`` without a restart (a reloaded file, or the file with the negotiated Child

@@ -281,3 +281,28 @@ def test_leak_daemon_restart_with_negotiated_sas(bed: Bed, tmp_path: Path) -> No
     assert 0 < got < sent, (sent, got)  # carried before, dropped while down or unkeyed
     bed.wait_up()
     assert bed.ping(5) == (5, 5)
+
+
+def test_reload_keeps_an_unchanged_connection_and_renegotiates_a_changed_one(bed: Bed) -> None:
+    """``nfq-ipsec reload`` with the connection unchanged keeps its IKE and Child SAs; with
+    the connection changed (another ``ike_rekey_time``) the agent terminates it and negotiates
+    it again, the workers and the agent process go on, and traffic flows on the new SAs."""
+    bed.wait_up()
+    st = bed.a.status()
+    spis, agent_pid = {sa["spi"] for sa in bed.negotiated(bed.a)}, st["ike"]["pid"]
+    res = bed.a.ask("reload")
+    assert res.returncode == 0, res.stderr
+    assert {sa["spi"] for sa in bed.negotiated(bed.a)} == spis  # nothing renegotiated
+    text = bed.a.config.read_text()
+    assert "ike_rekey_time" not in text
+    bed.a.config.write_text(text + "ike_rekey_time = 7200\n")
+    res = bed.a.ask("reload")
+    assert res.returncode == 0, res.stderr
+    assert "peer (re)started" in res.stdout, res.stdout
+    bed.wait_up()
+    assert bed.ping(5) == (5, 5)
+    after = bed.a.status()
+    assert after["ike"]["pid"] == agent_pid and after["ike"]["restarts"] == st["ike"]["restarts"]
+    assert not spis & {sa["spi"] for sa in bed.negotiated(bed.a)}  # new Child SAs
+    assert [w["pid"] for w in after["workers"]] == [w["pid"] for w in st["workers"]]
+    assert "connection peer: removed by a reload" in bed.a.log_text()

@@ -236,3 +236,33 @@ def test_a_failed_exchange_is_logged_in_words_without_the_key(
     assert "connection site: IKE SA failed: " in caplog.text
     for secret in (PSK, "another pre-shared key"):
         assert secret not in caplog.text and secret not in repr(a.report(0.0) + b.report(0.0))
+
+
+def test_a_reload_keeps_an_unchanged_connection_and_restarts_a_changed_one(tmp_path: Path) -> None:
+    """``Agent.reconfigure``: the same connection keeps its IKE and Child SAs; changed (a new
+    rekey time), it is terminated (Child SAs down at once, the Delete to the peer) and
+    negotiated again; gone, it is dropped."""
+    cfg_a, cfg_b = mirrored(tmp_path)
+    a, b = agent(cfg_a, 7), agent(cfg_b, 8)
+    shuttle(a, b, a.start(0.0), 0.0, a)
+    spi = a.messages[0][2].spi_in
+    a.messages.clear()
+    b.messages.clear()
+    same = agent_spec(cfg_a)
+    assert same is not None
+    goodbye, hello = a.reconfigure(same, 1.0)
+    assert (goodbye, hello, a.messages) == ([], [], []) and a.active("site")  # nothing moved
+    conn = same.connections[0]
+    changed = dataclasses.replace(same, connections=(dataclasses.replace(
+        conn, peer=dataclasses.replace(conn.peer, rekey_time=conn.peer.rekey_time + 60)),))
+    goodbye, hello = a.reconfigure(changed, 2.0)
+    assert a.messages[0] == ("child_down", "site", spi, False)  # the old Child SAs out at once
+    assert goodbye and hello  # the Delete of the old IKE SA, the new IKE_SA_INIT
+    shuttle(a, b, goodbye, 2.0, a)
+    a.messages.clear()
+    shuttle(a, b, hello, 3.0, a)
+    (up,) = [m for m in a.messages if m[0] == "child_up"]
+    assert up[2].spi_in != spi  # negotiated again
+    gone = dataclasses.replace(same, connections=())
+    goodbye, hello = a.reconfigure(gone, 4.0)
+    assert goodbye and not hello and a.conns == {} and a.by_remote == {}
