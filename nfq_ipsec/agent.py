@@ -49,6 +49,10 @@ from .status import ConnectionReport, IkeSaReport
 
 MARKER = bytes(4)  # the non-ESP marker on port 4500
 TICK = 0.2  # seconds between timer checks when nothing arrives
+# A `start` connection whose IKE SA failed or was deleted is initiated again after RETRY_MIN
+# seconds, then twice as long after each failure up to RETRY_MAX, as strongSwan's
+# close_action/dpd_action = restart do (and back to RETRY_MIN once it is up).
+RETRY_MIN, RETRY_MAX = 5.0, 120.0
 log = logging.getLogger("nfq_ipsec.agent")
 
 Send = tuple[int, tuple[str, int], bytes]  # (our port, (peer address, port), datagram)
@@ -122,6 +126,9 @@ class _Conn:
     children: dict[int, ChildSA] = field(default_factory=dict)  # by inbound SPI
     established_at: dict[bytes, float] = field(default_factory=dict)  # by IKE SPIi, wall clock
     last_outcome: str = ""
+    held: bool = False  # terminated by the operator: not started again until `ike initiate`
+    retry_at: float | None = None  # a `start` connection that is down: initiate again then
+    backoff: float = 0.0  # the wait before the next retry (RETRY_MIN doubling to RETRY_MAX)
 
 
 class Agent:
@@ -150,6 +157,7 @@ class Agent:
 
     def initiate(self, name: str, now: float) -> list[Send]:
         conn = self.conns[name]
+        conn.held = False
         if any(e.session.state not in (State.FAILED, State.DELETED)
                for e in conn.dispatcher.sessions.values()):
             return []  # up or on its way
@@ -162,6 +170,7 @@ class Agent:
         """Delete the connection's IKE SAs (and with them its Child SAs, which stop carrying
         traffic at once: its policy drops until a new one is up)."""
         conn = self.conns[name]
+        conn.held, conn.retry_at = True, None
         for spi in list(conn.children):
             self._child_down(conn, spi, "terminated")
         out: list[Send] = []
@@ -220,11 +229,30 @@ class Agent:
 
     def tick(self, now: float) -> list[Send]:
         out: list[Send] = []
-        for conn in self.conns.values():
+        for name, conn in self.conns.items():
             sessions = self._sessions(conn)
             port = NAT_T_PORT if any(s.port == NAT_T_PORT for s in sessions) else IKE_PORT
             out += self._handle(conn, conn.dispatcher.tick(now), port)
+            out += self._keep_up(name, conn, now)
         return out
+
+    def _keep_up(self, name: str, conn: _Conn, now: float) -> list[Send]:
+        """A `start` connection with no IKE SA up or on its way (failed, deleted by the peer,
+        its peer dead) is initiated again after a backoff; not one the operator terminated."""
+        if not conn.spec.start or conn.held or self.active(name):
+            if self.active(name) and any(s.state is State.ESTABLISHED for s in self._sessions(conn)):
+                conn.backoff = 0.0
+            conn.retry_at = None
+            return []
+        if conn.retry_at is None:
+            conn.backoff = min(RETRY_MAX, conn.backoff * 2) if conn.backoff else RETRY_MIN
+            conn.retry_at = now + conn.backoff
+            log.info("connection %s: down; initiating again in %.0f s", name, conn.backoff)
+            return []
+        if now < conn.retry_at:
+            return []
+        conn.retry_at = None
+        return self.initiate(name, now)
 
     # -- output ----------------------------------------------------------------------------
     def _sessions(self, conn: _Conn) -> list[IkeSession]:

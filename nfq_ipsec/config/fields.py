@@ -297,8 +297,9 @@ CONNECTION = Section("connection", "[[connection]]", "IKEv2 connections (RFC 729
           default=DEFAULT_ESP_PROPOSAL, allowed=_PROPOSAL),
     Field("mode", STRING, "the Child SAs' mode: `tunnel` between `local` and `remote`, or "
           "`transport`", default=Mode.TUNNEL, choices=_enum_choices(Mode)),
-    Field("start_action", STRING, "`start`: the agent initiates when the daemon starts; `none`: "
-          "it waits for the peer (or `nfq-ipsec ike initiate`)", default="none",
+    Field("start_action", STRING, "`start`: the agent initiates when the daemon starts, and again "
+          "whenever the IKE SA fails or the peer deletes it (after 5 s, doubling to 120 s); "
+          "`none`: it waits for the peer (or `nfq-ipsec ike initiate`)", default="none",
           choices={"start": "start", "none": "none"}),
     Field("rekey_time", NUMBER, "seconds before a Child SA is rekeyed (up to 10 % early)",
           default=DEFAULT_REKEY_TIME, bounds=REKEY_RANGE,

@@ -306,3 +306,22 @@ def test_reload_keeps_an_unchanged_connection_and_renegotiates_a_changed_one(bed
     assert not spis & {sa["spi"] for sa in bed.negotiated(bed.a)}  # new Child SAs
     assert [w["pid"] for w in after["workers"]] == [w["pid"] for w in st["workers"]]
     assert "connection peer: removed by a reload" in bed.a.log_text()
+
+
+def test_a_start_connection_the_peer_deleted_comes_back_by_itself(bed: Bed) -> None:
+    """B deletes the IKE SA (``ike terminate`` on B): A's Child SAs go at once, and A, whose
+    connection starts, initiates again by itself after its retry wait."""
+    from nfq_ipsec.agent import RETRY_MIN
+
+    bed.wait_up()
+    before = {sa["spi"] for sa in bed.negotiated(bed.a)}
+    res = bed.b.ask("ike", "terminate", "peer")
+    assert res.returncode == 0, res.stderr
+    t0 = time.monotonic()
+    bed.a.wait_for(lambda st: not [sa for sa in st["sas"] if sa["name"].startswith("peer.")],
+                   timeout=10, what="A's Child SAs out")
+    bed.wait_up(timeout=RETRY_MIN + 20)
+    assert time.monotonic() - t0 >= RETRY_MIN - 1  # after the wait, not at once
+    assert not before & {sa["spi"] for sa in bed.negotiated(bed.a)}
+    assert bed.ping(5) == (5, 5)
+    assert "initiating again in" in bed.a.log_text()

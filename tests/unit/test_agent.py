@@ -23,6 +23,7 @@ from nfq_ipsec.config import parse_config
 from nfq_ipsec.config.model import Config
 from nfq_ipsec.core.sa import Encapsulation, Mode, SADirection
 from nfq_ipsec.ike.child import ChildSA
+from nfq_ipsec.ike.message import Exchange
 
 
 def mirrored(tmp_path: Path, **conn: Any) -> tuple[Config, Config]:
@@ -266,3 +267,50 @@ def test_a_reload_keeps_an_unchanged_connection_and_restarts_a_changed_one(tmp_p
     gone = dataclasses.replace(same, connections=())
     goodbye, hello = a.reconfigure(gone, 4.0)
     assert goodbye and not hello and a.conns == {} and a.by_remote == {}
+
+
+def test_a_start_connection_the_peer_deleted_is_initiated_again(tmp_path: Path) -> None:
+    """``start_action = "start"``: the peer deletes the IKE SA; A's Child SAs go down at once,
+    and A initiates again after RETRY_MIN seconds (not before); once up, the wait is back to
+    RETRY_MIN. A connection the operator terminated stays down."""
+    from nfq_ipsec.agent import RETRY_MIN
+
+    cfg_a, cfg_b = mirrored(tmp_path)
+    a, b = agent(cfg_a, 9), agent(cfg_b, 10)
+    shuttle(a, b, a.start(0.0), 0.0, a)
+    first = a.messages[0][2].spi_in
+    a.messages.clear()
+    shuttle(a, b, b.terminate("site", 1.0), 1.0, b)  # B deletes: A is told
+    assert ("child_down", "site", first, False) in a.messages
+    assert not a.active("site")
+    assert a.tick(1.1) == [] and a.tick(1.0 + RETRY_MIN) == []  # waiting
+    again = a.tick(1.2 + RETRY_MIN)
+    assert again, "no new IKE_SA_INIT after the wait"
+    b.initiate("site", 0.0)  # B's operator said terminate: B answers all the same as responder
+    a.messages.clear()
+    shuttle(a, b, again, 1.2 + RETRY_MIN, a)
+    (up,) = [m for m in a.messages if m[0] == "child_up"]
+    assert up[2].spi_in != first and a.active("site")
+    a.tick(2.0 + RETRY_MIN)
+    assert a.conns["site"].backoff == 0.0  # up: the next outage waits RETRY_MIN again
+    a.terminate("site", 20.0)  # its Delete goes unanswered here (retransmitted, then given up)
+    later = [d for k in range(1, 30) for _, _, d in a.tick(20.0 + RETRY_MIN * k)]
+    assert all(d[18] != Exchange.IKE_SA_INIT for d in later), "a terminated connection came back"
+    assert not a.active("site")
+
+
+def test_retries_back_off_to_the_cap(tmp_path: Path) -> None:
+    from nfq_ipsec.agent import RETRY_MAX, RETRY_MIN
+
+    cfg_a, _ = mirrored(tmp_path)
+    a = agent(cfg_a, 11)
+    conn = a.conns["site"]
+    waits = []
+    now = 0.0
+    for _ in range(8):  # each attempt fails before the next: the wait doubles
+        assert a._keep_up("site", conn, now) == []
+        assert conn.retry_at is not None
+        waits.append(conn.retry_at - now)
+        now = conn.retry_at
+        conn.retry_at = None  # the attempt went out and failed
+    assert waits == [min(RETRY_MAX, RETRY_MIN * 2 ** k) for k in range(8)]
