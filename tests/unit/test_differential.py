@@ -1,9 +1,10 @@
 """The core and the independent implementation (``nfq_ipsec.independent``) against each
 other (issue 18): random SAs and policies, then a random run of packets, valid, mutated and
-hostile, through both. Outbound the ESP must be byte-identical (same sequence number, IV,
-padding); inbound the verdict, the drop reason and the inner packet the same; and the SA
-state (sequence counter, replay window top) stays in step. Where the independent version
-refuses (``unsupported``: what it deliberately does not cover) the run stops comparing.
+hostile, through both (and the fuzz campaign's ``differential`` target on its seeds).
+Outbound the ESP must be byte-identical (same sequence number, IV, padding); inbound the
+verdict, the drop reason and the inner packet the same; and the SA state (sequence counter,
+replay window top) stays in step. Where the independent version refuses (``unsupported``:
+what it deliberately does not cover) the run stops comparing.
 
 A disagreement found here is a bug in one of them: fixed, and the input kept in
 ``test_independent.py`` as a regression vector.
@@ -21,12 +22,14 @@ import versions
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from packets import checksum, ip4
+from repo import fuzz_script
 
 from nfq_ipsec.core import SPD, Action, Direction, Mode, Policy, Processor, SADirection, Selector
 from nfq_ipsec.core.ipv6 import V6
 from nfq_ipsec.core.processor import ARRIVING, FORWARDED, LEAVING
 from nfq_ipsec.core.sa import DfPolicy, Encapsulation, Lifetime, PeerChange, SAParams, Secret
 from nfq_ipsec.core.suites import ENCRYPTION, HMACS
+from nfq_ipsec.independent import Engine, Outcome
 
 SUITES: list[tuple[str, str | None]] = [
     ("aes-gcm-128", None), ("aes-gcm-256", None), ("chacha20-poly1305", None),
@@ -315,3 +318,34 @@ def test_core_and_independent_agree(data: st.DataObject) -> None:
         assert same(a, b), (step, op, packet.hex(), a, b)
         assert core.next_seq("out") == ind.next_seq("out"), step
         assert core.window_top("in") == ind.window_top("in"), step
+
+
+# -- the fuzz campaign's differential target (scripts/fuzz.py) ------------------------------
+
+
+class _FlipsOneByte(Engine):
+    """A faulty independent version: every packet it hands back has its last byte flipped."""
+
+    def process(self, data: bytes, length: int, where: int, now: float) -> Outcome:
+        out = super().process(data, length, where, now)
+        if out.packet:
+            out.packet = out.packet[:-1] + bytes((out.packet[-1] ^ 1,))
+        return out
+
+
+def test_the_fuzz_target_agrees_on_its_seeds_and_notices_a_fault() -> None:
+    fuzz = fuzz_script()
+    seeds = fuzz.differential_seeds()
+    kinds = {(s[0] >> 2) & 3 for s in seeds}
+    assert kinds == {0, 1, 2}  # IPv4, ESP in UDP and IPv6 hosts all seeded
+    target = fuzz.differential_target()
+    for seed in seeds:
+        target(seed)
+    faulty = fuzz.differential_target(_FlipsOneByte)
+    caught = 0
+    for seed in seeds:
+        try:
+            faulty(seed)
+        except AssertionError:
+            caught += 1
+    assert caught >= len(seeds) // 3, (caught, len(seeds))  # every seed that yields bytes
