@@ -80,8 +80,9 @@ def test_importing_the_independent_implementation_loads_no_io_modules() -> None:
 
 def test_the_independent_packet_path_loads_nothing() -> None:
     """Everything the packet path needs is imported with the package: sealing and opening a
-    packet of every suite, transport and tunnel, loads no module (a worker will run under a
-    filter that forbids opening files after its start)."""
+    packet of every suite, transport and tunnel, loads no module, opens no file and loads no
+    native library (audit events; a worker will run under a filter that forbids opening
+    files after its start)."""
     probe = (
         "import json, sys\n"
         "import sas, versions\n"
@@ -100,12 +101,17 @@ def test_the_independent_packet_path_loads_nothing() -> None:
         "                     Action.PROTECT, Direction.BOTH, ('out', 'in'))\n"
         "        made.append(versions.IndependentRunner([pol], sa, 0.0))\n"
         "before = set(sys.modules)\n"
+        "events = []\n"
+        "watched = ('open', 'import', 'ctypes.dlopen', 'os.listdir', 'subprocess.Popen')\n"
+        "sys.addaudithook(lambda e, a: events.append(e) if e in watched else None)\n"
         "results = []\n"
         "for ours in made:\n"
         "    esp = ours.outbound(udp('10.0.0.1', '10.0.0.1', 1, 2, b'x' * 40))\n"
         "    results.append(ours.inbound(esp.packet).verdict)\n"
         "    results.append(ours.inbound(esp.packet).reason)\n"
-        "print(json.dumps({'results': results, 'new': sorted(set(sys.modules) - before)}))\n"
+        "seen = sorted(set(events))\n"
+        "print(json.dumps({'results': results, 'new': sorted(set(sys.modules) - before),\n"
+        "                  'events': seen}))\n"
     )
     tests = Path(__file__).resolve().parent.parent
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
@@ -114,6 +120,7 @@ def test_the_independent_packet_path_loads_nothing() -> None:
     report = json.loads(res.stdout)
     assert report["results"] == ["accept", "replay"] * 8  # every packet really went through
     assert report["new"] == [], report["new"]
+    assert report["events"] == [], report["events"]  # no file opened, no library loaded
 
 
 def _type_checking_only(tree: ast.Module) -> set[int]:

@@ -151,7 +151,10 @@ def setups(draw: st.DrawFn) -> Setup:
     common: dict[str, Any] = dict(
         esn=esn, replay_window=window, mode=Mode.TUNNEL if tunnel else Mode.TRANSPORT,
         df=draw(st.sampled_from(list(DfPolicy))), ttl=draw(st.integers(1, 255)),
-        lifetime=Lifetime(hard_packets=hard_packets, soft_packets=2 if hard_packets else None))
+        lifetime=draw(st.sampled_from([
+            Lifetime(hard_packets=hard_packets, soft_packets=2 if hard_packets else None),
+            Lifetime(soft_bytes=300, hard_bytes=900), Lifetime(hard_seconds=2.0),
+            Lifetime(soft_seconds=1.0)])))
     if udp:
         common.update(encapsulation=Encapsulation.UDP,
                       udp_source_port=draw(st.sampled_from([4500, 4501])),
@@ -171,11 +174,19 @@ def setups(draw: st.DrawFn) -> Setup:
 
     net = IPv6Network if v6 else IPv4Network
     bits = 128 if v6 else 32
-    proto = draw(st.sampled_from([None, None, 17, 6]))
-    protect = Policy("protect", Selector(net(f"{local}/{bits}"), net(f"{remote}/{bits}"), proto),
-                     Action.PROTECT, Direction.BOTH, ("out", "in"))
+    selector = draw(st.sampled_from([
+        Selector(net(f"{local}/{bits}"), net(f"{remote}/{bits}")),
+        Selector(net(f"{local}/{bits}"), net(f"{remote}/{bits}"), 17),
+        Selector(net(f"{local}/{bits}"), net(f"{remote}/{bits}"), 6, (0, 32767), (80, 443)),
+        Selector(net(f"{local}/{bits}"), net(f"{remote}/{bits}"), None, None, (53, 53)),
+        Selector(net(f"{local}/{bits}"), net(f"{remote}/{bits}"), 58 if v6 else 1, None, None,
+                 draw(st.sampled_from([None, 3, 8, 128, 1])), draw(st.sampled_from([None, 0]))),
+        Selector(net(f"{local}/{bits - 8}", strict=False), net(f"{remote}/{bits - 16}", strict=False))]))
+    protect = Policy("protect", selector, Action.PROTECT,
+                     draw(st.sampled_from([Direction.BOTH, Direction.BOTH, Direction.OUT])),
+                     ("out", "in"))
     others = [Policy("bypass", Selector(net(f"{local}/{bits}"), net(f"{other}/{bits}")),
-                     Action.BYPASS),
+                     Action.BYPASS, draw(st.sampled_from(list(Direction)))),
               Policy("discard", Selector(net("::/0" if v6 else "0.0.0.0/0"),
                                          net("::/0" if v6 else "0.0.0.0/0"), 6),
                      Action.DISCARD)]
@@ -281,7 +292,7 @@ def test_core_and_independent_agree(data: st.DataObject) -> None:
     now = 0.0
     make_inner = inner_v6 if setup.v6 else inner_v4
     for step in range(data.draw(st.integers(1, 14))):
-        now += data.draw(st.sampled_from([0.0, 0.5]))
+        now += data.draw(st.sampled_from([0.0, 0.5, 1.5]))
         op = data.draw(st.sampled_from(["out", "out", "fwd", "in", "in", "in", "replay", "raw",
                                         "clear", "crafted", "crafted"]))
         if op in ("out", "fwd"):
