@@ -17,10 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Final
 
 from . import framing, natt
+from .fragments import fragment_v4, fragment_v6
 from .ipwire import (
     DF,
     ESP,
@@ -82,6 +83,9 @@ class Engine:
         self.ipv6_link = ipv6_link
         self.udp_ports = self.db.udp_ports()
         self.drops: dict[str, int] = {}
+        # the identification of the last IPv6 fragments made here; the shell seeds it (the
+        # same seed as the core's, to compare them), this package having no randomness
+        self.frag_ident = 0
 
     def sa(self, name: str) -> Association:
         return self.db.by_name[name]
@@ -107,8 +111,23 @@ class Engine:
             if len(out) > self.max_packet:
                 return self._drop("too_big", f"{len(out)} bytes to hand back")
             if (out[0] >> 4) != (data[0] >> 4):
-                return Outcome("cross", out, None, "", outcome.sa_name, outcome.seq, [out])
+                return self._cross(outcome, out)
         return outcome
+
+    def _cross(self, outcome: Outcome, out: bytes) -> Outcome:
+        """A packet of the other IP family (a mixed tunnel) can't go back in the verdict: the
+        shell sends ``packets`` instead, fragments made here when it is an ESP packet of ours
+        too big for the interface (the raw socket that sends it never fragments)."""
+        packets = [out]
+        sa = self.db.by_name.get(outcome.sa_name or "")
+        if sa is not None and sa.outbound and len(out) > self.mtu:
+            self.frag_ident = (self.frag_ident + 1) % (1 << 32)
+            try:
+                packets = (fragment_v6(out, self.mtu, self.frag_ident) if out[0] >> 4 == 6
+                           else fragment_v4(out, self.mtu))
+            except Refused as err:
+                return self._drop(err.reason, err.detail)
+        return Outcome("cross", out, None, "", outcome.sa_name, outcome.seq, packets)
 
     def keepalives(self, now: float) -> list[bytes]:
         """RFC 3948 2.3: a NAT-keepalive for each outbound SA of ESP in UDP idle too long."""
@@ -166,13 +185,12 @@ class Engine:
         if rule.action == "discard":
             raise Refused("policy_discard", rule.name)
         sa = self._sa_for(rule, now)
-        if sa.tunnel and not isinstance(sa.remote, IPv4Address):
-            sa.take_seq()  # the core's counter moves: so does this one
-            raise Unsupported("an IPv4 packet in a tunnel between IPv6 endpoints")
         clear_df = False
         if packet.df:
             payload = packet.total if sa.tunnel else packet.total - len(packet.header)
-            size = framing.esp_length(sa, payload, 20 if sa.tunnel else len(packet.header))
+            outer = ((40 if isinstance(sa.remote, IPv6Address) else 20) if sa.tunnel
+                     else len(packet.header))
+            size = framing.esp_length(sa, payload, outer)
             outer_df = sa.df != "clear" if sa.tunnel else True
             if size > self.mtu and outer_df:
                 # RFC 4301 8.2.2. Sent with DF cleared (local, to the SA's peer itself) is
@@ -291,17 +309,23 @@ class Engine:
         if rule.action == "discard":
             raise Refused("policy_discard", rule.name)
         sa = self._sa_for(rule, now)
-        if sa.tunnel and isinstance(sa.remote, IPv4Address):
-            sa.take_seq()  # the core's counter moves: so does this one
-            raise Unsupported("an IPv6 packet in a tunnel between IPv4 endpoints")
         if sa.udp is not None:
             raise Unsupported("IPv6 and ESP in UDP")
         esp = framing.protect_v6(sa, packet)
         sa.count(packet.total)
-        if len(esp) > (self.mtu if forwarded else max(self.mtu, 1280)):
+        seq = sa.next_seq - 1
+        if sa.tunnel and isinstance(sa.remote, IPv4Address):
+            return Outcome("accept", esp, None, "", sa.name, seq)  # crosses in ``process``
+        if forwarded and len(esp) > self.mtu:
             # the number is taken, as the core takes it: the versions stay in step
-            raise Unsupported("an IPv6 packet too big for the path (fragments, ICMPv6 errors)")
-        return Outcome("accept", esp, None, "", sa.name, sa.next_seq - 1)
+            raise Unsupported("a forwarded IPv6 packet too big for the path (ICMPv6 errors)")
+        limit = max(self.mtu, 1280)
+        if not forwarded and len(esp) > limit:
+            # RFC 8200 4.5: this node is the ESP packet's source, so it fragments it
+            self.frag_ident = (self.frag_ident + 1) % (1 << 32)
+            return Outcome("replace", None, None, "", sa.name, seq,
+                           fragment_v6(esp, limit, self.frag_ident))
+        return Outcome("accept", esp, None, "", sa.name, seq)
 
     def _arriving6(self, data: bytes, now: float) -> Outcome:
         packet = parse_v6(data)

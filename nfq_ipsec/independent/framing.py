@@ -4,8 +4,9 @@ Sections followed, in the order a packet meets them:
 - 2.4 and 2.5: padding 1, 2, 3, ... so that payload, padding and the two trailer bytes fill
   the cipher's block (4 bytes for the AEADs and NULL), then pad length and next header;
 - 3.1.1: transport mode, ESP after the IP header (IPv6: after the headers routers read);
-- 3.1.2: tunnel mode, the whole packet inside an outer header between the tunnel endpoints
-  (DSCP and ECN copied outward, RFC 4301 5.1.2.1 and RFC 6040; DF as the SA says, 8.1);
+- 3.1.2: tunnel mode, the whole packet inside an outer header between the tunnel endpoints,
+  of their family whatever the inner one's (DSCP and ECN copied outward, RFC 4301 5.1.2.1
+  and RFC 6040; DF as the SA says, 8.1);
 - 3.4: inbound, in the order that keeps the replay window honest: the SA by SPI, its
   lifetime, the replay check (nothing changes), the ICV, then the window moves, then the
   trailer and the inner packet (RFC 6040 section 4.2 for the ECN field).
@@ -71,10 +72,21 @@ def _outer_df(sa: Association, inner_df: bool) -> bool:
     return sa.df == "set" or (sa.df == "copy" and inner_df)
 
 
+def _outer_v6(sa: Association, tclass: int, flow_label: int, esp: bytes) -> bytes:
+    """The IPv6 outer header of a tunnel between IPv6 endpoints (hop limit: the SA's ttl)."""
+    if len(esp) > 65535:
+        raise Refused("too_big", f"{len(esp)} bytes of payload")
+    assert isinstance(sa.local, IPv6Address) and isinstance(sa.remote, IPv6Address)
+    return new_v6_header(tclass, flow_label, len(esp), PROTO_ESP, sa.ttl, sa.local,
+                         sa.remote) + esp
+
+
 def protect_v4(sa: Association, packet: V4, full: bytes) -> bytes:
     """An IPv4 packet (``full``: its bytes up to the total length) through ESP on ``sa``."""
     if sa.tunnel:
         esp = seal(sa, full, IPIP)
+        if isinstance(sa.remote, IPv6Address):  # IPv4 in IPv6: the flow label 0
+            return _outer_v6(sa, packet.tos, 0, esp)
         total = 20 + len(esp)
         if total > 65535:
             raise Refused("too_big", f"{total} bytes")
@@ -95,11 +107,16 @@ def protect_v6(sa: Association, packet: V6) -> bytes:
     """An IPv6 packet through ESP on ``sa`` (a tunnel between IPv6 endpoints, or transport)."""
     if sa.tunnel:
         esp = seal(sa, packet.data, IPV6_IN)
-        if len(esp) > 65535:
-            raise Refused("too_big", f"{len(esp)} bytes of payload")
-        assert isinstance(sa.local, IPv6Address) and isinstance(sa.remote, IPv6Address)
-        return new_v6_header(packet.tclass, packet.flow_label, len(esp), PROTO_ESP, sa.ttl,
-                             sa.local, sa.remote) + esp
+        if isinstance(sa.remote, IPv6Address):
+            return _outer_v6(sa, packet.tclass, packet.flow_label, esp)
+        # IPv6 in IPv4: an IPv6 packet is never fragmented on its way, so DF unless "clear";
+        # the identification is the low 16 bits of the next sequence number
+        total = 20 + len(esp)
+        if total > 65535:
+            raise Refused("too_big", f"{total} bytes")
+        assert isinstance(sa.local, IPv4Address) and isinstance(sa.remote, IPv4Address)
+        return new_v4_header(packet.tclass, total, sa.next_seq & 0xFFFF, sa.df != "clear",
+                             sa.ttl, PROTO_ESP, sa.local, sa.remote) + esp
     if packet.fragment_offset is not None:
         raise Refused("fragment", "transport mode takes whole datagrams")
     data = packet.data

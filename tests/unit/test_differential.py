@@ -73,8 +73,10 @@ def ipv6(src: str, dst: str, next_header: int, payload: bytes, *, tclass: int = 
 @st.composite
 def upper(draw: st.DrawFn, v6: bool) -> tuple[int, bytes]:
     """An upper-layer protocol and its bytes: UDP, TCP, ICMP(v6) echo or error, or other."""
-    kind = draw(st.sampled_from(["udp", "tcp", "icmp", "icmp-error", "other", "short"]))
+    kind = draw(st.sampled_from(["udp", "tcp", "icmp", "icmp-error", "other", "short", "big"]))
     data = draw(st.binary(max_size=120))
+    if kind == "big":  # past 1280 and 1500 bytes with ESP: path MTU and fragments
+        kind, data = "udp", data + bytes(draw(st.sampled_from([1200, 1300, 1450])))
     sport, dport = draw(st.integers(0, 65535)), draw(st.sampled_from([53, 80, 443, 4500, 9999]))
     icmp = 58 if v6 else 1
     if kind == "udp":
@@ -131,6 +133,7 @@ def inner_v6(draw: st.DrawFn, src: str, dst: str) -> bytes:
 @dataclass
 class Setup:
     v6: bool
+    outer_v6: bool  # the tunnel endpoints' family (transport mode: the packets')
     policies: list[Policy]
     ours: list[SAParams]
     peer: Processor
@@ -146,7 +149,8 @@ def setups(draw: st.DrawFn) -> Setup:
     key = draw(st.binary(min_size=ENCRYPTION[enc].keymat_size, max_size=ENCRYPTION[enc].keymat_size))
     ikey = draw(st.binary(min_size=HMACS[mac].key_size, max_size=HMACS[mac].key_size)) if mac else b""
     tunnel = draw(st.booleans())
-    udp = not v6 and draw(st.integers(0, 3)) == 0
+    outer_v6 = draw(st.sampled_from([v6, v6, not v6])) if tunnel else v6  # mixed tunnels too
+    udp = not v6 and not outer_v6 and draw(st.integers(0, 3)) == 0
     esn = draw(st.booleans())
     window = draw(st.sampled_from([32, 64, 128, 1024]))
     hard_packets = draw(st.sampled_from([None, None, None, 3, 12]))
@@ -163,8 +167,8 @@ def setups(draw: st.DrawFn) -> Setup:
                       udp_destination_port=4500,
                       peer_change=draw(st.sampled_from(list(PeerChange))))
     local, remote, other = (A6, B6, C6) if v6 else (A4, B4, C4)
-    gw_local, gw_remote = (GW_A6, GW_B6) if v6 else (GW_A4, GW_B4)
-    conv = v6int if v6 else ip4
+    gw_local, gw_remote = (GW_A6, GW_B6) if outer_v6 else (GW_A4, GW_B4)
+    conv = v6int if outer_v6 else ip4
 
     def sa(name: str, spi: int, direction: SADirection, mine: bool) -> SAParams:
         ends: dict[str, Any] = {}
@@ -198,7 +202,7 @@ def setups(draw: st.DrawFn) -> Setup:
     peer_protect = Policy("protect", Selector(net(f"{remote}/{bits}"), net(f"{local}/{bits}")),
                           Action.PROTECT, Direction.BOTH, ("out", "in"))
     peer = Processor(SPD([peer_protect]), peer_sas, 0.0, mtu=65535)
-    return Setup(v6, policies, ours, peer, local, remote, other)
+    return Setup(v6, outer_v6, policies, ours, peer, local, remote, other)
 
 
 def mutate(draw: Any, packet: bytes) -> bytes:
@@ -254,7 +258,7 @@ def crafted(draw: st.DrawFn, setup: Setup) -> bytes:
     body = sa.suite.seal(header, struct.pack("!I", seq >> 32) if sa.esn else b"", seq, plaintext)
     esp = header + body
     tunnel = sa.tunnel
-    if setup.v6:
+    if setup.outer_v6:
         src, dst = (GW_B6, GW_A6) if tunnel else (setup.remote, setup.local)
         return ipv6(src, dst, 50, esp)
     src, dst = (GW_B4, GW_A4) if tunnel else (setup.remote, setup.local)

@@ -1,8 +1,9 @@
 """The independent ESP implementation (``nfq_ipsec.independent``) where it differs from the
 core on purpose: what it refuses as ``unsupported`` (docs/independent.md lists each case),
 that a refusal leaves its state where the core's is, and the parts the differential test
-reaches only by chance (a local packet too big for the path sent with DF cleared, NAT
-keepalives, an inbound mixed tunnel). Side by side with the core through ``versions``.
+reaches only now and then (a local packet too big for the path sent with DF cleared,
+fragments of its own ESP packets, mixed tunnels, NAT keepalives). Side by side with the core
+through ``versions``.
 """
 
 from __future__ import annotations
@@ -102,17 +103,20 @@ def test_an_icmp_error_about_our_esp_is_refused_and_learns_nothing() -> None:
     assert core.inbound(error).verdict == "accept"  # the core learns the path MTU from it
 
 
-def test_mixed_tunnels_outbound_are_refused_with_the_number_taken() -> None:
-    core, ind = both(*pair(tunnel=(v6int("2001:db8:f::1"), v6int("2001:db8:f::2"))))
-    packet = udp(A, B, 1, 2, b"four in six")
+@pytest.mark.parametrize("mtu", [1500, 300], ids=["whole", "fragmented"])
+def test_mixed_tunnels_outbound_cross_as_from_the_core(mtu: int) -> None:
+    """4-in-6 and 6-in-4: the ESP packet of the other family (``cross``), in fragments made
+    here when it is too big for the interface (IPv6 ones with the shell's identification)."""
+    core, ind = both(*pair(tunnel=(v6int("2001:db8:f::1"), v6int("2001:db8:f::2"))), mtu=mtu)
+    packet = ipv4(A, B, 17, struct.pack("!HHHH", 1, 2, 408, 0) + bytes(400), frag=0)  # no DF
     a, b = core.outbound(packet), ind.outbound(packet)
-    assert a.verdict == "cross" and b.reason == UNSUPPORTED
-    assert core.next_seq("out") == ind.next_seq("out") == 2  # in step
-    core6, ind6 = both(*pair(tunnel=(ip4(GW_A), ip4(GW_B)), v6=True))
-    packet6 = ipv6_udp(A6, B6, 10)
+    assert a.verdict == b.verdict == "cross"
+    assert a.packets == b.packets and len(a.packets) == (1 if mtu == 1500 else 2)
+    core6, ind6 = both(*pair(tunnel=(ip4(GW_A), ip4(GW_B)), v6=True), mtu=mtu)
+    packet6 = ipv6_udp(A6, B6, 400)
     a, b = core6.outbound(packet6), ind6.outbound(packet6)
-    assert a.verdict == "cross" and b.reason == UNSUPPORTED
-    assert core6.next_seq("out") == ind6.next_seq("out") == 2
+    assert a.verdict == b.verdict == "cross"
+    assert a.packets == b.packets and len(a.packets) == (1 if mtu == 1500 else 2)
 
 
 def test_a_mixed_tunnel_inbound_crosses_as_in_the_core() -> None:
@@ -131,15 +135,25 @@ def test_a_mixed_tunnel_inbound_crosses_as_in_the_core() -> None:
     assert a.packet == b.packet == udp(B, A, 2, 1, b"from the peer")
 
 
-def test_an_ipv6_packet_too_big_for_the_path_is_refused_with_the_number_taken() -> None:
+def test_a_local_ipv6_packet_too_big_for_the_path_goes_in_the_cores_fragments() -> None:
     core, ind = both(*pair(v6=True), mtu=1280)
     packet = ipv6_udp(A6, B6, 1300)
     a, b = core.outbound(packet), ind.outbound(packet)
-    assert a.verdict == "replace" and len(a.packets) == 2  # the core sends fragments
+    assert a.verdict == b.verdict == "replace"
+    assert a.packets == b.packets and len(a.packets) == 2
+
+
+def test_a_forwarded_ipv6_packet_too_big_is_refused_with_the_number_taken() -> None:
+    """The core sends it on and tells its sender "packet too big"; this version refuses it,
+    taking the sequence number the core took."""
+    core, ind = both(*pair(v6=True), mtu=1280)
+    packet = ipv6_udp(A6, B6, 1300)
+    a, b = core.process(packet, FORWARDED), ind.process(packet, FORWARDED)
+    assert a.verdict == "accept" and a.packet is not None
     assert b.reason == UNSUPPORTED
     assert core.next_seq("out") == ind.next_seq("out") == 2
     fits = ipv6_udp(A6, B6, 100)
-    assert core.outbound(fits).packet == ind.outbound(fits).packet
+    assert core.process(fits, FORWARDED).packet == ind.process(fits, FORWARDED).packet
 
 
 def test_no_superpacket_entry() -> None:
