@@ -27,6 +27,7 @@ class Answer:
     sa: str | None
     seq: int | None
     packets: tuple[bytes, ...] = ()
+    reply: bytes | None = None  # an ICMP error for the sender
 
     @property
     def unsupported(self) -> bool:
@@ -68,7 +69,8 @@ class CoreRunner(_Base):
     def process(self, data: bytes, where: int, now: float = 0.0) -> Answer:
         res: Result = self.processor.process(data, len(data), where, now)
         return Answer(res.verdict.value, res.packet, None if res.reason is None else res.reason.value,
-                      None if res.sa is None else res.sa.name, res.seq, tuple(res.packets or ()))
+                      None if res.sa is None else res.sa.name, res.seq, tuple(res.packets or ()),
+                      res.reply)
 
     def _sa(self, name: str) -> SecurityAssociation:
         sa = self.processor.sad.by_name(name)
@@ -97,9 +99,8 @@ class IndependentRunner(_Base):
 
     def process(self, data: bytes, where: int, now: float = 0.0) -> Answer:
         out: Outcome = self.engine.process(data, len(data), where, now)
-        verdict = out.verdict
-        return Answer(verdict, out.packet, out.reason, out.sa_name, out.seq,
-                      tuple(out.packets or ()))
+        return Answer(out.verdict, out.packet, out.reason, out.sa_name, out.seq,
+                      tuple(out.packets or ()), out.reply)
 
     def start_at(self, sa: str, next_seq: int) -> None:
         self.engine.sa(sa).next_seq = next_seq

@@ -6,7 +6,8 @@ policies and SA parameters (read by attribute), and built on another cryptograph
 module each: ``crypto`` (RFC 4106, 7634, 3602, 4868, 2410), ``ipwire`` (RFC 791, 8200),
 ``window`` (RFC 4303 3.4.3 and Appendix A), ``state`` (RFC 4301 4.4: SPD and SAD),
 ``framing`` (RFC 4303, RFC 6040), ``fragments`` (RFC 791, RFC 8200: a source's own
-fragments), ``natt`` (RFC 3948) and ``engine`` (the entry point).
+fragments), ``pathmtu`` (RFC 4301 8, RFC 1191), ``natt`` (RFC 3948) and ``engine`` (the
+entry point).
 
 Like the core it does no I/O: bytes in, an ``Outcome`` out, time passed in.
 """

@@ -2,13 +2,11 @@
 
 ``Engine.process(data, length, where, now)`` has the shape of the core's
 ``Processor.process`` and answers with an ``Outcome`` whose verdict and drop reason are the
-same words the data plane counts (``"accept"``, ``"drop"``, ``"cross"``; ``"integrity"``,
-``"replay"``...). What this implementation does not do it refuses explicitly: the verdict
+same words the data plane counts (``"accept"``, ``"drop"``, ``"replace"``, ``"cross"``;
+``"integrity"``, ``"replay"``...). What this implementation does not do it refuses explicitly: the verdict
 ``"drop"`` with the reason ``UNSUPPORTED`` and a detail naming what, so a comparison knows
-this version abstained rather than disagreed. docs/independent.md lists those cases. A
-refusal changes no state, except where the packet would have taken a sequence number
-anyway (so the versions' counters stay in step): then the number is taken and the
-refusal comes after it.
+this version abstained rather than disagreed. docs/independent.md lists those cases; a
+refusal changes no state.
 
 No I/O; the time is a parameter. Every module this package needs is imported when it is.
 """
@@ -17,10 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address
 from typing import Any, Final
 
-from . import framing, natt
+from . import framing, natt, pathmtu
 from .fragments import fragment_v4, fragment_v6
 from .ipwire import (
     DF,
@@ -42,6 +40,7 @@ ARRIVING: Final = 0
 LEAVING: Final = 1
 FORWARDED: Final = 2
 UNSUPPORTED: Final = "unsupported"  # the drop reason of what this implementation refuses
+ICMP_REPLIES_PER_SECOND: Final = 100
 
 
 class Unsupported(Exception):
@@ -51,8 +50,9 @@ class Unsupported(Exception):
 @dataclass
 class Outcome:
     """What to do with a packet: ``verdict`` ``"accept"`` (``packet`` the new bytes, or None:
-    unchanged), ``"drop"`` (``reason`` why) or ``"cross"`` (``packets`` of the other IP
-    family, sent in the queued packet's place). ``sa_name`` and ``seq``: the SA and
+    unchanged), ``"drop"`` (``reason`` why), ``"replace"`` (``packets``, the fragments of our
+    own ESP packet, sent in the queued packet's place) or ``"cross"`` (``packets`` of the
+    other IP family, sent in its place too). ``sa_name`` and ``seq``: the SA and
     sequence number that carried it."""
 
     verdict: str
@@ -62,7 +62,7 @@ class Outcome:
     sa_name: str | None = None
     seq: int | None = None
     packets: list[bytes] | None = None
-    reply: bytes | None = None  # never set: ICMP errors are not generated here
+    reply: bytes | None = None  # an ICMP error for the shell to send back to the sender
 
     @property
     def unsupported(self) -> bool:
@@ -86,6 +86,8 @@ class Engine:
         # the identification of the last IPv6 fragments made here; the shell seeds it (the
         # same seed as the core's, to compare them), this package having no randomness
         self.frag_ident = 0
+        self._reply_window = 0.0  # ICMP errors sent back: this second's window, and what is left
+        self._replies_left = ICMP_REPLIES_PER_SECOND
 
     def sa(self, name: str) -> Association:
         return self.db.by_name[name]
@@ -120,11 +122,12 @@ class Engine:
         too big for the interface (the raw socket that sends it never fragments)."""
         packets = [out]
         sa = self.db.by_name.get(outcome.sa_name or "")
-        if sa is not None and sa.outbound and len(out) > self.mtu:
+        limit = (sa.pmtu or self.mtu) if sa is not None else self.mtu
+        if sa is not None and sa.outbound and len(out) > limit:
             self.frag_ident = (self.frag_ident + 1) % (1 << 32)
             try:
-                packets = (fragment_v6(out, self.mtu, self.frag_ident) if out[0] >> 4 == 6
-                           else fragment_v4(out, self.mtu))
+                packets = (fragment_v6(out, limit, self.frag_ident) if out[0] >> 4 == 6
+                           else fragment_v4(out, limit))
             except Refused as err:
                 return self._drop(err.reason, err.detail)
         return Outcome("cross", out, None, "", outcome.sa_name, outcome.seq, packets)
@@ -185,27 +188,57 @@ class Engine:
         if rule.action == "discard":
             raise Refused("policy_discard", rule.name)
         sa = self._sa_for(rule, now)
-        clear_df = False
-        if packet.df:
-            payload = packet.total if sa.tunnel else packet.total - len(packet.header)
-            outer = ((40 if isinstance(sa.remote, IPv6Address) else 20) if sa.tunnel
-                     else len(packet.header))
-            size = framing.esp_length(sa, payload, outer)
-            outer_df = sa.df != "clear" if sa.tunnel else True
-            if size > self.mtu and outer_df:
-                # RFC 4301 8.2.2. Sent with DF cleared (local, to the SA's peer itself) is
-                # done here; telling the sender "fragmentation needed" is not.
-                if forwarded or (sa.tunnel and packet.dst != sa.remote):
-                    raise Unsupported("a packet too big for the path (ICMP error generation)")
-                clear_df = True
+        limit = sa.pmtu or self.mtu
+        if limit and packet.total + sa.max_overhead > limit and packet.df:
+            too_big = self._too_big(sa, packet, data, limit, now, forwarded)
+            if too_big is not None:
+                return too_big
+        esp = self._seal_v4(sa, packet, data, now)
+        sa.count(packet.total)
+        return Outcome("accept", esp, None, "", sa.name, sa.next_seq - 1)
+
+    @staticmethod
+    def _seal_v4(sa: Association, packet: V4, data: bytes, now: float) -> bytes:
         esp = framing.protect_v4(sa, packet, data[: packet.total])
         if sa.udp is not None:
             esp = natt.encapsulate(sa.udp, esp, sa.tunnel, now)
-        sa.count(packet.total)
-        if clear_df:
+        return esp
+
+    def _too_big(self, sa: Association, packet: V4, data: bytes, limit: int, now: float,
+                 forwarded: bool) -> Outcome | None:
+        """RFC 4301 8.2.2, a DF packet too big for the SA's path once ESP is added (None: it
+        fits after all). Local, to the SA's peer itself: sent with DF cleared, for the path
+        to fragment (telling the local kernel would shrink the very route ESP leaves by).
+        Otherwise dropped, and its sender told the MTU that fits (at most 100 a second)."""
+        if sa.pmtu and now - sa.pmtu_at > pathmtu.PMTU_AGE:
+            sa.pmtu = 0  # aged out (RFC 1191 6.3): the interface's MTU again
+            limit = self.mtu
+        size = pathmtu.esp_size(sa, packet.total, len(packet.header))
+        outer_df = sa.df != "clear" if sa.tunnel else True
+        if size <= limit or not outer_df:
+            return None
+        if not forwarded and (not sa.tunnel or packet.dst == sa.remote):
+            esp = self._seal_v4(sa, packet, data, now)
             head = parse_v4(esp)
-            esp = _v4_without_df(head) + esp[len(head.header) :]
-        return Outcome("accept", esp, None, "", sa.name, sa.next_seq - 1)
+            esp = v4_header(head.header, flags=head.flags & ~DF) + esp[len(head.header) :]
+            sa.count(packet.total)
+            return Outcome("accept", esp, None, "", sa.name, sa.next_seq - 1)
+        mtu = pathmtu.largest_inner(sa, limit, len(packet.header))
+        reply = (pathmtu.fragmentation_needed_reply(packet, mtu) if self._may_reply(now)
+                 else None)
+        outcome = self._drop("path_mtu", f"{size} > {limit} bytes, sender told {mtu}")
+        outcome.reply = reply
+        return outcome
+
+    def _may_reply(self, now: float) -> bool:
+        """At most ``ICMP_REPLIES_PER_SECOND`` errors sent back in each window of a second."""
+        if now - self._reply_window >= 1.0:
+            self._reply_window = now
+            self._replies_left = ICMP_REPLIES_PER_SECOND
+        if self._replies_left <= 0:
+            return False
+        self._replies_left -= 1
+        return True
 
     def _arriving4(self, data: bytes, now: float) -> Outcome:
         packet = parse_v4(data)
@@ -215,7 +248,7 @@ class Engine:
                 return self._arriving_udp(packet, now)
             quoted = packet.quoted_flow()
             if quoted is not None and quoted.protocol == ESP:
-                raise Unsupported("an ICMP error about ESP (path MTU learning)")
+                return self._about_our_esp(packet, now)
             return self._cleartext_in(packet.flow(), quoted)
         try:
             opened = framing.unprotect_v4(packet, self._plain_esp_sa, now)
@@ -227,6 +260,31 @@ class Engine:
             raise
         self._check_inner(opened)
         return Outcome("accept", opened.packet, None, "", opened.sa.name, opened.seq)
+
+    def _about_our_esp(self, packet: V4, now: float) -> Outcome:
+        """An ICMP error about an ESP packet passes on (the kernel may want it too); a
+        "fragmentation needed" about one of our outbound SAs' packets, to that SA's peer,
+        sets the SA's path MTU first; one about ESP that is not ours is dropped."""
+        report = pathmtu.fragmentation_needed(packet)
+        if report is None:
+            return Outcome("accept")
+        sa = next((a for a in self.db.by_name.values() if a.outbound and a.spi == report.spi),
+                  None)
+        if sa is None:
+            raise Refused("unknown_spi", "ICMP error about ESP of an SPI not ours")
+        rule = self.db.rule_of(sa)
+        if sa.tunnel:
+            wrong_peer = report.peer != sa.remote
+        else:  # transport: the peer is any address of the policy's remote side
+            wrong_peer = rule is not None and (int(report.peer) & int(rule.remote.netmask)
+                                               != int(rule.remote.network_address))
+        if wrong_peer:
+            raise Refused("policy_mismatch", f"ICMP error about SPI 0x{sa.spi:08x} to "
+                          f"{report.peer}, not its peer")
+        if not sa.pmtu or report.mtu < sa.pmtu or now - sa.pmtu_at > pathmtu.PMTU_AGE:
+            sa.pmtu = min(report.mtu, self.mtu)
+        sa.pmtu_at = now
+        return Outcome("accept")
 
     def _plain_esp_sa(self, spi: int) -> Association | None:
         sa = self.db.inbound.get(spi)
@@ -311,21 +369,37 @@ class Engine:
         sa = self._sa_for(rule, now)
         if sa.udp is not None:
             raise Unsupported("IPv6 and ESP in UDP")
+        six_in_four = sa.tunnel and isinstance(sa.remote, IPv4Address)
+        reply = self._too_big6(sa, packet, now) if forwarded and not six_in_four else None
         esp = framing.protect_v6(sa, packet)
         sa.count(packet.total)
         seq = sa.next_seq - 1
-        if sa.tunnel and isinstance(sa.remote, IPv4Address):
-            return Outcome("accept", esp, None, "", sa.name, seq)  # crosses in ``process``
-        if forwarded and len(esp) > self.mtu:
-            # the number is taken, as the core takes it: the versions stay in step
-            raise Unsupported("a forwarded IPv6 packet too big for the path (ICMPv6 errors)")
-        limit = max(self.mtu, 1280)
-        if not forwarded and len(esp) > limit:
+        if not forwarded and not six_in_four and len(esp) > (sa.pmtu or self.mtu):
             # RFC 8200 4.5: this node is the ESP packet's source, so it fragments it
-            self.frag_ident = (self.frag_ident + 1) % (1 << 32)
-            return Outcome("replace", None, None, "", sa.name, seq,
-                           fragment_v6(esp, limit, self.frag_ident))
-        return Outcome("accept", esp, None, "", sa.name, seq)
+            if sa.pmtu and now - sa.pmtu_at > pathmtu.PMTU_AGE:
+                sa.pmtu = 0
+            limit = max(sa.pmtu or self.mtu, pathmtu.MIN_MTU6)
+            if len(esp) > limit:
+                self.frag_ident = (self.frag_ident + 1) % (1 << 32)
+                return Outcome("replace", None, None, "", sa.name, seq,
+                               fragment_v6(esp, limit, self.frag_ident))
+        return Outcome("accept", esp, None, "", sa.name, seq, reply=reply)
+
+    def _too_big6(self, sa: Association, packet: V6, now: float) -> bytes | None:
+        """A forwarded IPv6 packet too big for the SA's path once ESP is added still goes (a
+        gateway can't tell it from one its kernel reassembled), and its sender is told
+        "packet too big" with the MTU that fits (rate-limited); None when it fits."""
+        if sa.pmtu and now - sa.pmtu_at > pathmtu.PMTU_AGE:
+            sa.pmtu = 0
+        limit = sa.pmtu or self.mtu
+        if packet.total + sa.max_overhead <= limit:
+            return None
+        if pathmtu.esp_size(sa, packet.total, packet.esp_at) <= limit:
+            return None
+        if not self._may_reply(now):
+            return None
+        mtu = max(pathmtu.largest_inner(sa, limit, packet.esp_at), pathmtu.MIN_MTU6)
+        return pathmtu.packet_too_big_reply(packet, mtu)
 
     def _arriving6(self, data: bytes, now: float) -> Outcome:
         packet = parse_v6(data)
@@ -340,6 +414,3 @@ class Engine:
         self._check_inner(opened)
         return Outcome("accept", opened.packet, None, "", opened.sa.name, opened.seq)
 
-
-def _v4_without_df(header: V4) -> bytes:
-    return v4_header(header.header, flags=header.flags & ~DF)

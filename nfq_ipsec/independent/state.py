@@ -134,6 +134,8 @@ class Association:
     ttl: int = 64
     udp: UdpPeer | None = None
     next_seq: int = 1
+    pmtu: int = 0  # outbound: the path MTU learned (0: none), and when (RFC 4301 8.2)
+    pmtu_at: float = 0.0
     packets: int = 0
     octets: int = 0
     soft_expired: bool = False
@@ -162,6 +164,13 @@ class Association:
             now, address(params.tunnel_local), address(params.tunnel_remote), params.df.value,
             params.ttl, udp,
         )
+
+    @property
+    def max_overhead(self) -> int:
+        """The most bytes ESP adds to a packet on this SA (the padding at its longest)."""
+        t = self.transform
+        outer = (40 if isinstance(self.remote, IPv6Address) else 20) if self.tunnel else 0
+        return 8 + t.iv_len + t.icv_len + 2 + t.align - 1 + outer + (8 if self.udp else 0)
 
     @property
     def max_seq(self) -> int:

@@ -269,7 +269,7 @@ def crafted(draw: st.DrawFn, setup: Setup) -> bytes:
 
 
 def same(a: versions.Answer, b: versions.Answer) -> bool:
-    if a.verdict != b.verdict or a.reason != b.reason:
+    if a.verdict != b.verdict or a.reason != b.reason or a.reply != b.reply:
         return False
     if a.verdict == "drop":
         return True
@@ -295,12 +295,13 @@ def test_core_and_independent_agree(data: st.DataObject) -> None:
     assert peer_out is not None
     peer_out.next_seq = first
     sent: list[bytes] = []
+    ours: list[bytes] = []  # the ESP packets we sent, for ICMP errors about them
     now = 0.0
     make_inner = inner_v6 if setup.v6 else inner_v4
     for step in range(data.draw(st.integers(1, 14))):
-        now += data.draw(st.sampled_from([0.0, 0.5, 1.5]))
+        now += data.draw(st.sampled_from([0.0, 0.5, 1.5, 700.0]))
         op = data.draw(st.sampled_from(["out", "out", "fwd", "in", "in", "in", "replay", "raw",
-                                        "clear", "crafted", "crafted"]))
+                                        "clear", "crafted", "crafted", "icmp"]))
         if op in ("out", "fwd"):
             dst = data.draw(st.sampled_from([setup.remote, setup.remote, setup.other]))
             packet = data.draw(make_inner(setup.local, dst))
@@ -312,6 +313,19 @@ def test_core_and_independent_agree(data: st.DataObject) -> None:
                 continue
             packet = mutate(data.draw, res.packet)
             sent.append(packet)
+            where = ARRIVING
+        elif op == "icmp" and ours:
+            # an ICMP error about an ESP packet we sent ("fragmentation needed" or another)
+            esp = data.draw(st.sampled_from(ours))
+            if esp[0] >> 4 != 4:
+                continue
+            kind = data.draw(st.sampled_from([(3, 4), (3, 4), (11, 0)]))
+            mtu = data.draw(st.sampled_from([0, 300, 576, 1000, 1400, 9000]))
+            quote = esp[: data.draw(st.sampled_from([28, 36, 20, len(esp)]))]
+            message = bytes(kind) + b"\0\0\0\0" + mtu.to_bytes(2, "big") + quote
+            packet = ipv4(data.draw(st.sampled_from(["198.51.100.1", GW_B4, B4])),
+                          GW_A4 if esp[12:16] == bytes(map(int, GW_A4.split("."))) else A4, 1,
+                          message)
             where = ARRIVING
         elif op == "crafted":
             packet = data.draw(crafted(setup))
@@ -333,6 +347,8 @@ def test_core_and_independent_agree(data: st.DataObject) -> None:
         if b.unsupported:
             return  # the independent version abstains; its state may differ from here on
         assert same(a, b), (step, op, packet.hex(), a, b)
+        if where != ARRIVING and a.packet is not None:
+            ours.append(a.packet)
         assert core.next_seq("out") == ind.next_seq("out"), step
         assert core.window_top("in") == ind.window_top("in"), step
 

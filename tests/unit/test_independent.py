@@ -1,9 +1,8 @@
-"""The independent ESP implementation (``nfq_ipsec.independent``) where it differs from the
-core on purpose: what it refuses as ``unsupported`` (docs/independent.md lists each case),
-that a refusal leaves its state where the core's is, and the parts the differential test
-reaches only now and then (a local packet too big for the path sent with DF cleared,
-fragments of its own ESP packets, mixed tunnels, NAT keepalives). Side by side with the core
-through ``versions``.
+"""The independent ESP implementation (``nfq_ipsec.independent``) beside the core (through
+``versions``) where the differential test reaches only now and then: path MTU (learned from
+"fragmentation needed", packets too big sent with DF cleared or dropped with an ICMP error to
+their sender, rate-limited), fragments of its own ESP packets, mixed tunnels, NAT keepalives;
+and what it refuses as ``unsupported`` (docs/independent.md lists each case).
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from nfq_ipsec.core import Action, Direction, Mode, Policy, SADirection, SAParam
 from nfq_ipsec.core.ipv6 import V6
 from nfq_ipsec.core.processor import FORWARDED, LEAVING
 from nfq_ipsec.core.sa import Encapsulation
-from nfq_ipsec.independent import UNSUPPORTED, Engine
+from nfq_ipsec.independent import Engine
 
 A, B = "10.0.0.1", "10.0.0.2"
 GW_A, GW_B = "192.0.2.1", "192.0.2.2"
@@ -65,17 +64,27 @@ def big(size: int) -> bytes:
     return ipv4(A, B, 17, struct.pack("!HHHH", 1, 2, 8 + size, 0) + bytes(size), frag=DF)
 
 
-def test_a_forwarded_packet_too_big_is_refused_and_takes_no_number() -> None:
+def test_a_forwarded_packet_too_big_is_dropped_and_its_sender_told_as_by_the_core() -> None:
     core, ind = both(*pair(tunnel=(ip4(GW_A), ip4(GW_B))), mtu=600)
     packet = big(700)
     a = core.process(packet, FORWARDED)
     b = ind.process(packet, FORWARDED)
-    assert (a.verdict, a.reason) == ("drop", "path_mtu")  # and the core tells the sender
-    assert (b.verdict, b.reason) == ("drop", UNSUPPORTED)
+    assert (a.verdict, a.reason) == (b.verdict, b.reason) == ("drop", "path_mtu")
+    assert a.reply is not None and a.reply == b.reply  # "fragmentation needed", the same bytes
     assert core.next_seq("out") == ind.next_seq("out") == 1
-    # one that fits goes out the same from both, with the first number
-    small = big(100)
+    small = big(100)  # one that fits goes out the same from both, with the first number
     assert core.process(small, FORWARDED).packet == ind.process(small, FORWARDED).packet
+
+
+def test_replies_are_rate_limited_alike() -> None:
+    core, ind = both(*pair(tunnel=(ip4(GW_A), ip4(GW_B))), mtu=600)
+    told = []
+    for now in (0.0, 0.5, 1.0, 1.2, 2.5):
+        answers = [[v.process(big(700), FORWARDED, now).reply is not None for _ in range(120)]
+                   for v in (core, ind)]
+        assert answers[0] == answers[1]
+        told.append(sum(answers[0]))
+    assert told == [100, 0, 100, 0, 100]  # 100 in each window of a second
 
 
 @pytest.mark.parametrize("tunnel", [False, True], ids=["transport", "tunnel-to-its-peer"])
@@ -92,15 +101,35 @@ def test_a_local_packet_too_big_leaves_with_df_cleared_as_from_the_core(tunnel: 
     assert not struct.unpack_from("!H", a.packet, 6)[0] & DF
 
 
-def test_an_icmp_error_about_our_esp_is_refused_and_learns_nothing() -> None:
+@pytest.mark.parametrize("reported", [0, 700, 1400])
+def test_fragmentation_needed_about_our_esp_sets_the_path_mtu_as_in_the_core(reported: int) -> None:
+    """RFC 1191 through both: the learned MTU (a report of 0 read from the plateaus) then
+    decides which packets are too big, until it ages out after ten minutes."""
     core, ind = both(*pair(tunnel=(ip4(GW_A), ip4(GW_B))))
-    esp = core.outbound(udp(A, B, 1, 2, b"x"))
-    assert esp.packet is not None
-    ind.outbound(udp(A, B, 1, 2, b"x"))
-    quote = esp.packet[:28]
-    error = ipv4("198.51.100.1", GW_A, 1, bytes((3, 4, 0, 0, 0, 0, 2, 0x40)) + quote)
-    assert ind.inbound(error).reason == UNSUPPORTED
-    assert core.inbound(error).verdict == "accept"  # the core learns the path MTU from it
+    first = big(1000)
+    esp = core.process(first, FORWARDED)
+    assert esp.packet is not None and ind.process(first, FORWARDED).packet == esp.packet
+    error = ipv4("198.51.100.1", GW_A, 1,
+                 bytes((3, 4, 0, 0, 0, 0)) + reported.to_bytes(2, "big") + esp.packet[:28])
+    assert core.inbound(error, 1.0).verdict == ind.inbound(error, 1.0).verdict == "accept"
+    verdicts = []
+    for now in (2.0, 3.0, 700.0, 701.0):  # learned at 1.0, aged out at 601.0
+        a, b = core.process(first, FORWARDED, now), ind.process(first, FORWARDED, now)
+        assert (a.verdict, a.reason, a.packet, a.reply) == (b.verdict, b.reason, b.packet, b.reply)
+        verdicts.append(a.verdict)
+    # 700 is below the packet; 0, and 1400 (not below the packet it quotes: no real report)
+    # read as the plateau below it, 1006: too small for it either way, until aged out
+    assert verdicts == ["drop", "drop", "accept", "accept"]
+    smaller = big(400)  # fits the learned MTU (never below 576)
+    error_again = ipv4("198.51.100.1", GW_A, 1,
+                       bytes((3, 4, 0, 0, 0, 0)) + reported.to_bytes(2, "big") + esp.packet[:28])
+    core.inbound(error_again, 702.0)
+    ind.inbound(error_again, 702.0)
+    a, b = core.process(smaller, FORWARDED, 703.0), ind.process(smaller, FORWARDED, 703.0)
+    assert a.verdict == b.verdict == "accept" and a.packet == b.packet
+    wrong_peer = ipv4("198.51.100.1", GW_A, 1, bytes((3, 4, 0, 0, 0, 0, 2, 0)) + esp.packet[:16]
+                      + ip4("203.0.113.9").to_bytes(4, "big") + esp.packet[20:28])
+    assert core.inbound(wrong_peer).reason == ind.inbound(wrong_peer).reason == "policy_mismatch"
 
 
 @pytest.mark.parametrize("mtu", [1500, 300], ids=["whole", "fragmented"])
@@ -143,17 +172,12 @@ def test_a_local_ipv6_packet_too_big_for_the_path_goes_in_the_cores_fragments() 
     assert a.packets == b.packets and len(a.packets) == 2
 
 
-def test_a_forwarded_ipv6_packet_too_big_is_refused_with_the_number_taken() -> None:
-    """The core sends it on and tells its sender "packet too big"; this version refuses it,
-    taking the sequence number the core took."""
+def test_a_forwarded_ipv6_packet_too_big_goes_on_and_its_sender_is_told() -> None:
     core, ind = both(*pair(v6=True), mtu=1280)
     packet = ipv6_udp(A6, B6, 1300)
     a, b = core.process(packet, FORWARDED), ind.process(packet, FORWARDED)
-    assert a.verdict == "accept" and a.packet is not None
-    assert b.reason == UNSUPPORTED
-    assert core.next_seq("out") == ind.next_seq("out") == 2
-    fits = ipv6_udp(A6, B6, 100)
-    assert core.process(fits, FORWARDED).packet == ind.process(fits, FORWARDED).packet
+    assert a.verdict == b.verdict == "accept" and a.packet == b.packet
+    assert a.reply is not None and a.reply == b.reply  # "packet too big", the same bytes
 
 
 def test_no_superpacket_entry() -> None:
