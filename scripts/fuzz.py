@@ -17,6 +17,12 @@ careless operator controls. Properties (any other exception is a finding):
   headers, which ESP does not cover, may be anything). Seeds: genuine ESP in transport and
   tunnel mode, behind extension-header chains (up to the bound and past it), in fragments and
   atomic fragments, ICMPv6 errors quoting ESP, cleartext leaving.
+- ``differential``: bytes -> the same packet through the core's ``Processor`` and the
+  independent implementation's ``Engine`` (``nfq_ipsec.independent``), each fresh and built
+  from the same policies and SAs (the hosts of ``packets``, ``udp`` and ``ipv6``), arriving,
+  leaving or forwarded: the same verdict, drop reason and bytes, unless the independent one
+  refuses the packet as unsupported (what it deliberately does not do). Seeds: those of the
+  three packet targets.
 - ``ike``: bytes -> the IKE agent's dispatcher (``nfq_ipsec.ike.dispatch``) holding one
   established IKE SA with its Child SA, from the configured peer's address: never an
   exception; nothing new established, rekeyed or deleted, and the SA never failed, unless the
@@ -46,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-TARGETS = ("config", "packets", "udp", "ipv6", "ike")
+TARGETS = ("config", "packets", "udp", "ipv6", "differential", "ike")
 
 
 # -- targets ---------------------------------------------------------------------------------------
@@ -386,6 +392,45 @@ def ipv6_seeds() -> list[bytes]:
     return seeds
 
 
+def differential_target(make_engine: Any = None) -> Any:
+    """One fresh pair per input (replay windows empty). The first byte: bits 0-1 where the
+    packet is (arriving, leaving, forwarded, arriving), bits 2-3 which host (IPv4, ESP in UDP
+    with the rest the payload of a datagram to port 4500, IPv6, IPv4). ``make_engine``: how
+    the independent side is built (a test gives a faulty one, to see the target notice)."""
+    from nfq_ipsec.core.processor import ARRIVING, FORWARDED, LEAVING
+    from nfq_ipsec.independent import Engine
+
+    build = make_engine or Engine
+    hosts = (_host, _udp_host, _host6, _host)
+
+    def one(data: bytes) -> None:
+        if not data:
+            return
+        where = (ARRIVING, LEAVING, FORWARDED, ARRIVING)[data[0] & 3]
+        kind = (data[0] >> 2) & 3
+        packet = _datagram(data[1:]) if kind == 1 else data[1:]
+        core, _ = hosts[kind]()
+        engine = build(core.spd.policies, [sa.params for sa in core.sad.all()], 0.0,
+                       mtu=core.mtu)
+        a = core.process(packet, len(packet), where, 1.0)
+        b = engine.process(packet, len(packet), where, 1.0)
+        if b.unsupported:
+            return
+        reason = None if a.reason is None else a.reason.value
+        assert (a.verdict.value, reason) == (b.verdict, b.reason), (a, b)
+        assert a.packet == b.packet, (a, b)
+
+    return one
+
+
+def differential_seeds() -> list[bytes]:
+    """The seeds of the packet targets, their first byte said this target's way."""
+    seeds = [(b"\x00" if s[0] & 1 else b"\x01") + s[1:] for s in packets_seeds() if s]
+    seeds += [b"\x04" + s[1:] for s in udp_seeds() if s]
+    seeds += [bytes((0x08 | (s[0] & 3),)) + s[1:] for s in ipv6_seeds() if s]
+    return seeds
+
+
 def _ike_pair() -> tuple[Any, Any, bytes, bytes]:
     """A dispatcher ``d`` (at B) holding one established IKE SA with peer A (the initiator
     ``i``), both from fixed randomness; and the packed addresses A and B."""
@@ -473,6 +518,7 @@ def ike_seeds() -> list[bytes]:
 
 FACTORIES = {"config": (config_target, config_seeds), "packets": (packets_target, packets_seeds),
              "udp": (udp_target, udp_seeds), "ipv6": (ipv6_target, ipv6_seeds),
+             "differential": (differential_target, differential_seeds),
              "ike": (ike_target, ike_seeds)}
 
 
@@ -491,7 +537,10 @@ def run_atheris(name: str, seconds: int, out: Path) -> None:
                        "nfq_ipsec.core.processor", "nfq_ipsec.core.replay",
                        "nfq_ipsec.core.spd", "nfq_ipsec.rules", "nfq_ipsec.ike.message",
                        "nfq_ipsec.ike.proposal", "nfq_ipsec.ike.session",
-                       "nfq_ipsec.ike.dispatch", "nfq_ipsec.ike.sk", "nfq_ipsec.ike.child"):
+                       "nfq_ipsec.ike.dispatch", "nfq_ipsec.ike.sk", "nfq_ipsec.ike.child",
+                       "nfq_ipsec.independent.engine", "nfq_ipsec.independent.framing",
+                       "nfq_ipsec.independent.ipwire", "nfq_ipsec.independent.natt",
+                       "nfq_ipsec.independent.window"):
             importlib.import_module(module)
     make, seeds = FACTORIES[name]
     target = make()

@@ -108,10 +108,13 @@ def test_a_stale_build_runs_from_source(tmp_path: Path) -> None:
 
 
 def test_the_source_build_passes_the_core_tests() -> None:
-    """The core's vector, framing, replay, SPD and fast-path tests, run again on the source."""
+    """The core's vector, framing, replay, SPD and fast-path tests, run again on the source;
+    and the differential test, so the source core is held to the independent implementation
+    too (the third of the three versions of issue 18)."""
     env = {**os.environ, corebuild.PURE_ENV: "1"}
     files = ["tests/unit/test_vectors.py", "tests/unit/test_esp.py", "tests/unit/test_replay.py",
-             "tests/unit/test_spd_index.py", "tests/unit/test_fastpath.py", "tests/unit/test_properties.py"]
+             "tests/unit/test_spd_index.py", "tests/unit/test_fastpath.py", "tests/unit/test_properties.py",
+             "tests/unit/test_differential.py"]
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]

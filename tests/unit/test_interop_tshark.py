@@ -9,6 +9,9 @@ Debian 12 tshark (Wireshark 4.0.x) knows "AES-GCM with 16 octet ICV [RFC4106]" (
 with its 4-byte salt appended), "AES-CBC [RFC3602]", "NULL" and "HMAC-SHA-256-128 [RFC4868]" /
 384-192 / 512-256, but not "ChaCha20 with Poly1305 [RFC7634]" (added in a later Wireshark);
 that case is probed at run time and skipped with the reason if this tshark refuses it.
+
+Each test runs for each of our implementations (``versions``: the core and the independent
+one), on its own.
 """
 
 from __future__ import annotations
@@ -21,18 +24,16 @@ from pathlib import Path
 import gate
 import pytest
 import sas
+import versions
 from packets import icmp_echo_message, ipv4
 
 from nfq_ipsec.core import (
-    SPD,
     Action,
     Direction,
     Mode,
     Policy,
-    Processor,
     SADirection,
     Selector,
-    Verdict,
 )
 from nfq_ipsec.core.suites import ENCRYPTION, HMACS
 from nfq_ipsec_lab.lab.traffic import TSHARK_ENCRYPTION as TSHARK_ENC
@@ -47,6 +48,7 @@ CHACHA = ("chacha20-poly1305", None)
 LOCAL, REMOTE = "10.1.0.1", "10.2.0.2"
 GW_LOCAL, GW_REMOTE = "192.0.2.1", "198.51.100.2"
 PACKETS_PER_SA = 6
+VERSIONS = sorted(versions.VERSIONS)
 
 
 def tshark_path() -> str:
@@ -76,7 +78,8 @@ def key_material(enc: str, mac: str | None, spi: int) -> tuple[bytes, bytes]:
 Sent = list[tuple[int, int, bytes]]  # (SPI, ICMP sequence number, ICMP payload)
 
 
-def protect(suites: list[tuple[str, str | None]], mode: Mode) -> tuple[list[bytes], list[str], Sent]:
+def protect(suites: list[tuple[str, str | None]], mode: Mode,
+            version: str = "core") -> tuple[list[bytes], list[str], Sent]:
     """Our outbound ESP for each suite (one SA and SPI each); tshark -o options; what was sent."""
     wire: list[bytes] = []
     uat: list[str] = []
@@ -88,11 +91,11 @@ def protect(suites: list[tuple[str, str | None]], mode: Mode) -> tuple[list[byte
         ends = {"local": GW_LOCAL, "remote": GW_REMOTE} if mode is Mode.TUNNEL else {}
         params = sas.params(f"out{n}", spi, SADirection.OUT, enc, key, mac, ikey, mode=mode, **ends)
         pol = Policy("p", Selector(), Action.PROTECT, Direction.OUT, (f"out{n}",))
-        proc = Processor(SPD([pol]), [params], 0.0)
+        proc = versions.build(version, [pol], [params])
         for i in range(PACKETS_PER_SA):
             payload = bytes((spi + i + j) & 0xFF for j in range(i * 11 + 3))
             res = proc.outbound(icmp_echo(spi & 0xFFFF, i, payload), now=0.0)
-            assert res.verdict is Verdict.ACCEPT and res.packet is not None, res
+            assert res.verdict == "accept" and res.packet is not None, res
             wire.append(res.packet)
             sent.append((spi, i, payload))
         auth_key = f"0x{ikey.hex()}" if ikey else ""
@@ -114,9 +117,9 @@ def run_tshark(tshark: str, pcap: Path, uat: list[str]) -> subprocess.CompletedP
 
 
 def decode(
-    tshark: str, tmp: Path, suites: list[tuple[str, str | None]], mode: Mode,
+    tshark: str, tmp: Path, suites: list[tuple[str, str | None]], mode: Mode, version: str = "core",
 ) -> tuple[list[list[str]], Sent]:
-    wire, uat, sent = protect(suites, mode)
+    wire, uat, sent = protect(suites, mode, version)
     pcap = tmp / f"esp-{mode.value}.pcap"
     write_pcap(pcap, wire)
     res = run_tshark(tshark, pcap, uat)
@@ -126,10 +129,11 @@ def decode(
     return rows, sent
 
 
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("mode", [Mode.TRANSPORT, Mode.TUNNEL], ids=lambda m: m.value)
-def test_tshark_authenticates_and_decrypts_our_esp(tmp_path: Path, mode: Mode) -> None:
+def test_tshark_authenticates_and_decrypts_our_esp(tmp_path: Path, mode: Mode, version: str) -> None:
     tshark = tshark_path()
-    rows, sent = decode(tshark, tmp_path, SUITES, mode)
+    rows, sent = decode(tshark, tmp_path, SUITES, mode, version)
     for row, (spi, seq, payload) in zip(rows, sent, strict=True):
         got_spi, icv_good, icv_bad, icmp_type, icmp_seq, data = row
         assert int(got_spi, 16) == spi, row
@@ -138,10 +142,11 @@ def test_tshark_authenticates_and_decrypts_our_esp(tmp_path: Path, mode: Mode) -
         assert bytes.fromhex(data.replace(":", "")) == payload, row
 
 
-def test_tshark_notices_a_corrupted_packet(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", VERSIONS)
+def test_tshark_notices_a_corrupted_packet(tmp_path: Path, version: str) -> None:
     """Negative control: one flipped ciphertext bit per SA must read as icv_bad."""
     tshark = tshark_path()
-    wire, uat, _ = protect(SUITES, Mode.TRANSPORT)
+    wire, uat, _ = protect(SUITES, Mode.TRANSPORT, version)
     bad_index = list(range(0, len(wire), PACKETS_PER_SA))
     for i in bad_index:
         pkt = bytearray(wire[i])
@@ -157,9 +162,10 @@ def test_tshark_notices_a_corrupted_packet(tmp_path: Path) -> None:
         assert (row[1], row[2]) == expected, (i, row)
 
 
-def test_tshark_chacha20_poly1305(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", VERSIONS)
+def test_tshark_chacha20_poly1305(tmp_path: Path, version: str) -> None:
     tshark = tshark_path()
-    wire, uat, _ = protect([CHACHA], Mode.TRANSPORT)
+    wire, uat, _ = protect([CHACHA], Mode.TRANSPORT, version)
     pcap = tmp_path / "chacha.pcap"
     write_pcap(pcap, wire)
     probe = run_tshark(tshark, pcap, uat)
@@ -172,7 +178,7 @@ def test_tshark_chacha20_poly1305(tmp_path: Path) -> None:
             "chacha20-poly1305 is covered by RFC 7634 Appendix A (test_vectors) and scapy interop."
         )
     for mode in (Mode.TRANSPORT, Mode.TUNNEL):
-        rows, sent = decode(tshark, tmp_path, [CHACHA], mode)
+        rows, sent = decode(tshark, tmp_path, [CHACHA], mode, version)
         for row, (_spi, seq, payload) in zip(rows, sent, strict=True):
             assert (row[1], row[2]) == ("1", "0"), row
             assert int(row[4]) == seq and bytes.fromhex(row[5].replace(":", "")) == payload, row

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -28,7 +27,7 @@ import pytest
 import sas
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from packets import checksum, ipv4
-from repo import VECTORS
+from vectorfiles import Vector, load_vectors
 
 from nfq_ipsec.core import (
     SPD,
@@ -47,56 +46,6 @@ from nfq_ipsec.core import (
 )
 from nfq_ipsec.core import packet as ip
 from nfq_ipsec.core.suites import AeadSuite, CbcHmacSuite, Suite, make_suite, suite_problems
-
-# --------------------------------------------------------------------------------------------
-# Vector file parser: "name = hex" fields, indented hex continuation lines, "(N octets)" checks.
-
-_FIELD = re.compile(r"^\s*([a-z+_]+)\s*=\s*(.*?)\s*$")
-_OCTETS = re.compile(r"^\((\d+) octets\)$")
-
-
-@dataclass
-class Vector:
-    fields: dict[str, str]
-
-    def __getitem__(self, name: str) -> str:
-        return self.fields[name]
-
-    def hex(self, name: str) -> bytes:
-        return bytes.fromhex(self.fields[name])
-
-
-def load_vectors(filename: str, first_field: str) -> list[Vector]:
-    """Blocks of fields; a block starts at ``first_field``. Octet counts are verified."""
-    blocks: list[Vector] = []
-    last: str | None = None
-    for lineno, raw in enumerate((VECTORS / filename).read_text().splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        where = f"{filename}:{lineno}"
-        field = _FIELD.match(raw)
-        if field:
-            name, value = field.groups()
-            if name == first_field:
-                blocks.append(Vector({}))
-            assert blocks, f"{where}: field before the first {first_field}"
-            octets = _OCTETS.match(value)
-            if octets:  # no hex, only a length: "plaintext = (0 octets)" (and the GMAC tag)
-                value = ""
-            blocks[-1].fields[name] = value
-            last = name
-            continue
-        assert last is not None, where
-        octets = _OCTETS.match(line)
-        if octets:
-            got = len(bytes.fromhex(blocks[-1].fields[last]))
-            assert got == int(octets.group(1)), f"{where}: {last} has {got} octets"
-        else:
-            assert re.fullmatch(r"[0-9a-f]+", line), f"{where}: not hex: {line!r}"
-            blocks[-1].fields[last] += line
-    return blocks
-
 
 # --------------------------------------------------------------------------------------------
 # Independent IPv4 helpers (not the core's).
