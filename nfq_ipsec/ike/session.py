@@ -14,8 +14,11 @@ IKE_SA_INIT, which has nothing authenticated yet (section 2.21.1).
 Rekeys are make before break: a rekeyed Child SA's successor is reported (``rekeyed``) while
 the old one stays until its Delete has been exchanged (``child_deleted``). A rekeyed IKE SA
 keeps this object: new SPIs and keys, message IDs from 0, the Child SAs moved over; the old
-SA's keys stay for the Delete of the old SA. Simultaneous rekeys of one SA by both sides
-(section 2.8.1) are not resolved yet: the later answer wins.
+SA's keys stay for the Delete of the old SA. Simultaneous rekeys of one Child SA by both sides
+(section 2.8.1): each end answers the other's request and gets its own answer, so two
+successors are made; the one made by the exchange with the lowest of the four nonces is
+deleted by the end that started that exchange (``_rekey_made``), both ends delete the old
+one, and one pair is left. Simultaneous IKE SA rekeys are not resolved yet.
 """
 
 from __future__ import annotations
@@ -205,6 +208,10 @@ class IkeSession:
         self._opened = False  # the datagram being handled decrypted and verified
         self._ike_due = 0.0  # when this IKE SA is to be rekeyed (0: never)
         self._child_due: dict[int, float] = {}  # Child SA (inbound SPI) -> when to rekey it
+        # Child SA rekeys done, by the rekeyed SA's inbound SPI: (started by us, the successor's
+        # inbound SPI, Ni, Nr) of each exchange, to find two at once (section 2.8.1)
+        self._rekeys_of: dict[int, list[tuple[bool, int, bytes, bytes]]] = {}
+        self.rekey_collisions = 0  # simultaneous Child SA rekeys resolved
 
     def __repr__(self) -> str:
         return f"IkeSession({self.role.value}, {self.state.value}, spi_i={self.spi_i.hex()})"
@@ -612,6 +619,7 @@ class IkeSession:
                                     shared)
             self.rekeys["child"] += 1
             self._queue.insert(0, _Pending("delete_child", old_spi=req.old_spi))
+            self._rekey_made(req.old_spi, True, made.spi_in, req.nonce, nonce.data)
             return Output(events=[Event("rekeyed", "", made, req.old_spi)])
         if req.kind == "rekey_ike":
             if errors:
@@ -662,8 +670,31 @@ class IkeSession:
         self.role = Role.INITIATOR if we_initiated else Role.RESPONDER
         self.rekeys["ike"] += 1
 
+    def _rekey_made(self, old_spi: int, ours: bool, new_spi: int, ni: bytes, nr: bytes) -> None:
+        """A rekey of the Child SA ``old_spi`` is done (``ours``: we started it). If the peer
+        rekeyed it too, the successor made by the exchange with the lowest nonce is redundant
+        and the end that started that exchange deletes it (RFC 7296 section 2.8.1); both ends
+        come to the same answer from the same four nonces."""
+        done = self._rekeys_of.setdefault(old_spi, [])
+        done.append((ours, new_spi, ni, nr))
+        mine = next((d for d in done if d[0]), None)
+        theirs = next((d for d in done if not d[0]), None)
+        if mine is None or theirs is None:
+            return
+        del self._rekeys_of[old_spi]
+        self.rekey_collisions += 1
+        if min(mine[2], mine[3]) < min(theirs[2], theirs[3]):  # ours is redundant
+            self._queue.insert(0, _Pending("delete_child", old_spi=mine[1]))
+
     def _forget_child(self, spi_in: int) -> Event:
         self.children.pop(spi_in, None)
+        # Its rekey records go too, unless a rekey of it of ours is still on its way (the
+        # peer may have deleted it first, its own rekey's record waiting for our answer):
+        # a rekey of it the peer asks for from now on is refused.
+        ours = [p for p in (self._pending, *self._queue)
+                if p is not None and p.kind == "rekey_child" and p.old_spi == spi_in]
+        if not ours:
+            self._rekeys_of.pop(spi_in, None)
         if self.child is not None and self.child.spi_in == spi_in:
             self.child = next(reversed(self.children.values()), None)
         return Event("child_deleted", "", None, spi_in)
@@ -878,6 +909,7 @@ class IkeSession:
         if old is not None:
             self.rekeys["child"] += 1
             out.events.append(Event("rekeyed", "", made, old.spi_in))
+            self._rekey_made(old.spi_in, False, made.spi_in, nonce.data, our_nonce)
         else:
             out.events.append(Event("established", "", made))
         return out

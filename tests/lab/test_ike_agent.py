@@ -3,7 +3,7 @@
 Two namespaces (``ika<pid>-<n>ga``/``gb``), each running ``nfq-ipsec run`` with one
 ``[[connection]]`` and one protect policy that names it (transport mode between the two hosts,
 every protocol), no static SA. A starts the connection, B waits for it; A rekeys the Child SA
-every 10 s, B later (the two rekeying one Child SA at once is not resolved yet). Checked, in order: the
+every 10 s, B later (so that the rekeys under test are A's). Checked, in order: the
 Child SA comes up and carries ping and a file over TCP (its sha256 the same on both sides);
 a capture of the link holds ESP and IKE only, no cleartext; with ``rekey_time`` 10 s the Child
 SA is rekeyed under a ping stream that loses nothing; ``nfq-ipsec ike terminate`` takes the
@@ -92,8 +92,8 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     started: list[Daemon] = []
     with make_pair("g", prefix="ika") as pair:
         try:
-            # B rekeys later than A: simultaneous rekeys of one Child SA by both sides
-            # (RFC 7296 section 2.8.1) are not resolved yet
+            # B rekeys later than A, so that the rekeys the tests look at are A's (two at once
+            # are resolved by the session, tests/unit/test_ike_session.py)
             for name, me, peer, start, rekey, ns, iface in (
                     ("a", ADDR_A, ADDR_B, "start", REKEY, pair.a, pair.va),
                     ("b", ADDR_B, ADDR_A, "none", REKEY * 6, pair.b, pair.vb)):

@@ -287,3 +287,66 @@ def test_liveness_checks_when_idle_and_a_dead_peer_fails_the_sa() -> None:
     outs = clock(i, r, 80.0, deliver=False)  # the peer went away
     failed = [e.detail for o in outs for e in o.events if e.kind == "failed"]
     assert failed and "(ping) after 5 sends" in failed[0] and i.state.value == "failed"
+
+
+def _deliver(to: IkeSession, data: list[bytes], now: float = 1.0) -> list[Output]:
+    return [to.receive(d, now) for d in data]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_simultaneous_child_sa_rekeys_leave_one_pair(seed: int) -> None:
+    """Both ends rekey the same Child SA at once (RFC 7296 section 2.8.1): each answers the
+    other's request, then gets its own answer. The SA made by the exchange with the lowest of
+    the four nonces is deleted by the end that started that exchange, the old SA by both, and
+    both ends are left with the same one pair, keys agreeing, and it carries on."""
+    i, r = pair(cfg("a", "b"), cfg("b", "a"), seed=seed)
+    run(i, r, i.start(0.0))
+    assert i.child is not None and r.child is not None
+    old_i, old_r = i.child.spi_in, r.child.spi_in
+    req_i, req_r = i.rekey_child(old_i, 1.0), r.rekey_child(old_r, 1.0)
+    assert len(req_i.send) == len(req_r.send) == 1
+    ans_to_r = _deliver(i, req_r.send)  # each answers the other's request first
+    ans_to_i = _deliver(r, req_i.send)
+    outs = ans_to_r + ans_to_i
+    # then the answers; what they set off (Deletes) goes back and forth to the end
+    for o in ans_to_r:
+        outs += shuttle(i, r, Output(send=o.send), sender=i)
+    for o in ans_to_i:
+        outs += shuttle(i, r, Output(send=o.send), sender=r)
+    kinds = events(outs)
+    assert kinds.count("rekeyed") == 4, kinds  # two exchanges, each seen by both ends
+    assert i.rekeys["child"] == r.rekeys["child"] == 2
+    assert old_i not in i.children and old_r not in r.children
+    assert len(i.children) == len(r.children) == 1, (i.children, r.children)
+    (ci,), (cr,) = i.children.values(), r.children.values()
+    assert (ci.spi_in, ci.spi_out) == (cr.spi_out, cr.spi_in) and ci.keys_out == cr.keys_in
+    assert "alive" in events(shuttle(i, r, i.ping(2.0)))
+
+
+def test_a_lone_rekey_leaves_no_record_behind() -> None:
+    """The rekey records that find simultaneous rekeys go with the old SA: none piles up."""
+    i, r = up()
+    for k in range(5):
+        shuttle(i, r, i.rekey_child(i.child.spi_in, 1.0 + k))  # type: ignore[union-attr]
+    assert i._rekeys_of == {} and r._rekeys_of == {}
+    assert i.rekey_collisions == r.rekey_collisions == 0
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_rekey_answered_before_the_peers_own_request_arrives(seed: int) -> None:
+    """The same, staggered: i's rekey is answered and i's Delete of the old SA is on its way
+    when r's rekey request (sent before r saw i's) arrives; still one pair at the end."""
+    i, r = pair(cfg("a", "b"), cfg("b", "a"), seed=seed)
+    run(i, r, i.start(0.0))
+    assert i.child is not None and r.child is not None
+    req_i, req_r = i.rekey_child(i.child.spi_in, 1.0), r.rekey_child(r.child.spi_in, 1.0)
+    (answer_to_i,) = _deliver(r, req_i.send)
+    (after_answer,) = _deliver(i, answer_to_i.send)  # i done: its Delete of the old SA goes out
+    (answer_to_r,) = _deliver(i, req_r.send)  # r's request, sent before r saw i's
+    outs = shuttle(i, r, Output(send=after_answer.send), sender=i)
+    outs += shuttle(i, r, Output(send=answer_to_r.send), sender=i)
+    assert len(i.children) == len(r.children) == 1, (events(outs), i.children, r.children)
+    (ci,), (cr,) = i.children.values(), r.children.values()
+    assert (ci.spi_in, ci.spi_out) == (cr.spi_out, cr.spi_in) and ci.keys_out == cr.keys_in
+    assert i.rekey_collisions == r.rekey_collisions == 1
+    assert "alive" in events(shuttle(i, r, r.ping(2.0), sender=r))
