@@ -75,8 +75,16 @@ def mac_key(params: SAParams) -> bytes:
                 info=_MAC_INFO).derive(_key_material(params))
 
 
+def worker_dir_name(queue: int) -> str:
+    """The directory of one queue's worker under ``state_dir``: its own user's, mode 0700 (a
+    compartment, with a user of its own, will have its queues' directories the same way)."""
+    return f"q{queue}"
+
+
 def state_path(state_dir: str | os.PathLike[str], params: SAParams) -> Path:
-    return Path(state_dir) / f"{params.direction.value}-{key_id(params)}.json"
+    """The SA's state file: in the directory of the queue (worker) that owns the SA."""
+    return (Path(state_dir) / worker_dir_name(params.queue)
+            / f"{params.direction.value}-{key_id(params)}.json")
 
 
 def _max_seq(params: SAParams) -> int:
@@ -188,12 +196,14 @@ def parse(params: SAParams, text: bytes, where: str = "state file",
 
 
 def read(path: Path, params: SAParams, dir_fd: int | None = None,
-         key: bytes | None = None) -> Saved | None:
+         key: bytes | None = None, owner: int | None = None) -> Saved | None:
     """The state stored for ``params`` at ``path`` (with ``dir_fd``: its name in that
     directory); None if there is no file (a fresh key). The file must be a regular file owned
-    by the daemon's user and not writable by group or others (checked on the opened file)."""
+    by the daemon's user (``owner``: the workers' user) and not writable by group or others
+    (checked on the opened file)."""
     try:
-        fd, _ = hardening.open_checked(path, dir_fd=dir_fd, fix=f"run chmod 600 {path}")
+        fd, _ = hardening.open_checked(path, dir_fd=dir_fd, fix=f"run chmod 600 {path}",
+                                       owner=owner)
     except FileNotFoundError:
         return None
     except hardening.UnsafePathError as err:
@@ -210,12 +220,14 @@ def read(path: Path, params: SAParams, dir_fd: int | None = None,
     return parse(params, text, f"state file {path}", key)
 
 
-def write(path: Path, text: str, dir_fd: int | None = None) -> None:
+def write(path: Path, text: str, dir_fd: int | None = None,
+          owner: tuple[int, int] | None = None) -> None:
     """Replace ``path`` atomically and durably: temp file, fsync, rename, fsync directory.
 
     The temp file is created with O_EXCL and O_NOFOLLOW, so nothing already there (a link, a
     file someone else prepared) is ever written through. One left by a crash is removed first:
-    unlink removes the entry itself, never what a link points to."""
+    unlink removes the entry itself, never what a link points to. ``owner`` (uid, gid): give
+    the new file to the workers' user (root writing for them: ``state reset``)."""
     name, tmp = path.name, path.name + ".tmp"
     own = dir_fd is None
     dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if own else dir_fd
@@ -228,6 +240,8 @@ def write(path: Path, text: str, dir_fd: int | None = None) -> None:
             os.unlink(tmp, dir_fd=dfd)
             fd = os.open(tmp, flags, 0o600, dir_fd=dfd)
         try:
+            if owner is not None:
+                os.fchown(fd, *owner)
             data = text.encode()
             while data:
                 data = data[os.write(fd, data):]
@@ -268,6 +282,109 @@ def open_dir(state_dir: str | os.PathLike[str]) -> int:
     return fd
 
 
+def open_worker_dir(state_dir: str | os.PathLike[str], queue: int,
+                    owner: tuple[int, int] | None = None, base_fd: int | None = None) -> int:
+    """Create (if missing) and open the state directory of queue ``queue``'s worker under
+    ``state_dir`` (:func:`open_dir`): mode 0700, owned by ``owner`` (uid, gid; None: the
+    effective user). Refuses one that someone else owns or can use, or a link. ``base_fd``:
+    ``state_dir`` opened already. Returns the descriptor. Raises StateError."""
+    name = worker_dir_name(queue)
+    path = Path(state_dir) / name
+    base = open_dir(state_dir) if base_fd is None else base_fd
+    try:
+        try:
+            os.mkdir(name, 0o700, dir_fd=base)
+            os.chmod(name, 0o700, dir_fd=base, follow_symlinks=False)
+            if owner is not None:
+                os.chown(name, *owner, dir_fd=base, follow_symlinks=False)
+        except FileExistsError:
+            pass
+        fd, _ = hardening.open_checked(path, directory=True, forbid=0o077, dir_fd=base,
+                                       owner=None if owner is None else owner[0],
+                                       fix=f"make it private: chmod 700 {path}")
+    except hardening.UnsafeFileError as err:
+        raise StateError(f"state directory {err}") from None
+    except OSError as err:
+        raise StateError(f"cannot create state directory {path}: {err.strerror}") from None
+    finally:
+        if base_fd is None:
+            os.close(base)
+    return fd
+
+
+def prepare_worker_dir(state_dir: str | os.PathLike[str], queue: int, sas: Iterable[SAParams],
+                       owner: tuple[int, int] | None) -> None:
+    """The supervisor's part, before it starts queue ``queue``'s worker: its directory made
+    (:func:`open_worker_dir`) for ``owner`` (uid, gid; None: root), and each of ``sas``'s
+    files (state and lock) that is not in it yet moved in from where an earlier layout or
+    queue left it (``state_dir`` itself, or another queue's directory), so that no SA ever
+    starts afresh under a key it used. A directory or file the other user owns (the sandbox
+    turned on or off) is given to ``owner``: only plain files with one link, never through a
+    symbolic link. Raises StateError."""
+    uid, gid = owner if owner is not None else (os.geteuid(), os.getegid())
+    base = open_dir(state_dir)
+    try:
+        name = worker_dir_name(queue)
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(name, dir_fd=base)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid in (0, os.geteuid(), uid) \
+                    and st.st_uid != uid:
+                os.chown(name, uid, gid, dir_fd=base, follow_symlinks=False)
+        fd = open_worker_dir(state_dir, queue, (uid, gid), base)
+        try:
+            others = [e.name for e in os.scandir(base)
+                      if e.name != name and e.name.startswith("q") and e.is_dir(follow_symlinks=False)]
+            for params in sas:
+                leaf = state_path(state_dir, params).name
+                for file in (leaf, leaf[:-len(".json")] + ".lock"):
+                    _move_in(base, others, file, fd)
+            for entry in os.scandir(fd):
+                _give(fd, entry.name, uid, gid)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise StateError(f"cannot prepare the state directory of queue {queue} in {state_dir}: "
+                         f"{err.strerror or err}") from None
+    finally:
+        os.close(base)
+
+
+def _move_in(base: int, others: list[str], file: str, dest: int) -> None:
+    """``file`` into directory ``dest`` from ``base`` or one of its directories ``others``,
+    if it is not there yet."""
+    try:
+        os.lstat(file, dir_fd=dest)
+        return
+    except FileNotFoundError:
+        pass
+    for where in [None, *others]:
+        src = base
+        try:
+            if where is not None:
+                src = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=base)
+            try:
+                st = os.lstat(file, dir_fd=src)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                os.rename(file, file, src_dir_fd=src, dst_dir_fd=dest)
+                log.info("moved state file %s into %s's directory", file, "the queue")
+                return
+        finally:
+            if src != base:
+                os.close(src)
+
+
+def _give(dir_fd: int, name: str, uid: int, gid: int) -> None:
+    """A plain file of the workers' directory that root owns (written with the sandbox off, or
+    moved in) given to the workers' user."""
+    st = os.lstat(name, dir_fd=dir_fd)
+    if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid != uid \
+            and st.st_uid in (0, os.geteuid()):
+        os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+
+
 def prepare_dir(state_dir: str | os.PathLike[str]) -> Path:
     """:func:`open_dir`, for callers that want the checked path. Raises StateError."""
     os.close(open_dir(state_dir))
@@ -278,7 +395,8 @@ class _Lock:
     """An flock on ``<file>.lock``, held for the owner's lifetime (the kernel drops it when the
     process dies, however it dies)."""
 
-    def __init__(self, path: Path, wait: float, dir_fd: int | None = None) -> None:
+    def __init__(self, path: Path, wait: float, dir_fd: int | None = None,
+                 owner: int | None = None) -> None:
         self.path = path
         name = path.name if dir_fd is not None else path
         try:
@@ -289,8 +407,12 @@ class _Lock:
                 raise StateError(f"lock file {path} is a symbolic link") from None
             raise StateError(f"cannot open lock file {path}: {err.strerror}") from None
         st = os.fstat(fd)
+        if owner is not None and st.st_uid != owner and st.st_uid == os.geteuid() == 0 \
+                and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            os.fchown(fd, owner, -1)  # root made it for the workers' user (state reset)
+            st = os.fstat(fd)
         bad = (f"{path} is not a regular file" if not stat.S_ISREG(st.st_mode)
-               else hardening.problem(st, path, 0o022, f"run chmod 600 {path}"))
+               else hardening.problem(st, path, 0o022, f"run chmod 600 {path}", owner))
         if bad is not None:
             os.close(fd)
             raise StateError(f"lock file {bad}")
@@ -395,12 +517,16 @@ class StateStore:
 
     def __init__(self, state_dir: str | os.PathLike[str],
                  clock: Callable[[], float] = time.monotonic, lock_wait: float = LOCK_WAIT,
-                 wallclock: Callable[[], float] = time.time) -> None:
+                 wallclock: Callable[[], float] = time.time, queue: int = 0,
+                 dir_fd: int | None = None) -> None:
         self.state_dir = Path(state_dir)
+        self.queue = queue  # the worker's: its directory holds its SAs' files
         self.clock = clock
         self.wallclock = wallclock
         self.lock_wait = lock_wait
-        self.dir_fd: int | None = None
+        # the queue's directory (:func:`open_worker_dir`), opened by the caller before it gave
+        # up root (a sandboxed worker: every file is opened relative to it), or on first use
+        self.dir_fd: int | None = dir_fd
         # by SA object: during a reload an SA's old and new keys (same name) are both held
         self.entries: dict[int, _Entry] = {}
 
@@ -412,7 +538,7 @@ class StateStore:
         try:
             d = self.state_dir
             if self.dir_fd is None:
-                self.dir_fd = open_dir(d)
+                self.dir_fd = open_worker_dir(d, self.queue)
             seen: dict[str, str] = {e.path.name: e.sa.name for e in self.entries.values()}
             for sa in sas:
                 path = state_path(d, sa.params)
@@ -518,18 +644,35 @@ class StateStore:
 
 
 # -- checks before start, and the `nfq-ipsec state` command ------------------------------------
-def check(state_dir: str, sas: Iterable[SAParams]) -> list[str]:
+def check(state_dir: str, sas: Iterable[SAParams], owner: int | None = None) -> list[str]:
     """Everything that would stop an SA's worker, found before anything starts: the state
-    directory, shared keys, unreadable, foreign, unauthenticated or corrupt files."""
+    directory, shared keys, unreadable, foreign, unauthenticated or corrupt files. ``owner``:
+    the workers' user, whose the queues' directories and files are (None: the effective)."""
     try:
-        dfd = open_dir(state_dir)
+        base = open_dir(state_dir)
     except StateError as err:
         return [str(err)]
     d = Path(state_dir)
     problems = []
     seen: dict[Path, str] = {}
+    dirs: dict[int, int | None] = {}
     try:
         for params in sas:
+            if params.queue not in dirs:
+                qdir = d / worker_dir_name(params.queue)
+                try:
+                    dirs[params.queue] = hardening.open_checked(
+                        qdir, directory=True, forbid=0o077, dir_fd=base, owner=owner,
+                        fix=f"make it private: chmod 700 {qdir}")[0]
+                except FileNotFoundError:
+                    dirs[params.queue] = None  # made when its worker starts: all fresh
+                except hardening.UnsafeFileError as err:
+                    problems.append(f"state directory {err}")
+                    dirs[params.queue] = None
+                except OSError as err:
+                    problems.append(f"cannot open state directory {qdir}: {err.strerror}")
+                    dirs[params.queue] = None
+            dfd = dirs[params.queue]
             path = state_path(d, params)
             if path in seen:
                 problems.append(f"sa {params.name}: shares its key with sa {seen[path]} (same "
@@ -538,13 +681,16 @@ def check(state_dir: str, sas: Iterable[SAParams]) -> list[str]:
                 continue
             seen[path] = params.name
             where = f"sa {params.name} (spi 0x{params.spi:08x}, {params.direction.value}): "
+            if dfd is None:
+                continue
             try:
-                read(path, params, dfd)
+                read(path, params, dfd, owner=owner)
             except StateError as err:
                 problems.append(where + str(err))
             lock = path.with_suffix(".lock")
             try:
-                os.close(hardening.open_checked(lock, dir_fd=dfd, fix=f"run chmod 600 {lock}")[0])
+                os.close(hardening.open_checked(lock, dir_fd=dfd, fix=f"run chmod 600 {lock}",
+                                                owner=owner)[0])
             except FileNotFoundError:
                 pass
             except hardening.UnsafeFileError as err:
@@ -552,16 +698,19 @@ def check(state_dir: str, sas: Iterable[SAParams]) -> list[str]:
             except OSError as err:
                 problems.append(f"{where}cannot open lock file {lock}: {err.strerror}")
     finally:
-        os.close(dfd)
+        os.close(base)
+        for fd in dirs.values():
+            if fd is not None:
+                os.close(fd)
     return problems
 
 
-def describe(state_dir: str, params: SAParams) -> dict[str, Any]:
+def describe(state_dir: str, params: SAParams, owner: int | None = None) -> dict[str, Any]:
     path = state_path(state_dir, params)
     out: dict[str, Any] = {"sa": params.name, "spi": f"0x{params.spi:08x}",
                            "direction": params.direction.value, "file": str(path)}
     try:
-        saved = read(path, params)
+        saved = read(path, params, owner=owner)
     except StateError as err:
         out.update(state="unusable", error=str(err))
         return out
@@ -599,21 +748,28 @@ class ResetResult:
     usage_lost: bool  # the old file could not be trusted: the lifetime use starts from zero
 
 
-def reset(state_dir: str, params: SAParams, seq: int) -> ResetResult:
+def reset(state_dir: str, params: SAParams, seq: int,
+          owner: tuple[int, int] | None = None) -> ResetResult:
     """Store ``seq`` as SA ``params``' state (the daemon must be stopped: the SA's lock is
-    taken, without waiting). Keeps the lifetime use of a readable old file. Raises StateError
-    (the directory, the lock) or OSError (the write)."""
+    taken, without waiting). Keeps the lifetime use of a readable old file. ``owner`` (uid,
+    gid): the workers' user, whose the file is. Raises StateError (the directory, the lock) or
+    OSError (the write)."""
     d = prepare_dir(state_dir)
     path = state_path(d, params)
-    lock = _Lock(path.with_suffix(".lock"), wait=0.0)
+    dfd = open_worker_dir(d, params.queue, owner)
+    uid = None if owner is None else owner[0]
     try:
+        lock = _Lock(path.with_suffix(".lock"), 0.0, dfd, uid)
         try:
-            old = read(path, params)
-        except StateError:
-            old = None
-        usage = old.usage if old is not None else None  # unknown: the lifetime starts again
-        lost = old is None and path.exists()
-        write(path, render(params, seq, usage))
+            try:
+                old = read(path, params, dfd, owner=uid)
+            except StateError:
+                old = None
+            usage = old.usage if old is not None else None  # unknown: the lifetime starts again
+            lost = old is None and path.exists()
+            write(path, render(params, seq, usage), dfd, owner)
+        finally:
+            lock.release()
     finally:
-        lock.release()
+        os.close(dfd)
     return ResetResult(path, lost)

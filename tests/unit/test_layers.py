@@ -17,7 +17,7 @@ RUNTIME = ROOT / "nfq_ipsec"
 LAYERS: list[set[str]] = [
     # 0: the sans-I/O cores (ESP, IKE) and leaves that import nothing of ours but the core
     {"core", "ike", "exitcodes", "procs", "logsetup", "pcap", "reassembly", "corebuild", "hardening",
-     "counts", "status", "metrics", "liveness", "sdnotify", "droplog",
+     "sandbox", "counts", "status", "metrics", "liveness", "sdnotify", "droplog",
      "__init__"},
     {"config"},  # 1: the configuration, read and checked
     # 2: pure rule building, negotiated SAs in the configuration, offline decode, the queue,
