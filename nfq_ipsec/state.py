@@ -44,6 +44,7 @@ LOCK_WAIT = 5.0  # seconds to wait for a lock (an old worker may still be exitin
 ERROR_LOG_INTERVAL = 10.0
 MAX_STATE_FILE = 65536
 _MAC_INFO = b"nfq-ipsec sa-state mac v2"
+FILE_MODE = 0o640  # state and lock files: the worker's; its directory's group (root) reads them
 
 log = logging.getLogger("nfq_ipsec.state")
 
@@ -235,10 +236,10 @@ def write(path: Path, text: str, dir_fd: int | None = None,
     try:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
-            fd = os.open(tmp, flags, 0o600, dir_fd=dfd)
+            fd = os.open(tmp, flags, FILE_MODE, dir_fd=dfd)
         except FileExistsError:
             os.unlink(tmp, dir_fd=dfd)
-            fd = os.open(tmp, flags, 0o600, dir_fd=dfd)
+            fd = os.open(tmp, flags, FILE_MODE, dir_fd=dfd)
         try:
             if owner is not None:
                 os.fchown(fd, *owner)
@@ -282,26 +283,26 @@ def open_dir(state_dir: str | os.PathLike[str]) -> int:
     return fd
 
 
-def open_worker_dir(state_dir: str | os.PathLike[str], queue: int,
-                    owner: tuple[int, int] | None = None, base_fd: int | None = None) -> int:
+def open_worker_dir(state_dir: str | os.PathLike[str], queue: int, owner: int | None = None,
+                    base_fd: int | None = None) -> int:
     """Create (if missing) and open the state directory of queue ``queue``'s worker under
-    ``state_dir`` (:func:`open_dir`): mode 0700, owned by ``owner`` (uid, gid; None: the
-    effective user). Refuses one that someone else owns or can use, or a link. ``base_fd``:
-    ``state_dir`` opened already. Returns the descriptor. Raises StateError."""
+    ``state_dir`` (:func:`open_dir`): owned by ``owner`` (the workers' uid; None: the effective
+    user), its group the effective one (root's), mode 2750 (0700 for the effective user's own):
+    the worker writes in it, the supervisor reads it through the group (no capability to
+    override file permissions needed), and the files made in it take that group (setgid).
+    Refuses one that someone else owns, that others can use or group members can write, or a
+    link. ``base_fd``: ``state_dir`` opened already. Returns the descriptor. Raises StateError."""
     name = worker_dir_name(queue)
     path = Path(state_dir) / name
     base = open_dir(state_dir) if base_fd is None else base_fd
     try:
         try:
             os.mkdir(name, 0o700, dir_fd=base)
-            os.chmod(name, 0o700, dir_fd=base, follow_symlinks=False)
-            if owner is not None:
-                os.chown(name, *owner, dir_fd=base, follow_symlinks=False)
+            _hand_over_dir(base, name, owner)
         except FileExistsError:
             pass
-        fd, _ = hardening.open_checked(path, directory=True, forbid=0o077, dir_fd=base,
-                                       owner=None if owner is None else owner[0],
-                                       fix=f"make it private: chmod 700 {path}")
+        fd, _ = hardening.open_checked(path, directory=True, forbid=0o027, dir_fd=base,
+                                       owner=owner, fix=f"run chmod 2750 {path}")
     except hardening.UnsafeFileError as err:
         raise StateError(f"state directory {err}") from None
     except OSError as err:
@@ -312,34 +313,55 @@ def open_worker_dir(state_dir: str | os.PathLike[str], queue: int,
     return fd
 
 
+def _hand_over_dir(base: int, name: str, owner: int | None) -> None:
+    """A queue's directory in ``base`` given to ``owner`` (None: the effective user) with the
+    effective group and its mode (:func:`open_worker_dir`), if root or ``owner`` has it now
+    (the sandbox was turned on: root's; never another user's); never through a link."""
+    st = os.lstat(name, dir_fd=base)
+    if not stat.S_ISDIR(st.st_mode):
+        return  # open_worker_dir refuses it
+    uid = os.geteuid() if owner is None else owner
+    if st.st_uid not in (0, os.geteuid(), uid):
+        return  # someone else's: open_worker_dir refuses it, naming the owner
+    mode = 0o700 if uid == os.geteuid() else 0o2750
+    if (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (uid, os.getegid(), mode):
+        return
+    # By name: only root can change ``base`` (0700), so it is the directory just checked. The
+    # mode first, while it is ours (no capability to override its owner's rights needed).
+    if st.st_uid != os.geteuid():
+        os.chown(name, os.geteuid(), os.getegid(), dir_fd=base, follow_symlinks=False)
+    os.chmod(name, mode, dir_fd=base)
+    os.chown(name, uid, os.getegid(), dir_fd=base, follow_symlinks=False)
+
+
 def prepare_worker_dir(state_dir: str | os.PathLike[str], queue: int, sas: Iterable[SAParams],
-                       owner: tuple[int, int] | None) -> None:
+                       owner: int | None, others: bool = True) -> None:
     """The supervisor's part, before it starts queue ``queue``'s worker: its directory made
-    (:func:`open_worker_dir`) for ``owner`` (uid, gid; None: root), and each of ``sas``'s
-    files (state and lock) that is not in it yet moved in from where an earlier layout or
-    queue left it (``state_dir`` itself, or another queue's directory), so that no SA ever
-    starts afresh under a key it used. A directory or file the other user owns (the sandbox
-    turned on or off) is given to ``owner``: only plain files with one link, never through a
-    symbolic link. Raises StateError."""
-    uid, gid = owner if owner is not None else (os.geteuid(), os.getegid())
+    or handed over (:func:`open_worker_dir`) for ``owner`` (the workers' uid; None: the
+    effective user), and each of ``sas``'s files (state and lock) that is not in it yet moved in
+    from where an earlier layout or queue left it (``state_dir`` itself; with ``others``,
+    another queue's directory: only while no worker runs), so that no SA ever starts afresh
+    under a key it used. Files root left there (the sandbox was off, or they were moved in)
+    are given to ``owner``: only plain files with one link, through a descriptor (never a
+    link). Raises StateError."""
     base = open_dir(state_dir)
+    name = worker_dir_name(queue)
     try:
-        name = worker_dir_name(queue)
         with contextlib.suppress(FileNotFoundError):
-            st = os.lstat(name, dir_fd=base)
-            if stat.S_ISDIR(st.st_mode) and st.st_uid in (0, os.geteuid(), uid) \
-                    and st.st_uid != uid:
-                os.chown(name, uid, gid, dir_fd=base, follow_symlinks=False)
-        fd = open_worker_dir(state_dir, queue, (uid, gid), base)
+            _hand_over_dir(base, name, owner)  # the sandbox turned on or off since
+        os.close(open_worker_dir(state_dir, queue, owner, base))
+        sources: list[str | None] = [None]
+        if others:
+            sources += sorted(e.name for e in os.scandir(base) if e.name != name
+                              and e.name.startswith("q") and e.is_dir(follow_symlinks=False))
+        for params in sas:
+            leaf = state_path(state_dir, params).name
+            for file in (leaf, leaf[:-len(".json")] + ".lock"):
+                _move_in(base, sources, file, name, owner)
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=base)
         try:
-            others = [e.name for e in os.scandir(base)
-                      if e.name != name and e.name.startswith("q") and e.is_dir(follow_symlinks=False)]
-            for params in sas:
-                leaf = state_path(state_dir, params).name
-                for file in (leaf, leaf[:-len(".json")] + ".lock"):
-                    _move_in(base, others, file, fd)
             for entry in os.scandir(fd):
-                _give(fd, entry.name, uid, gid)
+                _give(fd, entry.name, owner)
         finally:
             os.close(fd)
     except OSError as err:
@@ -349,40 +371,53 @@ def prepare_worker_dir(state_dir: str | os.PathLike[str], queue: int, sas: Itera
         os.close(base)
 
 
-def _move_in(base: int, others: list[str], file: str, dest: int) -> None:
-    """``file`` into directory ``dest`` from ``base`` or one of its directories ``others``,
-    if it is not there yet."""
+def _move_in(base: int, sources: list[str | None], file: str, dest: str, owner: int | None) -> None:
+    """``file`` into queue directory ``dest`` from ``base`` itself (None) or one of the
+    directories ``sources``, if it is not there yet. The directories it moves between are the
+    effective user's for the moment (it needs to write in both without overriding their
+    permissions), then handed back."""
     try:
-        os.lstat(file, dir_fd=dest)
+        os.lstat(os.path.join(dest, file), dir_fd=base)
         return
     except FileNotFoundError:
         pass
-    for where in [None, *others]:
-        src = base
+    for where in sources:
+        src = file if where is None else os.path.join(where, file)
         try:
-            if where is not None:
-                src = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                              dir_fd=base)
-            try:
-                st = os.lstat(file, dir_fd=src)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                os.rename(file, file, src_dir_fd=src, dst_dir_fd=dest)
-                log.info("moved state file %s into %s's directory", file, "the queue")
-                return
+            st = os.lstat(src, dir_fd=base)
+        except (FileNotFoundError, PermissionError):
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        taken = [d for d in (dest, where) if d is not None]
+        before = {d: os.lstat(d, dir_fd=base).st_uid for d in taken}
+        for d in taken:
+            os.chown(d, os.geteuid(), os.getegid(), dir_fd=base, follow_symlinks=False)
+        try:
+            os.rename(src, os.path.join(dest, file), src_dir_fd=base, dst_dir_fd=base)
         finally:
-            if src != base:
-                os.close(src)
+            for d in taken:
+                _hand_over_dir(base, d, owner if d == dest else
+                               (None if before[d] == os.geteuid() else before[d]))
+        log.info("state file %s moved into %s", file, dest)
+        return
 
 
-def _give(dir_fd: int, name: str, uid: int, gid: int) -> None:
-    """A plain file of the workers' directory that root owns (written with the sandbox off, or
-    moved in) given to the workers' user."""
+def _give(dir_fd: int, name: str, owner: int | None) -> None:
+    """A plain file of a queue's directory that root owns (written with the sandbox off,
+    or moved in) given to ``owner`` with the group and mode the workers' files have."""
+    uid = os.geteuid() if owner is None else owner
     st = os.lstat(name, dir_fd=dir_fd)
-    if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid != uid \
-            and st.st_uid in (0, os.geteuid()):
-        os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid == uid or st.st_uid != os.geteuid():
+        return
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid():
+            os.fchown(fd, uid, os.getegid())
+            os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
 
 
 def prepare_dir(state_dir: str | os.PathLike[str]) -> Path:
@@ -401,7 +436,7 @@ class _Lock:
         name = path.name if dir_fd is not None else path
         try:
             fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
-                         0o600, dir_fd=dir_fd)
+                         FILE_MODE, dir_fd=dir_fd)
         except OSError as err:
             if err.errno == errno.ELOOP:
                 raise StateError(f"lock file {path} is a symbolic link") from None
@@ -662,8 +697,8 @@ def check(state_dir: str, sas: Iterable[SAParams], owner: int | None = None) -> 
                 qdir = d / worker_dir_name(params.queue)
                 try:
                     dirs[params.queue] = hardening.open_checked(
-                        qdir, directory=True, forbid=0o077, dir_fd=base, owner=owner,
-                        fix=f"make it private: chmod 700 {qdir}")[0]
+                        qdir, directory=True, forbid=0o027, dir_fd=base, owner=owner,
+                        fix=f"run chmod 2750 {qdir}")[0]
                 except FileNotFoundError:
                     dirs[params.queue] = None  # made when its worker starts: all fresh
                 except hardening.UnsafeFileError as err:
@@ -748,16 +783,15 @@ class ResetResult:
     usage_lost: bool  # the old file could not be trusted: the lifetime use starts from zero
 
 
-def reset(state_dir: str, params: SAParams, seq: int,
-          owner: tuple[int, int] | None = None) -> ResetResult:
+def reset(state_dir: str, params: SAParams, seq: int, owner: int | None = None) -> ResetResult:
     """Store ``seq`` as SA ``params``' state (the daemon must be stopped: the SA's lock is
-    taken, without waiting). Keeps the lifetime use of a readable old file. ``owner`` (uid,
-    gid): the workers' user, whose the file is. Raises StateError (the directory, the lock) or
-    OSError (the write)."""
+    taken, without waiting). Keeps the lifetime use of a readable old file. ``owner``: the
+    workers' uid, whose the file is. Raises StateError (the directory, the lock) or OSError
+    (the write)."""
     d = prepare_dir(state_dir)
     path = state_path(d, params)
     dfd = open_worker_dir(d, params.queue, owner)
-    uid = None if owner is None else owner[0]
+    uid = owner
     try:
         lock = _Lock(path.with_suffix(".lock"), 0.0, dfd, uid)
         try:
@@ -767,7 +801,8 @@ def reset(state_dir: str, params: SAParams, seq: int,
                 old = None
             usage = old.usage if old is not None else None  # unknown: the lifetime starts again
             lost = old is None and path.exists()
-            write(path, render(params, seq, usage), dfd, owner)
+            write(path, render(params, seq, usage), dfd,
+                  None if owner is None else (owner, os.getegid()))
         finally:
             lock.release()
     finally:

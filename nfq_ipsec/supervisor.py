@@ -941,17 +941,16 @@ class Supervisor:
         doing = "reload" if what == "configuration" else f"installing {what}"
         problems = reload_problems(self.cfg, new)
         fresh = [sa for sa in new.sas if sa not in self.cfg.sas]
-        owner = (self.identity.uid, self.identity.gid) if self.identity is not None else None
+        owner = self.identity.uid if self.identity is not None else None
         old_nums = {s.queue for s in self.slots}
-        try:  # a new queue's directory, before anything reads it
+        try:  # a new queue's directory, before anything reads it (the others' workers run)
             for qc in new.daemon.queues:
                 if qc.num not in old_nums:
                     state.prepare_worker_dir(new.daemon.state_dir, qc.num,
-                                             new.sas_for_queue(qc.num), owner)
+                                             new.sas_for_queue(qc.num), owner, others=False)
         except state.StateError as err:
             problems.append(f"SA state: {err}")
-        problems += [f"SA state: {p}" for p in state.check(new.daemon.state_dir, fresh,
-                                                           owner[0] if owner else None)]
+        problems += [f"SA state: {p}" for p in state.check(new.daemon.state_dir, fresh, owner)]
         try:
             problems += iptables.foreign_queue_users(new, iptables.read_tables(iptables.backend_for(new)))
         except iptables.RulesError as err:
@@ -1350,7 +1349,7 @@ def preflight(cfg: Config) -> int | None:
         log.error("%s", err)
         log.error("nothing started, nothing installed")
         return exitcodes.CONFIG
-    owner = (identity.uid, identity.gid) if identity is not None else None
+    owner = identity.uid if identity is not None else None
     try:  # each queue's directory, its user's, with its SAs' files (moved in if elsewhere)
         for qc in cfg.daemon.queues:
             state.prepare_worker_dir(cfg.daemon.state_dir, qc.num, cfg.sas_for_queue(qc.num),
@@ -1358,7 +1357,7 @@ def preflight(cfg: Config) -> int | None:
     except state.StateError as err:
         problems = [str(err)]
     else:
-        problems = state.check(cfg.daemon.state_dir, cfg.sas, owner[0] if owner else None)
+        problems = state.check(cfg.daemon.state_dir, cfg.sas, owner)
     if problems:
         for line in problems:
             log.error("SA state: %s", line)

@@ -578,8 +578,8 @@ def run(
         ident = spec.worker_user if spec.sandboxed else None
         state_fd: int | None = None
         if spec.state_dir is not None:
-            owner = (ident.uid, ident.gid) if ident is not None else None
-            state_fd = state.open_worker_dir(spec.state_dir, spec.queue, owner)
+            state_fd = state.open_worker_dir(spec.state_dir, spec.queue,
+                                             ident.uid if ident is not None else None)
             store = StateStore(spec.state_dir, queue=spec.queue, dir_fd=state_fd)
             if ident is None:
                 store.attach(processor.sad.all())  # before the queue: no packet without its state
@@ -588,6 +588,7 @@ def run(
                                  want_indev=spec.gateway_interface is not None, gso=spec.gso)
         queue.bind(spec.queue)
         if ident is not None:
+            os.umask(0o027)  # its files readable by their directory's group (root), as made
             handler = _sandboxed_handler(spec, processor, queue)
             preload()
             sandbox.drop_user(ident)

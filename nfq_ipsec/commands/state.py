@@ -90,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
               f"{params.name}", file=sys.stderr)
         return exitcodes.CONFIG
     try:
-        done = state.reset(state_dir, params, args.seq,
-                           (ident.uid, ident.gid) if ident is not None else None)
+        done = state.reset(state_dir, params, args.seq, uid)
     except state.StateError as err:
         print(f"nfq-ipsec: {err}", file=sys.stderr)
         return exitcodes.FAILURE

@@ -3,6 +3,8 @@
 - a real worker runs sandboxed: its own user, ``CAP_NET_ADMIN`` only, ``no_new_privs``, seccomp
   mode 2, not dumpable; the supervisor stays root; traffic flows; ``daemon.sandbox = "off"``
   shows the other side of each check;
+- the daemon under the systemd unit's capability bounding set (no capability to override file
+  permissions): it starts, restarts and reads its workers' state files, traffic flows;
 - isolation: a worker that acts compromised (test fault ``compromised``) tries to read another
   queue's key file and state file, /etc/shadow, to write outside its state files, to exec a
   shell, to ptrace and to signal its sibling and to open a raw socket. Each attempt is refused
@@ -23,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import gate
 import pytest
 from labutil import (
     ADDR_B,
@@ -43,6 +46,9 @@ from labutil import (
 
 from nfq_ipsec import sandbox, state
 from nfq_ipsec.config import load_config
+from nfq_ipsec.service import UnitFile
+
+REPO = Path(__file__).resolve().parents[2]
 
 MARKER = "CLEAR-TEXT-MARKER"
 CAP_NET_ADMIN_ONLY = f"{1 << sandbox.CAP_NET_ADMIN:016x}"
@@ -99,9 +105,47 @@ def test_worker_runs_sandboxed(pair: Pair, tmp_path: Path, daemons: list[Daemon]
     for name in ("ab0", "ab1"):
         path = state.state_path(cfg.daemon.state_dir, cfg.sa(name))
         assert path.parent.stat().st_uid == user.pw_uid and path.stat().st_uid == user.pw_uid
-        assert oct(path.parent.stat().st_mode & 0o777) == "0o700"
+        # the supervisor's group (root's) reads them: setgid directory, files 0640
+        assert (path.parent.stat().st_mode & 0o7777, path.parent.stat().st_gid) == (0o2750, 0)
+        assert (path.stat().st_mode & 0o777, path.stat().st_gid) == (0o640, 0)
     base = Path(cfg.daemon.state_dir)
     assert base.stat().st_uid == 0 and base.stat().st_mode & 0o777 == 0o700
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def _unit_caps() -> list[str]:
+    """``setpriv`` limiting what follows to the unit's CapabilityBoundingSet."""
+    unit = UnitFile.parse((REPO / "scripts" / "nfq-ipsec@.service.in").read_text())
+    caps = (unit.get("Service", "CapabilityBoundingSet") or "").split()
+    assert caps and "CAP_DAC_READ_SEARCH" not in caps and "CAP_DAC_OVERRIDE" not in caps
+    wanted = ",".join(f"+{c.removeprefix('CAP_').lower()}" for c in caps)
+    return ["setpriv", "--bounding-set", f"-all,{wanted}", "--inh-caps", "-all", "--"]
+
+
+def test_daemon_runs_with_the_units_capabilities(pair: Pair, tmp_path: Path,
+                                                daemons: list[Daemon]) -> None:
+    gate.tool("setpriv", "util-linux")
+    keys = make_keys()
+    a = daemon(pair, tmp_path, True, keys, daemons)
+    b = daemon(pair, tmp_path, False, keys, daemons)
+    prefix = _unit_caps()
+    a.start(prefix=prefix)
+    b.start()
+    a.wait_running()
+    b.wait_running()
+    assert a.proc is not None
+    eff = int(_status_of(a.proc.pid)["CapEff"], 16)
+    assert eff & (1 << 1 | 1 << 2) == 0  # neither CAP_DAC_OVERRIDE nor CAP_DAC_READ_SEARCH
+    first = [(PORTS[i % 2], f"first-{i}") for i in range(10)]
+    assert sorted(send(pair, first)) == sorted(m for _, m in first)
+    assert a.stop() == 0
+    a.start(prefix=prefix)  # reads the state files its workers wrote, through their group
+    st = a.wait_running()
+    assert a.sa(st, "ab0")["seq"] == 5 and a.sa(st, "ab1")["seq"] == 5
+    second = [(PORTS[i % 2], f"second-{i}") for i in range(10)]
+    assert sorted(send(pair, second)) == sorted(m for _, m in second)
+    st = a.status()
+    assert st is not None and a.sa(st, "ab0")["seq"] == 10
     assert a.stop() == 0 and b.stop() == 0
 
 
@@ -204,3 +248,46 @@ def test_compromised_worker_is_contained(pair: Pair, tmp_path: Path, daemons: li
                "packets lost on the other queue": 0}
     print(f"\nisolation figures: {json.dumps(figures)}")
     assert a.stop() == 0 and b.stop() == 0
+
+
+def test_state_directories_prepared_for_the_workers(tmp_path: Path) -> None:
+    """The supervisor's part before a worker starts (no namespaces needed): each queue's
+    directory made for the workers' user, an SA's files moved in from the old flat layout and
+    from another queue's directory, files root left there given to the workers' user through a
+    descriptor, a directory another user owns refused, not taken."""
+    import dataclasses
+    import stat as st_mod
+
+    import sas
+
+    from nfq_ipsec.core import SADirection
+
+    user = pwd.getpwnam("nobody")
+    sdir = tmp_path / "state"
+    flat = sas.params("flat", 0x100, SADirection.OUT)
+    moved = sas.params("moved", 0x101, SADirection.OUT, key=sas.key_for("aes-gcm-128", 7), queue=5)
+    state.prepare_dir(sdir)
+    # the old layout: a file in state_dir itself; an SA whose file another queue's dir holds
+    old = sdir / state.state_path(sdir, flat).name
+    old.write_text(state.render(flat, 42))
+    old.chmod(0o600)
+    elsewhere = state.state_path(sdir, dataclasses.replace(moved, queue=9))
+    state.prepare_worker_dir(sdir, 9, [], user.pw_uid)
+    state.write(elsewhere, state.render(moved, 7), owner=(user.pw_uid, 0))
+    state.prepare_worker_dir(sdir, 0, [flat], user.pw_uid)
+    state.prepare_worker_dir(sdir, 5, [moved], user.pw_uid)
+    for params, value in ((flat, 42), (moved, 7)):
+        path = state.state_path(sdir, params)
+        info = path.stat()
+        assert (info.st_uid, info.st_gid, st_mod.S_IMODE(info.st_mode)) == (user.pw_uid, 0, 0o640)
+        assert state.parse(params, path.read_bytes()).value == value
+        d = path.parent.stat()
+        assert (d.st_uid, d.st_gid, st_mod.S_IMODE(d.st_mode)) == (user.pw_uid, 0, 0o2750)
+    assert not old.exists() and not elsewhere.exists()
+    assert (sdir / "q9").stat().st_uid == user.pw_uid  # the other queue's directory handed back
+    assert state.check(str(sdir), [flat, moved], user.pw_uid) == []
+    # a queue directory that belongs to someone else is refused, not taken over
+    os.chown(sdir / "q0", 12345, 12345)
+    with pytest.raises(state.StateError, match="owned by uid 12345"):
+        state.prepare_worker_dir(sdir, 0, [flat], user.pw_uid)
+    assert (sdir / "q0").stat().st_uid == 12345

@@ -108,8 +108,9 @@ def test_fresh_key_starts_at_1_and_reserves_before_sending(sdir: Path,
     body = json.loads(path.read_text())
     assert body["next_seq"] == 1 + state.OUT_BLOCK and body["sa"] == "out0"
     assert s.seq_limit == state.OUT_BLOCK
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.stat().st_mode) == state.FILE_MODE == 0o640  # its directory's group reads
     assert stat.S_IMODE(sdir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700  # the queue's: this user's own
     assert KEY.hex() not in path.read_text()
     for _ in range(10):
         s.take_seq()
@@ -676,7 +677,7 @@ def test_stale_temp_file_is_replaced_not_written_through(sdir: Path,
     os.chown(tmp, OTHER_UID, OTHER_UID)
     state.write(path, state.render(p, 77))
     st = path.stat()
-    assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == state.FILE_MODE
     assert state.read(path, p) is not None and not tmp.exists()
 
 

@@ -169,8 +169,7 @@ def test_directories_and_capabilities(unit: UnitFile) -> None:
     assert unit.get(s, "ProtectSystem") == "strict"
     # the rules and queues; and the workers' user and state directories (daemon.sandbox)
     assert set((unit.get(s, "CapabilityBoundingSet") or "").split()) == {
-        "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_CHOWN",
-        "CAP_DAC_READ_SEARCH"}
+        "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_CHOWN"}
     families = set((unit.get(s, "RestrictAddressFamilies") or "").split())
     assert {"AF_NETLINK", "AF_UNIX", "AF_INET"} <= families
     # @system-service includes sched_setaffinity and setresuid; seccomp for the workers' filter
