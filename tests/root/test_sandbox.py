@@ -286,6 +286,9 @@ def test_state_directories_prepared_for_the_workers(tmp_path: Path) -> None:
     assert not old.exists() and not elsewhere.exists()
     assert (sdir / "q9").stat().st_uid == user.pw_uid  # the other queue's directory handed back
     assert state.check(str(sdir), [flat, moved], user.pw_uid) == []
+    # the sandbox turned off afterwards: refused (the workers' user's, not root's), with the fix
+    with pytest.raises(state.StateError, match=f"owned by uid {user.pw_uid}, not by uid 0.*chown 0"):
+        state.prepare_worker_dir(sdir, 5, [moved], None)
     # a queue directory that belongs to someone else is refused, not taken over
     os.chown(sdir / "q0", 12345, 12345)
     with pytest.raises(state.StateError, match="owned by uid 12345"):
