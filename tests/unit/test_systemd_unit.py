@@ -174,7 +174,7 @@ def test_directories_and_capabilities(unit: UnitFile) -> None:
     assert {"AF_NETLINK", "AF_UNIX", "AF_INET"} <= families
     # @system-service includes sched_setaffinity and setresuid; seccomp for the workers' filter
     assert unit.values(s, "SystemCallFilter") == ["@system-service", "seccomp"]
-    assert unit.get(s, "PrivateMounts") == "yes" and unit.get(s, "ProtectProc") == "invisible"
+    assert unit.get(s, "PrivateMounts") == "yes"
 
 
 def test_no_core_dumps(unit: UnitFile) -> None:
