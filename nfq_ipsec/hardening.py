@@ -50,12 +50,15 @@ class UnsafePathError(UnsafeFileError):
     names that directory or link and the fix."""
 
 
-def problem(st: os.stat_result, path: object, forbid: int, fix: str | None = None) -> str | None:
+def problem(st: os.stat_result, path: object, forbid: int, fix: str | None = None,
+            owner: int | None = None) -> str | None:
     """What is wrong with a file whose ``fstat`` is ``st`` (None: nothing): not owned by the
-    effective uid, or mode bits in ``forbid`` set. ``fix``: the chmod advice for the mode."""
-    euid = os.geteuid()
+    effective uid (by ``owner`` if given: the workers' user, for their state files), or mode
+    bits in ``forbid`` set. ``fix``: the chmod advice for the mode."""
+    euid = os.geteuid() if owner is None else owner
     if st.st_uid != euid:
-        return (f"{path} is owned by uid {st.st_uid}, not by uid {euid} that runs nfq-ipsec; "
+        who = "that runs nfq-ipsec" if owner is None else "that runs nfq-ipsec's workers"
+        return (f"{path} is owned by uid {st.st_uid}, not by uid {euid} {who}; "
                 f"only that user may control it (chown {euid} {path})")
     mode = stat.S_IMODE(st.st_mode)
     if mode & forbid:
@@ -64,8 +67,8 @@ def problem(st: os.stat_result, path: object, forbid: int, fix: str | None = Non
     return None
 
 
-def _trusted_owner(uid: int) -> bool:
-    return uid in (0, os.geteuid())
+def _trusted_owner(uid: int, owner: int | None = None) -> bool:
+    return uid in (0, os.geteuid()) or (owner is not None and uid == owner)
 
 
 def _owners() -> str:
@@ -114,15 +117,16 @@ def _on_the_way(path: str) -> Iterator[tuple[str, os.stat_result, bool]]:
         open_dirs[current] = bool(stat.S_IMODE(st.st_mode) & 0o022)
 
 
-def check_parents(path: str | os.PathLike[str]) -> None:
-    """Refuse ``path`` if someone other than root and the effective uid could replace it
-    through a directory or link on its way from ``/`` (see the module's docstring). Raises
+def check_parents(path: str | os.PathLike[str], owner: int | None = None) -> None:
+    """Refuse ``path`` if someone other than root and the effective uid (and ``owner``, the
+    workers' user, whose state directory holds their files) could replace it through a
+    directory or link on its way from ``/`` (see the module's docstring). Raises
     UnsafePathError naming the directory or link and the fix. A missing part of the path ends
     the check (the caller's open or mkdir meets it)."""
     name = os.fspath(path)
     for where, st, in_open_dir in _on_the_way(name):
         link = stat.S_ISLNK(st.st_mode)
-        if not _trusted_owner(st.st_uid) and (not link or in_open_dir):
+        if not _trusted_owner(st.st_uid, owner) and (not link or in_open_dir):
             fix = ("can replace the link; name the file by a path without it" if link
                    else f"can put another file in its place; run chown root {where}")
             raise UnsafePathError(
@@ -137,16 +141,18 @@ def check_parents(path: str | os.PathLike[str]) -> None:
 
 
 def open_checked(path: str | os.PathLike[str], *, forbid: int = 0o022, directory: bool = False,
-                 dir_fd: int | None = None, fix: str | None = None) -> tuple[int, os.stat_result]:
+                 dir_fd: int | None = None, fix: str | None = None,
+                 owner: int | None = None) -> tuple[int, os.stat_result]:
     """Open ``path`` read-only without following a final symbolic link and check the opened
-    file: a regular file (a directory with ``directory``), owned by the effective uid, no mode
+    file: a regular file (a directory with ``directory``), owned by the effective uid (by
+    ``owner`` if given, :func:`problem`), no mode
     bits of ``forbid``; and, without ``dir_fd``, every directory and link on its path
     (:func:`check_parents`). With ``dir_fd`` (a directory checked when it was opened),
     ``path``'s last component is opened relative to it. Returns the descriptor and its stat.
     Raises UnsafeFileError (the message names the path and what is wrong) or OSError (for
     example FileNotFoundError)."""
     if dir_fd is None:
-        check_parents(path)
+        check_parents(path, owner)
     name = os.path.basename(os.fspath(path)) if dir_fd is not None else os.fspath(path)
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK  # no hang on a FIFO
     if directory:
@@ -169,7 +175,7 @@ def open_checked(path: str | os.PathLike[str], *, forbid: int = 0o022, directory
         kind_ok = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
         if not kind_ok:
             raise UnsafeFileError(f"{path} is not a {'directory' if directory else 'regular file'}")
-        bad = problem(st, path, forbid, fix)
+        bad = problem(st, path, forbid, fix, owner)
         if bad is not None:
             raise UnsafeFileError(bad)
     except BaseException:

@@ -455,15 +455,19 @@ class KernelQueueStats:
     id_sequence: int
 
 
-def kernel_queue_stats(path: str = PROC_QUEUES) -> dict[int, KernelQueueStats]:
-    """The kernel's counters for every bound queue in this network namespace.
+def kernel_queue_stats(path: str = PROC_QUEUES, fd: int | None = None) -> dict[int, KernelQueueStats]:
+    """The kernel's counters for every bound queue in this network namespace; ``fd``: the file
+    opened already (a sandboxed worker opens nothing), read again from its start.
 
     A queue that is not bound has no line: its packets are dropped without being counted here
     (no listener means fail closed)."""
     out: dict[int, KernelQueueStats] = {}
     try:
-        with open(path, encoding="ascii") as f:
-            lines = f.read().splitlines()
+        if fd is not None:
+            lines = os.pread(fd, 1 << 20, 0).decode("ascii", "replace").splitlines()
+        else:
+            with open(path, encoding="ascii") as f:
+                lines = f.read().splitlines()
     except OSError:
         return out
     for line in lines:

@@ -69,6 +69,7 @@ class BatchSender:
     def __init__(self, mark: int) -> None:
         self.mark = mark
         self._socks: dict[int, socket.socket] = {}
+        self._closed: set[int] = set()  # families open_all could not open
         self._msgs = (_Mmsghdr * BATCH_MAX)()
         self._iovs = (_Iovec * BATCH_MAX)()
         self._name = ctypes.create_string_buffer(28)  # sockaddr_in6 is the larger
@@ -82,9 +83,20 @@ class BatchSender:
         self._packs = [struct.Struct(f"={2 * n}Q") for n in range(BATCH_MAX + 1)]
         self.calls = 0  # sendmmsg calls made
 
+    def open_all(self) -> None:
+        """Open the sockets of both families now (a sandboxed worker opens none later); a
+        family the host lacks stays closed, and a send of it raises OSError."""
+        for family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                self._sock(family)
+            except OSError:
+                self._closed.add(family)
+
     def _sock(self, family: int) -> socket.socket:
         sock = self._socks.get(family)
         if sock is None:
+            if family in self._closed:
+                raise OSError(errno.EAFNOSUPPORT, "no raw socket of this family")
             sock = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
             sock.setblocking(False)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.mark)

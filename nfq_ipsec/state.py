@@ -44,6 +44,7 @@ LOCK_WAIT = 5.0  # seconds to wait for a lock (an old worker may still be exitin
 ERROR_LOG_INTERVAL = 10.0
 MAX_STATE_FILE = 65536
 _MAC_INFO = b"nfq-ipsec sa-state mac v2"
+FILE_MODE = 0o640  # state and lock files: the worker's; its directory's group (root) reads them
 
 log = logging.getLogger("nfq_ipsec.state")
 
@@ -75,8 +76,16 @@ def mac_key(params: SAParams) -> bytes:
                 info=_MAC_INFO).derive(_key_material(params))
 
 
+def worker_dir_name(queue: int) -> str:
+    """The directory of one queue's worker under ``state_dir``: its own user's, mode 0700 (a
+    compartment, with a user of its own, will have its queues' directories the same way)."""
+    return f"q{queue}"
+
+
 def state_path(state_dir: str | os.PathLike[str], params: SAParams) -> Path:
-    return Path(state_dir) / f"{params.direction.value}-{key_id(params)}.json"
+    """The SA's state file: in the directory of the queue (worker) that owns the SA."""
+    return (Path(state_dir) / worker_dir_name(params.queue)
+            / f"{params.direction.value}-{key_id(params)}.json")
 
 
 def _max_seq(params: SAParams) -> int:
@@ -188,12 +197,14 @@ def parse(params: SAParams, text: bytes, where: str = "state file",
 
 
 def read(path: Path, params: SAParams, dir_fd: int | None = None,
-         key: bytes | None = None) -> Saved | None:
+         key: bytes | None = None, owner: int | None = None) -> Saved | None:
     """The state stored for ``params`` at ``path`` (with ``dir_fd``: its name in that
     directory); None if there is no file (a fresh key). The file must be a regular file owned
-    by the daemon's user and not writable by group or others (checked on the opened file)."""
+    by the daemon's user (``owner``: the workers' user) and not writable by group or others
+    (checked on the opened file)."""
     try:
-        fd, _ = hardening.open_checked(path, dir_fd=dir_fd, fix=f"run chmod 600 {path}")
+        fd, _ = hardening.open_checked(path, dir_fd=dir_fd, fix=f"run chmod 600 {path}",
+                                       owner=owner)
     except FileNotFoundError:
         return None
     except hardening.UnsafePathError as err:
@@ -210,12 +221,14 @@ def read(path: Path, params: SAParams, dir_fd: int | None = None,
     return parse(params, text, f"state file {path}", key)
 
 
-def write(path: Path, text: str, dir_fd: int | None = None) -> None:
+def write(path: Path, text: str, dir_fd: int | None = None,
+          owner: tuple[int, int] | None = None) -> None:
     """Replace ``path`` atomically and durably: temp file, fsync, rename, fsync directory.
 
     The temp file is created with O_EXCL and O_NOFOLLOW, so nothing already there (a link, a
     file someone else prepared) is ever written through. One left by a crash is removed first:
-    unlink removes the entry itself, never what a link points to."""
+    unlink removes the entry itself, never what a link points to. ``owner`` (uid, gid): give
+    the new file to the workers' user (root writing for them: ``state reset``)."""
     name, tmp = path.name, path.name + ".tmp"
     own = dir_fd is None
     dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if own else dir_fd
@@ -223,11 +236,13 @@ def write(path: Path, text: str, dir_fd: int | None = None) -> None:
     try:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
-            fd = os.open(tmp, flags, 0o600, dir_fd=dfd)
+            fd = os.open(tmp, flags, FILE_MODE, dir_fd=dfd)
         except FileExistsError:
             os.unlink(tmp, dir_fd=dfd)
-            fd = os.open(tmp, flags, 0o600, dir_fd=dfd)
+            fd = os.open(tmp, flags, FILE_MODE, dir_fd=dfd)
         try:
+            if owner is not None:
+                os.fchown(fd, *owner)
             data = text.encode()
             while data:
                 data = data[os.write(fd, data):]
@@ -268,6 +283,143 @@ def open_dir(state_dir: str | os.PathLike[str]) -> int:
     return fd
 
 
+def open_worker_dir(state_dir: str | os.PathLike[str], queue: int, owner: int | None = None,
+                    base_fd: int | None = None) -> int:
+    """Create (if missing) and open the state directory of queue ``queue``'s worker under
+    ``state_dir`` (:func:`open_dir`): owned by ``owner`` (the workers' uid; None: the effective
+    user), its group the effective one (root's), mode 2750 (0700 for the effective user's own):
+    the worker writes in it, the supervisor reads it through the group (no capability to
+    override file permissions needed), and the files made in it take that group (setgid).
+    Refuses one that someone else owns, that others can use or group members can write, or a
+    link. ``base_fd``: ``state_dir`` opened already. Returns the descriptor. Raises StateError."""
+    name = worker_dir_name(queue)
+    path = Path(state_dir) / name
+    base = open_dir(state_dir) if base_fd is None else base_fd
+    try:
+        try:
+            os.mkdir(name, 0o700, dir_fd=base)
+            _hand_over_dir(base, name, owner)
+        except FileExistsError:
+            pass
+        fd, _ = hardening.open_checked(path, directory=True, forbid=0o027, dir_fd=base,
+                                       owner=owner, fix=f"run chmod 2750 {path}")
+    except hardening.UnsafeFileError as err:
+        raise StateError(f"state directory {err}") from None
+    except OSError as err:
+        raise StateError(f"cannot create state directory {path}: {err.strerror}") from None
+    finally:
+        if base_fd is None:
+            os.close(base)
+    return fd
+
+
+def _hand_over_dir(base: int, name: str, owner: int | None) -> None:
+    """A queue's directory in ``base`` given to ``owner`` (None: the effective user) with the
+    effective group and its mode (:func:`open_worker_dir`), if root or ``owner`` has it now
+    (the sandbox was turned on: root's; never another user's); never through a link."""
+    st = os.lstat(name, dir_fd=base)
+    if not stat.S_ISDIR(st.st_mode):
+        return  # open_worker_dir refuses it
+    uid = os.geteuid() if owner is None else owner
+    if st.st_uid not in (0, os.geteuid(), uid):
+        return  # someone else's: open_worker_dir refuses it, naming the owner
+    mode = 0o700 if uid == os.geteuid() else 0o2750
+    if (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (uid, os.getegid(), mode):
+        return
+    # By name: only root can change ``base`` (0700), so it is the directory just checked. The
+    # mode first, while it is ours (no capability to override its owner's rights needed).
+    if st.st_uid != os.geteuid():
+        os.chown(name, os.geteuid(), os.getegid(), dir_fd=base, follow_symlinks=False)
+    os.chmod(name, mode, dir_fd=base)
+    os.chown(name, uid, os.getegid(), dir_fd=base, follow_symlinks=False)
+
+
+def prepare_worker_dir(state_dir: str | os.PathLike[str], queue: int, sas: Iterable[SAParams],
+                       owner: int | None, others: bool = True) -> None:
+    """The supervisor's part, before it starts queue ``queue``'s worker: its directory made
+    or handed over (:func:`open_worker_dir`) for ``owner`` (the workers' uid; None: the
+    effective user), and each of ``sas``'s files (state and lock) that is not in it yet moved in
+    from where an earlier layout or queue left it (``state_dir`` itself; with ``others``,
+    another queue's directory: only while no worker runs), so that no SA ever starts afresh
+    under a key it used. Files root left there (the sandbox was off, or they were moved in)
+    are given to ``owner``: only plain files with one link, through a descriptor (never a
+    link). Raises StateError."""
+    base = open_dir(state_dir)
+    name = worker_dir_name(queue)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            _hand_over_dir(base, name, owner)  # the sandbox turned on or off since
+        os.close(open_worker_dir(state_dir, queue, owner, base))
+        sources: list[str | None] = [None]
+        if others:
+            sources += sorted(e.name for e in os.scandir(base) if e.name != name
+                              and e.name.startswith("q") and e.is_dir(follow_symlinks=False))
+        for params in sas:
+            leaf = state_path(state_dir, params).name
+            for file in (leaf, leaf[:-len(".json")] + ".lock"):
+                _move_in(base, sources, file, name, owner)
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=base)
+        try:
+            for entry in os.scandir(fd):
+                _give(fd, entry.name, owner)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise StateError(f"cannot prepare the state directory of queue {queue} in {state_dir}: "
+                         f"{err.strerror or err}") from None
+    finally:
+        os.close(base)
+
+
+def _move_in(base: int, sources: list[str | None], file: str, dest: str, owner: int | None) -> None:
+    """``file`` into queue directory ``dest`` from ``base`` itself (None) or one of the
+    directories ``sources``, if it is not there yet. The directories it moves between are the
+    effective user's for the moment (it needs to write in both without overriding their
+    permissions), then handed back."""
+    try:
+        os.lstat(os.path.join(dest, file), dir_fd=base)
+        return
+    except FileNotFoundError:
+        pass
+    for where in sources:
+        src = file if where is None else os.path.join(where, file)
+        try:
+            st = os.lstat(src, dir_fd=base)
+        except (FileNotFoundError, PermissionError):
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        taken = [d for d in (dest, where) if d is not None]
+        before = {d: os.lstat(d, dir_fd=base).st_uid for d in taken}
+        for d in taken:
+            os.chown(d, os.geteuid(), os.getegid(), dir_fd=base, follow_symlinks=False)
+        try:
+            os.rename(src, os.path.join(dest, file), src_dir_fd=base, dst_dir_fd=base)
+        finally:
+            for d in taken:
+                _hand_over_dir(base, d, owner if d == dest else
+                               (None if before[d] == os.geteuid() else before[d]))
+        log.info("state file %s moved into %s", file, dest)
+        return
+
+
+def _give(dir_fd: int, name: str, owner: int | None) -> None:
+    """A plain file of a queue's directory that root owns (written with the sandbox off,
+    or moved in) given to ``owner`` with the group and mode the workers' files have."""
+    uid = os.geteuid() if owner is None else owner
+    st = os.lstat(name, dir_fd=dir_fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid == uid or st.st_uid != os.geteuid():
+        return
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid():
+            os.fchown(fd, uid, os.getegid())
+            os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
+
+
 def prepare_dir(state_dir: str | os.PathLike[str]) -> Path:
     """:func:`open_dir`, for callers that want the checked path. Raises StateError."""
     os.close(open_dir(state_dir))
@@ -278,19 +430,24 @@ class _Lock:
     """An flock on ``<file>.lock``, held for the owner's lifetime (the kernel drops it when the
     process dies, however it dies)."""
 
-    def __init__(self, path: Path, wait: float, dir_fd: int | None = None) -> None:
+    def __init__(self, path: Path, wait: float, dir_fd: int | None = None,
+                 owner: int | None = None) -> None:
         self.path = path
         name = path.name if dir_fd is not None else path
         try:
             fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
-                         0o600, dir_fd=dir_fd)
+                         FILE_MODE, dir_fd=dir_fd)
         except OSError as err:
             if err.errno == errno.ELOOP:
                 raise StateError(f"lock file {path} is a symbolic link") from None
             raise StateError(f"cannot open lock file {path}: {err.strerror}") from None
         st = os.fstat(fd)
+        if owner is not None and st.st_uid != owner and st.st_uid == os.geteuid() == 0 \
+                and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            os.fchown(fd, owner, -1)  # root made it for the workers' user (state reset)
+            st = os.fstat(fd)
         bad = (f"{path} is not a regular file" if not stat.S_ISREG(st.st_mode)
-               else hardening.problem(st, path, 0o022, f"run chmod 600 {path}"))
+               else hardening.problem(st, path, 0o022, f"run chmod 600 {path}", owner))
         if bad is not None:
             os.close(fd)
             raise StateError(f"lock file {bad}")
@@ -395,12 +552,16 @@ class StateStore:
 
     def __init__(self, state_dir: str | os.PathLike[str],
                  clock: Callable[[], float] = time.monotonic, lock_wait: float = LOCK_WAIT,
-                 wallclock: Callable[[], float] = time.time) -> None:
+                 wallclock: Callable[[], float] = time.time, queue: int = 0,
+                 dir_fd: int | None = None) -> None:
         self.state_dir = Path(state_dir)
+        self.queue = queue  # the worker's: its directory holds its SAs' files
         self.clock = clock
         self.wallclock = wallclock
         self.lock_wait = lock_wait
-        self.dir_fd: int | None = None
+        # the queue's directory (:func:`open_worker_dir`), opened by the caller before it gave
+        # up root (a sandboxed worker: every file is opened relative to it), or on first use
+        self.dir_fd: int | None = dir_fd
         # by SA object: during a reload an SA's old and new keys (same name) are both held
         self.entries: dict[int, _Entry] = {}
 
@@ -412,7 +573,7 @@ class StateStore:
         try:
             d = self.state_dir
             if self.dir_fd is None:
-                self.dir_fd = open_dir(d)
+                self.dir_fd = open_worker_dir(d, self.queue)
             seen: dict[str, str] = {e.path.name: e.sa.name for e in self.entries.values()}
             for sa in sas:
                 path = state_path(d, sa.params)
@@ -518,18 +679,35 @@ class StateStore:
 
 
 # -- checks before start, and the `nfq-ipsec state` command ------------------------------------
-def check(state_dir: str, sas: Iterable[SAParams]) -> list[str]:
+def check(state_dir: str, sas: Iterable[SAParams], owner: int | None = None) -> list[str]:
     """Everything that would stop an SA's worker, found before anything starts: the state
-    directory, shared keys, unreadable, foreign, unauthenticated or corrupt files."""
+    directory, shared keys, unreadable, foreign, unauthenticated or corrupt files. ``owner``:
+    the workers' user, whose the queues' directories and files are (None: the effective)."""
     try:
-        dfd = open_dir(state_dir)
+        base = open_dir(state_dir)
     except StateError as err:
         return [str(err)]
     d = Path(state_dir)
     problems = []
     seen: dict[Path, str] = {}
+    dirs: dict[int, int | None] = {}
     try:
         for params in sas:
+            if params.queue not in dirs:
+                qdir = d / worker_dir_name(params.queue)
+                try:
+                    dirs[params.queue] = hardening.open_checked(
+                        qdir, directory=True, forbid=0o027, dir_fd=base, owner=owner,
+                        fix=f"run chmod 2750 {qdir}")[0]
+                except FileNotFoundError:
+                    dirs[params.queue] = None  # made when its worker starts: all fresh
+                except hardening.UnsafeFileError as err:
+                    problems.append(f"state directory {err}")
+                    dirs[params.queue] = None
+                except OSError as err:
+                    problems.append(f"cannot open state directory {qdir}: {err.strerror}")
+                    dirs[params.queue] = None
+            dfd = dirs[params.queue]
             path = state_path(d, params)
             if path in seen:
                 problems.append(f"sa {params.name}: shares its key with sa {seen[path]} (same "
@@ -538,13 +716,16 @@ def check(state_dir: str, sas: Iterable[SAParams]) -> list[str]:
                 continue
             seen[path] = params.name
             where = f"sa {params.name} (spi 0x{params.spi:08x}, {params.direction.value}): "
+            if dfd is None:
+                continue
             try:
-                read(path, params, dfd)
+                read(path, params, dfd, owner=owner)
             except StateError as err:
                 problems.append(where + str(err))
             lock = path.with_suffix(".lock")
             try:
-                os.close(hardening.open_checked(lock, dir_fd=dfd, fix=f"run chmod 600 {lock}")[0])
+                os.close(hardening.open_checked(lock, dir_fd=dfd, fix=f"run chmod 600 {lock}",
+                                                owner=owner)[0])
             except FileNotFoundError:
                 pass
             except hardening.UnsafeFileError as err:
@@ -552,16 +733,19 @@ def check(state_dir: str, sas: Iterable[SAParams]) -> list[str]:
             except OSError as err:
                 problems.append(f"{where}cannot open lock file {lock}: {err.strerror}")
     finally:
-        os.close(dfd)
+        os.close(base)
+        for fd in dirs.values():
+            if fd is not None:
+                os.close(fd)
     return problems
 
 
-def describe(state_dir: str, params: SAParams) -> dict[str, Any]:
+def describe(state_dir: str, params: SAParams, owner: int | None = None) -> dict[str, Any]:
     path = state_path(state_dir, params)
     out: dict[str, Any] = {"sa": params.name, "spi": f"0x{params.spi:08x}",
                            "direction": params.direction.value, "file": str(path)}
     try:
-        saved = read(path, params)
+        saved = read(path, params, owner=owner)
     except StateError as err:
         out.update(state="unusable", error=str(err))
         return out
@@ -599,21 +783,28 @@ class ResetResult:
     usage_lost: bool  # the old file could not be trusted: the lifetime use starts from zero
 
 
-def reset(state_dir: str, params: SAParams, seq: int) -> ResetResult:
+def reset(state_dir: str, params: SAParams, seq: int, owner: int | None = None) -> ResetResult:
     """Store ``seq`` as SA ``params``' state (the daemon must be stopped: the SA's lock is
-    taken, without waiting). Keeps the lifetime use of a readable old file. Raises StateError
-    (the directory, the lock) or OSError (the write)."""
+    taken, without waiting). Keeps the lifetime use of a readable old file. ``owner``: the
+    workers' uid, whose the file is. Raises StateError (the directory, the lock) or OSError
+    (the write)."""
     d = prepare_dir(state_dir)
     path = state_path(d, params)
-    lock = _Lock(path.with_suffix(".lock"), wait=0.0)
+    dfd = open_worker_dir(d, params.queue, owner)
+    uid = owner
     try:
+        lock = _Lock(path.with_suffix(".lock"), 0.0, dfd, uid)
         try:
-            old = read(path, params)
-        except StateError:
-            old = None
-        usage = old.usage if old is not None else None  # unknown: the lifetime starts again
-        lost = old is None and path.exists()
-        write(path, render(params, seq, usage))
+            try:
+                old = read(path, params, dfd, owner=uid)
+            except StateError:
+                old = None
+            usage = old.usage if old is not None else None  # unknown: the lifetime starts again
+            lost = old is None and path.exists()
+            write(path, render(params, seq, usage), dfd,
+                  None if owner is None else (owner, os.getegid()))
+        finally:
+            lock.release()
     finally:
-        lock.release()
+        os.close(dfd)
     return ResetResult(path, lost)

@@ -135,6 +135,9 @@ class WorkerReport(TypedDict):
     kernel_queue_dropped: int | None
     user_dropped: int | None
     last_error: str | None
+    last_exit: str | None
+    last_signal: str | None
+    last_syscall: int | None
     last_outage: float | None
     core: str | None
     ike_markers: int | None

@@ -54,7 +54,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from . import __version__, childsas, corebuild, counts, exitcodes, journal, rules, usage
+from . import __version__, childsas, corebuild, counts, exitcodes, journal, rules, sandbox, usage
 from .agent import AgentSpec, agent_main, agent_spec
 from .config import Config, QueueConfig
 from .control import ControlError, ControlServer, Deferred
@@ -63,6 +63,7 @@ from .ike.child import ChildSA
 from .liveness import SaActivity
 from .metricsserver import MetricsError, MetricsServer
 from .nfqueue import kernel_queue_stats
+from .sandbox import Identity
 from .sdnotify import Notifier
 from .status import (
     ConnectionReport,
@@ -189,6 +190,9 @@ class Slot:
     backoff: float = BACKOFF_MIN
     restart_at: float | None = None
     last_error: str | None = None
+    last_exit: str | None = None  # how the last process ended: "exit code 1", "killed by SIGSYS..."
+    last_signal: str | None = None  # the signal that killed it ("SIGSYS": its sandbox did)
+    last_syscall: int | None = None  # with SIGSYS: the system call, from the kernel's audit line
     died_at: float | None = None  # monotonic, when the last ready process died (see _reap)
     last_outage: float | None = None  # seconds from that death to the replacement being ready
     pipe_closed_at: float | None = None  # monotonic, when the current process's pipe hit EOF
@@ -238,7 +242,8 @@ class Supervisor:
         self.config_path = config_path
         self.ctx = multiprocessing.get_context("spawn")
         self.meter = usage.Meter()  # CPU and memory of the supervisor and workers, for status
-        self.slots = [Slot(qc, worker_spec(cfg, qc)) for qc in cfg.daemon.queues]
+        self.identity = worker_identity(cfg)  # the workers' user; None: sandbox off (root)
+        self.slots = [Slot(qc, worker_spec(cfg, qc, self.identity)) for qc in cfg.daemon.queues]
         self.control = ControlServer(cfg.daemon.control_socket)
         self.metrics = (MetricsServer(cfg.daemon.metrics, cfg.daemon.control_socket)
                         if cfg.daemon.metrics else None)
@@ -441,6 +446,18 @@ class Supervisor:
         code = proc.exitcode
         how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
                else f"exit code {code}")
+        slot.last_signal = signal.Signals(-code).name if code is not None and code < 0 else None
+        slot.last_syscall = None
+        if code == -signal.SIGSYS and slot.pid is not None:  # its seccomp filter killed it
+            slot.last_syscall = sandbox.seccomp_syscall(slot.pid)
+            if slot.last_syscall is None:
+                how += " (seccomp: a system call outside the workers' allow-list; which one the " \
+                       "kernel log did not say)"
+            else:
+                name = sandbox.syscall_name(slot.last_syscall)
+                how += (f" (seccomp: system call {slot.last_syscall}"
+                        f"{f', {name}' if name else ''}, outside the workers' allow-list)")
+        slot.last_exit = how
         if slot.conn is not None:
             slot.conn.close()
         slot.proc = slot.conn = None
@@ -960,7 +977,16 @@ class Supervisor:
         doing = "reload" if what == "configuration" else f"installing {what}"
         problems = reload_problems(self.cfg, new)
         fresh = [sa for sa in new.sas if sa not in self.cfg.sas]
-        problems += [f"SA state: {p}" for p in state.check(new.daemon.state_dir, fresh)]
+        owner = self.identity.uid if self.identity is not None else None
+        old_nums = {s.queue for s in self.slots}
+        try:  # a new queue's directory, before anything reads it (the others' workers run)
+            for qc in new.daemon.queues:
+                if qc.num not in old_nums:
+                    state.prepare_worker_dir(new.daemon.state_dir, qc.num,
+                                             new.sas_for_queue(qc.num), owner, others=False)
+        except state.StateError as err:
+            problems.append(f"SA state: {err}")
+        problems += [f"SA state: {p}" for p in state.check(new.daemon.state_dir, fresh, owner)]
         try:
             problems += iptables.foreign_queue_users(new, iptables.read_tables(iptables.backend_for(new)))
         except iptables.RulesError as err:
@@ -972,9 +998,9 @@ class Supervisor:
         new_nums = [qc.num for qc in new.daemon.queues]
         kept = [s for s in self.slots if s.queue in new_nums]
         removed = [s for s in self.slots if s.queue not in new_nums]
-        old_nums = {s.queue for s in self.slots}
-        added = [Slot(qc, worker_spec(new, qc)) for qc in new.daemon.queues if qc.num not in old_nums]
-        specs = {qc.num: worker_spec(new, qc) for qc in new.daemon.queues}
+        added = [Slot(qc, worker_spec(new, qc, self.identity)) for qc in new.daemon.queues
+                 if qc.num not in old_nums]
+        specs = {qc.num: worker_spec(new, qc, self.identity) for qc in new.daemon.queues}
         # 1. the workers that stay build their new processors (nothing moves yet)
         answers = self._ask(kept, lambda s: ("reload", specs[s.queue]), "reloaded")
         failed = [f"queue {q}: {why}" for q, (ok, why) in answers.items() if not ok]
@@ -1180,6 +1206,9 @@ class Supervisor:
                 "kernel_queue_dropped": k.queue_dropped if k else None,
                 "user_dropped": k.user_dropped if k else None,
                 "last_error": slot.last_error,
+                "last_exit": slot.last_exit,
+                "last_signal": slot.last_signal,
+                "last_syscall": slot.last_syscall,
                 "last_outage": round(slot.last_outage, 3) if slot.last_outage is not None else None,
                 "core": st.get("core") if st else None,
                 "ike_markers": st.get("ike_markers") if st else None,
@@ -1253,9 +1282,21 @@ class Supervisor:
         }
 
 
-def worker_spec(cfg: Config, qc: QueueConfig) -> WorkerSpec:
-    """What the worker of queue ``qc`` gets: the whole SPD, and its own SAs only."""
+def worker_identity(cfg: Config) -> Identity | None:
+    """The user the workers run as (``daemon.worker_user``); None with ``daemon.sandbox``
+    off (they run as root). Raises SandboxError if the user is missing, naming the fix. A
+    compartment with a user of its own will override it for its queues' workers."""
+    if cfg.daemon.sandbox == "off":
+        return None
+    return sandbox.lookup(cfg.daemon.worker_user)
+
+
+def worker_spec(cfg: Config, qc: QueueConfig, identity: Identity | None = None) -> WorkerSpec:
+    """What the worker of queue ``qc`` gets: the whole SPD, and its own SAs only; with
+    ``identity``, the sandbox (``daemon.sandbox``) and the user to run as."""
     return WorkerSpec(
+        sandbox=cfg.daemon.sandbox if identity is not None else "off",
+        worker_user=identity,
         queue=qc.num, cpu=qc.cpu, mark=cfg.daemon.mark, policies=tuple(cfg.spd.policies),
         sas=cfg.sas_for_queue(qc.num), log_level=cfg.daemon.log_level,
         state_dir=cfg.daemon.state_dir, mtu=cfg.node.mtu,
@@ -1268,7 +1309,7 @@ def worker_spec(cfg: Config, qc: QueueConfig) -> WorkerSpec:
 
 
 _RESTART_ONLY = ("control_socket", "state_dir", "chain_prefix", "mark", "iptables", "log_level",
-                 "busy_poll", "metrics", "gso", "drop_log")
+                 "busy_poll", "metrics", "gso", "drop_log", "sandbox", "worker_user")
 
 
 def reload_problems(old: Config, new: Config) -> list[str]:
@@ -1347,7 +1388,21 @@ def preflight(cfg: Config) -> int | None:
         log.error("nothing started, nothing installed: choose other daemon.queues or remove "
                   "those rules")
         return exitcodes.CONFIG
-    problems = state.check(cfg.daemon.state_dir, cfg.sas)
+    try:
+        identity = worker_identity(cfg)
+    except sandbox.SandboxError as err:
+        log.error("%s", err)
+        log.error("nothing started, nothing installed")
+        return exitcodes.CONFIG
+    owner = identity.uid if identity is not None else None
+    try:  # each queue's directory, its user's, with its SAs' files (moved in if elsewhere)
+        for qc in cfg.daemon.queues:
+            state.prepare_worker_dir(cfg.daemon.state_dir, qc.num, cfg.sas_for_queue(qc.num),
+                                     owner)
+    except state.StateError as err:
+        problems = [str(err)]
+    else:
+        problems = state.check(cfg.daemon.state_dir, cfg.sas, owner)
     if problems:
         for line in problems:
             log.error("SA state: %s", line)

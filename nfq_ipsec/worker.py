@@ -33,16 +33,27 @@ state (outbound sequence reservations, inbound replay floors) through :mod:`nfq_
 before it binds its queue; a corrupt state file, one its SA's key did not authenticate or one
 not owned by the daemon's user stops it with an error (fail closed). On a clean stop it stores
 the exact values. It turns core dumps off before anything else (it holds keys).
+
+Sandbox (``daemon.sandbox``, :mod:`nfq_ipsec.sandbox`): as root the worker opens its state
+directory (``state_dir/q<queue>``, its user's), binds its queue, opens every raw socket it may
+send through, the kernel's queue counters and a socket for interface names, and imports every
+crypto engine its SAs may use (:func:`preload`); then it becomes ``daemon.worker_user`` with
+``CAP_NET_ADMIN`` only, attaches its state store as that user and installs the seccomp filter.
+Nothing may be imported or opened lazily on the packet path after that: an ``import`` of a
+module not loaded yet fails, and a new socket kills the worker (SIGSYS).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import logging
 import os
 import select
 import signal
 import socket
+import struct
 import sys
 import time
 from collections import Counter
@@ -51,7 +62,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, cast
 
-from . import corebuild, hardening, journal
+from . import corebuild, hardening, journal, sandbox, state
 from .config.fields import DEFAULT_LOG_LEVEL
 from .core import SPD, DropReason, Policy, Processor, Result, SAParams, SecurityAssociation, Verdict
 from .core.ipv6 import IPV6_HEADER
@@ -65,12 +76,14 @@ from .nfqueue import (
     MAX_VERDICT_PAYLOAD,
     NFQA_SKB_CSUMNOTREADY,
     NFQA_SKB_GSO,
+    PROC_QUEUES,
     NetlinkQueue,
     QueueBinding,
     QueuedPacket,
     kernel_queue_stats,
 )
 from .rawsend import BatchSender
+from .sandbox import Identity
 from .state import StateStore
 from .status import (
     Counts,
@@ -118,6 +131,12 @@ class WorkerSpec:
     drop_log: bool = False  # daemon.drop_log: the rate-limited drop log
     busy_poll: float = 0.0  # daemon.busy_poll in seconds: how long to poll after a batch; 0: off
     gso: bool = False  # daemon.gso: the queue hands over TCP superpackets whole
+    sandbox: str = "off"  # daemon.sandbox: "enforce", "log" or "off" (the supervisor's choice)
+    worker_user: Identity | None = None  # daemon.worker_user, looked up by the supervisor
+
+    @property
+    def sandboxed(self) -> bool:
+        return self.sandbox != "off" and self.worker_user is not None
 
     def spd(self) -> SPD:
         return SPD(list(self.policies))
@@ -190,6 +209,9 @@ class PacketHandler:
         self.internal_errors = 0
         self._errors_unlogged = 0
         self._next_error_log = 0.0
+        # the kernel's queue counters; None: read /proc each time (a sandboxed worker reads a
+        # file it opened before)
+        self.kernel_stats: Callable[[], dict[int, Any]] | None = None
 
     def handle_batch(self, packets: list[QueuedPacket]) -> None:
         """Give every packet a verdict and send the verdicts."""
@@ -465,7 +487,7 @@ class PacketHandler:
         now = self.clock()
         proc = self.processor
         drops = _by_reason(proc.drops)
-        kstats = kernel_queue_stats().get(queue_num)
+        kstats = (self.kernel_stats or kernel_queue_stats)().get(queue_num)
         kernel: KernelQueueCounts | None = None
         if kstats is not None:
             kernel = {
@@ -552,6 +574,7 @@ def run(
     with contextlib.suppress(OSError), open("/proc/self/comm", "w", encoding="ascii") as comm:
         comm.write(f"nfq-ipsec-q{spec.queue}"[:15])
     store: StateStore | None = None
+    handler: PacketHandler | None = None
     try:
         if spec.cpu is not None:
             os.sched_setaffinity(0, {spec.cpu})
@@ -559,23 +582,40 @@ def run(
             processor = Processor(spec.spd(), spec.sas, time.monotonic(), mtu=spec.mtu,
                                   max_packet=MAX_VERDICT_PAYLOAD, ipv6_link=spec.ipv6_link)
             processor.learn_mss = spec.gso  # a superpacket's segments fit its peer's MSS
+        ident = spec.worker_user if spec.sandboxed else None
+        state_fd: int | None = None
         if spec.state_dir is not None:
-            store = StateStore(spec.state_dir)
-            store.attach(processor.sad.all())  # before the queue: no packet without its state
+            state_fd = state.open_worker_dir(spec.state_dir, spec.queue,
+                                             ident.uid if ident is not None else None)
+            store = StateStore(spec.state_dir, queue=spec.queue, dir_fd=state_fd)
+            if ident is None:
+                store.attach(processor.sad.all())  # before the queue: no packet without its state
         if queue is None:
             queue = NetlinkQueue(max_len=spec.max_len,
                                  want_indev=spec.gateway_interface is not None, gso=spec.gso)
         queue.bind(spec.queue)
+        if ident is not None:
+            os.umask(0o027)  # its files readable by their directory's group (root), as made
+            handler = _sandboxed_handler(spec, processor, queue)
+            preload()
+            sandbox.drop_user(ident)
+            if store is not None:  # as the worker's user: the files it makes are its own
+                store.attach(processor.sad.all())
+            sandbox.enter_filter(state_fd, spec.sandbox)
     except Exception as err:
         if store is not None:
             store.close(exact=False)
+        if queue is not None:
+            with contextlib.suppress(Exception):
+                queue.close()
         text = f"queue {spec.queue}: {err}"
         log.error("cannot start: %s", text)
         with contextlib.suppress(OSError):
             conn.send(("error", text))
         return 1
-    handler = PacketHandler(processor, queue, spec.mark,
-                            gateway_interface=spec.gateway_interface, drop_log=spec.drop_log)
+    if handler is None:
+        handler = PacketHandler(processor, queue, spec.mark,
+                                gateway_interface=spec.gateway_interface, drop_log=spec.drop_log)
     handler.store = store
     conn.send(("ready", os.getpid(), spec.queue))
     pinned = f"cpu {spec.cpu}" if spec.cpu is not None else "not pinned"
@@ -592,16 +632,70 @@ def run(
         queue.close()
 
 
-def _raw_sender(mark: int = 0) -> Callable[[bytes], None]:
+def _sandboxed_handler(spec: WorkerSpec, processor: Processor, queue: QueueBinding) -> PacketHandler:
+    """The handler of a worker about to enter its sandbox: every socket it may send through
+    opened now (as root: raw sockets need CAP_NET_RAW, which it is about to give up), the
+    kernel's queue counters open, interface names by ioctl on a socket held."""
+    batch = BatchSender(spec.mark)
+    batch.open_all()
+    handler = PacketHandler(
+        processor, queue, spec.mark, gateway_interface=spec.gateway_interface,
+        reply=_raw_sender(eager=True), keepalive=_raw_sender(spec.mark, eager=True),
+        cross=_raw_ip_sender(spec.mark, eager=True), send=_raw_ip_sender(spec.mark, eager=True),
+        batch=batch.send, ifname=_ifname_by_ioctl(), drop_log=spec.drop_log)
+    try:
+        stats_fd = os.open(PROC_QUEUES, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        handler.kernel_stats = dict  # no counters from the kernel: none shown
+    else:
+        handler.kernel_stats = lambda: kernel_queue_stats(fd=stats_fd)
+    return handler
+
+
+def _ifname_by_ioctl() -> Callable[[int], str]:
+    """``socket.if_indextoname`` without opening a socket per call (glibc's does): the
+    ``SIOCGIFNAME`` ioctl on one datagram socket opened now."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    def ifname(index: int) -> str:
+        req = struct.pack("16si", b"", index) + bytes(20)
+        got = fcntl.ioctl(sock.fileno(), sandbox.SIOCGIFNAME, req)
+        return got[:16].split(b"\0", 1)[0].decode()
+
+    return ifname
+
+
+def preload() -> None:
+    """Load every crypto engine an SA may use, now: a worker about to enter its sandbox opens
+    no file afterwards, so a module (or a library's lazily loaded part) first needed by an SA a
+    reload brings in would fail. Each suite seals and opens one packet under a zero key (not a
+    secret: thrown away at once). Engines added to the core must be added here too: nothing
+    may be imported lazily on the packet path."""
+    from .core.suites import ENCRYPTION, HMACS, make_suite
+
+    header = bytes(8)
+    for name, enc in ENCRYPTION.items():
+        for integrity in ([None] if enc.aead else list(HMACS)):
+            mac_len = HMACS[integrity].key_size if integrity is not None else 0
+            suite = make_suite(name, bytes(enc.keymat_size), integrity, bytes(mac_len))
+            sealed = suite.seal(header, b"", 1, bytes(2 * max(suite.align, 4)))
+            suite.open(header, b"", sealed)
+
+
+def _raw_sender(mark: int = 0, eager: bool = False) -> Callable[[bytes], None]:
     """Sends what the core builds to its destination: IPv4 whole (header included) through a
     raw IPv4 socket; IPv6 (ICMPv6 errors) as its ICMPv6 message through an ICMPv6 socket, whose
     kernel picks the source address and computes the checksum over it. ``mark`` (SO_MARK) goes
-    on every packet if not 0. Whole packets of either family: ``_raw_ip_sender``."""
+    on every packet if not 0. Whole packets of either family: ``_raw_ip_sender``. ``eager``:
+    both sockets opened now (a family the host lacks: its sends raise OSError)."""
     socks: dict[int, socket.socket] = {}
+    closed: set[int] = set()
 
     def sock_for(version: int) -> socket.socket:
         sock = socks.get(version)
         if sock is None:
+            if version in closed:
+                raise OSError(errno.EAFNOSUPPORT, "no raw socket of this family")
             sock = (socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
                     if version == 6
                     else socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW))
@@ -618,19 +712,29 @@ def _raw_sender(mark: int = 0) -> Callable[[bytes], None]:
         else:
             sock_for(4).sendto(packet, (socket.inet_ntoa(packet[16:20]), 0))
 
+    if eager:
+        for version in (4, 6):
+            try:
+                sock_for(version)
+            except OSError:
+                closed.add(version)
     return send
 
 
-def _raw_ip_sender(mark: int) -> Callable[[bytes], None]:
+def _raw_ip_sender(mark: int, eager: bool = False) -> Callable[[bytes], None]:
     """Sends whole IP packets of either family, header included as built (``IPPROTO_RAW``
     implies it for both), with ``mark`` (SO_MARK) on each, to the packet's own destination.
     The kernel neither fragments nor changes what it sends (IPv4: it redoes the header
-    checksum): a packet bigger than the route's interface raises EMSGSIZE."""
+    checksum): a packet bigger than the route's interface raises EMSGSIZE. ``eager``: both
+    sockets opened now (a family the host lacks: its sends raise OSError)."""
     socks: dict[int, socket.socket] = {}
+    closed: set[int] = set()
 
     def sock_for(family: int) -> socket.socket:
         sock = socks.get(family)
         if sock is None:
+            if family in closed:
+                raise OSError(errno.EAFNOSUPPORT, "no raw socket of this family")
             sock = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
             sock.setblocking(False)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
@@ -644,6 +748,12 @@ def _raw_ip_sender(mark: int) -> Callable[[bytes], None]:
         else:
             sock_for(socket.AF_INET).sendto(packet, (socket.inet_ntoa(packet[16:20]), 0))
 
+    if eager:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock_for(family)
+            except OSError:
+                closed.add(family)
     return send
 
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .. import exitcodes, state
+from .. import exitcodes, sandbox, state
 from ..core.sa import SADirection
 from .common import load_or_report
 
@@ -47,8 +47,15 @@ def run(args: argparse.Namespace) -> int:
     if cfg is None:
         return exitcodes.CONFIG
     state_dir = cfg.daemon.state_dir
+    try:  # the workers' state files are their user's (daemon.sandbox)
+        ident = (None if cfg.daemon.sandbox == "off"
+                 else sandbox.lookup(cfg.daemon.worker_user))
+    except sandbox.SandboxError as err:
+        print(f"nfq-ipsec: {err}", file=sys.stderr)
+        return exitcodes.CONFIG
+    uid = ident.uid if ident is not None else None
     if args.action == "show":
-        rows = [state.describe(state_dir, p) for p in cfg.sas]
+        rows = [state.describe(state_dir, p, uid) for p in cfg.sas]
         if getattr(args, "json", False):
             print(json.dumps({"state_dir": state_dir, "sas": rows}, indent=2, sort_keys=True))
         else:
@@ -83,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
               f"{params.name}", file=sys.stderr)
         return exitcodes.CONFIG
     try:
-        done = state.reset(state_dir, params, args.seq)
+        done = state.reset(state_dir, params, args.seq, uid)
     except state.StateError as err:
         print(f"nfq-ipsec: {err}", file=sys.stderr)
         return exitcodes.FAILURE

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .. import logsetup
+from .. import logsetup, sandbox
 from ..core.replay import MIN_WINDOW
 from ..core.sa import (
     MIN_SPI,
@@ -53,6 +53,8 @@ DEFAULT_LOG_LEVEL = "info"
 DEFAULT_IPTABLES = "auto"
 DEFAULT_WATCHDOG = 10.0
 WATCHDOG_RANGE = (1.0, 3600.0)  # or 0, which turns the watchdog off
+DEFAULT_SANDBOX = sandbox.DEFAULT_MODE  # every worker sandboxed: the whole suite passes so
+DEFAULT_WORKER_USER = sandbox.DEFAULT_USER  # a system user of its own (install-deps makes it)
 DEFAULT_DROP_LOG = False  # opt-in: a line per dropped packet, even rate-limited, is noise
 DEFAULT_BUSY_POLL = 0  # microseconds; off: on CPUs shared with applications it delays them
 BUSY_POLL_RANGE = (0, 10_000)
@@ -115,6 +117,13 @@ DAEMON = Section("daemon", "[daemon]", "The daemon: its workers (one per NFQUEUE
                        "`.toml`"),
     Field("state_dir", STRING, "each SA's saved sequence numbers and lifetime use (see *SA state "
           "across restarts*)", default=DEFAULT_STATE_DIR),
+    Field("sandbox", STRING, "how the workers run: `enforce` (as `worker_user`, with "
+          "`CAP_NET_ADMIN` only, `no_new_privs` and a seccomp allow-list whose violation kills "
+          "the worker), `log` (the same, but a system call outside the list is only logged by "
+          "the kernel), `off` (as root, for debugging; see *Threat model*)",
+          default=DEFAULT_SANDBOX, choices={k: k for k in sandbox.MODES}),
+    Field("worker_user", STRING, "the unprivileged user the workers run as (with `sandbox` not "
+          "`off`); it owns their state directories", default=DEFAULT_WORKER_USER),
     Field("mss_clamp", BOOLEAN, "clamp the TCP MSS of protected flows for the ESP overhead",
           default=DEFAULT_MSS_CLAMP),
     Field("gso", BOOLEAN, "queue outbound TCP superpackets whole (`NFQA_CFG_F_GSO`): the worker "

@@ -30,9 +30,11 @@ from .fields import (
     DEFAULT_QUEUE_BASE,
     DEFAULT_REKEY_TIME,
     DEFAULT_ROLE,
+    DEFAULT_SANDBOX,
     DEFAULT_SOCKET,
     DEFAULT_STATE_DIR,
     DEFAULT_WATCHDOG,
+    DEFAULT_WORKER_USER,
     WATCHDOG_RANGE,
 )
 
@@ -80,6 +82,8 @@ class DaemonConfig:
     busy_poll: int = DEFAULT_BUSY_POLL  # microseconds a worker polls after a batch; 0: off
     metrics: str | None = DEFAULT_METRICS  # "ADDRESS:PORT" of the metrics listener; None: off
     gso: bool = DEFAULT_GSO  # queues bound with NFQA_CFG_F_GSO: outbound TCP superpackets whole
+    sandbox: str = DEFAULT_SANDBOX  # "enforce", "log" or "off" (workers as root)
+    worker_user: str = DEFAULT_WORKER_USER  # who the workers run as when sandboxed
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,8 @@ def read_daemon(raw: dict[str, Any], cpus: list[int], probs: Problems,
         drop_log=DAEMON["drop_log"].read(raw, "daemon", probs),
         busy_poll=DAEMON["busy_poll"].read(raw, "daemon", probs),
         metrics=DAEMON["metrics"].read(raw, "daemon", probs),
+        sandbox=DAEMON["sandbox"].read(raw, "daemon", probs),
+        worker_user=DAEMON["worker_user"].read(raw, "daemon", probs),
     )
 
 

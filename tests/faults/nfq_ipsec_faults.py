@@ -8,15 +8,24 @@ spawned workers included, then runs ``sitecustomize.py`` from here, which wraps 
 - ``raise-every-packet``: handling every packet raises (the fail-closed path end to end);
 - ``slow`` or ``slow:SECONDS``: sleep that long (default 0.001 s) per packet, so that a test
   can overflow the queue with modest traffic;
-- ``hang-once:PATH``: the first worker to get a packet creates PATH and then hangs for good
-  (alive, answering nothing, as a worker stuck in a loop would); workers that find PATH already
-  there work normally. For the supervisor's watchdog.
+- ``hang-once:PATH``: the first worker to get a packet writes ``hung`` into PATH and then hangs
+  for good (alive, answering nothing, as a worker stuck in a loop would); workers that find it
+  written work normally. For the supervisor's watchdog. Each worker opens PATH as it makes its
+  packet handler, before a sandboxed worker can open nothing more, and claims it under flock.
+- ``compromised``: the worker acts as one someone took over: a packet whose payload holds
+  ``NFQ-ATTACK:<what>`` makes it try ``<what>`` first (:data:`ATTACKS`: open a file, write
+  one, exec a shell, ptrace or kill a sibling, open a raw socket), then handle the packet as
+  usual. It logs ``test fault: attack <what>: refused (<error>)`` or ``... SUCCEEDED``; an
+  attempt the sandbox's seccomp filter forbids kills it (SIGSYS) before it can log.
 """
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,12 +51,23 @@ def wrap(handler: Any, fault: str) -> Any:
     """Make ``handler`` (a PacketHandler) misbehave as ``fault`` says; returns it."""
     original: Callable[[list[Any]], None] = handler.handle_batch
     state: dict[str, str] = {"fault": fault, "logged": ""}
+    claim_fd = -1
+    if fault.startswith("hang-once:"):
+        claim_fd = os.open(fault.partition(":")[2], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def handle_batch(packets: list[Any]) -> None:
         if not state["logged"]:
             log.warning("test fault injection active: %s=%s", FAULT_ENV, fault)
             state["logged"] = "yes"
         current = state["fault"]
+        if current == "compromised":
+            for pkt in packets:
+                at = bytes(pkt.payload).find(ATTACK)
+                if at >= 0:
+                    what = bytes(pkt.payload)[at + len(ATTACK):].split(b"\0")[0].decode()
+                    attack(handler, what.strip())
+            original(packets)
+            return
         if current == "raise-every-packet":
             for pkt in packets:
                 handler.packets_in += 1
@@ -58,7 +78,7 @@ def wrap(handler: Any, fault: str) -> Any:
             handler.queue.flush()
             return
         if current.startswith("hang-once:"):
-            if _claim(current.partition(":")[2]):
+            if _claim(claim_fd):
                 log.warning("test fault injection: hanging for good")
                 while True:
                     time.sleep(3600)
@@ -77,6 +97,63 @@ def wrap(handler: Any, fault: str) -> Any:
     return handler
 
 
+ATTACK = b"NFQ-ATTACK:"
+PTRACE_ATTACH = 16
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _open(path: str, flags: int, dir_fd: int | None = None) -> str:
+    fd = os.open(path, flags, 0o600, dir_fd=dir_fd)
+    os.close(fd)
+    return f"opened {path}"
+
+
+def _ptrace(pid: str) -> str:
+    if _libc.ptrace(PTRACE_ATTACH, int(pid), None, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return f"attached to {pid}"
+
+
+def _exec(_arg: str) -> str:
+    os.execv("/bin/sh", ["sh", "-c", "true"])
+
+
+def _raw_socket(_arg: str) -> str:
+    socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW).close()
+    return "opened a raw socket"
+
+
+def _kill(pid: str) -> str:
+    os.kill(int(pid), 0)
+    return f"may signal {pid}"
+
+
+# what -> (how, the argument's meaning); ``state-*`` work relative to the worker's own state
+# directory (the descriptor it holds), the rest on absolute paths or pids
+ATTACKS: dict[str, Callable[[Any, str], str]] = {
+    "read": lambda _h, arg: _open(arg, os.O_RDONLY),
+    "write": lambda _h, arg: _open(arg, os.O_WRONLY | os.O_CREAT),
+    "state-read": lambda h, arg: _open(arg, os.O_RDONLY, h.store.dir_fd),
+    "state-write": lambda h, arg: _open(arg, os.O_WRONLY | os.O_CREAT, h.store.dir_fd),
+    "exec": lambda _h, arg: _exec(arg),
+    "ptrace": lambda _h, arg: _ptrace(arg),
+    "kill": lambda _h, arg: _kill(arg),
+    "raw-socket": lambda _h, arg: _raw_socket(arg),
+}
+
+
+def attack(handler: Any, what: str) -> None:
+    """Try ``what`` (``NAME`` or ``NAME:ARG``) and log how it went."""
+    name, _, arg = what.partition(":")
+    try:
+        done = ATTACKS[name](handler, arg)
+    except (OSError, KeyError) as err:
+        log.warning("test fault: attack %s: refused (%s)", what, err)
+    else:
+        log.warning("test fault: attack %s: SUCCEEDED (%s)", what, done)
+
+
 def install(fault: str) -> None:
     """Wrap every PacketHandler this interpreter makes (sitecustomize calls this)."""
     from nfq_ipsec import worker
@@ -90,13 +167,16 @@ def install(fault: str) -> None:
     worker.PacketHandler.__init__ = patched  # type: ignore[method-assign]
 
 
-def _claim(path: str) -> bool:
-    """Create ``path``; False if it exists already."""
+def _claim(fd: int) -> bool:
+    """Write ``hung`` into the file open as ``fd`` (under its flock); False if it was already."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
     try:
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-    except FileExistsError:
-        return False
-    return True
+        if os.fstat(fd).st_size:
+            return False
+        os.pwrite(fd, b"hung", 0)
+        return True
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def _slow_delay(fault: str) -> float:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import subprocess
 import sys
 import time
@@ -93,16 +94,22 @@ def test_state_rolled_back_by_another_user_is_refused(pair: Pair, tmp_path: Path
     new = path.read_bytes()
     assert state.parse(params, new).value == 11
 
-    # The directory is given to another user by mistake; they put the old file back. Its MAC
-    # is valid (it was written under the key): only ownership tells it apart.
+    # The directories are given to another user by mistake; they put the old file back. Its
+    # MAC is valid (it was written under the key): only ownership tells it apart. The queue's
+    # directory (path.parent) is the workers' user's (daemon.worker_user).
+    worker = pwd.getpwnam(cfg.daemon.worker_user)
+    qdir = path.parent
+    assert qdir.stat().st_uid == worker.pw_uid and path.stat().st_uid == worker.pw_uid
     os.chown(sdir, OTHER, OTHER)
-    replace_as_other_user(sdir, path.name, old)
+    os.chown(qdir, OTHER, OTHER)
+    replace_as_other_user(qdir, path.name, old)
     assert state.parse(params, path.read_bytes()).value == 6
     code, log = run_to_exit(a)
     assert code == 5, log
     assert f"state directory {sdir} is owned by uid {OTHER}, not by uid 0" in log
     assert "nothing started, nothing installed" in log
-    os.chown(sdir, 0, 0)  # the directory handed back; the file stays theirs
+    os.chown(sdir, 0, 0)  # the directories handed back; the file stays theirs
+    os.chown(qdir, worker.pw_uid, worker.pw_gid)
     code, log = run_to_exit(a)
     assert code == 5, log
     assert f"sa ab0 (spi 0x{params.spi:08x}, out): state file {path} is owned by uid {OTHER}" in log
@@ -115,14 +122,15 @@ def test_state_rolled_back_by_another_user_is_refused(pair: Pair, tmp_path: Path
     a.start()
     st = a.wait_running()
     assert a.sa(st, "ab0")["seq"] == 10
-    os.chown(sdir, OTHER, OTHER)
-    replace_as_other_user(sdir, path.name, old)
-    os.chown(sdir, 0, 0)
+    os.chown(qdir, OTHER, OTHER)
+    replace_as_other_user(qdir, path.name, old)
+    os.chown(qdir, worker.pw_uid, worker.pw_gid)
     os.kill(a.worker_pid(st, 0), 9)
     assert a.proc is not None
     assert a.proc.wait(60) == 1
     log = a.log_text()
-    assert f"queue {QUEUES[0]}: state file {path} is owned by uid {OTHER}" in log
+    # the sandboxed worker, as its own user, can't even open another user's file (mode 0600)
+    assert f"queue {QUEUES[0]}: cannot read state file {path}: Permission denied" in log
 
     # A file in the old unkeyed format (root's own) is refused with what to do.
     path.unlink()

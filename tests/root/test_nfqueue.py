@@ -5,7 +5,9 @@
     with a rewritten payload intact; the one size a netlink attribute can't carry (65535) is
     reported as cut, never passed on silently;
 (b) queue overflow is counted: a full queue (max_len) shows as queue_dropped, a full socket
-    buffer as ENOBUFS reports and user_dropped; the dropped packets never reach the peer.
+    buffer as ENOBUFS reports and user_dropped; the dropped packets never reach the peer;
+(c) what a worker that gave up root must keep: every verdict needs CAP_NET_ADMIN (nfnetlink
+    checks it on each message, not only at bind), so a sandboxed worker keeps it and nothing else.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ QUEUE_SERVER = textwrap.dedent("""
     opts = json.loads(sys.argv[1])
     q = NetlinkQueue(max_len=opts["max_len"], rcvbuf=opts["rcvbuf"])
     q.bind(opts["queue"])
+    if opts.get("keep_caps") is not None:  # as a sandboxed worker: another user, these only
+        from nfq_ipsec import sandbox
+        sandbox.drop_user(sandbox.Identity("nobody", 65534, 65534), opts["keep_caps"])
     print("READY", flush=True)
     seen = []
     accepted = 0
@@ -235,3 +240,18 @@ def test_burst_is_accounted_for_exactly(pair: Pair) -> None:
     assert seen + dropped == count
     assert len(got) == seen
     assert seen > count // 10
+
+
+@pytest.mark.parametrize("keep", [[], [12]], ids=["no-capability", "cap_net_admin"])
+def test_verdicts_after_giving_up_root_need_cap_net_admin(pair: Pair, keep: list[int]) -> None:
+    """The queue bound as root, then the process becomes another user keeping ``keep`` (12:
+    CAP_NET_ADMIN): without it the kernel refuses every verdict (the packets never leave),
+    with it alone they pass."""
+    sizes = [100] * 5
+    summary, got = _exchange(pair, 302, sizes, {"keep_caps": keep, "idle": 0.5}, gap=0.02,
+                             recv_timeout=2.0)
+    assert summary["accepted"] == 5  # the worker saw them all and answered
+    if keep:
+        assert summary["verdict_errors"] == 0 and len(got) == 5
+    else:
+        assert summary["verdict_errors"] == 5 and got == []

@@ -303,7 +303,7 @@ def test_hung_worker_is_killed_and_restarted_by_the_watchdog(pair: Pair, tmp_pat
     hung, other = a.worker_pid(st, 0), a.worker_pid(st, 1)
     started = time.monotonic()
     assert send(pair, [(PORTS[0], f"{MARKER}-hung-{n}") for n in range(5)]) == []
-    assert marker.exists()  # queue 0's worker took the first packet and hung on it
+    assert marker.read_text() == "hung"  # queue 0's worker took the first packet and hung on it
     st = a.wait_for(lambda s: s["workers"][0]["state"] == "ready" and s["workers"][0]["restarts"] == 1,
                     timeout=40, what="the watchdog's restart")
     replaced = time.monotonic() - started
@@ -410,6 +410,7 @@ def test_corrupt_state_refuses_to_start_until_reset(pair: Pair, tmp_path: Path,
     a = daemon(pair, tmp_path, True, make_keys(), daemons)
     cfg = load_config(a.config)
     path = state.state_path(state.prepare_dir(cfg.daemon.state_dir), cfg.sa("ab1"))
+    path.parent.mkdir(mode=0o700)  # the queue's directory: the daemon gives it to its workers' user
     path.write_text('{"next_seq": 12')
     a.start()
     assert a.proc is not None

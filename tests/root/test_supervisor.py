@@ -23,10 +23,12 @@ import os
 import pty
 import re
 import select
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 import textwrap
 import threading
@@ -346,8 +348,14 @@ def test_the_real_daemon_tells_systemd(pair: Pair, tmp_path: Path, daemons: list
     sd = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
     sd.bind(str(notify))
     sd.settimeout(30)
+    # as journald's: a socket the sandboxed workers' user may write, on a path it may walk
+    # (pytest's own directories are root's alone)
+    jdir = Path(tempfile.mkdtemp(prefix="nfq-ipsec-journal-"))
+    jdir.chmod(0o755)
+    journal_path = jdir / "socket"
     jsock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
-    jsock.bind(str(tmp_path / "journal"))
+    jsock.bind(str(journal_path))
+    journal_path.chmod(0o666)
     jsock.settimeout(0.2)
     entries: list[dict[str, str]] = []
     reading = threading.Event()
@@ -368,7 +376,7 @@ def test_the_real_daemon_tells_systemd(pair: Pair, tmp_path: Path, daemons: list
         a = _daemon(pair, pair.a, tmp_path, "a", make_keys(), True, daemons,
                     NOTIFY_SOCKET=str(notify), WATCHDOG_USEC="1000000",
                     JOURNAL_STREAM=f"{stream.st_dev}:{stream.st_ino}",
-                    NFQ_IPSEC_JOURNAL_SOCKET=str(tmp_path / "journal"))
+                    NFQ_IPSEC_JOURNAL_SOCKET=str(journal_path))
         a.config.write_text(a.config.read_text().replace('log_level = "info"', 'log_level = "debug"'))
         a.start()
         first = sd.recv(4096).decode()
@@ -407,6 +415,7 @@ def test_the_real_daemon_tells_systemd(pair: Pair, tmp_path: Path, daemons: list
         reader.join()
         sd.close()
         jsock.close()
+        shutil.rmtree(jdir, ignore_errors=True)
 
 
 def test_stop_command_reads_back_closed_rules(pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:

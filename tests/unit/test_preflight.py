@@ -246,3 +246,21 @@ def test_another_daemon_with_our_chain_prefix_exit_2(
     assert "daemon.chain_prefix 'NFQIPSEC'" in caplog.text
     monkeypatch.setattr(nfqueue, "kernel_queue_stats", lambda path=nfqueue.PROC_QUEUES: {})
     assert supervisor.preflight(cfg) is None
+
+
+def test_missing_worker_user_exit_2_names_the_setting_and_the_fix(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import dataclasses
+
+    cfg = load_config(config(tmp_path), online_cpus=[0])
+    cfg = dataclasses.replace(cfg, daemon=dataclasses.replace(
+        cfg.daemon, worker_user="nfq-ipsec-no-such-user"))
+    monkeypatch.setattr(iptables, "commands", lambda cfg: ("iptables-save", "iptables-restore"))
+    monkeypatch.setattr(iptables, "read_tables", lambda be, netns=None: {})
+    assert supervisor.preflight(cfg) == 2
+    assert "daemon.worker_user: no user 'nfq-ipsec-no-such-user'" in caplog.text
+    assert "useradd --system" in caplog.text and "nothing started, nothing installed" in caplog.text
+    assert not (tmp_path / "state").exists()
+    # the sandbox off: no user needed
+    off = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, sandbox="off"))
+    assert supervisor.preflight(off) is None

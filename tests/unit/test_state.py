@@ -68,6 +68,13 @@ def sdir(tmp_path: Path) -> Path:
     return tmp_path / "state"
 
 
+def qpath(sdir: Path, params: SAParams) -> Path:
+    """``params``' state file, its queue's directory made (as its worker would)."""
+    path = state.state_path(sdir, params)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
 @pytest.fixture
 def stores() -> Iterator[list[state.StateStore]]:
     made: list[state.StateStore] = []
@@ -94,15 +101,16 @@ def test_fresh_key_starts_at_1_and_reserves_before_sending(sdir: Path,
                                                            stores: list[state.StateStore]) -> None:
     s = sa()
     attach(sdir, [s], stores)
-    path = state.state_path(sdir, s.params)
+    path = qpath(sdir, s.params)
     assert s.next_seq == 1 and s.seq_limit == 0  # nothing may be sent before a reservation
     assert not path.exists()
     assert s.take_seq() == 1
     body = json.loads(path.read_text())
     assert body["next_seq"] == 1 + state.OUT_BLOCK and body["sa"] == "out0"
     assert s.seq_limit == state.OUT_BLOCK
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.stat().st_mode) == state.FILE_MODE == 0o640  # its directory's group reads
     assert stat.S_IMODE(sdir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700  # the queue's: this user's own
     assert KEY.hex() not in path.read_text()
     for _ in range(10):
         s.take_seq()
@@ -209,7 +217,8 @@ def test_interrupted_write_leaves_the_old_state(sdir: Path, stores: list[state.S
     assert info.value.reason is DropReason.STATE_UNAVAILABLE
     monkeypatch.setattr(os, "replace", real_replace)
     crash(store)
-    assert (sdir / (state.state_path(sdir, s.params).name + ".tmp")).exists()  # the torn write
+    path = state.state_path(sdir, s.params)
+    assert (path.parent / (path.name + ".tmp")).exists()  # the torn write
     s2 = sa()
     attach(sdir, [s2], stores)
     assert s2.take_seq() == 5  # 5 was never sent: the old file said so
@@ -218,7 +227,7 @@ def test_interrupted_write_leaves_the_old_state(sdir: Path, stores: list[state.S
 def test_exhausted_state_keeps_the_sa_stopped(sdir: Path, stores: list[state.StateStore]) -> None:
     p = params()
     sdir.mkdir(mode=0o700)
-    state.write(state.state_path(sdir, p), state.render(p, 0xFFFFFFFF + 1))
+    state.write(qpath(sdir, p), state.render(p, 0xFFFFFFFF + 1))
     s = sa(p)
     attach(sdir, [s], stores)
     with pytest.raises(EspError) as info:
@@ -229,7 +238,7 @@ def test_exhausted_state_keeps_the_sa_stopped(sdir: Path, stores: list[state.Sta
 def test_reservation_stops_at_the_last_number(sdir: Path, stores: list[state.StateStore]) -> None:
     p = params()
     sdir.mkdir(mode=0o700)
-    state.write(state.state_path(sdir, p), state.render(p, 0xFFFFFFFF - 2))
+    state.write(qpath(sdir, p), state.render(p, 0xFFFFFFFF - 2))
     s = sa(p)
     attach(sdir, [s], stores)
     assert [s.take_seq() for _ in range(3)] == [0xFFFFFFFD, 0xFFFFFFFE, 0xFFFFFFFF]
@@ -240,7 +249,7 @@ def test_reservation_stops_at_the_last_number(sdir: Path, stores: list[state.Sta
 def test_esn_numbers_round_trip(sdir: Path, stores: list[state.StateStore]) -> None:
     p = params(esn=True)
     sdir.mkdir(mode=0o700)
-    state.write(state.state_path(sdir, p), state.render(p, (7 << 32) + 5))
+    state.write(qpath(sdir, p), state.render(p, (7 << 32) + 5))
     s = sa(p)
     attach(sdir, [s], stores)
     assert s.take_seq() == (7 << 32) + 5
@@ -347,7 +356,7 @@ def test_replay_window_restore_marks_everything_up_to_top() -> None:
 def test_corrupt_state_stops_the_sa(sdir: Path, stores: list[state.StateStore], damage: str) -> None:
     p = params()
     sdir.mkdir(mode=0o700)
-    path = state.state_path(sdir, p)
+    path = qpath(sdir, p)
     good = state.render(p, 500)
     if damage == "garbage":
         path.write_bytes(b"\x00\xffnot json")
@@ -426,7 +435,8 @@ def test_key_id_names_the_key_without_showing_it() -> None:
 
 
 # -- the command and the status ---------------------------------------------------------------
-def write_config(tmp_path: Path) -> Path:
+def write_config(tmp_path: Path, sandbox: str = "off") -> Path:
+    """A configuration of one queue; ``sandbox`` "off": the files are the test's user's."""
     cfg = tmp_path / "c.toml"
     cfg.write_text(f"""
 [node]
@@ -435,6 +445,7 @@ interface = "eth1"
 queues = [100]
 cpus = [0]
 state_dir = "{tmp_path / 'st'}"
+sandbox = "{sandbox}"
 [[policy]]
 name = "p"
 action = "protect"
@@ -467,7 +478,7 @@ def test_state_show_and_reset_cli(tmp_path: Path, capsys: pytest.CaptureFixture[
     out_p = cfg.sa("out0")
     assert main(["state", "show", "--config", str(cfg_path)]) == 0
     assert "fresh" in capsys.readouterr().out
-    path = state.state_path(state.prepare_dir(cfg.daemon.state_dir), out_p)
+    path = qpath(state.prepare_dir(cfg.daemon.state_dir), out_p)
     path.write_text("{broken")
     assert main(["state", "show", "--config", str(cfg_path), "--json"]) == 1
     shown = json.loads(capsys.readouterr().out)
@@ -478,7 +489,7 @@ def test_state_show_and_reset_cli(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["state", "reset", "--config", str(cfg_path), "--sa", "out0", "--seq", "0"]) == 2
     capsys.readouterr()
     # while a worker holds the SA, reset refuses
-    holder = state.StateStore(cfg.daemon.state_dir, lock_wait=0.0)
+    holder = state.StateStore(cfg.daemon.state_dir, lock_wait=0.0, queue=out_p.queue)
     with pytest.raises(state.StateError):
         holder.attach([sa(out_p)])  # corrupt: refuses, holds nothing
     assert main(["state", "reset", "--config", str(cfg_path), "--sa", "out0", "--seq", "0x10000"]) == 0
@@ -560,7 +571,7 @@ def test_old_unkeyed_format_is_refused_with_what_to_do(sdir: Path,
 
     p = params()
     sdir.mkdir(mode=0o700)
-    path = state.state_path(sdir, p)
+    path = qpath(sdir, p)
     body = {"version": 1, "direction": "out", "key_id": state.key_id(p), "sa": "out0",
             "spi": "0x00001000", "next_seq": 1, "written": "2026-01-01T00:00:00Z"}
     body["check"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
@@ -596,7 +607,7 @@ def test_state_others_control_stops_the_sa(sdir: Path, stores: list[state.StateS
     store = attach(sdir, [s], stores)
     s.take_seq()
     store.close()
-    path = state.state_path(sdir, p)
+    path = qpath(sdir, p)
     expect = {"file-owner": f"owned by uid {OTHER_UID}, not by uid 0",
               "file-mode": "writable by group or others (mode 0620)",
               "dir-owner": f"owned by uid {OTHER_UID}, not by uid 0",
@@ -633,7 +644,7 @@ def test_rollback_by_another_user_is_refused(sdir: Path, stores: list[state.Stat
     s = sa(p)
     store = attach(sdir, [s], stores)
     s.take_seq()
-    path = state.state_path(sdir, p)
+    path = qpath(sdir, p)
     old = path.read_bytes()
     for _ in range(5):
         s.take_seq()
@@ -652,10 +663,10 @@ def test_stale_temp_file_is_replaced_not_written_through(sdir: Path,
                                                          stores: list[state.StateStore]) -> None:
     p = params()
     sdir.mkdir(mode=0o700)
-    path = state.state_path(sdir, p)
+    path = qpath(sdir, p)
     victim = sdir.parent / "victim"
     victim.write_text("untouched")
-    tmp = sdir / (path.name + ".tmp")
+    tmp = path.parent / (path.name + ".tmp")
     tmp.symlink_to(victim)  # a link where the temp file goes
     s = sa(p)
     attach(sdir, [s], stores)
@@ -666,7 +677,7 @@ def test_stale_temp_file_is_replaced_not_written_through(sdir: Path,
     os.chown(tmp, OTHER_UID, OTHER_UID)
     state.write(path, state.render(p, 77))
     st = path.stat()
-    assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == state.FILE_MODE
     assert state.read(path, p) is not None and not tmp.exists()
 
 

@@ -167,10 +167,14 @@ def test_directories_and_capabilities(unit: UnitFile) -> None:
     rw = " ".join(unit.values(s, "ReadWritePaths")).split()
     assert {"/run/nfq-ipsec", "/var/lib/nfq-ipsec"} <= set(rw)
     assert unit.get(s, "ProtectSystem") == "strict"
-    assert set((unit.get(s, "CapabilityBoundingSet") or "").split()) == {"CAP_NET_ADMIN", "CAP_NET_RAW"}
+    # the rules and queues; and the workers' user and state directories (daemon.sandbox)
+    assert set((unit.get(s, "CapabilityBoundingSet") or "").split()) == {
+        "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_CHOWN"}
     families = set((unit.get(s, "RestrictAddressFamilies") or "").split())
     assert {"AF_NETLINK", "AF_UNIX", "AF_INET"} <= families
-    assert unit.get(s, "SystemCallFilter") == "@system-service"  # includes sched_setaffinity
+    # @system-service includes sched_setaffinity and setresuid; seccomp for the workers' filter
+    assert unit.values(s, "SystemCallFilter") == ["@system-service", "seccomp"]
+    assert unit.get(s, "PrivateMounts") == "yes"
 
 
 def test_no_core_dumps(unit: UnitFile) -> None:
