@@ -2,7 +2,9 @@
 
 A suite seals and opens the part of an ESP packet after the 8-byte header (IV, ciphertext,
 ICV). ESP framing never touches a cipher directly, so a second, independent crypto engine can
-be plugged in by providing the same three-method interface (see ``SuiteFactory``).
+be plugged in by providing the same three-method interface (see ``SuiteFactory``). The engines
+(``nfq_ipsec/engines/``) build suites for an SA when it is built; ``GuardedSuite`` turns an
+engine's unexpected exception into a counted drop (``engine_failed``) and an alarm.
 
 IVs are derived from the 64-bit sequence number, which never repeats under a key:
 - AEAD suites (RFC 4106, RFC 7634) send the sequence number itself as the 8-byte IV;
@@ -45,6 +47,15 @@ class Suite(Protocol):
         ...
 
 
+class Aead(Protocol):
+    """An AEAD cipher as ``cryptography`` shapes it: ``encrypt(nonce, data, aad)`` returns
+    ciphertext || tag, ``decrypt`` raises ``InvalidTag``. Other engines adapt to it."""
+
+    def encrypt(self, nonce: bytes, data: bytes, associated_data: Buffer | None) -> bytes: ...
+
+    def decrypt(self, nonce: bytes, data: Buffer, associated_data: Buffer | None) -> bytes: ...
+
+
 def _aad(esp_header: Buffer, seq_hi: bytes) -> bytes:
     # RFC 4106 section 5 / RFC 7634 section 2.1: with ESN the AAD is SPI || seq_hi || seq_lo.
     if seq_hi:
@@ -59,7 +70,7 @@ class AeadSuite:
     icv_size = 16
     align = 4
 
-    def __init__(self, name: str, aead: AESGCM | ChaCha20Poly1305, salt: bytes) -> None:
+    def __init__(self, name: str, aead: Aead | AESGCM | ChaCha20Poly1305, salt: bytes) -> None:
         self.name = name
         self._aead = aead
         self._salt = salt
@@ -266,6 +277,51 @@ def make_suite(encryption: str, key: bytes, integrity: str | None, integrity_key
     if encryption == "null":
         return NullHmacSuite(f"null+{integrity}", mac, integrity_key)
     return CbcHmacSuite(f"{encryption}+{integrity}", key, mac, integrity_key)
+
+
+class GuardedSuite:
+    """A suite of a crypto engine (``nfq_ipsec/engines``), fenced: an exception that is not
+    the core's own (a library error, a broken device) drops the packet as ``engine_failed``
+    and appends the engine's name to ``alarms``, which the worker looks at after each batch
+    to move the engine's SAs to another. Bound per SA when the SA is built, never per packet.
+    """
+
+    def __init__(self, inner: Suite, engine: str, alarms: list[str]) -> None:
+        self.inner = inner
+        self.engine = engine
+        self.alarms = alarms
+        self.name = inner.name
+        self.iv_size = inner.iv_size
+        self.icv_size = inner.icv_size
+        self.align = inner.align
+        self.faults = 0
+        self._seal = inner.seal
+        self._open = inner.open
+
+    def seal(self, esp_header: bytes, seq_hi: bytes, seq: int, plaintext: bytes) -> bytes:
+        try:
+            return self._seal(esp_header, seq_hi, seq, plaintext)
+        except EspError:
+            raise
+        except Exception as err:
+            raise self._failed(err) from None
+
+    def open(self, esp_header: Buffer, seq_hi: bytes, body: Buffer) -> bytes:
+        try:
+            return self._open(esp_header, seq_hi, body)
+        except EspError:
+            raise
+        except Exception as err:
+            raise self._failed(err) from None
+
+    def _failed(self, err: Exception) -> EspError:
+        self.faults += 1
+        self.alarms.append(self.engine)
+        # the type only: a library's message might quote its input
+        return EspError(DropReason.ENGINE_FAILED, f"engine {self.engine}: {type(err).__name__}")
+
+    def __repr__(self) -> str:
+        return f"<GuardedSuite {self.name} on {self.engine}>"
 
 
 SuiteFactory = Callable[[str, bytes, "str | None", bytes], Suite]

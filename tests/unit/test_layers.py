@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"config"},  # 1: the configuration, read and checked
     # 2: pure rule building, negotiated SAs in the configuration, offline decode, the queue,
     # the batch sender, SA state
-    {"rules", "childsas", "decode", "nfqueue", "rawsend", "state", "usage"},
+    {"rules", "childsas", "decode", "nfqueue", "rawsend", "state", "usage", "engines"},
     # 3: applying rules, the data path, the keying agent, the control socket, the metrics listener
     {"iptables", "worker", "agent", "control", "metricsserver"},
     {"supervisor", "service"},  # 4: the daemon, and the systemd helper

@@ -1,0 +1,395 @@
+"""The crypto engines (nfq_ipsec/engines): known-answer tests from the shipped vectors, byte
+for byte agreement of every available engine with every other, routing by policy, and the
+faults a test injects (wrong output, an exception, a hang, a failing periodic test): each
+detected, the engine excluded, its SAs moved with their sequence numbers and replay state."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import time
+from ipaddress import IPv4Network
+
+import pytest
+import sas
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from packets import ipv4, udp
+
+from nfq_ipsec.core import (
+    SPD,
+    Action,
+    Direction,
+    DropReason,
+    EspError,
+    Policy,
+    Processor,
+    SADirection,
+    SecurityAssociation,
+    Selector,
+    Verdict,
+)
+from nfq_ipsec.core.processor import LEAVING
+from nfq_ipsec.core.suites import ENCRYPTION, HMACS, GuardedSuite, Suite, make_suite
+from nfq_ipsec.engines import kat
+from nfq_ipsec.engines.afalg import AfAlgEngine
+from nfq_ipsec.engines.base import ALL_SUITES, Engine, Probe
+from nfq_ipsec.engines.openssl import OpenSSLEngine
+from nfq_ipsec.engines.pycryptodome import PycryptodomeEngine
+from nfq_ipsec.engines.sodium import SodiumEngine
+from nfq_ipsec.engines.team import CryptoSettings, NoEngine, Team
+
+REAL = [OpenSSLEngine(), SodiumEngine(), PycryptodomeEngine(), AfAlgEngine()]
+PROBES = {e.name: e.probe() for e in REAL}
+AVAILABLE = [e for e in REAL if PROBES[e.name].absent is None]
+CLAIMS = [(e, s) for e in REAL for s in sorted(PROBES[e.name].suites or ALL_SUITES)
+          if s in kat.KATS or s.startswith("null+")]
+
+
+def _afalg_reason() -> str | None:
+    return PROBES["afalg"].absent
+
+
+def _skip_if_absent(engine: Engine) -> None:
+    absent = PROBES[engine.name].absent
+    if absent is not None:
+        pytest.skip(f"engine {engine.name} absent here: {absent}")
+
+
+# -- the shipped vectors ----------------------------------------------------------------------
+
+def test_sp800_38a_transcription() -> None:
+    # the ECB blocks the CBC known-answer test builds on, against OpenSSL's AES
+    for v in kat.ECB.values():
+        enc = Cipher(algorithms.AES(bytes.fromhex(v["key"])), modes.ECB()).encryptor()
+        assert enc.update(bytes.fromhex(v["plaintext"])) == bytes.fromhex(v["ciphertext"])
+    assert sorted(kat.ECB) == [16, 32]
+
+
+def test_vectors_parser_checks_octet_counts() -> None:
+    with pytest.raises(ValueError, match="not 2 octets"):
+        kat.parse_vectors("case = 1\nkey = 00\n  (2 octets)\n", "case")
+
+
+def test_every_configurable_suite_has_a_known_answer_test_on_openssl() -> None:
+    claims = PROBES["openssl"].suites
+    for s in claims:
+        kat.run(OpenSSLEngine().build, s)
+    assert set(kat.KATS) <= claims
+
+
+@pytest.mark.parametrize(("engine", "suite"), CLAIMS, ids=[f"{e.name}-{s}" for e, s in CLAIMS])
+def test_known_answers(engine: Engine, suite: str) -> None:
+    _skip_if_absent(engine)
+    if suite not in PROBES[engine.name].suites:
+        pytest.skip(f"{engine.name} does not claim {suite} here")
+    kat.run(engine.build, suite)
+
+
+def test_known_answer_test_catches_a_wrong_engine() -> None:
+    with pytest.raises(kat.KatFailure, match="wrong output"):
+        kat.run(Corrupt().build, "aes-gcm-128")
+    with pytest.raises(kat.KatFailure, match="wrong output"):
+        kat.run(Corrupt().build, "aes-cbc-256+hmac-sha512-256")
+
+
+# -- AF_ALG -----------------------------------------------------------------------------------
+
+def _kernel_has_af_alg() -> bool:
+    try:
+        socket.socket(socket.AF_ALG, socket.SOCK_SEQPACKET, 0).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_afalg_discovery_says_why_it_is_absent() -> None:
+    probe = AfAlgEngine().probe()
+    if _kernel_has_af_alg():
+        assert probe.absent is None or "AF_ALG has none" in probe.absent
+        return
+    try:
+        socket.socket(socket.AF_ALG, socket.SOCK_SEQPACKET, 0)
+    except OSError as err:
+        code = errno.errorcode[err.errno or 0]
+    assert probe.absent is not None and "kernel has no AF_ALG" in probe.absent and code in probe.absent
+    assert not probe.suites
+
+
+@pytest.mark.skipif(not _kernel_has_af_alg(), reason=f"this kernel has no AF_ALG: {_afalg_reason()}")
+def test_afalg_agrees_with_openssl() -> None:
+    engine = AfAlgEngine()
+    for s in sorted(PROBES["afalg"].suites):
+        kat.run(engine.build, s)
+        enc, _, integ = s.partition("+")
+        a, b = _pair(engine, OpenSSLEngine(), enc, integ or None, bytes(range(64)))
+        assert a.seal(HDR, b"", 7, bytes(64)) == b.seal(HDR, b"", 7, bytes(64))
+
+
+# -- every engine agrees with every other ------------------------------------------------------
+
+HDR = b"\x00\x00\x12\x34\x00\x00\x00\x07"
+
+
+def _pair(x: Engine, y: Engine, enc: str, integ: str | None, seed: bytes) -> tuple[Suite, Suite]:
+    key = (seed * 4)[: ENCRYPTION[enc].keymat_size]
+    ikey = (seed[::-1] * 4)[: HMACS[integ].key_size] if integ else b""
+    return x.build(enc, key, integ, ikey), y.build(enc, key, integ, ikey)
+
+
+SUITES = [s for s in kat.KATS]
+
+
+@settings(max_examples=60, deadline=None)
+@given(suite=st.sampled_from(SUITES), seed=st.binary(min_size=16, max_size=16),
+       seq=st.integers(1, 2**64 - 1), esn=st.booleans(), blocks=st.integers(1, 100),
+       extra=st.integers(0, 15), data=st.data())
+def test_engines_agree_byte_for_byte(suite: str, seed: bytes, seq: int, esn: bool, blocks: int,
+                                     extra: int, data: st.DataObject) -> None:
+    enc, _, integ = suite.partition("+")
+    able = [e for e in AVAILABLE if suite in PROBES[e.name].suites]
+    assert len(able) >= 2 or suite in ("aes-gcm-256",), f"{suite}: only {able}"
+    # AEADs take any length (padded to 4 by ESP); CBC whole blocks
+    size = blocks * 16 if integ else blocks * 16 + (extra & ~3)
+    plaintext = data.draw(st.binary(min_size=size, max_size=size))
+    seq_hi = (seq >> 32).to_bytes(4, "big") if esn else b""
+    header = HDR[:4] + (seq & 0xFFFFFFFF).to_bytes(4, "big")
+    key = (seed * 4)[: ENCRYPTION[enc].keymat_size]
+    ikey = (seed[::-1] * 4)[: HMACS[integ].key_size] if integ else b""
+    sealed = {e.name: e.build(enc, key, integ or None, ikey).seal(header, seq_hi, seq, plaintext)
+              for e in able}
+    assert len(set(sealed.values())) == 1, {k: v[:24].hex() for k, v in sealed.items()}
+    body = sealed[able[0].name]
+    for e in able:  # and each opens what the others sealed, and refuses a changed ICV
+        s = e.build(enc, key, integ or None, ikey)
+        assert s.open(header, seq_hi, body) == plaintext
+        with pytest.raises(EspError) as err:
+            s.open(header, seq_hi, body[:-1] + bytes([body[-1] ^ 0x80]))
+        assert err.value.reason is DropReason.INTEGRITY
+
+
+# -- injected faults: engines written by the tests ---------------------------------------------
+
+class TestEngine(Engine):
+    """Wraps OpenSSL; a test turns on ``mode``: "corrupt" (a flipped byte), "raise", "hang"."""
+
+    __test__ = False
+
+    def __init__(self, name: str, mode: str = "", suites: frozenset[str] = frozenset(kat.KATS)) -> None:
+        self.name = name
+        self.mode = mode
+        self.suites = suites
+        self.calls = 0
+
+    def probe(self) -> Probe:
+        return Probe(self.suites)
+
+    def build(self, encryption: str, key: bytes, integrity: str | None, integrity_key: bytes) -> Suite:
+        return _Faulty(self, make_suite(encryption, key, integrity, integrity_key))
+
+
+class Corrupt(TestEngine):
+    def __init__(self) -> None:
+        super().__init__("corrupt", "corrupt")
+
+
+class _Faulty:
+    def __init__(self, engine: TestEngine, inner: Suite) -> None:
+        self.e, self.inner = engine, inner
+        self.name, self.iv_size = inner.name, inner.iv_size
+        self.icv_size, self.align = inner.icv_size, inner.align
+
+    def _fault(self) -> None:
+        self.e.calls += 1
+        if self.e.mode == "raise":
+            raise RuntimeError("device gone")
+        if self.e.mode == "hang":
+            time.sleep(30)
+
+    def seal(self, esp_header: bytes, seq_hi: bytes, seq: int, plaintext: bytes) -> bytes:
+        self._fault()
+        out = self.inner.seal(esp_header, seq_hi, seq, plaintext)
+        if self.e.mode == "corrupt":
+            out = out[:-1] + bytes([out[-1] ^ 1])
+        return out
+
+    def open(self, esp_header: bytes | bytearray | memoryview, seq_hi: bytes,
+             body: bytes | bytearray | memoryview) -> bytes:
+        self._fault()
+        return self.inner.open(esp_header, seq_hi, body)
+
+
+def _team(*engines: Engine, **settings_: object) -> Team:
+    team = Team(list(engines), CryptoSettings(**settings_))  # type: ignore[arg-type]
+    team.discover(speed_seconds=0.0005)
+    return team
+
+
+def _outbound(name: str = "out", enc: str = "aes-gcm-128", integ: str | None = None,
+              next_seq: int = 1) -> SecurityAssociation:
+    return SecurityAssociation(sas.params(name, 0x1000 + len(name), SADirection.OUT, enc,
+                                          integrity=integ), 0.0, next_seq=next_seq)
+
+
+def test_fastest_policy_picks_the_best_measured_speed() -> None:
+    a, b = TestEngine("a"), TestEngine("b")
+    team = _team(a, b)
+    team.members["a"].speed["aes-gcm-128"] = 1e6
+    team.members["b"].speed["aes-gcm-128"] = 2e6
+    sa = _outbound()
+    team.bind([sa])
+    assert team.engine_of(sa) == "b" and isinstance(sa.suite, GuardedSuite)
+
+
+def test_prefer_policy_takes_the_list_in_order_then_the_fastest() -> None:
+    team = _team(TestEngine("a"), TestEngine("b"), TestEngine("c"), policy="prefer", prefer=("c", "a"))
+    sa = _outbound()
+    team.bind([sa])
+    assert team.engine_of(sa) == "c"
+    team.disable("c")
+    assert team.engine_of(sa) == "a"
+
+
+def test_balance_spreads_sas_by_speed() -> None:
+    team = _team(TestEngine("a"), TestEngine("b"), policy="balance")
+    team.members["a"].speed["aes-gcm-128"] = 3e6
+    team.members["b"].speed["aes-gcm-128"] = 1e6
+    many = [_outbound(f"s{i}") for i in range(8)]
+    team.bind(many)
+    # (SAs + 1) / speed: the three-times-faster engine carries three in four
+    assert (team.load("a"), team.load("b")) == (6, 2)
+
+
+def test_an_sa_with_no_verified_engine_refuses_to_start() -> None:
+    team = _team(TestEngine("a", suites=frozenset({"aes-gcm-128"})))
+    with pytest.raises(NoEngine, match=r"chacha20-poly1305.*a: not offered"):
+        team.bind([_outbound(enc="chacha20-poly1305")])
+    team.disable("a")
+    with pytest.raises(NoEngine, match="a: disabled"):
+        team.bind([_outbound()])
+
+
+def test_an_engine_failing_its_first_known_answer_test_is_excluded() -> None:
+    team = _team(Corrupt(), TestEngine("good"))
+    bad = team.members["corrupt"]
+    assert bad.excluded is not None and "known-answer test failed" in bad.excluded
+    assert not bad.verified and bad.failed
+    sa = _outbound()
+    team.bind([sa])
+    assert team.engine_of(sa) == "good"
+    assert {r["name"]: r["state"] for r in team.report()} == {"corrupt": "excluded", "good": "ready"}
+
+
+def _processor(sa_out: SecurityAssociation) -> Processor:
+    pol = Policy("p", Selector(IPv4Network("10.0.0.1/32"), IPv4Network("10.0.0.2/32")),
+                 Action.PROTECT, Direction.OUT, (sa_out.name,))
+    return Processor(SPD([pol]), [sa_out], 0.0)
+
+
+def _packet(i: int) -> bytes:
+    return ipv4("10.0.0.1", "10.0.0.2", 17, udp("10.0.0.1", "10.0.0.2", 1000, 2000, bytes([i]) * 100))
+
+
+def _reference(n: int) -> list[bytes]:
+    """What the same SA seals on OpenSSL alone, packets 1..n."""
+    sa = _outbound(next_seq=1)
+    proc = _processor(sa)
+    out = []
+    for i in range(n):
+        res = proc.process(_packet(i), len(_packet(i)), LEAVING, 0.0)
+        assert res.verdict is Verdict.ACCEPT and res.packet is not None
+        out.append(res.packet)
+    return out
+
+
+def test_an_engine_that_raises_drops_the_packet_and_hands_its_sas_on() -> None:
+    flaky = TestEngine("flaky")
+    team = _team(flaky, OpenSSLEngine(), policy="prefer", prefer=("flaky",))
+    sa = _outbound()
+    proc = _processor(sa)
+    team.bind([sa])
+    want = _reference(4)
+    got = []
+    for i in range(4):
+        if i == 1:
+            flaky.mode = "raise"
+        res = proc.process(_packet(i), len(_packet(i)), LEAVING, 0.0)
+        got.append(res)
+        if team.alarms:  # what the worker does after each batch
+            assert team.on_alarms() == [("out", "openssl")]
+    assert [r.verdict for r in got] == [Verdict.ACCEPT, Verdict.DROP, Verdict.ACCEPT, Verdict.ACCEPT]
+    assert got[1].reason is DropReason.ENGINE_FAILED
+    assert proc.drops[DropReason.ENGINE_FAILED] == 1 and sa.drops[DropReason.ENGINE_FAILED] == 1
+    # the sequence number the failed packet took is not reused: packets 3 and 4 are the
+    # reference's 3 and 4 byte for byte (same SA state on another engine), 2 never left
+    assert got[0].packet == want[0] and got[2].packet == want[2] and got[3].packet == want[3]
+    row = {r["name"]: r for r in team.report()}["flaky"]
+    assert (row["state"], row["faults"], row["moved_away"], row["sas"]) == ("excluded", 1, 1, 0)
+
+
+def test_a_periodic_known_answer_failure_moves_the_sas_keeping_their_state() -> None:
+    turn = TestEngine("turncoat")
+    team = _team(turn, PycryptodomeEngine(), policy="prefer", prefer=("turncoat",))
+    out, inb = _outbound(), SecurityAssociation(sas.params("in", 0x2000, SADirection.IN), 0.0)
+    team.bind([out, inb])
+    out.take_seq()
+    inb.replay.update(41)
+    turn.mode = "corrupt"  # wrong output: only a known-answer test sees it
+    assert team.verify() == ["turncoat"]
+    assert team.engine_of(out) == "pycryptodome" == team.engine_of(inb)
+    assert out.next_seq == 2 and inb.replay.top == 41
+    turn.mode = ""
+    assert team.verify() == []  # passes again: back in the team, not rebound by itself
+    assert team.members["turncoat"].excluded is None
+    assert team.rebind_all() == [("out", "turncoat"), ("in", "turncoat")]
+
+
+def test_a_hanging_engine_is_excluded_at_the_deadline() -> None:
+    hang = TestEngine("hang")
+    team = _team(hang, OpenSSLEngine(), policy="prefer", prefer=("hang",), verify_timeout=0.3)
+    sa = _outbound()
+    team.bind([sa])
+    hang.mode = "hang"
+    started = time.monotonic()
+    assert team.verify() == ["hang"]
+    assert time.monotonic() - started < 1.5
+    assert "did not finish in 0.3 s" in (team.members["hang"].excluded or "")
+    assert team.engine_of(sa) == "openssl"
+
+
+def test_disable_and_enable_move_an_sa_without_losing_its_place() -> None:
+    team = _team(OpenSSLEngine(), PycryptodomeEngine(), policy="prefer", prefer=("pycryptodome",))
+    sa = _outbound(next_seq=100)
+    proc = _processor(sa)
+    team.bind([sa])
+    outs = []
+    for i in range(6):
+        if i == 2:
+            assert team.disable("pycryptodome") == [("out", "openssl")]
+        if i == 4:
+            assert team.enable("pycryptodome") == [("out", "pycryptodome")]
+        outs.append(proc.process(_packet(i), len(_packet(i)), LEAVING, 0.0).packet)
+    ref_sa = _outbound(next_seq=100)
+    ref = _processor(ref_sa)
+    assert outs == [ref.process(_packet(i), len(_packet(i)), LEAVING, 0.0).packet for i in range(6)]
+
+
+def test_the_last_engine_gone_leaves_its_sas_dropping() -> None:
+    team = _team(TestEngine("only"))
+    sa = _outbound()
+    proc = _processor(sa)
+    team.bind([sa])
+    assert team.disable("only") == [("out", "none")]
+    res = proc.process(_packet(0), len(_packet(0)), LEAVING, 0.0)
+    assert (res.verdict, res.reason) == (Verdict.DROP, DropReason.ENGINE_FAILED)
+    assert team.enable("only") == [("out", "only")]
+    assert proc.process(_packet(0), len(_packet(0)), LEAVING, 0.0).verdict is Verdict.ACCEPT
+
+
+def test_no_key_in_reports_or_reprs() -> None:
+    team = _team(OpenSSLEngine())
+    sa = _outbound()
+    team.bind([sa])
+    key = sas.key_for("aes-gcm-128")
+    assert key.hex() not in repr(sa.suite) and key.hex() not in str(team.report())
