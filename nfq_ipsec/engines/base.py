@@ -15,6 +15,29 @@ from typing import Final
 
 from ..core.suites import ENCRYPTION, HMACS, Suite, suite_problems
 
+ENGINE_NAMES: Final = ("openssl", "sodium", "pycryptodome", "afalg")  # team.default_engines' order
+POLICIES: Final = ("fastest", "prefer", "balance")
+DEFAULT_POLICY: Final = "fastest"
+DEFAULT_VERIFY_INTERVAL: Final = 300.0  # seconds between known-answer runs in each worker
+VERIFY_INTERVAL_RANGE: Final = (1.0, 86400.0)  # or 0: only at start
+DEFAULT_VERIFY_TIMEOUT: Final = 2.0  # an engine's known-answer tests must finish within this
+VERIFY_TIMEOUT_RANGE: Final = (0.1, 60.0)
+
+
+@dataclass(frozen=True)
+class CryptoSettings:
+    """The ``[crypto]`` section (``config/fields.py`` declares it)."""
+
+    policy: str = DEFAULT_POLICY
+    prefer: tuple[str, ...] = ()
+    verify_interval: float = DEFAULT_VERIFY_INTERVAL  # 0: only at start
+    verify_timeout: float = DEFAULT_VERIFY_TIMEOUT
+    disabled: tuple[str, ...] = ()
+
+
+DEFAULT_CRYPTO: Final = CryptoSettings()
+
+
 AEADS: Final = ("aes-gcm-128", "aes-gcm-256", "chacha20-poly1305")
 CBCS: Final = ("aes-cbc-128", "aes-cbc-256")
 

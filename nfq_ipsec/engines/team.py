@@ -30,40 +30,25 @@ from typing import Any
 from ..core.errors import DropReason, EspError
 from ..core.sa import SecurityAssociation
 from ..core.suites import GuardedSuite, Suite
+from ..status import EngineReport
 from . import kat
 from .afalg import AfAlgEngine
-from .base import Engine, Probe, suite_name
+from .base import DEFAULT_CRYPTO, ENGINE_NAMES, CryptoSettings, Engine, Probe, suite_name
 from .openssl import OpenSSLEngine
 from .pycryptodome import PycryptodomeEngine
 from .sodium import SodiumEngine
 
 log = logging.getLogger("nfq_ipsec.engines")
 
-POLICIES = ("fastest", "prefer", "balance")
-DEFAULT_VERIFY_INTERVAL = 300.0
-DEFAULT_VERIFY_TIMEOUT = 2.0
-
-
 def default_engines() -> list[Engine]:
     return [OpenSSLEngine(), SodiumEngine(), PycryptodomeEngine(), AfAlgEngine()]
 
 
-ENGINE_NAMES = tuple(e.name for e in default_engines())
+assert tuple(e.name for e in default_engines()) == ENGINE_NAMES
 
 
 class NoEngine(ValueError):
     """No verified, enabled engine can run this SA's suite: the SA does not start."""
-
-
-@dataclass(frozen=True)
-class CryptoSettings:
-    """The ``[crypto]`` section."""
-
-    policy: str = "fastest"
-    prefer: tuple[str, ...] = ()
-    verify_interval: float = DEFAULT_VERIFY_INTERVAL  # 0: only at start
-    verify_timeout: float = DEFAULT_VERIFY_TIMEOUT
-    disabled: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -124,7 +109,7 @@ def _timed(fn: Callable[[], Any], timeout: float) -> tuple[bool, Any]:
 
 class Team:
     def __init__(self, engines: Iterable[Engine] | None = None,
-                 settings: CryptoSettings = CryptoSettings(),
+                 settings: CryptoSettings = DEFAULT_CRYPTO,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.members = {e.name: Member(e) for e in (default_engines() if engines is None else engines)}
         self.settings = settings
@@ -340,8 +325,8 @@ class Team:
                 m.excluded = None
         return self.rebind_all()
 
-    def report(self) -> list[dict[str, Any]]:
-        out = []
+    def report(self) -> list[EngineReport]:
+        out: list[EngineReport] = []
         for m in self.members.values():
             out.append({
                 "name": m.name,
@@ -352,7 +337,7 @@ class Team:
                 "claims": sorted(m.claims),
                 "verified": sorted(m.verified),
                 "failed": dict(sorted(m.failed.items())),
-                "speed": {s: round(v) for s, v in sorted(m.speed.items())},
+                "speed": {s: float(round(v)) for s, v in sorted(m.speed.items())},
                 "sas": self.load(m.name),
                 "faults": m.faults,
                 "moved_away": m.moved_away,

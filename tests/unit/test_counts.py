@@ -18,10 +18,10 @@ def snap(pin: int, pout: int, drops: dict[str, int], sas: list[SaRow]) -> Worker
     return {"packets_in": pin, "packets_out": pout, "drops": drops, "queue": 100, "cpu": None,
             "pid": 1, "started": 0.0, "overflow_reports": 0, "core": "source", "kernel": None,
             "ike_markers": 0, "crossed_family": 0,
-            "superpackets": 0, "segments": 0,
+            "superpackets": 0, "segments": 0, "engines": [],
             "sas": [{"name": n, "packets": p, "bytes": b, "drops": d, "spi": 1, "seq": 5,
                      "direction": "out", "path_mtu": None, "saved": None, "state_writes": None,
-                     "udp": None,
+                     "udp": None, "engine": "openssl",
                      "lifetime_left": {"packets": None, "bytes": None, "seconds": None}}
                     for n, p, b, d in sas]}
 

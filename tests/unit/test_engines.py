@@ -34,11 +34,11 @@ from nfq_ipsec.core.processor import LEAVING
 from nfq_ipsec.core.suites import ENCRYPTION, HMACS, GuardedSuite, Suite, make_suite
 from nfq_ipsec.engines import kat
 from nfq_ipsec.engines.afalg import AfAlgEngine
-from nfq_ipsec.engines.base import ALL_SUITES, Engine, Probe
+from nfq_ipsec.engines.base import ALL_SUITES, CryptoSettings, Engine, Probe
 from nfq_ipsec.engines.openssl import OpenSSLEngine
 from nfq_ipsec.engines.pycryptodome import PycryptodomeEngine
 from nfq_ipsec.engines.sodium import SodiumEngine
-from nfq_ipsec.engines.team import CryptoSettings, NoEngine, Team
+from nfq_ipsec.engines.team import NoEngine, Team
 
 REAL = [OpenSSLEngine(), SodiumEngine(), PycryptodomeEngine(), AfAlgEngine()]
 PROBES = {e.name: e.probe() for e in REAL}

@@ -16,13 +16,14 @@ RUNTIME = ROOT / "nfq_ipsec"
 
 LAYERS: list[set[str]] = [
     # 0: the sans-I/O cores (ESP, IKE) and leaves that import nothing of ours but the core
-    {"core", "ike", "exitcodes", "procs", "logsetup", "pcap", "reassembly", "corebuild", "hardening",
+    {"core", "ike", "engines", "exitcodes", "procs", "logsetup", "pcap", "reassembly", "corebuild",
+     "hardening",
      "counts", "status", "metrics", "liveness", "sdnotify", "droplog", "rates",
      "__init__"},
     {"config"},  # 1: the configuration, read and checked
     # 2: pure rule building, negotiated SAs in the configuration, offline decode, the queue,
     # the batch sender, SA state
-    {"rules", "childsas", "decode", "nfqueue", "rawsend", "state", "usage", "engines"},
+    {"rules", "childsas", "decode", "nfqueue", "rawsend", "state", "usage"},
     # 3: applying rules, the data path, the keying agent, the control socket, the metrics listener
     {"iptables", "worker", "agent", "control", "metricsserver"},
     {"supervisor", "service"},  # 4: the daemon, and the systemd helper
