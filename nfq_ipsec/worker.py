@@ -10,7 +10,8 @@ Pipe protocol (pickled tuples over a ``multiprocessing.Pipe``):
 - supervisor -> worker: ``("stats",)``, ``("ping",)`` (the watchdog), ``("stop",)``, and for a
   reload ``("reload", WorkerSpec)``, ``("commit",)``, ``("rollback",)`` (answered by
   ``("reloaded", summary)``, ``("committed", "")``, ``("rolled_back", "")`` or
-  ``("reload_failed", why)``)
+  ``("reload_failed", why)``), ``("engine", "disable"|"enable", name)`` (answered by
+  ``("engine", json)``: the SAs that moved, or an error)
 - worker -> supervisor: ``("ready", pid, queue)``, ``("error", text)`` (then it exits 1),
   ``("stats", snapshot)`` (:class:`nfq_ipsec.status.WorkerSnapshot`, for a status answer),
   ``("pong", counts)`` (:class:`nfq_ipsec.status.Counts`, :mod:`nfq_ipsec.counts`: what the
@@ -33,6 +34,15 @@ state (outbound sequence reservations, inbound replay floors) through :mod:`nfq_
 before it binds its queue; a corrupt state file, one its SA's key did not authenticate or one
 not owned by the daemon's user stops it with an error (fail closed). On a clean stop it stores
 the exact values. It turns core dumps off before anything else (it holds keys).
+
+Crypto engines (:mod:`nfq_ipsec.engines`, docs/engines.md): importing this module imports
+every engine module and its library (OpenSSL, libsodium, pycryptodome) and reads the
+known-answer vectors, so nothing is loaded lazily later: a worker may run where opening files
+after start-up is forbidden. The worker verifies its engines before it binds its queue (the
+supervisor's discovery in its spec), binds each SA to one (an SA none can carry stops it),
+looks at the engines' alarms after each batch (a suite that raised: its engine is excluded and
+its SAs move) and runs the known-answer tests again every ``crypto.verify_interval``. AF_ALG
+sockets are opened when an SA is bound (at start, on a reload or when it moves), not per packet.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ spawned workers included, then runs ``sitecustomize.py`` from here, which wraps 
 - ``hang-once:PATH``: the first worker to get a packet creates PATH and then hangs for good
   (alive, answering nothing, as a worker stuck in a loop would); workers that find PATH already
   there work normally. For the supervisor's watchdog.
+- ``engine-raise:NAME:N``: in each worker, once the SAs are bound, the suites of crypto engine
+  NAME raise on every call after the first N (a device that fails for good); the worker's
+  start-up known-answer tests have run by then. For the engines' fail-over.
 """
 
 from __future__ import annotations
@@ -77,9 +80,52 @@ def wrap(handler: Any, fault: str) -> Any:
     return handler
 
 
+class _Failing:
+    """A suite that raises after the engine's first ``limit`` calls (counted per worker)."""
+
+    def __init__(self, inner: Any, calls: list[int], limit: int) -> None:
+        self.inner, self.calls, self.limit = inner, calls, limit
+        self.name, self.iv_size = inner.name, inner.iv_size
+        self.icv_size, self.align = inner.icv_size, inner.align
+
+    def _count(self) -> None:
+        self.calls[0] += 1
+        if self.calls[0] > self.limit:
+            raise RuntimeError(f"test fault injection ({FAULT_ENV}): engine failed")
+
+    def seal(self, *args: Any) -> bytes:
+        self._count()
+        out: bytes = self.inner.seal(*args)
+        return out
+
+    def open(self, *args: Any) -> bytes:
+        self._count()
+        out: bytes = self.inner.open(*args)
+        return out
+
+
+def _engine_raise(worker: Any, fault: str) -> None:
+    _, name, limit = fault.split(":")
+    use_team = worker.PacketHandler.use_team
+
+    def patched(self: Any, team: Any) -> None:
+        engine = team.members[name].engine
+        build = engine.build
+        calls = [0]
+        engine.build = lambda *a: _Failing(build(*a), calls, int(limit))
+        log.warning("test fault injection active: engine %s fails after %s calls", name, limit)
+        use_team(self, team)
+
+    worker.PacketHandler.use_team = patched
+
+
 def install(fault: str) -> None:
     """Wrap every PacketHandler this interpreter makes (sitecustomize calls this)."""
     from nfq_ipsec import worker
+
+    if fault.startswith("engine-raise:"):
+        _engine_raise(worker, fault)
+        return
 
     init = worker.PacketHandler.__init__
 
