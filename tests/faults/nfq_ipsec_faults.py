@@ -14,6 +14,8 @@ spawned workers included, then runs ``sitecustomize.py`` from here, which wraps 
 - ``engine-raise:NAME:N``: in each worker, once the SAs are bound, the suites of crypto engine
   NAME raise on every call after the first N (a device that fails for good); the worker's
   start-up known-answer tests have run by then. For the engines' fail-over.
+- ``kat-fail:NAME:PATH``: once PATH exists, every known-answer test of engine NAME fails
+  (the packets it seals stay right): the periodic check must exclude it.
 """
 
 from __future__ import annotations
@@ -119,12 +121,30 @@ def _engine_raise(worker: Any, fault: str) -> None:
     worker.PacketHandler.use_team = patched
 
 
+def _kat_fail(fault: str) -> None:
+    from nfq_ipsec.engines import kat
+
+    _, name, path = fault.split(":", 2)
+    run = kat.run
+
+    def patched(build: Any, suite: str) -> None:
+        owner = getattr(build, "__self__", None)
+        if getattr(owner, "name", None) == name and os.path.exists(path):
+            raise kat.KatFailure(f"{suite}: test fault injection ({FAULT_ENV}): wrong output")
+        run(build, suite)
+
+    kat.run = patched
+
+
 def install(fault: str) -> None:
     """Wrap every PacketHandler this interpreter makes (sitecustomize calls this)."""
     from nfq_ipsec import worker
 
     if fault.startswith("engine-raise:"):
         _engine_raise(worker, fault)
+        return
+    if fault.startswith("kat-fail:"):
+        _kat_fail(fault)
         return
 
     init = worker.PacketHandler.__init__

@@ -8,7 +8,9 @@ interface is captured:
 - an engine whose suites start raising in A's workers (injected by tests/faults): the packets
   that hit it are dropped as ``engine_failed``, the engine is excluded, its SAs move to
   OpenSSL, and the counters agree (worker drops = SA drops = the engine's faults);
-- in both: no TCP in clear on the wire, and tshark authenticates every ESP packet with the
+- an engine whose known-answer tests start failing (injected): the next periodic check
+  (``crypto.verify_interval = 1``) excludes it and moves its SAs, no packet dropped;
+- in all: no TCP in clear on the wire, and tshark authenticates every ESP packet with the
   configured keys (nothing wrong reached the wire).
 """
 
@@ -216,5 +218,32 @@ def test_an_engine_that_raises_is_excluded_and_its_sas_move(pair: Pair, tmp_path
     used = {sa["name"] for sa in st["sas"] if sa["packets"]}
     assert {_engines_of(a)[n] for n in used} == {"openssl"}
     assert {r["name"]: r for r in b.status()["engines"]}["pycryptodome"]["state"] == "ready"
+    _wire_is_good(flow, keys)
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_a_failing_periodic_known_answer_test_excludes_the_engine(pair: Pair, tmp_path: Path,
+                                                                   daemons: list[Daemon]) -> None:
+    keys = make_keys()
+    crypto = '\n[crypto]\npolicy = "prefer"\nprefer = ["pycryptodome"]\nverify_interval = 1\n'
+    trigger = tmp_path / "kat-fails-now"
+    a = _daemon(pair, tmp_path, True, keys, crypto, daemons,
+                NFQ_IPSEC_TEST_FAULT=f"kat-fail:pycryptodome:{trigger}")
+    b = _daemon(pair, tmp_path, False, keys, crypto, daemons)
+    for d in (a, b):
+        d.start()
+    for d in (a, b):
+        d.wait_running()
+    assert set(_engines_of(a).values()) == {"pycryptodome"}
+    flow = _flow(pair, tmp_path, 5.0, [(1.5, trigger.touch)])
+    st = a.status()
+    row = {r["name"]: r for r in st["engines"]}["pycryptodome"]
+    print(f"\nperiodic known-answer failure: longest gap {flow['max_gap'] * 1000:.1f} ms; "
+          f"{row['state']}: {row['reason'][:120]}")
+    assert row["state"] == "excluded" and "known-answer test failed" in row["reason"], row
+    assert row["moved_away"] == 4 and row["sas"] == 0 and row["faults"] == 0
+    assert set(_engines_of(a).values()) == {"openssl"}
+    assert sum(w["drops"].get("engine_failed", 0) for w in st["workers"]) == 0
+    assert flow["max_gap"] < STALL
     _wire_is_good(flow, keys)
     assert a.stop() == 0 and b.stop() == 0
