@@ -23,4 +23,5 @@ def read_crypto(raw: dict[str, Any], probs: Problems) -> CryptoSettings:
         verify_interval=parsers.seconds_or_off(CRYPTO["verify_interval"], raw, "crypto", probs),
         verify_timeout=CRYPTO["verify_timeout"].read(raw, "crypto", probs),
         disabled=disabled,
+        self_check=CRYPTO["self_check"].read(raw, "crypto", probs),
     )

@@ -35,10 +35,12 @@ from ..core.spd import Action, Direction, Policy, Selector
 from ..core.suites import ENCRYPTION, HMACS
 from ..engines.base import (
     DEFAULT_POLICY,
+    DEFAULT_SELF_CHECK,
     DEFAULT_VERIFY_INTERVAL,
     DEFAULT_VERIFY_TIMEOUT,
     ENGINE_NAMES,
     POLICIES,
+    SELF_CHECK_RANGE,
     VERIFY_INTERVAL_RANGE,
     VERIFY_TIMEOUT_RANGE,
 )
@@ -169,6 +171,10 @@ CRYPTO = Section("crypto", "[crypto]", "The crypto engines each SA can run on, h
                   " seconds", parser=parsers.seconds_or_off),
     Field("verify_timeout", NUMBER, "seconds an engine's known-answer tests may take before it "
           "is excluded as hung", default=DEFAULT_VERIFY_TIMEOUT, bounds=VERIFY_TIMEOUT_RANGE),
+    Field("self_check", INTEGER, "every Nth packet of an SA is done again on another engine "
+          "and must give the same bytes, else it is dropped and its engine excluded (wrong "
+          "output caught before it leaves); 0: off", default=DEFAULT_SELF_CHECK,
+          bounds=SELF_CHECK_RANGE),
     Field("disabled", "array of strings", "engines not used (`nfq-ipsec engine enable` puts one "
           "back until the next restart)", default=(), default_text="none", allowed=_ENGINES,
           parser=parsers.engine_names),

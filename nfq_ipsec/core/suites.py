@@ -284,9 +284,16 @@ class GuardedSuite:
     the core's own (a library error, a broken device) drops the packet as ``engine_failed``
     and appends the engine's name to ``alarms``, which the worker looks at after each batch
     to move the engine's SAs to another. Bound per SA when the SA is built, never per packet.
+
+    ``witness`` and ``check_every`` (``crypto.self_check``): every ``check_every``-th call is
+    done again on another engine's suite of the same SA, whose output must be the same bytes
+    (IVs come from the sequence number, so every engine's are); a difference is a wrong
+    engine: the packet is dropped as ``engine_failed`` and the alarm raised, before anything
+    wrong reaches the wire.
     """
 
-    def __init__(self, inner: Suite, engine: str, alarms: list[str]) -> None:
+    def __init__(self, inner: Suite, engine: str, alarms: list[str],
+                 witness: Suite | None = None, check_every: int = 0) -> None:
         self.inner = inner
         self.engine = engine
         self.alarms = alarms
@@ -295,30 +302,65 @@ class GuardedSuite:
         self.icv_size = inner.icv_size
         self.align = inner.align
         self.faults = 0
+        self.checked = 0  # calls done again on the witness
         self._seal = inner.seal
         self._open = inner.open
+        self.witness = witness if check_every > 0 else None
+        self.check_every = check_every if witness is not None else 0
+        self._left = self.check_every  # calls to the next check
 
     def seal(self, esp_header: bytes, seq_hi: bytes, seq: int, plaintext: bytes) -> bytes:
         try:
-            return self._seal(esp_header, seq_hi, seq, plaintext)
+            out = self._seal(esp_header, seq_hi, seq, plaintext)
         except EspError:
             raise
         except Exception as err:
-            raise self._failed(err) from None
+            raise self._failed(type(err).__name__) from None
+        if self.check_every:
+            self._left -= 1
+            if self._left <= 0:
+                self._left = self.check_every
+                self._check(out, self._witness_seal(esp_header, seq_hi, seq, plaintext))
+        return out
 
     def open(self, esp_header: Buffer, seq_hi: bytes, body: Buffer) -> bytes:
         try:
-            return self._open(esp_header, seq_hi, body)
+            out = self._open(esp_header, seq_hi, body)
         except EspError:
             raise
         except Exception as err:
-            raise self._failed(err) from None
+            raise self._failed(type(err).__name__) from None
+        if self.check_every:
+            self._left -= 1
+            if self._left <= 0:
+                self._left = self.check_every
+                self._check(out, self._witness_open(esp_header, seq_hi, body))
+        return out
 
-    def _failed(self, err: Exception) -> EspError:
+    def _witness_seal(self, esp_header: bytes, seq_hi: bytes, seq: int, plaintext: bytes) -> bytes:
+        assert self.witness is not None
+        try:
+            return self.witness.seal(esp_header, seq_hi, seq, plaintext)
+        except Exception:  # the witness failed, not the engine: no verdict on it
+            return b""
+
+    def _witness_open(self, esp_header: Buffer, seq_hi: bytes, body: Buffer) -> bytes:
+        assert self.witness is not None
+        try:
+            return self.witness.open(esp_header, seq_hi, body)
+        except Exception:  # an ICV the witness refuses is the engine's wrong answer
+            return b"\x00refused"
+
+    def _check(self, out: bytes, witnessed: bytes) -> None:
+        self.checked += 1
+        if witnessed and witnessed != out:
+            raise self._failed("output differs from another engine's")
+
+    def _failed(self, what: str) -> EspError:
         self.faults += 1
         self.alarms.append(self.engine)
         # the type only: a library's message might quote its input
-        return EspError(DropReason.ENGINE_FAILED, f"engine {self.engine}: {type(err).__name__}")
+        return EspError(DropReason.ENGINE_FAILED, f"engine {self.engine}: {what}")
 
     def __repr__(self) -> str:
         return f"<GuardedSuite {self.name} on {self.engine}>"

@@ -22,6 +22,8 @@ DEFAULT_VERIFY_INTERVAL: Final = 300.0  # seconds between known-answer runs in e
 VERIFY_INTERVAL_RANGE: Final = (1.0, 86400.0)  # or 0: only at start
 DEFAULT_VERIFY_TIMEOUT: Final = 2.0  # an engine's known-answer tests must finish within this
 VERIFY_TIMEOUT_RANGE: Final = (0.1, 60.0)
+DEFAULT_SELF_CHECK: Final = 0  # off: every Nth packet done again on another engine
+SELF_CHECK_RANGE: Final = (0, 1_000_000)
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class CryptoSettings:
     verify_interval: float = DEFAULT_VERIFY_INTERVAL  # 0: only at start
     verify_timeout: float = DEFAULT_VERIFY_TIMEOUT
     disabled: tuple[str, ...] = ()
+    self_check: int = DEFAULT_SELF_CHECK  # every Nth packet of an SA checked on a witness; 0: off
 
 
 DEFAULT_CRYPTO: Final = CryptoSettings()

@@ -234,7 +234,21 @@ class Team:
             except Exception as err:
                 self.exclude(m.name, f"building a suite raised {type(err).__name__}", move=False)
                 continue
-            return GuardedSuite(inner, m.name, self.alarms), m.name
+            return GuardedSuite(inner, m.name, self.alarms, self._witness(sa, m.name),
+                                self.settings.self_check), m.name
+
+    def _witness(self, sa: SecurityAssociation, engine: str) -> Suite | None:
+        """``crypto.self_check``: the same SA's suite on the next engine the policy would
+        pick, which checks every Nth packet; None when off or there is no other engine."""
+        if not self.settings.self_check:
+            return None
+        p = sa.params
+        try:
+            m = self.choose(suite_name(p.encryption, p.integrity), avoid=engine)
+            return m.engine.build(p.encryption, p.key.reveal(), p.integrity,
+                                  p.integrity_key.reveal())
+        except Exception:
+            return None
 
     def bind(self, sas: Iterable[SecurityAssociation]) -> None:
         """Give each SA its engine's suite. Raises NoEngine (nothing bound) if any can't."""
@@ -304,7 +318,7 @@ class Team:
         moved = []
         for name in sorted(set(names)):
             self.members[name].faults += names.count(name)
-            moved += self.exclude(name, "raised on the packet path")
+            moved += self.exclude(name, "raised or gave wrong output on the packet path")
         return moved
 
     def disable(self, name: str) -> list[tuple[str, str]]:

@@ -14,6 +14,9 @@ spawned workers included, then runs ``sitecustomize.py`` from here, which wraps 
 - ``engine-raise:NAME:N``: in each worker, once the SAs are bound, the suites of crypto engine
   NAME raise on every call after the first N (a device that fails for good); the worker's
   start-up known-answer tests have run by then. For the engines' fail-over.
+- ``engine-corrupt:NAME:N``: the same, but the suites return wrong bytes (the last one
+  flipped) instead of raising: what only the self-check (``crypto.self_check``) or the
+  known-answer tests can see.
 - ``kat-fail:NAME:PATH``: once PATH exists, every known-answer test of engine NAME fails
   (the packets it seals stay right): the periodic check must exclude it.
 """
@@ -85,36 +88,41 @@ def wrap(handler: Any, fault: str) -> Any:
 class _Failing:
     """A suite that raises after the engine's first ``limit`` calls (counted per worker)."""
 
-    def __init__(self, inner: Any, calls: list[int], limit: int) -> None:
-        self.inner, self.calls, self.limit = inner, calls, limit
+    def __init__(self, inner: Any, calls: list[int], limit: int, corrupt: bool = False) -> None:
+        self.inner, self.calls, self.limit, self.corrupt = inner, calls, limit, corrupt
         self.name, self.iv_size = inner.name, inner.iv_size
         self.icv_size, self.align = inner.icv_size, inner.align
 
-    def _count(self) -> None:
+    def _count(self) -> bool:
+        """True: this call's output is to be corrupted."""
         self.calls[0] += 1
-        if self.calls[0] > self.limit:
+        if self.calls[0] <= self.limit:
+            return False
+        if not self.corrupt:
             raise RuntimeError(f"test fault injection ({FAULT_ENV}): engine failed")
+        return True
 
     def seal(self, *args: Any) -> bytes:
-        self._count()
+        bad = self._count()
         out: bytes = self.inner.seal(*args)
-        return out
+        return out[:-1] + bytes([out[-1] ^ 1]) if bad and out else out
 
     def open(self, *args: Any) -> bytes:
-        self._count()
+        bad = self._count()
         out: bytes = self.inner.open(*args)
-        return out
+        return out[:-1] + bytes([out[-1] ^ 1]) if bad and out else out
 
 
 def _engine_raise(worker: Any, fault: str) -> None:
-    _, name, limit = fault.split(":")
+    kind, name, limit = fault.split(":")
+    corrupt = kind == "engine-corrupt"
     use_team = worker.PacketHandler.use_team
 
     def patched(self: Any, team: Any) -> None:
         engine = team.members[name].engine
         build = engine.build
         calls = [0]
-        engine.build = lambda *a: _Failing(build(*a), calls, int(limit))
+        engine.build = lambda *a: _Failing(build(*a), calls, int(limit), corrupt)
         log.warning("test fault injection active: engine %s fails after %s calls", name, limit)
         use_team(self, team)
 
@@ -140,7 +148,7 @@ def install(fault: str) -> None:
     """Wrap every PacketHandler this interpreter makes (sitecustomize calls this)."""
     from nfq_ipsec import worker
 
-    if fault.startswith("engine-raise:"):
+    if fault.startswith(("engine-raise:", "engine-corrupt:")):
         _engine_raise(worker, fault)
         return
     if fault.startswith("kat-fail:"):

@@ -8,6 +8,9 @@ interface is captured:
 - an engine whose suites start raising in A's workers (injected by tests/faults): the packets
   that hit it are dropped as ``engine_failed``, the engine is excluded, its SAs move to
   OpenSSL, and the counters agree (worker drops = SA drops = the engine's faults);
+- an engine whose output turns wrong (injected) under ``crypto.self_check = 1``: every packet
+  is done again on another engine, so the first wrong one is dropped (``engine_failed``)
+  before it leaves, and the engine is excluded;
 - an engine whose known-answer tests start failing (injected): the next periodic check
   (``crypto.verify_interval = 1``) excludes it and moves its SAs, no packet dropped;
 - in all: no TCP in clear on the wire, and tshark authenticates every ESP packet with the
@@ -194,12 +197,15 @@ def test_disable_and_enable_under_a_tcp_flow(pair: Pair, tmp_path: Path, daemons
     assert a.stop() == 0 and b.stop() == 0
 
 
-def test_an_engine_that_raises_is_excluded_and_its_sas_move(pair: Pair, tmp_path: Path,
-                                                           daemons: list[Daemon]) -> None:
+@pytest.mark.parametrize("fault", ["engine-raise", "engine-corrupt"])
+def test_an_engine_that_fails_is_excluded_and_its_sas_move(pair: Pair, tmp_path: Path,
+                                                          daemons: list[Daemon], fault: str) -> None:
     keys = make_keys()
     prefer = '\n[crypto]\npolicy = "prefer"\nprefer = ["pycryptodome"]\n'
+    if fault == "engine-corrupt":
+        prefer += "self_check = 1\n"
     a = _daemon(pair, tmp_path, True, keys, prefer, daemons,
-                NFQ_IPSEC_TEST_FAULT="engine-raise:pycryptodome:300")
+                NFQ_IPSEC_TEST_FAULT=f"{fault}:pycryptodome:300")
     b = _daemon(pair, tmp_path, False, keys, prefer, daemons)
     for d in (a, b):
         d.start()
@@ -210,11 +216,11 @@ def test_an_engine_that_raises_is_excluded_and_its_sas_move(pair: Pair, tmp_path
     st = a.status()
     failed = sum(w["drops"].get("engine_failed", 0) for w in st["workers"])
     row = {r["name"]: r for r in st["engines"]}["pycryptodome"]
-    print(f"\nengine raising: {failed} packet(s) dropped as engine_failed, longest gap "
+    print(f"\n{fault}: {failed} packet(s) dropped as engine_failed, longest gap "
           f"{flow['max_gap'] * 1000:.1f} ms; {json.dumps(row)}")
     assert failed >= 1
     assert row["faults"] == failed == sum(sa["other_drops"] for sa in st["sas"])
-    assert row["state"] == "excluded" and "raised on the packet path" in row["reason"], row
+    assert row["state"] == "excluded" and "on the packet path" in row["reason"], row
     used = {sa["name"] for sa in st["sas"] if sa["packets"]}
     assert {_engines_of(a)[n] for n in used} == {"openssl"}
     assert {r["name"]: r for r in b.status()["engines"]}["pycryptodome"]["state"] == "ready"

@@ -199,7 +199,7 @@ ACCEPTED: dict[str, list[dict[str, Any]]] = {
     "crypto": [
         {"policy": "balance"}, {"policy": "prefer", "prefer": ["pycryptodome", "openssl"]},
         {"verify_interval": 0}, {"verify_interval": 30}, {"verify_timeout": 0.5},
-        {"disabled": ["afalg", "sodium"]},
+        {"disabled": ["afalg", "sodium"]}, {"self_check": 1}, {"self_check": 0},
     ],
     "policy": [
         {"name": "other"}, {"action": "protect"}, {"direction": "both"},

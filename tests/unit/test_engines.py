@@ -393,3 +393,33 @@ def test_no_key_in_reports_or_reprs() -> None:
     team.bind([sa])
     key = sas.key_for("aes-gcm-128")
     assert key.hex() not in repr(sa.suite) and key.hex() not in str(team.report())
+
+
+def test_the_self_check_catches_wrong_output_before_it_leaves() -> None:
+    turn = TestEngine("turncoat")
+    team = _team(turn, OpenSSLEngine(), policy="prefer", prefer=("turncoat",), self_check=1)
+    sa = _outbound()
+    proc = _processor(sa)
+    team.bind([sa])
+    assert isinstance(sa.suite, GuardedSuite) and sa.suite.witness is not None
+    want = _reference(4)
+    got = []
+    for i in range(4):
+        if i == 1:
+            turn.mode = "corrupt"
+        got.append(proc.process(_packet(i), len(_packet(i)), LEAVING, 0.0))
+        if team.alarms:
+            assert team.on_alarms() == [("out", "openssl")]
+    assert [r.reason for r in got] == [None, DropReason.ENGINE_FAILED, None, None]
+    assert [got[i].packet for i in (0, 2, 3)] == [want[i] for i in (0, 2, 3)]
+    assert {r["name"]: r["faults"] for r in team.report()}["turncoat"] == 1
+
+
+def test_the_self_check_samples_every_nth_packet() -> None:
+    team = _team(OpenSSLEngine(), PycryptodomeEngine(), self_check=3)
+    sa = _outbound()
+    proc = _processor(sa)
+    team.bind([sa])
+    for i in range(10):
+        assert proc.process(_packet(i), len(_packet(i)), LEAVING, 0.0).verdict is Verdict.ACCEPT
+    assert isinstance(sa.suite, GuardedSuite) and sa.suite.checked == 3 and not team.alarms
