@@ -229,7 +229,7 @@ class AgentSlot:
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, config_path: str) -> None:
+    def __init__(self, cfg: Config, config_path: str, team: Team | None = None) -> None:
         self.base = cfg  # the file's configuration; self.cfg adds the negotiated Child SAs
         self.cfg = cfg
         self.up: dict[str, list[childsas.Negotiated]] = {}  # by connection, oldest first
@@ -243,8 +243,7 @@ class Supervisor:
         self.meter = usage.Meter()  # CPU and memory of the supervisor and workers, for status
         # The crypto engines: discovered and verified here once, handed to every worker in its
         # spec; runtime disable/enable is kept here too, so a restarted worker follows it.
-        self.team = Team(settings=cfg.crypto)
-        self.team.discover()
+        self.team = team if team is not None else discover_engines(cfg)
         self.engines_disabled = set(cfg.crypto.disabled)
         self.slots = [Slot(qc, self.worker_spec(cfg, qc)) for qc in cfg.daemon.queues]
         self.control = ControlServer(cfg.daemon.control_socket)
@@ -1372,6 +1371,28 @@ def ike_warnings(ike: IkeReport | None) -> list[str]:
             out.append(f"connection {conn['name']}: no Child SA up; its policy's traffic is "
                        "dropped" + (f" (last: {conn['last']})" if conn["last"] else ""))
     return out
+
+
+def discover_engines(cfg: Config) -> Team:
+    """The crypto engines: probed, verified by their known-answer tests, measured (a few
+    milliseconds per suite). Once, at start; the workers get the result in their spec."""
+    team = Team(settings=cfg.crypto)
+    team.discover()
+    return team
+
+
+def engine_preflight(cfg: Config) -> tuple[Team, int | None]:
+    """Discovery, and an exit code if an SA of the configuration has no verified, enabled
+    engine (fail closed: nothing started, nothing installed)."""
+    team = discover_engines(cfg)
+    problems = team.problems(cfg.sas)
+    for line in problems:
+        log.error("crypto engines: %s", line)
+    if problems:
+        log.error("nothing started, nothing installed: enable an engine that offers the suite "
+                  "([crypto] disabled) or see nfq-ipsec engines")
+        return team, exitcodes.CONFIG
+    return team, None
 
 
 def preflight(cfg: Config) -> int | None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.errors import DropReason, EspError
-from ..core.sa import SecurityAssociation
+from ..core.sa import SAParams, SecurityAssociation
 from ..core.suites import GuardedSuite, Suite
 from ..status import EngineReport
 from . import kat
@@ -219,6 +219,16 @@ class Team:
             elif suite not in m.verified:
                 parts.append(f"{m.name}: {m.failed.get(suite, 'not verified')}")
         return "; ".join(parts)
+
+    def problems(self, sas: Iterable[SAParams]) -> list[str]:
+        """One line per SA that no verified, enabled engine can carry (it would not start)."""
+        out = []
+        for p in sas:
+            try:
+                self.choose(suite_name(p.encryption, p.integrity))
+            except NoEngine as err:
+                out.append(f"SA {p.name}: {err}")
+        return out
 
     def load(self, name: str) -> int:
         return sum(1 for _sa, engine in self.bound.values() if engine == name)

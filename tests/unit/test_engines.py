@@ -423,3 +423,22 @@ def test_the_self_check_samples_every_nth_packet() -> None:
     for i in range(10):
         assert proc.process(_packet(i), len(_packet(i)), LEAVING, 0.0).verdict is Verdict.ACCEPT
     assert isinstance(sa.suite, GuardedSuite) and sa.suite.checked == 3 and not team.alarms
+
+
+def test_the_daemon_refuses_sas_no_engine_can_carry() -> None:
+    from nfq_ipsec import supervisor
+    from nfq_ipsec.config import parse_config
+
+    doc = {"daemon": {"queues": [100]}, "crypto": {"disabled": ["openssl", "sodium"]},
+           "policy": [{"name": "p", "action": "protect", "direction": "out", "sa": ["o"]}],
+           "sa": [{"name": "o", "direction": "out", "spi": 0x1000, "encryption": "null",
+                   "integrity": "hmac-sha256-128", "integrity_key": "11" * 32}]}
+    cfg = parse_config(doc, online_cpus=[0])
+    team, code = supervisor.engine_preflight(cfg)
+    assert code == 2
+    assert team.problems(cfg.sas) == [
+        "SA o: no verified crypto engine can run null+hmac-sha256-128 (openssl: disabled; "
+        "sodium: not offered; pycryptodome: not offered; afalg: "
+        + ("absent)" if PROBES["afalg"].absent else "not offered)")]
+    doc["crypto"] = {}
+    assert supervisor.engine_preflight(parse_config(doc, online_cpus=[0]))[1] is None
