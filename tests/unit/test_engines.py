@@ -9,6 +9,7 @@ import errno
 import socket
 import time
 from ipaddress import IPv4Network
+from pathlib import Path
 
 import pytest
 import sas
@@ -442,3 +443,133 @@ def test_the_daemon_refuses_sas_no_engine_can_carry() -> None:
         + ("absent)" if PROBES["afalg"].absent else "not offered)")]
     doc["crypto"] = {}
     assert supervisor.engine_preflight(parse_config(doc, online_cpus=[0]))[1] is None
+
+
+# -- AF_ALG's requests, against a kernel simulated after its documented socket interface ------
+# Where the kernel has AF_ALG the real one is tested above; here the engine's request shapes
+# (keys, IVs, AAD lengths, what it reads back) run against a stand-in that behaves as the
+# kernel's AF_ALG does (Documentation/crypto/userspace-if.rst: AEAD reads AAD || input and
+# writes AAD || output, a wrong tag is EBADMSG on recv), computed with OpenSSL. This proves the
+# engine's own code, not the kernel.
+
+class _FakeKernel:
+    AF_ALG = 38
+    SOCK_SEQPACKET = socket.SOCK_SEQPACKET
+    SOL_ALG = 279
+    ALG_SET_KEY = 1
+    ALG_SET_AEAD_AUTHSIZE = 5
+    ALG_OP_DECRYPT = 0
+    ALG_OP_ENCRYPT = 1
+    HAVE = {"aead": {"gcm(aes)", "rfc7539(chacha20,poly1305)"}, "skcipher": {"ecb(aes)", "cbc(aes)"},
+            "hash": {"hmac(sha256)", "hmac(sha384)", "hmac(sha512)"}}
+
+    class socket:  # the module attribute it stands in for
+        def __init__(self, family: int, kind: int, proto: int = 0) -> None:
+            assert (family, kind) == (_FakeKernel.AF_ALG, socket.SOCK_SEQPACKET)
+            self.alg: tuple[str, str] | None = None
+            self.key = b""
+            self.authsize = 0
+            self.out: bytes | OSError = b""
+            self.hashed = b""
+            self.parent: _FakeKernel.socket | None = None
+
+        def bind(self, addr: tuple[str, str]) -> None:
+            if addr[1] not in _FakeKernel.HAVE.get(addr[0], set()):
+                raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+            self.alg = addr
+
+        def setsockopt(self, level: int, opt: int, value: bytes | None, optlen: int = 0) -> None:
+            assert level == _FakeKernel.SOL_ALG
+            if opt == _FakeKernel.ALG_SET_KEY:
+                assert isinstance(value, bytes)
+                self.key = value
+            else:
+                assert opt == _FakeKernel.ALG_SET_AEAD_AUTHSIZE and value is None
+                self.authsize = optlen
+
+        def accept(self) -> tuple[_FakeKernel.socket, None]:
+            op = _FakeKernel.socket(_FakeKernel.AF_ALG, socket.SOCK_SEQPACKET)
+            op.parent = self
+            return op, None
+
+        def close(self) -> None:
+            pass
+
+        def sendmsg_afalg(self, msg: list[bytes], *, op: int, iv: bytes | None = None,
+                          assoclen: int | None = None, flags: int = 0) -> int:
+            from cryptography.exceptions import InvalidTag
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+            t = self.parent
+            assert t is not None and t.alg is not None
+            data = b"".join(msg)
+            kind, name = t.alg
+            if kind == "aead":
+                assert iv is not None and len(iv) == 12 and assoclen is not None and t.authsize == 16
+                aead = AESGCM(t.key) if name == "gcm(aes)" else ChaCha20Poly1305(t.key)
+                aad, rest = data[:assoclen], data[assoclen:]
+                try:
+                    self.out = aad + (aead.encrypt(iv, rest, aad) if op == _FakeKernel.ALG_OP_ENCRYPT
+                                      else aead.decrypt(iv, rest, aad))
+                except InvalidTag:
+                    self.out = OSError(errno.EBADMSG, "Bad message")
+            else:
+                assert kind == "skcipher" and len(data) % 16 == 0
+                mode = modes.ECB() if name == "ecb(aes)" else modes.CBC(iv or b"")
+                c = Cipher(algorithms.AES(t.key), mode)
+                ctx = c.encryptor() if op == _FakeKernel.ALG_OP_ENCRYPT else c.decryptor()
+                self.out = ctx.update(data) + ctx.finalize()
+            return len(data)
+
+        def sendall(self, data: bytes) -> None:
+            self.hashed += data
+
+        def recv(self, n: int) -> bytes:
+            import hmac as hmac_
+
+            t = self.parent
+            assert t is not None and t.alg is not None
+            if t.alg[0] == "hash":
+                out, self.hashed = hmac_.digest(t.key, self.hashed, t.alg[1][5:-1]), b""
+                return out[:n]
+            if isinstance(self.out, OSError):
+                raise self.out
+            assert n == len(self.out), (n, len(self.out))  # the engine asks for exactly this
+            return self.out
+
+
+def test_afalg_requests_against_a_simulated_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nfq_ipsec.engines import afalg
+
+    monkeypatch.setattr(afalg, "socket", _FakeKernel)
+    engine = AfAlgEngine()
+    probe = engine.probe()
+    assert probe.absent is None and probe.suites == set(kat.KATS)
+    for s in sorted(probe.suites):
+        kat.run(engine.build, s)
+        enc, _, integ = s.partition("+")
+        for seq, esn, size in ((1, False, 64), (2**40 + 7, True, 1408)):
+            a, b = _pair(engine, OpenSSLEngine(), enc, integ or None, bytes(range(7, 23)))
+            seq_hi = (seq >> 32).to_bytes(4, "big") if esn else b""
+            sealed = a.seal(HDR, seq_hi, seq, bytes(size))
+            assert sealed == b.seal(HDR, seq_hi, seq, bytes(size))
+            assert a.open(HDR, seq_hi, sealed) == bytes(size)
+    _FakeKernel.HAVE = {"hash": set()}
+    try:
+        assert "AF_ALG has none" in (engine.probe().absent or "")
+    finally:
+        _FakeKernel.HAVE = {"aead": {"gcm(aes)", "rfc7539(chacha20,poly1305)"},
+                            "skcipher": {"ecb(aes)", "cbc(aes)"},
+                            "hash": {"hmac(sha256)", "hmac(sha384)", "hmac(sha512)"}}
+
+
+def test_afalg_names_the_driver_the_kernel_would_pick(tmp_path: Path) -> None:
+    from nfq_ipsec.engines.afalg import _drivers
+
+    proc = tmp_path / "crypto"
+    proc.write_text("name         : gcm(aes)\ndriver       : generic-gcm-aes\npriority     : 100\n\n"
+                    "name         : gcm(aes)\ndriver       : qat-gcm-aes\npriority     : 4001\n\n"
+                    "name         : cbc(aes)\ndriver       : cbc-aes-aesni\npriority     : 400\n")
+    assert _drivers({"gcm(aes)", "cbc(aes)"}, proc) == (
+        "cbc(aes): cbc-aes-aesni (400), gcm(aes): qat-gcm-aes (4001)")
+    assert _drivers({"gcm(aes)"}, tmp_path / "absent") == ""
