@@ -78,6 +78,7 @@ class Member:
     faults: int = 0  # packets its suites raised on (dropped as engine_failed)
     moved_away: int = 0  # SAs moved off it (fault, exclusion, disable)
     verified_at: float | None = None
+    hung: list[threading.Thread] = field(default_factory=list)  # its tests that never returned
 
     @property
     def name(self) -> str:
@@ -88,9 +89,10 @@ class Member:
                 and suite in self.verified)
 
 
-def _timed(fn: Callable[[], Any], timeout: float) -> tuple[bool, Any]:
+def _timed(fn: Callable[[], Any], timeout: float,
+           hung: list[threading.Thread] | None = None) -> tuple[bool, Any]:
     """Run ``fn`` in a daemon thread; (False, None) if it has not returned within ``timeout``
-    (it is left behind: a hung library call can't be stopped from Python)."""
+    (it is left behind, in ``hung``: a hung library call can't be stopped from Python)."""
     box: list[Any] = []
 
     def target() -> None:
@@ -103,6 +105,8 @@ def _timed(fn: Callable[[], Any], timeout: float) -> tuple[bool, Any]:
     t.start()
     t.join(timeout)
     if not box:
+        if hung is not None:
+            hung.append(t)
         return False, None
     return True, box[0]
 
@@ -166,7 +170,11 @@ class Team:
         for m in self.members.values():
             if m.absent is not None or not m.claims:
                 continue
-            ok, res = _timed(lambda m=m: _kat_all(m), self.settings.verify_timeout)  # type: ignore[misc]
+            m.hung[:] = [t for t in m.hung if t.is_alive()]
+            if m.hung:  # still stuck in the last run: not run again (threads would pile up)
+                continue
+            ok, res = _timed(lambda m=m: _kat_all(m), self.settings.verify_timeout,  # type: ignore[misc]
+                             m.hung)
             if not ok:
                 why = f"known-answer tests did not finish in {self.settings.verify_timeout:g} s"
             elif res[0] == "err":
@@ -342,11 +350,15 @@ class Team:
             raise KeyError(name)
         m = self.members[name]
         m.disabled = False
-        if m.excluded is not None and m.absent is None:
-            passed, failed = _kat_all(m)
-            m.verified, m.failed = passed, failed
-            if not failed:
-                m.excluded = None
+        m.hung[:] = [t for t in m.hung if t.is_alive()]
+        if m.excluded is not None and m.absent is None and not m.hung:
+            # its tests first, under the same deadline: back only if it passes them all
+            ok, res = _timed(lambda: _kat_all(m), self.settings.verify_timeout, m.hung)
+            if ok and res[0] == "ok":
+                m.verified, m.failed = res[1]
+                if not m.failed:
+                    log.warning("engine %s enabled and verified: back in the team", name)
+                    m.excluded = None
         return self.rebind_all()
 
     def report(self) -> list[EngineReport]:

@@ -327,6 +327,9 @@ def test_an_engine_that_raises_drops_the_packet_and_hands_its_sas_on() -> None:
     assert got[0].packet == want[0] and got[2].packet == want[2] and got[3].packet == want[3]
     row = {r["name"]: r for r in team.report()}["flaky"]
     assert (row["state"], row["faults"], row["moved_away"], row["sas"]) == ("excluded", 1, 1, 0)
+    assert team.enable("flaky") == [] and team.members["flaky"].excluded  # still raising: stays out
+    flaky.mode = ""
+    assert team.enable("flaky") == [("out", "flaky")] and team.members["flaky"].excluded is None
 
 
 def test_a_periodic_known_answer_failure_moves_the_sas_keeping_their_state() -> None:
@@ -357,6 +360,8 @@ def test_a_hanging_engine_is_excluded_at_the_deadline() -> None:
     assert time.monotonic() - started < 1.5
     assert "did not finish in 0.3 s" in (team.members["hang"].excluded or "")
     assert team.engine_of(sa) == "openssl"
+    calls = hang.calls
+    assert team.verify() == [] and hang.calls == calls  # still stuck: not run again
 
 
 def test_disable_and_enable_move_an_sa_without_losing_its_place() -> None:
