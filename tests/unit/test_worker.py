@@ -472,6 +472,9 @@ def test_reload_problems_name_what_needs_a_restart() -> None:
                                                if sa.name == "b-to-a-0" else sa for sa in cfg.sas))
     [problem] = reload_problems(cfg, moved)
     assert "'b-to-a-0' moves from queue 100 to 101 under the same key" in problem
+    crypto = dataclasses.replace(cfg, crypto=dataclasses.replace(cfg.crypto, policy="balance"))
+    assert reload_problems(cfg, crypto) == [
+        "crypto: a change needs a restart (engine disable|enable work at runtime)"]
 
 
 def test_a_forwarded_df_packet_too_big_is_answered_with_frag_needed() -> None:
