@@ -439,7 +439,12 @@ class PacketHandler:
         if self.team is not None:
             self.team.bind(added)  # NoEngine: the reload is refused, nothing changed
         if self.store is not None:
-            self.store.attach(added)
+            try:
+                self.store.attach(added)
+            except Exception:
+                if self.team is not None:
+                    self.team.release(added)
+                raise
         new.drops = old.drops  # one set of counters across the reload
         new.frag_ident = old.frag_ident
         new.learn_mss = old.learn_mss
