@@ -578,3 +578,18 @@ def test_afalg_names_the_driver_the_kernel_would_pick(tmp_path: Path) -> None:
     assert _drivers({"gcm(aes)", "cbc(aes)"}, proc) == (
         "cbc(aes): cbc-aes-aesni (400), gcm(aes): qat-gcm-aes (4001)")
     assert _drivers({"gcm(aes)"}, tmp_path / "absent") == ""
+
+
+def test_status_text_and_the_engines_command_show_the_team() -> None:
+    from statusschema import sample_answer
+
+    from nfq_ipsec.commands.engines import render
+    from nfq_ipsec.control import render_status
+
+    answer = sample_answer()
+    assert "crypto engines (nfq-ipsec engines): openssl ready (1 SAs), afalg absent\n" in (
+        render_status(answer))  # type: ignore[arg-type]
+    text = render(answer["engines"])
+    assert text.splitlines()[:3] == ["openssl: ready", "  OpenSSL 3", "  SAs 1, faults 0, SAs moved away 0"]
+    assert "aes-gcm-128" in text and "verified" in text and "1900 MB/s" in text
+    assert "afalg: absent (kernel has no AF_ALG: EAFNOSUPPORT)" in text
