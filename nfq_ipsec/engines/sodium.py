@@ -1,7 +1,7 @@
 """libsodium through PyNaCl: ChaCha20-Poly1305 (IETF, RFC 8439), and AES-256-GCM where the
-CPU has the instructions libsodium wants (its known-answer test decides: without them the
-library refuses and the suite is not verified). PyNaCl exposes no HMAC-SHA-2 with a key of
-our sizes and no AES-CBC, so the CBC suites are not claimed."""
+CPU has the instructions libsodium wants (without them the library refuses the call, and
+``probe`` does not claim the suite: a missing capability, not a wrong answer). PyNaCl exposes
+no HMAC-SHA-2 with a key of our sizes and no AES-CBC, so the CBC suites are not claimed."""
 
 from __future__ import annotations
 
@@ -43,8 +43,15 @@ class SodiumEngine(Engine):
     name = "sodium"
 
     def probe(self) -> Probe:
-        return Probe(frozenset({"chacha20-poly1305", "aes-gcm-256"}),
-                     detail=f"PyNaCl {nacl.__version__}")
+        suites = {"chacha20-poly1305"}
+        detail = f"PyNaCl {nacl.__version__}"
+        try:
+            sodium.crypto_aead_aes256gcm_encrypt(b"", b"", bytes(12), bytes(32))
+        except CryptoError:
+            detail += "; no AES-256-GCM on this CPU"
+        else:
+            suites.add("aes-gcm-256")
+        return Probe(frozenset(suites), detail=detail)
 
     def build(self, encryption: str, key: bytes, integrity: str | None, integrity_key: bytes) -> Suite:
         check_keys(encryption, key, integrity, integrity_key)

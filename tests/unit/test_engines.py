@@ -593,3 +593,16 @@ def test_status_text_and_the_engines_command_show_the_team() -> None:
     assert text.splitlines()[:3] == ["openssl: ready", "  OpenSSL 3", "  SAs 1, faults 0, SAs moved away 0"]
     assert "aes-gcm-128" in text and "verified" in text and "1900 MB/s" in text
     assert "afalg: absent (kernel has no AF_ALG: EAFNOSUPPORT)" in text
+
+
+def test_sodium_claims_aes_gcm_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nacl.exceptions import CryptoError
+
+    from nfq_ipsec.engines import sodium
+
+    def refuse(*_args: object) -> bytes:
+        raise CryptoError("unavailable")
+
+    monkeypatch.setattr(sodium.sodium, "crypto_aead_aes256gcm_encrypt", refuse)
+    probe = SodiumEngine().probe()
+    assert probe.suites == {"chacha20-poly1305"} and "no AES-256-GCM" in probe.detail
