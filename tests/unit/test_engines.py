@@ -596,13 +596,12 @@ def test_status_text_and_the_engines_command_show_the_team() -> None:
 
 
 def test_sodium_claims_aes_gcm_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import nacl.bindings
     from nacl.exceptions import CryptoError
-
-    from nfq_ipsec.engines import sodium
 
     def refuse(*_args: object) -> bytes:
         raise CryptoError("unavailable")
 
-    monkeypatch.setattr(sodium.sodium, "crypto_aead_aes256gcm_encrypt", refuse)
+    monkeypatch.setattr(nacl.bindings, "crypto_aead_aes256gcm_encrypt", refuse)
     probe = SodiumEngine().probe()
     assert probe.suites == {"chacha20-poly1305"} and "no AES-256-GCM" in probe.detail
