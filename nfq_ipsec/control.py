@@ -545,6 +545,11 @@ def render_status(status: StatusReport) -> str:
             out.append(f"  {sa.get('name')}: ESP in UDP, peer {_dash(sa.get('udp_peer'))}, "
                        f"keepalives sent {_dash(sa.get('keepalives_sent'))}, peer changes "
                        f"{_dash(sa.get('peer_changes'))}")
+    engines = status.get("engines") or []
+    if engines:
+        out.append("  crypto engines (nfq-ipsec engines): " + ", ".join(
+            f"{e['name']} {e['state']}" + (f" ({e['sas']} SAs)" if e["state"] != "absent" else "")
+            for e in engines))
     out += _render_ike(status.get("ike"))
     return "\n".join(out) + "\n"
 

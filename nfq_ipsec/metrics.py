@@ -167,10 +167,21 @@ def families(status: StatusReport) -> list[Family]:
             left_p.add(labels, left["packets"])
             left_b.add(labels, left["bytes"])
         idle.add(labels, sa["last_packet_age"])
+
+    e_up = fam("engine_up", "gauge", "1 while the crypto engine is ready (verified, enabled, "
+               "not excluded), else 0.")
+    e_sas = fam("engine_sas", "gauge", "SAs bound to the crypto engine now, across the workers.")
+    e_faults = fam("engine_faults", "counter", "Packets the crypto engine's suites failed on "
+                   "(dropped as engine_failed).")
+    for e in status["engines"]:
+        labels = {"engine": e["name"]}
+        e_up.add(labels, int(e["state"] == "ready"))
+        e_sas.add(labels, e["sas"])
+        e_faults.add(labels, e["faults"])
     return [info, uptime, cpu, mem, rules, control_errors, warnings, up, w_uptime, restarts, w_cpu, w_mem,
             hits, misses, p_in, p_out,
             drops, k_queue, k_user, rule_drops, sa_info, sa_packets, sa_bytes, sa_drops, sa_seq, left_s,
-            left_p, left_b, idle]
+            left_p, left_b, idle, e_up, e_sas, e_faults]
 
 
 def render(status: StatusReport) -> str:

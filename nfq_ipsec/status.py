@@ -78,6 +78,23 @@ class SaSnapshot(TypedDict):
     saved: int | None  # what the SA's state file covers (None: no state file)
     state_writes: int | None
     udp: UdpSnapshot | None  # ESP in UDP; None for plain ESP
+    engine: str | None  # the crypto engine it is bound to ("none": no engine can carry it)
+
+
+class EngineReport(TypedDict):
+    """One crypto engine (``engines/team.py``): what it can do, its state, its load."""
+
+    name: str
+    state: str  # ready, excluded, disabled, absent
+    reason: str  # why it is absent or excluded ("" otherwise)
+    detail: str  # its library's version, the kernel drivers behind AF_ALG
+    claims: list[str]  # the suites it offers here
+    verified: list[str]  # those whose known-answer tests it passed
+    failed: dict[str, str]  # suite -> why its known-answer test failed
+    speed: dict[str, float]  # bytes per second sealed, per verified suite (discovery)
+    sas: int  # SAs bound to it now
+    faults: int  # packets its suites raised on (dropped as engine_failed)
+    moved_away: int  # SAs moved off it (exclusion, fault, disable)
 
 
 class WorkerSnapshot(TypedDict):
@@ -101,6 +118,7 @@ class WorkerSnapshot(TypedDict):
     core: str
     kernel: KernelQueueCounts | None
     sas: list[SaSnapshot]
+    engines: list[EngineReport]
 
 
 # -- the status answer ---------------------------------------------------------------------------
@@ -169,6 +187,7 @@ class SaReport(TypedDict):
     keepalives_sent: int | None
     peer_changes: int | None
     last_packet_age: float | None  # seconds since its worker's report first counted its last packet
+    engine: str | None  # the crypto engine it runs on now
 
 
 class ChildSaReport(TypedDict):
@@ -226,3 +245,4 @@ class StatusReport(TypedDict):
     workers: list[WorkerReport]
     sas: list[SaReport]
     ike: IkeReport | None  # None: no connection, no agent
+    engines: list[EngineReport]  # the crypto engines, across the workers

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import multiprocessing
 import os
@@ -59,6 +60,7 @@ from .agent import AgentSpec, agent_main, agent_spec
 from .config import Config, QueueConfig
 from .control import ControlError, ControlServer, Deferred
 from .core import SADirection
+from .engines.team import Discovered, Team
 from .ike.child import ChildSA
 from .liveness import SaActivity
 from .metricsserver import MetricsError, MetricsServer
@@ -69,6 +71,7 @@ from .status import (
     ConnectionReport,
     Counts,
     DaemonReport,
+    EngineReport,
     IkeReport,
     SaCounts,
     SaReport,
@@ -230,7 +233,7 @@ class AgentSlot:
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, config_path: str) -> None:
+    def __init__(self, cfg: Config, config_path: str, team: Team | None = None) -> None:
         self.base = cfg  # the file's configuration; self.cfg adds the negotiated Child SAs
         self.cfg = cfg
         self.up: dict[str, list[childsas.Negotiated]] = {}  # by connection, oldest first
@@ -243,7 +246,11 @@ class Supervisor:
         self.ctx = multiprocessing.get_context("spawn")
         self.meter = usage.Meter()  # CPU and memory of the supervisor and workers, for status
         self.identity = worker_identity(cfg)  # the workers' user; None: sandbox off (root)
-        self.slots = [Slot(qc, worker_spec(cfg, qc, self.identity)) for qc in cfg.daemon.queues]
+        # The crypto engines: discovered and verified here once, handed to every worker in its
+        # spec; runtime disable/enable is kept here too, so a restarted worker follows it.
+        self.team = team if team is not None else discover_engines(cfg)
+        self.engines_disabled = set(cfg.crypto.disabled)
+        self.slots = [Slot(qc, self.worker_spec(cfg, qc)) for qc in cfg.daemon.queues]
         self.control = ControlServer(cfg.daemon.control_socket)
         self.metrics = (MetricsServer(cfg.daemon.metrics, cfg.daemon.control_socket)
                         if cfg.daemon.metrics else None)
@@ -893,9 +900,72 @@ class Supervisor:
             if self.state != "running":
                 return {"error": f"the daemon is {self.state}; try again once it runs"}
             return self._ask_agent((action, name[:200]))
+        if command == "engine":
+            return self.engine(req.get("action"), req.get("name"))
         # never echo what a client sent beyond a short string
         what = repr(command[:40]) if isinstance(command, str) else f"of type {type(command).__name__}"
-        return {"error": f"unknown command {what} (known: status, reload, ike)"}
+        return {"error": f"unknown command {what} (known: status, reload, ike, engine)"}
+
+    # -- crypto engines -------------------------------------------------------------------
+    def worker_spec(self, cfg: Config, qc: QueueConfig) -> WorkerSpec:
+        return worker_spec(cfg, qc, self.identity, self.team.discovered(),
+                           tuple(sorted(self.engines_disabled)))
+
+    def engine(self, action: object, name: object) -> dict[str, Any]:
+        """``engine disable|enable NAME``: every worker moves the SAs at once, no restart."""
+        if action not in ("disable", "enable") or not isinstance(name, str):
+            return {"error": "engine needs action disable or enable and an engine name"}
+        if name not in self.team.members:
+            return {"error": f"unknown engine {name[:40]!r} (known: {', '.join(self.team.members)})"}
+        if self.state != "running":
+            return {"error": f"the daemon is {self.state}; try again once it runs"}
+        if action == "disable":
+            self.engines_disabled.add(name)
+            self.team.members[name].disabled = True
+        else:
+            self.engines_disabled.discard(name)
+            self.team.members[name].disabled = False
+        for slot in self.slots:  # a worker started from now on follows it
+            slot.spec = dataclasses.replace(slot.spec, crypto=dataclasses.replace(
+                slot.spec.crypto, disabled=tuple(sorted(self.engines_disabled))))
+        answers = self._ask([s for s in self.slots if s.state == "ready"],
+                            lambda _slot: ("engine", action, name), "engine")
+        moved: dict[str, Any] = {}
+        errors = []
+        for num, (done, text) in sorted(answers.items()):
+            if not done:
+                errors.append(f"queue {num}: {text}")
+                continue
+            got = json.loads(text)
+            if "error" in got:
+                errors.append(f"queue {num}: {got['error']}")
+            else:
+                moved[str(num)] = got["moved"]
+        log.info("engine %s %sd at runtime: %d SA(s) moved", name, action,
+                 sum(len(v) for v in moved.values()))
+        out: dict[str, Any] = {"engine": name, "action": action, "moved": moved}
+        if errors:
+            out["error"] = "; ".join(errors)
+        return out
+
+    def engines_report(self) -> list[EngineReport]:
+        """The supervisor's discovery with every worker's state, load and faults summed."""
+        rows = self.team.report()
+        for row in rows:
+            row["sas"] = 0
+            if row["name"] in self.engines_disabled and row["state"] != "absent":
+                row["state"] = "disabled"
+            for slot in self.slots:
+                for w in slot.stats.get("engines", []) if slot.stats else []:
+                    if w["name"] != row["name"]:
+                        continue
+                    row["sas"] += w["sas"]
+                    row["faults"] += w["faults"]
+                    row["moved_away"] += w["moved_away"]
+                    if w["state"] == "excluded" and row["state"] == "ready":
+                        row["state"], row["reason"] = "excluded", f"queue {slot.queue}: {w['reason']}"
+                        row["failed"] = dict(w["failed"])
+        return rows
 
     # -- reload ---------------------------------------------------------------------------
     def _running_status(self) -> str:
@@ -998,9 +1068,9 @@ class Supervisor:
         new_nums = [qc.num for qc in new.daemon.queues]
         kept = [s for s in self.slots if s.queue in new_nums]
         removed = [s for s in self.slots if s.queue not in new_nums]
-        added = [Slot(qc, worker_spec(new, qc, self.identity)) for qc in new.daemon.queues
+        added = [Slot(qc, self.worker_spec(new, qc)) for qc in new.daemon.queues
                  if qc.num not in old_nums]
-        specs = {qc.num: worker_spec(new, qc, self.identity) for qc in new.daemon.queues}
+        specs = {qc.num: self.worker_spec(new, qc) for qc in new.daemon.queues}
         # 1. the workers that stay build their new processors (nothing moves yet)
         answers = self._ask(kept, lambda s: ("reload", specs[s.queue]), "reloaded")
         failed = [f"queue {q}: {why}" for q, (ok, why) in answers.items() if not ok]
@@ -1249,6 +1319,7 @@ class Supervisor:
                     "keepalives_sent": udp["keepalives_sent"] if udp else None,
                     "peer_changes": udp["peer_changes"] if udp else None,
                     "last_packet_age": round(age, 3) if age is not None else None,
+                    "engine": s.get("engine") if s else None,
                 })
         sas.sort(key=lambda s: (s["queue"], s["direction"] != SADirection.OUT.value, s["name"]))
         kdrops, kage, kwarn = self._kernel_drops(now)
@@ -1279,6 +1350,7 @@ class Supervisor:
             "workers": workers,
             "sas": sas,
             "ike": ike,
+            "engines": self.engines_report(),
         }
 
 
@@ -1291,9 +1363,13 @@ def worker_identity(cfg: Config) -> Identity | None:
     return sandbox.lookup(cfg.daemon.worker_user)
 
 
-def worker_spec(cfg: Config, qc: QueueConfig, identity: Identity | None = None) -> WorkerSpec:
+def worker_spec(cfg: Config, qc: QueueConfig, identity: Identity | None = None,
+                engines: tuple[Discovered, ...] = (),
+                disabled: tuple[str, ...] | None = None) -> WorkerSpec:
     """What the worker of queue ``qc`` gets: the whole SPD, and its own SAs only; with
-    ``identity``, the sandbox (``daemon.sandbox``) and the user to run as."""
+    ``identity``, the sandbox (``daemon.sandbox``) and the user to run as; the supervisor's
+    discovery of the crypto engines and the engines disabled now."""
+    crypto = cfg.crypto if disabled is None else dataclasses.replace(cfg.crypto, disabled=disabled)
     return WorkerSpec(
         sandbox=cfg.daemon.sandbox if identity is not None else "off",
         worker_user=identity,
@@ -1305,6 +1381,8 @@ def worker_spec(cfg: Config, qc: QueueConfig, identity: Identity | None = None) 
         busy_poll=cfg.daemon.busy_poll / 1e6,
         drop_log=cfg.daemon.drop_log,
         gso=cfg.daemon.gso,
+        crypto=crypto,
+        engines=engines,
     )
 
 
@@ -1331,6 +1409,8 @@ def reload_problems(old: Config, new: Config) -> list[str]:
                 else "changes its settings")
         out.append(f"SA {sa.name!r} {what} under the same key: its sequence numbers and state "
                    "belong to the running SA; restart, or give it a new key (and SPI)")
+    if old.crypto != new.crypto:
+        out.append("crypto: a change needs a restart (engine disable|enable work at runtime)")
     return out
 
 
@@ -1370,6 +1450,28 @@ def ike_warnings(ike: IkeReport | None) -> list[str]:
             out.append(f"connection {conn['name']}: no Child SA up; its policy's traffic is "
                        "dropped" + (f" (last: {conn['last']})" if conn["last"] else ""))
     return out
+
+
+def discover_engines(cfg: Config) -> Team:
+    """The crypto engines: probed, verified by their known-answer tests, measured (a few
+    milliseconds per suite). Once, at start; the workers get the result in their spec."""
+    team = Team(settings=cfg.crypto)
+    team.discover()
+    return team
+
+
+def engine_preflight(cfg: Config) -> tuple[Team, int | None]:
+    """Discovery, and an exit code if an SA of the configuration has no verified, enabled
+    engine (fail closed: nothing started, nothing installed)."""
+    team = discover_engines(cfg)
+    problems = team.problems(cfg.sas)
+    for line in problems:
+        log.error("crypto engines: %s", line)
+    if problems:
+        log.error("nothing started, nothing installed: enable an engine that offers the suite "
+                  "([crypto] disabled) or see nfq-ipsec engines")
+        return team, exitcodes.CONFIG
+    return team, None
 
 
 def preflight(cfg: Config) -> int | None:

@@ -10,7 +10,8 @@ Pipe protocol (pickled tuples over a ``multiprocessing.Pipe``):
 - supervisor -> worker: ``("stats",)``, ``("ping",)`` (the watchdog), ``("stop",)``, and for a
   reload ``("reload", WorkerSpec)``, ``("commit",)``, ``("rollback",)`` (answered by
   ``("reloaded", summary)``, ``("committed", "")``, ``("rolled_back", "")`` or
-  ``("reload_failed", why)``)
+  ``("reload_failed", why)``), ``("engine", "disable"|"enable", name)`` (answered by
+  ``("engine", json)``: the SAs that moved, or an error)
 - worker -> supervisor: ``("ready", pid, queue)``, ``("error", text)`` (then it exits 1),
   ``("stats", snapshot)`` (:class:`nfq_ipsec.status.WorkerSnapshot`, for a status answer),
   ``("pong", counts)`` (:class:`nfq_ipsec.status.Counts`, :mod:`nfq_ipsec.counts`: what the
@@ -41,6 +42,15 @@ crypto engine its SAs may use (:func:`preload`); then it becomes ``daemon.worker
 ``CAP_NET_ADMIN`` only, attaches its state store as that user and installs the seccomp filter.
 Nothing may be imported or opened lazily on the packet path after that: an ``import`` of a
 module not loaded yet fails, and a new socket kills the worker (SIGSYS).
+
+Crypto engines (:mod:`nfq_ipsec.engines`, docs/engines.md): importing this module imports
+every engine module and its library (OpenSSL, libsodium, pycryptodome) and reads the
+known-answer vectors, so nothing is loaded lazily later: a worker may run where opening files
+after start-up is forbidden (the sandbox). The worker verifies its engines before it binds its queue (the
+supervisor's discovery in its spec), binds each SA to one (an SA none can carry stops it),
+looks at the engines' alarms after each batch (a suite that raised: its engine is excluded and
+its SAs move) and runs the known-answer tests again every ``crypto.verify_interval``. AF_ALG
+sockets are opened when an SA is bound (at start, on a reload or when it moves), not per packet.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import logging
 import os
 import select
@@ -70,6 +81,8 @@ from .core.packet import ip_to_str
 from .core.processor import ARRIVING, FORWARDED, LEAVING
 from .core.sa import SAEvent
 from .droplog import LOGGED, DropLog
+from .engines.base import DEFAULT_CRYPTO, CryptoSettings
+from .engines.team import Discovered, Team
 from .nfqueue import (
     DEFAULT_MAX_LEN,
     HOOK_PRE_ROUTING,
@@ -131,6 +144,9 @@ class WorkerSpec:
     drop_log: bool = False  # daemon.drop_log: the rate-limited drop log
     busy_poll: float = 0.0  # daemon.busy_poll in seconds: how long to poll after a batch; 0: off
     gso: bool = False  # daemon.gso: the queue hands over TCP superpackets whole
+    crypto: CryptoSettings = DEFAULT_CRYPTO  # [crypto], disabled as the daemon has it now
+    # the supervisor's discovery of the engines (claims, speeds); () makes the worker discover
+    engines: tuple[Discovered, ...] = ()
     sandbox: str = "off"  # daemon.sandbox: "enforce", "log" or "off" (the supervisor's choice)
     worker_user: Identity | None = None  # daemon.worker_user, looked up by the supervisor
 
@@ -212,6 +228,43 @@ class PacketHandler:
         # the kernel's queue counters; None: read /proc each time (a sandboxed worker reads a
         # file it opened before)
         self.kernel_stats: Callable[[], dict[int, Any]] | None = None
+        # The crypto engines the SAs are bound to (engines/team.py). ``alarms`` is the team's
+        # list that an engine's suite appends to when it raises: looked at after each batch.
+        self.team: Team | None = None
+        self.alarms: list[str] = []
+
+    def use_team(self, team: Team) -> None:
+        """Bind every SA of the processor to an engine (raises NoEngine: the worker does not
+        start) and watch the team's alarms from now on."""
+        team.bind(self.processor.sad.all())
+        self.team = team
+        self.alarms = team.alarms
+
+    def engine_alarms(self) -> None:
+        """A suite raised in the last batch (its packet was dropped as engine_failed): its
+        engine leaves the team and its SAs move to the next capable one."""
+        if self.team is None:
+            self.alarms.clear()
+            return
+        for sa_name, engine in self.team.on_alarms():
+            log.warning("SA %s moved to engine %s", sa_name, engine)
+
+    def engine_command(self, action: str, name: str) -> dict[str, Any]:
+        """``engine disable|enable NAME`` from the supervisor: the SAs that moved."""
+        if self.team is None:
+            return {"error": "no engines in this worker"}
+        try:
+            moved = self.team.disable(name) if action == "disable" else self.team.enable(name)
+        except KeyError:
+            return {"error": f"unknown engine {name!r}"}
+        for sa_name, engine in moved:
+            log.info("SA %s moved to engine %s (%s %s)", sa_name, engine, action, name)
+        return {"moved": [list(m) for m in moved]}
+
+    def verify_engines(self) -> None:
+        """The periodic known-answer tests (``crypto.verify_interval``)."""
+        if self.team is not None:
+            self.team.verify()
 
     def handle_batch(self, packets: list[QueuedPacket]) -> None:
         """Give every packet a verdict and send the verdicts."""
@@ -264,6 +317,8 @@ class PacketHandler:
                 self._internal_error(pkt)
         self.packets_out += accepted
         self.queue.flush()
+        if self.alarms:  # an engine raised: its SAs move before the next batch
+            self.engine_alarms()
 
     def _arrived_unprotected(self, indev: int) -> bool:
         """Whether ifindex ``indev`` is the gateway's unprotected interface, looked up by name
@@ -403,8 +458,15 @@ class PacketHandler:
         new = Processor(spec.spd(), items, now, old.flow_cache_size, spec.mtu, old.max_packet,
                         spec.ipv6_link)
         added = [sa for sa in new.sad.all() if sa.params in fresh]
+        if self.team is not None:
+            self.team.bind(added)  # NoEngine: the reload is refused, nothing changed
         if self.store is not None:
-            self.store.attach(added)
+            try:
+                self.store.attach(added)
+            except Exception:
+                if self.team is not None:
+                    self.team.release(added)
+                raise
         new.drops = old.drops  # one set of counters across the reload
         new.frag_ident = old.frag_ident
         new.learn_mss = old.learn_mss
@@ -418,11 +480,18 @@ class PacketHandler:
     def commit_reload(self) -> None:
         """The rules have moved: let the retired SAs go (their exact state stored)."""
         prev, self.previous = self.previous, None
+        if prev is not None:
+            self._release_retired(prev)
         if prev is None or self.store is None:
             return
         current = {id(sa) for sa in self.processor.sad.all()}
         self.store.detach([sa for sa in prev.sad.all() if id(sa) not in current])
         self._added = []
+
+    def _release_retired(self, prev: Processor) -> None:
+        if self.team is not None:
+            current = {id(sa) for sa in self.processor.sad.all()}
+            self.team.release([sa for sa in prev.sad.all() if id(sa) not in current])
 
     def rollback_reload(self) -> None:
         """The reload failed elsewhere: back to the old processor, the new SAs let go."""
@@ -431,6 +500,8 @@ class PacketHandler:
             return
         if self.store is not None:
             self.store.detach(self._added, exact=False)
+        if self.team is not None:
+            self.team.release(self._added)
         self.processor = prev
         self._added = []
 
@@ -515,6 +586,7 @@ class PacketHandler:
                 "udp": _udp_snapshot(sa),
                 "saved": saved["saved"] if saved is not None else None,
                 "state_writes": saved["state_writes"] if saved is not None else None,
+                "engine": self.team.engine_of(sa) if self.team is not None else None,
             })
         return {
             "queue": queue_num,
@@ -534,6 +606,7 @@ class PacketHandler:
             "core": corebuild.running().detail,
             "kernel": kernel,
             "sas": sas,
+            "engines": self.team.report() if self.team is not None else [],
         }
 
 
@@ -590,6 +663,12 @@ def run(
             store = StateStore(spec.state_dir, queue=spec.queue, dir_fd=state_fd)
             if ident is None:
                 store.attach(processor.sad.all())  # before the queue: no packet without its state
+        team = Team(settings=spec.crypto)
+        if spec.engines:
+            team.adopt(spec.engines)
+            team.verify()  # in this process: its own copies of the libraries
+        else:
+            team.discover()
         if queue is None:
             queue = NetlinkQueue(max_len=spec.max_len,
                                  want_indev=spec.gateway_interface is not None, gso=spec.gso)
@@ -597,11 +676,21 @@ def run(
         if ident is not None:
             os.umask(0o027)  # its files readable by their directory's group (root), as made
             handler = _sandboxed_handler(spec, processor, queue)
+        else:
+            handler = PacketHandler(processor, queue, spec.mark,
+                                    gateway_interface=spec.gateway_interface, drop_log=spec.drop_log)
+        # NoEngine: an SA no verified engine can carry. Before the sandbox: an AF_ALG engine's
+        # sockets are opened as its SAs are bound.
+        handler.use_team(team)
+        if ident is not None:
             preload()
             sandbox.drop_user(ident)
             if store is not None:  # as the worker's user: the files it makes are its own
                 store.attach(processor.sad.all())
             sandbox.enter_filter(state_fd, spec.sandbox)
+            # no new thread from here (the filter allows no clone): the periodic known-answer
+            # tests run inline, and a hung engine is the watchdog's (docs/engines.md)
+            team.threads = False
     except Exception as err:
         if store is not None:
             store.close(exact=False)
@@ -613,9 +702,6 @@ def run(
         with contextlib.suppress(OSError):
             conn.send(("error", text))
         return 1
-    if handler is None:
-        handler = PacketHandler(processor, queue, spec.mark,
-                                gateway_interface=spec.gateway_interface, drop_log=spec.drop_log)
     handler.store = store
     conn.send(("ready", os.getpid(), spec.queue))
     pinned = f"cpu {spec.cpu}" if spec.cpu is not None else "not pinned"
@@ -772,6 +858,8 @@ def _serve(
     handle = handler.handle_batch
     polling = BusyPoll(spec.busy_poll)
     next_events = 0.0
+    interval = spec.crypto.verify_interval
+    next_verify = time.monotonic() + interval if interval else float("inf")
     while True:
         events = poller.poll(0 if polling.active else EVENT_INTERVAL * 1000)
         if not events and polling.active:
@@ -805,6 +893,8 @@ def _serve(
                     return 0
                 elif msg[0] in ("reload", "commit", "rollback"):
                     conn.send(_reload_step(handler, msg))
+                elif msg[0] == "engine":
+                    conn.send(("engine", json.dumps(handler.engine_command(msg[1], msg[2]))))
             elif fd == wfd:
                 try:
                     signals = wake.recv(64)
@@ -820,6 +910,9 @@ def _serve(
             if handler.drop_log is not None:
                 handler.drop_log.flush(now)
             next_events = now + EVENT_INTERVAL
+        if now >= next_verify:
+            handler.verify_engines()
+            next_verify = time.monotonic() + interval
 
 
 class BusyPoll:

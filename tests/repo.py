@@ -10,7 +10,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "nfq_ipsec" / "examples"
-VECTORS = ROOT / "tests" / "vectors"
+VECTORS = ROOT / "nfq_ipsec" / "engines" / "vectors"
 
 
 @cache

@@ -24,6 +24,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         "workers": "array of objects",
         "sas": "array of objects",
         "ike": "object or null",
+        "engines": "array of objects",
     },
     "daemon": {
         "pid": "integer",
@@ -85,11 +86,25 @@ GOLDEN: dict[str, dict[str, str]] = {
         "keepalives_sent": "integer or null",
         "peer_changes": "integer or null",
         "last_packet_age": "number or null",
+        "engine": "string or null",
     },
     "sas[].lifetime_left": {
         "packets": "integer or null",
         "bytes": "integer or null",
         "seconds": "number or null",
+    },
+    "engines[]": {
+        "name": "string",
+        "state": "string",
+        "reason": "string",
+        "detail": "string",
+        "claims": "array of strings",
+        "verified": "array of strings",
+        "failed": "object of strings",
+        "speed": "object of numbers",
+        "sas": "integer",
+        "faults": "integer",
+        "moved_away": "integer",
     },
     "ike": {
         "state": "string",
@@ -167,6 +182,10 @@ def _type_name(hint: Any, path: str, out: dict[str, dict[str, str]]) -> str:
     origin = typing.get_origin(hint)
     if origin is dict and args == (str, int):
         return "drop counts"
+    if origin is dict and args == (str, str):
+        return "object of strings"
+    if origin is dict and args == (str, float):
+        return "object of numbers"
     if origin is list and args == (str,):
         return "array of strings"
     if origin is list and typing.is_typeddict(args[0]):
@@ -227,6 +246,10 @@ def check_level(value: Any, path: str, seen: set[str]) -> None:
         elif base == "drop counts":
             assert isinstance(v, dict) and all(
                 type(k) is str and type(n) is int for k, n in v.items()), f"{child}: {v!r}"
+        elif base in ("object of strings", "object of numbers"):
+            want = str if base == "object of strings" else float
+            assert isinstance(v, dict) and all(
+                type(k) is str and type(n) is want for k, n in v.items()), f"{child}: {v!r}"
         else:
             assert type(v) is SCALARS[base], f"{child}: {v!r} is not {typ}"
 
@@ -271,18 +294,28 @@ def sample_answer() -> dict[str, Any]:
              "other_drops": 0, "seq": 8,
              "lifetime_left": {"packets": None, "bytes": 1000000, "seconds": 3500.25},
              "saved": 1032, "path_mtu": 1400, "encapsulation": "none", "udp_peer": None,
-             "keepalives_sent": None, "peer_changes": None, "last_packet_age": 2.5},
+             "keepalives_sent": None, "peer_changes": None, "last_packet_age": 2.5,
+             "engine": "openssl"},
             {"name": 'b-to-a "\\in"', "spi": "0x00002000", "direction": "in", "queue": 100,
              "packets": 7, "bytes": 700, "replay_drops": 2, "integrity_drops": 1,
              "other_drops": 0, "seq": 9,
              "lifetime_left": {"packets": None, "bytes": None, "seconds": None},
              "saved": 1024, "path_mtu": None, "encapsulation": "udp",
              "udp_peer": "192.0.2.1:4500", "keepalives_sent": 0, "peer_changes": 1,
-             "last_packet_age": 75.0},
+             "last_packet_age": 75.0, "engine": "pycryptodome"},
             {"name": "c-to-d", "spi": "0x00003000", "direction": "out", "queue": 101,
              "packets": None, "bytes": None, "replay_drops": None, "integrity_drops": None,
              "other_drops": None, "seq": None, "lifetime_left": None, "saved": None,
              "path_mtu": None, "encapsulation": "none", "udp_peer": None,
-             "keepalives_sent": None, "peer_changes": None, "last_packet_age": None},
+             "keepalives_sent": None, "peer_changes": None, "last_packet_age": None,
+             "engine": None},
+        ],
+        "engines": [
+            {"name": "openssl", "state": "ready", "reason": "", "detail": "OpenSSL 3",
+             "claims": ["aes-gcm-128"], "verified": ["aes-gcm-128"], "failed": {},
+             "speed": {"aes-gcm-128": 1.9e9}, "sas": 1, "faults": 0, "moved_away": 0},
+            {"name": "afalg", "state": "absent", "reason": "kernel has no AF_ALG: EAFNOSUPPORT",
+             "detail": "", "claims": [], "verified": [], "failed": {"x": "y"}, "speed": {},
+             "sas": 0, "faults": 2, "moved_away": 1},
         ],
     }

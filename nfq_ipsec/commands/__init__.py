@@ -1,9 +1,10 @@
 """The commands of ``nfq-ipsec``: the one layer that parses arguments, prints and chooses exit
 codes (:mod:`nfq_ipsec.exitcodes`, also in the README). One module per command or family
 (``daemon``: run, stop, reload; ``status``; ``top``; ``rules``; ``state``; ``ike``: initiate,
-terminate; ``offline``: check-config, decode, genkey; ``peer``: peer-config); each adds its
-parser and runs it by calling the domain modules, which import nothing from here. Every
-command that takes a configuration takes it as ``-c/--config``.
+terminate; ``engines``: engines, engine disable|enable; ``offline``: check-config, decode,
+genkey; ``peer``: peer-config); each adds its parser and runs it by calling the domain
+modules, which import nothing from here. Every command that takes a configuration takes it as
+``-c/--config``.
 
 ``lab`` and ``bench`` come with the optional extra ``lab``: the package ``nfq_ipsec_lab``
 beside this one registers them in the entry-point group :data:`EXTRA_GROUP`. This package
@@ -26,11 +27,11 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .. import __version__, corebuild, exitcodes, hardening
-from . import daemon, ike, offline, peer, rules, state, status, top
+from . import daemon, engines, ike, offline, peer, rules, state, status, top
 
 # the commands that read key material (see above); lab and bench make throwaway keys of their own
 HOLDS_KEYS = frozenset({"check-config", "decode", "genkey", "run", "status", "rules", "stop",
-                        "reload", "state", "ike", "top", "peer-config"})
+                        "reload", "state", "ike", "top", "peer-config", "engines", "engine"})
 # The commands of the optional extra "lab" (nfq_ipsec_lab): name -> help.
 EXTRA_COMMANDS = {
     "lab": "the network-namespace lab: lab demo (needs root; the lab extra)",
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     rules.add_parser(sub)
     state.add_parser(sub)
     ike.add_parser(sub)
+    engines.add_parsers(sub)
 
     # lab, bench: listed here, parsed and run by the lab extra (main hands them over first)
     for name, text in EXTRA_COMMANDS.items():
@@ -113,6 +115,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": daemon.run, "stop": daemon.stop, "reload": daemon.reload,
     "status": status.run, "top": top.run, "peer-config": peer.run, "rules": rules.run,
     "state": state.run, "ike": ike.run,
+    "engines": engines.run_engines, "engine": engines.run_engine,
 }
 
 

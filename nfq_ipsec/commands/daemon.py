@@ -65,7 +65,10 @@ def run(args: argparse.Namespace) -> int:
     code = supervisor.preflight(cfg)
     if code is not None:
         return code
-    return supervisor.Supervisor(cfg, os.path.abspath(path)).run()
+    team, code = supervisor.engine_preflight(cfg)
+    if code is not None:
+        return code
+    return supervisor.Supervisor(cfg, os.path.abspath(path), team).run()
 
 
 def stop(args: argparse.Namespace) -> int:

@@ -33,6 +33,17 @@ from ..core.sa import (
 )
 from ..core.spd import Action, Direction, Policy, Selector
 from ..core.suites import ENCRYPTION, HMACS
+from ..engines.base import (
+    DEFAULT_POLICY,
+    DEFAULT_SELF_CHECK,
+    DEFAULT_VERIFY_INTERVAL,
+    DEFAULT_VERIFY_TIMEOUT,
+    ENGINE_NAMES,
+    POLICIES,
+    SELF_CHECK_RANGE,
+    VERIFY_INTERVAL_RANGE,
+    VERIFY_TIMEOUT_RANGE,
+)
 from . import parsers
 from .schema import BOOLEAN, INTEGER, NUMBER, STRING, Field, Section
 
@@ -152,6 +163,31 @@ DAEMON = Section("daemon", "[daemon]", "The daemon: its workers (one per NFQUEUE
           "see *Metrics*", default=DEFAULT_METRICS, default_text="off",
           allowed='`"ADDRESS:PORT"`: an IPv4 address, or an IPv6 one in brackets',
           check=parsers.listen_address_problem),
+))
+
+_ENGINES = ", ".join(f"`{n}`" for n in ENGINE_NAMES)
+CRYPTO = Section("crypto", "[crypto]", "The crypto engines each SA can run on, how one is chosen, "
+                 "and how often each is checked (see *Crypto engines*).", (
+    Field("policy", STRING, "`fastest`: the engine measured fastest for the SA's suite; "
+          "`prefer`: the first usable one of `prefer`; `balance`: SAs spread by measured speed",
+          default=DEFAULT_POLICY, choices={k: k for k in POLICIES}),
+    Field("prefer", "array of strings", "engines in order of preference (policy `prefer`); "
+          "the fastest usable engine after them", default=(), default_text="none",
+          allowed=_ENGINES, parser=parsers.engine_names),
+    Field("verify_interval", NUMBER, "seconds between each worker's known-answer tests of its "
+          "engines (they also run at start)", default=DEFAULT_VERIFY_INTERVAL,
+          bounds=VERIFY_INTERVAL_RANGE,
+          allowed=f"0 (at start only) or {VERIFY_INTERVAL_RANGE[0]:g}..{VERIFY_INTERVAL_RANGE[1]:g}"
+                  " seconds", parser=parsers.seconds_or_off),
+    Field("verify_timeout", NUMBER, "seconds an engine's known-answer tests may take before it "
+          "is excluded as hung", default=DEFAULT_VERIFY_TIMEOUT, bounds=VERIFY_TIMEOUT_RANGE),
+    Field("self_check", INTEGER, "every Nth packet of an SA is done again on another engine "
+          "and must give the same bytes, else it is dropped and its engine excluded (wrong "
+          "output caught before it leaves); 0: off", default=DEFAULT_SELF_CHECK,
+          bounds=SELF_CHECK_RANGE),
+    Field("disabled", "array of strings", "engines not used (`nfq-ipsec engine enable` puts one "
+          "back until the next restart)", default=(), default_text="none", allowed=_ENGINES,
+          parser=parsers.engine_names),
 ))
 
 POLICY = Section("policy", "[[policy]]", "The SPD (RFC 4301 section 4.4.1), in order: the first "
@@ -326,5 +362,5 @@ CONNECTION = Section("connection", "[[connection]]", "IKEv2 connections (RFC 729
           "found by IKE does it anyway", default=False),
 ))
 
-TOP_LEVEL = (NODE, DAEMON, POLICY, SA, CONNECTION)  # the sections a file may have
-SECTIONS = (NODE, DAEMON, POLICY, SA, LIFETIME, CONNECTION)  # every table, in the reference's order
+TOP_LEVEL = (NODE, DAEMON, CRYPTO, POLICY, SA, CONNECTION)  # the sections a file may have
+SECTIONS = (NODE, DAEMON, CRYPTO, POLICY, SA, LIFETIME, CONNECTION)  # every table, in the reference's order

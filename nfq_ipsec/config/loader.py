@@ -24,6 +24,7 @@ from ..core.sa import SAParams
 from ..core.spd import Policy
 from . import checks
 from .connections import check_connections, link_policies, read_connection
+from .crypto import read_crypto
 from .fields import TOP_LEVEL
 from .model import Config, ConnectionConfig
 from .node import read_daemon, read_node
@@ -67,6 +68,7 @@ def parse_config(
     node = read_node(table(data, "node", probs), probs)
     name = path.name.removesuffix(".toml") if path is not None else None
     daemon = read_daemon(table(data, "daemon", probs), cpus, probs, name)
+    crypto = read_crypto(table(data, "crypto", probs), probs)
     raw_sas = array(data, "sa", probs)
     raw_policies = array(data, "policy", probs)
     inline_keys = False
@@ -108,4 +110,4 @@ def parse_config(
     if probs.items:
         raise ConfigError(probs.items)
     return Config(node, daemon, tuple(policies), tuple(sas), path, tuple(probs.warnings),
-                  tuple(conns))
+                  tuple(conns), crypto)

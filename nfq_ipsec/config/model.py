@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..core.sa import Mode, SADirection, SAParams, Secret
 from ..core.spd import SPD, Action, Policy
+from ..engines.base import DEFAULT_CRYPTO, CryptoSettings
 from ..ike.proposal import SAPayload
 from .fields import (
     DEFAULT_BUSY_POLL,
@@ -120,6 +121,7 @@ class Config:
     path: Path | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
     connections: tuple[ConnectionConfig, ...] = ()
+    crypto: CryptoSettings = DEFAULT_CRYPTO
 
     def connection(self, name: str) -> ConnectionConfig:
         for conn in self.connections:

@@ -17,6 +17,7 @@ from .. import hardening
 from ..core.ipv6 import V6
 from ..core.sa import Lifetime, Secret
 from ..core.spd import Network
+from ..engines.base import ENGINE_NAMES
 from .reading import Problems, get
 from .schema import Field, Section
 
@@ -126,6 +127,22 @@ def seconds_or_off(field: Field, raw: dict[str, Any], where: str, probs: Problem
         probs.add(f"{where}.{field.name}", f"must be {field.allowed_text}, got {value}")
         return float(field.default)
     return float(value)
+
+
+# -- [crypto] ---------------------------------------------------------------------------------------
+
+def engine_names(field: Field, raw: dict[str, Any], where: str, probs: Problems) -> tuple[str, ...]:
+    """A list of engine names, each known and given once."""
+    names = get(raw, field.name, where, list, probs, [])
+    if not all(isinstance(n, str) for n in names):
+        probs.add(f"{where}.{field.name}", "must be a list of engine names")
+        return ()
+    for n in names:
+        if n not in ENGINE_NAMES:
+            probs.add(f"{where}.{field.name}", f"unknown engine {n!r} (known: {', '.join(ENGINE_NAMES)})")
+    if len(set(names)) != len(names):
+        probs.add(f"{where}.{field.name}", "names an engine twice")
+    return tuple(names)
 
 
 # -- [[sa]] -----------------------------------------------------------------------------------------

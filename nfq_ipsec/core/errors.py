@@ -29,6 +29,7 @@ class DropReason(enum.Enum):
     TOO_BIG = "too_big"  # the ESP packet would exceed the IP maximum of 65535 bytes (payload, IPv6)
     PATH_MTU = "path_mtu"  # too big for the path after ESP: "fragmentation needed"/"packet too big" sent back
     INTERNAL = "internal"  # an unexpected exception, caught by the shell: fail closed
+    ENGINE_FAILED = "engine_failed"  # the SA's crypto engine raised: dropped, the SA moves on
     QUEUE_OVERFLOW = "queue_overflow"  # the kernel dropped it before a worker saw it
     TRUNCATED = "truncated"  # the queue delivered fewer bytes than the packet has
     STATE_UNAVAILABLE = "state_unavailable"  # the SA's state could not be saved first: fail closed

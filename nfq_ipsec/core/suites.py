@@ -2,7 +2,9 @@
 
 A suite seals and opens the part of an ESP packet after the 8-byte header (IV, ciphertext,
 ICV). ESP framing never touches a cipher directly, so a second, independent crypto engine can
-be plugged in by providing the same three-method interface (see ``SuiteFactory``).
+be plugged in by providing the same three-method interface (see ``SuiteFactory``). The engines
+(``nfq_ipsec/engines/``) build suites for an SA when it is built; ``GuardedSuite`` turns an
+engine's unexpected exception into a counted drop (``engine_failed``) and an alarm.
 
 IVs are derived from the 64-bit sequence number, which never repeats under a key:
 - AEAD suites (RFC 4106, RFC 7634) send the sequence number itself as the 8-byte IV;
@@ -45,6 +47,15 @@ class Suite(Protocol):
         ...
 
 
+class Aead(Protocol):
+    """An AEAD cipher as ``cryptography`` shapes it: ``encrypt(nonce, data, aad)`` returns
+    ciphertext || tag, ``decrypt`` raises ``InvalidTag``. Other engines adapt to it."""
+
+    def encrypt(self, nonce: bytes, data: bytes, associated_data: Buffer | None) -> bytes: ...
+
+    def decrypt(self, nonce: bytes, data: Buffer, associated_data: Buffer | None) -> bytes: ...
+
+
 def _aad(esp_header: Buffer, seq_hi: bytes) -> bytes:
     # RFC 4106 section 5 / RFC 7634 section 2.1: with ESN the AAD is SPI || seq_hi || seq_lo.
     if seq_hi:
@@ -59,7 +70,7 @@ class AeadSuite:
     icv_size = 16
     align = 4
 
-    def __init__(self, name: str, aead: AESGCM | ChaCha20Poly1305, salt: bytes) -> None:
+    def __init__(self, name: str, aead: Aead | AESGCM | ChaCha20Poly1305, salt: bytes) -> None:
         self.name = name
         self._aead = aead
         self._salt = salt
@@ -266,6 +277,93 @@ def make_suite(encryption: str, key: bytes, integrity: str | None, integrity_key
     if encryption == "null":
         return NullHmacSuite(f"null+{integrity}", mac, integrity_key)
     return CbcHmacSuite(f"{encryption}+{integrity}", key, mac, integrity_key)
+
+
+class GuardedSuite:
+    """A suite of a crypto engine (``nfq_ipsec/engines``), fenced: an exception that is not
+    the core's own (a library error, a broken device) drops the packet as ``engine_failed``
+    and appends the engine's name to ``alarms``, which the worker looks at after each batch
+    to move the engine's SAs to another. Bound per SA when the SA is built, never per packet.
+
+    ``witness`` and ``check_every`` (``crypto.self_check``): every ``check_every``-th call is
+    done again on another engine's suite of the same SA, whose output must be the same bytes
+    (IVs come from the sequence number, so every engine's are); a difference is a wrong
+    engine: the packet is dropped as ``engine_failed`` and the alarm raised, before anything
+    wrong reaches the wire.
+    """
+
+    def __init__(self, inner: Suite, engine: str, alarms: list[str],
+                 witness: Suite | None = None, check_every: int = 0) -> None:
+        self.inner = inner
+        self.engine = engine
+        self.alarms = alarms
+        self.name = inner.name
+        self.iv_size = inner.iv_size
+        self.icv_size = inner.icv_size
+        self.align = inner.align
+        self.faults = 0
+        self.checked = 0  # calls done again on the witness
+        self._seal = inner.seal
+        self._open = inner.open
+        self.witness = witness if check_every > 0 else None
+        self.check_every = check_every if witness is not None else 0
+        self._left = self.check_every  # calls to the next check
+
+    def seal(self, esp_header: bytes, seq_hi: bytes, seq: int, plaintext: bytes) -> bytes:
+        try:
+            out = self._seal(esp_header, seq_hi, seq, plaintext)
+        except EspError:
+            raise
+        except Exception as err:
+            raise self._failed(type(err).__name__) from None
+        if self.check_every:
+            self._left -= 1
+            if self._left <= 0:
+                self._left = self.check_every
+                self._check(out, self._witness_seal(esp_header, seq_hi, seq, plaintext))
+        return out
+
+    def open(self, esp_header: Buffer, seq_hi: bytes, body: Buffer) -> bytes:
+        try:
+            out = self._open(esp_header, seq_hi, body)
+        except EspError:
+            raise
+        except Exception as err:
+            raise self._failed(type(err).__name__) from None
+        if self.check_every:
+            self._left -= 1
+            if self._left <= 0:
+                self._left = self.check_every
+                self._check(out, self._witness_open(esp_header, seq_hi, body))
+        return out
+
+    def _witness_seal(self, esp_header: bytes, seq_hi: bytes, seq: int, plaintext: bytes) -> bytes:
+        assert self.witness is not None
+        try:
+            return self.witness.seal(esp_header, seq_hi, seq, plaintext)
+        except Exception:  # the witness failed, not the engine: no verdict on it
+            return b""
+
+    def _witness_open(self, esp_header: Buffer, seq_hi: bytes, body: Buffer) -> bytes:
+        assert self.witness is not None
+        try:
+            return self.witness.open(esp_header, seq_hi, body)
+        except Exception:  # an ICV the witness refuses is the engine's wrong answer
+            return b"\x00refused"
+
+    def _check(self, out: bytes, witnessed: bytes) -> None:
+        self.checked += 1
+        if witnessed and witnessed != out:
+            raise self._failed("output differs from another engine's")
+
+    def _failed(self, what: str) -> EspError:
+        self.faults += 1
+        self.alarms.append(self.engine)
+        # the type only: a library's message might quote its input
+        return EspError(DropReason.ENGINE_FAILED, f"engine {self.engine}: {what}")
+
+    def __repr__(self) -> str:
+        return f"<GuardedSuite {self.name} on {self.engine}>"
 
 
 SuiteFactory = Callable[[str, bytes, "str | None", bytes], Suite]

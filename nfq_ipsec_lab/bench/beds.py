@@ -80,6 +80,8 @@ class RowSpec:
     base: str | None = None  # a variant of this row: the report gives the ratio to it
     busy_poll: int = 0  # esp rows: daemon.busy_poll (microseconds; 0: off)
     pinned: bool = True  # esp rows: workers pinned per --cpu-layout (else `cpus = []`)
+    engine: str | None = None  # esp rows: crypto.policy "prefer" this engine (None: the default)
+    policy: str | None = None  # esp rows: crypto.policy (None: the default, fastest)
 
 
 ROWS = (
@@ -127,6 +129,22 @@ ROWS = (
                  "where it wakes up"),
     RowSpec("chacha", "transport chacha20-poly1305", "esp", encryption="chacha20-poly1305"),
     RowSpec("cbc", "transport aes-cbc-128+sha256", "esp", encryption="aes-cbc-128"),
+    RowSpec("gcm-pycryptodome", "transport gcm on pycryptodome", "esp", encryption="aes-gcm-128",
+            per_queue=False, engine="pycryptodome", base="gcm",
+            note="the gcm row with every SA on the pycryptodome engine (crypto.policy prefer)"),
+    RowSpec("chacha-sodium", "transport chacha on libsodium", "esp",
+            encryption="chacha20-poly1305", per_queue=False, engine="sodium", base="chacha",
+            note="the chacha row with every SA on the libsodium engine (PyNaCl)"),
+    RowSpec("chacha-pycryptodome", "transport chacha pycryptodome", "esp",
+            encryption="chacha20-poly1305", per_queue=False, engine="pycryptodome", base="chacha",
+            note="the chacha row with every SA on the pycryptodome engine"),
+    RowSpec("cbc-pycryptodome", "transport cbc on pycryptodome", "esp", encryption="aes-cbc-128",
+            per_queue=False, engine="pycryptodome", base="cbc",
+            note="the cbc row with every SA on the pycryptodome engine"),
+    RowSpec("gcm-balance", "transport gcm engines balanced", "esp", encryption="aes-gcm-128",
+            per_queue=False, policy="balance", base="gcm",
+            note="the gcm row with crypto.policy balance: SAs spread over the capable engines "
+                 "by measured speed"),
     RowSpec("tunnel-gcm", "tunnel aes-gcm-128 (gateways)", "esp", topology="gateway",
             encryption="aes-gcm-128",
             note="client -> gateway -> gateway -> server: two more forwarding hops than the "
@@ -243,6 +261,18 @@ def encapsulate_udp(path: Path) -> None:
     path.write_text(new)
 
 
+def crypto_config(path: Path, spec: RowSpec) -> None:
+    """An engine row's ``[crypto]``: its SAs on ``spec.engine`` (policy prefer), or
+    ``spec.policy``; nothing for the other rows."""
+    if spec.engine:
+        crypto = f'policy = "prefer"\nprefer = ["{spec.engine}"]\n'
+    elif spec.policy:
+        crypto = f'policy = "{spec.policy}"\n'
+    else:
+        return
+    path.write_text(path.read_text() + "\n[crypto]\n" + crypto)
+
+
 def _esp_bed(lab: Lab, spec: RowSpec, queues: int, layout: str) -> Bed:
     assert spec.encryption is not None
     topo = topology.build(lab, spec.topology)
@@ -257,6 +287,7 @@ def _esp_bed(lab: Lab, spec: RowSpec, queues: int, layout: str) -> Bed:
             daemon_setting(path, f"busy_poll = {spec.busy_poll}")
         if spec.encapsulation == "udp":
             encapsulate_udp(cfg.peer(peer.name).path)
+        crypto_config(path, spec)
     cmd = command()
     if spec.source_core:
         cmd = ["env", f"{corebuild.PURE_ENV}=1", *cmd]
@@ -271,7 +302,8 @@ def _esp_bed(lab: Lab, spec: RowSpec, queues: int, layout: str) -> Bed:
                workers=queues * len(topo.peers),
                info={"mode": cfg.mode, "encryption": cfg.encryption, "integrity": cfg.integrity,
                      "cpus": cpus, "topology": topo.kind, "encapsulation": spec.encapsulation,
-                     "busy_poll_us": spec.busy_poll, "gso": spec.gso})
+                     "busy_poll_us": spec.busy_poll, "gso": spec.gso,
+                     "engine": spec.engine, "crypto_policy": spec.policy})
 
 
 # -- accept-only ----------------------------------------------------------------------------

@@ -17,6 +17,14 @@ spawned workers included, then runs ``sitecustomize.py`` from here, which wraps 
   one, exec a shell, ptrace or kill a sibling, open a raw socket), then handle the packet as
   usual. It logs ``test fault: attack <what>: refused (<error>)`` or ``... SUCCEEDED``; an
   attempt the sandbox's seccomp filter forbids kills it (SIGSYS) before it can log.
+- ``engine-raise:NAME:N``: in each worker, once the SAs are bound, the suites of crypto engine
+  NAME raise on every call after the first N (a device that fails for good); the worker's
+  start-up known-answer tests have run by then. For the engines' fail-over.
+- ``engine-corrupt:NAME:N``: the same, but the suites return wrong bytes (the last one
+  flipped) instead of raising: what only the self-check (``crypto.self_check``) or the
+  known-answer tests can see.
+- ``kat-fail:NAME:PATH``: once PATH exists, every known-answer test of engine NAME fails
+  (the packets it seals stay right): the periodic check must exclude it.
 """
 
 from __future__ import annotations
@@ -154,9 +162,75 @@ def attack(handler: Any, what: str) -> None:
         log.warning("test fault: attack %s: SUCCEEDED (%s)", what, done)
 
 
+class _Failing:
+    """A suite that raises after the engine's first ``limit`` calls (counted per worker)."""
+
+    def __init__(self, inner: Any, calls: list[int], limit: int, corrupt: bool = False) -> None:
+        self.inner, self.calls, self.limit, self.corrupt = inner, calls, limit, corrupt
+        self.name, self.iv_size = inner.name, inner.iv_size
+        self.icv_size, self.align = inner.icv_size, inner.align
+
+    def _count(self) -> bool:
+        """True: this call's output is to be corrupted."""
+        self.calls[0] += 1
+        if self.calls[0] <= self.limit:
+            return False
+        if not self.corrupt:
+            raise RuntimeError(f"test fault injection ({FAULT_ENV}): engine failed")
+        return True
+
+    def seal(self, *args: Any) -> bytes:
+        bad = self._count()
+        out: bytes = self.inner.seal(*args)
+        return out[:-1] + bytes([out[-1] ^ 1]) if bad and out else out
+
+    def open(self, *args: Any) -> bytes:
+        bad = self._count()
+        out: bytes = self.inner.open(*args)
+        return out[:-1] + bytes([out[-1] ^ 1]) if bad and out else out
+
+
+def _engine_raise(worker: Any, fault: str) -> None:
+    kind, name, limit = fault.split(":")
+    corrupt = kind == "engine-corrupt"
+    use_team = worker.PacketHandler.use_team
+
+    def patched(self: Any, team: Any) -> None:
+        engine = team.members[name].engine
+        build = engine.build
+        calls = [0]
+        engine.build = lambda *a: _Failing(build(*a), calls, int(limit), corrupt)
+        log.warning("test fault injection active: engine %s fails after %s calls", name, limit)
+        use_team(self, team)
+
+    worker.PacketHandler.use_team = patched
+
+
+def _kat_fail(fault: str) -> None:
+    from nfq_ipsec.engines import kat
+
+    _, name, path = fault.split(":", 2)
+    run = kat.run
+
+    def patched(build: Any, suite: str) -> None:
+        owner = getattr(build, "__self__", None)
+        if getattr(owner, "name", None) == name and os.path.exists(path):
+            raise kat.KatFailure(f"{suite}: test fault injection ({FAULT_ENV}): wrong output")
+        run(build, suite)
+
+    kat.run = patched
+
+
 def install(fault: str) -> None:
     """Wrap every PacketHandler this interpreter makes (sitecustomize calls this)."""
     from nfq_ipsec import worker
+
+    if fault.startswith(("engine-raise:", "engine-corrupt:")):
+        _engine_raise(worker, fault)
+        return
+    if fault.startswith("kat-fail:"):
+        _kat_fail(fault)
+        return
 
     init = worker.PacketHandler.__init__
 

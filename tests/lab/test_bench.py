@@ -311,6 +311,22 @@ def test_udp_rows_config_loads(tmp_path: Path) -> None:
         beds.encapsulate_udp(tmp_path / "cfg" / "a" / "keys" / "a-to-b-0.key")  # no SA in it
 
 
+def test_engine_rows_config_loads(tmp_path: Path) -> None:
+    a = labconfig.PeerSpec("a", "eth1", IPv4Address(HOST_A), IPv4Network(f"{HOST_A}/32"))
+    b = labconfig.PeerSpec("b", "eth1", IPv4Address(HOST_B), IPv4Network(f"{HOST_B}/32"))
+    rows = [r for r in beds.ROWS if r.engine or r.policy]
+    assert {r.key for r in rows} == {"gcm-pycryptodome", "chacha-sodium", "chacha-pycryptodome",
+                                     "cbc-pycryptodome", "gcm-balance"}
+    for r in rows:
+        assert r.encryption is not None
+        cfg = labconfig.generate(tmp_path / r.key, a, b, r.encryption, queues=1)
+        beds.crypto_config(cfg.peer("a").path, r)
+        crypto = load_config(cfg.peer("a").path, online_cpus=[0, 1]).crypto
+        want = ("prefer", (r.engine,)) if r.engine else (r.policy, ())
+        assert (crypto.policy, crypto.prefer) == want
+        assert r.base is not None and beds.row_spec(r.base).encryption == r.encryption
+
+
 def test_gso_rows_bind_their_queues_with_the_gso_flag(tmp_path: Path) -> None:
     """gcm-gso's daemons run with daemon.gso, accept-gso's workers bind with the GSO flag;
     the rows they vary do neither."""

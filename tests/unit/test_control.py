@@ -314,11 +314,11 @@ def test_supervisor_never_echoes_a_strange_command() -> None:
     for _ in range(5000):
         nested = [nested]
     assert sup.handle_request({"command": nested}) == {
-        "error": "unknown command of type list (known: status, reload, ike)"}
+        "error": "unknown command of type list (known: status, reload, ike, engine)"}
     reply = sup.handle_request({"command": "y" * 10_000})
-    assert reply == {"error": f"unknown command {'y' * 40!r} (known: status, reload, ike)"}
+    assert reply == {"error": f"unknown command {'y' * 40!r} (known: status, reload, ike, engine)"}
     assert sup.handle_request({}) == {
-        "error": "unknown command of type NoneType (known: status, reload, ike)"}
+        "error": "unknown command of type NoneType (known: status, reload, ike, engine)"}
     # no worker to wait for: the status is answered at once
     st = sup.handle_request({"command": "status"})
     assert isinstance(st, dict) and st["daemon"]["control_errors"] == 0

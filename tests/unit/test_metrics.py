@@ -99,6 +99,12 @@ def test_the_exposition_parses_and_carries_the_status() -> None:
         key("nfq_ipsec_sa_lifetime_left_bytes", **out): 1000000,
         key("nfq_ipsec_sa_last_packet_age_seconds", **out): 2.5,
         key("nfq_ipsec_sa_last_packet_age_seconds", **inb): 75.0,
+        key("nfq_ipsec_engine_up", engine="openssl"): 1,
+        key("nfq_ipsec_engine_up", engine="afalg"): 0,
+        key("nfq_ipsec_engine_sas", engine="openssl"): 1,
+        key("nfq_ipsec_engine_sas", engine="afalg"): 0,
+        key("nfq_ipsec_engine_faults_total", engine="openssl"): 0,
+        key("nfq_ipsec_engine_faults_total", engine="afalg"): 2,
     }
     # exactly these: the down queue's and SA's null counters have no series (absent, not 0)
     assert values == expected
@@ -106,7 +112,8 @@ def test_the_exposition_parses_and_carries_the_status() -> None:
     counters = {f"nfq_ipsec_{n}" for n in (
         "packets_in", "packets_out", "drops", "worker_restarts", "kernel_queue_dropped",
         "kernel_user_dropped", "rule_drops", "sa_packets", "sa_bytes", "sa_drops", "control_errors",
-        "cpu_seconds", "worker_cpu_seconds", "worker_busy_poll_hits", "worker_busy_poll_misses")}
+        "cpu_seconds", "worker_cpu_seconds", "worker_busy_poll_hits", "worker_busy_poll_misses",
+        "engine_faults")}
     assert {name for name, t in types.items() if t == "counter"} == counters
 
 
@@ -118,7 +125,8 @@ def test_names_follow_the_conventions() -> None:
         assert f"# TYPE {fam.name} {fam.kind}" in text
     labels = {k for f in metrics.families(cast(StatusReport, sample_answer()))
               for lab, _ in f.samples for k in lab}
-    assert labels == {"version", "queue", "reason", "sa", "spi", "direction", "encapsulation"}
+    assert labels == {"version", "queue", "reason", "sa", "spi", "direction", "encapsulation",
+                      "engine"}
 
 
 def test_label_values_are_escaped() -> None:

@@ -99,6 +99,8 @@ COMMANDS: list[tuple[list[str], int, str]] = [
     (["rules", "show", "--config", "{cfg}", "--ipv6"], 0, "file o.key"),
     (["stop", "--config", "{cfg}"], 3, "file o.key"),
     (["reload", "--config", "{cfg}"], 3, "file o.key"),
+    (["engines", "--config", "{cfg}"], 3, "file o.key"),
+    (["engine", "disable", "sodium", "--config", "{cfg}"], 3, "file o.key"),
     (["state", "show", "--config", "{cfg}"], 0, "state file"),
     (["state", "reset", "--config", "{cfg}", "--sa", "o", "--seq", "5"], 0, "state file"),
     (["run", "--config", "{broken}"], 2, "file o.key"),  # reads its key, then refuses the mtu

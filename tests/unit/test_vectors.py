@@ -1,4 +1,5 @@
-"""Published test vectors through the ESP core, each with its source in tests/vectors/.
+"""Published test vectors through the ESP core, each with its source in
+nfq_ipsec/engines/vectors/ (the engines' known-answer tests run them too).
 
 - RFC 7634 Appendix A: ChaCha20-Poly1305 tunnel-mode ESP packet, byte for byte both ways.
 - draft-mcgrew-gcm-test-01 section 4: AES-GCM ESP packets (128/192/256-bit keys, 32-bit and

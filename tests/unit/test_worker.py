@@ -472,6 +472,9 @@ def test_reload_problems_name_what_needs_a_restart() -> None:
                                                if sa.name == "b-to-a-0" else sa for sa in cfg.sas))
     [problem] = reload_problems(cfg, moved)
     assert "'b-to-a-0' moves from queue 100 to 101 under the same key" in problem
+    crypto = dataclasses.replace(cfg, crypto=dataclasses.replace(cfg.crypto, policy="balance"))
+    assert reload_problems(cfg, crypto) == [
+        "crypto: a change needs a restart (engine disable|enable work at runtime)"]
 
 
 def test_a_forwarded_df_packet_too_big_is_answered_with_frag_needed() -> None:
@@ -819,3 +822,45 @@ def test_an_arriving_superpacket_takes_the_per_packet_path() -> None:
     h.handle_batch([QueuedPacket(6, HOOK_PRE_ROUTING, sp, len(sp), 0, 0, nfqueue.NFQA_SKB_GSO)])
     assert q.verdicts == [(6, False, None, None)]
     assert proc.drops[DropReason.CLEARTEXT_PROTECTED] == 1
+
+
+# -- the crypto engines in a worker (engines/team.py) ------------------------------------------
+def test_the_worker_binds_its_sas_moves_them_and_binds_a_reload() -> None:
+    import json
+
+    from nfq_ipsec.engines.base import CryptoSettings
+    from nfq_ipsec.engines.openssl import OpenSSLEngine
+    from nfq_ipsec.engines.pycryptodome import PycryptodomeEngine
+    from nfq_ipsec.engines.team import Team
+
+    cfg = load_config(EXAMPLES / "host-a.toml", online_cpus=[0, 1])
+    h, q = handler(Processor(cfg.spd, cfg.sas_for_queue(100), 0.0))
+    flaky = PycryptodomeEngine()
+    team = Team([flaky, OpenSSLEngine()], CryptoSettings(policy="prefer", prefer=("pycryptodome",)))
+    team.discover(speed_seconds=0.0005)
+    h.use_team(team)
+    engines = {s["name"]: s["engine"] for s in h.snapshot(100, None, 0.0)["sas"]}
+    assert set(engines.values()) == {"pycryptodome"}
+    # the engine breaks: the batch's packets on it are dropped, then its SAs move
+    flaky.build = lambda *a: (_ for _ in ()).throw(RuntimeError("gone"))  # type: ignore[method-assign]
+    for sa in h.processor.sad.all():
+        sa.suite._seal = lambda *a: (_ for _ in ()).throw(RuntimeError("gone"))  # type: ignore[attr-defined]
+    h.handle_batch([pkt(udp(A, B, 4000, 5000, b"one"), pid=1), pkt(udp(A, B, 4000, 5000, b"two"), pid=2)])
+    assert [v[:2] for v in q.verdicts] == [(1, False), (2, False)]
+    assert h.processor.drops[DropReason.ENGINE_FAILED] == 2 and not h.alarms
+    snap = h.snapshot(100, None, 0.0)
+    assert {s["engine"] for s in snap["sas"]} == {"openssl"}
+    assert {e["name"]: (e["state"], e["faults"]) for e in snap["engines"]} == {
+        "pycryptodome": ("excluded", 2), "openssl": ("ready", 0)}
+    h.handle_batch([pkt(udp(A, B, 4000, 5000, b"three"), pid=3)])
+    assert q.verdicts[-1][:2] == (3, True)
+    # runtime commands, as the supervisor's pipe gives them
+    assert h.engine_command("disable", "openssl") == {"moved": [[n, "none"] for n in sorted(engines)]}
+    assert json.dumps(h.engine_command("enable", "nope")) == '{"error": "unknown engine \'nope\'"}'
+    assert h.engine_command("enable", "openssl") == {"moved": [[n, "openssl"] for n in sorted(engines)]}
+    # a reload binds its new SAs; a rollback lets them go
+    h.reload(_spec(_rekeyed(cfg, "b-to-a-0", 0x7000)), 2.0)
+    new = next(sa for sa in h.processor.sad.all() if sa.spi == 0x7000)
+    assert team.engine_of(new) == "openssl"
+    h.rollback_reload()
+    assert team.engine_of(new) is None

@@ -1,0 +1,255 @@
+"""The crypto engines in the real daemon (root; a namespace pair, one policy protecting all
+traffic between the hosts, two queues each), under a paced TCP flow from A to B while B's
+interface is captured:
+
+- ``engine disable openssl`` on both peers moves every SA to another engine at once (status
+  names it), ``engine enable openssl`` moves them back, no restart; the flow never stalls for
+  1 s (the longest gap between received bytes is measured), every byte arrives;
+- an engine whose suites start raising in A's workers (injected by tests/faults): the packets
+  that hit it are dropped as ``engine_failed``, the engine is excluded, its SAs move to
+  OpenSSL, and the counters agree (worker drops = SA drops = the engine's faults);
+- an engine whose output turns wrong (injected) under ``crypto.self_check = 1``: every packet
+  is done again on another engine, so the first wrong one is dropped (``engine_failed``)
+  before it leaves, and the engine is excluded;
+- an engine whose known-answer tests start failing (injected): the next periodic check
+  (``crypto.verify_interval = 1``) excludes it and moves its SAs, no packet dropped;
+- in all: no TCP in clear on the wire, and tshark authenticates every ESP packet with the
+  configured keys (nothing wrong reached the wire).
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import time
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import pytest
+from labutil import (
+    ADDR_A,
+    ADDR_B,
+    QUEUES,
+    SPI_AB,
+    SPI_BA,
+    Daemon,
+    Pair,
+    Sniffer,
+    end,
+    env,
+    make_keys,
+    make_pair,
+    ready,
+    result,
+    write_config,
+)
+
+from nfq_ipsec_lab.lab.labconfig import LabSA
+from nfq_ipsec_lab.lab.traffic import tshark_verify
+
+TCP_PORT = 7300
+STALL = 1.0  # seconds: the issue's bound on a TCP stall during disable/enable
+
+TCP_RECEIVER = textwrap.dedent("""
+    import json, socket, sys, time
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((sys.argv[1], int(sys.argv[2])))
+    s.listen(1)
+    print("READY", flush=True)
+    c, _ = s.accept()
+    c.settimeout(30)
+    total, gap, last = 0, 0.0, None
+    while True:
+        data = c.recv(65536)
+        now = time.monotonic()
+        if not data:
+            break
+        if last is not None:
+            gap = max(gap, now - last)
+        last = now
+        total += len(data)
+    print(json.dumps({"bytes": total, "max_gap": gap}), flush=True)
+""")
+
+TCP_SENDER = textwrap.dedent("""
+    import json, socket, sys, time
+    # 2 KiB every 2 ms for the given seconds: a steady flow in which any pause shows
+    c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+    print("READY", flush=True)
+    seconds, sent, start = float(sys.argv[3]), 0, time.monotonic()
+    chunk = bytes(range(256)) * 8
+    n = 0
+    while time.monotonic() - start < seconds:
+        c.sendall(chunk)
+        sent += len(chunk)
+        n += 1
+        time.sleep(max(0.0, start + n * 0.002 - time.monotonic()))
+    c.close()
+    print(json.dumps({"bytes": sent}), flush=True)
+""")
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    with make_pair("e") as p:
+        yield p
+
+
+def _daemon(pair: Pair, tmp: Path, a_side: bool, keys: dict[str, str], crypto: str,
+            daemons: list[Daemon], **extra_env: str) -> Daemon:
+    name = "a" if a_side else "b"
+    cfg = write_config(tmp / name, a_side, pair.va if a_side else pair.vb, keys, per_port=False)
+    cfg.write_text(cfg.read_text() + crypto)
+    d = Daemon(name, pair.host(pair.a if a_side else pair.b), cfg, env=env(**extra_env),
+               log=tmp / name / "daemon.log", lab=pair.lab)
+    daemons.append(d)
+    return d
+
+
+def _lab_sas(keys: dict[str, str]) -> list[LabSA]:
+    out = []
+    for d, spi, src, dst in (("ab", SPI_AB, ADDR_A, ADDR_B), ("ba", SPI_BA, ADDR_B, ADDR_A)):
+        for i in range(len(QUEUES)):
+            out.append(LabSA(f"{d}{i}", spi + i, "a" if d == "ab" else "b", "b" if d == "ab" else "a",
+                             IPv4Address(src), IPv4Address(dst), "aes-gcm-128", None,
+                             bytes.fromhex(keys[f"{d}{i}"])))
+    return out
+
+
+def _flow(pair: Pair, tmp: Path, seconds: float, during: list[tuple[float, Any]]) -> dict[str, Any]:
+    """A paced TCP flow A -> B for ``seconds`` while B's interface is captured; ``during``:
+    (at seconds, action) run in order. The receiver's bytes and longest gap, the sender's
+    bytes, the capture."""
+    sniffer = Sniffer(pair, pair.b, pair.vb, tmp / "wire.pcap")
+    receiver = pair.python(pair.b, TCP_RECEIVER, ADDR_B, str(TCP_PORT), stdin=True)
+    sender = None
+    try:
+        ready(receiver)
+        sender = pair.python(pair.a, TCP_SENDER, ADDR_B, str(TCP_PORT), str(seconds))
+        ready(sender)
+        start = time.monotonic()
+        for at, action in during:
+            time.sleep(max(0.0, start + at - time.monotonic()))
+            action()
+        sent = result(sender, timeout=60)
+        got = result(receiver, timeout=60)
+    finally:
+        end(sender, receiver)
+        drops = sniffer.stop()
+    assert drops == 0
+    return {"sent": sent["bytes"], "got": got["bytes"], "max_gap": got["max_gap"],
+            "packets": sniffer.packets(), "pcap": tmp / "wire.pcap"}
+
+
+def _wire_is_good(flow: dict[str, Any], keys: dict[str, str]) -> None:
+    assert flow["got"] == flow["sent"] > 0
+    assert not [p for p in flow["packets"] if p[9] == 6], "TCP in clear on the wire"
+    esp = [p for p in flow["packets"] if p[9] == 50]
+    assert len(esp) > 1000
+    ts = tshark_verify(flow["pcap"], _lab_sas(keys))
+    assert ts.supported and ts.esp == len(esp), ts
+    assert ts.icv_good == ts.esp and ts.icv_bad == 0 and ts.unchecked == 0, ts
+
+
+def _engines_of(d: Daemon) -> dict[str, str]:
+    return {sa["name"]: sa["engine"] for sa in d.status()["sas"]}
+
+
+def test_disable_and_enable_under_a_tcp_flow(pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:
+    keys = make_keys()
+    a = _daemon(pair, tmp_path, True, keys, "", daemons)
+    b = _daemon(pair, tmp_path, False, keys, "", daemons)
+    for d in (a, b):
+        d.start()
+    for d in (a, b):
+        d.wait_running()
+    assert set(_engines_of(a).values()) == {"openssl"}  # fastest here, measured at start
+    seen: dict[str, Any] = {}
+
+    def engine(action: str) -> None:
+        for d in (a, b):
+            res = d.ask("engine", action, "openssl")
+            assert res.returncode == 0, res.stderr
+            seen.setdefault(action, []).append(res.stdout)
+
+    def look() -> None:
+        seen["while_disabled"] = (_engines_of(a), _engines_of(b))
+        seen["engines_text"] = a.ask("engines").stdout
+
+    flow = _flow(pair, tmp_path, 6.0, [(1.5, lambda: engine("disable")), (3.0, look),
+                                       (4.0, lambda: engine("enable"))])
+    moved = seen["disable"][0]
+    assert "4 SA(s) moved" in moved and "-> pycryptodome" in moved, moved
+    assert "4 SA(s) moved" in seen["enable"][0] and "-> openssl" in seen["enable"][0]
+    for engines in seen["while_disabled"]:
+        assert set(engines.values()) == {"pycryptodome"}, engines
+    assert "openssl: disabled" in seen["engines_text"], seen["engines_text"]
+    assert set(_engines_of(a).values()) == {"openssl"} == set(_engines_of(b).values())
+    print(f"\nengine disable/enable under TCP: longest gap {flow['max_gap'] * 1000:.1f} ms, "
+          f"{flow['got']} bytes")
+    assert flow["max_gap"] < STALL
+    _wire_is_good(flow, keys)
+    row = {r["name"]: r for r in a.status()["engines"]}["openssl"]
+    assert (row["state"], row["moved_away"], row["faults"]) == ("ready", 4, 0)
+    assert a.stop() == 0 and b.stop() == 0
+
+
+@pytest.mark.parametrize("fault", ["engine-raise", "engine-corrupt"])
+def test_an_engine_that_fails_is_excluded_and_its_sas_move(pair: Pair, tmp_path: Path,
+                                                          daemons: list[Daemon], fault: str) -> None:
+    keys = make_keys()
+    prefer = '\n[crypto]\npolicy = "prefer"\nprefer = ["pycryptodome"]\n'
+    if fault == "engine-corrupt":
+        prefer += "self_check = 1\n"
+    a = _daemon(pair, tmp_path, True, keys, prefer, daemons,
+                NFQ_IPSEC_TEST_FAULT=f"{fault}:pycryptodome:300")
+    b = _daemon(pair, tmp_path, False, keys, prefer, daemons)
+    for d in (a, b):
+        d.start()
+    for d in (a, b):
+        d.wait_running()
+    assert set(_engines_of(a).values()) == {"pycryptodome"}
+    flow = _flow(pair, tmp_path, 4.0, [])
+    st = a.status()
+    failed = sum(w["drops"].get("engine_failed", 0) for w in st["workers"])
+    row = {r["name"]: r for r in st["engines"]}["pycryptodome"]
+    print(f"\n{fault}: {failed} packet(s) dropped as engine_failed, longest gap "
+          f"{flow['max_gap'] * 1000:.1f} ms; {json.dumps(row)}")
+    assert failed >= 1
+    assert row["faults"] == failed == sum(sa["other_drops"] for sa in st["sas"])
+    assert row["state"] == "excluded" and "on the packet path" in row["reason"], row
+    used = {sa["name"] for sa in st["sas"] if sa["packets"]}
+    assert {_engines_of(a)[n] for n in used} == {"openssl"}
+    assert {r["name"]: r for r in b.status()["engines"]}["pycryptodome"]["state"] == "ready"
+    _wire_is_good(flow, keys)
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_a_failing_periodic_known_answer_test_excludes_the_engine(pair: Pair, tmp_path: Path,
+                                                                   daemons: list[Daemon]) -> None:
+    keys = make_keys()
+    crypto = '\n[crypto]\npolicy = "prefer"\nprefer = ["pycryptodome"]\nverify_interval = 1\n'
+    trigger = tmp_path / "kat-fails-now"
+    a = _daemon(pair, tmp_path, True, keys, crypto, daemons,
+                NFQ_IPSEC_TEST_FAULT=f"kat-fail:pycryptodome:{trigger}")
+    b = _daemon(pair, tmp_path, False, keys, crypto, daemons)
+    for d in (a, b):
+        d.start()
+    for d in (a, b):
+        d.wait_running()
+    assert set(_engines_of(a).values()) == {"pycryptodome"}
+    flow = _flow(pair, tmp_path, 5.0, [(1.5, trigger.touch)])
+    st = a.status()
+    row = {r["name"]: r for r in st["engines"]}["pycryptodome"]
+    print(f"\nperiodic known-answer failure: longest gap {flow['max_gap'] * 1000:.1f} ms; "
+          f"{row['state']}: {row['reason'][:120]}")
+    assert row["state"] == "excluded" and "known-answer test failed" in row["reason"], row
+    assert row["moved_away"] == 4 and row["sas"] == 0 and row["faults"] == 0
+    assert set(_engines_of(a).values()) == {"openssl"}
+    assert sum(w["drops"].get("engine_failed", 0) for w in st["workers"]) == 0
+    assert flow["max_gap"] < STALL
+    _wire_is_good(flow, keys)
+    assert a.stop() == 0 and b.stop() == 0
