@@ -20,6 +20,8 @@ interface is captured:
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -228,11 +230,23 @@ def test_an_engine_that_fails_is_excluded_and_its_sas_move(pair: Pair, tmp_path:
     assert a.stop() == 0 and b.stop() == 0
 
 
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory the sandboxed workers' user may look into (pytest's own are root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="nfq-ipsec-kat-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def test_a_failing_periodic_known_answer_test_excludes_the_engine(pair: Pair, tmp_path: Path,
-                                                                   daemons: list[Daemon]) -> None:
+                                                                   daemons: list[Daemon],
+                                                                   shared_dir: Path) -> None:
     keys = make_keys()
     crypto = '\n[crypto]\npolicy = "prefer"\nprefer = ["pycryptodome"]\nverify_interval = 1\n'
-    trigger = tmp_path / "kat-fails-now"
+    trigger = shared_dir / "kat-fails-now"
     a = _daemon(pair, tmp_path, True, keys, crypto, daemons,
                 NFQ_IPSEC_TEST_FAULT=f"kat-fail:pycryptodome:{trigger}")
     b = _daemon(pair, tmp_path, False, keys, crypto, daemons)
