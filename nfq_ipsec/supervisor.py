@@ -1190,6 +1190,7 @@ class Supervisor:
                 "busy_poll_misses": st.get("busy_poll_misses") if st else None,
                 "cpu_seconds": use.cpu_seconds if use else None,
                 "memory_bytes": use.memory_bytes if use else None,
+                "versions": st.get("versions") if st else None,
             })
             by_name = {s["name"]: s for s in st["sas"]} if st else {}
             sa_totals = total["sas"] if total else {}
@@ -1264,11 +1265,15 @@ def worker_spec(cfg: Config, qc: QueueConfig) -> WorkerSpec:
         busy_poll=cfg.daemon.busy_poll / 1e6,
         drop_log=cfg.daemon.drop_log,
         gso=cfg.daemon.gso,
+        versions=cfg.daemon.versions,
+        compare=cfg.daemon.compare,
+        compare_fallback=cfg.daemon.compare_fallback,
     )
 
 
 _RESTART_ONLY = ("control_socket", "state_dir", "chain_prefix", "mark", "iptables", "log_level",
-                 "busy_poll", "metrics", "gso", "drop_log")
+                 "busy_poll", "metrics", "gso", "drop_log", "versions", "compare",
+                 "compare_fallback")
 
 
 def reload_problems(old: Config, new: Config) -> list[str]:

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, cast
 
-from . import corebuild, hardening, journal
+from . import corebuild, hardening, journal, versions
 from .config.fields import DEFAULT_LOG_LEVEL
 from .core import SPD, DropReason, Policy, Processor, Result, SAParams, SecurityAssociation, Verdict
 from .core.ipv6 import IPV6_HEADER
@@ -118,6 +118,9 @@ class WorkerSpec:
     drop_log: bool = False  # daemon.drop_log: the rate-limited drop log
     busy_poll: float = 0.0  # daemon.busy_poll in seconds: how long to poll after a batch; 0: off
     gso: bool = False  # daemon.gso: the queue hands over TCP superpackets whole
+    versions: tuple[str, ...] = ("core",)  # daemon.versions (nfq_ipsec.versions)
+    compare: str = "off"  # daemon.compare: "off", "all" or "sample:N"
+    compare_fallback: bool = False  # daemon.compare_fallback
 
     def spd(self) -> SPD:
         return SPD(list(self.policies))
@@ -380,6 +383,7 @@ class PacketHandler:
                 fresh.append(params)
         new = Processor(spec.spd(), items, now, old.flow_cache_size, spec.mtu, old.max_packet,
                         spec.ipv6_link)
+        new = versions.rebuilt(old, new, spec, now)
         added = [sa for sa in new.sad.all() if sa.params in fresh]
         if self.store is not None:
             self.store.attach(added)
@@ -512,6 +516,7 @@ class PacketHandler:
             "core": corebuild.running().detail,
             "kernel": kernel,
             "sas": sas,
+            "versions": versions.snapshot(proc),
         }
 
 
@@ -556,8 +561,10 @@ def run(
         if spec.cpu is not None:
             os.sched_setaffinity(0, {spec.cpu})
         if processor is None:
-            processor = Processor(spec.spd(), spec.sas, time.monotonic(), mtu=spec.mtu,
-                                  max_packet=MAX_VERDICT_PAYLOAD, ipv6_link=spec.ipv6_link)
+            now = time.monotonic()
+            processor = versions.build(spec, Processor(spec.spd(), spec.sas, now, mtu=spec.mtu,
+                                       max_packet=MAX_VERDICT_PAYLOAD, ipv6_link=spec.ipv6_link),
+                                       now, time.monotonic)
             processor.learn_mss = spec.gso  # a superpacket's segments fit its peer's MSS
         if spec.state_dir is not None:
             store = StateStore(spec.state_dir)

@@ -13,6 +13,8 @@ from ..ike.proposal import SAPayload
 from .fields import (
     DEFAULT_BUSY_POLL,
     DEFAULT_CHAIN_PREFIX,
+    DEFAULT_COMPARE,
+    DEFAULT_COMPARE_FALLBACK,
     DEFAULT_DPD_DELAY,
     DEFAULT_DROP_LOG,
     DEFAULT_ESP_PROPOSAL,
@@ -32,6 +34,7 @@ from .fields import (
     DEFAULT_ROLE,
     DEFAULT_SOCKET,
     DEFAULT_STATE_DIR,
+    DEFAULT_VERSIONS,
     DEFAULT_WATCHDOG,
     WATCHDOG_RANGE,
 )
@@ -80,6 +83,9 @@ class DaemonConfig:
     busy_poll: int = DEFAULT_BUSY_POLL  # microseconds a worker polls after a batch; 0: off
     metrics: str | None = DEFAULT_METRICS  # "ADDRESS:PORT" of the metrics listener; None: off
     gso: bool = DEFAULT_GSO  # queues bound with NFQA_CFG_F_GSO: outbound TCP superpackets whole
+    versions: tuple[str, ...] = DEFAULT_VERSIONS  # the ESP implementations each worker runs
+    compare: str = DEFAULT_COMPARE  # "off", "all" or "sample:N" (nfq_ipsec.versions)
+    compare_fallback: bool = DEFAULT_COMPARE_FALLBACK  # one version left may carry an SA alone
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,15 @@ spawned workers included, then runs ``sitecustomize.py`` from here, which wraps 
 - ``hang-once:PATH``: the first worker to get a packet creates PATH and then hangs for good
   (alive, answering nothing, as a worker stuck in a loop would); workers that find PATH already
   there work normally. For the supervisor's watchdog.
+
+Faults of one ESP version (``daemon.versions``; ``version:KIND``), injected into the
+independent implementation only (``Engine.process``, its replay window), the core untouched:
+
+- ``version:flip-byte``: a byte of every ESP packet it seals is flipped (in the ciphertext);
+- ``version:wrong-seq``: every packet it seals carries the next sequence number but one;
+- ``version:accept-drop``: a packet arriving that it would drop it accepts unchanged;
+- ``version:skip-replay``: its replay check passes everything (a replay is opened again);
+- ``version:raise``: it raises on every packet.
 """
 
 from __future__ import annotations
@@ -77,9 +86,63 @@ def wrap(handler: Any, fault: str) -> Any:
     return handler
 
 
+VERSION_FAULTS = ("flip-byte", "wrong-seq", "accept-drop", "skip-replay", "raise")
+
+
+def patch_version(kind: str) -> Callable[[], None]:
+    """Make the independent ESP implementation misbehave as ``kind`` (one of
+    ``VERSION_FAULTS``) says, in this interpreter; returns what undoes it."""
+    from nfq_ipsec.independent import Engine, Outcome, window
+
+    if kind not in VERSION_FAULTS:
+        raise ValueError(f"unknown version fault {kind!r}")
+    process = Engine.process
+    fresh = window.Window.fresh
+    arriving = 0
+
+    def faulty(self: Engine, data: bytes, length: int, where: int, now: float) -> Outcome:
+        if kind == "raise":
+            raise RuntimeError(f"test fault injection ({FAULT_ENV}=version:raise)")
+        if kind == "wrong-seq" and where != arriving:
+            bumped = [sa for sa in self.db.by_name.values() if sa.outbound]
+            for sa in bumped:
+                sa.next_seq += 1
+            try:
+                return process(self, data, length, where, now)
+            finally:  # its own count goes on as it would have: only the packet is wrong
+                for sa in bumped:
+                    sa.next_seq -= 1
+        out = process(self, data, length, where, now)
+        if kind == "flip-byte" and where != arriving and out.packet and out.sa_name:
+            at = len(out.packet) - 20  # in the ciphertext, before a 16-byte ICV and the trailer
+            out.packet = out.packet[:at] + bytes((out.packet[at] ^ 0x01,)) + out.packet[at + 1:]
+        if kind == "accept-drop" and where == arriving and out.verdict == "drop":
+            return Outcome("accept")
+        return out
+
+    def always_fresh(self: Any, seq: int) -> bool:
+        return True
+
+    Engine.process = faulty  # type: ignore[method-assign]
+    if kind == "skip-replay":
+        window.Window.fresh = always_fresh  # type: ignore[method-assign]
+
+    def undo() -> None:
+        Engine.process = process  # type: ignore[method-assign]
+        window.Window.fresh = fresh  # type: ignore[method-assign]
+
+    return undo
+
+
 def install(fault: str) -> None:
-    """Wrap every PacketHandler this interpreter makes (sitecustomize calls this)."""
+    """Wrap every PacketHandler this interpreter makes (sitecustomize calls this), or, for
+    ``version:KIND``, make the independent ESP implementation misbehave."""
     from nfq_ipsec import worker
+
+    if fault.startswith("version:"):
+        patch_version(fault.removeprefix("version:"))
+        log.warning("test fault injection active: %s=%s", FAULT_ENV, fault)
+        return
 
     init = worker.PacketHandler.__init__
 
