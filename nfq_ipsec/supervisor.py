@@ -1314,6 +1314,13 @@ def warnings(workers: list[WorkerReport]) -> list[str]:
         if drops.get("state_unavailable"):
             out.append(f"queue {q}: {drops['state_unavailable']} packet(s) dropped because SA state "
                        f"could not be saved (state_dir full or read-only?)")
+        versions = w.get("versions")
+        for v in versions["versions"] if versions else []:
+            if not v["in_service"]:
+                left = ("its SAs' traffic is dropped" if versions and versions["compare"] == "all"
+                        and not versions["fallback"] else "the core carries on")
+                out.append(f"queue {q}: ESP version {v['name']} out of service ({v['out_reason']})"
+                           f"; {left} until the worker restarts")
         kq, ku = w.get("kernel_queue_dropped") or 0, w.get("user_dropped") or 0
         if kq or ku:
             out.append(f"queue {q}: the kernel dropped {kq} packet(s) with the queue full and {ku} "

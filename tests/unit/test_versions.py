@@ -9,17 +9,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 from faults.nfq_ipsec_faults import VERSION_FAULTS, patch_version
 from packets import udp
 from repo import EXAMPLES
+from statusschema import sample_answer
 
-from nfq_ipsec import versions
+from nfq_ipsec import control, supervisor, versions
 from nfq_ipsec.config import load_config
 from nfq_ipsec.core import DropReason, Processor, Verdict
 from nfq_ipsec.core.processor import ARRIVING, LEAVING
 from nfq_ipsec.nfqueue import HOOK_LOCAL_OUT, HOOK_PRE_ROUTING, QueuedPacket
+from nfq_ipsec.status import StatusReport
 from nfq_ipsec.supervisor import worker_spec
 from nfq_ipsec.versions import MISMATCH_LIMIT, Versions
 from nfq_ipsec.worker import PacketHandler, WorkerSpec
@@ -290,3 +293,19 @@ def test_a_reloaded_plain_core_stays_plain() -> None:
     s = spec("off")
     core = Processor(s.spd(), s.sas, 0.0)
     assert versions.rebuilt(core, core, s, 0.0) is core
+
+
+# -- status ------------------------------------------------------------------------------------
+def test_status_text_and_warnings_name_a_version_out_of_service() -> None:
+    answer = cast(StatusReport, sample_answer())  # queue 100: independent out, 3 mismatches
+    assert ("  q100 versions (compare all): core in service, independent OUT (disagreed 3 times "
+            "in a row); core+independent agreed 6, mismatches 3") in control.render_status(answer)
+    assert ("queue 100: ESP version independent out of service (disagreed 3 times in a row); its "
+            "SAs' traffic is dropped until the worker restarts") in supervisor.warnings(
+                answer["workers"])
+    answer["workers"][0]["versions"]["fallback"] = True  # type: ignore[index]
+    assert any(w.endswith("the core carries on until the worker restarts")
+               for w in supervisor.warnings(answer["workers"]))
+    answer["workers"][0]["versions"] = None
+    assert "versions" not in control.render_status(answer)
+    assert not any("ESP version" in w for w in supervisor.warnings(answer["workers"]))
