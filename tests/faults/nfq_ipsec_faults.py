@@ -19,7 +19,10 @@ independent implementation only (``Engine.process``, its replay window), the cor
 - ``version:wrong-seq``: every packet it seals carries the next sequence number but one;
 - ``version:accept-drop``: a packet arriving that it would drop it accepts unchanged;
 - ``version:skip-replay``: its replay check passes everything (a replay is opened again);
-- ``version:raise``: it raises on every packet.
+- ``version:raise``: it raises on every packet;
+- ``version:hang-once:PATH``: the first worker whose independent version gets a packet creates
+  PATH and hangs in it for good (a version stuck in a loop: in-process, nothing cuts it off);
+  workers that find PATH already there work normally. For the watchdog.
 """
 
 from __future__ import annotations
@@ -94,7 +97,8 @@ def patch_version(kind: str) -> Callable[[], None]:
     ``VERSION_FAULTS``) says, in this interpreter; returns what undoes it."""
     from nfq_ipsec.independent import Engine, Outcome, window
 
-    if kind not in VERSION_FAULTS:
+    hang = kind.partition(":")[2] if kind.startswith("hang-once:") else ""
+    if kind not in VERSION_FAULTS and not hang:
         raise ValueError(f"unknown version fault {kind!r}")
     process = Engine.process
     fresh = window.Window.fresh
@@ -103,6 +107,10 @@ def patch_version(kind: str) -> Callable[[], None]:
     def faulty(self: Engine, data: bytes, length: int, where: int, now: float) -> Outcome:
         if kind == "raise":
             raise RuntimeError(f"test fault injection ({FAULT_ENV}=version:raise)")
+        if hang and _claim(hang):
+            log.warning("test fault injection: the independent version hangs for good")
+            while True:
+                time.sleep(3600)
         if kind == "wrong-seq" and where != arriving:
             bumped = [sa for sa in self.db.by_name.values() if sa.outbound]
             for sa in bumped:

@@ -9,6 +9,8 @@ real daemon in namespaces of our own (root):
   traffic is dropped; an exception takes it out at once; the counters are exact;
 - a fault in B's independent version on the way in (an accept where the core drops, a skipped
   replay check): replayed ESP never reaches B's application;
+- a version that hangs stops its worker (nothing cuts it off in-process): its packets are
+  not sent, the watchdog replaces the worker, and the new one compares again;
 - ``sample:2`` with the flipped byte: the compared packets that disagree are dropped, the
   rest leave with the core's bytes, which tshark authenticates.
 """
@@ -56,14 +58,16 @@ def pair() -> Iterator[Pair]:
 
 
 def comparing(pair: Pair, tmp: Path, a_side: bool, keys: dict[str, str], started: list[Daemon],
-              compare: str = "all", **env: str) -> Daemon:
-    """A peer's daemon with both versions and ``compare``, started and running."""
+              compare: str = "all", extra: str = "", **env: str) -> Daemon:
+    """A peer's daemon with both versions and ``compare`` (and ``extra`` lines of [daemon]),
+    started and running."""
     d = daemon(pair, tmp, a_side, keys, started, **env)
     if compare != "off":
         text = d.config.read_text()
         d.config.write_text(text.replace(
             'log_level = "info"\n',
-            f'log_level = "info"\nversions = ["core", "independent"]\ncompare = "{compare}"\n', 1))
+            f'log_level = "info"\nversions = ["core", "independent"]\ncompare = "{compare}"\n'
+            + extra, 1))
     d.start()
     d.wait_running()
     return d
@@ -221,4 +225,29 @@ def test_sample_n_drops_the_disagreements_and_sends_the_cores_bytes(
     v = versions_of(a, QUEUES[0])
     assert v["pairs"][0]["mismatches"] == MISMATCH_LIMIT and v["packets"] == count
     assert worker(a, QUEUES[0])["drops"] == {"version_mismatch": MISMATCH_LIMIT}
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_a_hung_version_stops_its_worker_until_the_watchdog_replaces_it(
+        pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:
+    marker = tmp_path / "version-hung"
+    keys = make_keys()
+    b = comparing(pair, tmp_path, False, keys, daemons, compare="off")
+    sniffer = capture(pair, tmp_path, pair.b, pair.vb)
+    a = comparing(pair, tmp_path, True, keys, daemons, extra="watchdog = 2\n",
+                  NFQ_IPSEC_TEST_FAULT=f"version:hang-once:{marker}")
+    assert send(pair, [(PORTS[0], f"hung-{n}") for n in range(5)]) == []
+    assert marker.exists()  # queue 0's independent version took the first packet and hung
+    st = a.wait_for(lambda s: s["workers"][0]["state"] == "ready" and s["workers"][0]["restarts"] == 1,
+                    timeout=40, what="the watchdog's restart")
+    messages = [(PORTS[0], f"after-{n}") for n in range(10)]
+    assert send(pair, messages) == [m for _, m in messages]
+    assert sniffer.stop() == 0
+    packets = sniffer.packets()
+    assert 17 not in ipv4_protocols(packets)  # nothing in clear, while hung or after
+    assert len(esp_ids(packets)) == len(messages)  # the hung worker's packets never left
+    v = versions_of(a, QUEUES[0])
+    assert all(x["in_service"] for x in v["versions"]) and v["pairs"][0]["agreed"] == len(messages)
+    assert "(daemon.watchdog = 2 s): killing it" in a.log_text()
+    assert st["workers"][1]["restarts"] == 0
     assert a.stop() == 0 and b.stop() == 0
