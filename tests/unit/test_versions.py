@@ -309,3 +309,15 @@ def test_status_text_and_warnings_name_a_version_out_of_service() -> None:
     answer["workers"][0]["versions"] = None
     assert "versions" not in control.render_status(answer)
     assert not any("ESP version" in w for w in supervisor.warnings(answer["workers"]))
+
+
+def test_versions_and_compare_change_only_with_a_restart() -> None:
+    cfg = load_config(EXAMPLES / "host-a.toml", online_cpus=[0, 1])
+    other = dataclasses.replace(cfg, daemon=dataclasses.replace(
+        cfg.daemon, versions=("core", "independent"), compare="all", compare_fallback=True))
+    assert supervisor.reload_problems(cfg, other) == [
+        "daemon.versions: a change needs a restart", "daemon.compare: a change needs a restart",
+        "daemon.compare_fallback: a change needs a restart"]
+    spec = worker_spec(other, other.daemon.queues[0])
+    assert (spec.versions, spec.compare, spec.compare_fallback) == (
+        ("core", "independent"), "all", True)
