@@ -11,6 +11,7 @@ real daemon in namespaces of our own (root):
   replay check): replayed ESP never reaches B's application;
 - a version that hangs stops its worker (nothing cuts it off in-process): its packets are
   not sent, the watchdog replaces the worker, and the new one compares again;
+- after a restart both versions resume from the state files and still agree;
 - ``sample:2`` with the flipped byte: the compared packets that disagree are dropped, the
   rest leave with the core's bytes, which tshark authenticates.
 """
@@ -250,4 +251,30 @@ def test_a_hung_version_stops_its_worker_until_the_watchdog_replaces_it(
     assert all(x["in_service"] for x in v["versions"]) and v["pairs"][0]["agreed"] == len(messages)
     assert "(daemon.watchdog = 2 s): killing it" in a.log_text()
     assert st["workers"][1]["restarts"] == 0
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_after_a_restart_both_versions_resume_from_the_state_files(
+        pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:
+    """After a clean stop the core resumes an SA's sequence numbers and replay window from its
+    state files (not from 1 and 0); the independent version keeps no files and takes that
+    state before its first packet, so the two still agree after a restart."""
+    keys = make_keys()
+    a = comparing(pair, tmp_path, True, keys, daemons)
+    b = comparing(pair, tmp_path, False, keys, daemons)
+    first = [(PORTS[0], f"before-{n}") for n in range(5)]
+    assert send(pair, first) == [m for _, m in first]
+    assert a.stop() == 0 and b.stop() == 0
+    for d in (a, b):
+        d.start()
+        d.wait_running()
+    second = [(PORTS[0], f"after-{n}") for n in range(5)]
+    assert send(pair, second) == [m for _, m in second]
+    for d in (a, b):
+        v = versions_of(d, QUEUES[0])
+        assert (v["pairs"][0]["agreed"], v["pairs"][0]["mismatches"]) == (5, 0), (d.name, v)
+    st = a.status()
+    assert st is not None
+    [ab0] = [s for s in st["sas"] if s["name"] == "ab0"]
+    assert ab0["seq"] == 10  # resumed after the first five (sent from 1, both would disagree)
     assert a.stop() == 0 and b.stop() == 0
