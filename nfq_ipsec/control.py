@@ -513,6 +513,15 @@ def render_status(status: StatusReport) -> str:
         if hits or misses:
             notes.append(f"  q{w.get('queue')} busy polling: {hits} poll(s) caught a packet, "
                          f"{misses} ran out empty")
+        versions = w.get("versions")
+        if versions and versions.get("compare", "off") != "off":
+            states = ", ".join(v["name"] + (" in service" if v["in_service"]
+                                            else f" OUT ({v['out_reason']})")
+                               for v in versions["versions"])
+            pairs = "; ".join(f"{'+'.join(p['versions'])} agreed {p['agreed']}, "
+                              f"mismatches {p['mismatches']}" for p in versions["pairs"])
+            notes.append(f"  q{w.get('queue')} versions (compare {versions['compare']}): {states}; "
+                         f"{pairs}")
         if w.get("superpackets"):
             notes.append(f"  q{w.get('queue')} TCP superpackets cut and sealed: "
                          f"{w['superpackets']} (as {w['segments']} ESP packets)")

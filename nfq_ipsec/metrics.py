@@ -119,8 +119,22 @@ def families(status: StatusReport) -> list[Family]:
                   "queue full (from zero for each worker process).")
     k_user = fam("kernel_user_dropped", "counter", "The kernel's drops on the queue with the "
                  "worker's socket buffer full (from zero for each worker process).")
+    in_service = fam("worker_version_in_service", "gauge", "daemon.versions: 1 while the "
+                     "worker's ESP implementation is in service, 0 once taken out.")
+    agreed = fam("worker_version_agreed", "counter", "daemon.compare: compared packets on which "
+                 "the pair of ESP implementations agreed (from zero for each worker process).")
+    mismatches = fam("worker_version_mismatches", "counter", "daemon.compare: compared packets on "
+                     "which they did not, each dropped (from zero for each worker process).")
     for w in status["workers"]:
         q = {"queue": str(w["queue"])}
+        versions = w["versions"]
+        if versions is not None:
+            for v in versions["versions"]:
+                in_service.add({**q, "implementation": v["name"]}, int(v["in_service"]))
+            for pair in versions["pairs"]:
+                labels = {**q, "pair": "+".join(pair["versions"])}
+                agreed.add(labels, pair["agreed"])
+                mismatches.add(labels, pair["mismatches"])
         up.add(q, int(w["state"] == "ready"))
         w_uptime.add(q, w["uptime"])
         restarts.add(q, w["restarts"])
@@ -179,7 +193,7 @@ def families(status: StatusReport) -> list[Family]:
         e_sas.add(labels, e["sas"])
         e_faults.add(labels, e["faults"])
     return [info, uptime, cpu, mem, rules, control_errors, warnings, up, w_uptime, restarts, w_cpu, w_mem,
-            hits, misses, p_in, p_out,
+            hits, misses, in_service, agreed, mismatches, p_in, p_out,
             drops, k_queue, k_user, rule_drops, sa_info, sa_packets, sa_bytes, sa_drops, sa_seq, left_s,
             left_p, left_b, idle, e_up, e_sas, e_faults]
 

@@ -97,6 +97,35 @@ class EngineReport(TypedDict):
     moved_away: int  # SAs moved off it (exclusion, fault, disable)
 
 
+class VersionState(TypedDict):
+    """One ESP version of a worker (``daemon.versions``, :mod:`nfq_ipsec.versions`)."""
+
+    name: str
+    in_service: bool
+    out_reason: str | None  # why it was taken out; None while in service
+    errors: int  # exceptions it raised
+    abstained: int  # packets it refused as unsupported
+    streak: int  # disagreements in a row
+
+
+class PairCounts(TypedDict):
+    versions: list[str]  # two names, the core first
+    agreed: int
+    mismatches: int
+
+
+class VersionsSnapshot(TypedDict):
+    """A worker's ESP versions and how far they agreed (``daemon.compare``)."""
+
+    compare: str  # "off", "all", "sample:N"
+    fallback: bool
+    packets: int  # packets the versions processed
+    compared: int  # of those, compared
+    versions: list[VersionState]
+    pairs: list[PairCounts]
+    sa_mismatches: dict[str, int]  # SA name -> disagreements on its packets
+
+
 class WorkerSnapshot(TypedDict):
     """A worker's answer to ``("stats",)`` (``PacketHandler.snapshot``). Its ``drops`` include
     what the kernel dropped before the worker saw it (``queue_overflow``)."""
@@ -119,6 +148,7 @@ class WorkerSnapshot(TypedDict):
     kernel: KernelQueueCounts | None
     sas: list[SaSnapshot]
     engines: list[EngineReport]
+    versions: VersionsSnapshot  # daemon.versions and daemon.compare
 
 
 # -- the status answer ---------------------------------------------------------------------------
@@ -166,6 +196,7 @@ class WorkerReport(TypedDict):
     busy_poll_misses: int | None
     cpu_seconds: float | None  # the current worker process's user + system time
     memory_bytes: int | None  # and its resident memory
+    versions: VersionsSnapshot | None  # its ESP versions (daemon.versions, daemon.compare)
 
 
 class SaReport(TypedDict):

@@ -1289,6 +1289,7 @@ class Supervisor:
                 "busy_poll_misses": st.get("busy_poll_misses") if st else None,
                 "cpu_seconds": use.cpu_seconds if use else None,
                 "memory_bytes": use.memory_bytes if use else None,
+                "versions": st.get("versions") if st else None,
             })
             by_name = {s["name"]: s for s in st["sas"]} if st else {}
             sa_totals = total["sas"] if total else {}
@@ -1383,11 +1384,15 @@ def worker_spec(cfg: Config, qc: QueueConfig, identity: Identity | None = None,
         gso=cfg.daemon.gso,
         crypto=crypto,
         engines=engines,
+        versions=cfg.daemon.versions,
+        compare=cfg.daemon.compare,
+        compare_fallback=cfg.daemon.compare_fallback,
     )
 
 
 _RESTART_ONLY = ("control_socket", "state_dir", "chain_prefix", "mark", "iptables", "log_level",
-                 "busy_poll", "metrics", "gso", "drop_log", "sandbox", "worker_user")
+                 "busy_poll", "metrics", "gso", "drop_log", "sandbox", "worker_user", "versions",
+                 "compare", "compare_fallback")
 
 
 def reload_problems(old: Config, new: Config) -> list[str]:
@@ -1430,6 +1435,13 @@ def warnings(workers: list[WorkerReport]) -> list[str]:
         if drops.get("state_unavailable"):
             out.append(f"queue {q}: {drops['state_unavailable']} packet(s) dropped because SA state "
                        f"could not be saved (state_dir full or read-only?)")
+        versions = w.get("versions")
+        for v in versions["versions"] if versions else []:
+            if not v["in_service"]:
+                left = ("its SAs' traffic is dropped" if versions and versions["compare"] == "all"
+                        and not versions["fallback"] else "the core carries on")
+                out.append(f"queue {q}: ESP version {v['name']} out of service ({v['out_reason']})"
+                           f"; {left} until the worker restarts")
         kq, ku = w.get("kernel_queue_dropped") or 0, w.get("user_dropped") or 0
         if kq or ku:
             out.append(f"queue {q}: the kernel dropped {kq} packet(s) with the queue full and {ku} "

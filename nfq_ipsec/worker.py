@@ -73,7 +73,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, cast
 
-from . import corebuild, hardening, journal, sandbox, state
+from . import corebuild, hardening, journal, sandbox, state, versions
 from .config.fields import DEFAULT_LOG_LEVEL
 from .core import SPD, DropReason, Policy, Processor, Result, SAParams, SecurityAssociation, Verdict
 from .core.ipv6 import IPV6_HEADER
@@ -147,6 +147,9 @@ class WorkerSpec:
     crypto: CryptoSettings = DEFAULT_CRYPTO  # [crypto], disabled as the daemon has it now
     # the supervisor's discovery of the engines (claims, speeds); () makes the worker discover
     engines: tuple[Discovered, ...] = ()
+    versions: tuple[str, ...] = ("core",)  # daemon.versions (nfq_ipsec.versions)
+    compare: str = "off"  # daemon.compare: "off", "all" or "sample:N"
+    compare_fallback: bool = False  # daemon.compare_fallback
     sandbox: str = "off"  # daemon.sandbox: "enforce", "log" or "off" (the supervisor's choice)
     worker_user: Identity | None = None  # daemon.worker_user, looked up by the supervisor
 
@@ -457,6 +460,7 @@ class PacketHandler:
                 fresh.append(params)
         new = Processor(spec.spd(), items, now, old.flow_cache_size, spec.mtu, old.max_packet,
                         spec.ipv6_link)
+        new = versions.rebuilt(old, new, spec, now)
         added = [sa for sa in new.sad.all() if sa.params in fresh]
         if self.team is not None:
             self.team.bind(added)  # NoEngine: the reload is refused, nothing changed
@@ -607,6 +611,7 @@ class PacketHandler:
             "kernel": kernel,
             "sas": sas,
             "engines": self.team.report() if self.team is not None else [],
+            "versions": versions.snapshot(proc),
         }
 
 
@@ -652,8 +657,10 @@ def run(
         if spec.cpu is not None:
             os.sched_setaffinity(0, {spec.cpu})
         if processor is None:
-            processor = Processor(spec.spd(), spec.sas, time.monotonic(), mtu=spec.mtu,
-                                  max_packet=MAX_VERDICT_PAYLOAD, ipv6_link=spec.ipv6_link)
+            now = time.monotonic()
+            processor = versions.build(spec, Processor(spec.spd(), spec.sas, now, mtu=spec.mtu,
+                                       max_packet=MAX_VERDICT_PAYLOAD, ipv6_link=spec.ipv6_link),
+                                       now, time.monotonic)
             processor.learn_mss = spec.gso  # a superpacket's segments fit its peer's MSS
         ident = spec.worker_user if spec.sandboxed else None
         state_fd: int | None = None

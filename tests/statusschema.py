@@ -66,6 +66,29 @@ GOLDEN: dict[str, dict[str, str]] = {
         "busy_poll_misses": "integer or null",
         "cpu_seconds": "number or null",
         "memory_bytes": "integer or null",
+        "versions": "object or null",
+    },
+    "workers[].versions": {
+        "compare": "string",
+        "fallback": "boolean",
+        "packets": "integer",
+        "compared": "integer",
+        "versions": "array of objects",
+        "pairs": "array of objects",
+        "sa_mismatches": "drop counts",
+    },
+    "workers[].versions.versions[]": {
+        "name": "string",
+        "in_service": "boolean",
+        "out_reason": "string or null",
+        "errors": "integer",
+        "abstained": "integer",
+        "streak": "integer",
+    },
+    "workers[].versions.pairs[]": {
+        "versions": "array of strings",
+        "agreed": "integer",
+        "mismatches": "integer",
     },
     "sas[]": {
         "name": "string",
@@ -144,6 +167,8 @@ GOLDEN: dict[str, dict[str, str]] = {
 
 # The levels of a daemon without a [[connection]] (its ``ike`` is null).
 WITHOUT_IKE = frozenset(path for path in GOLDEN if path != "ike" and not path.startswith("ike."))
+# The levels only a worker that compares versions fills (daemon.compare on: its pairs).
+COMPARING = frozenset({"workers[].versions.pairs[]"})
 
 
 NULL = " or null"
@@ -278,7 +303,16 @@ def sample_answer() -> dict[str, Any]:
              "last_outage": 0.5, "core": "compiled", "ike_markers": 0, "crossed_family": 0,
              "superpackets": 12, "segments": 96, "busy_poll_hits": 40, "busy_poll_misses": 7,
              "cpu_seconds": 3.25,
-             "memory_bytes": 33554432},
+             "memory_bytes": 33554432,
+             "versions": {"compare": "all", "fallback": False, "packets": 10, "compared": 10,
+                          "versions": [{"name": "core", "in_service": True, "out_reason": None,
+                                        "errors": 0, "abstained": 0, "streak": 0},
+                                       {"name": "independent", "in_service": False,
+                                        "out_reason": "disagreed 3 times in a row",
+                                        "errors": 0, "abstained": 1, "streak": 3}],
+                          "pairs": [{"versions": ["core", "independent"], "agreed": 6,
+                                     "mismatches": 3}],
+                          "sa_mismatches": {"a-to-b": 3}}},
             {"queue": 101, "cpu": 1, "pid": None, "uptime": None, "restarts": 3, "state": "down",
              "packets_in": None, "packets_out": None, "drops": None,
              "kernel_queue_dropped": None, "user_dropped": None,
@@ -286,7 +320,7 @@ def sample_answer() -> dict[str, Any]:
              "last_syscall": None, "last_outage": None, "core": None,
              "ike_markers": None, "crossed_family": None, "superpackets": None,
              "segments": None, "busy_poll_hits": None, "busy_poll_misses": None,
-             "cpu_seconds": None, "memory_bytes": None},
+             "cpu_seconds": None, "memory_bytes": None, "versions": None},
         ],
         "sas": [
             {"name": "a-to-b", "spi": "0x00001000", "direction": "out", "queue": 100,

@@ -70,6 +70,9 @@ DEFAULT_DROP_LOG = False  # opt-in: a line per dropped packet, even rate-limited
 DEFAULT_BUSY_POLL = 0  # microseconds; off: on CPUs shared with applications it delays them
 BUSY_POLL_RANGE = (0, 10_000)
 DEFAULT_METRICS: str | None = None  # no metrics listener
+DEFAULT_VERSIONS = ("core",)  # the ESP versions a worker runs (daemon.versions)
+DEFAULT_COMPARE = "off"  # daemon.compare: one version runs
+DEFAULT_COMPARE_FALLBACK = False  # with one version left in service, its SAs' traffic drops
 KEEPALIVE_RANGE = (1.0, 3600.0)  # or 0: no NAT-keepalives
 
 
@@ -155,6 +158,20 @@ DAEMON = Section("daemon", "[daemon]", "The daemon: its workers (one per NFQUEUE
           "needs no wake-up); for workers on CPUs of their own, see *Latency*",
           default=DEFAULT_BUSY_POLL, bounds=BUSY_POLL_RANGE,
           allowed=f"0 (off) or up to {BUSY_POLL_RANGE[1]} microseconds"),
+    Field("versions", "array of strings", "the ESP implementations every worker runs, each with "
+          "its own SA state (see *Comparing ESP versions*)",
+          default=DEFAULT_VERSIONS, default_text='`["core"]`',
+          allowed="`core` first, then `independent`; more than one needs `compare`",
+          parser=parsers.versions),
+    Field("compare", STRING, "compare the versions' answers in the data path: `off` (one "
+          "version), `all` (every packet, only agreed output leaves) or `sample:N` (every "
+          "version sees every packet, one in N is compared)",
+          default=DEFAULT_COMPARE,
+          allowed='`off`, `all` or `"sample:N"` (N 2..1000000); not `majority` (needs three '
+                  'versions) nor with `gso`', parser=parsers.compare),
+    Field("compare_fallback", BOOLEAN, "with `compare`, whether the one version left in service "
+          "may carry an SA's traffic alone once the others are out (else it is dropped)",
+          default=DEFAULT_COMPARE_FALLBACK),
     Field("watchdog", NUMBER, "seconds a worker may not answer before it is killed and restarted",
           default=DEFAULT_WATCHDOG, bounds=WATCHDOG_RANGE,
           allowed=f"0 (off) or {WATCHDOG_RANGE[0]:g}..{WATCHDOG_RANGE[1]:g} seconds",

@@ -14,6 +14,8 @@ from ..ike.proposal import SAPayload
 from .fields import (
     DEFAULT_BUSY_POLL,
     DEFAULT_CHAIN_PREFIX,
+    DEFAULT_COMPARE,
+    DEFAULT_COMPARE_FALLBACK,
     DEFAULT_DPD_DELAY,
     DEFAULT_DROP_LOG,
     DEFAULT_ESP_PROPOSAL,
@@ -34,6 +36,7 @@ from .fields import (
     DEFAULT_SANDBOX,
     DEFAULT_SOCKET,
     DEFAULT_STATE_DIR,
+    DEFAULT_VERSIONS,
     DEFAULT_WATCHDOG,
     DEFAULT_WORKER_USER,
     WATCHDOG_RANGE,
@@ -85,6 +88,9 @@ class DaemonConfig:
     gso: bool = DEFAULT_GSO  # queues bound with NFQA_CFG_F_GSO: outbound TCP superpackets whole
     sandbox: str = DEFAULT_SANDBOX  # "enforce", "log" or "off" (workers as root)
     worker_user: str = DEFAULT_WORKER_USER  # who the workers run as when sandboxed
+    versions: tuple[str, ...] = DEFAULT_VERSIONS  # the ESP implementations each worker runs
+    compare: str = DEFAULT_COMPARE  # "off", "all" or "sample:N" (nfq_ipsec.versions)
+    compare_fallback: bool = DEFAULT_COMPARE_FALLBACK  # one version left may carry an SA alone
 
 
 @dataclass(frozen=True)

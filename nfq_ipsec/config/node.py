@@ -49,6 +49,8 @@ def read_daemon(raw: dict[str, Any], cpus: list[int], probs: Problems,
     log_level = DAEMON["log_level"].read(raw, "daemon", probs)
     iptables = DAEMON["iptables"].read(raw, "daemon", probs)
     watchdog = parsers.seconds_or_off(DAEMON["watchdog"], raw, "daemon", probs)
+    gso = DAEMON["gso"].read(raw, "daemon", probs)
+    versions = parsers.versions(raw, probs)
     return DaemonConfig(
         iptables=iptables,
         watchdog=watchdog,
@@ -58,7 +60,7 @@ def read_daemon(raw: dict[str, Any], cpus: list[int], probs: Problems,
                         if "control_socket" in raw else default_socket(config_name, probs)),
         state_dir=DAEMON["state_dir"].read(raw, "daemon", probs),
         mss_clamp=DAEMON["mss_clamp"].read(raw, "daemon", probs),
-        gso=DAEMON["gso"].read(raw, "daemon", probs),
+        gso=gso,
         chain_prefix=prefix,
         log_level=log_level,
         drop_log=DAEMON["drop_log"].read(raw, "daemon", probs),
@@ -66,6 +68,9 @@ def read_daemon(raw: dict[str, Any], cpus: list[int], probs: Problems,
         metrics=DAEMON["metrics"].read(raw, "daemon", probs),
         sandbox=DAEMON["sandbox"].read(raw, "daemon", probs),
         worker_user=DAEMON["worker_user"].read(raw, "daemon", probs),
+        versions=versions,
+        compare=parsers.compare(raw, len(versions), gso, probs),
+        compare_fallback=DAEMON["compare_fallback"].read(raw, "daemon", probs),
     )
 
 

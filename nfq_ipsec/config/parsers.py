@@ -145,6 +145,64 @@ def engine_names(field: Field, raw: dict[str, Any], where: str, probs: Problems)
     return tuple(names)
 
 
+VERSION_NAMES = ("core", "independent")  # daemon.versions: nfq_ipsec.versions builds each
+SAMPLE_RANGE = (2, 1_000_000)
+
+
+def versions(raw: dict[str, Any], probs: Problems) -> tuple[str, ...]:
+    """``daemon.versions``: the ESP implementations each worker runs, ``core`` first (the
+    worker's shell, its state files and GSO are the core's; the others run beside it)."""
+    value = get(raw, "versions", "daemon", list, probs)
+    if value is None:
+        return ("core",)
+    names: list[str] = []
+    for i, name in enumerate(value):
+        if name not in VERSION_NAMES:
+            probs.add(f"daemon.versions[{i}]", f"must be one of {', '.join(VERSION_NAMES)}, "
+                      f"got {name!r}")
+        elif name in names:
+            probs.add(f"daemon.versions[{i}]", f"{name} listed twice")
+        else:
+            names.append(name)
+    if value and names and names[0] != "core":
+        probs.add("daemon.versions", "must start with core: the other versions run beside it "
+                  "(the independent one alone as the data plane is not built)")
+    if not value:
+        probs.add("daemon.versions", "needs at least one version")
+    return tuple(names) or ("core",)
+
+
+def compare(raw: dict[str, Any], count: int, gso: bool, probs: Problems) -> str:
+    """``daemon.compare`` as given (``off``, ``all``, ``sample:N``), checked against the
+    number of versions; ``off`` where it is refused."""
+    value = get(raw, "compare", "daemon", str, probs)
+    if value is None:
+        value = "off"
+    if value == "majority":
+        probs.add("daemon.compare", "majority needs three versions that can outvote one, and two "
+                  "(core, independent) are built: use all or sample:N")
+        return "off"
+    if value.startswith("sample:"):
+        n = value.removeprefix("sample:")
+        if not n.isdigit() or not SAMPLE_RANGE[0] <= int(n) <= SAMPLE_RANGE[1]:
+            probs.add("daemon.compare", f"sample:N needs N in {SAMPLE_RANGE[0]}..{SAMPLE_RANGE[1]}"
+                      f", got {value!r}")
+            return "off"
+        value = f"sample:{int(n)}"
+    elif value not in ("off", "all"):
+        probs.add("daemon.compare", f"must be off, all or sample:N, got {value!r}")
+        return "off"
+    if value == "off" and count > 1:
+        probs.add("daemon.versions", "more than one version needs daemon.compare (all or "
+                  "sample:N): with off one version runs")
+    elif value != "off" and count < 2:
+        probs.add("daemon.compare", f"{value} needs at least two daemon.versions")
+    elif value != "off" and gso:
+        probs.add("daemon.compare", "can't be used with daemon.gso: only the core segments "
+                  "superpackets")
+    return str(value)
+
+
 # -- [[sa]] -----------------------------------------------------------------------------------------
 
 def sa_queue(raw: dict[str, Any], where: str, queue_nums: list[int], probs: Problems) -> int:

@@ -44,6 +44,9 @@ class DropReason(enum.Enum):
     UDP_MALFORMED = "udp_malformed"  # UDP header inconsistent with the IP header
     ENCAP_MISMATCH = "encap_mismatch"  # plain ESP for a UDP SA, or ESP in UDP for a plain one
     PEER_CHANGED = "peer_changed"  # authenticated, from a new address or port; the SA won't follow
+    # daemon.compare (nfq_ipsec.versions): the ESP versions disagreed, or too few are in service
+    VERSION_MISMATCH = "version_mismatch"
+    VERSION_OUT = "version_out"  # an SA's traffic with one version left and no compare_fallback
 
 
 class EspError(Exception):

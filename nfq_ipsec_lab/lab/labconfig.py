@@ -101,6 +101,7 @@ class LabConfig:
     discard_port: int = DISCARD_PORT
     encapsulation: str = "none"
     gso: bool = False  # daemon.gso on both peers: outbound TCP superpackets whole
+    compare: str = "off"  # daemon.compare on both peers; not off: both ESP versions run
 
     def peer(self, name: str) -> PeerConfig:
         return self.peers[name]
@@ -174,7 +175,7 @@ def plan(
     a: PeerSpec, b: PeerSpec, encryption: str = "aes-gcm-128", queues: int = 2,
     mode: str | None = None, bypass_port: int = BYPASS_PORT, discard_port: int = DISCARD_PORT,
     seed: bytes | None = None, context: str = "", directory: Path = Path("."),
-    encapsulation: str = "none", gso: bool = False,
+    encapsulation: str = "none", gso: bool = False, compare: str = "off",
 ) -> LabConfig:
     """The lab's SAs and settings for peers ``a`` and ``b``, nothing written yet (``peers`` is
     empty: :func:`write_peer` fills it). Raises ValueError for what the lab can't run."""
@@ -199,18 +200,19 @@ def plan(
     qnums = tuple(QUEUE_BASE + i for i in range(queues))
     sas = make_sas(a, b, enc, integrity, qnums, mode, seed, context, encapsulation)
     return LabConfig(directory, {}, sas, enc, integrity, mode, qnums, bypass_port, discard_port,
-                     encapsulation, gso)
+                     encapsulation, gso, compare)
 
 
 def generate(
     directory: Path, a: PeerSpec, b: PeerSpec, encryption: str = "aes-gcm-128", queues: int = 2,
     mode: str | None = None, bypass_port: int = BYPASS_PORT, discard_port: int = DISCARD_PORT,
     seed: bytes | None = None, context: str = "", encapsulation: str = "none", gso: bool = False,
+    compare: str = "off",
 ) -> LabConfig:
     """Write both peers' configs and key files under ``directory`` (created, mode 0700).
     Keys: random, or derived from ``seed`` and ``context`` (see :func:`derive_key`)."""
     cfg = plan(a, b, encryption, queues, mode, bypass_port, discard_port, seed, context, directory,
-               encapsulation, gso)
+               encapsulation, gso, compare)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     for me, other in ((a, b), (b, a)):
@@ -238,7 +240,7 @@ def write_peer(
         if sa.integrity:
             _write_key(keys / f"{sa.name}.auth.key", sa.integrity_key)
     text = render(me, other, cfg.sas, cfg.queues, control_socket, state_dir, cfg.mode,
-                  cfg.bypass_port, cfg.discard_port, key_dir, cfg.gso)
+                  cfg.bypass_port, cfg.discard_port, key_dir, cfg.gso, cfg.compare)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.fchmod(fd, 0o600)
@@ -261,7 +263,7 @@ def _write_key(path: Path, key: bytes) -> None:
 def render(
     me: PeerSpec, other: PeerSpec, sas: Sequence[LabSA], queues: Sequence[int], socket: Path,
     state_dir: Path, mode: str, bypass_port: int = BYPASS_PORT, discard_port: int = DISCARD_PORT,
-    key_dir: str = "keys", gso: bool = False,
+    key_dir: str = "keys", gso: bool = False, compare: str = "off",
 ) -> str:
     """One peer's TOML. Keys are referenced by file (<key_dir>/<sa>.key), never inline."""
     # Ports live on peer b's side: seen from a they are remote ports, from b local ones.
@@ -283,6 +285,8 @@ def render(
         f'control_socket = "{socket}"',
         f'state_dir = "{state_dir}"',
         *(["gso = true"] if gso else []),
+        *(['versions = ["core", "independent"]', f'compare = "{compare}"']
+          if compare != "off" else []),
         "",
         "[[policy]]",
         'name = "bypass-tcp"',

@@ -42,10 +42,12 @@ class LabSession:
         self, topology: str = "host", encryption: str = "aes-gcm-128", queues: int = 2,
         keep: bool = False, cmd: list[str] | None = None, log: IO[str] | None = None,
         prefix: str = netns.PREFIX, encapsulation: str = "none", gso: bool = False,
+        compare: str = "off",
     ) -> None:
         self.kind = topology
         self.encapsulation = encapsulation
         self.gso = gso
+        self.compare = compare  # daemon.compare on both peers (both ESP versions)
         self.encryption = encryption
         self.queues = queues
         self.cmd = cmd or command()
@@ -66,7 +68,8 @@ class LabSession:
             self.topo = build(self.lab, self.kind)
             self.cfg = generate(self.lab.workdir / "config", self.topo.a.spec, self.topo.b.spec,
                                 self.encryption, self.queues, mode=self.topo.mode,
-                                encapsulation=self.encapsulation, gso=self.gso)
+                                encapsulation=self.encapsulation, gso=self.gso,
+                                compare=self.compare)
             for peer in self.topo.peers:
                 self.daemons[peer.name] = Daemon.of_peer(self.cfg.peer(peer.name), peer.host, self.cmd)
         except BaseException:

@@ -25,6 +25,19 @@ spawned workers included, then runs ``sitecustomize.py`` from here, which wraps 
   known-answer tests can see.
 - ``kat-fail:NAME:PATH``: once PATH exists, every known-answer test of engine NAME fails
   (the packets it seals stay right): the periodic check must exclude it.
+
+Faults of one ESP version (``daemon.versions``; ``version:KIND``), injected into the
+independent implementation only (``Engine.process``, its replay window), the core untouched:
+
+- ``version:flip-byte``: a byte of every ESP packet it seals is flipped (in the ciphertext);
+- ``version:wrong-seq``: every packet it seals carries the next sequence number but one;
+- ``version:accept-drop``: a packet arriving that it would drop it accepts unchanged;
+- ``version:skip-replay``: its replay check passes everything (a replay is opened again);
+- ``version:raise``: it raises on every packet;
+- ``version:hang-once:PATH``: the first worker whose independent version gets a packet writes
+  ``hung`` into PATH (opened at the start, as ``hang-once`` does) and hangs in it for good (a
+  version stuck in a loop: in-process, nothing cuts it off); workers that find it written work
+  normally. For the watchdog.
 """
 
 from __future__ import annotations
@@ -221,8 +234,64 @@ def _kat_fail(fault: str) -> None:
     kat.run = patched
 
 
+VERSION_FAULTS = ("flip-byte", "wrong-seq", "accept-drop", "skip-replay", "raise")
+
+
+def patch_version(kind: str) -> Callable[[], None]:
+    """Make the independent ESP implementation misbehave as ``kind`` (one of
+    ``VERSION_FAULTS``) says, in this interpreter; returns what undoes it."""
+    from nfq_ipsec.independent import Engine, Outcome, window
+
+    hang = kind.partition(":")[2] if kind.startswith("hang-once:") else ""
+    if kind not in VERSION_FAULTS and not hang:
+        raise ValueError(f"unknown version fault {kind!r}")
+    # opened now, at the interpreter's start: a sandboxed worker can open nothing later
+    hang_fd = os.open(hang, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600) if hang else -1
+    process = Engine.process
+    fresh = window.Window.fresh
+    arriving = 0
+
+    def faulty(self: Engine, data: bytes, length: int, where: int, now: float) -> Outcome:
+        if kind == "raise":
+            raise RuntimeError(f"test fault injection ({FAULT_ENV}=version:raise)")
+        if hang and _claim(hang_fd):
+            log.warning("test fault injection: the independent version hangs for good")
+            while True:
+                time.sleep(3600)
+        if kind == "wrong-seq" and where != arriving:
+            bumped = [sa for sa in self.db.by_name.values() if sa.outbound]
+            for sa in bumped:
+                sa.next_seq += 1
+            try:
+                return process(self, data, length, where, now)
+            finally:  # its own count goes on as it would have: only the packet is wrong
+                for sa in bumped:
+                    sa.next_seq -= 1
+        out = process(self, data, length, where, now)
+        if kind == "flip-byte" and where != arriving and out.packet and out.sa_name:
+            at = len(out.packet) - 20  # in the ciphertext, before a 16-byte ICV and the trailer
+            out.packet = out.packet[:at] + bytes((out.packet[at] ^ 0x01,)) + out.packet[at + 1:]
+        if kind == "accept-drop" and where == arriving and out.verdict == "drop":
+            return Outcome("accept")
+        return out
+
+    def always_fresh(self: Any, seq: int) -> bool:
+        return True
+
+    Engine.process = faulty  # type: ignore[method-assign]
+    if kind == "skip-replay":
+        window.Window.fresh = always_fresh  # type: ignore[method-assign]
+
+    def undo() -> None:
+        Engine.process = process  # type: ignore[method-assign]
+        window.Window.fresh = fresh  # type: ignore[method-assign]
+
+    return undo
+
+
 def install(fault: str) -> None:
-    """Wrap every PacketHandler this interpreter makes (sitecustomize calls this)."""
+    """Wrap every PacketHandler this interpreter makes (sitecustomize calls this), or, for
+    ``version:KIND``, make the independent ESP implementation misbehave."""
     from nfq_ipsec import worker
 
     if fault.startswith(("engine-raise:", "engine-corrupt:")):
@@ -230,6 +299,10 @@ def install(fault: str) -> None:
         return
     if fault.startswith("kat-fail:"):
         _kat_fail(fault)
+        return
+    if fault.startswith("version:"):
+        patch_version(fault.removeprefix("version:"))
+        log.warning("test fault injection active: %s=%s", FAULT_ENV, fault)
         return
 
     init = worker.PacketHandler.__init__

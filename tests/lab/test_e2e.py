@@ -2,7 +2,9 @@
 
 For each topology (host-to-host transport mode, gateway-to-gateway tunnel mode) and each of
 aes-gcm-128, chacha20-poly1305 and aes-cbc-128 + hmac-sha256-128, and for each topology once
-more with ESP in UDP (RFC 3948, ``encapsulation = "udp"`` on every SA, aes-gcm-128), one lab
+more with ESP in UDP (RFC 3948, ``encapsulation = "udp"`` on every SA, aes-gcm-128), and for
+each topology and encryption once more comparing both ESP versions on every packet
+(``daemon.versions = ["core", "independent"]``, ``compare = "all"``), one lab
 is built with fresh keys and two queues per peer, both daemons started, and while tcpdump
 records the wire between the peers we send: ping, a TCP bulk transfer (iperf3 -t 2 -P 8, so
 the per-flow hash spreads flows over both workers), UDP (iperf3), a 1 MiB random file (SHA-256
@@ -16,7 +18,8 @@ one result of that run:
   and the bypassed flow (two readers: the lab's and scapy's);
 - tshark decrypts the capture with the configured keys: every ESP packet ``esp.icv_good``,
   none ``esp.icv_bad`` (skipped, loudly, where this tshark lacks ChaCha20-Poly1305);
-- ``nfq-ipsec status --json``: every worker of both peers has packets_out > 0;
+- ``nfq-ipsec status --json``: every worker of both peers has packets_out > 0; with
+  ``compare = "all"`` both versions stayed in service and agreed on every packet;
 - the daemons exit 0 on SIGTERM and leave their rules closed (no queue rule left, so protected
   traffic is dropped), and after ``nfq-ipsec rules remove`` ``iptables-save`` and
   ``ip6tables-save`` are exactly as before (a canary rule of someone else's in filter and mangle
@@ -50,11 +53,13 @@ from nfq_ipsec_lab.lab.traffic import (
 
 TOPOLOGIES = ["host", "gateway"]
 ENCRYPTIONS = ["aes-gcm-128", "chacha20-poly1305", "aes-cbc-128"]
-# (topology, encryption, encapsulation, daemon.gso): the whole matrix per packet, and with
-# superpackets (daemon.gso) the GCM runs, plain ESP and ESP in UDP
-COMBOS = [(t, e, "none", False) for t in TOPOLOGIES for e in ENCRYPTIONS] + [
-    (t, "aes-gcm-128", "udp", False) for t in TOPOLOGIES] + [
-    (t, "aes-gcm-128", u, True) for t in TOPOLOGIES for u in ("none", "udp")]
+# (topology, encryption, encapsulation, daemon.gso, daemon.compare): the whole matrix per
+# packet, and with superpackets (daemon.gso) the GCM runs, plain ESP and ESP in UDP; and the
+# whole matrix again with both ESP versions compared on every packet (compare = "all")
+COMBOS = [(t, e, "none", False, "off") for t in TOPOLOGIES for e in ENCRYPTIONS] + [
+    (t, "aes-gcm-128", "udp", False, "off") for t in TOPOLOGIES] + [
+    (t, "aes-gcm-128", u, True, "off") for t in TOPOLOGIES for u in ("none", "udp")] + [
+    (t, e, "none", False, "all") for t in TOPOLOGIES for e in ENCRYPTIONS]
 QUEUES = 2
 FILE_SIZE = 1 << 20
 UDP_COUNT = 20
@@ -111,23 +116,24 @@ class Run(StepRun):
     """One lab run's results; a failed step keeps its error for the tests that need it."""
 
     def __init__(self, topology: str, encryption: str, encapsulation: str = "none",
-                 gso: bool = False) -> None:
+                 gso: bool = False, compare: str = "off") -> None:
         super().__init__()
         self.topology, self.encryption = topology, encryption
         self.encapsulation = encapsulation
         self.gso = gso
+        self.compare = compare
 
 
 
 @pytest.fixture(scope="module", params=COMBOS,
                 ids=[f"{t}-{e}" + ("-udp" if u == "udp" else "") + ("-gso" if g else "")
-                     for t, e, u, g in COMBOS])
+                     + (f"-compare-{c}" if c != "off" else "") for t, e, u, g, c in COMBOS])
 def run(request: pytest.FixtureRequest) -> Run:
-    topology, encryption, encapsulation, gso = request.param
-    r = Run(topology, encryption, encapsulation, gso)
+    topology, encryption, encapsulation, gso, compare = request.param
+    r = Run(topology, encryption, encapsulation, gso, compare)
     t0 = time.monotonic()
     with LabSession(topology, encryption, queues=QUEUES, encapsulation=encapsulation,
-                    gso=gso) as s:
+                    gso=gso, compare=compare) as s:
         for peer in s.topology.peers:
             for canary in CANARIES:
                 peer.host.run(["iptables", *canary])
@@ -147,7 +153,8 @@ def run(request: pytest.FixtureRequest) -> Run:
         r.values["logs"] = {n: d.output() for n, d in s.daemons.items()}
         r.values["endpoints"] = (s.topology.client_addr, s.topology.server_addr)
     r.timings["total"] = time.monotonic() - t0
-    print(f"\nlab {topology}/{encryption}/{encapsulation}{'/gso' if gso else ''}: "
+    print(f"\nlab {topology}/{encryption}/{encapsulation}{'/gso' if gso else ''}"
+          f"{'/compare-' + compare if compare != 'off' else ''}: "
           + ", ".join(f"{k} {v:.1f}s" for k, v in r.timings.items()))
     return r
 
@@ -250,6 +257,25 @@ def test_every_worker_carries_traffic(run: Run) -> None:
         assert len(workers) == QUEUES, workers
         for w in workers:
             assert w["packets_out"] and w["packets_out"] > 0, f"peer {peer} queue {w['queue']}: {w}"
+
+
+def test_compared_versions_agree_on_every_packet(run: Run) -> None:
+    """With compare = "all" every packet each worker handled went through both ESP versions,
+    and they agreed on all of them; without it only the core runs."""
+    status: dict[str, dict[str, Any]] = run.get("status")
+    for peer, st in status.items():
+        for w in st["workers"]:
+            v = w["versions"]
+            where = f"peer {peer} queue {w['queue']}"
+            assert v is not None and v["compare"] == run.compare, (where, v)
+            if run.compare == "off":
+                assert [x["name"] for x in v["versions"]] == ["core"] and not v["pairs"], where
+                continue
+            assert all(x["in_service"] for x in v["versions"]), (where, v)
+            [pair] = v["pairs"]
+            assert pair["mismatches"] == 0 and not v["sa_mismatches"], (where, v)
+            assert pair["agreed"] > 0 and v["compared"] == v["packets"], (where, v)
+            assert not (w["drops"] or {}).get("version_mismatch"), (where, w["drops"])
 
 
 def test_superpackets_take_the_gso_path_only_with_gso(run: Run) -> None:

@@ -196,6 +196,9 @@ ACCEPTED: dict[str, list[dict[str, Any]]] = {
         {"watchdog": 0}, {"watchdog": 2.5}, {"busy_poll": 0}, {"busy_poll": 200}, {"drop_log": True},
         {"metrics": "127.0.0.1:9477"}, {"metrics": "[::1]:1"}, {"gso": True},
         {"sandbox": "off"}, {"sandbox": "log"}, {"worker_user": "nobody"},
+        {"versions": ["core", "independent"], "compare": "all"},
+        {"versions": ["core", "independent"], "compare": "sample:100", "compare_fallback": True},
+        {"versions": ["core"], "compare": "off"},
     ],
     "crypto": [
         {"policy": "balance"}, {"policy": "prefer", "prefer": ["pycryptodome", "openssl"]},
@@ -342,6 +345,48 @@ def test_required_fields_are_required(section: Section, field: Field) -> None:
     entry(doc, section.key).pop(field.name)
     where = f"{WHERE[section.key]}.{field.name}"
     assert any(p.startswith(f"{where}: required") for p in problems(doc))
+
+
+COMPARE_REFUSED = [
+    ({"compare": "majority", "versions": ["core", "independent"]},
+     "daemon.compare: majority needs three versions that can outvote one, and two (core, "
+     "independent) are built: use all or sample:N"),
+    ({"compare": "sample:1", "versions": ["core", "independent"]},
+     "daemon.compare: sample:N needs N in 2..1000000, got 'sample:1'"),
+    ({"compare": "sample:x", "versions": ["core", "independent"]},
+     "daemon.compare: sample:N needs N in 2..1000000, got 'sample:x'"),
+    ({"compare": "some"}, "daemon.compare: must be off, all or sample:N, got 'some'"),
+    ({"compare": "all"}, "daemon.compare: all needs at least two daemon.versions"),
+    ({"versions": ["core", "independent"]},
+     "daemon.versions: more than one version needs daemon.compare (all or sample:N): with off "
+     "one version runs"),
+    ({"versions": ["core", "independent"], "compare": "all", "gso": True},
+     "daemon.compare: can't be used with daemon.gso: only the core segments superpackets"),
+    ({"versions": ["independent", "core"], "compare": "all"},
+     "daemon.versions: must start with core: the other versions run beside it (the independent "
+     "one alone as the data plane is not built)"),
+    ({"versions": ["core", "source"], "compare": "all"},
+     "daemon.versions[1]: must be one of core, independent, got 'source'"),
+    ({"versions": ["core", "core"]}, "daemon.versions[1]: core listed twice"),
+    ({"versions": []}, "daemon.versions: needs at least one version"),
+]
+
+
+@pytest.mark.parametrize(("edit", "message"), COMPARE_REFUSED,
+                         ids=[m.split(": ")[1][:30] for _, m in COMPARE_REFUSED])
+def test_versions_and_compare_refuse_what_is_not_built(edit: dict[str, Any], message: str) -> None:
+    doc = base()
+    doc["daemon"].update(edit)
+    assert message in problems(doc)
+
+
+def test_versions_and_compare_are_read() -> None:
+    doc = base()
+    doc["daemon"].update({"versions": ["core", "independent"], "compare": "sample:007",
+                          "compare_fallback": True})
+    daemon = parse_config(doc, online_cpus=CPUS).daemon
+    assert (daemon.versions, daemon.compare, daemon.compare_fallback) == (
+        ("core", "independent"), "sample:7", True)
 
 
 # -- the README's reference -------------------------------------------------------------------------

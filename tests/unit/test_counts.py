@@ -20,6 +20,8 @@ def snap(pin: int, pout: int, drops: dict[str, int], sas: list[SaRow]) -> Worker
             "ike_markers": 0, "crossed_family": 0,
             "superpackets": 0, "segments": 0, "busy_poll_hits": 0, "busy_poll_misses": 0,
             "engines": [],
+            "versions": {"compare": "off", "fallback": False, "packets": 0, "compared": 0,
+                         "versions": [], "pairs": [], "sa_mismatches": {}},
             "sas": [{"name": n, "packets": p, "bytes": b, "drops": d, "spi": 1, "seq": 5,
                      "direction": "out", "path_mtu": None, "saved": None, "state_writes": None,
                      "udp": None, "engine": "openssl",

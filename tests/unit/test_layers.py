@@ -23,8 +23,8 @@ LAYERS: list[set[str]] = [
      "__init__"},
     {"config"},  # 1: the configuration, read and checked
     # 2: pure rule building, negotiated SAs in the configuration, offline decode, the queue,
-    # the batch sender, SA state
-    {"rules", "childsas", "decode", "nfqueue", "rawsend", "state", "usage"},
+    # the batch sender, SA state, the ESP versions side by side
+    {"rules", "childsas", "decode", "nfqueue", "rawsend", "state", "usage", "versions"},
     # 3: applying rules, the data path, the keying agent, the control socket, the metrics listener
     {"iptables", "worker", "agent", "control", "metricsserver"},
     {"supervisor", "service"},  # 4: the daemon, and the systemd helper

@@ -71,6 +71,10 @@ def test_the_exposition_parses_and_carries_the_status() -> None:
         key("nfq_ipsec_worker_resident_memory_bytes", **q100): 33554432,
         key("nfq_ipsec_worker_busy_poll_hits_total", **q100): 40,
         key("nfq_ipsec_worker_busy_poll_misses_total", **q100): 7,
+        key("nfq_ipsec_worker_version_in_service", implementation="core", **q100): 1,
+        key("nfq_ipsec_worker_version_in_service", implementation="independent", **q100): 0,
+        key("nfq_ipsec_worker_version_agreed_total", pair="core+independent", **q100): 6,
+        key("nfq_ipsec_worker_version_mismatches_total", pair="core+independent", **q100): 3,
         key("nfq_ipsec_packets_in_total", **q100): 10,
         key("nfq_ipsec_packets_out_total", **q100): 8,
         key("nfq_ipsec_drops_total", reason="replay", **q100): 2,
@@ -113,7 +117,7 @@ def test_the_exposition_parses_and_carries_the_status() -> None:
         "packets_in", "packets_out", "drops", "worker_restarts", "kernel_queue_dropped",
         "kernel_user_dropped", "rule_drops", "sa_packets", "sa_bytes", "sa_drops", "control_errors",
         "cpu_seconds", "worker_cpu_seconds", "worker_busy_poll_hits", "worker_busy_poll_misses",
-        "engine_faults")}
+        "engine_faults", "worker_version_agreed", "worker_version_mismatches")}
     assert {name for name, t in types.items() if t == "counter"} == counters
 
 
@@ -126,7 +130,7 @@ def test_names_follow_the_conventions() -> None:
     labels = {k for f in metrics.families(cast(StatusReport, sample_answer()))
               for lab, _ in f.samples for k in lab}
     assert labels == {"version", "queue", "reason", "sa", "spi", "direction", "encapsulation",
-                      "engine"}
+                      "engine", "implementation", "pair"}
 
 
 def test_label_values_are_escaped() -> None:
