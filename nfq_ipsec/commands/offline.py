@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
 import sys
 from collections import Counter
@@ -16,7 +15,7 @@ from ..core.spd import Action
 from ..core.suites import ENCRYPTION, FORBIDDEN, HMACS
 from ..decode import OfflineDecoder
 from ..pcap import PcapError, read_packets
-from .common import load_or_report
+from .common import load_or_report, write_secret_file
 
 
 def main(args: argparse.Namespace) -> int:
@@ -126,17 +125,7 @@ def genkey(algorithm: str, out: str | None = None) -> int:
     if out is None:
         print(key)
         return exitcodes.OK
-    try:
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        print(f"genkey: {out} exists; a key file is never overwritten (remove it first)",
-              file=sys.stderr)
+    if not write_secret_file(out, key + "\n", "genkey", "a key file"):
         return exitcodes.FAILURE
-    except OSError as err:
-        print(f"genkey: {out}: {err.strerror}", file=sys.stderr)
-        return exitcodes.FAILURE
-    os.fchmod(fd, 0o600)  # whatever the umask said
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
     print(f"genkey: wrote a {algorithm} key to {out} (mode 0600)")
     return exitcodes.OK

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tomllib
 from pathlib import Path
@@ -15,7 +14,7 @@ from ..config.loader import MAX_CONFIG_FILE
 from ..config.mirror import mirror
 from ..config.tomlout import dumps
 from ..core.errors import ConfigError
-from .common import load_or_report
+from .common import load_or_report, write_secret_file
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -60,18 +59,8 @@ def run(args: argparse.Namespace) -> int:
     if out is None:
         sys.stdout.write(text)
         return exitcodes.OK
-    try:
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        print(f"nfq-ipsec: {out} exists; peer-config never overwrites a file (remove it first)",
-              file=sys.stderr)
+    if not write_secret_file(out, text, "peer-config", "a configuration"):
         return exitcodes.FAILURE
-    except OSError as err:
-        print(f"nfq-ipsec: {out}: {err.strerror}", file=sys.stderr)
-        return exitcodes.FAILURE
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
     print(f"peer-config: wrote {out} (mode 0600)")
     for note in result.notes:
         print(f"check: {note}")

@@ -231,24 +231,27 @@ def _gso_config(path: Path) -> Path:
     return path
 
 
+def _gso_daemons(pair: Pair, tmp_path: Path, keys: dict[str, str], started: list[Daemon]) -> list[Daemon]:
+    """Both hosts' daemons with ``_gso_config``, started (each in ``started`` first) and running."""
+    daemons = []
+    for name, a_side, ns, iface in (("a", True, pair.a, pair.va), ("b", False, pair.b, pair.vb)):
+        cfg = _gso_config(write_config(tmp_path / name, a_side, iface, keys, per_port=False))
+        d = Daemon(name, pair.host(ns), cfg, log=tmp_path / name / "daemon.log", lab=pair.lab)
+        started.append(d)
+        daemons.append(d)
+    for d in daemons:
+        d.start()
+    for d in daemons:
+        d.wait_running()
+    return daemons
+
+
 def test_the_daemon_cuts_superpackets_on_a_jumbo_link_within_the_mss_clamp(tmp_path: Path) -> None:
     keys = make_keys()
     started: list[Daemon] = []
     with make_pair("j") as pair:
         try:
-            daemons = []
-            for name, a_side, ns, iface in (("a", True, pair.a, pair.va),
-                                            ("b", False, pair.b, pair.vb)):
-                cfg = _gso_config(write_config(tmp_path / name, a_side, iface, keys,
-                                               per_port=False))
-                d = Daemon(name, pair.host(ns), cfg, log=tmp_path / name / "daemon.log",
-                           lab=pair.lab)
-                started.append(d)
-                daemons.append(d)
-            for d in daemons:
-                d.start()
-            for d in daemons:
-                d.wait_running()
+            daemons = _gso_daemons(pair, tmp_path, keys, started)
             server = pair.python(pair.b, SERVER, ADDR_B, str(PORT))
             ready(server)
             sniffer = Sniffer(pair, pair.b, pair.vb, tmp_path / "jumbo.pcap")
@@ -332,17 +335,7 @@ def test_leak_gso_daemon_restarted_and_workers_killed_mid_flow(tmp_path: Path) -
     started: list[Daemon] = []
     with make_pair("k") as pair:
         try:
-            daemons = []
-            for name, a_side, ns, iface in (("a", True, pair.a, pair.va),
-                                            ("b", False, pair.b, pair.vb)):
-                cfg = _gso_config(write_config(tmp_path / name, a_side, iface, keys, per_port=False))
-                d = Daemon(name, pair.host(ns), cfg, log=tmp_path / name / "daemon.log", lab=pair.lab)
-                started.append(d)
-                daemons.append(d)
-            for d in daemons:
-                d.start()
-            for d in daemons:
-                d.wait_running()
+            daemons = _gso_daemons(pair, tmp_path, keys, started)
             a = daemons[0]
             server = pair.python(pair.b, IDLE_SERVER, ADDR_B, str(PORT))
             ready(server)

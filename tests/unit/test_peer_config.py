@@ -124,7 +124,7 @@ def test_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "exists.toml"
     out.write_text("keep me")
     assert main(["peer-config", "-c", str(a), "-o", str(out)]) == 1
-    assert out.read_text() == "keep me" and "never overwrites" in capsys.readouterr().err
+    assert out.read_text() == "keep me" and "never overwritten" in capsys.readouterr().err
     bad = tmp_path / "bad.toml"
     bad.write_text("[node]\nrole = 'moon'\n")
     bad.chmod(0o600)
