@@ -38,7 +38,8 @@ from pathlib import Path
 
 STRONGSWAN_APT = "apt-get install strongswan-charon libcharon-extra-plugins strongswan-swanctl"
 ROW_KEYS = ("plain", "accept", "accept-gso", "accept-payload", "accept-gcm", "gcm", "gcm-gso",
-            "gcm-source", "gcm6", "gcm-udp", "gcm-poll", "gcm-float", "chacha", "cbc",
+            "gcm-source", "gcm6", "gcm-udp", "gcm-poll", "gcm-float", "gcm-nosandbox", "chacha",
+            "cbc",
             "gcm-pycryptodome", "chacha-sodium", "chacha-pycryptodome", "cbc-pycryptodome",
             "gcm-balance", "tunnel-gcm", "strongswan")  # = beds
 
@@ -50,7 +51,8 @@ accept-payload (accept-only, each verdict carrying the packet back), accept-gcm 
 packet first sealed with AES-GCM-128: the floor under any ESP worker), gcm, chacha, cbc (the
 daemon, transport mode), gcm-source (gcm, 1 queue, with the ESP core run from source
 instead of compiled), gcm6 (gcm, 1 queue, over IPv6), gcm-udp (gcm, 1 queue, ESP in UDP
-4500), gcm-pycryptodome, chacha-sodium, chacha-pycryptodome, cbc-pycryptodome (the row, 1
+4500), gcm-nosandbox (gcm, 1 queue, daemon.sandbox = "off": the sandbox's cost),
+gcm-pycryptodome, chacha-sodium, chacha-pycryptodome, cbc-pycryptodome (the row, 1
 queue, its SAs on that crypto engine), gcm-balance (gcm, 1 queue, crypto.policy balance),
 tunnel-gcm (the daemon, gateway topology, tunnel mode),
 strongswan (two strongSwan 5.9 charons with kernel-libipsec; ESP in UDP 4500). The strongSwan

@@ -82,6 +82,7 @@ class RowSpec:
     pinned: bool = True  # esp rows: workers pinned per --cpu-layout (else `cpus = []`)
     engine: str | None = None  # esp rows: crypto.policy "prefer" this engine (None: the default)
     policy: str | None = None  # esp rows: crypto.policy (None: the default, fastest)
+    sandboxed: bool = True  # esp rows: the workers in their sandbox (daemon.sandbox, the default)
 
 
 ROWS = (
@@ -127,6 +128,10 @@ ROWS = (
             per_queue=False, pinned=False, base="gcm",
             note="the gcm row with its workers not pinned (cpus = []): the scheduler runs each "
                  "where it wakes up"),
+    RowSpec("gcm-nosandbox", "transport gcm, sandbox off", "esp", encryption="aes-gcm-128",
+            per_queue=False, sandboxed=False, base="gcm",
+            note="the gcm row with daemon.sandbox = \"off\" (workers as root, no seccomp filter): "
+                 "what the sandbox costs, as the gcm row's ratio to this one"),
     RowSpec("chacha", "transport chacha20-poly1305", "esp", encryption="chacha20-poly1305"),
     RowSpec("cbc", "transport aes-cbc-128+sha256", "esp", encryption="aes-cbc-128"),
     RowSpec("gcm-pycryptodome", "transport gcm on pycryptodome", "esp", encryption="aes-gcm-128",
@@ -285,6 +290,8 @@ def _esp_bed(lab: Lab, spec: RowSpec, queues: int, layout: str) -> Bed:
         pin_config(path, cpus[peer.name])
         if spec.busy_poll:
             daemon_setting(path, f"busy_poll = {spec.busy_poll}")
+        if not spec.sandboxed:
+            daemon_setting(path, 'sandbox = "off"')
         if spec.encapsulation == "udp":
             encapsulate_udp(cfg.peer(peer.name).path)
         crypto_config(path, spec)
