@@ -396,11 +396,14 @@ class Capture:
     def start(self, timeout: float = 10.0) -> Capture:
         if self.host.local and shutil.which("tcpdump") is None:
             raise LabError("tcpdump is not installed (Debian package 'tcpdump')")
-        # -U: write each packet at once; -s 0: whole packets (the ICV covers all of it);
-        # -Z root: don't drop to the tcpdump user, who can't write into our 0700 directory.
+        # --immediate-mode: each frame read from the kernel as it comes; the file is written
+        # through tcpdump's own buffer (no -U: a write per frame cost the capture enough CPU
+        # on a loaded 2-CPU machine that the kernel dropped frames), flushed when it stops on
+        # SIGINT. -s 0: whole packets (the ICV covers all of it); -Z root: don't drop to the
+        # tcpdump user, who can't write into our 0700 directory.
         self.proc = self.lab.start(
             f"tcpdump-{self.interface}", self.host,
-            ["tcpdump", "-i", self.interface, "-n", "-U", "-s", "0", "-Z", "root", "-B", str(self.buffer_kib),
+            ["tcpdump", "-i", self.interface, "-n", "-s", "0", "-Z", "root", "-B", str(self.buffer_kib),
              "--immediate-mode", "-w", self.host.path(self.path),
              *([self.bpf] if self.bpf else [])],
             stop_signal=2,
