@@ -1,5 +1,5 @@
 """Several versions of one worker's ESP data plane, run side by side on the same packets
-(``daemon.versions``, ``daemon.compare``; issue 18, N-version ESP).
+(``daemon.versions``, ``daemon.compare``; N-version ESP, docs/versions.md).
 
 The worker builds its core :class:`~nfq_ipsec.core.Processor` as always and hands it to
 :func:`build`, which returns it unchanged when ``compare`` is off, or a :class:`Versions`

@@ -1,4 +1,4 @@
-"""A second, independent ESP implementation (issue 18: N-version ESP).
+"""A second, independent ESP implementation (N-version ESP: docs/independent.md).
 
 Written apart from ``nfq_ipsec.core``, sharing nothing with it but the configuration's
 policies and SA parameters (read by attribute), and built on another cryptographic library

@@ -174,7 +174,7 @@ def test_core_modules_import_nothing_forbidden(package: Path, at_least: int,
 
 
 def test_the_independent_implementation_shares_no_code_with_the_core() -> None:
-    """Design diversity (issue 18): nothing of ``nfq_ipsec`` but its own package, no import
+    """Design diversity (docs/independent.md): nothing of ``nfq_ipsec`` but its own package, no import
     inside a function (a lazy import would open files after a worker's seccomp start-up)."""
     problems = []
     for path in sorted(INDEPENDENT.glob("*.py")):

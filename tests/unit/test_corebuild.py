@@ -110,7 +110,7 @@ def test_a_stale_build_runs_from_source(tmp_path: Path) -> None:
 def test_the_source_build_passes_the_core_tests() -> None:
     """The core's vector, framing, replay, SPD and fast-path tests, run again on the source;
     and the differential test, so the source core is held to the independent implementation
-    too (the third of the three versions of issue 18)."""
+    too (the third version: the core's Python source, docs/versions.md)."""
     env = {**os.environ, corebuild.PURE_ENV: "1"}
     files = ["tests/unit/test_vectors.py", "tests/unit/test_esp.py", "tests/unit/test_replay.py",
              "tests/unit/test_spd_index.py", "tests/unit/test_fastpath.py", "tests/unit/test_properties.py",

@@ -1,5 +1,5 @@
 """The core and the independent implementation (``nfq_ipsec.independent``) against each
-other (issue 18): random SAs and policies, then a random run of packets, valid, mutated and
+other (docs/versions.md): random SAs and policies, then a random run of packets, valid, mutated and
 hostile, through both (and the fuzz campaign's ``differential`` target on its seeds).
 Outbound the ESP must be byte-identical (same sequence number, IV, padding); inbound the
 verdict, the drop reason and the inner packet the same; and the SA state (sequence counter,
