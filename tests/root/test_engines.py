@@ -52,7 +52,7 @@ from nfq_ipsec_lab.lab.labconfig import LabSA
 from nfq_ipsec_lab.lab.traffic import tshark_verify
 
 TCP_PORT = 7300
-STALL = 1.0  # seconds: the issue's bound on a TCP stall during disable/enable
+STALL = 1.0  # seconds: the longest TCP stall allowed during disable/enable (docs/engines.md)
 
 TCP_RECEIVER = textwrap.dedent("""
     import json, socket, sys, time
