@@ -642,11 +642,7 @@ class Supervisor:
             if slot.proc.exitcode is None:
                 log.warning("worker for queue %d (pid %s) did not stop; sending SIGTERM",
                             slot.queue, slot.pid, extra=journal.fields(queue=slot.queue))
-                slot.proc.terminate()
-                slot.proc.join(2.0)
-            if slot.proc.exitcode is None:
-                slot.proc.kill()
-                slot.proc.join(2.0)
+                _end(slot.proc)
             if slot.conn is not None:
                 slot.conn.close()
             slot.proc = slot.conn = None
@@ -781,11 +777,8 @@ class Supervisor:
                 agent.conn.send(("stop",))
         agent.proc.join(STOP_GRACE)
         if agent.proc.exitcode is None:
-            agent.proc.terminate()
-            agent.proc.join(2.0)
-        if agent.proc.exitcode is None:
-            agent.proc.kill()
-            agent.proc.join(2.0)
+            log.warning("agent (pid %s) did not stop; sending SIGTERM", agent.pid)
+            _end(agent.proc)
         if agent.conn is not None:
             agent.conn.close()
         agent.proc = agent.conn = None
@@ -1353,6 +1346,15 @@ class Supervisor:
             "ike": ike,
             "engines": self.engines_report(),
         }
+
+
+def _end(proc: BaseProcess) -> None:
+    """A process that did not stop when asked: SIGTERM, then SIGKILL, 2 s for each."""
+    proc.terminate()
+    proc.join(2.0)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join(2.0)
 
 
 def worker_identity(cfg: Config) -> Identity | None:
