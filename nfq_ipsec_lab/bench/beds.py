@@ -128,7 +128,7 @@ ROWS = (
             per_queue=False, pinned=False, base="gcm",
             note="the gcm row with its workers not pinned (cpus = []): the scheduler runs each "
                  "where it wakes up"),
-    RowSpec("gcm-nosandbox", "transport gcm, sandbox off", "esp", encryption="aes-gcm-128",
+    RowSpec("gcm-nosandbox", "transport gcm without sandbox", "esp", encryption="aes-gcm-128",
             per_queue=False, sandboxed=False, base="gcm",
             note="the gcm row with daemon.sandbox = \"off\" (workers as root, no seccomp filter): "
                  "what the sandbox costs, as the gcm row's ratio to this one"),
