@@ -124,7 +124,8 @@ def families(status: StatusReport) -> list[Family]:
     agreed = fam("worker_version_agreed", "counter", "daemon.compare: compared packets on which "
                  "the pair of ESP implementations agreed (from zero for each worker process).")
     mismatches = fam("worker_version_mismatches", "counter", "daemon.compare: compared packets on "
-                     "which they did not, each dropped (from zero for each worker process).")
+                     "which they did not, each dropped unless a majority's answer left (from zero for "
+                     "each worker process).")
     for w in status["workers"]:
         q = {"queue": str(w["queue"])}
         versions = w["versions"]
