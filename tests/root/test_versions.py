@@ -70,9 +70,9 @@ THREE = '["core", "independent", "core-source"]'
 
 def comparing(pair: Pair, tmp: Path, a_side: bool, keys: dict[str, str], started: list[Daemon],
               compare: str = "all", extra: str = "", names: str = '["core", "independent"]',
-              **env: str) -> Daemon:
+              start: bool = True, **env: str) -> Daemon:
     """A peer's daemon with the versions ``names`` and ``compare`` (and ``extra`` lines of
-    [daemon]), started and running."""
+    [daemon]), started and running (unless not ``start``)."""
     d = daemon(pair, tmp, a_side, keys, started, **env)
     if compare != "off":
         text = d.config.read_text()
@@ -80,8 +80,9 @@ def comparing(pair: Pair, tmp: Path, a_side: bool, keys: dict[str, str], started
             'log_level = "info"\n',
             f'log_level = "info"\nversions = {names}\ncompare = "{compare}"\n'
             + extra, 1))
-    d.start()
-    d.wait_running()
+    if start:
+        d.start()
+        d.wait_running()
     return d
 
 
@@ -292,12 +293,14 @@ def test_after_a_restart_both_versions_resume_from_the_state_files(
 
 
 # -- majority over three versions ---------------------------------------------------------------
-def restart_with(d: Daemon, tmp: Path, fault: str) -> None:
-    """``d`` again, with ``fault`` injected and a log of its own."""
-    d.env = env(NFQ_IPSEC_TEST_FAULT=f"version:{fault}")
-    d.log = tmp / f"{d.name}-{fault.replace(':', '-').replace('@', '-')}.log"
-    d.start()
-    d.wait_running()
+def restart_with(tmp: Path, faults: list[tuple[Daemon, str]]) -> None:
+    """Each daemon again, with its fault injected and a log of its own (started together)."""
+    for d, fault in faults:
+        d.env = env(NFQ_IPSEC_TEST_FAULT=f"version:{fault}")
+        d.log = tmp / f"{d.name}-{fault.replace(':', '-').replace('@', '-')}.log"
+        d.start()
+    for d, _ in faults:
+        d.wait_running()
 
 
 def faulty_and_good(fault: str) -> tuple[str, str]:
@@ -322,13 +325,11 @@ def test_majority_carries_the_traffic_past_a_fault_in_each_version(
     """A seals with a faulty version, B opens with one: every message arrives once, every ESP
     packet on the wire authenticates, and the same packets replayed reach nobody."""
     keys = make_keys()
-    a = comparing(pair, tmp_path, True, keys, daemons, compare="majority", names=THREE)
-    b = comparing(pair, tmp_path, False, keys, daemons, compare="majority", names=THREE)
-    assert a.stop() == 0 and b.stop() == 0
+    a = comparing(pair, tmp_path, True, keys, daemons, "majority", names=THREE, start=False)
+    b = comparing(pair, tmp_path, False, keys, daemons, "majority", names=THREE, start=False)
     count = MISMATCH_LIMIT + 1
     for n, (out_fault, in_fault) in enumerate(ROUNDS):
-        restart_with(a, tmp_path, out_fault)
-        restart_with(b, tmp_path, in_fault)
+        restart_with(tmp_path, [(a, out_fault), (b, in_fault)])
         sniffer = capture(pair, tmp_path, pair.b, pair.vb)
         messages = [(PORTS[0], f"{n}-majority-{i}") for i in range(count)]
         assert send(pair, messages) == [text for _, text in messages], out_fault  # in order
