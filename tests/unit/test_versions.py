@@ -1,8 +1,10 @@
 """The comparator of ESP versions (``nfq_ipsec.versions``: ``daemon.versions``,
 ``daemon.compare``): agreement, each kind of disagreement, a version that raises or keeps
 disagreeing taken out, fail closed with one version left, sampling, a reload, and the worker
-that builds it. Faults are injected into the independent version from outside
-(tests/faults, as a real daemon's are)."""
+that builds it; with three versions (the core's source as ``core-source``), ``majority``:
+the odd one outvoted and taken out, two left as ``all``, one left fail closed, the core itself
+outvoted. Faults are injected into the independent version or the core's source from outside
+(tests/faults, as a real daemon's are); the compiled core is wrapped instead."""
 
 from __future__ import annotations
 
@@ -502,3 +504,24 @@ def test_three_versions_keep_their_state_through_a_reload() -> None:
     assert isinstance(new, Versions) and new is not v
     assert new.others[1].engine.sad.by_name(OUT).next_seq == 3  # kept across the reload
     assert set(pairs(new).values()) == {(4, 0)}
+
+
+def test_warnings_say_what_carries_on_with_three_versions() -> None:
+    answer = cast(StatusReport, sample_answer())
+    w = answer["workers"][0]
+    v = w["versions"]
+    assert v is not None
+    v["compare"] = "majority"
+    v["versions"].append({"name": "core-source", "in_service": True, "out_reason": None,
+                          "errors": 0, "abstained": 0, "streak": 0, "outvoted": 0})
+    assert any(x.endswith("(disagreed 3 times in a row); core and core-source carry on until "
+                          "the worker restarts") for x in supervisor.warnings(answer["workers"]))
+    v["versions"][2].update({"in_service": False, "out_reason": "raised RuntimeError"})
+    assert any(x.endswith("(raised RuntimeError); its SAs' traffic is dropped until the worker "
+                          "restarts") for x in supervisor.warnings(answer["workers"]))
+    v["versions"][0].update({"in_service": False, "out_reason": "disagreed 3 times in a row"})
+    v["fallback"] = True  # the core out: no fallback helps
+    assert all("carries on" not in x for x in supervisor.warnings(answer["workers"])
+               if "ESP version" in x)
+    v["versions"][2]["outvoted"] = 2
+    assert "core-source OUT (raised RuntimeError) outvoted 2" in control.render_status(answer)
