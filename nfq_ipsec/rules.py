@@ -31,6 +31,13 @@ P the chain prefix:
   plaintext flow, and NAT would rewrite them as if they were that flow); filter FORWARD ->
   P-LEAK, a leak guard so forwarded cleartext never leaves the unprotected interface.
 
+- compartments (``[[compartment]]``): P-OUT (and P-FWD) send a packet their selector matches
+  (``-m owner``, ``-m cgroup``; forwarded: ``-i``, ``-s``) with ``-g`` to the compartment's
+  chain P-C<id> (P-F<id>): its own policies, then the node's default; entered by goto, a
+  RETURN from it leaves P-OUT too, so a labelled packet never meets another compartment's
+  policies. P-LEAK does the same with P-L<id>. P-MSS first copies a decrypted packet's
+  compartment (its worker's mark, ``id << 8``) to its conntrack entry (``CONNMARK``).
+
 There is no ``--queue-bypass`` anywhere: a queue without a worker drops its packets. A
 stopped daemon leaves :func:`close`'s rules (every queue rule a DROP). :func:`build6` makes the
 same chains for ip6tables from the IPv6 policies and the SAs whose ESP travels in IPv6, with

@@ -284,3 +284,15 @@ def test_status_adds_up_each_compartments_workers() -> None:
     assert reports["db"]["packets_in"] is None and reports["db"]["workers_ready"] == 0
     assert reports["default"]["selector"] == "unlabelled traffic"
     assert reports["db"]["selector"] == "gid 2000" and reports["db"]["id"] == 9
+
+
+def test_the_peers_configuration_keeps_the_compartments_and_says_so() -> None:
+    from pathlib import PurePath
+
+    from nfq_ipsec.config.mirror import mirror
+
+    done = mirror(doc(), PurePath("/etc/nfq-ipsec/a.toml"))
+    peer = load(done.document)
+    assert [(c.name, c.queues) for c in peer.compartments] == [("web", (110, 111)), ("db", (120,))]
+    assert {sa.name: sa.direction.value for sa in peer.sas}["o-web"] == "in"
+    assert any("compartments stay" in n for n in done.notes)
