@@ -575,6 +575,17 @@ def _compartment_gotos(cfg: Config, chain: str, kind: str, v6: bool) -> list[Rul
             rules.append(Rule(chain, (*args, "-g", chain_compartment(p, comp.id, kind)),
                               f"compartment {comp.name!r} ({comp.selector_text()}): its own SPD "
                               "only"))
+    if kind != "C":
+        return rules
+    mask = COMPARTMENT_MARK_MASK
+    for comp in cfg.compartments:  # what the kernel sends for a socket without its owner
+        if comp.selects_local:
+            rules.append(Rule(chain, ("-m", "owner", "!", "--socket-exists", "-m", "connmark",
+                                      "--mark", f"0x{comp.mark:x}/0x{mask:x}", "-g",
+                                      chain_compartment(p, comp.id, kind)),
+                              f"compartment {comp.name!r}: a packet of one of its connections "
+                              "without a socket owner (a SYN-ACK, the last ACK of a closed "
+                              "socket, a reset) follows its connection"))
     return rules
 
 
@@ -592,6 +603,12 @@ def _compartment_chains(cfg: Config, kind: str, v6: bool) -> list[tuple[str, lis
         else:
             rules = _spd_rules(cfg, c, comp, v6)
             what = "locally sent" if kind == "C" else "forwarded"
+        if kind == "C":  # the connection is the compartment's, for its packets without owner
+            mask = COMPARTMENT_MARK_MASK
+            rules.insert(0, Rule(c, ("-j", "CONNMARK", "--set-xmark",
+                                     f"0x{comp.mark:x}/0x{mask:x}"),
+                                 f"its connection is compartment {comp.name!r}'s: the packets "
+                                 "the kernel sends for it without a socket owner follow it"))
         if kind == "F":  # as in P-FWD: what no policy matches is not ours (the leak guard's)
             rules.append(Rule(c, ("-j", "RETURN"), "no policy of the compartment matches: not "
                               "ours (to the gateway itself or within the LAN); the compartment's "

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import gate
 import pytest
@@ -52,14 +52,17 @@ QUEUES = {"default": 220, "alice": 230, "bob": 240}
 SPI_OUT = {"default": 0x3000, "alice": 0x3100, "bob": 0x3200}  # A -> B
 SPI_IN = {"default": 0x4000, "alice": 0x4100, "bob": 0x4200}  # B -> A
 IDS = {"default": 0, "alice": 1, "bob": 2}
+TCP_PORT = 9001  # B's TCP echo; alice's TCP flow has SAs of its own
+SPI_TCP_OUT, SPI_TCP_IN = 0x3110, 0x4110
 
 CLIENT = textwrap.dedent("""
     import json, os, socket, sys
     # uid (-1: stay root), B's address, echo port, count, first port, second port (0: none),
-    # clear port. Sends `count` datagrams on a socket bound to the first port and waits for
-    # each echo; with a second port, waits for a line on stdin (the test moves this process to
+    # clear port, TCP echo port (0: none). Sends `count` datagrams on a socket bound to the
+    # first port and waits for each echo (then one TCP exchange from that port); with a
+    # second port, waits for a line on stdin (the test moves this process to
     # another cgroup), sends again on the first socket, then on a new one bound to the second.
-    uid, dst, echo, n, p1, p2, clear = int(sys.argv[1]), sys.argv[2], *map(int, sys.argv[3:])
+    uid, dst, echo, n, p1, p2, clear, tcp = int(sys.argv[1]), sys.argv[2], *map(int, sys.argv[3:])
     if uid >= 0:
         os.setgroups([]); os.setgid(uid); os.setuid(uid)
     def sock(port):
@@ -77,6 +80,11 @@ CLIENT = textwrap.dedent("""
         return got
     s1 = sock(p1)
     out = {"pid": os.getpid(), "first": exchange(s1, "first")}
+    if tcp:  # one TCP exchange from the first port; closed first here
+        t = socket.create_connection((dst, tcp), timeout=2, source_address=("0.0.0.0", p1))
+        t.sendall(b"tcp-hello")
+        out["tcp"] = t.recv(2048).decode()
+        t.close()
     for i in range(n):  # to the port the default compartment bypasses in clear
         s1.sendto(b"clear-%d" % i, (dst, clear))
     if p2:
@@ -89,23 +97,38 @@ CLIENT = textwrap.dedent("""
 
 ECHO = textwrap.dedent("""
     import select, socket, sys
+    # UDP echo on the port given, TCP echo on the next argument's (each connection closed
+    # after the peer's); UDP to the third is taken in silence (no ICMP error goes back)
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind((sys.argv[1], int(sys.argv[2])))
+    quiet = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    quiet.bind((sys.argv[1], int(sys.argv[4])))
+    l = socket.create_server((sys.argv[1], int(sys.argv[3])))
     print("READY", flush=True)
-    n = 0
+    n, conns = 0, []
     while True:
-        r, _, _ = select.select([s, sys.stdin], [], [])
+        r, _, _ = select.select([s, l, sys.stdin, *conns], [], [])
         if sys.stdin in r:
             break
-        data, peer = s.recvfrom(2048)
-        s.sendto(data, peer)
-        n += 1
+        if s in r:
+            data, peer = s.recvfrom(2048)
+            s.sendto(data, peer)
+            n += 1
+        if l in r:
+            conns.append(l.accept()[0])
+        for c in [c for c in conns if c in r]:
+            data = c.recv(2048)
+            if data:
+                c.sendall(data)
+            else:
+                c.close()
+                conns.remove(c)
     print(n)
 """)
 
 
 def _keys() -> dict[str, str]:
-    return {f"{d}-{c}": os.urandom(20).hex() for d in ("ab", "ba") for c in QUEUES}
+    return {f"{d}-{c}": os.urandom(20).hex() for d in ("ab", "ba") for c in [*QUEUES, "alice-tcp"]}
 
 
 def _sa(name: str, direction: str, spi: int, queue: int, key: str, comp: str | None) -> str:
@@ -159,8 +182,11 @@ def config_a(d: Path, iface: str, keys: dict[str, str], cgroup: str | None) -> P
         protocol = "udp"
         remote_ports = {CLEAR_PORT}
     """)
-    for comp in QUEUES:
-        named = f'compartment = "{comp}"' if comp != "default" else ""
+    for comp, proto in (("alice-tcp", "tcp"), *((c, "udp") for c in QUEUES)):
+        named = f'compartment = "{comp.removesuffix("-tcp")}"' if comp != "default" else ""
+        # the default compartment's protects everything else: a packet of alice's that fell
+        # through to it would leave sealed with the default SA, not dropped unseen
+        protocol = f'protocol = "{proto}"' if comp != "default" else ""
         text += textwrap.dedent(f"""
             [[policy]]
             name = "to-b-{comp}"
@@ -168,13 +194,15 @@ def config_a(d: Path, iface: str, keys: dict[str, str], cgroup: str | None) -> P
             {named}
             local = "{ADDR_A}/32"
             remote = "{ADDR_B}/32"
-            protocol = "udp"
+            {protocol}
             sa = ["ab-{comp}", "ba-{comp}"]
         """)
     for comp, q in QUEUES.items():
         c = None if comp == "default" else comp
         text += _sa(f"ab-{comp}", "out", SPI_OUT[comp], q, keys[f"ab-{comp}"], c)
         text += _sa(f"ba-{comp}", "in", SPI_IN[comp], q, keys[f"ba-{comp}"], c)
+    text += _sa("ab-alice-tcp", "out", SPI_TCP_OUT, QUEUES["alice"], keys["ab-alice-tcp"], "alice")
+    text += _sa("ba-alice-tcp", "in", SPI_TCP_IN, QUEUES["alice"], keys["ba-alice-tcp"], "alice")
     return _write(d, text)
 
 
@@ -189,21 +217,24 @@ def config_b(d: Path, iface: str, keys: dict[str, str]) -> Path:
         protocol = "udp"
         local_ports = {CLEAR_PORT}
     """)
-    for comp in ("alice", "bob", "default"):  # the default's last: any other port
-        ports = f"remote_ports = {PORTS[comp]}" if comp != "default" else ""
+    # the default's last: any other port or protocol
+    for comp, proto in (("alice", "udp"), ("bob", "udp"), ("alice-tcp", "tcp"), ("default", "")):
+        ports = (f'protocol = "{proto}"\nremote_ports = {PORTS[comp.removesuffix("-tcp")]}'
+                 if proto else "")
         text += textwrap.dedent(f"""
             [[policy]]
             name = "to-a-{comp}"
             action = "protect"
             local = "{ADDR_B}/32"
             remote = "{ADDR_A}/32"
-            protocol = "udp"
-            {ports}
+        """) + ports + textwrap.dedent(f"""
             sa = ["ba-{comp}", "ab-{comp}"]
         """)
     for comp, q in QUEUES.items():
         text += _sa(f"ba-{comp}", "out", SPI_IN[comp], q, keys[f"ba-{comp}"], None)
         text += _sa(f"ab-{comp}", "in", SPI_OUT[comp], q, keys[f"ab-{comp}"], None)
+    text += _sa("ba-alice-tcp", "out", SPI_TCP_IN, QUEUES["alice"], keys["ba-alice-tcp"], None)
+    text += _sa("ab-alice-tcp", "in", SPI_TCP_OUT, QUEUES["alice"], keys["ab-alice-tcp"], None)
     return _write(d, text)
 
 
@@ -230,9 +261,9 @@ class Run:
     worker_uids: dict[int, int] = field(default_factory=dict)  # by queue
 
 
-def _client(pair: Pair, uid: int, p1: int, p2: int = 0) -> subprocess.Popen[str]:
+def _client(pair: Pair, uid: int, p1: int, p2: int = 0, tcp: int = 0) -> subprocess.Popen[str]:
     return pair.python(pair.a, CLIENT, str(uid), ADDR_B, str(ECHO_PORT), str(N), str(p1),
-                       str(p2), str(CLEAR_PORT), stdin=True)
+                       str(p2), str(CLEAR_PORT), str(tcp), stdin=True)
 
 
 def _connmark_counts(pair: Pair) -> dict[int, int]:
@@ -276,10 +307,12 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
                          "--mark", f"0x{mark:x}/0xff00", "-j", "ACCEPT")
             r = Run(pair, a, keys, tmp / "a.pcap", group if cgroup_dir else None, tshark)
             sniffer = Sniffer(pair, pair.a, pair.va, r.pcap)
-            echo = pair.python(pair.b, ECHO, ADDR_B, str(ECHO_PORT), stdin=True)
+            echo = pair.python(pair.b, ECHO, ADDR_B, str(ECHO_PORT), str(TCP_PORT),
+                               str(CLEAR_PORT), stdin=True)
             procs.append(echo)
             ready(echo)
-            r.clients["alice"] = result(_client(pair, ALICE_UID, PORTS["alice"]), timeout=60)
+            r.clients["alice"] = result(_client(pair, ALICE_UID, PORTS["alice"], tcp=TCP_PORT),
+                                        timeout=60)
             r.clients["default"] = result(_client(pair, -1, PORTS["default"]), timeout=60)
             mover = _client(pair, -1, PORTS["default"], PORTS["bob"])
             procs.append(mover)
@@ -305,48 +338,77 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
                 cgroup_dir.rmdir()
 
 
-def _wire(r: Run) -> list[tuple[int, bool, int | None]]:
-    """(SPI, ICV good, the decrypted UDP source port) of every ESP packet A sent or received,
-    by tshark with the SAs' keys."""
+class Esp(NamedTuple):
+    spi: int
+    good: bool  # tshark found its ICV good
+    port: int | None  # A's port of the decrypted UDP or TCP packet
+    tcp_flags: int | None  # None: not TCP
+
+
+def _wire(r: Run) -> list[Esp]:
+    """Every ESP packet A sent or received, decrypted and authenticated by tshark with the
+    SAs' keys."""
     sas = []
     a, b = IPv4Address(ADDR_A), IPv4Address(ADDR_B)
-    for comp in QUEUES:
-        sas.append(LabSA(f"ab-{comp}", SPI_OUT[comp], "a", "b", a, b, "aes-gcm-128", None,
+    spis = [(c, SPI_OUT[c], SPI_IN[c]) for c in QUEUES] + [("alice-tcp", SPI_TCP_OUT, SPI_TCP_IN)]
+    for comp, spi_ab, spi_ba in spis:
+        sas.append(LabSA(f"ab-{comp}", spi_ab, "a", "b", a, b, "aes-gcm-128", None,
                          bytes.fromhex(r.keys[f"ab-{comp}"])))
-        sas.append(LabSA(f"ba-{comp}", SPI_IN[comp], "b", "a", b, a, "aes-gcm-128", None,
+        sas.append(LabSA(f"ba-{comp}", spi_ba, "b", "a", b, a, "aes-gcm-128", None,
                          bytes.fromhex(r.keys[f"ba-{comp}"])))
     argv = [r.tshark, "-n", "-r", str(r.pcap), "-o", "esp.enable_encryption_decode:TRUE",
             "-o", "esp.enable_authentication_check:TRUE"]
     for entry in tshark_uat_entries(sas):
         argv += ["-o", entry]
     argv += ["-Y", "esp", "-T", "fields", "-E", "separator=|", "-E", "occurrence=l",
-             "-e", "esp.spi", "-e", "esp.icv_good", "-e", "udp.srcport", "-e", "udp.dstport"]
+             "-e", "esp.spi", "-e", "esp.icv_good", "-e", "udp.srcport", "-e", "udp.dstport",
+             "-e", "tcp.srcport", "-e", "tcp.dstport", "-e", "tcp.flags"]
     res = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 0, res.stderr[-500:]  # tshark names no key in its errors
+    outbound = {SPI_TCP_OUT, *SPI_OUT.values()}
     out = []
     for line in res.stdout.splitlines():
-        spi, good, sport, dport = [*line.split("|"), "", "", ""][:4]
-        port = int(sport) if int(spi, 16) in SPI_OUT.values() else int(dport) if dport else None
-        out.append((int(spi, 16), good == "1", port))
+        spi, good, usport, udport, tsport, tdport, flags = [*line.split("|"), *[""] * 7][:7]
+        sport, dport = (usport, udport) if usport else (tsport, tdport)
+        port = sport if int(spi, 16) in outbound else dport
+        out.append(Esp(int(spi, 16), good == "1", int(port) if port else None,
+                       int(flags, 16) if flags else None))
     return out
 
 
 def test_each_flow_is_sealed_with_its_own_compartments_sa(run: Run) -> None:
     wire = _wire(run)
-    bad = [(f"0x{spi:x}", port) for spi, good, port in wire if not good]
+    bad = [(f"0x{e.spi:x}", e.port) for e in wire if not e.good]
     assert wire and not bad, f"ICVs tshark could not verify: {bad}"
     ports_by_spi: dict[int, set[int | None]] = {}
-    for spi, _, port in wire:
-        ports_by_spi.setdefault(spi, set()).add(port)
+    for e in wire:
+        if e.tcp_flags is None:
+            ports_by_spi.setdefault(e.spi, set()).add(e.port)
     print("A's ESP by SPI and inner port:", {f"0x{k:x}": v for k, v in ports_by_spi.items()})
     assert ports_by_spi[SPI_OUT["alice"]] == {PORTS["alice"]}
     assert ports_by_spi[SPI_IN["alice"]] == {PORTS["alice"]}
     assert ports_by_spi[SPI_OUT["default"]] == {PORTS["default"]}  # the unlabelled process
     assert run.clients["alice"]["first"] == N and run.clients["default"]["first"] == N
-    count = {spi: sum(1 for s, _, _ in wire if s == spi) for spi in ports_by_spi}
+    count = {spi: sum(1 for e in wire if e.spi == spi) for spi in ports_by_spi}
     # alice's N datagrams to the echo and N to CLEAR_PORT (its own policy protects them: the
     # default compartment's bypass is not alice's), and the N echoes
     assert (count[SPI_OUT["alice"]], count[SPI_IN["alice"]]) == (2 * N, N)
+
+
+def test_a_tcp_connection_stays_in_its_compartment_to_its_last_ack(run: Run) -> None:
+    """Alice's TCP connection, closed by alice first: the last ACK leaves after the socket
+    is closed, with no owner the uid selector could match; it follows its connection's mark
+    to alice's SA (the default compartment, which protects all the rest, would seal it with
+    its own)."""
+    assert run.clients["alice"]["tcp"] == "tcp-hello"
+    wire = _wire(run)
+    tcp = [e for e in wire if e.tcp_flags is not None]
+    assert {e.spi for e in tcp} == {SPI_TCP_OUT, SPI_TCP_IN}
+    assert {e.port for e in tcp} == {PORTS["alice"]}
+    sent = [e.tcp_flags for e in tcp if e.spi == SPI_TCP_OUT]
+    fin, ack = 0x01, 0x10
+    first_fin = next(i for i, f in enumerate(sent) if f is not None and f & fin)
+    assert sent[first_fin + 1:] == [ack], f"A's packets after its FIN: {sent[first_fin + 1:]}"
 
 
 def test_inbound_goes_to_the_compartment_that_owns_the_spi(run: Run) -> None:
@@ -358,12 +420,15 @@ def test_inbound_goes_to_the_compartment_that_owns_the_spi(run: Run) -> None:
     # alice's worker saw alice's packets only: 2N out, N echoes in
     workers = {w["queue"]: w for w in run.status["workers"]}
     assert workers[QUEUES["alice"]]["compartment"] == "alice"
-    assert comps["alice"]["packets_in"] == workers[QUEUES["alice"]]["packets_in"] == 3 * N
+    wire = _wire(run)
+    tcp = sum(1 for e in wire if e.tcp_flags is not None)
+    assert comps["alice"]["packets_in"] == workers[QUEUES["alice"]]["packets_in"] == 3 * N + tcp
     assert comps["alice"]["workers"] == comps["alice"]["workers_ready"] == 1
     total = sum(c["packets_in"] for c in comps.values())
     assert total == sum(w["packets_in"] for w in run.status["workers"])
-    # the echoes' connections carry their compartment's mark for host rules
-    assert run.connmark_counts[IDS["alice"] << 8] == N
+    # what alice's connections received carries its compartment's mark for host rules
+    assert run.connmark_counts[IDS["alice"] << 8] == sum(
+        1 for e in wire if e.spi in (SPI_IN["alice"], SPI_TCP_IN))
 
 
 def test_a_labelled_packet_never_falls_through_to_another_compartment(run: Run) -> None:
@@ -386,12 +451,12 @@ def test_a_process_that_moves_cgroup_gets_the_new_labels_sa(run: Run) -> None:
     wire = _wire(run)
     mover = run.clients["mover"]
     assert (mover["first"], mover["old_socket"], mover["new_socket"]) == (N, N, N)
-    bob = {port for spi, _, port in wire if spi == SPI_OUT["bob"]}
+    bob = {e.port for e in wire if e.spi == SPI_OUT["bob"]}
     assert bob == {PORTS["bob"]}, "the new socket's packets are bob's"
-    assert sum(1 for spi, _, _ in wire if spi == SPI_OUT["bob"]) == N
+    assert sum(1 for e in wire if e.spi == SPI_OUT["bob"]) == N
     # the socket made before the move keeps its label: the default SA, 2N datagrams of the
     # mover and N of the unlabelled client, all from the default port
-    assert sum(1 for spi, _, _ in wire if spi == SPI_OUT["default"]) == 3 * N
+    assert sum(1 for e in wire if e.spi == SPI_OUT["default"]) == 3 * N
     comps = {c["name"]: c for c in run.status["compartments"]}
     assert comps["bob"]["packets_in"] == 2 * N
     assert run.connmark_counts[IDS["bob"] << 8] == N

@@ -178,18 +178,24 @@ def test_a_labelled_packet_goes_to_its_compartments_spd_only() -> None:
     out = _specs(rs, "mangle", "NFQIPSEC-OUT")
     gotos = [s for s in out if " -g " in s]
     assert gotos == ["-m owner --uid-owner 1000 -g NFQIPSEC-C1",
-                     "-m owner --gid-owner 2000 -g NFQIPSEC-C9"]
+                     "-m owner --gid-owner 2000 -g NFQIPSEC-C9",
+                     # a packet without a socket owner follows its connection's compartment
+                     "-m owner ! --socket-exists -m connmark --mark 0x100/0xff00 -g NFQIPSEC-C1",
+                     "-m owner ! --socket-exists -m connmark --mark 0x900/0xff00 -g NFQIPSEC-C9"]
     # the gotos come before the default compartment's policies, which are its own only
     first_policy = next(i for i, s in enumerate(out)
                         if s.endswith("-j NFQIPSEC-P2") and "u32" not in s)
     assert all(out.index(g) < first_policy for g in gotos)
     assert not any(s.endswith(("-j NFQIPSEC-P0", "-j NFQIPSEC-P1")) for s in out
                    if "u32" not in s)
-    # each compartment's chain: its own policy to its own queue, then the default (drop)
-    assert _specs(rs, "mangle", "NFQIPSEC-C1") == ["-s 10.0.0.1/32 -d 10.0.0.2/32 -j NFQIPSEC-P0",
-                                                   "-j DROP"]
-    assert _specs(rs, "mangle", "NFQIPSEC-C9") == ["-s 10.0.0.1/32 -d 10.0.0.2/32 -j NFQIPSEC-P1",
-                                                   "-j DROP"]
+    # each compartment's chain: the connection marked its, its own policy to its own queue,
+    # then the default (drop)
+    assert _specs(rs, "mangle", "NFQIPSEC-C1") == [
+        "-j CONNMARK --set-xmark 0x100/0xff00", "-s 10.0.0.1/32 -d 10.0.0.2/32 -j NFQIPSEC-P0",
+        "-j DROP"]
+    assert _specs(rs, "mangle", "NFQIPSEC-C9") == [
+        "-j CONNMARK --set-xmark 0x900/0xff00", "-s 10.0.0.1/32 -d 10.0.0.2/32 -j NFQIPSEC-P1",
+        "-j DROP"]
     assert "-j NFQUEUE --queue-num 110" in _specs(rs, "mangle", "NFQIPSEC-P0")
     assert "-j NFQUEUE --queue-num 120" in _specs(rs, "mangle", "NFQIPSEC-P1")
     assert "-j NFQUEUE --queue-num 100" in _specs(rs, "mangle", "NFQIPSEC-P2")
