@@ -1404,7 +1404,15 @@ def worker_identity(cfg: Config, user: str | None = None) -> Identity | None:
 def worker_identities(cfg: Config) -> dict[str, Identity | None]:
     """Each compartment's workers' user, by compartment name: its own ``user``, else
     ``daemon.worker_user``. Raises SandboxError."""
-    return {c.name: worker_identity(cfg, c.user) for c in cfg.all_compartments}
+    out: dict[str, Identity | None] = {}
+    for comp in cfg.all_compartments:
+        try:
+            out[comp.name] = worker_identity(cfg, comp.user)
+        except sandbox.SandboxError as err:
+            if comp.user is None:
+                raise
+            raise sandbox.SandboxError(f"compartment {comp.name!r}, user {comp.user!r}: {err}") from None
+    return out
 
 
 def by_owner(owners: dict[int, int | None]) -> dict[int | None, set[int]]:

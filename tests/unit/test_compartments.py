@@ -302,3 +302,12 @@ def test_the_peers_configuration_keeps_the_compartments_and_says_so() -> None:
     assert [(c.name, c.queues) for c in peer.compartments] == [("web", (110, 111)), ("db", (120,))]
     assert {sa.name: sa.direction.value for sa in peer.sas}["o-web"] == "in"
     assert any("compartments stay" in n for n in done.notes)
+
+
+def test_a_compartments_missing_user_is_named() -> None:
+    from nfq_ipsec import sandbox
+
+    d = doc()
+    d["compartment"][0]["user"] = "no-such-user-here"
+    with pytest.raises(sandbox.SandboxError, match="compartment 'web', user 'no-such-user-here'"):
+        supervisor.worker_identities(load(d))
