@@ -311,3 +311,20 @@ def test_a_compartments_missing_user_is_named() -> None:
     d["compartment"][0]["user"] = "no-such-user-here"
     with pytest.raises(sandbox.SandboxError, match="compartment 'web', user 'no-such-user-here'"):
         supervisor.worker_identities(load(d))
+
+
+def test_the_status_table_shows_the_compartments() -> None:
+    from typing import cast
+
+    from statusschema import sample_answer
+
+    from nfq_ipsec.control import render_status
+    from nfq_ipsec.status import StatusReport
+
+    text = render_status(cast(StatusReport, sample_answer()))
+    rows = [line.split() for line in text.splitlines() if line.startswith(("COMPARTMENT", "web "))]
+    assert rows[0][:2] == ["COMPARTMENT", "ID"]
+    assert rows[1][:5] == ["web", "1", "uid", "1000", "1"] and rows[1][-3:] == ["-", "-", "-"]
+    one = sample_answer()
+    one["compartments"] = one["compartments"][:1]  # the default alone: no table
+    assert "COMPARTMENT" not in render_status(cast(StatusReport, one))
