@@ -58,6 +58,7 @@ from typing import Any
 from . import __version__, childsas, corebuild, counts, exitcodes, journal, rules, sandbox, usage
 from .agent import AgentSpec, agent_main, agent_spec
 from .config import Config, QueueConfig
+from .config.fields import DEFAULT_COMPARTMENT
 from .control import ControlError, ControlServer, Deferred
 from .core import SADirection
 from .engines.team import Discovered, Team
@@ -394,8 +395,11 @@ class Supervisor:
                 self._ask_stats(slot)
             cpu = f"cpu {slot.qc.cpu}" if slot.qc.cpu is not None else "not pinned"
             again = f" (restart {slot.restarts})" if slot.restarts else ""
-            log.info("worker for queue %d ready%s: pid %d, %s, %d SA(s)%s", slot.queue, again,
-                     slot.pid, cpu, len(slot.spec.sas), down, extra=journal.fields(queue=slot.queue))
+            comp = (f", compartment {slot.spec.compartment}"
+                    if slot.spec.compartment != DEFAULT_COMPARTMENT else "")
+            log.info("worker for queue %d ready%s: pid %d, %s, %d SA(s)%s%s", slot.queue, again,
+                     slot.pid, cpu, len(slot.spec.sas), comp, down,
+                     extra=journal.fields(queue=slot.queue))
         elif kind == "error":
             slot.last_error = str(msg[1])
         elif kind == "stats":
