@@ -259,6 +259,7 @@ class Run:
     connmark_counts: dict[int, int] = field(default_factory=dict)
     state_dirs: dict[str, os.stat_result] = field(default_factory=dict)
     worker_uids: dict[int, int] = field(default_factory=dict)  # by queue
+    log: str = ""  # A's daemon log
 
 
 def _client(pair: Pair, uid: int, p1: int, p2: int = 0, tcp: int = 0) -> subprocess.Popen[str]:
@@ -327,6 +328,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             r.connmark_counts = _connmark_counts(pair)
             state = Path(a.config).parent / "state"
             r.state_dirs = {q.name: q.stat() for q in state.iterdir() if q.name.startswith("q")}
+            r.log = a.log_text()
             r.worker_uids = {w["queue"]: int(sandbox.proc_status(w["pid"])["Uid"].split()[0])
                              for w in r.status["workers"]}
             yield r
@@ -424,6 +426,9 @@ def test_inbound_goes_to_the_compartment_that_owns_the_spi(run: Run) -> None:
     tcp = sum(1 for e in wire if e.tcp_flags is not None)
     assert comps["alice"]["packets_in"] == workers[QUEUES["alice"]]["packets_in"] == 3 * N + tcp
     assert comps["alice"]["workers"] == comps["alice"]["workers_ready"] == 1
+    # and the logs say whose each worker is
+    assert f"worker for queue {QUEUES['alice']} ready: " in run.log
+    assert "compartment alice" in run.log and f"nfq-ipsec[alice/q{QUEUES['alice']}]" in run.log
     total = sum(c["packets_in"] for c in comps.values())
     assert total == sum(w["packets_in"] for w in run.status["workers"])
     # what alice's connections received carries its compartment's mark for host rules
