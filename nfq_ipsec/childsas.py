@@ -97,13 +97,13 @@ def effective(cfg: Config, up: Mapping[str, Sequence[Negotiated]], now: float) -
     """``cfg`` with the Child SAs in ``up`` (by connection, oldest first) added, as they stand
     at ``now``. A pair whose SPI another SA already has, or that the data plane can't run, is
     left out (it carries nothing: its policy stays fail-closed)."""
-    queues = cfg.queue_numbers
     taken = {(sa.direction, sa.spi) for sa in cfg.sas}
     added: list[SAParams] = []
     names: dict[str, list[str]] = {}
     for conn in cfg.connections:
         if not conn.policy:
             continue
+        queues = cfg.compartment_of_policy(conn.policy).queues  # its policy's compartment's
         sending: SAParams | None = None
         fallback: SAParams | None = None
         inbound: list[str] = []

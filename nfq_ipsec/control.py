@@ -528,6 +528,19 @@ def render_status(status: StatusReport) -> str:
                          f"{w['superpackets']} (as {w['segments']} ESP packets)")
     out.extend(_table(wrows))
     out.extend(notes)
+    comps = status.get("compartments", [])
+    if len(comps) > 1:  # the default one alone is the workers' table again
+        crows = [["COMPARTMENT", "ID", "SELECTS", "WORKERS (ready)", "RESTARTS", "PKTS IN",
+                  "PKTS OUT", "DROPS"]]
+        for c in comps:
+            cdrops = c.get("drops")
+            crows.append([str(c.get("name")), str(c.get("id")), str(c.get("selector")),
+                          f"{c.get('workers')} ({c.get('workers_ready')})",
+                          str(c.get("restarts", 0)), _dash(c.get("packets_in")),
+                          _dash(c.get("packets_out")),
+                          _dash(None if cdrops is None else sum(cdrops.values()))])
+        out.append("")
+        out.extend(_table(crows))
     kdrops = status.get("kernel_drops")
     if kdrops:
         detail = " ".join(f"{k}={v}" for k, v in sorted(kdrops.items()))

@@ -6,7 +6,8 @@ Protocol"; a value holding a newline goes as ``KEY``, newline, its length as a l
 64-bit number, the bytes, newline). So an entry has its priority (``journalctl -p err``), no
 second timestamp, a traceback in one entry rather than one per line, and fields to filter on:
 
-- ``NFQ_PROCESS``: ``supervisor``, ``agent`` or a worker's ``q<queue>``;
+- ``NFQ_PROCESS``: ``supervisor``, ``agent`` or a worker's ``q<queue>`` (a compartment's
+  worker: ``COMPARTMENT/q<queue>``);
 - ``NFQ_QUEUE``: the queue (a worker's own, or the worker a supervisor line is about);
 - ``NFQ_SA``, ``NFQ_SPI`` (``0x`` and 8 hex digits), ``NFQ_REASON`` (a drop reason or SA event):
   where the line is about one SA or one dropped packet.

@@ -92,7 +92,8 @@ def handler(who: str, stream: TextIO, environ: dict[str, str] | None = None) -> 
     ``stream`` is the journal's stream; otherwise ``stream``, formatted as above."""
     fmt = formatter(who, stream, environ)
     if is_journal(stream, environ):
-        queue = int(who[1:]) if who[:1] == "q" and who[1:].isdigit() else None
+        tail = who.rsplit("/", 1)[-1]  # a compartment's worker: COMPARTMENT/q<N>
+        queue = int(tail[1:]) if tail[:1] == "q" and tail[1:].isdigit() else None
         try:
             return journal.JournalHandler(who, syslog_priority, fmt, stream,
                                           journal.socket_path(environ), queue)

@@ -197,10 +197,24 @@ def families(status: StatusReport) -> list[Family]:
         e_up.add(labels, int(e["state"] == "ready"))
         e_sas.add(labels, e["sas"])
         e_faults.add(labels, e["faults"])
+    c_up = fam("compartment_workers_up", "gauge", "The compartment's workers ready now.")
+    c_in = fam("compartment_packets_in", "counter", "Packets the compartment's workers took "
+               "from the kernel.")
+    c_out = fam("compartment_packets_out", "counter", "Packets the compartment's workers "
+                "handed back accepted.")
+    c_drops = fam("compartment_drops", "counter", "Packets the compartment's workers dropped, "
+                  "by reason.")
+    for c in status.get("compartments", []):
+        labels = {"compartment": c["name"]}
+        c_up.add(labels, c["workers_ready"])
+        c_in.add(labels, c["packets_in"])
+        c_out.add(labels, c["packets_out"])
+        for reason, n in sorted((c["drops"] or {}).items()):
+            c_drops.add({**labels, "reason": reason}, n)
     return [info, uptime, cpu, mem, rules, control_errors, warnings, up, w_uptime, restarts, w_cpu, w_mem,
             hits, misses, in_service, outvoted, agreed, mismatches, p_in, p_out,
             drops, k_queue, k_user, rule_drops, sa_info, sa_packets, sa_bytes, sa_drops, sa_seq, left_s,
-            left_p, left_b, idle, e_up, e_sas, e_faults]
+            left_p, left_b, idle, e_up, e_sas, e_faults, c_up, c_in, c_out, c_drops]
 
 
 def render(status: StatusReport) -> str:

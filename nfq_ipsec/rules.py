@@ -31,6 +31,13 @@ P the chain prefix:
   plaintext flow, and NAT would rewrite them as if they were that flow); filter FORWARD ->
   P-LEAK, a leak guard so forwarded cleartext never leaves the unprotected interface.
 
+- compartments (``[[compartment]]``): P-OUT (and P-FWD) send a packet their selector matches
+  (``-m owner``, ``-m cgroup``; forwarded: ``-i``, ``-s``) with ``-g`` to the compartment's
+  chain P-C<id> (P-F<id>): its own policies, then the node's default; entered by goto, a
+  RETURN from it leaves P-OUT too, so a labelled packet never meets another compartment's
+  policies. P-LEAK does the same with P-L<id>. P-MSS first copies a decrypted packet's
+  compartment (its worker's mark, ``id << 8``) to its conntrack entry (``CONNMARK``).
+
 There is no ``--queue-bypass`` anywhere: a queue without a worker drops its packets. A
 stopped daemon leaves :func:`close`'s rules (every queue rule a DROP). :func:`build6` makes the
 same chains for ip6tables from the IPv6 policies and the SAs whose ESP travels in IPv6, with
@@ -48,7 +55,8 @@ import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .config.model import Config
+from .config.fields import COMPARTMENT_MARK_MASK
+from .config.model import CompartmentConfig, Config
 from .core.esp import overhead_for
 from .core.ipv6 import ICMPV6_ERROR_TYPES, MLD_TYPES, ND_TYPES, addr_str, is_v6
 from .core.packet import ICMP_ERROR_TYPES
@@ -151,10 +159,18 @@ def chain_protect(prefix: str, index: int) -> str:
     return f"{prefix}-P{index}"
 
 
+def chain_compartment(prefix: str, cid: int, kind: str) -> str:
+    """A compartment's SPD chain: ``C`` (locally sent, mangle), ``F`` (forwarded, mangle) or
+    ``L`` (its leak guard, filter), by its id."""
+    return f"{prefix}-{kind}{cid}"
+
+
+
+
 def is_our_chain(prefix: str, name: str) -> bool:
     """Whether ``name`` is a chain this prefix creates (exact shapes only: another instance with
     a longer prefix such as ``P-X`` never looks like ours)."""
-    return re.fullmatch(re.escape(prefix) + r"-(?:IN|OUT|FWD|LEAK|NAT|MSS|P\d+)", name) is not None
+    return re.fullmatch(re.escape(prefix) + r"-(?:IN|OUT|FWD|LEAK|NAT|MSS|[PCFL]\d+)", name) is not None
 
 
 def hmark_base(mark: int) -> int:
@@ -233,20 +249,25 @@ def build(cfg: Config, v6: bool = False) -> Ruleset:
         mangle_rules += _outbound_rules(cfg, chain_fwd(p), lo_flag="-i", with_lo=True,
                                         default=False, v6=v6)
         extra = [_nat_table(cfg), _leak_table(cfg, v6)]
+    for kind in ("C", "F") if node.role == "gateway" else ("C",):
+        protect_chains = _compartment_chains(cfg, kind, v6) + protect_chains
     for chain, rules, comment in protect_chains:
         mangle_chains.append(chain)
         mangle_comments.append((chain, comment))
         mangle_rules += rules
-    mss = _mss_rules(cfg, v6)
+    # decrypted packets: their compartment onto their connection, then the MSS clamp
+    mss = (_label_rules(cfg) if cfg.compartments else []) + _mss_rules(cfg, v6)
     if mss:
         mangle_chains.append(chain_mss(p))
-        mangle_comments.append((chain_mss(p), _MSS_COMMENT))
+        mangle_comments.append((chain_mss(p), _MSS_COMMENT + (_LBL_COMMENT if cfg.compartments
+                                                              else "")))
         m = cfg.daemon.mark
         on_iface = ("-i", node.interface) if node.interface else ()
         match = (*on_iface, "-m", "mark", "--mark", f"0x{m:x}/0x{m:x}", "-j", chain_mss(p))
         for builtin in ("INPUT", "FORWARD") if node.role == "gateway" else ("INPUT",):
             mangle_jumps.append(Rule(builtin, match, "decrypted packets (a worker's mark): "
-                                     "clamp the MSS of their SYNs"))
+                                     + ("label their connections, " if cfg.compartments else "")
+                                     + "clamp the MSS of their SYNs"))
         if crosses_in(cfg, v6):
             mangle_jumps.append(Rule("OUTPUT", match[len(on_iface):],
                                      "decrypted packets of a mixed tunnel, which a worker sends "
@@ -403,6 +424,8 @@ _MSS_COMMENT = ("MSS clamp for received SYNs, after decryption: a peer that does
 _NAT_COMMENT = ("NAT exemption: forwarded traffic is queued after conntrack, so the ESP packet a "
                 "worker returns still carries the plaintext flow's conntrack entry; NAT on it "
                 "would rewrite ESP bytes as if they were TCP/UDP ports and checksums")
+_LBL_COMMENT = ("; first, each decrypted packet's compartment (its worker's mark) onto its "
+                "conntrack entry (CONNMARK), for host rules that keep the label")
 _LEAK_COMMENT = ("leak guard: forwarded traffic leaving the unprotected interface must be ESP "
                  "from a worker or explicitly bypassed")
 
@@ -478,7 +501,6 @@ def _default(cfg: Config, chain: str, what: str) -> Rule:
 def _outbound_rules(
     cfg: Config, chain: str, lo_flag: str, with_lo: bool, default: bool, v6: bool = False,
 ) -> list[Rule]:
-    p = cfg.daemon.chain_prefix
     rules = _esp_returns(cfg, chain, v6)
     if with_lo:
         rules.append(Rule(chain, (lo_flag, "lo", "-j", "RETURN"), "loopback is never IPsec-protected"))
@@ -487,8 +509,21 @@ def _outbound_rules(
     if default:  # the agent's own IKE leaves from this host, never through the FORWARD path
         rules += _ike_rules(cfg, chain, outbound=True, v6=v6)
     rules += _icmp_error_rules(cfg, chain, "out", v6)
+    # default: locally sent traffic (P-OUT); else forwarded (P-FWD)
+    rules += _compartment_gotos(cfg, chain, "C" if default else "F", v6)
+    rules += _spd_rules(cfg, chain, cfg.default_compartment, v6)
+    if default:
+        rules.append(_default(cfg, chain, "outbound"))
+    return rules
+
+
+def _spd_rules(cfg: Config, chain: str, comp: CompartmentConfig, v6: bool) -> list[Rule]:
+    """The outbound SPD of one compartment, in order."""
+    p = cfg.daemon.chain_prefix
+    rules: list[Rule] = []
+    mine = set(comp.policies)
     for i, pol in _policies(cfg, v6):
-        if not pol.direction.covers(True):
+        if not pol.direction.covers(True) or pol.name not in mine:
             continue
         if pol.action is Action.PROTECT:
             target, what = chain_protect(p, i), "protect: to its ESP sub-chain"
@@ -499,8 +534,105 @@ def _outbound_rules(
         rules.append(Rule(chain, (*selector_args(pol.selector, outbound=True, v6=v6), "-j", target),
                           f"policy[{i}] {pol.name!r}, outbound: {what}",
                           "policy_discard" if target == "DROP" else ""))
-    if default:
-        rules.append(_default(cfg, chain, "outbound"))
+    return rules
+
+
+def compartment_args(comp: CompartmentConfig, kind: str, v6: bool) -> tuple[str, ...] | None:
+    """The matches of a compartment's label selector, as iptables-save prints them: ``C`` the
+    sending socket's owner and cgroup v2, ``F`` and ``L`` a forwarded packet's source and
+    input interface. None: it selects no traffic of this kind (or of this family)."""
+    args: list[str] = []
+    if kind == "C":
+        if not comp.selects_local:
+            return None
+        if comp.uid is not None or comp.gid is not None:
+            args += ["-m", "owner"]
+            if comp.uid is not None:
+                args += ["--uid-owner", str(comp.uid)]
+            if comp.gid is not None:
+                args += ["--gid-owner", str(comp.gid)]
+        if comp.cgroup is not None:
+            args += ["-m", "cgroup", "--path", comp.cgroup]
+        return tuple(args)
+    if not comp.selects_forwarded or (comp.source is not None and (comp.source.version == 6) != v6):
+        return None
+    if comp.source is not None:
+        args += [*_net("-s", comp.source)] or ["-s", "::/0" if v6 else "0.0.0.0/0"]
+    if comp.interface is not None:
+        args += ["-i", comp.interface]
+    return tuple(args)
+
+
+def _compartment_gotos(cfg: Config, chain: str, kind: str, v6: bool) -> list[Rule]:
+    """A labelled packet goes (``-g``) to its compartment's chain and never comes back to this
+    one: what its compartment's SPD does not decide, its chain's end does (the node's default),
+    so it never meets another compartment's policies."""
+    p = cfg.daemon.chain_prefix
+    rules = []
+    for comp in cfg.compartments:
+        args = compartment_args(comp, kind, v6)
+        if args is not None:
+            rules.append(Rule(chain, (*args, "-g", chain_compartment(p, comp.id, kind)),
+                              f"compartment {comp.name!r} ({comp.selector_text()}): its own SPD "
+                              "only"))
+    if kind != "C":
+        return rules
+    mask = COMPARTMENT_MARK_MASK
+    for comp in cfg.compartments:  # what the kernel sends for a socket without its owner
+        if comp.selects_local:
+            rules.append(Rule(chain, ("-m", "owner", "!", "--socket-exists", "-m", "connmark",
+                                      "--mark", f"0x{comp.mark:x}/0x{mask:x}", "-g",
+                                      chain_compartment(p, comp.id, kind)),
+                              f"compartment {comp.name!r}: a packet of one of its connections "
+                              "without a socket owner (a SYN-ACK, the last ACK of a closed "
+                              "socket, a reset) follows its connection"))
+    return rules
+
+
+def _compartment_chains(cfg: Config, kind: str, v6: bool) -> list[tuple[str, list[Rule], str]]:
+    """Each compartment's SPD chain of one kind (see :func:`compartment_args`)."""
+    p = cfg.daemon.chain_prefix
+    out = []
+    for comp in cfg.compartments:
+        if compartment_args(comp, kind, v6) is None:
+            continue
+        c = chain_compartment(p, comp.id, kind)
+        if kind == "L":
+            rules = _leak_rules(cfg, c, comp, v6)
+            what = "forwarded traffic leaving"
+        else:
+            rules = _spd_rules(cfg, c, comp, v6)
+            what = "locally sent" if kind == "C" else "forwarded"
+        if kind == "C":  # the connection is the compartment's, for its packets without owner
+            mask = COMPARTMENT_MARK_MASK
+            rules.insert(0, Rule(c, ("-j", "CONNMARK", "--set-xmark",
+                                     f"0x{comp.mark:x}/0x{mask:x}"),
+                                 f"its connection is compartment {comp.name!r}'s: the packets "
+                                 "the kernel sends for it without a socket owner follow it"))
+        if kind == "F":  # as in P-FWD: what no policy matches is not ours (the leak guard's)
+            rules.append(Rule(c, ("-j", "RETURN"), "no policy of the compartment matches: not "
+                              "ours (to the gateway itself or within the LAN); the compartment's "
+                              "leak guard decides if it leaves"))
+        else:
+            rules.append(_default(cfg, c, f"compartment {comp.name!r}"))
+        out.append((c, rules, f"compartment {comp.name!r} (id {comp.id}, "
+                    f"{comp.selector_text()}): {what}, its own policies only"))
+    return out
+
+
+def _label_rules(cfg: Config) -> list[Rule]:
+    """Decrypted packets carry their compartment in the mark (``COMPARTMENT_MARK_MASK``) from
+    their worker's verdict; copy it to their conntrack entry, so host rules can keep the label
+    (``-m connmark``) for the whole connection, replies too."""
+    c = chain_mss(cfg.daemon.chain_prefix)
+    m = cfg.daemon.mark
+    mask = COMPARTMENT_MARK_MASK
+    rules = []
+    for comp in cfg.all_compartments:
+        rules.append(Rule(c, ("-m", "mark", "--mark", f"0x{m | comp.mark:x}/0x{m | mask:x}",
+                              "-j", "CONNMARK", "--set-xmark", f"0x{comp.mark:x}/0x{mask:x}"),
+                          f"decrypted by compartment {comp.name!r}: its connection's mark "
+                          f"0x{comp.mark:x}/0x{mask:x}"))
     return rules
 
 
@@ -606,8 +738,25 @@ def _leak_table(cfg: Config, v6: bool) -> Table:
     iface = cfg.node.interface or ""
     rules = _esp_returns(cfg, c, v6)
     rules += _icmp_error_rules(cfg, c, "leak", v6)
+    rules += _compartment_gotos(cfg, c, "L", v6)
+    rules += _leak_rules(cfg, c, cfg.default_compartment, v6)
+    rules.append(_default(cfg, c, "forwarded"))
+    chains = [(c, _LEAK_COMMENT)]
+    sub: list[Rule] = []
+    for chain, crules, comment in _compartment_chains(cfg, "L", v6):
+        chains.append((chain, comment))
+        sub += crules
+    jump = Rule("FORWARD", ("-o", iface, "-j", c),
+                f"forwarded traffic leaving through the unprotected interface {iface}")
+    return Table("filter", tuple(n for n, _ in chains), (jump,), (*rules, *sub), tuple(chains))
+
+
+def _leak_rules(cfg: Config, c: str, comp: CompartmentConfig, v6: bool) -> list[Rule]:
+    """The leak guard of one compartment's policies: bypass may leave, the rest is dropped."""
+    rules: list[Rule] = []
+    mine = set(comp.policies)
     for i, pol in _policies(cfg, v6):
-        if not pol.direction.covers(True):
+        if not pol.direction.covers(True) or pol.name not in mine:
             continue
         if pol.action is Action.BYPASS:
             target, what, reason = "RETURN", "bypass: may leave in cleartext", ""
@@ -617,10 +766,7 @@ def _leak_table(cfg: Config, v6: bool) -> Table:
             target, what, reason = "DROP", "discard", "policy_discard"
         rules.append(Rule(c, (*selector_args(pol.selector, outbound=True, v6=v6), "-j", target),
                           f"policy[{i}] {pol.name!r}, forwarded: {what}", reason))
-    rules.append(_default(cfg, c, "forwarded"))
-    jump = Rule("FORWARD", ("-o", iface, "-j", c),
-                f"forwarded traffic leaving through the unprotected interface {iface}")
-    return Table("filter", (c,), (jump,), tuple(rules), ((c, _LEAK_COMMENT),))
+    return rules
 
 
 def selector_args(sel: Selector, outbound: bool, v6: bool = False) -> tuple[str, ...]:

@@ -198,6 +198,23 @@ class WorkerReport(TypedDict):
     cpu_seconds: float | None  # the current worker process's user + system time
     memory_bytes: int | None  # and its resident memory
     versions: VersionsSnapshot | None  # its ESP versions (daemon.versions, daemon.compare)
+    compartment: str  # the compartment whose queue it is ("default": daemon.queues)
+
+
+class CompartmentReport(TypedDict):
+    """One compartment: its workers, and their packets and drops added up (``None`` while
+    none of its workers answered)."""
+
+    name: str
+    id: int  # its bits in the mark: id << 8
+    selector: str  # in words: "uid 1000", "unlabelled traffic"
+    user: str | None  # its workers' user (None: daemon.worker_user, or root with the sandbox off)
+    workers: int  # its queues
+    workers_ready: int
+    restarts: int
+    packets_in: int | None
+    packets_out: int | None
+    drops: DropCounts | None
 
 
 class SaReport(TypedDict):
@@ -275,6 +292,7 @@ class StatusReport(TypedDict):
     kernel_drops_age: float | None
     warnings: list[str]
     workers: list[WorkerReport]
+    compartments: list[CompartmentReport]  # the default one first, then the file's
     sas: list[SaReport]
     ike: IkeReport | None  # None: no connection, no agent
     engines: list[EngineReport]  # the crypto engines, across the workers

@@ -58,6 +58,7 @@ from typing import Any
 from . import __version__, childsas, corebuild, counts, exitcodes, journal, rules, sandbox, usage
 from .agent import AgentSpec, agent_main, agent_spec
 from .config import Config, QueueConfig
+from .config.fields import DEFAULT_COMPARTMENT
 from .control import ControlError, ControlServer, Deferred
 from .core import SADirection
 from .engines.team import Discovered, Team
@@ -68,6 +69,7 @@ from .nfqueue import kernel_queue_stats
 from .sandbox import Identity
 from .sdnotify import Notifier
 from .status import (
+    CompartmentReport,
     ConnectionReport,
     Counts,
     DaemonReport,
@@ -247,6 +249,7 @@ class Supervisor:
         self.ctx = multiprocessing.get_context("spawn")
         self.meter = usage.Meter()  # CPU and memory of the supervisor and workers, for status
         self.identity = worker_identity(cfg)  # the workers' user; None: sandbox off (root)
+        self.identities = worker_identities(cfg)  # by compartment (its own user, or that one)
         # The crypto engines: discovered and verified here once, handed to every worker in its
         # spec; runtime disable/enable is kept here too, so a restarted worker follows it.
         self.team = team if team is not None else discover_engines(cfg)
@@ -393,8 +396,11 @@ class Supervisor:
                 self._ask_stats(slot)
             cpu = f"cpu {slot.qc.cpu}" if slot.qc.cpu is not None else "not pinned"
             again = f" (restart {slot.restarts})" if slot.restarts else ""
-            log.info("worker for queue %d ready%s: pid %d, %s, %d SA(s)%s", slot.queue, again,
-                     slot.pid, cpu, len(slot.spec.sas), down, extra=journal.fields(queue=slot.queue))
+            comp = (f", compartment {slot.spec.compartment}"
+                    if slot.spec.compartment != DEFAULT_COMPARTMENT else "")
+            log.info("worker for queue %d ready%s: pid %d, %s, %d SA(s)%s%s", slot.queue, again,
+                     slot.pid, cpu, len(slot.spec.sas), comp, down,
+                     extra=journal.fields(queue=slot.queue))
         elif kind == "error":
             slot.last_error = str(msg[1])
         elif kind == "stats":
@@ -902,7 +908,8 @@ class Supervisor:
 
     # -- crypto engines -------------------------------------------------------------------
     def worker_spec(self, cfg: Config, qc: QueueConfig) -> WorkerSpec:
-        return worker_spec(cfg, qc, self.identity, self.team.discovered(),
+        identity = self.identities.get(cfg.compartment_of_queue(qc.num).name, self.identity)
+        return worker_spec(cfg, qc, identity, self.team.discovered(),
                            tuple(sorted(self.engines_disabled)))
 
     def engine(self, action: object, name: object) -> dict[str, Any]:
@@ -1041,16 +1048,23 @@ class Supervisor:
         doing = "reload" if what == "configuration" else f"installing {what}"
         problems = reload_problems(self.cfg, new)
         fresh = [sa for sa in new.sas if sa not in self.cfg.sas]
-        owner = self.identity.uid if self.identity is not None else None
+        try:
+            identities = worker_identities(new)
+        except sandbox.SandboxError as err:
+            return self._refuse("configuration not applied", [str(err)], doing)
+        owners = queue_owners(new, identities)
         old_nums = {s.queue for s in self.slots}
         try:  # a new queue's directory, before anything reads it (the others' workers run)
             for qc in new.daemon.queues:
                 if qc.num not in old_nums:
                     state.prepare_worker_dir(new.daemon.state_dir, qc.num,
-                                             new.sas_for_queue(qc.num), owner, others=False)
+                                             new.sas_for_queue(qc.num), owners[qc.num],
+                                             others=False)
         except state.StateError as err:
             problems.append(f"SA state: {err}")
-        problems += [f"SA state: {p}" for p in state.check(new.daemon.state_dir, fresh, owner)]
+        for owner, queues in by_owner(owners).items():
+            problems += [f"SA state: {p}" for p in state.check(
+                new.daemon.state_dir, [sa for sa in fresh if sa.queue in queues], owner)]
         try:
             problems += iptables.foreign_queue_users(new, iptables.read_tables(iptables.backend_for(new)))
         except iptables.RulesError as err:
@@ -1060,6 +1074,7 @@ class Supervisor:
         if problems:
             return self._refuse("configuration not applied", problems, doing)
         new_nums = [qc.num for qc in new.daemon.queues]
+        self.identities = {**self.identities, **identities}  # a new compartment's, for its specs
         kept = [s for s in self.slots if s.queue in new_nums]
         removed = [s for s in self.slots if s.queue not in new_nums]
         added = [Slot(qc, self.worker_spec(new, qc)) for qc in new.daemon.queues
@@ -1284,6 +1299,7 @@ class Supervisor:
                 "cpu_seconds": use.cpu_seconds if use else None,
                 "memory_bytes": use.memory_bytes if use else None,
                 "versions": st.get("versions") if st else None,
+                "compartment": self.cfg.compartment_of_queue(slot.queue).name,
             })
             by_name = {s["name"]: s for s in st["sas"]} if st else {}
             sa_totals = total["sas"] if total else {}
@@ -1343,10 +1359,33 @@ class Supervisor:
             "warnings": warnings(workers) + kwarn + ike_warnings(ike),
             "daemon": daemon,
             "workers": workers,
+            "compartments": compartment_reports(self.cfg, workers),
             "sas": sas,
             "ike": ike,
             "engines": self.engines_report(),
         }
+
+
+def compartment_reports(cfg: Config, workers: list[WorkerReport]) -> list[CompartmentReport]:
+    """Each compartment's workers, packets and drops: its workers' added up."""
+    out: list[CompartmentReport] = []
+    for comp in cfg.all_compartments:
+        mine = [w for w in workers if w["compartment"] == comp.name]
+        answered = [w for w in mine if w["packets_in"] is not None]
+        drops: dict[str, int] = {}
+        for w in answered:
+            for reason, n in (w["drops"] or {}).items():
+                drops[reason] = drops.get(reason, 0) + n
+        out.append({
+            "name": comp.name, "id": comp.id, "selector": comp.selector_text(),
+            "user": comp.user, "workers": len(mine),
+            "workers_ready": sum(w["state"] == "ready" for w in mine),
+            "restarts": sum(w["restarts"] for w in mine),
+            "packets_in": sum(w["packets_in"] or 0 for w in answered) if answered else None,
+            "packets_out": sum(w["packets_out"] or 0 for w in answered) if answered else None,
+            "drops": drops if answered else None,
+        })
+    return out
 
 
 def _end(proc: BaseProcess) -> None:
@@ -1358,26 +1397,61 @@ def _end(proc: BaseProcess) -> None:
         proc.join(2.0)
 
 
-def worker_identity(cfg: Config) -> Identity | None:
-    """The user the workers run as (``daemon.worker_user``); None with ``daemon.sandbox``
-    off (they run as root). Raises SandboxError if the user is missing, naming the fix. A
-    compartment with a user of its own will override it for its queues' workers."""
+def worker_identity(cfg: Config, user: str | None = None) -> Identity | None:
+    """The user the workers run as (``user``, else ``daemon.worker_user``); None with
+    ``daemon.sandbox`` off (they run as root). Raises SandboxError if the user is missing,
+    naming the fix."""
     if cfg.daemon.sandbox == "off":
         return None
-    return sandbox.lookup(cfg.daemon.worker_user)
+    return sandbox.lookup(user or cfg.daemon.worker_user)
+
+
+def worker_identities(cfg: Config) -> dict[str, Identity | None]:
+    """Each compartment's workers' user, by compartment name: its own ``user``, else
+    ``daemon.worker_user``. Raises SandboxError."""
+    out: dict[str, Identity | None] = {}
+    for comp in cfg.all_compartments:
+        try:
+            out[comp.name] = worker_identity(cfg, comp.user)
+        except sandbox.SandboxError as err:
+            if comp.user is None:
+                raise
+            raise sandbox.SandboxError(f"compartment {comp.name!r}, user {comp.user!r}: {err}") from None
+    return out
+
+
+def by_owner(owners: dict[int, int | None]) -> dict[int | None, set[int]]:
+    """The queues of each owner (one state check each)."""
+    out: dict[int | None, set[int]] = {}
+    for q, owner in owners.items():
+        out.setdefault(owner, set()).add(q)
+    return out
+
+
+def queue_owners(cfg: Config, identities: dict[str, Identity | None]) -> dict[int, int | None]:
+    """The uid each queue's state directory belongs to (None: the supervisor's own)."""
+    out: dict[int, int | None] = {}
+    for comp in cfg.all_compartments:
+        who = identities.get(comp.name)
+        for q in comp.queues:
+            out[q] = who.uid if who is not None else None
+    return out
 
 
 def worker_spec(cfg: Config, qc: QueueConfig, identity: Identity | None = None,
                 engines: tuple[Discovered, ...] = (),
                 disabled: tuple[str, ...] | None = None) -> WorkerSpec:
-    """What the worker of queue ``qc`` gets: the whole SPD, and its own SAs only; with
-    ``identity``, the sandbox (``daemon.sandbox``) and the user to run as; the supervisor's
-    discovery of the crypto engines and the engines disabled now."""
+    """What the worker of queue ``qc`` gets: its compartment's SPD and mark (the daemon's with
+    the compartment's bits), and its own SAs only; with ``identity``, the sandbox
+    (``daemon.sandbox``) and the user to run as; the supervisor's discovery of the crypto
+    engines and the engines disabled now."""
     crypto = cfg.crypto if disabled is None else dataclasses.replace(cfg.crypto, disabled=disabled)
+    comp = cfg.compartment_of_queue(qc.num)
     return WorkerSpec(
         sandbox=cfg.daemon.sandbox if identity is not None else "off",
-        worker_user=identity,
-        queue=qc.num, cpu=qc.cpu, mark=cfg.daemon.mark, policies=tuple(cfg.spd.policies),
+        worker_user=identity, compartment=comp.name,
+        queue=qc.num, cpu=qc.cpu, mark=cfg.daemon.mark | comp.mark,
+        policies=cfg.policies_of(comp),
         sas=cfg.sas_for_queue(qc.num), log_level=cfg.daemon.log_level,
         state_dir=cfg.daemon.state_dir, mtu=cfg.node.mtu,
         ipv6_link=cfg.node.ipv6_neighbour_discovery,
@@ -1393,6 +1467,12 @@ def worker_spec(cfg: Config, qc: QueueConfig, identity: Identity | None = None,
     )
 
 
+def _worker_of(cfg: Config, queue: int) -> tuple[str, int, str | None]:
+    """What a queue's running worker can't change: its compartment, id (mark) and user."""
+    comp = cfg.compartment_of_queue(queue)
+    return comp.name, comp.id, comp.user
+
+
 _RESTART_ONLY = ("control_socket", "state_dir", "chain_prefix", "mark", "iptables", "log_level",
                  "busy_poll", "metrics", "gso", "drop_log", "sandbox", "worker_user", "versions",
                  "compare", "compare_fallback")
@@ -1405,6 +1485,11 @@ def reload_problems(old: Config, new: Config) -> list[str]:
     out += [f"node.{name}: a change needs a restart (the workers tell inbound from forwarded "
             "traffic by it)" for name in ("role", "interface")
             if getattr(old.node, name) != getattr(new.node, name)]
+    out += [f"queue {q}: moves from compartment {old.compartment_of_queue(q).name!r} to "
+            f"{new.compartment_of_queue(q).name!r} (or its id or user changes): a change needs "
+            "a restart (its worker's mark and user are its own)"
+            for q in sorted(set(old.queue_numbers) & set(new.queue_numbers))
+            if _worker_of(old, q) != _worker_of(new, q)]
     old_cpu = {q.num: q.cpu for q in old.daemon.queues}
     out += [f"daemon.cpus: queue {q.num} moves from CPU {old_cpu[q.num]} to {q.cpu}: a change "
             "needs a restart" for q in new.daemon.queues if q.num in old_cpu and old_cpu[q.num] != q.cpu]
@@ -1516,20 +1601,20 @@ def preflight(cfg: Config) -> int | None:
                   "those rules")
         return exitcodes.CONFIG
     try:
-        identity = worker_identity(cfg)
+        owners = queue_owners(cfg, worker_identities(cfg))
     except sandbox.SandboxError as err:
         log.error("%s", err)
         log.error("nothing started, nothing installed")
         return exitcodes.CONFIG
-    owner = identity.uid if identity is not None else None
     try:  # each queue's directory, its user's, with its SAs' files (moved in if elsewhere)
         for qc in cfg.daemon.queues:
             state.prepare_worker_dir(cfg.daemon.state_dir, qc.num, cfg.sas_for_queue(qc.num),
-                                     owner)
+                                     owners[qc.num])
     except state.StateError as err:
         problems = [str(err)]
     else:
-        problems = state.check(cfg.daemon.state_dir, cfg.sas, owner)
+        problems = [p for owner, queues in by_owner(owners).items() for p in state.check(
+            cfg.daemon.state_dir, [sa for sa in cfg.sas if sa.queue in queues], owner)]
     if problems:
         for line in problems:
             log.error("SA state: %s", line)

@@ -152,6 +152,7 @@ class WorkerSpec:
     compare_fallback: bool = False  # daemon.compare_fallback
     sandbox: str = "off"  # daemon.sandbox: "enforce", "log" or "off" (the supervisor's choice)
     worker_user: Identity | None = None  # daemon.worker_user, looked up by the supervisor
+    compartment: str = "default"  # the compartment whose queue, policies and SAs these are
 
     @property
     def sandboxed(self) -> bool:
@@ -640,7 +641,8 @@ def run(
     accept-only worker)."""
     from . import logsetup
 
-    logsetup.setup(f"q{spec.queue}", spec.log_level)
+    logsetup.setup(f"q{spec.queue}" if spec.compartment == "default"
+                   else f"{spec.compartment}/q{spec.queue}", spec.log_level)
     started = time.time()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     wake_r, wake_w = socket.socketpair()

@@ -8,6 +8,7 @@ import sys
 from collections import Counter
 
 from .. import exitcodes, rules
+from ..config.fields import COMPARTMENT_MARK_MASK
 from ..config.model import Config
 from ..core.ipv6 import addr_str as fmt_addr
 from ..core.sa import Encapsulation, SADirection
@@ -43,6 +44,13 @@ def summary(cfg: Config) -> str:
     lines.append(f"daemon: queues {queues}; mark 0x{d.mark:08x}; socket {d.control_socket}; "
                  f"watchdog {watchdog}")
     lines.append(f"IPv6: {rules.ipv6_summary(cfg)}")
+    if cfg.compartments:
+        lines.append("compartments (the first whose selector matches; the rest is default's):")
+        for comp in cfg.all_compartments:
+            who = f", workers as {comp.user}" if comp.user else ""
+            lines.append(f"  {comp.name:<16} id {comp.id} (mark 0x{comp.mark:x}/0x{COMPARTMENT_MARK_MASK:x}) "
+                         f"{comp.selector_text()}; queues {', '.join(map(str, comp.queues))}; "
+                         f"policies {', '.join(comp.policies) or 'none'}{who}")
     lines.append("policies (first match wins; no match: " f"{node.default_action.value}):")
     sa_by_name = {sa.name: sa for sa in cfg.sas}
     for i, pol in enumerate(cfg.policies):

@@ -47,9 +47,11 @@ def check_shared_keys(keys: list[tuple[str, bytes]], probs: Problems) -> None:
 
 def check_policies(
     raw_policies: list[dict[str, Any]], policies: list[Policy], sas: list[SAParams],
-    defined: set[Any], probs: Problems,
+    defined: set[Any], probs: Problems, compartment: dict[str, str] | None = None,
 ) -> None:
-    """Cross-checks. SAs that are defined but invalid were reported already: skip them here."""
+    """Cross-checks. SAs that are defined but invalid were reported already: skip them here.
+    ``compartment``: each policy's compartment by name (a policy can only hide another of its
+    own compartment)."""
     by_name = {sa.name: sa for sa in sas}
     raw_sa_names = set()
     seen_names: dict[str, int] = {}
@@ -99,7 +101,7 @@ def check_policies(
     for sa in sas:
         if sa.name not in raw_sa_names:
             probs.warnings.append(f"sa {sa.name!r}: no policy uses it; it will never carry traffic")
-    check_shadowing(policies, probs)
+    check_shadowing(policies, probs, compartment)
 
 
 def _check_udp_family(pol: Policy, sas: list[SAParams], where: str, probs: Problems) -> None:
@@ -142,11 +144,16 @@ def check_idle_queues(queues: list[int], sas: list[SAParams], probs: Problems) -
                 f"with queue = {q}, or leave it out of daemon.queues)")
 
 
-def check_shadowing(policies: list[Policy], probs: Problems) -> None:
-    """A policy that an earlier one covers entirely can never match: almost surely a mistake."""
+def check_shadowing(policies: list[Policy], probs: Problems,
+                    compartment: dict[str, str] | None = None) -> None:
+    """A policy that an earlier one of its compartment covers entirely can never match: almost
+    surely a mistake."""
+    comp = compartment or {}
     for j, later in enumerate(policies):
         for i in range(j):
             earlier = policies[i]
+            if comp.get(earlier.name) != comp.get(later.name):
+                continue
             if _covers(earlier, later):
                 probs.add(
                     f"policy[{j}]",

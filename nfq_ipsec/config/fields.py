@@ -74,6 +74,10 @@ DEFAULT_VERSIONS = ("core",)  # the ESP versions a worker runs (daemon.versions)
 DEFAULT_COMPARE = "off"  # daemon.compare: one version runs
 DEFAULT_COMPARE_FALLBACK = False  # with one version left in service, its SAs' traffic drops
 KEEPALIVE_RANGE = (1.0, 3600.0)  # or 0: no NAT-keepalives
+DEFAULT_COMPARTMENT = "default"  # the implicit compartment: daemon.queues, unlabelled traffic
+COMPARTMENT_MARK_SHIFT = 8  # a compartment's id sits in bits 8..15 of a worker's mark
+COMPARTMENT_MARK_MASK = 0xFF << COMPARTMENT_MARK_SHIFT
+COMPARTMENT_ID_RANGE = (1, 255)  # 0 is the default compartment's
 
 
 def _core_defaults(cls: type) -> dict[str, Any]:
@@ -245,6 +249,10 @@ POLICY = Section("policy", "[[policy]]", "The SPD (RFC 4301 section 4.4.1), in o
     Field("connection", STRING, "`protect`, instead of `sa`: the connection whose negotiated "
           "Child SAs carry it (its selectors are the traffic selectors); until one is up its "
           "traffic is dropped", default_text="none", allowed="the name of a `[[connection]]`"),
+    Field("compartment", STRING, "the compartment whose traffic the policy is for; its SAs "
+          "must be that compartment's (see *Compartments*)",
+          default_text=f"`{DEFAULT_COMPARTMENT}`",
+          allowed=f"the name of a `[[compartment]]`, or `{DEFAULT_COMPARTMENT}`"),
 ))
 
 _KEY = "hex; AEADs: the key, then the 4-byte salt"
@@ -257,8 +265,13 @@ SA = Section("sa", "[[sa]]", "Security associations, each with its SPI, directio
     Field("spi", INTEGER, "the Security Parameters Index, unique per direction", required=True,
           bounds=(MIN_SPI, 0xFFFFFFFF),
           allowed=f"{MIN_SPI}..0xffffffff (RFC 4303: 1..{MIN_SPI - 1} are reserved)"),
-    Field("queue", INTEGER, "the worker that owns the SA", default_text="the first queue",
-          allowed="one of `daemon.queues`", parser=parsers.sa_queue),
+    Field("queue", INTEGER, "the worker that owns the SA",
+          default_text="the first queue of its compartment",
+          allowed="one of its compartment's queues (`daemon.queues` for the default one)",
+          parser=parsers.sa_queue),
+    Field("compartment", STRING, "the compartment whose key database holds the SA: only its "
+          "workers hold it, only its policies use it", default_text=f"`{DEFAULT_COMPARTMENT}`",
+          allowed=f"the name of a `[[compartment]]`, or `{DEFAULT_COMPARTMENT}`"),
     Field("mode", STRING, "`tunnel` needs `tunnel_local` and `tunnel_remote`",
           default=_SA["mode"], choices=_enum_choices(Mode)),
     Field("encryption", STRING, "the algorithm (RFC 8221); `aes-cbc-*` and `null` need "
@@ -381,5 +394,46 @@ CONNECTION = Section("connection", "[[connection]]", "IKEv2 connections (RFC 729
           "found by IKE does it anyway", default=False),
 ))
 
-TOP_LEVEL = (NODE, DAEMON, CRYPTO, POLICY, SA, CONNECTION)  # the sections a file may have
-SECTIONS = (NODE, DAEMON, CRYPTO, POLICY, SA, LIFETIME, CONNECTION)  # every table, in the reference's order
+_LOCAL = "a locally sent packet's; several selectors in one compartment must all match"
+COMPARTMENT = Section("compartment", "[[compartment]]", "Compartments (see *Compartments*): the "
+                      "traffic of the processes one selector picks goes to the compartment's "
+                      "own workers, policies and SAs only. Traffic no compartment selects is "
+                      f"the implicit `{DEFAULT_COMPARTMENT}` compartment's (`daemon.queues`, the "
+                      "policies and SAs that name none).", (
+    Field("name", STRING, "names the compartment in policies, SAs, status and logs",
+          required=True, allowed=f"1..32 letters, digits, `-` or `_`; not `{DEFAULT_COMPARTMENT}`",
+          check=parsers.compartment_name_problem),
+    Field("id", INTEGER, "its number in the mark of the packets its workers decrypt and of their "
+          "connections (`CONNMARK`): `id << 8` under the mask `0xff00`",
+          default_text="its place among the `[[compartment]]`s, from 1",
+          bounds=COMPARTMENT_ID_RANGE),
+    Field("uid", "integer or string", f"the sending process's user (`-m owner`); {_LOCAL}",
+          default_text="any", allowed="a uid, or a user name that exists here",
+          parser=parsers.owner_id),
+    Field("gid", "integer or string", f"the sending process's group (`-m owner`); {_LOCAL}",
+          default_text="any", allowed="a gid, or a group name that exists here",
+          parser=parsers.owner_id),
+    Field("cgroup", STRING, "the cgroup v2 the sending socket was made in (`-m cgroup --path`; "
+          f"its descendants too); {_LOCAL}", default_text="any",
+          allowed="an absolute cgroup v2 path that exists here (`/web.slice`)",
+          check=parsers.cgroup_problem),
+    Field("interface", STRING, "gateways, forwarded traffic: the interface it arrived on",
+          default_text="any", allowed="an interface name (1..15 characters)",
+          check=parsers.interface_problem),
+    Field("source", STRING, "gateways, forwarded traffic: its source address; with "
+          "`interface`, both must match", default_text="any",
+          allowed="an IPv4 or IPv6 prefix", parser=parsers.network),
+    Field("queues", "array of integers", "its NFQUEUE numbers, one worker each", required=True,
+          allowed="0..65535, each once, in no other compartment nor `daemon.queues`",
+          parser=parsers.queues),
+    Field("cpus", "array of integers", "the CPU each of its queues' workers is pinned to",
+          default_text="not pinned", allowed="online CPUs, at most one per queue",
+          parser=parsers.queues),
+    Field("user", STRING, "the unprivileged user its workers run as (with `daemon.sandbox` not "
+          "`off`); give each compartment its own, so no worker can read another compartment's "
+          "state directories", default=None, default_text="`daemon.worker_user`"),
+))
+
+# the sections a file may have; every table, in the reference's order
+TOP_LEVEL = (NODE, DAEMON, CRYPTO, POLICY, SA, CONNECTION, COMPARTMENT)
+SECTIONS = (NODE, DAEMON, CRYPTO, POLICY, SA, LIFETIME, CONNECTION, COMPARTMENT)

@@ -11,6 +11,7 @@ locations, never key bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import tomllib
@@ -23,10 +24,11 @@ from ..core.errors import ConfigError
 from ..core.sa import SAParams
 from ..core.spd import Policy
 from . import checks
+from .compartments import assign, read_compartments, sa_with_default_queue
 from .connections import check_connections, link_policies, read_connection
 from .crypto import read_crypto
 from .fields import TOP_LEVEL
-from .model import Config, ConnectionConfig
+from .model import Config, ConnectionConfig, QueueConfig
 from .node import read_daemon, read_node
 from .policies import read_policy
 from .reading import Problems, array, table
@@ -69,13 +71,20 @@ def parse_config(
     name = path.name.removesuffix(".toml") if path is not None else None
     daemon = read_daemon(table(data, "daemon", probs), cpus, probs, name)
     crypto = read_crypto(table(data, "crypto", probs), probs)
+    default_queues = tuple(qc.num for qc in daemon.queues)
+    comps, comp_queues = read_compartments(array(data, "compartment", probs), node, daemon, cpus,
+                                           probs)
+    if comp_queues:  # every worker's queue, the default compartment's first
+        daemon = dataclasses.replace(daemon, queues=daemon.queues + tuple(
+            QueueConfig(num, cpu) for num, cpu in comp_queues))
     raw_sas = array(data, "sa", probs)
     raw_policies = array(data, "policy", probs)
     inline_keys = False
     sas: list[SAParams] = []
     keys: list[tuple[str, bytes]] = []
     for i, raw in enumerate(raw_sas):
-        sa, inline = read_sa(raw, f"sa[{i}]", base_dir, daemon, probs, keys)
+        sa, inline = read_sa(sa_with_default_queue(raw, comps), f"sa[{i}]", base_dir, daemon,
+                             probs, keys)
         inline_keys = inline_keys or inline
         if sa is not None:
             sas.append(sa)
@@ -87,7 +96,9 @@ def parse_config(
         if pol is not None:
             policies.append(pol)
     raw_sa_names = {raw["name"] for raw in raw_sas if isinstance(raw.get("name"), str)}
-    checks.check_policies(raw_policies, policies, sas, raw_sa_names, probs)
+    comps, policy_compartment = assign(raw_policies, policies, raw_sas, sas, comps,
+                                       default_queues, probs)
+    checks.check_policies(raw_policies, policies, sas, raw_sa_names, probs, policy_compartment)
     raw_conns = array(data, "connection", probs)
     conns: list[ConnectionConfig] = []
     for i, raw in enumerate(raw_conns):
@@ -110,4 +121,4 @@ def parse_config(
     if probs.items:
         raise ConfigError(probs.items)
     return Config(node, daemon, tuple(policies), tuple(sas), path, tuple(probs.warnings),
-                  tuple(conns), crypto)
+                  tuple(conns), crypto, tuple(comps))

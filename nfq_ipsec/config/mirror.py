@@ -15,6 +15,8 @@ of view, so the peer's are the same ones seen from the other end. The mirror the
 - keeps ``[node]`` and ``[daemon]`` (``interface`` may be given for the peer), but a
   ``control_socket`` or ``state_dir`` that names this configuration (its file name without
   ``.toml``) names the peer's configuration instead;
+- keeps the ``[[compartment]]``s (and each policy's and SA's ``compartment``): the peer
+  separates the same flows by its own processes' labels, which it is told to check;
 - rewrites relative ``key_file``, ``integrity_key_file`` and ``psk_file`` paths so that they
   still name the same files from where the peer's configuration is written.
 
@@ -124,6 +126,11 @@ def mirror(data: dict[str, Any], source: PurePath, out: PurePath | None = None,
             conn["start_action"] = "none"
             notes.append(f"connection {conn.get('name')}: this side starts it, so the peer's "
                          "waits (start_action = \"none\")")
+
+    if doc.get("compartment"):
+        notes.append("the compartments stay as they are, each with its own SAs: their selectors "
+                     "(uid, gid, cgroup, interface, source) now pick the peer's processes and "
+                     "traffic: check that they mean the same there")
 
     for section, keys in _FILES.items():
         for entry in doc.get(section, []) or []:

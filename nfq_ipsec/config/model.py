@@ -8,14 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.sa import Mode, SADirection, SAParams, Secret
-from ..core.spd import SPD, Action, Policy
+from ..core.spd import SPD, Action, Network, Policy
 from ..engines.base import DEFAULT_CRYPTO, CryptoSettings
 from ..ike.proposal import SAPayload
 from .fields import (
+    COMPARTMENT_MARK_SHIFT,
     DEFAULT_BUSY_POLL,
     DEFAULT_CHAIN_PREFIX,
     DEFAULT_COMPARE,
     DEFAULT_COMPARE_FALLBACK,
+    DEFAULT_COMPARTMENT,
     DEFAULT_DPD_DELAY,
     DEFAULT_DROP_LOG,
     DEFAULT_ESP_PROPOSAL,
@@ -45,8 +47,8 @@ from .fields import (
 # The constants this module always had stay importable from it (the lab and tests use them).
 __all__ = [
     "DEFAULT_MARK", "DEFAULT_QUEUE_BASE", "DEFAULT_SOCKET", "DEFAULT_STATE_DIR",
-    "DEFAULT_WATCHDOG", "WATCHDOG_RANGE", "Config", "ConnectionConfig", "DaemonConfig",
-    "NodeConfig", "QueueConfig",
+    "DEFAULT_WATCHDOG", "WATCHDOG_RANGE", "CompartmentConfig", "Config", "ConnectionConfig",
+    "DaemonConfig", "NodeConfig", "QueueConfig",
 ]
 
 
@@ -119,6 +121,43 @@ class ConnectionConfig:
 
 
 @dataclass(frozen=True)
+class CompartmentConfig:
+    """One ``[[compartment]]``, or the implicit default one (id 0, no selector): a label
+    selector, the queues whose workers hold its SAs, and its policies (by name)."""
+
+    name: str
+    queues: tuple[int, ...]
+    id: int = 0  # set by the loader (its place, from 1) when the file gives none
+    uid: int | None = None
+    gid: int | None = None
+    cgroup: str | None = None
+    interface: str | None = None  # forwarded traffic: the input interface
+    source: Network | None = None  # forwarded traffic: the source prefix
+    user: str | None = None  # its workers' user; None: daemon.worker_user
+    policies: tuple[str, ...] = ()  # the names of its policies, in SPD order
+
+    @property
+    def mark(self) -> int:
+        """Its bits in the mark of what its workers send (``COMPARTMENT_MARK_MASK``)."""
+        return self.id << COMPARTMENT_MARK_SHIFT
+
+    @property
+    def selects_local(self) -> bool:
+        return self.uid is not None or self.gid is not None or self.cgroup is not None
+
+    @property
+    def selects_forwarded(self) -> bool:
+        return self.interface is not None or self.source is not None
+
+    def selector_text(self) -> str:
+        """Its selector in words (status, check-config)."""
+        parts = [f"{k} {v}" for k, v in (("uid", self.uid), ("gid", self.gid),
+                                         ("cgroup", self.cgroup), ("interface", self.interface),
+                                         ("source", self.source)) if v is not None]
+        return ", ".join(parts) or "unlabelled traffic"
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig
     daemon: DaemonConfig
@@ -128,6 +167,38 @@ class Config:
     warnings: tuple[str, ...] = field(default=(), compare=False)
     connections: tuple[ConnectionConfig, ...] = ()
     crypto: CryptoSettings = DEFAULT_CRYPTO
+    compartments: tuple[CompartmentConfig, ...] = ()  # the file's; the default one is not here
+
+    @property
+    def default_compartment(self) -> CompartmentConfig:
+        """The implicit compartment: the queues no ``[[compartment]]`` owns, the policies that
+        name none."""
+        owned = {q for c in self.compartments for q in c.queues}
+        named = {n for c in self.compartments for n in c.policies}
+        return CompartmentConfig(
+            DEFAULT_COMPARTMENT, tuple(q for q in self.queue_numbers if q not in owned),
+            policies=tuple(p.name for p in self.policies if p.name not in named))
+
+    @property
+    def all_compartments(self) -> tuple[CompartmentConfig, ...]:
+        return (self.default_compartment, *self.compartments)
+
+    def compartment_of_queue(self, queue: int) -> CompartmentConfig:
+        for comp in self.compartments:
+            if queue in comp.queues:
+                return comp
+        return self.default_compartment
+
+    def compartment_of_policy(self, name: str) -> CompartmentConfig:
+        for comp in self.compartments:
+            if name in comp.policies:
+                return comp
+        return self.default_compartment
+
+    def policies_of(self, comp: CompartmentConfig) -> tuple[Policy, ...]:
+        """A compartment's SPD: its policies, in the file's order."""
+        names = set(comp.policies)
+        return tuple(p for p in self.policies if p.name in names)
 
     def connection(self, name: str) -> ConnectionConfig:
         for conn in self.connections:

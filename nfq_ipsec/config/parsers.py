@@ -9,6 +9,10 @@ Error messages name lengths and locations, never key bytes.
 
 from __future__ import annotations
 
+import grp
+import os
+import pwd
+import re
 from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any
@@ -74,40 +78,109 @@ def chain_prefix_problem(prefix: str) -> str | None:
 # -- [daemon] ---------------------------------------------------------------------------------------
 
 def queues(
-    raw: dict[str, Any], cpus: list[int], base: int, probs: Problems
+    raw: dict[str, Any], cpus: list[int], base: int, probs: Problems, where: str = "daemon",
+    default_pinned: bool = True,
 ) -> list[tuple[int, int | None]]:
     """``queues`` and ``cpus`` together: (queue number, CPU or None) pairs. Without ``queues``,
     one queue per CPU listed (or online), numbered from ``base``; without ``cpus``, queue i
-    runs on online CPU i."""
-    queues_raw = get(raw, "queues", "daemon", list, probs)
-    cpus_raw = get(raw, "cpus", "daemon", list, probs)
+    runs on online CPU i (``default_pinned``; else not pinned)."""
+    queues_raw = get(raw, "queues", where, list, probs)
+    cpus_raw = get(raw, "cpus", where, list, probs)
     if queues_raw is None:
         n = len(cpus_raw) if cpus_raw is not None else len(cpus)
         queues_raw = [base + i for i in range(n)]
     if cpus_raw is None:
-        cpus_raw = [cpus[i % len(cpus)] for i in range(len(queues_raw))] if cpus else []
+        cpus_raw = ([cpus[i % len(cpus)] for i in range(len(queues_raw))]
+                    if cpus and default_pinned else [])
     pairs: list[tuple[int, int | None]] = []
     if not queues_raw:
-        probs.add("daemon.queues", "needs at least one queue")
+        probs.add(f"{where}.queues", "needs at least one queue")
     for i, q in enumerate(queues_raw):
         if not isinstance(q, int) or isinstance(q, bool) or not 0 <= q <= 65535:
-            probs.add(f"daemon.queues[{i}]", f"must be a queue number 0..65535, got {q!r}")
+            probs.add(f"{where}.queues[{i}]", f"must be a queue number 0..65535, got {q!r}")
             continue
         if q in [num for num, _ in pairs]:
-            probs.add(f"daemon.queues[{i}]", f"queue {q} listed twice")
+            probs.add(f"{where}.queues[{i}]", f"queue {q} listed twice")
         cpu: int | None = None
         if i < len(cpus_raw):
             c = cpus_raw[i]
             if not isinstance(c, int) or isinstance(c, bool):
-                probs.add(f"daemon.cpus[{i}]", f"must be a CPU number, got {c!r}")
+                probs.add(f"{where}.cpus[{i}]", f"must be a CPU number, got {c!r}")
             elif c not in cpus:
-                probs.add(f"daemon.cpus[{i}]", f"CPU {c} is not online here (online: {_fmt_cpus(cpus)})")
+                probs.add(f"{where}.cpus[{i}]", f"CPU {c} is not online here (online: {_fmt_cpus(cpus)})")
             else:
                 cpu = c
         pairs.append((q, cpu))
     if len(cpus_raw) > len(queues_raw):
-        probs.add("daemon.cpus", f"{len(cpus_raw)} CPUs for {len(queues_raw)} queues")
+        probs.add(f"{where}.cpus", f"{len(cpus_raw)} CPUs for {len(queues_raw)} queues")
     return pairs
+
+
+_COMPARTMENT_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
+CGROUP2_ROOT = "/sys/fs/cgroup"  # where cgroup v2 is mounted (a hybrid host: its "unified")
+
+
+def compartment_name_problem(name: str) -> str | None:
+    if name == "default":
+        return "'default' is the implicit compartment's name (daemon.queues); choose another"
+    if not _COMPARTMENT_NAME.fullmatch(name):
+        return f"must be 1..32 letters, digits, '-' or '_', got {name!r}"
+    return None
+
+
+def cgroup2_mount(root: str = CGROUP2_ROOT) -> str | None:
+    """Where cgroup v2 is mounted: ``root`` itself (unified), its ``unified`` (hybrid), or
+    None (not mounted: ``-m cgroup --path`` can't match)."""
+    for path in (root, os.path.join(root, "unified")):
+        if os.path.isfile(os.path.join(path, "cgroup.procs")) and os.path.isfile(
+                os.path.join(path, "cgroup.max.depth")):
+            return path
+    return None
+
+
+def cgroup_problem(path: str) -> str | None:
+    """A cgroup v2 path as ``-m cgroup --path`` takes it: absolute, without ``.`` or ``..``."""
+    parts = path.split("/")
+    if not path.startswith("/") or any(p in (".", "..") for p in parts[1:]) or len(path) > 4095:
+        return f"not an absolute cgroup path without '.' or '..': {path!r}"
+    if any(c.isspace() or c in "\\\"'" or not c.isprintable() for c in path):
+        return f"a cgroup path of printable characters without spaces or quotes, got {path!r}"
+    return None
+
+
+def cgroup_missing(path: str) -> tuple[str | None, str | None]:
+    """(problem, warning) about a cgroup that may not exist here: the kernel looks the path up
+    when the rule is installed and refuses a rule whose group does not exist. Where cgroup v2
+    is not to be seen (not mounted, or a network namespace's own /sys), only a warning."""
+    mount = cgroup2_mount()
+    if mount is None:
+        return None, (f"cgroup v2 is not mounted where this can see it ({CGROUP2_ROOT}), so "
+                      f"whether {path} exists is not checked; the rules will not install if "
+                      "it does not")
+    if not os.path.isdir(mount + path.rstrip("/")):
+        return f"no such cgroup v2 group here: {path} (make it before the daemon starts)", None
+    return None, None
+
+
+def owner_id(raw: dict[str, Any], key: str, where: str, probs: Problems) -> int | None:
+    """``uid`` or ``gid``: a number 0..2**32-2, or a user (group) name that exists here, as
+    its number (the rule matches the number)."""
+    value = get(raw, key, where, (int, str), probs)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        probs.add(f"{where}.{key}", "must be a number or a name, not a boolean")
+        return None
+    if isinstance(value, int):
+        if not 0 <= value <= 0xFFFFFFFE:
+            probs.add(f"{where}.{key}", f"must be 0..4294967294, got {value}")
+            return None
+        return value
+    try:
+        return pwd.getpwnam(value).pw_uid if key == "uid" else grp.getgrnam(value).gr_gid
+    except KeyError:
+        probs.add(f"{where}.{key}", f"no {'user' if key == 'uid' else 'group'} {value!r} here")
+        return None
 
 
 def _fmt_cpus(cpus: list[int]) -> str:

@@ -16,7 +16,7 @@ from repo import ROOT
 
 from nfq_ipsec.config import Config, DaemonConfig, NodeConfig, parse_config, reference
 from nfq_ipsec.config.fields import DAEMON, LIFETIME, SA, SECTIONS
-from nfq_ipsec.config.model import ConnectionConfig
+from nfq_ipsec.config.model import CompartmentConfig, ConnectionConfig
 from nfq_ipsec.config.schema import Field, Section
 from nfq_ipsec.core.errors import ConfigError
 from nfq_ipsec.core.sa import Lifetime, SAParams
@@ -31,23 +31,29 @@ DELETE = object()  # in an edit: remove this key
 
 # Where each section sits in the document base() makes, and the model class(es) it fills.
 WHERE = {"node": "node", "daemon": "daemon", "crypto": "crypto", "policy": "policy[0]", "sa": "sa[0]",
-         "lifetime": "sa[0].lifetime", "connection": "connection[0]"}
+         "lifetime": "sa[0].lifetime", "connection": "connection[0]",
+         "compartment": "compartment[0]"}
 MODELS: dict[str, tuple[type, ...]] = {
     "node": (NodeConfig,), "daemon": (DaemonConfig,), "crypto": (CryptoSettings,),
     "policy": (Policy, Selector),
     "sa": (SAParams,), "lifetime": (Lifetime,), "connection": (ConnectionConfig,),
+    "compartment": (CompartmentConfig,),
 }
 ATTR = {("node", "default"): "default_action", ("policy", "sa"): "sa_names",
         ("connection", "psk_file"): "psk"}  # else the name
 # Policy.selector: the selector fields themselves are the fields; a connection's proposals are
 # its ike and esp parsed, its policy the one whose connection field names it
 NOT_FIELDS = {("policy", "selector"), ("connection", "ike_proposal"),
-              ("connection", "esp_proposal"), ("connection", "policy"), ("node", "mtu_source")}
+              ("connection", "esp_proposal"), ("connection", "policy"), ("node", "mtu_source"),
+              ("compartment", "policies")}
+# compartment: which one a policy or SA belongs to is the compartment's (its policies, queues)
 READ_INTO_OTHERS = {("daemon", "cpus"), ("sa", "key_file"), ("sa", "integrity_key_file"),
-                    ("policy", "connection")}
+                    ("policy", "connection"), ("policy", "compartment"), ("sa", "compartment"),
+                    ("compartment", "cpus")}
 # Defaults that the loader works out (the reference says how); the model has a placeholder.
 COMPUTED = {("node", "mtu"), ("daemon", "queues"), ("sa", "queue"), ("sa", "key"), ("sa", "integrity_key"),
-            ("sa", "lifetime"), ("connection", "local_id"), ("connection", "remote_id")}
+            ("sa", "lifetime"), ("connection", "local_id"), ("connection", "remote_id"),
+            ("compartment", "id")}
 PSK_FILE: list[Path] = []  # the base's connection's pre-shared key, made once
 
 
@@ -73,6 +79,7 @@ def base() -> dict[str, Any]:
         ],
         "connection": [{"name": "c", "local": "192.0.2.1", "remote": "192.0.2.2",
                         "psk_file": str(PSK_FILE[0])}],
+        "compartment": [{"name": "web", "uid": 1000, "queues": [102]}],
     }
 
 
@@ -93,6 +100,7 @@ def model_value(cfg: Config, section: str, attr: str) -> Any:
         "lifetime": cfg.sas[0].lifetime if cfg.sas else None,
         "policy": cfg.policies[0] if cfg.policies else None,
         "connection": cfg.connections[0] if cfg.connections else None,
+        "compartment": cfg.compartments[0] if cfg.compartments else None,
     }[section]
     if section == "policy" and not hasattr(obj, attr):
         obj = obj.selector
@@ -211,7 +219,7 @@ ACCEPTED: dict[str, list[dict[str, Any]]] = {
         {"protocol": "tcp", "local_ports": 22, "remote_ports": "1024-65535"},
         {"protocol": 132, "remote_ports": "5000"},
         {"protocol": "icmp", "icmp_type": 8, "icmp_code": 0}, {"sa": ["in0", "out0"]},
-        {"connection": "c"},
+        {"connection": "c"}, {"compartment": "default"},
     ],
     "sa": [
         {"name": "o"}, {"spi": 0xFFFFFFFF}, {"direction": "out"}, {"queue": 101},
@@ -225,7 +233,7 @@ ACCEPTED: dict[str, list[dict[str, Any]]] = {
         {"replay_window": 4096}, {"esn": True},
         {"encapsulation": "udp", "udp_source_port": 4501, "udp_destination_port": 1024,
          "peer_change": "follow", "keepalive": 5.0},
-        {"encapsulation": "udp", "keepalive": 0.0},
+        {"encapsulation": "udp", "keepalive": 0.0}, {"compartment": "default", "queue": 100},
     ],
     "connection": [
         {"name": "other"}, {"local": "2001:db8::1", "remote": "2001:db8::2"},
@@ -233,6 +241,11 @@ ACCEPTED: dict[str, list[dict[str, Any]]] = {
         {"psk_file": "k.psk"}, {"ike": "aes256-sha512-ecp384"}, {"esp": "chacha20poly1305-esn"},
         {"mode": "transport"}, {"start_action": "start"}, {"rekey_time": 0, "dpd_delay": 0},
         {"ike_rekey_time": 60.5, "dpd_delay": 1}, {"encap": True},
+    ],
+    "compartment": [
+        {"name": "db", "id": 7}, {"uid": "nobody", "gid": 0}, {"gid": "nogroup", "uid": DELETE},
+        {"cgroup": "/", "uid": DELETE}, {"user": "nobody"}, {"queues": [102, 103], "cpus": [1]},
+        {"interface": "lan0", "source": "10.1.0.0/16", "uid": DELETE},
     ],
     "lifetime": [
         {"soft_packets": 1, "hard_packets": 2}, {"soft_bytes": 1000, "hard_bytes": 2000},
@@ -266,6 +279,8 @@ def test_every_field_is_accepted(tmp_path: Path, section: str, edit: dict[str, A
         doc["policy"][0]["sa"] = [edit["name"], "in0"]
     if section == "policy" and "connection" in edit:
         doc["policy"][0].pop("sa")
+    if section == "compartment" and "interface" in edit:  # forwarded traffic: a gateway's
+        doc["node"] = {"role": "gateway", "interface": "wan0"}
     (tmp_path / "k.psk").write_text("another pre-shared key")
     (tmp_path / "k.psk").chmod(0o600)
     cfg = parse_config(doc, base_dir=tmp_path, online_cpus=CPUS)
@@ -293,7 +308,8 @@ def test_unknown_sections_are_refused() -> None:
     doc = base()
     doc["lifetime"] = {}
     assert problems(doc) == [
-        "lifetime: unknown section (known: connection, crypto, daemon, node, policy, sa)"]
+        "lifetime: unknown section (known: compartment, connection, crypto, daemon, node, policy, "
+        "sa)"]
 
 
 WRONG_TYPE = {"string": (5, "must be str, got int"), "integer": ("5", "must be int, got str"),

@@ -209,3 +209,18 @@ def test_entries_encode_and_decode() -> None:
             journal.encode([(bad, "x")])
     assert journal.fields(sa="x", spi=1, queue=7, reason="replay") == {journal.EXTRA: {
         "NFQ_SA": "x", "NFQ_SPI": "0x00000001", "NFQ_QUEUE": "7", "NFQ_REASON": "replay"}}
+
+
+def test_a_compartments_worker_names_itself_and_its_queue(tmp_path: Path) -> None:
+    """A compartment's worker is ``COMPARTMENT/q<N>``; the journal still gets its queue."""
+    (tmp_path / "stderr").touch()
+    sock = stand_in_journal(tmp_path / "journal.sock")
+    try:
+        lines = run_logging(tmp_path, stream_id(tmp_path / "stderr"), tmp_path / "journal.sock",
+                            LOG_SOME.replace('setup("q100"', 'setup("web/q110"'))
+        entries = received(sock)
+    finally:
+        sock.close()
+    assert lines == [] and entries
+    assert all(e["NFQ_PROCESS"] == "web/q110" and e["NFQ_QUEUE"] == "110"
+               and e["MESSAGE"].startswith("[web/q110] ") for e in entries)

@@ -111,6 +111,12 @@ def test_the_exposition_parses_and_carries_the_status() -> None:
         key("nfq_ipsec_engine_sas", engine="afalg"): 0,
         key("nfq_ipsec_engine_faults_total", engine="openssl"): 0,
         key("nfq_ipsec_engine_faults_total", engine="afalg"): 2,
+        key("nfq_ipsec_compartment_workers_up", compartment="default"): 1,
+        key("nfq_ipsec_compartment_workers_up", compartment="web"): 0,
+        key("nfq_ipsec_compartment_packets_in_total", compartment="default"): 10,
+        key("nfq_ipsec_compartment_packets_out_total", compartment="default"): 8,
+        key("nfq_ipsec_compartment_drops_total", compartment="default", reason="replay"): 2,
+        key("nfq_ipsec_compartment_drops_total", compartment="default", reason="integrity"): 1,
     }
     # exactly these: the down queue's and SA's null counters have no series (absent, not 0)
     assert values == expected
@@ -120,7 +126,8 @@ def test_the_exposition_parses_and_carries_the_status() -> None:
         "kernel_user_dropped", "rule_drops", "sa_packets", "sa_bytes", "sa_drops", "control_errors",
         "cpu_seconds", "worker_cpu_seconds", "worker_busy_poll_hits", "worker_busy_poll_misses",
         "engine_faults", "worker_version_agreed", "worker_version_mismatches",
-        "worker_version_outvoted")}
+        "worker_version_outvoted", "compartment_packets_in", "compartment_packets_out",
+        "compartment_drops")}
     assert {name for name, t in types.items() if t == "counter"} == counters
 
 
@@ -133,7 +140,7 @@ def test_names_follow_the_conventions() -> None:
     labels = {k for f in metrics.families(cast(StatusReport, sample_answer()))
               for lab, _ in f.samples for k in lab}
     assert labels == {"version", "queue", "reason", "sa", "spi", "direction", "encapsulation",
-                      "engine", "implementation", "pair"}
+                      "engine", "implementation", "pair", "compartment"}
 
 
 def test_label_values_are_escaped() -> None:
