@@ -1283,6 +1283,7 @@ class Supervisor:
                 "cpu_seconds": use.cpu_seconds if use else None,
                 "memory_bytes": use.memory_bytes if use else None,
                 "versions": st.get("versions") if st else None,
+                "offload": st.get("offload") if st else None,
             })
             by_name = {s["name"]: s for s in st["sas"]} if st else {}
             sa_totals = total["sas"] if total else {}

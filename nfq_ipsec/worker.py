@@ -104,6 +104,7 @@ from .status import (
     DropCounts,
     KernelQueueCounts,
     LifetimeLeft,
+    OffloadReport,
     SaSnapshot,
     UdpSnapshot,
     WorkerSnapshot,
@@ -683,6 +684,7 @@ class PacketHandler:
             "sas": sas,
             "engines": self.team.report() if self.team is not None else [],
             "versions": versions.snapshot(proc),
+            "offload": cast(OffloadReport, self.offload.report()) if self.offload is not None else None,
         }
 
 

@@ -67,6 +67,18 @@ GOLDEN: dict[str, dict[str, str]] = {
         "cpu_seconds": "number or null",
         "memory_bytes": "integer or null",
         "versions": "object or null",
+        "offload": "object or null",
+    },
+    "workers[].offload": {
+        "helpers": "integer",
+        "batch": "integer",
+        "active": "boolean",
+        "failed": "string",
+        "jobs": "integer",
+        "chunks": "integer",
+        "inline": "integer",
+        "lost": "integer",
+        "checked": "integer",
     },
     "workers[].versions": {
         "compare": "string",
@@ -169,6 +181,8 @@ GOLDEN: dict[str, dict[str, str]] = {
 WITHOUT_IKE = frozenset(path for path in GOLDEN if path != "ike" and not path.startswith("ike."))
 # The levels only a worker that compares versions fills (daemon.compare on: its pairs).
 COMPARING = frozenset({"workers[].versions.pairs[]"})
+# The level only a worker with crypto offload helpers fills (crypto.offload_helpers).
+OFFLOADING = frozenset({"workers[].offload"})
 
 
 NULL = " or null"
@@ -312,7 +326,9 @@ def sample_answer() -> dict[str, Any]:
                                         "errors": 0, "abstained": 1, "streak": 3}],
                           "pairs": [{"versions": ["core", "independent"], "agreed": 6,
                                      "mismatches": 3}],
-                          "sa_mismatches": {"a-to-b": 3}}},
+                          "sa_mismatches": {"a-to-b": 3}},
+             "offload": {"helpers": 1, "batch": 8, "active": True, "failed": "", "jobs": 500,
+                         "chunks": 70, "inline": 0, "lost": 0, "checked": 0}},
             {"queue": 101, "cpu": 1, "pid": None, "uptime": None, "restarts": 3, "state": "down",
              "packets_in": None, "packets_out": None, "drops": None,
              "kernel_queue_dropped": None, "user_dropped": None,
@@ -320,7 +336,8 @@ def sample_answer() -> dict[str, Any]:
              "last_syscall": None, "last_outage": None, "core": None,
              "ike_markers": None, "crossed_family": None, "superpackets": None,
              "segments": None, "busy_poll_hits": None, "busy_poll_misses": None,
-             "cpu_seconds": None, "memory_bytes": None, "versions": None},
+             "cpu_seconds": None, "memory_bytes": None, "versions": None,
+             "offload": None},
         ],
         "sas": [
             {"name": "a-to-b", "spi": "0x00001000", "direction": "out", "queue": 100,
