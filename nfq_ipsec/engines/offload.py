@@ -33,7 +33,9 @@ Inbound packets are opened in process: the core needs the plaintext to decide th
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import mmap
 import os
 import pickle
 import select
@@ -60,6 +62,7 @@ _REC: Final = struct.Struct("<BBxxIQ8s4sII")  # status, seq_hi length, sa, seq, 
 _STATUS_NEW, _STATUS_OK, _STATUS_RAISED, _STATUS_NO_SA = 0, 1, 2, 3
 _SLACK: Final = 64
 _DOORBELL: Final = struct.Struct("<cII")  # kind, offset, count
+_PR_SET_PDEATHSIG: Final = 1
 
 SealMany = Callable[[list[tuple[bytes, bytes, int, bytes]]], list[bytes]]
 
@@ -141,8 +144,8 @@ class OffloadPool:
         """Fork the helpers (before the sandbox: afterwards no process can be made).
         ``in_child`` runs first in each helper (drops privileges, enters the filter).
         Returns their pids."""
-        import mmap
-
+        libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the helper forks no loader
+        owner = os.getpid()
         for _ in range(self.size):
             region = mmap.mmap(-1, self.region_size, flags=mmap.MAP_SHARED)
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -153,6 +156,11 @@ class OffloadPool:
                     mine.close()
                     for h in self.helpers:  # its siblings' ends are not its business
                         h.sock.close()
+                    # killed with its worker (a helper stuck in a call would outlive it,
+                    # holding keys); gone already: nothing to serve
+                    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+                    if os.getppid() != owner:
+                        return []
                     _helper_setup(theirs.fileno())
                     in_child()
                     _helper_main(theirs, region)
