@@ -824,7 +824,7 @@ def start_offload(crypto: CryptoSettings, team: Team, mode: str,
             sandbox.drop_user(ident, keep=())
             sandbox.enter_filter(None, mode)
 
-    pids = pool.start(in_child)
+    pids = pool.start({m.name: m.engine for m in team.members.values()}, in_child)
     log.debug("crypto offload: helper(s) %s", ", ".join(map(str, pids)))
     pool.alarms = team.alarms
     team.offload = pool

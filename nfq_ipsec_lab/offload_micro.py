@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     team = Team([OpenSSLEngine()], CryptoSettings())
     team.discover(speed_seconds=0.0005)
     pool = OffloadPool(args.helpers, batch=8, timeout=5.0)
-    pool.start()
+    pool.start({m.name: m.engine for m in team.members.values()})
     print(f"per packet, median of {args.runs} runs, batches of {QUEUE_BATCH} packets, "
           f"{args.helpers} helper(s), {os.cpu_count()} CPU(s); microseconds")
     print(f"{'suite':36} {'bytes':>5} {'in process':>17} " + " ".join(

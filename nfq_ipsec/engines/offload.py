@@ -43,12 +43,12 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
 from ..core.sa import SecurityAssociation
 from ..core.suites import Buffer, Suite
-from .base import DEFAULT_OFFLOAD_BATCH, DEFAULT_OFFLOAD_TIMEOUT
+from .base import DEFAULT_OFFLOAD_BATCH, DEFAULT_OFFLOAD_TIMEOUT, Engine
 
 log = logging.getLogger("nfq_ipsec.engines")
 
@@ -140,10 +140,12 @@ class OffloadPool:
         self.checked = 0
 
     # -- life -------------------------------------------------------------------------------
-    def start(self, in_child: Callable[[], None] = lambda: None) -> list[int]:
+    def start(self, engines: Mapping[str, Engine],
+              in_child: Callable[[], None] = lambda: None) -> list[int]:
         """Fork the helpers (before the sandbox: afterwards no process can be made).
-        ``in_child`` runs first in each helper (drops privileges, enters the filter).
-        Returns their pids."""
+        ``engines``: the team's, by name (a helper builds an SA's suite with the engine the
+        team bound it to). ``in_child`` runs first in each helper (drops privileges, enters
+        the filter). Returns their pids."""
         libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the helper forks no loader
         owner = os.getpid()
         for _ in range(self.size):
@@ -163,7 +165,7 @@ class OffloadPool:
                         return []
                     _helper_setup(theirs.fileno())
                     in_child()
-                    _helper_main(theirs, region)
+                    _helper_main(theirs, region, engines)
                     code = 0
                 finally:
                     os._exit(code)
@@ -434,12 +436,9 @@ def _helper_setup(keep: int) -> None:
     os.closerange(keep + 1, 65536)
 
 
-def _helper_main(sock: socket.socket, region: Any) -> None:
+def _helper_main(sock: socket.socket, region: Any, engines: Mapping[str, Engine]) -> None:
     """Serve the owner: ``K`` builds an SA's suite (answers ``k`` or ``e``+why), ``X`` forgets
     one, ``B`` seals a chunk of records and answers ``D``. Returns when the owner is gone."""
-    from .team import default_engines
-
-    engines = {e.name: e for e in default_engines()}
     suites: dict[int, Suite] = {}
     view = memoryview(region)
     while True:

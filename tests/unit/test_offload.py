@@ -43,7 +43,7 @@ from nfq_ipsec.engines.offload import Job, OffloadPool, OffloadSuite
 from nfq_ipsec.engines.openssl import OpenSSLEngine
 from nfq_ipsec.engines.pycryptodome import PycryptodomeEngine
 from nfq_ipsec.engines.sodium import SodiumEngine
-from nfq_ipsec.engines.team import Team
+from nfq_ipsec.engines.team import Team, default_engines
 from nfq_ipsec.nfqueue import HOOK_LOCAL_OUT, QueuedPacket
 from nfq_ipsec.worker import PacketHandler
 
@@ -54,6 +54,7 @@ PROTECTED = "10.0.0.2"
 CLEAR = "10.0.0.3"  # bypassed: accepted unchanged, in the same batch
 REFUSED = "10.0.0.4"  # discarded
 MARK = 0x100
+ENGINES = {e.name: e for e in default_engines()}
 
 
 class FakeQueue:
@@ -90,7 +91,7 @@ def pkt(data: bytes, pid: int) -> QueuedPacket:
 @pytest.fixture(scope="module")
 def pool() -> Iterator[OffloadPool]:
     p = OffloadPool(2, batch=8, timeout=2.0)
-    p.start()
+    p.start(ENGINES)
     yield p
     p.stop()
 
@@ -187,7 +188,7 @@ class _KillingProcessor:
 @pytest.mark.parametrize("fault", ["killed", "hung"])
 def test_a_helper_that_dies_or_hangs_mid_batch_drops_its_packets_counted(fault: str) -> None:
     pool = OffloadPool(1, batch=4, timeout=0.3)
-    pool.start()
+    pool.start(ENGINES)
     try:
         sa = _sa("aes-gcm-128", None, 1, False, 1)
         team = _team("openssl", pool)
@@ -241,7 +242,7 @@ def test_a_placeholder_not_found_whole_refuses_the_packet() -> None:
 
 def test_offload_off_or_inbound_keeps_the_in_process_suite() -> None:
     pool = OffloadPool(0)
-    pool.start()
+    pool.start(ENGINES)
     team = _team("openssl", pool)
     sa = _sa("aes-gcm-128", None, 1, False, 1)
     inbound = SecurityAssociation(sas.params("in", 0x7000, SADirection.IN), 0.0)
