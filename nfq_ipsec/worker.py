@@ -826,7 +826,6 @@ def start_offload(crypto: CryptoSettings, team: Team, mode: str,
 
     pids = pool.start({m.name: m.engine for m in team.members.values()}, in_child)
     log.debug("crypto offload: helper(s) %s", ", ".join(map(str, pids)))
-    pool.alarms = team.alarms
     team.offload = pool
     return pool
 

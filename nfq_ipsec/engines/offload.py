@@ -487,17 +487,25 @@ def _seal_chunk(view: memoryview, at: int, count: int, suites: dict[int, Suite])
                 view[rec_at] = _STATUS_NO_SA
         else:
             try:
-                outs = seal_many(suite, [r[3] for r in run])
-            except Exception:
-                for rec_at, _, _, _ in run:
+                outs: list[bytes | None] = list(seal_many(suite, [r[3] for r in run]))
+            except Exception:  # which one? each again alone: only that packet is lost
+                outs = [_seal_one(suite, r[3]) for r in run]
+            for (rec_at, _, n, _), out in zip(run, outs, strict=True):
+                if out is None:
                     view[rec_at] = _STATUS_RAISED
-            else:
-                for (rec_at, _, n, _), out in zip(run, outs, strict=True):
-                    body = rec_at + _REC.size + n
-                    view[body: body + len(out)] = out
-                    struct.pack_into("<I", view, rec_at + _REC.size - 4, len(out))
-                    view[rec_at] = _STATUS_OK
+                    continue
+                body = rec_at + _REC.size + n
+                view[body: body + len(out)] = out
+                struct.pack_into("<I", view, rec_at + _REC.size - 4, len(out))
+                view[rec_at] = _STATUS_OK
         i = j
+
+
+def _seal_one(suite: Suite, args: tuple[bytes, bytes, int, bytes]) -> bytes | None:
+    try:
+        return suite.seal(*args)
+    except Exception:
+        return None
 
 
 class Recorder:

@@ -266,6 +266,7 @@ class Team:
             built: Suite = GuardedSuite(inner, m.name, self.alarms, self._witness(sa, m.name),
                                         self.settings.self_check)
             if self.offload is not None:
+                self.offload.alarms = self.alarms  # a helper's engine that raises: its alarm
                 built = self.offload.wrap(built, m.name, (p.encryption, p.key.reveal(),
                                                           p.integrity, p.integrity_key.reveal()),
                                           sa)

@@ -8,6 +8,8 @@ outbound SA's packets over shared memory while the worker keeps sequence numbers
   is dropped and counted ``engine_failed`` (worker, SA and pool agree), never given with its
   placeholder; the pool stops and the SA seals in process from the next packet, continuing
   the reference's sequence byte for byte;
+- an engine that raises in a helper: that packet alone is dropped (``engine_failed``), the
+  engine is excluded and the SA moves to the next engine, still offloaded;
 - a placeholder that is not found whole refuses its packet.
 """
 
@@ -250,3 +252,64 @@ def test_offload_off_or_inbound_keeps_the_in_process_suite() -> None:
     assert not isinstance(sa.suite, OffloadSuite) and not isinstance(inbound.suite, OffloadSuite)
     res = _processor(sa).process(_packet(PROTECTED, 10, 0), 38, LEAVING, 0.0)
     assert res.verdict is Verdict.ACCEPT
+
+
+class _BoomSuite:
+    """OpenSSL's suite of an SA, raising on a plaintext that holds ``BOOM``."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name, self.iv_size = inner.name, inner.iv_size
+        self.icv_size, self.align = inner.icv_size, inner.align
+
+    def seal(self, esp_header: bytes, seq_hi: bytes, seq: int, plaintext: bytes) -> bytes:
+        if b"BOOM" in plaintext:
+            raise RuntimeError("device fault")
+        out: bytes = self.inner.seal(esp_header, seq_hi, seq, plaintext)
+        return out
+
+    def open(self, *args: Any) -> bytes:
+        out: bytes = self.inner.open(*args)
+        return out
+
+
+class _BoomEngine(OpenSSLEngine):
+    name = "boom"
+
+    def build(self, encryption: str, key: bytes, integrity: str | None, integrity_key: bytes) -> Any:
+        return _BoomSuite(super().build(encryption, key, integrity, integrity_key))
+
+
+def test_an_engine_that_raises_in_a_helper_is_excluded_and_its_sa_moves() -> None:
+    engines: list[Engine] = [_BoomEngine(), OpenSSLEngine()]
+    pool = OffloadPool(1, batch=4, timeout=2.0)
+    pool.start({e.name: e for e in engines})
+    try:
+        team = Team(engines, CryptoSettings(policy="prefer", prefer=("boom",)))
+        team.discover(speed_seconds=0.0002)
+        team.offload = pool
+        sa = _sa("aes-gcm-128", None, 3, False, 1)
+        h, q, proc = _handler(sa, team, pool)
+        assert team.engine_of(sa) == "boom" and isinstance(sa.suite, OffloadSuite)
+        ref = _sa("aes-gcm-128", None, 3, False, 1)
+        ref_h, ref_q, _ = _handler(ref, _team("openssl", None), None)
+
+        def packet(i: int) -> bytes:
+            data = b"BOOM" if i == 2 else bytes([i]) * 4
+            return ipv4("10.0.0.1", PROTECTED, 17, udp("10.0.0.1", PROTECTED, 1000, 2000, data * 50))
+
+        queued = [pkt(packet(i), pid=i + 1) for i in range(6)]
+        h.handle_batch(queued[:3])  # the third raises in the helper
+        h.handle_batch(queued[3:])
+        ref_h.handle_batch(queued)
+        assert [v[:2] for v in q.verdicts] == [(1, True), (2, True), (3, False), (4, True),
+                                                (5, True), (6, True)]
+        assert proc.drops[DropReason.ENGINE_FAILED] == sa.drops[DropReason.ENGINE_FAILED] == 1
+        assert pool.lost == 1 and pool.active  # the helper is fine: its engine was not
+        row = {r["name"]: r for r in team.report()}["boom"]
+        assert (row["state"], row["faults"], row["moved_away"]) == ("excluded", 1, 1)
+        assert team.engine_of(sa) == "openssl" and isinstance(sa.suite, OffloadSuite)
+        want = {v[0]: v for v in ref_q.verdicts}
+        assert all(v == want[v[0]] for v in q.verdicts if v[1])  # same bytes, same numbers
+    finally:
+        pool.stop()
