@@ -295,7 +295,7 @@ def test_an_engine_that_hangs_is_excluded_by_the_restarted_worker(pair: Pair, tm
                                                                   daemons: list[Daemon],
                                                                   shared_dir: Path) -> None:
     """An engine that hangs for good on the packet path (injected: ``engine-hang``) hangs its
-    worker: the watchdog (2 s) kills it, the new worker's start-up known-answer tests do not
+    worker: the watchdog (1 s) kills it, the new worker's start-up known-answer tests do not
     finish within ``crypto.verify_timeout`` and the engine is excluded there, the SAs go to
     OpenSSL and the flow goes on; nothing wrong or in clear on the wire."""
     keys = make_keys()
@@ -304,7 +304,7 @@ def test_an_engine_that_hangs_is_excluded_by_the_restarted_worker(pair: Pair, tm
                 NFQ_IPSEC_TEST_FAULT=f"engine-hang:pycryptodome:300:{shared_dir / 'hung'}")
     text = a.config.read_text()
     assert 'log_level = "info"\n' in text
-    a.config.write_text(text.replace('log_level = "info"\n', 'log_level = "info"\nwatchdog = 2\n'))
+    a.config.write_text(text.replace('log_level = "info"\n', 'log_level = "info"\nwatchdog = 1\n'))
     b = _daemon(pair, tmp_path, False, keys, crypto, daemons)
     for d in (a, b):
         d.start()
@@ -318,7 +318,7 @@ def test_an_engine_that_hangs_is_excluded_by_the_restarted_worker(pair: Pair, tm
     chatter = pair.python(pair.b, UDP_CHATTER, ADDR_A, "12")
     try:
         ready(chatter)
-        flow = _flow(pair, tmp_path, 8.0, [])
+        flow = _flow(pair, tmp_path, 6.0, [])
     finally:
         end(chatter)
     st = a.status()
