@@ -10,6 +10,8 @@ outbound SA's packets over shared memory while the worker keeps sequence numbers
   the reference's sequence byte for byte;
 - an engine that raises in a helper: that packet alone is dropped (``engine_failed``), the
   engine is excluded and the SA moves to the next engine, still offloaded;
+- ``crypto.self_check``: a helper whose output differs from the worker's own engine stops the
+  offload before a wrong packet is given;
 - a placeholder that is not found whole refuses its packet.
 """
 
@@ -311,5 +313,40 @@ def test_an_engine_that_raises_in_a_helper_is_excluded_and_its_sa_moves() -> Non
         assert team.engine_of(sa) == "openssl" and isinstance(sa.suite, OffloadSuite)
         want = {v[0]: v for v in ref_q.verdicts}
         assert all(v == want[v[0]] for v in q.verdicts if v[1])  # same bytes, same numbers
+    finally:
+        pool.stop()
+
+
+class _FlipSuite(_BoomSuite):
+    def seal(self, esp_header: bytes, seq_hi: bytes, seq: int, plaintext: bytes) -> bytes:
+        out: bytes = self.inner.seal(esp_header, seq_hi, seq, plaintext)
+        return out[:-1] + bytes([out[-1] ^ 1])
+
+
+class _FlipEngine(OpenSSLEngine):
+    def build(self, encryption: str, key: bytes, integrity: str | None, integrity_key: bytes) -> Any:
+        return _FlipSuite(super().build(encryption, key, integrity, integrity_key))
+
+
+def test_the_self_check_catches_a_helper_whose_output_is_wrong() -> None:
+    """``crypto.self_check = 1``: each helper result is sealed again in the worker; a helper
+    whose copy of the engine gives other bytes (injected: its OpenSSL flips the last byte)
+    stops the offload, and no wrong packet is given."""
+    pool = OffloadPool(1, batch=2, timeout=2.0, check_every=1)
+    pool.start({"openssl": _FlipEngine()})
+    try:
+        sa = _sa("chacha20-poly1305", None, 4, True, 7)
+        h, q, proc = _handler(sa, _team("openssl", pool), pool)
+        ref = _sa("chacha20-poly1305", None, 4, True, 7)
+        ref_h, ref_q, _ = _handler(ref, _team("openssl", None), None)
+        queued = [pkt(_packet(PROTECTED, 200, i), pid=i + 1) for i in range(5)]
+        h.handle_batch(queued[:3])
+        h.handle_batch(queued[3:])
+        ref_h.handle_batch(queued)
+        assert not pool.active and "differs" in (pool.failed or "") and pool.checked == 1
+        assert [v[:2] for v in q.verdicts] == [(1, False), (2, False), (3, False), (4, True),
+                                                (5, True)]
+        assert proc.drops[DropReason.ENGINE_FAILED] == 3 == pool.lost
+        assert q.verdicts[3:] == ref_q.verdicts[3:]  # in process from then on, right
     finally:
         pool.stop()
