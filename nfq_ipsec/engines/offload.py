@@ -11,8 +11,9 @@ helper processes over shared memory, in batches, while it keeps everything that 
   doorbell (a socket pair) and goes on with the next packet while the helper seals.
 - **Verdicts in order.** The worker records the batch's verdicts instead of giving them
   (``Recorder``); at the end of the batch it waits for the helpers (``collect``), puts each
-  helper's sealed body in place of its placeholder (found by its token) and gives the
-  verdicts in queue order. A packet whose body did not come back is dropped as
+  helper's sealed body in place of its placeholder (found by its token; across the fragments
+  when the core cut the sealed packet into IP fragments) and gives the verdicts in queue
+  order. A packet whose body did not come back is dropped as
   ``engine_failed``: never sent with its placeholder.
 - **Same bytes.** A helper builds the SA's suite with the same engine the team bound it to;
   a suite is a pure function of key, sequence number and bytes, so the output is the
@@ -372,25 +373,69 @@ class OffloadPool:
 
     @staticmethod
     def patch_all(packets: list[bytes], jobs: list[Job]) -> list[bytes] | None:
-        """The same over several packets (fragments, segments): each job's placeholder is in
-        one of them, whole, or the lot is refused (None)."""
+        """The same over several packets: a superpacket's segments (each job's placeholder
+        whole in one of them), or the IP fragments of one ESP packet the worker cut itself
+        (the placeholder, the packet's tail, spread over the fragments' data: put in place
+        across them). None: refused."""
         out = list(packets)
         for job in jobs:
             for i, p in enumerate(out):
                 if job.token in p:
                     got = OffloadPool.patch(p, (job,))
                     if got is None:
-                        return None
+                        break
                     out[i] = got
                     break
             else:
-                return None
+                return _patch_fragments(packets, jobs)
+            if got is None:
+                return _patch_fragments(packets, jobs)
         return out
 
     def report(self) -> dict[str, Any]:
         return {"helpers": len(self.helpers), "batch": self.batch, "active": self.active,
                 "failed": self.failed or "", "jobs": self.jobs, "chunks": self.chunks,
                 "inline": self.inline, "lost": self.lost, "checked": self.checked}
+
+
+_IPV6_EXTENSIONS: Final = (0, 43, 60)  # hop-by-hop, routing, destination options
+_NH_FRAGMENT: Final = 44
+
+
+def _fragment_data(packet: bytes) -> int | None:
+    """Where an IP fragment's data begins (after an IPv4 header, or after an IPv6 fragment
+    header and the extension headers before it); None if ``packet`` is neither."""
+    if len(packet) < 20:
+        return None
+    if packet[0] >> 4 == 4:
+        return (packet[0] & 0x0F) * 4
+    if packet[0] >> 4 != 6 or len(packet) < 48:
+        return None
+    nh, at = packet[6], 40
+    while nh != _NH_FRAGMENT:
+        if nh not in _IPV6_EXTENSIONS or len(packet) < at + 8:
+            return None
+        nh, at = packet[at], at + 8 + packet[at + 1] * 8
+    return at + 8 if len(packet) >= at + 8 else None
+
+
+def _patch_fragments(packets: list[bytes], jobs: list[Job]) -> list[bytes] | None:
+    """``packets``, the fragments of one packet in order (as the core makes them), with the
+    jobs' bodies put in place across their data; None if they are not that."""
+    starts = [_fragment_data(p) for p in packets]
+    if len(packets) < 2 or any(s is None for s in starts):
+        return None
+    data = b"".join(p[s:] for p, s in zip(packets, starts, strict=True))
+    patched = OffloadPool.patch(data, jobs)
+    if patched is None or len(patched) != len(data):
+        return None
+    out, at = [], 0
+    for p, s in zip(packets, starts, strict=True):
+        assert s is not None
+        n = len(p) - s
+        out.append(p[:s] + patched[at:at + n])
+        at += n
+    return out
 
 
 class OffloadSuite:

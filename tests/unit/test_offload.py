@@ -12,7 +12,8 @@ outbound SA's packets over shared memory while the worker keeps sequence numbers
   engine is excluded and the SA moves to the next engine, still offloaded;
 - ``crypto.self_check``: a helper whose output differs from the worker's own engine stops the
   offload before a wrong packet is given;
-- a placeholder that is not found whole refuses its packet.
+- a placeholder that is not found whole refuses its packet; one spread over the IP fragments
+  the core cut after sealing is filled in across them.
 """
 
 from __future__ import annotations
@@ -350,3 +351,36 @@ def test_the_self_check_catches_a_helper_whose_output_is_wrong() -> None:
         assert q.verdicts[3:] == ref_q.verdicts[3:]  # in process from then on, right
     finally:
         pool.stop()
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_body_spread_over_fragments_the_worker_made_is_put_in_place(family: int) -> None:
+    """A local ESP packet beyond its path MTU (IPv6) or a mixed tunnel's (IPv4 through a raw
+    socket) leaves as fragments the core cut after sealing: the placeholder is spread over
+    them, and the sealed body goes in across them: the fragments of the sealed packet."""
+    from nfq_ipsec.core import ipv6 as core_ipv6
+    from nfq_ipsec.core import pmtu
+
+    size = 1200
+    token = b"\\xaa" * 8 + (7).to_bytes(8, "little")
+    job = Job(0, 0, size, token, None, (b"", b"", 0, b""))  # type: ignore[arg-type]
+    job.out = os.urandom(size)
+    esp = bytes(range(8))
+    if family == 6:
+        head = core_ipv6.build_header6(0, 0, 8 + size, 50, 64, 1, 2)
+    else:
+        head = ipv4("10.0.0.1", "10.0.0.2", 50, b"")[:20]
+        total = 20 + 8 + size
+        head = head[:2] + total.to_bytes(2, "big") + head[4:]
+    sealed = head + esp + job.out
+    placeheld = head + esp + token + bytes(size - len(token))
+
+    def cut(packet: bytes) -> list[bytes]:
+        return pmtu.fragment_own(packet, 500, 0x1234)
+
+    fragments = cut(placeheld)
+    assert len(fragments) == 3
+    assert OffloadPool.patch_all(fragments, [job]) == cut(sealed)
+    assert OffloadPool.patch_all(fragments[:2], [job]) is None  # one missing: refused
+    job.out = None
+    assert OffloadPool.patch_all(fragments, [job]) is None
