@@ -193,9 +193,13 @@ def no_new_privs() -> None:
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
-def install_filter(state_fd: int | None, mode: str = DEFAULT_MODE) -> None:
+def install_filter(state_fd: int | None, mode: str = DEFAULT_MODE,
+                   children: tuple[int, ...] = ()) -> None:
     """The seccomp allow-list (see the module's docstring); ``state_fd``: the one directory
-    ``openat`` may open in (None: none). ``mode`` "log": log instead of killing."""
+    ``openat`` may open in (None: none). ``mode`` "log": log instead of killing.
+    ``children``: the worker's crypto offload helpers (``crypto.offload_helpers``), forked
+    before the filter: the worker may kill these pids, and only these (a helper that hangs is
+    cut off), and reap its children (``wait4``)."""
     import pyseccomp as seccomp  # loads libseccomp: only a worker that enters the sandbox
 
     default = seccomp.LOG if mode == "log" else seccomp.KILL_PROCESS
@@ -211,10 +215,15 @@ def install_filter(state_fd: int | None, mode: str = DEFAULT_MODE) -> None:
         f.add_rule(seccomp.ALLOW, "openat", seccomp.Arg(0, seccomp.EQ, state_fd))
         f.add_rule(denied, "openat", seccomp.Arg(0, seccomp.NE, state_fd))
     f.add_rule(seccomp.ALLOW, "ioctl", seccomp.Arg(1, seccomp.EQ, SIOCGIFNAME))
+    for pid in children:
+        f.add_rule(seccomp.ALLOW, "kill", seccomp.Arg(0, seccomp.EQ, pid))
+    if children:
+        f.add_rule(seccomp.ALLOW, "wait4")
     f.load()
 
 
-def enter_filter(state_fd: int | None, mode: str = DEFAULT_MODE) -> None:
+def enter_filter(state_fd: int | None, mode: str = DEFAULT_MODE,
+                 children: tuple[int, ...] = ()) -> None:
     """After :func:`drop_user`: ``no_new_privs``, not dumpable (a change of uid makes the
     process dumpable again as ``fs.suid_dumpable`` says), the filter. Raises SandboxError."""
     from . import hardening
@@ -222,7 +231,7 @@ def enter_filter(state_fd: int | None, mode: str = DEFAULT_MODE) -> None:
     try:
         no_new_privs()
         hardening.disable_core_dumps()
-        install_filter(state_fd, mode)
+        install_filter(state_fd, mode, children)
     except OSError as err:
         raise SandboxError(f"cannot enter the sandbox: {err}; daemon.sandbox = \"off\" runs the "
                            "workers as root") from None

@@ -97,6 +97,21 @@ class EngineReport(TypedDict):
     moved_away: int  # SAs moved off it (exclusion, fault, disable)
 
 
+class OffloadReport(TypedDict):
+    """A worker's crypto offload helpers (``crypto.offload_helpers``, ``engines/offload.py``),
+    counted since the worker started."""
+
+    helpers: int  # running now (0 once stopped)
+    batch: int  # crypto.offload_batch
+    active: bool  # False: stopped (``failed`` says why), every SA seals in the worker
+    failed: str  # why it stopped ("" while it runs)
+    jobs: int  # seals handed to the helpers
+    chunks: int  # doorbells rung (a chunk of up to ``batch`` seals each)
+    inline: int  # seals done in the worker while offloading (no room in shared memory)
+    lost: int  # seals that did not come back: their packets dropped as engine_failed
+    checked: int  # helpers' results sealed again in the worker (crypto.self_check)
+
+
 class VersionState(TypedDict):
     """One ESP version of a worker (``daemon.versions``, :mod:`nfq_ipsec.versions`)."""
 
@@ -150,6 +165,7 @@ class WorkerSnapshot(TypedDict):
     sas: list[SaSnapshot]
     engines: list[EngineReport]
     versions: VersionsSnapshot  # daemon.versions and daemon.compare
+    offload: OffloadReport | None  # crypto.offload_helpers (None: off)
 
 
 # -- the status answer ---------------------------------------------------------------------------
@@ -199,6 +215,7 @@ class WorkerReport(TypedDict):
     memory_bytes: int | None  # and its resident memory
     versions: VersionsSnapshot | None  # its ESP versions (daemon.versions, daemon.compare)
     compartment: str  # the compartment whose queue it is ("default": daemon.queues)
+    offload: OffloadReport | None  # its crypto offload helpers (crypto.offload_helpers)
 
 
 class CompartmentReport(TypedDict):

@@ -1300,6 +1300,7 @@ class Supervisor:
                 "memory_bytes": use.memory_bytes if use else None,
                 "versions": st.get("versions") if st else None,
                 "compartment": self.cfg.compartment_of_queue(slot.queue).name,
+                "offload": st.get("offload") if st else None,
             })
             by_name = {s["name"]: s for s in st["sas"]} if st else {}
             sa_totals = total["sas"] if total else {}

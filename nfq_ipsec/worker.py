@@ -82,6 +82,7 @@ from .core.processor import ARRIVING, FORWARDED, LEAVING
 from .core.sa import SAEvent
 from .droplog import LOGGED, DropLog
 from .engines.base import DEFAULT_CRYPTO, CryptoSettings
+from .engines.offload import Job, OffloadPool, Recorder
 from .engines.team import Discovered, Team
 from .nfqueue import (
     DEFAULT_MAX_LEN,
@@ -103,6 +104,7 @@ from .status import (
     DropCounts,
     KernelQueueCounts,
     LifetimeLeft,
+    OffloadReport,
     SaSnapshot,
     UdpSnapshot,
     WorkerSnapshot,
@@ -236,6 +238,8 @@ class PacketHandler:
         # list that an engine's suite appends to when it raises: looked at after each batch.
         self.team: Team | None = None
         self.alarms: list[str] = []
+        # crypto.offload_helpers: the helpers that seal outbound packets (engines/offload.py)
+        self.offload: OffloadPool | None = None
 
     def use_team(self, team: Team) -> None:
         """Bind every SA of the processor to an engine (raises NoEngine: the worker does not
@@ -271,7 +275,70 @@ class PacketHandler:
             self.team.verify()
 
     def handle_batch(self, packets: list[QueuedPacket]) -> None:
-        """Give every packet a verdict and send the verdicts."""
+        """Give every packet a verdict and send the verdicts.
+
+        With offload on (``crypto.offload_helpers``) the outbound SAs' seals go to helpers
+        while the batch is handled: the verdicts are recorded in order and given once the
+        sealed bodies are back (``_give_recorded``), a packet whose body did not come back
+        dropped as ``engine_failed``."""
+        pool = self.offload
+        if pool is None or not pool.active:
+            self._handle(packets)
+        else:
+            real = self.queue
+            rec = Recorder(pool, real)
+            self.queue = rec
+            pool.deferring = True
+            try:
+                self._handle(packets)
+            finally:
+                pool.deferring = False
+                self._give_recorded(rec)
+                self.queue = real
+        self.queue.flush()
+        if self.alarms:  # an engine raised: its SAs move before the next batch
+            self.engine_alarms()
+
+    def _give_recorded(self, rec: Recorder) -> None:
+        """Wait for the helpers, put each sealed body in its packet, give the recorded
+        verdicts in order; a packet whose body is missing is dropped (``engine_failed``)."""
+        pool = rec.pool
+        pool.collect()
+        verdict = rec.real.verdict
+        for packet_id, accept, mark, payload, jobs in rec.entries:
+            if jobs and payload is not None:
+                payload = pool.patch(payload, jobs)
+                if payload is None:
+                    verdict(packet_id, False)
+                    self._offload_lost(jobs)
+                    continue
+            verdict(packet_id, accept, mark, payload)
+        rec.entries = []
+        pool.finish()
+
+    def _offload_lost(self, jobs: list[Job]) -> None:
+        self.packets_out -= 1
+        self.processor.count_drop(DropReason.ENGINE_FAILED)
+        jobs[0].suite.sa.drops[DropReason.ENGINE_FAILED] += 1
+
+    def _settled(self, packets: list[bytes]) -> list[bytes] | None:
+        """Before packets leave by a raw socket while offload defers: every verdict recorded
+        so far given (order), and the sealed bodies put into ``packets``; None if one is
+        missing (the caller drops the queued packet; counted ``engine_failed`` here)."""
+        rec = self.queue
+        if not isinstance(rec, Recorder):
+            return packets
+        jobs = rec.pool.take()
+        self._give_recorded(rec)
+        if not jobs:
+            return packets
+        got = rec.pool.patch_all(packets, jobs)
+        if got is None:
+            self.processor.count_drop(DropReason.ENGINE_FAILED)
+            jobs[0].suite.sa.drops[DropReason.ENGINE_FAILED] += 1
+        return got
+
+    def _handle(self, packets: list[QueuedPacket]) -> None:
         now = self.clock()
         process = self.processor.process
         verdict = self.queue.verdict
@@ -320,9 +387,6 @@ class PacketHandler:
             except Exception:  # fail closed: whatever went wrong, this packet is dropped
                 self._internal_error(pkt)
         self.packets_out += accepted
-        self.queue.flush()
-        if self.alarms:  # an engine raised: its SAs move before the next batch
-            self.engine_alarms()
 
     def _arrived_unprotected(self, indev: int) -> bool:
         """Whether ifindex ``indev`` is the gateway's unprotected interface, looked up by name
@@ -367,8 +431,11 @@ class PacketHandler:
         """A superpacket's ESP packets sent in one batch, the superpacket dropped by verdict.
         Returns 1 if all left; otherwise the superpacket counts as ``gso_send`` (TCP sends
         what is missing again)."""
+        got = self._settled(res.packets or [])
         self.queue.verdict(pkt.packet_id, False)
-        packets = res.packets or []
+        if got is None:
+            return 0
+        packets = got
         if self._batch is None:
             self._batch = BatchSender(self.mark).send
         try:
@@ -387,10 +454,15 @@ class PacketHandler:
     def _send_instead(self, pkt: QueuedPacket, packets: list[bytes] | None,
                       send: Callable[[bytes], None]) -> bool:
         """The queued packet dropped by verdict, ``packets`` sent in its place: whether all
-        left (a refused send stops the rest: fragments without the one before are useless)."""
+        left (a refused send stops the rest: fragments without the one before are useless).
+        With offload on, a packet whose sealed body did not come back is not sent (counted
+        ``engine_failed``, and as not sent by the caller)."""
+        got = self._settled(packets or [])
         self.queue.verdict(pkt.packet_id, False)
+        if got is None:
+            return False
         try:
-            for packet in packets or ():
+            for packet in got:
                 send(packet)
         except OSError:
             return False
@@ -613,6 +685,7 @@ class PacketHandler:
             "sas": sas,
             "engines": self.team.report() if self.team is not None else [],
             "versions": versions.snapshot(proc),
+            "offload": cast(OffloadReport, self.offload.report()) if self.offload is not None else None,
         }
 
 
@@ -654,6 +727,7 @@ def run(
     with contextlib.suppress(OSError), open("/proc/self/comm", "w", encoding="ascii") as comm:
         comm.write(f"nfq-ipsec-q{spec.queue}"[:15])
     store: StateStore | None = None
+    pool: OffloadPool | None = None
     handler: PacketHandler | None = None
     try:
         if spec.cpu is not None:
@@ -688,19 +762,26 @@ def run(
         else:
             handler = PacketHandler(processor, queue, spec.mark,
                                     gateway_interface=spec.gateway_interface, drop_log=spec.drop_log)
+        if ident is not None:
+            preload()
+        if spec.crypto.offload_helpers:  # forked now: the sandbox allows no new process
+            pool = start_offload(spec.crypto, team, spec.sandbox, ident, spec.queue)
+            handler.offload = pool
         # NoEngine: an SA no verified engine can carry. Before the sandbox: an AF_ALG engine's
         # sockets are opened as its SAs are bound.
         handler.use_team(team)
         if ident is not None:
-            preload()
             sandbox.drop_user(ident)
             if store is not None:  # as the worker's user: the files it makes are its own
                 store.attach(processor.sad.all())
-            sandbox.enter_filter(state_fd, spec.sandbox)
+            sandbox.enter_filter(state_fd, spec.sandbox,
+                                 tuple(pool.pids) if pool is not None else ())
             # no new thread from here (the filter allows no clone): the periodic known-answer
             # tests run inline, and a hung engine is the watchdog's (docs/engines.md)
             team.threads = False
     except Exception as err:
+        if pool is not None:
+            pool.stop()
         if store is not None:
             store.close(exact=False)
         if queue is not None:
@@ -721,10 +802,34 @@ def run(
         clean = True
         return code
     finally:
+        if pool is not None:
+            pool.stop()
         if store is not None:
             # Exact values only after a clean stop: no packet is handled after this point.
             store.close(exact=clean)
         queue.close()
+
+
+def start_offload(crypto: CryptoSettings, team: Team, mode: str,
+                  ident: Identity | None, queue: int = 0) -> OffloadPool:
+    """Fork the crypto offload helpers (``crypto.offload_helpers``) and put the team's
+    outbound SAs behind them from their binding on. A sandboxed worker's helpers become its
+    user, with no capability, under the same filter (no state directory) before they read a
+    key."""
+    pool = OffloadPool(crypto.offload_helpers, crypto.offload_batch, crypto.offload_timeout,
+                       crypto.self_check)
+
+    def in_child() -> None:
+        with contextlib.suppress(OSError), open("/proc/self/comm", "w", encoding="ascii") as comm:
+            comm.write(f"nfq-ipsec-o{queue}"[:15])  # ps and top: queue's offload helper
+        if ident is not None:
+            sandbox.drop_user(ident, keep=())
+            sandbox.enter_filter(None, mode)
+
+    pids = pool.start({m.name: m.engine for m in team.members.values()}, in_child)
+    log.debug("crypto offload: helper(s) %s", ", ".join(map(str, pids)))
+    team.offload = pool
+    return pool
 
 
 def _sandboxed_handler(spec: WorkerSpec, processor: Processor, queue: QueueBinding) -> PacketHandler:

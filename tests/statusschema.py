@@ -69,6 +69,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         "memory_bytes": "integer or null",
         "versions": "object or null",
         "compartment": "string",
+        "offload": "object or null",
     },
     "compartments[]": {
         "name": "string",
@@ -81,6 +82,17 @@ GOLDEN: dict[str, dict[str, str]] = {
         "packets_in": "integer or null",
         "packets_out": "integer or null",
         "drops": "drop counts or null",
+    },
+    "workers[].offload": {
+        "helpers": "integer",
+        "batch": "integer",
+        "active": "boolean",
+        "failed": "string",
+        "jobs": "integer",
+        "chunks": "integer",
+        "inline": "integer",
+        "lost": "integer",
+        "checked": "integer",
     },
     "workers[].versions": {
         "compare": "string",
@@ -184,6 +196,8 @@ GOLDEN: dict[str, dict[str, str]] = {
 WITHOUT_IKE = frozenset(path for path in GOLDEN if path != "ike" and not path.startswith("ike."))
 # The levels only a worker that compares versions fills (daemon.compare on: its pairs).
 COMPARING = frozenset({"workers[].versions.pairs[]"})
+# The level only a worker with crypto offload helpers fills (crypto.offload_helpers).
+OFFLOADING = frozenset({"workers[].offload"})
 
 
 NULL = " or null"
@@ -330,7 +344,9 @@ def sample_answer() -> dict[str, Any]:
                           "pairs": [{"versions": ["core", "independent"], "agreed": 6,
                                      "mismatches": 3}],
                           "sa_mismatches": {"a-to-b": 3}},
-             "compartment": "default"},
+             "compartment": "default",
+             "offload": {"helpers": 1, "batch": 8, "active": True, "failed": "", "jobs": 500,
+                         "chunks": 70, "inline": 0, "lost": 0, "checked": 0}},
             {"queue": 101, "cpu": 1, "pid": None, "uptime": None, "restarts": 3, "state": "down",
              "packets_in": None, "packets_out": None, "drops": None,
              "kernel_queue_dropped": None, "user_dropped": None,
@@ -339,7 +355,7 @@ def sample_answer() -> dict[str, Any]:
              "ike_markers": None, "crossed_family": None, "superpackets": None,
              "segments": None, "busy_poll_hits": None, "busy_poll_misses": None,
              "cpu_seconds": None, "memory_bytes": None, "versions": None,
-             "compartment": "web"},
+             "compartment": "web", "offload": None},
         ],
         "compartments": [
             {"name": "default", "id": 0, "selector": "unlabelled traffic", "user": None,

@@ -1,5 +1,6 @@
 """``nfq-ipsec engines`` (the crypto engines of the running daemon: what each offers, whether
-it passed its known-answer tests, its measured speed and the SAs it carries) and
+it passed its known-answer tests, its measured speed and the SAs it carries; each worker's
+crypto offload helpers, if any) and
 ``nfq-ipsec engine disable|enable NAME`` (a member out or back at runtime, no restart)."""
 
 from __future__ import annotations
@@ -77,9 +78,28 @@ def run_engines(args: argparse.Namespace) -> int:
     if "engines" not in answer:
         print(f"nfq-ipsec: {answer.get('error', 'no engines in the answer')}", file=sys.stderr)
         return exitcodes.FAILURE
-    print(json.dumps(answer["engines"], indent=2, sort_keys=True) if args.json
-          else render(answer["engines"]))
+    if args.json:
+        print(json.dumps(answer["engines"], indent=2, sort_keys=True))
+        return exitcodes.OK
+    print(render(answer["engines"]))
+    offload = render_offload(answer.get("workers", []))
+    if offload:
+        print(offload)
     return exitcodes.OK
+
+
+def render_offload(workers: list[dict[str, Any]]) -> str:
+    """One line per worker with crypto offload helpers (``crypto.offload_helpers``)."""
+    out = []
+    for w in workers:
+        o = w.get("offload")
+        if not o:
+            continue
+        state = "active" if o["active"] else f"stopped ({o['failed']})"
+        out.append(f"offload, queue {w['queue']}: {o['helpers']} helper(s), {state}; "
+                   f"{o['jobs']} seals in {o['chunks']} chunks (batch {o['batch']}), "
+                   f"{o['inline']} in the worker, {o['lost']} lost (engine_failed)")
+    return "\n".join(out)
 
 
 def run_engine(args: argparse.Namespace) -> int:

@@ -24,4 +24,7 @@ def read_crypto(raw: dict[str, Any], probs: Problems) -> CryptoSettings:
         verify_timeout=CRYPTO["verify_timeout"].read(raw, "crypto", probs),
         disabled=disabled,
         self_check=CRYPTO["self_check"].read(raw, "crypto", probs),
+        offload_helpers=CRYPTO["offload_helpers"].read(raw, "crypto", probs),
+        offload_batch=CRYPTO["offload_batch"].read(raw, "crypto", probs),
+        offload_timeout=CRYPTO["offload_timeout"].read(raw, "crypto", probs),
     )

@@ -34,11 +34,17 @@ from ..core.sa import (
 from ..core.spd import Action, Direction, Policy, Selector
 from ..core.suites import ENCRYPTION, HMACS
 from ..engines.base import (
+    DEFAULT_OFFLOAD_BATCH,
+    DEFAULT_OFFLOAD_HELPERS,
+    DEFAULT_OFFLOAD_TIMEOUT,
     DEFAULT_POLICY,
     DEFAULT_SELF_CHECK,
     DEFAULT_VERIFY_INTERVAL,
     DEFAULT_VERIFY_TIMEOUT,
     ENGINE_NAMES,
+    OFFLOAD_BATCH_RANGE,
+    OFFLOAD_HELPERS_RANGE,
+    OFFLOAD_TIMEOUT_RANGE,
     POLICIES,
     SELF_CHECK_RANGE,
     VERIFY_INTERVAL_RANGE,
@@ -208,6 +214,17 @@ CRYPTO = Section("crypto", "[crypto]", "The crypto engines each SA can run on, h
           "and must give the same bytes, else it is dropped and its engine excluded (wrong "
           "output caught before it leaves); 0: off", default=DEFAULT_SELF_CHECK,
           bounds=SELF_CHECK_RANGE),
+    Field("offload_helpers", INTEGER, "helper processes per worker that seal its outbound "
+          "packets in batches over shared memory while the worker keeps order and verdicts "
+          "(idle CPUs lent to a busy SA; see *Crypto engines*); 0: off, every seal in the "
+          "worker", default=DEFAULT_OFFLOAD_HELPERS, default_text="0 (off)",
+          bounds=OFFLOAD_HELPERS_RANGE),
+    Field("offload_batch", INTEGER, "seals handed to a helper per wake-up (`offload_helpers`)",
+          default=DEFAULT_OFFLOAD_BATCH, bounds=OFFLOAD_BATCH_RANGE),
+    Field("offload_timeout", NUMBER, "seconds a batch's helpers may take; a helper that dies "
+          "or takes longer is stopped, the packets it held are dropped (`engine_failed`) and "
+          "every SA seals in the worker from then on", default=DEFAULT_OFFLOAD_TIMEOUT,
+          bounds=OFFLOAD_TIMEOUT_RANGE),
     Field("disabled", "array of strings", "engines not used (`nfq-ipsec engine enable` puts one "
           "back until the next restart)", default=(), default_text="none", allowed=_ENGINES,
           parser=parsers.engine_names),

@@ -24,6 +24,12 @@ DEFAULT_VERIFY_TIMEOUT: Final = 2.0  # an engine's known-answer tests must finis
 VERIFY_TIMEOUT_RANGE: Final = (0.1, 60.0)
 DEFAULT_SELF_CHECK: Final = 0  # off: every Nth packet done again on another engine
 SELF_CHECK_RANGE: Final = (0, 1_000_000)
+DEFAULT_OFFLOAD_HELPERS: Final = 0  # off: every seal in the worker's own process (offload.py)
+OFFLOAD_HELPERS_RANGE: Final = (0, 64)
+DEFAULT_OFFLOAD_BATCH: Final = 8  # seals handed to a helper per wake-up
+OFFLOAD_BATCH_RANGE: Final = (1, 256)
+DEFAULT_OFFLOAD_TIMEOUT: Final = 0.25  # seconds a batch's helpers may take before they are cut off
+OFFLOAD_TIMEOUT_RANGE: Final = (0.005, 10.0)
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,9 @@ class CryptoSettings:
     verify_timeout: float = DEFAULT_VERIFY_TIMEOUT
     disabled: tuple[str, ...] = ()
     self_check: int = DEFAULT_SELF_CHECK  # every Nth packet of an SA checked on a witness; 0: off
+    offload_helpers: int = DEFAULT_OFFLOAD_HELPERS  # helper processes per worker; 0: off
+    offload_batch: int = DEFAULT_OFFLOAD_BATCH
+    offload_timeout: float = DEFAULT_OFFLOAD_TIMEOUT
 
 
 DEFAULT_CRYPTO: Final = CryptoSettings()
@@ -74,7 +83,10 @@ class Engine(abc.ABC):
     """
 
     name: str = ""
-    batches: bool = False  # seals many packets in one call (none does yet; see docs/engines.md)
+    # Its suites have ``seal_batch`` (many packets of one SA in one call, cheaper than one call
+    # each), which the offload helpers use (``offload.seal_many``). None does: see
+    # docs/engines.md, *Batches*.
+    batches: bool = False
 
     @abc.abstractmethod
     def probe(self) -> Probe: ...

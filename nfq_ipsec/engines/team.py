@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from ..core.errors import DropReason, EspError
 from ..core.sa import SAParams, SecurityAssociation
@@ -34,6 +34,7 @@ from ..status import EngineReport
 from . import kat
 from .afalg import AfAlgEngine
 from .base import DEFAULT_CRYPTO, ENGINE_NAMES, CryptoSettings, Engine, Probe, suite_name
+from .offload import OffloadPool
 from .openssl import OpenSSLEngine
 from .pycryptodome import PycryptodomeEngine
 from .sodium import SodiumEngine
@@ -128,6 +129,8 @@ class Team:
         self.alarms: list[str] = []  # engine names whose suites raised (GuardedSuite)
         self.threads = True  # False: tests run inline, without a deadline (see _timed)
         self.bound: dict[int, tuple[SecurityAssociation, str]] = {}  # id(sa) -> (sa, engine)
+        # crypto.offload_helpers: the worker's helper pool; an outbound SA's suite goes behind it
+        self.offload: OffloadPool | None = None
         for name in settings.disabled:
             if name in self.members:
                 self.members[name].disabled = True
@@ -260,8 +263,20 @@ class Team:
             except Exception as err:
                 self.exclude(m.name, f"building a suite raised {type(err).__name__}", move=False)
                 continue
-            return GuardedSuite(inner, m.name, self.alarms, self._witness(sa, m.name),
-                                self.settings.self_check), m.name
+            built: Suite = GuardedSuite(inner, m.name, self.alarms, self._witness(sa, m.name),
+                                        self.settings.self_check)
+            if self.offload is not None:
+                self.offload.alarms = self.alarms  # a helper's engine that raises: its alarm
+                built = self.offload.wrap(built, m.name, (p.encryption, p.key.reveal(),
+                                                          p.integrity, p.integrity_key.reveal()),
+                                          sa)
+            return built, m.name
+
+    def _set_suite(self, sa: SecurityAssociation, suite: Suite) -> None:
+        """An SA's new suite; the old one's keys leave the offload helpers."""
+        if self.offload is not None:
+            self.offload.forget(sa.suite)
+        sa.suite = suite
 
     def _witness(self, sa: SecurityAssociation, engine: str) -> Suite | None:
         """``crypto.self_check``: the same SA's suite on the next engine the policy would
@@ -279,15 +294,23 @@ class Team:
     def bind(self, sas: Iterable[SecurityAssociation]) -> None:
         """Give each SA its engine's suite. Raises NoEngine (nothing bound) if any can't."""
         plans = []
-        for sa in sas:
-            plans.append((sa, *self.build(sa)))
-            self.bound[id(sa)] = (sa, plans[-1][2])
+        try:
+            for sa in sas:
+                plans.append((sa, *self.build(sa)))
+                self.bound[id(sa)] = (sa, plans[-1][2])  # counted by balance's next choice
+        except NoEngine:
+            for sa, suite, _name in plans:
+                self.bound.pop(id(sa), None)
+                if self.offload is not None:
+                    self.offload.forget(suite)
+            raise
         for sa, suite, _name in plans:
-            sa.suite = suite
+            self._set_suite(sa, suite)
 
     def release(self, sas: Iterable[SecurityAssociation]) -> None:
         for sa in sas:
-            self.bound.pop(id(sa), None)
+            if self.bound.pop(id(sa), None) is not None and self.offload is not None:
+                self.offload.forget(sa.suite)
 
     def engine_of(self, sa: SecurityAssociation) -> str | None:
         got = self.bound.get(id(sa))
@@ -305,12 +328,12 @@ class Team:
             try:
                 suite, new = self.build(sa, avoid=name)
             except NoEngine as err:
-                sa.suite = _Refusing(sa.suite, str(err))
+                self._set_suite(sa, cast(Suite, _Refusing(sa.suite, str(err))))
                 self.bound[key] = (sa, "none")
                 moved.append((sa.name, "none"))
                 log.error("SA %s: %s; its packets are dropped", sa.name, err)
                 continue
-            sa.suite = suite
+            self._set_suite(sa, suite)
             self.bound[key] = (sa, new)
             moved.append((sa.name, new))
         return moved
@@ -323,10 +346,13 @@ class Team:
                 suite, new = self.build(sa)
             except NoEngine:
                 continue
-            if new != engine:
-                sa.suite = suite
-                self.bound[key] = (sa, new)
-                moved.append((sa.name, new))
+            if new == engine:
+                if self.offload is not None:
+                    self.offload.forget(suite)
+                continue
+            self._set_suite(sa, suite)
+            self.bound[key] = (sa, new)
+            moved.append((sa.name, new))
         return moved
 
     # -- fail-over and hot-swap ---------------------------------------------------------------

@@ -42,7 +42,9 @@ ROW_KEYS = ("plain", "accept", "accept-gso", "accept-payload", "accept-gcm", "gc
             "gcm-all2", "gcm-all3", "gcm-sample", "gcm-majority", "chacha",
             "cbc",
             "gcm-pycryptodome", "chacha-sodium", "chacha-pycryptodome", "cbc-pycryptodome",
-            "gcm-balance", "tunnel-gcm", "strongswan")  # = beds
+            "gcm-balance", "gcm-afalg", "gcm256", "gcm256-sodium", "gcm256-pycryptodome",
+            "chacha-afalg", "chacha-balance", "gcm-offload", "cbc-offload", "tunnel-gcm",
+            "strongswan")  # = beds
 
 EPILOG = f"""\
 rows: plain (veth, no rules), accept (NFQUEUE accept-only: the redirect ceiling), accept-gso
@@ -58,6 +60,10 @@ core and independent, all over those and core-source, sample:100 over two, major
 three),
 gcm-pycryptodome, chacha-sodium, chacha-pycryptodome, cbc-pycryptodome (the row, 1
 queue, its SAs on that crypto engine), gcm-balance (gcm, 1 queue, crypto.policy balance),
+gcm256 (AES-GCM-256 on the default engine, 1 queue), gcm256-sodium, gcm256-pycryptodome,
+gcm-afalg, chacha-afalg (the row, 1 queue, its SAs on that engine; an engine absent here
+fails the row, naming why), chacha-balance, gcm-offload, cbc-offload (the row, 1 queue,
+crypto.offload_helpers = 1: the outbound seals done by a helper process per worker),
 tunnel-gcm (the daemon, gateway topology, tunnel mode),
 strongswan (two strongSwan 5.9 charons with kernel-libipsec; ESP in UDP 4500). The strongSwan
 row needs Debian's packages, which nfq-ipsec does not install:
@@ -65,8 +71,8 @@ row needs Debian's packages, which nfq-ipsec does not install:
   {STRONGSWAN_APT}
 
 Default run: every row, 1 and 2 queues, 3 interleaved rounds of 2-second iperf3 runs: about
-12 minutes.
---quick: every row too, 1 repetition of 1-second runs, 10 pings: about 2.5 minutes. Needs
+15 minutes.
+--quick: every row too, 1 repetition of 1-second runs, 10 pings: about 3 minutes. Needs
 root. Never run two benchmarks at once (a second one exits with status 75), and expect noise
 when other work runs on the machine: the table warns when it was busy. Exit status: 0 every
 row measured, 1 a row failed (the others are still reported), 2 usage, 75 another benchmark is

@@ -26,6 +26,12 @@ between the gateways):
 - ``gcm-gso``: the ``gcm`` row (one queue) with ``daemon.gso = true`` on both peers;
 - ``gcm-source``: the ``gcm`` row (one queue) with the daemon's ESP core run from its Python
   source (``NFQ_IPSEC_PURE=1``) instead of the compiled build;
+- engine rows (``gcm-pycryptodome``, ``chacha-sodium``, ``gcm256-sodium``, ``gcm-afalg``...):
+  a row with every SA on one engine (``crypto.policy = "prefer"``); the bed checks in status
+  that every SA is on it, and fails naming the engine's reason otherwise (AF_ALG on a kernel
+  without it); ``gcm-balance``, ``chacha-balance``: ``crypto.policy = "balance"``;
+- ``gcm-offload``, ``cbc-offload``: ``crypto.offload_helpers = 1`` on both peers (each
+  worker's outbound seals done by a helper process; the bed checks the helpers run);
 - ``gcm6``: the ``gcm`` row (one queue) over IPv6: the lab's ``host6`` topology (the same veth
   pair, 2001:db8:56::10 -> ::11, IPv4 unaddressed), transport mode;
 - ``gcm-udp``: the ``gcm`` row (one queue) with ESP in UDP (RFC 3948: every SA
@@ -89,6 +95,7 @@ class RowSpec:
     sandboxed: bool = True  # esp rows: the workers in their sandbox (daemon.sandbox, the default)
     versions: tuple[str, ...] = ()  # esp rows: daemon.versions (empty: the default, the core)
     compare: str = "off"  # esp rows: daemon.compare
+    offload: int = 0  # esp rows: crypto.offload_helpers (0: off, the default)
 
 
 ROWS = (
@@ -173,6 +180,35 @@ ROWS = (
             per_queue=False, policy="balance", base="gcm",
             note="the gcm row with crypto.policy balance: SAs spread over the capable engines "
                  "by measured speed"),
+    RowSpec("gcm-afalg", "transport gcm on AF_ALG", "esp", encryption="aes-gcm-128",
+            per_queue=False, engine="afalg", base="gcm",
+            note="the gcm row with every SA on the kernel's crypto API (AF_ALG); fails, "
+                 "naming why, where the kernel has no AF_ALG"),
+    RowSpec("gcm256", "transport aes-gcm-256", "esp", encryption="aes-gcm-256", per_queue=False,
+            note="AES-GCM with a 256-bit key on the default engine (OpenSSL): the base of the "
+                 "libsodium AES-GCM row (libsodium has no AES-GCM-128)"),
+    RowSpec("gcm256-sodium", "transport gcm-256 on libsodium", "esp", encryption="aes-gcm-256",
+            per_queue=False, engine="sodium", base="gcm256",
+            note="the gcm256 row with every SA on libsodium (PyNaCl); fails, naming why, on a "
+                 "CPU without what libsodium's AES-GCM needs"),
+    RowSpec("gcm256-pycryptodome", "transport gcm-256 pycryptodome", "esp",
+            encryption="aes-gcm-256", per_queue=False, engine="pycryptodome", base="gcm256",
+            note="the gcm256 row with every SA on pycryptodome"),
+    RowSpec("chacha-afalg", "transport chacha on AF_ALG", "esp", encryption="chacha20-poly1305",
+            per_queue=False, engine="afalg", base="chacha",
+            note="the chacha row with every SA on the kernel's crypto API (AF_ALG)"),
+    RowSpec("chacha-balance", "transport chacha balanced", "esp",
+            encryption="chacha20-poly1305", per_queue=False, policy="balance", base="chacha",
+            note="the chacha row with crypto.policy balance (OpenSSL, libsodium and "
+                 "pycryptodome all carry it)"),
+    RowSpec("gcm-offload", "transport gcm offload 1 helper", "esp", encryption="aes-gcm-128",
+            per_queue=False, offload=1, base="gcm",
+            note="the gcm row with crypto.offload_helpers = 1: each worker's outbound seals "
+                 "go to a helper process over shared memory"),
+    RowSpec("cbc-offload", "transport cbc offload 1 helper", "esp", encryption="aes-cbc-128",
+            per_queue=False, offload=1, base="cbc",
+            note="the cbc row with crypto.offload_helpers = 1 (the costlier seal: where "
+                 "offload has most to gain)"),
     RowSpec("tunnel-gcm", "tunnel aes-gcm-128 (gateways)", "esp", topology="gateway",
             encryption="aes-gcm-128",
             note="client -> gateway -> gateway -> server: two more forwarding hops than the "
@@ -291,12 +327,15 @@ def encapsulate_udp(path: Path) -> None:
 
 def crypto_config(path: Path, spec: RowSpec) -> None:
     """An engine row's ``[crypto]``: its SAs on ``spec.engine`` (policy prefer), or
-    ``spec.policy``; nothing for the other rows."""
+    ``spec.policy``, and ``spec.offload`` helpers; nothing for the other rows."""
+    crypto = ""
     if spec.engine:
         crypto = f'policy = "prefer"\nprefer = ["{spec.engine}"]\n'
     elif spec.policy:
         crypto = f'policy = "{spec.policy}"\n'
-    else:
+    if spec.offload:
+        crypto += f"offload_helpers = {spec.offload}\n"
+    if not crypto:
         return
     path.write_text(path.read_text() + "\n[crypto]\n" + crypto)
 
@@ -329,6 +368,13 @@ def _esp_bed(lab: Lab, spec: RowSpec, queues: int, layout: str) -> Bed:
         d.start(lab)
     for d in daemons:
         d.wait_ready()
+    for d in daemons:
+        if spec.engine:
+            engine_check(d.status(), spec.engine)
+        if spec.offload:
+            offload = [w["offload"] for w in d.status()["workers"]]
+            if not all(o and o["active"] and o["helpers"] == spec.offload for o in offload):
+                raise LabError(f"{d.name}: crypto offload not running: {offload}")
     procs = [d.proc for d in daemons if d.proc is not None]
     return Bed(TrafficPath(lab, topo.client, topo.server, topo.server_addr), dataplane=procs,
                queue_hosts=[p.host for p in topo.peers], daemons=daemons,
@@ -337,7 +383,19 @@ def _esp_bed(lab: Lab, spec: RowSpec, queues: int, layout: str) -> Bed:
                      "cpus": cpus, "topology": topo.kind, "encapsulation": spec.encapsulation,
                      "busy_poll_us": spec.busy_poll, "gso": spec.gso,
                      "engine": spec.engine, "crypto_policy": spec.policy,
-                     "versions": list(spec.versions) or ["core"], "compare": spec.compare})
+                     "versions": list(spec.versions) or ["core"], "compare": spec.compare,
+                     "offload_helpers": spec.offload})
+
+
+def engine_check(status: dict[str, Any], engine: str) -> None:
+    """An engine row measures that engine or nothing: ``prefer`` falls back to the fastest
+    engine where the preferred one can't carry the suite, so every SA must be on it."""
+    got = {sa["engine"] for sa in status["sas"]}
+    if got != {engine}:
+        row = {e["name"]: e for e in status["engines"]}.get(engine, {})
+        why = row.get("reason") or f"state {row.get('state', 'unknown')}"
+        raise LabError(f"the SAs run on {', '.join(sorted(map(str, got)))}, not {engine}: "
+                       f"{engine} {why}")
 
 
 # -- accept-only ----------------------------------------------------------------------------

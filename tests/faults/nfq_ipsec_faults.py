@@ -23,6 +23,12 @@ spawned workers included, then runs ``sitecustomize.py`` from here, which wraps 
 - ``engine-corrupt:NAME:N``: the same, but the suites return wrong bytes (the last one
   flipped) instead of raising: what only the self-check (``crypto.self_check``) or the
   known-answer tests can see.
+- ``engine-hang:NAME:N:PATH``: in each worker, once the SAs are bound, the first call of
+  crypto engine NAME's suites after its first N writes ``hung`` into PATH and never returns;
+  from then on (PATH says ``hung``) every call of NAME's suites and every known-answer test
+  of NAME, in every worker and every worker started later, never returns either: a device
+  that hung for good. PATH is opened at the interpreter's start (a sandboxed worker opens
+  nothing later). For the watchdog and the start-up check's deadline.
 - ``kat-fail:NAME:PATH``: once PATH exists, every known-answer test of engine NAME fails
   (the packets it seals stay right): the periodic check must exclude it.
 
@@ -222,6 +228,64 @@ def _engine_raise(worker: Any, fault: str) -> None:
     worker.PacketHandler.use_team = patched
 
 
+class _Hanging:
+    """A suite that hangs for good after the engine's first ``limit`` calls, or at once if
+    the engine has hung before (the file open as ``fd`` says ``hung``)."""
+
+    def __init__(self, inner: Any, calls: list[int], limit: int, fd: int) -> None:
+        self.inner, self.calls, self.limit, self.fd = inner, calls, limit, fd
+        self.name, self.iv_size = inner.name, inner.iv_size
+        self.icv_size, self.align = inner.icv_size, inner.align
+
+    def _maybe_hang(self) -> None:
+        self.calls[0] += 1
+        if _hung(self.fd) or (self.calls[0] > self.limit and (_claim(self.fd) or True)):
+            log.warning("test fault injection: engine %s hangs for good", self.name)
+            while True:
+                time.sleep(3600)
+
+    def seal(self, *args: Any) -> bytes:
+        self._maybe_hang()
+        out: bytes = self.inner.seal(*args)
+        return out
+
+    def open(self, *args: Any) -> bytes:
+        self._maybe_hang()
+        out: bytes = self.inner.open(*args)
+        return out
+
+
+def _hung(fd: int) -> bool:
+    return os.pread(fd, 4, 0) == b"hung"
+
+
+def _engine_hang(worker: Any, fault: str) -> None:
+    from nfq_ipsec.engines import kat
+
+    _, name, limit, path = fault.split(":", 3)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    use_team = worker.PacketHandler.use_team
+    run = kat.run
+
+    def patched(self: Any, team: Any) -> None:
+        engine = team.members[name].engine
+        build = engine.build
+        calls = [0]
+        engine.build = lambda *a: _Hanging(build(*a), calls, int(limit), fd)
+        log.warning("test fault injection active: engine %s hangs after %s calls", name, limit)
+        use_team(self, team)
+
+    def kat_run(build: Any, suite: str) -> None:
+        owner = getattr(build, "__self__", None)
+        if getattr(owner, "name", None) == name and _hung(fd):
+            while True:
+                time.sleep(3600)
+        run(build, suite)
+
+    worker.PacketHandler.use_team = patched
+    kat.run = kat_run
+
+
 def _kat_fail(fault: str) -> None:
     from nfq_ipsec.engines import kat
 
@@ -359,6 +423,9 @@ def install(fault: str) -> None:
         return
     if fault.startswith("kat-fail:"):
         _kat_fail(fault)
+        return
+    if fault.startswith("engine-hang:"):
+        _engine_hang(worker, fault)
         return
     if fault.startswith("version:"):
         kind, _, target = fault.removeprefix("version:").partition("@")

@@ -209,6 +209,14 @@ def test_row_labels_fit_the_table() -> None:
     assert (source.kind, source.encryption) == ("esp", beds.row_spec("gcm").encryption)
 
 
+def test_an_engine_row_measures_its_engine_or_fails_naming_why() -> None:
+    sas = [{"engine": "openssl"}, {"engine": "openssl"}]
+    engines = [{"name": "afalg", "state": "absent", "reason": "kernel has no AF_ALG: EAFNOSUPPORT"}]
+    with pytest.raises(LabError, match="run on openssl, not afalg: afalg kernel has no AF_ALG"):
+        beds.engine_check({"sas": sas, "engines": engines}, "afalg")
+    beds.engine_check({"sas": sas, "engines": []}, "openssl")
+
+
 def test_schedule_interleaves_rounds() -> None:
     assert runner.schedule(3, 2, "interleaved") == [(0, 1), (1, 1), (2, 1), (0, 1), (1, 1), (2, 1)]
     assert runner.schedule(3, 2, "rows") == [(0, 2), (1, 2), (2, 2)]
@@ -314,16 +322,18 @@ def test_udp_rows_config_loads(tmp_path: Path) -> None:
 def test_engine_rows_config_loads(tmp_path: Path) -> None:
     a = labconfig.PeerSpec("a", "eth1", IPv4Address(HOST_A), IPv4Network(f"{HOST_A}/32"))
     b = labconfig.PeerSpec("b", "eth1", IPv4Address(HOST_B), IPv4Network(f"{HOST_B}/32"))
-    rows = [r for r in beds.ROWS if r.engine or r.policy]
+    rows = [r for r in beds.ROWS if r.engine or r.policy or r.offload]
     assert {r.key for r in rows} == {"gcm-pycryptodome", "chacha-sodium", "chacha-pycryptodome",
-                                     "cbc-pycryptodome", "gcm-balance"}
+                                     "cbc-pycryptodome", "gcm-balance", "gcm-afalg",
+                                     "gcm256-sodium", "gcm256-pycryptodome", "chacha-afalg",
+                                     "chacha-balance", "gcm-offload", "cbc-offload"}
     for r in rows:
         assert r.encryption is not None
         cfg = labconfig.generate(tmp_path / r.key, a, b, r.encryption, queues=1)
         beds.crypto_config(cfg.peer("a").path, r)
         crypto = load_config(cfg.peer("a").path, online_cpus=[0, 1]).crypto
-        want = ("prefer", (r.engine,)) if r.engine else (r.policy, ())
-        assert (crypto.policy, crypto.prefer) == want
+        want = ("prefer", (r.engine,)) if r.engine else (r.policy or "fastest", ())
+        assert (crypto.policy, crypto.prefer, crypto.offload_helpers) == (*want, r.offload)
         assert r.base is not None and beds.row_spec(r.base).encryption == r.encryption
 
 

@@ -13,6 +13,10 @@ interface is captured:
   before it leaves, and the engine is excluded;
 - an engine whose known-answer tests start failing (injected): the next periodic check
   (``crypto.verify_interval = 1``) excludes it and moves its SAs, no packet dropped;
+- an engine that hangs for good on the packet path (injected): the watchdog restarts the
+  worker, whose start-up known-answer tests exclude the engine at their deadline;
+- crypto offload (``crypto.offload_helpers``): helpers killed mid-flow, the packets they held
+  dropped and counted exactly, the SAs go on in their workers, ESP order kept on the wire;
 - in all: no TCP in clear on the wire, and tshark authenticates every ESP packet with the
   configured keys (nothing wrong reached the wire).
 """
@@ -20,7 +24,9 @@ interface is captured:
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import tempfile
 import textwrap
 import time
@@ -91,6 +97,22 @@ TCP_SENDER = textwrap.dedent("""
         time.sleep(max(0.0, start + n * 0.002 - time.monotonic()))
     c.close()
     print(json.dumps({"bytes": sent}), flush=True)
+""")
+
+
+UDP_CHATTER = textwrap.dedent("""
+    import socket, sys, time
+    # 16 datagrams (ports 9000..9015) every 20 ms for the given seconds
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    print("READY", flush=True)
+    end = time.monotonic() + float(sys.argv[2])
+    while time.monotonic() < end:
+        for port in range(9000, 9016):
+            try:
+                s.sendto(b"x", (sys.argv[1], port))
+            except OSError:
+                pass
+        time.sleep(0.02)
 """)
 
 
@@ -266,4 +288,116 @@ def test_a_failing_periodic_known_answer_test_excludes_the_engine(pair: Pair, tm
     assert sum(w["drops"].get("engine_failed", 0) for w in st["workers"]) == 0
     assert flow["max_gap"] < STALL
     _wire_is_good(flow, keys)
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_an_engine_that_hangs_is_excluded_by_the_restarted_worker(pair: Pair, tmp_path: Path,
+                                                                  daemons: list[Daemon],
+                                                                  shared_dir: Path) -> None:
+    """An engine that hangs for good on the packet path (injected: ``engine-hang``) hangs its
+    worker: the watchdog (1 s) kills it, the new worker's start-up known-answer tests do not
+    finish within ``crypto.verify_timeout`` and the engine is excluded there, the SAs go to
+    OpenSSL and the flow goes on; nothing wrong or in clear on the wire."""
+    keys = make_keys()
+    crypto = '\n[crypto]\npolicy = "prefer"\nprefer = ["pycryptodome"]\nverify_timeout = 0.5\n'
+    a = _daemon(pair, tmp_path, True, keys, crypto, daemons,
+                NFQ_IPSEC_TEST_FAULT=f"engine-hang:pycryptodome:300:{shared_dir / 'hung'}")
+    text = a.config.read_text()
+    assert 'log_level = "info"\n' in text
+    a.config.write_text(text.replace('log_level = "info"\n', 'log_level = "info"\nwatchdog = 1\n'))
+    b = _daemon(pair, tmp_path, False, keys, crypto, daemons)
+    for d in (a, b):
+        d.start()
+    for d in (a, b):
+        d.wait_running()
+    assert set(_engines_of(a).values()) == {"pycryptodome"}
+    # A restarted worker treats the inbound numbers up to its saved floor (a margin past
+    # what it had seen) as received: B's side of the flow (ACKs) alone would take many of
+    # TCP's backed-off retransmissions to get past it. UDP from B on many ports (both
+    # queues) carries B's SAs past it at once.
+    chatter = pair.python(pair.b, UDP_CHATTER, ADDR_A, "12")
+    try:
+        ready(chatter)
+        flow = _flow(pair, tmp_path, 6.0, [])
+    finally:
+        end(chatter)
+    st = a.status()
+    row = {r["name"]: r for r in st["engines"]}["pycryptodome"]
+    restarts = sum(w["restarts"] for w in st["workers"])
+    print(f"\nhung engine: {restarts} worker restart(s), longest gap "
+          f"{flow['max_gap'] * 1000:.0f} ms; {row['state']}: {row['reason'][:100]}")
+    assert (shared_dir / "hung").read_text() == "hung"  # the fault did fire
+    assert restarts >= 1
+    assert row["state"] == "excluded" and "did not finish in 0.5 s" in row["reason"], row
+    used = {sa["name"] for sa in st["sas"] if sa["packets"]}
+    assert {_engines_of(a)[n] for n in used} == {"openssl"}
+    _wire_is_good(flow, keys)
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def _helpers_of(d: Daemon) -> list[int]:
+    """The crypto offload helpers of ``d``'s workers (their children named nfq-ipsec-o*)."""
+    out = []
+    for w in d.status()["workers"]:
+        pid = w["pid"]
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        for child in map(int, children):
+            if Path(f"/proc/{child}/comm").read_text().startswith("nfq-ipsec-o"):
+                out.append(child)
+    return out
+
+
+def _esp_in_order(packets: list[bytes]) -> int:
+    """ESP sequence numbers strictly increasing per SPI on the wire (gaps allowed: dropped
+    packets); returns how many ESP packets were looked at."""
+    last: dict[bytes, int] = {}
+    n = 0
+    for p in packets:
+        if p[9] != 50:
+            continue
+        spi, seq = p[20:24], int.from_bytes(p[24:28], "big")
+        assert seq > last.get(spi, 0), f"SPI {spi.hex()}: {seq} after {last.get(spi)}"
+        last[spi] = seq
+        n += 1
+    return n
+
+
+def test_offload_helpers_killed_mid_flow(pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:
+    """A's outbound seals go to one helper per worker (``crypto.offload_helpers = 1``, the
+    workers sandboxed as by default), B seals in process. Mid-flow A's helpers are killed:
+    the packets they held are dropped and counted ``engine_failed`` (worker, SA and offload
+    counters agree), the SAs go on sealing in their workers, TCP delivers every byte; on the
+    wire every ESP packet authenticates (tshark), none is in clear and each SA's sequence
+    numbers only go up (order kept)."""
+    keys = make_keys()
+    a = _daemon(pair, tmp_path, True, keys,
+                "\n[crypto]\noffload_helpers = 1\noffload_batch = 8\n", daemons)
+    b = _daemon(pair, tmp_path, False, keys, "", daemons)
+    for d in (a, b):
+        d.start()
+    for d in (a, b):
+        d.wait_running()
+    helpers = _helpers_of(a)
+    assert len(helpers) == len(QUEUES), helpers
+    seen: dict[str, Any] = {}
+
+    def kill() -> None:
+        seen["before"] = sum(w["offload"]["jobs"] for w in a.status()["workers"])
+        for pid in helpers:
+            os.kill(pid, signal.SIGKILL)
+
+    flow = _flow(pair, tmp_path, 4.0, [(1.5, kill)])
+    st = a.status()
+    offload = [w["offload"] for w in st["workers"]]
+    lost = sum(o["lost"] for o in offload)
+    failed = sum(w["drops"].get("engine_failed", 0) for w in st["workers"])
+    print(f"\noffload: {seen['before']} seals offloaded before the kill, {lost} lost with the "
+          f"helpers; longest gap {flow['max_gap'] * 1000:.0f} ms; {json.dumps(offload)}")
+    assert seen["before"] > 100  # the seals did go to the helpers
+    assert lost >= 1 and lost == failed == sum(sa["other_drops"] for sa in st["sas"])
+    hit = [o for o in offload if o["lost"]]
+    assert hit and all(not o["active"] and "died" in o["failed"] and o["helpers"] == 0
+                       for o in hit), offload
+    _wire_is_good(flow, keys)
+    assert _esp_in_order(flow["packets"]) > 1000
     assert a.stop() == 0 and b.stop() == 0

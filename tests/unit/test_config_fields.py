@@ -212,6 +212,8 @@ ACCEPTED: dict[str, list[dict[str, Any]]] = {
         {"policy": "balance"}, {"policy": "prefer", "prefer": ["pycryptodome", "openssl"]},
         {"verify_interval": 0}, {"verify_interval": 30}, {"verify_timeout": 0.5},
         {"disabled": ["afalg", "sodium"]}, {"self_check": 1}, {"self_check": 0},
+        {"offload_helpers": 2, "offload_batch": 32, "offload_timeout": 0.5},
+        {"offload_helpers": 0},
     ],
     "policy": [
         {"name": "other"}, {"action": "protect"}, {"direction": "both"},

@@ -22,6 +22,7 @@ def snap(pin: int, pout: int, drops: dict[str, int], sas: list[SaRow]) -> Worker
             "engines": [],
             "versions": {"compare": "off", "fallback": False, "packets": 0, "compared": 0,
                          "versions": [], "pairs": [], "sa_mismatches": {}},
+            "offload": None,
             "sas": [{"name": n, "packets": p, "bytes": b, "drops": d, "spi": 1, "seq": 5,
                      "direction": "out", "path_mtu": None, "saved": None, "state_writes": None,
                      "udp": None, "engine": "openssl",

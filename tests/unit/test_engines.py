@@ -593,6 +593,11 @@ def test_status_text_and_the_engines_command_show_the_team() -> None:
     assert text.splitlines()[:3] == ["openssl: ready", "  OpenSSL 3", "  SAs 1, faults 0, SAs moved away 0"]
     assert "aes-gcm-128" in text and "verified" in text and "1900 MB/s" in text
     assert "afalg: absent (kernel has no AF_ALG: EAFNOSUPPORT)" in text
+    from nfq_ipsec.commands.engines import render_offload
+
+    assert render_offload(answer["workers"]) == (
+        "offload, queue 100: 1 helper(s), active; 500 seals in 70 chunks (batch 8), "
+        "0 in the worker, 0 lost (engine_failed)")
 
 
 def test_sodium_claims_aes_gcm_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:

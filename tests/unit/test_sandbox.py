@@ -89,6 +89,29 @@ def test_filter_kills_on_what_a_worker_never_does(attempt: str) -> None:
     assert _in_child(body) == (None, signal.SIGSYS)
 
 
+@pytest.mark.parametrize("target", ["helper", "parent"])
+def test_a_worker_may_kill_and_reap_its_offload_helpers_only(target: str) -> None:
+    """``children`` (crypto offload helpers forked before the filter): kill and wait4 of
+    those pids allowed, kill of any other pid still fatal."""
+    parent = os.getpid()
+
+    def body() -> int:
+        r, w = os.pipe()
+        helper = os.fork()
+        if helper == 0:  # waits until killed, or until its parent is gone (end of file)
+            os.close(w)
+            os.read(r, 1)
+            os._exit(0)
+        os.close(r)
+        sandbox.install_filter(None, "enforce", children=(helper,))
+        os.kill(helper if target == "helper" else parent, signal.SIGKILL)
+        _, status = os.waitpid(helper, 0)
+        return 0 if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL else 5
+
+    want = (0, None) if target == "helper" else (None, signal.SIGSYS)
+    assert _in_child(body) == want
+
+
 def test_log_mode_lets_the_call_through() -> None:
     def body() -> int:
         sandbox.install_filter(None, "log")
