@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from . import hardening, logsetup
@@ -45,6 +46,7 @@ from .ike.errors import IkeError
 from .ike.message import Exchange, IdPayload, IdType, decode_header
 from .ike.proposal import Proposal
 from .ike.session import IKE_PORT, NAT_T_PORT, Event, IkeSession, Output, PeerConfig, State
+from .keylog import KeyLog
 from .status import ConnectionReport, IkeSaReport
 
 MARKER = bytes(4)  # the non-ESP marker on port 4500
@@ -67,6 +69,7 @@ class AgentConnection:
     remote: str
     peer: PeerConfig
     start: bool
+    trap: bool = False  # start_action = "trap": initiated by an acquire from the data plane
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class AgentSpec:
     connections: tuple[AgentConnection, ...]
     mark: int
     log_level: str = "info"
+    key_log: str | None = None  # daemon.key_log: the directory of the Wireshark key log
 
 
 def identity(text: str) -> IdPayload:
@@ -108,11 +112,11 @@ def agent_spec(cfg: Config) -> AgentSpec | None:
     """The agent's part of ``cfg``: its connections that carry a policy (None: no agent)."""
     conns = tuple(
         AgentConnection(c.name, addr_str(c.local), addr_str(c.remote), peer_config(c, cfg),
-                        c.start_action == "start")
+                        c.start_action == "start", c.start_action == "trap")
         for c in cfg.connections if c.policy)
     if not conns:
         return None
-    return AgentSpec(conns, cfg.daemon.mark, cfg.daemon.log_level)
+    return AgentSpec(conns, cfg.daemon.mark, cfg.daemon.log_level, cfg.daemon.key_log)
 
 
 def describe_proposal(prop: Proposal) -> str:
@@ -129,6 +133,8 @@ class _Conn:
     held: bool = False  # terminated by the operator: not started again until `ike initiate`
     retry_at: float | None = None  # a `start` connection that is down: initiate again then
     backoff: float = 0.0  # the wait before the next retry (RETRY_MIN doubling to RETRY_MAX)
+    acquired_at: float | None = None  # wall clock: a trap connection's acquire initiated then
+    acquires: int = 0  # acquires that initiated
 
 
 class Agent:
@@ -136,8 +142,9 @@ class Agent:
     messages for the supervisor (``messages``) out."""
 
     def __init__(self, spec: AgentSpec, rand: Callable[[int], bytes], now: float,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, key_log: KeyLog | None = None) -> None:
         self.spec, self.rand, self.clock = spec, rand, clock
+        self.key_log = key_log  # daemon.key_log: every IKE and Child SA's keys go there
         self.conns: dict[str, _Conn] = {}
         self.by_remote: dict[str, str] = {}
         for c in spec.connections:
@@ -165,6 +172,16 @@ class Agent:
         log.info("connection %s: initiating IKE SA %s with %s", name, session.spi_i.hex(),
                  conn.spec.remote)
         return self._handle(conn, output, IKE_PORT)
+
+    def acquire(self, name: str, now: float) -> list[Send]:
+        """A packet of a trap connection's policy found no Child SA (``acquire``): initiate,
+        unless its IKE SA is up or on its way."""
+        conn = self.conns.get(name)
+        if conn is None or not conn.spec.trap or self.active(name):
+            return []
+        conn.acquired_at, conn.acquires = self.clock(), conn.acquires + 1
+        log.info("connection %s: acquire (a packet of its policy found no Child SA)", name)
+        return self.initiate(name, now)
 
     def terminate(self, name: str, now: float) -> list[Send]:
         """Delete the connection's IKE SAs (and with them its Child SAs, which stop carrying
@@ -266,6 +283,10 @@ class Agent:
                 to: tuple[str, int] | None = None) -> list[Send]:
         dest = to if to is not None else (conn.spec.remote, port)
         sends: list[Send] = [(port, dest, data) for data in output.send]
+        if self.key_log is not None:  # as soon as an IKE SA has keys: IKE_AUTH on decrypts
+            for session in self._sessions(conn):
+                if session.keys is not None and any(session.spi_r):
+                    self.key_log.ike_sa(session.spi_i, session.spi_r, session.keys)
         for event in output.events:
             self._event(conn, event)
         return sends
@@ -275,6 +296,8 @@ class Agent:
         if e.kind in ("established", "rekeyed") and e.child is not None:
             c = e.child
             conn.children[c.spi_in] = c
+            if self.key_log is not None:
+                self.key_log.child_sa(conn.spec.local, conn.spec.remote, c)
             what = "Child SA rekeyed" if e.kind == "rekeyed" else "Child SA established"
             old = f" (replaces 0x{e.old_spi:08x})" if e.kind == "rekeyed" else ""
             conn.last_outcome = f"{what}: in 0x{c.spi_in:08x} out 0x{c.spi_out:08x}"
@@ -284,6 +307,10 @@ class Agent:
             for session in self._sessions(conn):
                 if session.state is State.ESTABLISHED:
                     conn.established_at.setdefault(session.spi_i, self.clock())
+            if conn.acquired_at is not None:
+                log.info("connection %s: Child SA negotiated %.3f s after the acquire", name,
+                         self.clock() - conn.acquired_at)
+                conn.acquired_at = None
             self.messages.append(("child_up", name, c))
         elif e.kind == "child_deleted":
             self._child_down(conn, e.old_spi, "deleted", linger=True)
@@ -331,7 +358,8 @@ class Agent:
                     } for spi, c in s.children.items()],
                 })
             out.append({"name": name, "local": conn.spec.local, "remote": conn.spec.remote,
-                        "start_action": "start" if conn.spec.start else "none", "ike_sas": sas,
+                        "start_action": ("start" if conn.spec.start else
+                                         "trap" if conn.spec.trap else "none"), "ike_sas": sas,
                         "last": conn.last_outcome or None})
         return out
 
@@ -380,7 +408,18 @@ def run(spec: AgentSpec, conn: Connection) -> int:
         return 1
     by_fd = {s.fileno(): (key, s) for key, s in socks.items()}
     local_of = {c.name: c.local for c in spec.connections}
-    agent = Agent(spec, os.urandom, time.monotonic())
+    key_log = None
+    if spec.key_log is not None:
+        try:
+            key_log = KeyLog(Path(spec.key_log))
+        except OSError as err:
+            conn.send(("error", f"cannot write the key log in {spec.key_log}: {err}"))
+            log.error("cannot write the key log in %s: %s", spec.key_log, err)
+            return 1
+        log.warning("KEY LOG ON: every IKE and ESP key this agent negotiates is written to %s "
+                    "(daemon.key_log); whoever reads it can decrypt that traffic. For debugging "
+                    "only: turn it off and delete the files", spec.key_log)
+    agent = Agent(spec, os.urandom, time.monotonic(), key_log=key_log)
     conn.send(("ready", os.getpid()))
     log.info("ready: %d connection(s) (%s), IKE on UDP 500 and 4500", len(spec.connections),
              ", ".join(c.name for c in spec.connections))
@@ -456,6 +495,8 @@ def _on_request(agent: Agent, msg: Any, conn: Connection,
         conn.send(("pong",))
     elif kind == "stats":
         conn.send(("ike_stats", agent.report(now)))
+    elif kind == "acquire" and len(msg) == 2:
+        send(agent.acquire(str(msg[1]), now))
     elif kind in ("initiate", "terminate") and len(msg) == 2:
         name = msg[1]
         if name not in agent.conns:

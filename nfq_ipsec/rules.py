@@ -48,6 +48,7 @@ import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from .acquire import trap_queue
 from .config.model import Config
 from .core.esp import overhead_for
 from .core.ipv6 import ICMPV6_ERROR_TYPES, MLD_TYPES, ND_TYPES, addr_str, is_v6
@@ -544,6 +545,12 @@ def _protect_chains(cfg: Config, v6: bool) -> list[tuple[str, list[Rule], str]]:
                         "--queue-num", str(sa.queue)),
                     f"flows hashed to {k}: queue {sa.queue}, owner of outbound SA {sa.name!r}",
                 ))
+        conn = cfg.policy_connection(pol)
+        if not sas and conn is not None and conn.start_action == "trap":
+            q = trap_queue(conn.name, cfg.queue_numbers)
+            rules.append(Rule(c, ("-j", "NFQUEUE", "--queue-num", str(q)),
+                              f"trap: no Child SA of connection {conn.name!r} yet: to queue {q}, "
+                              "which drops it (acquire) and asks the agent for one"))
         rules.append(Rule(c, ("-j", "DROP"), "fail closed: never leaves in cleartext", "no_sa"))
         comment = (f"policy[{i}] {pol.name!r}: {len(sas)} outbound SA{'s' if len(sas) != 1 else ''} "
                    f"({', '.join(sa.name for sa in sas)})")

@@ -261,6 +261,7 @@ class IkeReport(TypedDict):
     pid: int | None
     restarts: int
     last_error: str | None
+    key_log: str | None  # daemon.key_log: where every negotiated key is written (None: off)
     connections: list[ConnectionReport] | None
 
 

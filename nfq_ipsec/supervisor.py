@@ -404,6 +404,19 @@ class Supervisor:
             # the worker's own counters, and what the kernel dropped before it saw them
             slot.last_counts = counts.with_kernel_losses(msg[1], self._kernel_lost(slot))
             slot.activity.update(slot.last_counts, slot.last_heard)
+        elif kind == "acquire" and len(msg) == 2:
+            self._acquire(str(msg[1]))
+
+    def _acquire(self, name: str) -> None:
+        """A trap connection's packet found no Child SA (a worker dropped it as ``acquire``):
+        the agent initiates, unless it is not running (then the packets keep being dropped,
+        and the next acquire after its start asks again)."""
+        agent = self.agent
+        if agent is None or agent.conn is None or agent.state != "ready":
+            return
+        log.debug("acquire for connection %s: asking the agent", name)
+        with contextlib.suppress(OSError):
+            agent.conn.send(("acquire", name))
 
     @staticmethod
     def _kernel_lost(slot: Slot) -> int:
@@ -1200,7 +1213,7 @@ class Supervisor:
         running = agent.state in ("starting", "ready")
         return {"state": agent.state, "pid": agent.pid if running else None,
                 "restarts": agent.restarts, "last_error": agent.last_error,
-                "connections": agent.stats}
+                "key_log": agent.spec.key_log, "connections": agent.stats}
 
     def _answer_status(self) -> None:
         """Give the waiting status requests their answer once every worker asked has sent its
@@ -1389,12 +1402,14 @@ def worker_spec(cfg: Config, qc: QueueConfig, identity: Identity | None = None,
         versions=cfg.daemon.versions,
         compare=cfg.daemon.compare,
         compare_fallback=cfg.daemon.compare_fallback,
+        traps=tuple((c.policy, c.name) for c in cfg.connections
+                    if c.start_action == "trap" and c.policy),
     )
 
 
 _RESTART_ONLY = ("control_socket", "state_dir", "chain_prefix", "mark", "iptables", "log_level",
                  "busy_poll", "metrics", "gso", "drop_log", "sandbox", "worker_user", "versions",
-                 "compare", "compare_fallback")
+                 "compare", "compare_fallback", "key_log")
 
 
 def reload_problems(old: Config, new: Config) -> list[str]:
@@ -1455,10 +1470,13 @@ def ike_warnings(ike: IkeReport | None) -> list[str]:
     """The agent down, and each connection without a Child SA (its traffic is dropped)."""
     if ike is None:
         return []
-    if ike["state"] != "ready":
-        return [f"keying agent {ike['state']}: no connection carries traffic until it is ready"
-                + (f" ({ike['last_error']})" if ike["last_error"] else "")]
     out = []
+    if ike["key_log"]:
+        out.append(f"KEY LOG ON: every IKE and ESP key is written to {ike['key_log']} "
+                   "(daemon.key_log): whoever reads it can decrypt the traffic")
+    if ike["state"] != "ready":
+        return [*out, f"keying agent {ike['state']}: no connection carries traffic until it is "
+                "ready" + (f" ({ike['last_error']})" if ike["last_error"] else "")]
     for conn in ike["connections"] or []:
         if not any(sa["children"] for sa in conn["ike_sas"]):
             out.append(f"connection {conn['name']}: no Child SA up; its policy's traffic is "

@@ -134,6 +134,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         "pid": "integer or null",
         "restarts": "integer",
         "last_error": "string or null",
+        "key_log": "string or null",
         "connections": "array of objects or null",
     },
     "ike.connections[]": {

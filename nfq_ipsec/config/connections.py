@@ -93,10 +93,6 @@ def _identity(raw: dict[str, Any], key: str, where: str, probs: Problems) -> str
 
 
 def _start_action(raw: dict[str, Any], where: str, probs: Problems) -> str:
-    if raw.get("start_action") == "trap":
-        probs.add(f"{where}.start_action", '"trap" is not supported yet (no acquire from the '
-                  'data plane); use "start", or "none" and `nfq-ipsec ike initiate`')
-        return "none"
     value: str = CONNECTION["start_action"].read(raw, where, probs)
     return value
 

@@ -24,6 +24,7 @@ from .fields import (
     DEFAULT_IKE_REKEY_TIME,
     DEFAULT_IPTABLES,
     DEFAULT_IPV6_ND,
+    DEFAULT_KEY_LOG,
     DEFAULT_LOG_LEVEL,
     DEFAULT_MARK,
     DEFAULT_METRICS,
@@ -91,6 +92,7 @@ class DaemonConfig:
     versions: tuple[str, ...] = DEFAULT_VERSIONS  # the ESP implementations each worker runs
     compare: str = DEFAULT_COMPARE  # "off", "all" or "sample:N" (nfq_ipsec.versions)
     compare_fallback: bool = DEFAULT_COMPARE_FALLBACK  # one version left may carry an SA alone
+    key_log: str | None = DEFAULT_KEY_LOG  # the agent's key log for Wireshark (keylog.py); None: off
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,7 @@ class ConnectionConfig:
     esp: str = DEFAULT_ESP_PROPOSAL
     auth: str = "psk"
     mode: Mode = Mode.TUNNEL
-    start_action: str = "none"  # "start" or "none"
+    start_action: str = "none"  # "start", "trap" or "none"
     rekey_time: float = DEFAULT_REKEY_TIME  # the Child SAs'; 0: never
     ike_rekey_time: float = DEFAULT_IKE_REKEY_TIME
     dpd_delay: float = DEFAULT_DPD_DELAY

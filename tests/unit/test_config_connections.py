@@ -127,10 +127,8 @@ def test_an_inline_psk_is_refused(tmp_path: Path) -> None:
      "'aes128gcm16-prfsha256-x448' (known: aes128gcm16, aes192gcm16, aes256gcm16, "
      "chacha20poly1305, aes128, aes192, aes256, sha256, sha384, sha512, x25519, curve25519, "
      "ecp256, ecp384, prfsha256, prfsha384, prfsha512)"),
-    ("start_action", "trap", 'connection[0].start_action: "trap" is not supported yet (no acquire '
-     'from the data plane); use "start", or "none" and `nfq-ipsec ike initiate`'),
-    ("start_action", "restart", "connection[0].start_action: must be one of start, none, got "
-     "'restart'"),
+    ("start_action", "restart", "connection[0].start_action: must be one of start, trap, none, "
+     "got 'restart'"),
     ("auth", "pubkey", "connection[0].auth: must be one of psk, got 'pubkey'"),
     ("mode", "beet", "connection[0].mode: must be one of transport, tunnel, got 'beet'"),
     ("rekey_time", 5, "connection[0].rekey_time: must be 0 (never) or 10..604800 seconds, got 5"),

@@ -195,6 +195,7 @@ ACCEPTED: dict[str, list[dict[str, Any]]] = {
         {"iptables": "legacy"}, {"chain_prefix": "NQ_1-a"}, {"log_level": "debug"},
         {"watchdog": 0}, {"watchdog": 2.5}, {"busy_poll": 0}, {"busy_poll": 200}, {"drop_log": True},
         {"metrics": "127.0.0.1:9477"}, {"metrics": "[::1]:1"}, {"gso": True},
+        {"key_log": "/var/lib/nfq-ipsec/keys"},
         {"sandbox": "off"}, {"sandbox": "log"}, {"worker_user": "nobody"},
         {"versions": ["core", "independent"], "compare": "all"},
         {"versions": ["core", "independent"], "compare": "sample:100", "compare_fallback": True},
