@@ -15,7 +15,13 @@ writes them (a ``ChildSA``'s repr has none).
 
 The supervisor's messages: ``("ping",)`` (answered ``("pong",)``), ``("stats",)`` (answered
 ``("ike_stats", [...])``, what ``status`` shows), ``("initiate", name)``, ``("terminate",
-name)`` (answered ``("ike_done", text)``) and ``("stop",)``.
+name)`` (answered ``("ike_done", text)``), ``("acquire", name)`` (a trap connection's packet
+found no Child SA: initiate), ``("installed", [inbound SPIs])`` (after each change of the
+workers' SAs: the answers held for those Child SAs go) and ``("stop",)``.
+
+Make before break as the responder: an answer of ours that makes a Child SA (IKE_AUTH, a
+CREATE_CHILD_SA new or rekey) is held until the supervisor says its inbound SA is installed
+(at most ``HOLD_MAX``), because the peer may send with the new SA the moment it has the answer.
 """
 
 from __future__ import annotations
@@ -55,6 +61,10 @@ TICK = 0.2  # seconds between timer checks when nothing arrives
 # seconds, then twice as long after each failure up to RETRY_MAX, as strongSwan's
 # close_action/dpd_action = restart do (and back to RETRY_MIN once it is up).
 RETRY_MIN, RETRY_MAX = 5.0, 120.0
+# As the responder of an exchange that makes a Child SA (IKE_AUTH, CREATE_CHILD_SA), the
+# answer waits until the supervisor says the new inbound SA is installed, for at most HOLD_MAX
+# seconds: the peer may send with it as soon as it has the answer (strongSwan does).
+HOLD_MAX = 2.0
 log = logging.getLogger("nfq_ipsec.agent")
 
 Send = tuple[int, tuple[str, int], bytes]  # (our port, (peer address, port), datagram)
@@ -105,6 +115,7 @@ def peer_config(conn: ConnectionConfig, cfg: Config) -> PeerConfig:
         local_addr=_packed(conn.local), remote_addr=_packed(conn.remote),
         force_encap=conn.encap, rekey_time=conn.ike_rekey_time,
         child_rekey_time=conn.rekey_time, dpd_delay=conn.dpd_delay,
+        life_time=conn.ike_life_time, child_life_time=conn.life_time,
     )
 
 
@@ -142,8 +153,14 @@ class Agent:
     messages for the supervisor (``messages``) out."""
 
     def __init__(self, spec: AgentSpec, rand: Callable[[int], bytes], now: float,
-                 clock: Callable[[], float] = time.time, key_log: KeyLog | None = None) -> None:
+                 clock: Callable[[], float] = time.time, key_log: KeyLog | None = None,
+                 hold: bool = False) -> None:
+        """``hold``: answers that make a Child SA wait for ``installed`` (the process does;
+        tests that carry datagrams between two agents alone do not)."""
         self.spec, self.rand, self.clock = spec, rand, clock
+        self.hold = hold
+        # answers held until their Child SAs' inbound SPIs are installed, or the deadline
+        self.held: list[tuple[frozenset[int], float, list[Send]]] = []
         self.key_log = key_log  # daemon.key_log: every IKE and Child SA's keys go there
         self.conns: dict[str, _Conn] = {}
         self.by_remote: dict[str, str] = {}
@@ -236,6 +253,12 @@ class Agent:
         conn = self.conns[name]
         packed = ipaddress.ip_address(source[0]).packed
         output = conn.dispatcher.receive(data, (packed, source[1]), now)
+        made = frozenset(e.child.spi_in for e in output.events
+                         if e.kind in ("established", "rekeyed") and e.child is not None)
+        if self.hold and made and output.send and not _is_response(data):
+            # our answer makes these Child SAs: it leaves once they are installed
+            self.held.append((made, now + HOLD_MAX, self._handle(conn, output, port, source)))
+            return []
         if port == IKE_PORT and _init_response(data):
             mine = conn.dispatcher.sessions.get(data[:8])  # our SPI: we began this one
             if mine is not None and mine.session.port == NAT_T_PORT:
@@ -244,8 +267,23 @@ class Agent:
                 port, source = NAT_T_PORT, (source[0], NAT_T_PORT)
         return self._handle(conn, output, port, source)
 
+    def installed(self, spis: set[int]) -> list[Send]:
+        """The supervisor installed these inbound SPIs: the answers that waited for them go."""
+        out: list[Send] = []
+        for entry in list(self.held):
+            if entry[0] <= spis:
+                self.held.remove(entry)
+                out += entry[2]
+        return out
+
     def tick(self, now: float) -> list[Send]:
         out: list[Send] = []
+        for entry in list(self.held):
+            if now >= entry[1]:  # not installed in time (a worker restarting?): answer anyway
+                self.held.remove(entry)
+                log.warning("Child SA(s) %s not installed after %.0f s: answering anyway",
+                            ", ".join(f"0x{s:08x}" for s in sorted(entry[0])), HOLD_MAX)
+                out += entry[2]
         for name, conn in self.conns.items():
             sessions = self._sessions(conn)
             port = NAT_T_PORT if any(s.port == NAT_T_PORT for s in sessions) else IKE_PORT
@@ -314,6 +352,10 @@ class Agent:
             self.messages.append(("child_up", name, c))
         elif e.kind == "child_deleted":
             self._child_down(conn, e.old_spi, "deleted", linger=True)
+        elif e.kind == "child_expired":  # its traffic is dropped from now on (fail closed)
+            conn.last_outcome = f"Child SA 0x{e.old_spi:08x} expired: {e.detail}"
+            log.warning("connection %s: Child SA 0x%08x expired: %s", name, e.old_spi, e.detail)
+            self._child_down(conn, e.old_spi, "expired")
         elif e.kind == "ike_rekeyed":
             conn.last_outcome = "IKE SA rekeyed"
             log.info("connection %s: IKE SA rekeyed", name)
@@ -343,7 +385,7 @@ class Agent:
         for name, conn in self.conns.items():
             sas: list[IkeSaReport] = []
             for s in self._sessions(conn):
-                due = s.child_rekeys_due
+                due, ends = s.child_rekeys_due, s.child_expiries
                 sas.append({
                     "spi_i": s.spi_i.hex(), "spi_r": s.spi_r.hex(), "role": s.role.value,
                     "state": s.state.value,
@@ -351,10 +393,12 @@ class Agent:
                     "nat": s.nat, "port": s.port,
                     "established": conn.established_at.get(s.spi_i),
                     "rekey_in": _left(s.rekey_due, now),
+                    "expires_in": _left(s.expires, now),
                     "children": [{
                         "spi_in": f"0x{c.spi_in:08x}", "spi_out": f"0x{c.spi_out:08x}",
                         "esp": describe_proposal(c.proposal), "udp_encap": c.udp_encap,
                         "rekey_in": _left(due.get(spi, 0.0), now),
+                        "expires_in": _left(ends.get(spi, 0.0), now),
                     } for spi, c in s.children.items()],
                 })
             out.append({"name": name, "local": conn.spec.local, "remote": conn.spec.remote,
@@ -362,6 +406,13 @@ class Agent:
                                          "trap" if conn.spec.trap else "none"), "ike_sas": sas,
                         "last": conn.last_outcome or None})
         return out
+
+
+def _is_response(data: bytes) -> bool:
+    try:
+        return decode_header(data).is_response
+    except IkeError:
+        return False
 
 
 def _init_response(data: bytes) -> bool:
@@ -419,7 +470,7 @@ def run(spec: AgentSpec, conn: Connection) -> int:
         log.warning("KEY LOG ON: every IKE and ESP key this agent negotiates is written to %s "
                     "(daemon.key_log); whoever reads it can decrypt that traffic. For debugging "
                     "only: turn it off and delete the files", spec.key_log)
-    agent = Agent(spec, os.urandom, time.monotonic(), key_log=key_log)
+    agent = Agent(spec, os.urandom, time.monotonic(), key_log=key_log, hold=True)
     conn.send(("ready", os.getpid()))
     log.info("ready: %d connection(s) (%s), IKE on UDP 500 and 4500", len(spec.connections),
              ", ".join(c.name for c in spec.connections))
@@ -495,6 +546,8 @@ def _on_request(agent: Agent, msg: Any, conn: Connection,
         conn.send(("pong",))
     elif kind == "stats":
         conn.send(("ike_stats", agent.report(now)))
+    elif kind == "installed" and len(msg) == 2:
+        send(agent.installed({int(s) for s in msg[1]}))
     elif kind == "acquire" and len(msg) == 2:
         send(agent.acquire(str(msg[1]), now))
     elif kind in ("initiate", "terminate") and len(msg) == 2:

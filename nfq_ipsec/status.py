@@ -229,6 +229,7 @@ class ChildSaReport(TypedDict):
     esp: str  # its transforms
     udp_encap: bool
     rekey_in: float | None  # seconds to its rekey (None: never)
+    expires_in: float | None  # seconds to its hard lifetime's end (None: none)
 
 
 class IkeSaReport(TypedDict):
@@ -241,6 +242,7 @@ class IkeSaReport(TypedDict):
     port: int
     established: float | None  # when, in seconds since the epoch
     rekey_in: float | None  # seconds to the IKE SA's rekey (None: never)
+    expires_in: float | None  # seconds to its hard lifetime's end (None: none)
     children: list[ChildSaReport]
 
 

@@ -777,6 +777,11 @@ class Supervisor:
             self.apply_due = False
             self._applied_at = now
             self.up = {name: childsas.current(entries, now) for name, entries in self.up.items()}
+            agent = self.agent
+            if agent is not None and agent.conn is not None:  # its held answers may go now
+                with contextlib.suppress(OSError):
+                    agent.conn.send(("installed", [n.child.spi_in for entries in self.up.values()
+                                                   for n in entries]))
         else:  # tried again in a second (a worker restarting, say); until then the policy of
             # a new Child SA drops its traffic, and a gone one's SAs stay
             self.apply_retry_at = time.monotonic() + 1.0

@@ -316,6 +316,9 @@ class PacketHandler:
                 elif res.verdict is replace:
                     accepted += self._replace(pkt, res)
                 elif self.previous is not None and res.reason in _HANDED_BACK:
+                    # not a drop of the new processor's after all: the old one decides, and
+                    # counts it if it drops it
+                    self.processor.drops[res.reason] -= 1
                     accepted += self._previous_verdict(pkt, where, now)
                 elif res.reason is DropReason.NO_SA and res.detail in self.traps:
                     verdict(pkt.packet_id, False)

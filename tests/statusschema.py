@@ -155,6 +155,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         "port": "integer",
         "established": "number or null",
         "rekey_in": "number or null",
+        "expires_in": "number or null",
         "children": "array of objects",
     },
     "ike.connections[].ike_sas[].children[]": {
@@ -163,6 +164,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         "esp": "string",
         "udp_encap": "boolean",
         "rekey_in": "number or null",
+        "expires_in": "number or null",
     },
 }
 

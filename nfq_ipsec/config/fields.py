@@ -379,6 +379,16 @@ CONNECTION = Section("connection", "[[connection]]", "IKEv2 connections (RFC 729
           default=DEFAULT_IKE_REKEY_TIME, bounds=REKEY_RANGE,
           allowed=f"0 (never) or {REKEY_RANGE[0]:g}..{REKEY_RANGE[1]:g} seconds",
           parser=parsers.seconds_or_off),
+    Field("life_time", NUMBER, "seconds after which a Child SA that was not rekeyed is deleted "
+          "and its traffic dropped (the hard lifetime; `rekey_time` is the soft one)",
+          default=None, default_text="`rekey_time` + 10 % (none if it never rekeys)",
+          bounds=REKEY_RANGE, allowed=f"0 (none) or {REKEY_RANGE[0]:g}..{REKEY_RANGE[1]:g} "
+          "seconds, more than `rekey_time`", parser=parsers.seconds_or_off),
+    Field("ike_life_time", NUMBER, "seconds after which an IKE SA that was not rekeyed is "
+          "deleted with its Child SAs (the hard lifetime; `ike_rekey_time` is the soft one)",
+          default=None, default_text="`ike_rekey_time` + 10 % (none if it never rekeys)",
+          bounds=REKEY_RANGE, allowed=f"0 (none) or {REKEY_RANGE[0]:g}..{REKEY_RANGE[1]:g} "
+          "seconds, more than `ike_rekey_time`", parser=parsers.seconds_or_off),
     Field("dpd_delay", NUMBER, "seconds without a word from the peer before a liveness check",
           default=DEFAULT_DPD_DELAY, bounds=DPD_RANGE,
           allowed=f"0 (none) or {DPD_RANGE[0]:g}..{DPD_RANGE[1]:g} seconds",

@@ -117,6 +117,8 @@ class ConnectionConfig:
     ike_rekey_time: float = DEFAULT_IKE_REKEY_TIME
     dpd_delay: float = DEFAULT_DPD_DELAY
     encap: bool = False
+    life_time: float = DEFAULT_REKEY_TIME * 1.1  # the Child SAs' hard lifetime; 0: none
+    ike_life_time: float = DEFAULT_IKE_REKEY_TIME * 1.1
     policy: str = ""  # the protect policy that names it ("" if none does)
 
 

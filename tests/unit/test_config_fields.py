@@ -47,7 +47,8 @@ READ_INTO_OTHERS = {("daemon", "cpus"), ("sa", "key_file"), ("sa", "integrity_ke
                     ("policy", "connection")}
 # Defaults that the loader works out (the reference says how); the model has a placeholder.
 COMPUTED = {("node", "mtu"), ("daemon", "queues"), ("sa", "queue"), ("sa", "key"), ("sa", "integrity_key"),
-            ("sa", "lifetime"), ("connection", "local_id"), ("connection", "remote_id")}
+            ("sa", "lifetime"), ("connection", "local_id"), ("connection", "remote_id"),
+            ("connection", "life_time"), ("connection", "ike_life_time")}
 PSK_FILE: list[Path] = []  # the base's connection's pre-shared key, made once
 
 
@@ -234,6 +235,7 @@ ACCEPTED: dict[str, list[dict[str, Any]]] = {
         {"psk_file": "k.psk"}, {"ike": "aes256-sha512-ecp384"}, {"esp": "chacha20poly1305-esn"},
         {"mode": "transport"}, {"start_action": "start"}, {"rekey_time": 0, "dpd_delay": 0},
         {"ike_rekey_time": 60.5, "dpd_delay": 1}, {"encap": True},
+        {"life_time": 4000, "ike_life_time": 0}, {"start_action": "trap"},
     ],
     "lifetime": [
         {"soft_packets": 1, "hard_packets": 2}, {"soft_bytes": 1000, "hard_bytes": 2000},
