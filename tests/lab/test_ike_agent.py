@@ -11,8 +11,11 @@ Child SAs out and the traffic is dropped, never sent in clear; ``nfq-ipsec ike i
 brings it back; the agent killed is restarted alone (the workers go on) and brings the
 connection up again. And the leak matrix's rows for negotiated SAs, with UDP canaries from A to
 B and B's side of the link captured: the agent killed while a rekey is half done, and A's
-daemon restarted with its Child SAs up; no canary may cross in clear. Needs root and the lab's
-tools.
+daemon restarted with its Child SAs up; no canary may cross in clear. A writes the key log
+(daemon.key_log): tshark decrypts the IKE_AUTH exchange captured since before the start and
+checks every ESP packet's ICV with it. Last, A's connection made a trap (start_action =
+"trap"): the first ping triggers the exchange, dropped and counted as acquire, the later ones
+get through. Needs root and the lab's tools.
 """
 
 from __future__ import annotations

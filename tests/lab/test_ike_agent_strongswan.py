@@ -7,7 +7,9 @@ addresses, PSK, FQDN identities), which starts it; charon answers. charon gets `
 kernel-libipsec has no plain ESP, and without it charon's ESP in UDP stays on port 500 while
 its NAT detection sends the IKE SA to 4500. Checked: the IKE SA and
 Child SA are up on both sides with each other's SPIs in UDP; ping and a file over TCP (its
-sha256) go through; a capture of the link holds ESP in UDP and IKE only. Needs root, the lab's
+sha256) go through; a capture of the link holds ESP in UDP and IKE only. Then the other way:
+our connection waits (start_action = "none") and charon initiates and rekeys its Child SA every
+2 s under a ping stream: none lost, no drop counted. Needs root, the lab's
 tools and strongSwan (scripts/install-deps installs it); namespaces ``ika<pid>-<n>sa``/``sb``.
 """
 
