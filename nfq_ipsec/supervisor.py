@@ -1110,6 +1110,7 @@ class Supervisor:
             slot.qc, slot.spec = by_num[slot.queue], specs[slot.queue]
         self._stop_slots(removed)
         self.slots = sorted(kept + added, key=lambda s: new_nums.index(s.queue))
+        self._prune_negotiated(new)
         summary = "; ".join(f"queue {q}: {why}" for q, (_, why) in answers.items())
         if added:
             summary += f"; new queue(s) {', '.join(str(s.queue) for s in added)}"
@@ -1118,6 +1119,25 @@ class Supervisor:
         self.cfg = new
         log.info("%s applied: %s", what, summary or "nothing changed")
         return {"reloaded": summary, "changed": True}
+
+    def _prune_negotiated(self, new: Config) -> None:
+        """The state files of the negotiated SAs this change retired (their workers let them
+        go at the commit): a Child SA's key never comes back, so its file only piles up."""
+        from . import state
+
+        names = {c.name for c in self.cfg.connections} | {c.name for c in new.connections}
+        keep = {state.state_path(new.daemon.state_dir, sa) for sa in new.sas}
+        gone = 0
+        for sa in self.cfg.sas:
+            if (sa not in new.sas and sa not in self.base.sas
+                    and childsas.is_negotiated(sa.name, names)
+                    and state.state_path(new.daemon.state_dir, sa) not in keep):
+                try:
+                    gone += state.remove(new.daemon.state_dir, sa)
+                except OSError as err:
+                    log.warning("SA %s: cannot remove its state file: %s", sa.name, err)
+        if gone:
+            log.debug("removed %d state file(s) of retired negotiated SAs", gone)
 
     def _refuse(self, what: str, problems: list[str], doing: str = "reload") -> dict[str, Any]:
         log.error("%s refused, the running configuration stays: %s", doing, "; ".join(problems))
@@ -1542,6 +1562,14 @@ def preflight(cfg: Config) -> int | None:
         problems = [str(err)]
     else:
         problems = state.check(cfg.daemon.state_dir, cfg.sas, owner)
+        names = [c.name for c in cfg.connections]
+        if names:  # what a previous run's negotiated SAs left: their keys never come back
+            gone = state.prune_negotiated(
+                cfg.daemon.state_dir, cfg.queue_numbers,
+                lambda n: childsas.is_negotiated(n, names),
+                [state.state_path(cfg.daemon.state_dir, sa) for sa in cfg.sas])
+            if gone:
+                log.info("removed %d state file(s) negotiated SAs of a previous run left", gone)
     if problems:
         for line in problems:
             log.error("SA state: %s", line)

@@ -222,11 +222,15 @@ def test_child_sa_rekey_under_a_ping_stream_loses_nothing(bed: Bed) -> None:
     assert "Child SA rekeyed" in bed.a.log_text() + bed.b.log_text()
     assert after - before, (before, after)  # new SPIs are in
     # the old pair retires (its inbound SA lingers a moment): one pair is left on each side
-    deadline = time.monotonic() + 8
+    # (a rekey cycle is REKEY seconds: within one there is such a moment on both sides)
+    deadline = time.monotonic() + REKEY + 2
     while time.monotonic() < deadline and any(len(bed.negotiated(d)) != 2 for d in (bed.a, bed.b)):
         time.sleep(0.3)
     for d in (bed.a, bed.b):
         assert sorted(sa["direction"] for sa in bed.negotiated(d)) == ["in", "out"], bed.negotiated(d)
+        # the retired pair's state files went with it: one file per SA left
+        files = sorted((d.config.parent / "state").glob("q*/*.json"))
+        assert len(files) == 2, files
     if got != sent:  # where it went: each side's SAs' packets, and the drops
         seen = {d.name: ([(sa["name"], sa["packets"]) for sa in d.status()["sas"]],
                          d.status()["kernel_drops"], [w["drops"] for w in d.status()["workers"]])
