@@ -517,6 +517,7 @@ def render_status(status: StatusReport) -> str:
         if versions and versions.get("compare", "off") != "off":
             states = ", ".join(v["name"] + (" in service" if v["in_service"]
                                             else f" OUT ({v['out_reason']})")
+                               + (f" outvoted {v['outvoted']}" if v.get("outvoted") else "")
                                for v in versions["versions"])
             pairs = "; ".join(f"{'+'.join(p['versions'])} agreed {p['agreed']}, "
                               f"mismatches {p['mismatches']}" for p in versions["pairs"])

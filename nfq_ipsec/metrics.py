@@ -124,13 +124,18 @@ def families(status: StatusReport) -> list[Family]:
     agreed = fam("worker_version_agreed", "counter", "daemon.compare: compared packets on which "
                  "the pair of ESP implementations agreed (from zero for each worker process).")
     mismatches = fam("worker_version_mismatches", "counter", "daemon.compare: compared packets on "
-                     "which they did not, each dropped (from zero for each worker process).")
+                     "which they did not, each dropped unless a majority's answer left (from zero for "
+                     "each worker process).")
+    outvoted = fam("worker_version_outvoted", "counter", "daemon.compare = majority: packets for "
+                   "which the other ESP implementations' majority answer left instead of this "
+                   "one's (from zero for each worker process).")
     for w in status["workers"]:
         q = {"queue": str(w["queue"])}
         versions = w["versions"]
         if versions is not None:
             for v in versions["versions"]:
                 in_service.add({**q, "implementation": v["name"]}, int(v["in_service"]))
+                outvoted.add({**q, "implementation": v["name"]}, v["outvoted"])
             for pair in versions["pairs"]:
                 labels = {**q, "pair": "+".join(pair["versions"])}
                 agreed.add(labels, pair["agreed"])
@@ -193,7 +198,7 @@ def families(status: StatusReport) -> list[Family]:
         e_sas.add(labels, e["sas"])
         e_faults.add(labels, e["faults"])
     return [info, uptime, cpu, mem, rules, control_errors, warnings, up, w_uptime, restarts, w_cpu, w_mem,
-            hits, misses, in_service, agreed, mismatches, p_in, p_out,
+            hits, misses, in_service, outvoted, agreed, mismatches, p_in, p_out,
             drops, k_queue, k_user, rule_drops, sa_info, sa_packets, sa_bytes, sa_drops, sa_seq, left_s,
             left_p, left_b, idle, e_up, e_sas, e_faults]
 

@@ -105,11 +105,12 @@ class VersionState(TypedDict):
     out_reason: str | None  # why it was taken out; None while in service
     errors: int  # exceptions it raised
     abstained: int  # packets it refused as unsupported
-    streak: int  # disagreements in a row
+    streak: int  # disagreements in a row it was blamed for
+    outvoted: int  # packets the others' majority answer left for (``majority``)
 
 
 class PairCounts(TypedDict):
-    versions: list[str]  # two names, the core first
+    versions: list[str]  # two names, in the order of daemon.versions
     agreed: int
     mismatches: int
 
@@ -117,7 +118,7 @@ class PairCounts(TypedDict):
 class VersionsSnapshot(TypedDict):
     """A worker's ESP versions and how far they agreed (``daemon.compare``)."""
 
-    compare: str  # "off", "all", "sample:N"
+    compare: str  # "off", "all", "sample:N", "majority"
     fallback: bool
     packets: int  # packets the versions processed
     compared: int  # of those, compared

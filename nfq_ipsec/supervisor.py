@@ -76,6 +76,7 @@ from .status import (
     SaCounts,
     SaReport,
     StatusReport,
+    VersionsSnapshot,
     WorkerReport,
     WorkerSnapshot,
 )
@@ -1479,16 +1480,26 @@ def warnings(workers: list[WorkerReport]) -> list[str]:
                        f"could not be saved (state_dir full or read-only?)")
         versions = w.get("versions")
         for v in versions["versions"] if versions else []:
-            if not v["in_service"]:
-                left = ("its SAs' traffic is dropped" if versions and versions["compare"] == "all"
-                        and not versions["fallback"] else "the core carries on")
+            if not v["in_service"] and versions:
                 out.append(f"queue {q}: ESP version {v['name']} out of service ({v['out_reason']})"
-                           f"; {left} until the worker restarts")
+                           f"; {_versions_left(versions)} until the worker restarts")
         kq, ku = w.get("kernel_queue_dropped") or 0, w.get("user_dropped") or 0
         if kq or ku:
             out.append(f"queue {q}: the kernel dropped {kq} packet(s) with the queue full and {ku} "
                        "with the socket buffer full: the worker can't keep up")
     return out
+
+
+def _versions_left(versions: VersionsSnapshot) -> str:
+    """What a worker's traffic does with some of its ESP versions out (nfq_ipsec.versions)."""
+    states = versions["versions"]
+    left = [v["name"] for v in states if v["in_service"]]
+    if not states[0]["in_service"] or (len(left) == 1 and versions["compare"] in ("all", "majority")
+                                       and not versions["fallback"]):
+        return "its SAs' traffic is dropped"
+    if len(left) == 1:
+        return "the core carries on"
+    return f"{' and '.join(left)} carry on"
 
 
 def ike_warnings(ike: IkeReport | None) -> list[str]:

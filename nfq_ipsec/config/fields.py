@@ -162,14 +162,16 @@ DAEMON = Section("daemon", "[daemon]", "The daemon: its workers (one per NFQUEUE
     Field("versions", "array of strings", "the ESP implementations every worker runs, each with "
           "its own SA state (see *Comparing ESP versions*)",
           default=DEFAULT_VERSIONS, default_text='`["core"]`',
-          allowed="`core` first, then `independent`; more than one needs `compare`",
+          allowed="`core` first, then `independent` and/or `core-source`; more than one needs "
+                  "`compare`",
           parser=parsers.versions),
     Field("compare", STRING, "compare the versions' answers in the data path: `off` (one "
-          "version), `all` (every packet, only agreed output leaves) or `sample:N` (every "
-          "version sees every packet, one in N is compared)",
+          "version), `all` (every packet, only agreed output leaves), `sample:N` (every "
+          "version sees every packet, one in N is compared) or `majority` (the answer most "
+          "versions give leaves; with two left, as `all`)",
           default=DEFAULT_COMPARE,
-          allowed='`off`, `all` or `"sample:N"` (N 2..1000000); not `majority` (needs three '
-                  'versions) nor with `gso`', parser=parsers.compare),
+          allowed='`off`, `all`, `"sample:N"` (N 2..1000000) or `majority` (three versions); '
+                  'not with `gso`', parser=parsers.compare),
     Field("compare_fallback", BOOLEAN, "with `compare`, whether the one version left in service "
           "may carry an SA's traffic alone once the others are out (else it is dropped)",
           default=DEFAULT_COMPARE_FALLBACK),

@@ -149,7 +149,7 @@ def engine_names(field: Field, raw: dict[str, Any], where: str, probs: Problems)
     return tuple(names)
 
 
-VERSION_NAMES = ("core", "independent")  # daemon.versions: nfq_ipsec.versions builds each
+VERSION_NAMES = ("core", "independent", "core-source")  # daemon.versions: nfq_ipsec.versions
 SAMPLE_RANGE = (2, 1_000_000)
 
 
@@ -177,14 +177,14 @@ def versions(raw: dict[str, Any], probs: Problems) -> tuple[str, ...]:
 
 
 def compare(raw: dict[str, Any], count: int, gso: bool, probs: Problems) -> str:
-    """``daemon.compare`` as given (``off``, ``all``, ``sample:N``), checked against the
-    number of versions; ``off`` where it is refused."""
+    """``daemon.compare`` as given (``off``, ``all``, ``sample:N``, ``majority``), checked
+    against the number of versions; ``off`` where it is refused."""
     value = get(raw, "compare", "daemon", str, probs)
     if value is None:
         value = "off"
-    if value == "majority":
-        probs.add("daemon.compare", "majority needs three versions that can outvote one, and two "
-                  "(core, independent) are built: use all or sample:N")
+    if value == "majority" and count < 3:
+        probs.add("daemon.compare", "majority needs three versions that can outvote one (core, "
+                  f"independent, core-source), got {count}: use all or sample:N")
         return "off"
     if value.startswith("sample:"):
         n = value.removeprefix("sample:")
@@ -193,12 +193,12 @@ def compare(raw: dict[str, Any], count: int, gso: bool, probs: Problems) -> str:
                       f", got {value!r}")
             return "off"
         value = f"sample:{int(n)}"
-    elif value not in ("off", "all"):
-        probs.add("daemon.compare", f"must be off, all or sample:N, got {value!r}")
+    elif value not in ("off", "all", "majority"):
+        probs.add("daemon.compare", f"must be off, all, sample:N or majority, got {value!r}")
         return "off"
     if value == "off" and count > 1:
-        probs.add("daemon.versions", "more than one version needs daemon.compare (all or "
-                  "sample:N): with off one version runs")
+        probs.add("daemon.versions", "more than one version needs daemon.compare (all, "
+                  "sample:N or majority): with off one version runs")
     elif value != "off" and count < 2:
         probs.add("daemon.compare", f"{value} needs at least two daemon.versions")
     elif value != "off" and gso:

@@ -38,7 +38,8 @@ from pathlib import Path
 
 STRONGSWAN_APT = "apt-get install strongswan-charon libcharon-extra-plugins strongswan-swanctl"
 ROW_KEYS = ("plain", "accept", "accept-gso", "accept-payload", "accept-gcm", "gcm", "gcm-gso",
-            "gcm-source", "gcm6", "gcm-udp", "gcm-poll", "gcm-float", "gcm-nosandbox", "chacha",
+            "gcm-source", "gcm6", "gcm-udp", "gcm-poll", "gcm-float", "gcm-nosandbox",
+            "gcm-all2", "gcm-all3", "gcm-sample", "gcm-majority", "chacha",
             "cbc",
             "gcm-pycryptodome", "chacha-sodium", "chacha-pycryptodome", "cbc-pycryptodome",
             "gcm-balance", "tunnel-gcm", "strongswan")  # = beds
@@ -51,7 +52,10 @@ accept-payload (accept-only, each verdict carrying the packet back), accept-gcm 
 packet first sealed with AES-GCM-128: the floor under any ESP worker), gcm, chacha, cbc (the
 daemon, transport mode), gcm-source (gcm, 1 queue, with the ESP core run from source
 instead of compiled), gcm6 (gcm, 1 queue, over IPv6), gcm-udp (gcm, 1 queue, ESP in UDP
-4500), gcm-nosandbox (gcm, 1 queue, daemon.sandbox = "off": the sandbox's cost),
+4500), gcm-nosandbox (gcm, 1 queue, daemon.sandbox = "off": the sandbox's cost), gcm-all2,
+gcm-all3, gcm-sample, gcm-majority (gcm, 1 queue, N-version ESP: daemon.compare = all over
+core and independent, all over those and core-source, sample:100 over two, majority over
+three),
 gcm-pycryptodome, chacha-sodium, chacha-pycryptodome, cbc-pycryptodome (the row, 1
 queue, its SAs on that crypto engine), gcm-balance (gcm, 1 queue, crypto.policy balance),
 tunnel-gcm (the daemon, gateway topology, tunnel mode),
@@ -61,7 +65,7 @@ row needs Debian's packages, which nfq-ipsec does not install:
   {STRONGSWAN_APT}
 
 Default run: every row, 1 and 2 queues, 3 interleaved rounds of 2-second iperf3 runs: about
-11 minutes.
+12 minutes.
 --quick: every row too, 1 repetition of 1-second runs, 10 pings: about 2.5 minutes. Needs
 root. Never run two benchmarks at once (a second one exits with status 75), and expect noise
 when other work runs on the machine: the table warns when it was busy. Exit status: 0 every

@@ -30,6 +30,10 @@ between the gateways):
   pair, 2001:db8:56::10 -> ::11, IPv4 unaddressed), transport mode;
 - ``gcm-udp``: the ``gcm`` row (one queue) with ESP in UDP (RFC 3948: every SA
   ``encapsulation = "udp"``, port 4500 to 4500) on the IPv4 host topology;
+- ``gcm-all2``, ``gcm-all3``, ``gcm-sample``, ``gcm-majority``: the ``gcm`` row (one queue)
+  with N-version ESP on both peers (``daemon.versions``, ``daemon.compare``): ``all`` over
+  the core and the independent version, ``all`` over those and the core's source
+  (``core-source``), ``sample:100`` over two, ``majority`` over three;
 - ``strongswan``: two charons with kernel-libipsec (:mod:`nfq_ipsec_lab.bench.strongswan`).
 
 CPU pinning: ``spread`` (the default) pins queue i of peer a to online CPU i and queue i of peer
@@ -83,6 +87,8 @@ class RowSpec:
     engine: str | None = None  # esp rows: crypto.policy "prefer" this engine (None: the default)
     policy: str | None = None  # esp rows: crypto.policy (None: the default, fastest)
     sandboxed: bool = True  # esp rows: the workers in their sandbox (daemon.sandbox, the default)
+    versions: tuple[str, ...] = ()  # esp rows: daemon.versions (empty: the default, the core)
+    compare: str = "off"  # esp rows: daemon.compare
 
 
 ROWS = (
@@ -132,6 +138,23 @@ ROWS = (
             per_queue=False, sandboxed=False, base="gcm",
             note="the gcm row with daemon.sandbox = \"off\" (workers as root, no seccomp filter): "
                  "what the sandbox costs, as the gcm row's ratio to this one"),
+    RowSpec("gcm-all2", "transport gcm compare all x2", "esp", encryption="aes-gcm-128",
+            per_queue=False, base="gcm", versions=("core", "independent"), compare="all",
+            note="the gcm row with daemon.compare = all over the core and the independent "
+                 "version: every packet through both, only agreed output leaves"),
+    RowSpec("gcm-all3", "transport gcm compare all x3", "esp", encryption="aes-gcm-128",
+            per_queue=False, base="gcm", versions=("core", "independent", "core-source"),
+            compare="all",
+            note="gcm-all2 with the core's Python source as a third version (core-source)"),
+    RowSpec("gcm-sample", "transport gcm sample:100 x2", "esp", encryption="aes-gcm-128",
+            per_queue=False, base="gcm", versions=("core", "independent"),
+            compare="sample:100",
+            note="gcm-all2 with daemon.compare = sample:100: every version still processes "
+                 "every packet (SA state in step), one in 100 is compared"),
+    RowSpec("gcm-majority", "transport gcm majority x3", "esp", encryption="aes-gcm-128",
+            per_queue=False, base="gcm", versions=("core", "independent", "core-source"),
+            compare="majority",
+            note="gcm-all3 with daemon.compare = majority: the answer two of three give leaves"),
     RowSpec("chacha", "transport chacha20-poly1305", "esp", encryption="chacha20-poly1305"),
     RowSpec("cbc", "transport aes-cbc-128+sha256", "esp", encryption="aes-cbc-128"),
     RowSpec("gcm-pycryptodome", "transport gcm on pycryptodome", "esp", encryption="aes-gcm-128",
@@ -292,6 +315,9 @@ def _esp_bed(lab: Lab, spec: RowSpec, queues: int, layout: str) -> Bed:
             daemon_setting(path, f"busy_poll = {spec.busy_poll}")
         if not spec.sandboxed:
             daemon_setting(path, 'sandbox = "off"')
+        if spec.compare != "off":
+            names = ", ".join(f'"{v}"' for v in spec.versions)
+            daemon_setting(path, f'versions = [{names}]\ncompare = "{spec.compare}"')
         if spec.encapsulation == "udp":
             encapsulate_udp(cfg.peer(peer.name).path)
         crypto_config(path, spec)
@@ -310,7 +336,8 @@ def _esp_bed(lab: Lab, spec: RowSpec, queues: int, layout: str) -> Bed:
                info={"mode": cfg.mode, "encryption": cfg.encryption, "integrity": cfg.integrity,
                      "cpus": cpus, "topology": topo.kind, "encapsulation": spec.encapsulation,
                      "busy_poll_us": spec.busy_poll, "gso": spec.gso,
-                     "engine": spec.engine, "crypto_policy": spec.policy})
+                     "engine": spec.engine, "crypto_policy": spec.policy,
+                     "versions": list(spec.versions) or ["core"], "compare": spec.compare})
 
 
 # -- accept-only ----------------------------------------------------------------------------

@@ -27,7 +27,9 @@ spawned workers included, then runs ``sitecustomize.py`` from here, which wraps 
   (the packets it seals stay right): the periodic check must exclude it.
 
 Faults of one ESP version (``daemon.versions``; ``version:KIND``), injected into the
-independent implementation only (``Engine.process``, its replay window), the core untouched:
+independent implementation (``Engine.process``, its replay window), or with
+``version:KIND@core-source`` into the core's source loaded as the version ``core-source``
+(its ``Processor.process``, its replay window); the compiled core is never touched:
 
 - ``version:flip-byte``: a byte of every ESP packet it seals is flipped (in the ciphertext);
 - ``version:wrong-seq``: every packet it seals carries the next sequence number but one;
@@ -47,6 +49,7 @@ import fcntl
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -235,18 +238,25 @@ def _kat_fail(fault: str) -> None:
 
 
 VERSION_FAULTS = ("flip-byte", "wrong-seq", "accept-drop", "skip-replay", "raise")
+FAULTY_VERSIONS = ("independent", "core-source")  # what ``version:KIND@NAME`` may name
 
 
-def patch_version(kind: str) -> Callable[[], None]:
-    """Make the independent ESP implementation misbehave as ``kind`` (one of
-    ``VERSION_FAULTS``) says, in this interpreter; returns what undoes it."""
-    from nfq_ipsec.independent import Engine, Outcome, window
-
+def patch_version(kind: str, target: str = "independent") -> Callable[[], None]:
+    """Make one ESP version (``target``: the independent implementation, or the core's source
+    loaded as ``core-source``) misbehave as ``kind`` (one of ``VERSION_FAULTS``, or
+    ``hang-once:PATH``) says, in this interpreter; returns what undoes it. The compiled core
+    is never touched."""
     hang = kind.partition(":")[2] if kind.startswith("hang-once:") else ""
     if kind not in VERSION_FAULTS and not hang:
         raise ValueError(f"unknown version fault {kind!r}")
+    if target not in FAULTY_VERSIONS:
+        raise ValueError(f"unknown version {target!r} to make faulty")
     # opened now, at the interpreter's start: a sandboxed worker can open nothing later
     hang_fd = os.open(hang, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600) if hang else -1
+    if target == "core-source":
+        return _patch_core_source(kind, hang_fd)
+    from nfq_ipsec.independent import Engine, Outcome, window
+
     process = Engine.process
     fresh = window.Window.fresh
     arriving = 0
@@ -289,6 +299,56 @@ def patch_version(kind: str) -> Callable[[], None]:
     return undo
 
 
+def _patch_core_source(kind: str, hang_fd: int) -> Callable[[], None]:
+    """``patch_version`` for the core's source loaded as its own package (plain Python, so
+    its classes can be patched where the compiled core's can't)."""
+    from nfq_ipsec import coresource
+
+    src = coresource.load()
+    processor = sys.modules[f"{coresource.PACKAGE}.processor"]
+    replay = sys.modules[f"{coresource.PACKAGE}.replay"]
+    process = processor.Processor.process
+    check = replay.ReplayWindow.check
+    arriving = processor.ARRIVING
+
+    def faulty(self: Any, data: bytes, length: int, where: int, now: float) -> Any:
+        if kind == "raise":
+            raise RuntimeError(f"test fault injection ({FAULT_ENV}=version:raise@core-source)")
+        if hang_fd >= 0 and _claim(hang_fd):
+            log.warning("test fault injection: the core-source version hangs for good")
+            while True:
+                time.sleep(3600)
+        if kind == "wrong-seq" and where != arriving:
+            bumped = [sa for sa in self.sad.all() if sa.outbound]
+            for sa in bumped:
+                sa.next_seq += 1
+            try:
+                return process(self, data, length, where, now)
+            finally:
+                for sa in bumped:
+                    sa.next_seq -= 1
+        res = process(self, data, length, where, now)
+        if kind == "flip-byte" and where != arriving and res.packet and res.sa is not None:
+            at = len(res.packet) - 20
+            res.packet = res.packet[:at] + bytes((res.packet[at] ^ 0x01,)) + res.packet[at + 1:]
+        if kind == "accept-drop" and where == arriving and res.verdict is src.Verdict.DROP:
+            return src.Result(src.Verdict.ACCEPT)
+        return res
+
+    def always_fresh(self: Any, seq: int) -> bool:
+        return True
+
+    processor.Processor.process = faulty
+    if kind == "skip-replay":
+        replay.ReplayWindow.check = always_fresh
+
+    def undo() -> None:
+        processor.Processor.process = process
+        replay.ReplayWindow.check = check
+
+    return undo
+
+
 def install(fault: str) -> None:
     """Wrap every PacketHandler this interpreter makes (sitecustomize calls this), or, for
     ``version:KIND``, make the independent ESP implementation misbehave."""
@@ -301,7 +361,8 @@ def install(fault: str) -> None:
         _kat_fail(fault)
         return
     if fault.startswith("version:"):
-        patch_version(fault.removeprefix("version:"))
+        kind, _, target = fault.removeprefix("version:").partition("@")
+        patch_version(kind, target or "independent")
         log.warning("test fault injection active: %s=%s", FAULT_ENV, fault)
         return
 

@@ -13,13 +13,19 @@ real daemon in namespaces of our own (root):
   not sent, the watchdog replaces the worker, and the new one compares again;
 - after a restart both versions resume from the state files and still agree;
 - ``sample:2`` with the flipped byte: the compared packets that disagree are dropped, the
-  rest leave with the core's bytes, which tshark authenticates.
+  rest leave with the core's bytes, which tshark authenticates;
+- ``majority`` over three versions (the core, the independent one, the core's source), one
+  pair of daemons for every fault in turn: a fault in one version (either of the two beside
+  the core) never stops the traffic, every ESP packet on the wire authenticates in tshark, no
+  replay reaches the application, the faulty version is named in the log and the status and
+  taken out, and the counters are exact.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from functools import partial
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -38,6 +44,7 @@ from labutil import (
     Sniffer,
     daemon,
     end,
+    env,
     esp_ids,
     inject,
     make_keys,
@@ -58,19 +65,24 @@ def pair() -> Iterator[Pair]:
         yield p
 
 
+THREE = '["core", "independent", "core-source"]'
+
+
 def comparing(pair: Pair, tmp: Path, a_side: bool, keys: dict[str, str], started: list[Daemon],
-              compare: str = "all", extra: str = "", **env: str) -> Daemon:
-    """A peer's daemon with both versions and ``compare`` (and ``extra`` lines of [daemon]),
-    started and running."""
+              compare: str = "all", extra: str = "", names: str = '["core", "independent"]',
+              start: bool = True, **env: str) -> Daemon:
+    """A peer's daemon with the versions ``names`` and ``compare`` (and ``extra`` lines of
+    [daemon]), started and running (unless not ``start``)."""
     d = daemon(pair, tmp, a_side, keys, started, **env)
     if compare != "off":
         text = d.config.read_text()
         d.config.write_text(text.replace(
             'log_level = "info"\n',
-            f'log_level = "info"\nversions = ["core", "independent"]\ncompare = "{compare}"\n'
+            f'log_level = "info"\nversions = {names}\ncompare = "{compare}"\n'
             + extra, 1))
-    d.start()
-    d.wait_running()
+    if start:
+        d.start()
+        d.wait_running()
     return d
 
 
@@ -278,3 +290,80 @@ def test_after_a_restart_both_versions_resume_from_the_state_files(
     [ab0] = [s for s in st["sas"] if s["name"] == "ab0"]
     assert ab0["seq"] == 10  # resumed after the first five (sent from 1, both would disagree)
     assert a.stop() == 0 and b.stop() == 0
+
+
+# -- majority over three versions ---------------------------------------------------------------
+def restart_with(tmp: Path, faults: list[tuple[Daemon, str]]) -> None:
+    """Each daemon again, with its fault injected and a log of its own (started together)."""
+    for d, fault in faults:
+        d.env = env(NFQ_IPSEC_TEST_FAULT=f"version:{fault}")
+        d.log = tmp / f"{d.name}-{fault.replace(':', '-').replace('@', '-')}.log"
+        d.start()
+    for d, _ in faults:
+        d.wait_running()
+
+
+def faulty_and_good(fault: str) -> tuple[str, str]:
+    bad = fault.partition("@")[2] or "independent"
+    return bad, "core-source" if bad == "independent" else "independent"
+
+
+# (A's fault, on the way out; B's, on the way in): each kind once, in one version or the other
+ROUNDS = [("flip-byte@core-source", "accept-drop"), ("wrong-seq", "skip-replay@core-source"),
+          ("raise@core-source", "raise")]
+
+
+def standing(d: Daemon) -> tuple[dict[str, Any], dict[str, tuple[int, int]], dict[str, Any]]:
+    """Queue 0's versions by name, its pairs' (agreed, mismatches), and its worker."""
+    v, w = versions_of(d, QUEUES[0]), worker(d, QUEUES[0])
+    pairs = {"+".join(p["versions"]): (p["agreed"], p["mismatches"]) for p in v["pairs"]}
+    return {x["name"]: x for x in v["versions"]} | {"sa_mismatches": v["sa_mismatches"]}, pairs, w
+
+
+def test_majority_carries_the_traffic_past_a_fault_in_each_version(
+        pair: Pair, tmp_path: Path, daemons: list[Daemon]) -> None:
+    """A seals with a faulty version, B opens with one: every message arrives once, every ESP
+    packet on the wire authenticates, and the same packets replayed reach nobody."""
+    keys = make_keys()
+    a = comparing(pair, tmp_path, True, keys, daemons, "majority", names=THREE, start=False)
+    b = comparing(pair, tmp_path, False, keys, daemons, "majority", names=THREE, start=False)
+    count = MISMATCH_LIMIT + 1
+    for n, (out_fault, in_fault) in enumerate(ROUNDS):
+        restart_with(tmp_path, [(a, out_fault), (b, in_fault)])
+        sniffer = capture(pair, tmp_path, pair.b, pair.vb)
+        messages = [(PORTS[0], f"{n}-majority-{i}") for i in range(count)]
+        assert send(pair, messages) == [text for _, text in messages], out_fault  # in order
+        assert sniffer.stop() == 0
+        ts = tshark_verify(sniffer.path, lab_sas(keys))
+        assert ts.supported, ts.reason
+        assert (ts.esp, ts.icv_good, ts.icv_bad) == (count, count, 0), (out_fault, ts.summary())
+        packets = sniffer.packets()
+        assert 17 not in ipv4_protocols(packets)  # nothing in clear
+        esp = [p for p in packets if p[0] >> 4 == 4 and p[9] == 50]
+        assert send_after(pair, partial(inject, pair, esp)) == [], in_fault  # no replay got in
+        for d, fault, sent in ((a, out_fault, count), (b, in_fault, 2 * count)):
+            bad, good = faulty_and_good(fault)
+            st, pairs, w = standing(d)
+            raised = fault.startswith("raise")
+            assert st["core"]["in_service"] and st[good]["in_service"], fault
+            assert not st[bad]["in_service"] and st[good]["outvoted"] == 0, fault
+            assert st[bad]["out_reason"] == ("raised RuntimeError" if raised
+                                             else f"disagreed {MISMATCH_LIMIT} times in a row")
+            assert (st[bad]["outvoted"], st[bad]["errors"]) == ((0, 1) if raised
+                                                                else (MISMATCH_LIMIT, 0)), fault
+            assert pairs[f"core+{good}"] == (sent, 0), (fault, pairs)
+            # outbound the faulty version disagreed on the first packets; inbound it agreed
+            # on the genuine ones, then accepted the first replays
+            mine = (0 if d is a else count, 0 if raised else MISMATCH_LIMIT)
+            assert pairs[f"core+{bad}"] == ((0, 0) if raised else mine), (fault, pairs)
+            assert st["sa_mismatches"] == ({} if raised else {"ab0": MISMATCH_LIMIT}), fault
+            # A: nothing dropped; B: each replay dropped once, as what it is
+            assert w["drops"] == ({} if d is a else {"replay": count}), (fault, w["drops"])
+            assert d.stop() == 0
+            log = d.log_text()
+            assert f"version {bad} taken out of service" in log, fault
+            if not raised:
+                assert f"versions core and {bad} disagree on a packet of SA " in log, fault
+                assert f"outvoted, the answer of core, {good} leaves" in log, fault
+            for key in keys.values():
+                assert key not in log

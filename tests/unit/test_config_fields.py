@@ -352,26 +352,28 @@ def test_required_fields_are_required(section: Section, field: Field) -> None:
 
 COMPARE_REFUSED = [
     ({"compare": "majority", "versions": ["core", "independent"]},
-     "daemon.compare: majority needs three versions that can outvote one, and two (core, "
-     "independent) are built: use all or sample:N"),
+     "daemon.compare: majority needs three versions that can outvote one (core, independent, "
+     "core-source), got 2: use all or sample:N"),
     ({"compare": "sample:1", "versions": ["core", "independent"]},
      "daemon.compare: sample:N needs N in 2..1000000, got 'sample:1'"),
     ({"compare": "sample:x", "versions": ["core", "independent"]},
      "daemon.compare: sample:N needs N in 2..1000000, got 'sample:x'"),
-    ({"compare": "some"}, "daemon.compare: must be off, all or sample:N, got 'some'"),
+    ({"compare": "some"}, "daemon.compare: must be off, all, sample:N or majority, got 'some'"),
     ({"compare": "all"}, "daemon.compare: all needs at least two daemon.versions"),
     ({"versions": ["core", "independent"]},
-     "daemon.versions: more than one version needs daemon.compare (all or sample:N): with off "
-     "one version runs"),
+     "daemon.versions: more than one version needs daemon.compare (all, sample:N or "
+     "majority): with off one version runs"),
     ({"versions": ["core", "independent"], "compare": "all", "gso": True},
      "daemon.compare: can't be used with daemon.gso: only the core segments superpackets"),
     ({"versions": ["independent", "core"], "compare": "all"},
      "daemon.versions: must start with core: the other versions run beside it (the independent "
      "one alone as the data plane is not built)"),
     ({"versions": ["core", "source"], "compare": "all"},
-     "daemon.versions[1]: must be one of core, independent, got 'source'"),
+     "daemon.versions[1]: must be one of core, independent, core-source, got 'source'"),
     ({"versions": ["core", "core"]}, "daemon.versions[1]: core listed twice"),
     ({"versions": []}, "daemon.versions: needs at least one version"),
+    ({"versions": ["core", "independent", "core-source"], "compare": "majority", "gso": True},
+     "daemon.compare: can't be used with daemon.gso: only the core segments superpackets"),
 ]
 
 
@@ -390,6 +392,11 @@ def test_versions_and_compare_are_read() -> None:
     daemon = parse_config(doc, online_cpus=CPUS).daemon
     assert (daemon.versions, daemon.compare, daemon.compare_fallback) == (
         ("core", "independent"), "sample:7", True)
+    doc["daemon"].update({"versions": ["core", "core-source", "independent"],
+                          "compare": "majority"})
+    daemon = parse_config(doc, online_cpus=CPUS).daemon
+    assert (daemon.versions, daemon.compare) == (("core", "core-source", "independent"),
+                                                 "majority")
 
 
 # -- the README's reference -------------------------------------------------------------------------

@@ -18,8 +18,8 @@ LAYERS: list[set[str]] = [
     # 0: the sans-I/O cores (ESP, IKE, the independent ESP implementation) and leaves that
     # import nothing of ours but the core
     {"core", "ike", "independent", "engines", "exitcodes", "procs", "logsetup", "pcap",
-     "reassembly", "corebuild", "hardening", "sandbox", "counts", "status", "metrics", "liveness",
-     "sdnotify", "droplog", "rates", "journal", "netif", "acquire",
+     "reassembly", "corebuild", "coresource", "hardening", "sandbox", "counts", "status",
+     "metrics", "liveness", "sdnotify", "droplog", "rates", "journal", "netif", "acquire",
      "__init__"},
     {"config"},  # 1: the configuration, read and checked
     # 2: pure rule building, negotiated SAs in the configuration, offline decode, the queue,

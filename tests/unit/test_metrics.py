@@ -73,6 +73,8 @@ def test_the_exposition_parses_and_carries_the_status() -> None:
         key("nfq_ipsec_worker_busy_poll_misses_total", **q100): 7,
         key("nfq_ipsec_worker_version_in_service", implementation="core", **q100): 1,
         key("nfq_ipsec_worker_version_in_service", implementation="independent", **q100): 0,
+        key("nfq_ipsec_worker_version_outvoted_total", implementation="core", **q100): 0,
+        key("nfq_ipsec_worker_version_outvoted_total", implementation="independent", **q100): 0,
         key("nfq_ipsec_worker_version_agreed_total", pair="core+independent", **q100): 6,
         key("nfq_ipsec_worker_version_mismatches_total", pair="core+independent", **q100): 3,
         key("nfq_ipsec_packets_in_total", **q100): 10,
@@ -117,7 +119,8 @@ def test_the_exposition_parses_and_carries_the_status() -> None:
         "packets_in", "packets_out", "drops", "worker_restarts", "kernel_queue_dropped",
         "kernel_user_dropped", "rule_drops", "sa_packets", "sa_bytes", "sa_drops", "control_errors",
         "cpu_seconds", "worker_cpu_seconds", "worker_busy_poll_hits", "worker_busy_poll_misses",
-        "engine_faults", "worker_version_agreed", "worker_version_mismatches")}
+        "engine_faults", "worker_version_agreed", "worker_version_mismatches",
+        "worker_version_outvoted")}
     assert {name for name, t in types.items() if t == "counter"} == counters
 
 

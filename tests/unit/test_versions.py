@@ -1,8 +1,10 @@
 """The comparator of ESP versions (``nfq_ipsec.versions``: ``daemon.versions``,
 ``daemon.compare``): agreement, each kind of disagreement, a version that raises or keeps
 disagreeing taken out, fail closed with one version left, sampling, a reload, and the worker
-that builds it. Faults are injected into the independent version from outside
-(tests/faults, as a real daemon's are)."""
+that builds it; with three versions (the core's source as ``core-source``), ``majority``:
+the odd one outvoted and taken out, two left as ``all``, one left fail closed, the core itself
+outvoted. Faults are injected into the independent version or the core's source from outside
+(tests/faults, as a real daemon's are); the compiled core is wrapped instead."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from statusschema import sample_answer
 
 from nfq_ipsec import control, supervisor, versions
 from nfq_ipsec.config import load_config
-from nfq_ipsec.core import DropReason, Processor, Verdict
+from nfq_ipsec.core import DropReason, Processor, Result, Verdict
 from nfq_ipsec.core.processor import ARRIVING, LEAVING
 from nfq_ipsec.nfqueue import HOOK_LOCAL_OUT, HOOK_PRE_ROUTING, QueuedPacket
 from nfq_ipsec.status import StatusReport
@@ -31,15 +33,21 @@ A, B = "192.168.56.10", "192.168.56.11"
 OUT, IN = "a-to-b-0", "b-to-a-0"  # host-a's SAs on queue 100
 
 
-def spec(compare: str = "all", fallback: bool = False) -> WorkerSpec:
+TWO = ("core", "independent")
+THREE = ("core", "independent", "core-source")
+
+
+def spec(compare: str = "all", fallback: bool = False,
+         names: tuple[str, ...] = TWO) -> WorkerSpec:
     cfg = load_config(EXAMPLES / "host-a.toml", online_cpus=[0, 1])
     return dataclasses.replace(worker_spec(cfg, cfg.daemon.queues[0]),
-                               versions=("core", "independent"), compare=compare,
+                               versions=names, compare=compare,
                                compare_fallback=fallback)
 
 
-def build(compare: str = "all", fallback: bool = False) -> Versions:
-    s = spec(compare, fallback)
+def build(compare: str = "all", fallback: bool = False,
+          names: tuple[str, ...] = TWO) -> Versions:
+    s = spec(compare, fallback, names)
     built = versions.build(s, Processor(s.spd(), s.sas, 0.0, mtu=s.mtu), 0.0, lambda: 0.0)
     assert isinstance(built, Versions)
     return built
@@ -72,7 +80,8 @@ def inb(v: Versions, packet: bytes) -> tuple[Verdict, DropReason | None, bytes |
 
 @pytest.fixture
 def fault(request: pytest.FixtureRequest) -> Iterator[str]:
-    undo = patch_version(request.param)
+    kind, _, target = request.param.partition("@")
+    undo = patch_version(kind, target or "independent")
     try:
         yield request.param
     finally:
@@ -157,8 +166,9 @@ def test_a_different_drop_reason_is_a_disagreement(monkeypatch: pytest.MonkeyPat
     esp = esp_from_b(b)
     inb(v, esp)
     assert inb(v, esp) == (Verdict.DROP, DropReason.VERSION_MISMATCH, None)
-    assert versions.difference(v.core.process(esp, len(esp), ARRIVING, 0.0),
-                               other_reason(esp, len(esp), ARRIVING, 0.0)) == "drop reason"
+    assert versions.difference(versions.of_result(v.core.process(esp, len(esp), ARRIVING, 0.0)),
+                               versions.of_outcome(other_reason(esp, len(esp), ARRIVING, 0.0))
+                               ) == "drop reason"
 
 
 @pytest.mark.parametrize("fault", ["skip-replay"], indirect=True)
@@ -321,3 +331,197 @@ def test_versions_and_compare_change_only_with_a_restart() -> None:
     spec = worker_spec(other, other.daemon.queues[0])
     assert (spec.versions, spec.compare, spec.compare_fallback) == (
         ("core", "independent"), "all", True)
+
+
+# -- three versions: the core's source beside it, and majority ----------------------------------
+def states(v: Versions) -> dict[str, dict[str, object]]:
+    return {x["name"]: dict(x) for x in v.snapshot()["versions"]}
+
+
+def pairs(v: Versions) -> dict[str, tuple[int, int]]:
+    return {"+".join(p["versions"]): (p["agreed"], p["mismatches"]) for p in v.snapshot()["pairs"]}
+
+
+def alone_packets(n: int) -> list[bytes | None]:
+    s = spec("off")
+    core = Processor(s.spd(), s.sas, 0.0)
+    return [core.process(PLAIN, len(PLAIN), LEAVING, 0.0).packet for _ in range(n)]
+
+
+def test_the_cores_source_is_a_version_of_its_own_that_agrees() -> None:
+    v, b = build("majority", names=THREE), peer()
+    source = v.others[1].engine
+    assert type(source).__module__ == "nfq_ipsec.core_as_source.processor"
+    assert type(source) is not Processor  # its own classes, beside the compiled ones
+    assert [out(v)[2] for _ in range(3)] == alone_packets(3)
+    esp = esp_from_b(b)
+    assert inb(v, esp) == (Verdict.ACCEPT, None, BACK)
+    assert inb(v, esp)[:2] == (Verdict.DROP, DropReason.REPLAY)
+    assert pairs(v) == {"core+independent": (5, 0), "core+core-source": (5, 0),
+                        "independent+core-source": (5, 0)}
+    assert source.sad.by_name(OUT).next_seq == v.sad.by_name(OUT).next_seq == 4
+
+
+@pytest.mark.parametrize("fault", ["flip-byte", "wrong-seq", "flip-byte@core-source",
+                                   "wrong-seq@core-source"], indirect=True)
+def test_majority_outvotes_one_faulty_version_and_traffic_flows(
+        fault: str, caplog: pytest.LogCaptureFixture) -> None:
+    bad = fault.partition("@")[2] or "independent"
+    good = "core-source" if bad == "independent" else "independent"
+    v = build("majority", names=THREE)
+    caplog.set_level(logging.WARNING, "nfq_ipsec.versions")
+    count = MISMATCH_LIMIT + 3
+    answers = [out(v) for _ in range(count)]
+    assert [a[2] for a in answers] == alone_packets(count)  # every one left, the core's bytes
+    st = states(v)
+    assert (st[bad]["in_service"], st[bad]["outvoted"], st[bad]["out_reason"]) == (
+        False, MISMATCH_LIMIT, f"disagreed {MISMATCH_LIMIT} times in a row")
+    assert st["core"]["in_service"] and st[good]["in_service"] and st[good]["outvoted"] == 0
+    p = pairs(v)
+    assert p[f"core+{good}"] == (count, 0)
+    assert p[f"core+{bad}"] == (0, MISMATCH_LIMIT) and sorted(p.values())[0] == (0, MISMATCH_LIMIT)
+    assert v.snapshot()["sa_mismatches"] == {OUT: MISMATCH_LIMIT}
+    assert not v.drops[DropReason.VERSION_MISMATCH] and not v.drops[DropReason.VERSION_OUT]
+    lines = [r.getMessage() for r in caplog.records]
+    assert f"versions core and {bad} disagree on a packet of SA {OUT}" in lines[0]
+    assert f"outvoted, the answer of core, {good} leaves" in lines[0]
+    assert f"version {bad} taken out of service" in lines[-1]
+
+
+@pytest.mark.parametrize("fault", ["accept-drop@core-source", "skip-replay@core-source",
+                                   "accept-drop", "skip-replay"], indirect=True)
+def test_majority_drops_a_replay_one_version_would_accept(fault: str) -> None:
+    v, b = build("majority", names=THREE), peer()
+    esp = esp_from_b(b)
+    assert inb(v, esp) == (Verdict.ACCEPT, None, BACK)
+    assert inb(v, esp)[:2] == (Verdict.DROP, DropReason.REPLAY)  # the majority's drop, as is
+    assert v.drops[DropReason.REPLAY] == 1 and not v.drops[DropReason.VERSION_MISMATCH]
+    bad = fault.partition("@")[2] or "independent"
+    assert states(v)[bad]["outvoted"] == 1 and states(v)[bad]["streak"] == 1
+
+
+@pytest.mark.parametrize("fault", ["raise", "raise@core-source"], indirect=True)
+def test_majority_takes_a_raising_version_out_and_goes_on_as_all(fault: str) -> None:
+    bad = fault.partition("@")[2] or "independent"
+    v = build("majority", names=THREE)
+    assert [out(v)[2] for _ in range(3)] == alone_packets(3)
+    st = states(v)
+    assert (st[bad]["in_service"], st[bad]["errors"], st[bad]["out_reason"]) == (
+        False, 1, "raised RuntimeError")
+    assert sum(a for a, _ in pairs(v).values()) == 3  # the two left agreed on each
+    assert v.snapshot()["compared"] == 3
+
+
+def test_majority_with_two_left_is_all_and_with_one_left_fails_closed() -> None:
+    v = build("majority", names=THREE)
+    undo = patch_version("raise", "core-source")
+    try:
+        out(v)
+    finally:
+        undo()
+    undo = patch_version("flip-byte")  # two left: a disagreement drops, as with all
+    try:
+        assert out(v) == (Verdict.DROP, DropReason.VERSION_MISMATCH, None)
+        assert states(v)["independent"]["outvoted"] == 0  # no majority of two
+        for _ in range(MISMATCH_LIMIT - 1):
+            out(v)
+    finally:
+        undo()
+    assert not states(v)["independent"]["in_service"]
+    assert out(v) == (Verdict.DROP, DropReason.VERSION_OUT, None)  # the core alone: closed
+    w = build("majority", True, THREE)
+    for target in ("independent", "core-source"):
+        undo = patch_version("raise", target)
+        try:
+            out(w)
+        finally:
+            undo()
+    assert out(w)[0] is Verdict.ACCEPT  # compare_fallback: the core carries on alone
+
+
+@pytest.mark.parametrize("fault", ["flip-byte@core-source"], indirect=True)
+def test_all_with_three_versions_drops_and_blames_the_odd_one(fault: str) -> None:
+    v = build("all", names=THREE)
+    assert out(v) == (Verdict.DROP, DropReason.VERSION_MISMATCH, None)
+    st = states(v)
+    assert (st["core"]["streak"], st["independent"]["streak"], st["core-source"]["streak"]) == (
+        0, 0, 1)
+    assert st["core-source"]["outvoted"] == 0  # dropped, not outvoted
+
+
+class _WrongCore:
+    """The compiled core with a fault of its own (its classes can't be patched): every ESP
+    packet it seals has a flipped byte."""
+
+    inner: Processor
+
+    def __init__(self, core: Processor) -> None:
+        self.__dict__["inner"] = core
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        setattr(self.inner, name, value)
+
+    def process(self, data: bytes, length: int, where: int, now: float) -> Result:
+        res = self.inner.process(data, length, where, now)
+        if where == LEAVING and res.packet:
+            at = len(res.packet) - 20
+            res.packet = res.packet[:at] + bytes((res.packet[at] ^ 1,)) + res.packet[at + 1:]
+        return res
+
+
+def test_majority_outvotes_the_core_then_fails_closed_once_it_is_out(
+        caplog: pytest.LogCaptureFixture) -> None:
+    s = spec("majority", names=THREE)
+    core = Processor(s.spd(), s.sas, 0.0, mtu=s.mtu)
+    v = versions.build(s, cast(Processor, _WrongCore(core)), 0.0, lambda: 0.0)
+    assert isinstance(v, Versions)
+    good = alone_packets(MISMATCH_LIMIT)
+    answers = [out(v) for _ in range(MISMATCH_LIMIT)]
+    assert [a[2] for a in answers[:-1]] == good[:-1]  # the majority's right bytes left
+    assert answers[-1] == (Verdict.DROP, DropReason.VERSION_OUT, None)  # then the core is out
+    st = states(v)
+    assert (st["core"]["in_service"], st["core"]["outvoted"]) == (False, MISMATCH_LIMIT)
+    assert out(v) == (Verdict.DROP, DropReason.VERSION_OUT, None)
+    assert v.drops[DropReason.VERSION_OUT] == 2
+    assert "version core taken out of service" in caplog.text
+
+
+def test_three_versions_keep_their_state_through_a_reload() -> None:
+    v, b = build("majority", names=THREE), peer()
+    q = FakeQueue()
+    h = PacketHandler(v, q, 0x10000000, clock=lambda: 1.0)  # type: ignore[arg-type]
+    h.handle_batch([QueuedPacket(1, HOOK_LOCAL_OUT, PLAIN, len(PLAIN), 0, 0),
+                    arriving(2, esp_from_b(b))])
+    h.reload(spec("majority", names=THREE), 2.0)
+    h.commit_reload()
+    h.handle_batch([QueuedPacket(3, HOOK_LOCAL_OUT, PLAIN, len(PLAIN), 0, 0),
+                    arriving(4, esp_from_b(b))])
+    assert [a for _, a, _ in q.verdicts] == [True] * 4
+    new = h.processor
+    assert isinstance(new, Versions) and new is not v
+    assert new.others[1].engine.sad.by_name(OUT).next_seq == 3  # kept across the reload
+    assert set(pairs(new).values()) == {(4, 0)}
+
+
+def test_warnings_say_what_carries_on_with_three_versions() -> None:
+    answer = cast(StatusReport, sample_answer())
+    w = answer["workers"][0]
+    v = w["versions"]
+    assert v is not None
+    v["compare"] = "majority"
+    v["versions"].append({"name": "core-source", "in_service": True, "out_reason": None,
+                          "errors": 0, "abstained": 0, "streak": 0, "outvoted": 0})
+    assert any(x.endswith("(disagreed 3 times in a row); core and core-source carry on until "
+                          "the worker restarts") for x in supervisor.warnings(answer["workers"]))
+    v["versions"][2].update({"in_service": False, "out_reason": "raised RuntimeError"})
+    assert any(x.endswith("(raised RuntimeError); its SAs' traffic is dropped until the worker "
+                          "restarts") for x in supervisor.warnings(answer["workers"]))
+    v["versions"][0].update({"in_service": False, "out_reason": "disagreed 3 times in a row"})
+    v["fallback"] = True  # the core out: no fallback helps
+    assert all("carries on" not in x for x in supervisor.warnings(answer["workers"])
+               if "ESP version" in x)
+    v["versions"][2]["outvoted"] = 2
+    assert "core-source OUT (raised RuntimeError) outvoted 2" in control.render_status(answer)
