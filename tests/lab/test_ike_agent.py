@@ -233,8 +233,9 @@ def test_child_sa_rekey_under_a_ping_stream_loses_nothing(bed: Bed) -> None:
         time.sleep(0.3)
     for sas, files in look.values():
         assert sorted(sa["direction"] for sa in sas) == ["in", "out"], sas
-        # the retired pair's state files went with it: one file per SA left
-        assert len(files) == 2, files
+        # the retired pair's state files went with it: at most one file per SA left (a new SA
+        # has one once it has carried a packet)
+        assert len(files) <= 2, files
     if got != sent:  # where it went: each side's SAs' packets, and the drops
         seen = {d.name: ([(sa["name"], sa["packets"]) for sa in d.status()["sas"]],
                          d.status()["kernel_drops"], [w["drops"] for w in d.status()["workers"]])
