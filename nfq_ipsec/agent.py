@@ -15,7 +15,13 @@ writes them (a ``ChildSA``'s repr has none).
 
 The supervisor's messages: ``("ping",)`` (answered ``("pong",)``), ``("stats",)`` (answered
 ``("ike_stats", [...])``, what ``status`` shows), ``("initiate", name)``, ``("terminate",
-name)`` (answered ``("ike_done", text)``) and ``("stop",)``.
+name)`` (answered ``("ike_done", text)``), ``("acquire", name)`` (a trap connection's packet
+found no Child SA: initiate), ``("installed", [inbound SPIs])`` (after each change of the
+workers' SAs: the answers held for those Child SAs go) and ``("stop",)``.
+
+Make before break as the responder: an answer of ours that makes a Child SA (IKE_AUTH, a
+CREATE_CHILD_SA new or rekey) is held until the supervisor says its inbound SA is installed
+(at most ``HOLD_MAX``), because the peer may send with the new SA the moment it has the answer.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from . import hardening, logsetup
@@ -45,6 +52,7 @@ from .ike.errors import IkeError
 from .ike.message import Exchange, IdPayload, IdType, decode_header
 from .ike.proposal import Proposal
 from .ike.session import IKE_PORT, NAT_T_PORT, Event, IkeSession, Output, PeerConfig, State
+from .keylog import KeyLog
 from .status import ConnectionReport, IkeSaReport
 
 MARKER = bytes(4)  # the non-ESP marker on port 4500
@@ -53,6 +61,10 @@ TICK = 0.2  # seconds between timer checks when nothing arrives
 # seconds, then twice as long after each failure up to RETRY_MAX, as strongSwan's
 # close_action/dpd_action = restart do (and back to RETRY_MIN once it is up).
 RETRY_MIN, RETRY_MAX = 5.0, 120.0
+# As the responder of an exchange that makes a Child SA (IKE_AUTH, CREATE_CHILD_SA), the
+# answer waits until the supervisor says the new inbound SA is installed, for at most HOLD_MAX
+# seconds: the peer may send with it as soon as it has the answer (strongSwan does).
+HOLD_MAX = 2.0
 log = logging.getLogger("nfq_ipsec.agent")
 
 Send = tuple[int, tuple[str, int], bytes]  # (our port, (peer address, port), datagram)
@@ -67,6 +79,7 @@ class AgentConnection:
     remote: str
     peer: PeerConfig
     start: bool
+    trap: bool = False  # start_action = "trap": initiated by an acquire from the data plane
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,7 @@ class AgentSpec:
     connections: tuple[AgentConnection, ...]
     mark: int
     log_level: str = "info"
+    key_log: str | None = None  # daemon.key_log: the directory of the Wireshark key log
 
 
 def identity(text: str) -> IdPayload:
@@ -101,6 +115,7 @@ def peer_config(conn: ConnectionConfig, cfg: Config) -> PeerConfig:
         local_addr=_packed(conn.local), remote_addr=_packed(conn.remote),
         force_encap=conn.encap, rekey_time=conn.ike_rekey_time,
         child_rekey_time=conn.rekey_time, dpd_delay=conn.dpd_delay,
+        life_time=conn.ike_life_time, child_life_time=conn.life_time,
     )
 
 
@@ -108,11 +123,11 @@ def agent_spec(cfg: Config) -> AgentSpec | None:
     """The agent's part of ``cfg``: its connections that carry a policy (None: no agent)."""
     conns = tuple(
         AgentConnection(c.name, addr_str(c.local), addr_str(c.remote), peer_config(c, cfg),
-                        c.start_action == "start")
+                        c.start_action == "start", c.start_action == "trap")
         for c in cfg.connections if c.policy)
     if not conns:
         return None
-    return AgentSpec(conns, cfg.daemon.mark, cfg.daemon.log_level)
+    return AgentSpec(conns, cfg.daemon.mark, cfg.daemon.log_level, cfg.daemon.key_log)
 
 
 def describe_proposal(prop: Proposal) -> str:
@@ -129,6 +144,8 @@ class _Conn:
     held: bool = False  # terminated by the operator: not started again until `ike initiate`
     retry_at: float | None = None  # a `start` connection that is down: initiate again then
     backoff: float = 0.0  # the wait before the next retry (RETRY_MIN doubling to RETRY_MAX)
+    acquired_at: float | None = None  # wall clock: a trap connection's acquire initiated then
+    acquires: int = 0  # acquires that initiated
 
 
 class Agent:
@@ -136,8 +153,15 @@ class Agent:
     messages for the supervisor (``messages``) out."""
 
     def __init__(self, spec: AgentSpec, rand: Callable[[int], bytes], now: float,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, key_log: KeyLog | None = None,
+                 hold: bool = False) -> None:
+        """``hold``: answers that make a Child SA wait for ``installed`` (the process does;
+        tests that carry datagrams between two agents alone do not)."""
         self.spec, self.rand, self.clock = spec, rand, clock
+        self.hold = hold
+        # answers held until their Child SAs' inbound SPIs are installed, or the deadline
+        self.held: list[tuple[frozenset[int], float, list[Send]]] = []
+        self.key_log = key_log  # daemon.key_log: every IKE and Child SA's keys go there
         self.conns: dict[str, _Conn] = {}
         self.by_remote: dict[str, str] = {}
         for c in spec.connections:
@@ -165,6 +189,16 @@ class Agent:
         log.info("connection %s: initiating IKE SA %s with %s", name, session.spi_i.hex(),
                  conn.spec.remote)
         return self._handle(conn, output, IKE_PORT)
+
+    def acquire(self, name: str, now: float) -> list[Send]:
+        """A packet of a trap connection's policy found no Child SA (``acquire``): initiate,
+        unless its IKE SA is up or on its way."""
+        conn = self.conns.get(name)
+        if conn is None or not conn.spec.trap or self.active(name):
+            return []
+        conn.acquired_at, conn.acquires = self.clock(), conn.acquires + 1
+        log.info("connection %s: acquire (a packet of its policy found no Child SA)", name)
+        return self.initiate(name, now)
 
     def terminate(self, name: str, now: float) -> list[Send]:
         """Delete the connection's IKE SAs (and with them its Child SAs, which stop carrying
@@ -219,6 +253,12 @@ class Agent:
         conn = self.conns[name]
         packed = ipaddress.ip_address(source[0]).packed
         output = conn.dispatcher.receive(data, (packed, source[1]), now)
+        made = frozenset(e.child.spi_in for e in output.events
+                         if e.kind in ("established", "rekeyed") and e.child is not None)
+        if self.hold and made and output.send and not _is_response(data):
+            # our answer makes these Child SAs: it leaves once they are installed
+            self.held.append((made, now + HOLD_MAX, self._handle(conn, output, port, source)))
+            return []
         if port == IKE_PORT and _init_response(data):
             mine = conn.dispatcher.sessions.get(data[:8])  # our SPI: we began this one
             if mine is not None and mine.session.port == NAT_T_PORT:
@@ -227,8 +267,23 @@ class Agent:
                 port, source = NAT_T_PORT, (source[0], NAT_T_PORT)
         return self._handle(conn, output, port, source)
 
+    def installed(self, spis: set[int]) -> list[Send]:
+        """The supervisor installed these inbound SPIs: the answers that waited for them go."""
+        out: list[Send] = []
+        for entry in list(self.held):
+            if entry[0] <= spis:
+                self.held.remove(entry)
+                out += entry[2]
+        return out
+
     def tick(self, now: float) -> list[Send]:
         out: list[Send] = []
+        for entry in list(self.held):
+            if now >= entry[1]:  # not installed in time (a worker restarting?): answer anyway
+                self.held.remove(entry)
+                log.warning("Child SA(s) %s not installed after %.0f s: answering anyway",
+                            ", ".join(f"0x{s:08x}" for s in sorted(entry[0])), HOLD_MAX)
+                out += entry[2]
         for name, conn in self.conns.items():
             sessions = self._sessions(conn)
             port = NAT_T_PORT if any(s.port == NAT_T_PORT for s in sessions) else IKE_PORT
@@ -266,6 +321,10 @@ class Agent:
                 to: tuple[str, int] | None = None) -> list[Send]:
         dest = to if to is not None else (conn.spec.remote, port)
         sends: list[Send] = [(port, dest, data) for data in output.send]
+        if self.key_log is not None:  # as soon as an IKE SA has keys: IKE_AUTH on decrypts
+            for session in self._sessions(conn):
+                if session.keys is not None and any(session.spi_r):
+                    self.key_log.ike_sa(session.spi_i, session.spi_r, session.keys)
         for event in output.events:
             self._event(conn, event)
         return sends
@@ -275,6 +334,8 @@ class Agent:
         if e.kind in ("established", "rekeyed") and e.child is not None:
             c = e.child
             conn.children[c.spi_in] = c
+            if self.key_log is not None:
+                self.key_log.child_sa(conn.spec.local, conn.spec.remote, c)
             what = "Child SA rekeyed" if e.kind == "rekeyed" else "Child SA established"
             old = f" (replaces 0x{e.old_spi:08x})" if e.kind == "rekeyed" else ""
             conn.last_outcome = f"{what}: in 0x{c.spi_in:08x} out 0x{c.spi_out:08x}"
@@ -284,9 +345,17 @@ class Agent:
             for session in self._sessions(conn):
                 if session.state is State.ESTABLISHED:
                     conn.established_at.setdefault(session.spi_i, self.clock())
+            if conn.acquired_at is not None:
+                log.info("connection %s: Child SA negotiated %.3f s after the acquire", name,
+                         self.clock() - conn.acquired_at)
+                conn.acquired_at = None
             self.messages.append(("child_up", name, c))
         elif e.kind == "child_deleted":
             self._child_down(conn, e.old_spi, "deleted", linger=True)
+        elif e.kind == "child_expired":  # its traffic is dropped from now on (fail closed)
+            conn.last_outcome = f"Child SA 0x{e.old_spi:08x} expired: {e.detail}"
+            log.warning("connection %s: Child SA 0x%08x expired: %s", name, e.old_spi, e.detail)
+            self._child_down(conn, e.old_spi, "expired")
         elif e.kind == "ike_rekeyed":
             conn.last_outcome = "IKE SA rekeyed"
             log.info("connection %s: IKE SA rekeyed", name)
@@ -316,7 +385,7 @@ class Agent:
         for name, conn in self.conns.items():
             sas: list[IkeSaReport] = []
             for s in self._sessions(conn):
-                due = s.child_rekeys_due
+                due, ends = s.child_rekeys_due, s.child_expiries
                 sas.append({
                     "spi_i": s.spi_i.hex(), "spi_r": s.spi_r.hex(), "role": s.role.value,
                     "state": s.state.value,
@@ -324,16 +393,26 @@ class Agent:
                     "nat": s.nat, "port": s.port,
                     "established": conn.established_at.get(s.spi_i),
                     "rekey_in": _left(s.rekey_due, now),
+                    "expires_in": _left(s.expires, now),
                     "children": [{
                         "spi_in": f"0x{c.spi_in:08x}", "spi_out": f"0x{c.spi_out:08x}",
                         "esp": describe_proposal(c.proposal), "udp_encap": c.udp_encap,
                         "rekey_in": _left(due.get(spi, 0.0), now),
+                        "expires_in": _left(ends.get(spi, 0.0), now),
                     } for spi, c in s.children.items()],
                 })
             out.append({"name": name, "local": conn.spec.local, "remote": conn.spec.remote,
-                        "start_action": "start" if conn.spec.start else "none", "ike_sas": sas,
+                        "start_action": ("start" if conn.spec.start else
+                                         "trap" if conn.spec.trap else "none"), "ike_sas": sas,
                         "last": conn.last_outcome or None})
         return out
+
+
+def _is_response(data: bytes) -> bool:
+    try:
+        return decode_header(data).is_response
+    except IkeError:
+        return False
 
 
 def _init_response(data: bytes) -> bool:
@@ -380,7 +459,18 @@ def run(spec: AgentSpec, conn: Connection) -> int:
         return 1
     by_fd = {s.fileno(): (key, s) for key, s in socks.items()}
     local_of = {c.name: c.local for c in spec.connections}
-    agent = Agent(spec, os.urandom, time.monotonic())
+    key_log = None
+    if spec.key_log is not None:
+        try:
+            key_log = KeyLog(Path(spec.key_log))
+        except OSError as err:
+            conn.send(("error", f"cannot write the key log in {spec.key_log}: {err}"))
+            log.error("cannot write the key log in %s: %s", spec.key_log, err)
+            return 1
+        log.warning("KEY LOG ON: every IKE and ESP key this agent negotiates is written to %s "
+                    "(daemon.key_log); whoever reads it can decrypt that traffic. For debugging "
+                    "only: turn it off and delete the files", spec.key_log)
+    agent = Agent(spec, os.urandom, time.monotonic(), key_log=key_log, hold=True)
     conn.send(("ready", os.getpid()))
     log.info("ready: %d connection(s) (%s), IKE on UDP 500 and 4500", len(spec.connections),
              ", ".join(c.name for c in spec.connections))
@@ -456,6 +546,10 @@ def _on_request(agent: Agent, msg: Any, conn: Connection,
         conn.send(("pong",))
     elif kind == "stats":
         conn.send(("ike_stats", agent.report(now)))
+    elif kind == "installed" and len(msg) == 2:
+        send(agent.installed({int(s) for s in msg[1]}))
+    elif kind == "acquire" and len(msg) == 2:
+        send(agent.acquire(str(msg[1]), now))
     elif kind in ("initiate", "terminate") and len(msg) == 2:
         name = msg[1]
         if name not in agent.conns:

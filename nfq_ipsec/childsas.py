@@ -64,6 +64,16 @@ def sa_name(conn: str, direction: SADirection, spi: int) -> str:
     return f"{conn}.{direction.value}.{spi:08x}"
 
 
+def is_negotiated(name: str, connections: Iterable[str]) -> bool:
+    """Whether ``name`` is the name ``sa_name`` gives a Child SA of one of ``connections``."""
+    parts = name.rsplit(".", 2)
+    if len(parts) != 3:
+        return False
+    conn, direction, spi = parts
+    return (conn in set(connections) and direction in ("in", "out") and len(spi) == 8
+            and all(c in "0123456789abcdef" for c in spi))
+
+
 def sa_pair(conn: ConnectionConfig, child: ChildSA, queues: Sequence[int]) -> tuple[SAParams, SAParams]:
     """The inbound and outbound SA of ``child`` (ValueError if the data plane can't run it)."""
     encryption = DATA_PLANE_ENCR.get((child.suite.encr, child.suite.key_bits))

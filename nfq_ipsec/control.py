@@ -596,11 +596,15 @@ def _render_ike(ike: IkeReport | None) -> list[str]:
                     if isinstance(since, int | float) else "-")
             out.append(f"    IKE SA {sa['spi_i']}/{sa['spi_r']} {sa['state']} ({sa['role']}), "
                        f"{_dash(sa['ike'])}, UDP {sa['port']}{', NAT' if sa['nat'] else ''}, "
-                       f"established {when}, rekey in {fmt_duration(sa['rekey_in'])}")
+                       f"established {when}, rekey in {fmt_duration(sa['rekey_in'])}"
+                       + (f", expires in {fmt_duration(sa['expires_in'])}"
+                          if sa.get("expires_in") is not None else ""))
             for c in sa["children"]:
                 out.append(f"      Child SA in {c['spi_in']} out {c['spi_out']} {c['esp']}"
                            f"{' in UDP' if c['udp_encap'] else ''}, rekey in "
-                           f"{fmt_duration(c['rekey_in'])}")
+                           f"{fmt_duration(c['rekey_in'])}"
+                           + (f", expires in {fmt_duration(c['expires_in'])}"
+                              if c.get("expires_in") is not None else ""))
     return out
 
 

@@ -55,6 +55,7 @@ import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from .acquire import trap_queue
 from .config.fields import COMPARTMENT_MARK_MASK
 from .config.model import CompartmentConfig, Config
 from .core.esp import overhead_for
@@ -676,6 +677,13 @@ def _protect_chains(cfg: Config, v6: bool) -> list[tuple[str, list[Rule], str]]:
                         "--queue-num", str(sa.queue)),
                     f"flows hashed to {k}: queue {sa.queue}, owner of outbound SA {sa.name!r}",
                 ))
+        conn = cfg.policy_connection(pol)
+        if not sas and conn is not None and conn.start_action == "trap":
+            # a worker of the policy's own compartment: only it holds the policy
+            q = trap_queue(conn.name, cfg.compartment_of_policy(pol.name).queues)
+            rules.append(Rule(c, ("-j", "NFQUEUE", "--queue-num", str(q)),
+                              f"trap: no Child SA of connection {conn.name!r} yet: to queue {q}, "
+                              "which drops it (acquire) and asks the agent for one"))
         rules.append(Rule(c, ("-j", "DROP"), "fail closed: never leaves in cleartext", "no_sa"))
         comment = (f"policy[{i}] {pol.name!r}: {len(sas)} outbound SA{'s' if len(sas) != 1 else ''} "
                    f"({', '.join(sa.name for sa in sas)})")

@@ -88,6 +88,47 @@ def state_path(state_dir: str | os.PathLike[str], params: SAParams) -> Path:
             / f"{params.direction.value}-{key_id(params)}.json")
 
 
+def remove(state_dir: str | os.PathLike[str], params: SAParams) -> int:
+    """Delete the SA's state file and its lock; how many went. Only for a negotiated SA that
+    is gone: its key is never used again (a new Child SA has new keys), so its file protects
+    nothing any more; a static SA's file stays, in case its key is configured again."""
+    path = state_path(state_dir, params)
+    gone = 0
+    for p in (path, path.with_suffix(".lock")):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()  # the name itself, never what a symbolic link there points to
+            gone += 1
+    return gone
+
+
+def prune_negotiated(state_dir: str | os.PathLike[str], queues: Iterable[int],
+                     is_negotiated: Callable[[str], bool], keep: Iterable[Path]) -> int:
+    """At the start: delete the state files (and locks) a previous run left for negotiated SAs
+    (``is_negotiated`` of the file's SA name), except those in ``keep`` (the paths of the SAs
+    configured now); how many files went. A file that can't be read is left alone."""
+    kept = {Path(p) for p in keep}
+    gone = 0
+    for queue in queues:
+        qdir = Path(state_dir) / worker_dir_name(queue)
+        try:
+            names = [p for p in qdir.iterdir() if p.suffix == ".json" and p not in kept]
+        except OSError:
+            continue
+        for path in names:
+            try:
+                if path.is_symlink() or path.stat().st_size > MAX_STATE_FILE:
+                    continue
+                name = json.loads(path.read_bytes()).get("sa")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(name, str) and is_negotiated(name):
+                for p in (path, path.with_suffix(".lock")):
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+                        gone += 1
+    return gone
+
+
 def _max_seq(params: SAParams) -> int:
     return MAX_SEQ_64 if params.esn else MAX_SEQ_32
 

@@ -264,6 +264,7 @@ class ChildSaReport(TypedDict):
     esp: str  # its transforms
     udp_encap: bool
     rekey_in: float | None  # seconds to its rekey (None: never)
+    expires_in: float | None  # seconds to its hard lifetime's end (None: none)
 
 
 class IkeSaReport(TypedDict):
@@ -276,6 +277,7 @@ class IkeSaReport(TypedDict):
     port: int
     established: float | None  # when, in seconds since the epoch
     rekey_in: float | None  # seconds to the IKE SA's rekey (None: never)
+    expires_in: float | None  # seconds to its hard lifetime's end (None: none)
     children: list[ChildSaReport]
 
 
@@ -296,6 +298,7 @@ class IkeReport(TypedDict):
     pid: int | None
     restarts: int
     last_error: str | None
+    key_log: str | None  # daemon.key_log: where every negotiated key is written (None: off)
     connections: list[ConnectionReport] | None
 
 

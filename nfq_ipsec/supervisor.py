@@ -411,6 +411,19 @@ class Supervisor:
             # the worker's own counters, and what the kernel dropped before it saw them
             slot.last_counts = counts.with_kernel_losses(msg[1], self._kernel_lost(slot))
             slot.activity.update(slot.last_counts, slot.last_heard)
+        elif kind == "acquire" and len(msg) == 2:
+            self._acquire(str(msg[1]))
+
+    def _acquire(self, name: str) -> None:
+        """A trap connection's packet found no Child SA (a worker dropped it as ``acquire``):
+        the agent initiates, unless it is not running (then the packets keep being dropped,
+        and the next acquire after its start asks again)."""
+        agent = self.agent
+        if agent is None or agent.conn is None or agent.state != "ready":
+            return
+        log.debug("acquire for connection %s: asking the agent", name)
+        with contextlib.suppress(OSError):
+            agent.conn.send(("acquire", name))
 
     @staticmethod
     def _kernel_lost(slot: Slot) -> int:
@@ -771,6 +784,11 @@ class Supervisor:
             self.apply_due = False
             self._applied_at = now
             self.up = {name: childsas.current(entries, now) for name, entries in self.up.items()}
+            agent = self.agent
+            if agent is not None and agent.conn is not None:  # its held answers may go now
+                with contextlib.suppress(OSError):
+                    agent.conn.send(("installed", [n.child.spi_in for entries in self.up.values()
+                                                   for n in entries]))
         else:  # tried again in a second (a worker restarting, say); until then the policy of
             # a new Child SA drops its traffic, and a gone one's SAs stay
             self.apply_retry_at = time.monotonic() + 1.0
@@ -1108,6 +1126,7 @@ class Supervisor:
             slot.qc, slot.spec = by_num[slot.queue], specs[slot.queue]
         self._stop_slots(removed)
         self.slots = sorted(kept + added, key=lambda s: new_nums.index(s.queue))
+        self._prune_negotiated(new)
         summary = "; ".join(f"queue {q}: {why}" for q, (_, why) in answers.items())
         if added:
             summary += f"; new queue(s) {', '.join(str(s.queue) for s in added)}"
@@ -1116,6 +1135,25 @@ class Supervisor:
         self.cfg = new
         log.info("%s applied: %s", what, summary or "nothing changed")
         return {"reloaded": summary, "changed": True}
+
+    def _prune_negotiated(self, new: Config) -> None:
+        """The state files of the negotiated SAs this change retired (their workers let them
+        go at the commit): a Child SA's key never comes back, so its file only piles up."""
+        from . import state
+
+        names = {c.name for c in self.cfg.connections} | {c.name for c in new.connections}
+        keep = {state.state_path(new.daemon.state_dir, sa) for sa in new.sas}
+        gone = 0
+        for sa in self.cfg.sas:
+            if (sa not in new.sas and sa not in self.base.sas
+                    and childsas.is_negotiated(sa.name, names)
+                    and state.state_path(new.daemon.state_dir, sa) not in keep):
+                try:
+                    gone += state.remove(new.daemon.state_dir, sa)
+                except OSError as err:
+                    log.warning("SA %s: cannot remove its state file: %s", sa.name, err)
+        if gone:
+            log.debug("removed %d state file(s) of retired negotiated SAs", gone)
 
     def _refuse(self, what: str, problems: list[str], doing: str = "reload") -> dict[str, Any]:
         log.error("%s refused, the running configuration stays: %s", doing, "; ".join(problems))
@@ -1216,7 +1254,7 @@ class Supervisor:
         running = agent.state in ("starting", "ready")
         return {"state": agent.state, "pid": agent.pid if running else None,
                 "restarts": agent.restarts, "last_error": agent.last_error,
-                "connections": agent.stats}
+                "key_log": agent.spec.key_log, "connections": agent.stats}
 
     def _answer_status(self) -> None:
         """Give the waiting status requests their answer once every worker asked has sent its
@@ -1465,6 +1503,8 @@ def worker_spec(cfg: Config, qc: QueueConfig, identity: Identity | None = None,
         versions=cfg.daemon.versions,
         compare=cfg.daemon.compare,
         compare_fallback=cfg.daemon.compare_fallback,
+        traps=tuple((c.policy, c.name) for c in cfg.connections
+                    if c.start_action == "trap" and c.policy),
     )
 
 
@@ -1476,7 +1516,7 @@ def _worker_of(cfg: Config, queue: int) -> tuple[str, int, str | None]:
 
 _RESTART_ONLY = ("control_socket", "state_dir", "chain_prefix", "mark", "iptables", "log_level",
                  "busy_poll", "metrics", "gso", "drop_log", "sandbox", "worker_user", "versions",
-                 "compare", "compare_fallback")
+                 "compare", "compare_fallback", "key_log")
 
 
 def reload_problems(old: Config, new: Config) -> list[str]:
@@ -1552,10 +1592,13 @@ def ike_warnings(ike: IkeReport | None) -> list[str]:
     """The agent down, and each connection without a Child SA (its traffic is dropped)."""
     if ike is None:
         return []
-    if ike["state"] != "ready":
-        return [f"keying agent {ike['state']}: no connection carries traffic until it is ready"
-                + (f" ({ike['last_error']})" if ike["last_error"] else "")]
     out = []
+    if ike["key_log"]:
+        out.append(f"KEY LOG ON: every IKE and ESP key is written to {ike['key_log']} "
+                   "(daemon.key_log): whoever reads it can decrypt the traffic")
+    if ike["state"] != "ready":
+        return [*out, f"keying agent {ike['state']}: no connection carries traffic until it is "
+                "ready" + (f" ({ike['last_error']})" if ike["last_error"] else "")]
     for conn in ike["connections"] or []:
         if not any(sa["children"] for sa in conn["ike_sas"]):
             out.append(f"connection {conn['name']}: no Child SA up; its policy's traffic is "
@@ -1616,6 +1659,14 @@ def preflight(cfg: Config) -> int | None:
     else:
         problems = [p for owner, queues in by_owner(owners).items() for p in state.check(
             cfg.daemon.state_dir, [sa for sa in cfg.sas if sa.queue in queues], owner)]
+        names = [c.name for c in cfg.connections]
+        if names:  # what a previous run's negotiated SAs left: their keys never come back
+            gone = state.prune_negotiated(
+                cfg.daemon.state_dir, cfg.queue_numbers,
+                lambda n: childsas.is_negotiated(n, names),
+                [state.state_path(cfg.daemon.state_dir, sa) for sa in cfg.sas])
+            if gone:
+                log.info("removed %d state file(s) negotiated SAs of a previous run left", gone)
     if problems:
         for line in problems:
             log.error("SA state: %s", line)

@@ -73,7 +73,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, cast
 
-from . import corebuild, hardening, journal, sandbox, state, versions
+from . import acquire, corebuild, hardening, journal, sandbox, state, versions
 from .config.fields import DEFAULT_LOG_LEVEL
 from .core import SPD, DropReason, Policy, Processor, Result, SAParams, SecurityAssociation, Verdict
 from .core.ipv6 import IPV6_HEADER
@@ -155,6 +155,9 @@ class WorkerSpec:
     sandbox: str = "off"  # daemon.sandbox: "enforce", "log" or "off" (the supervisor's choice)
     worker_user: Identity | None = None  # daemon.worker_user, looked up by the supervisor
     compartment: str = "default"  # the compartment whose queue, policies and SAs these are
+    # (policy, connection) of each trap connection's policy (start_action = "trap"): a packet
+    # of it with no SA is dropped as acquire and the agent asked for one (acquire.py)
+    traps: tuple[tuple[str, str], ...] = ()
 
     @property
     def sandboxed(self) -> bool:
@@ -240,6 +243,10 @@ class PacketHandler:
         self.alarms: list[str] = []
         # crypto.offload_helpers: the helpers that seal outbound packets (engines/offload.py)
         self.offload: OffloadPool | None = None
+        # start_action = "trap": policy name -> connection; the connections to acquire for
+        self.traps: dict[str, str] = {}
+        self.acquires: list[str] = []
+        self.acquire_limit = acquire.Limiter()
 
     def use_team(self, team: Team) -> None:
         """Bind every SA of the processor to an engine (raises NoEngine: the worker does not
@@ -377,7 +384,13 @@ class PacketHandler:
                 elif res.verdict is replace:
                     accepted += self._replace(pkt, res)
                 elif self.previous is not None and res.reason in _HANDED_BACK:
+                    # not a drop of the new processor's after all: the old one decides, and
+                    # counts it if it drops it
+                    self.processor.drops[res.reason] -= 1
                     accepted += self._previous_verdict(pkt, where, now)
+                elif res.reason is DropReason.NO_SA and res.detail in self.traps:
+                    verdict(pkt.packet_id, False)
+                    self._acquire(res, now)
                 else:
                     verdict(pkt.packet_id, False)
                     if res.reply is not None:
@@ -387,6 +400,15 @@ class PacketHandler:
             except Exception:  # fail closed: whatever went wrong, this packet is dropped
                 self._internal_error(pkt)
         self.packets_out += accepted
+
+    def _acquire(self, res: Result, now: float) -> None:
+        """A trap connection's packet with no SA: counted ``acquire`` instead of ``no_sa``, and
+        the agent asked for the SA (at most once per connection per ``acquire.INTERVAL``)."""
+        self.processor.drops[DropReason.NO_SA] -= 1
+        self.processor.count_drop(DropReason.ACQUIRE)
+        name = self.traps[res.detail]
+        if self.acquire_limit.due(name, now):
+            self.acquires.append(name)
 
     def _arrived_unprotected(self, indev: int) -> bool:
         """Whether ifindex ``indev`` is the gateway's unprotected interface, looked up by name
@@ -550,6 +572,7 @@ class PacketHandler:
         new.peer_mss = old.peer_mss  # the flows go on
         self.previous, self.processor = old, new
         self._added = added
+        self.traps = dict(spec.traps)
         retired = len(kept) - (len(items) - len(added))
         return (f"{len(items) - len(added)} SA(s) kept, {len(added)} new or changed, "
                 f"{retired} retired")
@@ -767,6 +790,7 @@ def run(
         if spec.crypto.offload_helpers:  # forked now: the sandbox allows no new process
             pool = start_offload(spec.crypto, team, spec.sandbox, ident, spec.queue)
             handler.offload = pool
+        handler.traps = dict(spec.traps)
         # NoEngine: an SA no verified engine can carry. Before the sandbox: an AF_ALG engine's
         # sockets are opened as its SAs are bound.
         handler.use_team(team)
@@ -1017,6 +1041,8 @@ def _serve(
                 if signal.SIGTERM in signals:
                     log.info("stopping on SIGTERM")
                     return 0
+        while handler.acquires:  # a trap connection's packet found no SA: ask for one
+            conn.send(("acquire", handler.acquires.pop(0)))
         now = time.monotonic()
         if now >= next_events:
             handler.report_events()

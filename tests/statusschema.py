@@ -161,6 +161,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         "pid": "integer or null",
         "restarts": "integer",
         "last_error": "string or null",
+        "key_log": "string or null",
         "connections": "array of objects or null",
     },
     "ike.connections[]": {
@@ -181,6 +182,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         "port": "integer",
         "established": "number or null",
         "rekey_in": "number or null",
+        "expires_in": "number or null",
         "children": "array of objects",
     },
     "ike.connections[].ike_sas[].children[]": {
@@ -189,6 +191,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         "esp": "string",
         "udp_encap": "boolean",
         "rekey_in": "number or null",
+        "expires_in": "number or null",
     },
 }
 

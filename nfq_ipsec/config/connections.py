@@ -58,6 +58,8 @@ def read_connection(
     start_action = _start_action(raw, where, probs)
     rekey = parsers.seconds_or_off(CONNECTION["rekey_time"], raw, where, probs)
     ike_rekey = parsers.seconds_or_off(CONNECTION["ike_rekey_time"], raw, where, probs)
+    life = _life_time(raw, "life_time", rekey, where, probs)
+    ike_life = _life_time(raw, "ike_life_time", ike_rekey, where, probs)
     dpd = parsers.seconds_or_off(CONNECTION["dpd_delay"], raw, where, probs)
     encap = CONNECTION["encap"].read(raw, where, probs)
     if encap and local is not None and is_v6(local):
@@ -73,7 +75,7 @@ def read_connection(
         local_id=ids["local"] or _address_text(local), remote_id=ids["remote"] or _address_text(remote),
         psk=psk, auth=auth, ike=ike_text, esp=esp_text, ike_proposal=ike_p, esp_proposal=esp_p, mode=mode,
         start_action=start_action, rekey_time=rekey, ike_rekey_time=ike_rekey, dpd_delay=dpd,
-        encap=encap,
+        encap=encap, life_time=life, ike_life_time=ike_life,
     )
 
 
@@ -92,11 +94,20 @@ def _identity(raw: dict[str, Any], key: str, where: str, probs: Problems) -> str
     return value
 
 
+def _life_time(raw: dict[str, Any], key: str, rekey: float, where: str, probs: Problems) -> float:
+    """A hard lifetime: as given, or the rekey time + 10 % (strongSwan's default), none without
+    rekeys; given, it must come after the rekey (else the SA would die before it is rekeyed)."""
+    default = round(rekey * 1.1, 3)
+    if key not in raw:
+        return default
+    value = parsers.seconds_or_off(dataclasses.replace(CONNECTION[key], default=default), raw,
+                                   where, probs)
+    if value and rekey and value <= rekey:
+        probs.add(f"{where}.{key}", f"must be more than the rekey time ({rekey:g} s), got {value:g}")
+    return value
+
+
 def _start_action(raw: dict[str, Any], where: str, probs: Problems) -> str:
-    if raw.get("start_action") == "trap":
-        probs.add(f"{where}.start_action", '"trap" is not supported yet (no acquire from the '
-                  'data plane); use "start", or "none" and `nfq-ipsec ike initiate`')
-        return "none"
     value: str = CONNECTION["start_action"].read(raw, where, probs)
     return value
 

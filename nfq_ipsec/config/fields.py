@@ -76,6 +76,7 @@ DEFAULT_DROP_LOG = False  # opt-in: a line per dropped packet, even rate-limited
 DEFAULT_BUSY_POLL = 0  # microseconds; off: on CPUs shared with applications it delays them
 BUSY_POLL_RANGE = (0, 10_000)
 DEFAULT_METRICS: str | None = None  # no metrics listener
+DEFAULT_KEY_LOG: str | None = None  # no key log
 DEFAULT_VERSIONS = ("core",)  # the ESP versions a worker runs (daemon.versions)
 DEFAULT_COMPARE = "off"  # daemon.compare: one version runs
 DEFAULT_COMPARE_FALLBACK = False  # with one version left in service, its SAs' traffic drops
@@ -192,6 +193,11 @@ DAEMON = Section("daemon", "[daemon]", "The daemon: its workers (one per NFQUEUE
           "see *Metrics*", default=DEFAULT_METRICS, default_text="off",
           allowed='`"ADDRESS:PORT"`: an IPv4 address, or an IPv6 one in brackets',
           check=parsers.listen_address_problem),
+    Field("key_log", STRING, "a directory where the IKE agent writes the keys of every IKE SA "
+          "and Child SA it negotiates, in Wireshark's `ikev2_decryption_table` and `esp_sa` "
+          "formats (files 0600), to decrypt captures: for debugging only, anyone who reads "
+          "them reads the traffic (see *The IKEv2 keying agent*)", default=DEFAULT_KEY_LOG,
+          default_text="off", allowed="an absolute path", check=parsers.absolute_path_problem),
 ))
 
 _ENGINES = ", ".join(f"`{n}`" for n in ENGINE_NAMES)
@@ -393,8 +399,10 @@ CONNECTION = Section("connection", "[[connection]]", "IKEv2 connections (RFC 729
           "`transport`", default=Mode.TUNNEL, choices=_enum_choices(Mode)),
     Field("start_action", STRING, "`start`: the agent initiates when the daemon starts, and again "
           "whenever the IKE SA fails or the peer deletes it (after 5 s, doubling to 120 s); "
+          "`trap`: it initiates when the first packet of the policy finds no Child SA (that "
+          "packet and the next ones until the SA is up are dropped, counted `acquire`); "
           "`none`: it waits for the peer (or `nfq-ipsec ike initiate`)", default="none",
-          choices={"start": "start", "none": "none"}),
+          choices={"start": "start", "trap": "trap", "none": "none"}),
     Field("rekey_time", NUMBER, "seconds before a Child SA is rekeyed (up to 10 % early)",
           default=DEFAULT_REKEY_TIME, bounds=REKEY_RANGE,
           allowed=f"0 (never) or {REKEY_RANGE[0]:g}..{REKEY_RANGE[1]:g} seconds",
@@ -403,6 +411,16 @@ CONNECTION = Section("connection", "[[connection]]", "IKEv2 connections (RFC 729
           default=DEFAULT_IKE_REKEY_TIME, bounds=REKEY_RANGE,
           allowed=f"0 (never) or {REKEY_RANGE[0]:g}..{REKEY_RANGE[1]:g} seconds",
           parser=parsers.seconds_or_off),
+    Field("life_time", NUMBER, "seconds after which a Child SA that was not rekeyed is deleted "
+          "and its traffic dropped (the hard lifetime; `rekey_time` is the soft one)",
+          default=None, default_text="`rekey_time` + 10 % (none if it never rekeys)",
+          bounds=REKEY_RANGE, allowed=f"0 (none) or {REKEY_RANGE[0]:g}..{REKEY_RANGE[1]:g} "
+          "seconds, more than `rekey_time`", parser=parsers.seconds_or_off),
+    Field("ike_life_time", NUMBER, "seconds after which an IKE SA that was not rekeyed is "
+          "deleted with its Child SAs (the hard lifetime; `ike_rekey_time` is the soft one)",
+          default=None, default_text="`ike_rekey_time` + 10 % (none if it never rekeys)",
+          bounds=REKEY_RANGE, allowed=f"0 (none) or {REKEY_RANGE[0]:g}..{REKEY_RANGE[1]:g} "
+          "seconds, more than `ike_rekey_time`", parser=parsers.seconds_or_off),
     Field("dpd_delay", NUMBER, "seconds without a word from the peer before a liveness check",
           default=DEFAULT_DPD_DELAY, bounds=DPD_RANGE,
           allowed=f"0 (none) or {DPD_RANGE[0]:g}..{DPD_RANGE[1]:g} seconds",

@@ -26,6 +26,7 @@ from .fields import (
     DEFAULT_IKE_REKEY_TIME,
     DEFAULT_IPTABLES,
     DEFAULT_IPV6_ND,
+    DEFAULT_KEY_LOG,
     DEFAULT_LOG_LEVEL,
     DEFAULT_MARK,
     DEFAULT_METRICS,
@@ -93,6 +94,7 @@ class DaemonConfig:
     versions: tuple[str, ...] = DEFAULT_VERSIONS  # the ESP implementations each worker runs
     compare: str = DEFAULT_COMPARE  # "off", "all" or "sample:N" (nfq_ipsec.versions)
     compare_fallback: bool = DEFAULT_COMPARE_FALLBACK  # one version left may carry an SA alone
+    key_log: str | None = DEFAULT_KEY_LOG  # the agent's key log for Wireshark (keylog.py); None: off
 
 
 @dataclass(frozen=True)
@@ -112,11 +114,13 @@ class ConnectionConfig:
     esp: str = DEFAULT_ESP_PROPOSAL
     auth: str = "psk"
     mode: Mode = Mode.TUNNEL
-    start_action: str = "none"  # "start" or "none"
+    start_action: str = "none"  # "start", "trap" or "none"
     rekey_time: float = DEFAULT_REKEY_TIME  # the Child SAs'; 0: never
     ike_rekey_time: float = DEFAULT_IKE_REKEY_TIME
     dpd_delay: float = DEFAULT_DPD_DELAY
     encap: bool = False
+    life_time: float = DEFAULT_REKEY_TIME * 1.1  # the Child SAs' hard lifetime; 0: none
+    ike_life_time: float = DEFAULT_IKE_REKEY_TIME * 1.1
     policy: str = ""  # the protect policy that names it ("" if none does)
 
 

@@ -71,6 +71,7 @@ def read_daemon(raw: dict[str, Any], cpus: list[int], probs: Problems,
         versions=versions,
         compare=parsers.compare(raw, len(versions), gso, probs),
         compare_fallback=DAEMON["compare_fallback"].read(raw, "daemon", probs),
+        key_log=DAEMON["key_log"].read(raw, "daemon", probs),
     )
 
 

@@ -65,6 +65,10 @@ def listen_address_problem(text: str) -> str | None:
     return None
 
 
+def absolute_path_problem(text: str) -> str | None:
+    return None if text.startswith("/") else f"must be an absolute path, got {text!r}"
+
+
 def mark_problem(mark: int) -> str | None:
     return f"must be a single bit (a power of two), got 0x{mark:x}" if mark & (mark - 1) else None
 

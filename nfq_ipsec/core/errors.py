@@ -24,6 +24,7 @@ class DropReason(enum.Enum):
     POLICY_DISCARD = "policy_discard"  # matched a DISCARD policy
     NO_POLICY = "no_policy"  # matched no policy: discard (RFC 4301)
     NO_SA = "no_sa"  # PROTECT policy but this processor holds none of its SAs
+    ACQUIRE = "acquire"  # no_sa for a trap connection's policy: the agent is asked for an SA
     SA_EXPIRED = "sa_expired"  # hard lifetime reached
     SEQ_EXHAUSTED = "seq_exhausted"  # sequence number space used up; the SA never wraps
     TOO_BIG = "too_big"  # the ESP packet would exceed the IP maximum of 65535 bytes (payload, IPv6)

@@ -117,6 +117,11 @@ class PeerConfig:
     rekey_time: float = 0.0
     child_rekey_time: float = 0.0
     dpd_delay: float = 0.0
+    # Hard lifetimes (section 2.8: the rekey times are soft): an IKE SA or Child SA still there
+    # this long after it was made (its rekey failed or never came) is deleted, and with it
+    # its traffic (fail closed). 0: none.
+    life_time: float = 0.0
+    child_life_time: float = 0.0
 
     @property
     def terms(self) -> Terms:
@@ -127,7 +132,8 @@ class PeerConfig:
 class Event:
     """``established`` (a Child SA with the IKE SA, or a new one), ``rekeyed`` (``child``
     replaces the Child SA whose inbound SPI is ``old_spi``), ``child_deleted`` (``old_spi``),
-    ``ike_rekeyed``, ``failed``, ``deleted`` (the IKE SA)."""
+    ``ike_rekeyed``, ``failed``, ``deleted`` (the IKE SA), ``child_expired`` (``old_spi``: its
+    hard lifetime ran out; it is gone at once, its traffic dropped)."""
 
     kind: str
     detail: str = ""
@@ -208,6 +214,8 @@ class IkeSession:
         self._opened = False  # the datagram being handled decrypted and verified
         self._ike_due = 0.0  # when this IKE SA is to be rekeyed (0: never)
         self._child_due: dict[int, float] = {}  # Child SA (inbound SPI) -> when to rekey it
+        self._ike_expires = 0.0  # this IKE SA's hard lifetime ends then (0: never)
+        self._child_expires: dict[int, float] = {}  # Child SA (inbound SPI) -> its hard end
         # Child SA rekeys done, by the rekeyed SA's inbound SPI: (started by us, the successor's
         # inbound SPI, Ni, Nr) of each exchange, to find two at once (section 2.8.1)
         self._rekeys_of: dict[int, list[tuple[bool, int, bytes, bytes]]] = {}
@@ -236,6 +244,16 @@ class IkeSession:
     def child_rekeys_due(self) -> dict[int, float]:
         """When each Child SA (by inbound SPI) is to be rekeyed, in the shell's time (0: never)."""
         return dict(self._child_due)
+
+    @property
+    def expires(self) -> float:
+        """When this IKE SA's hard lifetime ends, in the shell's time (0: never)."""
+        return self._ike_expires
+
+    @property
+    def child_expiries(self) -> dict[int, float]:
+        """When each Child SA's (by inbound SPI) hard lifetime ends (none listed: never)."""
+        return dict(self._child_expires)
 
     @property
     def busy(self) -> bool:
@@ -357,6 +375,10 @@ class IkeSession:
         ``RETRANSMIT_TRIES`` sends without an answer (for a liveness check: the peer is dead).
         With nothing outstanding, starts what the timers ask for: an IKE SA rekey, a Child SA
         rekey, a liveness check."""
+        if self.state is State.ESTABLISHED:
+            expired = self._expire(now)
+            if expired is not None:
+                return expired
         req = self._pending
         if req is None and self.state is State.ESTABLISHED and not self._queue:
             return self._timers(now)
@@ -368,6 +390,39 @@ class IkeSession:
         self._tries += 1
         self._next_retry = now + RETRANSMIT_TIMEOUT * 2 ** (self._tries - 1)
         return Output(send=[req.data])
+
+    def _expire(self, now: float) -> Output | None:
+        """The hard lifetimes, whatever is under way (a rekey still retransmitted, say): an
+        expired IKE SA fails with its Child SAs (a Delete is sent if the window is free, not
+        waited for); an expired Child SA goes at once and its Delete is asked for."""
+        if self._ike_expires and now >= self._ike_expires:
+            out = Output()
+            sa = self._sa
+            if sa is not None and self._pending is None:
+                out.send.append(self._seal(sa, Exchange.INFORMATIONAL, sa.my_next_id,
+                                           [DeletePayload(Protocol.IKE, 0)], response=False))
+                sa.my_next_id += 1
+            self.state = State.FAILED
+            self.children.clear()
+            self._child_expires.clear()
+            self._pending, self._queue = None, []
+            out.events.append(Event("failed", f"hard lifetime ({self.cfg.life_time:g} s) reached "
+                                    "without a rekey: IKE SA and its Child SAs deleted"))
+            return out
+        gone = [spi for spi, end in self._child_expires.items() if now >= end]
+        if not gone:
+            return None
+        out = Output()
+        for spi in gone:
+            del self._child_expires[spi]
+            self._child_due.pop(spi, None)
+            if spi not in self.children:
+                continue
+            self._forget_child(spi)
+            out.events.append(Event("child_expired", f"hard lifetime ({self.cfg.child_life_time:g} "
+                                    "s) reached without a rekey", None, spi))
+            out.extend(self.delete_child(spi, now))
+        return out
 
     def _timers(self, now: float) -> Output:
         cfg = self.cfg
@@ -395,9 +450,13 @@ class IkeSession:
         self._heard = now
         if not self._ike_due:
             self._ike_due = self._due(now, self.cfg.rekey_time)
+        if not self._ike_expires and self.cfg.life_time:
+            self._ike_expires = now + self.cfg.life_time
         for spi in self.children:
             if spi not in self._child_due and self.cfg.child_rekey_time:
                 self._child_due[spi] = self._due(now, self.cfg.child_rekey_time)
+            if spi not in self._child_expires and self.cfg.child_life_time:
+                self._child_expires[spi] = now + self.cfg.child_life_time
 
     # -- receiving -------------------------------------------------------------------------
     def receive(self, data: bytes, now: float, source: tuple[bytes, int] | None = None) -> Output:
@@ -421,7 +480,7 @@ class IkeSession:
                 self._heard = now
             if any(e.kind in ("established", "rekeyed", "ike_rekeyed") for e in out.events):
                 if any(e.kind == "ike_rekeyed" for e in out.events):
-                    self._ike_due = 0.0
+                    self._ike_due = self._ike_expires = 0.0  # the new IKE SA's own
                 self._arm(now)
         return out
 
@@ -688,6 +747,7 @@ class IkeSession:
 
     def _forget_child(self, spi_in: int) -> Event:
         self.children.pop(spi_in, None)
+        self._child_expires.pop(spi_in, None)
         # Its rekey records go too, unless a rekey of it of ours is still on its way (the
         # peer may have deleted it first, its own rekey's record waiting for our answer):
         # a rekey of it the peer asks for from now on is refused.

@@ -314,3 +314,50 @@ def test_retries_back_off_to_the_cap(tmp_path: Path) -> None:
         now = conn.retry_at
         conn.retry_at = None  # the attempt went out and failed
     assert waits == [min(RETRY_MAX, RETRY_MIN * 2 ** k) for k in range(8)]
+
+
+def test_a_child_sa_at_its_hard_lifetime_is_taken_out_at_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """No rekey (rekey_time 0) and life_time 20 s: at 20 s the Child SA goes to the supervisor
+    as down without lingering (its traffic is dropped), and status says when it would."""
+    cfg_a, cfg_b = mirrored(tmp_path, rekey_time=0, life_time=20)
+    a, b = agent(cfg_a, 5), agent(cfg_b, 6)
+    shuttle(a, b, a.start(0.0), 0.0, a)
+    child = a.messages[0][2]
+    a.messages.clear()
+    (sa,) = a.report(5.0)[0]["ike_sas"]
+    assert sa["children"][0]["expires_in"] == 15.0 and sa["children"][0]["rekey_in"] is None
+    assert sa["expires_in"] == round(4 * 3600 * 1.1 - 5.0, 1)  # ike_rekey_time's default + 10 %
+    shuttle(a, b, a.tick(19.9), 19.9, a)
+    assert a.messages == []
+    shuttle(a, b, a.tick(20.1), 20.1, a)
+    assert a.messages == [("child_down", "site", child.spi_in, False)]
+    assert "expired: hard lifetime (20 s) reached without a rekey" in caplog.text
+    assert [m[0] for m in b.messages[1:]] == ["child_down"]  # the peer got the Delete
+
+
+def test_an_answer_that_makes_a_child_sa_waits_until_it_is_installed(tmp_path: Path) -> None:
+    """As the responder (``hold``, as the process runs it), the IKE_AUTH answer and a rekey's
+    answer leave only once the supervisor says the new inbound SA is installed, or after
+    HOLD_MAX; the Child SA goes to the supervisor at once."""
+    from nfq_ipsec.agent import HOLD_MAX
+
+    cfg_a, cfg_b = mirrored(tmp_path)
+    a, b = agent(cfg_a, 7), agent(cfg_b, 8)
+    b.hold = True
+    shuttle(a, b, a.start(0.0), 0.0, a)
+    assert a.messages == [] and [m[0] for m in b.messages] == ["child_up"]  # answer held
+    child_b = b.messages[0][2]
+    assert b.installed({child_b.spi_in + 1}) == []  # not that one
+    shuttle(a, b, b.installed({child_b.spi_in}), 0.1, b)
+    assert [m[0] for m in a.messages] == ["child_up"] and b.held == []
+    # a rekey a asks for: b's answer waits for the successor, then HOLD_MAX lets it go
+    a.messages.clear()
+    b.messages.clear()
+    session = next(iter(a.conns["site"].dispatcher.sessions.values())).session
+    first = a.messages[0][2] if a.messages else next(iter(session.children.values()))
+    shuttle(a, b, a._handle(a.conns["site"], session.rekey_child(first.spi_in, 1.0), 500), 1.0, a)
+    assert a.messages == [] and len(b.held) == 1
+    assert b.tick(1.0 + HOLD_MAX / 2) == []
+    shuttle(a, b, b.tick(1.0 + HOLD_MAX), 1.0 + HOLD_MAX, b)
+    assert [m[0] for m in a.messages][:1] == ["child_up"] and b.held == []

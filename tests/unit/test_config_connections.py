@@ -127,10 +127,8 @@ def test_an_inline_psk_is_refused(tmp_path: Path) -> None:
      "'aes128gcm16-prfsha256-x448' (known: aes128gcm16, aes192gcm16, aes256gcm16, "
      "chacha20poly1305, aes128, aes192, aes256, sha256, sha384, sha512, x25519, curve25519, "
      "ecp256, ecp384, prfsha256, prfsha384, prfsha512)"),
-    ("start_action", "trap", 'connection[0].start_action: "trap" is not supported yet (no acquire '
-     'from the data plane); use "start", or "none" and `nfq-ipsec ike initiate`'),
-    ("start_action", "restart", "connection[0].start_action: must be one of start, none, got "
-     "'restart'"),
+    ("start_action", "restart", "connection[0].start_action: must be one of start, trap, none, "
+     "got 'restart'"),
     ("auth", "pubkey", "connection[0].auth: must be one of psk, got 'pubkey'"),
     ("mode", "beet", "connection[0].mode: must be one of transport, tunnel, got 'beet'"),
     ("rekey_time", 5, "connection[0].rekey_time: must be 0 (never) or 10..604800 seconds, got 5"),
@@ -146,11 +144,26 @@ def test_an_inline_psk_is_refused(tmp_path: Path) -> None:
     ("remote_id", "", "connection[0].remote_id: must be an IP address or a name of 1..255 "
      "printable characters without spaces"),
     ("rekey", 60, "connection[0].rekey: unknown field (known: auth, dpd_delay, encap, esp, ike, "
-     "ike_rekey_time, local, local_id, mode, name, psk_file, rekey_time, remote, remote_id, "
-     "start_action)"),
+     "ike_life_time, ike_rekey_time, life_time, local, local_id, mode, name, psk_file, "
+     "rekey_time, remote, remote_id, start_action)"),
+    ("life_time", 3600, "connection[0].life_time: must be more than the rekey time (3600 s), "
+     "got 3600"),
+    ("ike_life_time", 5, "connection[0].ike_life_time: must be 0 (none) or 10..604800 seconds, "
+     "more than `ike_rekey_time`, got 5"),
 ])
 def test_field_errors(tmp_path: Path, field: str, value: Any, message: str) -> None:
     assert problems(connection_data(tmp_path, **{field: value}), tmp_path) == [message]
+
+
+def test_hard_lifetimes_default_to_the_rekey_times_and_ten_percent(tmp_path: Path) -> None:
+    from nfq_ipsec.config import parse_config
+
+    conn = parse_config(connection_data(tmp_path, rekey_time=100, ike_rekey_time=0),
+                        base_dir=tmp_path, online_cpus=[0]).connections[0]
+    assert (conn.life_time, conn.ike_life_time) == (110.0, 0.0)  # none without rekeys
+    conn = parse_config(connection_data(tmp_path, rekey_time=100, life_time=0, start_action="trap"),
+                        base_dir=tmp_path, online_cpus=[0]).connections[0]
+    assert (conn.life_time, conn.start_action) == (0.0, "trap")
 
 
 def test_required_fields(tmp_path: Path) -> None:

@@ -53,7 +53,8 @@ READ_INTO_OTHERS = {("daemon", "cpus"), ("sa", "key_file"), ("sa", "integrity_ke
 # Defaults that the loader works out (the reference says how); the model has a placeholder.
 COMPUTED = {("node", "mtu"), ("daemon", "queues"), ("sa", "queue"), ("sa", "key"), ("sa", "integrity_key"),
             ("sa", "lifetime"), ("connection", "local_id"), ("connection", "remote_id"),
-            ("compartment", "id")}
+            ("compartment", "id"),
+            ("connection", "life_time"), ("connection", "ike_life_time")}
 PSK_FILE: list[Path] = []  # the base's connection's pre-shared key, made once
 
 
@@ -203,6 +204,7 @@ ACCEPTED: dict[str, list[dict[str, Any]]] = {
         {"iptables": "legacy"}, {"chain_prefix": "NQ_1-a"}, {"log_level": "debug"},
         {"watchdog": 0}, {"watchdog": 2.5}, {"busy_poll": 0}, {"busy_poll": 200}, {"drop_log": True},
         {"metrics": "127.0.0.1:9477"}, {"metrics": "[::1]:1"}, {"gso": True},
+        {"key_log": "/var/lib/nfq-ipsec/keys"},
         {"sandbox": "off"}, {"sandbox": "log"}, {"worker_user": "nobody"},
         {"versions": ["core", "independent"], "compare": "all"},
         {"versions": ["core", "independent"], "compare": "sample:100", "compare_fallback": True},
@@ -243,6 +245,7 @@ ACCEPTED: dict[str, list[dict[str, Any]]] = {
         {"psk_file": "k.psk"}, {"ike": "aes256-sha512-ecp384"}, {"esp": "chacha20poly1305-esn"},
         {"mode": "transport"}, {"start_action": "start"}, {"rekey_time": 0, "dpd_delay": 0},
         {"ike_rekey_time": 60.5, "dpd_delay": 1}, {"encap": True},
+        {"life_time": 4000, "ike_life_time": 0}, {"start_action": "trap"},
     ],
     "compartment": [
         {"name": "db", "id": 7}, {"uid": "nobody", "gid": 0}, {"gid": "nogroup", "uid": DELETE},

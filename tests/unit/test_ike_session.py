@@ -350,3 +350,71 @@ def test_a_rekey_answered_before_the_peers_own_request_arrives(seed: int) -> Non
     assert (ci.spi_in, ci.spi_out) == (cr.spi_out, cr.spi_in) and ci.keys_out == cr.keys_in
     assert i.rekey_collisions == r.rekey_collisions == 1
     assert "alive" in events(shuttle(i, r, r.ping(2.0), sender=r))
+
+
+# -- hard lifetimes (section 2.8: the rekey times are soft) -----------------------------------
+
+def lived(rekey_time: float = 0.0, child_rekey_time: float = 0.0, life_time: float = 0.0,
+          child_life_time: float = 0.0) -> tuple[IkeSession, IkeSession]:
+    from dataclasses import replace
+    i, r = pair(replace(cfg("a", "b"), rekey_time=rekey_time, child_rekey_time=child_rekey_time,
+                        life_time=life_time, child_life_time=child_life_time), cfg("b", "a"))
+    run(i, r, i.start(0.0))
+    return i, r
+
+
+def kinds(outs: list[Output]) -> list[str]:
+    return [e.kind for o in outs for e in o.events]
+
+
+def test_sas_that_rekey_in_time_never_reach_their_hard_lifetime() -> None:
+    i, r = lived(rekey_time=10.0, child_rekey_time=4.0, life_time=12.0, child_life_time=5.0)
+    assert i.expires == 12.0 and list(i.child_expiries.values()) == [5.0]
+    ev = kinds(clock(i, r, 31.0))
+    assert "child_expired" not in ev and "failed" not in ev, ev
+    assert ev.count("ike_rekeyed") == 6 and i.state is State.ESTABLISHED
+    assert i.expires > 30.0  # each rekey gave the new IKE SA its own
+    assert len(i.children) == 1 and i.child is not None and r.child is not None
+    assert set(i.child_expiries) == set(i.children)  # only the live Child SA has one
+
+
+def test_a_child_sa_whose_rekey_fails_is_deleted_at_its_hard_lifetime() -> None:
+    i, r = lived(child_rekey_time=4.0, child_life_time=6.0)
+    first = i.child
+    assert first is not None
+    outs = clock(i, r, 5.0, deliver=False)  # the rekey request goes nowhere
+    assert "child_expired" not in kinds(outs) and first.spi_in in i.children
+    outs = clock(i, r, 7.0, deliver=False)
+    expired = [e for o in outs for e in o.events if e.kind == "child_expired"]
+    assert [e.old_spi for e in expired] == [first.spi_in]
+    assert "hard lifetime (6 s)" in expired[0].detail
+    assert i.children == {} and i.child_expiries == {} and i.state is State.ESTABLISHED
+
+
+def test_a_child_sa_without_rekeys_is_deleted_at_its_hard_lifetime_on_both_sides() -> None:
+    i, r = lived(child_life_time=5.0)
+    outs = clock(i, r, 4.75)
+    assert "child_expired" not in kinds(outs)
+    outs = clock(i, r, 5.25)  # ticks to 5.25 again: the expiry and its Delete, answered
+    ev = kinds(outs)
+    assert ev.count("child_expired") == 1 and "child_deleted" in ev, ev
+    assert i.children == {} and r.children == {}
+    assert i.state is State.ESTABLISHED and r.state is State.ESTABLISHED
+
+
+def test_an_ike_sa_whose_rekey_fails_fails_at_its_hard_lifetime_with_its_child_sas() -> None:
+    i, r = lived(rekey_time=10.0, life_time=12.0)
+    outs = clock(i, r, 11.5, deliver=False)  # the rekey request is retransmitted, unanswered
+    assert "failed" not in kinds(outs) and i.state is State.ESTABLISHED
+    outs = clock(i, r, 12.5, deliver=False)
+    failed = [e.detail for o in outs for e in o.events if e.kind == "failed"]
+    assert failed and "hard lifetime (12 s)" in failed[0], failed
+    assert i.state.value == "failed" and i.children == {}
+    assert i.tick(20.0).send == []  # nothing more: no retransmission of the abandoned rekey
+
+
+def test_an_ike_sa_at_its_hard_lifetime_with_a_free_window_sends_its_delete() -> None:
+    i, r = lived(life_time=3.0)
+    outs = clock(i, r, 3.25)
+    assert "failed" in kinds(outs) and "deleted" in kinds(outs)  # the peer got the Delete
+    assert i.state is State.FAILED and r.state is State.DELETED and r.children == {}

@@ -19,12 +19,12 @@ LAYERS: list[set[str]] = [
     # import nothing of ours but the core
     {"core", "ike", "independent", "engines", "exitcodes", "procs", "logsetup", "pcap",
      "reassembly", "corebuild", "coresource", "hardening", "sandbox", "counts", "status",
-     "metrics", "liveness", "sdnotify", "droplog", "rates", "journal", "netif",
+     "metrics", "liveness", "sdnotify", "droplog", "rates", "journal", "netif", "acquire",
      "__init__"},
     {"config"},  # 1: the configuration, read and checked
     # 2: pure rule building, negotiated SAs in the configuration, offline decode, the queue,
     # the batch sender, SA state, the ESP versions side by side
-    {"rules", "childsas", "decode", "nfqueue", "rawsend", "state", "usage", "versions"},
+    {"rules", "childsas", "keylog", "decode", "nfqueue", "rawsend", "state", "usage", "versions"},
     # 3: applying rules, the data path, the keying agent, the control socket, the metrics listener
     {"iptables", "worker", "agent", "control", "metricsserver"},
     {"supervisor", "service"},  # 4: the daemon, and the systemd helper

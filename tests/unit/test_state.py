@@ -784,3 +784,37 @@ def test_reload_attaches_more_and_lets_some_go(sdir: Path, stores: list[state.St
     again = sa(params())
     attach(sdir, [again], stores)
     assert again.next_seq == old.next_seq == 6
+
+
+def test_negotiated_sas_state_files_are_removed_and_static_ones_kept(sdir: Path) -> None:
+    """``remove`` (a retired negotiated SA) and ``prune_negotiated`` (what a previous run's
+    negotiated SAs left): only files whose SA name is a negotiated one, never those kept."""
+    from nfq_ipsec import childsas
+
+    neg = params("peer.out.0badcafe", key=KEY2, spi=0x0BADCAFE)
+    kept_neg = params("peer.in.00001234", SADirection.IN, key=bytes(range(2, 22)), spi=0x1234)
+    static = params()
+    for p in (neg, kept_neg, static):
+        path = qpath(sdir, p)
+        path.write_text(state.render(p, 7))
+        path.with_suffix(".lock").write_text("")
+    assert state.remove(sdir, neg) == 2 and not state.state_path(sdir, neg).exists()
+    assert state.remove(sdir, neg) == 0  # gone already: nothing to do
+    qpath(sdir, neg).write_text(state.render(neg, 9))
+    junk = state.state_path(sdir, static).with_name("out-junk.json")
+    junk.write_text("not json")  # unreadable: left alone
+    gone = state.prune_negotiated(sdir, [static.queue, 999], lambda n: childsas.is_negotiated(n, ["peer"]),
+                                  [state.state_path(sdir, kept_neg)])
+    assert gone == 1 and not state.state_path(sdir, neg).exists()
+    assert state.state_path(sdir, kept_neg).exists() and state.state_path(sdir, static).exists()
+    assert junk.exists() and state.state_path(sdir, static).with_suffix(".lock").exists()
+
+
+@pytest.mark.parametrize(("name", "yes"), [
+    ("peer.in.0badcafe", True), ("peer.out.00000001", True), ("a.b.peer.out.00000001", False),
+    ("peer.fwd.00000001", False), ("peer.in.1234", False), ("peer.in.0BADCAFE", False),
+    ("other.in.0badcafe", False), ("out0", False)])
+def test_a_negotiated_name_is_told_from_a_static_one(name: str, yes: bool) -> None:
+    from nfq_ipsec import childsas
+
+    assert childsas.is_negotiated(name, ["peer", "a.b"]) is yes

@@ -429,10 +429,12 @@ def test_reload_keeps_unchanged_sas_and_hands_back_until_commit() -> None:
     out_before = h.packets_out
     h.handle_batch([pkt(in_flight, hook=HOOK_PRE_ROUTING, pid=3)])
     assert q.verdicts[-1][:2] == (3, True) and h.packets_out == out_before + 1
+    assert h.counts()["drops"].get("unknown_spi", 0) == 0  # passed: no drop counted
     # an SPI neither configuration knows: handed back, dropped there too, not counted as out
     unknown = in_flight[:20] + (0x7777).to_bytes(4, "big") + in_flight[24:]
     h.handle_batch([pkt(unknown, hook=HOOK_PRE_ROUTING, pid=5)])
     assert q.verdicts[-1] == (5, False, None, None) and h.packets_out == out_before + 1
+    assert h.counts()["drops"]["unknown_spi"] == 1  # counted once, by the old processor
     h.commit_reload()
     assert h.previous is None
     h.handle_batch([pkt(in_flight, hook=HOOK_PRE_ROUTING, pid=4)])
