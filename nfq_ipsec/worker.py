@@ -277,9 +277,11 @@ class PacketHandler:
         return {"moved": [list(m) for m in moved]}
 
     def verify_engines(self) -> None:
-        """The periodic known-answer tests (``crypto.verify_interval``)."""
+        """The periodic known-answer tests (``crypto.verify_interval``), and with ``balance``
+        an SA moved to even the engines' load."""
         if self.team is not None:
             self.team.verify()
+            self.team.rebalance()
 
     def handle_batch(self, packets: list[QueuedPacket]) -> None:
         """Give every packet a verdict and send the verdicts.

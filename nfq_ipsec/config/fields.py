@@ -204,7 +204,9 @@ _ENGINES = ", ".join(f"`{n}`" for n in ENGINE_NAMES)
 CRYPTO = Section("crypto", "[crypto]", "The crypto engines each SA can run on, how one is chosen, "
                  "and how often each is checked (see *Crypto engines*).", (
     Field("policy", STRING, "`fastest`: the engine measured fastest for the SA's suite; "
-          "`prefer`: the first usable one of `prefer`; `balance`: SAs spread by measured speed",
+          "`prefer`: the first usable one of `prefer`; `balance`: SAs spread by measured speed, "
+          "then moved one at a time, every `verify_interval`, off the engine their traffic "
+          "keeps busiest",
           default=DEFAULT_POLICY, choices={k: k for k in POLICIES}),
     Field("prefer", "array of strings", "engines in order of preference (policy `prefer`); "
           "the fastest usable engine after them", default=(), default_text="none",

@@ -158,6 +158,7 @@ def _drivers(names: set[str], proc: Path = Path("/proc/crypto")) -> str:
 
 class AfAlgEngine(Engine):
     name = "afalg"
+    opens_at_build = True  # a socket per SA (its tfm and operation sockets)
 
     def probe(self) -> Probe:
         if not hasattr(socket, "AF_ALG"):

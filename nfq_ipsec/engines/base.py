@@ -87,6 +87,9 @@ class Engine(abc.ABC):
     # each), which the offload helpers use (``offload.seal_many``). None does: see
     # docs/engines.md, *Batches*.
     batches: bool = False
+    # ``build`` opens file descriptors (sockets): a sandboxed worker, whose filter forbids
+    # that, never moves an SA onto it by choice (``Team.rebalance``)
+    opens_at_build: bool = False
 
     @abc.abstractmethod
     def probe(self) -> Probe: ...

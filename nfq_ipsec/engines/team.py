@@ -12,7 +12,9 @@ known-answer tests, how fast it is, which SAs it carries; and the choice of an S
   numbers and replay window are the SA's own and stay.
 - Policies: ``fastest`` (the best measured speed for the suite), ``prefer`` (the first usable
   engine of the list, then the fastest), ``balance`` (the engine with the least bound SAs per
-  unit of measured speed: (SAs + 1) / speed).
+  unit of measured speed: (SAs + 1) / speed, when an SA is bound; then, at every
+  ``crypto.verify_interval``, ``rebalance`` moves an SA off the engine whose SAs' traffic
+  kept it busiest, by the bytes they carried: the seed's ALB by current workload).
 
 Every engine module is imported here, so importing this module at worker start loads every
 library an SA may need (workers may run where opening files later is forbidden).
@@ -46,6 +48,10 @@ def default_engines() -> list[Engine]:
 
 
 assert tuple(e.name for e in default_engines()) == ENGINE_NAMES
+
+
+# balance's rebalance moves an SA only if that lowers the busiest engine's load by this share
+REBALANCE_GAIN = 0.1
 
 
 class NoEngine(ValueError):
@@ -129,6 +135,7 @@ class Team:
         self.alarms: list[str] = []  # engine names whose suites raised (GuardedSuite)
         self.threads = True  # False: tests run inline, without a deadline (see _timed)
         self.bound: dict[int, tuple[SecurityAssociation, str]] = {}  # id(sa) -> (sa, engine)
+        self._bytes_seen: dict[int, int] = {}  # id(sa) -> its bytes at the last rebalance
         # crypto.offload_helpers: the worker's helper pool; an outbound SA's suite goes behind it
         self.offload: OffloadPool | None = None
         for name in settings.disabled:
@@ -252,16 +259,23 @@ class Team:
     def load(self, name: str) -> int:
         return sum(1 for _sa, engine in self.bound.values() if engine == name)
 
-    def build(self, sa: SecurityAssociation, avoid: str | None = None) -> tuple[Suite, str]:
+    def build(self, sa: SecurityAssociation, avoid: str | None = None,
+              on: Member | None = None) -> tuple[Suite, str]:
+        """The SA's suite on the policy's choice of engine (``on``: on that one, or raise
+        NoEngine if it can't build it)."""
         p = sa.params
         suite = suite_name(p.encryption, p.integrity)
         while True:
-            m = self.choose(suite, avoid)
+            m = self.choose(suite, avoid) if on is None else on
+            if on is not None and not on.usable(suite):
+                raise NoEngine(f"{on.name} can't carry {suite}")
             try:
                 inner = m.engine.build(p.encryption, p.key.reveal(), p.integrity,
                                        p.integrity_key.reveal())
             except Exception as err:
                 self.exclude(m.name, f"building a suite raised {type(err).__name__}", move=False)
+                if on is not None:
+                    raise NoEngine(f"{on.name}: building a suite raised {type(err).__name__}") from None
                 continue
             built: Suite = GuardedSuite(inner, m.name, self.alarms, self._witness(sa, m.name),
                                         self.settings.self_check)
@@ -354,6 +368,61 @@ class Team:
             self.bound[key] = (sa, new)
             moved.append((sa.name, new))
         return moved
+
+    def rebalance(self) -> list[tuple[str, str]]:
+        """``balance``: at most one SA moved from the engine its SAs kept busiest since the
+        last call to the one that evens the load best, if that lowers the busiest engine's
+        load by at least ``REBALANCE_GAIN``. An engine's load: the bytes its SAs carried over
+        its measured speed for their suites (seconds of cipher work). One move a call, so a
+        load that swings does not send SAs back and forth; the output is the same on either
+        engine (they agree byte for byte), so a move loses nothing."""
+        if self.settings.policy != "balance":
+            return []
+        carried: dict[int, int] = {}
+        for key, (sa, _engine) in self.bound.items():
+            carried[key] = max(sa.bytes - self._bytes_seen.get(key, 0), 0)
+            self._bytes_seen[key] = sa.bytes
+        for key in list(self._bytes_seen):
+            if key not in self.bound:
+                del self._bytes_seen[key]
+
+        def cost(key: int, engine: str) -> float:
+            sa = self.bound[key][0]
+            speed = self.members[engine].speed.get(suite_name(sa.params.encryption,
+                                                              sa.params.integrity), 0.0)
+            return carried[key] / max(speed, 1.0)
+
+        load: dict[str, float] = {n: 0.0 for n, m in self.members.items() if m.verified}
+        for key, (_sa, engine) in self.bound.items():
+            if engine in load:
+                load[engine] += cost(key, engine)
+        if not load:
+            return []
+        busiest = max(load, key=lambda n: load[n])
+        best: tuple[float, int, str] | None = None
+        for key, (sa, engine) in self.bound.items():
+            if engine != busiest or not carried[key]:
+                continue
+            suite = suite_name(sa.params.encryption, sa.params.integrity)
+            for name, m in self.members.items():
+                if (name == busiest or not m.usable(suite) or name not in load
+                        or (not self.threads and m.engine.opens_at_build)):
+                    continue  # (a sandboxed worker, threads off, may open no socket)
+                after = max(load[busiest] - cost(key, busiest), load[name] + cost(key, name))
+                if after <= load[busiest] * (1 - REBALANCE_GAIN) and (best is None or after < best[0]):
+                    best = (after, key, name)
+        if best is None:
+            return []
+        _after, key, name = best
+        sa = self.bound[key][0]
+        try:
+            built, new = self.build(sa, on=self.members[name])
+        except NoEngine:
+            return []
+        self._set_suite(sa, built)
+        self.bound[key] = (sa, new)
+        log.info("SA %s moved from engine %s to %s: balance by load", sa.name, busiest, new)
+        return [(sa.name, new)]
 
     # -- fail-over and hot-swap ---------------------------------------------------------------
     def exclude(self, name: str, why: str, move: bool = True) -> list[tuple[str, str]]:

@@ -262,6 +262,65 @@ def test_balance_spreads_sas_by_speed() -> None:
     assert (team.load("a"), team.load("b")) == (6, 2)
 
 
+def _balanced_pair(opens_at_build: bool = False) -> tuple[Team, list[SecurityAssociation]]:
+    a, b = TestEngine("a"), TestEngine("b")
+    b.opens_at_build = opens_at_build
+    team = _team(a, b, policy="balance")
+    for m in team.members.values():
+        m.speed["aes-gcm-128"] = 1e6
+    many = [_outbound(f"s{i}") for i in range(4)]
+    team.bind(many)
+    assert (team.load("a"), team.load("b")) == (2, 2)
+    return team, many
+
+
+def test_balance_moves_an_sa_off_the_engine_its_traffic_keeps_busiest() -> None:
+    team, many = _balanced_pair()
+    busy = [sa for sa in many if team.engine_of(sa) == "a"]
+    for sa in busy:  # both of a's SAs carry traffic, none of b's
+        sa.bytes += 10_000_000
+    moved = team.rebalance()
+    assert len(moved) == 1 and moved[0][1] == "b" and moved[0][0] in {sa.name for sa in busy}
+    assert sorted(str(team.engine_of(sa)) for sa in busy) == ["a", "b"]  # one moved, one stayed
+    assert (team.load("a"), team.load("b")) == (1, 3)
+    for sa in busy:  # the same traffic again: even now, so nothing moves back and forth
+        sa.bytes += 10_000_000
+    assert team.rebalance() == []
+    assert team.rebalance() == []  # and no traffic at all: nothing to even
+
+
+def test_balance_output_is_the_same_after_a_move() -> None:
+    team, many = _balanced_pair()
+    busy = [s for s in many if team.engine_of(s) == "a"]
+    before = {sa.name: sa.suite.seal(b"\0" * 8, b"", 7, b"x" * 100) for sa in busy}
+    for sa in busy:
+        sa.bytes += 10_000_000
+    [(name, engine)] = team.rebalance()
+    sa = next(s for s in busy if s.name == name)
+    assert engine == "b" and team.engine_of(sa) == "b"
+    assert sa.suite.seal(b"\0" * 8, b"", 7, b"x" * 100) == before[name]
+
+
+def test_rebalance_only_under_balance_and_never_onto_a_socket_engine_in_a_sandbox() -> None:
+    team = _team(TestEngine("a"), TestEngine("b"))
+    sa = _outbound()
+    team.bind([sa])
+    sa.bytes += 10_000_000
+    assert team.rebalance() == []  # fastest: never moved for load
+    team, many = _balanced_pair(opens_at_build=True)
+    team.threads = False  # a sandboxed worker: its filter allows no new socket
+    for s in many:
+        if team.engine_of(s) == "a":
+            s.bytes += 10_000_000
+    assert team.rebalance() == []
+    team.threads = True
+    assert len(team.rebalance()) == 0  # its bytes were taken as seen by the call before
+    for s in many:
+        if team.engine_of(s) == "a":
+            s.bytes += 10_000_000
+    assert [engine for _name, engine in team.rebalance()] == ["b"]
+
+
 def test_an_sa_with_no_verified_engine_refuses_to_start() -> None:
     team = _team(TestEngine("a", suites=frozenset({"aes-gcm-128"})))
     with pytest.raises(NoEngine, match=r"chacha20-poly1305.*a: not offered"):
