@@ -61,8 +61,8 @@ three),
 gcm-pycryptodome, chacha-sodium, chacha-pycryptodome, cbc-pycryptodome (the row, 1
 queue, its SAs on that crypto engine), gcm-balance (gcm, 1 queue, crypto.policy balance),
 gcm256 (AES-GCM-256 on the default engine, 1 queue), gcm256-sodium, gcm256-pycryptodome,
-gcm-afalg, chacha-afalg (the row, 1 queue, its SAs on that engine; an engine absent here
-fails the row, naming why), chacha-balance, gcm-offload, cbc-offload (the row, 1 queue,
+gcm-afalg, chacha-afalg (the row, 1 queue, its SAs on that engine; skipped, naming why,
+where the engine is absent), chacha-balance, gcm-offload, cbc-offload (the row, 1 queue,
 crypto.offload_helpers = 1: the outbound seals done by a helper process per worker),
 tunnel-gcm (the daemon, gateway topology, tunnel mode),
 strongswan (two strongSwan 5.9 charons with kernel-libipsec; ESP in UDP 4500). The strongSwan

@@ -133,6 +133,16 @@ def schedule(beds_count: int, repetitions: int, order: str) -> list[tuple[int, i
     return [(i, 1) for _ in range(repetitions) for i in range(beds_count)]
 
 
+def engine_absent(name: str) -> str | None:
+    """Why this machine has no engine ``name`` (its probe's reason), or None."""
+    from nfq_ipsec.engines.team import default_engines
+
+    for engine in default_engines():
+        if engine.name == name:
+            return engine.probe().absent
+    return f"no engine named {name!r}"
+
+
 def measure_row(
     spec: beds.RowSpec, queues: int | None, settings: Settings, say: Any,
     repetitions: int | None = None, row: dict[str, Any] | None = None,
@@ -146,6 +156,11 @@ def measure_row(
         why = strongswan.missing()
         if why is not None:
             row.update(status="skipped", error=f"strongSwan: {why}")
+            return row
+    if spec.engine is not None:
+        why = engine_absent(spec.engine)
+        if why is not None:  # AF_ALG on a kernel without it: nothing to measure, not a failure
+            row.update(status="skipped", error=f"engine {spec.engine} absent here: {why}")
             return row
     time.sleep(SETTLE)
     busy, load = measure.busy_fraction(IDLE_CHECK), measure.loadavg()[0]

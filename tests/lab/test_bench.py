@@ -383,3 +383,19 @@ def test_command_line() -> None:
     with pytest.raises(SystemExit):
         bench_parser().parse_args(["--rows", "des"])
     assert shutil.which("bash") is None or (ROOT / "scripts" / "bench").stat().st_mode & 0o111
+
+
+def test_an_absent_engine_skips_its_row_naming_why() -> None:
+    """An engine row on a machine without that engine (AF_ALG on a kernel without it) is
+    skipped with the engine's own reason, before any lab is built: not a failed run."""
+    assert runner.engine_absent("openssl") is None
+    assert runner.engine_absent("nope") == "no engine named 'nope'"
+    spec = next(r for r in beds.ROWS if r.key == "gcm-afalg")
+    why = runner.engine_absent("afalg")
+    if why is None:  # a kernel with AF_ALG: the row would be measured, not skipped
+        spec = beds.RowSpec("x-absent", "x", "esp", engine="nope")
+        why = "no engine named 'nope'"
+    settings = runner.Settings(rows=[spec.key], queues=[1])
+    row = runner.measure_row(spec, 1, settings, say=lambda _line: None)
+    assert row["status"] == "skipped" and row["builds"] == 0, row
+    assert row["error"] == f"engine {spec.engine} absent here: {why}"
